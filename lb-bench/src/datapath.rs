@@ -1,0 +1,389 @@
+//! Per-packet cost of the real programs, through BPF_PROG_TEST_RUN.
+//!
+//! `repeat > 1` would re-run a program on the buffer it already rewrote (after the first DNAT the
+//! packet no longer goes to the VIP), so every call runs once on a fresh copy of its input: many
+//! calls, the median of the kernel-reported durations, minus the median of an empty program timed
+//! the same way in the same run. The kernel's own per-program statistics (`bpf_stats`, which time
+//! only the program) are reported beside it as a cross-check. Every call's verdict and output are
+//! verified while timing.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::programs::{TestRun, TestRunOptions, TestRunResult};
+use lb::{
+    datapath::{Capacities, Datapath, Pinning},
+    install::{self, BackendSpec, FrontendSpec, ServiceSpec},
+    maps::Maps,
+};
+use lb_common::{
+    Be16, Be32,
+    hash::flow_hash,
+    maps::{maglev::DEFAULT_TABLE_SIZE, scope},
+    net::proto,
+};
+use lb_testbed::packet::{Packet, flags};
+use serde::Serialize;
+
+const TC_PASS: u32 = u32::MAX;
+const XDP_PASS: u32 = 2;
+const VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 41);
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 2), 40_000);
+const BACKENDS: [SocketAddrV4; 3] = [
+    SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 5), 8080),
+    SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 6), 8080),
+    SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 7), 8080),
+];
+/// Service id of the measured service; fillers take the ids after it.
+const MEASURED_ID: u32 = 1;
+
+/// One measured case at one scale.
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    pub case: String,
+    pub hook: &'static str,
+    pub services: u32,
+    pub calls: usize,
+    /// Median kernel-reported duration of one call, gross (ns).
+    pub median_ns: f64,
+    /// `median_ns` minus the empty program's median (ns): the program's own cost.
+    pub net_ns: f64,
+    /// Average run time from the kernel's bpf_stats over the same calls (ns, program only).
+    pub bpf_stats_ns: f64,
+    /// bpf_stats average minus the empty program's (ns).
+    pub bpf_stats_net_ns: f64,
+}
+
+#[derive(Clone, Copy)]
+enum Hook {
+    Tc,
+    Xdp,
+}
+
+impl Hook {
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Tc => "tc",
+            Self::Xdp => "xdp",
+        }
+    }
+
+    const fn pass(self) -> u32 {
+        match self {
+            Self::Tc => TC_PASS,
+            Self::Xdp => XDP_PASS,
+        }
+    }
+}
+
+struct Raw {
+    median_ns: f64,
+    bpf_stats_ns: f64,
+}
+
+fn median(mut values: Vec<u64>) -> f64 {
+    values.sort_unstable();
+    let mid = values.len() / 2;
+    if values.len() % 2 == 0 {
+        (values[mid - 1] + values[mid]) as f64 / 2.0
+    } else {
+        values[mid] as f64
+    }
+}
+
+/// Runs `prog` once per input, checking each result with `check`.
+fn time_calls<P>(
+    prog: &mut P,
+    inputs: &[Vec<u8>],
+    mut check: impl FnMut(usize, u32, &[u8]) -> Result<()>,
+) -> Result<Raw>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult> + InfoSource,
+{
+    let before = prog.stats()?;
+    let mut durations = Vec::with_capacity(inputs.len());
+    let mut out = vec![0u8; 2048];
+    for (i, input) in inputs.iter().enumerate() {
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        durations.push(result.duration.as_nanos() as u64);
+        check(
+            i,
+            result.return_value,
+            &out[..result.data_size_out as usize],
+        )
+        .with_context(|| format!("call {i}"))?;
+    }
+    let after = prog.stats()?;
+    let runs = after.1.saturating_sub(before.1);
+    ensure!(
+        runs >= inputs.len() as u64,
+        "bpf_stats counted {runs} runs for {} calls (is BPF_ENABLE_STATS on?)",
+        inputs.len()
+    );
+    Ok(Raw {
+        median_ns: median(durations),
+        bpf_stats_ns: (after.0 - before.0) as f64 / runs as f64,
+    })
+}
+
+/// (accumulated run time ns, run count) from the kernel's per-program statistics.
+trait InfoSource {
+    fn stats(&self) -> Result<(u64, u64)>;
+}
+
+impl InfoSource for aya::programs::Xdp {
+    fn stats(&self) -> Result<(u64, u64)> {
+        let info = self.info()?;
+        Ok((info.run_time().as_nanos() as u64, info.run_count()))
+    }
+}
+
+impl InfoSource for aya::programs::SchedClassifier {
+    fn stats(&self) -> Result<(u64, u64)> {
+        let info = self.info()?;
+        Ok((info.run_time().as_nanos() as u64, info.run_count()))
+    }
+}
+
+fn measured_service() -> ServiceSpec {
+    let frontends = [scope::INTERNAL, scope::EXTERNAL]
+        .map(|scope| FrontendSpec {
+            addr: VIP,
+            port: 80,
+            proto: proto::TCP,
+            scope,
+            cluster_ip: true,
+        })
+        .to_vec();
+    ServiceSpec {
+        id: MEASURED_ID,
+        frontends,
+        backends: BACKENDS
+            .iter()
+            .enumerate()
+            .map(|(i, b)| BackendSpec {
+                id: i as u32 + 1,
+                addr: *b.ip(),
+                port: b.port(),
+                local: true,
+                weight: 1,
+            })
+            .collect(),
+        table_size: DEFAULT_TABLE_SIZE,
+        flags: 0,
+    }
+}
+
+/// Filler service `n` (1-based): its own ClusterIP in 10.128.0.0/10, one backend, no table.
+fn filler(n: u32) -> ServiceSpec {
+    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + n);
+    ServiceSpec {
+        id: MEASURED_ID + n,
+        frontends: vec![FrontendSpec {
+            addr: ip,
+            port: 80,
+            proto: proto::TCP,
+            scope: scope::INTERNAL,
+            cluster_ip: true,
+        }],
+        backends: vec![BackendSpec {
+            id: 16 + n,
+            addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + n),
+            port: 8080,
+            local: true,
+            weight: 1,
+        }],
+        table_size: DEFAULT_TABLE_SIZE,
+        flags: 0,
+    }
+}
+
+/// Expected backend of a new flow, from the installed table and the shared hash.
+fn expected_backend(table: &[u32], src: SocketAddrV4) -> SocketAddrV4 {
+    let hash = flow_hash(
+        Be32::from(*src.ip()),
+        Be32::from(VIP),
+        Be16::from_host(src.port()),
+        Be16::from_host(80),
+        proto::TCP,
+    );
+    BACKENDS[(table[(hash % table.len() as u32) as usize] - 1) as usize]
+}
+
+/// Distinct client for new-flow call `i` at scale `round`.
+fn new_client(round: u32, i: usize) -> SocketAddrV4 {
+    let base = u32::from(Ipv4Addr::new(10, 2, 0, 0)) + round * 4096 + (i / 16_000) as u32;
+    SocketAddrV4::new(Ipv4Addr::from(base), 10_000 + (i % 16_000) as u16)
+}
+
+fn check_frame(verdict: u32, pass: u32, out: &[u8], want: &[u8]) -> Result<()> {
+    if verdict != pass {
+        bail!("verdict {verdict}, expected {pass}");
+    }
+    if out != want {
+        bail!("output frame differs from the expected one");
+    }
+    Ok(())
+}
+
+/// Runs every case at every scale; `calls` calls per case.
+pub fn run(scales: &[u32], calls: usize, progress: &mut dyn FnMut(&str)) -> Result<Vec<Figure>> {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling bpf_stats")?;
+    let max = scales.iter().copied().max().unwrap_or(1);
+    let capacities = Capacities {
+        ct: 1 << 20,
+        service_ids: (max + 16).next_power_of_two(),
+    };
+    let mut dp = Datapath::load(&Pinning::None, capacities)?;
+    let mut maps: Maps = dp.take_maps()?;
+    let svc = measured_service();
+    install::install(&mut maps, &svc)?;
+    let table = maps.maglev_table(MEASURED_ID, svc.table_size)?;
+
+    // The established flow and its reply entry.
+    let syn = Packet::tcp(CLIENT, SocketAddrV4::new(VIP, 80), flags::SYN, &[]);
+    let backend = expected_backend(&table, CLIENT);
+    let first = dp.from_pod().test_run(TestRunOptions {
+        data_in: Some(&syn.bytes()),
+        ..Default::default()
+    })?;
+    ensure!(
+        first.return_value == TC_PASS,
+        "opening the measured flow failed"
+    );
+    let established = Packet::tcp(
+        CLIENT,
+        SocketAddrV4::new(VIP, 80),
+        flags::ACK | flags::PSH,
+        &[0x55; 64],
+    );
+    let established_want = established.clone().with_dst(backend).bytes();
+    let reply = established
+        .clone()
+        .with_dst(backend)
+        .reply(flags::ACK | flags::PSH, &[0x66; 64]);
+    let reply_want = reply.clone().with_src(SocketAddrV4::new(VIP, 80)).bytes();
+    let other = Packet::tcp(
+        CLIENT,
+        SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 9), 80),
+        flags::ACK | flags::PSH,
+        &[0x77; 64],
+    )
+    .bytes();
+
+    let mut figures = Vec::new();
+    let mut installed = 1u32;
+    for (round, &services) in scales.iter().enumerate() {
+        progress(&format!("datapath: installing {} services", services));
+        while installed < services {
+            install::install(&mut maps, &filler(installed))?;
+            installed += 1;
+        }
+        let mut raw: BTreeMap<(&str, &str), Raw> = BTreeMap::new();
+        let repeated = |frame: &[u8]| vec![frame.to_vec(); calls];
+        for hook in [Hook::Tc, Hook::Xdp] {
+            progress(&format!(
+                "datapath: {} services, {} programs",
+                services,
+                hook.name()
+            ));
+            let pass = hook.pass();
+            let new_inputs: Vec<Vec<u8>> = (0..calls)
+                .map(|i| {
+                    Packet::tcp(
+                        new_client(round as u32 * 2 + matches!(hook, Hook::Xdp) as u32, i),
+                        SocketAddrV4::new(VIP, 80),
+                        flags::SYN,
+                        &[],
+                    )
+                    .bytes()
+                })
+                .collect();
+            let new_check = |i: usize, verdict: u32, out: &[u8]| {
+                let client = new_client(round as u32 * 2 + matches!(hook, Hook::Xdp) as u32, i);
+                let want = Packet::tcp(client, SocketAddrV4::new(VIP, 80), flags::SYN, &[])
+                    .with_dst(expected_backend(&table, client))
+                    .bytes();
+                check_frame(verdict, pass, out, &want)
+            };
+            let other_inputs = repeated(&other);
+            let est_inputs = repeated(&established.bytes());
+            match hook {
+                Hook::Tc => {
+                    raw.insert(
+                        ("empty", "tc"),
+                        time_calls(dp.empty_tc()?, &other_inputs, |_, _, _| Ok(()))?,
+                    );
+                    raw.insert(
+                        ("non-service", "tc"),
+                        time_calls(dp.from_pod(), &other_inputs, |_, v, o| {
+                            check_frame(v, pass, o, &other)
+                        })?,
+                    );
+                    raw.insert(
+                        ("established", "tc"),
+                        time_calls(dp.from_pod(), &est_inputs, |_, v, o| {
+                            check_frame(v, pass, o, &established_want)
+                        })?,
+                    );
+                    raw.insert(
+                        ("new flow", "tc"),
+                        time_calls(dp.from_pod(), &new_inputs, new_check)?,
+                    );
+                    raw.insert(
+                        ("reply", "tc"),
+                        time_calls(dp.to_pod(), &repeated(&reply.bytes()), |_, v, o| {
+                            check_frame(v, pass, o, &reply_want)
+                        })?,
+                    );
+                }
+                Hook::Xdp => {
+                    raw.insert(
+                        ("empty", "xdp"),
+                        time_calls(dp.empty_xdp()?, &other_inputs, |_, _, _| Ok(()))?,
+                    );
+                    raw.insert(
+                        ("non-service", "xdp"),
+                        time_calls(dp.xdp(), &other_inputs, |_, v, o| {
+                            check_frame(v, pass, o, &other)
+                        })?,
+                    );
+                    raw.insert(
+                        ("established", "xdp"),
+                        time_calls(dp.xdp(), &est_inputs, |_, v, o| {
+                            check_frame(v, pass, o, &established_want)
+                        })?,
+                    );
+                    raw.insert(
+                        ("new flow", "xdp"),
+                        time_calls(dp.xdp(), &new_inputs, new_check)?,
+                    );
+                }
+            }
+        }
+        for ((case, hook), r) in &raw {
+            let empty = &raw[&("empty", *hook)];
+            figures.push(Figure {
+                case: (*case).to_owned(),
+                hook,
+                services,
+                calls,
+                median_ns: r.median_ns,
+                net_ns: r.median_ns - empty.median_ns,
+                bpf_stats_ns: r.bpf_stats_ns,
+                bpf_stats_net_ns: r.bpf_stats_ns - empty.bpf_stats_ns,
+            });
+        }
+    }
+    Ok(figures)
+}

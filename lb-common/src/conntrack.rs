@@ -1,0 +1,102 @@
+//! Connection tracking: the flow key, the entry and the timeouts.
+//!
+//! Every load-balanced flow has two entries in [`crate::maps::LB_CT`]:
+//!
+//! * `FORWARD`, keyed by the packet as the client sends it (client -> frontend), holding the
+//!   chosen backend: an established flow keeps its backend whatever happens to the service, for
+//!   as long as that backend exists.
+//! * `REPLY`, keyed by the reply as the backend sends it (backend -> client), holding the
+//!   frontend address and port to restore as the reply's source.
+//!
+//! Entries carry a deadline. The datapath writes an entry only when it is created, when a TCP
+//! state change shortens or lengthens its lifetime, and when its deadline would move by more than
+//! [`REFRESH_INTERVAL_NS`]: an established flow costs no map writes on most packets.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::net::{Be16, Be32};
+
+/// [`FlowKey::dir`] of an entry keyed by the client's packets.
+pub const FORWARD: u8 = 0;
+/// [`FlowKey::dir`] of an entry keyed by the backend's replies.
+pub const REPLY: u8 = 1;
+
+/// Key of [`crate::maps::LB_CT`]: a 5-tuple as it appears in the packet, plus direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct FlowKey {
+    pub src_addr: Be32,
+    pub dst_addr: Be32,
+    pub src_port: Be16,
+    pub dst_port: Be16,
+    pub proto: u8,
+    /// [`FORWARD`] or [`REPLY`].
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of [`crate::maps::LB_CT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_coarse_ns()` after which the entry no longer counts.
+    pub deadline_ns: u64,
+    /// The backend of the flow.
+    pub backend_id: u32,
+    /// The backend set (service id) the flow was balanced by, for counters.
+    pub service_id: u32,
+    /// `FORWARD`: the backend address the flow was DNATed to (checked against the backend slot, so
+    /// a reused backend id never captures an old flow). `REPLY`: the frontend address that
+    /// replaces the backend as the reply's source.
+    pub nat_addr: Be32,
+    /// Port counterpart of `nat_addr`.
+    pub nat_port: Be16,
+    /// [`ct_flags`] bits.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+const _: () = {
+    assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<CtEntry>() == 24);
+};
+
+/// Bits of [`CtEntry::flags`].
+pub mod ct_flags {
+    /// The TCP flow completed its handshake as far as this direction can tell (a non-SYN
+    /// segment was seen).
+    pub const ESTABLISHED: u8 = 1 << 0;
+    /// A FIN was seen in this direction.
+    pub const FIN: u8 = 1 << 1;
+    /// A RST was seen.
+    pub const RST: u8 = 1 << 2;
+}
+
+const SECOND_NS: u64 = 1_000_000_000;
+
+/// Timeouts in nanoseconds. The long ones mirror what kube-proxy configures for nf_conntrack so
+/// that an idle connection lives at least as long as it would under kube-proxy.
+pub mod timeout {
+    use super::SECOND_NS;
+
+    /// A TCP flow that has only sent a SYN.
+    pub const TCP_SYN: u64 = 60 * SECOND_NS;
+    /// An established TCP flow (kube-proxy: `conntrack.tcpEstablishedTimeout`, 24 h).
+    pub const TCP_ESTABLISHED: u64 = 24 * 3600 * SECOND_NS;
+    /// After a FIN: the other side may keep sending (kube-proxy: `tcpCloseWaitTimeout`, 1 h).
+    pub const TCP_FIN: u64 = 3600 * SECOND_NS;
+    /// After a RST.
+    pub const TCP_RST: u64 = 10 * SECOND_NS;
+    /// UDP and other datagram flows (nf_conntrack's `udp_timeout_stream`).
+    pub const UDP: u64 = 120 * SECOND_NS;
+}
+
+/// The datapath rewrites an entry's deadline only when it would move by more than this.
+pub const REFRESH_INTERVAL_NS: u64 = 10 * SECOND_NS;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: repr(C), padding-free (bytemuck derive), valid for every bit pattern.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
+}

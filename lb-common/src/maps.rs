@@ -1,0 +1,240 @@
+//! The datapath's maps: names (they are pin names too, so they are API), key and value layouts,
+//! flags and default capacities.
+//!
+//! Lookup chain for a packet entering from a pod (or, later, from outside):
+//!
+//! ```text
+//! LB_ADDRS[dst addr]            one lookup; a miss means "not ours" and the packet passes untouched
+//!   -> LB_CT[flow]              established flow: its backend, if that backend still exists
+//!   -> LB_SERVICES[addr, port, proto, scope] -> Service (a backend set)
+//!        -> LB_MAGLEV[service id][hash % table_size] -> backend id   (one backend: no table)
+//!        -> LB_BACKENDS[backend id] -> (addr, port)                   DNAT target
+//! ```
+//!
+//! Update order (agent): backends, then the Maglev table, then the service entry, then the
+//! address entry; deletion in reverse. The datapath therefore never sees a service whose table
+//! names a backend that is not there yet.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::net::{Be16, Be32};
+
+/// `dst addr -> AddrInfo`: every address that carries at least one frontend. Written by the agent.
+pub const LB_ADDRS: &str = "LB_ADDRS";
+/// `ServiceKey -> Service`: one entry per frontend (address, port, protocol, scope).
+pub const LB_SERVICES: &str = "LB_SERVICES";
+/// `backend id -> Backend` (array; id 0 is never used, so a zeroed slot means "no backend").
+pub const LB_BACKENDS: &str = "LB_BACKENDS";
+/// `service id -> Maglev table` (array of maps). A table is an inner array of
+/// [`maglev::CHUNK_SLOTS`]-slot chunks holding backend ids; slot `s` is entry `s % CHUNK_SLOTS` of
+/// chunk `s / CHUNK_SLOTS`. Services with a single backend have no table.
+pub const LB_MAGLEV: &str = "LB_MAGLEV";
+/// `FlowKey -> CtEntry` (LRU): both directions of every load-balanced flow. Written by the
+/// datapath; the agent only reads it (and may expire entries).
+pub const LB_CT: &str = "LB_CT";
+/// `FragKey -> FragEntry` (LRU): ports of fragmented datagrams, so that non-first fragments follow
+/// their first fragment. Written by the datapath.
+pub const LB_FRAGS: &str = "LB_FRAGS";
+/// `service id -> ServiceStats` (per-CPU array).
+pub const LB_SVC_STATS: &str = "LB_SVC_STATS";
+/// `Reason -> Counter` (per-CPU array), see [`crate::stats::Reason`].
+pub const LB_VERDICTS: &str = "LB_VERDICTS";
+
+/// Every map, in creation order, for tools that walk them all.
+pub const ALL: [&str; 8] = [
+    LB_ADDRS,
+    LB_SERVICES,
+    LB_BACKENDS,
+    LB_MAGLEV,
+    LB_CT,
+    LB_FRAGS,
+    LB_SVC_STATS,
+    LB_VERDICTS,
+];
+
+/// Default capacities. Each is a compile-time size the agent may override at load time.
+pub mod capacity {
+    /// Addresses carrying frontends (ClusterIPs, node addresses, LB and external IPs).
+    pub const ADDRS: u32 = 131_072;
+    /// Frontends: one per (address, port, protocol, scope).
+    pub const SERVICES: u32 = 262_144;
+    /// Backend sets (service ids); also the size of the Maglev outer array and the stats array.
+    pub const SERVICE_IDS: u32 = 65_536;
+    /// Distinct backends (address, port) across all services.
+    pub const BACKENDS: u32 = 262_144;
+    /// Flow entries; every flow takes two (one per direction).
+    pub const CT: u32 = 262_144;
+    /// Fragmented datagrams in flight.
+    pub const FRAGS: u32 = 8_192;
+}
+
+/// Maglev table sizes: primes, so that every skip value visits every slot.
+pub mod maglev {
+    /// The default table size M (Maglev paper: M >> 100 * N keeps imbalance under 1%).
+    pub const DEFAULT_TABLE_SIZE: u32 = 16_381;
+    /// The largest table size the agent accepts.
+    pub const MAX_TABLE_SIZE: u32 = 131_071;
+    /// Slots per inner-array element. BPF arrays round every element up to 8 bytes, so a table
+    /// of bare u32 slots would take twice its size; page-sized chunks waste nothing and let the
+    /// agent write a whole table with one memcpy through mmap.
+    pub const CHUNK_SLOTS: u32 = 1024;
+    /// One inner-array element.
+    pub type Chunk = [u32; CHUNK_SLOTS as usize];
+
+    /// Number of chunks a table of `table_size` slots needs.
+    pub const fn chunks(table_size: u32) -> u32 {
+        table_size.div_ceil(CHUNK_SLOTS)
+    }
+}
+
+/// Bits of [`AddrInfo::flags`].
+pub mod addr_flags {
+    /// The address is a ClusterIP: a packet to a port or protocol it does not serve is rejected
+    /// (as kube-proxy does), instead of passed to the stack.
+    pub const CLUSTER_IP: u32 = 1 << 0;
+}
+
+/// Which side of the node a frontend serves. A frontend may have one entry per scope with
+/// different backend sets (externalTrafficPolicy=Local uses only local endpoints for external
+/// traffic, while in-cluster traffic uses all).
+pub mod scope {
+    /// Traffic from pods (and the node itself).
+    pub const INTERNAL: u8 = 0;
+    /// Traffic arriving on an external interface.
+    pub const EXTERNAL: u8 = 1;
+}
+
+/// Bits of [`Service::flags`].
+pub mod service_flags {
+    /// With no backend, drop silently instead of rejecting (kube-proxy's behaviour for traffic
+    /// policy Local when endpoints exist only on other nodes).
+    pub const DROP_WHEN_EMPTY: u32 = 1 << 0;
+}
+
+/// Bits of [`Backend::flags`].
+pub mod backend_flags {
+    /// The slot holds a backend (a zeroed slot does not).
+    pub const ACTIVE: u8 = 1 << 0;
+    /// The backend runs on this node.
+    pub const LOCAL: u8 = 1 << 1;
+}
+
+/// Value of [`LB_ADDRS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AddrInfo {
+    /// [`addr_flags`] bits.
+    pub flags: u32,
+}
+
+/// Key of [`LB_SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ServiceKey {
+    pub addr: Be32,
+    pub port: Be16,
+    /// IP protocol number ([`crate::net::proto`]).
+    pub proto: u8,
+    /// [`scope`] value.
+    pub scope: u8,
+}
+
+/// Value of [`LB_SERVICES`]: a frontend and the backend set it uses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Service {
+    /// Backend-set id: index of the Maglev table and of the per-service counters.
+    pub id: u32,
+    /// Number of backends that take new flows. Zero means reject (or drop, see flags).
+    pub backend_count: u32,
+    /// The backend when `table_size` is zero (a single backend needs no table).
+    pub backend_id: u32,
+    /// Maglev table size (a prime), or zero when there is no table.
+    pub table_size: u32,
+    /// [`service_flags`] bits.
+    pub flags: u32,
+    /// sessionAffinity ClientIP timeout in seconds; zero disables affinity.
+    pub affinity_timeout_s: u32,
+}
+
+/// Value of [`LB_BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Backend {
+    pub addr: Be32,
+    pub port: Be16,
+    /// [`backend_flags`] bits.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+impl Backend {
+    #[inline(always)]
+    pub const fn is_active(&self) -> bool {
+        self.flags & backend_flags::ACTIVE != 0
+    }
+}
+
+/// Key of [`LB_FRAGS`]: what identifies the fragments of one datagram (RFC 791).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    pub src_addr: Be32,
+    pub dst_addr: Be32,
+    pub ip_id: Be16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of [`LB_FRAGS`]: the L4 ports found in the first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragEntry {
+    pub src_port: Be16,
+    pub dst_port: Be16,
+}
+
+/// Value of [`LB_SVC_STATS`] (per CPU; userspace sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceStats {
+    /// Packets sent to a backend of this service (both directions).
+    pub packets: u64,
+    /// Their bytes, as seen on the wire at the hook.
+    pub bytes: u64,
+    /// Flows that selected a backend of this service.
+    pub new_flows: u64,
+}
+
+/// Value of [`LB_VERDICTS`] (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+const _: () = {
+    assert!(size_of::<AddrInfo>() == 4);
+    assert!(size_of::<ServiceKey>() == 8);
+    assert!(size_of::<Service>() == 24);
+    assert!(size_of::<Backend>() == 8);
+    assert!(size_of::<FragKey>() == 12);
+    assert!(size_of::<FragEntry>() == 4);
+    assert!(size_of::<ServiceStats>() == 24);
+    assert!(size_of::<Counter>() == 16);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: each type is repr(C), padding-free (checked by the bytemuck::Pod derive) and valid
+    // for every bit pattern.
+    unsafe impl aya::Pod for super::AddrInfo {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragEntry {}
+    unsafe impl aya::Pod for super::ServiceStats {}
+    unsafe impl aya::Pod for super::Counter {}
+}

@@ -1,0 +1,107 @@
+//! Wire-order integers: the byte order is in the type, so the datapath compares header fields
+//! with map keys without swapping, and userspace converts exactly once, at its boundary.
+
+use core::net::Ipv4Addr;
+
+use bytemuck::{Pod, Zeroable};
+
+/// A 32-bit value in network byte order, stored exactly as it appears on the wire.
+#[repr(transparent)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct Be32(u32);
+
+/// A 16-bit value in network byte order, stored exactly as it appears on the wire.
+#[repr(transparent)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct Be16(u16);
+
+impl Be32 {
+    /// Wraps four wire bytes that were read as a native-endian `u32`.
+    #[inline(always)]
+    pub const fn from_raw(raw: u32) -> Self {
+        Self(raw)
+    }
+
+    /// The wire bytes as a native-endian `u32` (what a packet load or store uses).
+    #[inline(always)]
+    pub const fn raw(self) -> u32 {
+        self.0
+    }
+
+    pub const fn from_host(host: u32) -> Self {
+        Self(host.to_be())
+    }
+
+    pub const fn to_host(self) -> u32 {
+        u32::from_be(self.0)
+    }
+
+    pub const fn from_ip(ip: Ipv4Addr) -> Self {
+        Self(u32::from_ne_bytes(ip.octets()))
+    }
+
+    pub const fn to_ip(self) -> Ipv4Addr {
+        let [a, b, c, d] = self.0.to_ne_bytes();
+        Ipv4Addr::new(a, b, c, d)
+    }
+}
+
+impl Be16 {
+    /// Wraps two wire bytes that were read as a native-endian `u16`.
+    #[inline(always)]
+    pub const fn from_raw(raw: u16) -> Self {
+        Self(raw)
+    }
+
+    /// The wire bytes as a native-endian `u16`.
+    #[inline(always)]
+    pub const fn raw(self) -> u16 {
+        self.0
+    }
+
+    pub const fn from_host(host: u16) -> Self {
+        Self(host.to_be())
+    }
+
+    pub const fn to_host(self) -> u16 {
+        u16::from_be(self.0)
+    }
+}
+
+impl From<Ipv4Addr> for Be32 {
+    fn from(ip: Ipv4Addr) -> Self {
+        Self::from_ip(ip)
+    }
+}
+
+impl From<Be32> for Ipv4Addr {
+    fn from(be: Be32) -> Self {
+        be.to_ip()
+    }
+}
+
+impl core::fmt::Debug for Be32 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Display::fmt(&self.to_ip(), f)
+    }
+}
+
+impl core::fmt::Debug for Be16 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Display::fmt(&self.to_host(), f)
+    }
+}
+
+/// IP protocol numbers the datapath handles.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: transparent wrappers around plain integers.
+    unsafe impl aya::Pod for super::Be32 {}
+    unsafe impl aya::Pod for super::Be16 {}
+}

@@ -1,0 +1,100 @@
+//! IPv4 fragments. Only the first fragment carries the L4 ports, so the datapath remembers them
+//! per datagram (source, destination, IP id, protocol) and translates later fragments like their
+//! first one. Later fragments that arrive before their first one cannot be translated: towards a
+//! frontend they are dropped (forwarding them untranslated would send them nowhere useful);
+//! elsewhere they pass untouched.
+
+use lb_common::{
+    conntrack::{FORWARD, FlowKey, REPLY},
+    maps::{FragEntry, FragKey},
+    stats::Reason,
+};
+
+use crate::{
+    ct,
+    frame::{Action, Frame},
+    maps::{LB_CT, LB_FRAGS},
+    nat::{self, End},
+    parse::{Ipv4, L4},
+    stats,
+};
+
+#[inline(always)]
+fn key(ip: &Ipv4) -> FragKey {
+    FragKey {
+        src_addr: ip.src,
+        dst_addr: ip.dst,
+        ip_id: ip.id,
+        proto: ip.proto,
+        _pad: 0,
+    }
+}
+
+/// Remembers the ports of a first fragment that was just translated.
+#[inline(always)]
+pub fn remember(ip: &Ipv4, l4: &L4) {
+    let ports = FragEntry {
+        src_port: l4.src_port,
+        dst_port: l4.dst_port,
+    };
+    // Best effort: a failed insert only means the later fragments cannot follow.
+    let _ = LB_FRAGS.insert(&key(ip), &ports, 0);
+}
+
+#[inline(always)]
+fn flow(ip: &Ipv4, dir: u8) -> Option<FlowKey> {
+    // SAFETY: LRU map value, copied out at once.
+    let ports = unsafe { *LB_FRAGS.get(&key(ip))? };
+    Some(FlowKey {
+        src_addr: ip.src,
+        dst_addr: ip.dst,
+        src_port: ports.src_port,
+        dst_port: ports.dst_port,
+        proto: ip.proto,
+        dir,
+        _pad: [0; 2],
+    })
+}
+
+/// A later fragment addressed to a frontend.
+#[inline(always)]
+pub fn forward<F: Frame>(frame: &mut F, ip: &Ipv4, len: u32) -> Action {
+    let backend = flow(ip, FORWARD).and_then(|key| {
+        let entry = LB_CT.get_ptr_mut(&key)?;
+        // SAFETY: map value from a successful lookup.
+        let service_id = unsafe { (*entry).service_id };
+        Some((ct::live_backend(entry, 0, ct::now())?, service_id))
+    });
+    let Some((backend, service_id)) = backend else {
+        stats::verdict(Reason::DropFragment, len);
+        return Action::Drop;
+    };
+    if nat::rewrite(frame, End::Destination, None, backend.addr, backend.port).is_err() {
+        stats::verdict(Reason::DropMalformed, len);
+        return Action::Drop;
+    }
+    stats::service(service_id, len, false);
+    stats::verdict(Reason::FragmentNat, len);
+    Action::Pass
+}
+
+/// A later fragment on the reply path: translated if its first fragment was, else untouched.
+#[inline(always)]
+pub fn reply<F: Frame>(frame: &mut F, ip: &Ipv4, len: u32) -> Action {
+    let Some(key) = flow(ip, REPLY) else {
+        return Action::Pass;
+    };
+    // SAFETY: LRU map value, copied out at once.
+    let Some(entry) = (unsafe { LB_CT.get(&key) }).copied() else {
+        return Action::Pass;
+    };
+    if ct::now() >= entry.deadline_ns {
+        return Action::Pass;
+    }
+    if nat::rewrite(frame, End::Source, None, entry.nat_addr, entry.nat_port).is_err() {
+        return Action::Pass;
+    }
+    stats::service(entry.service_id, len, false);
+    stats::verdict(Reason::FragmentNat, len);
+    Action::Pass
+}

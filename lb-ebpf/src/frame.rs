@@ -1,0 +1,285 @@
+//! One packet-access interface over the XDP and tc contexts, so that the load-balancing logic is
+//! written once.
+//!
+//! The two hooks differ in exactly the places this trait names:
+//! * checksums: an XDP buffer always carries complete checksums, so the datapath updates them in
+//!   place; an skb may carry `CHECKSUM_PARTIAL` (a pod's own TCP/UDP packets over a veth hold
+//!   only the pseudo-header sum), which only the kernel's `bpf_l4_csum_replace` handles right;
+//! * linear data: an skb's headers may sit outside its linear area until pulled;
+//! * resizing and bouncing a packet back out (XDP_TX versus `bpf_redirect` to the same device).
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
+    },
+    helpers::generated::{
+        bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
+    programs::{TcContext, XdpContext},
+};
+use lb_common::csum;
+
+/// What to do with the packet once the logic is done.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Let it continue (possibly rewritten) through the stack.
+    Pass,
+    /// Discard it.
+    Drop,
+    /// Send it back out of the interface it arrived on (a generated reject).
+    Bounce,
+}
+
+pub trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+
+    /// Length of the whole packet in bytes, for counters.
+    fn len(&self) -> u32;
+
+    /// Makes the first `len` bytes directly accessible; false when the packet is shorter.
+    fn ensure(&mut self, len: usize) -> bool;
+
+    /// Updates the TCP/UDP checksum at `off` after an address (a pseudo-header field) changed.
+    fn l4_csum_addr(&mut self, off: usize, from: u32, to: u32, udp: bool) -> Result<(), ()>;
+
+    /// Updates the TCP/UDP checksum at `off` after a port changed.
+    fn l4_csum_port(&mut self, off: usize, from: u16, to: u16, udp: bool) -> Result<(), ()>;
+
+    /// Cuts the packet down to `len` bytes.
+    fn truncate(&mut self, len: usize) -> Result<(), ()>;
+
+    /// Opens `len` bytes of room right after the Ethernet header (the Ethernet header moves
+    /// to the new front).
+    fn grow_after_eth(&mut self, len: usize) -> Result<(), ()>;
+}
+
+/// A bounds-checked pointer to a `T` at `off` bytes into the packet.
+///
+/// The offset goes through [`opaque`] so that LLVM cannot prove one check redundant from another
+/// (say, a quoted header's field from a check of the header after it): the verifier knows
+/// nothing of such relations between offsets and only trusts a pointer it saw checked.
+#[inline(always)]
+pub fn ptr_at<F: Frame, T>(frame: &F, off: usize) -> Option<*mut T> {
+    let ptr = frame.data() + opaque(off);
+    if ptr + size_of::<T>() > frame.data_end() {
+        return None;
+    }
+    Some(ptr as *mut T)
+}
+
+/// Hides a value from the optimiser (a register move LLVM must assume "may change" it) while leaving
+/// the value, and the verifier's knowledge of it, untouched.
+#[inline(always)]
+fn opaque(mut value: usize) -> usize {
+    // SAFETY: the asm moves a register onto itself; LLVM must assume the value changed.
+    unsafe {
+        core::arch::asm!("{0} = {0}", inout(reg) value, options(nomem, nostack, preserves_flags))
+    };
+    value
+}
+
+/// Updates a complete checksum stored in the packet at `off` (XDP; also the IPv4 header and ICMP
+/// checksums, which are always complete).
+#[inline(always)]
+fn update_csum_in_place<F: Frame>(
+    frame: &F,
+    off: usize,
+    update: impl FnOnce(u16) -> u16,
+) -> Result<(), ()> {
+    let check = ptr_at::<F, u16>(frame, off).ok_or(())?;
+    // SAFETY: `ptr_at` checked that the two bytes lie inside the packet.
+    unsafe { *check = update(*check) };
+    Ok(())
+}
+
+pub struct XdpFrame {
+    pub ctx: XdpContext,
+}
+
+impl Frame for XdpFrame {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (self.ctx.data_end() - self.ctx.data()) as u32
+    }
+
+    #[inline(always)]
+    fn ensure(&mut self, len: usize) -> bool {
+        self.data() + len <= self.data_end()
+    }
+
+    #[inline(always)]
+    fn l4_csum_addr(&mut self, off: usize, from: u32, to: u32, udp: bool) -> Result<(), ()> {
+        if udp {
+            update_csum_in_place(self, off, |c| csum::udp_replace4(c, from, to))
+        } else {
+            update_csum_in_place(self, off, |c| csum::replace4(c, from, to))
+        }
+    }
+
+    #[inline(always)]
+    fn l4_csum_port(&mut self, off: usize, from: u16, to: u16, udp: bool) -> Result<(), ()> {
+        if udp {
+            update_csum_in_place(self, off, |c| csum::udp_replace2(c, from, to))
+        } else {
+            update_csum_in_place(self, off, |c| csum::replace2(c, from, to))
+        }
+    }
+
+    #[inline(always)]
+    fn truncate(&mut self, len: usize) -> Result<(), ()> {
+        let delta = len as i32 - self.len() as i32;
+        // SAFETY: plain helper call on our own context.
+        match unsafe { bpf_xdp_adjust_tail(self.ctx.ctx, delta) } {
+            0 => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    #[inline(always)]
+    fn grow_after_eth(&mut self, len: usize) -> Result<(), ()> {
+        // SAFETY: plain helper call on our own context.
+        if unsafe { bpf_xdp_adjust_head(self.ctx.ctx, -(len as i32)) } != 0 {
+            return Err(());
+        }
+        // Move the Ethernet header from its old place (now `len` bytes in) to the new front.
+        let dst = ptr_at::<Self, [u8; 14]>(self, 0).ok_or(())?;
+        let src = ptr_at::<Self, [u8; 14]>(self, len).ok_or(())?;
+        // SAFETY: both 14-byte ranges were bounds-checked; they do not overlap when len >= 14.
+        unsafe { *dst = *src };
+        Ok(())
+    }
+}
+
+impl XdpFrame {
+    #[inline(always)]
+    pub fn verdict(action: Action) -> u32 {
+        match action {
+            Action::Pass => xdp_action::XDP_PASS,
+            Action::Drop => xdp_action::XDP_DROP,
+            Action::Bounce => xdp_action::XDP_TX,
+        }
+    }
+}
+
+pub struct TcFrame {
+    pub ctx: TcContext,
+}
+
+const CSUM_SIZE_2: u64 = 2;
+const CSUM_SIZE_4: u64 = 4;
+
+impl TcFrame {
+    #[inline(always)]
+    fn l4_csum_replace(
+        &mut self,
+        off: usize,
+        from: u64,
+        to: u64,
+        flags: u64,
+        udp: bool,
+    ) -> Result<(), ()> {
+        let flags = if udp {
+            flags | BPF_F_MARK_MANGLED_0 as u64
+        } else {
+            flags
+        };
+        self.ctx
+            .l4_csum_replace(off, from, to, flags)
+            .map_err(|_| ())
+    }
+
+    /// The tc verdict. `Pass` is `TC_ACT_UNSPEC` so that, under tcx, the next program in the
+    /// chain still runs (classic cls_bpf treats it as "continue" too).
+    #[inline(always)]
+    pub fn verdict(&self, action: Action) -> i32 {
+        match action {
+            Action::Pass => TC_ACT_UNSPEC,
+            Action::Drop => TC_ACT_SHOT as i32,
+            Action::Bounce => {
+                // SAFETY: reading the ifindex of our own skb.
+                let ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
+                // SAFETY: plain helper call; redirecting to the receiving device's egress sends
+                // the packet back where it came from.
+                let ret = unsafe { bpf_redirect(ifindex, 0) };
+                if ret == TC_ACT_REDIRECT as i64 {
+                    TC_ACT_REDIRECT as i32
+                } else {
+                    TC_ACT_SHOT as i32
+                }
+            }
+        }
+    }
+}
+
+impl Frame for TcFrame {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        self.ctx.len()
+    }
+
+    #[inline(always)]
+    fn ensure(&mut self, len: usize) -> bool {
+        if self.data() + len <= self.data_end() {
+            return true;
+        }
+        if len > self.ctx.len() as usize {
+            return false;
+        }
+        // Headers outside the linear area (rare: GSO or paged skbs): pull just what we read.
+        self.ctx.pull_data(len as u32).is_ok() && self.data() + len <= self.data_end()
+    }
+
+    #[inline(always)]
+    fn l4_csum_addr(&mut self, off: usize, from: u32, to: u32, udp: bool) -> Result<(), ()> {
+        self.l4_csum_replace(
+            off,
+            from as u64,
+            to as u64,
+            CSUM_SIZE_4 | BPF_F_PSEUDO_HDR as u64,
+            udp,
+        )
+    }
+
+    #[inline(always)]
+    fn l4_csum_port(&mut self, off: usize, from: u16, to: u16, udp: bool) -> Result<(), ()> {
+        self.l4_csum_replace(off, from as u64, to as u64, CSUM_SIZE_2, udp)
+    }
+
+    #[inline(always)]
+    fn truncate(&mut self, len: usize) -> Result<(), ()> {
+        // SAFETY: plain helper call on our own skb.
+        match unsafe { bpf_skb_change_tail(self.ctx.skb.skb, len as u32, 0) } {
+            0 => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    #[inline(always)]
+    fn grow_after_eth(&mut self, len: usize) -> Result<(), ()> {
+        self.ctx
+            .adjust_room(len as i32, BPF_ADJ_ROOM_MAC, 0)
+            .map_err(|_| ())
+    }
+}

@@ -1,0 +1,131 @@
+//! Packet header layouts. Fields are raw wire-order integers (never Rust enums: reading an
+//! invalid discriminant out of packet memory would be undefined behaviour), compared against
+//! big-endian constants so the fast path never byte-swaps.
+//!
+//! The structs use natural alignment like the kernel's own `struct iphdr`: the IPv4 header sits at
+//! offset 14, so its 32-bit fields are only 2-byte aligned, which the BPF JIT handles on every
+//! architecture this project targets (x86-64 and arm64 load unaligned words), and it lets LLVM
+//! emit one load per field instead of four byte loads.
+
+use lb_common::{Be16, Be32};
+
+pub const ETH_HDR_LEN: usize = 14;
+/// The IPv4 header starts right after Ethernet (no VLAN tags on pod veths or node uplinks; a
+/// tagged frame does not parse as IPv4 and passes untouched).
+pub const L3_OFF: usize = ETH_HDR_LEN;
+pub const IPV4_MIN_HDR_LEN: usize = 20;
+
+/// `ETH_P_IP` as it reads from the wire into a native-endian u16.
+pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    /// Version (high nibble) and header length in 32-bit words (low nibble).
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    /// Flags (high 3 bits) and fragment offset in 8-byte units.
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+/// `frag_off` bits, as they read from the wire into a native-endian u16.
+pub const IP_MF_BE: u16 = 0x2000u16.to_be();
+pub const IP_DF_BE: u16 = 0x4000u16.to_be();
+pub const IP_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
+
+#[repr(C)]
+pub struct TcpHdr {
+    pub source: u16,
+    pub dest: u16,
+    pub seq: u32,
+    pub ack_seq: u32,
+    /// Data offset (high nibble of the first byte) and flags (second byte).
+    pub doff_res: u8,
+    pub flags: u8,
+    pub window: u16,
+    pub check: u16,
+    pub urg_ptr: u16,
+}
+
+pub const TCP_HDR_LEN: usize = 20;
+pub const TCP_CHECK_OFF: usize = 16;
+
+/// TCP flag bits (the second byte of offset 12).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub source: u16,
+    pub dest: u16,
+    pub len: u16,
+    pub check: u16,
+}
+
+pub const UDP_HDR_LEN: usize = 8;
+pub const UDP_CHECK_OFF: usize = 6;
+
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: u16,
+    /// Unused for the errors we handle, except frag-needed which carries the next-hop MTU in the
+    /// low 16 bits.
+    pub rest: u32,
+}
+
+pub const ICMP_HDR_LEN: usize = 8;
+
+/// ICMP types.
+pub mod icmp_type {
+    pub const DEST_UNREACH: u8 = 3;
+    pub const SOURCE_QUENCH: u8 = 4;
+    pub const REDIRECT: u8 = 5;
+    pub const TIME_EXCEEDED: u8 = 11;
+    pub const PARAMETER_PROBLEM: u8 = 12;
+}
+
+/// Code of ICMP destination unreachable used to reject (what `iptables -j REJECT` sends).
+pub const ICMP_PORT_UNREACH: u8 = 3;
+
+/// ICMP errors that quote the offending packet and so may belong to a load-balanced flow.
+#[inline(always)]
+pub const fn is_icmp_error(kind: u8) -> bool {
+    matches!(
+        kind,
+        icmp_type::DEST_UNREACH
+            | icmp_type::SOURCE_QUENCH
+            | icmp_type::REDIRECT
+            | icmp_type::TIME_EXCEEDED
+            | icmp_type::PARAMETER_PROBLEM
+    )
+}
+
+/// Wire-order helpers for the fields above.
+#[inline(always)]
+pub const fn be32(raw: u32) -> Be32 {
+    Be32::from_raw(raw)
+}
+
+#[inline(always)]
+pub const fn be16(raw: u16) -> Be16 {
+    Be16::from_raw(raw)
+}

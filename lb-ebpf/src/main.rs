@@ -1,0 +1,79 @@
+//! The load balancer's kernel programs.
+//!
+//! * `lb_from_pod` (tc ingress of a pod's host-side veth): ClusterIP load balancing for traffic
+//!   leaving pods.
+//! * `lb_to_pod` (tc egress of a pod's host-side veth): reverse NAT of replies on their way to a
+//!   client pod, wherever the backend runs.
+//! * `lb_xdp` (XDP on an uplink): the same load-balancing logic for traffic arriving from outside.
+//! * `bench_empty_*`: empty programs, the baseline of `cargo xtask bench`.
+#![no_std]
+#![no_main]
+// Register self-moves in inline asm hide packet offsets from LLVM (see `frame::ptr_at`).
+#![feature(asm_experimental_arch)]
+#![deny(clippy::indexing_slicing)]
+
+mod ct;
+mod forward;
+mod fragment;
+mod frame;
+mod hdr;
+mod icmp;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+mod reply;
+mod select;
+mod stats;
+
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::maps::scope;
+
+use crate::frame::{TcFrame, XdpFrame};
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let mut frame = XdpFrame { ctx };
+    XdpFrame::verdict(forward::from_client(&mut frame, scope::EXTERNAL))
+}
+
+#[classifier]
+pub fn lb_from_pod(ctx: TcContext) -> i32 {
+    let mut frame = TcFrame { ctx };
+    let action = forward::from_client(&mut frame, scope::INTERNAL);
+    frame.verdict(action)
+}
+
+#[classifier]
+pub fn lb_to_pod(ctx: TcContext) -> i32 {
+    let mut frame = TcFrame { ctx };
+    let action = reply::to_client(&mut frame);
+    frame.verdict(action)
+}
+
+/// Benchmark baseline: an XDP program that does nothing, timed the same way as `lb_xdp` so that
+/// the harness overhead can be subtracted. Never attached by the agent.
+#[xdp]
+pub fn bench_empty_xdp(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
+/// Benchmark baseline for the tc programs (see `bench_empty_xdp`).
+#[classifier]
+pub fn bench_empty_tc(_ctx: TcContext) -> i32 {
+    aya_ebpf::bindings::TC_ACT_UNSPEC
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this; it exists for the compiler.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,73 @@
+//! The datapath's maps. Names, layouts and meanings are defined once, in `lb_common::maps`;
+//! capacities here are defaults that the agent overrides at load time.
+
+use aya_ebpf::{
+    bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    Be32,
+    conntrack::{CtEntry, FlowKey},
+    maps::{
+        AddrInfo, Backend, Counter, FragEntry, FragKey, Service, ServiceKey, ServiceStats,
+        capacity, maglev,
+    },
+    stats::Reason,
+};
+
+/// See [`lb_common::maps::LB_ADDRS`].
+#[btf_map]
+pub static LB_ADDRS: HashMap<Be32, AddrInfo, { capacity::ADDRS as usize }> = HashMap::new();
+
+/// See [`lb_common::maps::LB_SERVICES`].
+#[btf_map]
+pub static LB_SERVICES: HashMap<ServiceKey, Service, { capacity::SERVICES as usize }> =
+    HashMap::new();
+
+/// See [`lb_common::maps::LB_BACKENDS`].
+#[btf_map]
+pub static LB_BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::new();
+
+/// Flags of every Maglev table. `BPF_F_INNER_MAP` lets tables of different sizes live in one
+/// outer map (the table size may change across agent versions or flags); `BPF_F_MMAPABLE` lets the
+/// agent write a whole table with one memcpy instead of one syscall per slot.
+pub const MAGLEV_TABLE_FLAGS: usize = (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize;
+
+/// One service's Maglev table: chunks of slots holding backend ids. Only its shape matters here
+/// (the agent creates each table with as many chunks as its size needs).
+pub type MaglevTable = Array<
+    maglev::Chunk,
+    { maglev::chunks(maglev::DEFAULT_TABLE_SIZE) as usize },
+    MAGLEV_TABLE_FLAGS,
+>;
+
+/// See [`lb_common::maps::LB_MAGLEV`].
+#[btf_map]
+pub static LB_MAGLEV: ArrayOfMaps<MaglevTable, { capacity::SERVICE_IDS as usize }> =
+    ArrayOfMaps::new();
+
+/// See [`lb_common::maps::LB_CT`]. Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): a new flow takes
+/// a free entry from its own CPU's list instead of contending for one global list lock; lookups
+/// still see every CPU's entries.
+#[btf_map]
+pub static LB_CT: LruHashMap<
+    FlowKey,
+    CtEntry,
+    { capacity::CT as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+/// See [`lb_common::maps::LB_FRAGS`].
+#[btf_map]
+pub static LB_FRAGS: LruHashMap<FragKey, FragEntry, { capacity::FRAGS as usize }> =
+    LruHashMap::new();
+
+/// See [`lb_common::maps::LB_SVC_STATS`].
+#[btf_map]
+pub static LB_SVC_STATS: PerCpuArray<ServiceStats, { capacity::SERVICE_IDS as usize }> =
+    PerCpuArray::new();
+
+/// See [`lb_common::maps::LB_VERDICTS`].
+#[btf_map]
+pub static LB_VERDICTS: PerCpuArray<Counter, { Reason::COUNT as usize }> = PerCpuArray::new();

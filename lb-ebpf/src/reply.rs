@@ -1,0 +1,76 @@
+//! Backend -> client: restore the frontend as the source of replies (reverse NAT). Runs where
+//! replies pass on their way to a client; a packet that is no reply costs one lookup.
+
+use lb_common::{
+    conntrack::{FlowKey, REPLY},
+    net::proto,
+    stats::Reason,
+};
+
+use crate::{
+    ct, fragment,
+    frame::{Action, Frame},
+    icmp,
+    maps::LB_CT,
+    nat::{self, End},
+    parse::{self, Frag},
+    stats,
+};
+
+#[inline(always)]
+pub fn to_client<F: Frame>(frame: &mut F) -> Action {
+    let Some(ip) = parse::ipv4(frame) else {
+        return Action::Pass;
+    };
+    let Some(l4_off) = ip.l4_off() else {
+        return Action::Pass;
+    };
+    let len = frame.len();
+    if ip.frag() == Frag::Later {
+        return fragment::reply(frame, &ip, len);
+    }
+    if ip.proto == proto::ICMP {
+        if icmp::is_error(frame, l4_off) {
+            return icmp::towards_client(frame, &ip, l4_off, len);
+        }
+        return Action::Pass;
+    }
+    let Some(l4) = parse::l4(frame, ip.proto, l4_off) else {
+        return Action::Pass;
+    };
+    let key = FlowKey {
+        src_addr: ip.src,
+        dst_addr: ip.dst,
+        src_port: l4.src_port,
+        dst_port: l4.dst_port,
+        proto: ip.proto,
+        dir: REPLY,
+        _pad: [0; 2],
+    };
+    let Some(entry) = LB_CT.get_ptr_mut(&key) else {
+        return Action::Pass;
+    };
+    let now = ct::now();
+    // SAFETY: map value from a successful lookup.
+    let (deadline_ns, nat_addr, nat_port, service_id) = unsafe {
+        (
+            (*entry).deadline_ns,
+            (*entry).nat_addr,
+            (*entry).nat_port,
+            (*entry).service_id,
+        )
+    };
+    if now >= deadline_ns {
+        return Action::Pass;
+    }
+    ct::touch(entry, ip.proto, l4.tcp_flags, now);
+    if nat::rewrite(frame, End::Source, Some(&l4), nat_addr, nat_port).is_err() {
+        return Action::Pass;
+    }
+    if ip.frag() == Frag::First {
+        fragment::remember(&ip, &l4);
+    }
+    stats::service(service_id, len, false);
+    stats::verdict(Reason::ReplyNat, len);
+    Action::Pass
+}

@@ -1,0 +1,118 @@
+//! A node (a network namespace that routes) and its pods (namespaces behind veths).
+//!
+//! Pods are wired like Calico's: a pod has its /32 address on `eth0` and a default route via the
+//! link-local gateway 169.254.1.1, which the node answers for on every pod veth; the node routes
+//! each pod's /32 to its veth. The node side of a pod's veth is where the datapath attaches.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result};
+
+use crate::netns::{Netns, unique_prefix};
+
+/// The gateway address every pod routes through (answered by the node).
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+#[derive(Debug)]
+pub struct Pod {
+    pub name: String,
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    /// Name of the pod's veth on the node side (in the node's namespace).
+    pub host_iface: String,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    pub ns: Netns,
+    pub pods: Vec<Pod>,
+    prefix: String,
+}
+
+impl Node {
+    /// A node namespace that forwards IPv4 and answers for the pods' gateway.
+    pub fn new(name: &str) -> Result<Self> {
+        let prefix = unique_prefix("n");
+        let ns = Netns::new(format!("{prefix}-{name}"))?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        for scope in ["all", "default"] {
+            ns.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), "0")?;
+        }
+        ns.ip(&["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", "lo"])?;
+        Ok(Self {
+            name: name.to_owned(),
+            ns,
+            pods: Vec::new(),
+            prefix,
+        })
+    }
+
+    /// Adds a pod with address `ip`; returns its index in `pods`.
+    pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<usize> {
+        let index = self.pods.len();
+        let ns = Netns::new(format!("{}-{name}", self.prefix))?;
+        let host_iface = format!("lbpod{index}");
+        self.ns
+            .ip(&[
+                "link",
+                "add",
+                &host_iface,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ])
+            .with_context(|| format!("creating the veth of pod {name}"))?;
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            &POD_GATEWAY.to_string(),
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &POD_GATEWAY.to_string(),
+            "dev",
+            "eth0",
+        ])?;
+        self.ns.ip(&["link", "set", &host_iface, "up"])?;
+        self.ns
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;
+        // No 0.8 s proxy-ARP delay: the first packet of a test must not wait for it.
+        self.ns
+            .sysctl(&format!("net.ipv4.neigh.{host_iface}.proxy_delay"), "0")?;
+        self.pods.push(Pod {
+            name: name.to_owned(),
+            ns,
+            ip,
+            host_iface,
+        });
+        Ok(index)
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} on {}", self.name))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Pods first (their veths go with them), then the node.
+        self.pods.clear();
+    }
+}

@@ -1,0 +1,306 @@
+//! Test packets, built with etherparse so that every checksum in an expected frame is computed
+//! from scratch: comparing whole frames then checks the datapath's incremental updates too.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use etherparse::{
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpFragOffset, IpNumber, Ipv4Header,
+    Ipv4Options, TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
+};
+
+pub const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+
+/// Which transport the packet carries.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    Tcp(TcpHeader),
+    /// `zero_checksum`: send UDP without a checksum (RFC 768 allows it over IPv4).
+    Udp {
+        header: UdpHeader,
+        zero_checksum: bool,
+    },
+    Icmp(Icmpv4Header),
+    /// Anything else: the protocol number and raw payload follow.
+    Other(u8),
+}
+
+/// An Ethernet + IPv4 packet under construction.
+#[derive(Clone, Debug)]
+pub struct Packet {
+    pub eth_src: [u8; 6],
+    pub eth_dst: [u8; 6],
+    pub ip: Ipv4Header,
+    pub transport: Transport,
+    pub payload: Vec<u8>,
+}
+
+pub mod flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+}
+
+fn ip_header(src: Ipv4Addr, dst: Ipv4Addr, proto: IpNumber) -> Ipv4Header {
+    let mut ip = Ipv4Header::new(0, 64, proto, src.octets(), dst.octets()).unwrap();
+    ip.identification = 0x1c46;
+    ip
+}
+
+impl Packet {
+    /// A TCP segment from a pod (`src`) to `dst` with the given flags.
+    pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, tcp_flags: u8, payload: &[u8]) -> Self {
+        let mut tcp = TcpHeader::new(src.port(), dst.port(), 1000, 64_240);
+        tcp.fin = tcp_flags & flags::FIN != 0;
+        tcp.syn = tcp_flags & flags::SYN != 0;
+        tcp.rst = tcp_flags & flags::RST != 0;
+        tcp.psh = tcp_flags & flags::PSH != 0;
+        tcp.ack = tcp_flags & flags::ACK != 0;
+        if tcp.ack {
+            tcp.acknowledgment_number = 5000;
+        }
+        Self {
+            eth_src: POD_MAC,
+            eth_dst: HOST_MAC,
+            ip: ip_header(*src.ip(), *dst.ip(), IpNumber::TCP),
+            transport: Transport::Tcp(tcp),
+            payload: payload.to_vec(),
+        }
+    }
+
+    pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Self {
+        Self {
+            eth_src: POD_MAC,
+            eth_dst: HOST_MAC,
+            ip: ip_header(*src.ip(), *dst.ip(), IpNumber::UDP),
+            transport: Transport::Udp {
+                header: UdpHeader {
+                    source_port: src.port(),
+                    destination_port: dst.port(),
+                    length: 0,
+                    checksum: 0,
+                },
+                zero_checksum: false,
+            },
+            payload: payload.to_vec(),
+        }
+    }
+
+    /// An ICMP destination unreachable (`code`) from `from` to `to`, quoting `quoted`
+    /// (its IPv4 header and the first `quote_len` bytes after it).
+    pub fn icmp_unreachable(
+        from: Ipv4Addr,
+        to: Ipv4Addr,
+        code: DestUnreachableHeader,
+        quoted: &Packet,
+        quote_len: usize,
+    ) -> Self {
+        let frame = quoted.bytes();
+        let ip_start = 14;
+        let quoted_ip_len = quoted.ip.header_len();
+        let end = (ip_start + quoted_ip_len + quote_len).min(frame.len());
+        Self {
+            eth_src: POD_MAC,
+            eth_dst: HOST_MAC,
+            ip: ip_header(from, to, IpNumber::ICMP),
+            transport: Transport::Icmp(Icmpv4Header::new(Icmpv4Type::DestinationUnreachable(code))),
+            payload: frame[ip_start..end].to_vec(),
+        }
+    }
+
+    /// An IPv4 packet of another protocol (e.g. 47, GRE) with a raw payload.
+    pub fn other(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Self {
+        Self {
+            eth_src: POD_MAC,
+            eth_dst: HOST_MAC,
+            ip: ip_header(src, dst, IpNumber(proto)),
+            transport: Transport::Other(proto),
+            payload: payload.to_vec(),
+        }
+    }
+
+    pub fn src(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::from(self.ip.source), self.ports().0)
+    }
+
+    pub fn dst(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::from(self.ip.destination), self.ports().1)
+    }
+
+    fn ports(&self) -> (u16, u16) {
+        match &self.transport {
+            Transport::Tcp(t) => (t.source_port, t.destination_port),
+            Transport::Udp { header, .. } => (header.source_port, header.destination_port),
+            _ => (0, 0),
+        }
+    }
+
+    /// The same packet with another destination address and port.
+    pub fn with_dst(mut self, dst: SocketAddrV4) -> Self {
+        self.ip.destination = dst.ip().octets();
+        match &mut self.transport {
+            Transport::Tcp(t) => t.destination_port = dst.port(),
+            Transport::Udp { header, .. } => header.destination_port = dst.port(),
+            _ => {}
+        }
+        self
+    }
+
+    /// The same packet with another source address and port.
+    pub fn with_src(mut self, src: SocketAddrV4) -> Self {
+        self.ip.source = src.ip().octets();
+        match &mut self.transport {
+            Transport::Tcp(t) => t.source_port = src.port(),
+            Transport::Udp { header, .. } => header.source_port = src.port(),
+            _ => {}
+        }
+        self
+    }
+
+    /// The reply to this packet: addresses, ports and MACs swapped.
+    pub fn reply(&self, tcp_flags: u8, payload: &[u8]) -> Self {
+        let mut reply = match &self.transport {
+            Transport::Tcp(_) => Packet::tcp(self.dst(), self.src(), tcp_flags, payload),
+            Transport::Udp { .. } => Packet::udp(self.dst(), self.src(), payload),
+            _ => panic!("reply() is for TCP and UDP"),
+        };
+        reply.eth_src = self.eth_dst;
+        reply.eth_dst = self.eth_src;
+        reply
+    }
+
+    pub fn with_ip_options(mut self, options: &[u8]) -> Self {
+        self.ip.options = Ipv4Options::try_from(options).unwrap();
+        self
+    }
+
+    pub fn with_zero_udp_checksum(mut self) -> Self {
+        if let Transport::Udp { zero_checksum, .. } = &mut self.transport {
+            *zero_checksum = true;
+        }
+        self
+    }
+
+    pub fn with_ip_id(mut self, id: u16) -> Self {
+        self.ip.identification = id;
+        self
+    }
+
+    /// The L4 header and payload, with every length and checksum computed.
+    fn l4_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match &self.transport {
+            Transport::Tcp(tcp) => {
+                let mut tcp = tcp.clone();
+                tcp.checksum = tcp.calc_checksum_ipv4(&self.ip, &self.payload).unwrap();
+                out.extend_from_slice(&tcp.to_bytes());
+            }
+            Transport::Udp {
+                header,
+                zero_checksum,
+            } => {
+                let mut udp = UdpHeader::with_ipv4_checksum(
+                    header.source_port,
+                    header.destination_port,
+                    &self.ip,
+                    &self.payload,
+                )
+                .unwrap();
+                if *zero_checksum {
+                    udp.checksum = 0;
+                }
+                out.extend_from_slice(&udp.to_bytes());
+            }
+            Transport::Icmp(icmp) => {
+                let icmp = Icmpv4Header::with_checksum(icmp.icmp_type.clone(), &self.payload);
+                out.extend_from_slice(&icmp.to_bytes());
+            }
+            Transport::Other(_) => {}
+        }
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    /// The whole frame.
+    pub fn bytes(&self) -> Vec<u8> {
+        let l4 = self.l4_bytes();
+        let mut ip = self.ip.clone();
+        ip.set_payload_len(l4.len()).unwrap();
+        ip.header_checksum = ip.calc_header_checksum();
+        let mut out = Vec::new();
+        Ethernet2Header {
+            source: self.eth_src,
+            destination: self.eth_dst,
+            ether_type: EtherType::IPV4,
+        }
+        .write(&mut out)
+        .unwrap();
+        ip.write(&mut out).unwrap();
+        out.extend_from_slice(&l4);
+        out
+    }
+
+    /// Splits the packet into two IPv4 fragments, the first carrying `first_len` bytes of the
+    /// L4 datagram (a multiple of 8).
+    pub fn fragments(&self, first_len: usize) -> [Vec<u8>; 2] {
+        assert_eq!(first_len % 8, 0);
+        let l4 = self.l4_bytes();
+        let parts = [
+            (&l4[..first_len], 0u16, true),
+            (&l4[first_len..], first_len as u16 / 8, false),
+        ];
+        parts.map(|(data, offset, more)| {
+            let mut ip = self.ip.clone();
+            ip.dont_fragment = false;
+            ip.more_fragments = more;
+            ip.fragment_offset = IpFragOffset::try_new(offset).unwrap();
+            ip.set_payload_len(data.len()).unwrap();
+            ip.header_checksum = ip.calc_header_checksum();
+            let mut out = Vec::new();
+            Ethernet2Header {
+                source: self.eth_src,
+                destination: self.eth_dst,
+                ether_type: EtherType::IPV4,
+            }
+            .write(&mut out)
+            .unwrap();
+            ip.write(&mut out).unwrap();
+            out.extend_from_slice(data);
+            out
+        })
+    }
+}
+
+/// Renders a frame as hex rows of 16 bytes, for readable assertion failures.
+pub fn hex(frame: &[u8]) -> String {
+    frame
+        .chunks(16)
+        .enumerate()
+        .map(|(row, chunk)| {
+            let bytes: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{:04x}: {}", row * 16, bytes.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Asserts two frames are identical, showing both in hex (and where they first differ).
+#[track_caller]
+pub fn assert_frame_eq(actual: &[u8], expected: &[u8], what: &str) {
+    if actual != expected {
+        let first = actual
+            .iter()
+            .zip(expected)
+            .position(|(a, e)| a != e)
+            .unwrap_or(actual.len().min(expected.len()));
+        panic!(
+            "{what}: frames differ at byte {first} (lengths {} vs {})\nactual:\n{}\nexpected:\n{}",
+            actual.len(),
+            expected.len(),
+            hex(actual),
+            hex(expected)
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! The `hostnames` server, and clients that talk to it.
+//!
+//! Over TCP it answers any request with an HTTP response whose body is `<name> <client ip:port>`;
+//! over UDP it answers each datagram with the same text. So a client learns which backend
+//! answered and which address that backend saw.
+
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::netns::Netns;
+
+/// How often a server thread looks at its stop flag.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Servers running in a namespace; stopped on drop.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts a `hostnames` server in `ns` on `port` for both TCP and UDP, answering as `name`.
+    pub fn hostnames(ns: &Netns, name: &str, port: u16) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tcp, udp) = ns.enter(move || -> Result<(TcpListener, UdpSocket)> {
+            let any = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port);
+            let tcp = TcpListener::bind(any).context("binding the TCP server")?;
+            tcp.set_nonblocking(true)?;
+            let udp = UdpSocket::bind(any).context("binding the UDP server")?;
+            udp.set_read_timeout(Some(POLL))?;
+            Ok((tcp, udp))
+        })??;
+        let mut threads = Vec::new();
+        let (n, s) = (name.to_owned(), stop.clone());
+        threads.push(thread::spawn(move || serve_tcp(&tcp, &n, &s)));
+        let (n, s) = (name.to_owned(), stop.clone());
+        threads.push(thread::spawn(move || serve_udp(&udp, &n, &s)));
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn answer(name: &str, peer: SocketAddr) -> String {
+    format!("{name} {peer}")
+}
+
+fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let name = name.to_owned();
+                thread::spawn(move || {
+                    let _ = respond(stream, &answer(&name, peer));
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(POLL),
+            Err(_) => thread::sleep(POLL),
+        }
+    }
+}
+
+fn respond(mut stream: TcpStream, body: &str) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    // Read the request (up to the end of its headers) before answering.
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let response = format!(
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
+        body.len() + 1
+    );
+    stream.write_all(response.as_bytes())
+}
+
+fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(answer(name, peer).as_bytes(), peer);
+        }
+    }
+}
+
+/// One HTTP GET over a new TCP connection from the calling thread's namespace; returns the body.
+pub fn http_get(addr: SocketAddrV4, timeout: Duration) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr.into(), timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: lb\r\n\r\n")?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("reading from {addr}"))?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.trim().to_owned()),
+        _ => bail!("unexpected response from {addr}: {response:?}"),
+    }
+}
+
+/// One UDP request/response from the calling thread's namespace (from `local_port`, or an
+/// ephemeral port when 0).
+pub fn udp_request(addr: SocketAddrV4, local_port: u16, timeout: Duration) -> Result<String> {
+    let socket = UdpSocket::bind(SocketAddrV4::new(
+        std::net::Ipv4Addr::UNSPECIFIED,
+        local_port,
+    ))?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.connect(addr)?;
+    socket.send(b"hostname")?;
+    let mut buf = [0u8; 2048];
+    let n = socket
+        .recv(&mut buf)
+        .with_context(|| format!("no UDP answer from {addr}"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}

@@ -1,0 +1,193 @@
+//! Loading the datapath: the BPF object, its maps (pinned or private) and its programs.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, tc},
+    util::KernelVersion,
+};
+use lb_common::maps;
+
+use crate::{LB_EBPF, maps::Maps};
+
+/// XDP entry point for uplinks.
+pub const PROG_XDP: &str = "lb_xdp";
+/// tc ingress of a pod's host-side veth: load balancing of pod traffic.
+pub const PROG_FROM_POD: &str = "lb_from_pod";
+/// tc egress of a pod's host-side veth: reverse NAT of replies to pods.
+pub const PROG_TO_POD: &str = "lb_to_pod";
+/// Empty programs: the baseline the benchmarks subtract.
+pub const PROG_EMPTY_XDP: &str = "bench_empty_xdp";
+pub const PROG_EMPTY_TC: &str = "bench_empty_tc";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("failed to load the BPF object")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name} is missing from the BPF object")]
+    MissingProgram { name: &'static str },
+    #[error("the kernel refused program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach {name} to {iface}")]
+    Attach {
+        name: &'static str,
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(transparent)]
+    Maps(#[from] crate::maps::MapsError),
+}
+
+/// Capacities of the sized maps (entries); the defaults are `lb_common::maps::capacity`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub ct: u32,
+    pub service_ids: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            ct: maps::capacity::CT,
+            service_ids: maps::capacity::SERVICE_IDS,
+        }
+    }
+}
+
+/// Where the maps live.
+#[derive(Clone, Debug, Default)]
+pub enum Pinning {
+    /// Private to this process (tests, benchmarks): gone when it exits.
+    #[default]
+    None,
+    /// Pinned under this bpffs directory, reused when already there (agent restarts).
+    Dir(PathBuf),
+}
+
+/// The loaded (not yet attached) datapath.
+pub struct Datapath {
+    ebpf: Ebpf,
+}
+
+impl Datapath {
+    /// Loads the BPF object and runs every program through the verifier.
+    pub fn load(pinning: &Pinning, capacities: Capacities) -> Result<Self, DatapathError> {
+        let pin_paths: Vec<(&'static str, PathBuf)> = match pinning {
+            Pinning::None => Vec::new(),
+            Pinning::Dir(dir) => maps::ALL
+                .iter()
+                .map(|name| (*name, dir.join(name)))
+                .collect(),
+        };
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(maps::LB_CT, capacities.ct)
+            .map_max_entries(maps::LB_MAGLEV, capacities.service_ids)
+            .map_max_entries(maps::LB_SVC_STATS, capacities.service_ids);
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(LB_EBPF).map_err(DatapathError::Load)?;
+        for name in [PROG_FROM_POD, PROG_TO_POD] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let xdp: &mut Xdp = program(&mut ebpf, PROG_XDP)?;
+        xdp.load().map_err(|source| DatapathError::Program {
+            name: PROG_XDP,
+            source,
+        })?;
+        Ok(Self { ebpf })
+    }
+
+    pub fn xdp(&mut self) -> &mut Xdp {
+        program(&mut self.ebpf, PROG_XDP).expect("checked at load")
+    }
+
+    pub fn from_pod(&mut self) -> &mut SchedClassifier {
+        program(&mut self.ebpf, PROG_FROM_POD).expect("checked at load")
+    }
+
+    pub fn to_pod(&mut self) -> &mut SchedClassifier {
+        program(&mut self.ebpf, PROG_TO_POD).expect("checked at load")
+    }
+
+    /// The empty XDP program (loaded on first use), for benchmarks.
+    pub fn empty_xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
+        let prog: &mut Xdp = program(&mut self.ebpf, PROG_EMPTY_XDP)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DatapathError::Program {
+                name: PROG_EMPTY_XDP,
+                source,
+            })?;
+        }
+        Ok(prog)
+    }
+
+    /// The empty tc program (loaded on first use), for benchmarks.
+    pub fn empty_tc(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_EMPTY_TC)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DatapathError::Program {
+                name: PROG_EMPTY_TC,
+                source,
+            })?;
+        }
+        Ok(prog)
+    }
+
+    /// Attaches the pod programs to a pod's host-side veth (`iface`, in the calling thread's
+    /// network namespace): load balancing on ingress, reverse NAT on egress. Uses tcx links where
+    /// the kernel has them (6.6+), classic clsact filters otherwise.
+    pub fn attach_pod_iface(&mut self, iface: &str) -> Result<(), DatapathError> {
+        if !has_tcx() {
+            // clsact may already exist (another program, an earlier run): that is fine.
+            let _ = tc::qdisc_add_clsact(iface);
+        }
+        let attach = |name: &'static str| {
+            move |source| DatapathError::Attach {
+                name,
+                iface: iface.to_owned(),
+                source,
+            }
+        };
+        self.from_pod()
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(attach(PROG_FROM_POD))?;
+        self.to_pod()
+            .attach(iface, TcAttachType::Egress)
+            .map_err(attach(PROG_TO_POD))?;
+        Ok(())
+    }
+
+    /// Takes the map handles out of the loaded object (once).
+    pub fn take_maps(&mut self) -> Result<Maps, DatapathError> {
+        Ok(Maps::take_from(&mut self.ebpf)?)
+    }
+}
+
+/// tcx (BPF links for tc) arrived in Linux 6.6; aya uses it there and netlink filters before.
+pub fn has_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name)
+        .and_then(|prog| prog.try_into().ok())
+        .ok_or(DatapathError::MissingProgram { name })
+}
+
+/// The directory under which a pinned datapath lives by default.
+pub fn default_pin_dir() -> &'static Path {
+    Path::new("/sys/fs/bpf/lb")
+}

@@ -1,0 +1,60 @@
+//! Running commands, with privileges when needed.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Runs `cmd`, inheriting stdio; fails with the command line when it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` and returns its stdout; `None` when it cannot start or fails.
+pub fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new(env!("CARGO")).args(args))
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `cargo <args>` where test binaries run as root (`sudo -E` as their runner when we are not).
+pub fn cargo_as_root(args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(args);
+    if !is_root() {
+        eprintln!("xtask: not root; test binaries will run under `sudo -E`");
+        cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    run(&mut cmd)
+}
+
+/// Runs a built program as root (`sudo -E` when we are not).
+pub fn run_privileged(program: &str, args: &[&str]) -> Result<()> {
+    if !Path::new(program).exists() {
+        bail!("{program} was not built");
+    }
+    if is_root() {
+        run(Command::new(program).args(args))
+    } else {
+        eprintln!("xtask: not root; running {program} under sudo");
+        run(Command::new("sudo").arg("-E").arg(program).args(args))
+    }
+}
