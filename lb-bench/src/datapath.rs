@@ -220,7 +220,7 @@ fn expected_backend(table: &[u32], src: SocketAddrV4) -> SocketAddrV4 {
     BACKENDS[(table[(hash % table.len() as u32) as usize] - 1) as usize]
 }
 
-/// Distinct client for new-flow call `i` at scale `round`.
+/// Distinct client for new-flow call `i` of `round` (one round per hook).
 fn new_client(round: u32, i: usize) -> SocketAddrV4 {
     let base = u32::from(Ipv4Addr::new(10, 2, 0, 0)) + round * 4096 + (i / 16_000) as u32;
     SocketAddrV4::new(Ipv4Addr::from(base), 10_000 + (i % 16_000) as u16)
@@ -236,18 +236,33 @@ fn check_frame(verdict: u32, pass: u32, out: &[u8], want: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Runs every case at every scale; `calls` calls per case.
+/// Runs every case at every scale; `calls` calls per case. Every scale starts from a freshly
+/// loaded datapath, so that conntrack occupancy is the same at every scale and the figures differ
+/// only by the number of services.
 pub fn run(scales: &[u32], calls: usize, progress: &mut dyn FnMut(&str)) -> Result<Vec<Figure>> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling bpf_stats")?;
-    let max = scales.iter().copied().max().unwrap_or(1);
+    let mut figures = Vec::new();
+    for &services in scales {
+        figures.extend(run_scale(services, calls, progress)?);
+    }
+    Ok(figures)
+}
+
+fn run_scale(services: u32, calls: usize, progress: &mut dyn FnMut(&str)) -> Result<Vec<Figure>> {
+    progress(&format!(
+        "datapath: loading, installing {services} services"
+    ));
     let capacities = Capacities {
         ct: 1 << 20,
-        service_ids: (max + 16).next_power_of_two(),
+        service_ids: (services + 16).next_power_of_two(),
     };
     let mut dp = Datapath::load(&Pinning::None, capacities)?;
     let mut maps: Maps = dp.take_maps()?;
     let svc = measured_service();
     install::install(&mut maps, &svc)?;
+    for n in 1..services {
+        install::install(&mut maps, &filler(n))?;
+    }
     let table = maps.maglev_table(MEASURED_ID, svc.table_size)?;
 
     // The established flow and its reply entry.
@@ -281,99 +296,93 @@ pub fn run(scales: &[u32], calls: usize, progress: &mut dyn FnMut(&str)) -> Resu
     )
     .bytes();
 
-    let mut figures = Vec::new();
-    let mut installed = 1u32;
-    for (round, &services) in scales.iter().enumerate() {
-        progress(&format!("datapath: installing {} services", services));
-        while installed < services {
-            install::install(&mut maps, &filler(installed))?;
-            installed += 1;
-        }
-        let mut raw: BTreeMap<(&str, &str), Raw> = BTreeMap::new();
-        let repeated = |frame: &[u8]| vec![frame.to_vec(); calls];
-        for hook in [Hook::Tc, Hook::Xdp] {
-            progress(&format!(
-                "datapath: {} services, {} programs",
-                services,
-                hook.name()
-            ));
-            let pass = hook.pass();
-            let new_inputs: Vec<Vec<u8>> = (0..calls)
-                .map(|i| {
-                    Packet::tcp(
-                        new_client(round as u32 * 2 + matches!(hook, Hook::Xdp) as u32, i),
-                        SocketAddrV4::new(VIP, 80),
-                        flags::SYN,
-                        &[],
-                    )
-                    .bytes()
-                })
-                .collect();
-            let new_check = |i: usize, verdict: u32, out: &[u8]| {
-                let client = new_client(round as u32 * 2 + matches!(hook, Hook::Xdp) as u32, i);
-                let want = Packet::tcp(client, SocketAddrV4::new(VIP, 80), flags::SYN, &[])
-                    .with_dst(expected_backend(&table, client))
-                    .bytes();
-                check_frame(verdict, pass, out, &want)
-            };
-            let other_inputs = repeated(&other);
-            let est_inputs = repeated(&established.bytes());
-            match hook {
-                Hook::Tc => {
-                    raw.insert(
-                        ("empty", "tc"),
-                        time_calls(dp.empty_tc()?, &other_inputs, |_, _, _| Ok(()))?,
-                    );
-                    raw.insert(
-                        ("non-service", "tc"),
-                        time_calls(dp.from_pod(), &other_inputs, |_, v, o| {
-                            check_frame(v, pass, o, &other)
-                        })?,
-                    );
-                    raw.insert(
-                        ("established", "tc"),
-                        time_calls(dp.from_pod(), &est_inputs, |_, v, o| {
-                            check_frame(v, pass, o, &established_want)
-                        })?,
-                    );
-                    raw.insert(
-                        ("new flow", "tc"),
-                        time_calls(dp.from_pod(), &new_inputs, new_check)?,
-                    );
-                    raw.insert(
-                        ("reply", "tc"),
-                        time_calls(dp.to_pod(), &repeated(&reply.bytes()), |_, v, o| {
-                            check_frame(v, pass, o, &reply_want)
-                        })?,
-                    );
-                }
-                Hook::Xdp => {
-                    raw.insert(
-                        ("empty", "xdp"),
-                        time_calls(dp.empty_xdp()?, &other_inputs, |_, _, _| Ok(()))?,
-                    );
-                    raw.insert(
-                        ("non-service", "xdp"),
-                        time_calls(dp.xdp(), &other_inputs, |_, v, o| {
-                            check_frame(v, pass, o, &other)
-                        })?,
-                    );
-                    raw.insert(
-                        ("established", "xdp"),
-                        time_calls(dp.xdp(), &est_inputs, |_, v, o| {
-                            check_frame(v, pass, o, &established_want)
-                        })?,
-                    );
-                    raw.insert(
-                        ("new flow", "xdp"),
-                        time_calls(dp.xdp(), &new_inputs, new_check)?,
-                    );
-                }
+    let mut raw: BTreeMap<(&str, &str), Raw> = BTreeMap::new();
+    let repeated = |frame: &[u8]| vec![frame.to_vec(); calls];
+    for hook in [Hook::Tc, Hook::Xdp] {
+        progress(&format!(
+            "datapath: {services} services, {} programs",
+            hook.name()
+        ));
+        let pass = hook.pass();
+        let round = matches!(hook, Hook::Xdp) as u32;
+        let new_inputs: Vec<Vec<u8>> = (0..calls)
+            .map(|i| {
+                Packet::tcp(
+                    new_client(round, i),
+                    SocketAddrV4::new(VIP, 80),
+                    flags::SYN,
+                    &[],
+                )
+                .bytes()
+            })
+            .collect();
+        let new_check = |i: usize, verdict: u32, out: &[u8]| {
+            let client = new_client(round, i);
+            let want = Packet::tcp(client, SocketAddrV4::new(VIP, 80), flags::SYN, &[])
+                .with_dst(expected_backend(&table, client))
+                .bytes();
+            check_frame(verdict, pass, out, &want)
+        };
+        let other_inputs = repeated(&other);
+        let est_inputs = repeated(&established.bytes());
+        match hook {
+            Hook::Tc => {
+                raw.insert(
+                    ("empty", "tc"),
+                    time_calls(dp.empty_tc()?, &other_inputs, |_, _, _| Ok(()))?,
+                );
+                raw.insert(
+                    ("non-service", "tc"),
+                    time_calls(dp.from_pod(), &other_inputs, |_, v, o| {
+                        check_frame(v, pass, o, &other)
+                    })?,
+                );
+                raw.insert(
+                    ("established", "tc"),
+                    time_calls(dp.from_pod(), &est_inputs, |_, v, o| {
+                        check_frame(v, pass, o, &established_want)
+                    })?,
+                );
+                raw.insert(
+                    ("new flow", "tc"),
+                    time_calls(dp.from_pod(), &new_inputs, new_check)?,
+                );
+                raw.insert(
+                    ("reply", "tc"),
+                    time_calls(dp.to_pod(), &repeated(&reply.bytes()), |_, v, o| {
+                        check_frame(v, pass, o, &reply_want)
+                    })?,
+                );
+            }
+            Hook::Xdp => {
+                raw.insert(
+                    ("empty", "xdp"),
+                    time_calls(dp.empty_xdp()?, &other_inputs, |_, _, _| Ok(()))?,
+                );
+                raw.insert(
+                    ("non-service", "xdp"),
+                    time_calls(dp.xdp(), &other_inputs, |_, v, o| {
+                        check_frame(v, pass, o, &other)
+                    })?,
+                );
+                raw.insert(
+                    ("established", "xdp"),
+                    time_calls(dp.xdp(), &est_inputs, |_, v, o| {
+                        check_frame(v, pass, o, &established_want)
+                    })?,
+                );
+                raw.insert(
+                    ("new flow", "xdp"),
+                    time_calls(dp.xdp(), &new_inputs, new_check)?,
+                );
             }
         }
-        for ((case, hook), r) in &raw {
+    }
+    Ok(raw
+        .iter()
+        .map(|((case, hook), r)| {
             let empty = &raw[&("empty", *hook)];
-            figures.push(Figure {
+            Figure {
                 case: (*case).to_owned(),
                 hook,
                 services,
@@ -382,8 +391,7 @@ pub fn run(scales: &[u32], calls: usize, progress: &mut dyn FnMut(&str)) -> Resu
                 net_ns: r.median_ns - empty.median_ns,
                 bpf_stats_ns: r.bpf_stats_ns,
                 bpf_stats_net_ns: r.bpf_stats_ns - empty.bpf_stats_ns,
-            });
-        }
-    }
-    Ok(figures)
+            }
+        })
+        .collect())
 }
