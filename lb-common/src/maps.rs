@@ -39,9 +39,16 @@ pub const LB_FRAGS: &str = "LB_FRAGS";
 pub const LB_SVC_STATS: &str = "LB_SVC_STATS";
 /// `Reason -> Counter` (per-CPU array), see [`crate::stats::Reason`].
 pub const LB_VERDICTS: &str = "LB_VERDICTS";
+/// `SourceRange (LPM) -> 1` (LPM trie): loadBalancerSourceRanges. A frontend whose
+/// `Service::source_range_id` is not zero only takes new flows from sources matching one of its
+/// ranges. Written by the agent.
+pub const LB_SRC_RANGES: &str = "LB_SRC_RANGES";
+/// `AffinityKey -> AffinityEntry` (LRU): sessionAffinity ClientIP, the backend a client last got
+/// from a service. Written by the datapath; the agent removes entries of backends that left.
+pub const LB_AFFINITY: &str = "LB_AFFINITY";
 
 /// Every map, in creation order, for tools that walk them all.
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 10] = [
     LB_ADDRS,
     LB_SERVICES,
     LB_BACKENDS,
@@ -50,6 +57,8 @@ pub const ALL: [&str; 8] = [
     LB_FRAGS,
     LB_SVC_STATS,
     LB_VERDICTS,
+    LB_SRC_RANGES,
+    LB_AFFINITY,
 ];
 
 /// Default capacities. Each is a compile-time size the agent may override at load time.
@@ -66,6 +75,10 @@ pub mod capacity {
     pub const CT: u32 = 262_144;
     /// Fragmented datagrams in flight.
     pub const FRAGS: u32 = 8_192;
+    /// loadBalancerSourceRanges CIDRs over all services.
+    pub const SRC_RANGES: u32 = 16_384;
+    /// (client, service) pairs with session affinity.
+    pub const AFFINITY: u32 = 65_536;
 }
 
 /// Maglev table sizes: primes, so that every skip value visits every slot.
@@ -155,6 +168,10 @@ pub struct Service {
     pub flags: u32,
     /// sessionAffinity ClientIP timeout in seconds; zero disables affinity.
     pub affinity_timeout_s: u32,
+    /// Set of loadBalancerSourceRanges that new flows must come from ([`LB_SRC_RANGES`]); zero
+    /// accepts every source.
+    pub source_range_id: u32,
+    pub _pad: u32,
 }
 
 /// Value of [`LB_BACKENDS`].
@@ -194,6 +211,42 @@ pub struct FragEntry {
     pub dst_port: Be16,
 }
 
+/// Data of an [`LB_SRC_RANGES`] LPM key. The trie's prefix length counts the bits of `range_id`
+/// ([`SourceRange::ID_BITS`], always matched exactly) plus the CIDR's prefix length; lookups use
+/// [`SourceRange::LOOKUP_BITS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SourceRange {
+    /// `Service::source_range_id` in network byte order, so that it is the leading 32 bits.
+    pub range_id: Be32,
+    pub addr: Be32,
+}
+
+impl SourceRange {
+    /// Bits of the key before the address.
+    pub const ID_BITS: u32 = 32;
+    /// Prefix length of a lookup (the whole key).
+    pub const LOOKUP_BITS: u32 = 64;
+}
+
+/// Key of [`LB_AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    pub client: Be32,
+    pub service_id: u32,
+}
+
+/// Value of [`LB_AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffinityEntry {
+    /// `bpf_ktime_get_coarse_ns()` of the client's last new connection to the service.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
 /// Value of [`LB_SVC_STATS`] (per CPU; userspace sums the CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -217,7 +270,10 @@ pub struct Counter {
 const _: () = {
     assert!(size_of::<AddrInfo>() == 4);
     assert!(size_of::<ServiceKey>() == 8);
-    assert!(size_of::<Service>() == 24);
+    assert!(size_of::<Service>() == 32);
+    assert!(size_of::<SourceRange>() == 8);
+    assert!(size_of::<AffinityKey>() == 8);
+    assert!(size_of::<AffinityEntry>() == 16);
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragEntry>() == 4);
@@ -237,4 +293,7 @@ mod user {
     unsafe impl aya::Pod for super::FragEntry {}
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::SourceRange {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityEntry {}
 }

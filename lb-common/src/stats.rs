@@ -1,10 +1,11 @@
 //! Why the datapath did what it did: one per-CPU counter per reason in
-//! [`crate::maps::LB_VERDICTS`]. Packets that are not addressed to any frontend are deliberately
-//! not counted: they are most of the traffic and counting them would cost a write per packet.
+//! [`crate::maps::LB_VERDICTS`]. Packets that are not addressed to any frontend, or addressed to a
+//! frontend address on a port that is not a frontend and not a ClusterIP, are deliberately not
+//! counted: they are most of the traffic and counting them would cost a write per packet.
 
 /// Index into [`crate::maps::LB_VERDICTS`].
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
     /// A new flow was balanced to a backend and DNATed.
     NewFlow = 0,
@@ -14,26 +15,25 @@ pub enum Reason {
     ReplyNat = 2,
     /// An ICMP error quoting a load-balanced flow was translated.
     IcmpErrorNat = 3,
+    /// A non-first fragment followed its first fragment's translation.
+    FragmentNat = 4,
     /// Rejected: the service has no backend (TCP RST or ICMP port unreachable sent back).
-    RejectNoBackend = 4,
+    RejectNoBackend = 5,
     /// Rejected: a ClusterIP was addressed on a port or protocol it does not serve.
-    RejectUnknownPort = 5,
+    RejectUnknownPort = 6,
     /// Dropped: the service has no usable backend and its policy says drop.
-    DropNoBackend = 6,
+    DropNoBackend = 7,
     /// Dropped: addressed to a frontend but too short or malformed to be balanced.
-    DropMalformed = 7,
+    DropMalformed = 8,
     /// Dropped: a non-first fragment for a frontend whose first fragment was not seen.
-    DropFragment = 8,
+    DropFragment = 9,
     /// Dropped: the flow could not be recorded (conntrack insert failed).
-    DropCtFull = 9,
+    DropCtFull = 10,
     /// Dropped: the service's state is inconsistent (table or backend missing); the agent
     /// repairs it on its next sync.
-    DropNoTable = 10,
-    /// Passed untouched: addressed to a frontend address but to no frontend of it and not a
-    /// ClusterIP (e.g. a node address on a port that is no NodePort), or not worth rejecting.
-    PassNotService = 11,
-    /// A non-first fragment followed its first fragment's translation.
-    FragmentNat = 12,
+    DropNoTable = 11,
+    /// Dropped: a new flow from outside the frontend's loadBalancerSourceRanges.
+    DropSourceRange = 12,
 }
 
 impl Reason {
@@ -45,6 +45,7 @@ impl Reason {
         Self::Established,
         Self::ReplyNat,
         Self::IcmpErrorNat,
+        Self::FragmentNat,
         Self::RejectNoBackend,
         Self::RejectUnknownPort,
         Self::DropNoBackend,
@@ -52,8 +53,7 @@ impl Reason {
         Self::DropFragment,
         Self::DropCtFull,
         Self::DropNoTable,
-        Self::PassNotService,
-        Self::FragmentNat,
+        Self::DropSourceRange,
     ];
 
     /// A stable snake_case name for metrics and `lbctl stats`.
@@ -63,6 +63,7 @@ impl Reason {
             Self::Established => "established",
             Self::ReplyNat => "reply_nat",
             Self::IcmpErrorNat => "icmp_error_nat",
+            Self::FragmentNat => "fragment_nat",
             Self::RejectNoBackend => "reject_no_backend",
             Self::RejectUnknownPort => "reject_unknown_port",
             Self::DropNoBackend => "drop_no_backend",
@@ -70,8 +71,7 @@ impl Reason {
             Self::DropFragment => "drop_fragment_no_state",
             Self::DropCtFull => "drop_ct_full",
             Self::DropNoTable => "drop_inconsistent_service",
-            Self::PassNotService => "pass_not_service",
-            Self::FragmentNat => "fragment_nat",
+            Self::DropSourceRange => "drop_source_range",
         }
     }
 }

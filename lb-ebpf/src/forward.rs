@@ -12,7 +12,7 @@ use crate::{
     ct, fragment,
     frame::{Action, Frame},
     icmp,
-    maps::{LB_ADDRS, LB_BACKENDS, LB_CT, LB_SERVICES},
+    maps::{LB_ADDRS, LB_CT, LB_SERVICES},
     nat::{self, End},
     parse::{self, Frag, Ipv4, L4},
     reject, select, stats,
@@ -120,17 +120,13 @@ fn new_flow<F: Frame>(
     now: u64,
     len: u32,
 ) -> Action {
+    if !select::source_allowed(svc, flow) {
+        return counted(Reason::DropSourceRange, len, Action::Drop);
+    }
     if svc.backend_count == 0 {
         return no_backend(frame, ip, l4, svc, len);
     }
-    let Some(backend_id) = select::backend_id(svc, flow) else {
-        return counted(Reason::DropNoTable, len, Action::Drop);
-    };
-    let Some(backend) = LB_BACKENDS
-        .get(backend_id)
-        .copied()
-        .filter(|b| b.is_active())
-    else {
+    let Some((backend_id, backend)) = select::backend(svc, flow, now) else {
         return counted(Reason::DropNoTable, len, Action::Drop);
     };
 

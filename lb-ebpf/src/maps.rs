@@ -3,15 +3,15 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
-    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     Be32,
     conntrack::{CtEntry, FlowKey},
     maps::{
-        AddrInfo, Backend, Counter, FragEntry, FragKey, Service, ServiceKey, ServiceStats,
-        capacity, maglev,
+        AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey, Service,
+        ServiceKey, ServiceStats, SourceRange, capacity, maglev,
     },
     stats::Reason,
 };
@@ -71,3 +71,13 @@ pub static LB_SVC_STATS: PerCpuArray<ServiceStats, { capacity::SERVICE_IDS as us
 /// See [`lb_common::maps::LB_VERDICTS`].
 #[btf_map]
 pub static LB_VERDICTS: PerCpuArray<Counter, { Reason::COUNT as usize }> = PerCpuArray::new();
+
+/// See [`lb_common::maps::LB_SRC_RANGES`].
+#[btf_map]
+pub static LB_SRC_RANGES: LpmTrie<SourceRange, u32, { capacity::SRC_RANGES as usize }> =
+    LpmTrie::new();
+
+/// See [`lb_common::maps::LB_AFFINITY`].
+#[btf_map]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { capacity::AFFINITY as usize }> =
+    LruHashMap::new();

@@ -1,17 +1,37 @@
-//! Backend selection for a new flow: the service's Maglev table indexed by the flow hash.
+//! Backend selection for a new flow: sessionAffinity first (a client sticks to the backend it
+//! last got, within the service's timeout), else the service's Maglev table indexed by the flow
+//! hash (or its single backend).
 
 use lb_common::{
     conntrack::FlowKey,
     hash::flow_hash,
-    maps::{Service, maglev::CHUNK_SLOTS},
+    maps::{AffinityEntry, AffinityKey, Backend, Service, SourceRange, maglev::CHUNK_SLOTS},
 };
 
-use crate::maps::LB_MAGLEV;
+use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_MAGLEV, LB_SRC_RANGES};
 
-/// The backend id for a new flow of `svc`, or `None` when the service's table is missing (the
-/// agent writes tables before services, so this only happens if the maps were tampered with).
+const SECOND_NS: u64 = 1_000_000_000;
+
+/// Whether a new flow from `flow.src_addr` may use `svc` (loadBalancerSourceRanges).
 #[inline(always)]
-pub fn backend_id(svc: &Service, flow: &FlowKey) -> Option<u32> {
+pub fn source_allowed(svc: &Service, flow: &FlowKey) -> bool {
+    if svc.source_range_id == 0 {
+        return true;
+    }
+    let key = aya_ebpf::maps::lpm_trie::Key::new(
+        SourceRange::LOOKUP_BITS,
+        SourceRange {
+            range_id: lb_common::Be32::from_host(svc.source_range_id),
+            addr: flow.src_addr,
+        },
+    );
+    LB_SRC_RANGES.get(&key).is_some()
+}
+
+/// The Maglev (or single) backend id for a new flow of `svc`, or `None` when the service's table
+/// is missing (the agent writes tables before services, so only tampering gets here).
+#[inline(always)]
+fn maglev_backend(svc: &Service, flow: &FlowKey) -> Option<u32> {
     if svc.table_size == 0 {
         return Some(svc.backend_id);
     }
@@ -25,4 +45,47 @@ pub fn backend_id(svc: &Service, flow: &FlowKey) -> Option<u32> {
     let slot = hash % svc.table_size;
     let chunk = LB_MAGLEV.get_value(svc.id, &(slot / CHUNK_SLOTS))?;
     chunk.get((slot % CHUNK_SLOTS) as usize).copied()
+}
+
+#[inline(always)]
+fn active_backend(id: u32) -> Option<Backend> {
+    LB_BACKENDS.get(id).copied().filter(Backend::is_active)
+}
+
+/// The backend for a new flow of `svc`: (id, backend).
+#[inline(always)]
+pub fn backend(svc: &Service, flow: &FlowKey, now: u64) -> Option<(u32, Backend)> {
+    if svc.affinity_timeout_s == 0 {
+        let id = maglev_backend(svc, flow)?;
+        return Some((id, active_backend(id)?));
+    }
+    let key = AffinityKey {
+        client: flow.src_addr,
+        service_id: svc.id,
+    };
+    if let Some(entry) = LB_AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: map value from a successful lookup.
+        let (last_used, id) = unsafe { ((*entry).last_used_ns, (*entry).backend_id) };
+        if now < last_used + svc.affinity_timeout_s as u64 * SECOND_NS {
+            if let Some(backend) = active_backend(id) {
+                // Every new connection refreshes the affinity (kube-proxy's `recent --update`).
+                // SAFETY: as above.
+                unsafe { (*entry).last_used_ns = now };
+                return Some((id, backend));
+            }
+        }
+    }
+    let id = maglev_backend(svc, flow)?;
+    let backend = active_backend(id)?;
+    // Best effort: without the entry the next connection is balanced by Maglev again.
+    let _ = LB_AFFINITY.insert(
+        &key,
+        &AffinityEntry {
+            last_used_ns: now,
+            backend_id: id,
+            _pad: 0,
+        },
+        0,
+    );
+    Some((id, backend))
 }

@@ -2,10 +2,12 @@
 //! Maglev, and what the agent and lbctl share.
 
 pub mod datapath;
+pub mod inspect;
 pub mod install;
 pub mod maglev;
 pub mod maps;
 pub mod predict;
+pub mod source;
 mod sys;
 
 /// The BPF object holding every datapath program, built by this crate's build script.

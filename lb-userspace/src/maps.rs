@@ -8,14 +8,14 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, ArrayOfMaps, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::{
     Be32,
     conntrack::{CtEntry, FlowKey},
     maps::{
-        self as names, AddrInfo, Backend, Counter, FragEntry, FragKey, Service, ServiceKey,
-        ServiceStats,
+        self as names, AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey,
+        Service, ServiceKey, ServiceStats, SourceRange,
         maglev::{self, CHUNK_SLOTS, Chunk},
     },
     stats::Reason,
@@ -61,6 +61,8 @@ pub struct Maps {
     pub frags: HashMap<MapData, FragKey, FragEntry>,
     pub svc_stats: PerCpuArray<MapData, ServiceStats>,
     pub verdicts: PerCpuArray<MapData, Counter>,
+    pub src_ranges: LpmTrie<MapData, SourceRange, u32>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
 }
 
 impl Maps {
@@ -98,6 +100,8 @@ impl Maps {
             frags: typed!(names::LB_FRAGS),
             svc_stats: typed!(names::LB_SVC_STATS),
             verdicts: typed!(names::LB_VERDICTS),
+            src_ranges: typed!(names::LB_SRC_RANGES),
+            affinity: typed!(names::LB_AFFINITY),
         })
     }
 

@@ -1,0 +1,1 @@
+//! Decoding the datapath's maps for people: what `lbctl` prints (being written).

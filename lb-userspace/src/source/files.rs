@@ -1,0 +1,1 @@
+//! The YAML files source (being written).
