@@ -87,7 +87,7 @@ struct Raw {
 fn median(mut values: Vec<u64>) -> f64 {
     values.sort_unstable();
     let mid = values.len() / 2;
-    if values.len() % 2 == 0 {
+    if values.len().is_multiple_of(2) {
         (values[mid - 1] + values[mid]) as f64 / 2.0
     } else {
         values[mid] as f64

@@ -171,7 +171,9 @@ pub struct Service {
     /// Set of loadBalancerSourceRanges that new flows must come from ([`LB_SRC_RANGES`]); zero
     /// accepts every source.
     pub source_range_id: u32,
-    pub _pad: u32,
+    /// Not read by the datapath: a digest of the backends and size the Maglev table was built
+    /// from, so that a restarted agent knows which tables are current without reading them.
+    pub table_digest: u32,
 }
 
 /// Value of [`LB_BACKENDS`].

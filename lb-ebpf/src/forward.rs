@@ -120,11 +120,13 @@ fn new_flow<F: Frame>(
     now: u64,
     len: u32,
 ) -> Action {
-    if !select::source_allowed(svc, flow) {
-        return counted(Reason::DropSourceRange, len, Action::Drop);
-    }
+    // As kube-proxy: a service without endpoints rejects everyone; source ranges only filter
+    // who may reach the endpoints it has.
     if svc.backend_count == 0 {
         return no_backend(frame, ip, l4, svc, len);
+    }
+    if !select::source_allowed(svc, flow) {
+        return counted(Reason::DropSourceRange, len, Action::Drop);
     }
     let Some((backend_id, backend)) = select::backend(svc, flow, now) else {
         return counted(Reason::DropNoTable, len, Action::Drop);

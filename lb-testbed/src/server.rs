@@ -77,24 +77,39 @@ fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool) {
     }
 }
 
+/// Answers one connection: an HTTP request gets one response and the connection closes; any
+/// other first line starts line mode, where every line gets the answer and the connection stays
+/// open (a held connection, to watch a flow keep its backend).
 fn respond(mut stream: TcpStream, body: &str) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    // Read the request (up to the end of its headers) before answering.
-    let mut request = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        request.extend_from_slice(&buf[..n]);
+    stream.set_read_timeout(None)?;
+    let mut reader = std::io::BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    if std::io::BufRead::read_line(&mut reader, &mut line)? == 0 {
+        return Ok(());
     }
-    let response = format!(
-        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
-        body.len() + 1
-    );
-    stream.write_all(response.as_bytes())
+    if line.starts_with("GET ") {
+        // Read the rest of the request's headers, then answer and close.
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        while line.trim_end() != "" {
+            line.clear();
+            if std::io::BufRead::read_line(&mut reader, &mut line)? == 0 {
+                break;
+            }
+        }
+        let response = format!(
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
+            body.len() + 1
+        );
+        return stream.write_all(response.as_bytes());
+    }
+    loop {
+        stream.write_all(format!("{body}\n").as_bytes())?;
+        line.clear();
+        if std::io::BufRead::read_line(&mut reader, &mut line)? == 0 {
+            return Ok(());
+        }
+    }
 }
 
 fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
@@ -137,4 +152,34 @@ pub fn udp_request(addr: SocketAddrV4, local_port: u16, timeout: Duration) -> Re
         .recv(&mut buf)
         .with_context(|| format!("no UDP answer from {addr}"))?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// A long-lived TCP connection to a `hostnames` server in line mode: each [`Held::ask`] gets
+/// the answer of whichever backend the connection is on.
+pub struct Held {
+    stream: TcpStream,
+    reader: std::io::BufReader<TcpStream>,
+}
+
+impl Held {
+    /// Connects from the calling thread's namespace.
+    pub fn connect(addr: SocketAddrV4, timeout: Duration) -> Result<Self> {
+        let stream = TcpStream::connect_timeout(&addr.into(), timeout)
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_read_timeout(Some(timeout))?;
+        let reader = std::io::BufReader::new(stream.try_clone()?);
+        Ok(Self { stream, reader })
+    }
+
+    /// Sends a line and returns the answer.
+    pub fn ask(&mut self) -> Result<String> {
+        self.stream
+            .write_all(b"ping\n")
+            .context("sending on the held connection")?;
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut self.reader, &mut line)
+            .context("reading on the held connection")?;
+        anyhow::ensure!(n > 0, "the held connection was closed");
+        Ok(line.trim().to_owned())
+    }
 }

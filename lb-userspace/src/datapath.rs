@@ -42,6 +42,8 @@ pub enum DatapathError {
     },
     #[error(transparent)]
     Maps(#[from] crate::maps::MapsError),
+    #[error("pinned map {path}: {reason}")]
+    Pinned { path: PathBuf, reason: String },
 }
 
 /// Capacities of the sized maps (entries); the defaults are `lb_common::maps::capacity`.
@@ -173,6 +175,67 @@ impl Datapath {
     }
 }
 
+/// Key and value sizes of every map, as this version lays them out.
+fn expected_layout(name: &str) -> Option<(u32, u32)> {
+    use lb_common::{
+        conntrack::{CtEntry, FlowKey},
+        maps::*,
+    };
+    let sizes = |k: usize, v: usize| Some((k as u32, v as u32));
+    match name {
+        LB_ADDRS => sizes(size_of::<lb_common::Be32>(), size_of::<AddrInfo>()),
+        LB_SERVICES => sizes(size_of::<ServiceKey>(), size_of::<Service>()),
+        LB_BACKENDS => sizes(4, size_of::<Backend>()),
+        LB_MAGLEV => sizes(4, 4),
+        LB_CT => sizes(size_of::<FlowKey>(), size_of::<CtEntry>()),
+        LB_FRAGS => sizes(size_of::<FragKey>(), size_of::<FragEntry>()),
+        LB_SVC_STATS => sizes(4, size_of::<ServiceStats>()),
+        LB_VERDICTS => sizes(4, size_of::<Counter>()),
+        LB_SRC_RANGES => sizes(4 + size_of::<SourceRange>(), 4),
+        LB_AFFINITY => sizes(size_of::<AffinityKey>(), size_of::<AffinityEntry>()),
+        _ => None,
+    }
+}
+
+/// Checks that maps pinned under `dir` (by an earlier agent) have this version's layout, so that
+/// they can be adopted; says what to do when they do not.
+pub fn check_pinned_maps(dir: &Path) -> Result<(), DatapathError> {
+    for name in maps::ALL {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|source| DatapathError::Pinned {
+            path: path.clone(),
+            reason: source.to_string(),
+        })?;
+        let found = (info.key_size(), info.value_size());
+        let expected = expected_layout(name).expect("every map has a layout");
+        let mut reason = None;
+        if found != expected {
+            reason = Some(format!(
+                "key/value sizes {found:?}, this version uses {expected:?}"
+            ));
+        } else if name == maps::LB_VERDICTS && info.max_entries() != lb_common::stats::Reason::COUNT
+        {
+            reason = Some(format!(
+                "{} counters, this version counts {}",
+                info.max_entries(),
+                lb_common::stats::Reason::COUNT
+            ));
+        }
+        if let Some(reason) = reason {
+            return Err(DatapathError::Pinned {
+                path,
+                reason: format!(
+                    "{reason}: it was made by an incompatible version; `lb-agent cleanup` removes it (established connections are then re-balanced)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// tcx (BPF links for tc) arrived in Linux 6.6; aya uses it there and netlink filters before.
 pub fn has_tcx() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
@@ -188,6 +251,9 @@ where
 }
 
 /// The directory under which a pinned datapath lives by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+/// [`DEFAULT_PIN_DIR`] as a path.
 pub fn default_pin_dir() -> &'static Path {
-    Path::new("/sys/fs/bpf/lb")
+    Path::new(DEFAULT_PIN_DIR)
 }

@@ -1,1 +1,303 @@
-//! The YAML files source (being written).
+//! Objects from YAML files: one file, or every `.yaml`/`.yml`/`.json` file of a directory, each
+//! possibly holding several documents (`---`), each a v1 Service, a discovery.k8s.io/v1
+//! EndpointSlice or a v1 Node exactly as the API serves them. Edits are picked up while running
+//! (inotify), re-reading only the files that changed.
+//!
+//! Documents are decoded one by one: a malformed document is reported (file, document number,
+//! object name when it has one, reason) and skipped; the rest of its file and every other file
+//! keep working.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{DefaultHasher, Hash as _, Hasher as _},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+
+use super::{Kind, Object, ObjectKey, Update};
+
+/// How long to wait for an editor's burst of events to settle before re-reading.
+const SETTLE: Duration = Duration::from_millis(5);
+
+/// A decoded document and a digest of its text (to tell a changed object from a re-saved one).
+type Decoded = (Object, u64);
+
+/// What one file currently contributes.
+#[derive(Default)]
+struct FileObjects {
+    objects: BTreeMap<ObjectKey, u64>,
+}
+
+fn is_config_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+/// Splits a YAML stream into its documents (lines that are exactly `---`, or start with
+/// `--- `, separate documents). Blank documents are dropped.
+fn documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut index = 1;
+    for line in text.lines() {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") {
+            if !current.trim().is_empty() {
+                docs.push((index, std::mem::take(&mut current)));
+            }
+            current.clear();
+            index += 1;
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+    }
+    if !current.trim().is_empty() {
+        docs.push((index, current));
+    }
+    docs
+}
+
+/// Decodes one document; `Ok(None)` for kinds the agent does not watch.
+fn decode(text: &str) -> Result<Option<Object>, String> {
+    let value: serde_json::Value =
+        serde_saphyr::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
+    let name = |v: &serde_json::Value| {
+        let meta = &v["metadata"];
+        let ns = meta["namespace"].as_str().unwrap_or_default();
+        let n = meta["name"].as_str().unwrap_or("<no name>");
+        if ns.is_empty() {
+            n.to_owned()
+        } else {
+            format!("{ns}/{n}")
+        }
+    };
+    let api = value["apiVersion"].as_str().unwrap_or_default();
+    let kind = value["kind"].as_str().unwrap_or_default();
+    let what = format!("{kind} {}", name(&value));
+    let object = match (api, kind) {
+        ("v1", "Service") => {
+            serde_json::from_value::<Service>(value).map(|o| Object::Service(Box::new(o)))
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => serde_json::from_value::<EndpointSlice>(value)
+            .map(|o| Object::EndpointSlice(Box::new(o))),
+        ("v1", "Node") => serde_json::from_value::<Node>(value).map(|o| Object::Node(Box::new(o))),
+        _ => return Ok(None),
+    }
+    .map_err(|e| format!("{what} does not decode: {e}"))?;
+    let key = object.key();
+    if key.name.is_empty() || (key.kind != Kind::Node && key.namespace.is_empty()) {
+        return Err(format!("{what} has no namespace or name"));
+    }
+    Ok(Some(object))
+}
+
+/// Decodes every document of a YAML stream: the objects, and a reason per document that could
+/// not be decoded (for fixtures and tools; the source itself reports per file and document).
+pub fn parse(text: &str) -> (Vec<Object>, Vec<String>) {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for (index, doc) in documents(text) {
+        match decode(&doc) {
+            Ok(Some(o)) => objects.push(o),
+            Ok(None) => {}
+            Err(reason) => errors.push(format!("document {index}: {reason}")),
+        }
+    }
+    (objects, errors)
+}
+
+fn digest(text: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+/// Reads and decodes one file: its objects and what could not be read.
+fn read_file(path: &Path) -> (Vec<Decoded>, Vec<Update>) {
+    let mut objects = Vec::new();
+    let mut invalid = Vec::new();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            invalid.push(Update::Invalid {
+                origin: path.display().to_string(),
+                reason: format!("cannot read: {e}"),
+            });
+            return (objects, invalid);
+        }
+    };
+    for (index, doc) in documents(&text) {
+        match decode(&doc) {
+            Ok(Some(object)) => objects.push((object, digest(&doc))),
+            Ok(None) => {}
+            Err(reason) => invalid.push(Update::Invalid {
+                origin: format!("{} document {index}", path.display()),
+                reason,
+            }),
+        }
+    }
+    (objects, invalid)
+}
+
+fn config_files(root: &Path) -> Result<Vec<PathBuf>> {
+    if root.is_file() {
+        return Ok(vec![root.to_owned()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root)
+        .with_context(|| format!("cannot read directory {}", root.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_config_file(p))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The source state: which objects each file holds.
+struct Files {
+    root: PathBuf,
+    files: BTreeMap<PathBuf, FileObjects>,
+}
+
+impl Files {
+    /// Re-reads `path` (gone, changed or new) and returns the updates it implies.
+    fn refresh(&mut self, path: &Path) -> Vec<Update> {
+        let (decoded, mut updates) = if path.is_file() {
+            read_file(path)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let previous = self.files.remove(path).unwrap_or_default();
+        let mut now = FileObjects::default();
+        for (object, hash) in decoded {
+            let key = object.key();
+            if previous.objects.get(&key) != Some(&hash) {
+                updates.push(Update::Applied(object));
+            }
+            now.objects.insert(key, hash);
+        }
+        for key in previous.objects.keys() {
+            // An object that moved to another file is not deleted.
+            let elsewhere = self.files.values().any(|f| f.objects.contains_key(key));
+            if !now.objects.contains_key(key) && !elsewhere {
+                updates.push(Update::Deleted(key.clone()));
+            }
+        }
+        if !now.objects.is_empty() || path.is_file() {
+            self.files.insert(path.to_owned(), now);
+        }
+        updates
+    }
+}
+
+/// Runs the files source: an initial full listing, then updates as files change, until the
+/// receiver goes away.
+pub async fn run(root: PathBuf, tx: mpsc::Sender<Update>) -> Result<()> {
+    anyhow::ensure!(root.exists(), "source {} does not exist", root.display());
+    let mut files = Files {
+        root: root.clone(),
+        files: BTreeMap::new(),
+    };
+
+    // Watch before the first read so that no edit slips between the two.
+    let (events_tx, mut events) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+    let mut watcher = notify::recommended_watcher(move |e| {
+        let _ = events_tx.send(e);
+    })
+    .context("cannot start watching files (inotify)")?;
+    // A single file is watched through its directory: editors replace files by renaming.
+    let watched = if root.is_file() {
+        root.parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_owned)
+    } else {
+        root.clone()
+    };
+    watcher
+        .watch(&watched, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", watched.display()))?;
+
+    for kind in Kind::ALL {
+        send(&tx, Update::Listing(kind)).await?;
+    }
+    for path in config_files(&root)? {
+        for update in files.refresh(&path) {
+            send(&tx, update).await?;
+        }
+    }
+    for kind in Kind::ALL {
+        send(&tx, Update::Listed(kind)).await?;
+    }
+
+    while let Some(event) = events.recv().await {
+        let mut changed = BTreeSet::new();
+        let mut collect = |event: notify::Result<notify::Event>| match event {
+            Ok(e) => changed.extend(e.paths),
+            Err(e) => tracing::warn!(error = %e, "file watch error"),
+        };
+        collect(event);
+        tokio::time::sleep(SETTLE).await;
+        while let Ok(e) = events.try_recv() {
+            collect(e);
+        }
+        for path in changed {
+            let ours = if files.root.is_file() {
+                path == files.root
+            } else {
+                is_config_file(&path) && path.parent() == Some(files.root.as_path())
+            };
+            if !ours {
+                continue;
+            }
+            for update in files.refresh(&path) {
+                send(&tx, update).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn send(tx: &mpsc::Sender<Update>, update: Update) -> Result<()> {
+    tx.send(update)
+        .await
+        .map_err(|_| anyhow::anyhow!("the agent stopped listening"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_split_on_separators_only() {
+        let text = "a: 1\n---\nb: 2\n--- # comment\nc: 3\n---\n\n";
+        let docs = documents(text);
+        assert_eq!(docs.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(docs[1].1, "b: 2\n");
+    }
+
+    #[test]
+    fn decoding_reports_the_object_and_the_reason() {
+        let bad = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  ports:\n  - port: eighty\n";
+        let err = decode(bad).unwrap_err();
+        assert!(err.contains("Service shop/web"), "{err}");
+        assert!(
+            decode("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n")
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            decode("not: [valid")
+                .unwrap_err()
+                .contains("not valid YAML")
+        );
+    }
+}

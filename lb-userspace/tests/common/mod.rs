@@ -1,7 +1,9 @@
 //! Shared by the integration tests: the privilege gate, packet builders and the datapath harness.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod agent;
 pub mod harness;
+#[allow(unused_imports, reason = "used by some test binaries only")]
 pub use lb_testbed::packet;
 
 /// Privileged tests need root (BPF, network namespaces). They fail, loudly, when run without it:

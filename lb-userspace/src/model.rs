@@ -1,0 +1,183 @@
+//! The desired state of the datapath, as plain data: what the translation of Kubernetes objects
+//! produces and what the planner turns into map writes. No I/O here.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use ipnet::Ipv4Net;
+use lb_common::{
+    Be16, Be32,
+    maps::{ServiceKey, scope},
+    net::proto,
+};
+
+/// Which endpoints of a service port a backend set holds (kube-proxy's "cluster" and "local"
+/// endpoint categories).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetKind {
+    /// Every usable endpoint: the ready ones, or, when none is ready anywhere, the serving
+    /// terminating ones.
+    Cluster,
+    /// This node's usable endpoints: the ready local ones, or, when none is, the serving
+    /// terminating local ones.
+    Local,
+}
+
+/// Names a backend set: one port of one Service, and which of its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SetName {
+    pub namespace: String,
+    pub service: String,
+    /// The service port's name ("" for a single unnamed port).
+    pub port_name: String,
+    pub proto: u8,
+    pub kind: SetKind,
+}
+
+impl fmt::Display for SetName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            SetKind::Cluster => "cluster",
+            SetKind::Local => "local",
+        };
+        write!(
+            f,
+            "{}/{}:{}/{} ({kind})",
+            self.namespace,
+            self.service,
+            self.port_name,
+            proto_name(self.proto)
+        )
+    }
+}
+
+pub fn proto_name(l4_proto: u8) -> &'static str {
+    match l4_proto {
+        proto::TCP => "TCP",
+        proto::UDP => "UDP",
+        _ => "?",
+    }
+}
+
+/// One endpoint of a backend set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DesiredBackend {
+    pub addr: SocketAddrV4,
+    /// Runs on this node.
+    pub local: bool,
+    /// 1: takes new flows. 0: still an endpoint (terminating, not ready) but chosen for no new
+    /// flow; its established flows keep it.
+    pub weight: u32,
+}
+
+impl DesiredBackend {
+    pub const fn selectable(&self) -> bool {
+        self.weight > 0
+    }
+}
+
+/// What kind of address a frontend answers on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+/// Identity of a frontend in the datapath: address, port, protocol and scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    /// `lb_common::maps::scope` value.
+    pub scope: u8,
+}
+
+impl FrontendKey {
+    pub fn map_key(&self) -> ServiceKey {
+        ServiceKey {
+            addr: Be32::from(self.addr),
+            port: Be16::from_host(self.port),
+            proto: self.proto,
+            scope: self.scope,
+        }
+    }
+
+    pub fn from_map_key(key: &ServiceKey) -> Self {
+        Self {
+            addr: key.addr.to_ip(),
+            port: key.port.to_host(),
+            proto: key.proto,
+            scope: key.scope,
+        }
+    }
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scope = if self.scope == scope::EXTERNAL {
+            "external"
+        } else {
+            "internal"
+        };
+        write!(
+            f,
+            "{}:{}/{} {scope}",
+            self.addr,
+            self.port,
+            proto_name(self.proto)
+        )
+    }
+}
+
+/// One frontend and how it behaves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    pub key: FrontendKey,
+    pub kind: FrontendKind,
+    pub set: SetName,
+    /// No usable endpoint here although the service has some elsewhere: drop, don't reject.
+    pub drop_when_empty: bool,
+    /// sessionAffinity ClientIP timeout; 0 without affinity.
+    pub affinity_timeout_s: u32,
+    /// loadBalancerSourceRanges (plus the frontend address itself); empty allows everyone.
+    pub source_ranges: Vec<Ipv4Net>,
+}
+
+/// The desired state of one Service: its backend sets and frontends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceModel {
+    pub sets: BTreeMap<SetName, Vec<DesiredBackend>>,
+    pub frontends: Vec<DesiredFrontend>,
+    /// healthCheckNodePort and this node's ready endpoint count (externalTrafficPolicy Local).
+    pub health_check: Option<HealthCheck>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub node_port: u16,
+    pub local_ready_endpoints: usize,
+}
+
+/// The whole desired state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub sets: BTreeMap<SetName, Vec<DesiredBackend>>,
+    pub frontends: BTreeMap<FrontendKey, DesiredFrontend>,
+}
+
+impl Desired {
+    /// Addresses that carry frontends, with whether any of them is a ClusterIP.
+    pub fn addrs(&self) -> BTreeMap<Ipv4Addr, bool> {
+        let mut addrs = BTreeMap::new();
+        for f in self.frontends.values() {
+            *addrs.entry(f.key.addr).or_insert(false) |= f.kind == FrontendKind::ClusterIp;
+        }
+        addrs
+    }
+}

@@ -1,0 +1,201 @@
+//! The agent's copy of the watched objects, fed by a source's [`Update`]s, and which Services
+//! each update touched (only those are translated again).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+
+use super::{Kind, Object, ObjectKey, SERVICE_NAME_LABEL, Update};
+
+/// A Service's namespace and name.
+pub type ServiceId = (String, String);
+
+/// What changed since the last reconcile.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dirty {
+    pub services: BTreeSet<ServiceId>,
+    /// The node changed (its addresses carry NodePorts): every service is affected.
+    pub node: bool,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && !self.node
+    }
+}
+
+#[derive(Default)]
+pub struct Store {
+    services: BTreeMap<ServiceId, Service>,
+    slices: BTreeMap<ServiceId, EndpointSlice>,
+    /// Service -> names of its slices.
+    slices_of: BTreeMap<ServiceId, BTreeSet<String>>,
+    nodes: BTreeMap<String, Node>,
+    /// Keys applied since `Listing(kind)`, until `Listed(kind)`.
+    listing: BTreeMap<Kind, BTreeSet<ObjectKey>>,
+    listed: BTreeSet<Kind>,
+}
+
+fn slice_service(slice: &EndpointSlice) -> Option<ServiceId> {
+    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((
+        slice.metadata.namespace.clone().unwrap_or_default(),
+        name.clone(),
+    ))
+}
+
+impl Store {
+    /// Every kind has been listed at least once: the store holds a complete picture.
+    pub fn ready(&self) -> bool {
+        Kind::ALL.iter().all(|k| self.listed.contains(k))
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceId, &Service)> {
+        self.services.iter()
+    }
+
+    pub fn service(&self, id: &ServiceId) -> Option<&Service> {
+        self.services.get(id)
+    }
+
+    pub fn slices_of(&self, id: &ServiceId) -> Vec<&EndpointSlice> {
+        let Some(names) = self.slices_of.get(id) else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .filter_map(|n| self.slices.get(&(id.0.clone(), n.clone())))
+            .collect()
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn slice_count(&self) -> usize {
+        self.slices.len()
+    }
+
+    /// Applies one update, recording in `dirty` what it touched.
+    pub fn apply(&mut self, update: Update, node_name: &str, dirty: &mut Dirty) {
+        match update {
+            Update::Listing(kind) => {
+                self.listing.insert(kind, BTreeSet::new());
+            }
+            Update::Listed(kind) => {
+                if let Some(seen) = self.listing.remove(&kind) {
+                    for key in self.keys(kind) {
+                        if !seen.contains(&key) {
+                            self.delete(&key, node_name, dirty);
+                        }
+                    }
+                }
+                self.listed.insert(kind);
+            }
+            Update::Applied(object) => {
+                let key = object.key();
+                if let Some(seen) = self.listing.get_mut(&key.kind) {
+                    seen.insert(key.clone());
+                }
+                self.upsert(object, node_name, dirty);
+            }
+            Update::Deleted(key) => self.delete(&key, node_name, dirty),
+            Update::Invalid { .. } => {}
+        }
+    }
+
+    fn keys(&self, kind: Kind) -> Vec<ObjectKey> {
+        let key = |(namespace, name): &ServiceId| ObjectKey {
+            kind,
+            namespace: namespace.clone(),
+            name: name.clone(),
+        };
+        match kind {
+            Kind::Service => self.services.keys().map(key).collect(),
+            Kind::EndpointSlice => self.slices.keys().map(key).collect(),
+            Kind::Node => self
+                .nodes
+                .keys()
+                .map(|n| ObjectKey {
+                    kind,
+                    namespace: String::new(),
+                    name: n.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn upsert(&mut self, object: Object, node_name: &str, dirty: &mut Dirty) {
+        let key = object.key();
+        let id = (key.namespace.clone(), key.name.clone());
+        match object {
+            Object::Service(svc) => {
+                dirty.services.insert(id.clone());
+                self.services.insert(id, *svc);
+            }
+            Object::EndpointSlice(slice) => {
+                let new_owner = slice_service(&slice);
+                if let Some(old) = self.slices.get(&id).and_then(slice_service)
+                    && Some(&old) != new_owner.as_ref()
+                {
+                    self.unlink_slice(&old, &key.name);
+                    dirty.services.insert(old);
+                }
+                if let Some(owner) = new_owner {
+                    self.slices_of
+                        .entry(owner.clone())
+                        .or_default()
+                        .insert(key.name.clone());
+                    dirty.services.insert(owner);
+                }
+                self.slices.insert(id, *slice);
+            }
+            Object::Node(node) => {
+                if key.name == node_name {
+                    dirty.node = true;
+                }
+                self.nodes.insert(key.name, *node);
+            }
+        }
+    }
+
+    fn unlink_slice(&mut self, owner: &ServiceId, slice: &str) {
+        if let Some(names) = self.slices_of.get_mut(owner) {
+            names.remove(slice);
+            if names.is_empty() {
+                self.slices_of.remove(owner);
+            }
+        }
+    }
+
+    fn delete(&mut self, key: &ObjectKey, node_name: &str, dirty: &mut Dirty) {
+        let id = (key.namespace.clone(), key.name.clone());
+        match key.kind {
+            Kind::Service => {
+                if self.services.remove(&id).is_some() {
+                    dirty.services.insert(id);
+                }
+            }
+            Kind::EndpointSlice => {
+                if let Some(slice) = self.slices.remove(&id)
+                    && let Some(owner) = slice_service(&slice)
+                {
+                    self.unlink_slice(&owner, &key.name);
+                    dirty.services.insert(owner);
+                }
+            }
+            Kind::Node => {
+                if self.nodes.remove(&key.name).is_some() && key.name == node_name {
+                    dirty.node = true;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! The real `lb-agent` binary with a YAML source, in network namespaces, with real sockets:
+//! endpoint changes reach the datapath, held connections keep their backend, restarts lose
+//! nothing, session affinity sticks and expires, invalid input is reported by name. Needs root.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use common::agent::{AgentBed, TIMEOUT, backend_ip, name, service_yaml, slice_yaml};
+use lb_testbed::server::{self, Held};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 41);
+
+fn vip() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, 80)
+}
+
+/// A bed with three backends behind `web` (ClusterIP 172.30.0.41:80), agent running.
+fn web_bed(extra_spec: &str) -> Option<AgentBed> {
+    let mut bed = AgentBed::new(3)?;
+    bed.write("web.yaml", &service_yaml("web", VIP, 80, extra_spec));
+    bed.write(
+        "web-slice.yaml",
+        &slice_yaml("web", &[backend_ip(0), backend_ip(1), backend_ip(2)]),
+    );
+    bed.start_agent();
+    Some(bed)
+}
+
+fn distinct(names: &[String]) -> BTreeSet<String> {
+    names.iter().cloned().collect()
+}
+
+#[test]
+fn endpoint_changes_reach_the_datapath_and_held_connections_keep_their_backend() {
+    let Some(bed) = web_bed("") else { return };
+    assert_eq!(
+        distinct(&bed.names(vip(), 30)).len(),
+        3,
+        "all three backends answer"
+    );
+
+    let mut held = bed
+        .client()
+        .enter(|| Held::connect(vip(), TIMEOUT))
+        .unwrap()
+        .expect("held connection");
+    let held_on = name(&held.ask().unwrap());
+    let held_index: u8 = held_on.trim_start_matches("backend-").parse().unwrap();
+
+    // Remove another endpoint: new connections avoid it; the held one stays where it is.
+    let removed = (held_index + 1) % 3;
+    let kept: Vec<Ipv4Addr> = (0..3).filter(|i| *i != removed).map(backend_ip).collect();
+    bed.write("web-slice.yaml", &slice_yaml("web", &kept));
+    let gone = format!("backend-{removed}");
+    let converged = bed.wait_until(Duration::from_secs(5), || {
+        !bed.names(vip(), 12).contains(&gone)
+    });
+    assert!(
+        converged,
+        "removed endpoint still answers; agent log:\n{}",
+        bed.log()
+    );
+    let names = bed.names(vip(), 40);
+    assert!(!names.contains(&gone), "{names:?}");
+    assert_eq!(distinct(&names).len(), 2);
+    assert_eq!(
+        name(&held.ask().unwrap()),
+        held_on,
+        "the held connection keeps its backend"
+    );
+
+    // Add it back: it takes new connections again; still the held one does not move.
+    bed.write(
+        "web-slice.yaml",
+        &slice_yaml("web", &[backend_ip(0), backend_ip(1), backend_ip(2)]),
+    );
+    assert!(bed.wait_until(Duration::from_secs(5), || {
+        bed.names(vip(), 12).contains(&gone)
+    }));
+    assert_eq!(name(&held.ask().unwrap()), held_on);
+}
+
+#[test]
+fn restarting_the_agent_drops_no_held_connection_and_refuses_no_new_one() {
+    let Some(mut bed) = web_bed("") else { return };
+    let ids_before: Vec<(lb_common::maps::ServiceKey, u32)> = bed
+        .maps()
+        .services
+        .iter()
+        .map(|e| e.unwrap())
+        .map(|(k, v)| (k, v.id))
+        .collect();
+    let mut held = bed
+        .client()
+        .enter(|| Held::connect(vip(), TIMEOUT))
+        .unwrap()
+        .expect("held connection");
+    let held_on = name(&held.ask().unwrap());
+
+    // New connections all the time, while the agent stops, is away, and comes back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        bed.client()
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match server::http_get(vip(), TIMEOUT) {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+            .unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    bed.stop_agent();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        name(&held.ask().unwrap()),
+        held_on,
+        "the datapath serves while the agent is away"
+    );
+    bed.start_agent();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "{} connections succeeded",
+        ok.load(Ordering::Relaxed)
+    );
+    assert!(ok.load(Ordering::Relaxed) > 20);
+    assert_eq!(
+        name(&held.ask().unwrap()),
+        held_on,
+        "the held connection survived the restart"
+    );
+    let ids_after: Vec<(lb_common::maps::ServiceKey, u32)> = bed
+        .maps()
+        .services
+        .iter()
+        .map(|e| e.unwrap())
+        .map(|(k, v)| (k, v.id))
+        .collect();
+    assert_eq!(
+        ids_before, ids_after,
+        "service ids are stable across restarts"
+    );
+    assert!(
+        bed.log().contains("writes=0"),
+        "the restarted agent adopts the maps and writes nothing:\n{}",
+        bed.log()
+    );
+}
+
+#[test]
+fn session_affinity_sticks_then_expires() {
+    let Some(bed) = web_bed(
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n",
+    ) else {
+        return;
+    };
+    let names = bed.names(vip(), 15);
+    assert_eq!(
+        distinct(&names).len(),
+        1,
+        "15 connections, one backend: {names:?}"
+    );
+    // After idling past the timeout, the next connection is balanced anew: within ten rounds a
+    // different backend shows up (each round picks one of three by Maglev).
+    let first = names[0].clone();
+    let mut seen = BTreeSet::from([first.clone()]);
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(1300));
+        seen.insert(bed.names(vip(), 1)[0].clone());
+        if seen.len() > 1 {
+            break;
+        }
+    }
+    assert!(seen.len() > 1, "affinity never expired: {seen:?}");
+}
+
+#[test]
+fn an_invalid_service_is_reported_by_name_while_the_rest_keeps_working() {
+    let Some(bed) = web_bed("") else { return };
+    bed.write(
+        "bad.yaml",
+        &service_yaml("broken", VIP, 81, "")
+            .replace("clusterIP: 172.30.0.41", "clusterIP: 300.1.2.3"),
+    );
+    bed.write(
+        "garbage.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: [this is not\n",
+    );
+    let reported = bed.wait_until(Duration::from_secs(5), || {
+        let log = bed.log();
+        log.contains("Service default/broken")
+            && log.contains("300.1.2.3")
+            && log.contains("garbage.yaml")
+    });
+    assert!(reported, "agent log:\n{}", bed.log());
+    assert_eq!(
+        distinct(&bed.names(vip(), 20)).len(),
+        3,
+        "the valid service still works"
+    );
+    let (status, metrics) = bed
+        .http_get("127.0.0.1:10249", "/metrics")
+        .expect("metrics");
+    assert_eq!(status, 200);
+    let invalid: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("lb_invalid_objects_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(invalid >= 2.0, "{metrics}");
+    assert!(
+        metrics.contains("kubeproxy_sync_proxy_rules_duration_seconds"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lb_datapath_packets_total{reason=\"new_flow\"}"),
+        "{metrics}"
+    );
+    let (status, body) = bed
+        .http_get("127.0.0.1:10256", "/healthz")
+        .expect("healthz");
+    assert_eq!(status, 200);
+    assert!(body.contains("lastUpdated"), "{body}");
+}
+
+#[test]
+fn a_deleted_service_stops_answering_and_others_keep_theirs() {
+    let Some(bed) = web_bed("") else { return };
+    let other = Ipv4Addr::new(172, 30, 0, 42);
+    bed.write("api.yaml", &service_yaml("api", other, 80, ""));
+    bed.write("api-slice.yaml", &slice_yaml("api", &[backend_ip(2)]));
+    assert!(bed.wait_until(Duration::from_secs(5), || {
+        bed.client()
+            .enter(move || server::http_get(SocketAddrV4::new(other, 80), TIMEOUT).is_ok())
+            .unwrap()
+    }));
+    bed.remove("web.yaml");
+    // Once deleted its ClusterIP is no frontend at all: connections fail (nothing routes there).
+    let gone = bed.wait_until(Duration::from_secs(5), || {
+        bed.client()
+            .enter(|| server::http_get(vip(), Duration::from_millis(300)).is_err())
+            .unwrap()
+    });
+    assert!(gone, "agent log:\n{}", bed.log());
+    assert_eq!(
+        bed.names(SocketAddrV4::new(other, 80), 5),
+        vec!["backend-2"; 5]
+    );
+}
