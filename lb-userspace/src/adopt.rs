@@ -6,15 +6,21 @@
 //! the set id their entries point to is the set's id, and the table digest stored beside them
 //! says whether that set's Maglev table was built from the backends the set has now.
 
-use std::{collections::BTreeMap, net::SocketAddrV4};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+};
 
 use ipnet::Ipv4Net;
-use lb_common::maps as names;
+use lb_common::maps::{self as names, addr_flags};
 
 use crate::{
     maps::{Maps, MapsError},
-    model::Desired,
-    planner::{Programmed, SetState, table_digest},
+    model::{Desired, DesiredFrontend, FrontendKey, FrontendKind, SetName},
+    planner::{
+        AddrState, BackendState, FrontendState, IdAlloc, Limits, Programmed, RangeState, SetState,
+        table_digest, table_size,
+    },
 };
 
 fn read_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> MapsError {
@@ -22,28 +28,38 @@ fn read_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> MapsError {
 }
 
 /// The shadow of what the maps hold, with backend sets recognised from `desired`.
-pub fn adopt(maps: &Maps, desired: &Desired, table_size: u32) -> Result<Programmed, MapsError> {
+pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programmed, MapsError> {
     let mut programmed = Programmed::default();
-    for entry in maps.backends.iter().enumerate() {
-        let (id, backend) = (
-            entry.0 as u32,
-            entry.1.map_err(read_err(names::LB_BACKENDS))?,
+    for (id, value) in maps.active_backends()? {
+        programmed.backends.insert(
+            SocketAddrV4::new(value.addr.to_ip(), value.port.to_host()),
+            BackendState { id, value, refs: 0 },
         );
-        if backend.is_active() {
-            programmed.backends.insert(
-                SocketAddrV4::new(backend.addr.to_ip(), backend.port.to_host()),
-                (id, backend),
-            );
-        }
     }
     for entry in maps.services.iter() {
         let (key, value) = entry.map_err(read_err(names::LB_SERVICES))?;
-        programmed.frontends.insert(key, value);
+        let claimed = desired.frontends.get(&FrontendKey::from_map_key(&key));
+        programmed.frontends.insert(
+            key,
+            FrontendState {
+                value,
+                set: None,
+                cluster_ip: claimed.is_some_and(|f| f.kind == FrontendKind::ClusterIp),
+            },
+        );
     }
     for entry in maps.addrs.iter() {
         let (addr, info) = entry.map_err(read_err(names::LB_ADDRS))?;
-        programmed.addrs.insert(addr, info);
+        programmed.addrs.insert(
+            addr,
+            AddrState {
+                info,
+                refs: 0,
+                cluster_refs: 0,
+            },
+        );
     }
+    let mut ranges: BTreeMap<u32, Vec<Ipv4Net>> = BTreeMap::new();
     for entry in maps.src_ranges.iter() {
         let (key, _) = entry.map_err(read_err(names::LB_SRC_RANGES))?;
         let data = key.data();
@@ -51,54 +67,96 @@ pub fn adopt(maps: &Maps, desired: &Desired, table_size: u32) -> Result<Programm
             .prefix_len()
             .saturating_sub(lb_common::maps::SourceRange::ID_BITS) as u8;
         if let Ok(net) = Ipv4Net::new(data.addr.to_ip(), prefix) {
-            programmed
-                .ranges
-                .entry(data.range_id.to_host())
-                .or_default()
-                .push(net);
+            ranges.entry(data.range_id.to_host()).or_default().push(net);
         }
     }
-    for nets in programmed.ranges.values_mut() {
+    for (id, mut nets) in ranges {
         nets.sort_unstable();
+        programmed.ranges.insert(id, RangeState { nets, refs: 0 });
     }
 
     // Backend sets, recognised through their frontends.
-    let mut taken: BTreeMap<u32, ()> = BTreeMap::new();
+    let mut frontends_of: BTreeMap<&SetName, Vec<&DesiredFrontend>> = BTreeMap::new();
+    for f in desired.frontends.values() {
+        frontends_of.entry(&f.set).or_default().push(f);
+    }
+    let mut taken = BTreeSet::new();
     for (name, members) in &desired.sets {
-        let ids: Vec<(u32, u32, u32)> = desired
-            .frontends
-            .values()
-            .filter(|f| &f.set == name)
+        let claims: Vec<(u32, u32, u32)> = frontends_of
+            .get(name)
+            .into_iter()
+            .flatten()
             .filter_map(|f| programmed.frontends.get(&f.key.map_key()))
-            .map(|v| (v.id, v.table_size, v.table_digest))
+            .map(|f| (f.value.id, f.value.table_size, f.value.table_digest))
             .collect();
-        let Some(&(id, current_size, digest)) = ids.first() else {
+        let Some(&(id, current_size, digest)) = claims.first() else {
             continue;
         };
-        if ids.iter().any(|x| x.0 != id) || taken.contains_key(&id) {
+        if claims.iter().any(|c| c.0 != id) || !taken.insert(id) {
             continue;
         }
-        taken.insert(id, ());
         let mut sorted = members.clone();
         sorted.sort_unstable();
-        let selectable = sorted.iter().filter(|b| b.selectable()).count();
-        let wanted_size = if selectable > 1 { table_size } else { 0 };
-        let current = wanted_size == current_size && digest == table_digest(&sorted, current_size);
+        let current = table_size(&sorted, limits) == current_size
+            && digest == table_digest(&sorted, current_size);
+        // Members are taken as desired only when the table proves them current; otherwise the
+        // planner rewrites the table (its members are unknown).
+        let members = if current {
+            sorted
+                .into_iter()
+                .filter(|b| programmed.backends.contains_key(&b.addr))
+                .collect()
+        } else {
+            Vec::new()
+        };
         programmed.sets.insert(
             name.clone(),
             SetState {
                 id,
-                // Unknown members force the planner to rewrite the table and frontends.
-                members: if current { sorted } else { Vec::new() },
+                members,
                 table_size: current_size,
             },
         );
-    }
-    // Tables nobody took over: removed after the first sync re-points their frontends.
-    for value in programmed.frontends.values() {
-        if value.table_size > 0 && !taken.contains_key(&value.id) {
-            programmed.orphan_tables.insert(value.id);
+        for f in frontends_of.get(name).into_iter().flatten() {
+            if let Some(state) = programmed.frontends.get_mut(&f.key.map_key()) {
+                state.set = Some(name.clone());
+            }
         }
     }
+
+    // Reference counts, from what refers to what.
+    for set in programmed.sets.values() {
+        for b in &set.members {
+            if let Some(state) = programmed.backends.get_mut(&b.addr) {
+                state.refs += 1;
+            }
+        }
+    }
+    for (key, f) in &programmed.frontends {
+        if let Some(addr) = programmed.addrs.get_mut(&key.addr) {
+            addr.refs += 1;
+            addr.cluster_refs += u32::from(
+                f.cluster_ip || (addr.info.flags & addr_flags::CLUSTER_IP != 0 && f.set.is_none()),
+            );
+        }
+        if let Some(range) = programmed.ranges.get_mut(&f.value.source_range_id) {
+            range.refs += 1;
+        }
+    }
+    // Tables nobody took over: removed once their frontends are re-pointed.
+    for f in programmed.frontends.values() {
+        if f.value.table_size > 0 && !taken.contains(&f.value.id) {
+            programmed.orphan_tables.insert(f.value.id);
+        }
+    }
+    programmed.backend_ids = IdAlloc::with_used(programmed.backends.values().map(|b| b.id));
+    programmed.set_ids = IdAlloc::with_used(
+        programmed
+            .sets
+            .values()
+            .map(|s| s.id)
+            .chain(programmed.orphan_tables.iter().copied()),
+    );
+    programmed.range_ids = IdAlloc::with_used(programmed.ranges.keys().copied());
     Ok(programmed)
 }

@@ -4,6 +4,7 @@
 pub mod adopt;
 pub mod agent;
 pub mod datapath;
+pub mod desired;
 pub mod inspect;
 pub mod install;
 pub mod maglev;

@@ -27,6 +27,33 @@ pub use lb_common::maps::maglev::{DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE};
 /// table in the same order and the table would degenerate into contiguous runs.
 pub const MIN_TABLE_SIZE: u32 = 3;
 
+/// Table sizes the agent picks from: primes just under powers of two.
+pub const LADDER: [u32; 10] = [
+    251, 509, 1021, 2039, 4093, 8191, 16_381, 32_749, 65_521, 131_071,
+];
+
+/// Slots per selectable backend the agent aims for: the Maglev paper's M >= 100 N keeps every
+/// backend's share within about 1% of the others'.
+pub const SLOTS_PER_BACKEND: u32 = 100;
+
+/// The table size for `backends` selectable backends: the smallest ladder size with at least
+/// [`SLOTS_PER_BACKEND`] slots each, but no more than `ceiling` (`--maglev-table-size`).
+///
+/// A pure function of the backend count, so every node picks the same size for the same set
+/// (and so the same backend for the same flow). Sizing by need rather than always using the
+/// ceiling keeps kernel memory and build time proportional to the service: 10,000 services of
+/// 10 backends take 4 KiB of table each instead of 64 KiB.
+pub fn table_size_for(backends: usize, ceiling: u32) -> u32 {
+    let wanted = u64::try_from(backends)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(u64::from(SLOTS_PER_BACKEND));
+    LADDER
+        .iter()
+        .copied()
+        .find(|m| u64::from(*m) >= wanted && *m <= ceiling)
+        .unwrap_or(ceiling)
+}
+
 /// One backend as Maglev sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MaglevBackend {
@@ -435,6 +462,28 @@ fn key_to_addr(key: [u8; 6]) -> SocketAddrV4 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn table_sizes_grow_with_the_backends_up_to_the_ceiling() {
+        use super::{DEFAULT_TABLE_SIZE, LADDER, is_prime, table_size_for};
+        assert!(LADDER.iter().all(|m| is_prime(*m)));
+        assert_eq!(table_size_for(2, DEFAULT_TABLE_SIZE), 251);
+        assert_eq!(table_size_for(10, DEFAULT_TABLE_SIZE), 1021);
+        assert_eq!(table_size_for(11, DEFAULT_TABLE_SIZE), 2039);
+        assert_eq!(table_size_for(160, DEFAULT_TABLE_SIZE), 16_381);
+        assert_eq!(
+            table_size_for(1000, DEFAULT_TABLE_SIZE),
+            DEFAULT_TABLE_SIZE,
+            "capped"
+        );
+        assert_eq!(table_size_for(1000, 131_071), 131_071);
+        assert_eq!(table_size_for(5, 1009), 509);
+        assert_eq!(
+            table_size_for(50, 1009),
+            1009,
+            "a ceiling off the ladder is used as is"
+        );
+    }
+
     use super::*;
 
     /// Backend i: 10.x.y.z:8080 with x.y.z = i, and id 1000 + i so that an id/index mix-up shows.

@@ -2,7 +2,8 @@
 //! syscall (a Maglev table is a map of its own, written through mmap).
 
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
+    collections::BTreeMap,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::Path,
 };
 
@@ -24,6 +25,8 @@ use lb_common::{
 /// `BPF_F_INNER_MAP | BPF_F_MMAPABLE`: must equal the flags of the datapath's table template.
 const MAGLEV_TABLE_FLAGS: u32 = 0x1000 | 0x400;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
+/// The kernel-internal "operation not supported" (not exported by libc).
+const ENOTSUPP: i32 = 524;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -63,7 +66,12 @@ pub struct Maps {
     pub verdicts: PerCpuArray<MapData, Counter>,
     pub src_ranges: LpmTrie<MapData, SourceRange, u32>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    /// Descriptors of the maps written in bulk (typed handles keep theirs private).
+    bulk: BTreeMap<&'static str, OwnedFd>,
 }
+
+/// Maps the writer updates in batches.
+const BULK: [&str; 3] = [names::LB_BACKENDS, names::LB_SERVICES, names::LB_ADDRS];
 
 impl Maps {
     /// Takes the maps out of a loaded object.
@@ -86,6 +94,26 @@ impl Maps {
     fn assemble(
         mut take: impl FnMut(&'static str) -> Result<Map, MapsError>,
     ) -> Result<Self, MapsError> {
+        let mut bulk = BTreeMap::new();
+        let mut take = |name: &'static str| -> Result<Map, MapsError> {
+            let map = take(name)?;
+            if BULK.contains(&name) {
+                let data = match &map {
+                    Map::Array(d) | Map::HashMap(d) => d,
+                    _ => return Err(MapsError::Missing { name }),
+                };
+                let fd = data
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| MapsError::Map {
+                        name,
+                        source: MapError::IoError(e),
+                    })?;
+                bulk.insert(name, fd);
+            }
+            Ok(map)
+        };
         macro_rules! typed {
             ($name:expr) => {
                 take($name)?.try_into().map_err(map_err($name))?
@@ -102,13 +130,78 @@ impl Maps {
             verdicts: typed!(names::LB_VERDICTS),
             src_ranges: typed!(names::LB_SRC_RANGES),
             affinity: typed!(names::LB_AFFINITY),
+            bulk,
         })
+    }
+
+    /// Writes `keys[i] -> values[i]` into map `name` (one of the bulk-written maps) with one
+    /// syscall where the kernel can (BPF_MAP_UPDATE_BATCH), else `false`: the caller writes
+    /// one entry at a time.
+    pub fn update_batch<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+        keys: &[K],
+        values: &[V],
+    ) -> Result<bool, MapsError> {
+        if keys.is_empty() {
+            return Ok(true);
+        }
+        let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
+        match crate::sys::map_update_batch(fd.as_fd(), keys, values) {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(MapsError::Map {
+                name,
+                source: MapError::IoError(e),
+            }),
+        }
+    }
+
+    /// Every active backend slot, read with batch lookups (a few syscalls for the whole array).
+    pub fn active_backends(&self) -> Result<Vec<(u32, Backend)>, MapsError> {
+        let name = names::LB_BACKENDS;
+        let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
+        let capacity = self.backends.len() as usize;
+        let mut found = Vec::new();
+        match crate::sys::array_lookup_all::<Backend>(fd.as_fd(), capacity) {
+            Ok(values) => {
+                for (id, b) in values.into_iter().enumerate() {
+                    if b.is_active() {
+                        found.push((id as u32, b));
+                    }
+                }
+            }
+            // Kernels without batch lookups: one slot at a time.
+            Err(_) => {
+                for (id, b) in self.backends.iter().enumerate() {
+                    let b = b.map_err(map_err(name))?;
+                    if b.is_active() {
+                        found.push((id as u32, b));
+                    }
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Installs `table` (one backend id per slot) as the Maglev table of `service_id`. The table
     /// is built in a fresh map and swapped in with one update, so the datapath sees the old
     /// table or the new one, never a mix.
     pub fn set_maglev_table(&mut self, service_id: u32, table: &[u32]) -> Result<(), MapsError> {
+        let built = Self::build_maglev_map(service_id, table)?;
+        self.install_maglev_maps(&[(service_id, built)])
+    }
+
+    /// Creates the map of one Maglev table and fills it (one memcpy through mmap). It takes
+    /// effect once installed with [`Maps::install_maglev_maps`].
+    pub fn build_maglev_map(service_id: u32, table: &[u32]) -> Result<MapData, MapsError> {
         let table_err = |reason: String| MapsError::Table { service_id, reason };
         let size = u32::try_from(table.len()).map_err(|_| table_err("too large".into()))?;
         let chunks = maglev::chunks(size);
@@ -134,9 +227,47 @@ impl Maps {
             dst.copy_from_slice(&id.to_ne_bytes());
         }
         drop(mem);
-        self.maglev_mut()?
-            .set(service_id, &inner, 0)
-            .map_err(map_err(names::LB_MAGLEV))
+        Ok(inner)
+    }
+
+    /// Swaps built tables in. Every update of a map of maps makes the kernel wait for an RCU
+    /// grace period (so that no program still uses the old table when it returns): one batch
+    /// update waits once for all of them, where one update per table would wait each time.
+    pub fn install_maglev_maps(&mut self, tables: &[(u32, MapData)]) -> Result<(), MapsError> {
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let Map::ArrayOfMaps(outer) = &self.maglev else {
+            return Err(MapsError::Missing {
+                name: names::LB_MAGLEV,
+            });
+        };
+        let keys: Vec<u32> = tables.iter().map(|(id, _)| *id).collect();
+        let fds: Vec<u32> = tables
+            .iter()
+            .map(|(_, map)| map.fd().as_fd().as_raw_fd() as u32)
+            .collect();
+        match crate::sys::map_update_batch(outer.fd().as_fd(), &keys, &fds) {
+            Ok(_) => Ok(()),
+            // Kernels without batch updates for maps of maps: one at a time.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)
+                ) =>
+            {
+                for (id, map) in tables {
+                    self.maglev_mut()?
+                        .set(*id, map, 0)
+                        .map_err(map_err(names::LB_MAGLEV))?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(MapsError::Table {
+                service_id: keys[0],
+                reason: format!("installing {} tables failed: {e}", keys.len()),
+            }),
+        }
     }
 
     /// Reads back the Maglev table of `service_id` (`table_size` slots).

@@ -149,13 +149,21 @@ pub struct DesiredFrontend {
     pub source_ranges: Vec<Ipv4Net>,
 }
 
-/// The desired state of one Service: its backend sets and frontends.
+/// The desired state of one Service: its backend sets and frontends. (Vectors, not maps: a
+/// service has a handful of each, and the agent keeps one model per Service of the cluster.)
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceModel {
-    pub sets: BTreeMap<SetName, Vec<DesiredBackend>>,
+    pub sets: Vec<(SetName, Vec<DesiredBackend>)>,
     pub frontends: Vec<DesiredFrontend>,
     /// healthCheckNodePort and this node's ready endpoint count (externalTrafficPolicy Local).
     pub health_check: Option<HealthCheck>,
+}
+
+impl ServiceModel {
+    /// The members of one of its sets.
+    pub fn set(&self, name: &SetName) -> Option<&Vec<DesiredBackend>> {
+        self.sets.iter().find(|(n, _)| n == name).map(|(_, m)| m)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

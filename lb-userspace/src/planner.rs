@@ -1,12 +1,17 @@
 //! Desired state versus what is programmed: the map writes that turn one into the other, and
-//! nothing more. A pure function: the agent's shadow of the maps ([`Programmed`]) goes in, an
-//! ordered [`Plan`] comes out, and [`Programmed::commit`] records it once written.
+//! nothing more. No I/O: [`plan`] reads the desired state, updates the agent's shadow of the maps
+//! ([`Programmed`]) to what they will hold, and returns the ordered [`Plan`] of writes that gets
+//! them there. If writing fails the caller drops the shadow and re-reads the maps.
 //!
 //! Order never exposes half a service: backends, source ranges and Maglev tables first, then the
 //! frontends that use them, then their addresses; deletions in reverse (addresses, frontends,
 //! tables, ranges, backends). Ids (backend slots, backend-set ids, range ids) stay with what they
 //! name for as long as it exists, so an update rewrites only what changed and a resync with no
 //! change plans nothing.
+//!
+//! A plan covers either everything ([`Extent::All`], the first sync and periodic resyncs) or
+//! only the frontends and sets a change touched ([`Extent::Only`]): its cost is then that of the
+//! change, not of the cluster, which keeps the latency of an endpoint change flat at any scale.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -20,7 +25,7 @@ use lb_common::{
     net::proto,
 };
 
-use crate::model::{Desired, DesiredBackend, FrontendKey, SetName};
+use crate::model::{Desired, DesiredBackend, DesiredFrontend, FrontendKey, FrontendKind, SetName};
 
 /// Map capacities the plan must fit in (entries).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,8 +35,60 @@ pub struct Limits {
     pub frontends: u32,
     pub addrs: u32,
     pub ranges: u32,
-    /// Maglev table size for backend sets with more than one backend.
+    /// Largest Maglev table (`--maglev-table-size`); sets get
+    /// [`crate::maglev::table_size_for`] their backends.
     pub table_size: u32,
+}
+
+/// Hands out the lowest free ids, from 1 up to a limit (exclusive).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdAlloc {
+    /// Ids given back below `high`.
+    free: BTreeSet<u32>,
+    /// The lowest id never handed out.
+    high: u32,
+}
+
+impl IdAlloc {
+    /// An allocator where `used` are taken.
+    pub fn with_used(used: impl IntoIterator<Item = u32>) -> Self {
+        let used: BTreeSet<u32> = used.into_iter().collect();
+        let high = used.last().map_or(1, |max| max + 1);
+        Self {
+            free: (1..high).filter(|id| !used.contains(id)).collect(),
+            high,
+        }
+    }
+
+    fn available(&self, limit: u32) -> usize {
+        self.free.len() + limit.saturating_sub(self.high.max(1)) as usize
+    }
+
+    fn take(&mut self, limit: u32) -> Option<u32> {
+        if let Some(id) = self.free.pop_first() {
+            return Some(id);
+        }
+        let id = self.high.max(1);
+        (id < limit).then(|| {
+            self.high = id + 1;
+            id
+        })
+    }
+
+    fn release(&mut self, id: u32) {
+        if id < self.high {
+            self.free.insert(id);
+        }
+    }
+}
+
+/// A backend slot as programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendState {
+    pub id: u32,
+    pub value: Backend,
+    /// Sets that list it.
+    pub refs: u32,
 }
 
 /// A backend set as programmed.
@@ -44,18 +101,44 @@ pub struct SetState {
     pub table_size: u32,
 }
 
+/// A frontend as programmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendState {
+    pub value: Service,
+    /// Its backend set (unknown for an adopted frontend nothing claims any more).
+    pub set: Option<SetName>,
+    pub cluster_ip: bool,
+}
+
+/// A frontend address as programmed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrState {
+    pub info: AddrInfo,
+    pub refs: u32,
+    pub cluster_refs: u32,
+}
+
+/// A set of source ranges as programmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangeState {
+    pub nets: Vec<Ipv4Net>,
+    pub refs: u32,
+}
+
 /// What the maps hold, as far as the agent knows (its shadow, rebuilt from the maps at start).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Programmed {
-    pub backends: BTreeMap<SocketAddrV4, (u32, Backend)>,
+    pub backends: BTreeMap<SocketAddrV4, BackendState>,
     pub sets: BTreeMap<SetName, SetState>,
-    pub frontends: BTreeMap<ServiceKey, Service>,
-    pub addrs: BTreeMap<Be32, AddrInfo>,
-    /// Range id -> its CIDRs (sorted).
-    pub ranges: BTreeMap<u32, Vec<Ipv4Net>>,
-    /// Set ids found holding a Maglev table at start that no desired set took over: removed once
-    /// the frontends that might still use them are re-pointed, their ids reserved until then.
+    pub frontends: BTreeMap<ServiceKey, FrontendState>,
+    pub addrs: BTreeMap<Be32, AddrState>,
+    pub ranges: BTreeMap<u32, RangeState>,
+    /// Set ids found holding a Maglev table at start that no desired set took over: removed by
+    /// the first full plan, once the frontends that might use them are re-pointed.
     pub orphan_tables: BTreeSet<u32>,
+    pub backend_ids: IdAlloc,
+    pub set_ids: IdAlloc,
+    pub range_ids: IdAlloc,
 }
 
 /// A Maglev table to build and install.
@@ -86,26 +169,13 @@ pub struct Plan {
     /// entries must go (and, for UDP sets, their flows, as kube-proxy flushes UDP conntrack).
     pub affinity_purge: Vec<(u32, u32)>,
     pub udp_flow_purge: Vec<(u32, u32)>,
-    /// The shadow once this plan is written.
-    next: Programmed,
     /// Frontends left out (with their whole service) because a map would overflow, and why.
     pub overflow: Vec<(FrontendKey, String)>,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.backends.is_empty()
-            && self.ranges_added.is_empty()
-            && self.tables.is_empty()
-            && self.frontends.is_empty()
-            && self.addrs.is_empty()
-            && self.addrs_removed.is_empty()
-            && self.frontends_removed.is_empty()
-            && self.tables_removed.is_empty()
-            && self.ranges_removed.is_empty()
-            && self.backends_removed.is_empty()
-            && self.affinity_purge.is_empty()
-            && self.udp_flow_purge.is_empty()
+        self.writes() == 0 && self.affinity_purge.is_empty() && self.udp_flow_purge.is_empty()
     }
 
     /// Number of map writes the plan makes (a table counts as one).
@@ -123,44 +193,20 @@ impl Plan {
     }
 }
 
-impl Programmed {
-    /// Records a plan as written.
-    pub fn commit(&mut self, plan: Plan) {
-        *self = plan.next;
-    }
+/// What a change may have touched.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    pub frontends: BTreeSet<FrontendKey>,
+    pub sets: BTreeSet<SetName>,
 }
 
-/// Lowest ids not in `used`, from 1 up to `limit` (exclusive).
-struct IdPool {
-    used: BTreeSet<u32>,
-    next: u32,
-    limit: u32,
-}
-
-impl IdPool {
-    fn new(used: impl IntoIterator<Item = u32>, limit: u32) -> Self {
-        Self {
-            used: used.into_iter().collect(),
-            next: 1,
-            limit,
-        }
-    }
-
-    /// Ids still available.
-    fn free(&self) -> usize {
-        (self.limit.saturating_sub(1) as usize).saturating_sub(self.used.len())
-    }
-
-    fn take(&mut self) -> Option<u32> {
-        while self.next < self.limit {
-            let id = self.next;
-            self.next += 1;
-            if self.used.insert(id) {
-                return Some(id);
-            }
-        }
-        None
-    }
+/// How much of the desired state a plan looks at.
+#[derive(Clone, Copy, Debug)]
+pub enum Extent<'a> {
+    /// Everything, removing whatever the maps hold that is not desired.
+    All,
+    /// Only what a change touched; everything else is known to be programmed already.
+    Only(&'a Scope),
 }
 
 fn backend_value(b: &DesiredBackend) -> Backend {
@@ -191,285 +237,547 @@ pub fn table_digest(members: &[DesiredBackend], table_size: u32) -> u32 {
     hash
 }
 
+/// The table size a set with these members gets.
+pub fn table_size(members: &[DesiredBackend], limits: &Limits) -> u32 {
+    let selectable = members.iter().filter(|b| b.selectable()).count();
+    if selectable > 1 {
+        crate::maglev::table_size_for(selectable, limits.table_size)
+    } else {
+        0
+    }
+}
+
 fn sorted(members: &[DesiredBackend]) -> Vec<DesiredBackend> {
     let mut m = members.to_vec();
     m.sort_unstable();
     m
 }
 
-/// Plans the writes that make the maps hold `desired`.
-pub fn plan(desired: &Desired, current: &Programmed, limits: &Limits) -> Plan {
+/// Plans the writes that make the maps hold `desired` (within `extent`), and updates `current`
+/// to what they will hold once written.
+pub fn plan(
+    desired: &Desired,
+    current: &mut Programmed,
+    limits: &Limits,
+    extent: Extent<'_>,
+) -> Plan {
     let mut plan = Plan::default();
-    let mut next = Programmed::default();
 
-    // Frontends that fit: each needs its set (an id), its backends (slots) and its address.
-    let mut set_pool = IdPool::new(
-        current
-            .sets
-            .values()
-            .map(|s| s.id)
-            .chain(current.orphan_tables.iter().copied()),
-        limits.set_ids,
-    );
-    let mut backend_pool = IdPool::new(
-        current.backends.values().map(|(id, _)| *id),
-        limits.backends,
-    );
-    let mut range_pool = IdPool::new(current.ranges.keys().copied(), u32::MAX);
-    let mut range_ids: BTreeMap<Vec<Ipv4Net>, u32> = current
-        .ranges
-        .iter()
-        .map(|(id, nets)| (nets.clone(), *id))
-        .collect();
-    // Range CIDRs already programmed stay counted until the plan removes them.
-    let range_entries_now: usize = current.ranges.values().map(Vec::len).sum();
-    let mut range_entries = 0usize;
-    let mut addr_count = 0usize;
-
-    // Frontends grouped by Kubernetes service: a service fits whole or not at all, so that no
-    // service is ever half programmed when a map is full.
-    let mut by_service: BTreeMap<(&str, &str), Vec<&crate::model::DesiredFrontend>> =
-        BTreeMap::new();
-    for frontend in desired.frontends.values() {
-        if desired.sets.contains_key(&frontend.set) {
-            by_service
-                .entry((&frontend.set.namespace, &frontend.set.service))
-                .or_default()
-                .push(frontend);
+    // What this plan looks at.
+    let (keys, mut names): (BTreeSet<FrontendKey>, BTreeSet<SetName>) = match extent {
+        Extent::All => (
+            desired
+                .frontends
+                .keys()
+                .copied()
+                .chain(current.frontends.keys().map(FrontendKey::from_map_key))
+                .collect(),
+            desired
+                .sets
+                .keys()
+                .cloned()
+                .chain(current.sets.keys().cloned())
+                .collect(),
+        ),
+        Extent::Only(scope) => (scope.frontends.clone(), scope.sets.clone()),
+    };
+    for key in &keys {
+        if let Some(f) = desired.frontends.get(key) {
+            names.insert(f.set.clone());
         }
     }
-    for frontends in by_service.values() {
-        // What this service adds, checked against what is left before anything is taken.
-        let new_sets: BTreeSet<&SetName> = frontends
-            .iter()
-            .map(|f| &f.set)
-            .filter(|n| !next.sets.contains_key(*n))
+
+    // A service fits whole or not at all: when one would overflow a map, none of its changes
+    // are made (what was programmed of it stays), and it is reported.
+    let skipped = overflowing(desired, current, limits, &keys, &names, &mut plan);
+    let skip_key = |k: &FrontendKey| {
+        desired
+            .frontends
+            .get(k)
+            .is_some_and(|f| skipped.contains(&owner_of(f)))
+    };
+    let skip_set = |n: &SetName| skipped.contains(&(n.namespace.clone(), n.service.clone()));
+
+    // Sets first (their backends and tables), then frontends, then what nothing uses any more.
+    let mut released_sets = Vec::new();
+    let mut unreferenced = Vec::new();
+    for name in names.iter().filter(|n| !skip_set(n)) {
+        match desired.sets.get(name) {
+            Some(members) => {
+                upsert_set(name, members, current, limits, &mut plan, &mut unreferenced)
+            }
+            None => {
+                if let Some(old) = current.sets.remove(name) {
+                    released_sets.push((name.clone(), old));
+                }
+            }
+        }
+    }
+    // Addresses whose frontends changed, with their value before.
+    let mut touched_addrs: BTreeMap<Be32, Option<AddrInfo>> = BTreeMap::new();
+    for key in keys.iter().filter(|k| !skip_key(k)) {
+        match desired.frontends.get(key) {
+            Some(f) => upsert_frontend(f, current, &mut plan, &mut touched_addrs),
+            None => remove_frontend(&key.map_key(), current, &mut plan, &mut touched_addrs),
+        }
+    }
+    if matches!(extent, Extent::All) {
+        // Adopted frontends nothing claims, under keys no desired frontend has.
+        let stale: Vec<ServiceKey> = current
+            .frontends
+            .keys()
+            .filter(|k| {
+                !desired
+                    .frontends
+                    .contains_key(&FrontendKey::from_map_key(k))
+            })
+            .copied()
             .collect();
-        let new_set_ids = new_sets
+        for key in stale {
+            remove_frontend(&key, current, &mut plan, &mut touched_addrs);
+        }
+    }
+    for (addr, before) in touched_addrs {
+        let Some(state) = current.addrs.get_mut(&addr) else {
+            continue;
+        };
+        if state.refs == 0 {
+            current.addrs.remove(&addr);
+            if before.is_some() {
+                plan.addrs_removed.push(addr);
+            }
+            continue;
+        }
+        state.info.flags = if state.cluster_refs > 0 {
+            addr_flags::CLUSTER_IP
+        } else {
+            0
+        };
+        if before != Some(state.info) {
+            plan.addrs.push((addr, state.info));
+        }
+    }
+    for addr in unreferenced {
+        unreference_backend(addr, current, &mut plan);
+    }
+    for (name, old) in released_sets {
+        release_set(&name, &old, current, &mut plan);
+    }
+    if matches!(extent, Extent::All) {
+        for id in std::mem::take(&mut current.orphan_tables) {
+            plan.tables_removed.push(id);
+            current.set_ids.release(id);
+        }
+        let unused: Vec<SocketAddrV4> = current
+            .backends
+            .iter()
+            .filter(|(_, b)| b.refs == 0)
+            .map(|(a, _)| *a)
+            .collect();
+        for addr in unused {
+            let b = current.backends.remove(&addr).expect("listed above");
+            plan.backends_removed.push(b.id);
+            current.backend_ids.release(b.id);
+        }
+        let unused: Vec<u32> = current
+            .ranges
+            .iter()
+            .filter(|(_, r)| r.refs == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unused {
+            let r = current.ranges.remove(&id).expect("listed above");
+            plan.ranges_removed.extend(r.nets.iter().map(|n| (id, *n)));
+            current.range_ids.release(id);
+        }
+    }
+    plan
+}
+
+fn owner_of(f: &DesiredFrontend) -> (String, String) {
+    (f.set.namespace.clone(), f.set.service.clone())
+}
+
+/// A service's namespace and name.
+type ServiceId = (String, String);
+/// The frontends and sets one service changes in a plan.
+type ServiceChanges<'a> = (Vec<&'a DesiredFrontend>, Vec<&'a SetName>);
+
+/// Services whose changes would overflow a map, reported in `plan.overflow`.
+fn overflowing(
+    desired: &Desired,
+    current: &Programmed,
+    limits: &Limits,
+    keys: &BTreeSet<FrontendKey>,
+    names: &BTreeSet<SetName>,
+    plan: &mut Plan,
+) -> BTreeSet<(String, String)> {
+    let mut by_service: BTreeMap<ServiceId, ServiceChanges> = BTreeMap::new();
+    for key in keys {
+        if let Some(f) = desired.frontends.get(key) {
+            by_service.entry(owner_of(f)).or_default().0.push(f);
+        }
+    }
+    for name in names.iter().filter(|n| desired.sets.contains_key(*n)) {
+        by_service
+            .entry((name.namespace.clone(), name.service.clone()))
+            .or_default()
+            .1
+            .push(name);
+    }
+    let (mut frontends, mut addrs) = (current.frontends.len(), current.addrs.len());
+    let (mut set_ids, mut backend_ids, mut range_ids) = (
+        current.set_ids.available(limits.set_ids),
+        current.backend_ids.available(limits.backends),
+        current.ranges.values().map(|r| r.nets.len()).sum::<usize>(),
+    );
+    let mut seen_backends = BTreeSet::new();
+    let mut seen_addrs = BTreeSet::new();
+    let mut skipped = BTreeSet::new();
+    for (service, (service_frontends, sets)) in by_service {
+        let new_frontends = service_frontends
+            .iter()
+            .filter(|f| !current.frontends.contains_key(&f.key.map_key()))
+            .count();
+        let new_sets = sets
             .iter()
             .filter(|n| !current.sets.contains_key(**n))
             .count();
-        let new_backends: BTreeSet<SocketAddrV4> = new_sets
+        let new_backends: BTreeSet<SocketAddrV4> = sets
             .iter()
             .flat_map(|n| desired.sets[*n].iter().map(|b| b.addr))
-            .filter(|a| !next.backends.contains_key(a) && !current.backends.contains_key(a))
+            .filter(|a| !current.backends.contains_key(a) && !seen_backends.contains(a))
             .collect();
-        let new_addrs: BTreeSet<Be32> = frontends
+        let new_addrs: BTreeSet<Be32> = service_frontends
             .iter()
             .map(|f| Be32::from(f.key.addr))
-            .filter(|a| !next.addrs.contains_key(a))
+            .filter(|a| !current.addrs.contains_key(a) && !seen_addrs.contains(a))
             .collect();
-        let new_ranges: BTreeSet<&Vec<Ipv4Net>> = frontends
+        let new_ranges: usize = service_frontends
             .iter()
-            .map(|f| &f.source_ranges)
-            .filter(|r| !r.is_empty() && !range_ids.contains_key(*r))
-            .collect();
-        let new_range_entries: usize = new_ranges.iter().map(|r| r.len()).sum();
-        let full = if next.frontends.len() + frontends.len() > limits.frontends as usize {
+            .map(|f| f.source_ranges.len())
+            .sum();
+        let full = if frontends + new_frontends > limits.frontends as usize {
             Some("map LB_SERVICES is full")
-        } else if set_pool.free() < new_set_ids {
+        } else if new_sets > set_ids {
             Some("no backend-set id left (raise --max-services)")
-        } else if backend_pool.free() < new_backends.len() {
+        } else if new_backends.len() > backend_ids {
             Some("map LB_BACKENDS is full")
-        } else if addr_count + new_addrs.len() > limits.addrs as usize {
+        } else if addrs + new_addrs.len() > limits.addrs as usize {
             Some("map LB_ADDRS is full")
-        } else if range_entries_now + range_entries + new_range_entries > limits.ranges as usize {
+        } else if range_ids + new_ranges > limits.ranges as usize {
             Some("map LB_SRC_RANGES is full")
         } else {
             None
         };
         if let Some(reason) = full {
             plan.overflow
-                .extend(frontends.iter().map(|f| (f.key, reason.to_owned())));
+                .extend(service_frontends.iter().map(|f| (f.key, reason.to_owned())));
+            skipped.insert(service);
             continue;
         }
+        frontends += new_frontends;
+        addrs += new_addrs.len();
+        set_ids -= new_sets;
+        backend_ids -= new_backends.len();
+        range_ids += new_ranges;
+        seen_backends.extend(new_backends);
+        seen_addrs.extend(new_addrs);
+    }
+    skipped
+}
 
-        for frontend in frontends {
-            let key = &frontend.key;
-            if !next.sets.contains_key(&frontend.set) {
-                let members = &desired.sets[&frontend.set];
-                let id = match current.sets.get(&frontend.set) {
-                    Some(s) => s.id,
-                    None => {
-                        let id = set_pool.take().expect("checked above");
-                        plan.stats_reset.push(id);
-                        id
-                    }
-                };
-                for b in members {
-                    next.backends.entry(b.addr).or_insert_with(|| {
-                        let id = current.backends.get(&b.addr).map_or_else(
-                            || backend_pool.take().expect("checked above"),
-                            |(id, _)| *id,
-                        );
-                        (id, backend_value(b))
-                    });
+/// Programs a desired set: its backends' slots, then its table.
+/// Backends whose references are dropped are collected in `unreferenced` and released only after
+/// every set took its new references, so that a backend moving between sets keeps its slot (and
+/// its established flows).
+fn upsert_set(
+    name: &SetName,
+    members: &[DesiredBackend],
+    current: &mut Programmed,
+    limits: &Limits,
+    plan: &mut Plan,
+    unreferenced: &mut Vec<SocketAddrV4>,
+) {
+    let wanted = sorted(members);
+    let size = table_size(&wanted, limits);
+    let old = current.sets.get(name).cloned();
+    if old
+        .as_ref()
+        .is_some_and(|o| o.members == wanted && o.table_size == size)
+    {
+        return;
+    }
+    let id = match &old {
+        Some(o) => o.id,
+        None => {
+            let id = current
+                .set_ids
+                .take(limits.set_ids)
+                .expect("checked by overflowing()");
+            plan.stats_reset.push(id);
+            id
+        }
+    };
+    let old_members = old
+        .as_ref()
+        .map(|o| o.members.as_slice())
+        .unwrap_or_default();
+    // New references first, so that no slot is freed and retaken within one plan.
+    for b in &wanted {
+        let value = backend_value(b);
+        match current.backends.get_mut(&b.addr) {
+            Some(state) => {
+                if !old_members.iter().any(|o| o.addr == b.addr) {
+                    state.refs += 1;
                 }
-                let members = sorted(members);
-                let selectable = members.iter().filter(|b| b.selectable()).count();
-                let table_size = if selectable > 1 { limits.table_size } else { 0 };
-                next.sets.insert(
-                    frontend.set.clone(),
-                    SetState {
-                        id,
-                        members,
-                        table_size,
-                    },
-                );
+                if state.value != value {
+                    state.value = value;
+                    plan.backends.push((state.id, value));
+                }
             }
-            let mut range_id = 0;
-            if !frontend.source_ranges.is_empty() {
-                let nets = &frontend.source_ranges;
-                range_id = match range_ids.get(nets) {
-                    Some(id) => *id,
-                    None => {
-                        let id = range_pool.take().expect("range ids are plentiful");
-                        range_entries += nets.len();
-                        range_ids.insert(nets.clone(), id);
-                        id
-                    }
-                };
-                next.ranges.insert(range_id, nets.clone());
+            None => {
+                let id = current
+                    .backend_ids
+                    .take(limits.backends)
+                    .expect("checked by overflowing()");
+                current
+                    .backends
+                    .insert(b.addr, BackendState { id, value, refs: 1 });
+                plan.backends.push((id, value));
             }
-            let addr = Be32::from(key.addr);
-            let info = next.addrs.entry(addr).or_insert_with(|| {
-                addr_count += 1;
-                AddrInfo::default()
-            });
-            if frontend.kind == crate::model::FrontendKind::ClusterIp {
-                info.flags |= addr_flags::CLUSTER_IP;
-            }
-            let set = &next.sets[&frontend.set];
-            let selectable: Vec<&DesiredBackend> =
-                set.members.iter().filter(|b| b.selectable()).collect();
-            let value = Service {
-                id: set.id,
-                backend_count: selectable.len() as u32,
-                backend_id: match selectable.as_slice() {
-                    [only] => next.backends[&only.addr].0,
-                    _ => 0,
-                },
-                table_size: set.table_size,
-                flags: if frontend.drop_when_empty {
-                    service_flags::DROP_WHEN_EMPTY
-                } else {
-                    0
-                },
-                affinity_timeout_s: frontend.affinity_timeout_s,
-                source_range_id: range_id,
-                table_digest: table_digest(&set.members, set.table_size),
-            };
-            next.frontends.insert(key.map_key(), value);
         }
     }
-
-    // Writes: what is new or different.
-    for (addr, (id, value)) in &next.backends {
-        if current.backends.get(addr) != Some(&(*id, *value)) {
-            plan.backends.push((*id, *value));
+    // Backends that stopped taking new flows lose their affinity (and UDP flows); found before
+    // the slots of backends that left the set entirely are released.
+    for gone in old_members
+        .iter()
+        .filter(|o| o.selectable() && !wanted.iter().any(|b| b.addr == o.addr && b.selectable()))
+    {
+        if let Some(b) = current.backends.get(&gone.addr) {
+            purge(name, id, b.id, plan);
         }
     }
-    for (id, nets) in &next.ranges {
-        if !current.ranges.contains_key(id) {
-            plan.ranges_added.extend(nets.iter().map(|n| (*id, *n)));
-        }
-    }
-    for (name, set) in &next.sets {
-        let unchanged = current.sets.get(name).is_some_and(|c| {
-            c.id == set.id && c.members == set.members && c.table_size == set.table_size
-        });
-        if set.table_size > 0 && !unchanged {
-            plan.tables.push(TableWrite {
-                set_id: set.id,
-                table_size: set.table_size,
-                members: set
-                    .members
-                    .iter()
-                    .filter(|b| b.selectable())
-                    .map(|b| (next.backends[&b.addr].0, b.addr))
-                    .collect(),
-            });
-        }
-        // Backends that stopped taking new flows from this set.
-        if let Some(old) = current.sets.get(name).filter(|c| c.id == set.id) {
-            let now: BTreeSet<SocketAddrV4> = set
+    unreferenced.extend(
+        old_members
+            .iter()
+            .filter(|o| !wanted.iter().any(|b| b.addr == o.addr))
+            .map(|o| o.addr),
+    );
+    let selectable_changed = old.as_ref().is_none_or(|o| {
+        o.table_size != size
+            || !o
                 .members
                 .iter()
                 .filter(|b| b.selectable())
                 .map(|b| b.addr)
-                .collect();
-            for gone in old
-                .members
+                .eq(wanted.iter().filter(|b| b.selectable()).map(|b| b.addr))
+    });
+    if size > 0 && selectable_changed {
+        plan.tables.push(TableWrite {
+            set_id: id,
+            table_size: size,
+            members: wanted
                 .iter()
-                .filter(|b| b.selectable() && !now.contains(&b.addr))
-            {
-                if let Some((backend_id, _)) = current.backends.get(&gone.addr) {
-                    plan.affinity_purge.push((set.id, *backend_id));
-                    if name.proto == proto::UDP {
-                        plan.udp_flow_purge.push((set.id, *backend_id));
-                    }
-                }
-            }
-        }
+                .filter(|b| b.selectable())
+                .map(|b| (current.backends[&b.addr].id, b.addr))
+                .collect(),
+        });
+    } else if size == 0 && old.as_ref().is_some_and(|o| o.table_size > 0) {
+        plan.tables_removed.push(id);
     }
-    for (key, value) in &next.frontends {
-        if current.frontends.get(key) != Some(value) {
-            plan.frontends.push((*key, *value));
-        }
-    }
-    for (addr, info) in &next.addrs {
-        if current.addrs.get(addr) != Some(info) {
-            plan.addrs.push((*addr, *info));
-        }
-    }
+    current.sets.insert(
+        name.clone(),
+        SetState {
+            id,
+            members: wanted,
+            table_size: size,
+        },
+    );
+}
 
-    // Removals, in reverse order of dependency.
-    plan.addrs_removed = current
-        .addrs
-        .keys()
-        .filter(|a| !next.addrs.contains_key(a))
-        .copied()
-        .collect();
-    plan.frontends_removed = current
-        .frontends
-        .keys()
-        .filter(|k| !next.frontends.contains_key(k))
-        .copied()
-        .collect();
-    for (name, set) in &current.sets {
-        let kept_table = next
-            .sets
-            .get(name)
-            .is_some_and(|n| n.id == set.id && n.table_size > 0);
-        if set.table_size > 0 && !kept_table {
-            plan.tables_removed.push(set.id);
+fn purge(name: &SetName, set_id: u32, backend_id: u32, plan: &mut Plan) {
+    plan.affinity_purge.push((set_id, backend_id));
+    if name.proto == proto::UDP {
+        plan.udp_flow_purge.push((set_id, backend_id));
+    }
+}
+
+fn unreference_backend(addr: SocketAddrV4, current: &mut Programmed, plan: &mut Plan) {
+    let Some(state) = current.backends.get_mut(&addr) else {
+        return;
+    };
+    state.refs = state.refs.saturating_sub(1);
+    if state.refs == 0 {
+        let id = state.id;
+        current.backends.remove(&addr);
+        plan.backends_removed.push(id);
+        current.backend_ids.release(id);
+    }
+}
+
+/// Removes a set nothing uses any more: its table, its backends' references, its affinity.
+fn release_set(name: &SetName, old: &SetState, current: &mut Programmed, plan: &mut Plan) {
+    if old.table_size > 0 {
+        plan.tables_removed.push(old.id);
+    }
+    for b in &old.members {
+        if b.selectable()
+            && let Some(state) = current.backends.get(&b.addr)
+        {
+            purge(name, old.id, state.id, plan);
         }
-        if !next.sets.contains_key(name) {
-            for b in set.members.iter().filter(|b| b.selectable()) {
-                if let Some((backend_id, _)) = current.backends.get(&b.addr) {
-                    plan.affinity_purge.push((set.id, *backend_id));
-                    if name.proto == proto::UDP {
-                        plan.udp_flow_purge.push((set.id, *backend_id));
-                    }
-                }
+        unreference_backend(b.addr, current, plan);
+    }
+    current.set_ids.release(old.id);
+}
+
+fn reference_range(nets: &[Ipv4Net], current: &mut Programmed, plan: &mut Plan) -> u32 {
+    if nets.is_empty() {
+        return 0;
+    }
+    if let Some((id, state)) = current.ranges.iter_mut().find(|(_, r)| r.nets == nets) {
+        state.refs += 1;
+        return *id;
+    }
+    let id = current
+        .range_ids
+        .take(u32::MAX)
+        .expect("range ids are plentiful");
+    plan.ranges_added.extend(nets.iter().map(|n| (id, *n)));
+    current.ranges.insert(
+        id,
+        RangeState {
+            nets: nets.to_vec(),
+            refs: 1,
+        },
+    );
+    id
+}
+
+fn unreference_range(id: u32, current: &mut Programmed, plan: &mut Plan) {
+    let Some(state) = current.ranges.get_mut(&id) else {
+        return;
+    };
+    state.refs = state.refs.saturating_sub(1);
+    if state.refs == 0 {
+        let state = current.ranges.remove(&id).expect("present");
+        plan.ranges_removed
+            .extend(state.nets.iter().map(|n| (id, *n)));
+        current.range_ids.release(id);
+    }
+}
+
+/// Notes the value an address had before this plan touched it.
+fn touch(addr: Be32, current: &Programmed, touched: &mut BTreeMap<Be32, Option<AddrInfo>>) {
+    touched.entry(addr).or_insert_with(|| {
+        current
+            .addrs
+            .get(&addr)
+            .filter(|s| s.refs > 0)
+            .map(|s| s.info)
+    });
+}
+
+fn upsert_frontend(
+    f: &DesiredFrontend,
+    current: &mut Programmed,
+    plan: &mut Plan,
+    touched: &mut BTreeMap<Be32, Option<AddrInfo>>,
+) {
+    let key = f.key.map_key();
+    let Some(set) = current.sets.get(&f.set) else {
+        return;
+    };
+    let selectable: Vec<&DesiredBackend> = set.members.iter().filter(|b| b.selectable()).collect();
+    let backend_id = match selectable.as_slice() {
+        [only] => current.backends[&only.addr].id,
+        _ => 0,
+    };
+    let (set_id, count, size, digest) = (
+        set.id,
+        selectable.len() as u32,
+        set.table_size,
+        table_digest(&set.members, set.table_size),
+    );
+    let old = current.frontends.get(&key).cloned();
+    let old_range = old.as_ref().map_or(0, |o| o.value.source_range_id);
+    let range_id = match current.ranges.get(&old_range) {
+        Some(r) if r.nets == f.source_ranges => old_range,
+        _ => {
+            let id = reference_range(&f.source_ranges, current, plan);
+            if old_range != 0 {
+                unreference_range(old_range, current, plan);
             }
+            id
+        }
+    };
+    let value = Service {
+        id: set_id,
+        backend_count: count,
+        backend_id,
+        table_size: size,
+        flags: if f.drop_when_empty {
+            service_flags::DROP_WHEN_EMPTY
+        } else {
+            0
+        },
+        affinity_timeout_s: f.affinity_timeout_s,
+        source_range_id: range_id,
+        table_digest: digest,
+    };
+    let cluster_ip = f.kind == FrontendKind::ClusterIp;
+    let addr = key.addr;
+    touch(addr, current, touched);
+    let state = current.addrs.entry(addr).or_default();
+    match &old {
+        None => {
+            state.refs += 1;
+            state.cluster_refs += u32::from(cluster_ip);
+        }
+        Some(o) if o.cluster_ip != cluster_ip => {
+            state.cluster_refs = if cluster_ip {
+                state.cluster_refs + 1
+            } else {
+                state.cluster_refs.saturating_sub(1)
+            };
+        }
+        Some(_) => {}
+    }
+    if old.as_ref().is_none_or(|o| o.value != value) {
+        plan.frontends.push((key, value));
+    }
+    current.frontends.insert(
+        key,
+        FrontendState {
+            value,
+            set: Some(f.set.clone()),
+            cluster_ip,
+        },
+    );
+}
+
+fn remove_frontend(
+    key: &ServiceKey,
+    current: &mut Programmed,
+    plan: &mut Plan,
+    touched: &mut BTreeMap<Be32, Option<AddrInfo>>,
+) {
+    if !current.frontends.contains_key(key) {
+        return;
+    }
+    touch(key.addr, current, touched);
+    let old = current.frontends.remove(key).expect("checked above");
+    plan.frontends_removed.push(*key);
+    if old.value.source_range_id != 0 {
+        unreference_range(old.value.source_range_id, current, plan);
+    }
+    if let Some(state) = current.addrs.get_mut(&key.addr) {
+        state.refs = state.refs.saturating_sub(1);
+        if old.cluster_ip {
+            state.cluster_refs = state.cluster_refs.saturating_sub(1);
         }
     }
-    plan.tables_removed
-        .extend(current.orphan_tables.iter().copied());
-    for (id, nets) in &current.ranges {
-        if !next.ranges.contains_key(id) {
-            plan.ranges_removed.extend(nets.iter().map(|n| (*id, *n)));
-        }
-    }
-    plan.backends_removed = current
-        .backends
-        .iter()
-        .filter(|(addr, _)| !next.backends.contains_key(addr))
-        .map(|(_, (id, _))| *id)
-        .collect();
-    plan.next = next;
-    plan
 }
 
 #[cfg(test)]
@@ -479,7 +787,7 @@ mod tests {
     use lb_common::maps::scope;
 
     use super::*;
-    use crate::model::{DesiredFrontend, FrontendKind, SetKind};
+    use crate::model::SetKind;
 
     const LIMITS: Limits = Limits {
         backends: 1000,
@@ -508,8 +816,7 @@ mod tests {
         }
     }
 
-    /// A desired state of `services` ClusterIPs (172.30.0.N:80), service N with backends
-    /// 10.0.0.(N*10 + i) for i < `per_service`.
+    /// ClusterIPs 172.30.0.N:80 of services svcN with the given backends.
     fn desired(services: &[(u8, &[DesiredBackend])]) -> Desired {
         let mut d = Desired::default();
         for (n, backends) in services {
@@ -536,9 +843,13 @@ mod tests {
         d
     }
 
+    fn full(desired: &Desired, current: &mut Programmed) -> Plan {
+        plan(desired, current, &LIMITS, Extent::All)
+    }
+
     fn committed(desired: &Desired) -> Programmed {
         let mut p = Programmed::default();
-        p.commit(plan(desired, &Programmed::default(), &LIMITS));
+        full(desired, &mut p);
         p
     }
 
@@ -548,7 +859,7 @@ mod tests {
             (1, &[backend(11, 1), backend(12, 1)]),
             (2, &[backend(21, 1)]),
         ]);
-        let p = plan(&d, &Programmed::default(), &LIMITS);
+        let p = full(&d, &mut Programmed::default());
         assert_eq!(p.backends.len(), 3);
         assert_eq!(p.tables.len(), 1, "only the two-backend set needs a table");
         assert_eq!(p.frontends.len(), 2);
@@ -575,10 +886,38 @@ mod tests {
             (1, &[backend(11, 1), backend(12, 1)]),
             (2, &[backend(21, 1)]),
         ]);
-        let p = committed(&d);
-        let again = plan(&d, &p, &LIMITS);
+        let mut p = committed(&d);
+        let again = full(&d, &mut p);
         assert!(again.is_empty(), "{again:?}");
         assert_eq!(again.writes(), 0);
+    }
+
+    #[test]
+    fn an_incremental_plan_equals_the_full_one() {
+        let before = desired(&[
+            (1, &[backend(11, 1), backend(12, 1)]),
+            (2, &[backend(21, 1), backend(22, 1)]),
+        ]);
+        let after = desired(&[
+            (1, &[backend(11, 1), backend(12, 1)]),
+            (2, &[backend(21, 1)]),
+            (3, &[backend(31, 1)]),
+        ]);
+        let mut by_scope = committed(&before);
+        let mut by_full = by_scope.clone();
+        let scope = Scope {
+            frontends: after
+                .frontends
+                .keys()
+                .filter(|k| k.addr.octets()[3] != 1)
+                .copied()
+                .collect(),
+            sets: [set("svc2", SetKind::Cluster), set("svc3", SetKind::Cluster)].into(),
+        };
+        let a = plan(&after, &mut by_scope, &LIMITS, Extent::Only(&scope));
+        let b = full(&after, &mut by_full);
+        assert_eq!(a, b);
+        assert_eq!(by_scope, by_full);
     }
 
     #[test]
@@ -588,23 +927,16 @@ mod tests {
             (2, &[backend(21, 1), backend(22, 1)]),
         ]);
         let mut p = committed(&before);
-        let ids = |p: &Programmed| {
-            (
-                p.sets
-                    .iter()
-                    .map(|(n, s)| (n.clone(), s.id))
-                    .collect::<Vec<_>>(),
-                p.backends.clone(),
-            )
-        };
-        let (sets_before, backends_before) = ids(&p);
+        let sets_before: Vec<(SetName, u32)> =
+            p.sets.iter().map(|(n, s)| (n.clone(), s.id)).collect();
+        let backends_before = p.backends.clone();
         // Service 2 loses a backend; service 3 appears.
         let after = desired(&[
             (1, &[backend(11, 1), backend(12, 1)]),
             (2, &[backend(21, 1)]),
             (3, &[backend(31, 1)]),
         ]);
-        let next = plan(&after, &p, &LIMITS);
+        let next = full(&after, &mut p);
         assert_eq!(
             next.tables_removed.len(),
             1,
@@ -616,17 +948,12 @@ mod tests {
             1,
             "the backend that left loses its affinity entries"
         );
-        p.commit(next);
-        let (sets_after, backends_after) = ids(&p);
         for (name, id) in &sets_before {
-            assert!(
-                sets_after.contains(&(name.clone(), *id)),
-                "{name} kept id {id}"
-            );
+            assert_eq!(p.sets[name].id, *id, "{name} kept its id");
         }
-        for (addr, value) in &backends_before {
+        for (addr, state) in &backends_before {
             if addr.ip().octets()[3] != 22 {
-                assert_eq!(backends_after.get(addr), Some(value));
+                assert_eq!(p.backends[addr].id, state.id);
             }
         }
     }
@@ -634,7 +961,8 @@ mod tests {
     #[test]
     fn a_set_change_programs_the_new_set_before_the_frontend_and_drops_the_old_after() {
         let d = desired(&[(1, &[backend(11, 1), backend(12, 1)])]);
-        let p = committed(&d);
+        let mut p = committed(&d);
+        let old_id = p.sets[&set("svc1", SetKind::Cluster)].id;
         let mut moved = d.clone();
         let local = set("svc1", SetKind::Local);
         moved.sets.clear();
@@ -644,29 +972,25 @@ mod tests {
         for f in moved.frontends.values_mut() {
             f.set = local.clone();
         }
-        let next = plan(&moved, &p, &LIMITS);
+        let next = full(&moved, &mut p);
         let new_id = next.tables[0].set_id;
-        assert_ne!(new_id, p.sets[&set("svc1", SetKind::Cluster)].id);
+        assert_ne!(new_id, old_id);
         assert_eq!(next.frontends[0].1.id, new_id);
-        assert_eq!(
-            next.tables_removed,
-            [p.sets[&set("svc1", SetKind::Cluster)].id]
-        );
+        assert_eq!(next.tables_removed, [old_id]);
         assert_eq!(next.stats_reset, [new_id]);
     }
 
     #[test]
     fn weight_zero_backends_keep_their_slot_but_take_no_new_flow() {
         let d = desired(&[(1, &[backend(11, 1), backend(12, 0)])]);
-        let p = plan(&d, &Programmed::default(), &LIMITS);
+        let p = full(&d, &mut Programmed::default());
         assert_eq!(
             p.backends.len(),
             2,
             "both slots exist for established flows"
         );
         assert!(p.tables.is_empty(), "one selectable backend needs no table");
-        let value = p.frontends[0].1;
-        assert_eq!(value.backend_count, 1);
+        assert_eq!(p.frontends[0].1.backend_count, 1);
     }
 
     #[test]
@@ -680,7 +1004,7 @@ mod tests {
             (1, &[backend(11, 1), backend(12, 1)]),
             (2, &[backend(21, 1), backend(22, 1)]),
         ]);
-        let p = plan(&d, &Programmed::default(), &limits);
+        let p = plan(&d, &mut Programmed::default(), &limits, Extent::All);
         assert_eq!(p.frontends.len(), 1);
         assert_eq!(p.overflow.len(), 1);
         assert!(p.overflow[0].1.contains("LB_BACKENDS"));
@@ -694,12 +1018,42 @@ mod tests {
         for f in d.frontends.values_mut() {
             f.source_ranges = nets.clone();
         }
-        let p = plan(&d, &Programmed::default(), &LIMITS);
-        assert_eq!(p.ranges_added.len(), 1, "shared by both frontends");
+        let mut p = Programmed::default();
+        let first = full(&d, &mut p);
+        assert_eq!(first.ranges_added.len(), 1, "shared by both frontends");
         assert!(
-            p.frontends
+            first
+                .frontends
                 .iter()
-                .all(|(_, v)| v.source_range_id == p.ranges_added[0].0)
+                .all(|(_, v)| v.source_range_id == first.ranges_added[0].0)
+        );
+        // Dropping the ranges from one frontend keeps the list; from both removes it.
+        let mut one = d.clone();
+        one.frontends
+            .values_mut()
+            .next()
+            .unwrap()
+            .source_ranges
+            .clear();
+        assert!(full(&one, &mut p).ranges_removed.is_empty());
+        let mut none = one.clone();
+        none.frontends
+            .values_mut()
+            .for_each(|f| f.source_ranges.clear());
+        assert_eq!(full(&none, &mut p).ranges_removed.len(), 1);
+    }
+
+    #[test]
+    fn ids_are_reused_lowest_first() {
+        let mut ids = IdAlloc::with_used([1, 2, 4]);
+        assert_eq!(ids.take(10), Some(3));
+        assert_eq!(ids.take(10), Some(5));
+        ids.release(2);
+        assert_eq!(ids.take(10), Some(2));
+        let mut small = IdAlloc::default();
+        assert_eq!(
+            (small.take(3), small.take(3), small.take(3)),
+            (Some(1), Some(2), None)
         );
     }
 }

@@ -1,4 +1,4 @@
-//! The one BPF syscall aya does not wrap for us: deleting an array-of-maps slot.
+//! The BPF syscalls aya does not wrap for us: deleting an array-of-maps slot, and batch updates.
 
 use std::{
     io,
@@ -6,6 +6,8 @@ use std::{
 };
 
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// `union bpf_attr` as used by BPF_MAP_*_ELEM commands.
 #[repr(C)]
@@ -41,4 +43,104 @@ pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// `union bpf_attr` as used by BPF_MAP_*_BATCH commands.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `BPF_MAP_UPDATE_BATCH`: writes `keys[i] -> values[i]` in one call. Returns how many were
+/// written (all of them on success).
+pub fn map_update_batch<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::Result<usize> {
+    assert_eq!(keys.len(), values.len());
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: keys and values are live arrays of `count` elements; the kernel writes back only
+    // `count` in the attribute.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(attr.count as usize)
+    }
+}
+
+/// Reads a whole array map (`len` slots) with `BPF_MAP_LOOKUP_BATCH`, a few thousand slots per
+/// syscall.
+pub fn array_lookup_all<V: Copy + Default>(map: BorrowedFd<'_>, len: usize) -> io::Result<Vec<V>> {
+    const CHUNK: usize = 8192;
+    let mut values: Vec<V> = vec![V::default(); len];
+    let mut keys: Vec<u32> = vec![0; CHUNK];
+    let mut read = 0usize;
+    let mut token: u32 = 0;
+    let mut first = true;
+    while read < len {
+        let want = CHUNK.min(len - read);
+        let mut next: u32 = 0;
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_ref(&token) as u64
+            },
+            out_batch: std::ptr::from_mut(&mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values[read..].as_mut_ptr() as u64,
+            count: want as u32,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: keys and values have room for `count` elements; the tokens are u32 as array
+        // maps use.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        let done = if ret < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ENOENT) {
+                return Err(err);
+            }
+            true
+        } else {
+            false
+        };
+        read += attr.count as usize;
+        if done || attr.count == 0 {
+            break;
+        }
+        token = next;
+        first = false;
+    }
+    values.truncate(read);
+    Ok(values)
 }

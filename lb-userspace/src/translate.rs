@@ -22,10 +22,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::{
-    core::v1::{Node, Service, ServicePort},
-    discovery::v1::{Endpoint, EndpointSlice},
-};
+use k8s_openapi::api::core::v1::Node;
 use lb_common::{maps::scope, net::proto};
 
 use crate::{
@@ -33,7 +30,10 @@ use crate::{
         Desired, DesiredBackend, DesiredFrontend, FrontendKey, FrontendKind, HealthCheck,
         ServiceModel, SetKind, SetName,
     },
-    source::{HEADLESS_LABEL, Kind, ObjectKey, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL},
+    source::{
+        Kind, ObjectKey,
+        objects::{EndpointAddress, EndpointObject, PortObject, ServiceObject, SliceObject},
+    },
 };
 
 /// kube-proxy's default sessionAffinity ClientIP timeout.
@@ -88,44 +88,25 @@ impl std::fmt::Display for Problem {
     }
 }
 
-fn service_key(svc: &Service) -> ObjectKey {
+fn service_key(svc: &ServiceObject) -> ObjectKey {
     ObjectKey {
         kind: Kind::Service,
-        namespace: svc.metadata.namespace.clone().unwrap_or_default(),
-        name: svc.metadata.name.clone().unwrap_or_default(),
+        namespace: svc.namespace.clone(),
+        name: svc.name.clone(),
     }
 }
 
 /// Whether kube-proxy would leave this Service alone (and so do we).
-pub fn ignored(svc: &Service) -> bool {
-    let labels = svc.metadata.labels.as_ref();
-    if labels
-        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
-    {
+pub fn ignored(svc: &ServiceObject) -> bool {
+    if svc.labelled_away || !svc.has_spec || svc.type_.as_deref() == Some("ExternalName") {
         return true;
     }
-    let Some(spec) = svc.spec.as_ref() else {
-        return true;
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return true;
-    }
-    match spec.cluster_ip.as_deref() {
-        None | Some("") | Some("None") => true,
-        Some(_) => false,
-    }
+    matches!(svc.cluster_ip.as_deref(), None | Some("") | Some("None"))
 }
 
 /// Whether `slice` belongs to the service `namespace/name` (and kube-proxy would read it).
-pub fn slice_of(slice: &EndpointSlice, namespace: &str, name: &str) -> bool {
-    let labels = slice.metadata.labels.as_ref();
-    slice.metadata.namespace.as_deref().unwrap_or_default() == namespace
-        && labels
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            .is_some_and(|n| n == name)
-        && !labels.is_some_and(|l| {
-            l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL)
-        })
+pub fn slice_of(slice: &SliceObject, namespace: &str, name: &str) -> bool {
+    slice.namespace == namespace && slice.service.as_deref() == Some(name) && !slice.labelled_away
 }
 
 fn parse_proto(p: Option<&str>) -> Result<u8, String> {
@@ -155,13 +136,12 @@ struct Condition {
 }
 
 impl Condition {
-    fn of(ep: &Endpoint) -> Self {
-        let c = ep.conditions.as_ref();
-        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    fn of(ep: &EndpointObject) -> Self {
+        let ready = ep.ready.unwrap_or(true);
         Self {
             ready,
-            serving: c.and_then(|c| c.serving).unwrap_or(ready),
-            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+            serving: ep.serving.unwrap_or(ready),
+            terminating: ep.terminating.unwrap_or(false),
         }
     }
 
@@ -188,9 +168,9 @@ struct Endpointish {
 
 /// The endpoints of one service port, merged over the service's slices.
 fn endpoints_for_port(
-    port: &ServicePort,
+    port: &PortObject,
     port_proto: u8,
-    slices: &[&EndpointSlice],
+    slices: &[&SliceObject],
     node: &NodeContext,
     problems: &mut Vec<Problem>,
 ) -> Vec<Endpointish> {
@@ -199,13 +179,13 @@ fn endpoints_for_port(
     for slice in slices {
         let slice_key = ObjectKey {
             kind: Kind::EndpointSlice,
-            namespace: slice.metadata.namespace.clone().unwrap_or_default(),
-            name: slice.metadata.name.clone().unwrap_or_default(),
+            namespace: slice.namespace.clone(),
+            name: slice.name.clone(),
         };
         if slice.address_type != "IPv4" {
             continue;
         }
-        let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
+        let Some(slice_port) = slice.ports.iter().find(|p| {
             p.name.as_deref().unwrap_or_default() == port_name
                 && parse_proto(p.protocol.as_deref()) == Ok(port_proto)
         }) else {
@@ -227,21 +207,22 @@ fn endpoints_for_port(
         };
         for ep in &slice.endpoints {
             // kube-proxy uses an endpoint's first address.
-            let Some(first) = ep.addresses.first() else {
-                continue;
-            };
-            let Ok(ip) = Ipv4Addr::from_str(first) else {
-                problems.push(Problem {
-                    object: slice_key.clone(),
-                    reason: format!("endpoint address {first:?} is not an IPv4 address"),
-                    error: true,
-                });
-                continue;
+            let ip = match &ep.address {
+                None => continue,
+                Some(EndpointAddress::V4(ip)) => *ip,
+                Some(EndpointAddress::Invalid(first)) => {
+                    problems.push(Problem {
+                        object: slice_key.clone(),
+                        reason: format!("endpoint address {first:?} is not an IPv4 address"),
+                        error: true,
+                    });
+                    continue;
+                }
             };
             let addr = SocketAddrV4::new(ip, number);
             let found = Endpointish {
                 addr,
-                local: ep.node_name.as_deref().is_some_and(|n| n == node.name),
+                local: ep.node_name.as_deref().is_some_and(|n| *n == *node.name),
                 condition: Condition::of(ep),
             };
             merged
@@ -323,8 +304,8 @@ fn source_ranges(
 /// Translates one Service and its EndpointSlices. `None` when the service is ignored or invalid
 /// (the problems say why); invalid parts of a valid service are skipped and reported.
 pub fn service(
-    svc: &Service,
-    slices: &[&EndpointSlice],
+    svc: &ServiceObject,
+    slices: &[&SliceObject],
     node: &NodeContext,
 ) -> (Option<ServiceModel>, Vec<Problem>) {
     let object = service_key(svc);
@@ -332,9 +313,7 @@ pub fn service(
     if ignored(svc) {
         return (None, problems);
     }
-    let Some(spec) = svc.spec.as_ref() else {
-        return (None, problems);
-    };
+    let spec = svc;
     let error = |reason: String| Problem {
         object: object.clone(),
         reason,
@@ -342,9 +321,10 @@ pub fn service(
     };
 
     let mut cluster_ips = Vec::new();
-    let listed: Vec<&String> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.iter().collect(),
-        _ => spec.cluster_ip.iter().collect(),
+    let listed: Vec<&String> = if spec.cluster_ips.is_empty() {
+        spec.cluster_ip.iter().collect()
+    } else {
+        spec.cluster_ips.iter().collect()
     };
     for ip in listed {
         if ip.contains(':') {
@@ -369,7 +349,7 @@ pub fn service(
     }
 
     let mut external_ips = Vec::new();
-    for ip in spec.external_ips.iter().flatten() {
+    for ip in &spec.external_ips {
         match Ipv4Addr::from_str(ip) {
             Ok(addr) => external_ips.push(addr),
             Err(_) if ip.contains(':') => problems.push(Problem {
@@ -389,12 +369,7 @@ pub fn service(
     let lb_type = spec.type_.as_deref() == Some("LoadBalancer");
     let mut lb_ips = Vec::new();
     if lb_type {
-        for ingress in svc
-            .status
-            .iter()
-            .flat_map(|s| s.load_balancer.iter())
-            .flat_map(|l| l.ingress.iter().flatten())
-        {
+        for ingress in &svc.lb_ingress {
             // ipMode Proxy: the load balancer proxies to the nodes itself; kube-proxy programs
             // nothing for that IP.
             if ingress.ip_mode.as_deref() == Some("Proxy") {
@@ -417,23 +392,14 @@ pub fn service(
             }
         }
     }
-    let ranges = match source_ranges(
-        spec.load_balancer_source_ranges
-            .as_deref()
-            .unwrap_or_default(),
-        &object,
-        &mut problems,
-    ) {
+    let ranges = match source_ranges(&spec.load_balancer_source_ranges, &object, &mut problems) {
         Ok(r) => r,
         Err(reason) => return (None, vec![error(reason)]),
     };
 
     let affinity_timeout_s = if spec.session_affinity.as_deref() == Some("ClientIP") {
         let timeout = spec
-            .session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
+            .affinity_timeout_s
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S as i32);
         if !(1..=MAX_AFFINITY_TIMEOUT_S).contains(&timeout) {
             return (
@@ -457,7 +423,7 @@ pub fn service(
     let mut model = ServiceModel::default();
     let mut local_ready_total = 0usize;
     let mut seen_ports = BTreeSet::new();
-    for port in spec.ports.iter().flatten() {
+    for port in &spec.ports {
         let port_proto = match parse_proto(port.protocol.as_deref()) {
             Ok(p) => p,
             Err(reason) => {
@@ -502,10 +468,9 @@ pub fn service(
                     SetKind::Local => &local,
                 };
                 let name = set(set_kind);
-                model
-                    .sets
-                    .entry(name.clone())
-                    .or_insert_with(|| members.clone());
+                if model.set(&name).is_none() {
+                    model.sets.push((name.clone(), members.clone()));
+                }
                 let selectable = members.iter().any(DesiredBackend::selectable);
                 let mut source_ranges = Vec::new();
                 if kind == FrontendKind::LoadBalancer && !ranges.is_empty() {
@@ -582,49 +547,25 @@ pub fn service(
     (Some(model), problems)
 }
 
-/// One translated Service, with what decides which of two services claiming the same frontend
-/// wins (the older one, then the smaller namespace/name, as stable as kube-proxy's ordering).
+/// One translated Service, with its creation time (which decides which of two services claiming
+/// the same frontend wins: the older one).
 pub struct Translated<'a> {
     pub object: &'a ObjectKey,
     pub created: Option<String>,
     pub model: &'a ServiceModel,
 }
 
-/// Merges per-service models into the whole desired state. A frontend claimed by two services
-/// goes to the older one; the other's claim is reported and skipped (the rest of it works).
+/// Merges per-service models into the whole desired state (what the agent keeps up to date
+/// incrementally with [`crate::desired::DesiredState`]).
 pub fn assemble<'a>(services: impl IntoIterator<Item = Translated<'a>>) -> (Desired, Vec<Problem>) {
-    let mut ordered: Vec<Translated<'a>> = services.into_iter().collect();
-    ordered.sort_by(|a, b| {
-        let age = |t: &Translated<'_>| (t.created.is_none(), t.created.clone());
-        age(a).cmp(&age(b)).then_with(|| a.object.cmp(b.object))
-    });
-    let mut desired = Desired::default();
-    let mut owner: BTreeMap<FrontendKey, &ObjectKey> = BTreeMap::new();
+    let mut state = crate::desired::DesiredState::default();
     let mut problems = Vec::new();
-    for t in ordered {
-        for f in &t.model.frontends {
-            if let Some(first) = owner.get(&f.key) {
-                if *first != t.object {
-                    problems.push(Problem {
-                        object: t.object.clone(),
-                        reason: format!(
-                            "frontend {} is already claimed by {first}; skipped",
-                            f.key
-                        ),
-                        error: true,
-                    });
-                }
-                continue;
-            }
-            owner.insert(f.key, t.object);
-            desired.frontends.insert(f.key, f.clone());
-        }
-        for (name, members) in &t.model.sets {
-            desired.sets.insert(name.clone(), members.clone());
-        }
+    for t in services {
+        let id = (t.object.namespace.clone(), t.object.name.clone());
+        problems.extend(state.set_service(id, t.created, Some(t.model.clone())));
     }
-    // Sets no surviving frontend uses are not programmed.
-    let used: BTreeSet<&SetName> = desired.frontends.values().map(|f| &f.set).collect();
-    desired.sets.retain(|name, _| used.contains(name));
-    (desired, problems)
+    // With three or more claimants a loser may be reported twice.
+    problems.sort();
+    problems.dedup();
+    (state.desired().clone(), problems)
 }

@@ -1,13 +1,16 @@
 //! Carries out a [`Plan`] on the maps, in the plan's order. Maglev tables are built on every
 //! core while the writes go on.
 
-use std::{collections::BTreeSet, net::SocketAddrV4, sync::mpsc, thread};
+use std::{collections::BTreeSet, net::SocketAddrV4, thread};
 
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
 use lb_common::{
     Be32,
     conntrack::FlowKey,
-    maps::{self as names, AffinityKey, Backend, ServiceStats, SourceRange},
+    maps::{
+        self as names, AddrInfo, AffinityKey, Backend, Service, ServiceKey, ServiceStats,
+        SourceRange,
+    },
     net::proto,
 };
 
@@ -58,8 +61,8 @@ fn range_key(range_id: u32, net: &ipnet::Ipv4Net) -> Key<SourceRange> {
     )
 }
 
-/// Builds the tables of `writes` on worker threads and installs them from this one, in order of
-/// completion (each table swap is atomic on its own).
+/// Builds the tables of `writes` on every core (Maglev and filling the table's map), then
+/// installs them all with one batch update.
 fn install_tables(maps: &mut Maps, writes: &[TableWrite]) -> Result<(), WriteError> {
     if writes.is_empty() {
         return Ok(());
@@ -67,46 +70,60 @@ fn install_tables(maps: &mut Maps, writes: &[TableWrite]) -> Result<(), WriteErr
     let workers = thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(writes.len());
-    let (tx, rx) = mpsc::sync_channel::<(u32, Result<Vec<u32>, maglev::MaglevError>)>(workers * 4);
-    thread::scope(|scope| {
-        for worker in 0..workers {
-            let tx = tx.clone();
-            scope.spawn(move || {
-                let mut buffer = Vec::new();
-                for write in writes.iter().skip(worker).step_by(workers) {
-                    let members: Vec<MaglevBackend> = write
-                        .members
-                        .iter()
-                        .map(|(id, addr)| MaglevBackend {
-                            id: *id,
-                            key: maglev::backend_key(*addr),
-                            weight: 1,
-                        })
-                        .collect();
-                    let built = maglev::build_table_into(&members, write.table_size, &mut buffer)
-                        .map(|()| buffer.clone());
-                    if tx.send((write.set_id, built)).is_err() {
-                        return;
+    let built: Vec<Result<(u32, aya::maps::MapData), WriteError>> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|worker| {
+                scope.spawn(move || {
+                    let mut buffer = Vec::new();
+                    let mut out = Vec::new();
+                    for write in writes.iter().skip(worker).step_by(workers) {
+                        let members: Vec<MaglevBackend> = write
+                            .members
+                            .iter()
+                            .map(|(id, addr)| MaglevBackend {
+                                id: *id,
+                                key: maglev::backend_key(*addr),
+                                weight: 1,
+                            })
+                            .collect();
+                        let result =
+                            maglev::build_table_into(&members, write.table_size, &mut buffer)
+                                .map_err(|source| WriteError::Maglev {
+                                    set_id: write.set_id,
+                                    source,
+                                })
+                                .and_then(|()| {
+                                    Ok((
+                                        write.set_id,
+                                        Maps::build_maglev_map(write.set_id, &buffer)?,
+                                    ))
+                                });
+                        out.push(result);
                     }
-                }
-            });
-        }
-        drop(tx);
-        for (set_id, built) in rx {
-            let table = built.map_err(|source| WriteError::Maglev { set_id, source })?;
-            maps.set_maglev_table(set_id, &table)?;
-        }
-        Ok(())
-    })
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("table builder panicked"))
+            .collect()
+    });
+    let tables = built.into_iter().collect::<Result<Vec<_>, _>>()?;
+    maps.install_maglev_maps(&tables)?;
+    Ok(())
 }
 
 /// Writes `plan`. On error the maps may hold part of it: the caller re-reads them before planning
 /// again.
 pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
-    for (id, value) in &plan.backends {
-        maps.backends
-            .set(*id, value, 0)
-            .map_err(write_err(names::LB_BACKENDS))?;
+    let (ids, values): (Vec<u32>, Vec<Backend>) = plan.backends.iter().copied().unzip();
+    if !maps.update_batch(names::LB_BACKENDS, &ids, &values)? {
+        for (id, value) in &plan.backends {
+            maps.backends
+                .set(*id, value, 0)
+                .map_err(write_err(names::LB_BACKENDS))?;
+        }
     }
     for (range_id, net) in &plan.ranges_added {
         maps.src_ranges
@@ -132,15 +149,21 @@ pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
                 .map_err(write_err(names::LB_SVC_STATS))?;
         }
     }
-    for (key, value) in &plan.frontends {
-        maps.services
-            .insert(key, value, 0)
-            .map_err(write_err(names::LB_SERVICES))?;
+    let (keys, values): (Vec<ServiceKey>, Vec<Service>) = plan.frontends.iter().copied().unzip();
+    if !maps.update_batch(names::LB_SERVICES, &keys, &values)? {
+        for (key, value) in &plan.frontends {
+            maps.services
+                .insert(key, value, 0)
+                .map_err(write_err(names::LB_SERVICES))?;
+        }
     }
-    for (addr, info) in &plan.addrs {
-        maps.addrs
-            .insert(addr, info, 0)
-            .map_err(write_err(names::LB_ADDRS))?;
+    let (keys, values): (Vec<Be32>, Vec<AddrInfo>) = plan.addrs.iter().copied().unzip();
+    if !maps.update_batch(names::LB_ADDRS, &keys, &values)? {
+        for (addr, info) in &plan.addrs {
+            maps.addrs
+                .insert(addr, info, 0)
+                .map_err(write_err(names::LB_ADDRS))?;
+        }
     }
     for addr in &plan.addrs_removed {
         absent_ok(maps.addrs.remove(addr)).map_err(write_err(names::LB_ADDRS))?;

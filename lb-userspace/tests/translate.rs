@@ -11,7 +11,10 @@ use k8s_openapi::api::{
 };
 use lb::{
     model::{Desired, DesiredFrontend, FrontendKind, HealthCheck, ServiceModel, SetKind},
-    source::{Object, files},
+    source::{
+        Object, files,
+        objects::{ServiceObject, SliceObject},
+    },
     translate::{self, NodeContext, Problem, Translated},
 };
 use lb_common::{maps::scope, net::proto};
@@ -49,6 +52,7 @@ fn translate_with(fixtures: &[&str], nodeport_cidrs: &[Ipv4Net]) -> Result {
             .find(|n| n.metadata.name.as_deref() == Some("n1")),
         nodeport_cidrs,
     );
+    let slices: Vec<SliceObject> = slices.iter().map(SliceObject::from).collect();
     let mut models = BTreeMap::new();
     let mut keys = BTreeMap::new();
     let mut problems = Vec::new();
@@ -57,11 +61,11 @@ fn translate_with(fixtures: &[&str], nodeport_cidrs: &[Ipv4Net]) -> Result {
             svc.metadata.namespace.clone().unwrap(),
             svc.metadata.name.clone().unwrap(),
         );
-        let own: Vec<&EndpointSlice> = slices
+        let own: Vec<&SliceObject> = slices
             .iter()
             .filter(|s| translate::slice_of(s, &ns, &name))
             .collect();
-        let (model, found) = translate::service(svc, &own, &node);
+        let (model, found) = translate::service(&ServiceObject::from(svc), &own, &node);
         problems.extend(found);
         if let Some(model) = model {
             let key = lb::source::ObjectKey {

@@ -29,8 +29,8 @@ const SELF_HEAL_PERIOD: Duration = Duration::from_secs(60);
 /// How often it samples the conntrack fill level for metrics.
 const SAMPLE_PERIOD: Duration = Duration::from_secs(15);
 /// Updates taken from the source before programming, at most (keeps latency bounded while a
-/// large initial list streams in).
-const BATCH: usize = 4096;
+/// large initial list streams in), and the source channel's size (objects in flight).
+const BATCH: usize = 1024;
 
 /// Runs the agent until SIGTERM or SIGINT. The datapath stays in place afterwards (pinned): a
 /// restarted agent takes it over without dropping a connection.

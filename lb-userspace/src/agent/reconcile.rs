@@ -1,9 +1,10 @@
 //! The agent's reconcile step: objects in, map writes out. Services touched since the last step
-//! are translated again (the others keep their cached translation), the whole desired state is
-//! assembled, and the planner's difference against the shadow of the maps is written.
+//! are translated again and replace their part of the desired state; the planner then looks at
+//! what they touched only (everything on the first sync and on periodic resyncs), and its
+//! difference against the shadow of the maps is written.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     time::{Instant, SystemTime},
 };
 
@@ -12,9 +13,10 @@ use tracing::{debug, info, warn};
 
 use crate::{
     adopt,
+    desired::DesiredState,
     maps::Maps,
-    model::{HealthCheck, ServiceModel},
-    planner::{self, Limits, Programmed},
+    model::HealthCheck,
+    planner::{self, Extent, Limits, Programmed},
     source::{
         Kind, Update,
         store::{Dirty, ServiceId, Store},
@@ -24,13 +26,6 @@ use crate::{
 };
 
 use super::metrics::{KindLabel, MapLabel, Metrics};
-
-/// A cached translation.
-struct Translated {
-    model: ServiceModel,
-    created: Option<String>,
-    object: crate::source::ObjectKey,
-}
 
 /// What one sync did.
 #[derive(Clone, Debug, Default)]
@@ -48,12 +43,12 @@ pub struct Reconciler {
     dirty: Dirty,
     /// When the oldest change not yet programmed was seen.
     pending_since: Option<Instant>,
-    translated: BTreeMap<ServiceId, Translated>,
+    desired: DesiredState,
     /// Problems last reported per service, so each is logged once, not on every sync.
     reported: BTreeMap<ServiceId, Vec<Problem>>,
-    conflicts: Vec<Problem>,
     node: NodeContext,
-    /// The shadow of the maps; `None` until adopted (and after a failed write).
+    /// The shadow of the maps; `None` until adopted (and after a failed write, and when a
+    /// resync is due).
     programmed: Option<Programmed>,
     synced_once: bool,
 }
@@ -71,9 +66,8 @@ impl Reconciler {
             store: Store::default(),
             dirty: Dirty::default(),
             pending_since: None,
-            translated: BTreeMap::new(),
+            desired: DesiredState::default(),
             reported: BTreeMap::new(),
-            conflicts: Vec::new(),
             programmed: None,
             synced_once: false,
         }
@@ -81,7 +75,7 @@ impl Reconciler {
 
     /// Takes one update from the source.
     pub fn apply(&mut self, update: Update, metrics: &Metrics) {
-        let changed_kind = match &update {
+        let changed = match &update {
             Update::Applied(object) => Some(object.key().kind),
             Update::Deleted(key) => Some(key.kind),
             Update::Invalid { origin, reason } => {
@@ -96,7 +90,7 @@ impl Reconciler {
             }
             Update::Listing(_) | Update::Listed(_) => None,
         };
-        match changed_kind {
+        match changed {
             Some(Kind::Service) => {
                 metrics.service_changes.inc();
             }
@@ -130,21 +124,18 @@ impl Reconciler {
 
     /// Health checks of services with externalTrafficPolicy Local, by healthCheckNodePort.
     pub fn health_checks(&self) -> BTreeMap<u16, (String, HealthCheck)> {
-        self.translated
-            .values()
-            .filter_map(|t| {
-                t.model.health_check.map(|hc| {
-                    (
-                        hc.node_port,
-                        (format!("{}/{}", t.object.namespace, t.object.name), hc),
-                    )
-                })
+        self.desired
+            .models()
+            .filter_map(|(id, m)| {
+                m.health_check
+                    .map(|hc| (hc.node_port, (format!("{}/{}", id.0, id.1), hc)))
             })
             .collect()
     }
 
     fn translate_dirty(&mut self, metrics: &Metrics) {
         let dirty = std::mem::take(&mut self.dirty);
+        let mut ids = dirty.services;
         if dirty.node {
             self.node = NodeContext::from_node(
                 &self.node_name,
@@ -152,51 +143,35 @@ impl Reconciler {
                 &self.nodeport_cidrs,
             );
             info!(node = %self.node_name, addresses = ?self.node.nodeport_addrs, "node addresses for NodePorts");
+            ids.extend(
+                self.store
+                    .services()
+                    .map(|(id, _)| id.clone())
+                    .collect::<BTreeSet<_>>(),
+            );
         }
-        let ids: Vec<ServiceId> = if dirty.node {
-            self.store
-                .services()
-                .map(|(id, _)| id.clone())
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .chain(dirty.services)
-                .collect()
-        } else {
-            dirty.services.into_iter().collect()
-        };
         for id in ids {
-            let Some(svc) = self.store.service(&id) else {
-                self.translated.remove(&id);
-                self.reported.remove(&id);
-                continue;
-            };
-            let slices = self.store.slices_of(&id);
-            let (model, problems) = translate::service(svc, &slices, &self.node);
-            let created = svc
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0.to_string());
-            self.report(&id, problems, metrics);
-            match model {
-                Some(model) => {
-                    let object = crate::source::ObjectKey {
-                        kind: Kind::Service,
-                        namespace: id.0.clone(),
-                        name: id.1.clone(),
-                    };
-                    self.translated.insert(
-                        id,
-                        Translated {
-                            model,
-                            created,
-                            object,
-                        },
-                    );
+            let (created, model) = match self.store.service(&id) {
+                Some(svc) => {
+                    let slices = self.store.slices_of(&id);
+                    let (model, problems) = translate::service(svc, &slices, &self.node);
+                    let created = svc.created.clone();
+                    self.report(&id, problems, metrics);
+                    (created, model)
                 }
                 None => {
-                    self.translated.remove(&id);
+                    self.reported.remove(&id);
+                    (None, None)
                 }
+            };
+            for lost in self.desired.set_service(id, created, model) {
+                warn!(object = %lost.object, reason = %lost.reason, "invalid input skipped");
+                metrics
+                    .invalid_objects
+                    .get_or_create(&KindLabel {
+                        kind: "Service".into(),
+                    })
+                    .inc();
             }
         }
     }
@@ -236,35 +211,21 @@ impl Reconciler {
         }
         let started = Instant::now();
         self.translate_dirty(metrics);
-        let (desired, conflicts) =
-            translate::assemble(self.translated.values().map(|t| translate::Translated {
-                object: &t.object,
-                created: t.created.clone(),
-                model: &t.model,
-            }));
-        if conflicts != self.conflicts {
-            for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
-                warn!(object = %c.object, reason = %c.reason, "invalid input skipped");
-                metrics
-                    .invalid_objects
-                    .get_or_create(&KindLabel {
-                        kind: "Service".into(),
-                    })
-                    .inc();
-            }
-            self.conflicts = conflicts;
-        }
+        let scope = self.desired.take_scope();
+        let desired = self.desired.desired();
 
-        let programmed = match self.programmed.take() {
-            Some(p) => p,
-            None => match adopt::adopt(maps, &desired, self.limits.table_size) {
+        // Without a shadow (first sync, resync, after a failure): read the maps and plan
+        // everything; with one: plan what changed.
+        let (mut programmed, extent) = match self.programmed.take() {
+            Some(p) => (p, Extent::Only(&scope)),
+            None => match adopt::adopt(maps, desired, &self.limits) {
                 Ok(p) => {
                     debug!(
                         frontends = p.frontends.len(),
                         backends = p.backends.len(),
                         "adopted the maps' content"
                     );
-                    p
+                    (p, Extent::All)
                 }
                 Err(e) => {
                     warn!(error = %e, "cannot read the maps back; will retry");
@@ -273,7 +234,7 @@ impl Reconciler {
                 }
             },
         };
-        let plan = planner::plan(&desired, &programmed, &self.limits);
+        let plan = planner::plan(desired, &mut programmed, &self.limits, extent);
         for (key, reason) in &plan.overflow {
             warn!(frontend = %key, %reason, "frontend not programmed (its whole service is left out)");
             let map = reason
@@ -287,14 +248,10 @@ impl Reconciler {
                 .inc();
         }
         let writes = plan.writes();
-        let mut programmed = programmed;
-        match writer::write(maps, &plan) {
-            Ok(()) => programmed.commit(plan),
-            Err(e) => {
-                warn!(error = %e, "writing the maps failed; the next sync re-reads them and retries");
-                metrics.sync_failures.inc();
-                return None;
-            }
+        if let Err(e) = writer::write(maps, &plan) {
+            warn!(error = %e, "writing the maps failed; the next sync re-reads them and retries");
+            metrics.sync_failures.inc();
+            return None;
         }
 
         metrics
@@ -312,7 +269,9 @@ impl Reconciler {
         metrics.frontends.set(programmed.frontends.len() as i64);
         metrics.backend_sets.set(programmed.sets.len() as i64);
         metrics.backends.set(programmed.backends.len() as i64);
-        if let Ok(mut names) = metrics.set_names.write() {
+        if writes > 0
+            && let Ok(mut names) = metrics.set_names.write()
+        {
             *names = programmed
                 .sets
                 .iter()
@@ -322,7 +281,7 @@ impl Reconciler {
         let report = SyncReport {
             writes,
             frontends: programmed.frontends.len(),
-            problems: self.reported.values().map(Vec::len).sum::<usize>() + self.conflicts.len(),
+            problems: self.reported.values().map(Vec::len).sum(),
         };
         if !self.synced_once {
             info!(

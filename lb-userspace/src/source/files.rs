@@ -30,10 +30,21 @@ const SETTLE: Duration = Duration::from_millis(5);
 /// A decoded document and a digest of its text (to tell a changed object from a re-saved one).
 type Decoded = (Object, u64);
 
-/// What one file currently contributes.
+/// What one file currently contributes: its objects and their digests (a short list, so a Vec:
+/// there is one per file).
 #[derive(Default)]
 struct FileObjects {
-    objects: BTreeMap<ObjectKey, u64>,
+    objects: Vec<(ObjectKey, u64)>,
+}
+
+impl FileObjects {
+    fn digest(&self, key: &ObjectKey) -> Option<u64> {
+        self.objects.iter().find(|(k, _)| k == key).map(|(_, d)| *d)
+    }
+
+    fn contains(&self, key: &ObjectKey) -> bool {
+        self.digest(key).is_some()
+    }
 }
 
 fn is_config_file(path: &Path) -> bool {
@@ -172,24 +183,30 @@ struct Files {
 impl Files {
     /// Re-reads `path` (gone, changed or new) and returns the updates it implies.
     fn refresh(&mut self, path: &Path) -> Vec<Update> {
-        let (decoded, mut updates) = if path.is_file() {
+        let read = if path.is_file() {
             read_file(path)
         } else {
             (Vec::new(), Vec::new())
         };
+        self.record(path, read)
+    }
+
+    /// Records what `path` holds now (`read`: its decoded objects and problems) and returns the
+    /// updates that implies.
+    fn record(&mut self, path: &Path, read: (Vec<Decoded>, Vec<Update>)) -> Vec<Update> {
+        let (decoded, mut updates) = read;
         let previous = self.files.remove(path).unwrap_or_default();
         let mut now = FileObjects::default();
         for (object, hash) in decoded {
             let key = object.key();
-            if previous.objects.get(&key) != Some(&hash) {
+            if previous.digest(&key) != Some(hash) {
                 updates.push(Update::Applied(object));
             }
-            now.objects.insert(key, hash);
+            now.objects.push((key, hash));
         }
-        for key in previous.objects.keys() {
+        for (key, _) in previous.objects.iter().filter(|(k, _)| !now.contains(k)) {
             // An object that moved to another file is not deleted.
-            let elsewhere = self.files.values().any(|f| f.objects.contains_key(key));
-            if !now.objects.contains_key(key) && !elsewhere {
+            if !self.files.values().any(|f| f.contains(key)) {
                 updates.push(Update::Deleted(key.clone()));
             }
         }
@@ -198,6 +215,36 @@ impl Files {
         }
         updates
     }
+}
+
+/// The initial listing: `paths` read and decoded on every core (YAML decoding dominates it),
+/// their updates sent as they come, so that at most a few files' objects are in memory at once.
+fn list_all(files: &mut Files, paths: &[PathBuf], tx: &mpsc::Sender<Update>) -> Result<()> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(paths.len().max(1));
+    let (done_tx, done) =
+        std::sync::mpsc::sync_channel::<(usize, (Vec<Decoded>, Vec<Update>))>(workers * 4);
+    std::thread::scope(|scope| {
+        for worker in 0..workers {
+            let done_tx = done_tx.clone();
+            scope.spawn(move || {
+                for (index, path) in paths.iter().enumerate().skip(worker).step_by(workers) {
+                    if done_tx.send((index, read_file(path))).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        for (index, read) in done {
+            for update in files.record(&paths[index], read) {
+                tx.blocking_send(update)
+                    .map_err(|_| anyhow::anyhow!("the agent stopped listening"))?;
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Runs the files source: an initial full listing, then updates as files change, until the
@@ -229,11 +276,13 @@ pub async fn run(root: PathBuf, tx: mpsc::Sender<Update>) -> Result<()> {
     for kind in Kind::ALL {
         send(&tx, Update::Listing(kind)).await?;
     }
-    for path in config_files(&root)? {
-        for update in files.refresh(&path) {
-            send(&tx, update).await?;
-        }
-    }
+    let paths = config_files(&root)?;
+    let listing_tx = tx.clone();
+    let mut files = tokio::task::spawn_blocking(move || {
+        list_all(&mut files, &paths, &listing_tx).map(|()| files)
+    })
+    .await
+    .context("the initial listing panicked")??;
     for kind in Kind::ALL {
         send(&tx, Update::Listed(kind)).await?;
     }
@@ -241,6 +290,8 @@ pub async fn run(root: PathBuf, tx: mpsc::Sender<Update>) -> Result<()> {
     while let Some(event) = events.recv().await {
         let mut changed = BTreeSet::new();
         let mut collect = |event: notify::Result<notify::Event>| match event {
+            // Reads (ours included: reading a file reports it opened and accessed) change nothing.
+            Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => {}
             Ok(e) => changed.extend(e.paths),
             Err(e) => tracing::warn!(error = %e, "file watch error"),
         };

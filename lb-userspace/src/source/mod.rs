@@ -3,6 +3,7 @@
 
 pub mod files;
 pub mod kube;
+pub mod objects;
 pub mod store;
 
 use k8s_openapi::api::{

@@ -3,12 +3,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Node;
 
-use super::{Kind, Object, ObjectKey, SERVICE_NAME_LABEL, Update};
+use super::{
+    Kind, Object, ObjectKey, Update,
+    objects::{ServiceObject, SliceObject},
+};
 
 /// A Service's namespace and name.
 pub type ServiceId = (String, String);
@@ -29,8 +29,8 @@ impl Dirty {
 
 #[derive(Default)]
 pub struct Store {
-    services: BTreeMap<ServiceId, Service>,
-    slices: BTreeMap<ServiceId, EndpointSlice>,
+    services: BTreeMap<ServiceId, ServiceObject>,
+    slices: BTreeMap<ServiceId, SliceObject>,
     /// Service -> names of its slices.
     slices_of: BTreeMap<ServiceId, BTreeSet<String>>,
     nodes: BTreeMap<String, Node>,
@@ -39,12 +39,8 @@ pub struct Store {
     listed: BTreeSet<Kind>,
 }
 
-fn slice_service(slice: &EndpointSlice) -> Option<ServiceId> {
-    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some((
-        slice.metadata.namespace.clone().unwrap_or_default(),
-        name.clone(),
-    ))
+fn slice_service(slice: &SliceObject) -> Option<ServiceId> {
+    Some((slice.namespace.clone(), slice.service.clone()?))
 }
 
 impl Store {
@@ -53,15 +49,15 @@ impl Store {
         Kind::ALL.iter().all(|k| self.listed.contains(k))
     }
 
-    pub fn services(&self) -> impl Iterator<Item = (&ServiceId, &Service)> {
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceId, &ServiceObject)> {
         self.services.iter()
     }
 
-    pub fn service(&self, id: &ServiceId) -> Option<&Service> {
+    pub fn service(&self, id: &ServiceId) -> Option<&ServiceObject> {
         self.services.get(id)
     }
 
-    pub fn slices_of(&self, id: &ServiceId) -> Vec<&EndpointSlice> {
+    pub fn slices_of(&self, id: &ServiceId) -> Vec<&SliceObject> {
         let Some(names) = self.slices_of.get(id) else {
             return Vec::new();
         };
@@ -138,9 +134,10 @@ impl Store {
         match object {
             Object::Service(svc) => {
                 dirty.services.insert(id.clone());
-                self.services.insert(id, *svc);
+                self.services.insert(id, ServiceObject::from(&*svc));
             }
             Object::EndpointSlice(slice) => {
+                let slice = SliceObject::from(&*slice);
                 let new_owner = slice_service(&slice);
                 if let Some(old) = self.slices.get(&id).and_then(slice_service)
                     && Some(&old) != new_owner.as_ref()
@@ -155,7 +152,7 @@ impl Store {
                         .insert(key.name.clone());
                     dirty.services.insert(owner);
                 }
-                self.slices.insert(id, *slice);
+                self.slices.insert(id, slice);
             }
             Object::Node(node) => {
                 if key.name == node_name {
