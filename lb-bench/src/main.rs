@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: measures the load balancer against baselines run in the same invocation
 //! and writes the raw figures to `bench/results/`.
 
+mod agent;
 mod datapath;
 
 use std::{fs, path::PathBuf, time::Instant};
@@ -21,6 +22,18 @@ struct Cli {
     /// Numbers of services to measure at.
     #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
     services: Vec<u32>,
+    /// Services of the agent benchmark (each with --endpoints endpoints).
+    #[arg(long, default_value_t = 10_000)]
+    agent_services: u32,
+    /// Endpoints per service in the agent benchmark.
+    #[arg(long, default_value_t = 10)]
+    endpoints: u32,
+    /// Endpoint changes timed in the agent benchmark.
+    #[arg(long, default_value_t = 100)]
+    changes: usize,
+    /// Only these parts (datapath, agent); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Where the JSON results go.
     #[arg(long, default_value = "bench/results")]
     output: PathBuf,
@@ -38,6 +51,7 @@ struct Results {
     date: String,
     machine: Machine,
     datapath: Vec<datapath::Figure>,
+    agent: Option<agent::AgentFigures>,
 }
 
 fn machine() -> Machine {
@@ -112,13 +126,50 @@ fn main() -> Result<()> {
     let calls = cli.calls.unwrap_or(if cli.quick { 5_000 } else { 20_000 });
     let started = Instant::now();
     let mut progress = |what: &str| eprintln!("[{:>6.1}s] {what}", started.elapsed().as_secs_f64());
-    let figures = datapath::run(&cli.services, calls, &mut progress)?;
-    print_datapath(&figures, &cli.services);
+    let wants = |part: &str| cli.only.is_empty() || cli.only.iter().any(|p| p == part);
+    let mut figures = Vec::new();
+    if wants("datapath") {
+        figures = datapath::run(&cli.services, calls, &mut progress)?;
+        print_datapath(&figures, &cli.services);
+    }
+    let mut agent_figures = None;
+    if wants("agent") {
+        let agent_bin = std::env::current_exe()?.with_file_name("lb-agent");
+        let services = if cli.quick {
+            cli.agent_services.min(2_000)
+        } else {
+            cli.agent_services
+        };
+        let table_size = lb_common::maps::maglev::DEFAULT_TABLE_SIZE;
+        let f = agent::run(
+            &agent_bin,
+            services,
+            cli.endpoints,
+            cli.changes,
+            table_size,
+            &mut progress,
+        )?;
+        println!(
+            "\nAgent: {} services x {} endpoints (Maglev M = {}), YAML source",
+            f.services, f.endpoints_per_service, f.table_size
+        );
+        println!(
+            "  full sync: {:.2} s from start to ready, of which the first sync {:.2} s (goal: under 1 s)",
+            f.start_to_ready_s, f.first_sync_s
+        );
+        println!(
+            "  endpoint change to map: p50 {:.1} ms, p99 {:.1} ms over {} changes (goal: p99 under 50 ms)",
+            f.change_latency_p50_ms, f.change_latency_p99_ms, f.changes
+        );
+        println!("  peak RSS: {:.1} MiB (goal: under 50 MiB)", f.peak_rss_mib);
+        agent_figures = Some(f);
+    }
 
     let results = Results {
         date: now_stamp(),
         machine: machine(),
         datapath: figures,
+        agent: agent_figures,
     };
     fs::create_dir_all(&cli.output)
         .with_context(|| format!("cannot create {}", cli.output.display()))?;
