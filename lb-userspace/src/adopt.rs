@@ -16,7 +16,7 @@ use lb_common::maps::{self as names, addr_flags};
 
 use crate::{
     maps::{Maps, MapsError},
-    model::{Desired, DesiredFrontend, FrontendKey, FrontendKind, SetName},
+    model::{Desired, DesiredFrontend, FrontendKey, FrontendKind, Members, SetName},
     planner::{
         AddrState, BackendState, FrontendState, IdAlloc, Limits, Programmed, RangeState, SetState,
         table_digest, table_size,
@@ -95,19 +95,19 @@ pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programm
         if claims.iter().any(|c| c.0 != id) || !taken.insert(id) {
             continue;
         }
-        let mut sorted = members.clone();
+        let mut sorted = members.to_vec();
         sorted.sort_unstable();
         let current = table_size(&sorted, limits) == current_size
             && digest == table_digest(&sorted, current_size);
         // Members are taken as desired only when the table proves them current; otherwise the
         // planner rewrites the table (its members are unknown).
-        let members = if current {
+        let members: Members = if current {
             sorted
                 .into_iter()
                 .filter(|b| programmed.backends.contains_key(&b.addr))
                 .collect()
         } else {
-            Vec::new()
+            Members::default()
         };
         programmed.sets.insert(
             name.clone(),
@@ -126,7 +126,7 @@ pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programm
 
     // Reference counts, from what refers to what.
     for set in programmed.sets.values() {
-        for b in &set.members {
+        for b in set.members.iter() {
             if let Some(state) = programmed.backends.get_mut(&b.addr) {
                 state.refs += 1;
             }

@@ -5,7 +5,10 @@
 //! A frontend claimed by two Services goes to the older one (then the smaller namespace/name);
 //! the other's claim is reported and waits: if the winner lets the frontend go, it moves over.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use crate::{
     model::{Desired, DesiredFrontend, FrontendKey, ServiceModel, SetName},
@@ -24,14 +27,15 @@ struct Claim {
 
 struct Entry {
     model: ServiceModel,
-    claim: Claim,
+    /// Shared with the claims list of each of its frontends.
+    claim: Arc<Claim>,
 }
 
 #[derive(Default)]
 pub struct DesiredState {
     services: BTreeMap<ServiceId, Entry>,
     /// Claims per frontend, sorted (almost always one: a Vec, not a set).
-    claims: BTreeMap<FrontendKey, Vec<Claim>>,
+    claims: BTreeMap<FrontendKey, Vec<Arc<Claim>>>,
     desired: Desired,
     /// Winning frontends per set: a set is desired while some use it.
     set_refs: BTreeMap<SetName, usize>,
@@ -68,11 +72,11 @@ impl DesiredState {
         created: Option<String>,
         model: Option<ServiceModel>,
     ) -> Vec<Problem> {
-        let claim = Claim {
+        let claim = Arc::new(Claim {
             undated: created.is_none(),
             created,
             service: service.clone(),
-        };
+        });
         let old = self.services.remove(&service);
         let mut touched_keys: BTreeSet<FrontendKey> = BTreeSet::new();
         let mut touched_sets: BTreeSet<SetName> = BTreeSet::new();

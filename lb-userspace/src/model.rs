@@ -5,6 +5,8 @@ use std::{
     collections::BTreeMap,
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
+    ops::Deref,
+    sync::Arc,
 };
 
 use ipnet::Ipv4Net;
@@ -26,15 +28,46 @@ pub enum SetKind {
     Local,
 }
 
-/// Names a backend set: one port of one Service, and which of its endpoints.
+/// Names a backend set: one port of one Service, and which of its endpoints. A shared handle:
+/// the desired state, the planner's shadow and the metrics all name the same sets, and a clone
+/// costs a reference count rather than three strings.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SetName {
+pub struct SetName(Arc<SetNameParts>);
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SetNameParts {
     pub namespace: String,
     pub service: String,
     /// The service port's name ("" for a single unnamed port).
     pub port_name: String,
     pub proto: u8,
     pub kind: SetKind,
+}
+
+impl SetName {
+    pub fn new(
+        namespace: impl Into<String>,
+        service: impl Into<String>,
+        port_name: impl Into<String>,
+        proto: u8,
+        kind: SetKind,
+    ) -> Self {
+        Self(Arc::new(SetNameParts {
+            namespace: namespace.into(),
+            service: service.into(),
+            port_name: port_name.into(),
+            proto,
+            kind,
+        }))
+    }
+}
+
+impl Deref for SetName {
+    type Target = SetNameParts;
+
+    fn deref(&self) -> &SetNameParts {
+        &self.0
+    }
 }
 
 impl fmt::Display for SetName {
@@ -61,6 +94,10 @@ pub fn proto_name(l4_proto: u8) -> &'static str {
         _ => "?",
     }
 }
+
+/// The endpoints of a backend set, sorted by address. Shared, not copied, between a service's
+/// translation, the desired state and the planner's shadow of the maps.
+pub type Members = Arc<[DesiredBackend]>;
 
 /// One endpoint of a backend set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -153,7 +190,7 @@ pub struct DesiredFrontend {
 /// service has a handful of each, and the agent keeps one model per Service of the cluster.)
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceModel {
-    pub sets: Vec<(SetName, Vec<DesiredBackend>)>,
+    pub sets: Vec<(SetName, Members)>,
     pub frontends: Vec<DesiredFrontend>,
     /// healthCheckNodePort and this node's ready endpoint count (externalTrafficPolicy Local).
     pub health_check: Option<HealthCheck>,
@@ -161,7 +198,7 @@ pub struct ServiceModel {
 
 impl ServiceModel {
     /// The members of one of its sets.
-    pub fn set(&self, name: &SetName) -> Option<&Vec<DesiredBackend>> {
+    pub fn set(&self, name: &SetName) -> Option<&Members> {
         self.sets.iter().find(|(n, _)| n == name).map(|(_, m)| m)
     }
 }
@@ -175,7 +212,7 @@ pub struct HealthCheck {
 /// The whole desired state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub sets: BTreeMap<SetName, Vec<DesiredBackend>>,
+    pub sets: BTreeMap<SetName, Members>,
     pub frontends: BTreeMap<FrontendKey, DesiredFrontend>,
 }
 

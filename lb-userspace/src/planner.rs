@@ -25,7 +25,9 @@ use lb_common::{
     net::proto,
 };
 
-use crate::model::{Desired, DesiredBackend, DesiredFrontend, FrontendKey, FrontendKind, SetName};
+use crate::model::{
+    Desired, DesiredBackend, DesiredFrontend, FrontendKey, FrontendKind, Members, SetName,
+};
 
 /// Map capacities the plan must fit in (entries).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,7 +98,7 @@ pub struct BackendState {
 pub struct SetState {
     pub id: u32,
     /// Sorted by address.
-    pub members: Vec<DesiredBackend>,
+    pub members: Members,
     /// The Maglev table's size, 0 when the set has no table.
     pub table_size: u32,
 }
@@ -247,10 +249,14 @@ pub fn table_size(members: &[DesiredBackend], limits: &Limits) -> u32 {
     }
 }
 
-fn sorted(members: &[DesiredBackend]) -> Vec<DesiredBackend> {
+/// `members` sorted by address (the translation already sorts them: then they are shared).
+fn sorted(members: &Members) -> Members {
+    if members.is_sorted() {
+        return members.clone();
+    }
     let mut m = members.to_vec();
     m.sort_unstable();
-    m
+    m.into()
 }
 
 /// Plans the writes that make the maps hold `desired` (within `extent`), and updates `current`
@@ -493,7 +499,7 @@ fn overflowing(
 /// its established flows).
 fn upsert_set(
     name: &SetName,
-    members: &[DesiredBackend],
+    members: &Members,
     current: &mut Programmed,
     limits: &Limits,
     plan: &mut Plan,
@@ -519,16 +525,19 @@ fn upsert_set(
             id
         }
     };
-    let old_members = old
-        .as_ref()
-        .map(|o| o.members.as_slice())
-        .unwrap_or_default();
+    let old_members: &[DesiredBackend] = old.as_ref().map(|o| &*o.members).unwrap_or_default();
+    let in_old = |addr: &SocketAddrV4| old_members.binary_search_by_key(addr, |o| o.addr).is_ok();
+    let wanted_selectable = |addr: &SocketAddrV4| {
+        wanted
+            .binary_search_by_key(addr, |b| b.addr)
+            .is_ok_and(|at| wanted[at].selectable())
+    };
     // New references first, so that no slot is freed and retaken within one plan.
-    for b in &wanted {
+    for b in wanted.iter() {
         let value = backend_value(b);
         match current.backends.get_mut(&b.addr) {
             Some(state) => {
-                if !old_members.iter().any(|o| o.addr == b.addr) {
+                if !in_old(&b.addr) {
                     state.refs += 1;
                 }
                 if state.value != value {
@@ -552,7 +561,7 @@ fn upsert_set(
     // the slots of backends that left the set entirely are released.
     for gone in old_members
         .iter()
-        .filter(|o| o.selectable() && !wanted.iter().any(|b| b.addr == o.addr && b.selectable()))
+        .filter(|o| o.selectable() && !wanted_selectable(&o.addr))
     {
         if let Some(b) = current.backends.get(&gone.addr) {
             purge(name, id, b.id, plan);
@@ -561,7 +570,7 @@ fn upsert_set(
     unreferenced.extend(
         old_members
             .iter()
-            .filter(|o| !wanted.iter().any(|b| b.addr == o.addr))
+            .filter(|o| wanted.binary_search_by_key(&o.addr, |b| b.addr).is_err())
             .map(|o| o.addr),
     );
     let selectable_changed = old.as_ref().is_none_or(|o| {
@@ -621,7 +630,7 @@ fn release_set(name: &SetName, old: &SetState, current: &mut Programmed, plan: &
     if old.table_size > 0 {
         plan.tables_removed.push(old.id);
     }
-    for b in &old.members {
+    for b in old.members.iter() {
         if b.selectable()
             && let Some(state) = current.backends.get(&b.addr)
         {
@@ -799,13 +808,7 @@ mod tests {
     };
 
     fn set(service: &str, kind: SetKind) -> SetName {
-        SetName {
-            namespace: "ns".into(),
-            service: service.into(),
-            port_name: String::new(),
-            proto: proto::TCP,
-            kind,
-        }
+        SetName::new("ns", service, "", proto::TCP, kind)
     }
 
     fn backend(last: u8, weight: u32) -> DesiredBackend {
@@ -827,7 +830,7 @@ mod tests {
                 proto: proto::TCP,
                 scope: scope::INTERNAL,
             };
-            d.sets.insert(name.clone(), backends.to_vec());
+            d.sets.insert(name.clone(), (*backends).into());
             d.frontends.insert(
                 key,
                 DesiredFrontend {
@@ -968,7 +971,7 @@ mod tests {
         moved.sets.clear();
         moved
             .sets
-            .insert(local.clone(), vec![backend(11, 1), backend(13, 1)]);
+            .insert(local.clone(), [backend(11, 1), backend(13, 1)].into());
         for f in moved.frontends.values_mut() {
             f.set = local.clone();
         }

@@ -27,7 +27,7 @@ use lb_common::{maps::scope, net::proto};
 
 use crate::{
     model::{
-        Desired, DesiredBackend, DesiredFrontend, FrontendKey, FrontendKind, HealthCheck,
+        Desired, DesiredBackend, DesiredFrontend, FrontendKey, FrontendKind, HealthCheck, Members,
         ServiceModel, SetKind, SetName,
     },
     source::{
@@ -454,23 +454,27 @@ pub fn service(
             .iter()
             .filter(|e| e.local && e.condition.ready)
             .count();
-        let set = |kind| SetName {
-            namespace: object.namespace.clone(),
-            service: object.name.clone(),
-            port_name: port.name.clone().unwrap_or_default(),
-            proto: port_proto,
-            kind,
+        let name = |kind| {
+            SetName::new(
+                object.namespace.as_str(),
+                object.name.as_str(),
+                port.name.as_deref().unwrap_or_default(),
+                port_proto,
+                kind,
+            )
         };
+        let (cluster_name, local_name) = (name(SetKind::Cluster), name(SetKind::Local));
+        let (cluster, local): (Members, Members) = (cluster.into(), local.into());
         let mut frontend =
             |addr: Ipv4Addr, port: u16, scope: u8, kind: FrontendKind, set_kind: SetKind| {
-                let members = match set_kind {
-                    SetKind::Cluster => &cluster,
-                    SetKind::Local => &local,
+                let (name, members) = match set_kind {
+                    SetKind::Cluster => (&cluster_name, &cluster),
+                    SetKind::Local => (&local_name, &local),
                 };
-                let name = set(set_kind);
-                if model.set(&name).is_none() {
+                if model.set(name).is_none() {
                     model.sets.push((name.clone(), members.clone()));
                 }
+                let name = name.clone();
                 let selectable = members.iter().any(DesiredBackend::selectable);
                 let mut source_ranges = Vec::new();
                 if kind == FrontendKind::LoadBalancer && !ranges.is_empty() {
@@ -544,6 +548,9 @@ pub fn service(
             Err(reason) => problems.push(error(reason)),
         }
     }
+    // Kept for as long as the Service exists: no spare capacity.
+    model.sets.shrink_to_fit();
+    model.frontends.shrink_to_fit();
     (Some(model), problems)
 }
 

@@ -21,7 +21,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::maps::Maps;
+use crate::{maps::Maps, model::SetName};
 
 /// Labels naming a map.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -51,7 +51,7 @@ pub struct Metrics {
     pub flows: Gauge,
     pub map_fill: Family<MapLabel, Gauge<f64, AtomicU64>>,
     /// Backend-set id -> name, for the datapath counters' labels.
-    pub set_names: Arc<RwLock<BTreeMap<u32, String>>>,
+    pub set_names: Arc<RwLock<BTreeMap<u32, SetName>>>,
 }
 
 impl Metrics {
@@ -152,7 +152,7 @@ impl Metrics {
 #[derive(Debug)]
 struct DatapathCollector {
     bpffs_dir: PathBuf,
-    set_names: Arc<RwLock<BTreeMap<u32, String>>>,
+    set_names: Arc<RwLock<BTreeMap<u32, SetName>>>,
 }
 
 impl Collector for DatapathCollector {
@@ -197,7 +197,7 @@ impl Collector for DatapathCollector {
                     continue;
                 };
                 let value = [stats.packets, stats.bytes, stats.new_flows][pick];
-                let labels = [("service", name.as_str())];
+                let labels = [("service", name.to_string())];
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
         }

@@ -30,7 +30,7 @@ const SELF_HEAL_PERIOD: Duration = Duration::from_secs(60);
 const SAMPLE_PERIOD: Duration = Duration::from_secs(15);
 /// Updates taken from the source before programming, at most (keeps latency bounded while a
 /// large initial list streams in), and the source channel's size (objects in flight).
-const BATCH: usize = 1024;
+const BATCH: usize = 256;
 
 /// Runs the agent until SIGTERM or SIGINT. The datapath stays in place afterwards (pinned): a
 /// restarted agent takes it over without dropping a connection.

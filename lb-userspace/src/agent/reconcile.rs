@@ -275,7 +275,7 @@ impl Reconciler {
             *names = programmed
                 .sets
                 .iter()
-                .map(|(name, s)| (s.id, name.to_string()))
+                .map(|(name, s)| (s.id, name.clone()))
                 .collect();
         }
         let report = SyncReport {

@@ -211,6 +211,7 @@ impl Files {
             }
         }
         if !now.objects.is_empty() || path.is_file() {
+            now.objects.shrink_to_fit();
             self.files.insert(path.to_owned(), now);
         }
         updates

@@ -3,7 +3,7 @@
 //! every endpoint of the cluster, so it keeps these instead and drops the API objects as soon as
 //! they arrive.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -52,15 +52,17 @@ pub struct ServiceObject {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EndpointAddress {
     V4(Ipv4Addr),
-    /// Not an IPv4 address (reported by the translation, with the slice's name).
-    Invalid(Box<str>),
+    /// Not an IPv4 address (reported by the translation, with the slice's name). Boxed twice so
+    /// that the common case stays small: every endpoint of the cluster is kept.
+    Invalid(Box<String>),
 }
 
 /// What the translation reads of an endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointObject {
     pub address: Option<EndpointAddress>,
-    pub node_name: Option<Box<str>>,
+    /// Shared between the endpoints of a node (see `Store`, which interns it).
+    pub node_name: Option<Arc<str>>,
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
@@ -176,7 +178,7 @@ impl From<&EndpointSlice> for SliceObject {
                     EndpointObject {
                         address: ep.addresses.first().map(|a| match a.parse() {
                             Ok(ip) => EndpointAddress::V4(ip),
-                            Err(_) => EndpointAddress::Invalid(a.as_str().into()),
+                            Err(_) => EndpointAddress::Invalid(Box::new(a.clone())),
                         }),
                         node_name: ep.node_name.as_deref().map(Into::into),
                         ready: c.and_then(|c| c.ready),

@@ -1,7 +1,10 @@
 //! The agent's copy of the watched objects, fed by a source's [`Update`]s, and which Services
 //! each update touched (only those are translated again).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use k8s_openapi::api::core::v1::Node;
 
@@ -29,8 +32,12 @@ impl Dirty {
 
 #[derive(Default)]
 pub struct Store {
-    services: BTreeMap<ServiceId, ServiceObject>,
-    slices: BTreeMap<ServiceId, SliceObject>,
+    // Boxed: a B-tree node holds eleven slots whether used or not, and these objects are large.
+    services: BTreeMap<ServiceId, Box<ServiceObject>>,
+    slices: BTreeMap<ServiceId, Box<SliceObject>>,
+    /// Every endpoint names its node: one copy of each name, shared. (Node names are few and
+    /// long-lived; names of nodes that left are kept.)
+    node_names: BTreeSet<Arc<str>>,
     /// Service -> names of its slices.
     slices_of: BTreeMap<ServiceId, BTreeSet<String>>,
     nodes: BTreeMap<String, Node>,
@@ -50,11 +57,11 @@ impl Store {
     }
 
     pub fn services(&self) -> impl Iterator<Item = (&ServiceId, &ServiceObject)> {
-        self.services.iter()
+        self.services.iter().map(|(id, s)| (id, &**s))
     }
 
     pub fn service(&self, id: &ServiceId) -> Option<&ServiceObject> {
-        self.services.get(id)
+        self.services.get(id).map(|s| &**s)
     }
 
     pub fn slices_of(&self, id: &ServiceId) -> Vec<&SliceObject> {
@@ -64,6 +71,7 @@ impl Store {
         names
             .iter()
             .filter_map(|n| self.slices.get(&(id.0.clone(), n.clone())))
+            .map(|s| &**s)
             .collect()
     }
 
@@ -134,12 +142,14 @@ impl Store {
         match object {
             Object::Service(svc) => {
                 dirty.services.insert(id.clone());
-                self.services.insert(id, ServiceObject::from(&*svc));
+                self.services
+                    .insert(id, Box::new(ServiceObject::from(&*svc)));
             }
             Object::EndpointSlice(slice) => {
-                let slice = SliceObject::from(&*slice);
+                let mut slice = Box::new(SliceObject::from(&*slice));
+                self.intern_node_names(&mut slice);
                 let new_owner = slice_service(&slice);
-                if let Some(old) = self.slices.get(&id).and_then(slice_service)
+                if let Some(old) = self.slices.get(&id).and_then(|s| slice_service(s))
                     && Some(&old) != new_owner.as_ref()
                 {
                     self.unlink_slice(&old, &key.name);
@@ -159,6 +169,21 @@ impl Store {
                     dirty.node = true;
                 }
                 self.nodes.insert(key.name, *node);
+            }
+        }
+    }
+
+    fn intern_node_names(&mut self, slice: &mut SliceObject) {
+        for name in slice
+            .endpoints
+            .iter_mut()
+            .filter_map(|e| e.node_name.as_mut())
+        {
+            match self.node_names.get(&**name) {
+                Some(shared) => *name = shared.clone(),
+                None => {
+                    self.node_names.insert(name.clone());
+                }
             }
         }
     }
