@@ -71,7 +71,13 @@ pub struct Maps {
 }
 
 /// Maps the writer updates in batches.
-const BULK: [&str; 3] = [names::LB_BACKENDS, names::LB_SERVICES, names::LB_ADDRS];
+/// Maps written or read in bulk.
+const BULK: [&str; 4] = [
+    names::LB_BACKENDS,
+    names::LB_SERVICES,
+    names::LB_ADDRS,
+    names::LB_CT,
+];
 
 impl Maps {
     /// Takes the maps out of a loaded object.
@@ -99,7 +105,7 @@ impl Maps {
             let map = take(name)?;
             if BULK.contains(&name) {
                 let data = match &map {
-                    Map::Array(d) | Map::HashMap(d) => d,
+                    Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) => d,
                     _ => return Err(MapsError::Missing { name }),
                 };
                 let fd = data
@@ -189,6 +195,18 @@ impl Maps {
             }
         }
         Ok(found)
+    }
+
+    /// How many conntrack entries there are (two per flow), counted with batch lookups: walking
+    /// a million-entry table key by key would cost a million syscalls.
+    pub fn conntrack_entries(&self) -> Result<usize, MapsError> {
+        let name = names::LB_CT;
+        let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
+        match crate::sys::hash_count(fd.as_fd(), size_of::<FlowKey>(), size_of::<CtEntry>()) {
+            Ok(n) => Ok(n),
+            // Kernels without batch lookups on hash maps.
+            Err(_) => Ok(self.ct.keys().count()),
+        }
     }
 
     /// Installs `table` (one backend id per slot) as the Maglev table of `service_id`. The table

@@ -144,3 +144,58 @@ pub fn array_lookup_all<V: Copy + Default>(map: BorrowedFd<'_>, len: usize) -> i
     values.truncate(read);
     Ok(values)
 }
+
+/// Counts the entries of a hash map with `BPF_MAP_LOOKUP_BATCH` (a few thousand per syscall).
+pub fn hash_count(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io::Result<usize> {
+    // Values of per-CPU maps are larger; this is for plain (LRU) hash maps.
+    let mut chunk: usize = 4096;
+    let mut keys = vec![0u8; chunk * key_size];
+    let mut values = vec![0u8; chunk * value_size];
+    let mut total = 0usize;
+    // Hash maps' batch token is a bucket index.
+    let mut token: u32 = 0;
+    let mut first = true;
+    loop {
+        let mut next: u32 = 0;
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_ref(&token) as u64
+            },
+            out_batch: std::ptr::from_mut(&mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: keys and values have room for `count` entries of the map's key and value sizes.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::ENOENT) => return Ok(total + attr.count as usize),
+                // One bucket holds more entries than fit: retry the same bucket with more room.
+                Some(libc::ENOSPC) if chunk < 1 << 20 => {
+                    chunk *= 2;
+                    keys.resize(chunk * key_size, 0);
+                    values.resize(chunk * value_size, 0);
+                    continue;
+                }
+                _ => return Err(err),
+            }
+        }
+        total += attr.count as usize;
+        token = next;
+        first = false;
+    }
+}

@@ -122,6 +122,8 @@ fn new_flows_spread_over_every_backend_exactly_as_predicted() {
     }
     assert_eq!(seen.len(), 3, "every backend takes flows: {seen:?}");
     assert!(seen.values().all(|n| *n > 60), "roughly even: {seen:?}");
+    // Each flow has its forward and its reply entry; the agent's batch count sees them all.
+    assert_eq!(h.maps.conntrack_entries().unwrap(), 600);
 }
 
 #[test]

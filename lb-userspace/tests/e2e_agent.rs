@@ -1,6 +1,8 @@
 //! The real `lb-agent` binary with a YAML source, in network namespaces, with real sockets:
 //! endpoint changes reach the datapath, held connections keep their backend, restarts lose
-//! nothing, session affinity sticks and expires, invalid input is reported by name. Needs root.
+//! nothing, session affinity sticks and expires, invalid input is reported by name, pods that
+//! appear later are balanced, the periodic resync repairs the maps, and `cleanup` removes
+//! everything. Needs root.
 
 mod common;
 
@@ -263,5 +265,176 @@ fn a_deleted_service_stops_answering_and_others_keep_theirs() {
     assert_eq!(
         bed.names(SocketAddrV4::new(other, 80), 5),
         vec!["backend-2"; 5]
+    );
+}
+
+#[test]
+fn a_pod_interface_that_appears_later_is_attached() {
+    let Some(mut bed) = web_bed("") else { return };
+    bed.node
+        .add_pod("late", Ipv4Addr::new(10, 0, 1, 60))
+        .expect("late pod");
+    let iface = bed.node.pod("late").host_iface.clone();
+    let answered = bed.wait_until(Duration::from_secs(5), || {
+        bed.names_from("late", vip(), 6).is_ok()
+    });
+    assert!(
+        answered,
+        "the late pod cannot reach the ClusterIP; agent log:\n{}",
+        bed.log()
+    );
+    assert_eq!(
+        distinct(&bed.names_from("late", vip(), 30).unwrap()).len(),
+        3
+    );
+    assert!(
+        bed.log().contains(&format!("iface={iface}")),
+        "the attachment is logged:\n{}",
+        bed.log()
+    );
+}
+
+#[test]
+fn the_periodic_resync_repairs_what_someone_else_changed_in_the_maps() {
+    let Some(mut bed) = AgentBed::new(3) else {
+        return;
+    };
+    bed.extra_args = vec!["--sync-period".into(), "1s".into()];
+    bed.write("web.yaml", &service_yaml("web", VIP, 80, ""));
+    bed.write(
+        "web-slice.yaml",
+        &slice_yaml("web", &[backend_ip(0), backend_ip(1), backend_ip(2)]),
+    );
+    bed.start_agent();
+    let mut maps = bed.maps();
+    let keys: Vec<lb_common::maps::ServiceKey> = maps.services.keys().map(|k| k.unwrap()).collect();
+    assert!(!keys.is_empty());
+    for key in &keys {
+        maps.services.remove(key).unwrap();
+    }
+    assert!(
+        bed.names_from("client", vip(), 1).is_err(),
+        "without its frontend the ClusterIP does not answer"
+    );
+    let repaired = bed.wait_until(Duration::from_secs(5), || {
+        bed.names_from("client", vip(), 3).is_ok()
+    });
+    assert!(repaired, "not repaired; agent log:\n{}", bed.log());
+    assert_eq!(distinct(&bed.names(vip(), 30)).len(), 3);
+}
+
+#[test]
+fn cleanup_removes_every_pin_and_the_balancing_with_them() {
+    let Some(mut bed) = web_bed("") else { return };
+    assert_eq!(distinct(&bed.names(vip(), 12)).len(), 3);
+    bed.stop_agent();
+    assert!(!bed.pins().is_empty(), "the stopped agent leaves its pins");
+    assert_eq!(
+        distinct(&bed.names(vip(), 12)).len(),
+        3,
+        "the datapath serves while the agent is stopped"
+    );
+
+    for _ in 0..2 {
+        // Twice: cleaning a clean directory succeeds too.
+        let status = bed
+            .node
+            .ns
+            .command(common::agent::AGENT)
+            .args(["cleanup", "--bpffs-dir", bed.bpffs.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(bed.pins(), Vec::<std::path::PathBuf>::new());
+    }
+    // Nothing translates the ClusterIP any more: the connection goes nowhere. (Unpinning a
+    // link detaches it from a kernel work item: shortly after, not at once.)
+    assert!(bed.wait_until(Duration::from_secs(2), || {
+        bed.names_from("client", vip(), 1).is_err()
+    }));
+    // Pod-to-pod traffic is untouched.
+    let direct = SocketAddrV4::new(backend_ip(1), 8080);
+    assert_eq!(
+        bed.names_from("client", direct, 3).unwrap(),
+        ["backend-1"; 3]
+    );
+}
+
+/// `web` with a TCP and a UDP port (both served by the hostnames pods on 8080); `not_ready`
+/// lists endpoints that are not ready (still serving nothing new).
+fn dual_protocol_yaml(not_ready: Option<u8>) -> (String, String) {
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}\n  - {{name: echo, port: 80, protocol: UDP, targetPort: 8080}}\n"
+    );
+    let endpoints: String = (0..3)
+        .map(|i| {
+            format!(
+                "- addresses: [{}]\n  conditions: {{ready: {}}}\n  nodeName: {}\n",
+                backend_ip(i),
+                Some(i) != not_ready,
+                common::agent::NODE_NAME
+            )
+        })
+        .collect();
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n- {{name: echo, port: 8080, protocol: UDP}}\nendpoints:\n{endpoints}"
+    );
+    (service, slice)
+}
+
+#[test]
+fn an_endpoint_turning_not_ready_loses_its_udp_flows_but_keeps_its_tcp_connections() {
+    let Some(mut bed) = AgentBed::new(3) else {
+        return;
+    };
+    let (service, slice) = dual_protocol_yaml(None);
+    bed.write("web.yaml", &service);
+    bed.write("web-slice.yaml", &slice);
+    bed.start_agent();
+
+    // A UDP "flow" (a fixed client port) and a held TCP connection, both on the same backend.
+    const UDP_PORT: u16 = 40_000;
+    let udp_answer = || {
+        bed.client()
+            .enter(|| server::udp_request(vip(), UDP_PORT, TIMEOUT))
+            .unwrap()
+            .map(|a| name(&a))
+    };
+    let udp_on = udp_answer().expect("UDP answer");
+    let mut held = None;
+    for _ in 0..50 {
+        let mut conn = bed
+            .client()
+            .enter(|| Held::connect(vip(), TIMEOUT))
+            .unwrap()
+            .expect("held connection");
+        if name(&conn.ask().unwrap()) == udp_on {
+            held = Some(conn);
+            break;
+        }
+    }
+    let mut held = held.expect("a TCP connection on the UDP flow's backend");
+    assert_eq!(udp_answer().unwrap(), udp_on, "the UDP flow sticks");
+
+    // That backend stops being ready.
+    let index: u8 = udp_on.trim_start_matches("backend-").parse().unwrap();
+    let (_, slice) = dual_protocol_yaml(Some(index));
+    bed.write("web-slice.yaml", &slice);
+    let moved = bed.wait_until(Duration::from_secs(5), || {
+        udp_answer().is_ok_and(|n| n != udp_on)
+    });
+    assert!(
+        moved,
+        "the UDP flow still reaches the not-ready backend; agent log:\n{}",
+        bed.log()
+    );
+    assert_eq!(
+        name(&held.ask().unwrap()),
+        udp_on,
+        "the TCP connection to the not-ready backend continues"
+    );
+    assert!(
+        !bed.names(vip(), 30).contains(&udp_on),
+        "no new TCP connection goes there"
     );
 }

@@ -2,7 +2,7 @@
 //! (`--hostname-override`, `--metrics-bind-address`, `--healthz-bind-address`,
 //! `--nodeport-addresses`), so operators can switch without relearning.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
@@ -143,6 +143,34 @@ pub struct RunArgs {
     /// Backend sets (service ports, twice for traffic-policy Local) the datapath can hold.
     #[arg(long, default_value_t = lb_common::maps::capacity::SERVICE_IDS)]
     pub max_services: u32,
+
+    /// How often the maps are re-read and every difference from the desired state repaired
+    /// (kube-proxy: --sync-period), e.g. `90s`, `5m`. Changes are programmed as they come; this
+    /// is the self-heal against anything else writing the maps.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub sync_period: Duration,
+}
+
+/// A duration as kube-proxy's flags take them: a number and a unit (`ms`, `s`, `m`, `h`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(|| format!("{s:?} has no unit (ms, s, m or h)"))?;
+    let (number, unit) = s.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} does not start with a number"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m or h)")),
+    };
+    if seconds < 1.0 {
+        return Err(format!("{s:?} is shorter than one second"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 fn parse_table_size(s: &str) -> Result<u32, String> {
@@ -239,5 +267,28 @@ mod tests {
             .to_string();
         assert!(err.contains("10.0.0.0/33"), "{err}");
         assert!(Cli::try_parse_from(["lb-agent", "--no-such-flag"]).is_err());
+        for bad in ["30", "30x", "0.5s", "s"] {
+            assert!(
+                Cli::try_parse_from(["lb-agent", "--sync-period", bad]).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn sync_periods_read_like_kube_proxys() {
+        let period = |s: &str| {
+            Cli::try_parse_from(["lb-agent", "--sync-period", s])
+                .unwrap()
+                .run
+                .sync_period
+        };
+        assert_eq!(period("90s"), Duration::from_secs(90));
+        assert_eq!(period("5m"), Duration::from_secs(300));
+        assert_eq!(period("1500ms"), Duration::from_millis(1500));
+        assert_eq!(
+            Cli::try_parse_from(["lb-agent"]).unwrap().run.sync_period,
+            Duration::from_secs(60)
+        );
     }
 }

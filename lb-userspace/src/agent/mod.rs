@@ -23,9 +23,6 @@ use config::{RunArgs, Source};
 use links::Links;
 use reconcile::Reconciler;
 
-/// How often the agent re-reads the maps and repairs any difference (someone deleting an entry
-/// by hand, a write that failed half-way).
-const SELF_HEAL_PERIOD: Duration = Duration::from_secs(60);
 /// How often it samples the conntrack fill level for metrics.
 const SAMPLE_PERIOD: Duration = Duration::from_secs(15);
 /// Updates taken from the source before programming, at most (keeps latency bounded while a
@@ -103,7 +100,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         table_size: args.maglev_table_size,
     };
     let mut reconciler = Reconciler::new(node_name, args.nodeport_addresses.clone(), limits);
-    let mut heal = tokio::time::interval(SELF_HEAL_PERIOD);
+    let mut heal = tokio::time::interval(args.sync_period);
     heal.tick().await;
     let mut sample = tokio::time::interval(SAMPLE_PERIOD);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -185,7 +182,7 @@ fn spawn_link_watcher(tx: mpsc::Sender<()>) {
 
 /// Samples how full the maps are (conntrack is counted by walking it, so not on every scrape).
 fn sample_fill(maps: &crate::maps::Maps, metrics: &metrics::Metrics, capacities: Capacities) {
-    let ct_entries = maps.ct.keys().count();
+    let ct_entries = maps.conntrack_entries().unwrap_or(0);
     metrics.flows.set((ct_entries / 2) as i64);
     let fill = |name: &str, used: usize, capacity: u32| {
         metrics

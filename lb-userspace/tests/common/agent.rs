@@ -35,6 +35,8 @@ pub struct AgentBed {
     pub bpffs: PathBuf,
     log: PathBuf,
     agent: Option<Child>,
+    /// Flags added to the agent's command line.
+    pub extra_args: Vec<String>,
 }
 
 /// A Service manifest.
@@ -94,6 +96,7 @@ impl AgentBed {
             bpffs,
             log,
             agent: None,
+            extra_args: Vec::new(),
         };
         bed.write("node.yaml", &node_yaml());
         Some(bed)
@@ -122,6 +125,7 @@ impl AgentBed {
         ])
         .args(["--bpffs-dir", self.bpffs.to_str().unwrap()])
         .args(["--maglev-table-size", "1021"])
+        .args(&self.extra_args)
         .env("RUST_LOG", "info");
         cmd
     }
@@ -226,14 +230,45 @@ impl AgentBed {
 
     /// `n` HTTP requests over new connections from the client pod; the backend names answering.
     pub fn names(&self, vip: SocketAddrV4, n: usize) -> Vec<String> {
-        self.client()
-            .enter(move || {
-                (0..n)
-                    .map(|_| server::http_get(vip, TIMEOUT).map(|a| name(&a)))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .unwrap()
+        self.names_from("client", vip, n)
             .expect("every request answered")
+    }
+
+    /// `n` HTTP requests over new connections from pod `pod`; the backend names answering, or
+    /// the first failure.
+    pub fn names_from(
+        &self,
+        pod: &str,
+        vip: SocketAddrV4,
+        n: usize,
+    ) -> anyhow::Result<Vec<String>> {
+        self.node.pod(pod).ns.enter(move || {
+            (0..n)
+                .map(|_| server::http_get(vip, TIMEOUT).map(|a| name(&a)))
+                .collect::<Result<Vec<_>, _>>()
+        })?
+    }
+
+    /// What is pinned under the bed's bpffs directory (without the kernel's own `maps.debug`
+    /// and `progs.debug`, present in every bpffs).
+    pub fn pins(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if ["maps.debug", "progs.debug"].contains(&entry.file_name().to_str().unwrap_or(""))
+                {
+                    continue;
+                }
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.bpffs, &mut out);
+        out
     }
 }
 
