@@ -131,8 +131,9 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
 
-    /// Maglev table size for services with several endpoints (a prime; larger tables balance
-    /// more evenly and cost 4 bytes per slot per service).
+    /// Largest Maglev table, a prime. A service port with N endpoints gets the smallest table
+    /// of at least 100 x N slots (from a fixed ladder of primes) up to this size: larger tables
+    /// balance more evenly and cost 4 bytes per slot.
     #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
     pub maglev_table_size: u32,
 

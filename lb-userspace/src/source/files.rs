@@ -79,10 +79,37 @@ fn documents(text: &str) -> Vec<(usize, String)> {
     docs
 }
 
-/// Decodes one document; `Ok(None)` for kinds the agent does not watch.
-fn decode(text: &str) -> Result<Option<Object>, String> {
-    let value: serde_json::Value =
-        serde_saphyr::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
+/// Decodes one document: its object, or each item of a `List` (as `kubectl get -o yaml`
+/// prints), with a digest of its text; kinds the agent does not watch are left out.
+fn decode(text: &str) -> Vec<Result<(Object, u64), String>> {
+    let value: serde_json::Value = match serde_saphyr::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return vec![Err(format!("not valid YAML: {e}"))],
+    };
+    let is_list = value["kind"].as_str().is_some_and(|k| k.ends_with("List"));
+    match value {
+        serde_json::Value::Object(mut map) if is_list => match map.remove("items") {
+            Some(serde_json::Value::Array(items)) => items
+                .into_iter()
+                .filter_map(|item| {
+                    let hash = digest(&item.to_string());
+                    decode_value(item)
+                        .map(|o| o.map(|o| (o, hash)))
+                        .transpose()
+                })
+                .collect(),
+            _ => vec![Err("a List without items".into())],
+        },
+        value => decode_value(value)
+            .map(|o| o.map(|o| (o, digest(text))))
+            .transpose()
+            .into_iter()
+            .collect(),
+    }
+}
+
+/// Decodes one object; `Ok(None)` for kinds the agent does not watch.
+fn decode_value(value: serde_json::Value) -> Result<Option<Object>, String> {
     let name = |v: &serde_json::Value| {
         let meta = &v["metadata"];
         let ns = meta["namespace"].as_str().unwrap_or_default();
@@ -119,10 +146,11 @@ pub fn parse(text: &str) -> (Vec<Object>, Vec<String>) {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
     for (index, doc) in documents(text) {
-        match decode(&doc) {
-            Ok(Some(o)) => objects.push(o),
-            Ok(None) => {}
-            Err(reason) => errors.push(format!("document {index}: {reason}")),
+        for decoded in decode(&doc) {
+            match decoded {
+                Ok((o, _)) => objects.push(o),
+                Err(reason) => errors.push(format!("document {index}: {reason}")),
+            }
         }
     }
     (objects, errors)
@@ -149,13 +177,14 @@ fn read_file(path: &Path) -> (Vec<Decoded>, Vec<Update>) {
         }
     };
     for (index, doc) in documents(&text) {
-        match decode(&doc) {
-            Ok(Some(object)) => objects.push((object, digest(&doc))),
-            Ok(None) => {}
-            Err(reason) => invalid.push(Update::Invalid {
-                origin: format!("{} document {index}", path.display()),
-                reason,
-            }),
+        for decoded in decode(&doc) {
+            match decoded {
+                Ok(object) => objects.push(object),
+                Err(reason) => invalid.push(Update::Invalid {
+                    origin: format!("{} document {index}", path.display()),
+                    reason,
+                }),
+            }
         }
     }
     (objects, invalid)
@@ -336,20 +365,35 @@ mod tests {
         assert_eq!(docs[1].1, "b: 2\n");
     }
 
+    fn one_error(text: &str) -> String {
+        match decode(text).as_slice() {
+            [Err(reason)] => reason.clone(),
+            other => panic!("expected one error, got {} results", other.len()),
+        }
+    }
+
     #[test]
     fn decoding_reports_the_object_and_the_reason() {
         let bad = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  ports:\n  - port: eighty\n";
-        let err = decode(bad).unwrap_err();
+        let err = one_error(bad);
         assert!(err.contains("Service shop/web"), "{err}");
-        assert!(
-            decode("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n")
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            decode("not: [valid")
-                .unwrap_err()
-                .contains("not valid YAML")
+        assert!(decode("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n").is_empty());
+        assert!(one_error("not: [valid").contains("not valid YAML"));
+    }
+
+    #[test]
+    fn lists_as_kubectl_prints_them_are_unpacked_item_by_item() {
+        let list = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: a, namespace: shop}\n  spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {name: c, namespace: shop}\n- apiVersion: v1\n  kind: Service\n  metadata: {name: b, namespace: shop}\n  spec: {ports: [{port: x}]}\n";
+        let decoded = decode(list);
+        assert_eq!(decoded.len(), 2, "the ConfigMap is left out");
+        let Ok((first, _)) = &decoded[0] else {
+            panic!("{:?}", decoded[0].as_ref().err())
+        };
+        assert_eq!(first.key().name, "a");
+        assert!(decoded[1].as_ref().unwrap_err().contains("Service shop/b"));
+        assert_eq!(
+            one_error("apiVersion: v1\nkind: ServiceList\nitems: 3\n"),
+            "a List without items"
         );
     }
 }
