@@ -12,7 +12,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::{Context as _, Result};
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     datapath::{self, Capacities, Datapath, Pinning},
@@ -35,6 +35,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let node_name = args.node_name();
     info!(node = %node_name, source = ?args.source, bpffs = %args.bpffs_dir.display(), "starting");
 
+    // Mistakes in the command line stop the agent before it touches the node.
+    let patterns: Vec<glob::Pattern> = args
+        .pod_ifaces
+        .iter()
+        .map(|p| {
+            glob::Pattern::new(p)
+                .with_context(|| format!("--pod-ifaces: {p:?} is not a valid glob"))
+        })
+        .collect::<Result<_>>()?;
+    if let Source::Files(path) = &args.source
+        && !path.exists()
+    {
+        anyhow::bail!("--source {}: no such file or directory", path.display());
+    }
+
     links::ensure_bpffs(&args.bpffs_dir)?;
     datapath::check_pinned_maps(&args.bpffs_dir)?;
     let capacities = Capacities {
@@ -45,14 +60,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .context("loading the datapath")?;
     let mut maps = datapath.take_maps()?;
 
-    let patterns: Vec<glob::Pattern> = args
-        .pod_ifaces
-        .iter()
-        .map(|p| {
-            glob::Pattern::new(p)
-                .with_context(|| format!("--pod-ifaces: {p:?} is not a valid glob"))
-        })
-        .collect::<Result<_>>()?;
     let mut links = Links::new(&args.bpffs_dir)?;
     let present = links::interfaces();
     for iface in &args.external_iface {
@@ -110,11 +117,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             update = updates.recv() => {
                 let Some(update) = update else {
-                    match source_task.await {
-                        Ok(Err(e)) => error!(error = %e, "the object source stopped"),
-                        _ => error!("the object source stopped"),
-                    }
-                    break;
+                    // The datapath stays; exiting non-zero lets the DaemonSet restart us.
+                    return match source_task.await {
+                        Ok(Err(e)) => Err(e.context("the object source stopped")),
+                        _ => Err(anyhow::anyhow!("the object source stopped")),
+                    };
                 };
                 reconciler.apply(update, &metrics);
                 for _ in 1..BATCH {

@@ -93,9 +93,7 @@ fn decode(text: &str) -> Vec<Result<(Object, u64), String>> {
                 .into_iter()
                 .filter_map(|item| {
                     let hash = digest(&item.to_string());
-                    decode_value(item)
-                        .map(|o| o.map(|o| (o, hash)))
-                        .transpose()
+                    decode_value(item).map(|o| o.map(|o| (o, hash))).transpose()
                 })
                 .collect(),
             _ => vec![Err("a List without items".into())],
