@@ -1,13 +1,27 @@
 //! Test beds in network namespaces: nodes, pods behind veths, servers that answer with their name
-//! and the client address they see (like Kubernetes' `hostnames` app), and clients.
+//! and the client address they see (like Kubernetes' `hostnames` app), and clients; a whole
+//! multi-node cluster on a LAN with an external client ([`Cluster`]), the real agent on each of
+//! its nodes ([`Agents`]) and the Kubernetes objects they read ([`manifests`]).
 //!
 //! Every name is unique per process and bed, everything is removed on drop (also when a test
 //! panics), and no traffic leaves the namespaces: no interface of the host is touched.
 
+pub mod addressing;
+pub mod agents;
+pub mod cluster;
+pub mod ethtool;
+pub mod manifests;
 pub mod netns;
 pub mod node;
 pub mod packet;
 pub mod server;
+pub mod source_dir;
+pub mod temp_dir;
+pub mod xdp;
 
+pub use addressing::AddressPlan;
+pub use agents::Agents;
+pub use cluster::{Cluster, PodRef};
 pub use netns::Netns;
 pub use node::{Node, Pod};
+pub use source_dir::SourceDir;

@@ -1,6 +1,7 @@
 //! A network namespace owned by the test bed: created with a unique name, deleted on drop.
 
 use std::{
+    ffi::OsStr,
     fs::File,
     os::fd::AsRawFd as _,
     process::{Command, Output, Stdio},
@@ -12,13 +13,15 @@ use anyhow::{Context as _, Result, bail};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// A unique name prefix for one bed: process id and a counter, short enough to leave room in
-/// 15-character interface names.
+/// A unique name prefix for one bed: `lbt`, the tag, the process id and a counter, separated so
+/// that no two (process, counter) pairs give the same text (with `pid % 100000` and no
+/// separator, pids 1234 and 12345 could). Unique among live processes, as a pid is not reused
+/// while its process runs. For namespace and file names; it can be too long for a 15-character
+/// interface name.
 pub fn unique_prefix(tag: &str) -> String {
     format!(
-        "lbt{}{}{}",
-        tag,
-        std::process::id() % 100_000,
+        "lbt{tag}{}-{}",
+        std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
 }
@@ -71,11 +74,7 @@ impl Netns {
     /// A command that runs inside the namespace (network namespace only: `nsenter --net`, so
     /// that bpffs and /sys stay those of the caller).
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path()))
-            .arg("--")
-            .arg(program);
-        cmd
+        command_at(&self.path(), program)
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
@@ -99,16 +98,32 @@ impl Netns {
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Result<thread::JoinHandle<R>> {
-        let file =
-            File::open(self.path()).with_context(|| format!("cannot open {}", self.path()))?;
-        Ok(thread::spawn(move || {
-            // SAFETY: setns on a namespace file we hold open; affects only this thread.
-            let ret = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
-            drop(file);
-            f()
-        }))
+        spawn_at(&self.path(), f)
     }
+}
+
+/// A command that runs `program` inside the network namespace whose handle is `path` (see
+/// [`Netns::command`]). For holders of a namespace's path rather than of the [`Netns`], such as
+/// processes that outlive a borrow of it.
+pub fn command_at(path: &str, program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={path}")).arg("--").arg(program);
+    cmd
+}
+
+/// Starts `f` on a new thread that lives in the network namespace whose handle is `path`.
+pub fn spawn_at<R: Send + 'static>(
+    path: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Result<thread::JoinHandle<R>> {
+    let file = File::open(path).with_context(|| format!("cannot open netns handle {path}"))?;
+    Ok(thread::spawn(move || {
+        // SAFETY: setns on a namespace file we hold open; affects only this thread.
+        let ret = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+        drop(file);
+        f()
+    }))
 }
 
 impl Drop for Netns {

@@ -27,14 +27,28 @@ pub struct Node {
     pub name: String,
     pub ns: Netns,
     pub pods: Vec<Pod>,
-    prefix: String,
+    /// Pods' namespaces are named `<pod_ns_prefix>-<pod name>`.
+    pod_ns_prefix: String,
 }
 
 impl Node {
-    /// A node namespace that forwards IPv4 and answers for the pods' gateway.
+    /// A node namespace that forwards IPv4 and answers for the pods' gateway, under a prefix of
+    /// its own.
     pub fn new(name: &str) -> Result<Self> {
         let prefix = unique_prefix("n");
-        let ns = Netns::new(format!("{prefix}-{name}"))?;
+        Self::create(name, format!("{prefix}-{name}"), prefix)
+    }
+
+    /// A node of a bed whose namespaces all share `bed_prefix` (so that one look at
+    /// `ip netns list` finds everything the bed made): the node is `<bed_prefix>-<name>`, its
+    /// pods `<bed_prefix>-<name>-<pod>`.
+    pub fn in_bed(bed_prefix: &str, name: &str) -> Result<Self> {
+        let ns_name = format!("{bed_prefix}-{name}");
+        Self::create(name, ns_name.clone(), ns_name)
+    }
+
+    fn create(name: &str, ns_name: String, pod_ns_prefix: String) -> Result<Self> {
+        let ns = Netns::new(ns_name)?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         for scope in ["all", "default"] {
             ns.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), "0")?;
@@ -44,14 +58,14 @@ impl Node {
             name: name.to_owned(),
             ns,
             pods: Vec::new(),
-            prefix,
+            pod_ns_prefix,
         })
     }
 
     /// Adds a pod with address `ip`; returns its index in `pods`.
     pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<usize> {
         let index = self.pods.len();
-        let ns = Netns::new(format!("{}-{name}", self.prefix))?;
+        let ns = Netns::new(format!("{}-{name}", self.pod_ns_prefix))?;
         let host_iface = format!("lbpod{index}");
         self.ns
             .ip(&[
@@ -102,10 +116,12 @@ impl Node {
         Ok(index)
     }
 
+    pub fn find_pod(&self, name: &str) -> Option<&Pod> {
+        self.pods.iter().find(|p| p.name == name)
+    }
+
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods
-            .iter()
-            .find(|p| p.name == name)
+        self.find_pod(name)
             .unwrap_or_else(|| panic!("no pod {name} on {}", self.name))
     }
 }

@@ -6,7 +6,7 @@
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
-    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -33,7 +33,7 @@ impl Server {
     pub fn hostnames(ns: &Netns, name: &str, port: u16) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (tcp, udp) = ns.enter(move || -> Result<(TcpListener, UdpSocket)> {
-            let any = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port);
+            let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
             let tcp = TcpListener::bind(any).context("binding the TCP server")?;
             tcp.set_nonblocking(true)?;
             let udp = UdpSocket::bind(any).context("binding the UDP server")?;
@@ -123,8 +123,18 @@ fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
 
 /// One HTTP GET over a new TCP connection from the calling thread's namespace; returns the body.
 pub fn http_get(addr: SocketAddrV4, timeout: Duration) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr.into(), timeout)
+    let stream = TcpStream::connect_timeout(&addr.into(), timeout)
         .with_context(|| format!("connecting to {addr}"))?;
+    get(stream, addr, timeout)
+}
+
+/// [`http_get`] from the local address `local` (one of several addresses of the namespace,
+/// e.g. to be inside or outside a Service's loadBalancerSourceRanges).
+pub fn http_get_from(local: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> Result<String> {
+    get(connect_from(local, addr, timeout)?, addr, timeout)
+}
+
+fn get(mut stream: TcpStream, addr: SocketAddrV4, timeout: Duration) -> Result<String> {
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(b"GET / HTTP/1.0\r\nHost: lb\r\n\r\n")?;
     let mut response = String::new();
@@ -137,13 +147,105 @@ pub fn http_get(addr: SocketAddrV4, timeout: Duration) -> Result<String> {
     }
 }
 
+/// `GET <path>` to any HTTP server (the agent's /readyz, /metrics...) from the calling
+/// thread's namespace; returns the status code and the body.
+pub fn http_request(addr: SocketAddrV4, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr.into(), timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("reading from {addr}"))?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no HTTP status from {addr}{path}: {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A TCP connection from `local` (any port) to `addr`, from the calling thread's namespace.
+/// std cannot bind a socket before connecting it, hence libc.
+pub fn connect_from(local: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+
+    fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*addr.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        }
+    }
+    let check = |ret: libc::c_int, what: &str| -> Result<()> {
+        if ret < 0 {
+            let e = std::io::Error::last_os_error();
+            bail!("{what} ({local} -> {addr}): {e}");
+        }
+        Ok(())
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    check(fd, "socket")?;
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // A blocking connect(2) gives up after the socket's send timeout (SO_SNDTIMEO).
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    // SAFETY: setsockopt with a timeval of the size given.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    check(ret, "setting the connect timeout")?;
+    let from = sockaddr(SocketAddrV4::new(local, 0));
+    // SAFETY: bind with a sockaddr_in of the length given.
+    check(
+        unsafe { libc::bind(fd, (&raw const from).cast(), len) },
+        "binding",
+    )?;
+    let to = sockaddr(addr);
+    // SAFETY: connect with a sockaddr_in of the length given.
+    check(
+        unsafe { libc::connect(fd, (&raw const to).cast(), len) },
+        "connecting",
+    )?;
+    Ok(TcpStream::from(socket))
+}
+
 /// One UDP request/response from the calling thread's namespace (from `local_port`, or an
 /// ephemeral port when 0).
 pub fn udp_request(addr: SocketAddrV4, local_port: u16, timeout: Duration) -> Result<String> {
-    let socket = UdpSocket::bind(SocketAddrV4::new(
-        std::net::Ipv4Addr::UNSPECIFIED,
-        local_port,
-    ))?;
+    udp_request_from(
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port),
+        addr,
+        timeout,
+    )
+}
+
+/// [`udp_request`] from the local address and port `local` (port 0: ephemeral).
+pub fn udp_request_from(
+    local: SocketAddrV4,
+    addr: SocketAddrV4,
+    timeout: Duration,
+) -> Result<String> {
+    let socket = UdpSocket::bind(local).with_context(|| format!("binding UDP to {local}"))?;
     socket.set_read_timeout(Some(timeout))?;
     socket.connect(addr)?;
     socket.send(b"hostname")?;

@@ -1,0 +1,373 @@
+//! A multi-node cluster in network namespaces: a LAN (a Linux bridge in a namespace of its
+//! own, standing for the physical network), nodes on it with pods behind them, and an external
+//! client on the LAN that knows only the nodes' addresses.
+//!
+//! ```text
+//!   client (eth0 192.168.50.2)      node-i (eth0 192.168.50.10+i, pods 10.10.i.0/24)
+//!        |                              |            \-- lbpod<k> == eth0 of pod (10.10.i.k+2/32)
+//!   [lan: br0 <- "client" port, "node<i>" ports (GRO on, XDP_PASS attached)]
+//! ```
+//!
+//! The bed is ready for a datapath that sends frames with XDP: the nodes' ports on the bridge
+//! have GRO on and an XDP program that passes everything (the program is what makes XDP_TX out
+//! of a node's uplink arrive; GRO alone only serves XDP_REDIRECT, see [`crate::xdp`]), and the
+//! pods' ends of their veths have GRO on (for XDP_REDIRECT into a pod's veth).
+//!
+//! Every node routes the other nodes' pod ranges via their uplink addresses (as a flat,
+//! non-overlay CNI such as Calico in BGP mode does), so pod-to-pod traffic crosses the LAN
+//! without NAT. Every namespace's name starts with the bed's prefix; dropping the [`Cluster`]
+//! deletes them all, and with them every interface: nothing of the host is touched.
+//!
+//! A LoadBalancer Service served by the agents on two nodes:
+//!
+//! ```no_run
+//! use lb_testbed::{Agents, Cluster, SourceDir, agents::agent_binary, manifests::*};
+//! # fn main() -> anyhow::Result<()> {
+//! let mut cluster = Cluster::new(2)?;
+//! let web = cluster.add_hostnames_pod(1, "web-0", 8080)?;
+//! cluster.add_pod(0, "client")?;
+//! let source = SourceDir::new()?;
+//! source.write("nodes.yaml", &cluster.node_manifests())?;
+//! let service = ServiceManifest::new("web", "10.96.0.10".parse()?)
+//!     .service_type(ServiceType::LoadBalancer)
+//!     .port(ServicePort::tcp("http", 80, 8080).node_port(30080))
+//!     .ingress_ip("203.0.113.10".parse()?);
+//! let slice = EndpointSliceManifest::new("web")
+//!     .port("http", 8080, Protocol::Tcp)
+//!     .endpoint(Endpoint::ready(web, cluster.node_name(1)));
+//! source.write("web.yaml", &documents([service.yaml(), slice.yaml()]))?;
+//! cluster.client_route("203.0.113.10/32", 0)?;
+//! // Declared after the cluster, so dropped (and cleaned up) before it.
+//! let agents = Agents::start(&cluster, &agent_binary()?, source.path(), &[])?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::{
+    addressing::AddressPlan,
+    ethtool,
+    manifests::{self, NodeManifest},
+    netns::{Netns, unique_prefix},
+    node::{Node, Pod},
+    server::Server,
+    xdp::{self, XdpLink},
+};
+
+/// The name of every node's (and the client's) interface on the LAN.
+pub const UPLINK: &str = "eth0";
+/// The bridge in the LAN namespace.
+const BRIDGE: &str = "br0";
+/// The client's port on the bridge (node `i`'s is `node<i>`).
+const CLIENT_PORT: &str = "client";
+
+pub struct Cluster {
+    plan: AddressPlan,
+    prefix: String,
+    /// Servers first: they stop before the namespaces they listen in go away.
+    servers: Vec<Server>,
+    nodes: Vec<Node>,
+    client: Netns,
+    /// XDP_PASS programs on the nodes' ports of the bridge.
+    _lan_xdp: Vec<XdpLink>,
+    /// The LAN last: deleting a node or the client also deletes its port on the bridge.
+    lan: Netns,
+}
+
+/// A pod of the cluster, found by name.
+#[derive(Clone, Copy, Debug)]
+pub struct PodRef<'a> {
+    /// Index of the node the pod runs on.
+    pub node: usize,
+    pub name: &'a str,
+    pub ip: Ipv4Addr,
+    pub ns: &'a Netns,
+    /// The pod's veth on the node side (in the node's namespace), e.g. `lbpod0`.
+    pub host_iface: &'a str,
+}
+
+impl<'a> From<(usize, &'a Pod)> for PodRef<'a> {
+    fn from((node, pod): (usize, &'a Pod)) -> Self {
+        Self {
+            node,
+            name: &pod.name,
+            ip: pod.ip,
+            ns: &pod.ns,
+            host_iface: &pod.host_iface,
+        }
+    }
+}
+
+impl Cluster {
+    /// `nodes` nodes on the default address plan (LAN 192.168.50.0/24, pods `10.10.<i>.0/24`).
+    pub fn new(nodes: usize) -> Result<Self> {
+        Self::with_plan(nodes, AddressPlan::default())
+    }
+
+    pub fn with_plan(nodes: usize, plan: AddressPlan) -> Result<Self> {
+        ensure!(
+            (1..=AddressPlan::MAX_NODES).contains(&nodes),
+            "a cluster has 1 to {} nodes, not {nodes}",
+            AddressPlan::MAX_NODES
+        );
+        let prefix = unique_prefix("c");
+        // Each piece is owned as soon as it exists: an error below drops what was built.
+        let lan = Netns::new(format!("{prefix}-lan"))?;
+        lan.ip(&[
+            "link",
+            "add",
+            BRIDGE,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ])
+        .with_context(|| format!("creating the bridge in netns {}", lan.name()))?;
+        lan.ip(&["link", "set", BRIDGE, "up"])?;
+
+        let client = Netns::new(format!("{prefix}-client"))?;
+        attach_to_lan(&lan, &client, CLIENT_PORT, plan.client_ip())?;
+
+        let mut built = Vec::with_capacity(nodes);
+        let mut lan_xdp = Vec::with_capacity(nodes);
+        for i in 0..nodes {
+            let node = Node::in_bed(&prefix, &node_name(i))?;
+            attach_to_lan(&lan, &node.ns, &lan_port(i), plan.node_ip(i))?;
+            built.push(node);
+            // A node's datapath may send frames back out of its uplink with XDP_TX.
+            lan_xdp.push(xdp::attach_verdict(&lan, &lan_port(i), xdp::action::PASS)?);
+        }
+        for (j, node) in built.iter().enumerate() {
+            for i in (0..nodes).filter(|&i| i != j) {
+                node.ns
+                    .ip(&[
+                        "route",
+                        "add",
+                        &plan.pod_cidr(i),
+                        "via",
+                        &plan.node_ip(i).to_string(),
+                        "dev",
+                        UPLINK,
+                    ])
+                    .with_context(|| format!("routing node-{i}'s pods from {}", node.ns.name()))?;
+            }
+        }
+        Ok(Self {
+            plan,
+            prefix,
+            servers: Vec::new(),
+            nodes: built,
+            client,
+            _lan_xdp: lan_xdp,
+            lan,
+        })
+    }
+
+    /// The prefix of every namespace of this cluster.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn plan(&self) -> &AddressPlan {
+        &self.plan
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    /// `node-<i>`: the node's name, as in its Node object.
+    pub fn node_name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// Node `i`'s address on the LAN (its InternalIP).
+    pub fn node_ip(&self, i: usize) -> Ipv4Addr {
+        self.plan.node_ip(i)
+    }
+
+    /// The interface connecting a node (or the client) to the LAN, in its own namespace.
+    pub fn uplink(&self) -> &'static str {
+        UPLINK
+    }
+
+    /// The LAN namespace, holding the bridge.
+    pub fn lan(&self) -> &Netns {
+        &self.lan
+    }
+
+    /// Node `i`'s port on the bridge (in the LAN namespace): the peer of its uplink.
+    pub fn lan_port(&self, i: usize) -> String {
+        assert!(i < self.nodes.len(), "no node {i}");
+        lan_port(i)
+    }
+
+    /// The external client, on the LAN outside the cluster.
+    pub fn client(&self) -> &Netns {
+        &self.client
+    }
+
+    pub fn client_ip(&self) -> Ipv4Addr {
+        self.plan.client_ip()
+    }
+
+    /// Routes `cidr` (a LoadBalancer IP, an externalIP...) from the client via node `via_node`,
+    /// as an upstream router or a MetalLB-style announcement would.
+    pub fn client_route(&self, cidr: &str, via_node: usize) -> Result<()> {
+        ensure!(via_node < self.nodes.len(), "no node {via_node}");
+        self.client
+            .ip(&[
+                "route",
+                "add",
+                cidr,
+                "via",
+                &self.node_ip(via_node).to_string(),
+                "dev",
+                UPLINK,
+            ])
+            .with_context(|| format!("routing {cidr} from the client via node-{via_node}"))?;
+        Ok(())
+    }
+
+    /// Gives the client another address to send from (bind to it): on the LAN when `ip` is in
+    /// the LAN's range; otherwise as an address of a network behind the client, which every
+    /// node then routes via the client's first address.
+    pub fn add_client_ip(&self, ip: Ipv4Addr) -> Result<()> {
+        if self.plan.on_lan(ip) {
+            let cidr = format!("{ip}/{}", AddressPlan::LAN_PREFIX_LEN);
+            self.client.ip(&["addr", "add", &cidr, "dev", UPLINK])?;
+            return Ok(());
+        }
+        self.client
+            .ip(&["addr", "add", &format!("{ip}/32"), "dev", UPLINK])?;
+        for node in &self.nodes {
+            node.ns.ip(&[
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "via",
+                &self.client_ip().to_string(),
+                "dev",
+                UPLINK,
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Adds a pod without a server (a client pod) on node `node`, with the next free address
+    /// of the node's range. Pod names are unique in the cluster.
+    pub fn add_pod(&mut self, node: usize, name: &str) -> Result<Ipv4Addr> {
+        ensure!(node < self.nodes.len(), "no node {node} for pod {name}");
+        if let Some(existing) = self.find_pod(name) {
+            bail!("a pod named {name} already runs on node-{}", existing.node);
+        }
+        let ip = self.plan.nth_pod_ip(node, self.nodes[node].pods.len())?;
+        let index = self.nodes[node]
+            .add_pod(name, ip)
+            .with_context(|| format!("adding pod {name} to node-{node}"))?;
+        // The datapath may XDP_REDIRECT frames into the pod's veth; its pod end only receives
+        // them in NAPI mode (see `xdp`).
+        ethtool::set_gro(&self.nodes[node].pods[index].ns, "eth0", true)?;
+        Ok(ip)
+    }
+
+    /// Adds a pod on node `node` running a `hostnames` server on `port` (TCP and UDP) that
+    /// answers as `name`; the server lives as long as the cluster.
+    pub fn add_hostnames_pod(&mut self, node: usize, name: &str, port: u16) -> Result<Ipv4Addr> {
+        let ip = self.add_pod(node, name)?;
+        let server = Server::hostnames(self.pod(name).ns, name, port)
+            .with_context(|| format!("starting the hostnames server of pod {name}"))?;
+        self.servers.push(server);
+        Ok(ip)
+    }
+
+    /// Runs a `hostnames` server in node `node`'s own namespace (a host-network pod, answering
+    /// as `node-<i>`) on `port`, for as long as the cluster lives.
+    pub fn add_node_server(&mut self, node: usize, port: u16) -> Result<()> {
+        ensure!(node < self.nodes.len(), "no node {node}");
+        let n = &self.nodes[node];
+        let server = Server::hostnames(&n.ns, &n.name, port)
+            .with_context(|| format!("starting a hostnames server on {}", n.name))?;
+        self.servers.push(server);
+        Ok(())
+    }
+
+    pub fn find_pod(&self, name: &str) -> Option<PodRef<'_>> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .find_map(|(i, node)| node.find_pod(name).map(|pod| PodRef::from((i, pod))))
+    }
+
+    /// The pod named `name`; panics when there is none (a mistake in the test).
+    pub fn pod(&self, name: &str) -> PodRef<'_> {
+        self.find_pod(name)
+            .unwrap_or_else(|| panic!("no pod {name} in cluster {}", self.prefix))
+    }
+
+    /// The Node objects of every node (InternalIP and pod CIDR), as one YAML stream for the
+    /// agents' source.
+    pub fn node_manifests(&self) -> String {
+        manifests::documents((0..self.nodes.len()).map(|i| {
+            NodeManifest::new(self.node_name(i), self.node_ip(i))
+                .pod_cidr(&self.plan.pod_cidr(i))
+                .yaml()
+        }))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Stated rather than left to field order: servers, then pods and nodes, then the
+        // client, then the LAN (the fields drop in this order too).
+        self.servers.clear();
+        self.nodes.clear();
+    }
+}
+
+fn node_name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+fn lan_port(i: usize) -> String {
+    format!("node{i}")
+}
+
+/// Connects `ns` to the LAN: its `eth0` gets `ip`/24, the peer `port` joins the bridge with GRO
+/// on (so that frames XDP redirects out of `eth0` reach the bridge).
+fn attach_to_lan(lan: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> Result<()> {
+    ns.ip(&[
+        "link",
+        "add",
+        UPLINK,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "netns",
+        lan.name(),
+    ])
+    .with_context(|| format!("creating the uplink of {} ({port} on the LAN)", ns.name()))?;
+    lan.ip(&["link", "set", port, "master", BRIDGE])
+        .with_context(|| format!("adding {port} to the bridge in {}", lan.name()))?;
+    lan.ip(&["link", "set", port, "up"])?;
+    ethtool::set_gro(lan, port, true)?;
+    let cidr = format!("{ip}/{}", AddressPlan::LAN_PREFIX_LEN);
+    ns.ip(&["addr", "add", &cidr, "dev", UPLINK])?;
+    ns.ip(&["link", "set", UPLINK, "up"])?;
+    Ok(())
+}
