@@ -8,6 +8,12 @@
 //! * `REPLY`, keyed by the reply as the backend sends it (backend -> client), holding the
 //!   frontend address and port to restore as the reply's source.
 //!
+//! A flow from outside the cluster to a backend on another node is also source-NATed to this
+//! node ([`ct_flags::SNAT`]) so that its replies come back here: its `FORWARD` entry holds the
+//! node address and port that replace the client, and its `REPLY` entry is keyed by the reply
+//! as it reaches the node (backend -> node address and SNAT port) and holds the client to
+//! restore as the destination.
+//!
 //! Entries carry a deadline. The datapath writes an entry only when it is created, when a TCP
 //! state change shortens or lengthens its lifetime, and when its deadline would move by more than
 //! [`REFRESH_INTERVAL_NS`]: an established flow costs no map writes on most packets.
@@ -54,11 +60,17 @@ pub struct CtEntry {
     /// [`ct_flags`] bits.
     pub flags: u8,
     pub _pad: u8,
+    /// With [`ct_flags::SNAT`] only. `FORWARD`: the node address that replaces the client as
+    /// the source. `REPLY`: the client address that replaces the node's as the destination.
+    pub snat_addr: Be32,
+    /// Port counterpart of `snat_addr`.
+    pub snat_port: Be16,
+    pub _pad2: [u8; 2],
 }
 
 const _: () = {
     assert!(size_of::<FlowKey>() == 16);
-    assert!(size_of::<CtEntry>() == 24);
+    assert!(size_of::<CtEntry>() == 32);
 };
 
 /// Bits of [`CtEntry::flags`].
@@ -70,6 +82,11 @@ pub mod ct_flags {
     pub const FIN: u8 = 1 << 1;
     /// A RST was seen.
     pub const RST: u8 = 1 << 2;
+    /// The flow is source-NATed to this node (see the module documentation).
+    pub const SNAT: u8 = 1 << 3;
+    /// With `SNAT`: a hairpin flow (a pod balanced to itself), source-NATed to the node's
+    /// hairpin address and bounced straight back into the pod's interface.
+    pub const HAIRPIN: u8 = 1 << 4;
 }
 
 const SECOND_NS: u64 = 1_000_000_000;

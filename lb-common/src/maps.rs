@@ -47,8 +47,12 @@ pub const LB_SRC_RANGES: &str = "LB_SRC_RANGES";
 /// from a service. Written by the datapath; the agent removes entries of backends that left.
 pub const LB_AFFINITY: &str = "LB_AFFINITY";
 
+/// `0 -> NodeConfig` (array of one): what the datapath needs to know about this node. Written
+/// by the agent.
+pub const LB_CONFIG: &str = "LB_CONFIG";
+
 /// Every map, in creation order, for tools that walk them all.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     LB_ADDRS,
     LB_SERVICES,
     LB_BACKENDS,
@@ -59,6 +63,7 @@ pub const ALL: [&str; 10] = [
     LB_VERDICTS,
     LB_SRC_RANGES,
     LB_AFFINITY,
+    LB_CONFIG,
 ];
 
 /// Default capacities. Each is a compile-time size the agent may override at load time.
@@ -105,6 +110,32 @@ pub mod addr_flags {
     /// The address is a ClusterIP: a packet to a port or protocol it does not serve is rejected
     /// (as kube-proxy does), instead of passed to the stack.
     pub const CLUSTER_IP: u32 = 1 << 0;
+    /// The node's SNAT address ([`super::NodeConfig::snat_addr`]): packets to its SNAT ports
+    /// may be replies of source-NATed flows.
+    pub const SNAT: u32 = 1 << 1;
+    /// The node's hairpin address ([`super::NodeConfig::hairpin_addr`]): packets to it are
+    /// replies of hairpin flows.
+    pub const HAIRPIN: u32 = 1 << 2;
+}
+
+/// Hairpin flows: a pod balanced to itself.
+pub mod hairpin {
+    /// The address such flows come from, as the pod sees them. Link-local, outside the
+    /// 169.254.1.1 pod gateway CNIs commonly use; a pod cannot be shown its own address (Linux
+    /// drops packets that arrive with one of its own addresses as source).
+    pub const DEFAULT_ADDR: [u8; 4] = [169, 254, 42, 1];
+}
+
+/// Source NAT of external flows to backends on other nodes.
+pub mod snat {
+    /// Ports the datapath hands out, by default: above Linux's ephemeral range (32768-60999) and
+    /// the NodePort range (30000-32767), so that they collide with neither. A port is unique per
+    /// (backend address, backend port, protocol), so this allows 4536 concurrent flows from this
+    /// node to each backend.
+    pub const PORT_MIN: u16 = 61_000;
+    pub const PORT_MAX: u16 = 65_535;
+    /// Candidate ports the datapath tries for a new flow before giving up.
+    pub const PROBES: u32 = 8;
 }
 
 /// Which side of the node a frontend serves. A frontend may have one entry per scope with
@@ -130,6 +161,21 @@ pub mod backend_flags {
     pub const ACTIVE: u8 = 1 << 0;
     /// The backend runs on this node.
     pub const LOCAL: u8 = 1 << 1;
+}
+
+/// Value of [`LB_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NodeConfig {
+    /// The address flows to backends on other nodes are source-NATed to (the node's
+    /// InternalIP); zero when unknown, in which case such flows are dropped.
+    pub snat_addr: Be32,
+    /// SNAT ports, inclusive, in host byte order.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// The link-local address hairpin flows (a pod balanced to itself) are source-NATed to;
+    /// zero disables that (such flows then fail, as the pod drops packets from itself).
+    pub hairpin_addr: Be32,
 }
 
 /// Value of [`LB_ADDRS`].
@@ -271,6 +317,7 @@ pub struct Counter {
 
 const _: () = {
     assert!(size_of::<AddrInfo>() == 4);
+    assert!(size_of::<NodeConfig>() == 12);
     assert!(size_of::<ServiceKey>() == 8);
     assert!(size_of::<Service>() == 32);
     assert!(size_of::<SourceRange>() == 8);
@@ -298,4 +345,5 @@ mod user {
     unsafe impl aya::Pod for super::SourceRange {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityEntry {}
+    unsafe impl aya::Pod for super::NodeConfig {}
 }

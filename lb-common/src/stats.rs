@@ -34,11 +34,19 @@ pub enum Reason {
     DropNoTable = 11,
     /// Dropped: a new flow from outside the frontend's loadBalancerSourceRanges.
     DropSourceRange = 12,
+    /// Dropped: a new external flow to a backend on another node found no free SNAT port (or
+    /// the node has no SNAT address).
+    DropSnatPorts = 13,
+    /// A packet was forwarded straight to its next hop after NAT (FIB lookup), bypassing the
+    /// stack. Counted in addition to its NAT reason.
+    Forwarded = 14,
+    /// Dropped: a packet to forward after NAT had no route (or its TTL ran out).
+    DropNoRoute = 15,
 }
 
 impl Reason {
     /// Number of reasons (size of the counters array).
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 16;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::NewFlow,
@@ -54,6 +62,9 @@ impl Reason {
         Self::DropCtFull,
         Self::DropNoTable,
         Self::DropSourceRange,
+        Self::DropSnatPorts,
+        Self::Forwarded,
+        Self::DropNoRoute,
     ];
 
     /// A stable snake_case name for metrics and `lbctl stats`.
@@ -72,6 +83,9 @@ impl Reason {
             Self::DropCtFull => "drop_ct_full",
             Self::DropNoTable => "drop_inconsistent_service",
             Self::DropSourceRange => "drop_source_range",
+            Self::DropSnatPorts => "drop_snat_ports",
+            Self::Forwarded => "forwarded",
+            Self::DropNoRoute => "drop_no_route",
         }
     }
 }

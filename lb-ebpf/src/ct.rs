@@ -103,15 +103,21 @@ pub fn live_backend(entry: *const CtEntry, seg_flags: u8, now: u64) -> Option<Ba
     Some(backend)
 }
 
-/// The reply-direction key of a forward flow that was sent to `backend`.
+/// The reply-direction key of a forward flow (entry `forward`) that was sent to `backend`:
+/// replies address the client, or, for a source-NATed flow, the node's SNAT address and port.
 #[inline(always)]
-pub fn reply_key(forward: &FlowKey, backend: &Backend) -> FlowKey {
+pub fn reply_key(forward_key: &FlowKey, forward: &CtEntry, backend: &Backend) -> FlowKey {
+    let (dst_addr, dst_port) = if forward.flags & ct_flags::SNAT != 0 {
+        (forward.snat_addr, forward.snat_port)
+    } else {
+        (forward_key.src_addr, forward_key.src_port)
+    };
     FlowKey {
         src_addr: backend.addr,
-        dst_addr: forward.src_addr,
+        dst_addr,
         src_port: backend.port,
-        dst_port: forward.src_port,
-        proto: forward.proto,
+        dst_port,
+        proto: forward_key.proto,
         dir: REPLY,
         _pad: [0; 2],
     }
@@ -132,7 +138,8 @@ pub fn open(
 }
 
 /// The reply-direction entry of a forward flow: it restores the frontend (the forward key's
-/// destination) as the source of the backend's replies.
+/// destination) as the source of the backend's replies, and for a source-NATed flow the client
+/// as their destination.
 #[inline(always)]
 pub fn reply_entry(
     forward_key: &FlowKey,
@@ -146,8 +153,11 @@ pub fn reply_entry(
         service_id: forward.service_id,
         nat_addr: forward_key.dst_addr,
         nat_port: forward_key.dst_port,
-        flags,
+        flags: flags | (forward.flags & (ct_flags::SNAT | ct_flags::HAIRPIN)),
         _pad: 0,
+        snat_addr: forward_key.src_addr,
+        snat_port: forward_key.src_port,
+        _pad2: [0; 2],
     }
 }
 
@@ -156,7 +166,9 @@ pub fn reply_entry(
 /// evicted it. Runs at most once per refresh interval per flow.
 #[inline(always)]
 pub fn refresh_reply(forward_key: &FlowKey, forward: *const CtEntry, backend: &Backend, now: u64) {
-    let key = reply_key(forward_key, backend);
+    // SAFETY: a map value returned by a successful lookup.
+    let fwd = unsafe { *forward };
+    let key = reply_key(forward_key, &fwd, backend);
     if let Some(reply) = LB_CT.get_ptr_mut(&key) {
         // SAFETY: a map value returned by a successful lookup.
         unsafe {
@@ -167,8 +179,6 @@ pub fn refresh_reply(forward_key: &FlowKey, forward: *const CtEntry, backend: &B
         }
         return;
     }
-    // SAFETY: a map value returned by a successful lookup.
-    let fwd = unsafe { *forward };
     let entry = reply_entry(forward_key, &fwd, 0, now + lifetime(key.proto, 0));
     // Best effort: if this fails, the next refresh tries again.
     let _ = LB_CT.insert(&key, &entry, 0);

@@ -2,20 +2,20 @@
 //! ones with Maglev, DNAT. The client's address is never touched.
 
 use lb_common::{
-    conntrack::{CtEntry, FORWARD, FlowKey},
+    conntrack::{CtEntry, FORWARD, FlowKey, ct_flags},
     maps::{AddrInfo, Service, ServiceKey, addr_flags, service_flags},
     net::proto,
     stats::Reason,
 };
 
 use crate::{
-    ct, fragment,
+    ct, fib, fragment,
     frame::{Action, Frame},
-    icmp,
+    hairpin, icmp,
     maps::{LB_ADDRS, LB_CT, LB_SERVICES},
     nat::{self, End},
     parse::{self, Frag, Ipv4, L4},
-    reject, select, stats,
+    reject, select, snat, stats,
 };
 
 /// Entry point of the forward path at `scope` (internal for pod interfaces, external for
@@ -45,7 +45,7 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         return counted(Reason::DropMalformed, len, Action::Drop);
     };
     if ip.frag() == Frag::Later {
-        return fragment::forward(frame, ip, len);
+        return fragment::forward(frame, ip, addr.flags & addr_flags::CLUSTER_IP != 0, len);
     }
     if ip.proto == proto::ICMP && icmp::is_error(frame, l4_off) {
         if let Some(action) = icmp::towards_frontend(frame, l4_off, len) {
@@ -69,6 +69,15 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         dir: FORWARD,
         _pad: [0; 2],
     };
+    // Replies of flows this node source-NATed come back to its SNAT or hairpin address.
+    if addr.flags & addr_flags::SNAT != 0
+        && let Some(action) = snat::reply(frame, ip, &l4, len)
+    {
+        return action;
+    }
+    if addr.flags & addr_flags::HAIRPIN != 0 {
+        return hairpin::reply(frame, ip, &l4, len).unwrap_or(Action::Pass);
+    }
     let now = ct::now();
 
     if let Some(entry) = LB_CT.get_ptr_mut(&flow) {
@@ -76,23 +85,24 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
             if ct::touch(entry, ip.proto, l4.tcp_flags, now) {
                 ct::refresh_reply(&flow, entry, &backend, now);
             }
-            if nat::rewrite(
-                frame,
-                End::Destination,
-                Some(&l4),
-                backend.addr,
-                backend.port,
-            )
-            .is_err()
-            {
-                return counted(Reason::DropMalformed, len, Action::Drop);
-            }
-            if ip.frag() == Frag::First {
-                fragment::remember(ip, &l4);
-            }
             // SAFETY: map value from a successful lookup.
-            stats::service(unsafe { (*entry).service_id }, len, false);
-            return counted(Reason::Established, len, Action::Pass);
+            let e = unsafe { *entry };
+            if is_routed(&e) {
+                // Decided once, on this branch alone: the verifier cannot tell that a second test
+                // of the same flag would go the same way.
+                let route = match route(frame, ip, &e, &backend, len) {
+                    Ok(route) => route,
+                    Err(action) => return action,
+                };
+                if let Err(action) = established(frame, ip, &l4, &e, &backend, len) {
+                    return action;
+                }
+                return fib::send(frame, route, len);
+            }
+            if let Err(action) = established(frame, ip, &l4, &e, &backend, len) {
+                return action;
+            }
+            return unrouted(frame, &e);
         }
     }
 
@@ -106,17 +116,102 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
     let Some(svc) = (unsafe { LB_SERVICES.get(&key) }).copied() else {
         return not_served(frame, ip, Some(&l4), addr, len);
     };
-    new_flow(frame, ip, &l4, &flow, &svc, now, len)
+    new_flow(frame, ip, &l4, &flow, &svc, scope, now, len)
 }
 
-/// A new flow to a known frontend: pick a backend, record the flow, DNAT.
+/// DNAT to the flow's backend, and SNAT to the node for a source-NATed flow.
 #[inline(always)]
+fn translate<F: Frame>(
+    frame: &mut F,
+    l4: &L4,
+    entry: &CtEntry,
+    backend: &lb_common::maps::Backend,
+) -> Result<(), ()> {
+    nat::rewrite(
+        frame,
+        End::Destination,
+        Some(l4),
+        backend.addr,
+        backend.port,
+    )?;
+    if entry.flags & ct_flags::SNAT != 0 {
+        nat::rewrite(
+            frame,
+            End::Source,
+            Some(l4),
+            entry.snat_addr,
+            entry.snat_port,
+        )?;
+    }
+    Ok(())
+}
+
+/// Whether the flow's packets are source-NATed to this node and routed here.
+#[inline(always)]
+fn is_routed(entry: &CtEntry) -> bool {
+    entry.flags & (ct_flags::SNAT | ct_flags::HAIRPIN) == ct_flags::SNAT
+}
+
+/// The route of a source-NATed flow's packet, looked up before it is translated; `Err` with what
+/// to do instead.
+#[inline(always)]
+fn route<F: Frame>(
+    frame: &mut F,
+    ip: &Ipv4,
+    entry: &CtEntry,
+    backend: &lb_common::maps::Backend,
+    len: u32,
+) -> Result<fib::Route, Action> {
+    match fib::lookup(frame, ip, entry.snat_addr, backend.addr) {
+        fib::Lookup::Go(route) => Ok(route),
+        fib::Lookup::Defer => Err(Action::Pass),
+        fib::Lookup::NoRoute => Err(counted(Reason::DropNoRoute, len, Action::Drop)),
+    }
+}
+
+/// Translates a packet of an established flow and counts it.
+#[inline(always)]
+fn established<F: Frame>(
+    frame: &mut F,
+    ip: &Ipv4,
+    l4: &L4,
+    entry: &CtEntry,
+    backend: &lb_common::maps::Backend,
+    len: u32,
+) -> Result<(), Action> {
+    if translate(frame, l4, entry, backend).is_err() {
+        return Err(counted(Reason::DropMalformed, len, Action::Drop));
+    }
+    if ip.frag() == Frag::First {
+        fragment::remember(ip, l4);
+    }
+    stats::service(entry.service_id, len, false);
+    stats::verdict(Reason::Established, len);
+    Ok(())
+}
+
+/// Where a translated packet of a flow that is not routed here goes: a hairpin flow back into
+/// the pod; anything else on through the stack to its (local or remote) backend.
+#[inline(always)]
+fn unrouted<F: Frame>(frame: &mut F, entry: &CtEntry) -> Action {
+    if entry.flags & ct_flags::HAIRPIN != 0 {
+        hairpin::bounce(frame)
+    } else {
+        Action::Pass
+    }
+}
+
+/// A new flow to a known frontend: pick a backend, record the flow, DNAT (and SNAT when it came
+/// from outside and the backend runs on another node).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn new_flow<F: Frame>(
     frame: &mut F,
     ip: &Ipv4,
     l4: &L4,
     flow: &FlowKey,
     svc: &Service,
+    scope: u8,
     now: u64,
     len: u32,
 ) -> Action {
@@ -133,36 +228,70 @@ fn new_flow<F: Frame>(
     };
 
     let (flags, deadline_ns) = ct::initial(ip.proto, l4.tcp_flags, now);
-    let forward = CtEntry {
+    let mut forward = CtEntry {
         deadline_ns,
         backend_id,
         service_id: svc.id,
         nat_addr: backend.addr,
         nat_port: backend.port,
         flags,
-        _pad: 0,
+        ..CtEntry::default()
     };
-    let reply_key = ct::reply_key(flow, &backend);
-    let reply = ct::reply_entry(flow, &forward, 0, deadline_ns);
-    if ct::open(flow, &forward, &reply_key, &reply).is_err() {
-        return counted(Reason::DropCtFull, len, Action::Drop);
+    if let Some((addr, port)) = hairpin::source(flow, &backend) {
+        forward.flags |= ct_flags::SNAT | ct_flags::HAIRPIN;
+        forward.snat_addr = addr;
+        forward.snat_port = port;
+    } else if snat::needed(scope, &backend, ip.proto) {
+        let source = snat::config().and_then(|cfg| snat::allocate(flow, &backend, &cfg, now));
+        let Some((addr, port)) = source else {
+            return counted(Reason::DropSnatPorts, len, Action::Drop);
+        };
+        forward.flags |= ct_flags::SNAT;
+        forward.snat_addr = addr;
+        forward.snat_port = port;
     }
-    if nat::rewrite(
-        frame,
-        End::Destination,
-        Some(l4),
-        backend.addr,
-        backend.port,
-    )
-    .is_err()
-    {
-        return counted(Reason::DropMalformed, len, Action::Drop);
+    if is_routed(&forward) {
+        // Before any state is written: a flow this hook cannot forward is left to the next one.
+        let route = match route(frame, ip, &forward, &backend, len) {
+            Ok(route) => route,
+            Err(action) => return action,
+        };
+        if let Err(action) = open(frame, ip, l4, flow, &forward, &backend, len) {
+            return action;
+        }
+        return fib::send(frame, route, len);
+    }
+    if let Err(action) = open(frame, ip, l4, flow, &forward, &backend, len) {
+        return action;
+    }
+    unrouted(frame, &forward)
+}
+
+/// Records a new flow, translates its first packet and counts it.
+#[inline(always)]
+fn open<F: Frame>(
+    frame: &mut F,
+    ip: &Ipv4,
+    l4: &L4,
+    flow: &FlowKey,
+    forward: &CtEntry,
+    backend: &lb_common::maps::Backend,
+    len: u32,
+) -> Result<(), Action> {
+    let reply_key = ct::reply_key(flow, forward, backend);
+    let reply = ct::reply_entry(flow, forward, 0, forward.deadline_ns);
+    if ct::open(flow, forward, &reply_key, &reply).is_err() {
+        return Err(counted(Reason::DropCtFull, len, Action::Drop));
+    }
+    if translate(frame, l4, forward, backend).is_err() {
+        return Err(counted(Reason::DropMalformed, len, Action::Drop));
     }
     if ip.frag() == Frag::First {
         fragment::remember(ip, l4);
     }
-    stats::service(svc.id, len, true);
-    counted(Reason::NewFlow, len, Action::Pass)
+    stats::service(forward.service_id, len, true);
+    stats::verdict(Reason::NewFlow, len);
+    Ok(())
 }
 
 /// A frontend without a backend: reject (kube-proxy's REJECT), or drop when the service's

@@ -1,11 +1,12 @@
 //! IPv4 fragments. Only the first fragment carries the L4 ports, so the datapath remembers them
 //! per datagram (source, destination, IP id, protocol) and translates later fragments like their
 //! first one. Later fragments that arrive before their first one cannot be translated: towards a
-//! frontend they are dropped (forwarding them untranslated would send them nowhere useful);
-//! elsewhere they pass untouched.
+//! ClusterIP they are dropped (forwarding them untranslated would send them nowhere useful);
+//! elsewhere, node addresses included (they may be the stack's own fragments), they pass
+//! untouched.
 
 use lb_common::{
-    conntrack::{FORWARD, FlowKey, REPLY},
+    conntrack::{FORWARD, FlowKey, REPLY, ct_flags},
     maps::{FragEntry, FragKey},
     stats::Reason,
 };
@@ -56,24 +57,35 @@ fn flow(ip: &Ipv4, dir: u8) -> Option<FlowKey> {
     })
 }
 
-/// A later fragment addressed to a frontend.
+/// A later fragment addressed to a frontend address; `cluster_ip` says whether that address is a
+/// ClusterIP (where an untranslatable fragment is dropped rather than passed).
 #[inline(always)]
-pub fn forward<F: Frame>(frame: &mut F, ip: &Ipv4, len: u32) -> Action {
+pub fn forward<F: Frame>(frame: &mut F, ip: &Ipv4, cluster_ip: bool, len: u32) -> Action {
     let backend = flow(ip, FORWARD).and_then(|key| {
         let entry = LB_CT.get_ptr_mut(&key)?;
         // SAFETY: map value from a successful lookup.
-        let service_id = unsafe { (*entry).service_id };
-        Some((ct::live_backend(entry, 0, ct::now())?, service_id))
+        let e = unsafe { *entry };
+        Some((ct::live_backend(entry, 0, ct::now())?, e))
     });
-    let Some((backend, service_id)) = backend else {
+    let Some((backend, entry)) = backend else {
+        if !cluster_ip {
+            return Action::Pass;
+        }
         stats::verdict(Reason::DropFragment, len);
         return Action::Drop;
     };
-    if nat::rewrite(frame, End::Destination, None, backend.addr, backend.port).is_err() {
+    let mut rewritten =
+        nat::rewrite(frame, End::Destination, None, backend.addr, backend.port).is_ok();
+    if entry.flags & ct_flags::SNAT != 0 {
+        // The stack routes it on; only the first fragment takes the FIB shortcut.
+        rewritten &=
+            nat::rewrite(frame, End::Source, None, entry.snat_addr, entry.snat_port).is_ok();
+    }
+    if !rewritten {
         stats::verdict(Reason::DropMalformed, len);
         return Action::Drop;
     }
-    stats::service(service_id, len, false);
+    stats::service(entry.service_id, len, false);
     stats::verdict(Reason::FragmentNat, len);
     Action::Pass
 }

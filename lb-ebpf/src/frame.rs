@@ -11,14 +11,18 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh,
+        bpf_redir_neigh__bindgen_ty_1, xdp_action,
     },
     helpers::generated::{
-        bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_fib_lookup as fib_lookup_helper, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
 };
-use lb_common::csum;
+use lb_common::{Be32, csum};
+
+const AF_INET: u32 = 2;
 
 /// What to do with the packet once the logic is done.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -27,11 +31,19 @@ pub enum Action {
     Pass,
     /// Discard it.
     Drop,
-    /// Send it back out of the interface it arrived on (a generated reject).
+    /// Send it back out of the interface it arrived on (a generated reject, or a forwarded
+    /// packet whose next hop is on the same link).
     Bounce,
+    /// Send it out of another interface (a forwarded packet), by ifindex.
+    Redirect(u32),
+    /// Send it out of `ifindex` to `next_hop`, resolving its MAC first (tc only).
+    RedirectNeigh { ifindex: u32, next_hop: Be32 },
 }
 
 pub trait Frame {
+    /// Whether the hook can send a packet to a next hop whose MAC is not known yet.
+    const RESOLVES_NEIGHBOURS: bool;
+
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
 
@@ -53,6 +65,12 @@ pub trait Frame {
     /// Opens `len` bytes of room right after the Ethernet header (the Ethernet header moves
     /// to the new front).
     fn grow_after_eth(&mut self, len: usize) -> Result<(), ()>;
+
+    /// The interface the packet arrived on.
+    fn ingress_ifindex(&self) -> u32;
+
+    /// `bpf_fib_lookup` for this packet's context.
+    fn fib_lookup(&mut self, params: &mut bpf_fib_lookup) -> i64;
 }
 
 /// A bounds-checked pointer to a `T` at `off` bytes into the packet.
@@ -99,6 +117,8 @@ pub struct XdpFrame {
 }
 
 impl Frame for XdpFrame {
+    const RESOLVES_NEIGHBOURS: bool = false;
+
     #[inline(always)]
     fn data(&self) -> usize {
         self.ctx.data()
@@ -160,6 +180,25 @@ impl Frame for XdpFrame {
         unsafe { *dst = *src };
         Ok(())
     }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: reading a field of our own context.
+        unsafe { (*self.ctx.ctx).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn fib_lookup(&mut self, params: &mut bpf_fib_lookup) -> i64 {
+        // SAFETY: helper call with our context and a parameter block of the size we pass.
+        unsafe {
+            fib_lookup_helper(
+                self.ctx.ctx.cast(),
+                params,
+                size_of::<bpf_fib_lookup>() as i32,
+                0,
+            )
+        }
+    }
 }
 
 impl XdpFrame {
@@ -169,6 +208,10 @@ impl XdpFrame {
             Action::Pass => xdp_action::XDP_PASS,
             Action::Drop => xdp_action::XDP_DROP,
             Action::Bounce => xdp_action::XDP_TX,
+            // SAFETY: plain helper call; XDP_REDIRECT on success.
+            Action::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+            // Never produced at XDP (see `fib::lookup`).
+            Action::RedirectNeigh { .. } => xdp_action::XDP_DROP,
         }
     }
 }
@@ -207,12 +250,21 @@ impl TcFrame {
         match action {
             Action::Pass => TC_ACT_UNSPEC,
             Action::Drop => TC_ACT_SHOT as i32,
-            Action::Bounce => {
-                // SAFETY: reading the ifindex of our own skb.
-                let ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
-                // SAFETY: plain helper call; redirecting to the receiving device's egress sends
-                // the packet back where it came from.
-                let ret = unsafe { bpf_redirect(ifindex, 0) };
+            // Redirecting to the receiving device's egress sends the packet back where it came
+            // from.
+            Action::Bounce => Self::redirect(self.ingress_ifindex()),
+            Action::Redirect(ifindex) => Self::redirect(ifindex),
+            Action::RedirectNeigh { ifindex, next_hop } => {
+                let mut nh = bpf_redir_neigh {
+                    nh_family: AF_INET,
+                    __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                        ipv4_nh: next_hop.raw(),
+                    },
+                };
+                // SAFETY: helper call with a parameter block of the size we pass.
+                let ret = unsafe {
+                    bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
+                };
                 if ret == TC_ACT_REDIRECT as i64 {
                     TC_ACT_REDIRECT as i32
                 } else {
@@ -221,9 +273,22 @@ impl TcFrame {
             }
         }
     }
+
+    #[inline(always)]
+    fn redirect(ifindex: u32) -> i32 {
+        // SAFETY: plain helper call.
+        let ret = unsafe { bpf_redirect(ifindex, 0) };
+        if ret == TC_ACT_REDIRECT as i64 {
+            TC_ACT_REDIRECT as i32
+        } else {
+            TC_ACT_SHOT as i32
+        }
+    }
 }
 
 impl Frame for TcFrame {
+    const RESOLVES_NEIGHBOURS: bool = true;
+
     #[inline(always)]
     fn data(&self) -> usize {
         self.ctx.data()
@@ -281,5 +346,25 @@ impl Frame for TcFrame {
         self.ctx
             .adjust_room(len as i32, BPF_ADJ_ROOM_MAC, 0)
             .map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: reading a field of our own skb. At tc ingress the skb's device is the one it
+        // arrived on.
+        unsafe { (*self.ctx.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn fib_lookup(&mut self, params: &mut bpf_fib_lookup) -> i64 {
+        // SAFETY: helper call with our skb and a parameter block of the size we pass.
+        unsafe {
+            fib_lookup_helper(
+                self.ctx.skb.skb.cast(),
+                params,
+                size_of::<bpf_fib_lookup>() as i32,
+                0,
+            )
+        }
     }
 }

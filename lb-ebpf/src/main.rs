@@ -4,7 +4,11 @@
 //!   leaving pods.
 //! * `lb_to_pod` (tc egress of a pod's host-side veth): reverse NAT of replies on their way to a
 //!   client pod, wherever the backend runs.
-//! * `lb_xdp` (XDP on an uplink): the same load-balancing logic for traffic arriving from outside.
+//! * `lb_xdp` (XDP on an uplink): the same load-balancing logic for traffic arriving from
+//!   outside, plus source NAT towards backends on other nodes and the return of their replies.
+//! * `lb_ext_in` (tc ingress of an uplink): `lb_xdp`'s logic where XDP is off or unavailable.
+//! * `lb_ext_out` (tc egress of an uplink): reverse NAT of replies from this node's backends to
+//!   clients elsewhere (`lb_to_pod`'s logic).
 //! * `bench_empty_*`: empty programs, the baseline of `cargo xtask bench`.
 #![no_std]
 #![no_main]
@@ -13,9 +17,11 @@
 #![deny(clippy::indexing_slicing)]
 
 mod ct;
+mod fib;
 mod forward;
 mod fragment;
 mod frame;
+mod hairpin;
 mod hdr;
 mod icmp;
 mod maps;
@@ -24,6 +30,7 @@ mod parse;
 mod reject;
 mod reply;
 mod select;
+mod snat;
 mod stats;
 
 use aya_ebpf::{
@@ -44,6 +51,20 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 pub fn lb_from_pod(ctx: TcContext) -> i32 {
     let mut frame = TcFrame { ctx };
     let action = forward::from_client(&mut frame, scope::INTERNAL);
+    frame.verdict(action)
+}
+
+#[classifier]
+pub fn lb_ext_in(ctx: TcContext) -> i32 {
+    let mut frame = TcFrame { ctx };
+    let action = forward::from_client(&mut frame, scope::EXTERNAL);
+    frame.verdict(action)
+}
+
+#[classifier]
+pub fn lb_ext_out(ctx: TcContext) -> i32 {
+    let mut frame = TcFrame { ctx };
+    let action = reply::to_client(&mut frame);
     frame.verdict(action)
 }
 

@@ -10,8 +10,8 @@ use lb_common::{
     Be32,
     conntrack::{CtEntry, FlowKey},
     maps::{
-        AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey, Service,
-        ServiceKey, ServiceStats, SourceRange, capacity, maglev,
+        AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey, NodeConfig,
+        Service, ServiceKey, ServiceStats, SourceRange, capacity, maglev,
     },
     stats::Reason,
 };
@@ -81,3 +81,7 @@ pub static LB_SRC_RANGES: LpmTrie<SourceRange, u32, { capacity::SRC_RANGES as us
 #[btf_map]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
+
+/// See [`lb_common::maps::LB_CONFIG`].
+#[btf_map]
+pub static LB_CONFIG: Array<NodeConfig, 1> = Array::new();

@@ -31,6 +31,7 @@ pub struct Ipv4 {
     version_ihl: u8,
     frag_off: u16,
     pub id: Be16,
+    pub tot_len: Be16,
 }
 
 impl Ipv4 {
@@ -83,6 +84,7 @@ pub fn ipv4<F: Frame>(frame: &mut F) -> Option<Ipv4> {
             version_ihl: (*ip).version_ihl,
             frag_off: (*ip).frag_off,
             id: be16((*ip).id),
+            tot_len: be16((*ip).tot_len),
         })
     }
 }

@@ -2,7 +2,7 @@
 //! replies pass on their way to a client; a packet that is no reply costs one lookup.
 
 use lb_common::{
-    conntrack::{FlowKey, REPLY},
+    conntrack::{FlowKey, REPLY, ct_flags},
     net::proto,
     stats::Reason,
 };
@@ -52,21 +52,16 @@ pub fn to_client<F: Frame>(frame: &mut F) -> Action {
     };
     let now = ct::now();
     // SAFETY: map value from a successful lookup.
-    let (deadline_ns, nat_addr, nat_port, service_id) = unsafe {
-        (
-            (*entry).deadline_ns,
-            (*entry).nat_addr,
-            (*entry).nat_port,
-            (*entry).service_id,
-        )
-    };
-    if now >= deadline_ns {
+    let e = unsafe { *entry };
+    // Replies of source-NATed flows are handled where they reach the node (`snat::reply`).
+    if now >= e.deadline_ns || e.flags & ct_flags::SNAT != 0 {
         return Action::Pass;
     }
     ct::touch(entry, ip.proto, l4.tcp_flags, now);
-    if nat::rewrite(frame, End::Source, Some(&l4), nat_addr, nat_port).is_err() {
+    if nat::rewrite(frame, End::Source, Some(&l4), e.nat_addr, e.nat_port).is_err() {
         return Action::Pass;
     }
+    let service_id = e.service_id;
     if ip.frag() == Frag::First {
         fragment::remember(&ip, &l4);
     }

@@ -1,0 +1,83 @@
+//! Hairpin flows: a pod reaching a service (ClusterIP, or a NodePort from inside) whose chosen
+//! backend is the pod itself. Linux drops packets that arrive from outside with one of its own
+//! addresses as source, so such a flow is source-NATed too, to the link-local hairpin address
+//! the agent configures (the pod sees that address as its client), and bounced straight back
+//! into the pod's interface. Its replies, addressed to the hairpin address, come back the same
+//! way with the frontend restored. Bouncing instead of routing keeps the node's reverse-path
+//! filter out of it (the hairpin address has no route).
+
+use lb_common::{
+    Be16, Be32,
+    conntrack::{CtEntry, FlowKey, REPLY, ct_flags},
+    maps::Backend,
+    stats::Reason,
+};
+
+use crate::{
+    ct,
+    frame::{Action, Frame, ptr_at},
+    hdr::EthHdr,
+    maps::{LB_CONFIG, LB_CT},
+    nat::{self, End},
+    parse::{Ipv4, L4},
+    stats,
+};
+
+/// The hairpin source for a flow from `flow`'s client to `backend`, when the client is the
+/// backend and a hairpin address is configured: the client's port is kept (it is already
+/// unique for the pod).
+#[inline(always)]
+pub fn source(flow: &FlowKey, backend: &Backend) -> Option<(Be32, Be16)> {
+    if flow.src_addr != backend.addr {
+        return None;
+    }
+    let addr = LB_CONFIG.get(0)?.hairpin_addr;
+    (addr.raw() != 0).then_some((addr, flow.src_port))
+}
+
+/// Sends a translated hairpin packet back into the interface it came from, addressed to the pod.
+#[inline(always)]
+pub fn bounce<F: Frame>(frame: &mut F) -> Action {
+    let Some(eth) = ptr_at::<F, EthHdr>(frame, 0) else {
+        return Action::Drop;
+    };
+    // SAFETY: bounds-checked by `ptr_at`.
+    unsafe {
+        let dst = (*eth).dst;
+        (*eth).dst = (*eth).src;
+        (*eth).src = dst;
+    }
+    Action::Bounce
+}
+
+/// A packet to the hairpin address: the reply of a hairpin flow gets the frontend back as its
+/// source and the pod's client side as its destination, and goes back into the pod.
+#[inline(always)]
+pub fn reply<F: Frame>(frame: &mut F, ip: &Ipv4, l4: &L4, len: u32) -> Option<Action> {
+    let key = FlowKey {
+        src_addr: ip.src,
+        dst_addr: ip.dst,
+        src_port: l4.src_port,
+        dst_port: l4.dst_port,
+        proto: ip.proto,
+        dir: REPLY,
+        _pad: [0; 2],
+    };
+    let entry = LB_CT.get_ptr_mut(&key)?;
+    let now = ct::now();
+    // SAFETY: map value from a successful lookup.
+    let e: CtEntry = unsafe { *entry };
+    if e.flags & ct_flags::HAIRPIN == 0 || now >= e.deadline_ns {
+        return None;
+    }
+    ct::touch(entry, ip.proto, l4.tcp_flags, now);
+    let rewritten = nat::rewrite(frame, End::Source, Some(l4), e.nat_addr, e.nat_port).is_ok()
+        && nat::rewrite(frame, End::Destination, Some(l4), e.snat_addr, e.snat_port).is_ok();
+    if !rewritten {
+        stats::verdict(Reason::DropMalformed, len);
+        return Some(Action::Drop);
+    }
+    stats::service(e.service_id, len, false);
+    stats::verdict(Reason::ReplyNat, len);
+    Some(bounce(frame))
+}
