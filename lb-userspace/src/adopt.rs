@@ -48,6 +48,7 @@ pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programm
             },
         );
     }
+    programmed.config = maps.config.get(&0, 0).map_err(read_err(names::LB_CONFIG))?;
     for entry in maps.addrs.iter() {
         let (addr, info) = entry.map_err(read_err(names::LB_ADDRS))?;
         programmed.addrs.insert(
@@ -56,6 +57,7 @@ pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programm
                 info,
                 refs: 0,
                 cluster_refs: 0,
+                node_flags: node_flags(&programmed.config, addr),
             },
         );
     }
@@ -159,4 +161,17 @@ pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programm
     );
     programmed.range_ids = IdAlloc::with_used(programmed.ranges.keys().copied());
     Ok(programmed)
+}
+
+/// The flags `addr` carries as one of the node's own addresses in `config`.
+fn node_flags(config: &lb_common::maps::NodeConfig, addr: lb_common::Be32) -> u32 {
+    use lb_common::maps::addr_flags;
+    let mut flags = 0;
+    if addr.raw() != 0 && addr == config.snat_addr {
+        flags |= addr_flags::SNAT;
+    }
+    if addr.raw() != 0 && addr == config.hairpin_addr {
+        flags |= addr_flags::HAIRPIN;
+    }
+    flags
 }

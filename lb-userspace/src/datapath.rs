@@ -17,6 +17,10 @@ pub const PROG_XDP: &str = "lb_xdp";
 pub const PROG_FROM_POD: &str = "lb_from_pod";
 /// tc egress of a pod's host-side veth: reverse NAT of replies to pods.
 pub const PROG_TO_POD: &str = "lb_to_pod";
+/// tc ingress of an uplink: `lb_xdp`'s logic where XDP is off.
+pub const PROG_EXT_IN: &str = "lb_ext_in";
+/// tc egress of an uplink: reverse NAT of this node's backends' replies to clients elsewhere.
+pub const PROG_EXT_OUT: &str = "lb_ext_out";
 /// Empty programs: the baseline the benchmarks subtract.
 pub const PROG_EMPTY_XDP: &str = "bench_empty_xdp";
 pub const PROG_EMPTY_TC: &str = "bench_empty_tc";
@@ -96,7 +100,7 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(LB_EBPF).map_err(DatapathError::Load)?;
-        for name in [PROG_FROM_POD, PROG_TO_POD] {
+        for name in [PROG_FROM_POD, PROG_TO_POD, PROG_EXT_IN, PROG_EXT_OUT] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| DatapathError::Program { name, source })?;
@@ -119,6 +123,14 @@ impl Datapath {
 
     pub fn to_pod(&mut self) -> &mut SchedClassifier {
         program(&mut self.ebpf, PROG_TO_POD).expect("checked at load")
+    }
+
+    pub fn ext_in(&mut self) -> &mut SchedClassifier {
+        program(&mut self.ebpf, PROG_EXT_IN).expect("checked at load")
+    }
+
+    pub fn ext_out(&mut self) -> &mut SchedClassifier {
+        program(&mut self.ebpf, PROG_EXT_OUT).expect("checked at load")
     }
 
     /// The empty XDP program (loaded on first use), for benchmarks.
@@ -193,6 +205,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         LB_VERDICTS => sizes(4, size_of::<Counter>()),
         LB_SRC_RANGES => sizes(4 + size_of::<SourceRange>(), 4),
         LB_AFFINITY => sizes(size_of::<AffinityKey>(), size_of::<AffinityEntry>()),
+        LB_CONFIG => sizes(4, size_of::<NodeConfig>()),
         _ => None,
     }
 }

@@ -55,6 +55,11 @@ impl DesiredState {
         &self.desired
     }
 
+    /// The node's SNAT address (from its Node object).
+    pub fn set_snat_addr(&mut self, addr: Option<std::net::Ipv4Addr>) {
+        self.desired.snat_addr = addr;
+    }
+
     /// What changed since the last call.
     pub fn take_scope(&mut self) -> Scope {
         std::mem::take(&mut self.pending)

@@ -34,8 +34,8 @@ use lb_common::{
     Be16, Be32,
     conntrack::{CtEntry, FORWARD, FlowKey, REPLY, ct_flags},
     maps::{
-        self as names, Backend, Service, ServiceKey, SourceRange, addr_flags, backend_flags, scope,
-        service_flags,
+        self as names, Backend, NodeConfig, Service, ServiceKey, SourceRange, addr_flags,
+        backend_flags, scope, service_flags, snat,
     },
     net::proto,
     stats::Reason,
@@ -44,7 +44,7 @@ use serde::Serialize;
 
 use crate::{
     maps::{Maps, MapsError},
-    predict::{self, Forward, Reply, Selection},
+    predict::{self, Forward, Reply, Selection, SnatChoice, SnatFailure, SourceNat},
 };
 
 const SECOND_NS: u64 = 1_000_000_000;
@@ -254,7 +254,11 @@ fn flag_names(bits: u64, known: &[(u64, &str)]) -> Vec<String> {
 fn addr_flag_names(flags: u32) -> Vec<String> {
     flag_names(
         flags.into(),
-        &[(addr_flags::CLUSTER_IP.into(), "cluster_ip")],
+        &[
+            (addr_flags::CLUSTER_IP.into(), "cluster_ip"),
+            (addr_flags::SNAT.into(), "snat"),
+            (addr_flags::HAIRPIN.into(), "hairpin"),
+        ],
     )
 }
 
@@ -282,6 +286,8 @@ fn ct_flag_names(flags: u8) -> Vec<String> {
             (ct_flags::ESTABLISHED.into(), "established"),
             (ct_flags::FIN.into(), "fin"),
             (ct_flags::RST.into(), "rst"),
+            (ct_flags::SNAT.into(), "snat"),
+            (ct_flags::HAIRPIN.into(), "hairpin"),
         ],
     )
 }
@@ -327,11 +333,12 @@ pub enum MapKind {
     Verdicts,
     SrcRanges,
     Affinity,
+    Config,
 }
 
 impl MapKind {
     /// In the order of `lb_common::maps::ALL`.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Addrs,
         Self::Services,
         Self::Backends,
@@ -342,6 +349,7 @@ impl MapKind {
         Self::Verdicts,
         Self::SrcRanges,
         Self::Affinity,
+        Self::Config,
     ];
 
     /// The map's name (its pin name and its key in the dump's JSON).
@@ -357,6 +365,7 @@ impl MapKind {
             Self::Verdicts => names::LB_VERDICTS,
             Self::SrcRanges => names::LB_SRC_RANGES,
             Self::Affinity => names::LB_AFFINITY,
+            Self::Config => names::LB_CONFIG,
         }
     }
 
@@ -373,6 +382,7 @@ impl MapKind {
             Self::Verdicts => "verdicts",
             Self::SrcRanges => "ranges",
             Self::Affinity => "affinity",
+            Self::Config => "config",
         }
     }
 
@@ -398,7 +408,8 @@ impl MapKind {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AddrRow {
     pub addr: Ipv4Addr,
-    /// `cluster_ip`.
+    /// `cluster_ip`, `snat` (the node's SNAT address), `hairpin` (the hairpin address); see
+    /// `LB_CONFIG`.
     pub flags: Vec<String>,
     pub flags_raw: u32,
 }
@@ -495,12 +506,34 @@ pub struct CtRow {
     pub service_id: u32,
     /// Forward: the backend the flow is DNATed to. Reply: the frontend restored as source.
     pub nat: SocketAddrV4,
-    /// `established`, `fin`, `rst`.
+    /// `established`, `fin`, `rst`, `snat`, `hairpin`.
     pub flags: Vec<String>,
     pub flags_raw: u8,
     /// Seconds until the entry stops counting (negative: expired, awaiting LRU eviction).
     pub expires_in_s: i64,
     pub expired: bool,
+    /// Source-NATed flows (flag `snat`) only, else `null`. Forward: the node address and port
+    /// (or, with flag `hairpin`, the hairpin address and port) that replace the client as the
+    /// source. Reply (keyed backend -> that address and port): the client, restored as the
+    /// destination.
+    pub snat: Option<SocketAddrV4>,
+}
+
+/// `LB_CONFIG`: the node's configuration (one row).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConfigRow {
+    /// The address external flows to backends on other nodes are source-NATed to;
+    /// `"0.0.0.0"` when unset.
+    pub snat_addr: Ipv4Addr,
+    /// The SNAT port range, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// Whether the datapath source-NATs: an address is set and the range is not empty.
+    /// Without, new external flows to backends on other nodes are dropped (`drop_snat_ports`).
+    pub snat_enabled: bool,
+    /// The address hairpin flows (a pod balanced to itself) are source-NATed to; `"0.0.0.0"`
+    /// disables that (such flows then fail).
+    pub hairpin_addr: Ipv4Addr,
 }
 
 /// A row of `LB_FRAGS`: the ports of a fragmented datagram.
@@ -586,6 +619,9 @@ pub struct Dump {
     pub src_ranges: Option<Vec<RangeRow>>,
     #[serde(rename = "LB_AFFINITY", skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Vec<AffinityRow>>,
+    /// One row.
+    #[serde(rename = "LB_CONFIG", skip_serializing_if = "Option::is_none")]
+    pub config: Option<Vec<ConfigRow>>,
 }
 
 fn read_addrs(maps: &Maps) -> Result<Vec<AddrRow>, MapsError> {
@@ -707,6 +743,22 @@ fn ct_row(key: &FlowKey, entry: &CtEntry, now: u64) -> CtRow {
         flags_raw: entry.flags,
         expires_in_s: seconds_until(entry.deadline_ns, now),
         expired: now >= entry.deadline_ns,
+        snat: snat_of(entry),
+    }
+}
+
+/// The SNAT end of a source-NATed entry (see [`CtRow::snat`]).
+fn snat_of(entry: &CtEntry) -> Option<SocketAddrV4> {
+    (entry.flags & ct_flags::SNAT != 0).then(|| socket(entry.snat_addr, entry.snat_port))
+}
+
+fn config_row(config: &NodeConfig) -> ConfigRow {
+    ConfigRow {
+        snat_addr: config.snat_addr.to_ip(),
+        snat_port_min: config.snat_port_min,
+        snat_port_max: config.snat_port_max,
+        snat_enabled: predict::snat_configured(config),
+        hairpin_addr: config.hairpin_addr.to_ip(),
     }
 }
 
@@ -919,6 +971,9 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
     if want(MapKind::Affinity) {
         out.affinity = Some(read_affinity(maps, &services, now)?);
     }
+    if want(MapKind::Config) {
+        out.config = Some(vec![config_row(&predict::node_config(maps)?)]);
+    }
     Ok(out)
 }
 
@@ -1062,8 +1117,13 @@ pub struct FlowRow {
     pub backend_id: u32,
     /// The entry keyed client -> frontend (`null` when only the reply entry is left).
     pub forward: Option<CtSide>,
-    /// The entry keyed backend -> client (`null` when only the forward entry is left).
+    /// The entry keyed backend -> client, or backend -> `snat` for a source-NATed flow (`null`
+    /// when only the forward entry is left).
     pub reply: Option<CtSide>,
+    /// Source-NATed flows (an external client and a backend on another node, or a hairpin
+    /// flow): the node address and port (or hairpin address and port) the client is translated
+    /// to, as the backend sees it; else `null`.
+    pub snat: Option<SocketAddrV4>,
 }
 
 fn ct_side(entry: &CtEntry, now: u64) -> CtSide {
@@ -1083,45 +1143,60 @@ pub fn ct_list(maps: &Maps) -> Result<Vec<FlowRow>, MapsError> {
     let mut paired = BTreeSet::new();
     let mut rows = Vec::new();
     for (key, entry) in entries.values().filter(|(k, _)| k.dir == FORWARD) {
+        let client = socket(key.src_addr, key.src_port);
+        let snat = snat_of(entry);
+        // Replies address the client, or the node address and port it was translated to.
+        let reply_to = snat.unwrap_or(client);
         let reply_key = FlowKey {
             src_addr: entry.nat_addr,
-            dst_addr: key.src_addr,
+            dst_addr: Be32::from(*reply_to.ip()),
             src_port: entry.nat_port,
-            dst_port: key.src_port,
+            dst_port: Be16::from_host(reply_to.port()),
             proto: key.proto,
             dir: REPLY,
             _pad: [0; 2],
         };
-        let reply = entries
-            .get(&ct_order(&reply_key))
-            .filter(|(_, r)| r.nat_addr == key.dst_addr && r.nat_port == key.dst_port);
+        let reply = entries.get(&ct_order(&reply_key)).filter(|(_, r)| {
+            r.nat_addr == key.dst_addr
+                && r.nat_port == key.dst_port
+                && (snat.is_none() || snat_of(r) == Some(client))
+        });
         if reply.is_some() {
             paired.insert(ct_order(&reply_key));
         }
         rows.push(FlowRow {
             proto: proto_name(key.proto),
-            client: socket(key.src_addr, key.src_port),
+            client,
             frontend: socket(key.dst_addr, key.dst_port),
             backend: socket(entry.nat_addr, entry.nat_port),
             service_id: entry.service_id,
             backend_id: entry.backend_id,
             forward: Some(ct_side(entry, now)),
             reply: reply.map(|(_, r)| ct_side(r, now)),
+            snat,
         });
     }
     for (order, (key, entry)) in &entries {
         if key.dir != REPLY || paired.contains(order) {
             continue;
         }
+        // A source-NATed flow's reply is keyed by the node's address and port; the client is
+        // in the entry.
+        let to = socket(key.dst_addr, key.dst_port);
+        let (client, snat) = match snat_of(entry) {
+            Some(client) => (client, Some(to)),
+            None => (to, None),
+        };
         rows.push(FlowRow {
             proto: proto_name(key.proto),
-            client: socket(key.dst_addr, key.dst_port),
+            client,
             frontend: socket(entry.nat_addr, entry.nat_port),
             backend: socket(key.src_addr, key.src_port),
             service_id: entry.service_id,
             backend_id: entry.backend_id,
             forward: None,
             reply: Some(ct_side(entry, now)),
+            snat,
         });
     }
     Ok(rows)
@@ -1169,34 +1244,66 @@ pub enum TraceSelection {
     },
 }
 
-/// The packet as it leaves the hook when the datapath passes it.
+/// The packet as it leaves the hook when the datapath passes (forwards, bounces) it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct TracePacket {
     pub src: SocketAddrV4,
     pub dst: SocketAddrV4,
 }
 
+/// Source NAT of a flow: from outside the cluster to a backend on another node (`kind`
+/// `"node"`), or a pod balanced to itself (`"hairpin"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct TraceSnat {
+    /// `"node"` or `"hairpin"`.
+    pub kind: &'static str,
+    /// The address and port that stand for the client towards the backend (the node's SNAT
+    /// address, or the hairpin address with the client's port): the forward packets' new
+    /// source, the replies' destination.
+    pub addr: SocketAddrV4,
+    /// The client: the forward packets' source, restored as the replies' destination.
+    pub client: SocketAddrV4,
+    /// New flows: the flow hash that spreads the candidate ports (else `null`).
+    pub hash: Option<u32>,
+    /// New flows: which candidate port was free, 0-based, of
+    /// `lb_common::maps::snat::PROBES` (else `null`).
+    pub probe: Option<u32>,
+    /// New flows: the port is the one this same client held (a connection reopened on the same
+    /// ports keeps its port).
+    pub reused: bool,
+}
+
 /// `lbctl trace`: what the datapath does with one packet.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Trace {
-    /// `"forward"` (client -> frontend: lb_from_pod / lb_xdp) or `"reply"` (backend -> client:
-    /// lb_to_pod).
+    /// `"forward"` (client -> frontend: lb_from_pod / lb_xdp / lb_ext_in) or `"reply"`
+    /// (backend -> client: lb_to_pod / lb_ext_out).
     pub direction: String,
     pub src: SocketAddrV4,
     pub dst: SocketAddrV4,
     pub proto: String,
-    /// Forward only: `"internal"` (lb_from_pod) or `"external"` (lb_xdp).
+    /// Forward only: `"internal"` (lb_from_pod) or `"external"` (lb_xdp, lb_ext_in).
     pub scope: Option<String>,
     /// Forward only: the packet is a bare TCP SYN.
     pub syn: bool,
     /// `not_a_frontend`, `not_served`, `reject_unknown_port`, `drop_source_range`,
-    /// `reject_no_backend`, `drop_no_backend`, `established`, `new_flow`, `inconsistent`;
-    /// reply: `reverse_nat`, `not_tracked`.
+    /// `reject_no_backend`, `drop_no_backend`, `established`, `new_flow`, `drop_snat_ports`,
+    /// `snat_reply` (the reply of a source-NATed flow reaching the node), `hairpin_reply` (the
+    /// reply of a hairpin flow), `inconsistent`; reply: `reverse_nat`, `not_tracked`,
+    /// `snat_untouched` (the reply of a source-NATed or hairpin flow, which the reply path
+    /// leaves alone).
     pub decision: String,
-    /// `"pass"` (possibly rewritten), `"drop"`, or `"reject"` (a TCP RST or ICMP port
-    /// unreachable goes back out of the interface instead).
+    /// `"pass"` (possibly rewritten), `"drop"`, `"reject"` (a TCP RST or ICMP port
+    /// unreachable goes back out of the interface instead), `"forward"`: rewritten and routed
+    /// to its next hop by this node (source-NATed flows and their replies): a FIB lookup sends
+    /// it straight out (XDP_TX / redirect; at XDP a next hop whose MAC is unknown leaves the
+    /// packet untouched to the tc program behind it; no route: dropped as `drop_no_route`); or
+    /// `"bounce"`: rewritten
+    /// and sent straight back out of the interface it came in on, MAC addresses swapped (hairpin
+    /// flows, back into the pod).
     pub verdict: String,
-    /// The `LB_VERDICTS` counter the packet bumps, `null` when it is not counted.
+    /// The `LB_VERDICTS` counter the packet bumps, `null` when it is not counted. With verdict
+    /// `"forward"`, `forwarded` counts it too when the FIB lookup resolves.
     pub reason: Option<&'static str>,
     /// The service the frontend maps to (forward decisions after the service lookup).
     pub service: Option<ServiceValue>,
@@ -1211,8 +1318,12 @@ pub struct Trace {
     pub affinity_recorded: bool,
     /// What a reject sends back: `"tcp_rst"` or `"icmp_port_unreachable"`.
     pub reject: Option<String>,
-    /// The packet after translation when it passes (`null` when dropped or rejected).
+    /// The packet after translation when it passes, is forwarded or bounced (`null` when
+    /// dropped or rejected).
     pub output: Option<TracePacket>,
+    /// Source NAT of the flow (`established`, `new_flow`, `snat_reply`, `hairpin_reply`,
+    /// `snat_untouched`), else `null`.
+    pub snat: Option<TraceSnat>,
     /// The same, in words.
     pub explanation: String,
 }
@@ -1229,8 +1340,93 @@ fn frontend_text(dst: SocketAddrV4, l4_proto: u8, scope: u8) -> String {
     format!("{dst}/{} {}", proto_name(l4_proto), scope_name(scope))
 }
 
-/// Predicts what the forward path (`lb_from_pod` for `scope::INTERNAL`, `lb_xdp` for
-/// `scope::EXTERNAL`) does with `src -> dst`. `syn`: a bare TCP SYN (else a segment without SYN).
+/// What happens to a source-NATed packet after translation, in words.
+const ROUTED_TEXT: &str = "routed to its next hop by this node (FIB lookup; no route: dropped \
+                           as drop_no_route)";
+
+/// How a new flow's backend was chosen, in words; records the selection in `t`.
+fn selection_text(t: &mut Trace, selection: Selection, src: SocketAddrV4, now: u64) -> String {
+    match selection {
+        Selection::Single => {
+            t.selection = Some(TraceSelection::Single);
+            "its single backend".to_owned()
+        }
+        Selection::Maglev {
+            hash,
+            slot,
+            table_size,
+        } => {
+            t.selection = Some(TraceSelection::Maglev {
+                hash,
+                slot,
+                table_size,
+            });
+            format!("Maglev slot {slot} of {table_size} (flow hash {hash:#010x})")
+        }
+        Selection::Affinity {
+            last_used_ns,
+            timeout_s,
+        } => {
+            let age_s = now.saturating_sub(last_used_ns) / SECOND_NS;
+            t.selection = Some(TraceSelection::Affinity {
+                age_s,
+                timeout_s,
+                last_used_ns,
+            });
+            format!(
+                "session affinity: {} got this backend {age_s} s ago (timeout {timeout_s} s)",
+                src.ip()
+            )
+        }
+    }
+}
+
+/// What the datapath does with the client's affinity entry for a new flow, in words.
+fn affinity_text(service: &Service, selection: Selection, src: SocketAddrV4) -> String {
+    match (service.affinity_timeout_s != 0, selection) {
+        (false, _) => String::new(),
+        (true, Selection::Affinity { .. }) => "; the affinity entry is refreshed".to_owned(),
+        (true, _) => format!(
+            "; no live affinity entry for {}, the datapath records this backend for it ({} s)",
+            src.ip(),
+            service.affinity_timeout_s
+        ),
+    }
+}
+
+/// What happens to a hairpin packet after translation, in words.
+const BOUNCED_TEXT: &str = "sent straight back into the interface it came from (MAC addresses \
+                            swapped)";
+
+fn snat_choice_text(choice: &SnatChoice) -> String {
+    let reused = if choice.reused {
+        ", the port this client held before"
+    } else {
+        ""
+    };
+    format!(
+        "candidate port {} of {}, flow hash {:#010x}{reused}",
+        choice.probe + 1,
+        snat::PROBES,
+        choice.hash
+    )
+}
+
+/// A [`TraceSnat`] without allocation details.
+fn trace_snat(hairpin: bool, addr: SocketAddrV4, client: SocketAddrV4) -> TraceSnat {
+    TraceSnat {
+        kind: if hairpin { "hairpin" } else { "node" },
+        addr,
+        client,
+        hash: None,
+        probe: None,
+        reused: false,
+    }
+}
+
+/// Predicts what the forward path (`lb_from_pod` for `scope::INTERNAL`, `lb_xdp` and
+/// `lb_ext_in` for `scope::EXTERNAL`) does with `src -> dst`. `syn`: a bare TCP SYN (else a
+/// segment without SYN).
 pub fn trace_forward(
     maps: &Maps,
     src: SocketAddrV4,
@@ -1260,6 +1456,7 @@ pub fn trace_forward(
         affinity_recorded: false,
         reject: None,
         output: None,
+        snat: None,
         explanation: String::new(),
     };
     let with_service = |t: &mut Trace, s: &Service| {
@@ -1275,14 +1472,30 @@ pub fn trace_forward(
                 dst.ip()
             );
         }
-        Forward::PassNotServed => {
+        Forward::PassNotServed { addr_flags: flags } => {
             t.decision = "not_served".into();
             t.output = Some(TracePacket { src, dst });
-            t.explanation = format!(
-                "{} carries frontends but not {frontend}, and it is no ClusterIP: the packet \
-                 passes untouched to the stack",
-                dst.ip()
-            );
+            t.explanation = if flags & addr_flags::HAIRPIN != 0 {
+                format!(
+                    "{} is the node's hairpin address and {dst}/{} is no live hairpin flow's: \
+                     the packet passes untouched",
+                    dst.ip(),
+                    proto_name(l4_proto)
+                )
+            } else if flags & addr_flags::SNAT != 0 {
+                format!(
+                    "{} is the node's SNAT address, {dst}/{} is no live source-NATed flow's, \
+                     and {frontend} is no frontend: the packet passes untouched to the stack",
+                    dst.ip(),
+                    proto_name(l4_proto)
+                )
+            } else {
+                format!(
+                    "{} carries frontends but not {frontend}, and it is no ClusterIP: the \
+                     packet passes untouched to the stack",
+                    dst.ip()
+                )
+            };
         }
         Forward::RejectUnknownPort => {
             t.decision = "reject_unknown_port".into();
@@ -1336,6 +1549,7 @@ pub fn trace_forward(
             service_id,
             backend_id,
             backend,
+            snat,
             entry,
         } => {
             t.decision = "established".into();
@@ -1343,11 +1557,33 @@ pub fn trace_forward(
             t.service_id = Some(service_id);
             t.backend_id = Some(backend_id);
             t.backend = Some(backend);
-            t.output = Some(TracePacket { src, dst: backend });
+            let hairpin = entry.flags & ct_flags::HAIRPIN != 0;
+            let nat = match snat {
+                None => format!("DNAT: dst {dst} -> {backend}, src {src} unchanged"),
+                Some(addr) if hairpin => {
+                    t.verdict = "bounce".into();
+                    t.snat = Some(trace_snat(true, addr, src));
+                    format!(
+                        "DNAT: dst {dst} -> {backend}; SNAT (a hairpin flow): src {src} -> \
+                         {addr}; {BOUNCED_TEXT}"
+                    )
+                }
+                Some(addr) => {
+                    t.verdict = "forward".into();
+                    t.snat = Some(trace_snat(false, addr, src));
+                    format!(
+                        "DNAT: dst {dst} -> {backend}; SNAT (a source-NATed flow): src {src} \
+                         -> {addr}; {ROUTED_TEXT}"
+                    )
+                }
+            };
+            t.output = Some(TracePacket {
+                src: snat.unwrap_or(src),
+                dst: backend,
+            });
             t.explanation = format!(
                 "established flow (conntrack entry, {}, expires in {} s) of service \
-                 {service_id} -> backend {backend_id} {backend}; DNAT: dst {dst} -> {backend}, \
-                 src {src} unchanged",
+                 {service_id} -> backend {backend_id} {backend}; {nat}",
                 flags_text(&ct_flag_names(entry.flags)),
                 seconds_until(entry.deadline_ns, now)
             );
@@ -1357,6 +1593,7 @@ pub fn trace_forward(
             selection,
             backend_id,
             backend,
+            snat,
         } => {
             with_service(&mut t, &service);
             t.decision = "new_flow".into();
@@ -1364,57 +1601,148 @@ pub fn trace_forward(
             t.backend_id = Some(backend_id);
             t.backend = Some(backend);
             t.affinity_recorded = service.affinity_timeout_s != 0;
-            t.output = Some(TracePacket { src, dst: backend });
-            let why = match selection {
-                Selection::Single => {
-                    t.selection = Some(TraceSelection::Single);
-                    "its single backend".to_owned()
+            let why = selection_text(&mut t, selection, src, now);
+            let affinity = affinity_text(&service, selection, src);
+            let nat = match snat {
+                None => format!("DNAT: dst {dst} -> {backend}, src {src} unchanged"),
+                Some(SourceNat::Hairpin(addr)) => {
+                    t.verdict = "bounce".into();
+                    t.snat = Some(trace_snat(true, addr, src));
+                    format!(
+                        "DNAT: dst {dst} -> {backend}; SNAT (hairpin: the client is the backend \
+                         itself, which would drop packets from its own address): src {src} -> \
+                         {addr}; {BOUNCED_TEXT}"
+                    )
                 }
-                Selection::Maglev {
-                    hash,
-                    slot,
-                    table_size,
-                } => {
-                    t.selection = Some(TraceSelection::Maglev {
-                        hash,
-                        slot,
-                        table_size,
-                    });
-                    format!("Maglev slot {slot} of {table_size} (flow hash {hash:#010x})")
-                }
-                Selection::Affinity {
-                    last_used_ns,
-                    timeout_s,
-                } => {
-                    let age_s = now.saturating_sub(last_used_ns) / SECOND_NS;
-                    t.selection = Some(TraceSelection::Affinity {
-                        age_s,
-                        timeout_s,
-                        last_used_ns,
+                Some(SourceNat::Node(choice)) => {
+                    t.verdict = "forward".into();
+                    t.snat = Some(TraceSnat {
+                        kind: "node",
+                        addr: choice.node,
+                        client: src,
+                        hash: Some(choice.hash),
+                        probe: Some(choice.probe),
+                        reused: choice.reused,
                     });
                     format!(
-                        "session affinity: {} got this backend {age_s} s ago (timeout {timeout_s} s)",
-                        src.ip()
+                        "DNAT: dst {dst} -> {backend}; SNAT (from outside to a backend on \
+                         another node, so that its replies come back here): src {src} -> {} \
+                         ({}); {ROUTED_TEXT}",
+                        choice.node,
+                        snat_choice_text(&choice)
                     )
                 }
             };
-            let affinity = match (t.affinity_recorded, selection) {
-                (false, _) => String::new(),
-                (true, Selection::Affinity { .. }) => {
-                    "; the affinity entry is refreshed".to_owned()
-                }
-                (true, _) => format!(
-                    "; no live affinity entry for {}, the datapath records this backend for it \
-                     ({} s)",
-                    src.ip(),
-                    service.affinity_timeout_s
+            t.output = Some(TracePacket {
+                src: t.snat.map_or(src, |s| s.addr),
+                dst: backend,
+            });
+            t.explanation = format!(
+                "new flow to frontend {frontend} -> service {}: {why} -> backend {backend_id} \
+                 {backend}{affinity}; conntrack records both directions; {nat}",
+                service.id
+            );
+        }
+        Forward::DropSnatPorts {
+            service,
+            selection,
+            backend_id,
+            backend,
+            failure,
+        } => {
+            with_service(&mut t, &service);
+            t.decision = "drop_snat_ports".into();
+            t.verdict = "drop".into();
+            t.reason = Some(Reason::DropSnatPorts.name());
+            t.backend_id = Some(backend_id);
+            t.backend = Some(backend);
+            // The datapath picks the backend (recording affinity) before it allocates a port.
+            t.affinity_recorded = service.affinity_timeout_s != 0;
+            let why = selection_text(&mut t, selection, src, now);
+            let affinity = affinity_text(&service, selection, src);
+            let failure = match failure {
+                SnatFailure::NoConfig { config } => format!(
+                    "but the node has {} (LB_CONFIG: address {}, ports {}-{})",
+                    if config.snat_addr.raw() == 0 {
+                        "no SNAT address"
+                    } else {
+                        "no SNAT ports"
+                    },
+                    config.snat_addr.to_ip(),
+                    config.snat_port_min,
+                    config.snat_port_max
                 ),
+                SnatFailure::PortsTaken {
+                    node,
+                    hash,
+                    candidates,
+                } => {
+                    let ports: Vec<String> = candidates.iter().map(u16::to_string).collect();
+                    format!(
+                        "but all {} candidate ports of {node} ({}; flow hash {hash:#010x}) are \
+                         held by live flows of other clients to {backend}",
+                        candidates.len(),
+                        ports.join(", ")
+                    )
+                }
             };
             t.explanation = format!(
                 "new flow to frontend {frontend} -> service {}: {why} -> backend {backend_id} \
-                 {backend}{affinity}; conntrack records both directions; DNAT: dst {dst} -> \
-                 {backend}, src {src} unchanged",
+                 {backend}{affinity}, which runs on another node: a flow from outside must be \
+                 source-NATed to this node, {failure}: dropped",
                 service.id
+            );
+        }
+        Forward::SnatReply {
+            frontend: restored,
+            client,
+            service_id,
+            backend_id,
+            entry,
+        } => {
+            t.decision = "snat_reply".into();
+            t.verdict = "forward".into();
+            t.reason = Some(Reason::ReplyNat.name());
+            t.service_id = Some(service_id);
+            t.backend_id = Some(backend_id);
+            t.backend = Some(src);
+            t.output = Some(TracePacket {
+                src: restored,
+                dst: client,
+            });
+            t.snat = Some(trace_snat(false, dst, client));
+            t.explanation = format!(
+                "reply of a source-NATed flow of service {service_id} to the node's SNAT \
+                 address and port (conntrack entry, {}, expires in {} s): src {src} -> \
+                 {restored}, dst {dst} -> {client}; {ROUTED_TEXT}",
+                flags_text(&ct_flag_names(entry.flags)),
+                seconds_until(entry.deadline_ns, now)
+            );
+        }
+        Forward::HairpinReply {
+            frontend: restored,
+            client,
+            service_id,
+            backend_id,
+            entry,
+        } => {
+            t.decision = "hairpin_reply".into();
+            t.verdict = "bounce".into();
+            t.reason = Some(Reason::ReplyNat.name());
+            t.service_id = Some(service_id);
+            t.backend_id = Some(backend_id);
+            t.backend = Some(src);
+            t.output = Some(TracePacket {
+                src: restored,
+                dst: client,
+            });
+            t.snat = Some(trace_snat(true, dst, client));
+            t.explanation = format!(
+                "reply of a hairpin flow of service {service_id} (a pod balanced to itself) to \
+                 the hairpin address (conntrack entry, {}, expires in {} s): src {src} -> \
+                 {restored}, dst {dst} -> {client}; {BOUNCED_TEXT}",
+                flags_text(&ct_flag_names(entry.flags)),
+                seconds_until(entry.deadline_ns, now)
             );
         }
         Forward::Inconsistent { service, detail } => {
@@ -1448,7 +1776,8 @@ fn flags_text(flags: &[String]) -> String {
     }
 }
 
-/// Predicts what the reply path (`lb_to_pod`) does with `src -> dst` (a backend answering).
+/// Predicts what the reply path (`lb_to_pod`, `lb_ext_out`) does with `src -> dst` (a backend
+/// answering).
 pub fn trace_reply(
     maps: &Maps,
     src: SocketAddrV4,
@@ -1475,6 +1804,7 @@ pub fn trace_reply(
         affinity_recorded: false,
         reject: None,
         output: None,
+        snat: None,
         explanation: String::new(),
     };
     match decision {
@@ -1502,6 +1832,38 @@ pub fn trace_reply(
             t.explanation = format!(
                 "reply of a flow of service {service_id} (conntrack entry, {}, expires in {} s): \
                  reverse NAT: src {src} -> {frontend}, dst {dst} unchanged",
+                flags_text(&ct_flag_names(entry.flags)),
+                seconds_until(entry.deadline_ns, now)
+            );
+        }
+        Reply::SnatUntouched {
+            frontend,
+            client,
+            service_id,
+            backend_id,
+            hairpin,
+            entry,
+        } => {
+            t.decision = "snat_untouched".into();
+            t.service_id = Some(service_id);
+            t.backend_id = Some(backend_id);
+            t.backend = Some(src);
+            t.output = Some(TracePacket { src, dst });
+            t.snat = Some(trace_snat(hairpin, dst, client));
+            let (what, where_, scope) = if hairpin {
+                ("a hairpin flow", "as it leaves the pod", "internal")
+            } else {
+                (
+                    "a source-NATed flow",
+                    "where it reaches this node",
+                    "external",
+                )
+            };
+            t.explanation = format!(
+                "reply of {what} of service {service_id} (conntrack entry, {}, expires in {} \
+                 s): the reply path leaves it alone, the packet passes untouched; {where_}, the \
+                 forward path translates it (src {src} -> {frontend}, dst {dst} -> {client}): \
+                 trace it without --reply, with --scope {scope}",
                 flags_text(&ct_flag_names(entry.flags)),
                 seconds_until(entry.deadline_ns, now)
             );
@@ -1647,6 +2009,7 @@ pub fn render_dump(d: &Dump) -> String {
             "service",
             "flags",
             "expires s",
+            "snat",
         ]);
         for r in rows {
             t.add_row(vec![
@@ -1659,6 +2022,7 @@ pub fn render_dump(d: &Dump) -> String {
                 r.service_id.to_string(),
                 joined(&r.flags),
                 expiry(r.expires_in_s, r.expired),
+                opt(r.snat),
             ]);
         }
         section(&mut out, names::LB_CT, rows.len(), t);
@@ -1723,6 +2087,22 @@ pub fn render_dump(d: &Dump) -> String {
             ]);
         }
         section(&mut out, names::LB_AFFINITY, rows.len(), t);
+    }
+    if let Some(rows) = &d.config {
+        let mut t = table(&["snat address", "snat ports", "snat", "hairpin address"]);
+        for r in rows {
+            t.add_row(vec![
+                r.snat_addr.to_string(),
+                format!("{}-{}", r.snat_port_min, r.snat_port_max),
+                if r.snat_enabled {
+                    "enabled".to_owned()
+                } else {
+                    "disabled (external flows to other nodes' backends are dropped)".to_owned()
+                },
+                r.hairpin_addr.to_string(),
+            ]);
+        }
+        section(&mut out, names::LB_CONFIG, rows.len(), t);
     }
     out
 }
@@ -1857,7 +2237,7 @@ pub fn render_flows(rows: &[FlowRow]) -> String {
         )
     };
     let mut t = table(&[
-        "proto", "client", "frontend", "backend", "service", "forward", "reply",
+        "proto", "client", "frontend", "backend", "service", "forward", "reply", "snat",
     ]);
     for r in rows {
         t.add_row(vec![
@@ -1868,6 +2248,7 @@ pub fn render_flows(rows: &[FlowRow]) -> String {
             r.service_id.to_string(),
             side(&r.forward),
             side(&r.reply),
+            opt(r.snat),
         ]);
     }
     format!("{t}\n")
@@ -1925,8 +2306,38 @@ pub fn render_trace(t: &Trace) -> String {
         };
         let _ = writeln!(out, "  chosen:   {how}");
     }
+    if let Some(s) = &t.snat {
+        let how = match (s.probe, s.hash) {
+            (Some(probe), Some(hash)) => format!(
+                " (candidate port {} of {}, flow hash {hash:#010x}{})",
+                probe + 1,
+                snat::PROBES,
+                if s.reused { ", reused" } else { "" }
+            ),
+            _ => String::new(),
+        };
+        let kind = if s.kind == "hairpin" {
+            " (hairpin)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "  snat:     client {} as {}{how}{kind}",
+            s.client, s.addr
+        );
+    }
     if let Some(p) = t.output {
         let _ = writeln!(out, "  output:   {} -> {}", p.src, p.dst);
+    }
+    match t.verdict.as_str() {
+        "forward" => {
+            let _ = writeln!(out, "  routed:   {ROUTED_TEXT}");
+        }
+        "bounce" => {
+            let _ = writeln!(out, "  bounced:  {BOUNCED_TEXT}");
+        }
+        _ => {}
     }
     if let Some(r) = &t.reject {
         let _ = writeln!(out, "  sends:    {r} to {}", t.src);
@@ -1964,7 +2375,9 @@ mod tests {
         );
         let err = MapKind::parse("nope").unwrap_err();
         assert!(
-            err.contains("LB_CT (ct)") && err.contains("LB_AFFINITY (affinity)"),
+            err.contains("LB_CT (ct)")
+                && err.contains("LB_AFFINITY (affinity)")
+                && err.contains("LB_CONFIG (config)"),
             "{err}"
         );
     }
@@ -1981,6 +2394,15 @@ mod tests {
             ["active", "0x80"]
         );
         assert_eq!(addr_flag_names(1), ["cluster_ip"]);
+        assert_eq!(
+            addr_flag_names(addr_flags::CLUSTER_IP | addr_flags::SNAT),
+            ["cluster_ip", "snat"]
+        );
+        assert_eq!(
+            ct_flag_names(ct_flags::ESTABLISHED | ct_flags::SNAT | ct_flags::HAIRPIN),
+            ["established", "snat", "hairpin"]
+        );
+        assert_eq!(addr_flag_names(addr_flags::HAIRPIN), ["hairpin"]);
         assert_eq!(service_flag_names(1), ["drop_when_empty"]);
     }
 
@@ -2039,6 +2461,7 @@ mod tests {
                 src: "10.0.0.1:1000".parse().unwrap(),
                 dst: "10.0.0.3:8080".parse().unwrap(),
             }),
+            snat: None,
             explanation: String::new(),
         };
         let v = serde_json::to_value(&t).unwrap();
@@ -2046,6 +2469,39 @@ mod tests {
         assert_eq!(v["output"]["dst"], "10.0.0.3:8080");
         assert_eq!(v["scope"], "internal");
         assert_eq!(v["proto"], "tcp");
+        assert!(v["snat"].is_null());
         assert!(render_trace(&t).contains("maglev slot 7/13"));
+
+        let snatted = Trace {
+            verdict: "forward".into(),
+            snat: Some(TraceSnat {
+                kind: "node",
+                addr: "192.168.50.10:61234".parse().unwrap(),
+                client: "10.0.0.1:1000".parse().unwrap(),
+                hash: Some(7),
+                probe: Some(1),
+                reused: false,
+            }),
+            ..t
+        };
+        let v = serde_json::to_value(&snatted).unwrap();
+        assert_eq!(
+            v["snat"],
+            serde_json::json!({
+                "kind": "node",
+                "addr": "192.168.50.10:61234",
+                "client": "10.0.0.1:1000",
+                "hash": 7,
+                "probe": 1,
+                "reused": false,
+            })
+        );
+        let text = render_trace(&snatted);
+        assert!(
+            text.contains(
+                "snat:     client 10.0.0.1:1000 as 192.168.50.10:61234 (candidate port 2 of 8"
+            ) && text.contains("routed:   routed to its next hop"),
+            "{text}"
+        );
     }
 }

@@ -16,7 +16,7 @@ use lb_common::{
     conntrack::{CtEntry, FlowKey},
     maps::{
         self as names, AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey,
-        Service, ServiceKey, ServiceStats, SourceRange,
+        NodeConfig, Service, ServiceKey, ServiceStats, SourceRange,
         maglev::{self, CHUNK_SLOTS, Chunk},
     },
     stats::Reason,
@@ -66,11 +66,12 @@ pub struct Maps {
     pub verdicts: PerCpuArray<MapData, Counter>,
     pub src_ranges: LpmTrie<MapData, SourceRange, u32>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    /// One entry: the node's configuration.
+    pub config: Array<MapData, NodeConfig>,
     /// Descriptors of the maps written in bulk (typed handles keep theirs private).
     bulk: BTreeMap<&'static str, OwnedFd>,
 }
 
-/// Maps the writer updates in batches.
 /// Maps written or read in bulk.
 const BULK: [&str; 4] = [
     names::LB_BACKENDS,
@@ -136,6 +137,7 @@ impl Maps {
             verdicts: typed!(names::LB_VERDICTS),
             src_ranges: typed!(names::LB_SRC_RANGES),
             affinity: typed!(names::LB_AFFINITY),
+            config: typed!(names::LB_CONFIG),
             bulk,
         })
     }

@@ -214,6 +214,9 @@ pub struct HealthCheck {
 pub struct Desired {
     pub sets: BTreeMap<SetName, Members>,
     pub frontends: BTreeMap<FrontendKey, DesiredFrontend>,
+    /// The address external flows to backends on other nodes are source-NATed to (the node's
+    /// InternalIP).
+    pub snat_addr: Option<Ipv4Addr>,
 }
 
 impl Desired {

@@ -21,7 +21,10 @@ use std::{
 use ipnet::Ipv4Net;
 use lb_common::{
     Be16, Be32,
-    maps::{AddrInfo, Backend, Service, ServiceKey, addr_flags, backend_flags, service_flags},
+    maps::{
+        AddrInfo, Backend, NodeConfig, Service, ServiceKey, addr_flags, backend_flags, hairpin,
+        service_flags, snat,
+    },
     net::proto,
 };
 
@@ -118,6 +121,9 @@ pub struct AddrState {
     pub info: AddrInfo,
     pub refs: u32,
     pub cluster_refs: u32,
+    /// `addr_flags::SNAT` / `HAIRPIN` when it is the node's SNAT or hairpin address: then it is
+    /// programmed with or without frontends.
+    pub node_flags: u32,
 }
 
 /// A set of source ranges as programmed.
@@ -135,6 +141,7 @@ pub struct Programmed {
     pub frontends: BTreeMap<ServiceKey, FrontendState>,
     pub addrs: BTreeMap<Be32, AddrState>,
     pub ranges: BTreeMap<u32, RangeState>,
+    pub config: NodeConfig,
     /// Set ids found holding a Maglev table at start that no desired set took over: removed by
     /// the first full plan, once the frontends that might use them are re-pointed.
     pub orphan_tables: BTreeSet<u32>,
@@ -161,6 +168,8 @@ pub struct Plan {
     /// Counters of newly allocated set ids, zeroed before use.
     pub stats_reset: Vec<u32>,
     pub frontends: Vec<(ServiceKey, Service)>,
+    /// The node's configuration, when it changes.
+    pub config: Option<NodeConfig>,
     pub addrs: Vec<(Be32, AddrInfo)>,
     pub addrs_removed: Vec<Be32>,
     pub frontends_removed: Vec<ServiceKey>,
@@ -186,6 +195,7 @@ impl Plan {
             + self.ranges_added.len()
             + self.tables.len()
             + self.frontends.len()
+            + usize::from(self.config.is_some())
             + self.addrs.len()
             + self.addrs_removed.len()
             + self.frontends_removed.len()
@@ -343,11 +353,20 @@ pub fn plan(
             remove_frontend(&key, current, &mut plan, &mut touched_addrs);
         }
     }
+    if matches!(extent, Extent::All) {
+        // Repairs the flags of the node's own addresses too.
+        for (addr, _) in node_addrs(&current.config) {
+            if addr.raw() != 0 {
+                touch(addr, current, &mut touched_addrs);
+            }
+        }
+    }
+    update_config(desired, current, &mut plan, &mut touched_addrs);
     for (addr, before) in touched_addrs {
         let Some(state) = current.addrs.get_mut(&addr) else {
             continue;
         };
-        if state.refs == 0 {
+        if state.refs == 0 && state.node_flags == 0 {
             current.addrs.remove(&addr);
             if before.is_some() {
                 plan.addrs_removed.push(addr);
@@ -358,7 +377,7 @@ pub fn plan(
             addr_flags::CLUSTER_IP
         } else {
             0
-        };
+        } | state.node_flags;
         if before != Some(state.info) {
             plan.addrs.push((addr, state.info));
         }
@@ -683,9 +702,55 @@ fn touch(addr: Be32, current: &Programmed, touched: &mut BTreeMap<Be32, Option<A
         current
             .addrs
             .get(&addr)
-            .filter(|s| s.refs > 0)
+            .filter(|s| s.refs > 0 || s.node_flags != 0)
             .map(|s| s.info)
     });
+}
+
+/// The node configuration the desired state implies.
+pub fn node_config(desired: &Desired) -> NodeConfig {
+    NodeConfig {
+        snat_addr: desired.snat_addr.map_or(Be32::default(), Be32::from),
+        snat_port_min: snat::PORT_MIN,
+        snat_port_max: snat::PORT_MAX,
+        hairpin_addr: Be32::from(std::net::Ipv4Addr::from(hairpin::DEFAULT_ADDR)),
+    }
+}
+
+/// The node's own addresses in a configuration, with the flag each carries in LB_ADDRS.
+fn node_addrs(config: &NodeConfig) -> [(Be32, u32); 2] {
+    [
+        (config.snat_addr, addr_flags::SNAT),
+        (config.hairpin_addr, addr_flags::HAIRPIN),
+    ]
+}
+
+/// Plans the node configuration when it changed, and moves the SNAT and hairpin flags to their
+/// addresses.
+fn update_config(
+    desired: &Desired,
+    current: &mut Programmed,
+    plan: &mut Plan,
+    touched: &mut BTreeMap<Be32, Option<AddrInfo>>,
+) {
+    let config = node_config(desired);
+    if config == current.config {
+        return;
+    }
+    for (addr, flag) in node_addrs(&current.config) {
+        if addr.raw() != 0 {
+            touch(addr, current, touched);
+            current.addrs.entry(addr).or_default().node_flags &= !flag;
+        }
+    }
+    for (addr, flag) in node_addrs(&config) {
+        if addr.raw() != 0 {
+            touch(addr, current, touched);
+            current.addrs.entry(addr).or_default().node_flags |= flag;
+        }
+    }
+    current.config = config;
+    plan.config = Some(config);
 }
 
 fn upsert_frontend(
@@ -866,12 +931,15 @@ mod tests {
         assert_eq!(p.backends.len(), 3);
         assert_eq!(p.tables.len(), 1, "only the two-backend set needs a table");
         assert_eq!(p.frontends.len(), 2);
-        assert_eq!(p.addrs.len(), 2);
-        assert!(
-            p.addrs
-                .iter()
-                .all(|(_, info)| info.flags & addr_flags::CLUSTER_IP != 0)
-        );
+        // Two ClusterIPs, and the node's hairpin address (there is no SNAT address yet).
+        let hairpin = Be32::from(Ipv4Addr::from(lb_common::maps::hairpin::DEFAULT_ADDR));
+        assert_eq!(p.addrs.len(), 3);
+        assert!(p.addrs.iter().all(|(addr, info)| if *addr == hairpin {
+            info.flags == addr_flags::HAIRPIN
+        } else {
+            info.flags == addr_flags::CLUSTER_IP
+        }));
+        assert_eq!(p.config.map(|c| c.hairpin_addr), Some(hairpin));
         let single = p
             .frontends
             .iter()

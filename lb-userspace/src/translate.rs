@@ -47,17 +47,25 @@ pub struct NodeContext {
     pub name: String,
     /// Addresses that accept NodePorts (the node's addresses within `--nodeport-addresses`).
     pub nodeport_addrs: Vec<Ipv4Addr>,
+    /// The node's first IPv4 InternalIP: external flows to backends on other nodes are
+    /// source-NATed to it, so that their replies come back through this node.
+    pub snat_addr: Option<Ipv4Addr>,
 }
 
 impl NodeContext {
     /// The node's IPv4 addresses (InternalIP and ExternalIP) that fall in `allowed` (every
     /// address when `allowed` is empty).
     pub fn from_node(name: &str, node: Option<&Node>, allowed: &[Ipv4Net]) -> Self {
-        let mut addrs: Vec<Ipv4Addr> = node
+        let addresses = node
             .and_then(|n| n.status.as_ref())
             .and_then(|s| s.addresses.as_ref())
             .into_iter()
-            .flatten()
+            .flatten();
+        let snat_addr = addresses
+            .clone()
+            .filter(|a| a.type_ == "InternalIP")
+            .find_map(|a| a.address.parse().ok());
+        let mut addrs: Vec<Ipv4Addr> = addresses
             .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
             .filter_map(|a| a.address.parse().ok())
             .filter(|ip: &Ipv4Addr| {
@@ -69,6 +77,7 @@ impl NodeContext {
         Self {
             name: name.to_owned(),
             nodeport_addrs: addrs,
+            snat_addr,
         }
     }
 }

@@ -157,6 +157,11 @@ pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
                 .map_err(write_err(names::LB_SERVICES))?;
         }
     }
+    if let Some(config) = &plan.config {
+        maps.config
+            .set(0, config, 0)
+            .map_err(write_err(names::LB_CONFIG))?;
+    }
     let (keys, values): (Vec<Be32>, Vec<AddrInfo>) = plan.addrs.iter().copied().unzip();
     if !maps.update_batch(names::LB_ADDRS, &keys, &values)? {
         for (addr, info) in &plan.addrs {

@@ -1,7 +1,13 @@
 //! `lbctl` against a real datapath: the maps are pinned on a private bpffs, real packets go
 //! through the programs (BPF_PROG_TEST_RUN), and the real binary reads the pins. The key check:
 //! for every kind of packet, `lbctl trace` predicts exactly what the datapath then does with it.
-//! Needs root (BPF, mount).
+//! Needs root (BPF, mount, network namespaces).
+//!
+//! Tests with source-NATed flows run in a network namespace of their own whose routing table
+//! sends everything out of one interface to a neighbour with a known MAC: such packets are routed
+//! by the datapath after a FIB lookup, which then always resolves (XDP_REDIRECT /
+//! TC_ACT_REDIRECT), whatever the host's routing table holds; their rewritten bytes are what is
+//! checked.
 
 use std::{
     collections::BTreeMap,
@@ -24,8 +30,9 @@ use lb::{
 };
 use lb_common::{
     Be16, Be32,
+    conntrack::{CtEntry, FORWARD, FlowKey, REPLY, ct_flags},
     hash::flow_hash,
-    maps::{Backend, SourceRange, scope, service_flags},
+    maps::{Backend, NodeConfig, SourceRange, addr_flags, scope, service_flags, snat},
     net::proto::{TCP, UDP},
 };
 use lb_testbed::packet::{Packet, assert_frame_eq, flags};
@@ -44,6 +51,47 @@ fn require_privileges() -> bool {
         return false;
     }
     panic!("this test needs root (BPF, bpffs mounts); or set LB_SKIP_PRIVILEGED=1 to skip it");
+}
+
+/// Runs `test` on a thread of its own, in a new network namespace where every destination is
+/// routed out of `up0` to a neighbour with a permanent MAC, and re-raises its panic. Nothing
+/// runs when privileged tests are skipped.
+fn in_routed_netns(test: impl FnOnce() + Send + 'static) {
+    if !require_privileges() {
+        return;
+    }
+    let result = std::thread::spawn(move || {
+        // SAFETY: plain syscall; it moves only this thread (and the processes it spawns).
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            ret,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        // `ip` and `sysctl` started from this thread run in its namespace.
+        for args in [
+            "link add up0 type veth peer name up0p",
+            "link set up0p up",
+            "link set up0 address 02:00:00:00:00:01 up",
+            "addr add 10.255.0.1/24 dev up0",
+            "neigh add 10.255.0.2 lladdr 02:00:00:00:00:02 dev up0 nud permanent",
+            "route add default via 10.255.0.2",
+        ] {
+            let status = Command::new("ip").args(args.split(' ')).status().unwrap();
+            assert!(status.success(), "ip {args}");
+        }
+        let status = Command::new("sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        test();
+    })
+    .join();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 fn c_path(path: &Path) -> CString {
@@ -115,6 +163,7 @@ mod verdict {
     pub const XDP_DROP: u32 = 1;
     pub const XDP_PASS: u32 = 2;
     pub const XDP_TX: u32 = 3;
+    pub const XDP_REDIRECT: u32 = 4;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,21 +172,26 @@ enum Hook {
     FromPod,
     /// lb_xdp (external scope).
     Xdp,
+    /// lb_ext_in (external scope, tc).
+    ExtIn,
     /// lb_to_pod (replies).
     ToPod,
 }
 
 impl Hook {
-    /// The verdict the hook returns for lbctl's `pass` / `drop` / `reject`.
+    /// The verdict the hook returns for lbctl's `pass` / `drop` / `reject` / `forward` /
+    /// `bounce`. A forwarded packet is redirected out of `up0`, the test namespace's route to
+    /// everywhere (see `in_routed_netns`).
     fn verdict(self, name: &str) -> u32 {
         use verdict::*;
         match (self, name) {
             (Hook::Xdp, "pass") => XDP_PASS,
+            (Hook::Xdp, "forward") => XDP_REDIRECT,
             (Hook::Xdp, "drop") => XDP_DROP,
-            (Hook::Xdp, "reject") => XDP_TX,
+            (Hook::Xdp, "reject" | "bounce") => XDP_TX,
             (_, "pass") => TC_PASS,
+            (_, "forward" | "reject" | "bounce") => TC_REDIRECT,
             (_, "drop") => TC_SHOT,
-            (_, "reject") => TC_REDIRECT,
             _ => panic!("unknown verdict {name}"),
         }
     }
@@ -187,6 +241,7 @@ impl Fixture {
             Hook::FromPod => self.dp.from_pod().test_run(opts),
             Hook::ToPod => self.dp.to_pod().test_run(opts),
             Hook::Xdp => self.dp.xdp().test_run(opts),
+            Hook::ExtIn => self.dp.ext_in().test_run(opts),
         }
         .unwrap_or_else(|e| panic!("test run on {hook:?}: {e:?}"));
         out.truncate(result.data_size_out as usize);
@@ -410,6 +465,25 @@ fn svc_sticky() -> ServiceSpec {
 }
 const AFFINITY_S: u32 = 10_800;
 
+/// This node's address: what the agent writes into LB_CONFIG as the SNAT address (its
+/// InternalIP), and the address of the NodePort service.
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
+
+/// What the agent writes for a node with an InternalIP: LB_CONFIG, and the SNAT flag on the
+/// address (call after installing services on that address, which write its entry).
+fn configure_snat(f: &mut Fixture, min: u16, max: u16) {
+    let config = NodeConfig {
+        snat_addr: Be32::from(NODE),
+        snat_port_min: min,
+        snat_port_max: max,
+        ..Default::default()
+    };
+    f.maps.config.set(0, config, 0).unwrap();
+    let mut info = f.maps.addrs.get(&config.snat_addr, 0).unwrap_or_default();
+    info.flags |= addr_flags::SNAT;
+    f.maps.addrs.insert(config.snat_addr, info, 0).unwrap();
+}
+
 fn populated() -> Option<Fixture> {
     let mut f = Fixture::new()?;
     for svc in [
@@ -430,6 +504,8 @@ fn populated() -> Option<Fixture> {
     f.patch_service(&svc_sticky(), |s| s.affinity_timeout_s = AFFINITY_S);
     // Source ranges on a service without backends: the lack of backends decides first.
     f.patch_service(&svc_empty(), |s| s.source_range_id = RANGE_ID);
+    // External flows to backends on other nodes are source-NATed.
+    configure_snat(&mut f, snat::PORT_MIN, snat::PORT_MAX);
     Some(f)
 }
 
@@ -486,7 +562,7 @@ impl Case {
         ];
         match self.hook {
             Hook::ToPod => args.push("--reply".into()),
-            Hook::Xdp => args.extend(["--scope".into(), "external".into()]),
+            Hook::Xdp | Hook::ExtIn => args.extend(["--scope".into(), "external".into()]),
             Hook::FromPod => {}
         }
         if self.tcp_flags & (flags::SYN | flags::ACK) == flags::SYN {
@@ -512,15 +588,23 @@ fn check(f: &mut Fixture, case: &Case) -> Value {
     let predicted = trace["verdict"].as_str().unwrap();
     assert_eq!(verdict, case.hook.verdict(predicted), "verdict of {what}");
     match predicted {
-        "pass" => {
+        // Forwarded: rewritten the same way, then routed (see `Hook::verdict`); bounced: sent
+        // back where it came from, MAC addresses swapped.
+        "pass" | "forward" | "bounce" => {
             let o = &trace["output"];
             let (src, dst) = (json_sock(&o["src"]), json_sock(&o["dst"]));
             assert_eq!(frame_ends(&out), (src, dst), "output of {what}");
-            assert_frame_eq(
-                &out,
-                &pkt.clone().with_src(src).with_dst(dst).bytes(),
-                case.what,
-            );
+            let mut expected = pkt.clone().with_src(src).with_dst(dst);
+            if predicted == "bounce" {
+                std::mem::swap(&mut expected.eth_src, &mut expected.eth_dst);
+            }
+            if predicted == "forward" {
+                // Routed as `in_routed_netns` set up: out of up0 to its neighbour.
+                expected.eth_src = [0x02, 0, 0, 0, 0, 0x01];
+                expected.eth_dst = [0x02, 0, 0, 0, 0, 0x02];
+                expected.ip.time_to_live -= 1;
+            }
+            assert_frame_eq(&out, &expected.bytes(), case.what);
         }
         "reject" => {
             assert!(trace["output"].is_null(), "{what}");
@@ -546,26 +630,42 @@ fn check(f: &mut Fixture, case: &Case) -> Value {
         .map(|(r, n)| (*r, n - before.get(r).copied().unwrap_or(0)))
         .filter(|(_, n)| *n > 0)
         .collect();
-    let expected: BTreeMap<&str, u64> = trace["reason"]
+    let mut expected: BTreeMap<&str, u64> = trace["reason"]
         .as_str()
         .map(|r| (r, 1))
         .into_iter()
         .collect();
+    if predicted == "forward" {
+        expected.insert("forwarded", 1);
+    }
     assert_eq!(moved, expected, "counters of {what}");
     trace
 }
 
-/// The backend Maglev gives a new flow of `svc`, computed here from the installed table.
+/// The backend Maglev gives a new TCP flow of `svc`, computed here from the installed table.
 fn maglev_pick(f: &Fixture, svc: &ServiceSpec, src: SocketAddrV4, dst: SocketAddrV4) -> u32 {
+    maglev_pick_l4(f, svc, src, dst, TCP)
+}
+
+fn maglev_pick_l4(
+    f: &Fixture,
+    svc: &ServiceSpec,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    l4: u8,
+) -> u32 {
     let table = f.maps.maglev_table(svc.id, svc.table_size).unwrap();
-    let hash = flow_hash(
+    table[(hash_of(src, dst, l4) % svc.table_size) as usize]
+}
+
+fn hash_of(src: SocketAddrV4, dst: SocketAddrV4, l4: u8) -> u32 {
+    flow_hash(
         Be32::from(*src.ip()),
         Be32::from(*dst.ip()),
         Be16::from_host(src.port()),
         Be16::from_host(dst.port()),
-        TCP,
-    );
-    table[(hash % svc.table_size) as usize]
+        l4,
+    )
 }
 
 fn backend_addr(svc: &ServiceSpec, id: u64) -> SocketAddrV4 {
@@ -575,6 +675,10 @@ fn backend_addr(svc: &ServiceSpec, id: u64) -> SocketAddrV4 {
 
 #[test]
 fn trace_predicts_what_the_datapath_does() {
+    in_routed_netns(trace_predicts_what_the_datapath_does_here);
+}
+
+fn trace_predicts_what_the_datapath_does_here() {
     let Some(mut f) = populated() else { return };
     use Hook::*;
     const SYN: u8 = flags::SYN;
@@ -1074,9 +1178,23 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         dump["LB_ADDRS"][0],
         json!({"addr": "172.30.0.41", "flags": ["cluster_ip"], "flags_raw": 1})
     );
+    let addrs = dump["LB_ADDRS"].as_array().unwrap();
+    let addr_flags = |addr: &str| &addrs.iter().find(|a| a["addr"] == addr).unwrap()["flags"];
+    assert_eq!(addr_flags("192.0.2.10"), &json!([]));
     assert_eq!(
-        dump["LB_ADDRS"].as_array().unwrap().last().unwrap()["flags"],
-        json!([])
+        addr_flags("192.168.50.10"),
+        &json!(["snat"]),
+        "the SNAT address"
+    );
+    assert_eq!(
+        dump["LB_CONFIG"],
+        json!([{
+            "snat_addr": "192.168.50.10",
+            "snat_port_min": snat::PORT_MIN,
+            "snat_port_max": snat::PORT_MAX,
+            "snat_enabled": true,
+            "hairpin_addr": "0.0.0.0",
+        }])
     );
     assert_eq!(dump["LB_SERVICES"].as_array().unwrap().len(), 8);
     assert_eq!(dump["LB_CT"].as_array().unwrap().len(), 14);
@@ -1160,6 +1278,699 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
     );
     let text = f.text(&["trace", "10.0.1.2:40000", "172.30.0.41:80", "tcp"]);
     assert!(text.contains("decision: established (pass)"), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Source NAT of external flows to backends on other nodes.
+
+const NODE_PORT: u16 = 30_080;
+const NODE_PORT_UDP: u16 = 30_053;
+
+/// A NodePort on the node's address (external scope), TCP and UDP. Backends 702 and 704 run on
+/// other nodes, 703 on this one.
+fn svc_node_port() -> ServiceSpec {
+    let node = NODE.octets();
+    service(
+        7,
+        vec![
+            frontend(node, NODE_PORT, TCP, scope::EXTERNAL, false),
+            frontend(node, NODE_PORT_UDP, UDP, scope::EXTERNAL, false),
+        ],
+        backends(702, &["10.10.1.6:8080", "10.10.0.7:8080", "10.10.2.8:8080"]),
+    )
+}
+
+fn forward_key(client: SocketAddrV4, frontend: SocketAddrV4, l4: u8) -> FlowKey {
+    FlowKey {
+        src_addr: Be32::from(*client.ip()),
+        dst_addr: Be32::from(*frontend.ip()),
+        src_port: Be16::from_host(client.port()),
+        dst_port: Be16::from_host(frontend.port()),
+        proto: l4,
+        dir: FORWARD,
+        _pad: [0; 2],
+    }
+}
+
+/// The key of the replies of a flow source-NATed to `NODE:port`.
+fn snat_reply_key(backend: SocketAddrV4, port: u16, l4: u8) -> FlowKey {
+    FlowKey {
+        src_addr: Be32::from(*backend.ip()),
+        dst_addr: Be32::from(NODE),
+        src_port: Be16::from_host(backend.port()),
+        dst_port: Be16::from_host(port),
+        proto: l4,
+        dir: REPLY,
+        _pad: [0; 2],
+    }
+}
+
+/// The SNAT port candidates of a new flow, in the order the datapath tries them, for the range
+/// `min..=max` (the allocation rule, restated independently of lbctl).
+fn snat_candidates(
+    client: SocketAddrV4,
+    frontend: SocketAddrV4,
+    l4: u8,
+    min: u16,
+    max: u16,
+) -> Vec<u16> {
+    let span = u32::from(max - min) + 1;
+    let hash = hash_of(client, frontend, l4);
+    (0..snat::PROBES)
+        .map(|probe| min + (hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span) as u16)
+        .collect()
+}
+
+/// The node address and port the datapath recorded for the flow `client -> frontend`.
+fn recorded_snat(
+    f: &Fixture,
+    client: SocketAddrV4,
+    frontend: SocketAddrV4,
+    l4: u8,
+) -> SocketAddrV4 {
+    let entry = f
+        .maps
+        .ct
+        .get(&forward_key(client, frontend, l4), 0)
+        .unwrap();
+    assert_ne!(
+        entry.flags & ct_flags::SNAT,
+        0,
+        "{client} -> {frontend} is source-NATed"
+    );
+    SocketAddrV4::new(entry.snat_addr.to_ip(), entry.snat_port.to_host())
+}
+
+#[test]
+fn trace_predicts_source_nat_of_external_flows_to_other_nodes() {
+    in_routed_netns(trace_predicts_source_nat_here);
+}
+
+fn trace_predicts_source_nat_here() {
+    let Some(mut f) = Fixture::new() else { return };
+    use Hook::*;
+    const SYN: u8 = flags::SYN;
+    const ACK: u8 = flags::ACK;
+    let svc = svc_node_port();
+    f.install(&svc);
+    let node_port = SocketAddrV4::new(NODE, NODE_PORT);
+    let local = |id: u32| svc.backends.iter().find(|b| b.id == id).unwrap().local;
+    // Client ports from `ip`.
+    let clients = |ip: [u8; 4]| (40_000..).map(move |port| SocketAddrV4::new(ip.into(), port));
+    // Clients Maglev sends to a backend on another node.
+    let remote: Vec<SocketAddrV4> = clients([203, 0, 113, 7])
+        .filter(|c| !local(maglev_pick(&f, &svc, *c, node_port)))
+        .take(2)
+        .collect();
+
+    // The node has no SNAT address yet: such a flow cannot be source-NATed, it is dropped.
+    let client = remote[0];
+    let t = check(
+        &mut f,
+        &Case {
+            what: "no SNAT address",
+            hook: Xdp,
+            src: client,
+            dst: node_port,
+            l4: TCP,
+            tcp_flags: SYN,
+        },
+    );
+    assert_eq!(t["decision"], "drop_snat_ports");
+    assert_eq!(t["reason"], "drop_snat_ports");
+    assert!(t["snat"].is_null() && t["output"].is_null());
+    assert_eq!(t["backend_id"], maglev_pick(&f, &svc, client, node_port));
+    let explanation = t["explanation"].as_str().unwrap();
+    assert!(explanation.contains("no SNAT address"), "{explanation}");
+
+    configure_snat(&mut f, snat::PORT_MIN, snat::PORT_MAX);
+
+    // A new flow: DNAT to the backend and SNAT to the node, on the first candidate port (no
+    // flow holds any). `check` compares the whole output frame with the prediction.
+    let t = check(
+        &mut f,
+        &Case {
+            what: "SNAT new flow",
+            hook: Xdp,
+            src: client,
+            dst: node_port,
+            l4: TCP,
+            tcp_flags: SYN,
+        },
+    );
+    assert_eq!(
+        (&t["decision"], &t["verdict"], &t["reason"]),
+        (&json!("new_flow"), &json!("forward"), &json!("new_flow"))
+    );
+    let backend = json_sock(&t["backend"]);
+    let node = json_sock(&t["snat"]["addr"]);
+    let candidates = snat_candidates(client, node_port, TCP, snat::PORT_MIN, snat::PORT_MAX);
+    assert_eq!(node, SocketAddrV4::new(NODE, candidates[0]));
+    assert_eq!(
+        t["snat"],
+        json!({
+            "kind": "node",
+            "addr": node.to_string(),
+            "client": client.to_string(),
+            "hash": hash_of(client, node_port, TCP),
+            "probe": 0,
+            "reused": false,
+        })
+    );
+    assert_eq!(json_sock(&t["output"]["src"]), node);
+    assert_eq!(recorded_snat(&f, client, node_port, TCP), node);
+    let explanation = t["explanation"].as_str().unwrap();
+    assert!(
+        explanation.contains("SNAT")
+            && explanation.contains("routed to its next hop by this node (FIB lookup"),
+        "{explanation}"
+    );
+
+    // The rest of the flow keeps both translations.
+    let t = check(
+        &mut f,
+        &Case {
+            what: "SNAT established",
+            hook: Xdp,
+            src: client,
+            dst: node_port,
+            l4: TCP,
+            tcp_flags: ACK,
+        },
+    );
+    assert_eq!(
+        (&t["decision"], &t["verdict"]),
+        (&json!("established"), &json!("forward"))
+    );
+    assert_eq!(json_sock(&t["output"]["src"]), node);
+    assert_eq!(json_sock(&t["snat"]["addr"]), node);
+
+    // The backend's reply reaches the node's SNAT address: the frontend becomes its source, the
+    // client its destination (through XDP and through tc).
+    for (what, hook, tcp_flags) in [
+        ("SNAT reply", Xdp, SYN | ACK),
+        ("SNAT reply, tc", ExtIn, ACK),
+    ] {
+        let t = check(
+            &mut f,
+            &Case {
+                what,
+                hook,
+                src: backend,
+                dst: node,
+                l4: TCP,
+                tcp_flags,
+            },
+        );
+        assert_eq!(
+            (&t["decision"], &t["verdict"], &t["reason"]),
+            (&json!("snat_reply"), &json!("forward"), &json!("reply_nat")),
+            "{what}"
+        );
+        assert_eq!(
+            (
+                json_sock(&t["output"]["src"]),
+                json_sock(&t["output"]["dst"])
+            ),
+            (node_port, client),
+            "{what}"
+        );
+        assert_eq!(json_sock(&t["snat"]["client"]), client);
+    }
+    // The reply path (pod veth and uplink egress) leaves such replies alone.
+    let t = check(
+        &mut f,
+        &Case {
+            what: "SNAT reply on the reply path",
+            hook: ToPod,
+            src: backend,
+            dst: node,
+            l4: TCP,
+            tcp_flags: ACK,
+        },
+    );
+    assert_eq!(t["decision"], "snat_untouched");
+    assert!(t["reason"].is_null());
+    // A port of the range no flow holds: not a reply, the node's stack gets it.
+    let unused = *candidates.iter().find(|p| **p != node.port()).unwrap();
+    let t = check(
+        &mut f,
+        &Case {
+            what: "unknown SNAT port",
+            hook: Xdp,
+            src: backend,
+            dst: SocketAddrV4::new(NODE, unused),
+            l4: TCP,
+            tcp_flags: ACK,
+        },
+    );
+    assert_eq!(t["decision"], "not_served");
+
+    // Another client whose first candidate port is held by a live flow of someone else and
+    // whose second is held by an expired one: it gets the second.
+    let second = remote[1];
+    let second_backend = backend_addr(&svc, u64::from(maglev_pick(&f, &svc, second, node_port)));
+    let second_candidates = snat_candidates(second, node_port, TCP, snat::PORT_MIN, snat::PORT_MAX);
+    let candidates = &second_candidates;
+    let holder = |deadline_ns: u64| CtEntry {
+        deadline_ns,
+        backend_id: 702,
+        service_id: 7,
+        nat_addr: Be32::from(NODE),
+        nat_port: Be16::from_host(NODE_PORT),
+        flags: ct_flags::SNAT,
+        snat_addr: Be32::from(Ipv4Addr::new(198, 51, 100, 99)),
+        snat_port: Be16::from_host(1234),
+        ..Default::default()
+    };
+    f.maps
+        .ct
+        .insert(
+            snat_reply_key(second_backend, candidates[0], TCP),
+            holder(u64::MAX),
+            0,
+        )
+        .unwrap();
+    f.maps
+        .ct
+        .insert(
+            snat_reply_key(second_backend, candidates[1], TCP),
+            holder(1),
+            0,
+        )
+        .unwrap();
+    let t = check(
+        &mut f,
+        &Case {
+            what: "SNAT, first candidate taken",
+            hook: Xdp,
+            src: second,
+            dst: node_port,
+            l4: TCP,
+            tcp_flags: SYN,
+        },
+    );
+    assert_eq!(t["snat"]["probe"], 1);
+    assert_eq!(
+        json_sock(&t["snat"]["addr"]),
+        SocketAddrV4::new(NODE, candidates[1])
+    );
+    assert_eq!(
+        recorded_snat(&f, second, node_port, TCP).port(),
+        candidates[1]
+    );
+
+    // A connection closed and reopened on the same ports keeps its port.
+    check(
+        &mut f,
+        &Case {
+            what: "SNAT rst",
+            hook: Xdp,
+            src: client,
+            dst: node_port,
+            l4: TCP,
+            tcp_flags: flags::RST | ACK,
+        },
+    );
+    let t = check(
+        &mut f,
+        &Case {
+            what: "SNAT reopened",
+            hook: Xdp,
+            src: client,
+            dst: node_port,
+            l4: TCP,
+            tcp_flags: SYN,
+        },
+    );
+    assert_eq!(t["decision"], "new_flow");
+    assert_eq!(json_sock(&t["snat"]["addr"]), node);
+    assert_eq!(t["snat"]["reused"], true);
+
+    // One port in the range, held by the first client's flow: a new flow to the same backend
+    // finds no port.
+    configure_snat(&mut f, node.port(), node.port());
+    let third = clients([203, 0, 113, 8])
+        .find(|c| backend_addr(&svc, u64::from(maglev_pick(&f, &svc, *c, node_port))) == backend)
+        .unwrap();
+    let t = check(
+        &mut f,
+        &Case {
+            what: "no free SNAT port",
+            hook: Xdp,
+            src: third,
+            dst: node_port,
+            l4: TCP,
+            tcp_flags: SYN,
+        },
+    );
+    assert_eq!(t["decision"], "drop_snat_ports");
+    let explanation = t["explanation"].as_str().unwrap();
+    assert!(explanation.contains("held by live flows"), "{explanation}");
+    configure_snat(&mut f, snat::PORT_MIN, snat::PORT_MAX);
+
+    // A backend on this node sees the client: DNAT only, and the stack delivers.
+    let near = clients([203, 0, 113, 7])
+        .find(|c| local(maglev_pick(&f, &svc, *c, node_port)))
+        .unwrap();
+    let t = check(
+        &mut f,
+        &Case {
+            what: "local backend",
+            hook: Xdp,
+            src: near,
+            dst: node_port,
+            l4: TCP,
+            tcp_flags: SYN,
+        },
+    );
+    assert_eq!(
+        (&t["decision"], &t["verdict"]),
+        (&json!("new_flow"), &json!("pass"))
+    );
+    assert!(t["snat"].is_null());
+
+    // UDP through tc, and its answer.
+    let udp_port = SocketAddrV4::new(NODE, NODE_PORT_UDP);
+    let udp_client = clients([203, 0, 113, 9])
+        .find(|c| !local(maglev_pick_l4(&f, &svc, *c, udp_port, UDP)))
+        .unwrap();
+    let t = check(
+        &mut f,
+        &Case {
+            what: "SNAT udp",
+            hook: ExtIn,
+            src: udp_client,
+            dst: udp_port,
+            l4: UDP,
+            tcp_flags: 0,
+        },
+    );
+    assert_eq!(
+        (&t["decision"], &t["verdict"]),
+        (&json!("new_flow"), &json!("forward"))
+    );
+    let udp_node = json_sock(&t["snat"]["addr"]);
+    assert_eq!(recorded_snat(&f, udp_client, udp_port, UDP), udp_node);
+    let t = check(
+        &mut f,
+        &Case {
+            what: "SNAT udp answer",
+            hook: ExtIn,
+            src: json_sock(&t["backend"]),
+            dst: udp_node,
+            l4: UDP,
+            tcp_flags: 0,
+        },
+    );
+    assert_eq!(t["decision"], "snat_reply");
+    assert_eq!(json_sock(&t["output"]["dst"]), udp_client);
+
+    // The views.
+    let flows = f.json(&["ct", "list"]);
+    let flow = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["client"] == client.to_string())
+        .unwrap_or_else(|| panic!("no flow of {client} in {flows:#}"));
+    assert_eq!(
+        (&flow["frontend"], &flow["backend"], &flow["snat"]),
+        (
+            &json!(node_port.to_string()),
+            &json!(backend.to_string()),
+            &json!(node.to_string())
+        )
+    );
+    assert!(
+        !flow["reply"].is_null(),
+        "paired with its reply entry: {flow:#}"
+    );
+    assert_eq!(flow["forward"]["flags"], json!(["snat"]));
+    let near_flow = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["client"] == near.to_string())
+        .unwrap();
+    assert!(near_flow["snat"].is_null() && !near_flow["reply"].is_null());
+    // The live planted holder has no forward entry: it shows as a reply-only flow of its
+    // client, translated to the node. (The expired one was taken over by the second client.)
+    let planted: Vec<&Value> = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["forward"].is_null())
+        .collect();
+    assert_eq!(planted.len(), 1, "{flows:#}");
+    assert_eq!(
+        (&planted[0]["client"], &planted[0]["snat"]),
+        (
+            &json!("198.51.100.99:1234"),
+            &json!(SocketAddrV4::new(NODE, second_candidates[0]).to_string())
+        )
+    );
+
+    let ct = f.json(&["maps", "dump", "--map", "ct"]);
+    let reply = ct["LB_CT"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["dir"] == "reply" && e["dst"] == node.to_string())
+        .unwrap();
+    assert_eq!(
+        (&reply["src"], &reply["nat"], &reply["snat"]),
+        (
+            &json!(backend.to_string()),
+            &json!(node_port.to_string()),
+            &json!(client.to_string())
+        )
+    );
+    let config = f.json(&["maps", "dump", "--map", "config"]);
+    assert_eq!(config["LB_CONFIG"][0]["snat_addr"], NODE.to_string());
+    assert_eq!(config["LB_CONFIG"][0]["snat_enabled"], true);
+
+    let stats = f.json(&["stats"]);
+    let count = |reason: &str| {
+        stats["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["reason"] == reason)
+            .unwrap_or_else(|| panic!("{reason} missing from {stats:#}"))["packets"]
+            .clone()
+    };
+    assert_eq!(count("drop_snat_ports"), 2);
+    // Every translated packet of a source-NATed flow went straight out (routed namespace).
+    assert_eq!(count("forwarded"), 9);
+
+    for (args, needles) in [
+        (
+            vec!["ct", "list"],
+            vec![node.to_string(), "snat".to_owned()],
+        ),
+        (
+            vec!["maps", "dump", "--map", "config"],
+            vec![
+                "LB_CONFIG (1 entry)".to_owned(),
+                format!("{}-{}", snat::PORT_MIN, snat::PORT_MAX),
+            ],
+        ),
+        (
+            vec!["maps", "dump", "--map", "addrs"],
+            vec!["snat".to_owned()],
+        ),
+    ] {
+        let text = f.text(&args);
+        for needle in needles {
+            assert!(text.contains(&needle), "{needle} missing from:\n{text}");
+        }
+    }
+    let trace = [
+        "trace",
+        &backend.to_string(),
+        &node.to_string(),
+        "tcp",
+        "--scope",
+        "external",
+    ];
+    let text = f.text(&trace);
+    assert!(
+        text.contains("decision: snat_reply (forward)")
+            && text.contains(&format!("output:   {node_port} -> {client}"))
+            && text.contains("routed:   routed to its next hop by this node (FIB lookup"),
+        "{text}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hairpin: a pod balanced to itself.
+
+const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+
+/// What the agent writes for the hairpin address: LB_CONFIG's `hairpin_addr` (`None` clears
+/// it), and the address's flag.
+fn configure_hairpin(f: &mut Fixture, addr: Option<Ipv4Addr>) {
+    let mut config = f.maps.config.get(&0, 0).unwrap();
+    config.hairpin_addr = addr.map_or(Be32::from_host(0), Be32::from);
+    f.maps.config.set(0, config, 0).unwrap();
+    f.maps
+        .addrs
+        .insert(
+            Be32::from(HAIRPIN),
+            lb_common::maps::AddrInfo {
+                flags: addr_flags::HAIRPIN,
+            },
+            0,
+        )
+        .unwrap();
+}
+
+#[test]
+fn trace_predicts_hairpin_flows() {
+    let Some(mut f) = Fixture::new() else { return };
+    use Hook::*;
+    const SYN: u8 = flags::SYN;
+    const ACK: u8 = flags::ACK;
+    // A ClusterIP whose only backend is the pod that connects to it.
+    let svc = service(
+        8,
+        vec![frontend([172, 30, 0, 48], 80, TCP, scope::INTERNAL, true)],
+        backends(801, &["10.0.8.8:8080"]),
+    );
+    f.install(&svc);
+    configure_hairpin(&mut f, Some(HAIRPIN));
+    let vip = sock("172.30.0.48:80");
+    let pod = sock("10.0.8.8:40000");
+    let as_seen = SocketAddrV4::new(HAIRPIN, pod.port());
+
+    let t = check(
+        &mut f,
+        &Case {
+            what: "hairpin new flow",
+            hook: FromPod,
+            src: pod,
+            dst: vip,
+            l4: TCP,
+            tcp_flags: SYN,
+        },
+    );
+    assert_eq!(
+        (&t["decision"], &t["verdict"], &t["reason"]),
+        (&json!("new_flow"), &json!("bounce"), &json!("new_flow"))
+    );
+    assert_eq!(
+        (&t["snat"]["kind"], json_sock(&t["snat"]["addr"])),
+        (&json!("hairpin"), as_seen)
+    );
+    assert_eq!(json_sock(&t["output"]["src"]), as_seen);
+    let t = check(
+        &mut f,
+        &Case {
+            what: "hairpin established",
+            hook: FromPod,
+            src: pod,
+            dst: vip,
+            l4: TCP,
+            tcp_flags: ACK,
+        },
+    );
+    assert_eq!(
+        (&t["decision"], &t["verdict"]),
+        (&json!("established"), &json!("bounce"))
+    );
+
+    // The pod answers the hairpin address: the service answers the pod.
+    let backend = sock("10.0.8.8:8080");
+    let t = check(
+        &mut f,
+        &Case {
+            what: "hairpin reply",
+            hook: FromPod,
+            src: backend,
+            dst: as_seen,
+            l4: TCP,
+            tcp_flags: SYN | ACK,
+        },
+    );
+    assert_eq!(
+        (&t["decision"], &t["verdict"], &t["reason"]),
+        (
+            &json!("hairpin_reply"),
+            &json!("bounce"),
+            &json!("reply_nat")
+        )
+    );
+    assert_eq!(
+        (
+            json_sock(&t["output"]["src"]),
+            json_sock(&t["output"]["dst"])
+        ),
+        (vip, pod)
+    );
+    // Left alone on the reply path; anything else to the hairpin address passes untouched.
+    let t = check(
+        &mut f,
+        &Case {
+            what: "hairpin reply on the reply path",
+            hook: ToPod,
+            src: backend,
+            dst: as_seen,
+            l4: TCP,
+            tcp_flags: ACK,
+        },
+    );
+    assert_eq!(t["decision"], "snat_untouched");
+    let t = check(
+        &mut f,
+        &Case {
+            what: "hairpin address, no flow",
+            hook: FromPod,
+            src: backend,
+            dst: SocketAddrV4::new(HAIRPIN, 40_001),
+            l4: TCP,
+            tcp_flags: ACK,
+        },
+    );
+    assert_eq!(t["decision"], "not_served");
+    assert!(t["reason"].is_null());
+
+    let flows = f.json(&["ct", "list"]);
+    assert_eq!(flows.as_array().unwrap().len(), 1, "{flows:#}");
+    assert_eq!(
+        (
+            &flows[0]["client"],
+            &flows[0]["snat"],
+            &flows[0]["forward"]["flags"]
+        ),
+        (
+            &json!(pod.to_string()),
+            &json!(as_seen.to_string()),
+            &json!(["established", "snat", "hairpin"])
+        )
+    );
+    assert!(!flows[0]["reply"].is_null(), "{flows:#}");
+    let config = f.json(&["maps", "dump", "--map", "config"]);
+    assert_eq!(config["LB_CONFIG"][0]["hairpin_addr"], HAIRPIN.to_string());
+
+    // Without a hairpin address the flow is only DNATed (and fails in the pod).
+    configure_hairpin(&mut f, None);
+    let t = check(
+        &mut f,
+        &Case {
+            what: "no hairpin address",
+            hook: FromPod,
+            src: sock("10.0.8.8:40002"),
+            dst: vip,
+            l4: TCP,
+            tcp_flags: SYN,
+        },
+    );
+    assert_eq!(
+        (&t["decision"], &t["verdict"]),
+        (&json!("new_flow"), &json!("pass"))
+    );
+    assert!(t["snat"].is_null());
 }
 
 // ---------------------------------------------------------------------------------------------

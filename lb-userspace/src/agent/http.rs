@@ -53,7 +53,7 @@ impl Health {
         }
     }
 
-    fn healthy(&self) -> bool {
+    pub fn healthy(&self) -> bool {
         self.heartbeat.lock().is_ok_and(|h| h.elapsed() < STALL)
     }
 }

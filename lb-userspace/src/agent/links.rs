@@ -13,12 +13,14 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{
-    SchedClassifier, TcAttachType,
+    SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
     links::{FdLink, PinnedLink},
     tc::SchedClassifierLink,
+    xdp::XdpLink,
 };
 use tracing::{info, warn};
 
+use super::config::XdpMode;
 use crate::datapath::{Datapath, has_tcx};
 
 /// `BPF_FS_MAGIC` from linux/magic.h.
@@ -68,6 +70,12 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 pub enum Hook {
     PodIngress,
     PodEgress,
+    /// XDP on an uplink.
+    ExtXdp,
+    /// tc ingress of an uplink (instead of XDP).
+    ExtIngress,
+    /// tc egress of an uplink.
+    ExtEgress,
 }
 
 impl Hook {
@@ -75,8 +83,19 @@ impl Hook {
         match self {
             Self::PodIngress => "from-pod",
             Self::PodEgress => "to-pod",
+            Self::ExtXdp => "xdp",
+            Self::ExtIngress => "ext-in",
+            Self::ExtEgress => "ext-out",
         }
     }
+}
+
+/// How an uplink's ingress ended up being served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngressHook {
+    XdpNative,
+    XdpGeneric,
+    Tc,
 }
 
 /// The pinned links of one agent.
@@ -120,9 +139,9 @@ impl Links {
             (Hook::PodIngress, TcAttachType::Ingress),
             (Hook::PodEgress, TcAttachType::Egress),
         ] {
-            let prog = match hook {
-                Hook::PodIngress => datapath.from_pod(),
-                Hook::PodEgress => datapath.to_pod(),
+            let prog = match attach_type {
+                TcAttachType::Ingress => datapath.from_pod(),
+                _ => datapath.to_pod(),
             };
             let path = self.pin_path(iface, hook);
             attach_tc(prog, iface, attach_type, &path)
@@ -131,6 +150,77 @@ impl Links {
         }
         self.attached.insert(iface.to_owned(), links);
         Ok(())
+    }
+
+    /// Attaches the uplink programs to `iface`: XDP (native where the driver supports it, else
+    /// generic, as `mode` says) with the tc ingress program behind it (alone when XDP is off or
+    /// unavailable), and the tc egress program that restores the frontend on this node's
+    /// backends' replies.
+    pub fn attach_external_iface(
+        &mut self,
+        datapath: &mut Datapath,
+        iface: &str,
+        mode: XdpMode,
+    ) -> Result<IngressHook> {
+        if !has_tcx() {
+            let _ = aya::programs::tc::qdisc_add_clsact(iface);
+        }
+        let mut links = Vec::new();
+        let egress = self.pin_path(iface, Hook::ExtEgress);
+        attach_tc(datapath.ext_out(), iface, TcAttachType::Egress, &egress)
+            .with_context(|| format!("attaching to {iface} (ext-out)"))?;
+        links.push(egress);
+
+        let xdp_pin = self.pin_path(iface, Hook::ExtXdp);
+        let tc_pin = self.pin_path(iface, Hook::ExtIngress);
+        let xdp = match mode {
+            XdpMode::Off => None,
+            XdpMode::Native => Some(
+                attach_xdp(datapath.xdp(), iface, AyaXdpMode::Driver, &xdp_pin)
+                    .map(|()| IngressHook::XdpNative)
+                    .with_context(|| format!("native XDP on {iface} (--xdp-mode native)"))?,
+            ),
+            XdpMode::Generic => Some(
+                attach_xdp(datapath.xdp(), iface, AyaXdpMode::Skb, &xdp_pin)
+                    .map(|()| IngressHook::XdpGeneric)
+                    .with_context(|| format!("generic XDP on {iface}"))?,
+            ),
+            XdpMode::Auto => {
+                match attach_xdp(datapath.xdp(), iface, AyaXdpMode::Driver, &xdp_pin) {
+                    Ok(()) => Some(IngressHook::XdpNative),
+                    Err(native) => {
+                        match attach_xdp(datapath.xdp(), iface, AyaXdpMode::Skb, &xdp_pin) {
+                            Ok(()) => {
+                                info!(%iface, reason = format!("{native:#}"), "no native XDP here; using generic XDP");
+                                Some(IngressHook::XdpGeneric)
+                            }
+                            Err(generic) => {
+                                warn!(%iface, error = format!("{generic:#}"), "cannot attach XDP; using tc ingress instead");
+                                None
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        // The tc ingress program runs in every case: alone when XDP is off, and behind XDP to
+        // take the packets XDP leaves to it (those whose next hop's MAC is not known yet).
+        attach_tc(datapath.ext_in(), iface, TcAttachType::Ingress, &tc_pin)
+            .with_context(|| format!("attaching to {iface} (ext-in)"))?;
+        links.push(tc_pin);
+        let hook = match xdp {
+            Some(hook) => {
+                links.push(xdp_pin);
+                hook
+            }
+            None => {
+                // An earlier agent may have attached XDP here.
+                let _ = std::fs::remove_file(&xdp_pin);
+                IngressHook::Tc
+            }
+        };
+        self.attached.insert(iface.to_owned(), links);
+        Ok(hook)
     }
 
     /// Forgets an interface that went away (its links died with it) and removes its pins.
@@ -190,6 +280,36 @@ fn attach_tc(
     let fd_link = FdLink::try_from(link)
         .map_err(|e| anyhow::anyhow!("tc link is not a BPF link (kernel without tcx?): {e}"))?;
     // Dropping the handle closes our descriptor; the pin keeps the link.
+    fd_link
+        .pin(path)
+        .with_context(|| format!("cannot pin link at {}", path.display()))?;
+    Ok(())
+}
+
+/// Attaches XDP `prog` in `mode`, through the link pinned at `path` when there is a live one.
+/// (A pinned link keeps the mode it was created with.)
+fn attach_xdp(prog: &mut Xdp, iface: &str, mode: AyaXdpMode, path: &Path) -> Result<()> {
+    if path.exists() {
+        let reused = PinnedLink::from_pin(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|pinned| {
+                let link = XdpLink::try_from(FdLink::from(pinned))?;
+                let id = prog.attach_to_link(link)?;
+                drop(prog.take_link(id)?);
+                Ok(())
+            });
+        match reused {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                warn!(pin = %path.display(), error = %e, "pinned XDP link unusable; attaching anew");
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+    let id = prog.attach(iface, mode)?;
+    let link = prog.take_link(id)?;
+    let fd_link = FdLink::try_from(link)
+        .map_err(|e| anyhow::anyhow!("XDP link is not a BPF link (kernel before 5.9?): {e}"))?;
     fd_link
         .pin(path)
         .with_context(|| format!("cannot pin link at {}", path.display()))?;

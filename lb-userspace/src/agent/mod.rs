@@ -2,10 +2,12 @@
 //! interfaces, and keeps the maps equal to what the Services and EndpointSlices say.
 
 pub mod config;
+pub mod healthcheck;
 pub mod http;
 pub mod links;
 pub mod metrics;
 pub mod reconcile;
+pub mod sysctl;
 
 use std::{sync::Arc, time::Duration};
 
@@ -59,16 +61,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut datapath = Datapath::load(&Pinning::Dir(args.bpffs_dir.clone()), capacities)
         .context("loading the datapath")?;
     let mut maps = datapath.take_maps()?;
+    sysctl::reserve_snat_ports();
 
     let mut links = Links::new(&args.bpffs_dir)?;
     let present = links::interfaces();
     for iface in &args.external_iface {
         if !present.contains(iface) {
-            warn!(%iface, "external interface not found (yet); NodePorts and LoadBalancer IPs are served on the others");
+            warn!(%iface, "external interface not found (yet); NodePorts and LoadBalancer IPs are served on the others until it appears");
         }
     }
     links.prune_stale_pins(&present);
-    attach_matching(&mut links, &mut datapath, &patterns, &present);
+    let ifaces = Interfaces {
+        pod_patterns: &patterns,
+        external: &args.external_iface,
+        xdp_mode: args.xdp_mode,
+    };
+    ifaces.attach_new(&mut links, &mut datapath, &present);
 
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, args.bpffs_dir.clone());
@@ -107,6 +115,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         table_size: args.maglev_table_size,
     };
     let mut reconciler = Reconciler::new(node_name, args.nodeport_addresses.clone(), limits);
+    let mut health_checks = healthcheck::HealthChecks::default();
     let mut heal = tokio::time::interval(args.sync_period);
     heal.tick().await;
     let mut sample = tokio::time::interval(SAMPLE_PERIOD);
@@ -137,7 +146,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 for iface in gone {
                     links.forget(&iface);
                 }
-                attach_matching(&mut links, &mut datapath, &patterns, &present);
+                ifaces.attach_new(&mut links, &mut datapath, &present);
             }
             _ = heal.tick() => reconciler.resync(),
             _ = sample.tick() => sample_fill(&maps, &metrics, capacities),
@@ -146,24 +155,44 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
         if reconciler.has_work() && reconciler.sync(&mut maps, &metrics).is_some() {
             health.synced();
+            health_checks
+                .update(&reconciler.health_checks(), &health)
+                .await;
         }
     }
     info!("stopping; the datapath stays in place for the next agent");
     Ok(())
 }
 
-/// Attaches the pod programs to every present interface matching `patterns` not yet attached.
-fn attach_matching(
-    links: &mut Links,
-    datapath: &mut Datapath,
-    patterns: &[glob::Pattern],
-    present: &[String],
-) {
-    for iface in present {
-        if links::matches_any(patterns, iface) && !links.is_attached(iface) {
-            match links.attach_pod_iface(datapath, iface) {
-                Ok(()) => info!(%iface, "attached to pod interface"),
-                Err(e) => warn!(%iface, error = format!("{e:#}"), "cannot attach to pod interface"),
+/// Which interfaces get which programs.
+struct Interfaces<'a> {
+    pod_patterns: &'a [glob::Pattern],
+    external: &'a [String],
+    xdp_mode: config::XdpMode,
+}
+
+impl Interfaces<'_> {
+    /// Attaches the programs to every present interface that should have them and has not yet:
+    /// the uplinks named by --external-iface, and the pod interfaces matching --pod-ifaces.
+    fn attach_new(&self, links: &mut Links, datapath: &mut Datapath, present: &[String]) {
+        for iface in present {
+            if links.is_attached(iface) {
+                continue;
+            }
+            if self.external.contains(iface) {
+                match links.attach_external_iface(datapath, iface, self.xdp_mode) {
+                    Ok(hook) => {
+                        info!(%iface, ?hook, "serving NodePorts, LoadBalancer IPs and externalIPs on uplink")
+                    }
+                    Err(e) => warn!(%iface, error = format!("{e:#}"), "cannot attach to uplink"),
+                }
+            } else if links::matches_any(self.pod_patterns, iface) {
+                match links.attach_pod_iface(datapath, iface) {
+                    Ok(()) => info!(%iface, "attached to pod interface"),
+                    Err(e) => {
+                        warn!(%iface, error = format!("{e:#}"), "cannot attach to pod interface")
+                    }
+                }
             }
         }
     }

@@ -59,6 +59,7 @@ impl Reconciler {
             node: NodeContext {
                 name: node_name.clone(),
                 nodeport_addrs: Vec::new(),
+                snat_addr: None,
             },
             node_name,
             nodeport_cidrs,
@@ -142,7 +143,8 @@ impl Reconciler {
                 self.store.node(&self.node_name),
                 &self.nodeport_cidrs,
             );
-            info!(node = %self.node_name, addresses = ?self.node.nodeport_addrs, "node addresses for NodePorts");
+            info!(node = %self.node_name, addresses = ?self.node.nodeport_addrs, snat = ?self.node.snat_addr, "node addresses for NodePorts and SNAT");
+            self.desired.set_snat_addr(self.node.snat_addr);
             ids.extend(
                 self.store
                     .services()

@@ -42,8 +42,10 @@ enum Command {
     /// Predict what the datapath does with a packet, from the live maps.
     ///
     /// Forward direction (default): a packet from a client at SRC to DST, as lb_from_pod
-    /// (--scope internal) or lb_xdp (--scope external) sees it. With --reply: a backend at SRC
-    /// answering a client at DST, as lb_to_pod sees it.
+    /// (--scope internal) or lb_xdp / lb_ext_in (--scope external) sees it; this includes the
+    /// replies of source-NATed flows, which reach the node addressed to its SNAT address and
+    /// port, and of hairpin flows, addressed to the hairpin address. With --reply: a backend at
+    /// SRC answering a client at DST, as lb_to_pod / lb_ext_out see it.
     Trace(TraceArgs),
 }
 
@@ -85,7 +87,7 @@ struct OutputArgs {
 #[derive(Debug, Args)]
 struct DumpArgs {
     /// Only this map: its name (LB_CT) or alias (ct, services, backends, maglev, addrs, frags,
-    /// stats, verdicts, ranges, affinity).
+    /// stats, verdicts, ranges, affinity, config).
     #[arg(long, value_name = "NAME", value_parser = MapKind::parse)]
     map: Option<MapKind>,
     /// Print every Maglev slot instead of slot counts per backend.
@@ -106,7 +108,7 @@ enum Scope {
     /// From pods (lb_from_pod).
     #[default]
     Internal,
-    /// From outside, on an uplink (lb_xdp).
+    /// From outside, on an uplink (lb_xdp, lb_ext_in).
     External,
 }
 

@@ -29,6 +29,7 @@ pub mod xdp {
     pub const DROP: u32 = 1;
     pub const PASS: u32 = 2;
     pub const TX: u32 = 3;
+    pub const REDIRECT: u32 = 4;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +40,10 @@ pub enum Hook {
     ToPod,
     /// XDP on an uplink.
     Xdp,
+    /// tc ingress of an uplink (where XDP is off).
+    ExtIn,
+    /// tc egress of an uplink.
+    ExtOut,
 }
 
 /// What a program did with one packet.
@@ -82,6 +87,14 @@ impl Harness {
                 ..opts()
             }),
             Hook::Xdp => self.dp.xdp().test_run(TestRunOptions {
+                data_out: Some(&mut out),
+                ..opts()
+            }),
+            Hook::ExtIn => self.dp.ext_in().test_run(TestRunOptions {
+                data_out: Some(&mut out),
+                ..opts()
+            }),
+            Hook::ExtOut => self.dp.ext_out().test_run(TestRunOptions {
                 data_out: Some(&mut out),
                 ..opts()
             }),
