@@ -346,8 +346,9 @@ fn lan_port(i: usize) -> String {
     format!("node{i}")
 }
 
-/// Connects `ns` to the LAN: its `eth0` gets `ip`/24, the peer `port` joins the bridge with GRO
-/// on (so that frames XDP redirects out of `eth0` reach the bridge).
+/// Connects `ns` to the LAN: its `eth0` gets `ip`/24 and sends complete checksums, the peer
+/// `port` joins the bridge with GRO on (so that frames XDP redirects out of `eth0` reach the
+/// bridge).
 fn attach_to_lan(lan: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> Result<()> {
     ns.ip(&[
         "link",
@@ -366,6 +367,8 @@ fn attach_to_lan(lan: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> Result<()
         .with_context(|| format!("adding {port} to the bridge in {}", lan.name()))?;
     lan.ip(&["link", "set", port, "up"])?;
     ethtool::set_gro(lan, port, true)?;
+    // Complete checksums on the wire, as a physical NIC sends them (see `ethtool`).
+    ethtool::set_tx_checksum(ns, UPLINK, false)?;
     let cidr = format!("{ip}/{}", AddressPlan::LAN_PREFIX_LEN);
     ns.ip(&["addr", "add", &cidr, "dev", UPLINK])?;
     ns.ip(&["link", "set", UPLINK, "up"])?;

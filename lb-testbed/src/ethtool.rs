@@ -14,6 +14,8 @@ use anyhow::{Context as _, Result, bail};
 use crate::netns::Netns;
 
 // From <linux/ethtool.h>: the legacy one-feature commands, still supported by every kernel.
+const ETHTOOL_GTXCSUM: u32 = 0x16;
+const ETHTOOL_STXCSUM: u32 = 0x17;
 const ETHTOOL_GGRO: u32 = 0x2b;
 const ETHTOOL_SGRO: u32 = 0x2c;
 
@@ -47,6 +49,36 @@ pub fn gro(ns: &Netns, iface: &str) -> Result<bool> {
         .enter(move || ethtool_value(&name, ETHTOOL_GGRO, 0))?
         .with_context(|| format!("reading GRO of {iface} in netns {}", ns.name()))?;
     Ok(value != 0)
+}
+
+/// Switches transmit checksum offload of `iface` in `ns` (`ethtool -K <iface> tx on|off`).
+///
+/// Why beds care: a veth never computes an offloaded checksum, so a TCP or UDP packet a
+/// namespace sends over one arrives on the other side with only its pseudo-header sum in the
+/// checksum field (`CHECKSUM_PARTIAL`). tc programs learn that from the skb; an XDP program
+/// sees bytes only and must assume a complete checksum, as a physical wire always delivers. With
+/// offload off on the bed's "wires", the kernel completes checksums in software before sending,
+/// as a real NIC does in hardware.
+pub fn set_tx_checksum(ns: &Netns, iface: &str, on: bool) -> Result<()> {
+    let name = iface.to_owned();
+    ns.enter(move || ethtool_value(&name, ETHTOOL_STXCSUM, u32::from(on)))?
+        .with_context(|| {
+            format!(
+                "switching tx checksumming on {iface} in netns {}",
+                ns.name()
+            )
+        })?;
+    let name = iface.to_owned();
+    let now = ns
+        .enter(move || ethtool_value(&name, ETHTOOL_GTXCSUM, 0))?
+        .with_context(|| format!("reading tx checksumming of {iface} in netns {}", ns.name()))?;
+    if (now != 0) != on {
+        bail!(
+            "tx checksumming on {iface} in netns {} did not switch",
+            ns.name()
+        );
+    }
+    Ok(())
 }
 
 /// Runs one `ethtool_value` command on `iface` of the calling thread's namespace; returns the

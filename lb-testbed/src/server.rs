@@ -188,7 +188,7 @@ pub fn connect_from(local: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> R
     let check = |ret: libc::c_int, what: &str| -> Result<()> {
         if ret < 0 {
             let e = std::io::Error::last_os_error();
-            bail!("{what} ({local} -> {addr}): {e}");
+            return Err(anyhow::Error::new(e).context(format!("{what} ({local} -> {addr})")));
         }
         Ok(())
     };

@@ -1,0 +1,564 @@
+//! Traffic from outside the cluster, end to end: a two-node cluster in network namespaces (a LAN,
+//! nodes with uplinks and pods, an external client), the real `lb-agent` on every node with a
+//! YAML source, real TCP and UDP sockets. NodePorts through every node, LoadBalancer IPs,
+//! externalIPs, source ranges, externalTrafficPolicy Local with its health checks, services
+//! without endpoints, endpoint removal, hairpin. Needs root.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    io::ErrorKind,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use lb_testbed::{
+    Agents, Cluster, SourceDir,
+    manifests::{
+        Endpoint, EndpointSliceManifest, Protocol, ServiceManifest, ServicePort, ServiceType,
+        TrafficPolicy, documents,
+    },
+    server::{self, Held},
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+const TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a dropped connection attempt is given before it counts as dropped.
+const DROPPED: Duration = Duration::from_millis(800);
+
+const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const LB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+const EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+const SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
+const LB_INGRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+/// A second address of the external client, outside the LoadBalancer's source ranges.
+const OUTSIDER: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 3);
+const HEALTH_CHECK_PORT: u16 = 32_001;
+
+/// The bed: two nodes, a hostnames pod on each (`web-0`, `web-1`, port 8080), a client pod on
+/// each (`client-0`, `client-1`), the services below, and an agent per node.
+struct Bed {
+    // Dropped first: the agents stop before the namespaces go.
+    agents: Agents,
+    source: SourceDir,
+    cluster: Cluster,
+    web: [Ipv4Addr; 2],
+}
+
+fn slice(service: &str, ports: &[(&str, Protocol)], endpoints: &[Endpoint]) -> String {
+    let mut slice = EndpointSliceManifest::new(service);
+    for (name, protocol) in ports {
+        slice = slice.port(name, 8080, *protocol);
+    }
+    for endpoint in endpoints {
+        slice = slice.endpoint(endpoint.clone());
+    }
+    slice.yaml()
+}
+
+impl Bed {
+    fn new() -> Option<Self> {
+        if !common::require_privileges() {
+            return None;
+        }
+        let mut cluster = Cluster::new(2).expect("cluster");
+        let web = [
+            cluster.add_hostnames_pod(0, "web-0", 8080).unwrap(),
+            cluster.add_hostnames_pod(1, "web-1", 8080).unwrap(),
+        ];
+        cluster.add_pod(0, "client-0").unwrap();
+        cluster.add_pod(1, "client-1").unwrap();
+        cluster
+            .client_route(&format!("{LB_INGRESS}/32"), 0)
+            .unwrap();
+        cluster
+            .client_route(&format!("{EXTERNAL_IP}/32"), 1)
+            .unwrap();
+        cluster.add_client_ip(OUTSIDER).unwrap();
+
+        let source = SourceDir::new().unwrap();
+        source
+            .write("nodes.yaml", &cluster.node_manifests())
+            .unwrap();
+        let both = |c: &Cluster| {
+            vec![
+                Endpoint::ready(web[0], c.node_name(0)),
+                Endpoint::ready(web[1], c.node_name(1)),
+            ]
+        };
+        let tcp_udp = [("http", Protocol::Tcp), ("echo", Protocol::Udp)];
+        source
+            .write(
+                "web.yaml",
+                &documents([
+                    ServiceManifest::new("web", WEB)
+                        .service_type(ServiceType::NodePort)
+                        .port(ServicePort::tcp("http", 80, 8080).node_port(30_080))
+                        .port(ServicePort::udp("echo", 80, 8080).node_port(30_080))
+                        .yaml(),
+                    slice("web", &tcp_udp, &both(&cluster)),
+                ]),
+            )
+            .unwrap();
+        source
+            .write(
+                "local.yaml",
+                &documents([
+                    ServiceManifest::new("local", LOCAL)
+                        .service_type(ServiceType::LoadBalancer)
+                        .port(ServicePort::tcp("http", 80, 8080).node_port(30_081))
+                        .external_traffic_policy(TrafficPolicy::Local)
+                        .health_check_node_port(HEALTH_CHECK_PORT)
+                        .yaml(),
+                    slice(
+                        "local",
+                        &[("http", Protocol::Tcp)],
+                        &[Endpoint::ready(web[1], cluster.node_name(1))],
+                    ),
+                ]),
+            )
+            .unwrap();
+        source
+            .write(
+                "lb.yaml",
+                &documents([
+                    ServiceManifest::new("lb", LB)
+                        .service_type(ServiceType::LoadBalancer)
+                        .port(ServicePort::tcp("http", 80, 8080).node_port(30_082))
+                        .ingress_ip(LB_INGRESS)
+                        .external_ip(EXTERNAL_IP)
+                        .source_range(&format!("{}/32", cluster.client_ip()))
+                        .yaml(),
+                    slice("lb", &[("http", Protocol::Tcp)], &both(&cluster)),
+                ]),
+            )
+            .unwrap();
+        source
+            .write(
+                "empty.yaml",
+                &ServiceManifest::new("empty", EMPTY)
+                    .service_type(ServiceType::NodePort)
+                    .port(ServicePort::tcp("http", 80, 8080).node_port(30_083))
+                    .port(ServicePort::udp("echo", 80, 8080).node_port(30_083))
+                    .yaml(),
+            )
+            .unwrap();
+        source
+            .write(
+                "self.yaml",
+                &documents([
+                    ServiceManifest::new("self", SELF)
+                        .service_type(ServiceType::NodePort)
+                        .port(ServicePort::tcp("http", 80, 8080).node_port(30_084))
+                        .yaml(),
+                    slice(
+                        "self",
+                        &[("http", Protocol::Tcp)],
+                        &[Endpoint::ready(web[0], cluster.node_name(0))],
+                    ),
+                ]),
+            )
+            .unwrap();
+        let agents = Agents::start(&cluster, AGENT.as_ref(), source.path(), &[]).expect("agents");
+        Some(Self {
+            agents,
+            source,
+            cluster,
+            web,
+        })
+    }
+
+    fn logs(&self) -> String {
+        (0..2)
+            .map(|i| format!("--- node-{i}:\n{}", self.agents.log(i)))
+            .collect()
+    }
+
+    /// `n` HTTP requests over new connections from the external client (from `local`, or its
+    /// first address); the (backend name, client address it saw) of each answer.
+    fn from_outside(
+        &self,
+        addr: SocketAddrV4,
+        n: usize,
+        local: Option<Ipv4Addr>,
+    ) -> Vec<(String, Ipv4Addr)> {
+        self.cluster
+            .client()
+            .enter(move || {
+                (0..n)
+                    .map(|_| match local {
+                        Some(local) => server::http_get_from(local, addr, TIMEOUT),
+                        None => server::http_get(addr, TIMEOUT),
+                    })
+                    .map(|answer| parse(&answer.expect("answer")))
+                    .collect()
+            })
+            .unwrap()
+    }
+
+    /// `n` HTTP requests over new connections from pod `pod`.
+    fn from_pod(&self, pod: &str, addr: SocketAddrV4, n: usize) -> Vec<(String, Ipv4Addr)> {
+        self.cluster
+            .pod(pod)
+            .ns
+            .enter(move || {
+                (0..n)
+                    .map(|_| parse(&server::http_get(addr, TIMEOUT).expect("answer")))
+                    .collect()
+            })
+            .unwrap()
+    }
+
+    /// How a TCP connection attempt from the external client (from `local`) ends.
+    fn connect_outcome(&self, addr: SocketAddrV4, local: Option<Ipv4Addr>) -> Outcome {
+        self.cluster
+            .client()
+            .enter(move || {
+                let started = Instant::now();
+                let result = match local {
+                    Some(local) => server::connect_from(local, addr, DROPPED).map(drop),
+                    None => std::net::TcpStream::connect_timeout(&addr.into(), DROPPED)
+                        .map(drop)
+                        .map_err(anyhow::Error::from),
+                };
+                outcome(result, started)
+            })
+            .unwrap()
+    }
+
+    /// The health check answer of node `node` (status, body), asked from the external client.
+    fn health_check(&self, node: usize) -> (u16, String) {
+        let addr = SocketAddrV4::new(self.cluster.node_ip(node), HEALTH_CHECK_PORT);
+        self.cluster
+            .client()
+            .enter(move || server::http_request(addr, "/healthz", TIMEOUT))
+            .unwrap()
+            .expect("health check answer")
+    }
+
+    fn wait_until(&self, what: &str, check: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if check() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            check(),
+            "{what}: not within 5 s; agent logs:\n{}",
+            self.logs()
+        );
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Connected,
+    /// Refused at once (a reset, or ICMP port unreachable).
+    Refused,
+    /// Nothing came back.
+    Dropped,
+}
+
+fn outcome(result: anyhow::Result<()>, started: Instant) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Connected,
+        Err(e) => {
+            let io = e.root_cause().downcast_ref::<std::io::Error>();
+            // A non-blocking connect that timed out reports "still in progress".
+            if io.and_then(std::io::Error::raw_os_error) == Some(libc::EINPROGRESS) {
+                return Outcome::Dropped;
+            }
+            match io.map(std::io::Error::kind) {
+                Some(ErrorKind::ConnectionRefused) => {
+                    assert!(
+                        started.elapsed() < DROPPED,
+                        "refused, but only after {:?}",
+                        started.elapsed()
+                    );
+                    Outcome::Refused
+                }
+                Some(ErrorKind::TimedOut | ErrorKind::WouldBlock) => Outcome::Dropped,
+                _ => panic!("unexpected connection error: {e:#}"),
+            }
+        }
+    }
+}
+
+/// A hostnames answer: "<name> <client addr:port>".
+fn parse(answer: &str) -> (String, Ipv4Addr) {
+    let mut words = answer.split_whitespace();
+    let name = words.next().unwrap_or_default().to_owned();
+    let client: SocketAddrV4 = words
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no client address in {answer:?}"));
+    (name, *client.ip())
+}
+
+fn names(answers: &[(String, Ipv4Addr)]) -> BTreeSet<&str> {
+    answers.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+#[test]
+fn cluster_ips_from_pods_on_both_nodes_reach_backends_on_both_with_the_client_address_kept() {
+    let Some(bed) = Bed::new() else { return };
+    for pod in ["client-0", "client-1"] {
+        let own = bed.cluster.pod(pod).ip;
+        let answers = bed.from_pod(pod, sock(WEB, 80), 30);
+        assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]), "{pod}");
+        assert!(
+            answers.iter().all(|(_, client)| *client == own),
+            "{pod} ({own}) is seen as itself: {answers:?}"
+        );
+    }
+}
+
+#[test]
+fn node_ports_from_outside_reach_every_backend_through_every_node_over_tcp_and_udp() {
+    let Some(bed) = Bed::new() else { return };
+    let client = bed.cluster.client_ip();
+    for node in 0..2 {
+        let node_ip = bed.cluster.node_ip(node);
+        let answers = bed.from_outside(sock(node_ip, 30_080), 30, None);
+        assert_eq!(
+            names(&answers),
+            BTreeSet::from(["web-0", "web-1"]),
+            "TCP via node-{node}"
+        );
+        // The backend on the entered node sees the client; the other one sees the node, which
+        // source-NATed the flow so that its replies come back through it.
+        for (name, seen) in &answers {
+            let expected = if *name == format!("web-{node}") {
+                client
+            } else {
+                node_ip
+            };
+            assert_eq!(*seen, expected, "{name} via node-{node}");
+        }
+
+        let addr = sock(node_ip, 30_080);
+        let udp: Vec<(String, Ipv4Addr)> = bed
+            .cluster
+            .client()
+            .enter(move || {
+                (0..30)
+                    .map(|i| {
+                        parse(&server::udp_request(addr, 41_000 + i, TIMEOUT).expect("UDP answer"))
+                    })
+                    .collect()
+            })
+            .unwrap();
+        assert_eq!(
+            names(&udp),
+            BTreeSet::from(["web-0", "web-1"]),
+            "UDP via node-{node}"
+        );
+    }
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_drops_elsewhere_and_health_checks_follow() {
+    let Some(bed) = Bed::new() else { return };
+    let client = bed.cluster.client_ip();
+    let via = |node: usize| sock(bed.cluster.node_ip(node), 30_081);
+    // Its only endpoint runs on node-1.
+    let answers = bed.from_outside(via(1), 10, None);
+    assert!(
+        answers.iter().all(|(n, c)| n == "web-1" && *c == client),
+        "{answers:?}"
+    );
+    assert_eq!(
+        bed.connect_outcome(via(0), None),
+        Outcome::Dropped,
+        "no local endpoint on node-0: DROP, not REJECT"
+    );
+    // From inside the cluster every endpoint is used, whatever the policy.
+    assert_eq!(
+        names(&bed.from_pod("client-0", sock(LOCAL, 80), 5)),
+        BTreeSet::from(["web-1"])
+    );
+
+    let (status, body) = bed.health_check(1);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""localEndpoints":1"#), "{body}");
+    assert!(body.contains(r#""name":"local""#), "{body}");
+    assert_eq!(bed.health_check(0).0, 503);
+
+    // The endpoint moves to node-0: traffic and health checks follow.
+    bed.source
+        .write(
+            "local.yaml",
+            &documents([
+                ServiceManifest::new("local", LOCAL)
+                    .service_type(ServiceType::LoadBalancer)
+                    .port(ServicePort::tcp("http", 80, 8080).node_port(30_081))
+                    .external_traffic_policy(TrafficPolicy::Local)
+                    .health_check_node_port(HEALTH_CHECK_PORT)
+                    .yaml(),
+                slice(
+                    "local",
+                    &[("http", Protocol::Tcp)],
+                    &[Endpoint::ready(bed.web[0], bed.cluster.node_name(0))],
+                ),
+            ]),
+        )
+        .unwrap();
+    bed.wait_until("health checks follow the endpoint", || {
+        bed.health_check(0).0 == 200 && bed.health_check(1).0 == 503
+    });
+    let answers = bed.from_outside(via(0), 10, None);
+    assert!(
+        answers.iter().all(|(n, c)| n == "web-0" && *c == client),
+        "{answers:?}"
+    );
+    assert_eq!(bed.connect_outcome(via(1), None), Outcome::Dropped);
+}
+
+#[test]
+fn load_balancer_ips_and_external_ips_answer_from_outside_and_source_ranges_keep_outsiders_out() {
+    let Some(bed) = Bed::new() else { return };
+    let answers = bed.from_outside(sock(LB_INGRESS, 80), 30, None);
+    assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
+    assert_eq!(
+        bed.connect_outcome(sock(LB_INGRESS, 80), Some(OUTSIDER)),
+        Outcome::Dropped,
+        "outside loadBalancerSourceRanges"
+    );
+    // The ranges guard the load balancer's address only (as in kube-proxy), not externalIPs.
+    let answers = bed.from_outside(sock(EXTERNAL_IP, 80), 30, Some(OUTSIDER));
+    assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
+}
+
+#[test]
+fn services_without_endpoints_reject_at_once() {
+    let Some(bed) = Bed::new() else { return };
+    for node in 0..2 {
+        let addr = sock(bed.cluster.node_ip(node), 30_083);
+        assert_eq!(
+            bed.connect_outcome(addr, None),
+            Outcome::Refused,
+            "NodePort via node-{node}"
+        );
+        let udp = bed
+            .cluster
+            .client()
+            .enter(move || server::udp_request(addr, 0, DROPPED))
+            .unwrap()
+            .unwrap_err();
+        let kind = udp
+            .root_cause()
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind);
+        assert_eq!(
+            kind,
+            Some(ErrorKind::ConnectionRefused),
+            "UDP via node-{node}: {udp:#}"
+        );
+    }
+    let refused = bed
+        .cluster
+        .pod("client-1")
+        .ns
+        .enter(|| std::net::TcpStream::connect_timeout(&sock(EMPTY, 80).into(), DROPPED).map(drop))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "ClusterIP");
+}
+
+#[test]
+fn a_removed_backend_gets_no_new_connections_while_established_ones_to_the_other_survive() {
+    let Some(bed) = Bed::new() else { return };
+    let node_port = sock(bed.cluster.node_ip(0), 30_080);
+    // A held connection on each backend (one of them source-NATed across the LAN).
+    let mut held = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let mut conn = bed
+            .cluster
+            .client()
+            .enter(move || Held::connect(node_port, TIMEOUT))
+            .unwrap()
+            .expect("held connection");
+        let (name, _) = parse(&conn.ask().unwrap());
+        held.entry(name).or_insert(conn);
+        if held.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(held.len(), 2, "both backends hold a connection");
+
+    for (gone, kept) in [(1usize, 0usize), (0, 1)] {
+        bed.source
+            .write(
+                "web.yaml",
+                &documents([
+                    ServiceManifest::new("web", WEB)
+                        .service_type(ServiceType::NodePort)
+                        .port(ServicePort::tcp("http", 80, 8080).node_port(30_080))
+                        .port(ServicePort::udp("echo", 80, 8080).node_port(30_080))
+                        .yaml(),
+                    slice(
+                        "web",
+                        &[("http", Protocol::Tcp), ("echo", Protocol::Udp)],
+                        &[Endpoint::ready(bed.web[kept], bed.cluster.node_name(kept))],
+                    ),
+                ]),
+            )
+            .unwrap();
+        let kept_name = format!("web-{kept}");
+        bed.wait_until("the removed backend gets no new connections", || {
+            names(&bed.from_outside(node_port, 10, None)) == BTreeSet::from([kept_name.as_str()])
+        });
+        let conn = held.get_mut(&kept_name).unwrap();
+        assert_eq!(
+            parse(&conn.ask().unwrap()).0,
+            kept_name,
+            "established connection to web-{kept} (gone: web-{gone})"
+        );
+        // Both back for the next round.
+        bed.source
+            .write(
+                "web.yaml",
+                &documents([
+                    ServiceManifest::new("web", WEB)
+                        .service_type(ServiceType::NodePort)
+                        .port(ServicePort::tcp("http", 80, 8080).node_port(30_080))
+                        .port(ServicePort::udp("echo", 80, 8080).node_port(30_080))
+                        .yaml(),
+                    slice(
+                        "web",
+                        &[("http", Protocol::Tcp), ("echo", Protocol::Udp)],
+                        &[
+                            Endpoint::ready(bed.web[0], bed.cluster.node_name(0)),
+                            Endpoint::ready(bed.web[1], bed.cluster.node_name(1)),
+                        ],
+                    ),
+                ]),
+            )
+            .unwrap();
+        bed.wait_until("both backends again", || {
+            names(&bed.from_outside(node_port, 20, None)).len() == 2
+        });
+    }
+}
+
+#[test]
+fn a_pod_reaching_its_own_service_is_answered_by_itself_through_the_hairpin_address() {
+    let Some(bed) = Bed::new() else { return };
+    let hairpin = Ipv4Addr::from(lb_common::maps::hairpin::DEFAULT_ADDR);
+    for addr in [sock(SELF, 80), sock(bed.cluster.node_ip(0), 30_084)] {
+        let answers = bed.from_pod("web-0", addr, 5);
+        assert!(
+            answers.iter().all(|(n, c)| n == "web-0" && *c == hairpin),
+            "via {addr}: {answers:?}"
+        );
+    }
+}
