@@ -36,10 +36,20 @@ fn with_range(current: &str, wanted: &RangeInclusive<u16>) -> String {
     }
 }
 
+/// Reads a sysctl in one `read`: `ip_local_reserved_ports` answers chunked reads (what
+/// `read_to_string` does) with its first 32 bytes only.
+fn read_whole(path: &str) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = std::fs::File::open(path)?.read(&mut buf)?;
+    buf.truncate(n);
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
 /// Reserves the SNAT port range for the datapath (in the agent's network namespace, the node's).
 pub fn reserve_snat_ports() {
     let wanted = snat::PORT_MIN..=snat::PORT_MAX;
-    let current = match std::fs::read_to_string(RESERVED_PORTS) {
+    let current = match read_whole(RESERVED_PORTS) {
         Ok(text) => text,
         Err(e) => {
             warn!(error = %e, "cannot read {RESERVED_PORTS}; the node's own connections might take SNAT ports");
