@@ -2142,14 +2142,17 @@ fn verdicts_table(rows: &[VerdictRow]) -> Table {
 
 /// `lbctl service list` as a table: one row per frontend, backends one per line.
 pub fn render_services(rows: &[ServiceListRow]) -> String {
+    // Counters belong to the backend set, which a Service's frontends share (its ClusterIP and
+    // NodePorts): the headers say so, so that equal figures on two rows are not read as traffic
+    // that each frontend took.
     let mut t = table(&[
         "frontend",
-        "service",
+        "set",
         "backends (slots)",
         "flags",
-        "packets",
-        "bytes",
-        "new flows",
+        "set packets",
+        "set bytes",
+        "set new flows",
     ]);
     for r in rows {
         let s = &r.service;
