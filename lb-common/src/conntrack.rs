@@ -87,6 +87,32 @@ pub mod ct_flags {
     /// With `SNAT`: a hairpin flow (a pod balanced to itself), source-NATed to the node's
     /// hairpin address and bounced straight back into the pod's interface.
     pub const HAIRPIN: u8 = 1 << 4;
+    /// On a reply entry: its forward direction (the client) sent a FIN. Mirrored there when the
+    /// forward entry records it, so that the reply entry, which is a source-NATed flow's port
+    /// reservation, knows when the flow is closed both ways.
+    pub const PEER_FIN: u8 = 1 << 5;
+    /// On a reply entry: its forward direction sent a RST.
+    pub const PEER_RST: u8 = 1 << 6;
+    /// This direction sent its FIN before the other one did (set with `FIN` when `PEER_FIN` is
+    /// not there yet). On a reply entry: the backend closed first, so it holds the connection
+    /// in TIME_WAIT.
+    pub const FIN_FIRST: u8 = 1 << 7;
+
+    /// Whether a flow with these flags is over: reset, or closed in both directions (an entry
+    /// learns the other direction's FIN through `PEER_FIN`).
+    pub const fn closed(flags: u8) -> bool {
+        flags & (RST | PEER_RST) != 0 || flags & (FIN | PEER_FIN) == FIN | PEER_FIN
+    }
+
+    /// Whether the source-NAT port reserved by a reply entry with these flags may go to another
+    /// client's flow before the entry expires: the flow is over and the backend keeps nothing
+    /// of it. A backend that closed first holds TIME_WAIT on (node address, port) for a minute
+    /// or more and takes a new SYN on it only if its TCP timestamp is newer than the old
+    /// flow's, which a different client flow's (timestamps are offset per connection) is only
+    /// half the time: the port rests until the entry's TIME_WAIT deadline instead.
+    pub const fn reusable(flags: u8) -> bool {
+        flags & (RST | PEER_RST) != 0 || (closed(flags) && flags & FIN_FIRST == 0)
+    }
 }
 
 const SECOND_NS: u64 = 1_000_000_000;
@@ -104,6 +130,9 @@ pub mod timeout {
     pub const TCP_FIN: u64 = 3600 * SECOND_NS;
     /// After a RST.
     pub const TCP_RST: u64 = 10 * SECOND_NS;
+    /// Closed in both directions: late segments (the last ACK, a retransmitted FIN) still find
+    /// their translation (nf_conntrack's `tcp_timeout_time_wait`).
+    pub const TCP_TIME_WAIT: u64 = 120 * SECOND_NS;
     /// UDP and other datagram flows (nf_conntrack's `udp_timeout_stream`).
     pub const UDP: u64 = 120 * SECOND_NS;
 }

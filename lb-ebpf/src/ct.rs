@@ -26,9 +26,11 @@ pub fn now() -> u64 {
 fn lifetime(l4_proto: u8, flags: u8) -> u64 {
     if l4_proto != proto::TCP {
         timeout::UDP
-    } else if flags & ct_flags::RST != 0 {
+    } else if flags & (ct_flags::RST | ct_flags::PEER_RST) != 0 {
         timeout::TCP_RST
-    } else if flags & ct_flags::FIN != 0 {
+    } else if ct_flags::closed(flags) {
+        timeout::TCP_TIME_WAIT
+    } else if flags & (ct_flags::FIN | ct_flags::PEER_FIN) != 0 {
         timeout::TCP_FIN
     } else if flags & ct_flags::ESTABLISHED != 0 {
         timeout::TCP_ESTABLISHED
@@ -47,8 +49,11 @@ fn next_flags(l4_proto: u8, flags: u8, seg_flags: u8) -> u8 {
     if seg_flags & tcp_flags::SYN == 0 {
         next |= ct_flags::ESTABLISHED;
     }
-    if seg_flags & tcp_flags::FIN != 0 {
+    if seg_flags & tcp_flags::FIN != 0 && flags & ct_flags::FIN == 0 {
         next |= ct_flags::FIN;
+        if flags & ct_flags::PEER_FIN == 0 {
+            next |= ct_flags::FIN_FIRST;
+        }
     }
     if seg_flags & tcp_flags::RST != 0 {
         next |= ct_flags::RST;
@@ -161,9 +166,23 @@ pub fn reply_entry(
     }
 }
 
-/// Called when a forward entry was refreshed: keeps the reply entry alive as long as its flow
-/// (a flow whose replies are rare would otherwise outlive them) and recreates it if the LRU
-/// evicted it. Runs at most once per refresh interval per flow.
+/// The forward direction's FIN and RST as a reply entry records them.
+#[inline(always)]
+fn peer_flags(forward_flags: u8) -> u8 {
+    let mut peer = 0;
+    if forward_flags & ct_flags::FIN != 0 {
+        peer |= ct_flags::PEER_FIN;
+    }
+    if forward_flags & ct_flags::RST != 0 {
+        peer |= ct_flags::PEER_RST;
+    }
+    peer
+}
+
+/// Called when a forward entry was written (its TCP state changed, or its deadline moved by a
+/// refresh interval): keeps the reply entry alive as long as its flow (a flow whose replies are
+/// rare would otherwise outlive them), tells it of the client's FIN or RST, and recreates it if
+/// the LRU evicted it. Runs at most once per state change or refresh interval per flow.
 #[inline(always)]
 pub fn refresh_reply(forward_key: &FlowKey, forward: *const CtEntry, backend: &Backend, now: u64) {
     // SAFETY: a map value returned by a successful lookup.
@@ -172,8 +191,17 @@ pub fn refresh_reply(forward_key: &FlowKey, forward: *const CtEntry, backend: &B
     if let Some(reply) = LB_CT.get_ptr_mut(&key) {
         // SAFETY: a map value returned by a successful lookup.
         unsafe {
-            let deadline = now + lifetime(key.proto, (*reply).flags);
-            if deadline > (*reply).deadline_ns {
+            // A source-NATed flow's port goes to a new flow once this one closed: the entry
+            // under the key may be that new flow's, which this one must leave alone.
+            if (*reply).snat_addr != forward_key.src_addr
+                || (*reply).snat_port != forward_key.src_port
+            {
+                return;
+            }
+            let flags = (*reply).flags | peer_flags(fwd.flags);
+            let deadline = now + lifetime(key.proto, flags);
+            (*reply).flags = flags;
+            if deadline > (*reply).deadline_ns || ct_flags::closed(flags) {
                 (*reply).deadline_ns = deadline;
             }
         }

@@ -74,10 +74,12 @@ pub fn allocate(
         // SAFETY: LRU map value, copied out at once.
         let free = match unsafe { LB_CT.get(&key) } {
             None => true,
-            // Expired, or held by this very flow before it was reopened (same client, same
-            // frontend).
+            // Expired, over with nothing left at the backend (reused at once, or a busy service
+            // would run out of ports; see `ct_flags::reusable`), or held by this very flow
+            // before it was reopened (same client, same frontend).
             Some(held) => {
                 now >= held.deadline_ns
+                    || ct_flags::reusable(held.flags)
                     || (held.snat_addr == flow.src_addr
                         && held.snat_port == flow.src_port
                         && held.nat_addr == flow.dst_addr

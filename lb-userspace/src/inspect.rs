@@ -288,6 +288,8 @@ fn ct_flag_names(flags: u8) -> Vec<String> {
             (ct_flags::RST.into(), "rst"),
             (ct_flags::SNAT.into(), "snat"),
             (ct_flags::HAIRPIN.into(), "hairpin"),
+            (ct_flags::PEER_FIN.into(), "peer_fin"),
+            (ct_flags::PEER_RST.into(), "peer_rst"),
         ],
     )
 }

@@ -325,6 +325,93 @@ fn snat_ports_are_never_shared_by_live_flows_and_come_back_when_flows_end() {
     });
 }
 
+/// A busy NodePort opens thousands of short connections a second to the same backend: the
+/// port of a flow that is over, with nothing of it left at the backend, must serve a new flow
+/// at once, not after the flow's timeout (which would drop new connections after a few
+/// thousand); a half-closed flow keeps its port; and when the backend closed first (it holds
+/// TIME_WAIT, where another client's SYN would be refused) the port rests until TIME_WAIT ends.
+#[test]
+fn snat_ports_of_finished_flows_serve_new_flows_unless_the_backend_holds_time_wait() {
+    in_routed_namespace(|h| {
+        h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
+        configure_snat(h, 61_000, 61_000);
+        let reply_key = FlowKey {
+            src_addr: Be32::from(*REMOTE_POD.ip()),
+            dst_addr: Be32::from(NODE),
+            src_port: Be16::from_host(REMOTE_POD.port()),
+            dst_port: Be16::from_host(61_000),
+            proto: TCP,
+            dir: REPLY,
+            _pad: [0; 2],
+        };
+        let port = SocketAddrV4::new(NODE, 61_000);
+        let backend_says = |h: &mut Harness, tcp_flags: u8| {
+            let mut pkt = Packet::tcp(REMOTE_POD, port, tcp_flags, b"");
+            pkt.eth_src = OTHER_NODE_MAC;
+            pkt.eth_dst = UPLINK_MAC;
+            h.run(Hook::ExtIn, &pkt.bytes())
+        };
+        let open = |h: &mut Harness, client: SocketAddrV4| {
+            let run = h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
+            assert_eq!(run.verdict, xdp::REDIRECT, "{client} gets the port");
+            assert_eq!(snat_source(h, client, TCP), port);
+            backend_says(h, flags::SYN | flags::ACK);
+            h.run(Hook::Xdp, &from_client(client, flags::ACK).bytes());
+        };
+        let refused = |h: &mut Harness, client: SocketAddrV4, why: &str| {
+            let drops = h.verdict_count(Reason::DropSnatPorts);
+            let run = h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
+            assert_eq!(run.verdict, xdp::DROP, "{why}");
+            assert_eq!(h.verdict_count(Reason::DropSnatPorts), drops + 1, "{why}");
+        };
+        let clients: Vec<SocketAddrV4> =
+            (2..8).map(|i| socket([192, 168, 50, i], 50_000)).collect();
+
+        // The client closes first; the backend, closing second, keeps nothing.
+        open(h, clients[0]);
+        h.run(
+            Hook::Xdp,
+            &from_client(clients[0], flags::FIN | flags::ACK).bytes(),
+        );
+        refused(h, clients[1], "half closed: the backend may still send");
+        backend_says(h, flags::FIN | flags::ACK);
+        let entry = h.maps.ct.get(&reply_key, 0).unwrap();
+        assert!(ct_flags::reusable(entry.flags), "flags {:#x}", entry.flags);
+        open(h, clients[1]);
+        assert_eq!(
+            h.maps.ct.get(&reply_key, 0).unwrap().snat_addr,
+            Be32::from(*clients[1].ip())
+        );
+
+        // A late segment of the old flow that rewrites its own entry (here a RST) leaves the
+        // new flow's reservation alone.
+        h.run(Hook::Xdp, &from_client(clients[0], flags::RST).bytes());
+        let entry = h.maps.ct.get(&reply_key, 0).unwrap();
+        assert_eq!(entry.snat_addr, Be32::from(*clients[1].ip()));
+        assert!(!ct_flags::closed(entry.flags), "flags {:#x}", entry.flags);
+
+        // The backend closes first: the flow ends, but the port rests in TIME_WAIT.
+        backend_says(h, flags::FIN | flags::ACK);
+        h.run(
+            Hook::Xdp,
+            &from_client(clients[1], flags::FIN | flags::ACK).bytes(),
+        );
+        let entry = h.maps.ct.get(&reply_key, 0).unwrap();
+        assert!(ct_flags::closed(entry.flags), "flags {:#x}", entry.flags);
+        assert!(!ct_flags::reusable(entry.flags), "flags {:#x}", entry.flags);
+        refused(h, clients[2], "the backend holds TIME_WAIT");
+        // ... until TIME_WAIT is over.
+        let mut expired = entry;
+        expired.deadline_ns = 0;
+        h.maps.ct.insert(reply_key, expired, 0).unwrap();
+        open(h, clients[2]);
+
+        // A reset frees the port at once.
+        h.run(Hook::Xdp, &from_client(clients[2], flags::RST).bytes());
+        open(h, clients[3]);
+    });
+}
+
 #[test]
 fn without_nat_state_a_reply_passes_untouched_and_without_an_address_nothing_is_natted() {
     in_routed_namespace(|h| {
