@@ -367,8 +367,14 @@ fn attach_to_lan(lan: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> Result<()
         .with_context(|| format!("adding {port} to the bridge in {}", lan.name()))?;
     lan.ip(&["link", "set", port, "up"])?;
     ethtool::set_gro(lan, port, true)?;
-    // Complete checksums on the wire, as a physical NIC sends them (see `ethtool`).
+    // Frames as a physical NIC sends and receives them: complete checksums and no segment larger
+    // than the MTU, in both directions. A veth hands its peer GSO packets whose checksum holds
+    // only the pseudo-header sum (CHECKSUM_PARTIAL); an XDP program sees them as plain bytes and
+    // cannot tell, so without this every NAT it does on them would leave a wrong checksum. With
+    // transmit checksumming off (which also turns segmentation offload off), each end segments
+    // and checksums in software before the frame crosses (see `ethtool`).
     ethtool::set_tx_checksum(ns, UPLINK, false)?;
+    ethtool::set_tx_checksum(lan, port, false)?;
     let cidr = format!("{ip}/{}", AddressPlan::LAN_PREFIX_LEN);
     ns.ip(&["addr", "add", &cidr, "dev", UPLINK])?;
     ns.ip(&["link", "set", UPLINK, "up"])?;

@@ -326,11 +326,11 @@ fn the_periodic_resync_repairs_what_someone_else_changed_in_the_maps() {
 #[test]
 fn cleanup_removes_every_pin_and_the_balancing_with_them() {
     let Some(mut bed) = web_bed("") else { return };
-    assert_eq!(distinct(&bed.names(vip(), 12)).len(), 3);
+    assert_eq!(distinct(&bed.names(vip(), 30)).len(), 3);
     bed.stop_agent();
     assert!(!bed.pins().is_empty(), "the stopped agent leaves its pins");
     assert_eq!(
-        distinct(&bed.names(vip(), 12)).len(),
+        distinct(&bed.names(vip(), 30)).len(),
         3,
         "the datapath serves while the agent is stopped"
     );

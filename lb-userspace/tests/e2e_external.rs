@@ -32,6 +32,10 @@ const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const LB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 const SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
+const BULK: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
+/// The port of the bulk-transfer sink a test runs in `web-1`, and its Service's NodePort.
+const SINK_PORT: u16 = 9000;
+const BULK_NODE_PORT: u16 = 30_085;
 const LB_INGRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 /// A second address of the external client, outside the LoadBalancer's source ranges.
@@ -61,6 +65,11 @@ fn slice(service: &str, ports: &[(&str, Protocol)], endpoints: &[Endpoint]) -> S
 
 impl Bed {
     fn new() -> Option<Self> {
+        Self::with_agent_args(&[])
+    }
+
+    /// The bed with extra `lb-agent` arguments on every node.
+    fn with_agent_args(agent_args: &[&str]) -> Option<Self> {
         if !common::require_privileges() {
             return None;
         }
@@ -162,7 +171,24 @@ impl Bed {
                 ]),
             )
             .unwrap();
-        let agents = Agents::start(&cluster, AGENT.as_ref(), source.path(), &[]).expect("agents");
+        source
+            .write(
+                "bulk.yaml",
+                &documents([
+                    ServiceManifest::new("bulk", BULK)
+                        .service_type(ServiceType::NodePort)
+                        .port(ServicePort::tcp("data", 80, SINK_PORT).node_port(BULK_NODE_PORT))
+                        .yaml(),
+                    EndpointSliceManifest::new("bulk")
+                        .port("data", SINK_PORT, Protocol::Tcp)
+                        .endpoint(Endpoint::ready(web[1], cluster.node_name(1)))
+                        .yaml(),
+                ]),
+            )
+            .unwrap();
+        let agent_args: Vec<String> = agent_args.iter().map(|a| (*a).to_owned()).collect();
+        let agents =
+            Agents::start(&cluster, AGENT.as_ref(), source.path(), &agent_args).expect("agents");
         Some(Self {
             agents,
             source,
@@ -179,7 +205,7 @@ impl Bed {
 
     /// `n` HTTP requests over new connections from the external client (from `local`, or its
     /// first address); the (backend name, client address it saw) of each answer.
-    fn from_outside(
+    fn ask_from_outside(
         &self,
         addr: SocketAddrV4,
         n: usize,
@@ -200,7 +226,7 @@ impl Bed {
     }
 
     /// `n` HTTP requests over new connections from pod `pod`.
-    fn from_pod(&self, pod: &str, addr: SocketAddrV4, n: usize) -> Vec<(String, Ipv4Addr)> {
+    fn ask_from_pod(&self, pod: &str, addr: SocketAddrV4, n: usize) -> Vec<(String, Ipv4Addr)> {
         self.cluster
             .pod(pod)
             .ns
@@ -313,7 +339,7 @@ fn cluster_ips_from_pods_on_both_nodes_reach_backends_on_both_with_the_client_ad
     let Some(bed) = Bed::new() else { return };
     for pod in ["client-0", "client-1"] {
         let own = bed.cluster.pod(pod).ip;
-        let answers = bed.from_pod(pod, sock(WEB, 80), 30);
+        let answers = bed.ask_from_pod(pod, sock(WEB, 80), 30);
         assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]), "{pod}");
         assert!(
             answers.iter().all(|(_, client)| *client == own),
@@ -328,7 +354,7 @@ fn node_ports_from_outside_reach_every_backend_through_every_node_over_tcp_and_u
     let client = bed.cluster.client_ip();
     for node in 0..2 {
         let node_ip = bed.cluster.node_ip(node);
-        let answers = bed.from_outside(sock(node_ip, 30_080), 30, None);
+        let answers = bed.ask_from_outside(sock(node_ip, 30_080), 30, None);
         assert_eq!(
             names(&answers),
             BTreeSet::from(["web-0", "web-1"]),
@@ -371,7 +397,7 @@ fn external_traffic_policy_local_keeps_the_client_drops_elsewhere_and_health_che
     let client = bed.cluster.client_ip();
     let via = |node: usize| sock(bed.cluster.node_ip(node), 30_081);
     // Its only endpoint runs on node-1.
-    let answers = bed.from_outside(via(1), 10, None);
+    let answers = bed.ask_from_outside(via(1), 10, None);
     assert!(
         answers.iter().all(|(n, c)| n == "web-1" && *c == client),
         "{answers:?}"
@@ -383,7 +409,7 @@ fn external_traffic_policy_local_keeps_the_client_drops_elsewhere_and_health_che
     );
     // From inside the cluster every endpoint is used, whatever the policy.
     assert_eq!(
-        names(&bed.from_pod("client-0", sock(LOCAL, 80), 5)),
+        names(&bed.ask_from_pod("client-0", sock(LOCAL, 80), 5)),
         BTreeSet::from(["web-1"])
     );
 
@@ -415,7 +441,7 @@ fn external_traffic_policy_local_keeps_the_client_drops_elsewhere_and_health_che
     bed.wait_until("health checks follow the endpoint", || {
         bed.health_check(0).0 == 200 && bed.health_check(1).0 == 503
     });
-    let answers = bed.from_outside(via(0), 10, None);
+    let answers = bed.ask_from_outside(via(0), 10, None);
     assert!(
         answers.iter().all(|(n, c)| n == "web-0" && *c == client),
         "{answers:?}"
@@ -426,7 +452,7 @@ fn external_traffic_policy_local_keeps_the_client_drops_elsewhere_and_health_che
 #[test]
 fn load_balancer_ips_and_external_ips_answer_from_outside_and_source_ranges_keep_outsiders_out() {
     let Some(bed) = Bed::new() else { return };
-    let answers = bed.from_outside(sock(LB_INGRESS, 80), 30, None);
+    let answers = bed.ask_from_outside(sock(LB_INGRESS, 80), 30, None);
     assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
     assert_eq!(
         bed.connect_outcome(sock(LB_INGRESS, 80), Some(OUTSIDER)),
@@ -434,7 +460,7 @@ fn load_balancer_ips_and_external_ips_answer_from_outside_and_source_ranges_keep
         "outside loadBalancerSourceRanges"
     );
     // The ranges guard the load balancer's address only (as in kube-proxy), not externalIPs.
-    let answers = bed.from_outside(sock(EXTERNAL_IP, 80), 30, Some(OUTSIDER));
+    let answers = bed.ask_from_outside(sock(EXTERNAL_IP, 80), 30, Some(OUTSIDER));
     assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
 }
 
@@ -515,7 +541,8 @@ fn a_removed_backend_gets_no_new_connections_while_established_ones_to_the_other
             .unwrap();
         let kept_name = format!("web-{kept}");
         bed.wait_until("the removed backend gets no new connections", || {
-            names(&bed.from_outside(node_port, 10, None)) == BTreeSet::from([kept_name.as_str()])
+            names(&bed.ask_from_outside(node_port, 10, None))
+                == BTreeSet::from([kept_name.as_str()])
         });
         let conn = held.get_mut(&kept_name).unwrap();
         assert_eq!(
@@ -545,7 +572,7 @@ fn a_removed_backend_gets_no_new_connections_while_established_ones_to_the_other
             )
             .unwrap();
         bed.wait_until("both backends again", || {
-            names(&bed.from_outside(node_port, 20, None)).len() == 2
+            names(&bed.ask_from_outside(node_port, 20, None)).len() == 2
         });
     }
 }
@@ -555,10 +582,131 @@ fn a_pod_reaching_its_own_service_is_answered_by_itself_through_the_hairpin_addr
     let Some(bed) = Bed::new() else { return };
     let hairpin = Ipv4Addr::from(lb_common::maps::hairpin::DEFAULT_ADDR);
     for addr in [sock(SELF, 80), sock(bed.cluster.node_ip(0), 30_084)] {
-        let answers = bed.from_pod("web-0", addr, 5);
+        let answers = bed.ask_from_pod("web-0", addr, 5);
         assert!(
             answers.iter().all(|(n, c)| n == "web-0" && *c == hairpin),
             "via {addr}: {answers:?}"
         );
     }
+}
+
+/// A sink in `web-1` that counts the bytes of each connection until the client shuts its side
+/// down, then answers with the count (8 bytes, big endian).
+fn start_sink(bed: &Bed, connections: usize) -> std::thread::JoinHandle<()> {
+    use std::io::{Read as _, Write as _};
+    let listener = bed
+        .cluster
+        .pod("web-1")
+        .ns
+        .enter(|| std::net::TcpListener::bind(("0.0.0.0", SINK_PORT)))
+        .unwrap()
+        .expect("sink listener");
+    std::thread::spawn(move || {
+        for _ in 0..connections {
+            let (mut stream, _) = listener.accept().expect("sink accept");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut count = 0u64;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => count += n as u64,
+                    Err(e) => panic!("sink read after {count} bytes: {e}"),
+                }
+            }
+            stream.write_all(&count.to_be_bytes()).expect("sink answer");
+        }
+    })
+}
+
+/// Sends `bytes` to `addr` over one TCP connection from the calling thread's namespace and
+/// returns the count the sink answered.
+fn send_bulk(addr: SocketAddrV4, bytes: usize) -> u64 {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr.into(), TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    stream
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let chunk = vec![0x5au8; 1 << 16];
+    let mut sent = 0;
+    while sent < bytes {
+        let n = chunk.len().min(bytes - sent);
+        stream
+            .write_all(&chunk[..n])
+            .unwrap_or_else(|e| panic!("sending to {addr} after {sent} bytes: {e}"));
+        sent += n;
+    }
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = [0u8; 8];
+    stream
+        .read_exact(&mut answer)
+        .unwrap_or_else(|e| panic!("the sink's count from {addr}: {e}"));
+    u64::from_be_bytes(answer)
+}
+
+/// Bulk data (full-sized segments, coalesced by GRO on the way) through every translated path
+/// to a backend on another node: a ClusterIP from a pod, and a NodePort from outside through the
+/// node without the backend (DNAT + SNAT + FIB forwarding) and through the node with it.
+#[test]
+fn bulk_transfers_cross_nodes_intact_through_cluster_ips_and_node_ports() {
+    let Some(bed) = Bed::new() else { return };
+    bulk_transfers(&bed);
+}
+
+/// The uplinks are veths, on which the agent's default leaves XDP off (see `xdp_is_safe`); the
+/// bed's uplinks carry NIC-like frames, so native XDP is forced here to run the XDP program's
+/// own translation, SNAT and forwarding end to end, small and bulk.
+#[test]
+fn node_ports_work_through_native_xdp() {
+    let Some(bed) = Bed::with_agent_args(&["--xdp-mode", "native"]) else {
+        return;
+    };
+    assert!(
+        bed.logs().contains("hook=XdpNative"),
+        "native XDP not attached:\n{}",
+        bed.logs()
+    );
+    for node in 0..2 {
+        let answers = bed.ask_from_outside(sock(bed.cluster.node_ip(node), 30_080), 30, None);
+        assert_eq!(
+            names(&answers),
+            BTreeSet::from(["web-0", "web-1"]),
+            "TCP via node-{node}"
+        );
+    }
+    bulk_transfers(&bed);
+}
+
+fn bulk_transfers(bed: &Bed) {
+    const BYTES: usize = 32 << 20;
+    let sink = start_sink(bed, 3);
+    let cluster_ip = SocketAddrV4::new(BULK, 80);
+    let got = bed
+        .cluster
+        .pod("client-0")
+        .ns
+        .enter(move || send_bulk(cluster_ip, BYTES))
+        .unwrap();
+    assert_eq!(got, BYTES as u64, "ClusterIP from client-0\n{}", bed.logs());
+    for node in 0..2 {
+        let addr = sock(bed.cluster.node_ip(node), BULK_NODE_PORT);
+        let got = bed
+            .cluster
+            .client()
+            .enter(move || send_bulk(addr, BYTES))
+            .unwrap();
+        assert_eq!(
+            got,
+            BYTES as u64,
+            "NodePort via node-{node}\n{}",
+            bed.logs()
+        );
+    }
+    sink.join().expect("sink");
 }
