@@ -4,12 +4,19 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, tc},
-    util::KernelVersion,
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp,
+        links::LinkOrder,
+        tc::{self, NlOptions, TcAttachOptions},
+    },
 };
 use lb_common::maps;
 
-use crate::{LB_EBPF, maps::Maps};
+use crate::{
+    LB_EBPF,
+    agent::features::{self, TcApi},
+    maps::Maps,
+};
 
 /// XDP entry point for uplinks.
 pub const PROG_XDP: &str = "lb_xdp";
@@ -159,12 +166,18 @@ impl Datapath {
 
     /// Attaches the pod programs to a pod's host-side veth (`iface`, in the calling thread's
     /// network namespace): load balancing on ingress, reverse NAT on egress. Uses tcx links where
-    /// the kernel has them (6.6+), classic clsact filters otherwise.
+    /// the kernel has them (6.6+), classic clsact filters otherwise (see
+    /// [`features::tc_api`]). The attachments last as long as this `Datapath`.
     pub fn attach_pod_iface(&mut self, iface: &str) -> Result<(), DatapathError> {
-        if !has_tcx() {
+        let tc_api = features::tc_api();
+        if tc_api == TcApi::Netlink {
             // clsact may already exist (another program, an earlier run): that is fine.
             let _ = tc::qdisc_add_clsact(iface);
         }
+        let options = || match tc_api {
+            TcApi::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+            TcApi::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
+        };
         let attach = |name: &'static str| {
             move |source| DatapathError::Attach {
                 name,
@@ -173,10 +186,10 @@ impl Datapath {
             }
         };
         self.from_pod()
-            .attach(iface, TcAttachType::Ingress)
+            .attach_with_options(iface, TcAttachType::Ingress, options())
             .map_err(attach(PROG_FROM_POD))?;
         self.to_pod()
-            .attach(iface, TcAttachType::Egress)
+            .attach_with_options(iface, TcAttachType::Egress, options())
             .map_err(attach(PROG_TO_POD))?;
         Ok(())
     }
@@ -249,9 +262,10 @@ pub fn check_pinned_maps(dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
-/// tcx (BPF links for tc) arrived in Linux 6.6; aya uses it there and netlink filters before.
+/// Whether tc programs are attached with tcx (BPF links, Linux 6.6+) rather than classic
+/// netlink filters: probed once (see [`features::tc_api`]).
 pub fn has_tcx() -> bool {
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+    features::tc_api() == TcApi::Tcx
 }
 
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>

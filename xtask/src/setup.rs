@@ -25,7 +25,7 @@ const COMPONENTS: [&str; 2] = ["rust-src", "llvm-tools"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages and what needs them.
-const PACKAGES: [(&str, &str); 8] = [
+const PACKAGES: [(&str, &str); 9] = [
     (
         "iproute2",
         "network namespaces and veths for end-to-end tests",
@@ -46,6 +46,10 @@ const PACKAGES: [(&str, &str); 8] = [
     ("curl", "the demo's HTTP requests"),
     ("iputils-ping", "connectivity checks"),
     ("procps", "sysctl for the test bed"),
+    (
+        "qemu-system-x86",
+        "cargo xtask vm-test (an older kernel under qemu)",
+    ),
 ];
 
 pub fn run() -> Result<()> {

@@ -2,6 +2,7 @@
 //! interfaces, and keeps the maps equal to what the Services and EndpointSlices say.
 
 pub mod config;
+pub mod features;
 pub mod healthcheck;
 pub mod http;
 pub mod links;
@@ -52,6 +53,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         anyhow::bail!("--source {}: no such file or directory", path.display());
     }
 
+    let features = features::Features::detect();
+    features.report();
+
     links::ensure_bpffs(&args.bpffs_dir)?;
     datapath::check_pinned_maps(&args.bpffs_dir)?;
     let capacities = Capacities {
@@ -63,7 +67,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut maps = datapath.take_maps()?;
     sysctl::reserve_snat_ports();
 
-    let mut links = Links::new(&args.bpffs_dir)?;
+    let mut links = Links::new(&args.bpffs_dir, features.tc_api)?;
     let present = links::interfaces();
     for iface in &args.external_iface {
         if !present.contains(iface) {
@@ -182,13 +186,13 @@ impl Interfaces<'_> {
             if self.external.contains(iface) {
                 match links.attach_external_iface(datapath, iface, self.xdp_mode) {
                     Ok(hook) => {
-                        info!(%iface, ?hook, "serving NodePorts, LoadBalancer IPs and externalIPs on uplink")
+                        info!(%iface, ?hook, tc = %links.tc_api(), "serving NodePorts, LoadBalancer IPs and externalIPs on uplink")
                     }
                     Err(e) => warn!(%iface, error = format!("{e:#}"), "cannot attach to uplink"),
                 }
             } else if links::matches_any(self.pod_patterns, iface) {
                 match links.attach_pod_iface(datapath, iface) {
-                    Ok(()) => info!(%iface, "attached to pod interface"),
+                    Ok(()) => info!(%iface, tc = %links.tc_api(), "attached to pod interface"),
                     Err(e) => {
                         warn!(%iface, error = format!("{e:#}"), "cannot attach to pod interface")
                     }
