@@ -1,42 +1,72 @@
 //! `cargo xtask bench`: measures the load balancer against baselines run in the same invocation
 //! and writes the raw figures to `bench/results/`.
 
-mod agent;
 mod datapath;
+mod maglev;
+mod netperf;
+mod report;
 
-use std::{fs, path::PathBuf, time::Instant};
+use std::{fs, path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
+use lb_bench::{agent, controlplane};
 use serde::Serialize;
 
 #[derive(Parser)]
-#[command(about = "Benchmarks of the eBPF Service load balancer (run through `cargo xtask bench`)")]
+#[command(
+    about = "Benchmarks of the eBPF Service load balancer against kube-proxy's datapaths (run \
+             through `cargo xtask bench`)",
+    long_about = "Benchmarks of the eBPF Service load balancer against kube-proxy's datapaths, \
+                  measured in the same run on the same machine (run through `cargo xtask bench`).\n\n\
+                  Parts: datapath (per-packet cost through BPF_PROG_TEST_RUN), agent (sync and \
+                  change latency, RSS), netperf (end to end on a two-node test bed: ours, \
+                  kube-proxy's iptables and nftables rulesets, and direct), controlplane \
+                  (programming N services: agent vs iptables-restore vs nft -f), maglev (table \
+                  build time and disruption).\n\nWrites bench/results/<date>.json, BENCHMARKS.md \
+                  and bench/plots/*.svg."
+)]
 struct Cli {
-    /// A shorter run: fewer calls per case.
+    /// A shorter run (under 10 minutes): one netperf run of 2 s per case at 1, 1k and 10k
+    /// services, fewer calls, control plane at 1k and 10k.
     #[arg(long)]
     quick: bool,
+    /// Only these parts: datapath, agent, netperf, controlplane, maglev (all by default).
+    #[arg(long, value_delimiter = ',', value_parser = ["datapath", "agent", "netperf", "controlplane", "maglev"])]
+    only: Vec<String>,
     /// Calls per datapath case (default 20000, 5000 with --quick).
     #[arg(long)]
     calls: Option<usize>,
-    /// Numbers of services to measure at.
+    /// Numbers of services the datapath part measures at.
     #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
     services: Vec<u32>,
-    /// Services of the agent benchmark (each with --endpoints endpoints).
+    /// Numbers of services netperf measures at (default 1,1000,10000,100000; 1,1000,10000 with
+    /// --quick).
+    #[arg(long, value_delimiter = ',')]
+    netperf_services: Vec<u32>,
+    /// Alternating netperf runs per case (default 3, 1 with --quick).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Length of one netperf run in seconds (default 5, 2 with --quick).
+    #[arg(long)]
+    seconds: Option<u32>,
+    /// Services of the agent benchmark (each with --endpoints endpoints; 2000 with --quick).
     #[arg(long, default_value_t = 10_000)]
     agent_services: u32,
     /// Endpoints per service in the agent benchmark.
     #[arg(long, default_value_t = 10)]
     endpoints: u32,
-    /// Endpoint changes timed in the agent benchmark.
+    /// Endpoint changes timed in the agent and control-plane benchmarks.
     #[arg(long, default_value_t = 100)]
     changes: usize,
-    /// Only these parts (datapath, agent); all by default.
-    #[arg(long, value_delimiter = ',')]
-    only: Vec<String>,
     /// Where the JSON results go.
     #[arg(long, default_value = "bench/results")]
     output: PathBuf,
+    /// The report to write (Markdown), and the directory of its plots.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    report: PathBuf,
+    #[arg(long, default_value = "bench/plots")]
+    plots: PathBuf,
 }
 
 #[derive(Serialize)]
@@ -50,8 +80,23 @@ struct Machine {
 struct Results {
     date: String,
     machine: Machine,
+    /// The command line's choices that shape the figures.
+    quick: bool,
     datapath: Vec<datapath::Figure>,
     agent: Option<agent::AgentFigures>,
+    netperf: Option<NetperfResults>,
+    controlplane: Option<controlplane::ControlPlaneResults>,
+    maglev: Vec<maglev::MaglevFigure>,
+}
+
+#[derive(Serialize)]
+struct NetperfResults {
+    sizes: Vec<u32>,
+    runs: usize,
+    seconds: u32,
+    samples: Vec<netperf::Sample>,
+    skipped: Vec<netperf::Skipped>,
+    setup_times: Vec<netperf::SetupTime>,
 }
 
 fn machine() -> Machine {
@@ -83,65 +128,108 @@ fn now_stamp() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn print_datapath(figures: &[datapath::Figure], scales: &[u32]) {
-    println!(
-        "\nDatapath cost per packet, ns net of an empty program (median of BPF_PROG_TEST_RUN calls; bpf_stats in brackets)"
-    );
-    print!("{:<14}{:<5}", "case", "hook");
-    for s in scales {
-        print!("{:>22}", format!("{s} svc"));
-    }
-    println!();
-    let mut rows: Vec<(&str, &str)> = figures.iter().map(|f| (f.case.as_str(), f.hook)).collect();
-    rows.sort_by_key(|(case, hook)| {
-        (
-            *hook,
-            ["non-service", "established", "new flow", "reply", "empty"]
-                .iter()
-                .position(|c| c == case),
-        )
-    });
-    rows.dedup();
-    for (case, hook) in rows {
-        print!("{case:<14}{hook:<5}");
-        for s in scales {
-            let f = figures
-                .iter()
-                .find(|f| f.case == case && f.hook == hook && f.services == *s);
-            let cell = f.map_or("-".into(), |f| {
-                if case == "empty" {
-                    format!("{:.0} gross [{:.0}]", f.median_ns, f.bpf_stats_ns)
-                } else {
-                    format!("{:.0} [{:.0}]", f.net_ns, f.bpf_stats_net_ns)
-                }
-            });
-            print!("{cell:>22}");
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-bench: error: {e:#}");
+            ExitCode::FAILURE
         }
-        println!();
     }
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn run(cli: &Cli) -> Result<()> {
     let calls = cli.calls.unwrap_or(if cli.quick { 5_000 } else { 20_000 });
     let started = Instant::now();
     let mut progress = |what: &str| eprintln!("[{:>6.1}s] {what}", started.elapsed().as_secs_f64());
     let wants = |part: &str| cli.only.is_empty() || cli.only.iter().any(|p| p == part);
-    let mut figures = Vec::new();
-    if wants("datapath") {
-        figures = datapath::run(&cli.services, calls, &mut progress)?;
-        print_datapath(&figures, &cli.services);
+    let bins = std::env::current_exe()?;
+    let agent_bin = bins.with_file_name("lb-agent");
+    let mut results = Results {
+        date: now_stamp(),
+        machine: machine(),
+        quick: cli.quick,
+        datapath: Vec::new(),
+        agent: None,
+        netperf: None,
+        controlplane: None,
+        maglev: Vec::new(),
+    };
+    // Each part prints its section of the report as soon as it is measured.
+    let mut sections = Vec::new();
+    let mut section = |text: String| {
+        println!("{text}");
+        sections.push(text);
+    };
+
+    if wants("netperf") {
+        let sizes = if !cli.netperf_services.is_empty() {
+            cli.netperf_services.clone()
+        } else if cli.quick {
+            vec![1, 1_000, 10_000]
+        } else {
+            vec![1, 1_000, 10_000, 100_000]
+        };
+        let runs = cli.runs.unwrap_or(if cli.quick { 1 } else { 3 });
+        let seconds = cli.seconds.unwrap_or(if cli.quick { 2 } else { 5 });
+        let datapaths = [
+            netperf::Datapath::Direct,
+            netperf::Datapath::Ours(None),
+            netperf::Datapath::Iptables,
+            netperf::Datapath::Nftables,
+            netperf::Datapath::Ours(Some("native")),
+            netperf::Datapath::Ours(Some("off")),
+        ];
+        let plan = netperf::Plan {
+            sizes: &sizes,
+            runs,
+            seconds,
+            datapaths: &datapaths,
+            tests: &netperf::Test::ALL,
+            agent_bin: &agent_bin,
+        };
+        let (samples, skipped, setup_times) = netperf::run(&plan, &mut progress)?;
+        let names: Vec<String> = datapaths.iter().map(|d| d.name()).collect();
+        section(report::netperf_markdown(
+            &report::cells(&samples),
+            &sizes,
+            &names,
+            &skipped,
+        ));
+        results.netperf = Some(NetperfResults {
+            sizes,
+            runs,
+            seconds,
+            samples,
+            skipped,
+            setup_times,
+        });
     }
-    let mut agent_figures = None;
+    if wants("controlplane") {
+        let sizes: &[usize] = if cli.quick {
+            &[1_000, 10_000]
+        } else {
+            &[1_000, 10_000, 100_000]
+        };
+        let changes = if cli.quick { 20 } else { cli.changes.min(50) };
+        let opts = controlplane::Options::with_agent(sizes, changes, &agent_bin)?;
+        let figures = controlplane::run_with(&opts, &mut progress)?;
+        section(report::controlplane_markdown(&figures));
+        results.controlplane = Some(figures);
+    }
+    if wants("datapath") {
+        results.datapath = datapath::run(&cli.services, calls, &mut progress)?;
+        section(report::datapath_markdown(&results.datapath, &cli.services));
+    }
     if wants("agent") {
-        let agent_bin = std::env::current_exe()?.with_file_name("lb-agent");
         let services = if cli.quick {
             cli.agent_services.min(2_000)
         } else {
             cli.agent_services
         };
         let table_size = lb_common::maps::maglev::DEFAULT_TABLE_SIZE;
-        let f = agent::run(
+        let figures = agent::run(
             &agent_bin,
             services,
             cli.endpoints,
@@ -149,33 +237,58 @@ fn main() -> Result<()> {
             table_size,
             &mut progress,
         )?;
-        println!(
-            "\nAgent: {} services x {} endpoints (Maglev M = {}), YAML source",
-            f.services, f.endpoints_per_service, f.table_size
-        );
-        println!(
-            "  full sync: {:.2} s from start to ready, of which the first sync {:.2} s (goal: under 1 s)",
-            f.start_to_ready_s, f.first_sync_s
-        );
-        println!(
-            "  endpoint change to map: p50 {:.1} ms, p99 {:.1} ms over {} changes (goal: p99 under 50 ms)",
-            f.change_latency_p50_ms, f.change_latency_p99_ms, f.changes
-        );
-        println!("  peak RSS: {:.1} MiB (goal: under 50 MiB)", f.peak_rss_mib);
-        agent_figures = Some(f);
+        section(report::agent_markdown(&figures));
+        results.agent = Some(figures);
+    }
+    if wants("maglev") {
+        progress("maglev: building tables");
+        results.maglev = maglev::run(
+            &[16_381, 65_537],
+            &[10, 100, 1_000],
+            if cli.quick { 5 } else { 21 },
+        )?;
+        section(report::maglev_markdown(&results.maglev));
     }
 
-    let results = Results {
-        date: now_stamp(),
-        machine: machine(),
-        datapath: figures,
-        agent: agent_figures,
-    };
     fs::create_dir_all(&cli.output)
         .with_context(|| format!("cannot create {}", cli.output.display()))?;
-    let path = cli.output.join(format!("{}.json", results.date));
-    fs::write(&path, serde_json::to_string_pretty(&results)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    println!("\nraw figures: {}", path.display());
+    let json = cli.output.join(format!("{}.json", results.date));
+    fs::write(&json, serde_json::to_string_pretty(&results)?)
+        .with_context(|| format!("cannot write {}", json.display()))?;
+    let plots = match &results.netperf {
+        Some(n) => report::plots(&report::cells(&n.samples), &cli.plots)?,
+        None => Vec::new(),
+    };
+    let goals = report::goals_markdown(
+        results
+            .netperf
+            .as_ref()
+            .map(|n| (report::cells(&n.samples), n.sizes.as_slice())),
+        results.controlplane.as_ref(),
+    );
+    let md = report::document(
+        &report::Header {
+            date: &results.date,
+            kernel: &results.machine.kernel,
+            cpus: results.machine.cpus,
+            cpu_model: &results.machine.cpu_model,
+            quick: cli.quick,
+            json: &json,
+            report: &cli.report,
+            plots: &plots,
+        },
+        &goals,
+        &sections,
+    );
+    fs::write(&cli.report, md).with_context(|| format!("cannot write {}", cli.report.display()))?;
+    println!("{goals}");
+    println!(
+        "\nraw figures: {}\nreport: {} ({} plots in {})\ntook {:.0}s",
+        json.display(),
+        cli.report.display(),
+        plots.len(),
+        cli.plots.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -1,0 +1,497 @@
+//! End to end with netperf on the two-node test bed: a client pod on node-0 and the external
+//! client talk to a `netserver` pod on node-1 through a ClusterIP and a NodePort (via node-0),
+//! with the load balancer's maps, or kube-proxy's iptables or nftables rulesets, filled with the
+//! same number of services; and directly, without any load balancer (the floor).
+//!
+//! Runs alternate between datapaths (ours, iptables, nftables, direct, then again), so that a
+//! drift of the machine over time hits every datapath alike.
+//!
+//! The measured service sits in the middle of kube-proxy's KUBE-SERVICES chain (kube-proxy writes
+//! services in map order, effectively random: the middle is the expected position).
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    process::{Child, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb_testbed::{Agents, Cluster, Netns, SourceDir};
+use serde::Serialize;
+
+use lb_bench::kubeproxy::{
+    self, BenchPort, BenchService, NodeConfig, Position,
+    measure::{self, Backend},
+};
+
+/// netserver's control port, and the data port of every test (netperf's `-P ,PORT`): the
+/// Service maps both, and the data port is also its NodePort and target port, because netperf
+/// tells netserver which port to listen on and then connects to that same port.
+pub const CONTROL_PORT: u16 = 12_865;
+pub const DATA_PORT: u16 = 30_001;
+/// The NodePort of the control connection.
+pub const CONTROL_NODE_PORT: u16 = 31_865;
+/// The measured Service's ClusterIP.
+pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Datapath {
+    /// This project: with the agent's default XDP mode, or with `--xdp-mode` set to this one
+    /// (measured at the smallest size only, to show why the default is what it is).
+    Ours(Option<&'static str>),
+    Iptables,
+    Nftables,
+    /// No load balancer: the client talks to the backend's address.
+    Direct,
+}
+
+impl Datapath {
+    pub fn name(self) -> String {
+        match self {
+            Self::Ours(None) => OURS.into(),
+            Self::Ours(Some(mode)) => format!("ours (xdp {mode})"),
+            Self::Iptables => "iptables".into(),
+            Self::Nftables => "nftables".into(),
+            Self::Direct => "direct".into(),
+        }
+    }
+
+    /// A variant measured at the smallest size only.
+    fn is_variant(self) -> bool {
+        matches!(self, Self::Ours(Some(_)))
+    }
+}
+
+/// The name of this project's default datapath in samples and reports.
+pub const OURS: &str = "ours";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Path {
+    /// A pod on node-0 to the ClusterIP (the backend runs on node-1).
+    PodToClusterIp,
+    /// The external client to node-0's NodePort (the backend runs on node-1).
+    ExternalToNodePort,
+}
+
+impl Path {
+    pub const ALL: [Self; 2] = [Self::PodToClusterIp, Self::ExternalToNodePort];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PodToClusterIp => "pod -> ClusterIP",
+            Self::ExternalToNodePort => "external -> NodePort",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Test {
+    TcpRr,
+    TcpCrr,
+    UdpRr,
+    TcpStream,
+}
+
+impl Test {
+    pub const ALL: [Self; 4] = [Self::TcpRr, Self::TcpCrr, Self::UdpRr, Self::TcpStream];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::TcpRr => "TCP_RR",
+            Self::TcpCrr => "TCP_CRR",
+            Self::UdpRr => "UDP_RR",
+            Self::TcpStream => "TCP_STREAM",
+        }
+    }
+
+    fn has_latency(self) -> bool {
+        self != Self::TcpStream
+    }
+}
+
+/// One netperf run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub datapath: String,
+    pub path: &'static str,
+    pub test: &'static str,
+    pub services: u32,
+    pub run: usize,
+    /// Transactions per second, or 10^6 bits per second for TCP_STREAM.
+    pub rate: f64,
+    pub unit: String,
+    pub p50_us: Option<f64>,
+    pub p90_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    /// CPU time of the whole machine (every core, every process, softirq included) per
+    /// transaction (or per MB for TCP_STREAM), in µs.
+    pub cpu_us_per_unit: f64,
+    /// The softirq part of it (where most packet processing happens).
+    pub softirq_us_per_unit: f64,
+}
+
+/// A datapath that could not be set up at some size (e.g. 100k services), and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Skipped {
+    pub datapath: String,
+    pub services: u32,
+    pub reason: String,
+}
+
+/// What to run.
+pub struct Plan<'a> {
+    pub sizes: &'a [u32],
+    pub runs: usize,
+    pub seconds: u32,
+    pub datapaths: &'a [Datapath],
+    pub tests: &'a [Test],
+    pub agent_bin: &'a std::path::Path,
+}
+
+/// The measured Service plus `n - 1` filler Services (one TCP port, one endpoint each).
+pub fn services(n: u32, backend: Ipv4Addr) -> Vec<BenchService> {
+    let measured = BenchService::new("bench", "netperf", SERVICE_IP)
+        .port(BenchPort::tcp("control", CONTROL_PORT, CONTROL_PORT).node_port(CONTROL_NODE_PORT))
+        .port(BenchPort::tcp("data", DATA_PORT, DATA_PORT).node_port(DATA_PORT))
+        .port(BenchPort::udp("data-udp", DATA_PORT, DATA_PORT).node_port(DATA_PORT))
+        .endpoint(backend);
+    let fillers = kubeproxy::fillers(n.saturating_sub(1) as usize, 1);
+    // The middle of kube-proxy's chain (see the module documentation).
+    kubeproxy::arrange(measured, fillers, Position::Middle)
+}
+
+/// The test bed: the cluster, netserver in the backend pod, the source directory for our
+/// agents, and whichever datapath is in place.
+pub struct Bed {
+    // Field order is drop order: the agents and netserver go before the namespaces.
+    agents: Option<Agents>,
+    netserver: Child,
+    source: SourceDir,
+    cluster: Cluster,
+    backend: Ipv4Addr,
+    /// Which kube-proxy ruleset is loaded in the nodes, if any.
+    rules: Option<Backend>,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = self.netserver.kill();
+        let _ = self.netserver.wait();
+    }
+}
+
+impl Bed {
+    pub fn new() -> Result<Self> {
+        let mut cluster = Cluster::new(2).context("the test bed")?;
+        cluster.add_pod(0, "client")?;
+        let backend = cluster.add_pod(1, "netserver")?;
+        // The external client reaches the backend directly only for the "direct" floor.
+        cluster.client_route(
+            &format!("{}/24", Ipv4Addr::from(u32::from(backend) & !0xff)),
+            1,
+        )?;
+        let netserver = cluster
+            .pod("netserver")
+            .ns
+            .command("netserver")
+            .args(["-D", "-4", "-p", &CONTROL_PORT.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting netserver (is netperf installed? `cargo xtask setup`)")?;
+        let source = SourceDir::new()?;
+        source.write("nodes.yaml", &cluster.node_manifests())?;
+        Ok(Self {
+            agents: None,
+            netserver,
+            source,
+            cluster,
+            backend,
+            rules: None,
+        })
+    }
+
+    /// kube-proxy's view of node `i`: its address and its pods' range (the backend runs on
+    /// node-1, so that every path crosses the LAN).
+    fn node_config(&self, i: usize) -> NodeConfig {
+        NodeConfig {
+            node_name: self.cluster.node_name(i).to_owned(),
+            node_ip: self.cluster.node_ip(i),
+            local_pod_cidr: format!("10.10.{i}.0/24"),
+            ..NodeConfig::default()
+        }
+    }
+
+    /// Writes the agents' source for `services` (replacing the previous one): the same objects
+    /// kube-proxy's rulesets are made of, with the backend on node-1.
+    fn write_source(&self, services: &[BenchService]) -> Result<()> {
+        self.source.write(
+            "services.yaml",
+            &kubeproxy::manifests(services, &self.node_config(1)),
+        )
+    }
+
+    /// Removes whatever datapath is in place.
+    fn clear(&mut self) -> Result<()> {
+        self.agents = None;
+        if let Some(backend) = self.rules.take() {
+            for i in 0..self.cluster.node_count() {
+                let ns = &self.cluster.node(i).ns;
+                match backend {
+                    // iptables-nft keeps its tables in nf_tables too.
+                    Backend::Nftables | Backend::IptablesNft => {
+                        measure::run_in(ns, "nft", &["flush", "ruleset"], None)?;
+                    }
+                    // Without --noflush, a restore empties the tables it names.
+                    Backend::IptablesLegacy => {
+                        let empty = "*filter\nCOMMIT\n*nat\nCOMMIT\n*mangle\nCOMMIT\n";
+                        measure::run_in(
+                            ns,
+                            "iptables-legacy-restore",
+                            &[],
+                            Some(Arc::new(empty.to_owned())),
+                        )?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts `datapath` in place with `services`; returns how long that took.
+    fn switch(
+        &mut self,
+        datapath: Datapath,
+        services: &[BenchService],
+        agent_bin: &std::path::Path,
+    ) -> Result<Duration> {
+        self.clear()?;
+        let started = Instant::now();
+        let backend = match datapath {
+            Datapath::Ours(xdp) => {
+                let mut args = vec![
+                    "--max-services".to_owned(),
+                    (services.len() as u32 * 2 + 1024)
+                        .next_power_of_two()
+                        .to_string(),
+                ];
+                if let Some(mode) = xdp {
+                    args.extend(["--xdp-mode".to_owned(), mode.to_owned()]);
+                }
+                self.agents = Some(Agents::start(
+                    &self.cluster,
+                    agent_bin,
+                    self.source.path(),
+                    &args,
+                )?);
+                return Ok(started.elapsed());
+            }
+            Datapath::Direct => return Ok(started.elapsed()),
+            Datapath::Iptables => Backend::iptables_default()?,
+            Datapath::Nftables => Backend::Nftables,
+        };
+        // Marked first, so that a ruleset loaded on one node only is removed too.
+        self.rules = Some(backend);
+        for i in 0..self.cluster.node_count() {
+            let text = Arc::new(backend.full_ruleset(services, &self.node_config(i)));
+            measure::apply(&self.cluster.node(i).ns, backend, text)?;
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Where `path`'s client sends to under `datapath`: (client namespace, host, control port).
+    fn target(&self, datapath: Datapath, path: Path) -> (&Netns, Ipv4Addr, u16) {
+        let ns = match path {
+            Path::PodToClusterIp => self.cluster.pod("client").ns,
+            Path::ExternalToNodePort => self.cluster.client(),
+        };
+        match (datapath, path) {
+            (Datapath::Direct, _) => (ns, self.backend, CONTROL_PORT),
+            (_, Path::PodToClusterIp) => (ns, SERVICE_IP, CONTROL_PORT),
+            (_, Path::ExternalToNodePort) => (ns, self.cluster.node_ip(0), CONTROL_NODE_PORT),
+        }
+    }
+}
+
+/// The machine's CPU time so far: (all non-idle, softirq), in µs.
+fn cpu_time_us() -> (f64, f64) {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...; USER_HZ is 100.
+    let tick_us = 10_000.0;
+    let total: f64 = fields.iter().sum();
+    let idle = fields.get(3).copied().unwrap_or(0.0) + fields.get(4).copied().unwrap_or(0.0);
+    let softirq = fields.get(6).copied().unwrap_or(0.0);
+    ((total - idle) * tick_us, softirq * tick_us)
+}
+
+/// The client ports TCP_CRR cycles through for the `index`th datapath (netperf's `-p`).
+///
+/// The server closes each TCP_CRR connection first, so it holds a TIME_WAIT socket for every
+/// client port, and accepts a new SYN on the same ports only if its TCP timestamp is newer
+/// (PAWS). A client's timestamps carry an offset hashed from the source and destination
+/// addresses, which differ between datapaths (a ClusterIP against the pod's own address): a
+/// datapath reusing ports another one used in the last 60 s would see its SYNs dropped at
+/// random and stall on retransmissions. Disjoint ranges keep each datapath to its own ports.
+fn crr_ports(index: usize, datapaths: usize) -> (u16, u16) {
+    const FIRST: u32 = 5_000;
+    const LAST: u32 = 60_999;
+    let width = (LAST - FIRST + 1) / datapaths.max(1) as u32;
+    let min = FIRST + width * index as u32;
+    (min as u16, (min + width - 1) as u16)
+}
+
+/// One netperf run from `ns` to `host`; TCP_CRR cycles through the client ports `ports`.
+fn netperf(
+    ns: &Netns,
+    host: Ipv4Addr,
+    control: u16,
+    test: Test,
+    seconds: u32,
+    ports: (u16, u16),
+) -> Result<(f64, String, [Option<f64>; 3])> {
+    let selectors = if test.has_latency() {
+        "THROUGHPUT,THROUGHPUT_UNITS,P50_LATENCY,P90_LATENCY,P99_LATENCY"
+    } else {
+        "THROUGHPUT,THROUGHPUT_UNITS"
+    };
+    let out = ns
+        .command("netperf")
+        .args(["-H", &host.to_string(), "-p", &control.to_string()])
+        .args(["-l", &seconds.to_string(), "-t", test.name(), "-P", "0"])
+        .args(["--", "-P", &format!(",{DATA_PORT}"), "-o", selectors])
+        .args(if test == Test::TcpCrr {
+            vec!["-p".to_owned(), format!("{},{}", ports.0, ports.1)]
+        } else {
+            Vec::new()
+        })
+        .stdin(Stdio::null())
+        .output()
+        .context("running netperf")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains(','))
+        .unwrap_or_default();
+    let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+    let rate: f64 = match fields.first().and_then(|f| f.parse().ok()) {
+        Some(rate) if out.status.success() => rate,
+        _ => bail!(
+            "netperf {} to {host}:{control} failed: {}{}",
+            test.name(),
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    };
+    let unit = fields.get(1).copied().unwrap_or_default().to_owned();
+    let latency = |i: usize| fields.get(i).and_then(|f| f.parse().ok());
+    Ok((rate, unit, [latency(2), latency(3), latency(4)]))
+}
+
+/// Runs the plan; `progress` hears about every step.
+pub fn run(
+    plan: &Plan<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Vec<Sample>, Vec<Skipped>, Vec<SetupTime>)> {
+    progress("netperf: building the two-node test bed");
+    let mut bed = Bed::new()?;
+    let mut samples = Vec::new();
+    let mut skipped = Vec::new();
+    let mut setup_times = Vec::new();
+    for &size in plan.sizes {
+        let services = services(size, bed.backend);
+        bed.write_source(&services)?;
+        let mut broken: Vec<Datapath> = Vec::new();
+        for run in 0..plan.runs {
+            for (index, &datapath) in plan.datapaths.iter().enumerate() {
+                if broken.contains(&datapath)
+                    || (datapath.is_variant() && Some(&size) != plan.sizes.first())
+                {
+                    continue;
+                }
+                progress(&format!(
+                    "netperf: {size} services, run {}/{}, {}",
+                    run + 1,
+                    plan.runs,
+                    datapath.name()
+                ));
+                match bed.switch(datapath, &services, plan.agent_bin) {
+                    Ok(took) => setup_times.push(SetupTime {
+                        datapath: datapath.name(),
+                        services: size,
+                        seconds: took.as_secs_f64(),
+                    }),
+                    Err(e) => {
+                        progress(&format!(
+                            "netperf: {} at {size} services did not come up: {e:#}",
+                            datapath.name()
+                        ));
+                        skipped.push(Skipped {
+                            datapath: datapath.name(),
+                            services: size,
+                            reason: format!("{e:#}"),
+                        });
+                        broken.push(datapath);
+                        continue;
+                    }
+                }
+                for path in Path::ALL {
+                    for &test in plan.tests {
+                        let (ns, host, control) = bed.target(datapath, path);
+                        let (cpu0, soft0) = cpu_time_us();
+                        let ports = crr_ports(index, plan.datapaths.len());
+                        let result = netperf(ns, host, control, test, plan.seconds, ports);
+                        let (cpu1, soft1) = cpu_time_us();
+                        let (rate, unit, [p50, p90, p99]) = match result {
+                            Ok(r) => r,
+                            Err(e) => {
+                                progress(&format!("netperf: {e:#}"));
+                                continue;
+                            }
+                        };
+                        // Per transaction, or per MB (10^6 bits/s * s / 8).
+                        let units = if test == Test::TcpStream {
+                            rate * f64::from(plan.seconds) / 8.0
+                        } else {
+                            rate * f64::from(plan.seconds)
+                        };
+                        samples.push(Sample {
+                            datapath: datapath.name(),
+                            path: path.name(),
+                            test: test.name(),
+                            services: size,
+                            run,
+                            rate,
+                            unit,
+                            p50_us: p50,
+                            p90_us: p90,
+                            p99_us: p99,
+                            cpu_us_per_unit: (cpu1 - cpu0) / units.max(1.0),
+                            softirq_us_per_unit: (soft1 - soft0) / units.max(1.0),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    bed.clear()?;
+    Ok((samples, skipped, setup_times))
+}
+
+/// How long putting a datapath in place took (agents ready, rulesets loaded).
+#[derive(Clone, Debug, Serialize)]
+pub struct SetupTime {
+    pub datapath: String,
+    pub services: u32,
+    pub seconds: f64,
+}

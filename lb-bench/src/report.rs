@@ -1,0 +1,662 @@
+//! The human-readable side of a benchmark run: `BENCHMARKS.md` (ratios of ours to each baseline,
+//! the goals met or missed, in plain words) and SVG plots (rate and latency versus number of
+//! services, one line per datapath).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use plotters::prelude::*;
+
+use lb_bench::controlplane::ControlPlaneResults;
+
+use crate::netperf::{OURS, Sample, Skipped};
+
+/// Median and spread of one (datapath, path, test, size) cell over its runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Cell {
+    pub median: f64,
+    /// (max - min) / median.
+    pub spread: f64,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub cpu_us: f64,
+    pub softirq_us: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
+}
+
+/// Key: (path, test, datapath, services).
+pub type Cells = BTreeMap<(String, String, String, u32), Cell>;
+
+pub fn cells(samples: &[Sample]) -> Cells {
+    let mut groups: BTreeMap<(String, String, String, u32), Vec<&Sample>> = BTreeMap::new();
+    for s in samples {
+        groups
+            .entry((s.path.into(), s.test.into(), s.datapath.clone(), s.services))
+            .or_default()
+            .push(s);
+    }
+    groups
+        .into_iter()
+        .map(|(k, runs)| {
+            let rates: Vec<f64> = runs.iter().map(|s| s.rate).collect();
+            let m = median(rates.clone());
+            let (lo, hi) = rates
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+            let opt_median = |f: fn(&Sample) -> Option<f64>| {
+                let v: Vec<f64> = runs.iter().filter_map(|s| f(s)).collect();
+                (!v.is_empty()).then(|| median(v))
+            };
+            let cell = Cell {
+                median: m,
+                spread: if m > 0.0 { (hi - lo) / m } else { 0.0 },
+                p50_us: opt_median(|s| s.p50_us),
+                p99_us: opt_median(|s| s.p99_us),
+                cpu_us: median(runs.iter().map(|s| s.cpu_us_per_unit).collect()),
+                softirq_us: median(runs.iter().map(|s| s.softirq_us_per_unit).collect()),
+            };
+            (k, cell)
+        })
+        .collect()
+}
+
+/// `ours / base` for one path, test and size, when both were measured.
+pub fn ratio(
+    cells: &Cells,
+    path: &str,
+    test: &str,
+    ours: &str,
+    base: &str,
+    size: u32,
+) -> Option<f64> {
+    let get = |dp: &str| {
+        cells
+            .get(&(path.into(), test.into(), dp.into(), size))
+            .map(|c| c.median)
+    };
+    Some(get(ours)? / get(base)?)
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map_or("–".into(), |r| format!("{r:.2}"))
+}
+
+/// The paths measured, in the order they first appear.
+fn paths_of(cells: &Cells) -> Vec<String> {
+    let mut paths: Vec<String> = cells.keys().map(|k| k.0.clone()).collect();
+    paths.dedup();
+    paths
+}
+
+const TESTS: [&str; 4] = ["TCP_CRR", "TCP_RR", "UDP_RR", "TCP_STREAM"];
+
+/// The netperf section of BENCHMARKS.md: per path, every datapath as a fraction of the direct
+/// floor and ours over each kube-proxy datapath; TCP_CRR latency; CPU per transaction.
+pub fn netperf_markdown(
+    cells: &Cells,
+    sizes: &[u32],
+    datapaths: &[String],
+    skipped: &[Skipped],
+) -> String {
+    let mut md = String::from(
+        "## End to end (netperf)\n\nA pod on node-0 to a ClusterIP, and the external client to \
+         node-0's NodePort, both served by a netserver pod on node-1 (so every path crosses the \
+         nodes' LAN), with the measured Service in the middle of N Services (one endpoint each). \
+         Rates are the median over the runs; each datapath is shown as a fraction of the direct \
+         floor (client to the pod's address, no load balancer), with the spread of its runs \
+         ((max − min) / median). Variants of ours with another XDP mode are measured at the \
+         smallest size only.\n",
+    );
+    let others: Vec<&String> = datapaths.iter().filter(|d| *d != "direct").collect();
+    let bases: Vec<&str> = ["iptables", "nftables"]
+        .into_iter()
+        .filter(|b| datapaths.iter().any(|d| d == b))
+        .collect();
+    for path in paths_of(cells) {
+        let _ = writeln!(md, "\n### {path}\n");
+        let mut header = String::from("| test | services | direct |");
+        let mut rule = String::from("|---|---:|---:|");
+        for dp in &others {
+            let _ = write!(header, " {dp} / direct |");
+            rule.push_str("---:|");
+        }
+        for base in &bases {
+            let _ = write!(header, " {OURS} / {base} |");
+            rule.push_str("---:|");
+        }
+        let _ = writeln!(md, "{header}\n{rule}");
+        for test in TESTS {
+            for &size in sizes {
+                let Some(direct) = cells.get(&(path.clone(), test.into(), "direct".into(), size))
+                else {
+                    continue;
+                };
+                let unit = if test == "TCP_STREAM" { "Mb/s" } else { "/s" };
+                let mut row = format!("| {test} | {size} | {:.0} {unit} |", direct.median);
+                for dp in &others {
+                    let cell = cells.get(&(path.clone(), test.into(), (*dp).clone(), size));
+                    let _ = write!(
+                        row,
+                        " {}{} |",
+                        fmt_ratio(ratio(cells, &path, test, dp, "direct", size)),
+                        cell.map_or(String::new(), |c| format!(" (±{:.0}%)", c.spread * 100.0))
+                    );
+                }
+                for base in &bases {
+                    let _ = write!(
+                        row,
+                        " {} |",
+                        fmt_ratio(ratio(cells, &path, test, OURS, base, size))
+                    );
+                }
+                let _ = writeln!(md, "{row}");
+            }
+        }
+        let mut header = String::from("| services |");
+        let mut rule = String::from("|---:|");
+        for dp in datapaths {
+            let _ = write!(header, " {dp} |");
+            rule.push_str("---:|");
+        }
+        let table = |md: &mut String,
+                     title: &str,
+                     cell_text: &dyn Fn(&Cell) -> Option<String>,
+                     test: &str| {
+            let _ = writeln!(md, "\n{title}\n\n{header}\n{rule}");
+            for &size in sizes {
+                let mut row = format!("| {size} |");
+                for dp in datapaths {
+                    let text = cells
+                        .get(&(path.clone(), test.into(), dp.clone(), size))
+                        .and_then(cell_text)
+                        .unwrap_or_else(|| "–".into());
+                    let _ = write!(row, " {text} |");
+                }
+                let _ = writeln!(md, "{row}");
+            }
+        };
+        table(
+            &mut md,
+            "First-packet latency: TCP_CRR transaction latency in µs, p50 / p99 (connect, request, \
+             response, close):",
+            &|c| Some(format!("{:.0} / {:.0}", c.p50_us?, c.p99_us?)),
+            "TCP_CRR",
+        );
+        table(
+            &mut md,
+            "CPU per TCP_RR transaction, µs of all cores (softirq part in brackets), at the load \
+             one netperf stream offers:",
+            &|c| Some(format!("{:.1} [{:.1}]", c.cpu_us, c.softirq_us)),
+            "TCP_RR",
+        );
+    }
+    for s in skipped {
+        let _ = writeln!(
+            md,
+            "\n**Not measured:** {} at {} services: {}",
+            s.datapath, s.services, s.reason
+        );
+    }
+    md
+}
+
+/// One line per datapath of `test`'s `metric` versus number of services, for `path`.
+pub fn plot(cells: &Cells, path: &str, test: &str, metric: Metric, file: &Path) -> Result<()> {
+    let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for ((p, t, dp, size), cell) in cells {
+        if p != path || t != test {
+            continue;
+        }
+        let y = match metric {
+            Metric::Rate => Some(cell.median),
+            Metric::P99 => cell.p99_us,
+        };
+        if let Some(y) = y {
+            lines
+                .entry(dp.clone())
+                .or_default()
+                .push((f64::from((*size).max(1)), y));
+        }
+    }
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let x_max = lines.values().flatten().map(|p| p.0).fold(1.0, f64::max) * 2.0;
+    let y_max = lines.values().flatten().map(|p| p.1).fold(0.0, f64::max) * 1.15;
+    let root = SVGBackend::new(file, (720, 440)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let title = format!("{test}, {path}: {}", metric.label());
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d((0.8f64..x_max).log_scale(), 0f64..y_max.max(1.0))?;
+    chart
+        .configure_mesh()
+        .x_desc("services")
+        .y_desc(metric.label())
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()?;
+    let palette = [&BLUE, &RED, &GREEN, &BLACK, &MAGENTA, &CYAN];
+    for (i, (dp, mut points)) in lines.into_iter().enumerate() {
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let color = palette[i % palette.len()];
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(dp)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 3, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerLeft)
+        .draw()?;
+    root.present()
+        .with_context(|| format!("writing {}", file.display()))?;
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+pub enum Metric {
+    Rate,
+    P99,
+}
+
+impl Metric {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Rate => "rate (transactions/s, or Mb/s)",
+            Self::P99 => "p99 latency (µs)",
+        }
+    }
+}
+
+/// Writes every plot into `dir`; returns the files, relative to `dir`'s parent's parent (the
+/// repository root) for linking.
+pub fn plots(cells: &Cells, dir: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let mut files = Vec::new();
+    for path in &paths_of(cells) {
+        let slug = if path.contains("ClusterIP") {
+            "clusterip"
+        } else {
+            "nodeport"
+        };
+        for (test, metric, name) in [
+            ("TCP_CRR", Metric::Rate, "tcp_crr_rate"),
+            ("TCP_CRR", Metric::P99, "tcp_crr_p99"),
+            ("TCP_RR", Metric::Rate, "tcp_rr_rate"),
+            ("TCP_STREAM", Metric::Rate, "tcp_stream"),
+        ] {
+            let file = dir.join(format!("{name}_{slug}.svg"));
+            plot(cells, path, test, metric, &file)?;
+            if file.exists() {
+                files.push(file);
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// The per-packet section: the programs' own cost through BPF_PROG_TEST_RUN.
+pub fn datapath_markdown(figures: &[crate::datapath::Figure], scales: &[u32]) -> String {
+    let mut md = String::from(
+        "## Datapath cost per packet (BPF_PROG_TEST_RUN)\n\nns per packet net of an empty \
+         program timed the same way (median of single calls on fresh packets; the kernel's \
+         bpf_stats average in brackets), at N services:\n\n| case | hook |",
+    );
+    for s in scales {
+        let _ = write!(md, " {s} |");
+    }
+    md.push_str("\n|---|---|");
+    md.push_str(&"---:|".repeat(scales.len()));
+    md.push('\n');
+    let order = ["non-service", "established", "new flow", "reply", "empty"];
+    let mut rows: Vec<(&str, &str)> = figures.iter().map(|f| (f.case.as_str(), f.hook)).collect();
+    rows.sort_by_key(|(case, hook)| (*hook, order.iter().position(|c| c == case)));
+    rows.dedup();
+    for (case, hook) in rows {
+        let _ = write!(md, "| {case} | {hook} |");
+        for s in scales {
+            let figure = figures
+                .iter()
+                .find(|f| f.case == case && f.hook == hook && f.services == *s);
+            let text = figure.map_or("–".into(), |f| {
+                if case == "empty" {
+                    format!("{:.0} gross [{:.0}]", f.median_ns, f.bpf_stats_ns)
+                } else {
+                    format!("{:.0} [{:.0}]", f.net_ns, f.bpf_stats_net_ns)
+                }
+            });
+            let _ = write!(md, " {text} |");
+        }
+        md.push('\n');
+    }
+    md
+}
+
+/// The agent section (a larger, multi-endpoint sync than the control-plane comparison's).
+pub fn agent_markdown(f: &crate::agent::AgentFigures) -> String {
+    format!(
+        "## Agent\n\n{} services × {} endpoints (Maglev M up to {}), from a YAML source:\n\n\
+         | figure | value | goal |\n|---|---:|---|\n\
+         | start to ready (load, parse, translate, program) | {:.2} s | |\n\
+         | first full sync | {:.2} s | under 1 s: {} |\n\
+         | endpoint change to map, p50 | {:.1} ms | |\n\
+         | endpoint change to map, p99 (over {} changes) | {:.1} ms | under 50 ms: {} |\n\
+         | peak RSS | {:.1} MiB | under 50 MiB: {} |\n",
+        f.services,
+        f.endpoints_per_service,
+        f.table_size,
+        f.start_to_ready_s,
+        f.first_sync_s,
+        verdict(f.first_sync_s < 1.0),
+        f.change_latency_p50_ms,
+        f.changes,
+        f.change_latency_p99_ms,
+        verdict(f.change_latency_p99_ms < 50.0),
+        f.peak_rss_mib,
+        verdict(f.peak_rss_mib < 50.0),
+    )
+}
+
+pub fn maglev_markdown(figures: &[crate::maglev::MaglevFigure]) -> String {
+    let mut md = String::from(
+        "## Maglev\n\nTime to build one table, and what happens when one of N backends leaves: \
+         the removed backend's share must move; *disruption* is the share of slots that moved \
+         although their backend stayed (the Maglev paper's bound is about 1% of the table).\n\n\
+         | M | N | build | removed backend's share | disruption |\n|---:|---:|---:|---:|---:|\n",
+    );
+    for f in figures {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} µs | {:.2}% | {:.2}% |",
+            f.table_size,
+            f.backends,
+            f.build_us,
+            f.removed_share * 100.0,
+            f.disruption * 100.0
+        );
+    }
+    md
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+/// One goal of the issue, judged on this run's figures.
+struct Goal {
+    what: String,
+    met: bool,
+    figures: String,
+}
+
+/// The goals, met or missed, with the figures that decide them.
+pub fn goals_markdown(
+    netperf: Option<(Cells, &[u32])>,
+    control_plane: Option<&ControlPlaneResults>,
+) -> String {
+    let mut goals = Vec::new();
+    if let Some((cells, sizes)) = &netperf {
+        for path in paths_of(cells) {
+            let r = |test: &str, base: &str, size: u32| ratio(cells, &path, test, OURS, base, size);
+            let series = |test: &str, base: &str| -> Vec<(u32, f64)> {
+                sizes
+                    .iter()
+                    .filter_map(|&n| Some((n, r(test, base, n)?)))
+                    .collect()
+            };
+            let list = |v: &[(u32, f64)]| {
+                v.iter()
+                    .map(|(n, x)| format!("{x:.2} at {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let floor = series("TCP_CRR", "direct");
+            goals.push(Goal {
+                what: format!("{path}: TCP_CRR ≥ 0.95× the direct floor at every size"),
+                met: !floor.is_empty() && floor.iter().all(|(_, x)| *x >= 0.95),
+                figures: list(&floor),
+            });
+            for base in ["iptables", "nftables"] {
+                let v = series("TCP_CRR", base);
+                if !v.is_empty() {
+                    goals.push(Goal {
+                        what: format!(
+                            "{path}: TCP_CRR over {base} (expected about 1.4× iptables and \
+                             1.25× nftables at 1k, 2.5× iptables at 10k)"
+                        ),
+                        met: v.iter().all(|(_, x)| *x >= 1.0),
+                        figures: list(&v),
+                    });
+                }
+            }
+            let crr = |n: u32| {
+                cells
+                    .get(&(path.clone(), "TCP_CRR".into(), OURS.into(), n))
+                    .map(|c| c.median)
+            };
+            if let (Some(one), Some(ten_k)) = (crr(1), crr(10_000)) {
+                let change = ten_k / one - 1.0;
+                goals.push(Goal {
+                    what: format!(
+                        "{path}: ours' TCP_CRR varies less than 5% from 1 to 10k services"
+                    ),
+                    met: change.abs() < 0.05,
+                    figures: format!("{:+.1}%", change * 100.0),
+                });
+            }
+            for test in ["TCP_RR", "TCP_STREAM"] {
+                let floor = series(test, "direct");
+                goals.push(Goal {
+                    what: format!("{path}: {test} ≥ 0.97× the direct floor"),
+                    met: !floor.is_empty() && floor.iter().all(|(_, x)| *x >= 0.97),
+                    figures: list(&floor),
+                });
+                for base in ["iptables", "nftables"] {
+                    let v = series(test, base);
+                    if !v.is_empty() {
+                        goals.push(Goal {
+                            what: format!("{path}: {test} never below {base}"),
+                            met: v.iter().all(|(_, x)| *x >= 1.0),
+                            figures: list(&v),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    if let Some(cp) = control_plane {
+        let ours = cp.get(OURS, 10_000);
+        let sync = ours.and_then(|f| f.first_sync_s);
+        let ready = ours.and_then(|f| f.program_s);
+        for variant in ["iptables-nft", "iptables-legacy"] {
+            let Some(base) = cp.get(variant, 10_000) else {
+                continue;
+            };
+            let default = if cp.iptables_default == variant {
+                ", this machine's `iptables`"
+            } else {
+                ""
+            };
+            let what = format!(
+                "control plane: programming 10k services ≥ 10× faster than iptables-restore \
+                 ({variant}{default})"
+            );
+            let (met, figures) = match (sync, ready, base.program_s) {
+                (Some(sync), Some(ready), Some(restore)) => (
+                    restore / sync >= 10.0,
+                    format!(
+                        "{:.1}× (first sync {sync:.2} s vs {restore:.2} s; from process start to \
+                         ready {ready:.2} s, {:.1}×)",
+                        restore / sync,
+                        restore / ready
+                    ),
+                ),
+                (Some(sync), _, None) => (
+                    true,
+                    format!(
+                        "first sync {sync:.2} s; iptables-restore did not finish in {:.0} s",
+                        cp.timeout_s
+                    ),
+                ),
+                _ => (false, "not measured".into()),
+            };
+            goals.push(Goal { what, met, figures });
+        }
+        if let Some(change) = ours.and_then(|f| f.change.as_ref()) {
+            goals.push(Goal {
+                what: "control plane: one endpoint change p99 under 50 ms (10k services)".into(),
+                met: change.p99_ms < 50.0,
+                figures: format!(
+                    "{:.1} ms (p50 {:.1} ms, {} changes)",
+                    change.p99_ms, change.p50_ms, change.completed
+                ),
+            });
+        }
+    }
+    let mut md = String::from("## Goals\n\n| goal | this run | |\n|---|---|---|\n");
+    for g in &goals {
+        let _ = writeln!(md, "| {} | {} | {} |", g.what, g.figures, verdict(g.met));
+    }
+    let missed = goals.iter().filter(|g| !g.met).count();
+    let _ = writeln!(
+        md,
+        "\n{} of {} goals met{}.",
+        goals.len() - missed,
+        goals.len(),
+        if missed > 0 {
+            "; the missed ones are in bold, with their figures"
+        } else {
+            ""
+        }
+    );
+    md
+}
+
+/// What the report says about the run itself.
+pub struct Header<'a> {
+    pub date: &'a str,
+    pub kernel: &'a str,
+    pub cpus: usize,
+    pub cpu_model: &'a str,
+    pub quick: bool,
+    pub json: &'a Path,
+    pub report: &'a Path,
+    pub plots: &'a [PathBuf],
+}
+
+/// BENCHMARKS.md: the header, the goals, the plots, then every section.
+pub fn document(h: &Header<'_>, goals: &str, sections: &[String]) -> String {
+    // Links are relative to the report's directory.
+    let base = h.report.parent().unwrap_or(Path::new(""));
+    let rel = |p: &Path| -> String { p.strip_prefix(base).unwrap_or(p).display().to_string() };
+    let mut md = format!(
+        "# Benchmarks\n\nGenerated by `cargo xtask bench{}` on {} — Linux {}, {} CPUs ({}). \
+         Every figure, raw: [{}]({}). Every ratio compares datapaths measured in this same run, \
+         on this same machine.\n\n",
+        if h.quick { " --quick" } else { "" },
+        h.date,
+        h.kernel,
+        h.cpus,
+        h.cpu_model,
+        rel(h.json),
+        rel(h.json),
+    );
+    md.push_str(goals);
+    if !h.plots.is_empty() {
+        md.push_str("\n## Plots\n\n");
+        for p in h.plots {
+            let _ = writeln!(
+                md,
+                "![{}]({})",
+                p.file_stem().unwrap_or_default().to_string_lossy(),
+                rel(p)
+            );
+        }
+    }
+    for s in sections {
+        md.push('\n');
+        md.push_str(s);
+    }
+    md
+}
+
+/// The control-plane section: programming N Services from scratch and one endpoint change.
+pub fn controlplane_markdown(cp: &ControlPlaneResults) -> String {
+    let mut md = format!(
+        "## Control plane\n\nProgramming N Services (one endpoint each) from scratch, and one \
+         endpoint change. Ours: the real agent reading YAML (from process start to ready, and \
+         the first full sync alone: translate, plan, write the maps); a change is timed from the \
+         file's rename to the map holding it. kube-proxy: the wall time of `iptables-restore` / \
+         `nft -f` on its full ruleset in a fresh namespace (generating the text is not counted), \
+         and for a change its partial sync plus what it reads back from the kernel. {} and {}; \
+         this machine's `iptables` is {}. Limit per step: {:.0} s.\n\n\
+         | datapath | services | from scratch | one change p50 / p99 | notes |\n|---|---:|---:|---:|---|\n",
+        cp.iptables_version, cp.nft_version, cp.iptables_default, cp.timeout_s
+    );
+    for dp in cp.datapaths() {
+        for &n in &cp.sizes {
+            let Some(f) = cp.get(&dp, n) else { continue };
+            let scratch = match (f.program_s, f.first_sync_s) {
+                (Some(p), Some(sync)) => format!("{p:.2} s (first sync {sync:.2} s)"),
+                (Some(p), None) => format!("{p:.2} s"),
+                _ => "did not finish".into(),
+            };
+            let change = f.change.as_ref().map_or("–".into(), |c| {
+                format!(
+                    "{:.1} / {:.1} ms ({} of {})",
+                    c.p50_ms, c.p99_ms, c.completed, c.requested
+                )
+            });
+            let mut notes = Vec::new();
+            if let Some(rss) = f.peak_rss_mib {
+                notes.push(format!("peak RSS {rss:.0} MiB"));
+            }
+            if let Some(bytes) = f.bpf_map_bytes {
+                notes.push(format!(
+                    "BPF maps {:.0} MiB",
+                    bytes as f64 / (1024.0 * 1024.0)
+                ));
+            }
+            if let Some(bytes) = f.ruleset_bytes {
+                notes.push(format!("ruleset {:.1} MB", bytes as f64 / 1e6));
+            }
+            if let Some(note) = &f.note {
+                notes.push(note.clone());
+            }
+            let _ = writeln!(
+                md,
+                "| {dp} | {n} | {scratch} | {change} | {} |",
+                notes.join("; ")
+            );
+        }
+    }
+    md
+}
