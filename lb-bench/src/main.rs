@@ -6,11 +6,17 @@ mod maglev;
 mod netperf;
 mod report;
 
-use std::{fs, path::PathBuf, process::ExitCode, time::Instant};
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Command, ExitCode},
+    time::Instant,
+};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use lb_bench::{agent, controlplane};
+use lb_testbed::interrupt;
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -67,6 +73,9 @@ struct Cli {
     report: PathBuf,
     #[arg(long, default_value = "bench/plots")]
     plots: PathBuf,
+    /// Internal: run the benchmarks in this process (see `lb_testbed::interrupt`).
+    #[arg(long, hide = true)]
+    worker: bool,
 }
 
 #[derive(Serialize)]
@@ -128,10 +137,39 @@ fn now_stamp() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The benchmarks run in a worker process, so that Ctrl-C stops them between steps and every
+/// namespace, agent and mount of the test bed is removed (see `lb_testbed::interrupt`).
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !cli.worker {
+        let mut worker = match std::env::current_exe() {
+            Ok(exe) => Command::new(exe),
+            Err(e) => {
+                eprintln!("lb-bench: error: cannot find the lb-bench executable: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        worker.args(std::env::args_os().skip(1)).arg("--worker");
+        return match interrupt::run_worker(worker) {
+            Ok(status) => status.code().map_or(ExitCode::FAILURE, |c| {
+                ExitCode::from(u8::try_from(c).unwrap_or(1))
+            }),
+            Err(e) => {
+                eprintln!("lb-bench: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Err(e) = interrupt::install_in_worker() {
+        eprintln!("lb-bench: error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if interrupt::is_interrupted(&e) => {
+            eprintln!("lb-bench: interrupted; the test beds are removed, nothing was written");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("lb-bench: error: {e:#}");
             ExitCode::FAILURE
@@ -206,6 +244,7 @@ fn run(cli: &Cli) -> Result<()> {
             setup_times,
         });
     }
+    interrupt::check()?;
     if wants("controlplane") {
         let sizes: &[usize] = if cli.quick {
             &[1_000, 10_000]
@@ -218,10 +257,12 @@ fn run(cli: &Cli) -> Result<()> {
         section(report::controlplane_markdown(&figures));
         results.controlplane = Some(figures);
     }
+    interrupt::check()?;
     if wants("datapath") {
         results.datapath = datapath::run(&cli.services, calls, &mut progress)?;
         section(report::datapath_markdown(&results.datapath, &cli.services));
     }
+    interrupt::check()?;
     if wants("agent") {
         let services = if cli.quick {
             cli.agent_services.min(2_000)
@@ -240,6 +281,7 @@ fn run(cli: &Cli) -> Result<()> {
         section(report::agent_markdown(&figures));
         results.agent = Some(figures);
     }
+    interrupt::check()?;
     if wants("maglev") {
         progress("maglev: building tables");
         results.maglev = maglev::run(

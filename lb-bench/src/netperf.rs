@@ -447,6 +447,7 @@ pub fn run(
                 }
                 for path in Path::ALL {
                     for &test in plan.tests {
+                        lb_testbed::interrupt::check()?;
                         let (ns, host, control) = bed.target(datapath, path);
                         let (cpu0, soft0) = cpu_time_us();
                         let ports = crr_ports(index, plan.datapaths.len());

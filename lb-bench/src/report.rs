@@ -590,6 +590,7 @@ pub fn document(h: &Header<'_>, goals: &str, sections: &[String]) -> String {
         rel(h.json),
     );
     md.push_str(goals);
+    md.push_str(METHOD);
     if !h.plots.is_empty() {
         md.push_str("\n## Plots\n\n");
         for p in h.plots {
@@ -660,3 +661,29 @@ pub fn controlplane_markdown(cp: &ControlPlaneResults) -> String {
     }
     md
 }
+
+/// How the figures come about, and what they do not show.
+const METHOD: &str = "
+## How to read these figures
+
+- The test bed is two nodes, a LAN and an external client in network namespaces joined by veth
+  pairs, on one machine; every datapath runs the same bed with the same Services in the same run.
+  One netperf stream per test, the runs of all datapaths alternating.
+- `ours` is the agent with its defaults. The nodes' uplinks are veths, on which the agent leaves
+  XDP off (a veth hands XDP GSO packets with partial checksums that it cannot translate), so
+  `ours` is the tc datapath; `ours (xdp native)` forces native XDP (the bed's uplinks carry
+  NIC-like frames), `ours (xdp off)` is the same as the default here; both at the smallest size.
+- NodePort traffic enters node-0 and is served by a pod on node-1, so every datapath
+  source-NATs it (externalTrafficPolicy Cluster). Ours takes SNAT ports from 61000-65535 (4536
+  per backend and node). A port whose backend closed the connection first rests until the
+  backend's TIME_WAIT is over (120 s), because a backend in TIME_WAIT refuses another client's
+  SYN on the same ports; netserver closes every TCP_CRR connection first, so beyond about 4536
+  connections in 120 s new ones wait for a port (`drop_snat_ports`) and retransmit their SYN.
+  kube-proxy's MASQUERADE (`--random-fully`) draws from up to 64k ports, which runs this short
+  do not exhaust.
+- CPU per transaction is the whole machine's CPU time (all cores, every process) over the
+  transactions of a run, at the load one netperf stream offers (closed loop, not a fixed
+  offered load); the softirq part is where packet processing runs.
+- Control plane: kube-proxy's figures are the kernel tools' wall time on a ruleset generated
+  beforehand; ours include the agent reading and decoding its YAML source.
+";

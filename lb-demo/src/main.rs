@@ -3,9 +3,7 @@
 //! balancer does with its traffic (ClusterIP from a pod, NodePorts from an external client under
 //! both external traffic policies, and `lbctl service list`). Everything lives in namespaces, a
 //! bpffs and temporary directories created for the run, and is removed at the end, also after
-//! Ctrl-C (see [`interrupt`]).
-
-mod interrupt;
+//! Ctrl-C (see `lb_testbed::interrupt`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -18,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use lb_testbed::{
-    Agents, Cluster, SourceDir,
+    Agents, Cluster, SourceDir, interrupt,
     manifests::{
         Endpoint, EndpointSliceManifest, Protocol, ServiceManifest, ServicePort, ServiceType,
         TrafficPolicy, documents,

@@ -10,6 +10,7 @@ pub mod addressing;
 pub mod agents;
 pub mod cluster;
 pub mod ethtool;
+pub mod interrupt;
 pub mod manifests;
 pub mod netns;
 pub mod node;

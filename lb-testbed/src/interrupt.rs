@@ -1,15 +1,15 @@
-//! Ctrl-C without leftovers.
+//! Ctrl-C without leftovers, for the long-running tools (`lb-demo`, `lb-bench`).
 //!
-//! The bed is removed by `Drop` impls, which run only if the process unwinds; a process killed by
+//! A bed is removed by `Drop` impls, which run only if the process unwinds; a process killed by
 //! SIGINT does not. And Ctrl-C in a terminal signals the whole foreground process group, so the
 //! `ip` commands and agents the bed runs would be killed halfway too (an `ip netns add` cut short
 //! can leave a namespace that nothing owns).
 //!
-//! So `lb-demo` runs the demo in a child of its own (the worker) in a new process group, which
+//! So the tool runs its work in a child of its own (the worker) in a new process group, which
 //! the terminal does not signal. The parent stays in the foreground: on SIGINT, SIGTERM or SIGHUP
-//! it tells the worker (SIGINT to its pid only), and the worker sets a flag that the demo checks
-//! between steps and between requests: it stops there, unwinds, and cleans up as after a normal
-//! run, then exits with status 130. Only SIGKILL (of the worker) leaves the bed behind.
+//! it tells the worker (SIGINT to its pid only), and the worker sets a flag that the work checks
+//! between steps ([`check`]): it stops there, unwinds, and cleans up as after a normal run, then
+//! exits with status 130. Only SIGKILL (of the worker) leaves the bed behind.
 
 use std::{
     io::Write as _,
@@ -30,7 +30,7 @@ static NOTIFIED: AtomicBool = AtomicBool::new(false);
 
 const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
-/// The error a step returns when the demo was interrupted.
+/// The error a step returns when the work was interrupted.
 #[derive(Debug)]
 pub struct Interrupted;
 
@@ -121,7 +121,7 @@ pub fn run_worker(mut worker: Command) -> Result<ExitStatus> {
         // SAFETY: signalling our own child, not yet reaped.
         unsafe { libc::kill(pid, libc::SIGINT) };
     }
-    let status = child.wait().context("waiting for the demo")?;
+    let status = child.wait().context("waiting for the worker")?;
     let _ = std::io::stderr().flush();
     Ok(status)
 }
