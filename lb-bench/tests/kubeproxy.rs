@@ -27,22 +27,6 @@ use lb_testbed::{
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Privileged tests need root (network namespaces, netfilter). They fail, loudly, when run
-/// without it: a green run must mean they ran. `LB_SKIP_PRIVILEGED=1` skips them explicitly.
-fn require_privileges() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var_os("LB_SKIP_PRIVILEGED").is_some_and(|v| v == "1") {
-        eprintln!("SKIPPED: this test needs root and LB_SKIP_PRIVILEGED=1 is set");
-        return false;
-    }
-    panic!(
-        "this test needs root (network namespaces, netfilter); run `cargo xtask test`, or set LB_SKIP_PRIVILEGED=1 to skip it"
-    );
-}
-
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
@@ -543,7 +527,7 @@ fn small_set() -> Vec<BenchService> {
 
 #[test]
 fn rulesets_and_partial_syncs_load() {
-    if !require_privileges() {
+    if !lb_testbed::privileges::require() {
         return;
     }
     let cfg = NodeConfig::default();
@@ -576,7 +560,7 @@ fn rulesets_and_partial_syncs_load() {
 
 #[test]
 fn rulesets_load_at_10k_services() {
-    if !require_privileges() {
+    if !lb_testbed::privileges::require() {
         return;
     }
     let cfg = NodeConfig::default();
@@ -816,7 +800,7 @@ fn check_datapath(backend: Backend) {
 
 #[test]
 fn iptables_datapath_balances_services() {
-    if !require_privileges() {
+    if !lb_testbed::privileges::require() {
         return;
     }
     check_datapath(Backend::iptables_default().unwrap());
@@ -824,7 +808,7 @@ fn iptables_datapath_balances_services() {
 
 #[test]
 fn nftables_datapath_balances_services() {
-    if !require_privileges() {
+    if !lb_testbed::privileges::require() {
         return;
     }
     check_datapath(Backend::Nftables);
@@ -836,7 +820,7 @@ fn nftables_datapath_balances_services() {
 
 #[test]
 fn controlplane_comparison_runs() {
-    if !require_privileges() {
+    if !lb_testbed::privileges::require() {
         return;
     }
     let opts = controlplane::Options::new(&[200], 4).expect("options (is lb-agent built?)");

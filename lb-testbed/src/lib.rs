@@ -15,6 +15,7 @@ pub mod manifests;
 pub mod netns;
 pub mod node;
 pub mod packet;
+pub mod privileges;
 pub mod server;
 pub mod source_dir;
 pub mod temp_dir;

@@ -285,3 +285,43 @@ impl Held {
         Ok(line.trim().to_owned())
     }
 }
+
+/// New HTTP connections to one address, one after the other, from a thread in a namespace,
+/// until stopped: what a test keeps up while it restarts or changes something, to count the
+/// connections that failed meanwhile.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<LoadCount>,
+}
+
+/// What a [`Load`] saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadCount {
+    pub ok: usize,
+    pub failed: usize,
+}
+
+impl Load {
+    /// Starts requesting `target` from `ns`, each request on a new connection.
+    pub fn start(ns: &Netns, target: SocketAddrV4, timeout: Duration) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = ns.spawn(move || {
+            let mut count = LoadCount::default();
+            while !stopping.load(Ordering::Relaxed) {
+                match http_get(target, timeout) {
+                    Ok(_) => count.ok += 1,
+                    Err(_) => count.failed += 1,
+                }
+            }
+            count
+        })?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops the requests and says how they went.
+    pub fn finish(self) -> LoadCount {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("the load thread panicked")
+    }
+}

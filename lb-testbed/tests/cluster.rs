@@ -21,22 +21,6 @@ const PORT: u16 = 8080;
 const NODE_PORT: u16 = 9000;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Privileged tests need root (network namespaces, BPF). They fail, loudly, when run without
-/// it: a green run must mean they ran. `LB_SKIP_PRIVILEGED=1` skips them explicitly.
-fn require_privileges() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var_os("LB_SKIP_PRIVILEGED").is_some_and(|v| v == "1") {
-        eprintln!("SKIPPED: this test needs root and LB_SKIP_PRIVILEGED=1 is set");
-        return false;
-    }
-    panic!(
-        "this test needs root (network namespaces, BPF); run `cargo xtask test`, or set LB_SKIP_PRIVILEGED=1 to skip it"
-    );
-}
-
 /// Two nodes, a hostnames pod on each (`web-0`, `web-1`) and a client pod on node-0.
 fn two_node_cluster() -> Cluster {
     let mut cluster = Cluster::new(2).expect("cluster");
@@ -91,7 +75,7 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 
 #[test]
 fn pods_reach_pods_on_every_node_without_nat() {
-    if !require_privileges() {
+    if !lb_testbed::privileges::require() {
         return;
     }
     let cluster = two_node_cluster();
@@ -123,7 +107,7 @@ fn pods_reach_pods_on_every_node_without_nat() {
 
 #[test]
 fn external_client_reaches_nodes_but_not_pods() {
-    if !require_privileges() {
+    if !lb_testbed::privileges::require() {
         return;
     }
     let mut cluster = two_node_cluster();
@@ -215,7 +199,7 @@ fn ping_node0(cluster: &Cluster, count: u32) {
 
 #[test]
 fn frames_that_xdp_sends_into_veths_are_received() {
-    if !require_privileges() {
+    if !lb_testbed::privileges::require() {
         return;
     }
     let cluster = two_node_cluster();
@@ -268,7 +252,7 @@ fn frames_that_xdp_sends_into_veths_are_received() {
 
 #[test]
 fn pod_names_are_unique_in_the_cluster() {
-    if !require_privileges() {
+    if !lb_testbed::privileges::require() {
         return;
     }
     let mut cluster = Cluster::new(2).unwrap();
@@ -284,7 +268,7 @@ fn pod_names_are_unique_in_the_cluster() {
 
 #[test]
 fn drop_removes_every_namespace_even_after_a_panic() {
-    if !require_privileges() {
+    if !lb_testbed::privileges::require() {
         return;
     }
     let cluster = two_node_cluster();
@@ -307,7 +291,7 @@ fn drop_removes_every_namespace_even_after_a_panic() {
 
 #[test]
 fn agents_run_restart_and_clean_up_on_every_node() {
-    if !require_privileges() {
+    if !lb_testbed::privileges::require() {
         return;
     }
     let bin = agents::agent_binary().unwrap_or_else(|e| panic!("{e:#}"));

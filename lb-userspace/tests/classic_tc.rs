@@ -11,16 +11,12 @@ use std::{
     fs,
     net::{Ipv4Addr, SocketAddrV4},
     process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
     time::{Duration, Instant},
 };
 
 use common::agent::{AGENT, AgentBed, TIMEOUT, backend_ip, name, service_yaml, slice_yaml};
 use lb::agent::features::TC_API_VAR;
-use lb_testbed::server::{self, Held};
+use lb_testbed::server::{Held, Load};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 42);
 
@@ -155,21 +151,7 @@ fn classic_tc_filters_balance_are_replaced_in_place_on_restart_and_deleted_by_cl
         .unwrap()
         .expect("held connection");
     let held_on = name(&held.ask().unwrap());
-    let stop_load = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = {
-        let (stop_load, ok, failed) = (stop_load.clone(), ok.clone(), failed.clone());
-        bed.client()
-            .spawn(move || {
-                while !stop_load.load(Ordering::Relaxed) {
-                    match server::http_get(vip(), TIMEOUT) {
-                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            })
-            .unwrap()
-    };
+    let load = Load::start(bed.client(), vip(), TIMEOUT).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     stop(&bed, agent);
     assert_eq!(
@@ -180,15 +162,9 @@ fn classic_tc_filters_balance_are_replaced_in_place_on_restart_and_deleted_by_cl
     std::thread::sleep(Duration::from_millis(300));
     let agent = start(&bed);
     std::thread::sleep(Duration::from_millis(300));
-    stop_load.store(true, Ordering::Relaxed);
-    load.join().unwrap();
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "{} succeeded",
-        ok.load(Ordering::Relaxed)
-    );
-    assert!(ok.load(Ordering::Relaxed) > 5);
+    let count = load.finish();
+    assert_eq!(count.failed, 0, "{} succeeded", count.ok);
+    assert!(count.ok > 5, "{count:?}");
     assert_eq!(
         name(&held.ask().unwrap()),
         held_on,

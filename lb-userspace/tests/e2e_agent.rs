@@ -9,15 +9,11 @@ mod common;
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
     time::Duration,
 };
 
 use common::agent::{AgentBed, TIMEOUT, backend_ip, name, service_yaml, slice_yaml};
-use lb_testbed::server::{self, Held};
+use lb_testbed::server::{self, Held, Load};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 41);
 
@@ -109,21 +105,7 @@ fn restarting_the_agent_drops_no_held_connection_and_refuses_no_new_one() {
     let held_on = name(&held.ask().unwrap());
 
     // New connections all the time, while the agent stops, is away, and comes back.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        bed.client()
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match server::http_get(vip(), TIMEOUT) {
-                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            })
-            .unwrap()
-    };
+    let load = Load::start(bed.client(), vip(), TIMEOUT).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     bed.stop_agent();
     std::thread::sleep(Duration::from_millis(500));
@@ -134,16 +116,9 @@ fn restarting_the_agent_drops_no_held_connection_and_refuses_no_new_one() {
     );
     bed.start_agent();
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
-
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "{} connections succeeded",
-        ok.load(Ordering::Relaxed)
-    );
-    assert!(ok.load(Ordering::Relaxed) > 20);
+    let count = load.finish();
+    assert_eq!(count.failed, 0, "{} connections succeeded", count.ok);
+    assert!(count.ok > 20, "{count:?}");
     assert_eq!(
         name(&held.ask().unwrap()),
         held_on,

@@ -41,23 +41,11 @@ use serde_json::{Value, json};
 // ---------------------------------------------------------------------------------------------
 // Helpers: privileges, a private bpffs, the datapath, running packets and the binary.
 
-fn require_privileges() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var_os("LB_SKIP_PRIVILEGED").is_some_and(|v| v == "1") {
-        eprintln!("SKIPPED: this test needs root and LB_SKIP_PRIVILEGED=1 is set");
-        return false;
-    }
-    panic!("this test needs root (BPF, bpffs mounts); or set LB_SKIP_PRIVILEGED=1 to skip it");
-}
-
 /// Runs `test` on a thread of its own, in a new network namespace where every destination is
 /// routed out of `up0` to a neighbour with a permanent MAC, and re-raises its panic. Nothing
 /// runs when privileged tests are skipped.
 fn in_routed_netns(test: impl FnOnce() + Send + 'static) {
-    if !require_privileges() {
+    if !lb_testbed::privileges::require() {
         return;
     }
     let result = std::thread::spawn(move || {
@@ -208,7 +196,7 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Option<Self> {
-        if !require_privileges() {
+        if !lb_testbed::privileges::require() {
             return None;
         }
         let mount = TempMount::new(true);
@@ -1982,7 +1970,7 @@ fn stderr(out: &Output) -> String {
 
 #[test]
 fn errors_say_what_to_do() {
-    if !require_privileges() {
+    if !lb_testbed::privileges::require() {
         return;
     }
     // A bpffs without pins.
