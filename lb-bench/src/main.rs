@@ -129,6 +129,15 @@ fn machine() -> Machine {
     }
 }
 
+/// The arguments this run was given, as the report quotes them (without the internal ones).
+fn arguments() -> String {
+    std::env::args()
+        .skip(1)
+        .filter(|a| a != "--worker")
+        .map(|a| format!(" {a}"))
+        .collect()
+}
+
 fn now_stamp() -> String {
     let out = std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%dT%H-%M-%SZ"])
@@ -314,7 +323,7 @@ fn run(cli: &Cli) -> Result<()> {
             kernel: &results.machine.kernel,
             cpus: results.machine.cpus,
             cpu_model: &results.machine.cpu_model,
-            quick: cli.quick,
+            arguments: &arguments(),
             json: &json,
             report: &cli.report,
             plots: &plots,
