@@ -559,6 +559,9 @@ fn modinfo_depends(ko: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The VM's /init. /tmp and /run stay directories of the root, which is in memory and writable
+/// already: a tmpfs mounted over them would hide the project's files when the checkout lives
+/// there (as a CI clone in /tmp does).
 fn init_script(kernel: &Kernel, built: &Built, insmods: &[String]) -> String {
     let mut s = String::new();
     s.push_str(&format!(
@@ -570,8 +573,6 @@ export HOME=/root RUST_BACKTRACE=1 RUST_LOG=info
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run
 mount -t bpf bpf /sys/fs/bpf
 ln -s /proc/self/fd /dev/fd
 ip link set lo up
