@@ -290,6 +290,7 @@ fn ct_flag_names(flags: u8) -> Vec<String> {
             (ct_flags::HAIRPIN.into(), "hairpin"),
             (ct_flags::PEER_FIN.into(), "peer_fin"),
             (ct_flags::PEER_RST.into(), "peer_rst"),
+            (ct_flags::FIN_FIRST.into(), "fin_first"),
         ],
     )
 }
