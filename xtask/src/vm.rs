@@ -100,7 +100,7 @@ const PLAN: [Step; 7] = [
     Step {
         name: "netperf",
         target: "netperf",
-        args: &["--ignored", "--nocapture"],
+        args: &["--nocapture"],
     },
 ];
 
