@@ -40,8 +40,8 @@ enum Task {
     Demo,
     /// Measure the datapath and compare it with baselines measured in the same run.
     Bench {
-        /// Extra arguments for the benchmark binary (see `--help` there).
-        #[arg(trailing_var_arg = true)]
+        /// Arguments for the benchmark binary, e.g. `--quick` (see `lb-bench --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }
