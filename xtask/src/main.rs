@@ -29,8 +29,9 @@ enum Task {
         /// Skip the VM test on the older kernel.
         #[arg(long)]
         no_vm: bool,
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
-        #[arg(trailing_var_arg = true)]
+        /// Extra arguments for `cargo test`, e.g. a test name filter or `--test datapath_external`
+        /// (after them, `--` and arguments for the test binaries).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Boot Debian bookworm's 6.1 cloud kernel under qemu and run the datapath tests, the
