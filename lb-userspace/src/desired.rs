@@ -60,6 +60,11 @@ impl DesiredState {
         self.desired.snat_addr = addr;
     }
 
+    /// The ports external flows are source-NATed to (`--snat-ports`).
+    pub fn set_snat_ports(&mut self, ports: std::ops::RangeInclusive<u16>) {
+        self.desired.snat_ports = Some(ports);
+    }
+
     /// What changed since the last call.
     pub fn take_scope(&mut self) -> Scope {
         std::mem::take(&mut self.pending)

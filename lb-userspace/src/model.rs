@@ -217,6 +217,9 @@ pub struct Desired {
     /// The address external flows to backends on other nodes are source-NATed to (the node's
     /// InternalIP).
     pub snat_addr: Option<Ipv4Addr>,
+    /// The ports they are source-NATed to (`--snat-ports`); `None`: the default range,
+    /// [`lb_common::maps::snat::PORT_MIN`] to [`lb_common::maps::snat::PORT_MAX`].
+    pub snat_ports: Option<std::ops::RangeInclusive<u16>>,
 }
 
 impl Desired {

@@ -711,8 +711,14 @@ fn touch(addr: Be32, current: &Programmed, touched: &mut BTreeMap<Be32, Option<A
 pub fn node_config(desired: &Desired) -> NodeConfig {
     NodeConfig {
         snat_addr: desired.snat_addr.map_or(Be32::default(), Be32::from),
-        snat_port_min: snat::PORT_MIN,
-        snat_port_max: snat::PORT_MAX,
+        snat_port_min: desired
+            .snat_ports
+            .as_ref()
+            .map_or(snat::PORT_MIN, |p| *p.start()),
+        snat_port_max: desired
+            .snat_ports
+            .as_ref()
+            .map_or(snat::PORT_MAX, |p| *p.end()),
         hairpin_addr: Be32::from(std::net::Ipv4Addr::from(hairpin::DEFAULT_ADDR)),
     }
 }

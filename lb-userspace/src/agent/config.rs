@@ -2,7 +2,7 @@
 //! (`--hostname-override`, `--metrics-bind-address`, `--healthz-bind-address`,
 //! `--nodeport-addresses`), so operators can switch without relearning.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, ops::RangeInclusive, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
@@ -127,6 +127,13 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',', value_name = "CIDR[,CIDR]")]
     pub nodeport_addresses: Vec<Ipv4Net>,
 
+    /// Ports that external flows to backends on other nodes are source-NATed to
+    /// (externalTrafficPolicy Cluster), reserved from the node's own connections
+    /// (net.ipv4.ip_local_reserved_ports). Each allows one open flow per port to each backend;
+    /// a range reaching into the ephemeral ports (32768-60999) shrinks those of the node.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range, value_name = "MIN-MAX")]
+    pub snat_ports: RangeInclusive<u16>,
+
     /// XDP on the external interfaces.
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
@@ -174,6 +181,39 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// The NodePort range Kubernetes allocates from by default (`--service-node-port-range`).
+const NODE_PORTS: RangeInclusive<u16> = 30_000..=32_767;
+
+/// `MIN-MAX`: at least 1024 (below are services of the node's own), clear of the default
+/// NodePort range (the datapath would take NodePort traffic for replies).
+fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (min, max) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is no range: use MIN-MAX, e.g. 61000-65535"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("{p:?} in {s:?} is not a port (0-65535)"))
+    };
+    let (min, max) = (port(min)?, port(max)?);
+    if min > max {
+        return Err(format!("{s:?} is empty: MIN is above MAX"));
+    }
+    if min < 1024 {
+        return Err(format!(
+            "{s:?} reaches below 1024, the node's privileged ports"
+        ));
+    }
+    if min <= *NODE_PORTS.end() && max >= *NODE_PORTS.start() {
+        return Err(format!(
+            "{s:?} overlaps the NodePort range {}-{}",
+            NODE_PORTS.start(),
+            NODE_PORTS.end()
+        ));
+    }
+    Ok(min..=max)
+}
+
 fn parse_table_size(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     if !(maglev::MIN_TABLE_SIZE..=maglev::MAX_TABLE_SIZE).contains(&n) || !maglev::is_prime(n) {
@@ -216,6 +256,25 @@ mod tests {
     }
 
     #[test]
+    fn snat_port_ranges_are_checked() {
+        assert_eq!(parse_port_range("40000-65535"), Ok(40_000..=65_535));
+        assert_eq!(parse_port_range("61000-61000"), Ok(61_000..=61_000));
+        for (bad, why) in [
+            ("61000", "no range"),
+            ("61000-", "not a port"),
+            ("x-65535", "not a port"),
+            ("61000-70000", "not a port"),
+            ("65535-61000", "MIN is above MAX"),
+            ("80-1000", "below 1024"),
+            ("20000-31000", "NodePort range"),
+            ("32767-40000", "NodePort range"),
+        ] {
+            let err = parse_port_range(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn documented_flags_parse() {
         let cli = Cli::try_parse_from([
             "lb-agent",
@@ -249,6 +308,7 @@ mod tests {
         .unwrap();
         assert_eq!(cli.run.node_name(), "n2");
         assert_eq!(cli.run.source, Source::Kubernetes);
+        assert_eq!(cli.run.snat_ports, 61_000..=65_535);
         assert!(matches!(
             Cli::try_parse_from(["lb-agent", "cleanup"])
                 .unwrap()

@@ -65,7 +65,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut datapath = Datapath::load(&Pinning::Dir(args.bpffs_dir.clone()), capacities)
         .context("loading the datapath")?;
     let mut maps = datapath.take_maps()?;
-    sysctl::reserve_snat_ports();
+    sysctl::reserve_snat_ports(&args.snat_ports);
 
     let mut links = Links::new(&args.bpffs_dir, features.tc_api)?;
     let present = links::interfaces();
@@ -118,7 +118,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ranges: lb_common::maps::capacity::SRC_RANGES,
         table_size: args.maglev_table_size,
     };
-    let mut reconciler = Reconciler::new(node_name, args.nodeport_addresses.clone(), limits);
+    let mut reconciler = Reconciler::new(
+        node_name,
+        args.nodeport_addresses.clone(),
+        args.snat_ports.clone(),
+        limits,
+    );
     let mut health_checks = healthcheck::HealthChecks::default();
     let mut heal = tokio::time::interval(args.sync_period);
     heal.tick().await;

@@ -5,6 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    ops::RangeInclusive,
     time::{Instant, SystemTime},
 };
 
@@ -54,7 +55,14 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(node_name: String, nodeport_cidrs: Vec<Ipv4Net>, limits: Limits) -> Self {
+    pub fn new(
+        node_name: String,
+        nodeport_cidrs: Vec<Ipv4Net>,
+        snat_ports: RangeInclusive<u16>,
+        limits: Limits,
+    ) -> Self {
+        let mut desired = DesiredState::default();
+        desired.set_snat_ports(snat_ports);
         Self {
             node: NodeContext {
                 name: node_name.clone(),
@@ -67,7 +75,7 @@ impl Reconciler {
             store: Store::default(),
             dirty: Dirty::default(),
             pending_since: None,
-            desired: DesiredState::default(),
+            desired,
             reported: BTreeMap::new(),
             programmed: None,
             synced_once: false,

@@ -5,7 +5,6 @@
 
 use std::ops::RangeInclusive;
 
-use lb_common::maps::snat;
 use tracing::{info, warn};
 
 const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
@@ -47,8 +46,7 @@ fn read_whole(path: &str) -> std::io::Result<String> {
 }
 
 /// Reserves the SNAT port range for the datapath (in the agent's network namespace, the node's).
-pub fn reserve_snat_ports() {
-    let wanted = snat::PORT_MIN..=snat::PORT_MAX;
+pub fn reserve_snat_ports(wanted: &RangeInclusive<u16>) {
     let current = match read_whole(RESERVED_PORTS) {
         Ok(text) => text,
         Err(e) => {
@@ -56,10 +54,10 @@ pub fn reserve_snat_ports() {
             return;
         }
     };
-    if covers(&parse(&current), &wanted) {
+    if covers(&parse(&current), wanted) {
         return;
     }
-    match std::fs::write(RESERVED_PORTS, with_range(&current, &wanted)) {
+    match std::fs::write(RESERVED_PORTS, with_range(&current, wanted)) {
         Ok(()) => {
             info!(ports = ?wanted, "reserved the SNAT ports (net.ipv4.ip_local_reserved_ports)")
         }
