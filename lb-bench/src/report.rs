@@ -675,13 +675,12 @@ const METHOD: &str = "
   `ours` is the tc datapath; `ours (xdp native)` forces native XDP (the bed's uplinks carry
   NIC-like frames), `ours (xdp off)` is the same as the default here; both at the smallest size.
 - NodePort traffic enters node-0 and is served by a pod on node-1, so every datapath
-  source-NATs it (externalTrafficPolicy Cluster). Ours takes SNAT ports from 61000-65535 (4536
-  per backend and node). A port whose backend closed the connection first rests until the
-  backend's TIME_WAIT is over (120 s), because a backend in TIME_WAIT refuses another client's
-  SYN on the same ports; netserver closes every TCP_CRR connection first, so beyond about 4536
-  connections in 120 s new ones wait for a port (`drop_snat_ports`) and retransmit their SYN.
-  kube-proxy's MASQUERADE (`--random-fully`) draws from up to 64k ports, which runs this short
-  do not exhaust.
+  source-NATs it (externalTrafficPolicy Cluster). netserver closes every TCP_CRR connection
+  first, so it holds each one in TIME_WAIT on (node address, SNAT port). Ours takes SNAT ports
+  from 61000-65535 (4536 per backend and node) and gives a port in TIME_WAIT to a new
+  connection of the same client (whose newer TCP timestamp TIME_WAIT accepts) once no free one
+  is left; kube-proxy's MASQUERADE (`--random-fully`) draws from up to 64k ports, tracked by
+  nf_conntrack.
 - CPU per transaction is the whole machine's CPU time (all cores, every process) over the
   transactions of a run, at the load one netperf stream offers (closed loop, not a fixed
   offered load); the softirq part is where packet processing runs.

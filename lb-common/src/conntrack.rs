@@ -105,13 +105,71 @@ pub mod ct_flags {
     }
 
     /// Whether the source-NAT port reserved by a reply entry with these flags may go to another
-    /// client's flow before the entry expires: the flow is over and the backend keeps nothing
-    /// of it. A backend that closed first holds TIME_WAIT on (node address, port) for a minute
-    /// or more and takes a new SYN on it only if its TCP timestamp is newer than the old
-    /// flow's, which a different client flow's (timestamps are offset per connection) is only
-    /// half the time: the port rests until the entry's TIME_WAIT deadline instead.
+    /// flow as freely as an unused one: the flow is over and the backend keeps nothing of it (a
+    /// backend that closed first holds TIME_WAIT instead; see [`super::SnatPort`]).
     pub const fn reusable(flags: u8) -> bool {
         flags & (RST | PEER_RST) != 0 || (closed(flags) && flags & FIN_FIRST == 0)
+    }
+}
+
+/// What the reply entry reserving a source-NAT port (`held`, `None` when there is none) means for
+/// a new flow (its forward key `flow`) that wants the port. The datapath takes the first `Free`
+/// or `Reopened` candidate, else the first `TimeWaitSameClient`, else the first
+/// `TimeWaitOtherClient`; `lbctl trace` predicts with the same rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnatPort {
+    /// No live flow holds it: no entry, an expired one, or a flow that is over with nothing
+    /// left of it at the backend.
+    Free,
+    /// Held by this very client flow (same client address and port, same frontend), which a
+    /// SYN reopens: it keeps its port.
+    Reopened,
+    /// The backend closed the old flow first and holds it in TIME_WAIT, which accepts a new SYN
+    /// whose TCP timestamp is newer than the old flow's last one. The old flow came from the same
+    /// client address to the same frontend, whose timestamps run on one clock (Linux offsets
+    /// them per pair of addresses), and ended at least [`SNAT_TIME_WAIT_MIN_AGE_NS`] ago: the
+    /// new SYN's is newer, so the backend takes it.
+    TimeWaitSameClient,
+    /// As `TimeWaitSameClient`, for another client or too recently: the new SYN's timestamp is
+    /// newer only by chance. When it is not, the backend answers with an ACK of the old flow,
+    /// the client resets that TIME_WAIT and its SYN, retransmitted a second later, goes through.
+    /// A delay for some new flows, where refusing them would be a drop.
+    TimeWaitOtherClient,
+    /// Held by a live flow.
+    Taken,
+}
+
+/// How long ago the old flow must have closed for [`SnatPort::TimeWaitSameClient`]: TCP
+/// timestamps tick every millisecond (RFC 7323 allows up to a second, rare in practice), and the
+/// datapath's clock is coarse (a jiffy, up to 4 ms), so 10 ms apart on it is over 1 ms apart.
+pub const SNAT_TIME_WAIT_MIN_AGE_NS: u64 = 10_000_000;
+
+/// See [`SnatPort`]. `now` is the datapath's clock (`bpf_ktime_get_coarse_ns`).
+#[inline(always)]
+pub fn snat_port(held: Option<&CtEntry>, flow: &FlowKey, now: u64) -> SnatPort {
+    let Some(held) = held else {
+        return SnatPort::Free;
+    };
+    if now >= held.deadline_ns {
+        return SnatPort::Free;
+    }
+    let same_client = held.snat_addr == flow.src_addr && held.nat_addr == flow.dst_addr;
+    if same_client && held.snat_port == flow.src_port && held.nat_port == flow.dst_port {
+        return SnatPort::Reopened;
+    }
+    if ct_flags::reusable(held.flags) {
+        return SnatPort::Free;
+    }
+    if flow.proto != crate::net::proto::TCP || !ct_flags::closed(held.flags) {
+        return SnatPort::Taken;
+    }
+    // A closed flow's entry was last written when it closed, with the TIME_WAIT lifetime (later
+    // rewrites, by late segments, only make it look younger).
+    let closed_at = held.deadline_ns.saturating_sub(timeout::TCP_TIME_WAIT);
+    if same_client && now >= closed_at + SNAT_TIME_WAIT_MIN_AGE_NS {
+        SnatPort::TimeWaitSameClient
+    } else {
+        SnatPort::TimeWaitOtherClient
     }
 }
 
@@ -145,4 +203,118 @@ mod user {
     // SAFETY: repr(C), padding-free (bytemuck derive), valid for every bit pattern.
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::CtEntry {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::proto;
+
+    const NOW: u64 = 2 * timeout::TCP_ESTABLISHED;
+
+    fn flow(client: [u8; 4], port: u16, l4_proto: u8) -> FlowKey {
+        FlowKey {
+            src_addr: Be32::from(core::net::Ipv4Addr::from(client)),
+            dst_addr: Be32::from(core::net::Ipv4Addr::new(192, 168, 50, 10)),
+            src_port: Be16::from_host(port),
+            dst_port: Be16::from_host(30_080),
+            proto: l4_proto,
+            dir: FORWARD,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The reply entry of `owner`'s flow, with `flags`, last written `age_ns` ago.
+    fn held(owner: &FlowKey, flags: u8, age_ns: u64) -> CtEntry {
+        let lifetime = if ct_flags::closed(flags) {
+            timeout::TCP_TIME_WAIT
+        } else {
+            timeout::TCP_ESTABLISHED
+        };
+        CtEntry {
+            deadline_ns: NOW - age_ns + lifetime,
+            nat_addr: owner.dst_addr,
+            nat_port: owner.dst_port,
+            flags: flags | ct_flags::SNAT,
+            snat_addr: owner.src_addr,
+            snat_port: owner.src_port,
+            ..CtEntry::default()
+        }
+    }
+
+    #[test]
+    fn snat_ports_are_classified_by_what_their_reply_entry_holds() {
+        use ct_flags::*;
+        let old = flow([198, 51, 100, 1], 40_000, proto::TCP);
+        let same_client = flow([198, 51, 100, 1], 40_001, proto::TCP);
+        let other_client = flow([198, 51, 100, 2], 40_000, proto::TCP);
+        let backend_closed_first = ESTABLISHED | FIN | FIN_FIRST | PEER_FIN;
+        let second = SECOND_NS;
+        let cases = [
+            (None, &other_client, SnatPort::Free),
+            (
+                Some(held(&old, ESTABLISHED, 0)),
+                &other_client,
+                SnatPort::Taken,
+            ),
+            (
+                Some(held(&old, ESTABLISHED, 0)),
+                &same_client,
+                SnatPort::Taken,
+            ),
+            (Some(held(&old, ESTABLISHED, 0)), &old, SnatPort::Reopened),
+            // Expired.
+            (
+                Some(held(&old, ESTABLISHED, timeout::TCP_ESTABLISHED)),
+                &other_client,
+                SnatPort::Free,
+            ),
+            // Half closed: the backend may still send.
+            (
+                Some(held(&old, ESTABLISHED | PEER_FIN, second)),
+                &other_client,
+                SnatPort::Taken,
+            ),
+            // Over, and the backend closed second or reset: nothing left there.
+            (
+                Some(held(&old, ESTABLISHED | FIN | PEER_FIN, 0)),
+                &other_client,
+                SnatPort::Free,
+            ),
+            (
+                Some(held(&old, ESTABLISHED | PEER_RST, 0)),
+                &other_client,
+                SnatPort::Free,
+            ),
+            // The backend closed first and holds TIME_WAIT.
+            (
+                Some(held(&old, backend_closed_first, second)),
+                &same_client,
+                SnatPort::TimeWaitSameClient,
+            ),
+            (
+                Some(held(&old, backend_closed_first, second)),
+                &other_client,
+                SnatPort::TimeWaitOtherClient,
+            ),
+            (
+                Some(held(
+                    &old,
+                    backend_closed_first,
+                    SNAT_TIME_WAIT_MIN_AGE_NS - 1,
+                )),
+                &same_client,
+                SnatPort::TimeWaitOtherClient,
+            ),
+        ];
+        for (i, (entry, flow, want)) in cases.iter().enumerate() {
+            assert_eq!(snat_port(entry.as_ref(), flow, NOW), *want, "case {i}");
+        }
+        // UDP keeps nothing at the backend, but a live flow may send again at any time.
+        let udp = flow([198, 51, 100, 1], 40_000, proto::UDP);
+        let mut entry = held(&udp, 0, second);
+        entry.deadline_ns = NOW + timeout::UDP;
+        let other_udp = flow([198, 51, 100, 2], 40_000, proto::UDP);
+        assert_eq!(snat_port(Some(&entry), &other_udp, NOW), SnatPort::Taken);
+    }
 }

@@ -9,7 +9,7 @@
 
 use lb_common::{
     Be16, Be32,
-    conntrack::{CtEntry, FlowKey, REPLY, ct_flags},
+    conntrack::{CtEntry, FlowKey, REPLY, SnatPort, ct_flags, snat_port},
     hash::flow_hash,
     maps::{Backend, NodeConfig, snat},
     net::proto,
@@ -48,9 +48,11 @@ pub fn reply_key(backend: &Backend, node: (Be32, Be16), l4_proto: u8) -> FlowKey
     }
 }
 
-/// Chooses the node address and port for a new flow from `flow`'s client to `backend`: the
-/// first of a few candidates (spread by the flow hash) that no live flow to that backend holds,
-/// or the one this same client flow held before it was reopened. `None` when all are taken.
+/// Chooses the node address and port for a new flow from `flow`'s client to `backend` among a
+/// few candidates spread by the flow hash, in the order `lb_common::conntrack::SnatPort` gives:
+/// a free one (or the one this same client flow held before it was reopened), else one whose
+/// backend holds a TIME_WAIT that takes this client's SYN, else one whose TIME_WAIT might not.
+/// `None` when live flows hold them all.
 #[inline(always)]
 pub fn allocate(
     flow: &FlowKey,
@@ -66,31 +68,30 @@ pub fn allocate(
         flow.dst_port,
         flow.proto,
     );
+    // The best fallback so far: 2 for a same-client TIME_WAIT, 1 for another one, 0 for none.
+    let mut fallback_rank = 0u8;
+    let mut fallback_port = 0u16;
     for probe in 0..snat::PROBES {
         // A large odd step spreads the candidates over the whole range.
         let offset = hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span;
-        let port = Be16::from_host(cfg.snat_port_min + offset as u16);
-        let key = reply_key(backend, (cfg.snat_addr, port), flow.proto);
+        let port = cfg.snat_port_min + offset as u16;
+        let key = reply_key(backend, (cfg.snat_addr, Be16::from_host(port)), flow.proto);
         // SAFETY: LRU map value, copied out at once.
-        let free = match unsafe { LB_CT.get(&key) } {
-            None => true,
-            // Expired, over with nothing left at the backend (reused at once, or a busy service
-            // would run out of ports; see `ct_flags::reusable`), or held by this very flow
-            // before it was reopened (same client, same frontend).
-            Some(held) => {
-                now >= held.deadline_ns
-                    || ct_flags::reusable(held.flags)
-                    || (held.snat_addr == flow.src_addr
-                        && held.snat_port == flow.src_port
-                        && held.nat_addr == flow.dst_addr
-                        && held.nat_port == flow.dst_port)
+        let held = unsafe { LB_CT.get(&key) }.copied();
+        let rank = match snat_port(held.as_ref(), flow, now) {
+            SnatPort::Free | SnatPort::Reopened => {
+                return Some((cfg.snat_addr, Be16::from_host(port)));
             }
+            SnatPort::TimeWaitSameClient => 2,
+            SnatPort::TimeWaitOtherClient => 1,
+            SnatPort::Taken => 0,
         };
-        if free {
-            return Some((cfg.snat_addr, port));
+        if rank > fallback_rank {
+            fallback_rank = rank;
+            fallback_port = port;
         }
     }
-    None
+    (fallback_rank > 0).then(|| (cfg.snat_addr, Be16::from_host(fallback_port)))
 }
 
 /// A packet to the node's SNAT address: the reply of a SNATed flow gets its frontend back as

@@ -32,7 +32,7 @@ use aya::maps::MapError;
 use comfy_table::{ContentArrangement, Table};
 use lb_common::{
     Be16, Be32,
-    conntrack::{CtEntry, FORWARD, FlowKey, REPLY, ct_flags},
+    conntrack::{CtEntry, FORWARD, FlowKey, REPLY, SnatPort, ct_flags},
     maps::{
         self as names, Backend, NodeConfig, Service, ServiceKey, SourceRange, addr_flags,
         backend_flags, scope, service_flags, snat,
@@ -1271,9 +1271,12 @@ pub struct TraceSnat {
     /// New flows: which candidate port was free, 0-based, of
     /// `lb_common::maps::snat::PROBES` (else `null`).
     pub probe: Option<u32>,
-    /// New flows: the port is the one this same client held (a connection reopened on the same
-    /// ports keeps its port).
-    pub reused: bool,
+    /// New flows: what held the chosen port: `"free"`, `"reopened"` (this same client flow,
+    /// which keeps its port), `"time_wait_same_client"` (a flow of this client the backend keeps
+    /// in TIME_WAIT: it takes the new SYN) or `"time_wait_other_client"` (another client's: it
+    /// may answer with an ACK the client resets, and the SYN goes through on its retransmission)
+    /// (else `null`).
+    pub port_state: Option<&'static str>,
 }
 
 /// `lbctl trace`: what the datapath does with one packet.
@@ -1401,14 +1404,30 @@ fn affinity_text(service: &Service, selection: Selection, src: SocketAddrV4) -> 
 const BOUNCED_TEXT: &str = "sent straight back into the interface it came from (MAC addresses \
                             swapped)";
 
+/// [`TraceSnat::port_state`] of a port in `state`.
+fn snat_port_state(state: SnatPort) -> &'static str {
+    match state {
+        SnatPort::Free => "free",
+        SnatPort::Reopened => "reopened",
+        SnatPort::TimeWaitSameClient => "time_wait_same_client",
+        SnatPort::TimeWaitOtherClient => "time_wait_other_client",
+        SnatPort::Taken => "taken",
+    }
+}
+
 fn snat_choice_text(choice: &SnatChoice) -> String {
-    let reused = if choice.reused {
-        ", the port this client held before"
-    } else {
-        ""
+    let held = match choice.state {
+        SnatPort::Free | SnatPort::Taken => "",
+        SnatPort::Reopened => ", the port this client flow held before",
+        SnatPort::TimeWaitSameClient => {
+            ", in TIME_WAIT at the backend after a flow of this client (it takes the new SYN)"
+        }
+        SnatPort::TimeWaitOtherClient => {
+            ", in TIME_WAIT at the backend after another flow (no other candidate was free)"
+        }
     };
     format!(
-        "candidate port {} of {}, flow hash {:#010x}{reused}",
+        "candidate port {} of {}, flow hash {:#010x}{held}",
         choice.probe + 1,
         snat::PROBES,
         choice.hash
@@ -1423,7 +1442,7 @@ fn trace_snat(hairpin: bool, addr: SocketAddrV4, client: SocketAddrV4) -> TraceS
         client,
         hash: None,
         probe: None,
-        reused: false,
+        port_state: None,
     }
 }
 
@@ -1625,7 +1644,7 @@ pub fn trace_forward(
                         client: src,
                         hash: Some(choice.hash),
                         probe: Some(choice.probe),
-                        reused: choice.reused,
+                        port_state: Some(snat_port_state(choice.state)),
                     });
                     format!(
                         "DNAT: dst {dst} -> {backend}; SNAT (from outside to a backend on \
@@ -2318,7 +2337,10 @@ pub fn render_trace(t: &Trace) -> String {
                 " (candidate port {} of {}, flow hash {hash:#010x}{})",
                 probe + 1,
                 snat::PROBES,
-                if s.reused { ", reused" } else { "" }
+                match s.port_state {
+                    Some(state) if state != "free" => format!(", {state}"),
+                    _ => String::new(),
+                }
             ),
             _ => String::new(),
         };
@@ -2486,7 +2508,7 @@ mod tests {
                 client: "10.0.0.1:1000".parse().unwrap(),
                 hash: Some(7),
                 probe: Some(1),
-                reused: false,
+                port_state: Some("time_wait_same_client"),
             }),
             ..t
         };
@@ -2499,7 +2521,7 @@ mod tests {
                 "client": "10.0.0.1:1000",
                 "hash": 7,
                 "probe": 1,
-                "reused": false,
+                "port_state": "time_wait_same_client",
             })
         );
         let text = render_trace(&snatted);

@@ -36,7 +36,7 @@ use std::net::SocketAddrV4;
 use aya::maps::{MapError, lpm_trie::Key};
 use lb_common::{
     Be16, Be32,
-    conntrack::{CtEntry, FORWARD, FlowKey, REPLY, ct_flags},
+    conntrack::{CtEntry, FORWARD, FlowKey, REPLY, SnatPort, ct_flags, snat_port},
     hash::flow_hash,
     maps::{
         self as names, AffinityKey, Backend, NodeConfig, Service, ServiceKey, SourceRange,
@@ -165,9 +165,9 @@ pub struct SnatChoice {
     pub hash: u32,
     /// Which candidate was taken (0-based, below `lb_common::maps::snat::PROBES`).
     pub probe: u32,
-    /// The candidate is held by this same client (a connection reopened on the same ports
-    /// keeps its port).
-    pub reused: bool,
+    /// What held the candidate: nothing live (`Free`), this same client flow (`Reopened`), or
+    /// a flow over but kept in TIME_WAIT by its backend.
+    pub state: SnatPort,
 }
 
 /// Why a new flow that needs source NAT gets none.
@@ -313,8 +313,9 @@ pub fn snat_reply_key(backend: &Backend, node: (Be32, Be16), l4_proto: u8) -> Fl
 /// The node port the datapath gives the new flow `flow` (its forward key) to `backend`, with
 /// `config` (which must be [`snat_configured`]), from the live `LB_CT` (`snat::allocate` in the
 /// datapath): candidate `probe` is `snat_port_min + (hash + probe * 0x9e3779b1) % span` in
-/// wrapping u32 arithmetic, `hash` being the flow hash of the forward key; the first candidate
-/// whose reply key is absent, expired, or held by the same client is taken.
+/// wrapping u32 arithmetic, `hash` being the flow hash of the forward key; the first free (or
+/// reopened) candidate is taken, else the first same-client TIME_WAIT one, else the first other
+/// TIME_WAIT one ([`SnatPort`] tells them apart).
 pub fn snat_allocate(
     maps: &Maps,
     flow: &FlowKey,
@@ -330,7 +331,14 @@ pub fn snat_allocate(
         flow.dst_port,
         flow.proto,
     );
+    let rank = |state: SnatPort| match state {
+        SnatPort::Free | SnatPort::Reopened => 3,
+        SnatPort::TimeWaitSameClient => 2,
+        SnatPort::TimeWaitOtherClient => 1,
+        SnatPort::Taken => 0,
+    };
     let mut candidates = Vec::new();
+    let mut best: Option<SnatChoice> = None;
     for probe in 0..snat::PROBES {
         let offset = hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span;
         // offset < span, so this stays within the range.
@@ -341,25 +349,21 @@ pub fn snat_allocate(
             (config.snat_addr, Be16::from_host(port)),
             flow.proto,
         );
-        let (free, reused) = match found(names::LB_CT, maps.ct.get(&key, 0))? {
-            None => (true, false),
-            Some(held) => {
-                let same_client =
-                    held.snat_addr == flow.src_addr && held.snat_port == flow.src_port;
-                let live = now < held.deadline_ns;
-                (!live || same_client, live && same_client)
-            }
-        };
-        if free {
-            return Ok(Ok(SnatChoice {
+        let held = found(names::LB_CT, maps.ct.get(&key, 0))?;
+        let state = snat_port(held.as_ref(), flow, now);
+        if rank(state) > best.map_or(0, |b| rank(b.state)) {
+            best = Some(SnatChoice {
                 node: SocketAddrV4::new(config.snat_addr.to_ip(), port),
                 hash,
                 probe,
-                reused,
-            }));
+                state,
+            });
+        }
+        if rank(state) == 3 {
+            break;
         }
     }
-    Ok(Err(SnatFailure::PortsTaken {
+    Ok(best.ok_or(SnatFailure::PortsTaken {
         node: config.snat_addr.to_ip(),
         hash,
         candidates,

@@ -391,6 +391,27 @@ fn node_ports_from_outside_reach_every_backend_through_every_node_over_tcp_and_u
     }
 }
 
+/// This HTTP server closes first, as many do, so it holds every source-NATed connection in
+/// TIME_WAIT on (node address, SNAT port) for a minute. With 8 SNAT ports, a client connecting
+/// again and again and then another client are all served at once: ports in TIME_WAIT serve
+/// new connections (a port held by a live connection never does).
+#[test]
+fn source_nat_ports_in_time_wait_keep_serving_new_connections() {
+    let Some(bed) = Bed::with_agent_args(&["--snat-ports", "61000-61007"]) else {
+        return;
+    };
+    let node_ip = bed.cluster.node_ip(0);
+    let via_node_0 = sock(node_ip, 30_080);
+    let answers = bed.ask_from_outside(via_node_0, 80, None);
+    let snatted = answers.iter().filter(|(_, seen)| *seen == node_ip).count();
+    assert!(
+        snatted > 20,
+        "{snatted} of 80 connections went to the other node's backend"
+    );
+    let answers = bed.ask_from_outside(via_node_0, 40, Some(OUTSIDER));
+    assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
+}
+
 #[test]
 fn external_traffic_policy_local_keeps_the_client_drops_elsewhere_and_health_checks_follow() {
     let Some(bed) = Bed::new() else { return };

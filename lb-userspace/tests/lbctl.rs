@@ -1422,7 +1422,7 @@ fn trace_predicts_source_nat_here() {
             "client": client.to_string(),
             "hash": hash_of(client, node_port, TCP),
             "probe": 0,
-            "reused": false,
+            "port_state": "free",
         })
     );
     assert_eq!(json_sock(&t["output"]["src"]), node);
@@ -1593,7 +1593,7 @@ fn trace_predicts_source_nat_here() {
     );
     assert_eq!(t["decision"], "new_flow");
     assert_eq!(json_sock(&t["snat"]["addr"]), node);
-    assert_eq!(t["snat"]["reused"], true);
+    assert_eq!(t["snat"]["port_state"], "reopened");
 
     // One port in the range, held by the first client's flow: a new flow to the same backend
     // finds no port.
