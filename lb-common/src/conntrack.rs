@@ -76,7 +76,8 @@ const _: () = {
 /// Bits of [`CtEntry::flags`].
 pub mod ct_flags {
     /// The TCP flow completed its handshake as far as this direction can tell (a non-SYN
-    /// segment was seen).
+    /// segment was seen). A UDP flow: it is a stream, still sending
+    /// [`super::timeout::UDP_STREAM_AFTER`] after it opened.
     pub const ESTABLISHED: u8 = 1 << 0;
     /// A FIN was seen in this direction.
     pub const FIN: u8 = 1 << 1;
@@ -114,8 +115,8 @@ pub mod ct_flags {
 
 /// What the reply entry reserving a source-NAT port (`held`, `None` when there is none) means for
 /// a new flow (its forward key `flow`) that wants the port. The datapath takes the first `Free`
-/// or `Reopened` candidate, else the first `TimeWaitSameClient`, else the first
-/// `TimeWaitOtherClient`; `lbctl trace` predicts with the same rules.
+/// or `Reopened` candidate, else the first `TimeWait` one; `lbctl trace` predicts with the same
+/// rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SnatPort {
     /// No live flow holds it: no entry, an expired one, or a flow that is over with nothing
@@ -124,25 +125,17 @@ pub enum SnatPort {
     /// Held by this very client flow (same client address and port, same frontend), which a
     /// SYN reopens: it keeps its port.
     Reopened,
-    /// The backend closed the old flow first and holds it in TIME_WAIT, which accepts a new SYN
-    /// whose TCP timestamp is newer than the old flow's last one. The old flow came from the same
-    /// client address to the same frontend, whose timestamps run on one clock (Linux offsets
-    /// them per pair of addresses), and ended at least [`SNAT_TIME_WAIT_MIN_AGE_NS`] ago: the
-    /// new SYN's is newer, so the backend takes it.
-    TimeWaitSameClient,
-    /// As `TimeWaitSameClient`, for another client or too recently: the new SYN's timestamp is
-    /// newer only by chance. When it is not, the backend answers with an ACK of the old flow,
-    /// the client resets that TIME_WAIT and its SYN, retransmitted a second later, goes through.
-    /// A delay for some new flows, where refusing them would be a drop.
-    TimeWaitOtherClient,
+    /// The backend closed the old flow first and holds it in TIME_WAIT, which takes a new SYN
+    /// only if its TCP timestamp is newer than the old flow's last one. Clients offset their
+    /// timestamps at random (per connection on recent Linux kernels, measured), so that is so
+    /// about half the time. Otherwise the backend answers with an ACK of the old flow, the
+    /// client resets that TIME_WAIT and retransmits its SYN, which goes through: a delay for
+    /// some new flows (Linux retransmits within a few milliseconds then), where refusing them
+    /// would be a drop.
+    TimeWait,
     /// Held by a live flow.
     Taken,
 }
-
-/// How long ago the old flow must have closed for [`SnatPort::TimeWaitSameClient`]: TCP
-/// timestamps tick every millisecond (RFC 7323 allows up to a second, rare in practice), and the
-/// datapath's clock is coarse (a jiffy, up to 4 ms), so 10 ms apart on it is over 1 ms apart.
-pub const SNAT_TIME_WAIT_MIN_AGE_NS: u64 = 10_000_000;
 
 /// See [`SnatPort`]. `now` is the datapath's clock (`bpf_ktime_get_coarse_ns`).
 #[inline(always)]
@@ -153,23 +146,19 @@ pub fn snat_port(held: Option<&CtEntry>, flow: &FlowKey, now: u64) -> SnatPort {
     if now >= held.deadline_ns {
         return SnatPort::Free;
     }
-    let same_client = held.snat_addr == flow.src_addr && held.nat_addr == flow.dst_addr;
-    if same_client && held.snat_port == flow.src_port && held.nat_port == flow.dst_port {
+    if held.snat_addr == flow.src_addr
+        && held.snat_port == flow.src_port
+        && held.nat_addr == flow.dst_addr
+        && held.nat_port == flow.dst_port
+    {
         return SnatPort::Reopened;
     }
     if ct_flags::reusable(held.flags) {
-        return SnatPort::Free;
-    }
-    if flow.proto != crate::net::proto::TCP || !ct_flags::closed(held.flags) {
-        return SnatPort::Taken;
-    }
-    // A closed flow's entry was last written when it closed, with the TIME_WAIT lifetime (later
-    // rewrites, by late segments, only make it look younger).
-    let closed_at = held.deadline_ns.saturating_sub(timeout::TCP_TIME_WAIT);
-    if same_client && now >= closed_at + SNAT_TIME_WAIT_MIN_AGE_NS {
-        SnatPort::TimeWaitSameClient
+        SnatPort::Free
+    } else if flow.proto == crate::net::proto::TCP && ct_flags::closed(held.flags) {
+        SnatPort::TimeWait
     } else {
-        SnatPort::TimeWaitOtherClient
+        SnatPort::Taken
     }
 }
 
@@ -191,8 +180,15 @@ pub mod timeout {
     /// Closed in both directions: late segments (the last ACK, a retransmitted FIN) still find
     /// their translation (nf_conntrack's `tcp_timeout_time_wait`).
     pub const TCP_TIME_WAIT: u64 = 120 * SECOND_NS;
-    /// UDP and other datagram flows (nf_conntrack's `udp_timeout_stream`).
-    pub const UDP: u64 = 120 * SECOND_NS;
+    /// A UDP flow in its first seconds, such as a DNS query and its answer (nf_conntrack's
+    /// `udp_timeout`): its entries, and the source-NAT port they may hold, are soon free again.
+    pub const UDP: u64 = 30 * SECOND_NS;
+    /// A UDP flow that sends past [`UDP_STREAM_AFTER`]: a stream (nf_conntrack's
+    /// `udp_timeout_stream`).
+    pub const UDP_STREAM: u64 = 120 * SECOND_NS;
+    /// How long after it opened a UDP flow that still sends is a stream (nf_conntrack: 2 s after
+    /// the first reply).
+    pub const UDP_STREAM_AFTER: u64 = 2 * SECOND_NS;
 }
 
 /// The datapath rewrites an entry's deadline only when it would move by more than this.
@@ -290,21 +286,12 @@ mod tests {
             (
                 Some(held(&old, backend_closed_first, second)),
                 &same_client,
-                SnatPort::TimeWaitSameClient,
+                SnatPort::TimeWait,
             ),
             (
                 Some(held(&old, backend_closed_first, second)),
                 &other_client,
-                SnatPort::TimeWaitOtherClient,
-            ),
-            (
-                Some(held(
-                    &old,
-                    backend_closed_first,
-                    SNAT_TIME_WAIT_MIN_AGE_NS - 1,
-                )),
-                &same_client,
-                SnatPort::TimeWaitOtherClient,
+                SnatPort::TimeWait,
             ),
         ];
         for (i, (entry, flow, want)) in cases.iter().enumerate() {
@@ -313,7 +300,7 @@ mod tests {
         // UDP keeps nothing at the backend, but a live flow may send again at any time.
         let udp = flow([198, 51, 100, 1], 40_000, proto::UDP);
         let mut entry = held(&udp, 0, second);
-        entry.deadline_ns = NOW + timeout::UDP;
+        entry.deadline_ns = NOW + timeout::UDP_STREAM;
         let other_udp = flow([198, 51, 100, 2], 40_000, proto::UDP);
         assert_eq!(snat_port(Some(&entry), &other_udp, NOW), SnatPort::Taken);
     }

@@ -49,10 +49,9 @@ pub fn reply_key(backend: &Backend, node: (Be32, Be16), l4_proto: u8) -> FlowKey
 }
 
 /// Chooses the node address and port for a new flow from `flow`'s client to `backend` among a
-/// few candidates spread by the flow hash, in the order `lb_common::conntrack::SnatPort` gives:
-/// a free one (or the one this same client flow held before it was reopened), else one whose
-/// backend holds a TIME_WAIT that takes this client's SYN, else one whose TIME_WAIT might not.
-/// `None` when live flows hold them all.
+/// few candidates spread by the flow hash (see `lb_common::conntrack::SnatPort`): the first
+/// free one (or the one this same client flow held before it was reopened), else the first one
+/// whose backend holds its old flow in TIME_WAIT. `None` when live flows hold them all.
 #[inline(always)]
 pub fn allocate(
     flow: &FlowKey,
@@ -68,9 +67,8 @@ pub fn allocate(
         flow.dst_port,
         flow.proto,
     );
-    // The best fallback so far: 2 for a same-client TIME_WAIT, 1 for another one, 0 for none.
-    let mut fallback_rank = 0u8;
-    let mut fallback_port = 0u16;
+    // The first candidate in TIME_WAIT, 0 for none (ports come from a range above 0).
+    let mut time_wait = 0u16;
     for probe in 0..snat::PROBES {
         // A large odd step spreads the candidates over the whole range.
         let offset = hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span;
@@ -78,20 +76,15 @@ pub fn allocate(
         let key = reply_key(backend, (cfg.snat_addr, Be16::from_host(port)), flow.proto);
         // SAFETY: LRU map value, copied out at once.
         let held = unsafe { LB_CT.get(&key) }.copied();
-        let rank = match snat_port(held.as_ref(), flow, now) {
+        match snat_port(held.as_ref(), flow, now) {
             SnatPort::Free | SnatPort::Reopened => {
                 return Some((cfg.snat_addr, Be16::from_host(port)));
             }
-            SnatPort::TimeWaitSameClient => 2,
-            SnatPort::TimeWaitOtherClient => 1,
-            SnatPort::Taken => 0,
-        };
-        if rank > fallback_rank {
-            fallback_rank = rank;
-            fallback_port = port;
+            SnatPort::TimeWait if time_wait == 0 => time_wait = port,
+            SnatPort::TimeWait | SnatPort::Taken => {}
         }
     }
-    (fallback_rank > 0).then(|| (cfg.snat_addr, Be16::from_host(fallback_port)))
+    (time_wait != 0).then(|| (cfg.snat_addr, Be16::from_host(time_wait)))
 }
 
 /// A packet to the node's SNAT address: the reply of a SNATed flow gets its frontend back as

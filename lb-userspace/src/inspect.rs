@@ -1272,10 +1272,9 @@ pub struct TraceSnat {
     /// `lb_common::maps::snat::PROBES` (else `null`).
     pub probe: Option<u32>,
     /// New flows: what held the chosen port: `"free"`, `"reopened"` (this same client flow,
-    /// which keeps its port), `"time_wait_same_client"` (a flow of this client the backend keeps
-    /// in TIME_WAIT: it takes the new SYN) or `"time_wait_other_client"` (another client's: it
-    /// may answer with an ACK the client resets, and the SYN goes through on its retransmission)
-    /// (else `null`).
+    /// which keeps its port) or `"time_wait"` (a flow the backend keeps in TIME_WAIT: it takes
+    /// the SYN if its timestamp is newer, else answers with an ACK the client resets, and the
+    /// SYN goes through on its retransmission) (else `null`).
     pub port_state: Option<&'static str>,
 }
 
@@ -1409,8 +1408,7 @@ fn snat_port_state(state: SnatPort) -> &'static str {
     match state {
         SnatPort::Free => "free",
         SnatPort::Reopened => "reopened",
-        SnatPort::TimeWaitSameClient => "time_wait_same_client",
-        SnatPort::TimeWaitOtherClient => "time_wait_other_client",
+        SnatPort::TimeWait => "time_wait",
         SnatPort::Taken => "taken",
     }
 }
@@ -1419,11 +1417,8 @@ fn snat_choice_text(choice: &SnatChoice) -> String {
     let held = match choice.state {
         SnatPort::Free | SnatPort::Taken => "",
         SnatPort::Reopened => ", the port this client flow held before",
-        SnatPort::TimeWaitSameClient => {
-            ", in TIME_WAIT at the backend after a flow of this client (it takes the new SYN)"
-        }
-        SnatPort::TimeWaitOtherClient => {
-            ", in TIME_WAIT at the backend after another flow (no other candidate was free)"
+        SnatPort::TimeWait => {
+            ", in TIME_WAIT at the backend after an earlier flow (no candidate was free)"
         }
     };
     format!(
@@ -2508,7 +2503,7 @@ mod tests {
                 client: "10.0.0.1:1000".parse().unwrap(),
                 hash: Some(7),
                 probe: Some(1),
-                port_state: Some("time_wait_same_client"),
+                port_state: Some("time_wait"),
             }),
             ..t
         };
@@ -2521,7 +2516,7 @@ mod tests {
                 "client": "10.0.0.1:1000",
                 "hash": 7,
                 "probe": 1,
-                "port_state": "time_wait_same_client",
+                "port_state": "time_wait",
             })
         );
         let text = render_trace(&snatted);

@@ -166,7 +166,7 @@ pub struct SnatChoice {
     /// Which candidate was taken (0-based, below `lb_common::maps::snat::PROBES`).
     pub probe: u32,
     /// What held the candidate: nothing live (`Free`), this same client flow (`Reopened`), or
-    /// a flow over but kept in TIME_WAIT by its backend.
+    /// a flow over but kept in TIME_WAIT by its backend (`TimeWait`).
     pub state: SnatPort,
 }
 
@@ -314,8 +314,7 @@ pub fn snat_reply_key(backend: &Backend, node: (Be32, Be16), l4_proto: u8) -> Fl
 /// `config` (which must be [`snat_configured`]), from the live `LB_CT` (`snat::allocate` in the
 /// datapath): candidate `probe` is `snat_port_min + (hash + probe * 0x9e3779b1) % span` in
 /// wrapping u32 arithmetic, `hash` being the flow hash of the forward key; the first free (or
-/// reopened) candidate is taken, else the first same-client TIME_WAIT one, else the first other
-/// TIME_WAIT one ([`SnatPort`] tells them apart).
+/// reopened) candidate is taken, else the first in TIME_WAIT ([`SnatPort`] tells them apart).
 pub fn snat_allocate(
     maps: &Maps,
     flow: &FlowKey,
@@ -332,9 +331,8 @@ pub fn snat_allocate(
         flow.proto,
     );
     let rank = |state: SnatPort| match state {
-        SnatPort::Free | SnatPort::Reopened => 3,
-        SnatPort::TimeWaitSameClient => 2,
-        SnatPort::TimeWaitOtherClient => 1,
+        SnatPort::Free | SnatPort::Reopened => 2,
+        SnatPort::TimeWait => 1,
         SnatPort::Taken => 0,
     };
     let mut candidates = Vec::new();
@@ -359,7 +357,7 @@ pub fn snat_allocate(
                 state,
             });
         }
-        if rank(state) == 3 {
+        if rank(state) == 2 {
             break;
         }
     }

@@ -155,6 +155,27 @@ fn forward_key(client: SocketAddrV4, l4_proto: u8) -> FlowKey {
     }
 }
 
+/// The key of the reply entry of a flow to `REMOTE_POD` source-NATed to this node's `port`.
+fn remote_reply_key(port: u16) -> FlowKey {
+    FlowKey {
+        src_addr: Be32::from(*REMOTE_POD.ip()),
+        dst_addr: Be32::from(NODE),
+        src_port: Be16::from_host(REMOTE_POD.port()),
+        dst_port: Be16::from_host(port),
+        proto: TCP,
+        dir: REPLY,
+        _pad: [0; 2],
+    }
+}
+
+/// A segment from `REMOTE_POD` to this node's SNAT `port`, as the other node sends it.
+fn from_remote_pod(port: u16, tcp_flags: u8) -> Packet {
+    let mut pkt = Packet::tcp(REMOTE_POD, SocketAddrV4::new(NODE, port), tcp_flags, b"");
+    pkt.eth_src = OTHER_NODE_MAC;
+    pkt.eth_dst = UPLINK_MAC;
+    pkt
+}
+
 /// The node address and port the flow from `client` was source-NATed to.
 fn snat_source(h: &Harness, client: SocketAddrV4, l4_proto: u8) -> SocketAddrV4 {
     let entry = h
@@ -308,15 +329,7 @@ fn snat_ports_are_never_shared_by_live_flows_and_come_back_when_flows_end() {
         // When a flow's state expires, its port is free again.
         let second = socket([192, 168, 50, 2], 50_001);
         let freed = snat_source(h, second, TCP);
-        let reply_key = FlowKey {
-            src_addr: Be32::from(*REMOTE_POD.ip()),
-            dst_addr: Be32::from(NODE),
-            src_port: Be16::from_host(REMOTE_POD.port()),
-            dst_port: Be16::from_host(freed.port()),
-            proto: TCP,
-            dir: REPLY,
-            _pad: [0; 2],
-        };
+        let reply_key = remote_reply_key(freed.port());
         let mut expired = h.maps.ct.get(&reply_key, 0).unwrap();
         expired.deadline_ns = 0;
         h.maps.ct.insert(reply_key, expired, 0).unwrap();
@@ -336,21 +349,10 @@ fn snat_ports_of_finished_flows_serve_new_flows_at_once() {
     in_routed_namespace(|h| {
         h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
         configure_snat(h, 61_000, 61_000);
-        let reply_key = FlowKey {
-            src_addr: Be32::from(*REMOTE_POD.ip()),
-            dst_addr: Be32::from(NODE),
-            src_port: Be16::from_host(REMOTE_POD.port()),
-            dst_port: Be16::from_host(61_000),
-            proto: TCP,
-            dir: REPLY,
-            _pad: [0; 2],
-        };
+        let reply_key = remote_reply_key(61_000);
         let port = SocketAddrV4::new(NODE, 61_000);
         let backend_says = |h: &mut Harness, tcp_flags: u8| {
-            let mut pkt = Packet::tcp(REMOTE_POD, port, tcp_flags, b"");
-            pkt.eth_src = OTHER_NODE_MAC;
-            pkt.eth_dst = UPLINK_MAC;
-            h.run(Hook::ExtIn, &pkt.bytes())
+            h.run(Hook::ExtIn, &from_remote_pod(61_000, tcp_flags).bytes())
         };
         let open = |h: &mut Harness, client: SocketAddrV4| {
             let run = h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
@@ -411,59 +413,37 @@ fn snat_ports_of_finished_flows_serve_new_flows_at_once() {
 
 /// Backends that close first (HTTP servers, netserver) hold TIME_WAIT on (node address, SNAT
 /// port) for a minute: resting those ports would cap a node at a few thousand new connections
-/// per minute and backend. A port in TIME_WAIT serves a new flow when no free candidate is left,
-/// first one that the same client used (its SYN's timestamp is newer, which TIME_WAIT accepts),
-/// then any other; only ports of live flows are never handed out.
+/// per minute and backend. A port in TIME_WAIT serves a new flow when no free candidate is left
+/// (the first such candidate); ports of live flows are never handed out.
 #[test]
-fn snat_ports_in_time_wait_serve_the_same_client_first_and_only_when_none_is_free() {
+fn snat_ports_in_time_wait_serve_new_flows_only_when_none_is_free() {
     in_routed_namespace(|h| {
         h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
         configure_snat(h, 61_000, 61_001);
-        let reply_key = |port: u16| FlowKey {
-            src_addr: Be32::from(*REMOTE_POD.ip()),
-            dst_addr: Be32::from(NODE),
-            src_port: Be16::from_host(REMOTE_POD.port()),
-            dst_port: Be16::from_host(port),
-            proto: TCP,
-            dir: REPLY,
-            _pad: [0; 2],
-        };
         let open = |h: &mut Harness, client: SocketAddrV4| {
             let run = h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
             assert_eq!(run.verdict, xdp::REDIRECT, "{client} gets a port");
             let port = snat_source(h, client, TCP).port();
-            let mut pkt = Packet::tcp(
-                REMOTE_POD,
-                SocketAddrV4::new(NODE, port),
-                flags::SYN | flags::ACK,
-                b"",
+            h.run(
+                Hook::ExtIn,
+                &from_remote_pod(port, flags::SYN | flags::ACK).bytes(),
             );
-            pkt.eth_src = OTHER_NODE_MAC;
-            pkt.eth_dst = UPLINK_MAC;
-            h.run(Hook::ExtIn, &pkt.bytes());
             h.run(Hook::Xdp, &from_client(client, flags::ACK).bytes());
             port
         };
-        // The backend closes first, the client second; then a second passes.
+        // The backend closes first, the client second.
         let close_backend_first = |h: &mut Harness, client: SocketAddrV4, port: u16| {
-            let mut fin = Packet::tcp(
-                REMOTE_POD,
-                SocketAddrV4::new(NODE, port),
-                flags::FIN | flags::ACK,
-                b"",
+            h.run(
+                Hook::ExtIn,
+                &from_remote_pod(port, flags::FIN | flags::ACK).bytes(),
             );
-            fin.eth_src = OTHER_NODE_MAC;
-            fin.eth_dst = UPLINK_MAC;
-            h.run(Hook::ExtIn, &fin.bytes());
             h.run(
                 Hook::Xdp,
                 &from_client(client, flags::FIN | flags::ACK).bytes(),
             );
-            let mut entry = h.maps.ct.get(&reply_key(port), 0).unwrap();
+            let entry = h.maps.ct.get(&remote_reply_key(port), 0).unwrap();
             assert!(ct_flags::closed(entry.flags), "flags {:#x}", entry.flags);
             assert!(!ct_flags::reusable(entry.flags), "flags {:#x}", entry.flags);
-            entry.deadline_ns -= 1_000_000_000;
-            h.maps.ct.insert(reply_key(port), entry, 0).unwrap();
         };
         // Which of the two ports a flow from `client` tries first.
         let first_candidate = |client: SocketAddrV4| {
@@ -490,22 +470,20 @@ fn snat_ports_in_time_wait_serve_the_same_client_first_and_only_when_none_is_fre
         assert_ne!(port_b, port_a, "the free port");
         close_backend_first(h, b, port_b);
 
-        // Both ports in TIME_WAIT: a new flow of client `a` gets `a`'s old port, even when it
-        // tries `b`'s first.
-        let a2 = (50_001..)
-            .map(|port| socket([192, 168, 50, 2], port))
+        // Both ports in TIME_WAIT: a new flow gets the first it tries.
+        let c = (50_000..)
+            .map(|port| socket([192, 168, 50, 4], port))
             .find(|c| first_candidate(*c) == port_b)
             .unwrap();
-        assert_eq!(open(h, a2), port_a, "the same client's TIME_WAIT port");
-
-        // Another client gets what is left: `b`'s port in TIME_WAIT.
-        let c = socket([192, 168, 50, 4], 50_000);
-        assert_eq!(open(h, c), port_b, "another client's TIME_WAIT port");
+        assert_eq!(open(h, c), port_b, "the first candidate, in TIME_WAIT");
+        // The next one gets what is left.
+        let d = socket([192, 168, 50, 5], 50_000);
+        assert_eq!(open(h, d), port_a, "the other port in TIME_WAIT");
 
         // Live flows hold both ports: the next flow finds none.
         let run = h.run(
             Hook::Xdp,
-            &from_client(socket([192, 168, 50, 5], 50_000), flags::SYN).bytes(),
+            &from_client(socket([192, 168, 50, 6], 50_000), flags::SYN).bytes(),
         );
         assert_eq!(run.verdict, xdp::DROP);
         assert_eq!(h.verdict_count(Reason::DropSnatPorts), 1);
@@ -520,15 +498,7 @@ fn without_nat_state_a_reply_passes_untouched_and_without_an_address_nothing_is_
         h.run(Hook::Xdp, &from_client(CLIENT, flags::SYN).bytes());
         let source = snat_source(h, CLIENT, TCP);
         // The LRU lost the reply entry: the reply is not ours to translate; the stack decides.
-        let reply_key = FlowKey {
-            src_addr: Be32::from(*REMOTE_POD.ip()),
-            dst_addr: Be32::from(NODE),
-            src_port: Be16::from_host(REMOTE_POD.port()),
-            dst_port: Be16::from_host(source.port()),
-            proto: TCP,
-            dir: REPLY,
-            _pad: [0; 2],
-        };
+        let reply_key = remote_reply_key(source.port());
         h.maps.ct.remove(&reply_key).unwrap();
         let reply = Packet::tcp(REMOTE_POD, source, flags::ACK, b"late");
         let run = h.run(Hook::Xdp, &reply.bytes());

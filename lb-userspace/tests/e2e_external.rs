@@ -393,8 +393,9 @@ fn node_ports_from_outside_reach_every_backend_through_every_node_over_tcp_and_u
 
 /// This HTTP server closes first, as many do, so it holds every source-NATed connection in
 /// TIME_WAIT on (node address, SNAT port) for a minute. With 8 SNAT ports, a client connecting
-/// again and again and then another client are all served at once: ports in TIME_WAIT serve
-/// new connections (a port held by a live connection never does).
+/// again and again and then another client are all served: ports in TIME_WAIT serve new
+/// connections (some after a quick SYN retransmission, when TIME_WAIT finds the SYN's
+/// timestamp older), while a port held by a live connection never does.
 #[test]
 fn source_nat_ports_in_time_wait_keep_serving_new_connections() {
     let Some(bed) = Bed::with_agent_args(&["--snat-ports", "61000-61007"]) else {
