@@ -25,7 +25,11 @@ pub fn now() -> u64 {
 #[inline(always)]
 fn lifetime(l4_proto: u8, flags: u8) -> u64 {
     if l4_proto != proto::TCP {
-        timeout::UDP
+        if flags & ct_flags::ESTABLISHED != 0 {
+            timeout::UDP_STREAM
+        } else {
+            timeout::UDP
+        }
     } else if flags & (ct_flags::RST | ct_flags::PEER_RST) != 0 {
         timeout::TCP_RST
     } else if ct_flags::closed(flags) {
@@ -39,12 +43,22 @@ fn lifetime(l4_proto: u8, flags: u8) -> u64 {
     }
 }
 
-/// The entry's flags after a segment with `seg_flags` went through.
+/// A datagram flow's flags after a packet at `now`, its entry's deadline being `deadline`: it
+/// becomes a stream when it sends past its first seconds. Until then its entry was last written
+/// when it opened (a later refresh only makes it look younger).
 #[inline(always)]
-fn next_flags(l4_proto: u8, flags: u8, seg_flags: u8) -> u8 {
-    if l4_proto != proto::TCP {
-        return flags;
+fn next_datagram_flags(flags: u8, deadline: u64, now: u64) -> u8 {
+    let opened = deadline.saturating_sub(timeout::UDP);
+    if flags & ct_flags::ESTABLISHED == 0 && now >= opened + timeout::UDP_STREAM_AFTER {
+        flags | ct_flags::ESTABLISHED
+    } else {
+        flags
     }
+}
+
+/// A TCP entry's flags after a segment with `seg_flags` went through.
+#[inline(always)]
+fn next_tcp_flags(flags: u8, seg_flags: u8) -> u8 {
     let mut next = flags;
     if seg_flags & tcp_flags::SYN == 0 {
         next |= ct_flags::ESTABLISHED;
@@ -64,7 +78,11 @@ fn next_flags(l4_proto: u8, flags: u8, seg_flags: u8) -> u8 {
 /// A fresh entry's flags and deadline for a flow opened by a segment with `seg_flags`.
 #[inline(always)]
 pub fn initial(l4_proto: u8, seg_flags: u8, now: u64) -> (u8, u64) {
-    let flags = next_flags(l4_proto, 0, seg_flags);
+    let flags = if l4_proto == proto::TCP {
+        next_tcp_flags(0, seg_flags)
+    } else {
+        0
+    };
     (flags, now + lifetime(l4_proto, flags))
 }
 
@@ -75,7 +93,11 @@ pub fn touch(entry: *mut CtEntry, l4_proto: u8, seg_flags: u8, now: u64) -> bool
     // SAFETY: `entry` points into a map value returned by a successful lookup.
     unsafe {
         let flags = (*entry).flags;
-        let next = next_flags(l4_proto, flags, seg_flags);
+        let next = if l4_proto == proto::TCP {
+            next_tcp_flags(flags, seg_flags)
+        } else {
+            next_datagram_flags(flags, (*entry).deadline_ns, now)
+        };
         let deadline = now + lifetime(l4_proto, next);
         if next == flags && deadline < (*entry).deadline_ns + REFRESH_INTERVAL_NS {
             return false;

@@ -16,7 +16,7 @@ use etherparse::{IpDscp, IpEcn, icmpv4::DestUnreachableHeader};
 use lb::install::ServiceSpec;
 use lb_common::{
     Be16, Be32,
-    conntrack::{FORWARD, FlowKey},
+    conntrack::{FORWARD, FlowKey, ct_flags, timeout},
     maps::service_flags,
     stats::Reason,
 };
@@ -704,6 +704,59 @@ fn an_established_flow_writes_its_entry_only_when_timeouts_need_it() {
         "no rewrite within the refresh interval"
     );
     assert_eq!(h.verdict_count(Reason::Established), 21);
+}
+
+/// The datapath's clock (`bpf_ktime_get_coarse_ns`).
+fn ktime_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// As with nf_conntrack: a UDP exchange (a DNS query and its answer) holds its entries for 30 s,
+/// and a flow still sending 2 s after it opened is a stream, which lives 120 s.
+#[test]
+fn udp_flows_live_30_s_and_streams_120_s() {
+    let svc = cluster_ip(2, 53, UDP, &BACKENDS);
+    let Some(mut h) = setup(&svc) else { return };
+    let key = forward_key(CLIENT, vip(53), UDP);
+    let query = Packet::udp(CLIENT, vip(53), b"query");
+    let before = ktime_coarse_ns();
+    h.run(Hook::FromPod, &query.bytes());
+    let after = ktime_coarse_ns();
+    let opened = h.maps.ct.get(&key, 0).unwrap();
+    assert!(
+        (before + timeout::UDP..=after + timeout::UDP).contains(&opened.deadline_ns),
+        "a new UDP flow lives 30 s"
+    );
+    assert_eq!(opened.flags & ct_flags::ESTABLISHED, 0);
+    h.run(Hook::FromPod, &query.bytes());
+    assert_eq!(
+        h.maps.ct.get(&key, 0).unwrap(),
+        opened,
+        "within its first 2 s, a packet writes nothing"
+    );
+
+    // Three seconds later, it still sends: a stream.
+    let mut aged = opened;
+    aged.deadline_ns -= 3_000_000_000;
+    h.maps.ct.insert(key, aged, 0).unwrap();
+    let before = ktime_coarse_ns();
+    h.run(Hook::FromPod, &query.bytes());
+    let after = ktime_coarse_ns();
+    let stream = h.maps.ct.get(&key, 0).unwrap();
+    assert_ne!(stream.flags & ct_flags::ESTABLISHED, 0);
+    assert!(
+        (before + timeout::UDP_STREAM..=after + timeout::UDP_STREAM).contains(&stream.deadline_ns),
+        "a UDP stream lives 120 s"
+    );
 }
 
 #[test]
