@@ -279,6 +279,7 @@ impl Bed {
                 ];
                 if let Some(mode) = xdp {
                     args.extend(["--xdp-mode".to_owned(), mode.to_owned()]);
+                    args.extend(["--snat-ports".to_owned(), variant_snat_ports(mode)]);
                 }
                 self.agents = Some(Agents::start(
                     &self.cluster,
@@ -334,14 +335,30 @@ fn cpu_time_us() -> (f64, f64) {
     ((total - idle) * tick_us, softirq * tick_us)
 }
 
+/// The SNAT ports of a variant of ours (`--xdp-mode mode`): as many as the default range
+/// (61000-65535), below it and apart from each other. netserver closes first and holds each
+/// SNATed connection in TIME_WAIT for 60 s on (node address, SNAT port); a variant measured right
+/// after another on the same ports, with a fresh connection table, would meet those TIME_WAITs
+/// on every port at once, which no single agent ever does.
+fn variant_snat_ports(mode: &str) -> String {
+    const WIDTH: u16 = 65_535 - 61_000 + 1;
+    let index = match mode {
+        "native" => 1,
+        "generic" => 2,
+        _ => 3,
+    };
+    let min = 61_000 - index * WIDTH;
+    format!("{min}-{}", min + WIDTH - 1)
+}
+
 /// The client ports TCP_CRR cycles through for the `index`th datapath (netperf's `-p`).
 ///
 /// The server closes each TCP_CRR connection first, so it holds a TIME_WAIT socket for every
 /// client port, and accepts a new SYN on the same ports only if its TCP timestamp is newer
-/// (PAWS). A client's timestamps carry an offset hashed from the source and destination
-/// addresses, which differ between datapaths (a ClusterIP against the pod's own address): a
-/// datapath reusing ports another one used in the last 60 s would see its SYNs dropped at
-/// random and stall on retransmissions. Disjoint ranges keep each datapath to its own ports.
+/// (PAWS). A client's timestamps carry a random offset (per connection on recent kernels, per
+/// pair of addresses on older ones): a datapath reusing ports another one used in the last
+/// 60 s would see some of its SYNs refused and stall on retransmissions. Disjoint ranges keep
+/// each datapath to its own ports.
 fn crr_ports(index: usize, datapaths: usize) -> (u16, u16) {
     const FIRST: u32 = 5_000;
     const LAST: u32 = 60_999;

@@ -678,9 +678,14 @@ const METHOD: &str = "
   source-NATs it (externalTrafficPolicy Cluster). netserver closes every TCP_CRR connection
   first, so it holds each one in TIME_WAIT on (node address, SNAT port). Ours takes SNAT ports
   from 61000-65535 (4536 per backend and node) and gives a port in TIME_WAIT to a new
-  connection of the same client (whose newer TCP timestamp TIME_WAIT accepts) once no free one
-  is left; kube-proxy's MASQUERADE (`--random-fully`) draws from up to 64k ports, tracked by
-  nf_conntrack.
+  connection once no free one is left; kube-proxy's MASQUERADE (`--random-fully`) draws from up
+  to 64k ports and reuses them likewise. TIME_WAIT takes such a SYN only if its TCP timestamp is
+  newer, about half the time (clients offset timestamps at random per connection); the backend
+  answers the others with an ACK, the client resets the TIME_WAIT and retransmits its SYN a few
+  milliseconds later: the p99 of about 10 ms every datapath shows for NodePort TCP_CRR. One
+  netperf stream waits out each such retransmission, which is what brings its rate down. The
+  variants of ours take SNAT port ranges of the same size apart from the default one, so that
+  none inherits the TIME_WAITs of the one measured before it.
 - CPU per transaction is the whole machine's CPU time (all cores, every process) over the
   transactions of a run, at the load one netperf stream offers (closed loop, not a fixed
   offered load); the softirq part is where packet processing runs.
