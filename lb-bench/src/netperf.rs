@@ -11,7 +11,7 @@
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     process::{Child, Stdio},
     sync::Arc,
     time::{Duration, Instant},
@@ -201,6 +201,7 @@ impl Bed {
             .stderr(Stdio::null())
             .spawn()
             .context("starting netserver (is netperf installed? `cargo xtask setup`)")?;
+        wait_listening(&cluster.pod("netserver").ns, SocketAddrV4::new(backend, CONTROL_PORT))?;
         let source = SourceDir::new()?;
         source.write("nodes.yaml", &cluster.node_manifests())?;
         Ok(Self {
@@ -333,6 +334,25 @@ fn cpu_time_us() -> (f64, f64) {
     let idle = fields.get(3).copied().unwrap_or(0.0) + fields.get(4).copied().unwrap_or(0.0);
     let softirq = fields.get(6).copied().unwrap_or(0.0);
     ((total - idle) * tick_us, softirq * tick_us)
+}
+
+/// Waits until something listens on `addr`, from inside `ns` (netserver needs a moment after it
+/// starts; the first test would fail without).
+fn wait_listening(ns: &Netns, addr: SocketAddrV4) -> Result<()> {
+    let listening = ns.enter(move || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    })?;
+    if !listening {
+        bail!("netserver does not listen on {addr} after 5 s");
+    }
+    Ok(())
 }
 
 /// The SNAT ports of a variant of ours (`--xdp-mode mode`): as many as the default range
