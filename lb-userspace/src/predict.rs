@@ -330,13 +330,9 @@ pub fn snat_allocate(
         flow.dst_port,
         flow.proto,
     );
-    let rank = |state: SnatPort| match state {
-        SnatPort::Free | SnatPort::Reopened => 2,
-        SnatPort::TimeWait => 1,
-        SnatPort::Taken => 0,
-    };
     let mut candidates = Vec::new();
-    let mut best: Option<SnatChoice> = None;
+    // The first candidate in TIME_WAIT, taken when none is free.
+    let mut time_wait: Option<SnatChoice> = None;
     for probe in 0..snat::PROBES {
         let offset = hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span;
         // offset < span, so this stays within the range.
@@ -348,20 +344,19 @@ pub fn snat_allocate(
             flow.proto,
         );
         let held = found(names::LB_CT, maps.ct.get(&key, 0))?;
-        let state = snat_port(held.as_ref(), flow, now);
-        if rank(state) > best.map_or(0, |b| rank(b.state)) {
-            best = Some(SnatChoice {
-                node: SocketAddrV4::new(config.snat_addr.to_ip(), port),
-                hash,
-                probe,
-                state,
-            });
-        }
-        if rank(state) == 2 {
-            break;
+        let choice = SnatChoice {
+            node: SocketAddrV4::new(config.snat_addr.to_ip(), port),
+            hash,
+            probe,
+            state: snat_port(held.as_ref(), flow, now),
+        };
+        match choice.state {
+            SnatPort::Free | SnatPort::Reopened => return Ok(Ok(choice)),
+            SnatPort::TimeWait if time_wait.is_none() => time_wait = Some(choice),
+            SnatPort::TimeWait | SnatPort::Taken => {}
         }
     }
-    Ok(best.ok_or(SnatFailure::PortsTaken {
+    Ok(time_wait.ok_or(SnatFailure::PortsTaken {
         node: config.snat_addr.to_ip(),
         hash,
         candidates,
