@@ -18,6 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use lb_common::maps::snat;
 use lb_testbed::{Agents, Cluster, Netns, SourceDir};
 use serde::Serialize;
 
@@ -201,7 +202,10 @@ impl Bed {
             .stderr(Stdio::null())
             .spawn()
             .context("starting netserver (is netperf installed? `cargo xtask setup`)")?;
-        wait_listening(&cluster.pod("netserver").ns, SocketAddrV4::new(backend, CONTROL_PORT))?;
+        wait_listening(
+            cluster.pod("netserver").ns,
+            SocketAddrV4::new(backend, CONTROL_PORT),
+        )?;
         let source = SourceDir::new()?;
         source.write("nodes.yaml", &cluster.node_manifests())?;
         Ok(Self {
@@ -356,18 +360,18 @@ fn wait_listening(ns: &Netns, addr: SocketAddrV4) -> Result<()> {
 }
 
 /// The SNAT ports of a variant of ours (`--xdp-mode mode`): as many as the default range
-/// (61000-65535), below it and apart from each other. netserver closes first and holds each
+/// (`snat::PORT_MIN`-`PORT_MAX`), below it and apart from each other. netserver closes first and holds each
 /// SNATed connection in TIME_WAIT for 60 s on (node address, SNAT port); a variant measured right
 /// after another on the same ports, with a fresh connection table, would meet those TIME_WAITs
 /// on every port at once, which no single agent ever does.
 fn variant_snat_ports(mode: &str) -> String {
-    const WIDTH: u16 = 65_535 - 61_000 + 1;
+    const WIDTH: u16 = snat::PORT_MAX - snat::PORT_MIN + 1;
     let index = match mode {
         "native" => 1,
         "generic" => 2,
         _ => 3,
     };
-    let min = 61_000 - index * WIDTH;
+    let min = snat::PORT_MIN - index * WIDTH;
     format!("{min}-{}", min + WIDTH - 1)
 }
 
