@@ -16,12 +16,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use lb::maps::Maps;
 use lb_common::{
     Be16, Be32,
-    maps::{ServiceKey, scope},
+    maps::{FrontendKey, scope},
     net::proto,
 };
+use lb_datapath::maps::Maps;
 use lb_testbed::Netns;
 use serde::Serialize;
 
@@ -371,8 +371,8 @@ fn first_sync_seconds(log: &str) -> Option<f64> {
 }
 
 /// The ClusterIP frontend of `ip:port/TCP` in the services map.
-pub fn cluster_ip_key(ip: Ipv4Addr, port: u16) -> ServiceKey {
-    ServiceKey {
+pub fn cluster_ip_key(ip: Ipv4Addr, port: u16) -> FrontendKey {
+    FrontendKey {
         addr: Be32::from(ip),
         port: Be16::from_host(port),
         proto: proto::TCP,
@@ -384,9 +384,9 @@ pub fn cluster_ip_key(ip: Ipv4Addr, port: u16) -> ServiceKey {
 /// the CPU to the agent); returns false after `timeout`.
 pub fn wait_for_service(
     maps: &Maps,
-    key: &ServiceKey,
+    key: &FrontendKey,
     timeout: Duration,
-    check: impl Fn(&lb_common::maps::Service) -> bool,
+    check: impl Fn(&lb_common::maps::Frontend) -> bool,
 ) -> bool {
     let start = Instant::now();
     loop {

@@ -14,16 +14,16 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::programs::{TestRun, TestRunOptions, TestRunResult};
-use lb::{
-    datapath::{Capacities, Datapath, Pinning},
-    install::{self, BackendSpec, FrontendSpec, ServiceSpec},
-    maps::Maps,
-};
 use lb_common::{
     Be16, Be32,
     hash::flow_hash,
     maps::{maglev::DEFAULT_TABLE_SIZE, scope},
     net::proto,
+};
+use lb_datapath::{
+    Capacities, Datapath, Pinning,
+    install::{self, BackendSpec, FrontendSpec, ServiceSpec},
+    maps::Maps,
 };
 use lb_testbed::packet::{Packet, flags};
 use serde::Serialize;

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Result;
-use lb::maglev::{self, MaglevBackend};
+use lb_datapath::maglev::{self, MaglevBackend};
 use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize)]

@@ -49,8 +49,8 @@ pub struct CtEntry {
     pub deadline_ns: u64,
     /// The backend of the flow.
     pub backend_id: u32,
-    /// The backend set (service id) the flow was balanced by, for counters.
-    pub service_id: u32,
+    /// The backend set the flow was balanced by, for counters.
+    pub set_id: u32,
     /// `FORWARD`: the backend address the flow was DNATed to (checked against the backend slot, so
     /// a reused backend id never captures an old flow). `REPLY`: the frontend address that
     /// replaces the backend as the reply's source.

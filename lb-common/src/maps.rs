@@ -21,11 +21,12 @@ use crate::net::{Be16, Be32};
 
 /// `dst addr -> AddrInfo`: every address that carries at least one frontend. Written by the agent.
 pub const LB_ADDRS: &str = "LB_ADDRS";
-/// `ServiceKey -> Service`: one entry per frontend (address, port, protocol, scope).
+/// `FrontendKey -> Frontend`: one entry per frontend (address, port, protocol, scope) and the
+/// backend set it uses. (Pinned under this name since the first release: the name stays.)
 pub const LB_SERVICES: &str = "LB_SERVICES";
 /// `backend id -> Backend` (array; id 0 is never used, so a zeroed slot means "no backend").
 pub const LB_BACKENDS: &str = "LB_BACKENDS";
-/// `service id -> Maglev table` (array of maps). A table is an inner array of
+/// `set id -> Maglev table` (array of maps). A table is an inner array of
 /// [`maglev::CHUNK_SLOTS`]-slot chunks holding backend ids; slot `s` is entry `s % CHUNK_SLOTS` of
 /// chunk `s / CHUNK_SLOTS`. Services with a single backend have no table.
 pub const LB_MAGLEV: &str = "LB_MAGLEV";
@@ -35,7 +36,7 @@ pub const LB_CT: &str = "LB_CT";
 /// `FragKey -> FragEntry` (LRU): ports of fragmented datagrams, so that non-first fragments follow
 /// their first fragment. Written by the datapath.
 pub const LB_FRAGS: &str = "LB_FRAGS";
-/// `service id -> ServiceStats` (per-CPU array).
+/// `set id -> SetStats` (per-CPU array): counters per backend set.
 pub const LB_SVC_STATS: &str = "LB_SVC_STATS";
 /// `Reason -> Counter` (per-CPU array), see [`crate::stats::Reason`].
 pub const LB_VERDICTS: &str = "LB_VERDICTS";
@@ -149,7 +150,7 @@ pub mod scope {
 }
 
 /// Bits of [`Service::flags`].
-pub mod service_flags {
+pub mod frontend_flags {
     /// With no backend, drop silently instead of rejecting (kube-proxy's behaviour for traffic
     /// policy Local when endpoints exist only on other nodes).
     pub const DROP_WHEN_EMPTY: u32 = 1 << 0;
@@ -189,7 +190,7 @@ pub struct AddrInfo {
 /// Key of [`LB_SERVICES`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct ServiceKey {
+pub struct FrontendKey {
     pub addr: Be32,
     pub port: Be16,
     /// IP protocol number ([`crate::net::proto`]).
@@ -198,19 +199,49 @@ pub struct ServiceKey {
     pub scope: u8,
 }
 
+impl FrontendKey {
+    /// The key of a frontend on `addr:port`, protocol `proto`, in `scope`.
+    pub const fn new(addr: core::net::Ipv4Addr, port: u16, proto: u8, scope: u8) -> Self {
+        Self {
+            addr: Be32::from_ip(addr),
+            port: Be16::from_host(port),
+            proto,
+            scope,
+        }
+    }
+}
+
+/// `10.96.0.1:80/TCP internal`, as logs and errors name a frontend.
+impl core::fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let scope = if self.scope == scope::EXTERNAL {
+            "external"
+        } else {
+            "internal"
+        };
+        write!(
+            f,
+            "{}:{}/{} {scope}",
+            self.addr.to_ip(),
+            self.port.to_host(),
+            crate::net::proto::name(self.proto)
+        )
+    }
+}
+
 /// Value of [`LB_SERVICES`]: a frontend and the backend set it uses.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct Service {
-    /// Backend-set id: index of the Maglev table and of the per-service counters.
-    pub id: u32,
+pub struct Frontend {
+    /// Its backend set: index of the set's Maglev table and counters.
+    pub set_id: u32,
     /// Number of backends that take new flows. Zero means reject (or drop, see flags).
     pub backend_count: u32,
     /// The backend when `table_size` is zero (a single backend needs no table).
     pub backend_id: u32,
     /// Maglev table size (a prime), or zero when there is no table.
     pub table_size: u32,
-    /// [`service_flags`] bits.
+    /// [`frontend_flags`] bits.
     pub flags: u32,
     /// sessionAffinity ClientIP timeout in seconds; zero disables affinity.
     pub affinity_timeout_s: u32,
@@ -282,7 +313,7 @@ impl SourceRange {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct AffinityKey {
     pub client: Be32,
-    pub service_id: u32,
+    pub set_id: u32,
 }
 
 /// Value of [`LB_AFFINITY`].
@@ -298,7 +329,7 @@ pub struct AffinityEntry {
 /// Value of [`LB_SVC_STATS`] (per CPU; userspace sums the CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct ServiceStats {
+pub struct SetStats {
     /// Packets sent to a backend of this service (both directions).
     pub packets: u64,
     /// Their bytes, as seen on the wire at the hook.
@@ -318,15 +349,15 @@ pub struct Counter {
 const _: () = {
     assert!(size_of::<AddrInfo>() == 4);
     assert!(size_of::<NodeConfig>() == 12);
-    assert!(size_of::<ServiceKey>() == 8);
-    assert!(size_of::<Service>() == 32);
+    assert!(size_of::<FrontendKey>() == 8);
+    assert!(size_of::<Frontend>() == 32);
     assert!(size_of::<SourceRange>() == 8);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<AffinityEntry>() == 16);
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragEntry>() == 4);
-    assert!(size_of::<ServiceStats>() == 24);
+    assert!(size_of::<SetStats>() == 24);
     assert!(size_of::<Counter>() == 16);
 };
 
@@ -335,12 +366,12 @@ mod user {
     // SAFETY: each type is repr(C), padding-free (checked by the bytemuck::Pod derive) and valid
     // for every bit pattern.
     unsafe impl aya::Pod for super::AddrInfo {}
-    unsafe impl aya::Pod for super::ServiceKey {}
-    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::FrontendKey {}
+    unsafe impl aya::Pod for super::Frontend {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragEntry {}
-    unsafe impl aya::Pod for super::ServiceStats {}
+    unsafe impl aya::Pod for super::SetStats {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::SourceRange {}
     unsafe impl aya::Pod for super::AffinityKey {}

@@ -97,6 +97,15 @@ pub mod proto {
     pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+
+    /// `TCP` or `UDP` (the protocols frontends serve), else `?`.
+    pub const fn name(l4_proto: u8) -> &'static str {
+        match l4_proto {
+            TCP => "TCP",
+            UDP => "UDP",
+            _ => "?",
+        }
+    }
 }
 
 #[cfg(feature = "user")]

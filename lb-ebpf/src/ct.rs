@@ -177,7 +177,7 @@ pub fn reply_entry(
     CtEntry {
         deadline_ns,
         backend_id: forward.backend_id,
-        service_id: forward.service_id,
+        set_id: forward.set_id,
         nat_addr: forward_key.dst_addr,
         nat_port: forward_key.dst_port,
         flags: flags | (forward.flags & (ct_flags::SNAT | ct_flags::HAIRPIN)),

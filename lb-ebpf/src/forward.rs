@@ -3,7 +3,7 @@
 
 use lb_common::{
     conntrack::{CtEntry, FORWARD, FlowKey, ct_flags},
-    maps::{AddrInfo, Service, ServiceKey, addr_flags, service_flags},
+    maps::{AddrInfo, Frontend, FrontendKey, addr_flags, frontend_flags},
     net::proto,
     stats::Reason,
 };
@@ -106,17 +106,17 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         }
     }
 
-    let key = ServiceKey {
+    let key = FrontendKey {
         addr: ip.dst,
         port: l4.dst_port,
         proto: ip.proto,
         scope,
     };
     // SAFETY: hash map value, copied out at once.
-    let Some(svc) = (unsafe { LB_SERVICES.get(&key) }).copied() else {
+    let Some(frontend) = (unsafe { LB_SERVICES.get(&key) }).copied() else {
         return not_served(frame, ip, Some(&l4), addr, len);
     };
-    new_flow(frame, ip, &l4, &flow, &svc, scope, now, len)
+    new_flow(frame, ip, &l4, &flow, &frontend, scope, now, len)
 }
 
 /// DNAT to the flow's backend, and SNAT to the node for a source-NATed flow.
@@ -185,7 +185,7 @@ fn established<F: Frame>(
     if ip.frag() == Frag::First {
         fragment::remember(ip, l4);
     }
-    stats::service(entry.service_id, len, false);
+    stats::set(entry.set_id, len, false);
     stats::verdict(Reason::Established, len);
     Ok(())
 }
@@ -210,20 +210,20 @@ fn new_flow<F: Frame>(
     ip: &Ipv4,
     l4: &L4,
     flow: &FlowKey,
-    svc: &Service,
+    frontend: &Frontend,
     scope: u8,
     now: u64,
     len: u32,
 ) -> Action {
     // As kube-proxy: a service without endpoints rejects everyone; source ranges only filter
     // who may reach the endpoints it has.
-    if svc.backend_count == 0 {
-        return no_backend(frame, ip, l4, svc, len);
+    if frontend.backend_count == 0 {
+        return no_backend(frame, ip, l4, frontend, len);
     }
-    if !select::source_allowed(svc, flow) {
+    if !select::source_allowed(frontend, flow) {
         return counted(Reason::DropSourceRange, len, Action::Drop);
     }
-    let Some((backend_id, backend)) = select::backend(svc, flow, now) else {
+    let Some((backend_id, backend)) = select::backend(frontend, flow, now) else {
         return counted(Reason::DropNoTable, len, Action::Drop);
     };
 
@@ -231,7 +231,7 @@ fn new_flow<F: Frame>(
     let mut forward = CtEntry {
         deadline_ns,
         backend_id,
-        service_id: svc.id,
+        set_id: frontend.set_id,
         nat_addr: backend.addr,
         nat_port: backend.port,
         flags,
@@ -289,7 +289,7 @@ fn open<F: Frame>(
     if ip.frag() == Frag::First {
         fragment::remember(ip, l4);
     }
-    stats::service(forward.service_id, len, true);
+    stats::set(forward.set_id, len, true);
     stats::verdict(Reason::NewFlow, len);
     Ok(())
 }
@@ -297,8 +297,14 @@ fn open<F: Frame>(
 /// A frontend without a backend: reject (kube-proxy's REJECT), or drop when the service's
 /// traffic policy says so.
 #[inline(always)]
-fn no_backend<F: Frame>(frame: &mut F, ip: &Ipv4, l4: &L4, svc: &Service, len: u32) -> Action {
-    if svc.flags & service_flags::DROP_WHEN_EMPTY != 0 {
+fn no_backend<F: Frame>(
+    frame: &mut F,
+    ip: &Ipv4,
+    l4: &L4,
+    frontend: &Frontend,
+    len: u32,
+) -> Action {
+    if frontend.flags & frontend_flags::DROP_WHEN_EMPTY != 0 {
         return counted(Reason::DropNoBackend, len, Action::Drop);
     }
     counted(

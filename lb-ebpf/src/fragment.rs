@@ -85,7 +85,7 @@ pub fn forward<F: Frame>(frame: &mut F, ip: &Ipv4, cluster_ip: bool, len: u32) -
         stats::verdict(Reason::DropMalformed, len);
         return Action::Drop;
     }
-    stats::service(entry.service_id, len, false);
+    stats::set(entry.set_id, len, false);
     stats::verdict(Reason::FragmentNat, len);
     Action::Pass
 }
@@ -106,7 +106,7 @@ pub fn reply<F: Frame>(frame: &mut F, ip: &Ipv4, len: u32) -> Action {
     if nat::rewrite(frame, End::Source, None, entry.nat_addr, entry.nat_port).is_err() {
         return Action::Pass;
     }
-    stats::service(entry.service_id, len, false);
+    stats::set(entry.set_id, len, false);
     stats::verdict(Reason::FragmentNat, len);
     Action::Pass
 }

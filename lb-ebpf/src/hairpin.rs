@@ -77,7 +77,7 @@ pub fn reply<F: Frame>(frame: &mut F, ip: &Ipv4, l4: &L4, len: u32) -> Option<Ac
         stats::verdict(Reason::DropMalformed, len);
         return Some(Action::Drop);
     }
-    stats::service(e.service_id, len, false);
+    stats::set(e.set_id, len, false);
     stats::verdict(Reason::ReplyNat, len);
     Some(bounce(frame))
 }

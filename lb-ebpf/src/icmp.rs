@@ -209,14 +209,14 @@ pub fn towards_frontend<F: Frame>(frame: &mut F, icmp_off: usize, len: u32) -> O
     let entry = LB_CT.get_ptr_mut(&q.flow_towards_sender(FORWARD))?;
     let backend = ct::live_backend(entry, 0, ct::now())?;
     // SAFETY: map value from a successful lookup.
-    let service_id = unsafe { (*entry).service_id };
+    let set_id = unsafe { (*entry).set_id };
     let translated = rewrite_quote(frame, &q, End::Source, backend.addr, backend.port)
         .and_then(|()| nat::rewrite(frame, End::Destination, None, backend.addr, backend.port));
     if translated.is_err() {
         stats::verdict(Reason::DropMalformed, len);
         return Some(Action::Drop);
     }
-    stats::service(service_id, len, false);
+    stats::set(set_id, len, false);
     stats::verdict(Reason::IcmpErrorNat, len);
     Some(Action::Pass)
 }
@@ -242,7 +242,7 @@ pub fn towards_client<F: Frame>(frame: &mut F, ip: &Ipv4, icmp_off: usize, len: 
     if translated.is_err() {
         return Action::Pass;
     }
-    stats::service(entry.service_id, len, false);
+    stats::set(entry.set_id, len, false);
     stats::verdict(Reason::IcmpErrorNat, len);
     Action::Pass
 }

@@ -10,8 +10,8 @@ use lb_common::{
     Be32,
     conntrack::{CtEntry, FlowKey},
     maps::{
-        AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey, NodeConfig,
-        Service, ServiceKey, ServiceStats, SourceRange, capacity, maglev,
+        AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey, Frontend,
+        FrontendKey, NodeConfig, SetStats, SourceRange, capacity, maglev,
     },
     stats::Reason,
 };
@@ -22,7 +22,7 @@ pub static LB_ADDRS: HashMap<Be32, AddrInfo, { capacity::ADDRS as usize }> = Has
 
 /// See [`lb_common::maps::LB_SERVICES`].
 #[btf_map]
-pub static LB_SERVICES: HashMap<ServiceKey, Service, { capacity::SERVICES as usize }> =
+pub static LB_SERVICES: HashMap<FrontendKey, Frontend, { capacity::SERVICES as usize }> =
     HashMap::new();
 
 /// See [`lb_common::maps::LB_BACKENDS`].
@@ -65,7 +65,7 @@ pub static LB_FRAGS: LruHashMap<FragKey, FragEntry, { capacity::FRAGS as usize }
 
 /// See [`lb_common::maps::LB_SVC_STATS`].
 #[btf_map]
-pub static LB_SVC_STATS: PerCpuArray<ServiceStats, { capacity::SERVICE_IDS as usize }> =
+pub static LB_SVC_STATS: PerCpuArray<SetStats, { capacity::SERVICE_IDS as usize }> =
     PerCpuArray::new();
 
 /// See [`lb_common::maps::LB_VERDICTS`].

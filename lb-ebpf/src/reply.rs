@@ -61,11 +61,11 @@ pub fn to_client<F: Frame>(frame: &mut F) -> Action {
     if nat::rewrite(frame, End::Source, Some(&l4), e.nat_addr, e.nat_port).is_err() {
         return Action::Pass;
     }
-    let service_id = e.service_id;
+    let set_id = e.set_id;
     if ip.frag() == Frag::First {
         fragment::remember(&ip, &l4);
     }
-    stats::service(service_id, len, false);
+    stats::set(set_id, len, false);
     stats::verdict(Reason::ReplyNat, len);
     Action::Pass
 }

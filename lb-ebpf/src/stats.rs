@@ -16,11 +16,11 @@ pub fn verdict(reason: Reason, len: u32) {
     }
 }
 
-/// Counts one packet of `len` bytes for the backend set `service_id`; `new_flow` when it opened
+/// Counts one packet of `len` bytes for the backend set `set_id`; `new_flow` when it opened
 /// a flow.
 #[inline(always)]
-pub fn service(service_id: u32, len: u32, new_flow: bool) {
-    if let Some(stats) = LB_SVC_STATS.get_ptr_mut(service_id) {
+pub fn set(set_id: u32, len: u32, new_flow: bool) {
+    if let Some(stats) = LB_SVC_STATS.get_ptr_mut(set_id) {
         // SAFETY: per-CPU value, only this CPU writes it while the program runs.
         unsafe {
             (*stats).packets += 1;

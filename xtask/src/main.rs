@@ -91,7 +91,7 @@ fn test(extra: &[String]) -> Result<()> {
 /// before xtask starts cargo in turn. Build scripts such as ring's declare
 /// `rerun-if-env-changed` on those names, and cargo compares them in its own environment: left
 /// in, every cargo started here would rebuild ring and all that depends on it (rustls, kube,
-/// lb-userspace and each test binary: minutes) whenever the previous build was started from a
+/// lb-datapath and each test binary: minutes) whenever the previous build was started from a
 /// shell, and the next shell build would rebuild them again.
 fn forget_cargo_run_env() {
     let names: Vec<std::ffi::OsString> = std::env::vars_os()

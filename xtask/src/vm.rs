@@ -344,10 +344,28 @@ fn build(root: &Path) -> Result<Built> {
     let bins = cargo_executables(
         root,
         "bin",
-        &["build", "--release", "-p", "lb-userspace", "--bins"],
+        &[
+            "build",
+            "--release",
+            "-p",
+            "lb-agent",
+            "-p",
+            "lbctl",
+            "--bins",
+        ],
     )?;
     let targets: BTreeSet<&str> = PLAN.iter().map(|s| s.target).collect();
-    let mut args = vec!["test", "--release", "--no-run", "-p", "lb-userspace"];
+    let mut args = vec![
+        "test",
+        "--release",
+        "--no-run",
+        "-p",
+        "lb-datapath",
+        "-p",
+        "lb-agent",
+        "-p",
+        "lbctl",
+    ];
     for t in &targets {
         args.extend(["--test", t]);
     }

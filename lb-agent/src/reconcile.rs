@@ -1,0 +1,315 @@
+//! The agent's reconcile step: objects in, map writes out. Services touched since the last step
+//! are translated again and replace their part of the desired state; the planner then looks at
+//! what they touched only (everything on the first sync and on periodic resyncs), and its
+//! difference against the shadow of the maps is written.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ops::RangeInclusive,
+    time::{Instant, SystemTime},
+};
+
+use ipnet::Ipv4Net;
+use tracing::{debug, info, warn};
+
+use lb_datapath::{
+    adopt,
+    maps::Maps,
+    model::HealthCheck,
+    planner::{self, Extent, Limits, Programmed},
+    writer,
+};
+
+use crate::{
+    desired::DesiredState,
+    source::{
+        Kind, Update,
+        store::{Dirty, ServiceId, Store},
+    },
+    translate::{self, NodeContext, Problem},
+};
+
+use crate::metrics::{KindLabel, MapLabel, Metrics};
+
+/// What one sync did.
+#[derive(Clone, Debug, Default)]
+pub struct SyncReport {
+    pub writes: usize,
+    pub frontends: usize,
+    pub problems: usize,
+}
+
+pub struct Reconciler {
+    node_name: String,
+    nodeport_cidrs: Vec<Ipv4Net>,
+    limits: Limits,
+    store: Store,
+    dirty: Dirty,
+    /// When the oldest change not yet programmed was seen.
+    pending_since: Option<Instant>,
+    desired: DesiredState,
+    /// Problems last reported per service, so each is logged once, not on every sync.
+    reported: BTreeMap<ServiceId, Vec<Problem>>,
+    node: NodeContext,
+    /// The shadow of the maps; `None` until adopted (and after a failed write, and when a
+    /// resync is due).
+    programmed: Option<Programmed>,
+    synced_once: bool,
+}
+
+impl Reconciler {
+    pub fn new(
+        node_name: String,
+        nodeport_cidrs: Vec<Ipv4Net>,
+        snat_ports: RangeInclusive<u16>,
+        limits: Limits,
+    ) -> Self {
+        let mut desired = DesiredState::default();
+        desired.set_snat_ports(snat_ports);
+        Self {
+            node: NodeContext {
+                name: node_name.clone(),
+                nodeport_addrs: Vec::new(),
+                snat_addr: None,
+            },
+            node_name,
+            nodeport_cidrs,
+            limits,
+            store: Store::default(),
+            dirty: Dirty::default(),
+            pending_since: None,
+            desired,
+            reported: BTreeMap::new(),
+            programmed: None,
+            synced_once: false,
+        }
+    }
+
+    /// Takes one update from the source.
+    pub fn apply(&mut self, update: Update, metrics: &Metrics) {
+        let changed = match &update {
+            Update::Applied(object) => Some(object.key().kind),
+            Update::Deleted(key) => Some(key.kind),
+            Update::Invalid { origin, reason } => {
+                warn!(%origin, %reason, "invalid object skipped");
+                metrics
+                    .invalid_objects
+                    .get_or_create(&KindLabel {
+                        kind: "document".into(),
+                    })
+                    .inc();
+                None
+            }
+            Update::Listing(_) | Update::Listed(_) => None,
+        };
+        match changed {
+            Some(Kind::Service) => {
+                metrics.service_changes.inc();
+            }
+            Some(Kind::EndpointSlice) => {
+                metrics.endpoint_changes.inc();
+            }
+            Some(Kind::Node) | None => {}
+        }
+        self.store.apply(update, &self.node_name, &mut self.dirty);
+        if !self.dirty.is_empty() && self.pending_since.is_none() {
+            self.pending_since = Some(Instant::now());
+        }
+    }
+
+    /// Whether there is something to program (and the store is complete enough to do it).
+    pub fn has_work(&self) -> bool {
+        self.store.ready()
+            && (!self.dirty.is_empty() || !self.synced_once || self.programmed.is_none())
+    }
+
+    /// Whether the first full sync has been written.
+    pub fn synced(&self) -> bool {
+        self.synced_once
+    }
+
+    /// Forgets the shadow: the next sync re-reads the maps and repairs any difference (the
+    /// periodic self-heal, and the recovery after a failed write).
+    pub fn resync(&mut self) {
+        self.programmed = None;
+    }
+
+    /// Health checks of services with externalTrafficPolicy Local, by healthCheckNodePort.
+    pub fn health_checks(&self) -> BTreeMap<u16, (String, HealthCheck)> {
+        self.desired
+            .models()
+            .filter_map(|(id, m)| {
+                m.health_check
+                    .map(|hc| (hc.node_port, (format!("{}/{}", id.0, id.1), hc)))
+            })
+            .collect()
+    }
+
+    fn translate_dirty(&mut self, metrics: &Metrics) {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut ids = dirty.services;
+        if dirty.node {
+            self.node = NodeContext::from_node(
+                &self.node_name,
+                self.store.node(&self.node_name),
+                &self.nodeport_cidrs,
+            );
+            info!(node = %self.node_name, addresses = ?self.node.nodeport_addrs, snat = ?self.node.snat_addr, "node addresses for NodePorts and SNAT");
+            self.desired.set_snat_addr(self.node.snat_addr);
+            ids.extend(
+                self.store
+                    .services()
+                    .map(|(id, _)| id.clone())
+                    .collect::<BTreeSet<_>>(),
+            );
+        }
+        for id in ids {
+            let (created, model) = match self.store.service(&id) {
+                Some(svc) => {
+                    let slices = self.store.slices_of(&id);
+                    let (model, problems) = translate::service(svc, &slices, &self.node);
+                    let created = svc.created.clone();
+                    self.report(&id, problems, metrics);
+                    (created, model)
+                }
+                None => {
+                    self.reported.remove(&id);
+                    (None, None)
+                }
+            };
+            for lost in self.desired.set_service(id, created, model) {
+                warn!(object = %lost.object, reason = %lost.reason, "invalid input skipped");
+                metrics
+                    .invalid_objects
+                    .get_or_create(&KindLabel {
+                        kind: "Service".into(),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    fn report(&mut self, id: &ServiceId, problems: Vec<Problem>, metrics: &Metrics) {
+        if self.reported.get(id) == Some(&problems) {
+            return;
+        }
+        for p in &problems {
+            if self.reported.get(id).is_some_and(|old| old.contains(p)) {
+                continue;
+            }
+            if p.error {
+                warn!(object = %p.object, reason = %p.reason, "invalid input skipped");
+                metrics
+                    .invalid_objects
+                    .get_or_create(&KindLabel {
+                        kind: p.object.kind.name().into(),
+                    })
+                    .inc();
+            } else {
+                info!(object = %p.object, note = %p.reason, "skipped");
+            }
+        }
+        if problems.is_empty() {
+            self.reported.remove(id);
+        } else {
+            self.reported.insert(id.clone(), problems);
+        }
+    }
+
+    /// Translates what changed and writes the difference. Errors are logged and counted; the
+    /// next sync retries from the maps' actual content.
+    pub fn sync(&mut self, maps: &mut Maps, metrics: &Metrics) -> Option<SyncReport> {
+        if !self.store.ready() {
+            return None;
+        }
+        let started = Instant::now();
+        self.translate_dirty(metrics);
+        let scope = self.desired.take_scope();
+        let desired = self.desired.desired();
+
+        // Without a shadow (first sync, resync, after a failure): read the maps and plan
+        // everything; with one: plan what changed.
+        let (mut programmed, extent) = match self.programmed.take() {
+            Some(p) => (p, Extent::Only(&scope)),
+            None => match adopt::adopt(maps, desired, &self.limits) {
+                Ok(p) => {
+                    debug!(
+                        frontends = p.frontends.len(),
+                        backends = p.backends.len(),
+                        "adopted the maps' content"
+                    );
+                    (p, Extent::All)
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot read the maps back; will retry");
+                    metrics.sync_failures.inc();
+                    return None;
+                }
+            },
+        };
+        let plan = planner::plan(desired, &mut programmed, &self.limits, extent);
+        for (key, reason) in &plan.overflow {
+            warn!(frontend = %key, %reason, "frontend not programmed (its whole service is left out)");
+            let map = reason
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("unknown")
+                .to_owned();
+            metrics
+                .not_programmed
+                .get_or_create(&MapLabel { map })
+                .inc();
+        }
+        let writes = plan.writes();
+        if let Err(e) = writer::write(maps, &plan) {
+            warn!(error = %e, "writing the maps failed; the next sync re-reads them and retries");
+            metrics.sync_failures.inc();
+            return None;
+        }
+
+        metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(since) = self.pending_since.take() {
+            metrics
+                .programming_latency
+                .observe(since.elapsed().as_secs_f64());
+        }
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        metrics.last_sync.set(now);
+        metrics.frontends.set(programmed.frontends.len() as i64);
+        metrics.backend_sets.set(programmed.sets.len() as i64);
+        metrics.backends.set(programmed.backends.len() as i64);
+        if writes > 0
+            && let Ok(mut names) = metrics.set_names.write()
+        {
+            *names = programmed
+                .sets
+                .iter()
+                .map(|(name, s)| (s.id, name.clone()))
+                .collect();
+        }
+        let report = SyncReport {
+            writes,
+            frontends: programmed.frontends.len(),
+            problems: self.reported.values().map(Vec::len).sum(),
+        };
+        if !self.synced_once {
+            info!(
+                services = self.store.service_count(),
+                endpoint_slices = self.store.slice_count(),
+                frontends = report.frontends,
+                writes,
+                seconds = started.elapsed().as_secs_f64(),
+                "first full sync done"
+            );
+        } else if writes > 0 {
+            debug!(writes, seconds = started.elapsed().as_secs_f64(), "synced");
+        }
+        self.synced_once = true;
+        self.programmed = Some(programmed);
+        Some(report)
+    }
+}

@@ -1,0 +1,245 @@
+//! The agent's main loop: loads (or adopts) the pinned datapath, attaches it to the node's
+//! interfaces, and keeps the maps equal to what the Services and EndpointSlices say.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use lb_datapath::{Capacities, Datapath, Pinning, attach::Links, bpffs, loader, planner::Limits};
+
+use crate::{
+    config::{self, RunArgs, Source},
+    healthcheck, http, interfaces, metrics,
+    reconcile::Reconciler,
+    source::{self, Update},
+    sysctl,
+};
+
+/// How often it samples the conntrack fill level for metrics.
+const SAMPLE_PERIOD: Duration = Duration::from_secs(15);
+/// Updates taken from the source before programming, at most (keeps latency bounded while a
+/// large initial list streams in), and the source channel's size (objects in flight).
+const BATCH: usize = 256;
+
+/// Runs the agent until SIGTERM or SIGINT. The datapath stays in place afterwards (pinned): a
+/// restarted agent takes it over without dropping a connection.
+pub async fn run(args: RunArgs) -> Result<()> {
+    let node_name = args.node_name();
+    info!(node = %node_name, source = ?args.source, bpffs = %args.bpffs_dir.display(), "starting");
+
+    // Mistakes in the command line stop the agent before it touches the node.
+    let patterns: Vec<glob::Pattern> = args
+        .pod_ifaces
+        .iter()
+        .map(|p| {
+            glob::Pattern::new(p)
+                .with_context(|| format!("--pod-ifaces: {p:?} is not a valid glob"))
+        })
+        .collect::<Result<_>>()?;
+    if let Source::Files(path) = &args.source
+        && !path.exists()
+    {
+        anyhow::bail!("--source {}: no such file or directory", path.display());
+    }
+
+    let features = lb_datapath::features::Features::detect();
+    features.report();
+
+    bpffs::ensure_bpffs(&args.bpffs_dir)?;
+    loader::check_pinned_maps(&args.bpffs_dir)?;
+    let capacities = Capacities {
+        ct: args.conntrack_max,
+        service_ids: args.max_services,
+    };
+    let mut datapath = Datapath::load(&Pinning::Dir(args.bpffs_dir.clone()), capacities)
+        .context("loading the datapath")?;
+    let mut maps = datapath.take_maps()?;
+    sysctl::reserve_snat_ports(&args.snat_ports);
+
+    let mut links = Links::new(&args.bpffs_dir, features.tc_api)?;
+    let present = interfaces::present();
+    for iface in &args.external_iface {
+        if !present.contains(iface) {
+            warn!(%iface, "external interface not found (yet); NodePorts and LoadBalancer IPs are served on the others until it appears");
+        }
+    }
+    links.prune_stale_pins(&present);
+    let ifaces = Interfaces {
+        pod_patterns: &patterns,
+        external: &args.external_iface,
+        xdp_mode: args.xdp_mode,
+    };
+    ifaces.attach_new(&mut links, &mut datapath, &present);
+
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::new(&mut registry, args.bpffs_dir.clone());
+    let health = Arc::new(http::Health::default());
+    http::serve(
+        args.metrics_addr,
+        args.healthz_addr,
+        registry,
+        health.clone(),
+    )
+    .await?;
+
+    let (tx, mut updates) = mpsc::channel::<Update>(BATCH);
+    let source_task = match args.source.clone() {
+        Source::Files(path) => tokio::spawn(async move { source::files::run(path, tx).await }),
+        Source::Kubernetes => {
+            let options = source::kube::ClientOptions {
+                kubeconfig: args.kubeconfig.clone(),
+                master: args.master.clone(),
+            };
+            let client = source::kube::client(&options).await?;
+            let name = node_name.clone();
+            tokio::spawn(async move { source::kube::run(client, name, tx).await })
+        }
+    };
+
+    let (iface_tx, mut iface_events) = mpsc::channel::<()>(1);
+    spawn_link_watcher(iface_tx);
+
+    let limits = Limits {
+        backends: lb_common::maps::capacity::BACKENDS,
+        set_ids: args.max_services,
+        frontends: lb_common::maps::capacity::SERVICES,
+        addrs: lb_common::maps::capacity::ADDRS,
+        ranges: lb_common::maps::capacity::SRC_RANGES,
+        table_size: args.maglev_table_size,
+    };
+    let mut reconciler = Reconciler::new(
+        node_name,
+        args.nodeport_addresses.clone(),
+        args.snat_ports.clone(),
+        limits,
+    );
+    let mut health_checks = healthcheck::HealthChecks::default();
+    let mut heal = tokio::time::interval(args.sync_period);
+    heal.tick().await;
+    let mut sample = tokio::time::interval(SAMPLE_PERIOD);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+
+    loop {
+        health.beat();
+        tokio::select! {
+            update = updates.recv() => {
+                let Some(update) = update else {
+                    // The datapath stays; exiting non-zero lets the DaemonSet restart us.
+                    return match source_task.await {
+                        Ok(Err(e)) => Err(e.context("the object source stopped")),
+                        _ => Err(anyhow::anyhow!("the object source stopped")),
+                    };
+                };
+                reconciler.apply(update, &metrics);
+                for _ in 1..BATCH {
+                    match updates.try_recv() {
+                        Ok(update) => reconciler.apply(update, &metrics),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = iface_events.recv() => {
+                let present = interfaces::present();
+                let gone: Vec<String> = links.interfaces().filter(|i| !present.contains(i)).cloned().collect();
+                for iface in gone {
+                    links.forget(&iface);
+                }
+                ifaces.attach_new(&mut links, &mut datapath, &present);
+            }
+            _ = heal.tick() => reconciler.resync(),
+            _ = sample.tick() => sample_fill(&maps, &metrics, capacities),
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+        }
+        if reconciler.has_work() && reconciler.sync(&mut maps, &metrics).is_some() {
+            health.synced();
+            health_checks
+                .update(&reconciler.health_checks(), &health)
+                .await;
+        }
+    }
+    info!("stopping; the datapath stays in place for the next agent");
+    Ok(())
+}
+
+/// Which interfaces get which programs.
+struct Interfaces<'a> {
+    pod_patterns: &'a [glob::Pattern],
+    external: &'a [String],
+    xdp_mode: config::XdpMode,
+}
+
+impl Interfaces<'_> {
+    /// Attaches the programs to every present interface that should have them and has not yet:
+    /// the uplinks named by --external-iface, and the pod interfaces matching --pod-ifaces.
+    fn attach_new(&self, links: &mut Links, datapath: &mut Datapath, present: &[String]) {
+        for iface in present {
+            if links.is_attached(iface) {
+                continue;
+            }
+            if self.external.contains(iface) {
+                match links.attach_external_iface(
+                    datapath,
+                    iface,
+                    interfaces::uplink_xdp(self.xdp_mode, iface),
+                ) {
+                    Ok(hook) => {
+                        info!(%iface, ?hook, tc = %links.tc_api(), "serving NodePorts, LoadBalancer IPs and externalIPs on uplink")
+                    }
+                    Err(e) => warn!(%iface, error = format!("{e:#}"), "cannot attach to uplink"),
+                }
+            } else if interfaces::matches_any(self.pod_patterns, iface) {
+                match links.attach_pod_iface(datapath, iface) {
+                    Ok(()) => info!(%iface, tc = %links.tc_api(), "attached to pod interface"),
+                    Err(e) => {
+                        warn!(%iface, error = format!("{e:#}"), "cannot attach to pod interface")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Forwards link events (interfaces appearing or going) from a blocking netlink socket.
+fn spawn_link_watcher(tx: mpsc::Sender<()>) {
+    let socket = match interfaces::link_events() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot watch interfaces; new pod interfaces are attached only at start");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        while interfaces::wait_link_event(&socket).is_ok() {
+            if tx.blocking_send(()).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Samples how full the maps are (conntrack is counted by walking it, so not on every scrape).
+fn sample_fill(maps: &lb_datapath::maps::Maps, metrics: &metrics::Metrics, capacities: Capacities) {
+    let ct_entries = maps.conntrack_entries().unwrap_or(0);
+    metrics.flows.set((ct_entries / 2) as i64);
+    let fill = |name: &str, used: usize, capacity: u32| {
+        metrics
+            .map_fill
+            .get_or_create(&metrics::MapLabel { map: name.into() })
+            .set(used as f64 / f64::from(capacity.max(1)));
+    };
+    fill(lb_common::maps::LB_CT, ct_entries, capacities.ct);
+    fill(
+        lb_common::maps::LB_SERVICES,
+        metrics.frontends.get() as usize,
+        lb_common::maps::capacity::SERVICES,
+    );
+    fill(
+        lb_common::maps::LB_BACKENDS,
+        metrics.backends.get() as usize,
+        lb_common::maps::capacity::BACKENDS,
+    );
+}

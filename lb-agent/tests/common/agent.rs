@@ -1,0 +1,308 @@
+//! A node in a network namespace with pods, `hostnames` servers, a YAML source directory and
+//! the real `lb-agent` binary running in the node's namespace against a private bpffs.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use lb_datapath::maps::Maps;
+use lb_testbed::{
+    Node,
+    server::{self, Server},
+};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+pub const NODE_NAME: &str = "node-1";
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+pub const TIMEOUT: Duration = Duration::from_secs(3);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub fn backend_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 1, 10 + i)
+}
+
+pub struct AgentBed {
+    pub node: Node,
+    _servers: Vec<Server>,
+    pub dir: PathBuf,
+    pub source: PathBuf,
+    pub bpffs: PathBuf,
+    log: PathBuf,
+    agent: Option<Child>,
+    /// Flags added to the agent's command line.
+    pub extra_args: Vec<String>,
+}
+
+/// A Service manifest.
+pub fn service_yaml(name: &str, cluster_ip: Ipv4Addr, port: u16, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {cluster_ip}\n  ports: [{{name: http, port: {port}, protocol: TCP, targetPort: 8080}}]\n{extra_spec}"
+    )
+}
+
+/// An EndpointSlice manifest for `service` with ready endpoints on this node.
+pub fn slice_yaml(service: &str, backends: &[Ipv4Addr]) -> String {
+    let endpoints: String = backends
+        .iter()
+        .map(|ip| {
+            format!("- addresses: [{ip}]\n  conditions: {{ready: true}}\n  nodeName: {NODE_NAME}\n")
+        })
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{endpoints}"
+    )
+}
+
+pub fn node_yaml() -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE_NAME}}}\nstatus:\n  addresses: [{{type: InternalIP, address: 192.168.0.2}}]\n"
+    )
+}
+
+impl AgentBed {
+    /// A node with a client pod and `backends` hostnames pods (`backend-<i>` on :8080).
+    pub fn new(backends: u8) -> Option<Self> {
+        if !super::require_privileges() {
+            return None;
+        }
+        let mut node = Node::new("node").expect("node");
+        node.add_pod("client", CLIENT_IP).expect("client pod");
+        let mut servers = Vec::new();
+        for i in 0..backends {
+            let name = format!("backend-{i}");
+            let pod = node.add_pod(&name, backend_ip(i)).expect("backend pod");
+            servers.push(Server::hostnames(&node.pods[pod].ns, &name, 8080).expect("server"));
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "lbt-agent-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let source = dir.join("source");
+        let bpffs = dir.join("bpffs");
+        fs::create_dir_all(&source).unwrap();
+        let log = dir.join("agent.log");
+        let bed = Self {
+            node,
+            _servers: servers,
+            dir,
+            source,
+            bpffs,
+            log,
+            agent: None,
+            extra_args: Vec::new(),
+        };
+        bed.write("node.yaml", &node_yaml());
+        Some(bed)
+    }
+
+    /// Writes a source file atomically (as `kubectl`-driven tooling and editors do: write, rename).
+    pub fn write(&self, file: &str, yaml: &str) {
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml).unwrap();
+        fs::rename(&tmp, self.source.join(file)).unwrap();
+    }
+
+    pub fn remove(&self, file: &str) {
+        fs::remove_file(self.source.join(file)).unwrap();
+    }
+
+    pub fn agent_command(&self) -> Command {
+        let mut cmd = self.node.ns.command(AGENT);
+        cmd.args([
+            "--source",
+            self.source.to_str().unwrap(),
+            "--node-name",
+            NODE_NAME,
+            "--pod-ifaces",
+            "lbpod*",
+        ])
+        .args(["--bpffs-dir", self.bpffs.to_str().unwrap()])
+        .args(["--maglev-table-size", "1021"])
+        .args(&self.extra_args)
+        .env("RUST_LOG", "info");
+        cmd
+    }
+
+    /// Starts the agent and waits until it reports ready (first full sync written).
+    pub fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = self
+            .agent_command()
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting lb-agent");
+        self.agent = Some(child);
+        let ready = self.wait_until(Duration::from_secs(20), || {
+            self.http_get("127.0.0.1:10256", "/readyz")
+                .is_some_and(|(s, _)| s == 200)
+        });
+        assert!(
+            ready,
+            "the agent never became ready; its log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Stops the agent with SIGTERM, as Kubernetes does, and waits for it to exit.
+    pub fn stop_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the agent did not stop on SIGTERM; its log:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `check` every 20 ms until it holds or `timeout` passes.
+    pub fn wait_until(&self, timeout: Duration, check: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if check() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        check()
+    }
+
+    /// A plain HTTP GET to one of the agent's endpoints, from inside the node's namespace.
+    pub fn http_get(&self, addr: &str, path: &str) -> Option<(u16, String)> {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let path = path.to_owned();
+        self.node
+            .ns
+            .enter(move || -> Option<(u16, String)> {
+                use std::io::{Read as _, Write as _};
+                let mut s =
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                s.write_all(format!("GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").as_bytes())
+                    .ok()?;
+                let mut response = String::new();
+                s.read_to_string(&mut response).ok()?;
+                let status = response.split_whitespace().nth(1)?.parse().ok()?;
+                let body = response
+                    .split_once("\r\n\r\n")
+                    .map(|(_, b)| b.to_owned())
+                    .unwrap_or_default();
+                Some((status, body))
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// The agent's maps, opened from their pins (as lbctl does).
+    pub fn maps(&self) -> Maps {
+        Maps::open_pinned(&self.bpffs).expect("pinned maps")
+    }
+
+    pub fn client(&self) -> &lb_testbed::Netns {
+        &self.node.pod("client").ns
+    }
+
+    /// `n` HTTP requests over new connections from the client pod; the backend names answering.
+    pub fn names(&self, vip: SocketAddrV4, n: usize) -> Vec<String> {
+        self.names_from("client", vip, n)
+            .expect("every request answered")
+    }
+
+    /// `n` HTTP requests over new connections from pod `pod`; the backend names answering, or
+    /// the first failure.
+    pub fn names_from(
+        &self,
+        pod: &str,
+        vip: SocketAddrV4,
+        n: usize,
+    ) -> anyhow::Result<Vec<String>> {
+        self.node.pod(pod).ns.enter(move || {
+            (0..n)
+                .map(|_| server::http_get(vip, TIMEOUT).map(|a| name(&a)))
+                .collect::<Result<Vec<_>, _>>()
+        })?
+    }
+
+    /// What is pinned under the bed's bpffs directory (without the kernel's own `maps.debug`
+    /// and `progs.debug`, present in every bpffs).
+    pub fn pins(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if ["maps.debug", "progs.debug"].contains(&entry.file_name().to_str().unwrap_or(""))
+                {
+                    continue;
+                }
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.bpffs, &mut out);
+        out
+    }
+}
+
+/// The backend name in a `hostnames` answer.
+pub fn name(answer: &str) -> String {
+    answer
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+impl Drop for AgentBed {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new(AGENT)
+            .args(["cleanup", "--bpffs-dir", self.bpffs.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .status();
+        if let Ok(path) = std::ffi::CString::new(self.bpffs.as_os_str().as_encoded_bytes()) {
+            // SAFETY: unmounting the bpffs this bed's agent mounted (lazily, in case of users).
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether `path` is a mount point of a bpffs (for leak checks).
+pub fn is_mounted(path: &Path) -> bool {
+    fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split_whitespace().nth(1) == path.to_str())
+    })
+}

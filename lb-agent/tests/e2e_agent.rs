@@ -1,0 +1,416 @@
+//! The real `lb-agent` binary with a YAML source, in network namespaces, with real sockets:
+//! endpoint changes reach the datapath, held connections keep their backend, restarts lose
+//! nothing, session affinity sticks and expires, invalid input is reported by name, pods that
+//! appear later are balanced, the periodic resync repairs the maps, and `cleanup` removes
+//! everything. Needs root.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use common::agent::{AgentBed, TIMEOUT, backend_ip, name, service_yaml, slice_yaml};
+use lb_testbed::server::{self, Held, Load};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 41);
+
+fn vip() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, 80)
+}
+
+/// A bed with three backends behind `web` (ClusterIP 172.30.0.41:80), agent running.
+fn web_bed(extra_spec: &str) -> Option<AgentBed> {
+    let mut bed = AgentBed::new(3)?;
+    bed.write("web.yaml", &service_yaml("web", VIP, 80, extra_spec));
+    bed.write(
+        "web-slice.yaml",
+        &slice_yaml("web", &[backend_ip(0), backend_ip(1), backend_ip(2)]),
+    );
+    bed.start_agent();
+    Some(bed)
+}
+
+fn distinct(names: &[String]) -> BTreeSet<String> {
+    names.iter().cloned().collect()
+}
+
+#[test]
+fn endpoint_changes_reach_the_datapath_and_held_connections_keep_their_backend() {
+    let Some(bed) = web_bed("") else { return };
+    assert_eq!(
+        distinct(&bed.names(vip(), 30)).len(),
+        3,
+        "all three backends answer"
+    );
+
+    let mut held = bed
+        .client()
+        .enter(|| Held::connect(vip(), TIMEOUT))
+        .unwrap()
+        .expect("held connection");
+    let held_on = name(&held.ask().unwrap());
+    let held_index: u8 = held_on.trim_start_matches("backend-").parse().unwrap();
+
+    // Remove another endpoint: new connections avoid it; the held one stays where it is.
+    let removed = (held_index + 1) % 3;
+    let kept: Vec<Ipv4Addr> = (0..3).filter(|i| *i != removed).map(backend_ip).collect();
+    bed.write("web-slice.yaml", &slice_yaml("web", &kept));
+    let gone = format!("backend-{removed}");
+    let converged = bed.wait_until(Duration::from_secs(5), || {
+        !bed.names(vip(), 12).contains(&gone)
+    });
+    assert!(
+        converged,
+        "removed endpoint still answers; agent log:\n{}",
+        bed.log()
+    );
+    let names = bed.names(vip(), 40);
+    assert!(!names.contains(&gone), "{names:?}");
+    assert_eq!(distinct(&names).len(), 2);
+    assert_eq!(
+        name(&held.ask().unwrap()),
+        held_on,
+        "the held connection keeps its backend"
+    );
+
+    // Add it back: it takes new connections again; still the held one does not move.
+    bed.write(
+        "web-slice.yaml",
+        &slice_yaml("web", &[backend_ip(0), backend_ip(1), backend_ip(2)]),
+    );
+    assert!(bed.wait_until(Duration::from_secs(5), || {
+        bed.names(vip(), 12).contains(&gone)
+    }));
+    assert_eq!(name(&held.ask().unwrap()), held_on);
+}
+
+#[test]
+fn restarting_the_agent_drops_no_held_connection_and_refuses_no_new_one() {
+    let Some(mut bed) = web_bed("") else { return };
+    let ids_before: Vec<(lb_common::maps::FrontendKey, u32)> = bed
+        .maps()
+        .services
+        .iter()
+        .map(|e| e.unwrap())
+        .map(|(k, v)| (k, v.set_id))
+        .collect();
+    let mut held = bed
+        .client()
+        .enter(|| Held::connect(vip(), TIMEOUT))
+        .unwrap()
+        .expect("held connection");
+    let held_on = name(&held.ask().unwrap());
+
+    // New connections all the time, while the agent stops, is away, and comes back.
+    let load = Load::start(bed.client(), vip(), TIMEOUT).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    bed.stop_agent();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        name(&held.ask().unwrap()),
+        held_on,
+        "the datapath serves while the agent is away"
+    );
+    bed.start_agent();
+    std::thread::sleep(Duration::from_millis(300));
+    let count = load.finish();
+    assert_eq!(count.failed, 0, "{} connections succeeded", count.ok);
+    assert!(count.ok > 20, "{count:?}");
+    assert_eq!(
+        name(&held.ask().unwrap()),
+        held_on,
+        "the held connection survived the restart"
+    );
+    let ids_after: Vec<(lb_common::maps::FrontendKey, u32)> = bed
+        .maps()
+        .services
+        .iter()
+        .map(|e| e.unwrap())
+        .map(|(k, v)| (k, v.set_id))
+        .collect();
+    assert_eq!(
+        ids_before, ids_after,
+        "service ids are stable across restarts"
+    );
+    assert!(
+        bed.log().contains("writes=0"),
+        "the restarted agent adopts the maps and writes nothing:\n{}",
+        bed.log()
+    );
+}
+
+#[test]
+fn session_affinity_sticks_then_expires() {
+    let Some(bed) = web_bed(
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n",
+    ) else {
+        return;
+    };
+    let names = bed.names(vip(), 15);
+    assert_eq!(
+        distinct(&names).len(),
+        1,
+        "15 connections, one backend: {names:?}"
+    );
+    // After idling past the timeout, the next connection is balanced anew: within ten rounds a
+    // different backend shows up (each round picks one of three by Maglev).
+    let first = names[0].clone();
+    let mut seen = BTreeSet::from([first.clone()]);
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(1300));
+        seen.insert(bed.names(vip(), 1)[0].clone());
+        if seen.len() > 1 {
+            break;
+        }
+    }
+    assert!(seen.len() > 1, "affinity never expired: {seen:?}");
+}
+
+#[test]
+fn an_invalid_service_is_reported_by_name_while_the_rest_keeps_working() {
+    let Some(bed) = web_bed("") else { return };
+    bed.write(
+        "bad.yaml",
+        &service_yaml("broken", VIP, 81, "")
+            .replace("clusterIP: 172.30.0.41", "clusterIP: 300.1.2.3"),
+    );
+    bed.write(
+        "garbage.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: [this is not\n",
+    );
+    let reported = bed.wait_until(Duration::from_secs(5), || {
+        let log = bed.log();
+        log.contains("Service default/broken")
+            && log.contains("300.1.2.3")
+            && log.contains("garbage.yaml")
+    });
+    assert!(reported, "agent log:\n{}", bed.log());
+    assert_eq!(
+        distinct(&bed.names(vip(), 20)).len(),
+        3,
+        "the valid service still works"
+    );
+    let (status, metrics) = bed
+        .http_get("127.0.0.1:10249", "/metrics")
+        .expect("metrics");
+    assert_eq!(status, 200);
+    let invalid: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("lb_invalid_objects_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(invalid >= 2.0, "{metrics}");
+    assert!(
+        metrics.contains("kubeproxy_sync_proxy_rules_duration_seconds"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lb_datapath_packets_total{reason=\"new_flow\"}"),
+        "{metrics}"
+    );
+    let (status, body) = bed
+        .http_get("127.0.0.1:10256", "/healthz")
+        .expect("healthz");
+    assert_eq!(status, 200);
+    assert!(body.contains("lastUpdated"), "{body}");
+}
+
+#[test]
+fn a_deleted_service_stops_answering_and_others_keep_theirs() {
+    let Some(bed) = web_bed("") else { return };
+    let other = Ipv4Addr::new(172, 30, 0, 42);
+    bed.write("api.yaml", &service_yaml("api", other, 80, ""));
+    bed.write("api-slice.yaml", &slice_yaml("api", &[backend_ip(2)]));
+    assert!(bed.wait_until(Duration::from_secs(5), || {
+        bed.client()
+            .enter(move || server::http_get(SocketAddrV4::new(other, 80), TIMEOUT).is_ok())
+            .unwrap()
+    }));
+    bed.remove("web.yaml");
+    // Once deleted its ClusterIP is no frontend at all: connections fail (nothing routes there).
+    let gone = bed.wait_until(Duration::from_secs(5), || {
+        bed.client()
+            .enter(|| server::http_get(vip(), Duration::from_millis(300)).is_err())
+            .unwrap()
+    });
+    assert!(gone, "agent log:\n{}", bed.log());
+    assert_eq!(
+        bed.names(SocketAddrV4::new(other, 80), 5),
+        vec!["backend-2"; 5]
+    );
+}
+
+#[test]
+fn a_pod_interface_that_appears_later_is_attached() {
+    let Some(mut bed) = web_bed("") else { return };
+    bed.node
+        .add_pod("late", Ipv4Addr::new(10, 0, 1, 60))
+        .expect("late pod");
+    let iface = bed.node.pod("late").host_iface.clone();
+    let answered = bed.wait_until(Duration::from_secs(5), || {
+        bed.names_from("late", vip(), 6).is_ok()
+    });
+    assert!(
+        answered,
+        "the late pod cannot reach the ClusterIP; agent log:\n{}",
+        bed.log()
+    );
+    assert_eq!(
+        distinct(&bed.names_from("late", vip(), 30).unwrap()).len(),
+        3
+    );
+    assert!(
+        bed.log().contains(&format!("iface={iface}")),
+        "the attachment is logged:\n{}",
+        bed.log()
+    );
+}
+
+#[test]
+fn the_periodic_resync_repairs_what_someone_else_changed_in_the_maps() {
+    let Some(mut bed) = AgentBed::new(3) else {
+        return;
+    };
+    bed.extra_args = vec!["--sync-period".into(), "1s".into()];
+    bed.write("web.yaml", &service_yaml("web", VIP, 80, ""));
+    bed.write(
+        "web-slice.yaml",
+        &slice_yaml("web", &[backend_ip(0), backend_ip(1), backend_ip(2)]),
+    );
+    bed.start_agent();
+    let mut maps = bed.maps();
+    let keys: Vec<lb_common::maps::FrontendKey> =
+        maps.services.keys().map(|k| k.unwrap()).collect();
+    assert!(!keys.is_empty());
+    for key in &keys {
+        maps.services.remove(key).unwrap();
+    }
+    assert!(
+        bed.names_from("client", vip(), 1).is_err(),
+        "without its frontend the ClusterIP does not answer"
+    );
+    let repaired = bed.wait_until(Duration::from_secs(5), || {
+        bed.names_from("client", vip(), 3).is_ok()
+    });
+    assert!(repaired, "not repaired; agent log:\n{}", bed.log());
+    assert_eq!(distinct(&bed.names(vip(), 30)).len(), 3);
+}
+
+#[test]
+fn cleanup_removes_every_pin_and_the_balancing_with_them() {
+    let Some(mut bed) = web_bed("") else { return };
+    assert_eq!(distinct(&bed.names(vip(), 30)).len(), 3);
+    bed.stop_agent();
+    assert!(!bed.pins().is_empty(), "the stopped agent leaves its pins");
+    assert_eq!(
+        distinct(&bed.names(vip(), 30)).len(),
+        3,
+        "the datapath serves while the agent is stopped"
+    );
+
+    for _ in 0..2 {
+        // Twice: cleaning a clean directory succeeds too.
+        let status = bed
+            .node
+            .ns
+            .command(common::agent::AGENT)
+            .args(["cleanup", "--bpffs-dir", bed.bpffs.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(bed.pins(), Vec::<std::path::PathBuf>::new());
+    }
+    // Nothing translates the ClusterIP any more: the connection goes nowhere. (Unpinning a
+    // link detaches it from a kernel work item: shortly after, not at once.)
+    assert!(bed.wait_until(Duration::from_secs(2), || {
+        bed.names_from("client", vip(), 1).is_err()
+    }));
+    // Pod-to-pod traffic is untouched.
+    let direct = SocketAddrV4::new(backend_ip(1), 8080);
+    assert_eq!(
+        bed.names_from("client", direct, 3).unwrap(),
+        ["backend-1"; 3]
+    );
+}
+
+/// `web` with a TCP and a UDP port (both served by the hostnames pods on 8080); `not_ready`
+/// lists endpoints that are not ready (still serving nothing new).
+fn dual_protocol_yaml(not_ready: Option<u8>) -> (String, String) {
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}\n  - {{name: echo, port: 80, protocol: UDP, targetPort: 8080}}\n"
+    );
+    let endpoints: String = (0..3)
+        .map(|i| {
+            format!(
+                "- addresses: [{}]\n  conditions: {{ready: {}}}\n  nodeName: {}\n",
+                backend_ip(i),
+                Some(i) != not_ready,
+                common::agent::NODE_NAME
+            )
+        })
+        .collect();
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n- {{name: echo, port: 8080, protocol: UDP}}\nendpoints:\n{endpoints}"
+    );
+    (service, slice)
+}
+
+#[test]
+fn an_endpoint_turning_not_ready_loses_its_udp_flows_but_keeps_its_tcp_connections() {
+    let Some(mut bed) = AgentBed::new(3) else {
+        return;
+    };
+    let (service, slice) = dual_protocol_yaml(None);
+    bed.write("web.yaml", &service);
+    bed.write("web-slice.yaml", &slice);
+    bed.start_agent();
+
+    // A UDP "flow" (a fixed client port) and a held TCP connection, both on the same backend.
+    const UDP_PORT: u16 = 40_000;
+    let udp_answer = || {
+        bed.client()
+            .enter(|| server::udp_request(vip(), UDP_PORT, TIMEOUT))
+            .unwrap()
+            .map(|a| name(&a))
+    };
+    let udp_on = udp_answer().expect("UDP answer");
+    let mut held = None;
+    for _ in 0..50 {
+        let mut conn = bed
+            .client()
+            .enter(|| Held::connect(vip(), TIMEOUT))
+            .unwrap()
+            .expect("held connection");
+        if name(&conn.ask().unwrap()) == udp_on {
+            held = Some(conn);
+            break;
+        }
+    }
+    let mut held = held.expect("a TCP connection on the UDP flow's backend");
+    assert_eq!(udp_answer().unwrap(), udp_on, "the UDP flow sticks");
+
+    // That backend stops being ready.
+    let index: u8 = udp_on.trim_start_matches("backend-").parse().unwrap();
+    let (_, slice) = dual_protocol_yaml(Some(index));
+    bed.write("web-slice.yaml", &slice);
+    let moved = bed.wait_until(Duration::from_secs(5), || {
+        udp_answer().is_ok_and(|n| n != udp_on)
+    });
+    assert!(
+        moved,
+        "the UDP flow still reaches the not-ready backend; agent log:\n{}",
+        bed.log()
+    );
+    assert_eq!(
+        name(&held.ask().unwrap()),
+        udp_on,
+        "the TCP connection to the not-ready backend continues"
+    );
+    assert!(
+        !bed.names(vip(), 30).contains(&udp_on),
+        "no new TCP connection goes there"
+    );
+}

@@ -1,0 +1,1035 @@
+//! The Kubernetes API source against a stand-in API server.
+//!
+//! No real API server can run here, so each test starts a stand-in API server: real HTTP on
+//! 127.0.0.1 serving real Kubernetes JSON for LIST and WATCH of Services, EndpointSlices and Nodes.
+//! It keeps a store per collection and a global resourceVersion, answers LIST with a `*List`
+//! object, and streams WATCH responses as newline-delimited watch events that the test feeds
+//! through a channel. It records every request so that tests can check what the source asked for.
+//! It does not need root.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::RawQuery,
+    http::{Response, header},
+    routing::get,
+};
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, NodeAddress, NodeSpec, NodeStatus, Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{FieldsV1, ManagedFieldsEntry, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+use lb_agent::source::{
+    self, Kind, Object, ObjectKey, PROXY_LABEL_SELECTOR, SERVICE_NAME_LABEL,
+    SERVICE_PROXY_NAME_LABEL, Update,
+};
+use serde_json::{Value, json};
+use tokio::{sync::mpsc, task::JoinHandle};
+use tracing_subscriber::EnvFilter;
+
+/// How long to wait for one update; a relist after 410 Gone waits out the watcher's backoff
+/// (0.8 to 1.6 s) first.
+const UPDATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a whole test may take, so that a failure never hangs the suite.
+const TEST_DEADLINE: Duration = Duration::from_secs(9);
+/// How long to listen for an update that must not come.
+const QUIET: Duration = Duration::from_millis(300);
+const NAMESPACE: &str = "default";
+const NODE: &str = "node-a";
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[tokio::test]
+async fn initial_sync_lists_every_kind() {
+    within_deadline(async {
+        let server = StandIn::start().await;
+        server.put_silently(Kind::Service, service("web", "10.96.0.10", 80));
+        server.put_silently(Kind::Service, service("api", "10.96.0.11", 443));
+        // Served only to a client that does not ask for kube-proxy's selector.
+        server.put_silently(
+            Kind::Service,
+            labelled(
+                service("elsewhere", "10.96.0.12", 80),
+                SERVICE_PROXY_NAME_LABEL,
+                "other",
+            ),
+        );
+        server.put_silently(
+            Kind::EndpointSlice,
+            endpoint_slice("web", "web-abcde", &["10.0.1.5"]),
+        );
+        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
+        let mut source = Source::start(&server);
+
+        let updates = source.until_listed(&Kind::ALL).await;
+
+        assert_eq!(
+            describe(&updates[&Kind::Service]),
+            [
+                "Listing Service",
+                "Applied Service default/api",
+                "Applied Service default/web",
+                "Listed Service",
+            ]
+        );
+        assert_eq!(
+            describe(&updates[&Kind::EndpointSlice]),
+            [
+                "Listing EndpointSlice",
+                "Applied EndpointSlice default/web-abcde",
+                "Listed EndpointSlice",
+            ]
+        );
+        assert_eq!(
+            describe(&updates[&Kind::Node]),
+            ["Listing Node", "Applied Node node-a", "Listed Node"]
+        );
+
+        let web = applied_service(&updates[&Kind::Service][2]);
+        let spec = web.spec.as_ref().expect("spec");
+        assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"));
+        assert_eq!(spec.ports.as_ref().expect("ports")[0].port, 80);
+        assert_slimmed(&web.metadata);
+        let Update::Applied(Object::EndpointSlice(slice)) = &updates[&Kind::EndpointSlice][1]
+        else {
+            panic!(
+                "not an EndpointSlice: {:?}",
+                updates[&Kind::EndpointSlice][1]
+            );
+        };
+        assert_eq!(slice.endpoints[0].addresses, ["10.0.1.5"]);
+        assert_eq!(
+            slice.metadata.labels.as_ref().expect("labels")[SERVICE_NAME_LABEL],
+            "web"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn services_and_slices_are_listed_and_watched_with_kube_proxys_selector_and_bookmarks() {
+    within_deadline(async {
+        let server = StandIn::start().await;
+        server.put_silently(Kind::Service, service("web", "10.96.0.10", 80));
+        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
+        let mut source = Source::start(&server);
+        source.until_listed(&Kind::ALL).await;
+
+        for kind in [Kind::Service, Kind::EndpointSlice] {
+            let watch = server.wait_for_watches(kind, 1).await.remove(0);
+            let lists = server.lists(kind);
+            assert_eq!(lists.len(), 1, "{kind:?}: {lists:?}");
+            let list = &lists[0];
+            assert_eq!(
+                list.param("labelSelector"),
+                Some(PROXY_LABEL_SELECTOR),
+                "{kind:?}"
+            );
+            assert_eq!(list.param("fieldSelector"), None, "{kind:?}");
+
+            assert_eq!(
+                watch.param("labelSelector"),
+                Some(PROXY_LABEL_SELECTOR),
+                "{kind:?}"
+            );
+            assert_eq!(watch.param("fieldSelector"), None, "{kind:?}");
+            assert_eq!(watch.param("allowWatchBookmarks"), Some("true"), "{kind:?}");
+            // The watch picks up exactly where the list left off.
+            assert_eq!(
+                watch.param("resourceVersion"),
+                Some(&*list.revision.to_string()),
+                "{kind:?}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn watch_events_become_updates() {
+    within_deadline(async {
+        let server = StandIn::start().await;
+        server.put_silently(Kind::Service, service("web", "10.96.0.10", 80));
+        server.put_silently(
+            Kind::EndpointSlice,
+            endpoint_slice("web", "web-abcde", &["10.0.1.5"]),
+        );
+        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
+        let mut source = Source::start(&server);
+        source.until_listed(&Kind::ALL).await;
+
+        assert_eq!(
+            server.apply(Kind::Service, service("api", "10.96.0.11", 443)),
+            "ADDED"
+        );
+        let update = source.next().await;
+        let api = applied_service(&update);
+        assert_eq!(api.metadata.name.as_deref(), Some("api"));
+        assert_eq!(
+            api.spec.as_ref().expect("spec").cluster_ip.as_deref(),
+            Some("10.96.0.11")
+        );
+        assert_slimmed(&api.metadata);
+
+        let grown = endpoint_slice("web", "web-abcde", &["10.0.1.5", "10.0.2.7"]);
+        assert_eq!(server.apply(Kind::EndpointSlice, grown), "MODIFIED");
+        match source.next().await {
+            Update::Applied(Object::EndpointSlice(slice)) => {
+                assert_eq!(slice.metadata.name.as_deref(), Some("web-abcde"));
+                let addresses: Vec<_> = slice
+                    .endpoints
+                    .iter()
+                    .flat_map(|e| e.addresses.clone())
+                    .collect();
+                assert_eq!(addresses, ["10.0.1.5", "10.0.2.7"]);
+            }
+            other => panic!("expected the modified EndpointSlice, got {other:?}"),
+        }
+
+        server.delete(Kind::Service, NAMESPACE, "web");
+        match source.next().await {
+            Update::Deleted(key) => assert_eq!(
+                key,
+                ObjectKey {
+                    kind: Kind::Service,
+                    namespace: NAMESPACE.into(),
+                    name: "web".into(),
+                }
+            ),
+            other => panic!("expected the deletion of web, got {other:?}"),
+        }
+        source.assert_quiet().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bookmark_produces_no_update_and_a_resumed_watch_starts_from_it() {
+    within_deadline(async {
+        let server = StandIn::start().await;
+        server.put_silently(Kind::Service, service("web", "10.96.0.10", 80));
+        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
+        let mut source = Source::start(&server);
+        source.until_listed(&Kind::ALL).await;
+
+        let bookmark = server.bookmark(Kind::Service);
+        source.assert_quiet().await;
+
+        // The watch times out, as the API server ends every watch after timeoutSeconds: the source
+        // must resume from the bookmark, without listing again.
+        server.end_watch(Kind::Service);
+        let watches = server.wait_for_watches(Kind::Service, 2).await;
+        assert_eq!(
+            watches[1].param("resourceVersion"),
+            Some(&*bookmark.to_string())
+        );
+        assert_eq!(server.lists(Kind::Service).len(), 1);
+
+        server.apply(Kind::Service, service("api", "10.96.0.11", 443));
+        assert_eq!(
+            describe(&[source.next().await]),
+            ["Applied Service default/api"]
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn gone_on_a_watch_relists() {
+    within_deadline(async {
+        let server = StandIn::start().await;
+        server.put_silently(Kind::Service, service("web", "10.96.0.10", 80));
+        server.put_silently(Kind::Service, service("api", "10.96.0.11", 443));
+        server.put_silently(
+            Kind::EndpointSlice,
+            endpoint_slice("web", "web-abcde", &["10.0.1.5"]),
+        );
+        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
+        let mut source = Source::start(&server);
+        source.until_listed(&Kind::ALL).await;
+        server.wait_for_watches(Kind::Service, 1).await;
+
+        // Changes whose events the source never sees: its resourceVersion has left the API server's
+        // watch window, so the server answers the watch with 410 Gone.
+        server.remove_silently(Kind::Service, NAMESPACE, "api");
+        server.put_silently(Kind::Service, service("db", "10.96.0.13", 5432));
+        server.put_silently(Kind::Service, service("web", "10.96.0.10", 8080));
+        server.expire_watch(Kind::Service);
+
+        let relisted = source.until_listed(&[Kind::Service]).await;
+        assert_eq!(
+            relisted.keys().collect::<Vec<_>>(),
+            [&Kind::Service],
+            "only Services relist"
+        );
+        let relisted = &relisted[&Kind::Service];
+        assert_eq!(
+            describe(relisted),
+            [
+                "Listing Service",
+                "Applied Service default/db",
+                "Applied Service default/web",
+                "Listed Service",
+            ]
+        );
+        let web = applied_service(&relisted[2]);
+        assert_eq!(
+            web.spec
+                .as_ref()
+                .expect("spec")
+                .ports
+                .as_ref()
+                .expect("ports")[0]
+                .port,
+            8080
+        );
+
+        let lists = server.lists(Kind::Service);
+        assert_eq!(lists.len(), 2, "{lists:?}");
+        assert_eq!(lists[1].param("labelSelector"), Some(PROXY_LABEL_SELECTOR));
+        assert_eq!(server.lists(Kind::EndpointSlice).len(), 1);
+        assert_eq!(server.lists(Kind::Node).len(), 1);
+
+        // Watching resumes from the new list.
+        let watches = server.wait_for_watches(Kind::Service, 2).await;
+        assert_eq!(
+            watches[1].param("resourceVersion"),
+            Some(&*lists[1].revision.to_string())
+        );
+        server.apply(Kind::Service, service("cache", "10.96.0.14", 6379));
+        assert_eq!(
+            describe(&[source.next().await]),
+            ["Applied Service default/cache"]
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn node_watch_is_restricted_to_this_node() {
+    within_deadline(async {
+        let server = StandIn::start().await;
+        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
+        server.put_silently(Kind::Node, node("node-b", "192.168.0.11"));
+        let mut source = Source::start(&server);
+
+        let updates = source.until_listed(&Kind::ALL).await;
+        assert_eq!(
+            describe(&updates[&Kind::Node]),
+            ["Listing Node", "Applied Node node-a", "Listed Node"]
+        );
+
+        let expected = format!("metadata.name={NODE}");
+        let watch = server.wait_for_watches(Kind::Node, 1).await.remove(0);
+        let lists = server.lists(Kind::Node);
+        assert_eq!(lists.len(), 1);
+        for request in [&lists[0], &watch] {
+            assert_eq!(
+                request.param("fieldSelector"),
+                Some(&*expected),
+                "{request:?}"
+            );
+            assert_eq!(request.param("labelSelector"), None, "{request:?}");
+        }
+        assert_eq!(watch.param("allowWatchBookmarks"), Some("true"));
+
+        server.apply(Kind::Node, node(NODE, "192.168.0.20"));
+        match source.next().await {
+            Update::Applied(Object::Node(node)) => {
+                let addresses = node
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.addresses.as_ref())
+                    .expect("addresses");
+                assert_eq!(addresses[0].address, "192.168.0.20");
+            }
+            other => panic!("expected node-a, got {other:?}"),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn run_returns_once_the_receiver_is_dropped() {
+    within_deadline(async {
+        let server = StandIn::start().await;
+        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
+        let mut source = Source::start(&server);
+        source.until_listed(&Kind::ALL).await;
+        server.wait_for_watches(Kind::Node, 1).await;
+
+        // Every watch is idle: nothing to send, so only the closed channel can stop the source.
+        let Source { updates, task } = source;
+        drop(updates);
+        let result = tokio::time::timeout(UPDATE_TIMEOUT, task)
+            .await
+            .expect("run did not return after the receiver was dropped")
+            .expect("run panicked");
+        result.expect("run failed");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The source under test
+
+struct Source {
+    updates: mpsc::Receiver<Update>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Source {
+    fn start(server: &StandIn) -> Self {
+        // The source's own logs (watch errors), shown when a test fails; RUST_LOG filters them.
+        let filter =
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("lb=debug"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+        let (tx, updates) = mpsc::channel(64);
+        let task = tokio::spawn(source::kube::run(server.client(), NODE.into(), tx));
+        Self { updates, task }
+    }
+
+    async fn next(&mut self) -> Update {
+        tokio::time::timeout(UPDATE_TIMEOUT, self.updates.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no update within {UPDATE_TIMEOUT:?}"))
+            .expect("the source stopped")
+    }
+
+    /// The updates up to `Listed` of each of `kinds`, by kind (kinds interleave on the channel).
+    async fn until_listed(&mut self, kinds: &[Kind]) -> BTreeMap<Kind, Vec<Update>> {
+        let mut by_kind: BTreeMap<Kind, Vec<Update>> = BTreeMap::new();
+        let mut pending = kinds.to_vec();
+        while !pending.is_empty() {
+            let update = self.next().await;
+            if let Update::Listed(kind) = update {
+                pending.retain(|k| *k != kind);
+            }
+            by_kind.entry(kind_of(&update)).or_default().push(update);
+        }
+        by_kind
+    }
+
+    async fn assert_quiet(&mut self) {
+        if let Ok(update) = tokio::time::timeout(QUIET, self.updates.recv()).await {
+            panic!("unexpected update: {update:?}");
+        }
+    }
+}
+
+async fn within_deadline(test: impl Future<Output = ()>) {
+    tokio::time::timeout(TEST_DEADLINE, test)
+        .await
+        .unwrap_or_else(|_| panic!("the test took longer than {TEST_DEADLINE:?}"));
+}
+
+fn kind_of(update: &Update) -> Kind {
+    match update {
+        Update::Listing(kind) | Update::Listed(kind) => *kind,
+        Update::Applied(object) => object.key().kind,
+        Update::Deleted(key) => key.kind,
+        Update::Invalid { origin, reason } => panic!("invalid object from {origin}: {reason}"),
+    }
+}
+
+fn describe(updates: &[Update]) -> Vec<String> {
+    updates
+        .iter()
+        .map(|update| match update {
+            Update::Listing(kind) => format!("Listing {}", kind.name()),
+            Update::Listed(kind) => format!("Listed {}", kind.name()),
+            Update::Applied(object) => format!("Applied {}", object.key()),
+            Update::Deleted(key) => format!("Deleted {key}"),
+            Update::Invalid { origin, reason } => format!("Invalid {origin}: {reason}"),
+        })
+        .collect()
+}
+
+fn applied_service(update: &Update) -> &Service {
+    match update {
+        Update::Applied(Object::Service(service)) => service,
+        other => panic!("not an applied Service: {other:?}"),
+    }
+}
+
+/// managedFields and the last-applied annotation are dropped, the rest of the metadata is kept.
+fn assert_slimmed(meta: &ObjectMeta) {
+    assert_eq!(meta.managed_fields, None);
+    let annotations = meta.annotations.as_ref().expect("annotations");
+    assert!(!annotations.contains_key(LAST_APPLIED), "{annotations:?}");
+    assert_eq!(
+        annotations.get("example.com/owner").map(String::as_str),
+        Some("edge")
+    );
+    assert!(meta.resource_version.is_some());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes objects, as the API server stores them
+
+fn service(name: &str, cluster_ip: &str, port: i32) -> Value {
+    let service = Service {
+        metadata: ObjectMeta {
+            namespace: Some(NAMESPACE.into()),
+            name: Some(name.into()),
+            annotations: Some(BTreeMap::from([
+                (
+                    LAST_APPLIED.into(),
+                    format!(
+                        r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}"}}}}"#
+                    ),
+                ),
+                ("example.com/owner".into(), "edge".into()),
+            ])),
+            managed_fields: Some(vec![ManagedFieldsEntry {
+                api_version: Some("v1".into()),
+                fields_type: Some("FieldsV1".into()),
+                fields_v1: Some(FieldsV1(
+                    json!({"f:spec": {"f:ports": {}, "f:selector": {}}}),
+                )),
+                manager: Some("kubectl-client-side-apply".into()),
+                operation: Some("Update".into()),
+                ..ManagedFieldsEntry::default()
+            }]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            cluster_ip: Some(cluster_ip.into()),
+            cluster_ips: Some(vec![cluster_ip.into()]),
+            ip_families: Some(vec!["IPv4".into()]),
+            ports: Some(vec![ServicePort {
+                name: Some("main".into()),
+                port,
+                protocol: Some("TCP".into()),
+                target_port: Some(IntOrString::Int(8080)),
+                ..ServicePort::default()
+            }]),
+            selector: Some(BTreeMap::from([("app".into(), name.into())])),
+            session_affinity: Some("None".into()),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    serde_json::to_value(service).expect("Service serializes")
+}
+
+fn endpoint_slice(service: &str, name: &str, addresses: &[&str]) -> Value {
+    let slice = EndpointSlice {
+        metadata: ObjectMeta {
+            namespace: Some(NAMESPACE.into()),
+            name: Some(name.into()),
+            generate_name: Some(format!("{service}-")),
+            labels: Some(BTreeMap::from([
+                (SERVICE_NAME_LABEL.into(), service.into()),
+                (
+                    "endpointslice.kubernetes.io/managed-by".into(),
+                    "endpointslice-controller.k8s.io".into(),
+                ),
+            ])),
+            ..ObjectMeta::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: addresses
+            .iter()
+            .map(|address| Endpoint {
+                addresses: vec![(*address).into()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(true),
+                    serving: Some(true),
+                    terminating: Some(false),
+                }),
+                node_name: Some(NODE.into()),
+                ..Endpoint::default()
+            })
+            .collect(),
+        ports: Some(vec![EndpointPort {
+            name: Some("main".into()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..EndpointPort::default()
+        }]),
+    };
+    serde_json::to_value(slice).expect("EndpointSlice serializes")
+}
+
+fn node(name: &str, internal_ip: &str) -> Value {
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(BTreeMap::from([(
+                "kubernetes.io/hostname".into(),
+                name.into(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(NodeSpec {
+            pod_cidr: Some("10.0.1.0/24".into()),
+            pod_cidrs: Some(vec!["10.0.1.0/24".into()]),
+            ..NodeSpec::default()
+        }),
+        status: Some(NodeStatus {
+            addresses: Some(vec![
+                NodeAddress {
+                    address: internal_ip.into(),
+                    type_: "InternalIP".into(),
+                },
+                NodeAddress {
+                    address: name.into(),
+                    type_: "Hostname".into(),
+                },
+            ]),
+            ..NodeStatus::default()
+        }),
+    };
+    serde_json::to_value(node).expect("Node serializes")
+}
+
+fn labelled(mut object: Value, key: &str, value: &str) -> Value {
+    object["metadata"]["labels"][key] = json!(value);
+    object
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stand-in API server
+
+/// The stand-in API server, as the test drives it.
+struct StandIn {
+    url: String,
+    shared: Arc<Shared>,
+    /// Per collection, the watch events for whichever watch is connected.
+    feeds: BTreeMap<Kind, mpsc::UnboundedSender<Feed>>,
+}
+
+/// What the stand-in API server's handlers share with the test.
+struct Shared {
+    state: Mutex<State>,
+    /// Per collection, the receiving end of the watch feed, held by the connected watch; events
+    /// queue while no watch is connected.
+    feeds: BTreeMap<Kind, Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Feed>>>>,
+}
+
+struct State {
+    /// etcd's revision: one counter across every collection, as resourceVersions are.
+    revision: u64,
+    collections: BTreeMap<Kind, Collection>,
+}
+
+#[derive(Default)]
+struct Collection {
+    /// By (namespace, name).
+    objects: BTreeMap<(String, String), Value>,
+    requests: Vec<Request>,
+}
+
+impl State {
+    /// Gives `object` the next resourceVersion, as every write does.
+    fn stamp(&mut self, object: &mut Value) {
+        self.revision += 1;
+        object["metadata"]["resourceVersion"] = json!(self.revision.to_string());
+    }
+}
+
+enum Feed {
+    /// One watch event, written as one line.
+    Event(Value),
+    /// Ends the watch response, as the API server does once timeoutSeconds has passed.
+    End,
+}
+
+/// A request the stand-in API server received.
+#[derive(Clone, Debug)]
+struct Request {
+    query: BTreeMap<String, String>,
+    /// The revision when it was served: a LIST's resourceVersion.
+    revision: u64,
+}
+
+impl Request {
+    fn param(&self, name: &str) -> Option<&str> {
+        self.query.get(name).map(String::as_str)
+    }
+
+    fn is_watch(&self) -> bool {
+        matches!(self.param("watch"), Some("true" | "1"))
+    }
+}
+
+fn path(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Service => "/api/v1/services",
+        Kind::EndpointSlice => "/apis/discovery.k8s.io/v1/endpointslices",
+        Kind::Node => "/api/v1/nodes",
+    }
+}
+
+fn api_version(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Service | Kind::Node => "v1",
+        Kind::EndpointSlice => "discovery.k8s.io/v1",
+    }
+}
+
+fn key_of(object: &Value) -> (String, String) {
+    let meta = &object["metadata"];
+    let field = |name: &str| meta[name].as_str().unwrap_or_default().to_owned();
+    (field("namespace"), field("name"))
+}
+
+impl StandIn {
+    async fn start() -> Self {
+        let mut senders = BTreeMap::new();
+        let mut receivers = BTreeMap::new();
+        for kind in Kind::ALL {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.insert(kind, tx);
+            receivers.insert(kind, Arc::new(tokio::sync::Mutex::new(rx)));
+        }
+        let state = State {
+            revision: 1000,
+            collections: Kind::ALL
+                .into_iter()
+                .map(|kind| (kind, Collection::default()))
+                .collect(),
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            feeds: receivers,
+        });
+
+        let mut router = Router::new();
+        for kind in Kind::ALL {
+            let shared = shared.clone();
+            router = router.route(
+                path(kind),
+                get(move |RawQuery(query): RawQuery| serve(shared.clone(), kind, query)),
+            );
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("local address"));
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .await
+                .expect("stand-in API server")
+        });
+        Self {
+            url,
+            shared,
+            feeds: senders,
+        }
+    }
+
+    /// A client for this server: plain HTTP, no authentication.
+    fn client(&self) -> kube::Client {
+        let config = kube::Config::new(self.url.parse().expect("server URL"));
+        kube::Client::try_from(config).expect("client")
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().expect("state lock")
+    }
+
+    fn feed(&self, kind: Kind, feed: Feed) {
+        self.feeds[&kind]
+            .send(feed)
+            .expect("the stand-in API server is gone");
+    }
+
+    /// Creates or replaces an object without a watch event: the initial contents, or a change
+    /// made while the source could not see it.
+    fn put_silently(&self, kind: Kind, mut object: Value) {
+        let mut state = self.state();
+        state.stamp(&mut object);
+        state
+            .collections
+            .get_mut(&kind)
+            .expect("collection")
+            .objects
+            .insert(key_of(&object), object);
+    }
+
+    /// Deletes an object without a watch event.
+    fn remove_silently(&self, kind: Kind, namespace: &str, name: &str) {
+        let mut state = self.state();
+        state.revision += 1;
+        let objects = &mut state
+            .collections
+            .get_mut(&kind)
+            .expect("collection")
+            .objects;
+        objects
+            .remove(&(namespace.into(), name.into()))
+            .expect("no such object");
+    }
+
+    /// Creates or replaces an object and tells the watch; returns the event type sent.
+    fn apply(&self, kind: Kind, mut object: Value) -> &'static str {
+        let event_type = {
+            let mut state = self.state();
+            state.stamp(&mut object);
+            let objects = &mut state
+                .collections
+                .get_mut(&kind)
+                .expect("collection")
+                .objects;
+            match objects.insert(key_of(&object), object.clone()) {
+                None => "ADDED",
+                Some(_) => "MODIFIED",
+            }
+        };
+        self.feed(
+            kind,
+            Feed::Event(json!({"type": event_type, "object": object})),
+        );
+        event_type
+    }
+
+    /// Deletes an object and tells the watch.
+    fn delete(&self, kind: Kind, namespace: &str, name: &str) {
+        let object = {
+            let mut state = self.state();
+            let objects = &mut state
+                .collections
+                .get_mut(&kind)
+                .expect("collection")
+                .objects;
+            let mut object = objects
+                .remove(&(namespace.into(), name.into()))
+                .expect("no such object");
+            state.stamp(&mut object);
+            object
+        };
+        self.feed(
+            kind,
+            Feed::Event(json!({"type": "DELETED", "object": object})),
+        );
+    }
+
+    /// Sends a bookmark after writes elsewhere moved the revision on; returns its resourceVersion.
+    fn bookmark(&self, kind: Kind) -> u64 {
+        let revision = {
+            let mut state = self.state();
+            state.revision += 5;
+            state.revision
+        };
+        // What the API server sends: the collection's type and only a resourceVersion.
+        let kind_name = kind.name();
+        let object = json!({
+            "kind": kind_name,
+            "apiVersion": api_version(kind),
+            "metadata": {"resourceVersion": revision.to_string(), "creationTimestamp": null},
+        });
+        self.feed(
+            kind,
+            Feed::Event(json!({"type": "BOOKMARK", "object": object})),
+        );
+        revision
+    }
+
+    /// Answers the watch with 410 Gone, as the API server does once the watch's resourceVersion
+    /// has left its window; that ends the watch response.
+    fn expire_watch(&self, kind: Kind) {
+        let revision = self.state().revision;
+        let status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": format!("too old resource version: 1001 ({revision})"),
+            "reason": "Expired",
+            "code": 410,
+        });
+        self.feed(
+            kind,
+            Feed::Event(json!({"type": "ERROR", "object": status})),
+        );
+    }
+
+    /// Ends the watch response without an error.
+    fn end_watch(&self, kind: Kind) {
+        self.feed(kind, Feed::End);
+    }
+
+    fn requests(&self, kind: Kind) -> Vec<Request> {
+        self.state().collections[&kind].requests.clone()
+    }
+
+    fn lists(&self, kind: Kind) -> Vec<Request> {
+        self.requests(kind)
+            .into_iter()
+            .filter(|r| !r.is_watch())
+            .collect()
+    }
+
+    /// The WATCH requests of `kind`, once there are at least `count`.
+    async fn wait_for_watches(&self, kind: Kind, count: usize) -> Vec<Request> {
+        let wait = async {
+            loop {
+                let watches: Vec<_> = self
+                    .requests(kind)
+                    .into_iter()
+                    .filter(Request::is_watch)
+                    .collect();
+                if watches.len() >= count {
+                    return watches;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(UPDATE_TIMEOUT, wait)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("fewer than {count} {kind:?} watches within {UPDATE_TIMEOUT:?}")
+            })
+    }
+}
+
+/// One GET on a collection: a LIST, or a WATCH with `watch=true`.
+async fn serve(shared: Arc<Shared>, kind: Kind, query: Option<String>) -> Response<Body> {
+    let query = parse_query(query.as_deref().unwrap_or_default());
+    let request = {
+        let mut state = shared.state.lock().expect("state lock");
+        let request = Request {
+            query,
+            revision: state.revision,
+        };
+        state
+            .collections
+            .get_mut(&kind)
+            .expect("collection")
+            .requests
+            .push(request.clone());
+        request
+    };
+    let body = if request.is_watch() {
+        watch(&shared, kind, request.query).await
+    } else {
+        Body::from(list(&shared, kind, &request).to_string())
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .expect("response")
+}
+
+/// A `*List` of the selected objects, at the current revision.
+fn list(shared: &Shared, kind: Kind, request: &Request) -> Value {
+    let state = shared.state.lock().expect("state lock");
+    let items: Vec<Value> = state.collections[&kind]
+        .objects
+        .values()
+        .filter(|object| selected(object, &request.query))
+        .map(|object| {
+            // List items carry no apiVersion and kind: the list says them once.
+            let mut item = object.clone();
+            let fields = item.as_object_mut().expect("object");
+            fields.remove("apiVersion");
+            fields.remove("kind");
+            item
+        })
+        .collect();
+    json!({
+        "apiVersion": api_version(kind),
+        "kind": format!("{}List", kind.name()),
+        "metadata": {"resourceVersion": request.revision.to_string()},
+        "items": items,
+    })
+}
+
+/// The watch response: the feed's events for the selected objects (and bookmarks, if asked for),
+/// one JSON document a line, until the feed says `End` or after an ERROR event.
+async fn watch(shared: &Shared, kind: Kind, query: BTreeMap<String, String>) -> Body {
+    let feed = shared.feeds[&kind].clone().lock_owned().await;
+    let lines = futures::stream::unfold(Some((feed, query)), |state| async move {
+        let (mut feed, query) = state?;
+        loop {
+            let Feed::Event(event) = feed.recv().await? else {
+                return None;
+            };
+            let wanted = match event["type"].as_str() {
+                Some("ADDED" | "MODIFIED" | "DELETED") => selected(&event["object"], &query),
+                Some("BOOKMARK") => query
+                    .get("allowWatchBookmarks")
+                    .is_some_and(|allow| allow == "true"),
+                _ => true,
+            };
+            if !wanted {
+                continue;
+            }
+            let is_error = event["type"] == "ERROR";
+            let line = format!("{event}\n");
+            return Some((
+                Ok::<_, Infallible>(line),
+                (!is_error).then_some((feed, query)),
+            ));
+        }
+    });
+    Body::from_stream(lines)
+}
+
+/// The selectors the stand-in API server understands: `!label` terms and `metadata.name=`.
+fn selected(object: &Value, query: &BTreeMap<String, String>) -> bool {
+    let meta = &object["metadata"];
+    let labels_match = query.get("labelSelector").is_none_or(|selector| {
+        selector.split(',').all(|term| {
+            let label = term
+                .strip_prefix('!')
+                .unwrap_or_else(|| panic!("unsupported label selector {term}"));
+            meta["labels"].get(label).is_none()
+        })
+    });
+    let fields_match = query.get("fieldSelector").is_none_or(|selector| {
+        selector.split(',').all(|term| match term.split_once('=') {
+            Some(("metadata.name", name)) => meta["name"] == name,
+            _ => panic!("unsupported field selector {term}"),
+        })
+    });
+    labels_match && fields_match
+}
+
+fn parse_query(query: &str) -> BTreeMap<String, String> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(name), percent_decode(value))
+        })
+        .collect()
+}
+
+/// `application/x-www-form-urlencoded` decoding, which is how the client encodes selectors.
+fn percent_decode(text: &str) -> String {
+    let mut bytes = text.bytes();
+    let mut decoded = Vec::with_capacity(text.len());
+    while let Some(byte) = bytes.next() {
+        decoded.push(match byte {
+            b'+' => b' ',
+            b'%' => {
+                let hex = [bytes.next().expect("escape"), bytes.next().expect("escape")];
+                u8::from_str_radix(std::str::from_utf8(&hex).expect("hex"), 16).expect("hex")
+            }
+            byte => byte,
+        });
+    }
+    String::from_utf8(decoded).expect("UTF-8 query")
+}

@@ -1,0 +1,407 @@
+//! The translation of Kubernetes objects into the desired datapath state, driven by YAML
+//! fixtures (`tests/fixtures`), one per group of rules, each case named after the acceptance
+//! catalogue's case numbers.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use lb_agent::{
+    source::{
+        Object, files,
+        objects::{ServiceObject, SliceObject},
+    },
+    translate::{self, NodeContext, Problem, Translated},
+};
+use lb_common::{maps::scope, net::proto};
+use lb_datapath::model::{
+    Desired, DesiredFrontend, FrontendKey, FrontendKind, HealthCheck, ServiceModel, SetKind,
+};
+
+struct Result {
+    desired: Desired,
+    models: BTreeMap<String, ServiceModel>,
+    problems: Vec<Problem>,
+}
+
+fn translate_with(fixtures: &[&str], nodeport_cidrs: &[Ipv4Net]) -> Result {
+    let mut services: Vec<Service> = Vec::new();
+    let mut slices: Vec<EndpointSlice> = Vec::new();
+    let mut nodes: Vec<Node> = Vec::new();
+    for name in fixtures.iter().chain(["node.yaml"].iter()) {
+        let text = std::fs::read_to_string(format!(
+            "{}/tests/fixtures/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let (objects, errors) = files::parse(&text);
+        assert!(errors.is_empty(), "{name}: {errors:?}");
+        for object in objects {
+            match object {
+                Object::Service(s) => services.push(*s),
+                Object::EndpointSlice(s) => slices.push(*s),
+                Object::Node(n) => nodes.push(*n),
+            }
+        }
+    }
+    let node = NodeContext::from_node(
+        "n1",
+        nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some("n1")),
+        nodeport_cidrs,
+    );
+    let slices: Vec<SliceObject> = slices.iter().map(SliceObject::from).collect();
+    let mut models = BTreeMap::new();
+    let mut keys = BTreeMap::new();
+    let mut problems = Vec::new();
+    for svc in &services {
+        let (ns, name) = (
+            svc.metadata.namespace.clone().unwrap(),
+            svc.metadata.name.clone().unwrap(),
+        );
+        let own: Vec<&SliceObject> = slices
+            .iter()
+            .filter(|s| translate::slice_of(s, &ns, &name))
+            .collect();
+        let (model, found) = translate::service(&ServiceObject::from(svc), &own, &node);
+        problems.extend(found);
+        if let Some(model) = model {
+            let key = lb_agent::source::ObjectKey {
+                kind: lb_agent::source::Kind::Service,
+                namespace: ns.clone(),
+                name: name.clone(),
+            };
+            keys.insert(
+                format!("{ns}/{name}"),
+                (
+                    key,
+                    svc.metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map(|t| t.0.to_string()),
+                ),
+            );
+            models.insert(format!("{ns}/{name}"), model);
+        }
+    }
+    let (desired, conflicts) = translate::assemble(models.iter().map(|(k, m)| Translated {
+        object: &keys[k].0,
+        created: keys[k].1.clone(),
+        model: m,
+    }));
+    problems.extend(conflicts);
+    Result {
+        desired,
+        models,
+        problems,
+    }
+}
+
+fn translate_fixture(fixtures: &[&str]) -> Result {
+    translate_with(fixtures, &[])
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+impl Result {
+    fn frontend(&self, addr: &str, port: u16, l4_proto: u8, scope: u8) -> &DesiredFrontend {
+        let key = FrontendKey::new(ip(addr), port, l4_proto, scope);
+        self.desired.frontends.get(&key).unwrap_or_else(|| {
+            panic!(
+                "no frontend {key}; have {:?}",
+                self.desired
+                    .frontends
+                    .keys()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+            )
+        })
+    }
+
+    fn has_frontend(&self, addr: &str, port: u16, l4_proto: u8, scope: u8) -> bool {
+        self.desired
+            .frontends
+            .contains_key(&FrontendKey::new(ip(addr), port, l4_proto, scope))
+    }
+
+    /// The frontend's backends as "addr:port" with their weight.
+    fn backends(&self, f: &DesiredFrontend) -> Vec<(String, u32)> {
+        let mut b: Vec<(String, u32)> = self.desired.sets[&f.set]
+            .iter()
+            .map(|b| (b.addr.to_string(), b.weight))
+            .collect();
+        b.sort();
+        b
+    }
+
+    /// Only the backends that take new flows.
+    fn selectable(&self, f: &DesiredFrontend) -> Vec<String> {
+        self.backends(f)
+            .into_iter()
+            .filter(|(_, w)| *w > 0)
+            .map(|(a, _)| a)
+            .collect()
+    }
+
+    fn problem(&self, name: &str) -> &Problem {
+        self.problems
+            .iter()
+            .find(|p| p.object.name == name)
+            .unwrap_or_else(|| panic!("no problem reported for {name}: {:?}", self.problems))
+    }
+}
+
+const TCP: u8 = proto::TCP;
+const UDP: u8 = proto::UDP;
+const IN: u8 = scope::INTERNAL;
+const EXT: u8 = scope::EXTERNAL;
+
+#[test]
+fn case_4_cluster_ip_dnat_targets_come_from_the_slices() {
+    let r = translate_fixture(&["clusterip.yaml"]);
+    let http = r.frontend("172.30.0.41", 80, TCP, IN);
+    assert_eq!(http.kind, FrontendKind::ClusterIp);
+    // Two slices merged; 10.180.2.1 listed twice, kept once.
+    assert_eq!(
+        r.selectable(http),
+        ["10.180.0.1:8080", "10.180.2.1:8080", "10.180.3.1:8080"]
+    );
+    // The https port exists only in slice web-a.
+    let https = r.frontend("172.30.0.41", 443, TCP, IN);
+    assert_eq!(r.selectable(https), ["10.180.0.1:8443", "10.180.2.1:8443"]);
+    assert!(
+        !r.has_frontend("172.30.0.41", 80, TCP, EXT),
+        "ClusterIPs are not served from outside"
+    );
+    assert!(!http.drop_when_empty);
+    assert_eq!(http.affinity_timeout_s, 0);
+    // Locality comes from the endpoint's nodeName.
+    assert!(
+        r.desired.sets[&http.set]
+            .iter()
+            .any(|b| b.local && b.addr.to_string() == "10.180.0.1:8080")
+    );
+}
+
+#[test]
+fn case_5_the_same_port_for_tcp_and_udp_goes_to_each_protocols_target() {
+    let r = translate_fixture(&["clusterip.yaml"]);
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.10", 53, TCP, IN)),
+        ["10.180.0.53:5353"]
+    );
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.10", 53, UDP, IN)),
+        ["10.180.0.53:53"]
+    );
+    // SCTP is reported and skipped; the other ports work.
+    assert!(r.problem("dns").reason.contains("SCTP"));
+    assert!(!r.problem("dns").error);
+}
+
+#[test]
+fn case_11_services_kube_proxy_ignores_get_no_frontend() {
+    let r = translate_fixture(&["ignored.yaml"]);
+    assert!(
+        r.desired.frontends.is_empty(),
+        "{:?}",
+        r.desired.frontends.keys().collect::<Vec<_>>()
+    );
+    assert!(r.models.is_empty());
+    assert!(
+        r.problems.is_empty(),
+        "ignoring is not an error: {:?}",
+        r.problems
+    );
+}
+
+#[test]
+fn cases_59_to_65_ready_endpoints_first_serving_terminating_only_as_a_fallback() {
+    let r = translate_fixture(&["conditions.yaml"]);
+    let mixed = r.frontend("172.30.0.50", 80, TCP, IN);
+    // Ready ones take new flows; terminating and not-serving ones stay known for their flows.
+    assert_eq!(
+        r.backends(mixed),
+        [
+            ("10.0.1.1:80".into(), 1),
+            ("10.0.1.2:80".into(), 0),
+            ("10.0.1.3:80".into(), 0),
+            ("10.0.2.1:80".into(), 1)
+        ]
+    );
+    // No ready endpoint anywhere: the serving terminating ones (on any node) take new flows.
+    let terminating = r.frontend("172.30.0.51", 80, TCP, IN);
+    assert_eq!(r.selectable(terminating), ["10.0.1.2:80", "10.0.2.2:80"]);
+    // Nothing serving: no backend, and the frontend rejects (no endpoints means REJECT).
+    let nothing = r.frontend("172.30.0.52", 80, TCP, IN);
+    assert!(r.selectable(nothing).is_empty());
+    assert!(!nothing.drop_when_empty);
+}
+
+#[test]
+fn cases_26_to_28_external_traffic_policy_local() {
+    let r = translate_fixture(&["policies.yaml"]);
+    // From inside, every frontend of the service uses every endpoint (kube-proxy short-circuits
+    // local traffic); from outside, only this node's endpoints, client address kept.
+    for (addr, port) in [
+        ("172.30.0.60", 80),
+        ("192.168.99.11", 80),
+        ("1.2.3.4", 80),
+        ("192.168.0.2", 3001),
+        ("192.168.1.2", 3001),
+    ] {
+        let inside = r.frontend(addr, port, TCP, IN);
+        assert_eq!(
+            r.selectable(inside),
+            ["10.180.0.1:80", "10.180.1.1:80"],
+            "{addr}:{port} from inside"
+        );
+        if addr != "172.30.0.60" {
+            let outside = r.frontend(addr, port, TCP, EXT);
+            assert_eq!(outside.set.kind, SetKind::Local);
+            assert_eq!(
+                r.selectable(outside),
+                ["10.180.0.1:80"],
+                "{addr}:{port} from outside"
+            );
+        }
+    }
+    // Case 28: endpoints only elsewhere: external traffic is dropped (not rejected), the
+    // ClusterIP still reaches the remote endpoint.
+    let remote_only = r.frontend("192.168.0.2", 3002, TCP, EXT);
+    assert!(r.selectable(remote_only).is_empty());
+    assert!(remote_only.drop_when_empty);
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.61", 80, TCP, IN)),
+        ["10.180.1.2:80"]
+    );
+    // Case 31: the health check counts this node's ready endpoints.
+    assert_eq!(
+        r.models["ns1/etp-local"].health_check,
+        Some(HealthCheck {
+            node_port: 30000,
+            local_ready_endpoints: 1
+        })
+    );
+}
+
+#[test]
+fn cases_35_to_38_internal_traffic_policy_local() {
+    let r = translate_fixture(&["policies.yaml"]);
+    // ClusterIP: only the local endpoint. NodePort: every endpoint (ITP does not touch it).
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.62", 80, TCP, IN)),
+        ["10.180.0.3:80"]
+    );
+    assert_eq!(
+        r.selectable(r.frontend("192.168.0.2", 3003, TCP, EXT)),
+        ["10.180.0.3:80", "10.180.1.3:80"]
+    );
+    // No local endpoint while others exist: drop. No endpoint at all: reject.
+    let none_here = r.frontend("172.30.0.63", 80, TCP, IN);
+    assert!(r.selectable(none_here).is_empty() && none_here.drop_when_empty);
+    let none = r.frontend("172.30.0.64", 80, TCP, IN);
+    assert!(r.selectable(none).is_empty() && !none.drop_when_empty);
+}
+
+#[test]
+fn case_16_node_ports_on_the_node_addresses_within_nodeport_addresses() {
+    let everywhere = translate_fixture(&["policies.yaml"]);
+    for addr in ["192.168.0.2", "192.168.1.2"] {
+        assert!(
+            everywhere.has_frontend(addr, 3003, TCP, EXT)
+                && everywhere.has_frontend(addr, 3003, TCP, IN)
+        );
+    }
+    let restricted = translate_with(&["policies.yaml"], &["192.168.1.0/24".parse().unwrap()]);
+    assert!(restricted.has_frontend("192.168.1.2", 3003, TCP, EXT));
+    assert!(
+        !restricted.has_frontend("192.168.0.2", 3003, TCP, EXT),
+        "secondary address only"
+    );
+    assert!(restricted.frontend("192.168.1.2", 3003, TCP, EXT).kind == FrontendKind::NodePort);
+}
+
+#[test]
+fn cases_39_44_46_load_balancer_ips_ranges_and_external_ips() {
+    let r = translate_fixture(&["loadbalancer.yaml"]);
+    // ipMode VIP or unset: programmed; Proxy: not; hostnames: not.
+    assert!(r.has_frontend("1.2.3.4", 80, TCP, EXT) && r.has_frontend("5.6.7.8", 80, TCP, EXT));
+    assert!(
+        !r.has_frontend("9.10.11.12", 80, TCP, EXT) && !r.has_frontend("9.10.11.12", 80, TCP, IN)
+    );
+    // Source ranges (the blank tolerated) plus the LB IP itself, on LB IPs from both sides.
+    let want: Vec<Ipv4Net> = ["1.2.3.4/32", "192.168.0.0/24", "203.0.113.0/25"]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(r.frontend("1.2.3.4", 80, TCP, EXT).source_ranges, want);
+    assert_eq!(r.frontend("1.2.3.4", 80, TCP, IN).source_ranges, want);
+    // Case 17: NodePorts and the ClusterIP ignore the ranges.
+    assert!(
+        r.frontend("192.168.0.2", 3001, TCP, EXT)
+            .source_ranges
+            .is_empty()
+    );
+    assert!(
+        r.frontend("172.30.0.70", 80, TCP, IN)
+            .source_ranges
+            .is_empty()
+    );
+    // Case 44: no node ports allocated, no NodePort frontend; case 41: an externalIP that is
+    // no node address is served; its IPv6 sibling is reported and skipped.
+    assert!(
+        r.has_frontend("203.0.113.250", 80, TCP, IN)
+            && r.has_frontend("203.0.113.250", 80, TCP, EXT)
+    );
+    assert!(r.problem("lb-no-nodeports").reason.contains("IPv6"));
+    // Case 54: ClientIP affinity, default 10800 s, or the configured timeout.
+    assert_eq!(
+        r.frontend("1.2.3.4", 80, TCP, EXT).affinity_timeout_s,
+        10_800
+    );
+    assert_eq!(
+        r.frontend("172.30.0.71", 80, TCP, IN).affinity_timeout_s,
+        125
+    );
+}
+
+#[test]
+fn invalid_objects_are_reported_by_name_and_skipped_while_the_rest_works() {
+    let r = translate_fixture(&["invalid.yaml"]);
+    for (name, reason) in [
+        ("not-an-ip", "clusterIP \"300.1.2.3\" is not an IP address"),
+        ("bad-port", "port 70000 is out of range"),
+        ("bad-range", "is not a CIDR"),
+        ("bad-affinity", "timeout 100000s is out of range"),
+        ("thief", "already claimed by Service ns1/good"),
+        ("good-1", "not an IPv4 address"),
+    ] {
+        let p = r.problem(name);
+        assert!(p.error && p.reason.contains(reason), "{name}: {p}");
+    }
+    for clusterip in ["172.30.0.81", "172.30.0.82", "172.30.0.83"] {
+        assert!(
+            !r.has_frontend(clusterip, 80, TCP, IN),
+            "{clusterip} belongs to an invalid service"
+        );
+    }
+    // The older service keeps the contested frontend; the thief keeps its other frontends.
+    let contested = r.frontend("192.168.99.20", 80, TCP, EXT);
+    assert_eq!(contested.set.service, "good");
+    assert!(r.has_frontend("172.30.0.84", 80, TCP, IN));
+    // The bad endpoint address is skipped, the good one kept.
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.80", 80, TCP, IN)),
+        ["10.0.0.1:80"]
+    );
+    // Dual stack: the IPv4 clusterIP is served, the IPv6 one noted.
+    assert!(r.has_frontend("172.30.0.85", 80, TCP, IN));
+    assert!(!r.problem("dual-stack").error);
+}

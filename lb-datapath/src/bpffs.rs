@@ -1,0 +1,49 @@
+//! The bpffs the datapath is pinned on: a fresh node has /sys/fs/bpf but nothing mounted there,
+//! so the agent mounts one, as a production agent must.
+
+use std::{io, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use tracing::info;
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+pub fn is_bpffs(dir: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct we pass.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    unsafe { libc::statfs(path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Makes sure `dir` lives on a bpffs: creates it, and mounts a bpffs there when the filesystem
+/// it is on is not one (a fresh node has /sys/fs/bpf but nothing mounted on it).
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if is_bpffs(dir) {
+        return Ok(());
+    }
+    let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: plain mount(2) with valid C strings.
+    let ret = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        bail!(
+            "{} is not on a bpffs and mounting one there failed: {}",
+            dir.display(),
+            io::Error::last_os_error()
+        );
+    }
+    info!(dir = %dir.display(), "mounted bpffs");
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! The datapath as a library: everything about the BPF programs and maps that does not depend on
+//! where the desired state comes from.
+//!
+//! - [`loader`]: the BPF object, loaded with private or pinned maps; [`features`]: what the
+//!   kernel offers; [`attach`]: programs attached to interfaces through pinned links (or classic
+//!   tc filters), and removing all of it again.
+//! - [`maps`]: typed handles on every map; [`maglev`]: the consistent-hashing tables.
+//! - [`model`] (the desired state as plain data) -> [`planner`] (the ordered map writes that
+//!   program it) -> [`writer`] (carries them out); [`adopt`] reads the maps back into the
+//!   planner's shadow when an agent starts on a pinned datapath.
+//! - [`predict`]: what the datapath does with a packet, from the live maps and the same rules
+//!   (`lb_common`) the programs use.
+//!
+//! Depends on `lb-common` and aya only: no Kubernetes, HTTP or metrics crates. `lb-agent`,
+//! `lbctl`, the tests and the benchmarks build on it.
+
+pub mod adopt;
+pub mod attach;
+pub mod bpffs;
+pub mod features;
+pub mod install;
+pub mod loader;
+pub mod maglev;
+pub mod maps;
+pub mod model;
+pub mod planner;
+pub mod predict;
+mod sys;
+pub mod tc_record;
+pub mod writer;
+
+pub use loader::{Capacities, Datapath, DatapathError, Pinning};
+
+/// The BPF object holding every datapath program, built by this crate's build script.
+pub static LB_EBPF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

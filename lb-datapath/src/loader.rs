@@ -1,0 +1,286 @@
+//! Loading the datapath: the BPF object, its maps (pinned or private) and its programs.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp,
+        links::LinkOrder,
+        tc::{self, NlOptions, TcAttachOptions},
+    },
+};
+use lb_common::maps;
+
+use crate::{
+    LB_EBPF,
+    features::{self, TcApi},
+    maps::Maps,
+};
+
+/// XDP entry point for uplinks.
+pub const PROG_XDP: &str = "lb_xdp";
+/// tc ingress of a pod's host-side veth: load balancing of pod traffic.
+pub const PROG_FROM_POD: &str = "lb_from_pod";
+/// tc egress of a pod's host-side veth: reverse NAT of replies to pods.
+pub const PROG_TO_POD: &str = "lb_to_pod";
+/// tc ingress of an uplink: `lb_xdp`'s logic where XDP is off.
+pub const PROG_EXT_IN: &str = "lb_ext_in";
+/// tc egress of an uplink: reverse NAT of this node's backends' replies to clients elsewhere.
+pub const PROG_EXT_OUT: &str = "lb_ext_out";
+/// Empty programs: the baseline the benchmarks subtract.
+pub const PROG_EMPTY_XDP: &str = "bench_empty_xdp";
+pub const PROG_EMPTY_TC: &str = "bench_empty_tc";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("failed to load the BPF object")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name} is missing from the BPF object")]
+    MissingProgram { name: &'static str },
+    #[error("the kernel refused program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach {name} to {iface}")]
+    Attach {
+        name: &'static str,
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(transparent)]
+    Maps(#[from] crate::maps::MapsError),
+    #[error("pinned map {path}: {reason}")]
+    Pinned { path: PathBuf, reason: String },
+}
+
+/// Capacities of the sized maps (entries); the defaults are `lb_common::maps::capacity`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub ct: u32,
+    pub service_ids: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            ct: maps::capacity::CT,
+            service_ids: maps::capacity::SERVICE_IDS,
+        }
+    }
+}
+
+/// Where the maps live.
+#[derive(Clone, Debug, Default)]
+pub enum Pinning {
+    /// Private to this process (tests, benchmarks): gone when it exits.
+    #[default]
+    None,
+    /// Pinned under this bpffs directory, reused when already there (agent restarts).
+    Dir(PathBuf),
+}
+
+/// The loaded (not yet attached) datapath.
+pub struct Datapath {
+    ebpf: Ebpf,
+}
+
+impl Datapath {
+    /// Loads the BPF object and runs every program through the verifier.
+    pub fn load(pinning: &Pinning, capacities: Capacities) -> Result<Self, DatapathError> {
+        let pin_paths: Vec<(&'static str, PathBuf)> = match pinning {
+            Pinning::None => Vec::new(),
+            Pinning::Dir(dir) => maps::ALL
+                .iter()
+                .map(|name| (*name, dir.join(name)))
+                .collect(),
+        };
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(maps::LB_CT, capacities.ct)
+            .map_max_entries(maps::LB_MAGLEV, capacities.service_ids)
+            .map_max_entries(maps::LB_SVC_STATS, capacities.service_ids);
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(LB_EBPF).map_err(DatapathError::Load)?;
+        for name in [PROG_FROM_POD, PROG_TO_POD, PROG_EXT_IN, PROG_EXT_OUT] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let xdp: &mut Xdp = program(&mut ebpf, PROG_XDP)?;
+        xdp.load().map_err(|source| DatapathError::Program {
+            name: PROG_XDP,
+            source,
+        })?;
+        Ok(Self { ebpf })
+    }
+
+    pub fn xdp(&mut self) -> &mut Xdp {
+        program(&mut self.ebpf, PROG_XDP).expect("checked at load")
+    }
+
+    pub fn from_pod(&mut self) -> &mut SchedClassifier {
+        program(&mut self.ebpf, PROG_FROM_POD).expect("checked at load")
+    }
+
+    pub fn to_pod(&mut self) -> &mut SchedClassifier {
+        program(&mut self.ebpf, PROG_TO_POD).expect("checked at load")
+    }
+
+    pub fn ext_in(&mut self) -> &mut SchedClassifier {
+        program(&mut self.ebpf, PROG_EXT_IN).expect("checked at load")
+    }
+
+    pub fn ext_out(&mut self) -> &mut SchedClassifier {
+        program(&mut self.ebpf, PROG_EXT_OUT).expect("checked at load")
+    }
+
+    /// The empty XDP program (loaded on first use), for benchmarks.
+    pub fn empty_xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
+        let prog: &mut Xdp = program(&mut self.ebpf, PROG_EMPTY_XDP)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DatapathError::Program {
+                name: PROG_EMPTY_XDP,
+                source,
+            })?;
+        }
+        Ok(prog)
+    }
+
+    /// The empty tc program (loaded on first use), for benchmarks.
+    pub fn empty_tc(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_EMPTY_TC)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DatapathError::Program {
+                name: PROG_EMPTY_TC,
+                source,
+            })?;
+        }
+        Ok(prog)
+    }
+
+    /// Attaches the pod programs to a pod's host-side veth (`iface`, in the calling thread's
+    /// network namespace): load balancing on ingress, reverse NAT on egress. Uses tcx links where
+    /// the kernel has them (6.6+), classic clsact filters otherwise (see
+    /// [`features::tc_api`]). The attachments last as long as this `Datapath`.
+    pub fn attach_pod_iface(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let tc_api = features::tc_api();
+        if tc_api == TcApi::Netlink {
+            // clsact may already exist (another program, an earlier run): that is fine.
+            let _ = tc::qdisc_add_clsact(iface);
+        }
+        let options = || match tc_api {
+            TcApi::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+            TcApi::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
+        };
+        let attach = |name: &'static str| {
+            move |source| DatapathError::Attach {
+                name,
+                iface: iface.to_owned(),
+                source,
+            }
+        };
+        self.from_pod()
+            .attach_with_options(iface, TcAttachType::Ingress, options())
+            .map_err(attach(PROG_FROM_POD))?;
+        self.to_pod()
+            .attach_with_options(iface, TcAttachType::Egress, options())
+            .map_err(attach(PROG_TO_POD))?;
+        Ok(())
+    }
+
+    /// Takes the map handles out of the loaded object (once).
+    pub fn take_maps(&mut self) -> Result<Maps, DatapathError> {
+        Ok(Maps::take_from(&mut self.ebpf)?)
+    }
+}
+
+/// Key and value sizes of every map, as this version lays them out.
+fn expected_layout(name: &str) -> Option<(u32, u32)> {
+    use lb_common::{
+        conntrack::{CtEntry, FlowKey},
+        maps::*,
+    };
+    let sizes = |k: usize, v: usize| Some((k as u32, v as u32));
+    match name {
+        LB_ADDRS => sizes(size_of::<lb_common::Be32>(), size_of::<AddrInfo>()),
+        LB_SERVICES => sizes(size_of::<FrontendKey>(), size_of::<Frontend>()),
+        LB_BACKENDS => sizes(4, size_of::<Backend>()),
+        LB_MAGLEV => sizes(4, 4),
+        LB_CT => sizes(size_of::<FlowKey>(), size_of::<CtEntry>()),
+        LB_FRAGS => sizes(size_of::<FragKey>(), size_of::<FragEntry>()),
+        LB_SVC_STATS => sizes(4, size_of::<SetStats>()),
+        LB_VERDICTS => sizes(4, size_of::<Counter>()),
+        LB_SRC_RANGES => sizes(4 + size_of::<SourceRange>(), 4),
+        LB_AFFINITY => sizes(size_of::<AffinityKey>(), size_of::<AffinityEntry>()),
+        LB_CONFIG => sizes(4, size_of::<NodeConfig>()),
+        _ => None,
+    }
+}
+
+/// Checks that maps pinned under `dir` (by an earlier agent) have this version's layout, so that
+/// they can be adopted; says what to do when they do not.
+pub fn check_pinned_maps(dir: &Path) -> Result<(), DatapathError> {
+    for name in maps::ALL {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|source| DatapathError::Pinned {
+            path: path.clone(),
+            reason: source.to_string(),
+        })?;
+        let found = (info.key_size(), info.value_size());
+        let expected = expected_layout(name).expect("every map has a layout");
+        let mut reason = None;
+        if found != expected {
+            reason = Some(format!(
+                "key/value sizes {found:?}, this version uses {expected:?}"
+            ));
+        } else if name == maps::LB_VERDICTS && info.max_entries() != lb_common::stats::Reason::COUNT
+        {
+            reason = Some(format!(
+                "{} counters, this version counts {}",
+                info.max_entries(),
+                lb_common::stats::Reason::COUNT
+            ));
+        }
+        if let Some(reason) = reason {
+            return Err(DatapathError::Pinned {
+                path,
+                reason: format!(
+                    "{reason}: it was made by an incompatible version; `lb-agent cleanup` removes it (established connections are then re-balanced)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether tc programs are attached with tcx (BPF links, Linux 6.6+) rather than classic
+/// netlink filters: probed once (see [`features::tc_api`]).
+pub fn has_tcx() -> bool {
+    features::tc_api() == TcApi::Tcx
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name)
+        .and_then(|prog| prog.try_into().ok())
+        .ok_or(DatapathError::MissingProgram { name })
+}
+
+/// The directory under which a pinned datapath lives by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+/// [`DEFAULT_PIN_DIR`] as a path.
+pub fn default_pin_dir() -> &'static Path {
+    Path::new(DEFAULT_PIN_DIR)
+}

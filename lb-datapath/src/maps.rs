@@ -1,0 +1,365 @@
+//! Typed handles on the datapath's maps, and the few operations that need more than one
+//! syscall (a Maglev table is a map of its own, written through mmap).
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
+};
+use lb_common::{
+    Be32,
+    conntrack::{CtEntry, FlowKey},
+    maps::{
+        self as names, AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey,
+        Frontend, FrontendKey, NodeConfig, SetStats, SourceRange,
+        maglev::{self, CHUNK_SLOTS, Chunk},
+    },
+    stats::Reason,
+};
+
+/// `BPF_F_INNER_MAP | BPF_F_MMAPABLE`: must equal the flags of the datapath's table template.
+const MAGLEV_TABLE_FLAGS: u32 = 0x1000 | 0x400;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+/// The kernel-internal "operation not supported" (not exported by libc).
+const ENOTSUPP: i32 = 524;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {name} is missing from the BPF object")]
+    Missing { name: &'static str },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot open pinned map {path}")]
+    Pinned {
+        path: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("Maglev table of service {service_id}: {reason}")]
+    Table { service_id: u32, reason: String },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// Every map of the datapath, typed.
+pub struct Maps {
+    pub addrs: HashMap<MapData, Be32, AddrInfo>,
+    pub services: HashMap<MapData, FrontendKey, Frontend>,
+    pub backends: Array<MapData, Backend>,
+    /// Kept untyped: tables are created, swapped and read through [`Maps::set_maglev_table`]
+    /// and [`Maps::maglev_table`].
+    pub maglev: Map,
+    pub ct: HashMap<MapData, FlowKey, CtEntry>,
+    pub frags: HashMap<MapData, FragKey, FragEntry>,
+    pub svc_stats: PerCpuArray<MapData, SetStats>,
+    pub verdicts: PerCpuArray<MapData, Counter>,
+    pub src_ranges: LpmTrie<MapData, SourceRange, u32>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    /// One entry: the node's configuration.
+    pub config: Array<MapData, NodeConfig>,
+    /// Descriptors of the maps written in bulk (typed handles keep theirs private).
+    bulk: BTreeMap<&'static str, OwnedFd>,
+}
+
+/// Maps written or read in bulk.
+const BULK: [&str; 4] = [
+    names::LB_BACKENDS,
+    names::LB_SERVICES,
+    names::LB_ADDRS,
+    names::LB_CT,
+];
+
+impl Maps {
+    /// Takes the maps out of a loaded object.
+    pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Self::assemble(|name| ebpf.take_map(name).ok_or(MapsError::Missing { name }))
+    }
+
+    /// Opens the maps pinned under `dir` (what `lbctl` does; works while the agent is down).
+    pub fn open_pinned(dir: &Path) -> Result<Self, MapsError> {
+        Self::assemble(|name| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|source| MapsError::Pinned {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Map::from_map_data(data).map_err(map_err(name))
+        })
+    }
+
+    fn assemble(
+        mut take: impl FnMut(&'static str) -> Result<Map, MapsError>,
+    ) -> Result<Self, MapsError> {
+        let mut bulk = BTreeMap::new();
+        let mut take = |name: &'static str| -> Result<Map, MapsError> {
+            let map = take(name)?;
+            if BULK.contains(&name) {
+                let data = match &map {
+                    Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) => d,
+                    _ => return Err(MapsError::Missing { name }),
+                };
+                let fd = data
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| MapsError::Map {
+                        name,
+                        source: MapError::IoError(e),
+                    })?;
+                bulk.insert(name, fd);
+            }
+            Ok(map)
+        };
+        macro_rules! typed {
+            ($name:expr) => {
+                take($name)?.try_into().map_err(map_err($name))?
+            };
+        }
+        Ok(Self {
+            addrs: typed!(names::LB_ADDRS),
+            services: typed!(names::LB_SERVICES),
+            backends: typed!(names::LB_BACKENDS),
+            maglev: take(names::LB_MAGLEV)?,
+            ct: typed!(names::LB_CT),
+            frags: typed!(names::LB_FRAGS),
+            svc_stats: typed!(names::LB_SVC_STATS),
+            verdicts: typed!(names::LB_VERDICTS),
+            src_ranges: typed!(names::LB_SRC_RANGES),
+            affinity: typed!(names::LB_AFFINITY),
+            config: typed!(names::LB_CONFIG),
+            bulk,
+        })
+    }
+
+    /// Writes `keys[i] -> values[i]` into map `name` (one of the bulk-written maps) with one
+    /// syscall where the kernel can (BPF_MAP_UPDATE_BATCH), else `false`: the caller writes
+    /// one entry at a time.
+    pub fn update_batch<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+        keys: &[K],
+        values: &[V],
+    ) -> Result<bool, MapsError> {
+        if keys.is_empty() {
+            return Ok(true);
+        }
+        let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
+        match crate::sys::map_update_batch(fd.as_fd(), keys, values) {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(MapsError::Map {
+                name,
+                source: MapError::IoError(e),
+            }),
+        }
+    }
+
+    /// Every active backend slot, read with batch lookups (a few syscalls for the whole array).
+    pub fn active_backends(&self) -> Result<Vec<(u32, Backend)>, MapsError> {
+        let name = names::LB_BACKENDS;
+        let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
+        let capacity = self.backends.len() as usize;
+        let mut found = Vec::new();
+        match crate::sys::array_lookup_all::<Backend>(fd.as_fd(), capacity) {
+            Ok(values) => {
+                for (id, b) in values.into_iter().enumerate() {
+                    if b.is_active() {
+                        found.push((id as u32, b));
+                    }
+                }
+            }
+            // Kernels without batch lookups: one slot at a time.
+            Err(_) => {
+                for (id, b) in self.backends.iter().enumerate() {
+                    let b = b.map_err(map_err(name))?;
+                    if b.is_active() {
+                        found.push((id as u32, b));
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// How many conntrack entries there are (two per flow), counted with batch lookups: walking
+    /// a million-entry table key by key would cost a million syscalls.
+    pub fn conntrack_entries(&self) -> Result<usize, MapsError> {
+        let name = names::LB_CT;
+        let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
+        match crate::sys::hash_count(fd.as_fd(), size_of::<FlowKey>(), size_of::<CtEntry>()) {
+            Ok(n) => Ok(n),
+            // Kernels without batch lookups on hash maps.
+            Err(_) => Ok(self.ct.keys().count()),
+        }
+    }
+
+    /// Installs `table` (one backend id per slot) as the Maglev table of `service_id`. The table
+    /// is built in a fresh map and swapped in with one update, so the datapath sees the old
+    /// table or the new one, never a mix.
+    pub fn set_maglev_table(&mut self, service_id: u32, table: &[u32]) -> Result<(), MapsError> {
+        let built = Self::build_maglev_map(service_id, table)?;
+        self.install_maglev_maps(&[(service_id, built)])
+    }
+
+    /// Creates the map of one Maglev table and fills it (one memcpy through mmap). It takes
+    /// effect once installed with [`Maps::install_maglev_maps`].
+    pub fn build_maglev_map(service_id: u32, table: &[u32]) -> Result<MapData, MapsError> {
+        let table_err = |reason: String| MapsError::Table { service_id, reason };
+        let size = u32::try_from(table.len()).map_err(|_| table_err("too large".into()))?;
+        let chunks = maglev::chunks(size);
+        let def = aya_obj::Map::new_from_params(
+            BPF_MAP_TYPE_ARRAY,
+            size_of::<u32>() as u32,
+            size_of::<Chunk>() as u32,
+            chunks,
+            MAGLEV_TABLE_FLAGS,
+        );
+        let inner = MapData::create(def, "lb_maglev_tbl", None)
+            .map_err(|e| table_err(format!("cannot create its map: {e}")))?;
+        let bytes = chunks as usize * size_of::<Chunk>();
+        // SAFETY: the map was created BPF_F_MMAPABLE with exactly `bytes` bytes of values, and
+        // nothing else maps it: the mapping is private to this function.
+        let mut mem = unsafe {
+            memmap2::MmapOptions::new()
+                .len(bytes)
+                .map_mut(inner.fd().as_fd().as_raw_fd())
+        }
+        .map_err(|e| table_err(format!("cannot mmap its map: {e}")))?;
+        for (dst, id) in mem.chunks_exact_mut(4).zip(table) {
+            dst.copy_from_slice(&id.to_ne_bytes());
+        }
+        drop(mem);
+        Ok(inner)
+    }
+
+    /// Swaps built tables in. Every update of a map of maps makes the kernel wait for an RCU
+    /// grace period (so that no program still uses the old table when it returns): one batch
+    /// update waits once for all of them, where one update per table would wait each time.
+    pub fn install_maglev_maps(&mut self, tables: &[(u32, MapData)]) -> Result<(), MapsError> {
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let Map::ArrayOfMaps(outer) = &self.maglev else {
+            return Err(MapsError::Missing {
+                name: names::LB_MAGLEV,
+            });
+        };
+        let keys: Vec<u32> = tables.iter().map(|(id, _)| *id).collect();
+        let fds: Vec<u32> = tables
+            .iter()
+            .map(|(_, map)| map.fd().as_fd().as_raw_fd() as u32)
+            .collect();
+        match crate::sys::map_update_batch(outer.fd().as_fd(), &keys, &fds) {
+            Ok(_) => Ok(()),
+            // Kernels without batch updates for maps of maps: one at a time.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)
+                ) =>
+            {
+                for (id, map) in tables {
+                    self.maglev_mut()?
+                        .set(*id, map, 0)
+                        .map_err(map_err(names::LB_MAGLEV))?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(MapsError::Table {
+                service_id: keys[0],
+                reason: format!("installing {} tables failed: {e}", keys.len()),
+            }),
+        }
+    }
+
+    /// Reads back the Maglev table of `service_id` (`table_size` slots).
+    pub fn maglev_table(&self, service_id: u32, table_size: u32) -> Result<Vec<u32>, MapsError> {
+        let table_err = |reason: String| MapsError::Table { service_id, reason };
+        let outer: ArrayOfMaps<&MapData, MapData> =
+            ArrayOfMaps::try_from(&self.maglev).map_err(map_err(names::LB_MAGLEV))?;
+        let inner = outer
+            .get(&service_id, 0)
+            .map_err(|e| table_err(format!("not installed: {e}")))?;
+        let array = Array::<MapData, Chunk>::try_from(Map::Array(inner))
+            .map_err(|e| table_err(format!("unexpected map: {e}")))?;
+        let mut slots = Vec::with_capacity(table_size as usize);
+        for chunk in 0..maglev::chunks(table_size) {
+            let values = array
+                .get(&chunk, 0)
+                .map_err(|e| table_err(format!("chunk {chunk}: {e}")))?;
+            let take = (table_size - chunk * CHUNK_SLOTS).min(CHUNK_SLOTS) as usize;
+            slots.extend_from_slice(&values[..take]);
+        }
+        Ok(slots)
+    }
+
+    /// Removes the Maglev table of `service_id` (the kernel frees it once no program uses it).
+    pub fn remove_maglev_table(&mut self, service_id: u32) -> Result<(), MapsError> {
+        let Map::ArrayOfMaps(data) = &self.maglev else {
+            return Err(MapsError::Missing {
+                name: names::LB_MAGLEV,
+            });
+        };
+        match crate::sys::map_delete(data.fd().as_fd(), &service_id) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(MapsError::Table {
+                service_id,
+                reason: format!("cannot remove it: {e}"),
+            }),
+        }
+    }
+
+    fn maglev_mut(&mut self) -> Result<ArrayOfMaps<&mut MapData, MapData>, MapsError> {
+        ArrayOfMaps::try_from(&mut self.maglev).map_err(map_err(names::LB_MAGLEV))
+    }
+
+    /// Verdict counters summed over CPUs, in `Reason` order.
+    pub fn verdict_totals(&self) -> Result<Vec<(Reason, Counter)>, MapsError> {
+        Reason::ALL
+            .iter()
+            .map(|reason| {
+                let per_cpu = self
+                    .verdicts
+                    .get(&(*reason as u32), 0)
+                    .map_err(map_err(names::LB_VERDICTS))?;
+                let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                });
+                Ok((*reason, total))
+            })
+            .collect()
+    }
+
+    /// One service's counters summed over CPUs.
+    pub fn service_totals(&self, service_id: u32) -> Result<SetStats, MapsError> {
+        let per_cpu = self
+            .svc_stats
+            .get(&service_id, 0)
+            .map_err(map_err(names::LB_SVC_STATS))?;
+        Ok(per_cpu.iter().fold(SetStats::default(), |acc, s| SetStats {
+            packets: acc.packets + s.packets,
+            bytes: acc.bytes + s.bytes,
+            new_flows: acc.new_flows + s.new_flows,
+        }))
+    }
+}

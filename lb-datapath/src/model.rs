@@ -1,0 +1,176 @@
+//! The desired state of the datapath, as plain data: what the translation of Kubernetes objects
+//! produces and what the planner turns into map writes. No I/O here.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    ops::Deref,
+    sync::Arc,
+};
+
+use ipnet::Ipv4Net;
+pub use lb_common::maps::FrontendKey;
+use lb_common::net::proto;
+
+/// Which endpoints of a service port a backend set holds (kube-proxy's "cluster" and "local"
+/// endpoint categories).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetKind {
+    /// Every usable endpoint: the ready ones, or, when none is ready anywhere, the serving
+    /// terminating ones.
+    Cluster,
+    /// This node's usable endpoints: the ready local ones, or, when none is, the serving
+    /// terminating local ones.
+    Local,
+}
+
+/// Names a backend set: one port of one Service, and which of its endpoints. A shared handle:
+/// the desired state, the planner's shadow and the metrics all name the same sets, and a clone
+/// costs a reference count rather than three strings.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SetName(Arc<SetNameParts>);
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SetNameParts {
+    pub namespace: String,
+    pub service: String,
+    /// The service port's name ("" for a single unnamed port).
+    pub port_name: String,
+    pub proto: u8,
+    pub kind: SetKind,
+}
+
+impl SetName {
+    pub fn new(
+        namespace: impl Into<String>,
+        service: impl Into<String>,
+        port_name: impl Into<String>,
+        proto: u8,
+        kind: SetKind,
+    ) -> Self {
+        Self(Arc::new(SetNameParts {
+            namespace: namespace.into(),
+            service: service.into(),
+            port_name: port_name.into(),
+            proto,
+            kind,
+        }))
+    }
+}
+
+impl Deref for SetName {
+    type Target = SetNameParts;
+
+    fn deref(&self) -> &SetNameParts {
+        &self.0
+    }
+}
+
+impl fmt::Display for SetName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            SetKind::Cluster => "cluster",
+            SetKind::Local => "local",
+        };
+        write!(
+            f,
+            "{}/{}:{}/{} ({kind})",
+            self.namespace,
+            self.service,
+            self.port_name,
+            proto::name(self.proto)
+        )
+    }
+}
+
+/// The endpoints of a backend set, sorted by address. Shared, not copied, between a service's
+/// translation, the desired state and the planner's shadow of the maps.
+pub type Members = Arc<[DesiredBackend]>;
+
+/// One endpoint of a backend set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DesiredBackend {
+    pub addr: SocketAddrV4,
+    /// Runs on this node.
+    pub local: bool,
+    /// 1: takes new flows. 0: still an endpoint (terminating, not ready) but chosen for no new
+    /// flow; its established flows keep it.
+    pub weight: u32,
+}
+
+impl DesiredBackend {
+    pub const fn selectable(&self) -> bool {
+        self.weight > 0
+    }
+}
+
+/// What kind of address a frontend answers on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+/// One frontend and how it behaves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    pub key: FrontendKey,
+    pub kind: FrontendKind,
+    pub set: SetName,
+    /// No usable endpoint here although the service has some elsewhere: drop, don't reject.
+    pub drop_when_empty: bool,
+    /// sessionAffinity ClientIP timeout; 0 without affinity.
+    pub affinity_timeout_s: u32,
+    /// loadBalancerSourceRanges (plus the frontend address itself); empty allows everyone.
+    pub source_ranges: Vec<Ipv4Net>,
+}
+
+/// The desired state of one Service: its backend sets and frontends. (Vectors, not maps: a
+/// service has a handful of each, and the agent keeps one model per Service of the cluster.)
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceModel {
+    pub sets: Vec<(SetName, Members)>,
+    pub frontends: Vec<DesiredFrontend>,
+    /// healthCheckNodePort and this node's ready endpoint count (externalTrafficPolicy Local).
+    pub health_check: Option<HealthCheck>,
+}
+
+impl ServiceModel {
+    /// The members of one of its sets.
+    pub fn set(&self, name: &SetName) -> Option<&Members> {
+        self.sets.iter().find(|(n, _)| n == name).map(|(_, m)| m)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub node_port: u16,
+    pub local_ready_endpoints: usize,
+}
+
+/// The whole desired state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub sets: BTreeMap<SetName, Members>,
+    pub frontends: BTreeMap<FrontendKey, DesiredFrontend>,
+    /// The address external flows to backends on other nodes are source-NATed to (the node's
+    /// InternalIP).
+    pub snat_addr: Option<Ipv4Addr>,
+    /// The ports they are source-NATed to (`--snat-ports`); `None`: the default range,
+    /// [`lb_common::maps::snat::PORT_MIN`] to [`lb_common::maps::snat::PORT_MAX`].
+    pub snat_ports: Option<std::ops::RangeInclusive<u16>>,
+}
+
+impl Desired {
+    /// Addresses that carry frontends, with whether any of them is a ClusterIP.
+    pub fn addrs(&self) -> BTreeMap<Ipv4Addr, bool> {
+        let mut addrs = BTreeMap::new();
+        for f in self.frontends.values() {
+            *addrs.entry(f.key.addr.to_ip()).or_insert(false) |= f.kind == FrontendKind::ClusterIp;
+        }
+        addrs
+    }
+}

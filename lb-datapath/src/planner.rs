@@ -1,0 +1,1130 @@
+//! Desired state versus what is programmed: the map writes that turn one into the other, and
+//! nothing more. No I/O: [`plan`] reads the desired state, updates the agent's shadow of the maps
+//! ([`Programmed`]) to what they will hold, and returns the ordered [`Plan`] of writes that gets
+//! them there. If writing fails the caller drops the shadow and re-reads the maps.
+//!
+//! Order never exposes half a service: backends, source ranges and Maglev tables first, then the
+//! frontends that use them, then their addresses; deletions in reverse (addresses, frontends,
+//! tables, ranges, backends). Ids (backend slots, backend-set ids, range ids) stay with what they
+//! name for as long as it exists, so an update rewrites only what changed and a resync with no
+//! change plans nothing.
+//!
+//! A plan covers either everything ([`Extent::All`], the first sync and periodic resyncs) or
+//! only the frontends and sets a change touched ([`Extent::Only`]): its cost is then that of the
+//! change, not of the cluster, which keeps the latency of an endpoint change flat at any scale.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+};
+
+use ipnet::Ipv4Net;
+use lb_common::{
+    Be16, Be32,
+    maps::{
+        AddrInfo, Backend, Frontend, FrontendKey, NodeConfig, addr_flags, backend_flags,
+        frontend_flags, hairpin, snat,
+    },
+    net::proto,
+};
+
+use crate::model::{Desired, DesiredBackend, DesiredFrontend, FrontendKind, Members, SetName};
+
+/// Map capacities the plan must fit in (entries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub backends: u32,
+    pub set_ids: u32,
+    pub frontends: u32,
+    pub addrs: u32,
+    pub ranges: u32,
+    /// Largest Maglev table (`--maglev-table-size`); sets get
+    /// [`crate::maglev::table_size_for`] their backends.
+    pub table_size: u32,
+}
+
+/// Hands out the lowest free ids, from 1 up to a limit (exclusive).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdAlloc {
+    /// Ids given back below `high`.
+    free: BTreeSet<u32>,
+    /// The lowest id never handed out.
+    high: u32,
+}
+
+impl IdAlloc {
+    /// An allocator where `used` are taken.
+    pub fn with_used(used: impl IntoIterator<Item = u32>) -> Self {
+        let used: BTreeSet<u32> = used.into_iter().collect();
+        let high = used.last().map_or(1, |max| max + 1);
+        Self {
+            free: (1..high).filter(|id| !used.contains(id)).collect(),
+            high,
+        }
+    }
+
+    fn available(&self, limit: u32) -> usize {
+        self.free.len() + limit.saturating_sub(self.high.max(1)) as usize
+    }
+
+    fn take(&mut self, limit: u32) -> Option<u32> {
+        if let Some(id) = self.free.pop_first() {
+            return Some(id);
+        }
+        let id = self.high.max(1);
+        (id < limit).then(|| {
+            self.high = id + 1;
+            id
+        })
+    }
+
+    fn release(&mut self, id: u32) {
+        if id < self.high {
+            self.free.insert(id);
+        }
+    }
+}
+
+/// A backend slot as programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendState {
+    pub id: u32,
+    pub value: Backend,
+    /// Sets that list it.
+    pub refs: u32,
+}
+
+/// A backend set as programmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetState {
+    pub id: u32,
+    /// Sorted by address.
+    pub members: Members,
+    /// The Maglev table's size, 0 when the set has no table.
+    pub table_size: u32,
+}
+
+/// A frontend as programmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendState {
+    pub value: Frontend,
+    /// Its backend set (unknown for an adopted frontend nothing claims any more).
+    pub set: Option<SetName>,
+    pub cluster_ip: bool,
+}
+
+/// A frontend address as programmed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrState {
+    pub info: AddrInfo,
+    pub refs: u32,
+    pub cluster_refs: u32,
+    /// `addr_flags::SNAT` / `HAIRPIN` when it is the node's SNAT or hairpin address: then it is
+    /// programmed with or without frontends.
+    pub node_flags: u32,
+}
+
+/// A set of source ranges as programmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangeState {
+    pub nets: Vec<Ipv4Net>,
+    pub refs: u32,
+}
+
+/// What the maps hold, as far as the agent knows (its shadow, rebuilt from the maps at start).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Programmed {
+    pub backends: BTreeMap<SocketAddrV4, BackendState>,
+    pub sets: BTreeMap<SetName, SetState>,
+    pub frontends: BTreeMap<FrontendKey, FrontendState>,
+    pub addrs: BTreeMap<Be32, AddrState>,
+    pub ranges: BTreeMap<u32, RangeState>,
+    pub config: NodeConfig,
+    /// Set ids found holding a Maglev table at start that no desired set took over: removed by
+    /// the first full plan, once the frontends that might use them are re-pointed.
+    pub orphan_tables: BTreeSet<u32>,
+    pub backend_ids: IdAlloc,
+    pub set_ids: IdAlloc,
+    pub range_ids: IdAlloc,
+}
+
+/// A Maglev table to build and install.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableWrite {
+    pub set_id: u32,
+    pub table_size: u32,
+    /// (backend id, backend address) of every member that takes new flows.
+    pub members: Vec<(u32, SocketAddrV4)>,
+}
+
+/// The writes, in the order they must happen.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub backends: Vec<(u32, Backend)>,
+    pub ranges_added: Vec<(u32, Ipv4Net)>,
+    pub tables: Vec<TableWrite>,
+    /// Counters of newly allocated set ids, zeroed before use.
+    pub stats_reset: Vec<u32>,
+    pub frontends: Vec<(FrontendKey, Frontend)>,
+    /// The node's configuration, when it changes.
+    pub config: Option<NodeConfig>,
+    pub addrs: Vec<(Be32, AddrInfo)>,
+    pub addrs_removed: Vec<Be32>,
+    pub frontends_removed: Vec<FrontendKey>,
+    pub tables_removed: Vec<u32>,
+    pub ranges_removed: Vec<(u32, Ipv4Net)>,
+    pub backends_removed: Vec<u32>,
+    /// (set id, backend id) pairs whose backend stopped taking new flows: their session-affinity
+    /// entries must go (and, for UDP sets, their flows, as kube-proxy flushes UDP conntrack).
+    pub affinity_purge: Vec<(u32, u32)>,
+    pub udp_flow_purge: Vec<(u32, u32)>,
+    /// Frontends left out (with their whole service) because a map would overflow, and why.
+    pub overflow: Vec<(FrontendKey, String)>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.writes() == 0 && self.affinity_purge.is_empty() && self.udp_flow_purge.is_empty()
+    }
+
+    /// Number of map writes the plan makes (a table counts as one).
+    pub fn writes(&self) -> usize {
+        self.backends.len()
+            + self.ranges_added.len()
+            + self.tables.len()
+            + self.frontends.len()
+            + usize::from(self.config.is_some())
+            + self.addrs.len()
+            + self.addrs_removed.len()
+            + self.frontends_removed.len()
+            + self.tables_removed.len()
+            + self.ranges_removed.len()
+            + self.backends_removed.len()
+    }
+}
+
+/// What a change may have touched.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    pub frontends: BTreeSet<FrontendKey>,
+    pub sets: BTreeSet<SetName>,
+}
+
+/// How much of the desired state a plan looks at.
+#[derive(Clone, Copy, Debug)]
+pub enum Extent<'a> {
+    /// Everything, removing whatever the maps hold that is not desired.
+    All,
+    /// Only what a change touched; everything else is known to be programmed already.
+    Only(&'a Scope),
+}
+
+fn backend_value(b: &DesiredBackend) -> Backend {
+    Backend {
+        addr: Be32::from(*b.addr.ip()),
+        port: Be16::from_host(b.addr.port()),
+        flags: backend_flags::ACTIVE | if b.local { backend_flags::LOCAL } else { 0 },
+        _pad: 0,
+    }
+}
+
+/// Identifies what a set's Maglev table was built from (its selectable members and size): stored
+/// beside the frontend so that a restarted agent can tell a current table from a stale one
+/// without reading it. FNV-1a, stable across versions and machines.
+pub fn table_digest(members: &[DesiredBackend], table_size: u32) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            hash ^= u32::from(*b);
+            hash = hash.wrapping_mul(0x0100_0193);
+        }
+    };
+    eat(&table_size.to_be_bytes());
+    for b in members.iter().filter(|b| b.selectable()) {
+        eat(&b.addr.ip().octets());
+        eat(&b.addr.port().to_be_bytes());
+    }
+    hash
+}
+
+/// The table size a set with these members gets.
+pub fn table_size(members: &[DesiredBackend], limits: &Limits) -> u32 {
+    let selectable = members.iter().filter(|b| b.selectable()).count();
+    if selectable > 1 {
+        crate::maglev::table_size_for(selectable, limits.table_size)
+    } else {
+        0
+    }
+}
+
+/// `members` sorted by address (the translation already sorts them: then they are shared).
+fn sorted(members: &Members) -> Members {
+    if members.is_sorted() {
+        return members.clone();
+    }
+    let mut m = members.to_vec();
+    m.sort_unstable();
+    m.into()
+}
+
+/// Plans the writes that make the maps hold `desired` (within `extent`), and updates `current`
+/// to what they will hold once written.
+pub fn plan(
+    desired: &Desired,
+    current: &mut Programmed,
+    limits: &Limits,
+    extent: Extent<'_>,
+) -> Plan {
+    let mut plan = Plan::default();
+
+    // What this plan looks at.
+    let (keys, mut names): (BTreeSet<FrontendKey>, BTreeSet<SetName>) = match extent {
+        Extent::All => (
+            desired
+                .frontends
+                .keys()
+                .copied()
+                .chain(current.frontends.keys().copied())
+                .collect(),
+            desired
+                .sets
+                .keys()
+                .cloned()
+                .chain(current.sets.keys().cloned())
+                .collect(),
+        ),
+        Extent::Only(scope) => (scope.frontends.clone(), scope.sets.clone()),
+    };
+    for key in &keys {
+        if let Some(f) = desired.frontends.get(key) {
+            names.insert(f.set.clone());
+        }
+    }
+
+    // A service fits whole or not at all: when one would overflow a map, none of its changes
+    // are made (what was programmed of it stays), and it is reported.
+    let skipped = overflowing(desired, current, limits, &keys, &names, &mut plan);
+    let skip_key = |k: &FrontendKey| {
+        desired
+            .frontends
+            .get(k)
+            .is_some_and(|f| skipped.contains(&owner_of(f)))
+    };
+    let skip_set = |n: &SetName| skipped.contains(&(n.namespace.clone(), n.service.clone()));
+
+    // Sets first (their backends and tables), then frontends, then what nothing uses any more.
+    let mut released_sets = Vec::new();
+    let mut unreferenced = Vec::new();
+    for name in names.iter().filter(|n| !skip_set(n)) {
+        match desired.sets.get(name) {
+            Some(members) => {
+                upsert_set(name, members, current, limits, &mut plan, &mut unreferenced)
+            }
+            None => {
+                if let Some(old) = current.sets.remove(name) {
+                    released_sets.push((name.clone(), old));
+                }
+            }
+        }
+    }
+    // Addresses whose frontends changed, with their value before.
+    let mut touched_addrs: BTreeMap<Be32, Option<AddrInfo>> = BTreeMap::new();
+    for key in keys.iter().filter(|k| !skip_key(k)) {
+        match desired.frontends.get(key) {
+            Some(f) => upsert_frontend(f, current, &mut plan, &mut touched_addrs),
+            None => remove_frontend(&*key, current, &mut plan, &mut touched_addrs),
+        }
+    }
+    if matches!(extent, Extent::All) {
+        // Adopted frontends nothing claims, under keys no desired frontend has.
+        let stale: Vec<FrontendKey> = current
+            .frontends
+            .keys()
+            .filter(|k| !desired.frontends.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            remove_frontend(&key, current, &mut plan, &mut touched_addrs);
+        }
+    }
+    if matches!(extent, Extent::All) {
+        // Repairs the flags of the node's own addresses too.
+        for (addr, _) in node_addrs(&current.config) {
+            if addr.raw() != 0 {
+                touch(addr, current, &mut touched_addrs);
+            }
+        }
+    }
+    update_config(desired, current, &mut plan, &mut touched_addrs);
+    for (addr, before) in touched_addrs {
+        let Some(state) = current.addrs.get_mut(&addr) else {
+            continue;
+        };
+        if state.refs == 0 && state.node_flags == 0 {
+            current.addrs.remove(&addr);
+            if before.is_some() {
+                plan.addrs_removed.push(addr);
+            }
+            continue;
+        }
+        state.info.flags = if state.cluster_refs > 0 {
+            addr_flags::CLUSTER_IP
+        } else {
+            0
+        } | state.node_flags;
+        if before != Some(state.info) {
+            plan.addrs.push((addr, state.info));
+        }
+    }
+    for addr in unreferenced {
+        unreference_backend(addr, current, &mut plan);
+    }
+    for (name, old) in released_sets {
+        release_set(&name, &old, current, &mut plan);
+    }
+    if matches!(extent, Extent::All) {
+        for id in std::mem::take(&mut current.orphan_tables) {
+            plan.tables_removed.push(id);
+            current.set_ids.release(id);
+        }
+        let unused: Vec<SocketAddrV4> = current
+            .backends
+            .iter()
+            .filter(|(_, b)| b.refs == 0)
+            .map(|(a, _)| *a)
+            .collect();
+        for addr in unused {
+            let b = current.backends.remove(&addr).expect("listed above");
+            plan.backends_removed.push(b.id);
+            current.backend_ids.release(b.id);
+        }
+        let unused: Vec<u32> = current
+            .ranges
+            .iter()
+            .filter(|(_, r)| r.refs == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unused {
+            let r = current.ranges.remove(&id).expect("listed above");
+            plan.ranges_removed.extend(r.nets.iter().map(|n| (id, *n)));
+            current.range_ids.release(id);
+        }
+    }
+    plan
+}
+
+fn owner_of(f: &DesiredFrontend) -> (String, String) {
+    (f.set.namespace.clone(), f.set.service.clone())
+}
+
+/// A service's namespace and name.
+type ServiceId = (String, String);
+/// The frontends and sets one service changes in a plan.
+type ServiceChanges<'a> = (Vec<&'a DesiredFrontend>, Vec<&'a SetName>);
+
+/// Services whose changes would overflow a map, reported in `plan.overflow`.
+fn overflowing(
+    desired: &Desired,
+    current: &Programmed,
+    limits: &Limits,
+    keys: &BTreeSet<FrontendKey>,
+    names: &BTreeSet<SetName>,
+    plan: &mut Plan,
+) -> BTreeSet<(String, String)> {
+    let mut by_service: BTreeMap<ServiceId, ServiceChanges> = BTreeMap::new();
+    for key in keys {
+        if let Some(f) = desired.frontends.get(key) {
+            by_service.entry(owner_of(f)).or_default().0.push(f);
+        }
+    }
+    for name in names.iter().filter(|n| desired.sets.contains_key(*n)) {
+        by_service
+            .entry((name.namespace.clone(), name.service.clone()))
+            .or_default()
+            .1
+            .push(name);
+    }
+    let (mut frontends, mut addrs) = (current.frontends.len(), current.addrs.len());
+    let (mut set_ids, mut backend_ids, mut range_ids) = (
+        current.set_ids.available(limits.set_ids),
+        current.backend_ids.available(limits.backends),
+        current.ranges.values().map(|r| r.nets.len()).sum::<usize>(),
+    );
+    let mut seen_backends = BTreeSet::new();
+    let mut seen_addrs = BTreeSet::new();
+    let mut skipped = BTreeSet::new();
+    for (service, (service_frontends, sets)) in by_service {
+        let new_frontends = service_frontends
+            .iter()
+            .filter(|f| !current.frontends.contains_key(&f.key))
+            .count();
+        let new_sets = sets
+            .iter()
+            .filter(|n| !current.sets.contains_key(**n))
+            .count();
+        let new_backends: BTreeSet<SocketAddrV4> = sets
+            .iter()
+            .flat_map(|n| desired.sets[*n].iter().map(|b| b.addr))
+            .filter(|a| !current.backends.contains_key(a) && !seen_backends.contains(a))
+            .collect();
+        let new_addrs: BTreeSet<Be32> = service_frontends
+            .iter()
+            .map(|f| Be32::from(f.key.addr))
+            .filter(|a| !current.addrs.contains_key(a) && !seen_addrs.contains(a))
+            .collect();
+        let new_ranges: usize = service_frontends
+            .iter()
+            .map(|f| f.source_ranges.len())
+            .sum();
+        let full = if frontends + new_frontends > limits.frontends as usize {
+            Some("map LB_SERVICES is full")
+        } else if new_sets > set_ids {
+            Some("no backend-set id left (raise --max-services)")
+        } else if new_backends.len() > backend_ids {
+            Some("map LB_BACKENDS is full")
+        } else if addrs + new_addrs.len() > limits.addrs as usize {
+            Some("map LB_ADDRS is full")
+        } else if range_ids + new_ranges > limits.ranges as usize {
+            Some("map LB_SRC_RANGES is full")
+        } else {
+            None
+        };
+        if let Some(reason) = full {
+            plan.overflow
+                .extend(service_frontends.iter().map(|f| (f.key, reason.to_owned())));
+            skipped.insert(service);
+            continue;
+        }
+        frontends += new_frontends;
+        addrs += new_addrs.len();
+        set_ids -= new_sets;
+        backend_ids -= new_backends.len();
+        range_ids += new_ranges;
+        seen_backends.extend(new_backends);
+        seen_addrs.extend(new_addrs);
+    }
+    skipped
+}
+
+/// Programs a desired set: its backends' slots, then its table.
+/// Backends whose references are dropped are collected in `unreferenced` and released only after
+/// every set took its new references, so that a backend moving between sets keeps its slot (and
+/// its established flows).
+fn upsert_set(
+    name: &SetName,
+    members: &Members,
+    current: &mut Programmed,
+    limits: &Limits,
+    plan: &mut Plan,
+    unreferenced: &mut Vec<SocketAddrV4>,
+) {
+    let wanted = sorted(members);
+    let size = table_size(&wanted, limits);
+    let old = current.sets.get(name).cloned();
+    if old
+        .as_ref()
+        .is_some_and(|o| o.members == wanted && o.table_size == size)
+    {
+        return;
+    }
+    let id = match &old {
+        Some(o) => o.id,
+        None => {
+            let id = current
+                .set_ids
+                .take(limits.set_ids)
+                .expect("checked by overflowing()");
+            plan.stats_reset.push(id);
+            id
+        }
+    };
+    let old_members: &[DesiredBackend] = old.as_ref().map(|o| &*o.members).unwrap_or_default();
+    let in_old = |addr: &SocketAddrV4| old_members.binary_search_by_key(addr, |o| o.addr).is_ok();
+    let wanted_selectable = |addr: &SocketAddrV4| {
+        wanted
+            .binary_search_by_key(addr, |b| b.addr)
+            .is_ok_and(|at| wanted[at].selectable())
+    };
+    // New references first, so that no slot is freed and retaken within one plan.
+    for b in wanted.iter() {
+        let value = backend_value(b);
+        match current.backends.get_mut(&b.addr) {
+            Some(state) => {
+                if !in_old(&b.addr) {
+                    state.refs += 1;
+                }
+                if state.value != value {
+                    state.value = value;
+                    plan.backends.push((state.id, value));
+                }
+            }
+            None => {
+                let id = current
+                    .backend_ids
+                    .take(limits.backends)
+                    .expect("checked by overflowing()");
+                current
+                    .backends
+                    .insert(b.addr, BackendState { id, value, refs: 1 });
+                plan.backends.push((id, value));
+            }
+        }
+    }
+    // Backends that stopped taking new flows lose their affinity (and UDP flows); found before
+    // the slots of backends that left the set entirely are released.
+    for gone in old_members
+        .iter()
+        .filter(|o| o.selectable() && !wanted_selectable(&o.addr))
+    {
+        if let Some(b) = current.backends.get(&gone.addr) {
+            purge(name, id, b.id, plan);
+        }
+    }
+    unreferenced.extend(
+        old_members
+            .iter()
+            .filter(|o| wanted.binary_search_by_key(&o.addr, |b| b.addr).is_err())
+            .map(|o| o.addr),
+    );
+    let selectable_changed = old.as_ref().is_none_or(|o| {
+        o.table_size != size
+            || !o
+                .members
+                .iter()
+                .filter(|b| b.selectable())
+                .map(|b| b.addr)
+                .eq(wanted.iter().filter(|b| b.selectable()).map(|b| b.addr))
+    });
+    if size > 0 && selectable_changed {
+        plan.tables.push(TableWrite {
+            set_id: id,
+            table_size: size,
+            members: wanted
+                .iter()
+                .filter(|b| b.selectable())
+                .map(|b| (current.backends[&b.addr].id, b.addr))
+                .collect(),
+        });
+    } else if size == 0 && old.as_ref().is_some_and(|o| o.table_size > 0) {
+        plan.tables_removed.push(id);
+    }
+    current.sets.insert(
+        name.clone(),
+        SetState {
+            id,
+            members: wanted,
+            table_size: size,
+        },
+    );
+}
+
+fn purge(name: &SetName, set_id: u32, backend_id: u32, plan: &mut Plan) {
+    plan.affinity_purge.push((set_id, backend_id));
+    if name.proto == proto::UDP {
+        plan.udp_flow_purge.push((set_id, backend_id));
+    }
+}
+
+fn unreference_backend(addr: SocketAddrV4, current: &mut Programmed, plan: &mut Plan) {
+    let Some(state) = current.backends.get_mut(&addr) else {
+        return;
+    };
+    state.refs = state.refs.saturating_sub(1);
+    if state.refs == 0 {
+        let id = state.id;
+        current.backends.remove(&addr);
+        plan.backends_removed.push(id);
+        current.backend_ids.release(id);
+    }
+}
+
+/// Removes a set nothing uses any more: its table, its backends' references, its affinity.
+fn release_set(name: &SetName, old: &SetState, current: &mut Programmed, plan: &mut Plan) {
+    if old.table_size > 0 {
+        plan.tables_removed.push(old.id);
+    }
+    for b in old.members.iter() {
+        if b.selectable()
+            && let Some(state) = current.backends.get(&b.addr)
+        {
+            purge(name, old.id, state.id, plan);
+        }
+        unreference_backend(b.addr, current, plan);
+    }
+    current.set_ids.release(old.id);
+}
+
+fn reference_range(nets: &[Ipv4Net], current: &mut Programmed, plan: &mut Plan) -> u32 {
+    if nets.is_empty() {
+        return 0;
+    }
+    if let Some((id, state)) = current.ranges.iter_mut().find(|(_, r)| r.nets == nets) {
+        state.refs += 1;
+        return *id;
+    }
+    let id = current
+        .range_ids
+        .take(u32::MAX)
+        .expect("range ids are plentiful");
+    plan.ranges_added.extend(nets.iter().map(|n| (id, *n)));
+    current.ranges.insert(
+        id,
+        RangeState {
+            nets: nets.to_vec(),
+            refs: 1,
+        },
+    );
+    id
+}
+
+fn unreference_range(id: u32, current: &mut Programmed, plan: &mut Plan) {
+    let Some(state) = current.ranges.get_mut(&id) else {
+        return;
+    };
+    state.refs = state.refs.saturating_sub(1);
+    if state.refs == 0 {
+        let state = current.ranges.remove(&id).expect("present");
+        plan.ranges_removed
+            .extend(state.nets.iter().map(|n| (id, *n)));
+        current.range_ids.release(id);
+    }
+}
+
+/// Notes the value an address had before this plan touched it.
+fn touch(addr: Be32, current: &Programmed, touched: &mut BTreeMap<Be32, Option<AddrInfo>>) {
+    touched.entry(addr).or_insert_with(|| {
+        current
+            .addrs
+            .get(&addr)
+            .filter(|s| s.refs > 0 || s.node_flags != 0)
+            .map(|s| s.info)
+    });
+}
+
+/// The node configuration the desired state implies.
+pub fn node_config(desired: &Desired) -> NodeConfig {
+    NodeConfig {
+        snat_addr: desired.snat_addr.map_or(Be32::default(), Be32::from),
+        snat_port_min: desired
+            .snat_ports
+            .as_ref()
+            .map_or(snat::PORT_MIN, |p| *p.start()),
+        snat_port_max: desired
+            .snat_ports
+            .as_ref()
+            .map_or(snat::PORT_MAX, |p| *p.end()),
+        hairpin_addr: Be32::from(std::net::Ipv4Addr::from(hairpin::DEFAULT_ADDR)),
+    }
+}
+
+/// The node's own addresses in a configuration, with the flag each carries in LB_ADDRS.
+fn node_addrs(config: &NodeConfig) -> [(Be32, u32); 2] {
+    [
+        (config.snat_addr, addr_flags::SNAT),
+        (config.hairpin_addr, addr_flags::HAIRPIN),
+    ]
+}
+
+/// Plans the node configuration when it changed, and moves the SNAT and hairpin flags to their
+/// addresses.
+fn update_config(
+    desired: &Desired,
+    current: &mut Programmed,
+    plan: &mut Plan,
+    touched: &mut BTreeMap<Be32, Option<AddrInfo>>,
+) {
+    let config = node_config(desired);
+    if config == current.config {
+        return;
+    }
+    for (addr, flag) in node_addrs(&current.config) {
+        if addr.raw() != 0 {
+            touch(addr, current, touched);
+            current.addrs.entry(addr).or_default().node_flags &= !flag;
+        }
+    }
+    for (addr, flag) in node_addrs(&config) {
+        if addr.raw() != 0 {
+            touch(addr, current, touched);
+            current.addrs.entry(addr).or_default().node_flags |= flag;
+        }
+    }
+    current.config = config;
+    plan.config = Some(config);
+}
+
+fn upsert_frontend(
+    f: &DesiredFrontend,
+    current: &mut Programmed,
+    plan: &mut Plan,
+    touched: &mut BTreeMap<Be32, Option<AddrInfo>>,
+) {
+    let key = f.key;
+    let Some(set) = current.sets.get(&f.set) else {
+        return;
+    };
+    let selectable: Vec<&DesiredBackend> = set.members.iter().filter(|b| b.selectable()).collect();
+    let backend_id = match selectable.as_slice() {
+        [only] => current.backends[&only.addr].id,
+        _ => 0,
+    };
+    let (set_id, count, size, digest) = (
+        set.id,
+        selectable.len() as u32,
+        set.table_size,
+        table_digest(&set.members, set.table_size),
+    );
+    let old = current.frontends.get(&key).cloned();
+    let old_range = old.as_ref().map_or(0, |o| o.value.source_range_id);
+    let range_id = match current.ranges.get(&old_range) {
+        Some(r) if r.nets == f.source_ranges => old_range,
+        _ => {
+            let id = reference_range(&f.source_ranges, current, plan);
+            if old_range != 0 {
+                unreference_range(old_range, current, plan);
+            }
+            id
+        }
+    };
+    let value = Frontend {
+        set_id,
+        backend_count: count,
+        backend_id,
+        table_size: size,
+        flags: if f.drop_when_empty {
+            frontend_flags::DROP_WHEN_EMPTY
+        } else {
+            0
+        },
+        affinity_timeout_s: f.affinity_timeout_s,
+        source_range_id: range_id,
+        table_digest: digest,
+    };
+    let cluster_ip = f.kind == FrontendKind::ClusterIp;
+    let addr = key.addr;
+    touch(addr, current, touched);
+    let state = current.addrs.entry(addr).or_default();
+    match &old {
+        None => {
+            state.refs += 1;
+            state.cluster_refs += u32::from(cluster_ip);
+        }
+        Some(o) if o.cluster_ip != cluster_ip => {
+            state.cluster_refs = if cluster_ip {
+                state.cluster_refs + 1
+            } else {
+                state.cluster_refs.saturating_sub(1)
+            };
+        }
+        Some(_) => {}
+    }
+    if old.as_ref().is_none_or(|o| o.value != value) {
+        plan.frontends.push((key, value));
+    }
+    current.frontends.insert(
+        key,
+        FrontendState {
+            value,
+            set: Some(f.set.clone()),
+            cluster_ip,
+        },
+    );
+}
+
+fn remove_frontend(
+    key: &FrontendKey,
+    current: &mut Programmed,
+    plan: &mut Plan,
+    touched: &mut BTreeMap<Be32, Option<AddrInfo>>,
+) {
+    if !current.frontends.contains_key(key) {
+        return;
+    }
+    touch(key.addr, current, touched);
+    let old = current.frontends.remove(key).expect("checked above");
+    plan.frontends_removed.push(*key);
+    if old.value.source_range_id != 0 {
+        unreference_range(old.value.source_range_id, current, plan);
+    }
+    if let Some(state) = current.addrs.get_mut(&key.addr) {
+        state.refs = state.refs.saturating_sub(1);
+        if old.cluster_ip {
+            state.cluster_refs = state.cluster_refs.saturating_sub(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use lb_common::maps::scope;
+
+    use super::*;
+    use crate::model::SetKind;
+
+    const LIMITS: Limits = Limits {
+        backends: 1000,
+        set_ids: 100,
+        frontends: 1000,
+        addrs: 1000,
+        ranges: 100,
+        table_size: 251,
+    };
+
+    fn set(service: &str, kind: SetKind) -> SetName {
+        SetName::new("ns", service, "", proto::TCP, kind)
+    }
+
+    fn backend(last: u8, weight: u32) -> DesiredBackend {
+        DesiredBackend {
+            addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080),
+            local: true,
+            weight,
+        }
+    }
+
+    /// ClusterIPs 172.30.0.N:80 of services svcN with the given backends.
+    fn desired(services: &[(u8, &[DesiredBackend])]) -> Desired {
+        let mut d = Desired::default();
+        for (n, backends) in services {
+            let name = set(&format!("svc{n}"), SetKind::Cluster);
+            let key = FrontendKey::new(
+                Ipv4Addr::new(172, 30, 0, *n),
+                80,
+                proto::TCP,
+                scope::INTERNAL,
+            );
+            d.sets.insert(name.clone(), (*backends).into());
+            d.frontends.insert(
+                key,
+                DesiredFrontend {
+                    key,
+                    kind: FrontendKind::ClusterIp,
+                    set: name,
+                    drop_when_empty: false,
+                    affinity_timeout_s: 0,
+                    source_ranges: Vec::new(),
+                },
+            );
+        }
+        d
+    }
+
+    fn full(desired: &Desired, current: &mut Programmed) -> Plan {
+        plan(desired, current, &LIMITS, Extent::All)
+    }
+
+    fn committed(desired: &Desired) -> Programmed {
+        let mut p = Programmed::default();
+        full(desired, &mut p);
+        p
+    }
+
+    #[test]
+    fn a_first_sync_writes_in_dependency_order() {
+        let d = desired(&[
+            (1, &[backend(11, 1), backend(12, 1)]),
+            (2, &[backend(21, 1)]),
+        ]);
+        let p = full(&d, &mut Programmed::default());
+        assert_eq!(p.backends.len(), 3);
+        assert_eq!(p.tables.len(), 1, "only the two-backend set needs a table");
+        assert_eq!(p.frontends.len(), 2);
+        // Two ClusterIPs, and the node's hairpin address (there is no SNAT address yet).
+        let hairpin = Be32::from(Ipv4Addr::from(lb_common::maps::hairpin::DEFAULT_ADDR));
+        assert_eq!(p.addrs.len(), 3);
+        assert!(p.addrs.iter().all(|(addr, info)| if *addr == hairpin {
+            info.flags == addr_flags::HAIRPIN
+        } else {
+            info.flags == addr_flags::CLUSTER_IP
+        }));
+        assert_eq!(p.config.map(|c| c.hairpin_addr), Some(hairpin));
+        let single = p
+            .frontends
+            .iter()
+            .find(|(k, _)| k.addr == Be32::from(Ipv4Addr::new(172, 30, 0, 2)))
+            .unwrap()
+            .1;
+        assert_eq!((single.backend_count, single.table_size), (1, 0));
+        assert_ne!(single.backend_id, 0);
+        assert!(p.frontends_removed.is_empty() && p.backends_removed.is_empty());
+    }
+
+    #[test]
+    fn a_resync_without_change_writes_nothing() {
+        let d = desired(&[
+            (1, &[backend(11, 1), backend(12, 1)]),
+            (2, &[backend(21, 1)]),
+        ]);
+        let mut p = committed(&d);
+        let again = full(&d, &mut p);
+        assert!(again.is_empty(), "{again:?}");
+        assert_eq!(again.writes(), 0);
+    }
+
+    #[test]
+    fn an_incremental_plan_equals_the_full_one() {
+        let before = desired(&[
+            (1, &[backend(11, 1), backend(12, 1)]),
+            (2, &[backend(21, 1), backend(22, 1)]),
+        ]);
+        let after = desired(&[
+            (1, &[backend(11, 1), backend(12, 1)]),
+            (2, &[backend(21, 1)]),
+            (3, &[backend(31, 1)]),
+        ]);
+        let mut by_scope = committed(&before);
+        let mut by_full = by_scope.clone();
+        let scope = Scope {
+            frontends: after
+                .frontends
+                .keys()
+                .filter(|k| k.addr.to_ip().octets()[3] != 1)
+                .copied()
+                .collect(),
+            sets: [set("svc2", SetKind::Cluster), set("svc3", SetKind::Cluster)].into(),
+        };
+        let a = plan(&after, &mut by_scope, &LIMITS, Extent::Only(&scope));
+        let b = full(&after, &mut by_full);
+        assert_eq!(a, b);
+        assert_eq!(by_scope, by_full);
+    }
+
+    #[test]
+    fn ids_stay_with_what_they_name_when_others_change() {
+        let before = desired(&[
+            (1, &[backend(11, 1), backend(12, 1)]),
+            (2, &[backend(21, 1), backend(22, 1)]),
+        ]);
+        let mut p = committed(&before);
+        let sets_before: Vec<(SetName, u32)> =
+            p.sets.iter().map(|(n, s)| (n.clone(), s.id)).collect();
+        let backends_before = p.backends.clone();
+        // Service 2 loses a backend; service 3 appears.
+        let after = desired(&[
+            (1, &[backend(11, 1), backend(12, 1)]),
+            (2, &[backend(21, 1)]),
+            (3, &[backend(31, 1)]),
+        ]);
+        let next = full(&after, &mut p);
+        assert_eq!(
+            next.tables_removed.len(),
+            1,
+            "service 2 is down to one backend: no table"
+        );
+        assert_eq!(next.backends_removed.len(), 1);
+        assert_eq!(
+            next.affinity_purge.len(),
+            1,
+            "the backend that left loses its affinity entries"
+        );
+        for (name, id) in &sets_before {
+            assert_eq!(p.sets[name].id, *id, "{name} kept its id");
+        }
+        for (addr, state) in &backends_before {
+            if addr.ip().octets()[3] != 22 {
+                assert_eq!(p.backends[addr].id, state.id);
+            }
+        }
+    }
+
+    #[test]
+    fn a_set_change_programs_the_new_set_before_the_frontend_and_drops_the_old_after() {
+        let d = desired(&[(1, &[backend(11, 1), backend(12, 1)])]);
+        let mut p = committed(&d);
+        let old_id = p.sets[&set("svc1", SetKind::Cluster)].id;
+        let mut moved = d.clone();
+        let local = set("svc1", SetKind::Local);
+        moved.sets.clear();
+        moved
+            .sets
+            .insert(local.clone(), [backend(11, 1), backend(13, 1)].into());
+        for f in moved.frontends.values_mut() {
+            f.set = local.clone();
+        }
+        let next = full(&moved, &mut p);
+        let new_id = next.tables[0].set_id;
+        assert_ne!(new_id, old_id);
+        assert_eq!(next.frontends[0].1.set_id, new_id);
+        assert_eq!(next.tables_removed, [old_id]);
+        assert_eq!(next.stats_reset, [new_id]);
+    }
+
+    #[test]
+    fn weight_zero_backends_keep_their_slot_but_take_no_new_flow() {
+        let d = desired(&[(1, &[backend(11, 1), backend(12, 0)])]);
+        let p = full(&d, &mut Programmed::default());
+        assert_eq!(
+            p.backends.len(),
+            2,
+            "both slots exist for established flows"
+        );
+        assert!(p.tables.is_empty(), "one selectable backend needs no table");
+        assert_eq!(p.frontends[0].1.backend_count, 1);
+    }
+
+    #[test]
+    fn a_service_that_does_not_fit_is_left_out_whole() {
+        let limits = Limits {
+            backends: 4,
+            ..LIMITS
+        };
+        // Backend ids run from 1: three slots. Service 1 takes two, service 2 needs two more.
+        let d = desired(&[
+            (1, &[backend(11, 1), backend(12, 1)]),
+            (2, &[backend(21, 1), backend(22, 1)]),
+        ]);
+        let p = plan(&d, &mut Programmed::default(), &limits, Extent::All);
+        assert_eq!(p.frontends.len(), 1);
+        assert_eq!(p.overflow.len(), 1);
+        assert!(p.overflow[0].1.contains("LB_BACKENDS"));
+        assert_eq!(p.backends.len(), 2, "nothing of service 2 is written");
+    }
+
+    #[test]
+    fn source_ranges_get_one_id_per_distinct_list() {
+        let mut d = desired(&[(1, &[backend(11, 1)]), (2, &[backend(21, 1)])]);
+        let nets: Vec<Ipv4Net> = vec!["10.0.0.0/8".parse().unwrap()];
+        for f in d.frontends.values_mut() {
+            f.source_ranges = nets.clone();
+        }
+        let mut p = Programmed::default();
+        let first = full(&d, &mut p);
+        assert_eq!(first.ranges_added.len(), 1, "shared by both frontends");
+        assert!(
+            first
+                .frontends
+                .iter()
+                .all(|(_, v)| v.source_range_id == first.ranges_added[0].0)
+        );
+        // Dropping the ranges from one frontend keeps the list; from both removes it.
+        let mut one = d.clone();
+        one.frontends
+            .values_mut()
+            .next()
+            .unwrap()
+            .source_ranges
+            .clear();
+        assert!(full(&one, &mut p).ranges_removed.is_empty());
+        let mut none = one.clone();
+        none.frontends
+            .values_mut()
+            .for_each(|f| f.source_ranges.clear());
+        assert_eq!(full(&none, &mut p).ranges_removed.len(), 1);
+    }
+
+    #[test]
+    fn ids_are_reused_lowest_first() {
+        let mut ids = IdAlloc::with_used([1, 2, 4]);
+        assert_eq!(ids.take(10), Some(3));
+        assert_eq!(ids.take(10), Some(5));
+        ids.release(2);
+        assert_eq!(ids.take(10), Some(2));
+        let mut small = IdAlloc::default();
+        assert_eq!(
+            (small.take(3), small.take(3), small.take(3)),
+            (Some(1), Some(2), None)
+        );
+    }
+}

@@ -1,0 +1,647 @@
+//! What the datapath will do with a packet, predicted from the live maps with the same rules and
+//! the same flow hash as the kernel programs (`lbctl trace`, tests and benchmarks use it).
+//!
+//! The forward path follows `lb-ebpf/src/forward.rs` and `select.rs` step by step:
+//!
+//! ```text
+//! LB_ADDRS[dst]                      miss -> NotAFrontend
+//! dst has addr_flags::SNAT, is LB_CONFIG's snat_addr, port in its range, and
+//!   LB_CT[src -> dst, REPLY] is a live SNAT entry -> SnatReply (`snat.rs`)
+//! dst has addr_flags::HAIRPIN: LB_CT[src -> dst, REPLY] a live hairpin entry -> HairpinReply,
+//!   else PassNotServed (`hairpin.rs`)
+//! LB_CT[client -> frontend]          live, backend still there -> Established
+//! LB_SERVICES[dst, port, proto, scope]
+//!                                    miss -> RejectUnknownPort (ClusterIP) / PassNotServed
+//! backend_count == 0                 -> NoBackend (reject, or drop by policy)
+//! source_range_id != 0 and LB_SRC_RANGES misses -> DropSourceRange
+//! affinity_timeout_s != 0 and LB_AFFINITY[client, service] fresh, backend active -> Affinity
+//! else Maglev slot hash % M (or the single backend); backend not active -> Inconsistent
+//! the client is the backend and LB_CONFIG has a hairpin address -> hairpin: source NAT to it
+//!   (client port kept), bounced back into the pod
+//! else external scope and the backend not local -> source NAT: LB_CONFIG and the first free
+//!   candidate port (see [`snat_allocate`]), none -> DropSnatPorts
+//! ```
+//!
+//! Source-NATed packets (new and established flows to backends on other nodes, and their
+//! replies) are routed by the node itself after a FIB lookup, which maps cannot predict: with a
+//! route, the packet goes straight to its next hop (at XDP only when the next hop's MAC is known;
+//! otherwise XDP leaves the packet untouched to the tc program behind it, which resolves it);
+//! without one it is dropped (`drop_no_route`).
+//! Hairpin packets go straight back out of the interface they came in on.
+//!
+//! Prediction only reads maps: it never refreshes an entry the way the datapath does.
+
+use std::net::SocketAddrV4;
+
+use aya::maps::{MapError, lpm_trie::Key};
+use lb_common::{
+    Be16, Be32,
+    conntrack::{CtEntry, FORWARD, FlowKey, REPLY, SnatPort, ct_flags, snat_port},
+    hash::flow_hash,
+    maps::{
+        self as names, AffinityKey, Backend, Frontend, FrontendKey, NodeConfig, SourceRange,
+        addr_flags, backend_flags, frontend_flags, scope, snat,
+    },
+    net::proto,
+};
+
+use crate::maps::{Maps, MapsError};
+
+const SECOND_NS: u64 = 1_000_000_000;
+
+/// How a new flow's backend was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selection {
+    /// The service has a single backend and no Maglev table.
+    Single,
+    /// Maglev: the flow hash picks slot `hash % table_size` of the service's table.
+    Maglev {
+        hash: u32,
+        slot: u32,
+        table_size: u32,
+    },
+    /// sessionAffinity ClientIP: the backend this client last got from the service, still within
+    /// the service's timeout and still active.
+    Affinity {
+        /// `bpf_ktime_get_coarse_ns()` of the client's last new connection to the service.
+        last_used_ns: u64,
+        timeout_s: u32,
+    },
+}
+
+/// The forward path's decision for a TCP or UDP packet from a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// The destination carries no frontend: the packet passes untouched.
+    NotAFrontend,
+    /// A frontend address, but not this port or protocol, and not a ClusterIP; or the node's
+    /// SNAT or hairpin address, and no reply of a live flow: passes.
+    PassNotServed {
+        /// The address's `LB_ADDRS` flags.
+        addr_flags: u32,
+    },
+    /// A ClusterIP on a port or protocol it does not serve: rejected.
+    RejectUnknownPort,
+    /// A new flow from a source outside the frontend's loadBalancerSourceRanges: dropped.
+    DropSourceRange { service: Frontend },
+    /// The frontend has no backend: rejected (RST / ICMP port unreachable) or dropped.
+    NoBackend { service: Frontend, drop: bool },
+    /// An established flow: DNAT to the backend recorded in conntrack (and SNAT to the node for
+    /// a source-NATed flow, which the node then routes).
+    Established {
+        /// The backend set the flow was balanced by (from its conntrack entry).
+        set_id: u32,
+        backend_id: u32,
+        backend: SocketAddrV4,
+        /// The address and port that replace the client as the source (a flow with
+        /// `ct_flags::SNAT`): the node's, or the hairpin address for a hairpin flow (then also
+        /// `ct_flags::HAIRPIN`, and the packet is bounced back into the pod).
+        snat: Option<SocketAddrV4>,
+        /// The flow's forward conntrack entry.
+        entry: CtEntry,
+    },
+    /// A new flow: affinity, Maglev or the single backend picks the backend. When the service
+    /// has session affinity, the datapath also records (or refreshes) the client's entry.
+    NewFlow {
+        service: Frontend,
+        selection: Selection,
+        backend_id: u32,
+        backend: SocketAddrV4,
+        /// From outside to a backend on another node: source NAT to the node, which then
+        /// routes the packet; a pod balanced to itself: source NAT to the hairpin address, and
+        /// back into the pod.
+        snat: Option<SourceNat>,
+    },
+    /// A new flow from outside to a backend on another node that cannot be source-NATed (no
+    /// SNAT address, or no free port): dropped. The backend was chosen (and an affinity entry
+    /// recorded) as for [`Forward::NewFlow`].
+    DropSnatPorts {
+        service: Frontend,
+        selection: Selection,
+        backend_id: u32,
+        backend: SocketAddrV4,
+        failure: SnatFailure,
+    },
+    /// The reply of a source-NATed flow, addressed to the node's SNAT address and port: the
+    /// source becomes the frontend, the destination the client, and the node routes it.
+    SnatReply {
+        frontend: SocketAddrV4,
+        client: SocketAddrV4,
+        set_id: u32,
+        backend_id: u32,
+        /// The flow's reply conntrack entry.
+        entry: CtEntry,
+    },
+    /// The reply of a hairpin flow (a pod balanced to itself), addressed to the hairpin
+    /// address: the source becomes the frontend, the destination the pod's own client side, and
+    /// it goes straight back into the pod.
+    HairpinReply {
+        frontend: SocketAddrV4,
+        client: SocketAddrV4,
+        set_id: u32,
+        backend_id: u32,
+        /// The flow's reply conntrack entry.
+        entry: CtEntry,
+    },
+    /// The service names a table or backend that is missing: dropped.
+    Inconsistent { service: Frontend, detail: String },
+}
+
+/// The source NAT of a new flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceNat {
+    /// To the node: a flow from outside to a backend on another node.
+    Node(SnatChoice),
+    /// To the hairpin address, the client's port kept: a pod balanced to itself.
+    Hairpin(SocketAddrV4),
+}
+
+/// The node address and port a new flow is source-NATed to, and how the port was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatChoice {
+    /// The node address and port that replace the client as the source.
+    pub node: SocketAddrV4,
+    /// The flow hash that spreads the candidate ports.
+    pub hash: u32,
+    /// Which candidate was taken (0-based, below `lb_common::maps::snat::PROBES`).
+    pub probe: u32,
+    /// What held the candidate: nothing live (`Free`), this same client flow (`Reopened`), or
+    /// a flow over but kept in TIME_WAIT by its backend (`TimeWait`).
+    pub state: SnatPort,
+}
+
+/// Why a new flow that needs source NAT gets none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnatFailure {
+    /// `LB_CONFIG` has no SNAT address, or an empty port range.
+    NoConfig { config: NodeConfig },
+    /// Every candidate port is held by a live flow of another client to the same backend.
+    PortsTaken {
+        node: std::net::Ipv4Addr,
+        hash: u32,
+        /// The candidates, in the order they were tried.
+        candidates: Vec<u16>,
+    },
+}
+
+/// The reply path's decision for a packet from a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Not a reply of a load-balanced flow (or its entry expired): untouched.
+    NotTracked,
+    /// Source rewritten to the frontend.
+    ReverseNat {
+        frontend: SocketAddrV4,
+        set_id: u32,
+        backend_id: u32,
+        /// The flow's reply conntrack entry.
+        entry: CtEntry,
+    },
+    /// The reply of a source-NATed flow (keyed backend -> node SNAT address and port, or
+    /// hairpin address and port): the reply path leaves it alone; the forward path translates
+    /// it where it reaches the node (or, for a hairpin flow, leaves the pod).
+    SnatUntouched {
+        frontend: SocketAddrV4,
+        client: SocketAddrV4,
+        set_id: u32,
+        backend_id: u32,
+        /// A hairpin flow (`ct_flags::HAIRPIN`).
+        hairpin: bool,
+        entry: CtEntry,
+    },
+}
+
+pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4, l4_proto: u8, dir: u8) -> FlowKey {
+    FlowKey {
+        src_addr: Be32::from(*src.ip()),
+        dst_addr: Be32::from(*dst.ip()),
+        src_port: Be16::from_host(src.port()),
+        dst_port: Be16::from_host(dst.port()),
+        proto: l4_proto,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+fn socket(addr: Be32, port: Be16) -> SocketAddrV4 {
+    SocketAddrV4::new(addr.to_ip(), port.to_host())
+}
+
+/// Monotonic coarse clock as the datapath reads it (`bpf_ktime_get_coarse_ns`).
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * SECOND_NS + ts.tv_nsec as u64
+}
+
+/// A lookup's value, `None` when the key is absent, an error for anything else.
+fn found<V>(name: &'static str, result: Result<V, MapError>) -> Result<Option<V>, MapsError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(MapsError::Map { name, source }),
+    }
+}
+
+/// The backend in slot `id`, if that slot holds an active backend.
+fn active_backend(maps: &Maps, id: u32) -> Result<Option<Backend>, MapsError> {
+    match maps.backends.get(&id, 0) {
+        Ok(b) => Ok(Some(b).filter(Backend::is_active)),
+        // Out of bounds: the datapath's lookup fails the same way.
+        Err(MapError::OutOfBounds { .. } | MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(MapsError::Map {
+            name: names::LB_BACKENDS,
+            source,
+        }),
+    }
+}
+
+/// Whether a new flow from `src` may use `service` (loadBalancerSourceRanges).
+pub fn source_allowed(maps: &Maps, service: &Frontend, src: Be32) -> Result<bool, MapsError> {
+    if service.source_range_id == 0 {
+        return Ok(true);
+    }
+    let key = Key::new(
+        SourceRange::LOOKUP_BITS,
+        SourceRange {
+            range_id: Be32::from_host(service.source_range_id),
+            addr: src,
+        },
+    );
+    Ok(found(names::LB_SRC_RANGES, maps.src_ranges.get(&key, 0))?.is_some())
+}
+
+/// `LB_CONFIG`'s single entry, as stored.
+pub fn node_config(maps: &Maps) -> Result<NodeConfig, MapsError> {
+    maps.config.get(&0, 0).map_err(|source| MapsError::Map {
+        name: names::LB_CONFIG,
+        source,
+    })
+}
+
+/// Whether the datapath source-NATs with `config`: it has an address and a non-empty range
+/// (`snat::config` in the datapath).
+pub fn snat_configured(config: &NodeConfig) -> bool {
+    config.snat_addr.raw() != 0 && config.snat_port_max >= config.snat_port_min
+}
+
+/// Whether a new flow arriving in `scope` for `backend` is source-NATed: it came from outside
+/// and the backend runs on another node (`snat::needed` in the datapath).
+pub fn snat_needed(scope: u8, backend: &Backend, l4_proto: u8) -> bool {
+    scope == scope::EXTERNAL
+        && backend.flags & backend_flags::LOCAL == 0
+        && (l4_proto == proto::TCP || l4_proto == proto::UDP)
+}
+
+/// The key under which the replies of a flow source-NATed to `node` reach the node.
+pub fn snat_reply_key(backend: &Backend, node: (Be32, Be16), l4_proto: u8) -> FlowKey {
+    FlowKey {
+        src_addr: backend.addr,
+        dst_addr: node.0,
+        src_port: backend.port,
+        dst_port: node.1,
+        proto: l4_proto,
+        dir: REPLY,
+        _pad: [0; 2],
+    }
+}
+
+/// The node port the datapath gives the new flow `flow` (its forward key) to `backend`, with
+/// `config` (which must be [`snat_configured`]), from the live `LB_CT` (`snat::allocate` in the
+/// datapath): candidate `probe` is `snat_port_min + (hash + probe * 0x9e3779b1) % span` in
+/// wrapping u32 arithmetic, `hash` being the flow hash of the forward key; the first free (or
+/// reopened) candidate is taken, else the first in TIME_WAIT ([`SnatPort`] tells them apart).
+pub fn snat_allocate(
+    maps: &Maps,
+    flow: &FlowKey,
+    backend: &Backend,
+    config: &NodeConfig,
+    now: u64,
+) -> Result<Result<SnatChoice, SnatFailure>, MapsError> {
+    let span = u32::from(config.snat_port_max - config.snat_port_min) + 1;
+    let hash = flow_hash(
+        flow.src_addr,
+        flow.dst_addr,
+        flow.src_port,
+        flow.dst_port,
+        flow.proto,
+    );
+    let mut candidates = Vec::new();
+    // The first candidate in TIME_WAIT, taken when none is free.
+    let mut time_wait: Option<SnatChoice> = None;
+    for probe in 0..snat::PROBES {
+        let offset = hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span;
+        // offset < span, so this stays within the range.
+        let port = config.snat_port_min + offset as u16;
+        candidates.push(port);
+        let key = snat_reply_key(
+            backend,
+            (config.snat_addr, Be16::from_host(port)),
+            flow.proto,
+        );
+        let held = found(names::LB_CT, maps.ct.get(&key, 0))?;
+        let choice = SnatChoice {
+            node: SocketAddrV4::new(config.snat_addr.to_ip(), port),
+            hash,
+            probe,
+            state: snat_port(held.as_ref(), flow, now),
+        };
+        match choice.state {
+            SnatPort::Free | SnatPort::Reopened => return Ok(Ok(choice)),
+            SnatPort::TimeWait if time_wait.is_none() => time_wait = Some(choice),
+            SnatPort::TimeWait | SnatPort::Taken => {}
+        }
+    }
+    Ok(time_wait.ok_or(SnatFailure::PortsTaken {
+        node: config.snat_addr.to_ip(),
+        hash,
+        candidates,
+    }))
+}
+
+/// The hairpin source of a new flow to `backend` (`hairpin::source` in the datapath): the
+/// client is the backend itself and `config` has a hairpin address; the client's port is kept.
+pub fn hairpin_source(
+    flow: &FlowKey,
+    backend: &Backend,
+    config: &NodeConfig,
+) -> Option<SocketAddrV4> {
+    (flow.src_addr == backend.addr && config.hairpin_addr.raw() != 0)
+        .then(|| socket(config.hairpin_addr, flow.src_port))
+}
+
+/// The source NAT a new flow to `backend` gets (`forward::new_flow` in the datapath): `None`
+/// when it needs none, else the hairpin or node address and port, or why there is none.
+fn new_flow_snat(
+    maps: &Maps,
+    flow: &FlowKey,
+    backend: &Backend,
+    scope: u8,
+    now: u64,
+) -> Result<Option<Result<SourceNat, SnatFailure>>, MapsError> {
+    let config = node_config(maps)?;
+    if let Some(addr) = hairpin_source(flow, backend, &config) {
+        return Ok(Some(Ok(SourceNat::Hairpin(addr))));
+    }
+    if !snat_needed(scope, backend, flow.proto) {
+        return Ok(None);
+    }
+    if !snat_configured(&config) {
+        return Ok(Some(Err(SnatFailure::NoConfig { config })));
+    }
+    Ok(Some(
+        snat_allocate(maps, flow, backend, &config, now)?.map(SourceNat::Node),
+    ))
+}
+
+/// A packet `key` (forward direction, as it arrives) to an address with `addr_flags::SNAT`:
+/// the reply of a source-NATed flow when it is addressed to the configured SNAT address, on a
+/// port of the range, and a live SNAT reply entry holds it (`snat::reply` in the datapath).
+fn snat_reply(maps: &Maps, key: &FlowKey, now: u64) -> Result<Option<Forward>, MapsError> {
+    let config = node_config(maps)?;
+    let port = key.dst_port.to_host();
+    if !snat_configured(&config)
+        || port < config.snat_port_min
+        || port > config.snat_port_max
+        || key.dst_addr != config.snat_addr
+    {
+        return Ok(None);
+    }
+    let reply_key = FlowKey { dir: REPLY, ..*key };
+    Ok(match found(names::LB_CT, maps.ct.get(&reply_key, 0))? {
+        Some(entry)
+            if entry.flags & (ct_flags::SNAT | ct_flags::HAIRPIN) == ct_flags::SNAT
+                && now < entry.deadline_ns =>
+        {
+            Some(Forward::SnatReply {
+                frontend: socket(entry.nat_addr, entry.nat_port),
+                client: socket(entry.snat_addr, entry.snat_port),
+                set_id: entry.set_id,
+                backend_id: entry.backend_id,
+                entry,
+            })
+        }
+        _ => None,
+    })
+}
+
+/// A packet `key` (forward direction) to an address with `addr_flags::HAIRPIN`: the reply of a
+/// hairpin flow when a live hairpin reply entry holds it (`hairpin::reply` in the datapath).
+fn hairpin_reply(maps: &Maps, key: &FlowKey, now: u64) -> Result<Option<Forward>, MapsError> {
+    let reply_key = FlowKey { dir: REPLY, ..*key };
+    Ok(match found(names::LB_CT, maps.ct.get(&reply_key, 0))? {
+        Some(entry) if entry.flags & ct_flags::HAIRPIN != 0 && now < entry.deadline_ns => {
+            Some(Forward::HairpinReply {
+                frontend: socket(entry.nat_addr, entry.nat_port),
+                client: socket(entry.snat_addr, entry.snat_port),
+                set_id: entry.set_id,
+                backend_id: entry.backend_id,
+                entry,
+            })
+        }
+        _ => None,
+    })
+}
+
+/// The forward decision for `src -> dst` (TCP or UDP) arriving in `scope`. `syn` says whether
+/// the packet is a bare TCP SYN (which reopens a flow that saw a FIN or RST); any other TCP
+/// packet is taken as a segment without SYN.
+pub fn forward(
+    maps: &Maps,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    l4_proto: u8,
+    scope: u8,
+    syn: bool,
+) -> Result<Forward, MapsError> {
+    let Some(addr) = found(names::LB_ADDRS, maps.addrs.get(&Be32::from(*dst.ip()), 0))? else {
+        return Ok(Forward::NotAFrontend);
+    };
+    let key = flow_key(src, dst, l4_proto, FORWARD);
+    let now = coarse_now_ns();
+    // Replies of source-NATed flows come first, whatever the scope (as in the datapath).
+    if addr.flags & addr_flags::SNAT != 0
+        && let Some(reply) = snat_reply(maps, &key, now)?
+    {
+        return Ok(reply);
+    }
+    // Nothing but hairpin replies is addressed to the hairpin address.
+    if addr.flags & addr_flags::HAIRPIN != 0 {
+        return Ok(
+            hairpin_reply(maps, &key, now)?.unwrap_or(Forward::PassNotServed {
+                addr_flags: addr.flags,
+            }),
+        );
+    }
+    if let Some(entry) = found(names::LB_CT, maps.ct.get(&key, 0))? {
+        let closed = entry.flags & (ct_flags::FIN | ct_flags::RST) != 0;
+        let reopening = l4_proto == proto::TCP && syn && closed;
+        // The backend must still hold the slot (same address and port) for the flow to stay.
+        if now < entry.deadline_ns
+            && !reopening
+            && let Some(backend) = active_backend(maps, entry.backend_id)?
+            && backend.addr == entry.nat_addr
+            && backend.port == entry.nat_port
+        {
+            return Ok(Forward::Established {
+                set_id: entry.set_id,
+                backend_id: entry.backend_id,
+                backend: socket(backend.addr, backend.port),
+                snat: (entry.flags & ct_flags::SNAT != 0)
+                    .then(|| socket(entry.snat_addr, entry.snat_port)),
+                entry,
+            });
+        }
+    }
+    let service_key = FrontendKey {
+        addr: key.dst_addr,
+        port: key.dst_port,
+        proto: l4_proto,
+        scope,
+    };
+    let Some(service) = found(names::LB_SERVICES, maps.services.get(&service_key, 0))? else {
+        return Ok(if addr.flags & addr_flags::CLUSTER_IP != 0 {
+            Forward::RejectUnknownPort
+        } else {
+            Forward::PassNotServed {
+                addr_flags: addr.flags,
+            }
+        });
+    };
+    // As the datapath (and kube-proxy): a service without endpoints rejects everyone; source
+    // ranges only filter who may reach the endpoints it has.
+    if service.backend_count == 0 {
+        return Ok(Forward::NoBackend {
+            service,
+            drop: service.flags & frontend_flags::DROP_WHEN_EMPTY != 0,
+        });
+    }
+    if !source_allowed(maps, &service, key.src_addr)? {
+        return Ok(Forward::DropSourceRange { service });
+    }
+    let (selection, backend_id, backend) = match select(maps, &service, &key, now)? {
+        Ok(chosen) => chosen,
+        Err(detail) => return Ok(Forward::Inconsistent { service, detail }),
+    };
+    let addr = socket(backend.addr, backend.port);
+    Ok(match new_flow_snat(maps, &key, &backend, scope, now)? {
+        Some(Err(failure)) => Forward::DropSnatPorts {
+            service,
+            selection,
+            backend_id,
+            backend: addr,
+            failure,
+        },
+        snat => Forward::NewFlow {
+            service,
+            selection,
+            backend_id,
+            backend: addr,
+            snat: snat.and_then(Result::ok),
+        },
+    })
+}
+
+/// The backend of a new flow `key` of `service` (`select::backend` in the datapath): the
+/// client's affinity entry when fresh and its backend active, else the Maglev slot or the
+/// single backend. `Err` tells why the service's state is inconsistent.
+fn select(
+    maps: &Maps,
+    service: &Frontend,
+    key: &FlowKey,
+    now: u64,
+) -> Result<Result<(Selection, u32, Backend), String>, MapsError> {
+    if service.affinity_timeout_s != 0 {
+        let affinity_key = AffinityKey {
+            client: key.src_addr,
+            set_id: service.set_id,
+        };
+        if let Some(entry) = found(names::LB_AFFINITY, maps.affinity.get(&affinity_key, 0))? {
+            let timeout_ns = u64::from(service.affinity_timeout_s) * SECOND_NS;
+            // Within the timeout and still active; otherwise Maglev decides (and the datapath
+            // overwrites the entry).
+            if now < entry.last_used_ns.saturating_add(timeout_ns)
+                && let Some(b) = active_backend(maps, entry.backend_id)?
+            {
+                let selection = Selection::Affinity {
+                    last_used_ns: entry.last_used_ns,
+                    timeout_s: service.affinity_timeout_s,
+                };
+                return Ok(Ok((selection, entry.backend_id, b)));
+            }
+        }
+    }
+    let (selection, backend_id) = if service.table_size == 0 {
+        (Selection::Single, service.backend_id)
+    } else {
+        let hash = flow_hash(
+            key.src_addr,
+            key.dst_addr,
+            key.src_port,
+            key.dst_port,
+            key.proto,
+        );
+        let slot = hash % service.table_size;
+        let table = match maps.maglev_table(service.set_id, service.table_size) {
+            Ok(table) => table,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let selection = Selection::Maglev {
+            hash,
+            slot,
+            table_size: service.table_size,
+        };
+        (selection, table[slot as usize])
+    };
+    Ok(match active_backend(maps, backend_id)? {
+        Some(b) => Ok((selection, backend_id, b)),
+        None => Err(format!("backend id {backend_id} is not an active backend")),
+    })
+}
+
+/// The reply decision for `src -> dst` (a backend answering a client) on the reply path
+/// (`lb_to_pod`, `lb_ext_out`).
+pub fn reply(
+    maps: &Maps,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    l4_proto: u8,
+) -> Result<Reply, MapsError> {
+    let key = flow_key(src, dst, l4_proto, REPLY);
+    Ok(match found(names::LB_CT, maps.ct.get(&key, 0))? {
+        Some(entry) if coarse_now_ns() < entry.deadline_ns => {
+            let frontend = socket(entry.nat_addr, entry.nat_port);
+            if entry.flags & ct_flags::SNAT != 0 {
+                Reply::SnatUntouched {
+                    frontend,
+                    client: socket(entry.snat_addr, entry.snat_port),
+                    set_id: entry.set_id,
+                    backend_id: entry.backend_id,
+                    hairpin: entry.flags & ct_flags::HAIRPIN != 0,
+                    entry,
+                }
+            } else {
+                Reply::ReverseNat {
+                    frontend,
+                    set_id: entry.set_id,
+                    backend_id: entry.backend_id,
+                    entry,
+                }
+            }
+        }
+        _ => Reply::NotTracked,
+    })
+}
+
+/// Parses `tcp` / `udp`.
+pub fn parse_proto(name: &str) -> Option<u8> {
+    match name.to_ascii_lowercase().as_str() {
+        "tcp" => Some(proto::TCP),
+        "udp" => Some(proto::UDP),
+        _ => None,
+    }
+}

@@ -1,0 +1,238 @@
+//! Carries out a [`Plan`] on the maps, in the plan's order. Maglev tables are built on every
+//! core while the writes go on.
+
+use std::{collections::BTreeSet, net::SocketAddrV4, thread};
+
+use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
+use lb_common::{
+    Be32,
+    conntrack::FlowKey,
+    maps::{
+        self as names, AddrInfo, AffinityKey, Backend, Frontend, FrontendKey, SetStats, SourceRange,
+    },
+    net::proto,
+};
+
+use crate::{
+    maglev::{self, MaglevBackend},
+    maps::{Maps, MapsError},
+    planner::{Plan, TableWrite},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("writing {map} failed")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("Maglev table of backend set {set_id}: {source}")]
+    Maglev {
+        set_id: u32,
+        #[source]
+        source: maglev::MaglevError,
+    },
+}
+
+fn write_err(map: &'static str) -> impl Fn(MapError) -> WriteError {
+    move |source| WriteError::Map { map, source }
+}
+
+/// Deleting what is already gone is fine.
+fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn range_key(range_id: u32, net: &ipnet::Ipv4Net) -> Key<SourceRange> {
+    Key::new(
+        SourceRange::ID_BITS + u32::from(net.prefix_len()),
+        SourceRange {
+            range_id: Be32::from_host(range_id),
+            addr: Be32::from(net.network()),
+        },
+    )
+}
+
+/// Builds the tables of `writes` on every core (Maglev and filling the table's map), then
+/// installs them all with one batch update.
+fn install_tables(maps: &mut Maps, writes: &[TableWrite]) -> Result<(), WriteError> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let workers = thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(writes.len());
+    let built: Vec<Result<(u32, aya::maps::MapData), WriteError>> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|worker| {
+                scope.spawn(move || {
+                    let mut buffer = Vec::new();
+                    let mut out = Vec::new();
+                    for write in writes.iter().skip(worker).step_by(workers) {
+                        let members: Vec<MaglevBackend> = write
+                            .members
+                            .iter()
+                            .map(|(id, addr)| MaglevBackend {
+                                id: *id,
+                                key: maglev::backend_key(*addr),
+                                weight: 1,
+                            })
+                            .collect();
+                        let result =
+                            maglev::build_table_into(&members, write.table_size, &mut buffer)
+                                .map_err(|source| WriteError::Maglev {
+                                    set_id: write.set_id,
+                                    source,
+                                })
+                                .and_then(|()| {
+                                    Ok((
+                                        write.set_id,
+                                        Maps::build_maglev_map(write.set_id, &buffer)?,
+                                    ))
+                                });
+                        out.push(result);
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("table builder panicked"))
+            .collect()
+    });
+    let tables = built.into_iter().collect::<Result<Vec<_>, _>>()?;
+    maps.install_maglev_maps(&tables)?;
+    Ok(())
+}
+
+/// Writes `plan`. On error the maps may hold part of it: the caller re-reads them before planning
+/// again.
+pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
+    let (ids, values): (Vec<u32>, Vec<Backend>) = plan.backends.iter().copied().unzip();
+    if !maps.update_batch(names::LB_BACKENDS, &ids, &values)? {
+        for (id, value) in &plan.backends {
+            maps.backends
+                .set(*id, value, 0)
+                .map_err(write_err(names::LB_BACKENDS))?;
+        }
+    }
+    for (range_id, net) in &plan.ranges_added {
+        maps.src_ranges
+            .insert(&range_key(*range_id, net), 1, 0)
+            .map_err(write_err(names::LB_SRC_RANGES))?;
+    }
+    install_tables(maps, &plan.tables)?;
+    if !plan.stats_reset.is_empty() {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| WriteError::Map {
+            map: names::LB_SVC_STATS,
+            source: MapError::IoError(e),
+        })?;
+        for id in &plan.stats_reset {
+            let zeros = PerCpuValues::try_from(vec![SetStats::default(); cpus]).map_err(|e| {
+                WriteError::Map {
+                    map: names::LB_SVC_STATS,
+                    source: MapError::IoError(e),
+                }
+            })?;
+            maps.svc_stats
+                .set(*id, zeros, 0)
+                .map_err(write_err(names::LB_SVC_STATS))?;
+        }
+    }
+    let (keys, values): (Vec<FrontendKey>, Vec<Frontend>) = plan.frontends.iter().copied().unzip();
+    if !maps.update_batch(names::LB_SERVICES, &keys, &values)? {
+        for (key, value) in &plan.frontends {
+            maps.services
+                .insert(key, value, 0)
+                .map_err(write_err(names::LB_SERVICES))?;
+        }
+    }
+    if let Some(config) = &plan.config {
+        maps.config
+            .set(0, config, 0)
+            .map_err(write_err(names::LB_CONFIG))?;
+    }
+    let (keys, values): (Vec<Be32>, Vec<AddrInfo>) = plan.addrs.iter().copied().unzip();
+    if !maps.update_batch(names::LB_ADDRS, &keys, &values)? {
+        for (addr, info) in &plan.addrs {
+            maps.addrs
+                .insert(addr, info, 0)
+                .map_err(write_err(names::LB_ADDRS))?;
+        }
+    }
+    for addr in &plan.addrs_removed {
+        absent_ok(maps.addrs.remove(addr)).map_err(write_err(names::LB_ADDRS))?;
+    }
+    for key in &plan.frontends_removed {
+        absent_ok(maps.services.remove(key)).map_err(write_err(names::LB_SERVICES))?;
+    }
+    for set_id in &plan.tables_removed {
+        maps.remove_maglev_table(*set_id)?;
+    }
+    for (range_id, net) in &plan.ranges_removed {
+        absent_ok(maps.src_ranges.remove(&range_key(*range_id, net)))
+            .map_err(write_err(names::LB_SRC_RANGES))?;
+    }
+    for id in &plan.backends_removed {
+        maps.backends
+            .set(*id, Backend::default(), 0)
+            .map_err(write_err(names::LB_BACKENDS))?;
+    }
+    purge_affinity(maps, &plan.affinity_purge)?;
+    purge_udp_flows(maps, &plan.udp_flow_purge)?;
+    Ok(())
+}
+
+/// Forgets session affinity to backends that left a set: the next connection is balanced anew.
+fn purge_affinity(maps: &mut Maps, pairs: &[(u32, u32)]) -> Result<(), WriteError> {
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let pairs: BTreeSet<(u32, u32)> = pairs.iter().copied().collect();
+    let stale: Vec<AffinityKey> = maps
+        .affinity
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, entry)| pairs.contains(&(key.set_id, entry.backend_id)))
+        .map(|(key, _)| key)
+        .collect();
+    for key in stale {
+        absent_ok(maps.affinity.remove(&key)).map_err(write_err(names::LB_AFFINITY))?;
+    }
+    Ok(())
+}
+
+/// As kube-proxy flushes UDP conntrack of endpoints that went away: UDP flows to a backend that
+/// left its set move to a live one on their next datagram instead of blackholing.
+fn purge_udp_flows(maps: &mut Maps, pairs: &[(u32, u32)]) -> Result<(), WriteError> {
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let pairs: BTreeSet<(u32, u32)> = pairs.iter().copied().collect();
+    let stale: Vec<FlowKey> = maps
+        .ct
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, entry)| {
+            key.proto == proto::UDP && pairs.contains(&(entry.set_id, entry.backend_id))
+        })
+        .map(|(key, _)| key)
+        .collect();
+    for key in stale {
+        absent_ok(maps.ct.remove(&key)).map_err(write_err(names::LB_CT))?;
+    }
+    Ok(())
+}
+
+/// The address of a backend id as programmed, for logs.
+pub fn describe_backend(value: &Backend) -> SocketAddrV4 {
+    SocketAddrV4::new(value.addr.to_ip(), value.port.to_host())
+}

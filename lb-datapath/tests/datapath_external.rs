@@ -1,0 +1,600 @@
+//! The external path of the real datapath programs (BPF_PROG_TEST_RUN): NodePort-style frontends
+//! reached from outside, source NAT towards backends on other nodes, the full reversal of their
+//! replies, forwarding by FIB lookup, SNAT port allocation and lost NAT state; and hairpin flows
+//! (a pod balanced to itself). Needs root.
+//!
+//! Every test runs inside a network namespace of its own with a dummy "uplink" and permanent
+//! neighbour entries, so that the programs' FIB lookups have routes to find and the results do
+//! not depend on the host's routing table.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use common::{
+    harness::{Harness, Hook, TCP, UDP, socket, tc, xdp},
+    packet::{Packet, assert_frame_eq, flags},
+};
+use lb_common::{
+    Be16, Be32,
+    conntrack::{FORWARD, FlowKey, REPLY, ct_flags},
+    hash::flow_hash,
+    maps::{NodeConfig, addr_flags, maglev::DEFAULT_TABLE_SIZE, scope, snat},
+    stats::Reason,
+};
+use lb_datapath::install::{BackendSpec, FrontendSpec, ServiceSpec};
+use lb_testbed::{Netns, netns::unique_prefix};
+
+/// This node's address on its uplink (the SNAT address), and the NodePort.
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
+const NODE_PORT: u16 = 30_080;
+/// Another node, the next hop to its pods (10.10.1.0/24).
+const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 11);
+const OTHER_NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const REMOTE_POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 10, 1, 5), 8080);
+const REMOTE_POD_2: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 10, 1, 6), 8080);
+/// A pod on this node.
+const LOCAL_POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 10, 0, 5), 8080);
+/// The external client, on the uplink's subnet.
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 168, 50, 2), 40_000);
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+
+fn node_port() -> SocketAddrV4 {
+    SocketAddrV4::new(NODE, NODE_PORT)
+}
+
+/// A namespace whose routing table the programs' FIB lookups see: an uplink `up0` with this
+/// node's address, the other node's pods behind `OTHER_NODE`, permanent neighbours.
+fn routed_namespace() -> Netns {
+    let ns = Netns::new(unique_prefix("dpx")).expect("namespace");
+    let ip = |args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("{e:#}"));
+    // A veth pair stands for the uplink (this kernel has no dummy interfaces).
+    ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up0p"]);
+    ip(&["link", "set", "up0p", "up"]);
+    ip(&["link", "set", "up0", "address", "02:00:00:00:00:10", "up"]);
+    ip(&["addr", "add", &format!("{NODE}/24"), "dev", "up0"]);
+    ip(&[
+        "route",
+        "add",
+        "10.10.1.0/24",
+        "via",
+        &OTHER_NODE.to_string(),
+    ]);
+    for (addr, mac) in [
+        (OTHER_NODE, "02:00:00:00:00:11"),
+        (*CLIENT.ip(), "02:00:00:00:00:02"),
+    ] {
+        ip(&[
+            "neigh",
+            "add",
+            &addr.to_string(),
+            "lladdr",
+            mac,
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    ns
+}
+
+/// Runs `test` with a fresh datapath inside a routed namespace (nothing when privileged tests
+/// are skipped).
+fn in_routed_namespace(test: impl FnOnce(&mut Harness) + Send + 'static) {
+    if !common::require_privileges() {
+        return;
+    }
+    let ns = routed_namespace();
+    ns.enter(move || {
+        let mut h = Harness::new().expect("privileged");
+        test(&mut h);
+    })
+    .unwrap();
+}
+
+/// What the agent writes for this node: its configuration, and the SNAT flag on its address
+/// (call after installing the services, which write the address's entry).
+fn configure_snat(h: &mut Harness, min: u16, max: u16) {
+    let config = NodeConfig {
+        snat_addr: Be32::from(NODE),
+        snat_port_min: min,
+        snat_port_max: max,
+        hairpin_addr: Be32::from(HAIRPIN),
+    };
+    h.maps.config.set(0, config, 0).unwrap();
+    for (addr, flag) in [
+        (config.snat_addr, addr_flags::SNAT),
+        (config.hairpin_addr, addr_flags::HAIRPIN),
+    ] {
+        let mut info = h.maps.addrs.get(&addr, 0).unwrap_or_default();
+        info.flags |= flag;
+        h.maps.addrs.insert(addr, info, 0).unwrap();
+    }
+}
+
+/// A NodePort service (external scope) on `NODE:NODE_PORT` with these backends.
+fn node_port_service(id: u32, l4_proto: u8, backends: &[(SocketAddrV4, bool)]) -> ServiceSpec {
+    ServiceSpec {
+        id,
+        frontends: vec![FrontendSpec {
+            addr: NODE,
+            port: NODE_PORT,
+            proto: l4_proto,
+            scope: scope::EXTERNAL,
+            cluster_ip: false,
+        }],
+        backends: backends
+            .iter()
+            .enumerate()
+            .map(|(i, (addr, local))| BackendSpec {
+                id: id * 100 + i as u32 + 1,
+                addr: *addr.ip(),
+                port: addr.port(),
+                local: *local,
+                weight: 1,
+            })
+            .collect(),
+        table_size: DEFAULT_TABLE_SIZE,
+        flags: 0,
+    }
+}
+
+fn forward_key(client: SocketAddrV4, l4_proto: u8) -> FlowKey {
+    FlowKey {
+        src_addr: Be32::from(*client.ip()),
+        dst_addr: Be32::from(NODE),
+        src_port: Be16::from_host(client.port()),
+        dst_port: Be16::from_host(NODE_PORT),
+        proto: l4_proto,
+        dir: FORWARD,
+        _pad: [0; 2],
+    }
+}
+
+/// The key of the reply entry of a flow to `REMOTE_POD` source-NATed to this node's `port`.
+fn remote_reply_key(port: u16) -> FlowKey {
+    FlowKey {
+        src_addr: Be32::from(*REMOTE_POD.ip()),
+        dst_addr: Be32::from(NODE),
+        src_port: Be16::from_host(REMOTE_POD.port()),
+        dst_port: Be16::from_host(port),
+        proto: TCP,
+        dir: REPLY,
+        _pad: [0; 2],
+    }
+}
+
+/// A segment from `REMOTE_POD` to this node's SNAT `port`, as the other node sends it.
+fn from_remote_pod(port: u16, tcp_flags: u8) -> Packet {
+    let mut pkt = Packet::tcp(REMOTE_POD, SocketAddrV4::new(NODE, port), tcp_flags, b"");
+    pkt.eth_src = OTHER_NODE_MAC;
+    pkt.eth_dst = UPLINK_MAC;
+    pkt
+}
+
+/// The node address and port the flow from `client` was source-NATed to.
+fn snat_source(h: &Harness, client: SocketAddrV4, l4_proto: u8) -> SocketAddrV4 {
+    let entry = h
+        .maps
+        .ct
+        .get(&forward_key(client, l4_proto), 0)
+        .expect("forward entry");
+    assert_ne!(entry.flags & ct_flags::SNAT, 0, "the flow is source-NATed");
+    SocketAddrV4::new(entry.snat_addr.to_ip(), entry.snat_port.to_host())
+}
+
+/// `pkt` as a router forwards it to `next_hop_mac` out of the uplink.
+fn routed(mut pkt: Packet, next_hop_mac: [u8; 6]) -> Vec<u8> {
+    pkt.eth_src = UPLINK_MAC;
+    pkt.eth_dst = next_hop_mac;
+    pkt.ip.time_to_live -= 1;
+    pkt.bytes()
+}
+
+fn from_client(client: SocketAddrV4, tcp_flags: u8) -> Packet {
+    let mut pkt = Packet::tcp(client, node_port(), tcp_flags, b"GET");
+    pkt.eth_src = CLIENT_MAC;
+    pkt.eth_dst = UPLINK_MAC;
+    pkt
+}
+
+#[test]
+fn an_external_flow_to_another_nodes_backend_is_source_natted_and_routed_there() {
+    in_routed_namespace(|h| {
+        h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
+        configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
+        for hook in [Hook::Xdp, Hook::ExtIn] {
+            let client = socket(
+                [192, 168, 50, 2],
+                if hook == Hook::Xdp { 40_000 } else { 40_001 },
+            );
+            let syn = from_client(client, flags::SYN);
+            let run = h.run(hook, &syn.bytes());
+            let source = snat_source(h, client, TCP);
+            assert_eq!(*source.ip(), NODE);
+            assert!((snat::PORT_MIN..=snat::PORT_MAX).contains(&source.port()));
+            let expected = routed(
+                syn.clone().with_dst(REMOTE_POD).with_src(source),
+                OTHER_NODE_MAC,
+            );
+            assert_frame_eq(&run.out, &expected, "DNAT + SNAT + routed");
+            // Forwarded straight out of the uplink (not the interface it came in on).
+            let redirect = if hook == Hook::Xdp {
+                xdp::REDIRECT
+            } else {
+                tc::REDIRECT
+            };
+            assert_eq!(run.verdict, redirect, "{hook:?}");
+
+            // The rest of the flow keeps its translation.
+            let ack = from_client(client, flags::ACK);
+            let run = h.run(hook, &ack.bytes());
+            assert_frame_eq(
+                &run.out,
+                &routed(ack.with_dst(REMOTE_POD).with_src(source), OTHER_NODE_MAC),
+                "established",
+            );
+        }
+        assert_eq!(h.verdict_count(Reason::NewFlow), 2);
+        assert_eq!(h.verdict_count(Reason::Established), 2);
+        assert_eq!(h.verdict_count(Reason::Forwarded), 4);
+    });
+}
+
+#[test]
+fn the_reply_of_a_source_natted_flow_is_fully_reversed_before_it_leaves() {
+    in_routed_namespace(|h| {
+        h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
+        configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
+        let syn = from_client(CLIENT, flags::SYN);
+        h.run(Hook::Xdp, &syn.bytes());
+        let source = snat_source(h, CLIENT, TCP);
+
+        // The backend answers the node; the client must see the NodePort answer it.
+        let mut reply = Packet::tcp(REMOTE_POD, source, flags::SYN | flags::ACK, b"");
+        reply.eth_src = OTHER_NODE_MAC;
+        reply.eth_dst = UPLINK_MAC;
+        let run = h.run(Hook::Xdp, &reply.bytes());
+        let expected = routed(
+            reply.clone().with_src(node_port()).with_dst(CLIENT),
+            CLIENT_MAC,
+        );
+        assert_frame_eq(&run.out, &expected, "reply reversed");
+        assert_eq!(run.verdict, xdp::REDIRECT);
+        assert_eq!(h.verdict_count(Reason::ReplyNat), 1);
+
+        // UDP too, with its checksum kept valid.
+        h.install(&node_port_service(2, UDP, &[(REMOTE_POD_2, false)]));
+        configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
+        let mut query = Packet::udp(CLIENT, node_port(), b"query");
+        query.eth_src = CLIENT_MAC;
+        query.eth_dst = UPLINK_MAC;
+        let run = h.run(Hook::Xdp, &query.bytes());
+        let source = snat_source(h, CLIENT, UDP);
+        assert_frame_eq(
+            &run.out,
+            &routed(
+                query.clone().with_dst(REMOTE_POD_2).with_src(source),
+                OTHER_NODE_MAC,
+            ),
+            "UDP forward",
+        );
+        let mut answer = Packet::udp(REMOTE_POD_2, source, b"answer");
+        answer.eth_src = OTHER_NODE_MAC;
+        answer.eth_dst = UPLINK_MAC;
+        let run = h.run(Hook::ExtIn, &answer.bytes());
+        assert_frame_eq(
+            &run.out,
+            &routed(answer.with_src(node_port()).with_dst(CLIENT), CLIENT_MAC),
+            "UDP reply",
+        );
+    });
+}
+
+#[test]
+fn snat_ports_are_never_shared_by_live_flows_and_come_back_when_flows_end() {
+    in_routed_namespace(|h| {
+        // Four ports: the four first clients get one each, the fifth finds none.
+        h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
+        configure_snat(h, 61_000, 61_003);
+        let mut taken = Vec::new();
+        for port in 0..4 {
+            let client = socket([192, 168, 50, 2], 50_000 + port);
+            h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
+            taken.push(snat_source(h, client, TCP).port());
+        }
+        taken.sort_unstable();
+        assert_eq!(
+            taken,
+            [61_000, 61_001, 61_002, 61_003],
+            "four flows, four ports"
+        );
+
+        let fifth = socket([192, 168, 50, 3], 50_000);
+        let run = h.run(Hook::Xdp, &from_client(fifth, flags::SYN).bytes());
+        assert_eq!(run.verdict, xdp::DROP);
+        assert_eq!(h.verdict_count(Reason::DropSnatPorts), 1);
+
+        // A client that reopens its flow (same ports, after a RST) keeps its own port.
+        let first = socket([192, 168, 50, 2], 50_000);
+        let port = snat_source(h, first, TCP).port();
+        h.run(Hook::Xdp, &from_client(first, flags::RST).bytes());
+        h.run(Hook::Xdp, &from_client(first, flags::SYN).bytes());
+        assert_eq!(snat_source(h, first, TCP).port(), port);
+
+        // When a flow's state expires, its port is free again.
+        let second = socket([192, 168, 50, 2], 50_001);
+        let freed = snat_source(h, second, TCP);
+        let reply_key = remote_reply_key(freed.port());
+        let mut expired = h.maps.ct.get(&reply_key, 0).unwrap();
+        expired.deadline_ns = 0;
+        h.maps.ct.insert(reply_key, expired, 0).unwrap();
+        let run = h.run(Hook::Xdp, &from_client(fifth, flags::SYN).bytes());
+        assert_eq!(run.verdict, xdp::REDIRECT);
+        assert_eq!(snat_source(h, fifth, TCP), freed);
+    });
+}
+
+/// A busy NodePort opens thousands of short connections a second to the same backend: the
+/// port of a flow that is over, with nothing of it left at the backend, must serve a new flow
+/// at once, not after the flow's timeout (which would drop new connections after a few
+/// thousand); a half-closed flow keeps its port; a port whose backend closed first (it holds
+/// TIME_WAIT) still serves when nothing else is free.
+#[test]
+fn snat_ports_of_finished_flows_serve_new_flows_at_once() {
+    in_routed_namespace(|h| {
+        h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
+        configure_snat(h, 61_000, 61_000);
+        let reply_key = remote_reply_key(61_000);
+        let port = SocketAddrV4::new(NODE, 61_000);
+        let backend_says = |h: &mut Harness, tcp_flags: u8| {
+            h.run(Hook::ExtIn, &from_remote_pod(61_000, tcp_flags).bytes())
+        };
+        let open = |h: &mut Harness, client: SocketAddrV4| {
+            let run = h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
+            assert_eq!(run.verdict, xdp::REDIRECT, "{client} gets the port");
+            assert_eq!(snat_source(h, client, TCP), port);
+            backend_says(h, flags::SYN | flags::ACK);
+            h.run(Hook::Xdp, &from_client(client, flags::ACK).bytes());
+        };
+        let refused = |h: &mut Harness, client: SocketAddrV4, why: &str| {
+            let drops = h.verdict_count(Reason::DropSnatPorts);
+            let run = h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
+            assert_eq!(run.verdict, xdp::DROP, "{why}");
+            assert_eq!(h.verdict_count(Reason::DropSnatPorts), drops + 1, "{why}");
+        };
+        let clients: Vec<SocketAddrV4> =
+            (2..8).map(|i| socket([192, 168, 50, i], 50_000)).collect();
+
+        // The client closes first; the backend, closing second, keeps nothing.
+        open(h, clients[0]);
+        h.run(
+            Hook::Xdp,
+            &from_client(clients[0], flags::FIN | flags::ACK).bytes(),
+        );
+        refused(h, clients[1], "half closed: the backend may still send");
+        backend_says(h, flags::FIN | flags::ACK);
+        let entry = h.maps.ct.get(&reply_key, 0).unwrap();
+        assert!(ct_flags::reusable(entry.flags), "flags {:#x}", entry.flags);
+        open(h, clients[1]);
+        assert_eq!(
+            h.maps.ct.get(&reply_key, 0).unwrap().snat_addr,
+            Be32::from(*clients[1].ip())
+        );
+
+        // A late segment of the old flow that rewrites its own entry (here a RST) leaves the
+        // new flow's reservation alone.
+        h.run(Hook::Xdp, &from_client(clients[0], flags::RST).bytes());
+        let entry = h.maps.ct.get(&reply_key, 0).unwrap();
+        assert_eq!(entry.snat_addr, Be32::from(*clients[1].ip()));
+        assert!(!ct_flags::closed(entry.flags), "flags {:#x}", entry.flags);
+
+        // The backend closes first: the flow ends, the backend holds TIME_WAIT on the port,
+        // and with no other port free, a new flow takes it.
+        backend_says(h, flags::FIN | flags::ACK);
+        h.run(
+            Hook::Xdp,
+            &from_client(clients[1], flags::FIN | flags::ACK).bytes(),
+        );
+        let entry = h.maps.ct.get(&reply_key, 0).unwrap();
+        assert!(ct_flags::closed(entry.flags), "flags {:#x}", entry.flags);
+        assert!(!ct_flags::reusable(entry.flags), "flags {:#x}", entry.flags);
+        open(h, clients[2]);
+
+        // A reset frees the port at once.
+        h.run(Hook::Xdp, &from_client(clients[2], flags::RST).bytes());
+        open(h, clients[3]);
+    });
+}
+
+/// Backends that close first (HTTP servers, netserver) hold TIME_WAIT on (node address, SNAT
+/// port) for a minute: resting those ports would cap a node at a few thousand new connections
+/// per minute and backend. A port in TIME_WAIT serves a new flow when no free candidate is left
+/// (the first such candidate); ports of live flows are never handed out.
+#[test]
+fn snat_ports_in_time_wait_serve_new_flows_only_when_none_is_free() {
+    in_routed_namespace(|h| {
+        h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
+        configure_snat(h, 61_000, 61_001);
+        let open = |h: &mut Harness, client: SocketAddrV4| {
+            let run = h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
+            assert_eq!(run.verdict, xdp::REDIRECT, "{client} gets a port");
+            let port = snat_source(h, client, TCP).port();
+            h.run(
+                Hook::ExtIn,
+                &from_remote_pod(port, flags::SYN | flags::ACK).bytes(),
+            );
+            h.run(Hook::Xdp, &from_client(client, flags::ACK).bytes());
+            port
+        };
+        // The backend closes first, the client second.
+        let close_backend_first = |h: &mut Harness, client: SocketAddrV4, port: u16| {
+            h.run(
+                Hook::ExtIn,
+                &from_remote_pod(port, flags::FIN | flags::ACK).bytes(),
+            );
+            h.run(
+                Hook::Xdp,
+                &from_client(client, flags::FIN | flags::ACK).bytes(),
+            );
+            let entry = h.maps.ct.get(&remote_reply_key(port), 0).unwrap();
+            assert!(ct_flags::closed(entry.flags), "flags {:#x}", entry.flags);
+            assert!(!ct_flags::reusable(entry.flags), "flags {:#x}", entry.flags);
+        };
+        // Which of the two ports a flow from `client` tries first.
+        let first_candidate = |client: SocketAddrV4| {
+            let key = forward_key(client, TCP);
+            let hash = flow_hash(
+                key.src_addr,
+                key.dst_addr,
+                key.src_port,
+                key.dst_port,
+                key.proto,
+            );
+            61_000 + (hash % 2) as u16
+        };
+
+        let a = socket([192, 168, 50, 2], 50_000);
+        let port_a = open(h, a);
+        close_backend_first(h, a, port_a);
+        // A free port goes before one in TIME_WAIT, whichever the flow tries first.
+        let b = (50_000..)
+            .map(|port| socket([192, 168, 50, 3], port))
+            .find(|c| first_candidate(*c) == port_a)
+            .unwrap();
+        let port_b = open(h, b);
+        assert_ne!(port_b, port_a, "the free port");
+        close_backend_first(h, b, port_b);
+
+        // Both ports in TIME_WAIT: a new flow gets the first it tries.
+        let c = (50_000..)
+            .map(|port| socket([192, 168, 50, 4], port))
+            .find(|c| first_candidate(*c) == port_b)
+            .unwrap();
+        assert_eq!(open(h, c), port_b, "the first candidate, in TIME_WAIT");
+        // The next one gets what is left.
+        let d = socket([192, 168, 50, 5], 50_000);
+        assert_eq!(open(h, d), port_a, "the other port in TIME_WAIT");
+
+        // Live flows hold both ports: the next flow finds none.
+        let run = h.run(
+            Hook::Xdp,
+            &from_client(socket([192, 168, 50, 6], 50_000), flags::SYN).bytes(),
+        );
+        assert_eq!(run.verdict, xdp::DROP);
+        assert_eq!(h.verdict_count(Reason::DropSnatPorts), 1);
+    });
+}
+
+#[test]
+fn without_nat_state_a_reply_passes_untouched_and_without_an_address_nothing_is_natted() {
+    in_routed_namespace(|h| {
+        h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
+        configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
+        h.run(Hook::Xdp, &from_client(CLIENT, flags::SYN).bytes());
+        let source = snat_source(h, CLIENT, TCP);
+        // The LRU lost the reply entry: the reply is not ours to translate; the stack decides.
+        let reply_key = remote_reply_key(source.port());
+        h.maps.ct.remove(&reply_key).unwrap();
+        let reply = Packet::tcp(REMOTE_POD, source, flags::ACK, b"late");
+        let run = h.run(Hook::Xdp, &reply.bytes());
+        assert_eq!(run.verdict, xdp::PASS);
+        assert_frame_eq(&run.out, &reply.bytes(), "untouched");
+
+        // No SNAT address configured: such flows are dropped (not sent out unreturnable).
+        let mut config = h.maps.config.get(&0, 0).unwrap();
+        config.snat_addr = Be32::default();
+        h.maps.config.set(0, config, 0).unwrap();
+        let other = socket([192, 168, 50, 7], 41_000);
+        let run = h.run(Hook::Xdp, &from_client(other, flags::SYN).bytes());
+        assert_eq!(run.verdict, xdp::DROP);
+        assert_eq!(h.verdict_count(Reason::DropSnatPorts), 1);
+    });
+}
+
+#[test]
+fn a_local_backend_sees_the_client_and_its_reply_is_restored_on_the_uplink() {
+    in_routed_namespace(|h| {
+        h.install(&node_port_service(1, TCP, &[(LOCAL_POD, true)]));
+        configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
+        let syn = from_client(CLIENT, flags::SYN);
+        let run = h.run(Hook::Xdp, &syn.bytes());
+        // DNAT only: the client's address is kept and the stack delivers to the pod.
+        assert_eq!(run.verdict, xdp::PASS);
+        assert_frame_eq(
+            &run.out,
+            &syn.clone().with_dst(LOCAL_POD).bytes(),
+            "DNAT only",
+        );
+        let entry = h.maps.ct.get(&forward_key(CLIENT, TCP), 0).unwrap();
+        assert_eq!(entry.flags & ct_flags::SNAT, 0);
+
+        // The pod's reply leaves through the uplink, where the frontend is restored.
+        let reply = Packet::tcp(LOCAL_POD, CLIENT, flags::SYN | flags::ACK, b"");
+        let run = h.run(Hook::ExtOut, &reply.bytes());
+        assert_eq!(run.verdict, tc::PASS);
+        assert_frame_eq(
+            &run.out,
+            &reply.with_src(node_port()).bytes(),
+            "reverse NAT",
+        );
+        assert_eq!(h.verdict_count(Reason::Forwarded), 0);
+    });
+}
+
+#[test]
+fn a_pod_balanced_to_itself_is_hairpinned_through_the_link_local_address() {
+    in_routed_namespace(|h| {
+        let vip = SocketAddrV4::new(Ipv4Addr::new(172, 30, 0, 41), 80);
+        let svc = ServiceSpec {
+            id: 1,
+            frontends: vec![FrontendSpec {
+                addr: *vip.ip(),
+                port: vip.port(),
+                proto: TCP,
+                scope: scope::INTERNAL,
+                cluster_ip: true,
+            }],
+            ..node_port_service(1, TCP, &[(LOCAL_POD, true)])
+        };
+        h.install(&svc);
+        configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
+        let pod = SocketAddrV4::new(*LOCAL_POD.ip(), 40_000);
+        let pod_mac = [0x02, 0, 0, 0, 0, 0x05];
+        let gateway_mac = [0x02, 0, 0, 0, 0, 0xfe];
+        let mut syn = Packet::tcp(pod, vip, flags::SYN, b"hi");
+        syn.eth_src = pod_mac;
+        syn.eth_dst = gateway_mac;
+        let run = h.run(Hook::FromPod, &syn.bytes());
+        // Back into the pod: from the hairpin address, to itself, MACs swapped.
+        let mut expected = syn
+            .with_dst(LOCAL_POD)
+            .with_src(SocketAddrV4::new(HAIRPIN, 40_000));
+        expected.eth_src = gateway_mac;
+        expected.eth_dst = pod_mac;
+        assert_eq!(run.verdict, tc::REDIRECT);
+        assert_frame_eq(&run.out, &expected.bytes(), "hairpinned SYN");
+
+        // The pod answers the hairpin address; it gets the answer from the service.
+        let mut answer = Packet::tcp(
+            LOCAL_POD,
+            SocketAddrV4::new(HAIRPIN, 40_000),
+            flags::SYN | flags::ACK,
+            b"",
+        );
+        answer.eth_src = pod_mac;
+        answer.eth_dst = gateway_mac;
+        let run = h.run(Hook::FromPod, &answer.bytes());
+        let mut expected = answer.with_src(vip).with_dst(pod);
+        expected.eth_src = gateway_mac;
+        expected.eth_dst = pod_mac;
+        assert_eq!(run.verdict, tc::REDIRECT);
+        assert_frame_eq(&run.out, &expected.bytes(), "hairpinned reply");
+        assert_eq!(h.verdict_count(Reason::NewFlow), 1);
+        assert_eq!(h.verdict_count(Reason::ReplyNat), 1);
+    });
+}

@@ -1,0 +1,188 @@
+//! End to end on one node: pods in network namespaces behind veths, the real datapath attached
+//! to the pods' veths, real TCP and UDP sockets. Needs root.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use lb_common::{maps::scope, net::proto};
+use lb_datapath::{
+    Capacities, Datapath, Pinning,
+    install::{self, BackendSpec, FrontendSpec, ServiceSpec},
+    maps::Maps,
+};
+use lb_testbed::{
+    Node,
+    server::{self, Server},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 41);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 42);
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+struct Bed {
+    node: Node,
+    _servers: Vec<Server>,
+    _datapath: Datapath,
+    maps: Maps,
+}
+
+/// One node, a client pod and three `hostnames` backends on :8080, the datapath on every pod veth.
+fn bed() -> Option<Bed> {
+    if !common::require_privileges() {
+        return None;
+    }
+    let mut node = Node::new("node").expect("node");
+    node.add_pod("client", CLIENT_IP).expect("client pod");
+    let mut servers = Vec::new();
+    for i in 0..3u8 {
+        let name = format!("backend-{i}");
+        let index = node
+            .add_pod(&name, Ipv4Addr::new(10, 0, 1, 10 + i))
+            .expect("backend pod");
+        servers.push(Server::hostnames(&node.pods[index].ns, &name, 8080).expect("server"));
+    }
+    let ifaces: Vec<String> = node.pods.iter().map(|p| p.host_iface.clone()).collect();
+    let (datapath, maps) = node
+        .ns
+        .enter(move || {
+            let mut dp = Datapath::load(&Pinning::None, Capacities::default()).expect("load");
+            for iface in &ifaces {
+                dp.attach_pod_iface(iface).expect("attach");
+            }
+            let maps = dp.take_maps().expect("maps");
+            (dp, maps)
+        })
+        .expect("datapath in the node namespace");
+    Some(Bed {
+        node,
+        _servers: servers,
+        _datapath: datapath,
+        maps,
+    })
+}
+
+fn service(id: u32, vip: Ipv4Addr, l4_proto: u8, backends: &[Ipv4Addr]) -> ServiceSpec {
+    ServiceSpec {
+        id,
+        frontends: vec![FrontendSpec {
+            addr: vip,
+            port: 80,
+            proto: l4_proto,
+            scope: scope::INTERNAL,
+            cluster_ip: true,
+        }],
+        backends: backends
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| BackendSpec {
+                id: 10 + i as u32,
+                addr: *addr,
+                port: 8080,
+                local: true,
+                weight: 1,
+            })
+            .collect(),
+        table_size: lb_common::maps::maglev::DEFAULT_TABLE_SIZE,
+        flags: 0,
+    }
+}
+
+fn backend_ips() -> Vec<Ipv4Addr> {
+    (0..3).map(|i| Ipv4Addr::new(10, 0, 1, 10 + i)).collect()
+}
+
+/// Splits a `hostnames` answer into (backend name, client address it saw).
+fn parse(answer: &str) -> (String, SocketAddrV4) {
+    let (name, peer) = answer
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("bad answer {answer:?}"));
+    (
+        name.to_owned(),
+        peer.parse()
+            .unwrap_or_else(|_| panic!("bad peer in {answer:?}")),
+    )
+}
+
+#[test]
+fn a_pod_reaches_a_cluster_ip_and_every_backend_answers_over_tcp_and_udp() {
+    let Some(mut bed) = bed() else { return };
+    install::install(&mut bed.maps, &service(1, VIP, proto::TCP, &backend_ips())).unwrap();
+    install::install(&mut bed.maps, &service(2, VIP, proto::UDP, &backend_ips())).unwrap();
+    let client = &bed.node.pod("client").ns;
+
+    let answers = client
+        .enter(|| {
+            (0..60)
+                .map(|_| server::http_get(SocketAddrV4::new(VIP, 80), TIMEOUT))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap()
+        .expect("every TCP request answered");
+    let names: BTreeSet<String> = answers.iter().map(|a| parse(a).0).collect();
+    assert_eq!(
+        names,
+        ["backend-0", "backend-1", "backend-2"]
+            .map(String::from)
+            .into(),
+        "TCP: {answers:?}"
+    );
+    assert!(
+        answers.iter().all(|a| *parse(a).1.ip() == CLIENT_IP),
+        "the backend sees the client pod: {answers:?}"
+    );
+
+    let answers = client
+        .enter(|| {
+            (0..60)
+                .map(|i| server::udp_request(SocketAddrV4::new(VIP, 80), 20_000 + i, TIMEOUT))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap()
+        .expect("every UDP request answered");
+    let names: BTreeSet<String> = answers.iter().map(|a| parse(a).0).collect();
+    assert_eq!(names.len(), 3, "UDP: {answers:?}");
+    assert!(
+        answers.iter().all(|a| *parse(a).1.ip() == CLIENT_IP),
+        "UDP source preserved: {answers:?}"
+    );
+}
+
+#[test]
+fn a_cluster_ip_without_backends_refuses_at_once() {
+    let Some(mut bed) = bed() else { return };
+    install::install(&mut bed.maps, &service(3, EMPTY_VIP, proto::TCP, &[])).unwrap();
+    install::install(&mut bed.maps, &service(4, EMPTY_VIP, proto::UDP, &[])).unwrap();
+    let client = &bed.node.pod("client").ns;
+    let (tcp, udp, elapsed) = client
+        .enter(|| {
+            let start = Instant::now();
+            let tcp = std::net::TcpStream::connect_timeout(
+                &SocketAddrV4::new(EMPTY_VIP, 80).into(),
+                TIMEOUT,
+            );
+            let udp = server::udp_request(SocketAddrV4::new(EMPTY_VIP, 80), 0, TIMEOUT);
+            (tcp.map(|_| ()), udp, start.elapsed())
+        })
+        .unwrap();
+    assert_eq!(
+        tcp.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    let udp_err = udp.unwrap_err();
+    assert!(
+        udp_err.chain().any(|e| e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)),
+        "UDP gets port unreachable: {udp_err:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "refused fast, not timed out: {elapsed:?}"
+    );
+}

@@ -1,8 +1,0 @@
-//! Shared by the integration tests: the privilege gate, packet builders and the datapath harness.
-#![allow(dead_code, reason = "each test binary uses a different subset")]
-
-pub mod agent;
-pub mod harness;
-#[allow(unused_imports, reason = "used by some test binaries only")]
-pub use lb_testbed::packet;
-pub use lb_testbed::privileges::require as require_privileges;

@@ -1,0 +1,211 @@
+//! `lbctl`: inspect the load balancer's datapath through the maps the agent pins on bpffs. Only
+//! reads; works while the agent is stopped.
+
+use std::{io::Write as _, net::SocketAddrV4, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use inspect::MapKind;
+use lb_common::{maps::scope, net::proto};
+use serde::Serialize;
+
+mod inspect;
+
+/// Inspect the load balancer's eBPF datapath: maps, services, conntrack, counters, and what a
+/// packet would go through.
+#[derive(Debug, Parser)]
+#[command(name = "lbctl", version, propagate_version = true)]
+struct Cli {
+    /// bpffs directory where the agent pins the datapath's maps.
+    #[arg(long, global = true, value_name = "DIR", default_value_os_t = default_dir())]
+    bpffs_dir: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+fn default_dir() -> PathBuf {
+    lb_datapath::loader::default_pin_dir().to_owned()
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Raw map contents, decoded.
+    #[command(subcommand)]
+    Maps(MapsCommand),
+    /// Services and their frontends.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Connection tracking.
+    #[command(subcommand)]
+    Ct(CtCommand),
+    /// Verdict counters by reason, and per-service counters.
+    Stats(OutputArgs),
+    /// Predict what the datapath does with a packet, from the live maps.
+    ///
+    /// Forward direction (default): a packet from a client at SRC to DST, as lb_from_pod
+    /// (--scope internal) or lb_xdp / lb_ext_in (--scope external) sees it; this includes the
+    /// replies of source-NATed flows, which reach the node addressed to its SNAT address and
+    /// port, and of hairpin flows, addressed to the hairpin address. With --reply: a backend at
+    /// SRC answering a client at DST, as lb_to_pod / lb_ext_out see it.
+    Trace(TraceArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum MapsCommand {
+    /// Every map (or one, with --map), decoded.
+    Dump(DumpArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCommand {
+    /// One row per frontend: service id, backends and their share of Maglev slots, flags and
+    /// counters.
+    List(OutputArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum CtCommand {
+    /// The tracked flows, forward and reply entries paired.
+    List(OutputArgs),
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+enum Output {
+    /// Human-readable tables.
+    #[default]
+    Table,
+    /// JSON (stable field names, see inspect.rs).
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct OutputArgs {
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Debug, Args)]
+struct DumpArgs {
+    /// Only this map: its name (LB_CT) or alias (ct, services, backends, maglev, addrs, frags,
+    /// stats, verdicts, ranges, affinity, config).
+    #[arg(long, value_name = "NAME", value_parser = MapKind::parse)]
+    map: Option<MapKind>,
+    /// Print every Maglev slot instead of slot counts per backend.
+    #[arg(long)]
+    full: bool,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+enum Scope {
+    /// From pods (lb_from_pod).
+    #[default]
+    Internal,
+    /// From outside, on an uplink (lb_xdp, lb_ext_in).
+    External,
+}
+
+#[derive(Debug, Args)]
+struct TraceArgs {
+    /// Source address and port (the client; with --reply, the backend).
+    #[arg(value_name = "SRC-IP:PORT")]
+    src: SocketAddrV4,
+    /// Destination address and port (the frontend; with --reply, the client).
+    #[arg(value_name = "DST-IP:PORT")]
+    dst: SocketAddrV4,
+    /// Transport protocol.
+    #[arg(value_enum)]
+    proto: Proto,
+    /// Which side the packet arrives from (forward direction only).
+    #[arg(long, value_enum, default_value_t = Scope::Internal, conflicts_with = "reply")]
+    scope: Scope,
+    /// The packet is a bare TCP SYN (opens a connection, reopens a closed one); otherwise a
+    /// segment without SYN.
+    #[arg(long, conflicts_with = "reply")]
+    syn: bool,
+    /// Trace the reply direction: SRC is a backend answering the client DST.
+    #[arg(long)]
+    reply: bool,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+fn print<T: Serialize>(
+    output: Output,
+    value: &T,
+    table: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    let text = match output {
+        Output::Json => serde_json::to_string_pretty(value)? + "\n",
+        Output::Table => table(value),
+    };
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        // `lbctl ... | head` is fine.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to stdout"),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let maps = inspect::open(&cli.bpffs_dir)?;
+    match cli.command {
+        Command::Maps(MapsCommand::Dump(args)) => {
+            let kinds: Vec<MapKind> = args.map.into_iter().collect();
+            let dump = inspect::dump(&maps, &kinds, args.full).context("reading the maps")?;
+            print(args.output.output, &dump, inspect::render_dump)
+        }
+        Command::Service(ServiceCommand::List(args)) => {
+            let rows = inspect::service_list(&maps).context("reading the services")?;
+            print(args.output, &rows, |r| inspect::render_services(r))
+        }
+        Command::Ct(CtCommand::List(args)) => {
+            let rows = inspect::ct_list(&maps).context("reading conntrack")?;
+            print(args.output, &rows, |r| inspect::render_flows(r))
+        }
+        Command::Stats(args) => {
+            let stats = inspect::stats(&maps).context("reading the counters")?;
+            print(args.output, &stats, inspect::render_stats)
+        }
+        Command::Trace(args) => {
+            let l4 = match args.proto {
+                Proto::Tcp => proto::TCP,
+                Proto::Udp => proto::UDP,
+            };
+            let trace = if args.reply {
+                inspect::trace_reply(&maps, args.src, args.dst, l4)
+            } else {
+                let scope = match args.scope {
+                    Scope::Internal => scope::INTERNAL,
+                    Scope::External => scope::EXTERNAL,
+                };
+                inspect::trace_forward(&maps, args.src, args.dst, l4, scope, args.syn)
+            }
+            .context("reading the maps")?;
+            print(args.output.output, &trace, inspect::render_trace)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lbctl: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
