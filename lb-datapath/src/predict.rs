@@ -83,9 +83,9 @@ pub enum Forward {
     /// A ClusterIP on a port or protocol it does not serve: rejected.
     RejectUnknownPort,
     /// A new flow from a source outside the frontend's loadBalancerSourceRanges: dropped.
-    DropSourceRange { service: Frontend },
+    DropSourceRange { frontend: Frontend },
     /// The frontend has no backend: rejected (RST / ICMP port unreachable) or dropped.
-    NoBackend { service: Frontend, drop: bool },
+    NoBackend { frontend: Frontend, drop: bool },
     /// An established flow: DNAT to the backend recorded in conntrack (and SNAT to the node for
     /// a source-NATed flow, which the node then routes).
     Established {
@@ -103,7 +103,7 @@ pub enum Forward {
     /// A new flow: affinity, Maglev or the single backend picks the backend. When the service
     /// has session affinity, the datapath also records (or refreshes) the client's entry.
     NewFlow {
-        service: Frontend,
+        frontend: Frontend,
         selection: Selection,
         backend_id: u32,
         backend: SocketAddrV4,
@@ -116,7 +116,7 @@ pub enum Forward {
     /// SNAT address, or no free port): dropped. The backend was chosen (and an affinity entry
     /// recorded) as for [`Forward::NewFlow`].
     DropSnatPorts {
-        service: Frontend,
+        frontend: Frontend,
         selection: Selection,
         backend_id: u32,
         backend: SocketAddrV4,
@@ -144,7 +144,7 @@ pub enum Forward {
         entry: CtEntry,
     },
     /// The service names a table or backend that is missing: dropped.
-    Inconsistent { service: Frontend, detail: String },
+    Inconsistent { frontend: Frontend, detail: String },
 }
 
 /// The source NAT of a new flow.
@@ -261,14 +261,14 @@ fn active_backend(maps: &Maps, id: u32) -> Result<Option<Backend>, MapsError> {
 }
 
 /// Whether a new flow from `src` may use `service` (loadBalancerSourceRanges).
-pub fn source_allowed(maps: &Maps, service: &Frontend, src: Be32) -> Result<bool, MapsError> {
-    if service.source_range_id == 0 {
+pub fn source_allowed(maps: &Maps, frontend: &Frontend, src: Be32) -> Result<bool, MapsError> {
+    if frontend.source_range_id == 0 {
         return Ok(true);
     }
     let key = Key::new(
         SourceRange::LOOKUP_BITS,
         SourceRange {
-            range_id: Be32::from_host(service.source_range_id),
+            range_id: Be32::from_host(frontend.source_range_id),
             addr: src,
         },
     );
@@ -497,13 +497,13 @@ pub fn forward(
             });
         }
     }
-    let service_key = FrontendKey {
+    let frontend_key = FrontendKey {
         addr: key.dst_addr,
         port: key.dst_port,
         proto: l4_proto,
         scope,
     };
-    let Some(service) = found(names::LB_SERVICES, maps.services.get(&service_key, 0))? else {
+    let Some(frontend) = found(names::LB_SERVICES, maps.services.get(&frontend_key, 0))? else {
         return Ok(if addr.flags & addr_flags::CLUSTER_IP != 0 {
             Forward::RejectUnknownPort
         } else {
@@ -514,30 +514,30 @@ pub fn forward(
     };
     // As the datapath (and kube-proxy): a service without endpoints rejects everyone; source
     // ranges only filter who may reach the endpoints it has.
-    if service.backend_count == 0 {
+    if frontend.backend_count == 0 {
         return Ok(Forward::NoBackend {
-            service,
-            drop: service.flags & frontend_flags::DROP_WHEN_EMPTY != 0,
+            frontend,
+            drop: frontend.flags & frontend_flags::DROP_WHEN_EMPTY != 0,
         });
     }
-    if !source_allowed(maps, &service, key.src_addr)? {
-        return Ok(Forward::DropSourceRange { service });
+    if !source_allowed(maps, &frontend, key.src_addr)? {
+        return Ok(Forward::DropSourceRange { frontend });
     }
-    let (selection, backend_id, backend) = match select(maps, &service, &key, now)? {
+    let (selection, backend_id, backend) = match select(maps, &frontend, &key, now)? {
         Ok(chosen) => chosen,
-        Err(detail) => return Ok(Forward::Inconsistent { service, detail }),
+        Err(detail) => return Ok(Forward::Inconsistent { frontend, detail }),
     };
     let addr = socket(backend.addr, backend.port);
     Ok(match new_flow_snat(maps, &key, &backend, scope, now)? {
         Some(Err(failure)) => Forward::DropSnatPorts {
-            service,
+            frontend,
             selection,
             backend_id,
             backend: addr,
             failure,
         },
         snat => Forward::NewFlow {
-            service,
+            frontend,
             selection,
             backend_id,
             backend: addr,
@@ -551,17 +551,17 @@ pub fn forward(
 /// single backend. `Err` tells why the service's state is inconsistent.
 fn select(
     maps: &Maps,
-    service: &Frontend,
+    frontend: &Frontend,
     key: &FlowKey,
     now: u64,
 ) -> Result<Result<(Selection, u32, Backend), String>, MapsError> {
-    if service.affinity_timeout_s != 0 {
+    if frontend.affinity_timeout_s != 0 {
         let affinity_key = AffinityKey {
             client: key.src_addr,
-            set_id: service.set_id,
+            set_id: frontend.set_id,
         };
         if let Some(entry) = found(names::LB_AFFINITY, maps.affinity.get(&affinity_key, 0))? {
-            let timeout_ns = u64::from(service.affinity_timeout_s) * SECOND_NS;
+            let timeout_ns = u64::from(frontend.affinity_timeout_s) * SECOND_NS;
             // Within the timeout and still active; otherwise Maglev decides (and the datapath
             // overwrites the entry).
             if now < entry.last_used_ns.saturating_add(timeout_ns)
@@ -569,14 +569,14 @@ fn select(
             {
                 let selection = Selection::Affinity {
                     last_used_ns: entry.last_used_ns,
-                    timeout_s: service.affinity_timeout_s,
+                    timeout_s: frontend.affinity_timeout_s,
                 };
                 return Ok(Ok((selection, entry.backend_id, b)));
             }
         }
     }
-    let (selection, backend_id) = if service.table_size == 0 {
-        (Selection::Single, service.backend_id)
+    let (selection, backend_id) = if frontend.table_size == 0 {
+        (Selection::Single, frontend.backend_id)
     } else {
         let hash = flow_hash(
             key.src_addr,
@@ -585,15 +585,15 @@ fn select(
             key.dst_port,
             key.proto,
         );
-        let slot = hash % service.table_size;
-        let table = match maps.maglev_table(service.set_id, service.table_size) {
+        let slot = hash % frontend.table_size;
+        let table = match maps.maglev_table(frontend.set_id, frontend.table_size) {
             Ok(table) => table,
             Err(e) => return Ok(Err(e.to_string())),
         };
         let selection = Selection::Maglev {
             hash,
             slot,
-            table_size: service.table_size,
+            table_size: frontend.table_size,
         };
         (selection, table[slot as usize])
     };

@@ -1525,7 +1525,7 @@ pub fn trace_forward(
                 reject_text(l4_proto)
             );
         }
-        Forward::DropSourceRange { service } => {
+        Forward::DropSourceRange { frontend: service } => {
             with_service(&mut t, &service);
             t.decision = "drop_source_range".into();
             t.verdict = "drop".into();
@@ -1538,7 +1538,10 @@ pub fn trace_forward(
                 service.source_range_id
             );
         }
-        Forward::NoBackend { service, drop } => {
+        Forward::NoBackend {
+            frontend: service,
+            drop,
+        } => {
             with_service(&mut t, &service);
             if drop {
                 t.decision = "drop_no_backend".into();
@@ -1606,7 +1609,7 @@ pub fn trace_forward(
             );
         }
         Forward::NewFlow {
-            service,
+            frontend: service,
             selection,
             backend_id,
             backend,
@@ -1661,7 +1664,7 @@ pub fn trace_forward(
             );
         }
         Forward::DropSnatPorts {
-            service,
+            frontend: service,
             selection,
             backend_id,
             backend,
@@ -1762,7 +1765,10 @@ pub fn trace_forward(
                 seconds_until(entry.deadline_ns, now)
             );
         }
-        Forward::Inconsistent { service, detail } => {
+        Forward::Inconsistent {
+            frontend: service,
+            detail,
+        } => {
             with_service(&mut t, &service);
             t.decision = "inconsistent".into();
             t.verdict = "drop".into();
