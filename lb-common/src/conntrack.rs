@@ -20,7 +20,12 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::net::{Be16, Be32};
+use crate::{
+    hash::flow_hash,
+    maps::Backend,
+    net::{Be16, Be32, proto, tcp_flags},
+    time::SECOND_NS,
+};
 
 /// [`FlowKey::dir`] of an entry keyed by the client's packets.
 pub const FORWARD: u8 = 0;
@@ -39,6 +44,67 @@ pub struct FlowKey {
     /// [`FORWARD`] or [`REPLY`].
     pub dir: u8,
     pub _pad: [u8; 2],
+}
+
+impl FlowKey {
+    /// The key of a packet `src_addr:src_port -> dst_addr:dst_port` in direction `dir`.
+    #[inline(always)]
+    pub const fn new(
+        src_addr: Be32,
+        src_port: Be16,
+        dst_addr: Be32,
+        dst_port: Be16,
+        proto: u8,
+        dir: u8,
+    ) -> Self {
+        Self {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            dir,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The same 5-tuple in direction `dir`.
+    #[inline(always)]
+    pub const fn with_dir(self, dir: u8) -> Self {
+        Self { dir, ..self }
+    }
+
+    /// The flow hash of the 5-tuple (see [`flow_hash`]): Maglev's slot and the SNAT candidates.
+    #[inline(always)]
+    pub const fn hash(&self) -> u32 {
+        flow_hash(
+            self.src_addr,
+            self.dst_addr,
+            self.src_port,
+            self.dst_port,
+            self.proto,
+        )
+    }
+
+    /// The reply-direction key of the forward flow `self`, whose entry is `forward`: replies come
+    /// from the backend (the entry's NAT address) and address the client, or, for a source-NATed
+    /// flow, the node address and port the client was replaced with.
+    #[inline(always)]
+    pub const fn reply_of(&self, forward: &CtEntry) -> Self {
+        let (dst_addr, dst_port) = if forward.flags & ct_flags::SNAT != 0 {
+            (forward.snat_addr, forward.snat_port)
+        } else {
+            (self.src_addr, self.src_port)
+        };
+        Self::new(
+            forward.nat_addr,
+            forward.nat_port,
+            dst_addr,
+            dst_port,
+            self.proto,
+            REPLY,
+        )
+    }
 }
 
 /// Value of [`crate::maps::LB_CT`].
@@ -72,6 +138,86 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<CtEntry>() == 32);
 };
+
+impl CtEntry {
+    /// Whether the entry still counts at `now`.
+    #[inline(always)]
+    pub const fn live(&self, now: u64) -> bool {
+        now < self.deadline_ns
+    }
+
+    /// Whether the flow is source-NATed (to the node, or to the hairpin address).
+    #[inline(always)]
+    pub const fn snat(&self) -> bool {
+        self.flags & ct_flags::SNAT != 0
+    }
+
+    /// Whether the flow is a hairpin flow (a pod balanced to itself).
+    #[inline(always)]
+    pub const fn hairpin(&self) -> bool {
+        self.flags & ct_flags::HAIRPIN != 0
+    }
+
+    /// Whether the flow is source-NATed to this node, which then routes its packets (every
+    /// source-NATed flow but hairpin flows, which are bounced back into their pod).
+    #[inline(always)]
+    pub const fn routed(&self) -> bool {
+        self.flags & (ct_flags::SNAT | ct_flags::HAIRPIN) == ct_flags::SNAT
+    }
+
+    /// Whether a forward entry keeps its flow for a packet with TCP flags `seg_flags` (0 for
+    /// UDP, or when the packet's flags are unknown) at `now`: it has not expired, and the packet
+    /// is no bare SYN reopening a flow that saw a FIN or a RST (that one is balanced anew).
+    #[inline(always)]
+    pub const fn continues(&self, seg_flags: u8, now: u64) -> bool {
+        let reopening = seg_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+            && self.flags & (ct_flags::FIN | ct_flags::RST) != 0;
+        self.live(now) && !reopening
+    }
+
+    /// Whether `backend` (what the backend slot of the entry holds now) is still the flow's
+    /// backend: an active slot with the address and port the flow was DNATed to. A slot emptied
+    /// or reused for another backend never captures an old flow.
+    #[inline(always)]
+    pub const fn backend_is(&self, backend: &Backend) -> bool {
+        backend.is_active()
+            && backend.addr.raw() == self.nat_addr.raw()
+            && backend.port.raw() == self.nat_port.raw()
+    }
+
+    /// Whether this reply entry belongs to the forward flow `forward_key`. A source-NATed flow's
+    /// port goes to a new flow once the old one closed: the reply entry under the key may then
+    /// be the new flow's.
+    #[inline(always)]
+    pub const fn replies_to(&self, forward_key: &FlowKey) -> bool {
+        self.snat_addr.raw() == forward_key.src_addr.raw()
+            && self.snat_port.raw() == forward_key.src_port.raw()
+    }
+
+    /// The reply-direction entry of the forward flow `forward_key` (entry `forward`): it restores
+    /// the frontend (the forward key's destination) as the source of the backend's replies, and,
+    /// for a source-NATed flow, the client as their destination.
+    #[inline(always)]
+    pub const fn reply_of(
+        forward_key: &FlowKey,
+        forward: &CtEntry,
+        flags: u8,
+        deadline_ns: u64,
+    ) -> Self {
+        Self {
+            deadline_ns,
+            backend_id: forward.backend_id,
+            set_id: forward.set_id,
+            nat_addr: forward_key.dst_addr,
+            nat_port: forward_key.dst_port,
+            flags: flags | (forward.flags & (ct_flags::SNAT | ct_flags::HAIRPIN)),
+            _pad: 0,
+            snat_addr: forward_key.src_addr,
+            snat_port: forward_key.src_port,
+            _pad2: [0; 2],
+        }
+    }
+}
 
 /// Bits of [`CtEntry::flags`].
 pub mod ct_flags {
@@ -107,67 +253,16 @@ pub mod ct_flags {
 
     /// Whether the source-NAT port reserved by a reply entry with these flags may go to another
     /// flow as freely as an unused one: the flow is over and the backend keeps nothing of it (a
-    /// backend that closed first holds TIME_WAIT instead; see [`super::SnatPort`]).
+    /// backend that closed first holds TIME_WAIT instead; see [`crate::snat::SnatPort`]).
     pub const fn reusable(flags: u8) -> bool {
         flags & (RST | PEER_RST) != 0 || (closed(flags) && flags & FIN_FIRST == 0)
     }
 }
 
-/// What the reply entry reserving a source-NAT port (`held`, `None` when there is none) means for
-/// a new flow (its forward key `flow`) that wants the port. The datapath takes the first `Free`
-/// or `Reopened` candidate, else the first `TimeWait` one; `lbctl trace` predicts with the same
-/// rules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SnatPort {
-    /// No live flow holds it: no entry, an expired one, or a flow that is over with nothing
-    /// left of it at the backend.
-    Free,
-    /// Held by this very client flow (same client address and port, same frontend), which a
-    /// SYN reopens: it keeps its port.
-    Reopened,
-    /// The backend closed the old flow first and holds it in TIME_WAIT, which takes a new SYN
-    /// only if its TCP timestamp is newer than the old flow's last one. Clients offset their
-    /// timestamps at random (per connection on recent Linux kernels, measured), so that is so
-    /// about half the time. Otherwise the backend answers with an ACK of the old flow, the
-    /// client resets that TIME_WAIT and retransmits its SYN, which goes through: a delay for
-    /// some new flows (Linux retransmits within a few milliseconds then), where refusing them
-    /// would be a drop.
-    TimeWait,
-    /// Held by a live flow.
-    Taken,
-}
-
-/// See [`SnatPort`]. `now` is the datapath's clock (`bpf_ktime_get_coarse_ns`).
-#[inline(always)]
-pub fn snat_port(held: Option<&CtEntry>, flow: &FlowKey, now: u64) -> SnatPort {
-    let Some(held) = held else {
-        return SnatPort::Free;
-    };
-    if now >= held.deadline_ns {
-        return SnatPort::Free;
-    }
-    if held.snat_addr == flow.src_addr
-        && held.snat_port == flow.src_port
-        && held.nat_addr == flow.dst_addr
-        && held.nat_port == flow.dst_port
-    {
-        return SnatPort::Reopened;
-    }
-    if ct_flags::reusable(held.flags) {
-        SnatPort::Free
-    } else if flow.proto == crate::net::proto::TCP && ct_flags::closed(held.flags) {
-        SnatPort::TimeWait
-    } else {
-        SnatPort::Taken
-    }
-}
-
-const SECOND_NS: u64 = 1_000_000_000;
-
 /// Timeouts in nanoseconds. The long ones mirror what kube-proxy configures for nf_conntrack so
 /// that an idle connection lives at least as long as it would under kube-proxy.
 pub mod timeout {
-    use super::SECOND_NS;
+    use crate::time::SECOND_NS;
 
     /// A TCP flow that has only sent a SYN.
     pub const TCP_SYN: u64 = 60 * SECOND_NS;
@@ -194,6 +289,128 @@ pub mod timeout {
 /// The datapath rewrites an entry's deadline only when it would move by more than this.
 pub const REFRESH_INTERVAL_NS: u64 = 10 * SECOND_NS;
 
+/// How long an entry with these flags lives after its last refresh.
+#[inline(always)]
+pub const fn lifetime(l4_proto: u8, flags: u8) -> u64 {
+    if l4_proto != proto::TCP {
+        if flags & ct_flags::ESTABLISHED != 0 {
+            timeout::UDP_STREAM
+        } else {
+            timeout::UDP
+        }
+    } else if flags & (ct_flags::RST | ct_flags::PEER_RST) != 0 {
+        timeout::TCP_RST
+    } else if ct_flags::closed(flags) {
+        timeout::TCP_TIME_WAIT
+    } else if flags & (ct_flags::FIN | ct_flags::PEER_FIN) != 0 {
+        timeout::TCP_FIN
+    } else if flags & ct_flags::ESTABLISHED != 0 {
+        timeout::TCP_ESTABLISHED
+    } else {
+        timeout::TCP_SYN
+    }
+}
+
+/// A TCP entry's flags after a segment with `seg_flags` went through.
+#[inline(always)]
+pub const fn next_tcp_flags(flags: u8, seg_flags: u8) -> u8 {
+    let mut next = flags;
+    if seg_flags & tcp_flags::SYN == 0 {
+        next |= ct_flags::ESTABLISHED;
+    }
+    if seg_flags & tcp_flags::FIN != 0 && flags & ct_flags::FIN == 0 {
+        next |= ct_flags::FIN;
+        if flags & ct_flags::PEER_FIN == 0 {
+            next |= ct_flags::FIN_FIRST;
+        }
+    }
+    if seg_flags & tcp_flags::RST != 0 {
+        next |= ct_flags::RST;
+    }
+    next
+}
+
+/// A datagram flow's flags after a packet at `now`, its entry's deadline being `deadline`: it
+/// becomes a stream when it sends past its first seconds. Until then its entry was last written
+/// when it opened (a later refresh only makes it look younger).
+#[inline(always)]
+pub const fn next_datagram_flags(flags: u8, deadline: u64, now: u64) -> u8 {
+    let opened = deadline.saturating_sub(timeout::UDP);
+    if flags & ct_flags::ESTABLISHED == 0 && now >= opened + timeout::UDP_STREAM_AFTER {
+        flags | ct_flags::ESTABLISHED
+    } else {
+        flags
+    }
+}
+
+/// A fresh entry's flags and deadline, for a flow opened at `now` by a packet with TCP flags
+/// `seg_flags`.
+#[inline(always)]
+pub const fn initial(l4_proto: u8, seg_flags: u8, now: u64) -> (u8, u64) {
+    let flags = if l4_proto == proto::TCP {
+        next_tcp_flags(0, seg_flags)
+    } else {
+        0
+    };
+    (flags, now + lifetime(l4_proto, flags))
+}
+
+/// The flags and deadline `entry` takes after a packet with TCP flags `seg_flags` at `now`, or
+/// `None` when it needs no write: its TCP state did not change and its deadline would move by
+/// less than [`REFRESH_INTERVAL_NS`].
+#[inline(always)]
+pub const fn after_packet(
+    entry: &CtEntry,
+    l4_proto: u8,
+    seg_flags: u8,
+    now: u64,
+) -> Option<(u8, u64)> {
+    let next = if l4_proto == proto::TCP {
+        next_tcp_flags(entry.flags, seg_flags)
+    } else {
+        next_datagram_flags(entry.flags, entry.deadline_ns, now)
+    };
+    let deadline = now + lifetime(l4_proto, next);
+    if next == entry.flags && deadline < entry.deadline_ns + REFRESH_INTERVAL_NS {
+        None
+    } else {
+        Some((next, deadline))
+    }
+}
+
+/// The forward direction's FIN and RST as its reply entry records them.
+#[inline(always)]
+pub const fn peer_flags(forward_flags: u8) -> u8 {
+    let mut peer = 0;
+    if forward_flags & ct_flags::FIN != 0 {
+        peer |= ct_flags::PEER_FIN;
+    }
+    if forward_flags & ct_flags::RST != 0 {
+        peer |= ct_flags::PEER_RST;
+    }
+    peer
+}
+
+/// The flags and deadline of `reply` (a reply entry of its flow) once its forward entry, with
+/// flags `forward_flags`, was written at `now`: it learns the client's FIN or RST, and lives as
+/// long as its flow (a flow whose replies are rare would otherwise outlive them), but a closed
+/// flow's deadline may also shorten.
+#[inline(always)]
+pub const fn reply_after_forward(
+    reply: &CtEntry,
+    l4_proto: u8,
+    forward_flags: u8,
+    now: u64,
+) -> (u8, u64) {
+    let flags = reply.flags | peer_flags(forward_flags);
+    let deadline = now + lifetime(l4_proto, flags);
+    if deadline > reply.deadline_ns || ct_flags::closed(flags) {
+        (flags, deadline)
+    } else {
+        (flags, reply.deadline_ns)
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: repr(C), padding-free (bytemuck derive), valid for every bit pattern.
@@ -204,104 +421,171 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::proto;
+    use crate::maps::backend_flags;
 
-    const NOW: u64 = 2 * timeout::TCP_ESTABLISHED;
+    const NOW: u64 = 1_000 * SECOND_NS;
 
-    fn flow(client: [u8; 4], port: u16, l4_proto: u8) -> FlowKey {
-        FlowKey {
-            src_addr: Be32::from(core::net::Ipv4Addr::from(client)),
-            dst_addr: Be32::from(core::net::Ipv4Addr::new(192, 168, 50, 10)),
-            src_port: Be16::from_host(port),
-            dst_port: Be16::from_host(30_080),
-            proto: l4_proto,
-            dir: FORWARD,
-            _pad: [0; 2],
-        }
-    }
-
-    /// The reply entry of `owner`'s flow, with `flags`, last written `age_ns` ago.
-    fn held(owner: &FlowKey, flags: u8, age_ns: u64) -> CtEntry {
-        let lifetime = if ct_flags::closed(flags) {
-            timeout::TCP_TIME_WAIT
-        } else {
-            timeout::TCP_ESTABLISHED
-        };
-        CtEntry {
-            deadline_ns: NOW - age_ns + lifetime,
-            nat_addr: owner.dst_addr,
-            nat_port: owner.dst_port,
-            flags: flags | ct_flags::SNAT,
-            snat_addr: owner.src_addr,
-            snat_port: owner.src_port,
-            ..CtEntry::default()
-        }
+    fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
+        FlowKey::new(
+            Be32::from(core::net::Ipv4Addr::from(src)),
+            Be16::from_host(sport),
+            Be32::from(core::net::Ipv4Addr::from(dst)),
+            Be16::from_host(dport),
+            proto::TCP,
+            FORWARD,
+        )
     }
 
     #[test]
-    fn snat_ports_are_classified_by_what_their_reply_entry_holds() {
-        use ct_flags::*;
-        let old = flow([198, 51, 100, 1], 40_000, proto::TCP);
-        let same_client = flow([198, 51, 100, 1], 40_001, proto::TCP);
-        let other_client = flow([198, 51, 100, 2], 40_000, proto::TCP);
-        let backend_closed_first = ESTABLISHED | FIN | FIN_FIRST | PEER_FIN;
-        let second = SECOND_NS;
-        let cases = [
-            (None, &other_client, SnatPort::Free),
+    fn replies_are_keyed_from_the_backend_to_the_client_or_to_the_snat_source() {
+        let client = key([10, 0, 1, 2], 40_000, [172, 30, 0, 41], 80);
+        let mut forward = CtEntry {
+            nat_addr: Be32::from(core::net::Ipv4Addr::new(10, 0, 2, 7)),
+            nat_port: Be16::from_host(8080),
+            ..CtEntry::default()
+        };
+        assert_eq!(
+            client.reply_of(&forward),
+            key([10, 0, 2, 7], 8080, [10, 0, 1, 2], 40_000).with_dir(REPLY)
+        );
+        forward.flags = ct_flags::SNAT;
+        forward.snat_addr = Be32::from(core::net::Ipv4Addr::new(192, 168, 50, 10));
+        forward.snat_port = Be16::from_host(61_234);
+        assert_eq!(
+            client.reply_of(&forward),
+            key([10, 0, 2, 7], 8080, [192, 168, 50, 10], 61_234).with_dir(REPLY)
+        );
+        // The reply entry restores the frontend and, for SNAT, the client.
+        let reply = CtEntry::reply_of(&client, &forward, 0, NOW);
+        assert_eq!(
+            (reply.nat_addr, reply.nat_port),
+            (client.dst_addr, client.dst_port)
+        );
+        assert_eq!(
+            (reply.snat_addr, reply.snat_port),
+            (client.src_addr, client.src_port)
+        );
+        assert!(reply.snat() && reply.replies_to(&client));
+        assert!(!reply.replies_to(&key([10, 0, 1, 3], 40_000, [172, 30, 0, 41], 80)));
+    }
+
+    #[test]
+    fn tcp_entries_live_by_their_state() {
+        use tcp_flags::*;
+        let (syn_flags, deadline) = initial(proto::TCP, SYN, NOW);
+        assert_eq!((syn_flags, deadline), (0, NOW + timeout::TCP_SYN));
+        let established = next_tcp_flags(syn_flags, ACK);
+        assert_eq!(lifetime(proto::TCP, established), timeout::TCP_ESTABLISHED);
+        let fin = next_tcp_flags(established, FIN | ACK);
+        assert_eq!(
+            fin & (ct_flags::FIN | ct_flags::FIN_FIRST),
+            ct_flags::FIN | ct_flags::FIN_FIRST
+        );
+        assert_eq!(lifetime(proto::TCP, fin), timeout::TCP_FIN);
+        // Closed both ways (the peer's FIN learnt), or reset.
+        assert_eq!(
+            lifetime(proto::TCP, fin | ct_flags::PEER_FIN),
+            timeout::TCP_TIME_WAIT
+        );
+        assert_eq!(
+            lifetime(proto::TCP, next_tcp_flags(established, RST)),
+            timeout::TCP_RST
+        );
+        // The second side to close does not claim to have closed first.
+        let second = next_tcp_flags(established | ct_flags::PEER_FIN, FIN | ACK);
+        assert_eq!(second & ct_flags::FIN_FIRST, 0);
+    }
+
+    #[test]
+    fn established_flows_write_their_entry_only_to_change_state_or_refresh() {
+        let entry = CtEntry {
+            deadline_ns: NOW + timeout::TCP_ESTABLISHED,
+            flags: ct_flags::ESTABLISHED,
+            ..CtEntry::default()
+        };
+        assert_eq!(after_packet(&entry, proto::TCP, tcp_flags::ACK, NOW), None);
+        let later = NOW + REFRESH_INTERVAL_NS;
+        assert_eq!(
+            after_packet(&entry, proto::TCP, tcp_flags::ACK, later),
+            Some((ct_flags::ESTABLISHED, later + timeout::TCP_ESTABLISHED))
+        );
+        assert_eq!(
+            after_packet(&entry, proto::TCP, tcp_flags::FIN, NOW),
+            Some((
+                ct_flags::ESTABLISHED | ct_flags::FIN | ct_flags::FIN_FIRST,
+                NOW + timeout::TCP_FIN
+            ))
+        );
+    }
+
+    #[test]
+    fn datagram_flows_become_streams_when_they_outlast_their_first_seconds() {
+        let (flags, deadline) = initial(proto::UDP, 0, NOW);
+        let entry = CtEntry {
+            deadline_ns: deadline,
+            flags,
+            ..CtEntry::default()
+        };
+        assert_eq!(after_packet(&entry, proto::UDP, 0, NOW + SECOND_NS), None);
+        let stream = NOW + timeout::UDP_STREAM_AFTER;
+        assert_eq!(
+            after_packet(&entry, proto::UDP, 0, stream),
+            Some((ct_flags::ESTABLISHED, stream + timeout::UDP_STREAM))
+        );
+    }
+
+    #[test]
+    fn a_bare_syn_reopens_only_a_closed_flow_and_a_reused_slot_never_captures_one() {
+        let backend = Backend {
+            addr: Be32::from(core::net::Ipv4Addr::new(10, 0, 2, 7)),
+            port: Be16::from_host(8080),
+            flags: backend_flags::ACTIVE,
+            _pad: 0,
+        };
+        let mut entry = CtEntry {
+            deadline_ns: NOW + 1,
+            nat_addr: backend.addr,
+            nat_port: backend.port,
+            flags: ct_flags::ESTABLISHED,
+            ..CtEntry::default()
+        };
+        assert!(entry.continues(tcp_flags::SYN, NOW));
+        assert!(entry.backend_is(&backend));
+        entry.flags |= ct_flags::FIN;
+        assert!(!entry.continues(tcp_flags::SYN, NOW));
+        assert!(entry.continues(tcp_flags::ACK, NOW));
+        assert!(!entry.continues(tcp_flags::ACK, NOW + 1));
+        let moved = Backend {
+            port: Be16::from_host(9090),
+            ..backend
+        };
+        assert!(!entry.backend_is(&moved));
+        assert!(!entry.backend_is(&Backend::default()));
+    }
+
+    #[test]
+    fn a_reply_entry_learns_the_clients_close_and_lives_as_long_as_its_flow() {
+        let reply = CtEntry {
+            deadline_ns: NOW + timeout::TCP_SYN,
+            flags: ct_flags::ESTABLISHED,
+            ..CtEntry::default()
+        };
+        assert_eq!(
+            reply_after_forward(&reply, proto::TCP, ct_flags::ESTABLISHED, NOW),
+            (ct_flags::ESTABLISHED, NOW + timeout::TCP_ESTABLISHED)
+        );
+        let closed = CtEntry {
+            flags: ct_flags::ESTABLISHED | ct_flags::FIN,
+            deadline_ns: NOW + timeout::TCP_FIN,
+            ..reply
+        };
+        // Closed both ways: the deadline may shorten to TIME_WAIT's.
+        assert_eq!(
+            reply_after_forward(&closed, proto::TCP, ct_flags::FIN, NOW),
             (
-                Some(held(&old, ESTABLISHED, 0)),
-                &other_client,
-                SnatPort::Taken,
-            ),
-            (
-                Some(held(&old, ESTABLISHED, 0)),
-                &same_client,
-                SnatPort::Taken,
-            ),
-            (Some(held(&old, ESTABLISHED, 0)), &old, SnatPort::Reopened),
-            // Expired.
-            (
-                Some(held(&old, ESTABLISHED, timeout::TCP_ESTABLISHED)),
-                &other_client,
-                SnatPort::Free,
-            ),
-            // Half closed: the backend may still send.
-            (
-                Some(held(&old, ESTABLISHED | PEER_FIN, second)),
-                &other_client,
-                SnatPort::Taken,
-            ),
-            // Over, and the backend closed second or reset: nothing left there.
-            (
-                Some(held(&old, ESTABLISHED | FIN | PEER_FIN, 0)),
-                &other_client,
-                SnatPort::Free,
-            ),
-            (
-                Some(held(&old, ESTABLISHED | PEER_RST, 0)),
-                &other_client,
-                SnatPort::Free,
-            ),
-            // The backend closed first and holds TIME_WAIT.
-            (
-                Some(held(&old, backend_closed_first, second)),
-                &same_client,
-                SnatPort::TimeWait,
-            ),
-            (
-                Some(held(&old, backend_closed_first, second)),
-                &other_client,
-                SnatPort::TimeWait,
-            ),
-        ];
-        for (i, (entry, flow, want)) in cases.iter().enumerate() {
-            assert_eq!(snat_port(entry.as_ref(), flow, NOW), *want, "case {i}");
-        }
-        // UDP keeps nothing at the backend, but a live flow may send again at any time.
-        let udp = flow([198, 51, 100, 1], 40_000, proto::UDP);
-        let mut entry = held(&udp, 0, second);
-        entry.deadline_ns = NOW + timeout::UDP_STREAM;
-        let other_udp = flow([198, 51, 100, 2], 40_000, proto::UDP);
-        assert_eq!(snat_port(Some(&entry), &other_udp, NOW), SnatPort::Taken);
+                closed.flags | ct_flags::PEER_FIN,
+                NOW + timeout::TCP_TIME_WAIT
+            )
+        );
     }
 }

@@ -1,9 +1,16 @@
-//! Everything the kernel programs and userspace must agree on: map names, map key and value
-//! layouts, flags, counters, timeouts and the flow hash.
+//! Everything the kernel programs and userspace must agree on: map and program names, map key
+//! and value layouts, flags, counters, timeouts, and the rules both sides apply to them (flow
+//! keys and their reply keys, the conntrack state machine, source-NAT port allocation, the flow
+//! hash). The datapath (`lb-ebpf`) calls these rules on every packet; the predictor behind
+//! `lbctl trace` calls the same functions on the live maps, so a prediction is what the kernel
+//! does.
 //!
 //! Every type here is `#[repr(C)]` with explicit padding and derives `bytemuck::Pod`, whose derive
 //! refuses implicit padding at compile time; sizes are pinned with `const` asserts so a layout
 //! change is a compile error on both sides at once.
+//!
+//! `no_std`, and depends on nothing but bytemuck (and aya, for `aya::Pod`, with the `user`
+//! feature): every crate of the project may depend on it.
 #![no_std]
 
 pub mod conntrack;
@@ -11,6 +18,9 @@ pub mod csum;
 pub mod hash;
 pub mod maps;
 pub mod net;
+pub mod programs;
+pub mod snat;
 pub mod stats;
+pub mod time;
 
 pub use net::{Be16, Be32};

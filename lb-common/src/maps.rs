@@ -67,6 +67,71 @@ pub const ALL: [&str; 11] = [
     LB_CONFIG,
 ];
 
+/// A map's key and value sizes as this version lays them out: what the BPF object declares
+/// (checked by a test against the built object) and what a pinned map must have for an agent to
+/// adopt it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+}
+
+const fn layout(name: &'static str, key_size: usize, value_size: usize) -> Layout {
+    Layout {
+        name,
+        key_size: key_size as u32,
+        value_size: value_size as u32,
+    }
+}
+
+/// Every map's layout, in [`ALL`]'s order. Arrays are keyed by a `u32` index; the Maglev outer
+/// map holds a map descriptor (`u32`) per set; an LPM trie key is a `u32` prefix length and the
+/// data.
+pub const LAYOUTS: [Layout; ALL.len()] = {
+    use crate::conntrack::{CtEntry, FlowKey};
+    [
+        layout(LB_ADDRS, size_of::<Be32>(), size_of::<AddrInfo>()),
+        layout(LB_SERVICES, size_of::<FrontendKey>(), size_of::<Frontend>()),
+        layout(LB_BACKENDS, 4, size_of::<Backend>()),
+        layout(LB_MAGLEV, 4, 4),
+        layout(LB_CT, size_of::<FlowKey>(), size_of::<CtEntry>()),
+        layout(LB_FRAGS, size_of::<FragKey>(), size_of::<FragEntry>()),
+        layout(LB_SVC_STATS, 4, size_of::<SetStats>()),
+        layout(LB_VERDICTS, 4, size_of::<Counter>()),
+        layout(LB_SRC_RANGES, 4 + size_of::<SourceRange>(), 4),
+        layout(
+            LB_AFFINITY,
+            size_of::<AffinityKey>(),
+            size_of::<AffinityEntry>(),
+        ),
+        layout(LB_CONFIG, 4, size_of::<NodeConfig>()),
+    ]
+};
+
+/// The layout of map `name`.
+pub fn layout_of(name: &str) -> Option<Layout> {
+    LAYOUTS
+        .iter()
+        .copied()
+        .find(|l| l.name.as_bytes() == name.as_bytes())
+}
+
+const _: () = {
+    let mut i = 0;
+    while i < ALL.len() {
+        // Same order as ALL: compare the names byte by byte (no const str equality).
+        let (a, b) = (ALL[i].as_bytes(), LAYOUTS[i].name.as_bytes());
+        assert!(a.len() == b.len());
+        let mut j = 0;
+        while j < a.len() {
+            assert!(a[j] == b[j]);
+            j += 1;
+        }
+        i += 1;
+    }
+};
+
 /// Default capacities. Each is a compile-time size the agent may override at load time.
 pub mod capacity {
     /// Addresses carrying frontends (ClusterIPs, node addresses, LB and external IPs).
@@ -179,12 +244,39 @@ pub struct NodeConfig {
     pub hairpin_addr: Be32,
 }
 
+impl NodeConfig {
+    /// Whether flows can be source-NATed to the node: it has an address and a port range.
+    #[inline(always)]
+    pub const fn snat_configured(&self) -> bool {
+        self.snat_addr.raw() != 0 && self.snat_port_max >= self.snat_port_min
+    }
+}
+
 /// Value of [`LB_ADDRS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct AddrInfo {
     /// [`addr_flags`] bits.
     pub flags: u32,
+}
+
+impl AddrInfo {
+    #[inline(always)]
+    pub const fn is_cluster_ip(&self) -> bool {
+        self.flags & addr_flags::CLUSTER_IP != 0
+    }
+
+    /// The node's SNAT address: replies of source-NATed flows arrive there.
+    #[inline(always)]
+    pub const fn is_snat(&self) -> bool {
+        self.flags & addr_flags::SNAT != 0
+    }
+
+    /// The node's hairpin address: replies of hairpin flows arrive there.
+    #[inline(always)]
+    pub const fn is_hairpin(&self) -> bool {
+        self.flags & addr_flags::HAIRPIN != 0
+    }
 }
 
 /// Key of [`LB_SERVICES`].
@@ -253,6 +345,32 @@ pub struct Frontend {
     pub table_digest: u32,
 }
 
+impl Frontend {
+    /// With no backend, drop rather than reject ([`frontend_flags::DROP_WHEN_EMPTY`]).
+    #[inline(always)]
+    pub const fn drop_when_empty(&self) -> bool {
+        self.flags & frontend_flags::DROP_WHEN_EMPTY != 0
+    }
+
+    /// Whether new flows are balanced by a Maglev table (else the single `backend_id`).
+    #[inline(always)]
+    pub const fn has_table(&self) -> bool {
+        self.table_size != 0
+    }
+
+    /// The Maglev slot of a flow with hash `hash` (needs [`Frontend::has_table`]).
+    #[inline(always)]
+    pub const fn slot(&self, hash: u32) -> u32 {
+        hash % self.table_size
+    }
+
+    /// Whether new flows must come from its loadBalancerSourceRanges.
+    #[inline(always)]
+    pub const fn has_source_ranges(&self) -> bool {
+        self.source_range_id != 0
+    }
+}
+
 /// Value of [`LB_BACKENDS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -306,6 +424,16 @@ impl SourceRange {
     pub const ID_BITS: u32 = 32;
     /// Prefix length of a lookup (the whole key).
     pub const LOOKUP_BITS: u32 = 64;
+
+    /// The key data that looks up `addr` among the ranges of `frontend` (with
+    /// [`Self::LOOKUP_BITS`]).
+    #[inline(always)]
+    pub const fn lookup(frontend: &Frontend, addr: Be32) -> Self {
+        Self {
+            range_id: Be32::from_host(frontend.source_range_id),
+            addr,
+        }
+    }
 }
 
 /// Key of [`LB_AFFINITY`].
@@ -320,10 +448,20 @@ pub struct AffinityKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct AffinityEntry {
-    /// `bpf_ktime_get_coarse_ns()` of the client's last new connection to the service.
+    /// `bpf_ktime_get_coarse_ns()` of the client's last new connection to the backend set.
     pub last_used_ns: u64,
     pub backend_id: u32,
     pub _pad: u32,
+}
+
+impl AffinityEntry {
+    /// Whether the client still sticks to its backend at `now` under a frontend's timeout.
+    #[inline(always)]
+    pub const fn fresh(&self, timeout_s: u32, now: u64) -> bool {
+        now < self
+            .last_used_ns
+            .saturating_add(crate::time::seconds(timeout_s as u64))
+    }
 }
 
 /// Value of [`LB_SVC_STATS`] (per CPU; userspace sums the CPUs).

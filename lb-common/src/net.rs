@@ -108,6 +108,15 @@ pub mod proto {
     }
 }
 
+/// TCP flag bits, as they stand in the 14th byte of a TCP header (what the datapath's conntrack
+/// rules take as a segment's flags).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: transparent wrappers around plain integers.

@@ -10,27 +10,13 @@ use aya::{
         tc::{self, NlOptions, TcAttachOptions},
     },
 };
-use lb_common::maps;
+use lb_common::{maps, programs};
 
 use crate::{
     LB_EBPF,
     features::{self, TcApi},
     maps::Maps,
 };
-
-/// XDP entry point for uplinks.
-pub const PROG_XDP: &str = "lb_xdp";
-/// tc ingress of a pod's host-side veth: load balancing of pod traffic.
-pub const PROG_FROM_POD: &str = "lb_from_pod";
-/// tc egress of a pod's host-side veth: reverse NAT of replies to pods.
-pub const PROG_TO_POD: &str = "lb_to_pod";
-/// tc ingress of an uplink: `lb_xdp`'s logic where XDP is off.
-pub const PROG_EXT_IN: &str = "lb_ext_in";
-/// tc egress of an uplink: reverse NAT of this node's backends' replies to clients elsewhere.
-pub const PROG_EXT_OUT: &str = "lb_ext_out";
-/// Empty programs: the baseline the benchmarks subtract.
-pub const PROG_EMPTY_XDP: &str = "bench_empty_xdp";
-pub const PROG_EMPTY_TC: &str = "bench_empty_tc";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -107,45 +93,45 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(LB_EBPF).map_err(DatapathError::Load)?;
-        for name in [PROG_FROM_POD, PROG_TO_POD, PROG_EXT_IN, PROG_EXT_OUT] {
+        for name in programs::TC {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
-        let xdp: &mut Xdp = program(&mut ebpf, PROG_XDP)?;
+        let xdp: &mut Xdp = program(&mut ebpf, programs::XDP)?;
         xdp.load().map_err(|source| DatapathError::Program {
-            name: PROG_XDP,
+            name: programs::XDP,
             source,
         })?;
         Ok(Self { ebpf })
     }
 
     pub fn xdp(&mut self) -> &mut Xdp {
-        program(&mut self.ebpf, PROG_XDP).expect("checked at load")
+        program(&mut self.ebpf, programs::XDP).expect("checked at load")
     }
 
     pub fn from_pod(&mut self) -> &mut SchedClassifier {
-        program(&mut self.ebpf, PROG_FROM_POD).expect("checked at load")
+        program(&mut self.ebpf, programs::FROM_POD).expect("checked at load")
     }
 
     pub fn to_pod(&mut self) -> &mut SchedClassifier {
-        program(&mut self.ebpf, PROG_TO_POD).expect("checked at load")
+        program(&mut self.ebpf, programs::TO_POD).expect("checked at load")
     }
 
     pub fn ext_in(&mut self) -> &mut SchedClassifier {
-        program(&mut self.ebpf, PROG_EXT_IN).expect("checked at load")
+        program(&mut self.ebpf, programs::EXT_IN).expect("checked at load")
     }
 
     pub fn ext_out(&mut self) -> &mut SchedClassifier {
-        program(&mut self.ebpf, PROG_EXT_OUT).expect("checked at load")
+        program(&mut self.ebpf, programs::EXT_OUT).expect("checked at load")
     }
 
     /// The empty XDP program (loaded on first use), for benchmarks.
     pub fn empty_xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
-        let prog: &mut Xdp = program(&mut self.ebpf, PROG_EMPTY_XDP)?;
+        let prog: &mut Xdp = program(&mut self.ebpf, programs::EMPTY_XDP)?;
         if prog.fd().is_err() {
             prog.load().map_err(|source| DatapathError::Program {
-                name: PROG_EMPTY_XDP,
+                name: programs::EMPTY_XDP,
                 source,
             })?;
         }
@@ -154,10 +140,10 @@ impl Datapath {
 
     /// The empty tc program (loaded on first use), for benchmarks.
     pub fn empty_tc(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_EMPTY_TC)?;
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, programs::EMPTY_TC)?;
         if prog.fd().is_err() {
             prog.load().map_err(|source| DatapathError::Program {
-                name: PROG_EMPTY_TC,
+                name: programs::EMPTY_TC,
                 source,
             })?;
         }
@@ -187,39 +173,16 @@ impl Datapath {
         };
         self.from_pod()
             .attach_with_options(iface, TcAttachType::Ingress, options())
-            .map_err(attach(PROG_FROM_POD))?;
+            .map_err(attach(programs::FROM_POD))?;
         self.to_pod()
             .attach_with_options(iface, TcAttachType::Egress, options())
-            .map_err(attach(PROG_TO_POD))?;
+            .map_err(attach(programs::TO_POD))?;
         Ok(())
     }
 
     /// Takes the map handles out of the loaded object (once).
     pub fn take_maps(&mut self) -> Result<Maps, DatapathError> {
         Ok(Maps::take_from(&mut self.ebpf)?)
-    }
-}
-
-/// Key and value sizes of every map, as this version lays them out.
-fn expected_layout(name: &str) -> Option<(u32, u32)> {
-    use lb_common::{
-        conntrack::{CtEntry, FlowKey},
-        maps::*,
-    };
-    let sizes = |k: usize, v: usize| Some((k as u32, v as u32));
-    match name {
-        LB_ADDRS => sizes(size_of::<lb_common::Be32>(), size_of::<AddrInfo>()),
-        LB_SERVICES => sizes(size_of::<FrontendKey>(), size_of::<Frontend>()),
-        LB_BACKENDS => sizes(4, size_of::<Backend>()),
-        LB_MAGLEV => sizes(4, 4),
-        LB_CT => sizes(size_of::<FlowKey>(), size_of::<CtEntry>()),
-        LB_FRAGS => sizes(size_of::<FragKey>(), size_of::<FragEntry>()),
-        LB_SVC_STATS => sizes(4, size_of::<SetStats>()),
-        LB_VERDICTS => sizes(4, size_of::<Counter>()),
-        LB_SRC_RANGES => sizes(4 + size_of::<SourceRange>(), 4),
-        LB_AFFINITY => sizes(size_of::<AffinityKey>(), size_of::<AffinityEntry>()),
-        LB_CONFIG => sizes(4, size_of::<NodeConfig>()),
-        _ => None,
     }
 }
 
@@ -236,7 +199,8 @@ pub fn check_pinned_maps(dir: &Path) -> Result<(), DatapathError> {
             reason: source.to_string(),
         })?;
         let found = (info.key_size(), info.value_size());
-        let expected = expected_layout(name).expect("every map has a layout");
+        let layout = maps::layout_of(name).expect("every map has a layout");
+        let expected = (layout.key_size, layout.value_size);
         let mut reason = None;
         if found != expected {
             reason = Some(format!(

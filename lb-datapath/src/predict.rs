@@ -1,25 +1,26 @@
 //! What the datapath will do with a packet, predicted from the live maps with the same rules and
 //! the same flow hash as the kernel programs (`lbctl trace`, tests and benchmarks use it).
 //!
-//! The forward path follows `lb-ebpf/src/forward.rs` and `select.rs` step by step:
+//! Every decision is one of `lb_common`'s rules, the very functions the programs call
+//! (`FlowKey::reply_of`, `CtEntry::continues`, `snat::allocate`, ...), applied to reads of the
+//! live maps instead of kernel lookups. The forward path follows `lb-ebpf/src/forward.rs` step
+//! by step:
 //!
 //! ```text
 //! LB_ADDRS[dst]                      miss -> NotAFrontend
-//! dst has addr_flags::SNAT, is LB_CONFIG's snat_addr, port in its range, and
-//!   LB_CT[src -> dst, REPLY] is a live SNAT entry -> SnatReply (`snat.rs`)
-//! dst has addr_flags::HAIRPIN: LB_CT[src -> dst, REPLY] a live hairpin entry -> HairpinReply,
+//! dst is the node's SNAT address, port in its range, and LB_CT[src -> dst, REPLY] is a live
+//!   SNAT entry -> SnatReply (`snat.rs`)
+//! dst is the hairpin address: LB_CT[src -> dst, REPLY] a live hairpin entry -> HairpinReply,
 //!   else PassNotServed (`hairpin.rs`)
-//! LB_CT[client -> frontend]          live, backend still there -> Established
+//! LB_CT[client -> frontend]          continues, backend still there -> Established
 //! LB_SERVICES[dst, port, proto, scope]
 //!                                    miss -> RejectUnknownPort (ClusterIP) / PassNotServed
 //! backend_count == 0                 -> NoBackend (reject, or drop by policy)
-//! source_range_id != 0 and LB_SRC_RANGES misses -> DropSourceRange
-//! affinity_timeout_s != 0 and LB_AFFINITY[client, service] fresh, backend active -> Affinity
-//! else Maglev slot hash % M (or the single backend); backend not active -> Inconsistent
-//! the client is the backend and LB_CONFIG has a hairpin address -> hairpin: source NAT to it
-//!   (client port kept), bounced back into the pod
-//! else external scope and the backend not local -> source NAT: LB_CONFIG and the first free
-//!   candidate port (see [`snat_allocate`]), none -> DropSnatPorts
+//! source ranges and LB_SRC_RANGES misses -> DropSourceRange
+//! affinity and LB_AFFINITY[client, set] fresh, backend active -> Affinity
+//! else Maglev slot (or the single backend); backend not active -> Inconsistent
+//! snat::hairpin_source -> hairpin: source NAT to the hairpin address, bounced into the pod
+//! else snat::needed -> source NAT to the node: snat::allocate, none -> DropSnatPorts
 //! ```
 //!
 //! Source-NATed packets (new and established flows to backends on other nodes, and their
@@ -36,18 +37,17 @@ use std::net::SocketAddrV4;
 use aya::maps::{MapError, lpm_trie::Key};
 use lb_common::{
     Be16, Be32,
-    conntrack::{CtEntry, FORWARD, FlowKey, REPLY, SnatPort, ct_flags, snat_port},
-    hash::flow_hash,
+    conntrack::{CtEntry, FORWARD, FlowKey, REPLY},
     maps::{
         self as names, AffinityKey, Backend, Frontend, FrontendKey, NodeConfig, SourceRange,
-        addr_flags, backend_flags, frontend_flags, scope, snat,
+        snat::PROBES,
     },
-    net::proto,
+    net::{proto, tcp_flags},
+    snat::{self, SnatPort},
+    time::SECOND_NS,
 };
 
 use crate::maps::{Maps, MapsError};
-
-const SECOND_NS: u64 = 1_000_000_000;
 
 /// How a new flow's backend was chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,16 +211,16 @@ pub enum Reply {
     },
 }
 
+/// The conntrack key of a packet `src -> dst` in direction `dir`.
 pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4, l4_proto: u8, dir: u8) -> FlowKey {
-    FlowKey {
-        src_addr: Be32::from(*src.ip()),
-        dst_addr: Be32::from(*dst.ip()),
-        src_port: Be16::from_host(src.port()),
-        dst_port: Be16::from_host(dst.port()),
-        proto: l4_proto,
+    FlowKey::new(
+        Be32::from(*src.ip()),
+        Be16::from_host(src.port()),
+        Be32::from(*dst.ip()),
+        Be16::from_host(dst.port()),
+        l4_proto,
         dir,
-        _pad: [0; 2],
-    }
+    )
 }
 
 fn socket(addr: Be32, port: Be16) -> SocketAddrV4 {
@@ -260,18 +260,17 @@ fn active_backend(maps: &Maps, id: u32) -> Result<Option<Backend>, MapsError> {
     }
 }
 
-/// Whether a new flow from `src` may use `service` (loadBalancerSourceRanges).
+/// A conntrack entry, `None` when absent.
+fn ct_entry(maps: &Maps, key: &FlowKey) -> Result<Option<CtEntry>, MapsError> {
+    found(names::LB_CT, maps.ct.get(key, 0))
+}
+
+/// Whether a new flow from `src` may use `frontend` (loadBalancerSourceRanges).
 pub fn source_allowed(maps: &Maps, frontend: &Frontend, src: Be32) -> Result<bool, MapsError> {
-    if frontend.source_range_id == 0 {
+    if !frontend.has_source_ranges() {
         return Ok(true);
     }
-    let key = Key::new(
-        SourceRange::LOOKUP_BITS,
-        SourceRange {
-            range_id: Be32::from_host(frontend.source_range_id),
-            addr: src,
-        },
-    );
+    let key = Key::new(SourceRange::LOOKUP_BITS, SourceRange::lookup(frontend, src));
     Ok(found(names::LB_SRC_RANGES, maps.src_ranges.get(&key, 0))?.is_some())
 }
 
@@ -283,38 +282,9 @@ pub fn node_config(maps: &Maps) -> Result<NodeConfig, MapsError> {
     })
 }
 
-/// Whether the datapath source-NATs with `config`: it has an address and a non-empty range
-/// (`snat::config` in the datapath).
-pub fn snat_configured(config: &NodeConfig) -> bool {
-    config.snat_addr.raw() != 0 && config.snat_port_max >= config.snat_port_min
-}
-
-/// Whether a new flow arriving in `scope` for `backend` is source-NATed: it came from outside
-/// and the backend runs on another node (`snat::needed` in the datapath).
-pub fn snat_needed(scope: u8, backend: &Backend, l4_proto: u8) -> bool {
-    scope == scope::EXTERNAL
-        && backend.flags & backend_flags::LOCAL == 0
-        && (l4_proto == proto::TCP || l4_proto == proto::UDP)
-}
-
-/// The key under which the replies of a flow source-NATed to `node` reach the node.
-pub fn snat_reply_key(backend: &Backend, node: (Be32, Be16), l4_proto: u8) -> FlowKey {
-    FlowKey {
-        src_addr: backend.addr,
-        dst_addr: node.0,
-        src_port: backend.port,
-        dst_port: node.1,
-        proto: l4_proto,
-        dir: REPLY,
-        _pad: [0; 2],
-    }
-}
-
 /// The node port the datapath gives the new flow `flow` (its forward key) to `backend`, with
-/// `config` (which must be [`snat_configured`]), from the live `LB_CT` (`snat::allocate` in the
-/// datapath): candidate `probe` is `snat_port_min + (hash + probe * 0x9e3779b1) % span` in
-/// wrapping u32 arithmetic, `hash` being the flow hash of the forward key; the first free (or
-/// reopened) candidate is taken, else the first in TIME_WAIT ([`SnatPort`] tells them apart).
+/// `config` (which must be [`NodeConfig::snat_configured`]): [`snat::allocate`] over the live
+/// `LB_CT`.
 pub fn snat_allocate(
     maps: &Maps,
     flow: &FlowKey,
@@ -322,56 +292,32 @@ pub fn snat_allocate(
     config: &NodeConfig,
     now: u64,
 ) -> Result<Result<SnatChoice, SnatFailure>, MapsError> {
-    let span = u32::from(config.snat_port_max - config.snat_port_min) + 1;
-    let hash = flow_hash(
-        flow.src_addr,
-        flow.dst_addr,
-        flow.src_port,
-        flow.dst_port,
-        flow.proto,
-    );
-    let mut candidates = Vec::new();
-    // The first candidate in TIME_WAIT, taken when none is free.
-    let mut time_wait: Option<SnatChoice> = None;
-    for probe in 0..snat::PROBES {
-        let offset = hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span;
-        // offset < span, so this stays within the range.
-        let port = config.snat_port_min + offset as u16;
-        candidates.push(port);
-        let key = snat_reply_key(
-            backend,
-            (config.snat_addr, Be16::from_host(port)),
-            flow.proto,
-        );
-        let held = found(names::LB_CT, maps.ct.get(&key, 0))?;
-        let choice = SnatChoice {
-            node: SocketAddrV4::new(config.snat_addr.to_ip(), port),
-            hash,
-            probe,
-            state: snat_port(held.as_ref(), flow, now),
-        };
-        match choice.state {
-            SnatPort::Free | SnatPort::Reopened => return Ok(Ok(choice)),
-            SnatPort::TimeWait if time_wait.is_none() => time_wait = Some(choice),
-            SnatPort::TimeWait | SnatPort::Taken => {}
-        }
+    let mut failed = None;
+    let chosen = snat::allocate(flow, backend, config, now, |key| {
+        ct_entry(maps, key).unwrap_or_else(|e| {
+            failed.get_or_insert(e);
+            None
+        })
+    });
+    if let Some(e) = failed {
+        return Err(e);
     }
-    Ok(time_wait.ok_or(SnatFailure::PortsTaken {
-        node: config.snat_addr.to_ip(),
-        hash,
-        candidates,
-    }))
-}
-
-/// The hairpin source of a new flow to `backend` (`hairpin::source` in the datapath): the
-/// client is the backend itself and `config` has a hairpin address; the client's port is kept.
-pub fn hairpin_source(
-    flow: &FlowKey,
-    backend: &Backend,
-    config: &NodeConfig,
-) -> Option<SocketAddrV4> {
-    (flow.src_addr == backend.addr && config.hairpin_addr.raw() != 0)
-        .then(|| socket(config.hairpin_addr, flow.src_port))
+    let hash = flow.hash();
+    Ok(match chosen {
+        Some(choice) => Ok(SnatChoice {
+            node: SocketAddrV4::new(config.snat_addr.to_ip(), choice.port),
+            hash,
+            probe: choice.probe,
+            state: choice.state,
+        }),
+        None => Err(SnatFailure::PortsTaken {
+            node: config.snat_addr.to_ip(),
+            hash,
+            candidates: (0..PROBES)
+                .map(|probe| snat::candidate(config, hash, probe))
+                .collect(),
+        }),
+    })
 }
 
 /// The source NAT a new flow to `backend` gets (`forward::new_flow` in the datapath): `None`
@@ -380,17 +326,17 @@ fn new_flow_snat(
     maps: &Maps,
     flow: &FlowKey,
     backend: &Backend,
-    scope: u8,
+    flow_scope: u8,
     now: u64,
 ) -> Result<Option<Result<SourceNat, SnatFailure>>, MapsError> {
     let config = node_config(maps)?;
-    if let Some(addr) = hairpin_source(flow, backend, &config) {
-        return Ok(Some(Ok(SourceNat::Hairpin(addr))));
+    if let Some((addr, port)) = snat::hairpin_source(flow, backend, &config) {
+        return Ok(Some(Ok(SourceNat::Hairpin(socket(addr, port)))));
     }
-    if !snat_needed(scope, backend, flow.proto) {
+    if !snat::needed(flow_scope, backend, flow.proto) {
         return Ok(None);
     }
-    if !snat_configured(&config) {
+    if !config.snat_configured() {
         return Ok(Some(Err(SnatFailure::NoConfig { config })));
     }
     Ok(Some(
@@ -398,51 +344,36 @@ fn new_flow_snat(
     ))
 }
 
-/// A packet `key` (forward direction, as it arrives) to an address with `addr_flags::SNAT`:
-/// the reply of a source-NATed flow when it is addressed to the configured SNAT address, on a
-/// port of the range, and a live SNAT reply entry holds it (`snat::reply` in the datapath).
+/// A packet `key` (forward direction, as it arrives) to the node's SNAT address: the reply of a
+/// source-NATed flow when it is addressed to a port of the range and a live SNAT reply entry
+/// holds it (`snat::reply` in the datapath).
 fn snat_reply(maps: &Maps, key: &FlowKey, now: u64) -> Result<Option<Forward>, MapsError> {
-    let config = node_config(maps)?;
-    let port = key.dst_port.to_host();
-    if !snat_configured(&config)
-        || port < config.snat_port_min
-        || port > config.snat_port_max
-        || key.dst_addr != config.snat_addr
-    {
+    if !snat::is_reply_to(&node_config(maps)?, key.dst_addr, key.dst_port) {
         return Ok(None);
     }
-    let reply_key = FlowKey { dir: REPLY, ..*key };
-    Ok(match found(names::LB_CT, maps.ct.get(&reply_key, 0))? {
-        Some(entry)
-            if entry.flags & (ct_flags::SNAT | ct_flags::HAIRPIN) == ct_flags::SNAT
-                && now < entry.deadline_ns =>
-        {
-            Some(Forward::SnatReply {
-                frontend: socket(entry.nat_addr, entry.nat_port),
-                client: socket(entry.snat_addr, entry.snat_port),
-                set_id: entry.set_id,
-                backend_id: entry.backend_id,
-                entry,
-            })
-        }
+    Ok(match ct_entry(maps, &key.with_dir(REPLY))? {
+        Some(entry) if entry.routed() && entry.live(now) => Some(Forward::SnatReply {
+            frontend: socket(entry.nat_addr, entry.nat_port),
+            client: socket(entry.snat_addr, entry.snat_port),
+            set_id: entry.set_id,
+            backend_id: entry.backend_id,
+            entry,
+        }),
         _ => None,
     })
 }
 
-/// A packet `key` (forward direction) to an address with `addr_flags::HAIRPIN`: the reply of a
-/// hairpin flow when a live hairpin reply entry holds it (`hairpin::reply` in the datapath).
+/// A packet `key` (forward direction) to the hairpin address: the reply of a hairpin flow when a
+/// live hairpin reply entry holds it (`hairpin::reply` in the datapath).
 fn hairpin_reply(maps: &Maps, key: &FlowKey, now: u64) -> Result<Option<Forward>, MapsError> {
-    let reply_key = FlowKey { dir: REPLY, ..*key };
-    Ok(match found(names::LB_CT, maps.ct.get(&reply_key, 0))? {
-        Some(entry) if entry.flags & ct_flags::HAIRPIN != 0 && now < entry.deadline_ns => {
-            Some(Forward::HairpinReply {
-                frontend: socket(entry.nat_addr, entry.nat_port),
-                client: socket(entry.snat_addr, entry.snat_port),
-                set_id: entry.set_id,
-                backend_id: entry.backend_id,
-                entry,
-            })
-        }
+    Ok(match ct_entry(maps, &key.with_dir(REPLY))? {
+        Some(entry) if entry.hairpin() && entry.live(now) => Some(Forward::HairpinReply {
+            frontend: socket(entry.nat_addr, entry.nat_port),
+            client: socket(entry.snat_addr, entry.snat_port),
+            set_id: entry.set_id,
+            backend_id: entry.backend_id,
+            entry,
+        }),
         _ => None,
     })
 }
@@ -464,38 +395,38 @@ pub fn forward(
     let key = flow_key(src, dst, l4_proto, FORWARD);
     let now = coarse_now_ns();
     // Replies of source-NATed flows come first, whatever the scope (as in the datapath).
-    if addr.flags & addr_flags::SNAT != 0
+    if addr.is_snat()
         && let Some(reply) = snat_reply(maps, &key, now)?
     {
         return Ok(reply);
     }
     // Nothing but hairpin replies is addressed to the hairpin address.
-    if addr.flags & addr_flags::HAIRPIN != 0 {
+    if addr.is_hairpin() {
         return Ok(
             hairpin_reply(maps, &key, now)?.unwrap_or(Forward::PassNotServed {
                 addr_flags: addr.flags,
             }),
         );
     }
-    if let Some(entry) = found(names::LB_CT, maps.ct.get(&key, 0))? {
-        let closed = entry.flags & (ct_flags::FIN | ct_flags::RST) != 0;
-        let reopening = l4_proto == proto::TCP && syn && closed;
-        // The backend must still hold the slot (same address and port) for the flow to stay.
-        if now < entry.deadline_ns
-            && !reopening
-            && let Some(backend) = active_backend(maps, entry.backend_id)?
-            && backend.addr == entry.nat_addr
-            && backend.port == entry.nat_port
-        {
-            return Ok(Forward::Established {
-                set_id: entry.set_id,
-                backend_id: entry.backend_id,
-                backend: socket(backend.addr, backend.port),
-                snat: (entry.flags & ct_flags::SNAT != 0)
-                    .then(|| socket(entry.snat_addr, entry.snat_port)),
-                entry,
-            });
-        }
+    let seg_flags = match (l4_proto, syn) {
+        (proto::TCP, true) => tcp_flags::SYN,
+        (proto::TCP, false) => tcp_flags::ACK,
+        _ => 0,
+    };
+    if let Some(entry) = ct_entry(maps, &key)?
+        && entry.continues(seg_flags, now)
+        && let Some(backend) = active_backend(maps, entry.backend_id)?
+        && entry.backend_is(&backend)
+    {
+        return Ok(Forward::Established {
+            set_id: entry.set_id,
+            backend_id: entry.backend_id,
+            backend: socket(backend.addr, backend.port),
+            snat: entry
+                .snat()
+                .then(|| socket(entry.snat_addr, entry.snat_port)),
+            entry,
+        });
     }
     let frontend_key = FrontendKey {
         addr: key.dst_addr,
@@ -504,7 +435,7 @@ pub fn forward(
         scope,
     };
     let Some(frontend) = found(names::LB_SERVICES, maps.services.get(&frontend_key, 0))? else {
-        return Ok(if addr.flags & addr_flags::CLUSTER_IP != 0 {
+        return Ok(if addr.is_cluster_ip() {
             Forward::RejectUnknownPort
         } else {
             Forward::PassNotServed {
@@ -512,12 +443,12 @@ pub fn forward(
             }
         });
     };
-    // As the datapath (and kube-proxy): a service without endpoints rejects everyone; source
+    // As the datapath (and kube-proxy): a frontend without endpoints rejects everyone; source
     // ranges only filter who may reach the endpoints it has.
     if frontend.backend_count == 0 {
         return Ok(Forward::NoBackend {
             frontend,
-            drop: frontend.flags & frontend_flags::DROP_WHEN_EMPTY != 0,
+            drop: frontend.drop_when_empty(),
         });
     }
     if !source_allowed(maps, &frontend, key.src_addr)? {
@@ -546,9 +477,9 @@ pub fn forward(
     })
 }
 
-/// The backend of a new flow `key` of `service` (`select::backend` in the datapath): the
+/// The backend of a new flow `key` of `frontend` (`select::backend` in the datapath): the
 /// client's affinity entry when fresh and its backend active, else the Maglev slot or the
-/// single backend. `Err` tells why the service's state is inconsistent.
+/// single backend. `Err` tells why the frontend's state is inconsistent.
 fn select(
     maps: &Maps,
     frontend: &Frontend,
@@ -560,32 +491,22 @@ fn select(
             client: key.src_addr,
             set_id: frontend.set_id,
         };
-        if let Some(entry) = found(names::LB_AFFINITY, maps.affinity.get(&affinity_key, 0))? {
-            let timeout_ns = u64::from(frontend.affinity_timeout_s) * SECOND_NS;
-            // Within the timeout and still active; otherwise Maglev decides (and the datapath
-            // overwrites the entry).
-            if now < entry.last_used_ns.saturating_add(timeout_ns)
-                && let Some(b) = active_backend(maps, entry.backend_id)?
-            {
-                let selection = Selection::Affinity {
-                    last_used_ns: entry.last_used_ns,
-                    timeout_s: frontend.affinity_timeout_s,
-                };
-                return Ok(Ok((selection, entry.backend_id, b)));
-            }
+        // Within the timeout and still active; otherwise Maglev decides (and the datapath
+        // overwrites the entry).
+        if let Some(entry) = found(names::LB_AFFINITY, maps.affinity.get(&affinity_key, 0))?
+            && entry.fresh(frontend.affinity_timeout_s, now)
+            && let Some(b) = active_backend(maps, entry.backend_id)?
+        {
+            let selection = Selection::Affinity {
+                last_used_ns: entry.last_used_ns,
+                timeout_s: frontend.affinity_timeout_s,
+            };
+            return Ok(Ok((selection, entry.backend_id, b)));
         }
     }
-    let (selection, backend_id) = if frontend.table_size == 0 {
-        (Selection::Single, frontend.backend_id)
-    } else {
-        let hash = flow_hash(
-            key.src_addr,
-            key.dst_addr,
-            key.src_port,
-            key.dst_port,
-            key.proto,
-        );
-        let slot = hash % frontend.table_size;
+    let (selection, backend_id) = if frontend.has_table() {
+        let hash = key.hash();
+        let slot = frontend.slot(hash);
         let table = match maps.maglev_table(frontend.set_id, frontend.table_size) {
             Ok(table) => table,
             Err(e) => return Ok(Err(e.to_string())),
@@ -596,6 +517,8 @@ fn select(
             table_size: frontend.table_size,
         };
         (selection, table[slot as usize])
+    } else {
+        (Selection::Single, frontend.backend_id)
     };
     Ok(match active_backend(maps, backend_id)? {
         Some(b) => Ok((selection, backend_id, b)),
@@ -612,16 +535,16 @@ pub fn reply(
     l4_proto: u8,
 ) -> Result<Reply, MapsError> {
     let key = flow_key(src, dst, l4_proto, REPLY);
-    Ok(match found(names::LB_CT, maps.ct.get(&key, 0))? {
-        Some(entry) if coarse_now_ns() < entry.deadline_ns => {
+    Ok(match ct_entry(maps, &key)? {
+        Some(entry) if entry.live(coarse_now_ns()) => {
             let frontend = socket(entry.nat_addr, entry.nat_port);
-            if entry.flags & ct_flags::SNAT != 0 {
+            if entry.snat() {
                 Reply::SnatUntouched {
                     frontend,
                     client: socket(entry.snat_addr, entry.snat_port),
                     set_id: entry.set_id,
                     backend_id: entry.backend_id,
-                    hairpin: entry.flags & ct_flags::HAIRPIN != 0,
+                    hairpin: entry.hairpin(),
                     entry,
                 }
             } else {
@@ -635,13 +558,4 @@ pub fn reply(
         }
         _ => Reply::NotTracked,
     })
-}
-
-/// Parses `tcp` / `udp`.
-pub fn parse_proto(name: &str) -> Option<u8> {
-    match name.to_ascii_lowercase().as_str() {
-        "tcp" => Some(proto::TCP),
-        "udp" => Some(proto::UDP),
-        _ => None,
-    }
 }

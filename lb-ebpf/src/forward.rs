@@ -2,8 +2,8 @@
 //! ones with Maglev, DNAT. The client's address is never touched.
 
 use lb_common::{
-    conntrack::{CtEntry, FORWARD, FlowKey, ct_flags},
-    maps::{AddrInfo, Frontend, FrontendKey, addr_flags, frontend_flags},
+    conntrack::{self, CtEntry, FORWARD, FlowKey, ct_flags},
+    maps::{AddrInfo, Backend, Frontend, FrontendKey},
     net::proto,
     stats::Reason,
 };
@@ -45,7 +45,7 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         return counted(Reason::DropMalformed, len, Action::Drop);
     };
     if ip.frag() == Frag::Later {
-        return fragment::forward(frame, ip, addr.flags & addr_flags::CLUSTER_IP != 0, len);
+        return fragment::forward(frame, ip, addr.is_cluster_ip(), len);
     }
     if ip.proto == proto::ICMP && icmp::is_error(frame, l4_off) {
         if let Some(action) = icmp::towards_frontend(frame, l4_off, len) {
@@ -60,22 +60,14 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
     let Some(l4) = parse::l4(frame, ip.proto, l4_off) else {
         return counted(Reason::DropMalformed, len, Action::Drop);
     };
-    let flow = FlowKey {
-        src_addr: ip.src,
-        dst_addr: ip.dst,
-        src_port: l4.src_port,
-        dst_port: l4.dst_port,
-        proto: ip.proto,
-        dir: FORWARD,
-        _pad: [0; 2],
-    };
+    let flow = parse::flow_key(ip, &l4, FORWARD);
     // Replies of flows this node source-NATed come back to its SNAT or hairpin address.
-    if addr.flags & addr_flags::SNAT != 0
+    if addr.is_snat()
         && let Some(action) = snat::reply(frame, ip, &l4, len)
     {
         return action;
     }
-    if addr.flags & addr_flags::HAIRPIN != 0 {
+    if addr.is_hairpin() {
         return hairpin::reply(frame, ip, &l4, len).unwrap_or(Action::Pass);
     }
     let now = ct::now();
@@ -83,11 +75,11 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
     if let Some(entry) = LB_CT.get_ptr_mut(&flow) {
         if let Some(backend) = ct::live_backend(entry, l4.tcp_flags, now) {
             if ct::touch(entry, ip.proto, l4.tcp_flags, now) {
-                ct::refresh_reply(&flow, entry, &backend, now);
+                ct::refresh_reply(&flow, entry, now);
             }
             // SAFETY: map value from a successful lookup.
             let e = unsafe { *entry };
-            if is_routed(&e) {
+            if e.routed() {
                 // Decided once, on this branch alone: the verifier cannot tell that a second test
                 // of the same flag would go the same way.
                 let route = match route(frame, ip, &e, &backend, len) {
@@ -125,7 +117,7 @@ fn translate<F: Frame>(
     frame: &mut F,
     l4: &L4,
     entry: &CtEntry,
-    backend: &lb_common::maps::Backend,
+    backend: &Backend,
 ) -> Result<(), ()> {
     nat::rewrite(
         frame,
@@ -134,7 +126,7 @@ fn translate<F: Frame>(
         backend.addr,
         backend.port,
     )?;
-    if entry.flags & ct_flags::SNAT != 0 {
+    if entry.snat() {
         nat::rewrite(
             frame,
             End::Source,
@@ -146,12 +138,6 @@ fn translate<F: Frame>(
     Ok(())
 }
 
-/// Whether the flow's packets are source-NATed to this node and routed here.
-#[inline(always)]
-fn is_routed(entry: &CtEntry) -> bool {
-    entry.flags & (ct_flags::SNAT | ct_flags::HAIRPIN) == ct_flags::SNAT
-}
-
 /// The route of a source-NATed flow's packet, looked up before it is translated; `Err` with what
 /// to do instead.
 #[inline(always)]
@@ -159,7 +145,7 @@ fn route<F: Frame>(
     frame: &mut F,
     ip: &Ipv4,
     entry: &CtEntry,
-    backend: &lb_common::maps::Backend,
+    backend: &Backend,
     len: u32,
 ) -> Result<fib::Route, Action> {
     match fib::lookup(frame, ip, entry.snat_addr, backend.addr) {
@@ -176,7 +162,7 @@ fn established<F: Frame>(
     ip: &Ipv4,
     l4: &L4,
     entry: &CtEntry,
-    backend: &lb_common::maps::Backend,
+    backend: &Backend,
     len: u32,
 ) -> Result<(), Action> {
     if translate(frame, l4, entry, backend).is_err() {
@@ -194,7 +180,7 @@ fn established<F: Frame>(
 /// the pod; anything else on through the stack to its (local or remote) backend.
 #[inline(always)]
 fn unrouted<F: Frame>(frame: &mut F, entry: &CtEntry) -> Action {
-    if entry.flags & ct_flags::HAIRPIN != 0 {
+    if entry.hairpin() {
         hairpin::bounce(frame)
     } else {
         Action::Pass
@@ -227,7 +213,7 @@ fn new_flow<F: Frame>(
         return counted(Reason::DropNoTable, len, Action::Drop);
     };
 
-    let (flags, deadline_ns) = ct::initial(ip.proto, l4.tcp_flags, now);
+    let (flags, deadline_ns) = conntrack::initial(ip.proto, l4.tcp_flags, now);
     let mut forward = CtEntry {
         deadline_ns,
         backend_id,
@@ -237,20 +223,20 @@ fn new_flow<F: Frame>(
         flags,
         ..CtEntry::default()
     };
-    if let Some((addr, port)) = hairpin::source(flow, &backend) {
+    let config = snat::node_config();
+    if let Some((addr, port)) = lb_common::snat::hairpin_source(flow, &backend, &config) {
         forward.flags |= ct_flags::SNAT | ct_flags::HAIRPIN;
         forward.snat_addr = addr;
         forward.snat_port = port;
-    } else if snat::needed(scope, &backend, ip.proto) {
-        let source = snat::config().and_then(|cfg| snat::allocate(flow, &backend, &cfg, now));
-        let Some((addr, port)) = source else {
+    } else if lb_common::snat::needed(scope, &backend, ip.proto) {
+        let Some(port) = snat::allocate(flow, &backend, &config, now) else {
             return counted(Reason::DropSnatPorts, len, Action::Drop);
         };
         forward.flags |= ct_flags::SNAT;
-        forward.snat_addr = addr;
+        forward.snat_addr = config.snat_addr;
         forward.snat_port = port;
     }
-    if is_routed(&forward) {
+    if forward.routed() {
         // Before any state is written: a flow this hook cannot forward is left to the next one.
         let route = match route(frame, ip, &forward, &backend, len) {
             Ok(route) => route,
@@ -275,11 +261,11 @@ fn open<F: Frame>(
     l4: &L4,
     flow: &FlowKey,
     forward: &CtEntry,
-    backend: &lb_common::maps::Backend,
+    backend: &Backend,
     len: u32,
 ) -> Result<(), Action> {
-    let reply_key = ct::reply_key(flow, forward, backend);
-    let reply = ct::reply_entry(flow, forward, 0, forward.deadline_ns);
+    let reply_key = flow.reply_of(forward);
+    let reply = CtEntry::reply_of(flow, forward, 0, forward.deadline_ns);
     if ct::open(flow, forward, &reply_key, &reply).is_err() {
         return Err(counted(Reason::DropCtFull, len, Action::Drop));
     }
@@ -304,7 +290,7 @@ fn no_backend<F: Frame>(
     frontend: &Frontend,
     len: u32,
 ) -> Action {
-    if frontend.flags & frontend_flags::DROP_WHEN_EMPTY != 0 {
+    if frontend.drop_when_empty() {
         return counted(Reason::DropNoBackend, len, Action::Drop);
     }
     counted(
@@ -325,7 +311,7 @@ fn not_served<F: Frame>(
     addr: AddrInfo,
     len: u32,
 ) -> Action {
-    if addr.flags & addr_flags::CLUSTER_IP == 0 {
+    if !addr.is_cluster_ip() {
         return Action::Pass;
     }
     counted(

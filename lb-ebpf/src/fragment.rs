@@ -6,7 +6,7 @@
 //! untouched.
 
 use lb_common::{
-    conntrack::{FORWARD, FlowKey, REPLY, ct_flags},
+    conntrack::{FORWARD, FlowKey, REPLY},
     maps::{FragEntry, FragKey},
     stats::Reason,
 };
@@ -46,15 +46,14 @@ pub fn remember(ip: &Ipv4, l4: &L4) {
 fn flow(ip: &Ipv4, dir: u8) -> Option<FlowKey> {
     // SAFETY: LRU map value, copied out at once.
     let ports = unsafe { *LB_FRAGS.get(&key(ip))? };
-    Some(FlowKey {
-        src_addr: ip.src,
-        dst_addr: ip.dst,
-        src_port: ports.src_port,
-        dst_port: ports.dst_port,
-        proto: ip.proto,
+    Some(FlowKey::new(
+        ip.src,
+        ports.src_port,
+        ip.dst,
+        ports.dst_port,
+        ip.proto,
         dir,
-        _pad: [0; 2],
-    })
+    ))
 }
 
 /// A later fragment addressed to a frontend address; `cluster_ip` says whether that address is a
@@ -76,7 +75,7 @@ pub fn forward<F: Frame>(frame: &mut F, ip: &Ipv4, cluster_ip: bool, len: u32) -
     };
     let mut rewritten =
         nat::rewrite(frame, End::Destination, None, backend.addr, backend.port).is_ok();
-    if entry.flags & ct_flags::SNAT != 0 {
+    if entry.snat() {
         // The stack routes it on; only the first fragment takes the FIB shortcut.
         rewritten &=
             nat::rewrite(frame, End::Source, None, entry.snat_addr, entry.snat_port).is_ok();
@@ -100,7 +99,7 @@ pub fn reply<F: Frame>(frame: &mut F, ip: &Ipv4, len: u32) -> Action {
     let Some(entry) = (unsafe { LB_CT.get(&key) }).copied() else {
         return Action::Pass;
     };
-    if ct::now() >= entry.deadline_ns {
+    if !entry.live(ct::now()) {
         return Action::Pass;
     }
     if nat::rewrite(frame, End::Source, None, entry.nat_addr, entry.nat_port).is_err() {

@@ -7,9 +7,7 @@
 //! filter out of it (the hairpin address has no route).
 
 use lb_common::{
-    Be16, Be32,
-    conntrack::{CtEntry, FlowKey, REPLY, ct_flags},
-    maps::Backend,
+    conntrack::{CtEntry, REPLY},
     stats::Reason,
 };
 
@@ -17,23 +15,11 @@ use crate::{
     ct,
     frame::{Action, Frame, ptr_at},
     hdr::EthHdr,
-    maps::{LB_CONFIG, LB_CT},
+    maps::LB_CT,
     nat::{self, End},
-    parse::{Ipv4, L4},
+    parse::{self, Ipv4, L4},
     stats,
 };
-
-/// The hairpin source for a flow from `flow`'s client to `backend`, when the client is the
-/// backend and a hairpin address is configured: the client's port is kept (it is already
-/// unique for the pod).
-#[inline(always)]
-pub fn source(flow: &FlowKey, backend: &Backend) -> Option<(Be32, Be16)> {
-    if flow.src_addr != backend.addr {
-        return None;
-    }
-    let addr = LB_CONFIG.get(0)?.hairpin_addr;
-    (addr.raw() != 0).then_some((addr, flow.src_port))
-}
 
 /// Sends a translated hairpin packet back into the interface it came from, addressed to the pod.
 #[inline(always)]
@@ -54,20 +40,12 @@ pub fn bounce<F: Frame>(frame: &mut F) -> Action {
 /// source and the pod's client side as its destination, and goes back into the pod.
 #[inline(always)]
 pub fn reply<F: Frame>(frame: &mut F, ip: &Ipv4, l4: &L4, len: u32) -> Option<Action> {
-    let key = FlowKey {
-        src_addr: ip.src,
-        dst_addr: ip.dst,
-        src_port: l4.src_port,
-        dst_port: l4.dst_port,
-        proto: ip.proto,
-        dir: REPLY,
-        _pad: [0; 2],
-    };
+    let key = parse::flow_key(ip, l4, REPLY);
     let entry = LB_CT.get_ptr_mut(&key)?;
     let now = ct::now();
     // SAFETY: map value from a successful lookup.
     let e: CtEntry = unsafe { *entry };
-    if e.flags & ct_flags::HAIRPIN == 0 || now >= e.deadline_ns {
+    if !e.hairpin() || !e.live(now) {
         return None;
     }
     ct::touch(entry, ip.proto, l4.tcp_flags, now);

@@ -63,13 +63,7 @@ pub struct TcpHdr {
 pub const TCP_HDR_LEN: usize = 20;
 pub const TCP_CHECK_OFF: usize = 16;
 
-/// TCP flag bits (the second byte of offset 12).
-pub mod tcp_flags {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const ACK: u8 = 0x10;
-}
+pub use lb_common::net::tcp_flags;
 
 #[repr(C)]
 pub struct UdpHdr {

@@ -48,15 +48,14 @@ impl Quote {
     /// packet travelling A -> B concerns the flow whose packets travel B -> A towards us).
     #[inline(always)]
     fn flow_towards_sender(&self, dir: u8) -> FlowKey {
-        FlowKey {
-            src_addr: self.dst,
-            dst_addr: self.src,
-            src_port: self.dst_port,
-            dst_port: self.src_port,
-            proto: self.proto,
+        FlowKey::new(
+            self.dst,
+            self.dst_port,
+            self.src,
+            self.src_port,
+            self.proto,
             dir,
-            _pad: [0; 2],
-        }
+        )
     }
 }
 
@@ -232,7 +231,7 @@ pub fn towards_client<F: Frame>(frame: &mut F, ip: &Ipv4, icmp_off: usize, len: 
     let Some(entry) = (unsafe { LB_CT.get(&q.flow_towards_sender(REPLY)) }).copied() else {
         return Action::Pass;
     };
-    if ct::now() >= entry.deadline_ns {
+    if !entry.live(ct::now()) {
         return Action::Pass;
     }
     let mut translated = rewrite_quote(frame, &q, End::Destination, entry.nat_addr, entry.nat_port);

@@ -1,7 +1,7 @@
 //! Parsing: Ethernet and IPv4 first (just enough to decide whether the packet concerns us), the
 //! L4 header only for packets that do. Every read is bounds-checked through [`ptr_at`].
 
-use lb_common::{Be16, Be32, net::proto};
+use lb_common::{Be16, Be32, conntrack::FlowKey, net::proto};
 
 use crate::{
     frame::{Frame, ptr_at},
@@ -143,4 +143,10 @@ pub fn l4<F: Frame>(frame: &mut F, ip_proto: u8, off: usize) -> Option<L4> {
         }
         _ => None,
     }
+}
+
+/// The conntrack key of the packet `ip`/`l4` in direction `dir`.
+#[inline(always)]
+pub fn flow_key(ip: &Ipv4, l4: &L4, dir: u8) -> FlowKey {
+    FlowKey::new(ip.src, l4.src_port, ip.dst, l4.dst_port, ip.proto, dir)
 }

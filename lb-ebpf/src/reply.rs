@@ -1,11 +1,7 @@
 //! Backend -> client: restore the frontend as the source of replies (reverse NAT). Runs where
 //! replies pass on their way to a client; a packet that is no reply costs one lookup.
 
-use lb_common::{
-    conntrack::{FlowKey, REPLY, ct_flags},
-    net::proto,
-    stats::Reason,
-};
+use lb_common::{conntrack::REPLY, net::proto, stats::Reason};
 
 use crate::{
     ct, fragment,
@@ -38,15 +34,7 @@ pub fn to_client<F: Frame>(frame: &mut F) -> Action {
     let Some(l4) = parse::l4(frame, ip.proto, l4_off) else {
         return Action::Pass;
     };
-    let key = FlowKey {
-        src_addr: ip.src,
-        dst_addr: ip.dst,
-        src_port: l4.src_port,
-        dst_port: l4.dst_port,
-        proto: ip.proto,
-        dir: REPLY,
-        _pad: [0; 2],
-    };
+    let key = parse::flow_key(&ip, &l4, REPLY);
     let Some(entry) = LB_CT.get_ptr_mut(&key) else {
         return Action::Pass;
     };
@@ -54,7 +42,7 @@ pub fn to_client<F: Frame>(frame: &mut F) -> Action {
     // SAFETY: map value from a successful lookup.
     let e = unsafe { *entry };
     // Replies of source-NATed flows are handled where they reach the node (`snat::reply`).
-    if now >= e.deadline_ns || e.flags & ct_flags::SNAT != 0 {
+    if !e.live(now) || e.snat() {
         return Action::Pass;
     }
     ct::touch(entry, ip.proto, l4.tcp_flags, now);

@@ -1,48 +1,35 @@
 //! Backend selection for a new flow: sessionAffinity first (a client sticks to the backend it
-//! last got, within the service's timeout), else the service's Maglev table indexed by the flow
-//! hash (or its single backend).
+//! last got, within the frontend's timeout), else the backend set's Maglev table indexed by the
+//! flow hash (or its single backend).
 
 use lb_common::{
     conntrack::FlowKey,
-    hash::flow_hash,
     maps::{AffinityEntry, AffinityKey, Backend, Frontend, SourceRange, maglev::CHUNK_SLOTS},
 };
 
 use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_MAGLEV, LB_SRC_RANGES};
 
-const SECOND_NS: u64 = 1_000_000_000;
-
 /// Whether a new flow from `flow.src_addr` may use `frontend` (loadBalancerSourceRanges).
 #[inline(always)]
 pub fn source_allowed(frontend: &Frontend, flow: &FlowKey) -> bool {
-    if frontend.source_range_id == 0 {
+    if !frontend.has_source_ranges() {
         return true;
     }
     let key = aya_ebpf::maps::lpm_trie::Key::new(
         SourceRange::LOOKUP_BITS,
-        SourceRange {
-            range_id: lb_common::Be32::from_host(frontend.source_range_id),
-            addr: flow.src_addr,
-        },
+        SourceRange::lookup(frontend, flow.src_addr),
     );
     LB_SRC_RANGES.get(&key).is_some()
 }
 
-/// The Maglev (or single) backend id for a new flow of `frontend`, or `None` when the service's table
-/// is missing (the agent writes tables before services, so only tampering gets here).
+/// The Maglev (or single) backend id for a new flow of `frontend`, or `None` when its table is
+/// missing (the agent writes tables before frontends, so only tampering gets here).
 #[inline(always)]
 fn maglev_backend(frontend: &Frontend, flow: &FlowKey) -> Option<u32> {
-    if frontend.table_size == 0 {
+    if !frontend.has_table() {
         return Some(frontend.backend_id);
     }
-    let hash = flow_hash(
-        flow.src_addr,
-        flow.dst_addr,
-        flow.src_port,
-        flow.dst_port,
-        flow.proto,
-    );
-    let slot = hash % frontend.table_size;
+    let slot = frontend.slot(flow.hash());
     let chunk = LB_MAGLEV.get_value(frontend.set_id, &(slot / CHUNK_SLOTS))?;
     chunk.get((slot % CHUNK_SLOTS) as usize).copied()
 }
@@ -65,14 +52,14 @@ pub fn backend(frontend: &Frontend, flow: &FlowKey, now: u64) -> Option<(u32, Ba
     };
     if let Some(entry) = LB_AFFINITY.get_ptr_mut(&key) {
         // SAFETY: map value from a successful lookup.
-        let (last_used, id) = unsafe { ((*entry).last_used_ns, (*entry).backend_id) };
-        if now < last_used + frontend.affinity_timeout_s as u64 * SECOND_NS {
-            if let Some(backend) = active_backend(id) {
-                // Every new connection refreshes the affinity (kube-proxy's `recent --update`).
-                // SAFETY: as above.
-                unsafe { (*entry).last_used_ns = now };
-                return Some((id, backend));
-            }
+        let known = unsafe { *entry };
+        if known.fresh(frontend.affinity_timeout_s, now)
+            && let Some(backend) = active_backend(known.backend_id)
+        {
+            // Every new connection refreshes the affinity (kube-proxy's `recent --update`).
+            // SAFETY: as above.
+            unsafe { (*entry).last_used_ns = now };
+            return Some((known.backend_id, backend));
         }
     }
     let id = maglev_backend(frontend, flow)?;

@@ -32,12 +32,13 @@ use aya::maps::MapError;
 use comfy_table::{ContentArrangement, Table};
 use lb_common::{
     Be16, Be32,
-    conntrack::{CtEntry, FORWARD, FlowKey, REPLY, SnatPort, ct_flags},
+    conntrack::{CtEntry, FORWARD, FlowKey, REPLY, ct_flags},
     maps::{
         self as names, Backend, Frontend, FrontendKey, NodeConfig, SourceRange, addr_flags,
         backend_flags, frontend_flags, scope, snat,
     },
     net::proto,
+    snat::SnatPort,
     stats::Reason,
 };
 use serde::Serialize;
@@ -760,7 +761,7 @@ fn config_row(config: &NodeConfig) -> ConfigRow {
         snat_addr: config.snat_addr.to_ip(),
         snat_port_min: config.snat_port_min,
         snat_port_max: config.snat_port_max,
-        snat_enabled: predict::snat_configured(config),
+        snat_enabled: config.snat_configured(),
         hairpin_addr: config.hairpin_addr.to_ip(),
     }
 }

@@ -1,0 +1,24 @@
+//! The datapath's programs: their names in the BPF object (the entry functions of `lb-ebpf`,
+//! looked up by name by the loader, and named in benchmarks and tests) and what each is for.
+
+/// XDP on an uplink: load balancing of traffic from outside, source NAT towards backends on
+/// other nodes, and the return of their replies.
+pub const XDP: &str = "lb_xdp";
+/// tc ingress of a pod's host-side veth: load balancing of pod traffic.
+pub const FROM_POD: &str = "lb_from_pod";
+/// tc egress of a pod's host-side veth: reverse NAT of replies to pods.
+pub const TO_POD: &str = "lb_to_pod";
+/// tc ingress of an uplink: `lb_xdp`'s logic where XDP is off (or behind it, for the packets
+/// XDP leaves to it).
+pub const EXT_IN: &str = "lb_ext_in";
+/// tc egress of an uplink: reverse NAT of this node's backends' replies to clients elsewhere.
+pub const EXT_OUT: &str = "lb_ext_out";
+/// Empty programs, never attached: the baseline the benchmarks subtract.
+pub const EMPTY_XDP: &str = "bench_empty_xdp";
+pub const EMPTY_TC: &str = "bench_empty_tc";
+
+/// The tc programs.
+pub const TC: [&str; 4] = [FROM_POD, TO_POD, EXT_IN, EXT_OUT];
+
+/// Every program, for tools that check the object holds them all.
+pub const ALL: [&str; 7] = [XDP, FROM_POD, TO_POD, EXT_IN, EXT_OUT, EMPTY_XDP, EMPTY_TC];

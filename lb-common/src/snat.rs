@@ -1,0 +1,297 @@
+//! Source NAT: which new flows need it, which node address and port they get, and how the
+//! replies of source-NATed flows are recognised.
+//!
+//! A flow from outside the cluster to a backend on another node (externalTrafficPolicy
+//! Cluster) leaves this node with the node's address and a port chosen here as its source, so
+//! that the backend's replies come back through this node. A port is unique per (backend
+//! address, backend port, protocol): the reply conntrack entry keyed by it is the reservation.
+//! A pod balanced to itself (hairpin) is source-NATed to the hairpin address instead, its own
+//! port kept.
+//!
+//! The datapath allocates with [`allocate`] over a lookup in `LB_CT`; `lbctl trace` predicts
+//! with the same function over a read of the pinned map.
+
+use crate::{
+    Be16, Be32,
+    conntrack::{CtEntry, FlowKey, REPLY, ct_flags},
+    maps::{Backend, NodeConfig, backend_flags, scope, snat::PROBES},
+    net::proto,
+};
+
+/// Whether a new flow arriving in `flow_scope` for `backend` must be source-NATed to the node:
+/// it came from outside and the backend runs on another node (only TCP and UDP flows are
+/// balanced).
+#[inline(always)]
+pub const fn needed(flow_scope: u8, backend: &Backend, l4_proto: u8) -> bool {
+    flow_scope == scope::EXTERNAL
+        && backend.flags & backend_flags::LOCAL == 0
+        && (l4_proto == proto::TCP || l4_proto == proto::UDP)
+}
+
+/// The hairpin source of a new flow to `backend`: when the client is the backend itself and the
+/// node has a hairpin address, that address and the client's own port (already unique for the
+/// pod).
+#[inline(always)]
+pub const fn hairpin_source(
+    flow: &FlowKey,
+    backend: &Backend,
+    config: &NodeConfig,
+) -> Option<(Be32, Be16)> {
+    if flow.src_addr.raw() == backend.addr.raw() && config.hairpin_addr.raw() != 0 {
+        Some((config.hairpin_addr, flow.src_port))
+    } else {
+        None
+    }
+}
+
+/// The key under which the replies of a flow to `backend`, source-NATed to the node's
+/// `node_addr:node_port`, reach the node: the port's reservation.
+#[inline(always)]
+pub const fn reply_key(
+    backend: &Backend,
+    node_addr: Be32,
+    node_port: Be16,
+    l4_proto: u8,
+) -> FlowKey {
+    FlowKey::new(
+        backend.addr,
+        backend.port,
+        node_addr,
+        node_port,
+        l4_proto,
+        REPLY,
+    )
+}
+
+/// Whether a packet to `dst_addr:dst_port` may be the reply of a flow source-NATed with
+/// `config`: addressed to its SNAT address, on a port of its range.
+#[inline(always)]
+pub const fn is_reply_to(config: &NodeConfig, dst_addr: Be32, dst_port: Be16) -> bool {
+    let port = dst_port.to_host();
+    config.snat_configured()
+        && dst_addr.raw() == config.snat_addr.raw()
+        && port >= config.snat_port_min
+        && port <= config.snat_port_max
+}
+
+/// Candidate `probe` (from 0) for a flow with hash `hash`: the probes are spread over the whole
+/// range by a large odd step, so that two flows rarely walk the same candidates. `config` must
+/// be [`NodeConfig::snat_configured`].
+#[inline(always)]
+pub const fn candidate(config: &NodeConfig, hash: u32, probe: u32) -> u16 {
+    let span = (config.snat_port_max - config.snat_port_min) as u32 + 1;
+    let offset = hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span;
+    // offset < span: the sum stays within the range.
+    config.snat_port_min + offset as u16
+}
+
+/// The port a new flow got, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Choice {
+    pub port: u16,
+    /// Which candidate it was (below [`PROBES`]).
+    pub probe: u32,
+    /// What held it: nothing live, this same client flow, or a flow its backend keeps in
+    /// TIME_WAIT.
+    pub state: SnatPort,
+}
+
+/// The node port for the new flow `flow` (its forward key) to `backend`, with `config` (which
+/// must be [`NodeConfig::snat_configured`]): among [`PROBES`] candidates, the first free (or
+/// reopened) one, else the first one in TIME_WAIT; `None` when live flows hold them all.
+/// `held` looks up the reply entry reserving a candidate (`LB_CT` in the kernel, the pinned map
+/// in `lbctl trace`).
+#[inline(always)]
+pub fn allocate(
+    flow: &FlowKey,
+    backend: &Backend,
+    config: &NodeConfig,
+    now: u64,
+    mut held: impl FnMut(&FlowKey) -> Option<CtEntry>,
+) -> Option<Choice> {
+    let hash = flow.hash();
+    // The first candidate in TIME_WAIT; port 0 for none (ports come from a range above 0).
+    let mut time_wait = Choice {
+        port: 0,
+        probe: 0,
+        state: SnatPort::TimeWait,
+    };
+    for probe in 0..PROBES {
+        let port = candidate(config, hash, probe);
+        let key = reply_key(backend, config.snat_addr, Be16::from_host(port), flow.proto);
+        let entry = held(&key);
+        match classify(entry.as_ref(), flow, now) {
+            state @ (SnatPort::Free | SnatPort::Reopened) => {
+                return Some(Choice { port, probe, state });
+            }
+            SnatPort::TimeWait if time_wait.port == 0 => {
+                time_wait.port = port;
+                time_wait.probe = probe;
+            }
+            SnatPort::TimeWait | SnatPort::Taken => {}
+        }
+    }
+    if time_wait.port != 0 {
+        Some(time_wait)
+    } else {
+        None
+    }
+}
+
+/// What the reply entry reserving a source-NAT port (`held`, `None` when there is none) means for
+/// a new flow (its forward key `flow`) that wants the port. The datapath takes the first `Free`
+/// or `Reopened` candidate, else the first `TimeWait` one; `lbctl trace` predicts with the same
+/// rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnatPort {
+    /// No live flow holds it: no entry, an expired one, or a flow that is over with nothing
+    /// left of it at the backend.
+    Free,
+    /// Held by this very client flow (same client address and port, same frontend), which a
+    /// SYN reopens: it keeps its port.
+    Reopened,
+    /// The backend closed the old flow first and holds it in TIME_WAIT, which takes a new SYN
+    /// only if its TCP timestamp is newer than the old flow's last one. Clients offset their
+    /// timestamps at random (per connection on recent Linux kernels, measured), so that is so
+    /// about half the time. Otherwise the backend answers with an ACK of the old flow, the
+    /// client resets that TIME_WAIT and retransmits its SYN, which goes through: a delay for
+    /// some new flows (Linux retransmits within a few milliseconds then), where refusing them
+    /// would be a drop.
+    TimeWait,
+    /// Held by a live flow.
+    Taken,
+}
+
+/// What `held` (the reply entry reserving a port, if any) means for the new flow `flow`: see
+/// [`SnatPort`]. `now` is the datapath's clock.
+#[inline(always)]
+pub fn classify(held: Option<&CtEntry>, flow: &FlowKey, now: u64) -> SnatPort {
+    let Some(held) = held else {
+        return SnatPort::Free;
+    };
+    if !held.live(now) {
+        return SnatPort::Free;
+    }
+    if held.snat_addr == flow.src_addr
+        && held.snat_port == flow.src_port
+        && held.nat_addr == flow.dst_addr
+        && held.nat_port == flow.dst_port
+    {
+        return SnatPort::Reopened;
+    }
+    if ct_flags::reusable(held.flags) {
+        SnatPort::Free
+    } else if flow.proto == proto::TCP && ct_flags::closed(held.flags) {
+        SnatPort::TimeWait
+    } else {
+        SnatPort::Taken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        conntrack::{FORWARD, timeout},
+        time::SECOND_NS,
+    };
+
+    const NOW: u64 = 2 * timeout::TCP_ESTABLISHED;
+
+    fn flow(client: [u8; 4], port: u16, l4_proto: u8) -> FlowKey {
+        FlowKey {
+            src_addr: Be32::from(core::net::Ipv4Addr::from(client)),
+            dst_addr: Be32::from(core::net::Ipv4Addr::new(192, 168, 50, 10)),
+            src_port: Be16::from_host(port),
+            dst_port: Be16::from_host(30_080),
+            proto: l4_proto,
+            dir: FORWARD,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The reply entry of `owner`'s flow, with `flags`, last written `age_ns` ago.
+    fn held(owner: &FlowKey, flags: u8, age_ns: u64) -> CtEntry {
+        let lifetime = if ct_flags::closed(flags) {
+            timeout::TCP_TIME_WAIT
+        } else {
+            timeout::TCP_ESTABLISHED
+        };
+        CtEntry {
+            deadline_ns: NOW - age_ns + lifetime,
+            nat_addr: owner.dst_addr,
+            nat_port: owner.dst_port,
+            flags: flags | ct_flags::SNAT,
+            snat_addr: owner.src_addr,
+            snat_port: owner.src_port,
+            ..CtEntry::default()
+        }
+    }
+
+    #[test]
+    fn snat_ports_are_classified_by_what_their_reply_entry_holds() {
+        use ct_flags::*;
+        let old = flow([198, 51, 100, 1], 40_000, proto::TCP);
+        let same_client = flow([198, 51, 100, 1], 40_001, proto::TCP);
+        let other_client = flow([198, 51, 100, 2], 40_000, proto::TCP);
+        let backend_closed_first = ESTABLISHED | FIN | FIN_FIRST | PEER_FIN;
+        let second = SECOND_NS;
+        let cases = [
+            (None, &other_client, SnatPort::Free),
+            (
+                Some(held(&old, ESTABLISHED, 0)),
+                &other_client,
+                SnatPort::Taken,
+            ),
+            (
+                Some(held(&old, ESTABLISHED, 0)),
+                &same_client,
+                SnatPort::Taken,
+            ),
+            (Some(held(&old, ESTABLISHED, 0)), &old, SnatPort::Reopened),
+            // Expired.
+            (
+                Some(held(&old, ESTABLISHED, timeout::TCP_ESTABLISHED)),
+                &other_client,
+                SnatPort::Free,
+            ),
+            // Half closed: the backend may still send.
+            (
+                Some(held(&old, ESTABLISHED | PEER_FIN, second)),
+                &other_client,
+                SnatPort::Taken,
+            ),
+            // Over, and the backend closed second or reset: nothing left there.
+            (
+                Some(held(&old, ESTABLISHED | FIN | PEER_FIN, 0)),
+                &other_client,
+                SnatPort::Free,
+            ),
+            (
+                Some(held(&old, ESTABLISHED | PEER_RST, 0)),
+                &other_client,
+                SnatPort::Free,
+            ),
+            // The backend closed first and holds TIME_WAIT.
+            (
+                Some(held(&old, backend_closed_first, second)),
+                &same_client,
+                SnatPort::TimeWait,
+            ),
+            (
+                Some(held(&old, backend_closed_first, second)),
+                &other_client,
+                SnatPort::TimeWait,
+            ),
+        ];
+        for (i, (entry, flow, want)) in cases.iter().enumerate() {
+            assert_eq!(classify(entry.as_ref(), flow, NOW), *want, "case {i}");
+        }
+        // UDP keeps nothing at the backend, but a live flow may send again at any time.
+        let udp = flow([198, 51, 100, 1], 40_000, proto::UDP);
+        let mut entry = held(&udp, 0, second);
+        entry.deadline_ns = NOW + timeout::UDP_STREAM;
+        let other_udp = flow([198, 51, 100, 2], 40_000, proto::UDP);
+        assert_eq!(classify(Some(&entry), &other_udp, NOW), SnatPort::Taken);
+    }
+}
