@@ -3,7 +3,8 @@
 //! balancer does with its traffic (ClusterIP from a pod, NodePorts from an external client under
 //! both external traffic policies, and `lbctl service list`). Everything lives in namespaces, a
 //! bpffs and temporary directories created for the run, and is removed at the end, also after
-//! Ctrl-C (see `lb_testbed::interrupt`).
+//! Ctrl-C (see `lb_testbed::interrupt`). Depends on `lb-testbed` only: it runs the release
+//! binaries `lb-agent` and `lbctl`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},

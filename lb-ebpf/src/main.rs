@@ -10,6 +10,10 @@
 //! * `lb_ext_out` (tc egress of an uplink): reverse NAT of replies from this node's backends to
 //!   clients elsewhere (`lb_to_pod`'s logic).
 //! * `bench_empty_*`: empty programs, the baseline of `cargo xtask bench`.
+//!
+//! The names are `lb_common::programs`'s; every decision (flow keys, conntrack state, source-NAT
+//! ports, ...) is a rule of `lb_common`, which the predictor behind `lbctl trace` calls too.
+//! Depends on `lb-common` and `aya-ebpf` only; `lb-datapath` builds and embeds the object.
 #![no_std]
 #![no_main]
 // Register self-moves in inline asm hide packet offsets from LLVM (see `frame::ptr_at`).

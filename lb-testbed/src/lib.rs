@@ -5,6 +5,9 @@
 //!
 //! Every name is unique per process and bed, everything is removed on drop (also when a test
 //! panics), and no traffic leaves the namespaces: no interface of the host is touched.
+//!
+//! Depends on nothing of the project (it runs the agent as a binary), so that the tests of every
+//! crate, the demo and the benchmarks can use it.
 
 pub mod addressing;
 pub mod agents;

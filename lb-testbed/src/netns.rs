@@ -73,7 +73,7 @@ impl Netns {
 
     /// A command that runs inside the namespace (network namespace only: `nsenter --net`, so
     /// that bpffs and /sys stay those of the caller).
-    pub fn command(&self, program: &str) -> Command {
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         command_at(&self.path(), program)
     }
 

@@ -5,6 +5,7 @@
 //! xtask depends on nothing of the project, so it builds on a machine where the BPF toolchain is
 //! not installed yet: that is what `setup` is for.
 
+mod previous;
 mod setup;
 mod util;
 mod vm;
@@ -82,9 +83,11 @@ fn main() -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     // Release binaries are what the end-to-end tests start.
     util::cargo(&["build", "--release", "--bins"])?;
+    let root = util::workspace_root()?;
+    let previous_agent = previous::agent(&root, &util::target_dir(&root))?;
     let mut args = vec!["test", "--workspace", "--exclude", "lb-ebpf"];
     args.extend(extra.iter().map(String::as_str));
-    util::cargo_as_root(&args)
+    util::cargo_as_root(&args, &[(previous::ENV, previous_agent.as_os_str())])
 }
 
 /// Removes what `cargo run` told xtask about itself (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, ...)

@@ -1,11 +1,23 @@
 //! Running commands, with privileges when needed.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
+
+/// The workspace's root directory.
+pub fn workspace_root() -> Result<PathBuf> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest.parent().context("xtask is not in a workspace")?;
+    std::fs::canonicalize(root).with_context(|| format!("cannot resolve {}", root.display()))
+}
+
+/// Cargo's target directory for the workspace at `root`.
+pub fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d))
+}
 
 /// Runs `cmd`, inheriting stdio; fails with the command line when it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
@@ -35,10 +47,12 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// `cargo <args>` where test binaries run as root (`sudo -E` as their runner when we are not).
-pub fn cargo_as_root(args: &[&str]) -> Result<()> {
+/// `cargo <args>` with `env` set, where test binaries run as root (`sudo -E` as their runner when
+/// we are not).
+pub fn cargo_as_root(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(args);
+    cmd.envs(env.iter().copied());
     if !is_root() {
         eprintln!("xtask: not root; test binaries will run under `sudo -E`");
         cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");

@@ -35,6 +35,9 @@ pub struct AgentBed {
     pub bpffs: PathBuf,
     log: PathBuf,
     agent: Option<Child>,
+    /// The agent binary `start_agent` runs: this build's, unless a test sets another (the
+    /// previous release's, for the upgrade test).
+    pub agent_bin: PathBuf,
     /// Flags added to the agent's command line.
     pub extra_args: Vec<String>,
 }
@@ -96,6 +99,7 @@ impl AgentBed {
             bpffs,
             log,
             agent: None,
+            agent_bin: PathBuf::from(AGENT),
             extra_args: Vec::new(),
         };
         bed.write("node.yaml", &node_yaml());
@@ -114,7 +118,7 @@ impl AgentBed {
     }
 
     pub fn agent_command(&self) -> Command {
-        let mut cmd = self.node.ns.command(AGENT);
+        let mut cmd = self.node.ns.command(&self.agent_bin);
         cmd.args([
             "--source",
             self.source.to_str().unwrap(),

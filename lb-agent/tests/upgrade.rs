@@ -1,0 +1,113 @@
+//! Upgrading the agent: the previous release's agent programs and pins the datapath, then this
+//! version's agent takes it over, while a connection is held open and new ones keep coming.
+//! Nothing may be lost: the held connection keeps its backend, every new connection succeeds,
+//! and the frontends keep their backend sets (the new agent adopted the maps instead of
+//! reprogramming them).
+//!
+//! The previous release's agent is built from this repository's history by `cargo xtask test`
+//! (see `xtask/src/previous.rs`), which names it in `$LB_PREVIOUS_AGENT`. Needs root.
+
+mod common;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
+
+use common::agent::{AgentBed, TIMEOUT, backend_ip, name, service_yaml, slice_yaml};
+use lb_common::maps::FrontendKey;
+use lb_testbed::server::{Held, Load};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 41);
+
+fn vip() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, 80)
+}
+
+/// The previous release's agent, from `$LB_PREVIOUS_AGENT`. Without it the test cannot run, and
+/// says so by failing: a green run must mean the upgrade was tried.
+fn previous_agent() -> PathBuf {
+    let path = std::env::var_os("LB_PREVIOUS_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!(
+                "LB_PREVIOUS_AGENT is not set: run `cargo xtask test`, which builds the previous \
+             release's agent from git and sets it"
+            )
+        });
+    assert!(
+        path.is_file(),
+        "LB_PREVIOUS_AGENT={} is no file",
+        path.display()
+    );
+    path
+}
+
+fn set_ids(bed: &AgentBed) -> Vec<(FrontendKey, u32)> {
+    bed.maps()
+        .services
+        .iter()
+        .map(|e| e.unwrap())
+        .map(|(k, v)| (k, v.set_id))
+        .collect()
+}
+
+#[test]
+fn an_agent_of_this_version_takes_over_the_previous_releases_datapath_without_losing_a_connection()
+{
+    let previous = previous_agent();
+    let Some(mut bed) = AgentBed::new(3) else {
+        return;
+    };
+    bed.write("web.yaml", &service_yaml("web", VIP, 80, ""));
+    bed.write(
+        "web-slice.yaml",
+        &slice_yaml("web", &[backend_ip(0), backend_ip(1), backend_ip(2)]),
+    );
+    bed.agent_bin = previous;
+    bed.start_agent();
+    let ids_before = set_ids(&bed);
+    assert!(
+        !ids_before.is_empty(),
+        "the previous release programmed nothing"
+    );
+    let mut held = bed
+        .client()
+        .enter(|| Held::connect(vip(), TIMEOUT))
+        .unwrap()
+        .expect("held connection");
+    let held_on = name(&held.ask().unwrap());
+
+    // New connections all the time, while the old agent stops and the new one takes over.
+    let load = Load::start(bed.client(), vip(), TIMEOUT).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    bed.stop_agent();
+    bed.agent_bin = PathBuf::from(common::agent::AGENT);
+    bed.start_agent();
+    std::thread::sleep(Duration::from_millis(300));
+    let count = load.finish();
+    assert_eq!(count.failed, 0, "{} connections succeeded", count.ok);
+    assert!(count.ok > 20, "{count:?}");
+    assert_eq!(
+        name(&held.ask().unwrap()),
+        held_on,
+        "the held connection survived the upgrade on its backend"
+    );
+    assert_eq!(
+        set_ids(&bed),
+        ids_before,
+        "the new agent adopted the frontends and their backend sets; its log:\n{}",
+        bed.log()
+    );
+
+    // The new agent programs changes into the adopted datapath.
+    bed.write("web-slice.yaml", &slice_yaml("web", &[backend_ip(0)]));
+    assert!(
+        bed.wait_until(Duration::from_secs(5), || {
+            bed.names(vip(), 6).iter().all(|n| n == "backend-0")
+        }),
+        "an endpoint change after the upgrade never reached the datapath; log:\n{}",
+        bed.log()
+    );
+}

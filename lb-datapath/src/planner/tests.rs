@@ -1,0 +1,273 @@
+//! The planner's rules on small desired states: dependency order, idempotence, incremental
+//! plans equal to full ones, stable ids, overflow handling.
+
+use std::net::Ipv4Addr;
+
+use lb_common::maps::scope;
+
+use super::*;
+use crate::model::SetKind;
+
+const LIMITS: Limits = Limits {
+    backends: 1000,
+    set_ids: 100,
+    frontends: 1000,
+    addrs: 1000,
+    ranges: 100,
+    table_size: 251,
+};
+
+fn set(service: &str, kind: SetKind) -> SetName {
+    SetName::new("ns", service, "", proto::TCP, kind)
+}
+
+fn backend(last: u8, weight: u32) -> DesiredBackend {
+    DesiredBackend {
+        addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080),
+        local: true,
+        weight,
+    }
+}
+
+/// ClusterIPs 172.30.0.N:80 of services svcN with the given backends.
+fn desired(services: &[(u8, &[DesiredBackend])]) -> Desired {
+    let mut d = Desired::default();
+    for (n, backends) in services {
+        let name = set(&format!("svc{n}"), SetKind::Cluster);
+        let key = FrontendKey::new(
+            Ipv4Addr::new(172, 30, 0, *n),
+            80,
+            proto::TCP,
+            scope::INTERNAL,
+        );
+        d.sets.insert(name.clone(), (*backends).into());
+        d.frontends.insert(
+            key,
+            DesiredFrontend {
+                key,
+                kind: FrontendKind::ClusterIp,
+                set: name,
+                drop_when_empty: false,
+                affinity_timeout_s: 0,
+                source_ranges: Vec::new(),
+            },
+        );
+    }
+    d
+}
+
+fn full(desired: &Desired, current: &mut Programmed) -> Plan {
+    plan(desired, current, &LIMITS, Extent::All)
+}
+
+fn committed(desired: &Desired) -> Programmed {
+    let mut p = Programmed::default();
+    full(desired, &mut p);
+    p
+}
+
+#[test]
+fn a_first_sync_writes_in_dependency_order() {
+    let d = desired(&[
+        (1, &[backend(11, 1), backend(12, 1)]),
+        (2, &[backend(21, 1)]),
+    ]);
+    let p = full(&d, &mut Programmed::default());
+    assert_eq!(p.backends.len(), 3);
+    assert_eq!(p.tables.len(), 1, "only the two-backend set needs a table");
+    assert_eq!(p.frontends.len(), 2);
+    // Two ClusterIPs, and the node's hairpin address (there is no SNAT address yet).
+    let hairpin = Be32::from(Ipv4Addr::from(lb_common::maps::hairpin::DEFAULT_ADDR));
+    assert_eq!(p.addrs.len(), 3);
+    assert!(p.addrs.iter().all(|(addr, info)| if *addr == hairpin {
+        info.flags == addr_flags::HAIRPIN
+    } else {
+        info.flags == addr_flags::CLUSTER_IP
+    }));
+    assert_eq!(p.config.map(|c| c.hairpin_addr), Some(hairpin));
+    let single = p
+        .frontends
+        .iter()
+        .find(|(k, _)| k.addr == Be32::from(Ipv4Addr::new(172, 30, 0, 2)))
+        .unwrap()
+        .1;
+    assert_eq!((single.backend_count, single.table_size), (1, 0));
+    assert_ne!(single.backend_id, 0);
+    assert!(p.frontends_removed.is_empty() && p.backends_removed.is_empty());
+}
+
+#[test]
+fn a_resync_without_change_writes_nothing() {
+    let d = desired(&[
+        (1, &[backend(11, 1), backend(12, 1)]),
+        (2, &[backend(21, 1)]),
+    ]);
+    let mut p = committed(&d);
+    let again = full(&d, &mut p);
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(again.writes(), 0);
+}
+
+#[test]
+fn an_incremental_plan_equals_the_full_one() {
+    let before = desired(&[
+        (1, &[backend(11, 1), backend(12, 1)]),
+        (2, &[backend(21, 1), backend(22, 1)]),
+    ]);
+    let after = desired(&[
+        (1, &[backend(11, 1), backend(12, 1)]),
+        (2, &[backend(21, 1)]),
+        (3, &[backend(31, 1)]),
+    ]);
+    let mut by_scope = committed(&before);
+    let mut by_full = by_scope.clone();
+    let scope = Scope {
+        frontends: after
+            .frontends
+            .keys()
+            .filter(|k| k.addr.to_ip().octets()[3] != 1)
+            .copied()
+            .collect(),
+        sets: [set("svc2", SetKind::Cluster), set("svc3", SetKind::Cluster)].into(),
+    };
+    let a = plan(&after, &mut by_scope, &LIMITS, Extent::Only(&scope));
+    let b = full(&after, &mut by_full);
+    assert_eq!(a, b);
+    assert_eq!(by_scope, by_full);
+}
+
+#[test]
+fn ids_stay_with_what_they_name_when_others_change() {
+    let before = desired(&[
+        (1, &[backend(11, 1), backend(12, 1)]),
+        (2, &[backend(21, 1), backend(22, 1)]),
+    ]);
+    let mut p = committed(&before);
+    let sets_before: Vec<(SetName, u32)> = p.sets.iter().map(|(n, s)| (n.clone(), s.id)).collect();
+    let backends_before = p.backends.clone();
+    // Service 2 loses a backend; service 3 appears.
+    let after = desired(&[
+        (1, &[backend(11, 1), backend(12, 1)]),
+        (2, &[backend(21, 1)]),
+        (3, &[backend(31, 1)]),
+    ]);
+    let next = full(&after, &mut p);
+    assert_eq!(
+        next.tables_removed.len(),
+        1,
+        "service 2 is down to one backend: no table"
+    );
+    assert_eq!(next.backends_removed.len(), 1);
+    assert_eq!(
+        next.affinity_purge.len(),
+        1,
+        "the backend that left loses its affinity entries"
+    );
+    for (name, id) in &sets_before {
+        assert_eq!(p.sets[name].id, *id, "{name} kept its id");
+    }
+    for (addr, state) in &backends_before {
+        if addr.ip().octets()[3] != 22 {
+            assert_eq!(p.backends[addr].id, state.id);
+        }
+    }
+}
+
+#[test]
+fn a_set_change_programs_the_new_set_before_the_frontend_and_drops_the_old_after() {
+    let d = desired(&[(1, &[backend(11, 1), backend(12, 1)])]);
+    let mut p = committed(&d);
+    let old_id = p.sets[&set("svc1", SetKind::Cluster)].id;
+    let mut moved = d.clone();
+    let local = set("svc1", SetKind::Local);
+    moved.sets.clear();
+    moved
+        .sets
+        .insert(local.clone(), [backend(11, 1), backend(13, 1)].into());
+    for f in moved.frontends.values_mut() {
+        f.set = local.clone();
+    }
+    let next = full(&moved, &mut p);
+    let new_id = next.tables[0].set_id;
+    assert_ne!(new_id, old_id);
+    assert_eq!(next.frontends[0].1.set_id, new_id);
+    assert_eq!(next.tables_removed, [old_id]);
+    assert_eq!(next.stats_reset, [new_id]);
+}
+
+#[test]
+fn weight_zero_backends_keep_their_slot_but_take_no_new_flow() {
+    let d = desired(&[(1, &[backend(11, 1), backend(12, 0)])]);
+    let p = full(&d, &mut Programmed::default());
+    assert_eq!(
+        p.backends.len(),
+        2,
+        "both slots exist for established flows"
+    );
+    assert!(p.tables.is_empty(), "one selectable backend needs no table");
+    assert_eq!(p.frontends[0].1.backend_count, 1);
+}
+
+#[test]
+fn a_service_that_does_not_fit_is_left_out_whole() {
+    let limits = Limits {
+        backends: 4,
+        ..LIMITS
+    };
+    // Backend ids run from 1: three slots. Service 1 takes two, service 2 needs two more.
+    let d = desired(&[
+        (1, &[backend(11, 1), backend(12, 1)]),
+        (2, &[backend(21, 1), backend(22, 1)]),
+    ]);
+    let p = plan(&d, &mut Programmed::default(), &limits, Extent::All);
+    assert_eq!(p.frontends.len(), 1);
+    assert_eq!(p.overflow.len(), 1);
+    assert!(p.overflow[0].1.contains("LB_BACKENDS"));
+    assert_eq!(p.backends.len(), 2, "nothing of service 2 is written");
+}
+
+#[test]
+fn source_ranges_get_one_id_per_distinct_list() {
+    let mut d = desired(&[(1, &[backend(11, 1)]), (2, &[backend(21, 1)])]);
+    let nets: Vec<Ipv4Net> = vec!["10.0.0.0/8".parse().unwrap()];
+    for f in d.frontends.values_mut() {
+        f.source_ranges = nets.clone();
+    }
+    let mut p = Programmed::default();
+    let first = full(&d, &mut p);
+    assert_eq!(first.ranges_added.len(), 1, "shared by both frontends");
+    assert!(
+        first
+            .frontends
+            .iter()
+            .all(|(_, v)| v.source_range_id == first.ranges_added[0].0)
+    );
+    // Dropping the ranges from one frontend keeps the list; from both removes it.
+    let mut one = d.clone();
+    one.frontends
+        .values_mut()
+        .next()
+        .unwrap()
+        .source_ranges
+        .clear();
+    assert!(full(&one, &mut p).ranges_removed.is_empty());
+    let mut none = one.clone();
+    none.frontends
+        .values_mut()
+        .for_each(|f| f.source_ranges.clear());
+    assert_eq!(full(&none, &mut p).ranges_removed.len(), 1);
+}
+
+#[test]
+fn ids_are_reused_lowest_first() {
+    let mut ids = IdAlloc::with_used([1, 2, 4]);
+    assert_eq!(ids.take(10), Some(3));
+    assert_eq!(ids.take(10), Some(5));
+    ids.release(2);
+    assert_eq!(ids.take(10), Some(2));
+    let mut small = IdAlloc::default();
+    assert_eq!(
+        (small.take(3), small.take(3), small.take(3)),
+        (Some(1), Some(2), None)
+    );
+}
