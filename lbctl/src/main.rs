@@ -10,6 +10,7 @@ use lb_common::{maps::scope, net::proto};
 use serde::Serialize;
 
 mod inspect;
+mod open;
 
 /// Inspect the load balancer's eBPF datapath: maps, services, conntrack, counters, and what a
 /// packet would go through.
@@ -160,7 +161,7 @@ fn print<T: Serialize>(
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let maps = inspect::open(&cli.bpffs_dir)?;
+    let maps = open::open(&cli.bpffs_dir)?;
     match cli.command {
         Command::Maps(MapsCommand::Dump(args)) => {
             let kinds: Vec<MapKind> = args.map.into_iter().collect();
