@@ -5,12 +5,15 @@ use std::{io::Write as _, net::SocketAddrV4, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use inspect::MapKind;
 use lb_common::{maps::scope, net::proto};
 use serde::Serialize;
+use views::dump::MapKind;
 
+mod decode;
 mod inspect;
 mod open;
+mod render;
+mod views;
 
 /// Inspect the load balancer's eBPF datapath: maps, services, conntrack, counters, and what a
 /// packet would go through.
@@ -76,7 +79,7 @@ enum Output {
     /// Human-readable tables.
     #[default]
     Table,
-    /// JSON (stable field names, see inspect.rs).
+    /// JSON (stable field names, see lbctl/src/views).
     Json,
 }
 
@@ -165,20 +168,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Maps(MapsCommand::Dump(args)) => {
             let kinds: Vec<MapKind> = args.map.into_iter().collect();
-            let dump = inspect::dump(&maps, &kinds, args.full).context("reading the maps")?;
-            print(args.output.output, &dump, inspect::render_dump)
+            let dump = views::dump::dump(&maps, &kinds, args.full).context("reading the maps")?;
+            print(args.output.output, &dump, render::dump::text)
         }
         Command::Service(ServiceCommand::List(args)) => {
-            let rows = inspect::service_list(&maps).context("reading the services")?;
-            print(args.output, &rows, |r| inspect::render_services(r))
+            let rows = views::services::list(&maps).context("reading the services")?;
+            print(args.output, &rows, |r| render::services::text(r))
         }
         Command::Ct(CtCommand::List(args)) => {
-            let rows = inspect::ct_list(&maps).context("reading conntrack")?;
-            print(args.output, &rows, |r| inspect::render_flows(r))
+            let rows = views::ct::list(&maps).context("reading conntrack")?;
+            print(args.output, &rows, |r| render::ct::text(r))
         }
         Command::Stats(args) => {
-            let stats = inspect::stats(&maps).context("reading the counters")?;
-            print(args.output, &stats, inspect::render_stats)
+            let stats = views::stats::read(&maps).context("reading the counters")?;
+            print(args.output, &stats, render::stats::text)
         }
         Command::Trace(args) => {
             let l4 = match args.proto {
