@@ -52,6 +52,17 @@ pub enum Proto {
     Other(u8),
 }
 
+impl Proto {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => proto::TCP,
+            Self::Udp => proto::UDP,
+            Self::Icmp => proto::ICMP,
+            Self::Other(n) => n,
+        }
+    }
+}
+
 impl From<u8> for Proto {
     fn from(n: u8) -> Self {
         match n {
@@ -87,6 +98,16 @@ pub enum Scope {
     Internal,
     External,
     Other(u8),
+}
+
+impl Scope {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Internal => scope::INTERNAL,
+            Self::External => scope::EXTERNAL,
+            Self::Other(n) => n,
+        }
+    }
 }
 
 impl From<u8> for Scope {
@@ -205,6 +226,10 @@ impl<N: FlagBit> Flags<N> {
         }
         Self(out)
     }
+
+    pub fn contains(&self, name: N) -> bool {
+        self.0.contains(&Flag::Named(name))
+    }
 }
 
 impl<N> Flags<N> {
@@ -308,6 +333,14 @@ pub fn serialize_reason<S: Serializer>(reason: &Reason, s: S) -> Result<S::Ok, S
     s.serialize_str(reason.name())
 }
 
+/// [`serialize_reason`] for an optional reason (`null` when absent).
+pub fn serialize_opt_reason<S: Serializer>(
+    reason: &Option<Reason>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    reason.map(Reason::name).serialize(s)
+}
+
 pub fn socket(addr: Be32, port: Be16) -> SocketAddrV4 {
     SocketAddrV4::new(addr.to_ip(), port.to_host())
 }
@@ -367,12 +400,15 @@ mod tests {
         let flags =
             Flags::<BackendFlag>::decode(backend_flags::ACTIVE | backend_flags::LOCAL | 0x40);
         assert_eq!(flags.to_string(), "active,local,0x40");
+        assert!(flags.contains(BackendFlag::Local));
         for (n, text) in [(6, "tcp"), (17, "udp"), (1, "icmp"), (132, "132")] {
             assert_eq!(Proto::from(n).to_string(), text);
             assert_eq!(serde_json::to_value(Proto::from(n)).unwrap(), json!(text));
+            assert_eq!(Proto::from(n).number(), n);
         }
         for (n, text) in [(0, "internal"), (1, "external"), (2, "scope2")] {
             assert_eq!(serde_json::to_value(Scope::from(n)).unwrap(), json!(text));
+            assert_eq!(Scope::from(n).number(), n);
         }
         for (n, text) in [(FORWARD, "forward"), (REPLY, "reply"), (7, "dir7")] {
             assert_eq!(serde_json::to_value(CtDir::from(n)).unwrap(), json!(text));

@@ -1,16 +1,23 @@
 //! `lbctl`: inspect the load balancer's datapath through the maps the agent pins on bpffs. Only
 //! reads; works while the agent is stopped.
+//!
+//! It may depend on the datapath's crates (`lb-datapath` for the maps and the decision
+//! predictor, `lb-common` for the map layouts), aya, clap, serde and comfy-table. It reads the
+//! maps and nothing else (no API server, nothing served), so never kube, k8s-openapi, axum or
+//! prometheus: those are the agent's.
+//!
+//! Layout: `open` finds and opens the pinned maps; `views` builds each command's data as serde
+//! structures (the JSON output); `render` turns them into tables and words; `decode` names raw
+//! map fields (flags, protocols, scopes). This file is the command line.
 
 use std::{io::Write as _, net::SocketAddrV4, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use lb_common::{maps::scope, net::proto};
 use serde::Serialize;
 use views::dump::MapKind;
 
 mod decode;
-mod inspect;
 mod open;
 mod render;
 mod views;
@@ -184,21 +191,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print(args.output, &stats, render::stats::text)
         }
         Command::Trace(args) => {
-            let l4 = match args.proto {
-                Proto::Tcp => proto::TCP,
-                Proto::Udp => proto::UDP,
+            let proto = match args.proto {
+                Proto::Tcp => decode::Proto::Tcp,
+                Proto::Udp => decode::Proto::Udp,
             };
             let trace = if args.reply {
-                inspect::trace_reply(&maps, args.src, args.dst, l4)
+                views::trace::reply(&maps, args.src, args.dst, proto)
             } else {
                 let scope = match args.scope {
-                    Scope::Internal => scope::INTERNAL,
-                    Scope::External => scope::EXTERNAL,
+                    Scope::Internal => decode::Scope::Internal,
+                    Scope::External => decode::Scope::External,
                 };
-                inspect::trace_forward(&maps, args.src, args.dst, l4, scope, args.syn)
+                views::trace::forward(&maps, args.src, args.dst, proto, scope, args.syn)
             }
             .context("reading the maps")?;
-            print(args.output.output, &trace, inspect::render_trace)
+            let explained = render::trace::Explained::new(&trace);
+            print(args.output.output, &explained, render::trace::text)
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The views as text for people: kubectl-like tables. Everything here only formats what `views`
-//! built.
+//! The views as text for people: kubectl-like tables, and a trace's explanation in words (which
+//! the JSON carries too). Everything here only formats what `views` built.
 
 use std::fmt::{Display, Write as _};
 
@@ -9,6 +9,7 @@ pub mod ct;
 pub mod dump;
 pub mod services;
 pub mod stats;
+pub mod trace;
 
 /// kubectl-like: a rule under the header, nothing else (see comfy_table's preset format).
 const TABLE_STYLE: &str = "     ──            ";

@@ -8,7 +8,7 @@
 //! | `lbctl service list` | [`services::list`] | array of [`services::ServiceListRow`] |
 //! | `lbctl ct list` | [`ct::list`] | array of [`ct::FlowRow`] |
 //! | `lbctl stats` | [`stats::read`] | [`stats::Stats`] |
-//! | `lbctl trace` | `inspect::trace_forward`, `inspect::trace_reply` | `inspect::Trace` |
+//! | `lbctl trace` | [`trace::forward`], [`trace::reply`] | [`trace::Trace`] and its explanation (`render::trace::Explained`) |
 //!
 //! Addresses are strings (`"10.0.1.2"`, or `"10.0.1.2:40000"` with a port), protocols are
 //! `"tcp"`, `"udp"`, `"icmp"` or the protocol number as a string, scopes `"internal"` or
@@ -22,3 +22,4 @@ pub mod dump;
 pub mod rows;
 pub mod services;
 pub mod stats;
+pub mod trace;
