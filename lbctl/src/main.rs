@@ -1,15 +1,26 @@
 //! `lbctl`: inspect the load balancer's datapath through the maps the agent pins on bpffs. Only
 //! reads; works while the agent is stopped.
+//!
+//! It may depend on the datapath's crates (`lb-datapath` for the maps and the decision
+//! predictor, `lb-common` for the map layouts), aya, clap, serde and comfy-table. It reads the
+//! maps and nothing else (no API server, nothing served), so never kube, k8s-openapi, axum or
+//! prometheus: those are the agent's.
+//!
+//! Layout: `open` finds and opens the pinned maps; `views` builds each command's data as serde
+//! structures (the JSON output); `render` turns them into tables and words; `decode` names raw
+//! map fields (flags, protocols, scopes). This file is the command line.
 
 use std::{io::Write as _, net::SocketAddrV4, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use inspect::MapKind;
-use lb_common::{maps::scope, net::proto};
 use serde::Serialize;
+use views::dump::MapKind;
 
-mod inspect;
+mod decode;
+mod open;
+mod render;
+mod views;
 
 /// Inspect the load balancer's eBPF datapath: maps, services, conntrack, counters, and what a
 /// packet would go through.
@@ -75,7 +86,7 @@ enum Output {
     /// Human-readable tables.
     #[default]
     Table,
-    /// JSON (stable field names, see inspect.rs).
+    /// JSON (stable field names, see lbctl/src/views).
     Json,
 }
 
@@ -160,41 +171,42 @@ fn print<T: Serialize>(
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let maps = inspect::open(&cli.bpffs_dir)?;
+    let maps = open::open(&cli.bpffs_dir)?;
     match cli.command {
         Command::Maps(MapsCommand::Dump(args)) => {
             let kinds: Vec<MapKind> = args.map.into_iter().collect();
-            let dump = inspect::dump(&maps, &kinds, args.full).context("reading the maps")?;
-            print(args.output.output, &dump, inspect::render_dump)
+            let dump = views::dump::dump(&maps, &kinds, args.full).context("reading the maps")?;
+            print(args.output.output, &dump, render::dump::text)
         }
         Command::Service(ServiceCommand::List(args)) => {
-            let rows = inspect::service_list(&maps).context("reading the services")?;
-            print(args.output, &rows, |r| inspect::render_services(r))
+            let rows = views::services::list(&maps).context("reading the services")?;
+            print(args.output, &rows, |r| render::services::text(r))
         }
         Command::Ct(CtCommand::List(args)) => {
-            let rows = inspect::ct_list(&maps).context("reading conntrack")?;
-            print(args.output, &rows, |r| inspect::render_flows(r))
+            let rows = views::ct::list(&maps).context("reading conntrack")?;
+            print(args.output, &rows, |r| render::ct::text(r))
         }
         Command::Stats(args) => {
-            let stats = inspect::stats(&maps).context("reading the counters")?;
-            print(args.output, &stats, inspect::render_stats)
+            let stats = views::stats::read(&maps).context("reading the counters")?;
+            print(args.output, &stats, render::stats::text)
         }
         Command::Trace(args) => {
-            let l4 = match args.proto {
-                Proto::Tcp => proto::TCP,
-                Proto::Udp => proto::UDP,
+            let proto = match args.proto {
+                Proto::Tcp => decode::Proto::Tcp,
+                Proto::Udp => decode::Proto::Udp,
             };
             let trace = if args.reply {
-                inspect::trace_reply(&maps, args.src, args.dst, l4)
+                views::trace::reply(&maps, args.src, args.dst, proto)
             } else {
                 let scope = match args.scope {
-                    Scope::Internal => scope::INTERNAL,
-                    Scope::External => scope::EXTERNAL,
+                    Scope::Internal => decode::Scope::Internal,
+                    Scope::External => decode::Scope::External,
                 };
-                inspect::trace_forward(&maps, args.src, args.dst, l4, scope, args.syn)
+                views::trace::forward(&maps, args.src, args.dst, proto, scope, args.syn)
             }
             .context("reading the maps")?;
-            print(args.output.output, &trace, inspect::render_trace)
+            let explained = render::trace::Explained::new(&trace);
+            print(args.output.output, &explained, render::trace::text)
         }
     }
 }

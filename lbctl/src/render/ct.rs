@@ -1,0 +1,42 @@
+//! `lbctl ct list` as a table: one row per flow, each direction's flags and lifetime in words.
+
+use super::{opt, table};
+use crate::views::ct::{CtSide, FlowRow};
+
+pub fn text(rows: &[FlowRow]) -> String {
+    if rows.is_empty() {
+        return "no conntrack entries\n".into();
+    }
+    let mut t = table(&[
+        "proto", "client", "frontend", "backend", "service", "forward", "reply", "snat",
+    ]);
+    for r in rows {
+        t.add_row(vec![
+            r.proto.to_string(),
+            r.client.to_string(),
+            r.frontend.to_string(),
+            format!("{} (id {})", r.backend, r.backend_id),
+            r.set_id.to_string(),
+            side(r.forward.as_ref()),
+            side(r.reply.as_ref()),
+            opt(r.snat),
+        ]);
+    }
+    format!("{t}\n")
+}
+
+fn side(side: Option<&CtSide>) -> String {
+    let Some(s) = side else {
+        return "(none)".to_owned();
+    };
+    let life = if s.expired {
+        format!("expired {}s ago", -s.expires_in_s)
+    } else {
+        format!("{}s left", s.expires_in_s)
+    };
+    if s.flags.is_empty() {
+        life
+    } else {
+        format!("{} {life}", s.flags)
+    }
+}

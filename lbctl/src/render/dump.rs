@@ -1,0 +1,205 @@
+//! `lbctl maps dump` as tables, one per map, titled with its name and entry count.
+
+use std::fmt::Write as _;
+
+use lb_common::maps as names;
+
+use super::{
+    expiry, joined, opt, section,
+    stats::{counters_table, verdicts_table},
+    table,
+};
+use crate::views::dump::Dump;
+
+pub fn text(d: &Dump) -> String {
+    let mut out = String::new();
+    if let Some(rows) = &d.addrs {
+        let mut t = table(&["address", "flags"]);
+        for r in rows {
+            t.add_row(vec![r.addr.to_string(), joined(&r.flags)]);
+        }
+        section(&mut out, names::LB_ADDRS, rows.len(), t);
+    }
+    if let Some(rows) = &d.services {
+        let mut t = table(&[
+            "frontend",
+            "proto",
+            "scope",
+            "service",
+            "backends",
+            "backend id",
+            "table size",
+            "flags",
+            "affinity s",
+            "range id",
+        ]);
+        for r in rows {
+            let s = &r.service;
+            t.add_row(vec![
+                r.frontend.to_string(),
+                r.proto.to_string(),
+                r.scope.to_string(),
+                s.set_id.to_string(),
+                s.backend_count.to_string(),
+                s.backend_id.to_string(),
+                s.table_size.to_string(),
+                joined(&s.flags),
+                s.affinity_timeout_s.to_string(),
+                s.source_range_id.to_string(),
+            ]);
+        }
+        section(&mut out, names::LB_SERVICES, rows.len(), t);
+    }
+    if let Some(rows) = &d.backends {
+        let mut t = table(&["backend id", "address", "flags"]);
+        for r in rows {
+            t.add_row(vec![
+                r.backend_id.to_string(),
+                r.addr.to_string(),
+                joined(&r.flags),
+            ]);
+        }
+        section(&mut out, names::LB_BACKENDS, rows.len(), t);
+    }
+    if let Some(rows) = &d.maglev {
+        let mut t = table(&["service", "table size", "backend id", "slots", "%"]);
+        for r in rows {
+            if let Some(e) = &r.error {
+                t.add_row(vec![
+                    r.set_id.to_string(),
+                    r.table_size.to_string(),
+                    format!("error: {e}"),
+                    String::new(),
+                    String::new(),
+                ]);
+            }
+            for s in &r.backends {
+                t.add_row(vec![
+                    r.set_id.to_string(),
+                    r.table_size.to_string(),
+                    s.backend_id.to_string(),
+                    s.slots.to_string(),
+                    format!("{:.2}", s.percent),
+                ]);
+            }
+        }
+        section(&mut out, names::LB_MAGLEV, rows.len(), t);
+        for r in rows {
+            if let Some(table) = &r.table {
+                let _ = writeln!(out, "service {} table ({} slots):", r.set_id, table.len());
+                for (i, line) in table.chunks(16).enumerate() {
+                    let ids: Vec<String> = line.iter().map(u32::to_string).collect();
+                    let _ = writeln!(out, "  {:>6}: {}", i * 16, ids.join(" "));
+                }
+                out.push('\n');
+            }
+        }
+    }
+    if let Some(rows) = &d.ct {
+        let mut t = table(&[
+            "dir",
+            "src",
+            "dst",
+            "proto",
+            "nat",
+            "backend id",
+            "service",
+            "flags",
+            "expires s",
+            "snat",
+        ]);
+        for r in rows {
+            t.add_row(vec![
+                r.dir.to_string(),
+                r.src.to_string(),
+                r.dst.to_string(),
+                r.proto.to_string(),
+                r.nat.to_string(),
+                r.backend_id.to_string(),
+                r.set_id.to_string(),
+                joined(&r.flags),
+                expiry(r.expires_in_s, r.expired),
+                opt(r.snat),
+            ]);
+        }
+        section(&mut out, names::LB_CT, rows.len(), t);
+    }
+    if let Some(rows) = &d.frags {
+        let mut t = table(&["src", "dst", "ip id", "proto", "src port", "dst port"]);
+        for r in rows {
+            t.add_row(vec![
+                r.src.to_string(),
+                r.dst.to_string(),
+                r.ip_id.to_string(),
+                r.proto.to_string(),
+                r.src_port.to_string(),
+                r.dst_port.to_string(),
+            ]);
+        }
+        section(&mut out, names::LB_FRAGS, rows.len(), t);
+    }
+    if let Some(rows) = &d.svc_stats {
+        section(
+            &mut out,
+            names::LB_SVC_STATS,
+            rows.len(),
+            counters_table(rows),
+        );
+    }
+    if let Some(rows) = &d.verdicts {
+        section(
+            &mut out,
+            names::LB_VERDICTS,
+            rows.len(),
+            verdicts_table(rows),
+        );
+    }
+    if let Some(rows) = &d.src_ranges {
+        let mut t = table(&["range id", "cidr"]);
+        for r in rows {
+            t.add_row(vec![r.range_id.to_string(), r.cidr.clone()]);
+        }
+        section(&mut out, names::LB_SRC_RANGES, rows.len(), t);
+    }
+    if let Some(rows) = &d.affinity {
+        let mut t = table(&[
+            "client",
+            "service",
+            "backend id",
+            "backend",
+            "age s",
+            "timeout s",
+            "expires s",
+        ]);
+        for r in rows {
+            t.add_row(vec![
+                r.client.to_string(),
+                r.set_id.to_string(),
+                r.backend_id.to_string(),
+                opt(r.backend),
+                r.age_s.to_string(),
+                opt(r.timeout_s),
+                r.expires_in_s
+                    .map_or_else(|| "-".into(), |s| expiry(s, s < 0)),
+            ]);
+        }
+        section(&mut out, names::LB_AFFINITY, rows.len(), t);
+    }
+    if let Some(rows) = &d.config {
+        let mut t = table(&["snat address", "snat ports", "snat", "hairpin address"]);
+        for r in rows {
+            t.add_row(vec![
+                r.snat_addr.to_string(),
+                format!("{}-{}", r.snat_port_min, r.snat_port_max),
+                if r.snat_enabled {
+                    "enabled".to_owned()
+                } else {
+                    "disabled (external flows to other nodes' backends are dropped)".to_owned()
+                },
+                r.hairpin_addr.to_string(),
+            ]);
+        }
+        section(&mut out, names::LB_CONFIG, rows.len(), t);
+    }
+    out
+}

@@ -1,0 +1,490 @@
+//! `lbctl maps dump`: every map (or those asked for), each decoded into rows.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use lb_common::{
+    conntrack::{CtEntry, FlowKey},
+    maps::{self as names, Backend, Frontend, FrontendKey, NodeConfig},
+};
+use lb_datapath::{
+    maps::{Maps, MapsError},
+    predict,
+};
+use serde::Serialize;
+
+use super::rows::{
+    self, RangeRow, ServiceCounters, ServiceValue, SlotShare, VerdictRow, error_text, map_err,
+};
+use crate::decode::{
+    AddrFlag, BackendFlag, CtDir, CtFlag, Flags, Proto, SECOND_NS, Scope, seconds_until, socket,
+};
+
+/// One of the datapath's maps, as `lbctl maps dump --map` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MapKind {
+    Addrs,
+    Services,
+    Backends,
+    Maglev,
+    Ct,
+    Frags,
+    SvcStats,
+    Verdicts,
+    SrcRanges,
+    Affinity,
+    Config,
+}
+
+impl MapKind {
+    /// In the order of `lb_common::maps::ALL`.
+    pub const ALL: [Self; 11] = [
+        Self::Addrs,
+        Self::Services,
+        Self::Backends,
+        Self::Maglev,
+        Self::Ct,
+        Self::Frags,
+        Self::SvcStats,
+        Self::Verdicts,
+        Self::SrcRanges,
+        Self::Affinity,
+        Self::Config,
+    ];
+
+    /// The map's name (its pin name and its key in the dump's JSON).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Addrs => names::LB_ADDRS,
+            Self::Services => names::LB_SERVICES,
+            Self::Backends => names::LB_BACKENDS,
+            Self::Maglev => names::LB_MAGLEV,
+            Self::Ct => names::LB_CT,
+            Self::Frags => names::LB_FRAGS,
+            Self::SvcStats => names::LB_SVC_STATS,
+            Self::Verdicts => names::LB_VERDICTS,
+            Self::SrcRanges => names::LB_SRC_RANGES,
+            Self::Affinity => names::LB_AFFINITY,
+            Self::Config => names::LB_CONFIG,
+        }
+    }
+
+    /// The short alias `--map` accepts besides the name.
+    pub const fn alias(self) -> &'static str {
+        match self {
+            Self::Addrs => "addrs",
+            Self::Services => "services",
+            Self::Backends => "backends",
+            Self::Maglev => "maglev",
+            Self::Ct => "ct",
+            Self::Frags => "frags",
+            Self::SvcStats => "stats",
+            Self::Verdicts => "verdicts",
+            Self::SrcRanges => "ranges",
+            Self::Affinity => "affinity",
+            Self::Config => "config",
+        }
+    }
+
+    /// Parses a map name (`LB_CT`, any case) or alias (`ct`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s) || k.alias().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                let valid: Vec<String> = Self::ALL
+                    .iter()
+                    .map(|k| format!("{} ({})", k.name(), k.alias()))
+                    .collect();
+                format!("unknown map `{s}`; valid maps: {}", valid.join(", "))
+            })
+    }
+}
+
+/// A row of `LB_ADDRS`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AddrRow {
+    pub addr: Ipv4Addr,
+    /// `cluster_ip`, `snat` (the node's SNAT address), `hairpin` (the hairpin address); see
+    /// `LB_CONFIG`.
+    pub flags: Flags<AddrFlag>,
+    pub flags_raw: u32,
+}
+
+/// A row of `LB_SERVICES`: a frontend and its service value.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServiceRow {
+    /// `"ip:port"`.
+    pub frontend: SocketAddrV4,
+    pub proto: Proto,
+    pub scope: Scope,
+    #[serde(flatten)]
+    pub service: ServiceValue,
+}
+
+/// An active slot of `LB_BACKENDS`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BackendRow {
+    pub backend_id: u32,
+    pub addr: SocketAddrV4,
+    pub flags: Flags<BackendFlag>,
+    pub flags_raw: u8,
+}
+
+/// The Maglev table of one backend set.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MaglevRow {
+    /// The backend set (`LB_MAGLEV` index); `service_id` in the JSON, whose field names stay.
+    #[serde(rename = "service_id")]
+    pub set_id: u32,
+    pub table_size: u32,
+    /// Slots per backend id, by id.
+    pub backends: Vec<SlotShare>,
+    /// Every slot's backend id (only with `--full`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<Vec<u32>>,
+    /// Why the table could not be read (it should exist: the set has a table size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A conntrack entry of `LB_CT`, decoded.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CtRow {
+    /// `"forward"` (keyed client -> frontend) or `"reply"` (keyed backend -> client).
+    pub dir: CtDir,
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub proto: Proto,
+    pub backend_id: u32,
+    /// The backend set the flow was balanced by; `service_id` in the JSON, whose field names
+    /// stay.
+    #[serde(rename = "service_id")]
+    pub set_id: u32,
+    /// Forward: the backend the flow is DNATed to. Reply: the frontend restored as source.
+    pub nat: SocketAddrV4,
+    pub flags: Flags<CtFlag>,
+    pub flags_raw: u8,
+    /// Seconds until the entry stops counting (negative: expired, awaiting LRU eviction).
+    pub expires_in_s: i64,
+    pub expired: bool,
+    /// Source-NATed flows (flag `snat`) only, else `null`. Forward: the node address and port
+    /// (or, with flag `hairpin`, the hairpin address and port) that replace the client as the
+    /// source. Reply (keyed backend -> that address and port): the client, restored as the
+    /// destination.
+    pub snat: Option<SocketAddrV4>,
+}
+
+/// `LB_CONFIG`: the node's configuration (one row).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConfigRow {
+    /// The address external flows to backends on other nodes are source-NATed to;
+    /// `"0.0.0.0"` when unset.
+    pub snat_addr: Ipv4Addr,
+    /// The SNAT port range, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// Whether the datapath source-NATs: an address is set and the range is not empty.
+    /// Without, new external flows to backends on other nodes are dropped (`drop_snat_ports`).
+    pub snat_enabled: bool,
+    /// The address hairpin flows (a pod balanced to itself) are source-NATed to; `"0.0.0.0"`
+    /// disables that (such flows then fail).
+    pub hairpin_addr: Ipv4Addr,
+}
+
+/// A row of `LB_FRAGS`: the ports of a fragmented datagram.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FragRow {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ip_id: u16,
+    pub proto: Proto,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// A row of `LB_AFFINITY`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AffinityRow {
+    pub client: Ipv4Addr,
+    /// The backend set the client is pinned in; `service_id` in the JSON, whose field names
+    /// stay.
+    #[serde(rename = "service_id")]
+    pub set_id: u32,
+    pub backend_id: u32,
+    /// The backend's address, when its slot is active.
+    pub backend: Option<SocketAddrV4>,
+    /// Seconds since the client's last new connection to the set.
+    pub age_s: u64,
+    pub last_used_ns: u64,
+    /// The set's affinity timeout, when a frontend using that set is installed.
+    pub timeout_s: Option<u32>,
+    /// Seconds until the entry stops counting (negative: expired), with `timeout_s`.
+    pub expires_in_s: Option<i64>,
+}
+
+/// `lbctl maps dump`: one key per dumped map (its name), absent when not asked for.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Dump {
+    #[serde(rename = "LB_ADDRS", skip_serializing_if = "Option::is_none")]
+    pub addrs: Option<Vec<AddrRow>>,
+    #[serde(rename = "LB_SERVICES", skip_serializing_if = "Option::is_none")]
+    pub services: Option<Vec<ServiceRow>>,
+    /// Active slots only.
+    #[serde(rename = "LB_BACKENDS", skip_serializing_if = "Option::is_none")]
+    pub backends: Option<Vec<BackendRow>>,
+    /// One entry per set id that has a table.
+    #[serde(rename = "LB_MAGLEV", skip_serializing_if = "Option::is_none")]
+    pub maglev: Option<Vec<MaglevRow>>,
+    #[serde(rename = "LB_CT", skip_serializing_if = "Option::is_none")]
+    pub ct: Option<Vec<CtRow>>,
+    #[serde(rename = "LB_FRAGS", skip_serializing_if = "Option::is_none")]
+    pub frags: Option<Vec<FragRow>>,
+    /// Non-zero counters only.
+    #[serde(rename = "LB_SVC_STATS", skip_serializing_if = "Option::is_none")]
+    pub svc_stats: Option<Vec<ServiceCounters>>,
+    /// Every reason, zeros included.
+    #[serde(rename = "LB_VERDICTS", skip_serializing_if = "Option::is_none")]
+    pub verdicts: Option<Vec<VerdictRow>>,
+    #[serde(rename = "LB_SRC_RANGES", skip_serializing_if = "Option::is_none")]
+    pub src_ranges: Option<Vec<RangeRow>>,
+    #[serde(rename = "LB_AFFINITY", skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Vec<AffinityRow>>,
+    /// One row.
+    #[serde(rename = "LB_CONFIG", skip_serializing_if = "Option::is_none")]
+    pub config: Option<Vec<ConfigRow>>,
+}
+
+/// Reads the maps in `kinds` (every map when empty). `full` keeps every Maglev slot.
+pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsError> {
+    let want = |k: MapKind| kinds.is_empty() || kinds.contains(&k);
+    let now = predict::coarse_now_ns();
+    let mut out = Dump::default();
+    let needs_services =
+        want(MapKind::Services) || want(MapKind::Maglev) || want(MapKind::Affinity);
+    let services = if needs_services {
+        rows::read_services(maps)?
+    } else {
+        Vec::new()
+    };
+    if want(MapKind::Addrs) {
+        out.addrs = Some(read_addrs(maps)?);
+    }
+    if want(MapKind::Services) {
+        out.services = Some(services.iter().map(|(k, v)| service_row(k, v)).collect());
+    }
+    if want(MapKind::Backends) {
+        out.backends = Some(
+            rows::read_backends(maps)?
+                .into_iter()
+                .map(|(id, b)| BackendRow {
+                    backend_id: id,
+                    addr: socket(b.addr, b.port),
+                    flags: Flags::decode(b.flags),
+                    flags_raw: b.flags,
+                })
+                .collect(),
+        );
+    }
+    if want(MapKind::Maglev) {
+        out.maglev = Some(read_maglev(maps, &services, full));
+    }
+    if want(MapKind::Ct) {
+        out.ct = Some(
+            rows::read_ct(maps)?
+                .values()
+                .map(|(k, e)| ct_row(k, e, now))
+                .collect(),
+        );
+    }
+    if want(MapKind::Frags) {
+        out.frags = Some(read_frags(maps)?);
+    }
+    if want(MapKind::SvcStats) {
+        out.svc_stats = Some(rows::read_svc_stats(maps)?);
+    }
+    if want(MapKind::Verdicts) {
+        out.verdicts = Some(rows::read_verdicts(maps)?);
+    }
+    if want(MapKind::SrcRanges) {
+        out.src_ranges = Some(rows::read_ranges(maps)?);
+    }
+    if want(MapKind::Affinity) {
+        out.affinity = Some(read_affinity(maps, &services, now)?);
+    }
+    if want(MapKind::Config) {
+        out.config = Some(vec![config_row(&predict::node_config(maps)?)]);
+    }
+    Ok(out)
+}
+
+fn read_addrs(maps: &Maps) -> Result<Vec<AddrRow>, MapsError> {
+    let mut rows = BTreeMap::new();
+    for item in maps.addrs.iter() {
+        let (addr, info) = item.map_err(map_err(names::LB_ADDRS))?;
+        rows.insert(addr.to_host(), (addr, info));
+    }
+    Ok(rows
+        .into_values()
+        .map(|(addr, info)| AddrRow {
+            addr: addr.to_ip(),
+            flags: Flags::decode(info.flags),
+            flags_raw: info.flags,
+        })
+        .collect())
+}
+
+fn service_row(key: &FrontendKey, value: &Frontend) -> ServiceRow {
+    ServiceRow {
+        frontend: socket(key.addr, key.port),
+        proto: key.proto.into(),
+        scope: key.scope.into(),
+        service: value.into(),
+    }
+}
+
+/// One row per backend set with a table; a table that cannot be read is a row with its error.
+fn read_maglev(maps: &Maps, services: &[(FrontendKey, Frontend)], full: bool) -> Vec<MaglevRow> {
+    rows::tabled_sets(services)
+        .into_iter()
+        .map(
+            |(set_id, table_size)| match maps.maglev_table(set_id, table_size) {
+                Ok(table) => MaglevRow {
+                    set_id,
+                    table_size,
+                    backends: rows::shares(&table),
+                    table: full.then_some(table),
+                    error: None,
+                },
+                Err(e) => MaglevRow {
+                    set_id,
+                    table_size,
+                    backends: Vec::new(),
+                    table: None,
+                    error: Some(error_text(&e)),
+                },
+            },
+        )
+        .collect()
+}
+
+fn ct_row(key: &FlowKey, entry: &CtEntry, now: u64) -> CtRow {
+    CtRow {
+        dir: key.dir.into(),
+        src: socket(key.src_addr, key.src_port),
+        dst: socket(key.dst_addr, key.dst_port),
+        proto: key.proto.into(),
+        backend_id: entry.backend_id,
+        set_id: entry.set_id,
+        nat: socket(entry.nat_addr, entry.nat_port),
+        flags: Flags::decode(entry.flags),
+        flags_raw: entry.flags,
+        expires_in_s: seconds_until(entry.deadline_ns, now),
+        expired: now >= entry.deadline_ns,
+        snat: rows::snat_of(entry),
+    }
+}
+
+fn config_row(config: &NodeConfig) -> ConfigRow {
+    ConfigRow {
+        snat_addr: config.snat_addr.to_ip(),
+        snat_port_min: config.snat_port_min,
+        snat_port_max: config.snat_port_max,
+        snat_enabled: config.snat_configured(),
+        hairpin_addr: config.hairpin_addr.to_ip(),
+    }
+}
+
+fn read_frags(maps: &Maps) -> Result<Vec<FragRow>, MapsError> {
+    let mut rows = BTreeMap::new();
+    for item in maps.frags.iter() {
+        let (key, entry) = item.map_err(map_err(names::LB_FRAGS))?;
+        let order = (
+            key.src_addr.to_host(),
+            key.dst_addr.to_host(),
+            key.ip_id.to_host(),
+            key.proto,
+        );
+        rows.insert(
+            order,
+            FragRow {
+                src: key.src_addr.to_ip(),
+                dst: key.dst_addr.to_ip(),
+                ip_id: key.ip_id.to_host(),
+                proto: key.proto.into(),
+                src_port: entry.src_port.to_host(),
+                dst_port: entry.dst_port.to_host(),
+            },
+        );
+    }
+    Ok(rows.into_values().collect())
+}
+
+fn read_affinity(
+    maps: &Maps,
+    services: &[(FrontendKey, Frontend)],
+    now: u64,
+) -> Result<Vec<AffinityRow>, MapsError> {
+    let timeouts: BTreeMap<u32, u32> = services
+        .iter()
+        .map(|(_, s)| (s.set_id, s.affinity_timeout_s))
+        .collect();
+    let mut rows = BTreeMap::new();
+    for item in maps.affinity.iter() {
+        let (key, entry) = item.map_err(map_err(names::LB_AFFINITY))?;
+        let timeout_s = timeouts.get(&key.set_id).copied();
+        let backend = maps
+            .backends
+            .get(&entry.backend_id, 0)
+            .ok()
+            .filter(Backend::is_active)
+            .map(|b| socket(b.addr, b.port));
+        rows.insert(
+            (key.client.to_host(), key.set_id),
+            AffinityRow {
+                client: key.client.to_ip(),
+                set_id: key.set_id,
+                backend_id: entry.backend_id,
+                backend,
+                age_s: now.saturating_sub(entry.last_used_ns) / SECOND_NS,
+                last_used_ns: entry.last_used_ns,
+                timeout_s,
+                expires_in_s: timeout_s.map(|t| {
+                    seconds_until(
+                        entry.last_used_ns.saturating_add(u64::from(t) * SECOND_NS),
+                        now,
+                    )
+                }),
+            },
+        );
+    }
+    Ok(rows.into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_names_and_aliases_parse() {
+        for k in MapKind::ALL {
+            assert_eq!(MapKind::parse(k.name()), Ok(k));
+            assert_eq!(MapKind::parse(k.alias()), Ok(k));
+            assert_eq!(MapKind::parse(&k.name().to_lowercase()), Ok(k));
+        }
+        assert_eq!(
+            MapKind::ALL.map(MapKind::name),
+            names::ALL,
+            "MapKind follows lb_common::maps::ALL"
+        );
+        let err = MapKind::parse("nope").unwrap_err();
+        assert!(
+            err.contains("LB_CT (ct)")
+                && err.contains("LB_AFFINITY (affinity)")
+                && err.contains("LB_CONFIG (config)"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,134 @@
+//! `lbctl service list`: one row per frontend, with its backend set's backends (their share of
+//! the Maglev table), source ranges and counters.
+
+use std::{collections::BTreeMap, net::SocketAddrV4};
+
+use lb_common::maps::{Backend, addr_flags, backend_flags};
+use lb_datapath::maps::{Maps, MapsError};
+use serde::Serialize;
+
+use super::rows::{self, ServiceValue, SlotShare};
+use crate::decode::{Proto, Scope, display_serialized, socket};
+
+/// A backend of a service, as far as the maps tell (weights are not stored: the share of Maglev
+/// slots is what the datapath acts on).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServiceBackend {
+    pub backend_id: u32,
+    pub state: BackendState,
+    /// The backend's address (active backends only).
+    pub addr: Option<SocketAddrV4>,
+    pub local: bool,
+    /// Maglev slots pointing at it; `null` for a single backend (no table).
+    pub slots: Option<u32>,
+    /// Share of the table (100 for a single backend).
+    pub percent: f64,
+}
+
+/// Whether a backend the set names is there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    Active,
+    /// Its slot in `LB_BACKENDS` holds no backend: new flows hashed to it are dropped until
+    /// the agent repairs the service.
+    Missing,
+}
+
+display_serialized!(BackendState);
+
+/// `lbctl service list`: one row per frontend.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServiceListRow {
+    /// `"ip:port"`.
+    pub frontend: SocketAddrV4,
+    pub proto: Proto,
+    pub scope: Scope,
+    /// The frontend address is a ClusterIP (unknown ports are rejected).
+    pub cluster_ip: bool,
+    #[serde(flatten)]
+    pub service: ServiceValue,
+    /// CIDRs of `source_range_id` (empty when it is 0).
+    pub source_ranges: Vec<String>,
+    pub backends: Vec<ServiceBackend>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    /// Why the Maglev table could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One row per frontend: its service, backends (from the Maglev table or the single backend),
+/// source ranges and counters.
+pub fn list(maps: &Maps) -> Result<Vec<ServiceListRow>, MapsError> {
+    let services = rows::read_services(maps)?;
+    let ranges = rows::read_ranges(maps)?;
+    let mut tables: BTreeMap<(u32, u32), Result<Vec<SlotShare>, String>> = BTreeMap::new();
+    for (id, size) in rows::tabled_sets(&services) {
+        let table = maps
+            .maglev_table(id, size)
+            .map(|t| rows::shares(&t))
+            .map_err(|e| rows::error_text(&e));
+        tables.insert((id, size), table);
+    }
+    let mut out = Vec::new();
+    for (key, svc) in &services {
+        let cluster_ip = maps
+            .addrs
+            .get(&key.addr, 0)
+            .is_ok_and(|a| a.flags & addr_flags::CLUSTER_IP != 0);
+        let mut error = None;
+        let backends = if svc.backend_count == 0 {
+            Vec::new()
+        } else if svc.table_size == 0 {
+            vec![backend(maps, svc.backend_id, None, 0)]
+        } else {
+            match &tables[&(svc.set_id, svc.table_size)] {
+                Ok(shares) => shares
+                    .iter()
+                    .map(|s| backend(maps, s.backend_id, Some(s.slots), svc.table_size))
+                    .collect(),
+                Err(e) => {
+                    error = Some(e.clone());
+                    Vec::new()
+                }
+            }
+        };
+        let counters = maps.service_totals(svc.set_id)?;
+        out.push(ServiceListRow {
+            frontend: socket(key.addr, key.port),
+            proto: key.proto.into(),
+            scope: key.scope.into(),
+            cluster_ip,
+            service: svc.into(),
+            source_ranges: ranges
+                .iter()
+                .filter(|r| svc.source_range_id != 0 && r.range_id == svc.source_range_id)
+                .map(|r| r.cidr.clone())
+                .collect(),
+            backends,
+            packets: counters.packets,
+            bytes: counters.bytes,
+            new_flows: counters.new_flows,
+            error,
+        });
+    }
+    Ok(out)
+}
+
+fn backend(maps: &Maps, id: u32, slots: Option<u32>, size: u32) -> ServiceBackend {
+    let backend = maps.backends.get(&id, 0).ok().filter(Backend::is_active);
+    ServiceBackend {
+        backend_id: id,
+        state: if backend.is_some() {
+            BackendState::Active
+        } else {
+            BackendState::Missing
+        },
+        addr: backend.map(|b| socket(b.addr, b.port)),
+        local: backend.is_some_and(|b| b.flags & backend_flags::LOCAL != 0),
+        slots,
+        percent: slots.map_or(100.0, |s| rows::percent(s, size)),
+    }
+}
