@@ -1,7 +1,8 @@
-//! Running commands, with privileges when needed.
+//! Running commands (with privileges when needed) and finding the workspace's root.
 
 use std::{
-    path::Path,
+    fs,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -57,4 +58,11 @@ pub fn run_privileged(program: &str, args: &[&str]) -> Result<()> {
         eprintln!("xtask: not root; running {program} under sudo");
         run(Command::new("sudo").arg("-E").arg(program).args(args))
     }
+}
+
+/// The workspace's root directory (xtask's parent).
+pub fn workspace_root() -> Result<PathBuf> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest.parent().context("xtask is not in a workspace")?;
+    fs::canonicalize(root).with_context(|| format!("cannot resolve {}", root.display()))
 }

@@ -106,7 +106,7 @@ const PLAN: [Step; 7] = [
 
 pub fn run() -> Result<()> {
     let started = Instant::now();
-    let root = workspace_root()?;
+    let root = util::workspace_root()?;
     let target = target_dir(&root);
     let cache = target.join("vm-cache");
     fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
@@ -171,12 +171,6 @@ pub fn run() -> Result<()> {
             log.display()
         ),
     }
-}
-
-fn workspace_root() -> Result<PathBuf> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let root = manifest.parent().context("xtask is not in a workspace")?;
-    fs::canonicalize(root).with_context(|| format!("cannot resolve {}", root.display()))
 }
 
 fn target_dir(root: &Path) -> PathBuf {
