@@ -452,7 +452,7 @@ pub fn service(
                 None,
                 vec![error(format!(
                     "port {number}/{} is listed twice",
-                    lb_common::net::proto::name(port_proto)
+                    proto::name(port_proto)
                 ))],
             );
         }

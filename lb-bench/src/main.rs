@@ -140,7 +140,7 @@ fn arguments() -> String {
 }
 
 fn now_stamp() -> String {
-    let out = std::process::Command::new("date")
+    let out = Command::new("date")
         .args(["-u", "+%Y-%m-%dT%H-%M-%SZ"])
         .output();
     out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())

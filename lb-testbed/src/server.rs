@@ -192,7 +192,7 @@ pub fn connect_from(local: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> R
         }
         Ok(())
     };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: plain socket(2).
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     check(fd, "socket")?;
@@ -210,22 +210,18 @@ pub fn connect_from(local: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> R
             libc::SOL_SOCKET,
             libc::SO_SNDTIMEO,
             (&raw const tv).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            size_of::<libc::timeval>() as libc::socklen_t,
         )
     };
     check(ret, "setting the connect timeout")?;
     let from = sockaddr(SocketAddrV4::new(local, 0));
     // SAFETY: bind with a sockaddr_in of the length given.
-    check(
-        unsafe { libc::bind(fd, (&raw const from).cast(), len) },
-        "binding",
-    )?;
+    let ret = unsafe { libc::bind(fd, (&raw const from).cast(), len) };
+    check(ret, "binding")?;
     let to = sockaddr(addr);
     // SAFETY: connect with a sockaddr_in of the length given.
-    check(
-        unsafe { libc::connect(fd, (&raw const to).cast(), len) },
-        "connecting",
-    )?;
+    let ret = unsafe { libc::connect(fd, (&raw const to).cast(), len) };
+    check(ret, "connecting")?;
     Ok(TcpStream::from(socket))
 }
 

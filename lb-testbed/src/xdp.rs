@@ -185,14 +185,7 @@ fn link_create(prog: &OwnedFd, ifindex: u32) -> io::Result<OwnedFd> {
 fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<OwnedFd> {
     // SAFETY: `attr` is a #[repr(C)] head of `union bpf_attr` of the size passed; the pointers
     // it holds outlive the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_ref(attr),
-            std::mem::size_of::<T>(),
-        )
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_ref(attr), size_of::<T>()) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -1,10 +1,11 @@
-//! Project tasks: `setup` (install what a fresh machine lacks), `test` (every test), `vm-test`
-//! (the datapath and the agent on an older kernel, under qemu), `demo` (the README's first
-//! command) and `bench`.
+//! Project tasks: `setup` (install what a fresh machine lacks), `check` (formatting and lints),
+//! `test` (`check`, then every test), `vm-test` (the datapath and the agent on an older kernel,
+//! under qemu), `demo` (the README's first command) and `bench`.
 //!
 //! xtask depends on nothing of the project, so it builds on a machine where the BPF toolchain is
 //! not installed yet: that is what `setup` is for.
 
+mod check;
 mod previous;
 mod setup;
 mod util;
@@ -24,8 +25,12 @@ struct Cli {
 enum Task {
     /// Install the toolchain pieces and Debian packages this project needs (idempotent).
     Setup,
-    /// Run every test: unit, datapath (BPF_PROG_TEST_RUN) and end-to-end in network namespaces,
-    /// then `vm-test` (skipped with --no-vm or when test arguments are given).
+    /// Check formatting (rustfmt) and lints (clippy, warnings denied) of every crate, the BPF
+    /// programs included (with the nightly toolchain). Needs `cargo xtask setup` once.
+    Check,
+    /// Run `check` (stopping if it fails), then every test: unit, datapath (BPF_PROG_TEST_RUN)
+    /// and end-to-end in network namespaces, then `vm-test` (skipped with --no-vm or when test
+    /// arguments are given).
     Test {
         /// Skip the VM test on the older kernel.
         #[arg(long)]
@@ -52,8 +57,10 @@ fn main() -> Result<()> {
     forget_cargo_run_env();
     match Cli::parse().task {
         Task::Setup => setup::run(),
+        Task::Check => check::run(),
         Task::Test { no_vm, args } => {
             setup::run()?;
+            check::run()?;
             test(&args)?;
             if no_vm || !args.is_empty() {
                 return Ok(());

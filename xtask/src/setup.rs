@@ -1,8 +1,9 @@
 //! `cargo xtask setup`: installs, idempotently and one line per step, what a fresh machine of
 //! this kind lacks to build and test the project.
 //!
-//! * the nightly toolchain's `rust-src` (BPF programs are built with `-Z build-std=core`) and
-//!   `llvm-tools`;
+//! * rustfmt and clippy for the toolchain running xtask (`cargo xtask check`);
+//! * the nightly toolchain's `rust-src` (BPF programs are built with `-Z build-std=core`),
+//!   `llvm-tools` and clippy (`cargo xtask check` lints the BPF programs with it);
 //! * bpf-linker, built against the nightly toolchain's own libLLVM, so that the linker and rustc
 //!   agree on the LLVM version (a mismatch produces objects the linker cannot read);
 //! * the Debian packages the tests, the demo and the benchmarks use (netperf lives in the
@@ -19,8 +20,11 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::util::{self, output};
 
-const NIGHTLY: &str = "nightly";
-const COMPONENTS: [&str; 2] = ["rust-src", "llvm-tools"];
+/// The toolchain that builds the BPF programs (aya-build's default) and lints them.
+pub const NIGHTLY: &str = "nightly";
+const NIGHTLY_COMPONENTS: [&str; 3] = ["rust-src", "llvm-tools", "clippy"];
+/// What `cargo xtask check` needs of the toolchain running xtask, which builds everything else.
+const COMPONENTS: [&str; 2] = ["rustfmt", "clippy"];
 /// The bpf-linker release that matches aya 0.14.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -53,8 +57,9 @@ const PACKAGES: [(&str, &str); 9] = [
 ];
 
 pub fn run() -> Result<()> {
+    components(&Toolchain::running(), &COMPONENTS)?;
     nightly()?;
-    components()?;
+    components(&Toolchain::nightly(), &NIGHTLY_COMPONENTS)?;
     bpf_linker()?;
     packages()?;
     Ok(())
@@ -78,17 +83,53 @@ fn nightly() -> Result<()> {
     util::run(rustup().args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))
 }
 
-fn components() -> Result<()> {
+/// A rustup toolchain, as `rustup --toolchain` takes it and as the setup lines name it.
+struct Toolchain {
+    /// `None`: the one rustup picks for this directory.
+    name: Option<String>,
+    label: String,
+}
+
+impl Toolchain {
+    fn nightly() -> Self {
+        Self {
+            name: Some(NIGHTLY.to_owned()),
+            label: NIGHTLY.to_owned(),
+        }
+    }
+
+    /// The toolchain that runs xtask: rustup names it in `RUSTUP_TOOLCHAIN` for the programs it
+    /// starts (`stable-x86_64-unknown-linux-gnu`, shown as `stable`).
+    fn running() -> Self {
+        let name = env::var("RUSTUP_TOOLCHAIN").ok();
+        let host = format!("-{}-unknown-linux-gnu", env::consts::ARCH);
+        let label = name
+            .as_deref()
+            .map_or("active toolchain", |n| n.strip_suffix(&host).unwrap_or(n))
+            .to_owned();
+        Self { name, label }
+    }
+
+    fn rustup(&self, args: &[&str]) -> Command {
+        let mut cmd = rustup();
+        cmd.args(args);
+        if let Some(name) = &self.name {
+            cmd.args(["--toolchain", name]);
+        }
+        cmd
+    }
+}
+
+fn components(toolchain: &Toolchain, components: &[&str]) -> Result<()> {
     let installed =
-        output(rustup().args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
-            .unwrap_or_default();
-    for component in COMPONENTS {
-        let what = format!("nightly component {component}");
+        output(&mut toolchain.rustup(&["component", "list", "--installed"])).unwrap_or_default();
+    for component in components {
+        let what = format!("{} component {component}", toolchain.label);
         if installed.lines().any(|l| l.starts_with(component)) {
             step(&what, "present");
         } else {
             step(&what, "installing");
-            util::run(rustup().args(["component", "add", component, "--toolchain", NIGHTLY]))?;
+            util::run(&mut toolchain.rustup(&["component", "add", component]))?;
         }
     }
     Ok(())

@@ -1,23 +1,12 @@
-//! Running commands, with privileges when needed.
+//! Running commands (with privileges when needed) and finding the workspace's root.
 
 use std::{
+    fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
-
-/// The workspace's root directory.
-pub fn workspace_root() -> Result<PathBuf> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let root = manifest.parent().context("xtask is not in a workspace")?;
-    std::fs::canonicalize(root).with_context(|| format!("cannot resolve {}", root.display()))
-}
-
-/// Cargo's target directory for the workspace at `root`.
-pub fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d))
-}
 
 /// Runs `cmd`, inheriting stdio; fails with the command line when it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
@@ -71,4 +60,16 @@ pub fn run_privileged(program: &str, args: &[&str]) -> Result<()> {
         eprintln!("xtask: not root; running {program} under sudo");
         run(Command::new("sudo").arg("-E").arg(program).args(args))
     }
+}
+
+/// The workspace's root directory (xtask's parent).
+pub fn workspace_root() -> Result<PathBuf> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest.parent().context("xtask is not in a workspace")?;
+    fs::canonicalize(root).with_context(|| format!("cannot resolve {}", root.display()))
+}
+
+/// Cargo's target directory for the workspace at `root`.
+pub fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d))
 }

@@ -363,11 +363,10 @@ pub fn one_endpoint_change_in(
     let mut current = services.to_vec();
     let mut timings = Vec::with_capacity(k);
     for i in 0..k {
-        let left = match budget {
-            Some(b) if started.elapsed() >= b => break,
-            Some(b) => Some(b - started.elapsed()),
-            None => None,
-        };
+        let left = budget.map(|b| b.saturating_sub(started.elapsed()));
+        if left == Some(Duration::ZERO) {
+            break;
+        }
         let change = if i % 2 == 0 {
             EndpointChange::Add(extra)
         } else {

@@ -1,0 +1,140 @@
+//! Boots the guest under qemu (TCG: no KVM needed) and reads its serial console: every line is
+//! shown with the time since boot, logged, and handed to the plan's reader. The VM is killed
+//! when it overruns its time or the task stops early.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    path::Path,
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use super::{packages::Kernel, plan::Outcome};
+
+/// The whole VM run, boot to power-off, at most (it takes about a minute and a half).
+const VM_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+pub(super) fn boot(qemu: &Path, kernel: &Kernel, initrd: &Path, log: &Path) -> Result<Outcome> {
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-nodefaults", "-no-user-config", "-no-reboot"])
+        .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max"])
+        .args(["-m", "2G", "-smp", "2"])
+        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args([
+            "-append",
+            "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=4 net.ifnames=0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    println!(
+        "vm-test: booting {} under qemu (TCG, 2 CPUs, 2 GiB); up to {} min",
+        kernel.release,
+        VM_TIMEOUT.as_secs() / 60
+    );
+    let mut child = Qemu(
+        cmd.spawn()
+            .with_context(|| format!("cannot start {qemu:?}"))?,
+    );
+    let stdout = child.0.stdout.take().expect("piped");
+    let stderr = child.0.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel::<String>();
+    let tx2 = tx.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let line = String::from_utf8_lossy(&line)
+                .trim_end_matches('\r')
+                .to_owned();
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx2.send(format!("qemu: {line}")).is_err() {
+                return;
+            }
+        }
+    });
+
+    let mut log_file =
+        fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let started = Instant::now();
+    let deadline = started + VM_TIMEOUT;
+    let mut outcome = Outcome::default();
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            child.stop();
+            println!(
+                "vm-test: timeout after {} s: VM killed",
+                VM_TIMEOUT.as_secs()
+            );
+            outcome.summary.push(format!(
+                "timeout after {} s: the VM was killed",
+                VM_TIMEOUT.as_secs()
+            ));
+            break;
+        }
+        match rx.recv_timeout((deadline - now).min(Duration::from_secs(1))) {
+            Ok(line) => {
+                println!("[{:>5.1}] {line}", started.elapsed().as_secs_f64());
+                writeln!(
+                    log_file,
+                    "[{:>6.1}] {line}",
+                    started.elapsed().as_secs_f64()
+                )?;
+                outcome.note(&line);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if child.0.try_wait()?.is_some() {
+                    // Drain what is left.
+                    while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                        println!("[{:>5.1}] {line}", started.elapsed().as_secs_f64());
+                        writeln!(
+                            log_file,
+                            "[{:>6.1}] {line}",
+                            started.elapsed().as_secs_f64()
+                        )?;
+                        outcome.note(&line);
+                    }
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = child.0.wait();
+                break;
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// The running VM: killed when this goes out of scope before it powered off (a timeout, an
+/// error while reading its console), so that no qemu outlives the task.
+struct Qemu(std::process::Child);
+
+impl Qemu {
+    fn stop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(Some(_))) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
