@@ -412,11 +412,7 @@ pub const fn reply_after_forward(
 }
 
 #[cfg(feature = "user")]
-mod user {
-    // SAFETY: repr(C), padding-free (bytemuck derive), valid for every bit pattern.
-    unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::CtEntry {}
-}
+aya_pod!(FlowKey, CtEntry);
 
 #[cfg(test)]
 mod tests {

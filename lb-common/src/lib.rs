@@ -13,6 +13,23 @@
 //! feature): every crate of the project may depend on it.
 #![no_std]
 
+/// Implements `aya::Pod` (what aya's typed maps require of keys and values) for types that are
+/// `bytemuck::Pod`, which the compiler checks: `repr(C)` or transparent, no padding, valid for
+/// every bit pattern.
+#[cfg(feature = "user")]
+macro_rules! aya_pod {
+    ($($t:ty),* $(,)?) => {
+        $(
+            const _: fn() = || {
+                fn is_bytemuck_pod<T: bytemuck::Pod>() {}
+                is_bytemuck_pod::<$t>();
+            };
+            // SAFETY: `bytemuck::Pod` (checked just above) promises everything `aya::Pod` needs.
+            unsafe impl aya::Pod for $t {}
+        )*
+    };
+}
+
 pub mod conntrack;
 pub mod csum;
 pub mod hash;

@@ -500,19 +500,17 @@ const _: () = {
 };
 
 #[cfg(feature = "user")]
-mod user {
-    // SAFETY: each type is repr(C), padding-free (checked by the bytemuck::Pod derive) and valid
-    // for every bit pattern.
-    unsafe impl aya::Pod for super::AddrInfo {}
-    unsafe impl aya::Pod for super::FrontendKey {}
-    unsafe impl aya::Pod for super::Frontend {}
-    unsafe impl aya::Pod for super::Backend {}
-    unsafe impl aya::Pod for super::FragKey {}
-    unsafe impl aya::Pod for super::FragEntry {}
-    unsafe impl aya::Pod for super::SetStats {}
-    unsafe impl aya::Pod for super::Counter {}
-    unsafe impl aya::Pod for super::SourceRange {}
-    unsafe impl aya::Pod for super::AffinityKey {}
-    unsafe impl aya::Pod for super::AffinityEntry {}
-    unsafe impl aya::Pod for super::NodeConfig {}
-}
+aya_pod!(
+    AddrInfo,
+    FrontendKey,
+    Frontend,
+    Backend,
+    FragKey,
+    FragEntry,
+    SetStats,
+    Counter,
+    SourceRange,
+    AffinityKey,
+    AffinityEntry,
+    NodeConfig
+);

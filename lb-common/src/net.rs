@@ -118,8 +118,4 @@ pub mod tcp_flags {
 }
 
 #[cfg(feature = "user")]
-mod user {
-    // SAFETY: transparent wrappers around plain integers.
-    unsafe impl aya::Pod for super::Be32 {}
-    unsafe impl aya::Pod for super::Be16 {}
-}
+aya_pod!(Be32, Be16);

@@ -72,30 +72,30 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
     }
     let now = ct::now();
 
-    if let Some(entry) = LB_CT.get_ptr_mut(&flow) {
-        if let Some(backend) = ct::live_backend(entry, l4.tcp_flags, now) {
-            if ct::touch(entry, ip.proto, l4.tcp_flags, now) {
-                ct::refresh_reply(&flow, entry, now);
-            }
-            // SAFETY: map value from a successful lookup.
-            let e = unsafe { *entry };
-            if e.routed() {
-                // Decided once, on this branch alone: the verifier cannot tell that a second test
-                // of the same flag would go the same way.
-                let route = match route(frame, ip, &e, &backend, len) {
-                    Ok(route) => route,
-                    Err(action) => return action,
-                };
-                if let Err(action) = established(frame, ip, &l4, &e, &backend, len) {
-                    return action;
-                }
-                return fib::send(frame, route, len);
-            }
+    if let Some(entry) = LB_CT.get_ptr_mut(&flow)
+        && let Some(backend) = ct::live_backend(entry, l4.tcp_flags, now)
+    {
+        if ct::touch(entry, ip.proto, l4.tcp_flags, now) {
+            ct::refresh_reply(&flow, entry, now);
+        }
+        // SAFETY: map value from a successful lookup.
+        let e = unsafe { *entry };
+        if e.routed() {
+            // Decided once, on this branch alone: the verifier cannot tell that a second test
+            // of the same flag would go the same way.
+            let route = match route(frame, ip, &e, &backend, len) {
+                Ok(route) => route,
+                Err(action) => return action,
+            };
             if let Err(action) = established(frame, ip, &l4, &e, &backend, len) {
                 return action;
             }
-            return unrouted(frame, &e);
+            return fib::send(frame, route, len);
         }
+        if let Err(action) = established(frame, ip, &l4, &e, &backend, len) {
+            return action;
+        }
+        return unrouted(frame, &e);
     }
 
     let key = FrontendKey {
@@ -190,7 +190,10 @@ fn unrouted<F: Frame>(frame: &mut F, entry: &CtEntry) -> Action {
 /// A new flow to a known frontend: pick a backend, record the flow, DNAT (and SNAT when it came
 /// from outside and the backend runs on another node).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the packet's parsed headers and the flow's state, passed apart to stay in registers"
+)]
 fn new_flow<F: Frame>(
     frame: &mut F,
     ip: &Ipv4,

@@ -249,7 +249,7 @@ impl TcFrame {
     pub fn verdict(&self, action: Action) -> i32 {
         match action {
             Action::Pass => TC_ACT_UNSPEC,
-            Action::Drop => TC_ACT_SHOT as i32,
+            Action::Drop => TC_ACT_SHOT,
             // Redirecting to the receiving device's egress sends the packet back where it came
             // from.
             Action::Bounce => Self::redirect(self.ingress_ifindex()),
@@ -266,9 +266,9 @@ impl TcFrame {
                     bpf_redirect_neigh(ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
                 };
                 if ret == TC_ACT_REDIRECT as i64 {
-                    TC_ACT_REDIRECT as i32
+                    TC_ACT_REDIRECT
                 } else {
-                    TC_ACT_SHOT as i32
+                    TC_ACT_SHOT
                 }
             }
         }
@@ -279,9 +279,9 @@ impl TcFrame {
         // SAFETY: plain helper call.
         let ret = unsafe { bpf_redirect(ifindex, 0) };
         if ret == TC_ACT_REDIRECT as i64 {
-            TC_ACT_REDIRECT as i32
+            TC_ACT_REDIRECT
         } else {
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }
@@ -349,6 +349,10 @@ impl Frame for TcFrame {
     }
 
     #[inline(always)]
+    #[expect(
+        clippy::misnamed_getters,
+        reason = "at tc ingress the skb's device is the one it arrived on"
+    )]
     fn ingress_ifindex(&self) -> u32 {
         // SAFETY: reading a field of our own skb. At tc ingress the skb's device is the one it
         // arrived on.

@@ -29,9 +29,7 @@ pub fn bounce<F: Frame>(frame: &mut F) -> Action {
     };
     // SAFETY: bounds-checked by `ptr_at`.
     unsafe {
-        let dst = (*eth).dst;
-        (*eth).dst = (*eth).src;
-        (*eth).src = dst;
+        core::mem::swap(&mut (*eth).dst, &mut (*eth).src);
     }
     Action::Bounce
 }

@@ -19,6 +19,12 @@
 // Register self-moves in inline asm hide packet offsets from LLVM (see `frame::ptr_at`).
 #![feature(asm_experimental_arch)]
 #![deny(clippy::indexing_slicing)]
+// aya-ebpf's map methods take `impl Borrow<K>`: passing references keeps keys and values from
+// being copied onto the 512-byte BPF stack again.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values are passed by reference on purpose"
+)]
 
 mod ct;
 mod fib;

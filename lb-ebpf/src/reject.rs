@@ -39,10 +39,8 @@ pub fn reject<F: Frame>(frame: &mut F, ip: &Ipv4, l4: Option<&L4>) -> Action {
 #[inline(always)]
 fn sum_words<const N: usize>(words: &[u16; N]) -> u64 {
     let mut sum = 0u64;
-    let mut i = 0;
-    while i < N {
-        sum += words[i] as u64;
-        i += 1;
+    for word in words {
+        sum += *word as u64;
     }
     sum
 }

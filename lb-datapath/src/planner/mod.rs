@@ -191,7 +191,7 @@ pub fn plan(
     for key in keys.iter().filter(|k| !skip_key(k)) {
         match desired.frontends.get(key) {
             Some(f) => upsert_frontend(f, current, &mut plan, &mut touched_addrs),
-            None => remove_frontend(&*key, current, &mut plan, &mut touched_addrs),
+            None => remove_frontend(key, current, &mut plan, &mut touched_addrs),
         }
     }
     if matches!(extent, Extent::All) {
@@ -328,7 +328,7 @@ fn overflowing(
             .collect();
         let new_addrs: BTreeSet<Be32> = service_frontends
             .iter()
-            .map(|f| Be32::from(f.key.addr))
+            .map(|f| f.key.addr)
             .filter(|a| !current.addrs.contains_key(a) && !seen_addrs.contains(a))
             .collect();
         let new_ranges: usize = service_frontends

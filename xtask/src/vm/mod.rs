@@ -29,11 +29,7 @@ mod packages;
 mod plan;
 mod qemu;
 
-use std::{
-    fs,
-    path::PathBuf,
-    time::Instant,
-};
+use std::{fs, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 
