@@ -15,8 +15,6 @@ use lb_bench::kubeproxy::{
     nftables, total_endpoints, with_endpoint_change,
 };
 
-const TIMEOUT: Duration = Duration::from_secs(3);
-
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
