@@ -16,10 +16,9 @@ use etherparse::{IpDscp, IpEcn, icmpv4::DestUnreachableHeader};
 use lb_common::{
     Be16, Be32,
     conntrack::{FORWARD, FlowKey, ct_flags, timeout},
-    maps::frontend_flags,
     stats::Reason,
 };
-use lb_datapath::install::ServiceSpec;
+use lb_datapath::program::ServiceSpec;
 
 fn counts(pairs: &[(&'static str, u64)]) -> BTreeMap<&'static str, u64> {
     pairs.iter().copied().collect()
@@ -27,7 +26,7 @@ fn counts(pairs: &[(&'static str, u64)]) -> BTreeMap<&'static str, u64> {
 
 fn setup(svc: &ServiceSpec) -> Option<Harness> {
     let mut h = Harness::new()?;
-    h.install(svc);
+    h.program(svc);
     Some(h)
 }
 
@@ -82,7 +81,7 @@ fn forward_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
 
 #[test]
 fn syn_to_a_cluster_ip_is_dnated_to_the_maglev_backend() {
-    let svc = cluster_ip(1, 80, TCP, &BACKENDS);
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
     let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
@@ -96,7 +95,7 @@ fn syn_to_a_cluster_ip_is_dnated_to_the_maglev_backend() {
         "DNATed SYN",
     );
     assert_eq!(h.verdicts(), counts(&[("new_flow", 1)]));
-    let stats = h.maps.service_totals(svc.id).unwrap();
+    let stats = h.maps.service_totals(h.set_id(&svc)).unwrap();
     assert_eq!(
         (stats.packets, stats.new_flows, stats.bytes),
         (1, 1, syn.bytes().len() as u64)
@@ -105,7 +104,7 @@ fn syn_to_a_cluster_ip_is_dnated_to_the_maglev_backend() {
 
 #[test]
 fn new_flows_spread_over_every_backend_exactly_as_predicted() {
-    let svc = cluster_ip(1, 80, TCP, &BACKENDS);
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let mut seen = BTreeMap::new();
     for port in 30_000..30_300 {
@@ -128,7 +127,7 @@ fn new_flows_spread_over_every_backend_exactly_as_predicted() {
 
 #[test]
 fn an_established_flow_keeps_its_backend_when_the_table_changes() {
-    let svc = cluster_ip(1, 80, TCP, &BACKENDS);
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
     let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
@@ -138,11 +137,11 @@ fn an_established_flow_keeps_its_backend_when_the_table_changes() {
     // the established flow stays on it.
     let mut changed = svc.clone();
     for b in &mut changed.backends {
-        if SocketAddrV4::new(b.addr, b.port) == backend {
+        if b.addr == backend {
             b.weight = 0;
         }
     }
-    h.install(&changed);
+    h.program(&changed);
     let ack = Packet::tcp(
         CLIENT,
         vip(80),
@@ -181,7 +180,7 @@ fn an_established_flow_keeps_its_backend_when_the_table_changes() {
 
 #[test]
 fn a_flow_whose_backend_is_gone_moves_to_a_live_one() {
-    let svc = cluster_ip(1, 80, TCP, &BACKENDS);
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
     let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
@@ -191,14 +190,11 @@ fn a_flow_whose_backend_is_gone_moves_to_a_live_one() {
     let gone = shrunk
         .backends
         .iter()
-        .position(|b| SocketAddrV4::new(b.addr, b.port) == backend)
+        .position(|b| b.addr == backend)
         .unwrap();
-    let removed = shrunk.backends.remove(gone);
-    h.install(&shrunk);
-    h.maps
-        .backends
-        .set(removed.id, lb_common::maps::Backend::default(), 0)
-        .unwrap();
+    // The planner empties the slot of a backend no set lists any more.
+    shrunk.backends.remove(gone);
+    h.program(&shrunk);
 
     let ack = Packet::tcp(CLIENT, vip(80), flags::ACK, &[]);
     let run = h.run(Hook::FromPod, &ack.bytes());
@@ -210,7 +206,7 @@ fn a_flow_whose_backend_is_gone_moves_to_a_live_one() {
 
 #[test]
 fn replies_are_reverse_nated_to_the_frontend() {
-    let svc = cluster_ip(1, 80, TCP, &BACKENDS);
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
     let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
@@ -239,13 +235,13 @@ fn replies_are_reverse_nated_to_the_frontend() {
         "reverse-NATed data",
     );
     assert_eq!(h.verdicts(), counts(&[("new_flow", 1), ("reply_nat", 2)]));
-    assert_eq!(h.maps.service_totals(svc.id).unwrap().packets, 3);
+    assert_eq!(h.maps.service_totals(h.set_id(&svc)).unwrap().packets, 3);
 }
 
 #[test]
 fn udp_is_balanced_and_reverse_nated_with_its_checksum_kept_valid() {
     let svc = cluster_ip(
-        2,
+        "dns",
         53,
         UDP,
         &BACKENDS.map(|b| SocketAddrV4::new(*b.ip(), 5353)),
@@ -275,7 +271,7 @@ fn udp_is_balanced_and_reverse_nated_with_its_checksum_kept_valid() {
 
 #[test]
 fn a_zero_udp_checksum_stays_zero() {
-    let svc = cluster_ip(2, 53, UDP, &BACKENDS);
+    let svc = cluster_ip("dns", 53, UDP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let query = Packet::udp(CLIENT, vip(53), b"no checksum").with_zero_udp_checksum();
     let backend = h.expected_backend(&svc, CLIENT, vip(53), UDP);
@@ -300,7 +296,7 @@ fn a_zero_udp_checksum_stays_zero() {
 
 #[test]
 fn traffic_for_other_addresses_passes_byte_for_byte_and_uncounted() {
-    let svc = cluster_ip(1, 80, TCP, &BACKENDS);
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&with_external_scope(svc)) else {
         return;
     };
@@ -348,7 +344,7 @@ fn traffic_for_other_addresses_passes_byte_for_byte_and_uncounted() {
 
 #[test]
 fn a_service_without_backends_rejects_tcp_with_a_reset() {
-    let svc = cluster_ip(3, 80, TCP, &[]);
+    let svc = cluster_ip("empty", 80, TCP, &[]);
     let Some(mut h) = setup(&svc) else { return };
     // A SYN with data: the RST acknowledges the SYN and every data byte.
     let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, b"early data");
@@ -374,7 +370,7 @@ fn a_service_without_backends_rejects_tcp_with_a_reset() {
 
 #[test]
 fn a_service_without_backends_rejects_udp_with_port_unreachable() {
-    let svc = cluster_ip(3, 53, UDP, &[]);
+    let svc = cluster_ip("empty", 53, UDP, &[]);
     let Some(mut h) = setup(&svc) else { return };
     let query = Packet::udp(
         CLIENT,
@@ -393,7 +389,7 @@ fn a_service_without_backends_rejects_udp_with_port_unreachable() {
 
 #[test]
 fn a_cluster_ip_rejects_ports_and_protocols_it_does_not_serve() {
-    let svc = cluster_ip(1, 80, TCP, &BACKENDS);
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let wrong_port = Packet::tcp(CLIENT, vip(81), flags::SYN, &[]);
     let run = h.run(Hook::FromPod, &wrong_port.bytes());
@@ -422,8 +418,8 @@ fn a_cluster_ip_rejects_ports_and_protocols_it_does_not_serve() {
 
 #[test]
 fn a_service_whose_policy_says_drop_drops_silently() {
-    let mut svc = cluster_ip(4, 80, TCP, &[]);
-    svc.flags = frontend_flags::DROP_WHEN_EMPTY;
+    let mut svc = cluster_ip("local-only", 80, TCP, &[]);
+    svc.drop_when_empty = true;
     let Some(mut h) = setup(&svc) else { return };
     let run = h.run(
         Hook::FromPod,
@@ -435,7 +431,7 @@ fn a_service_whose_policy_says_drop_drops_silently() {
 
 #[test]
 fn truncated_and_malformed_packets_are_passed_or_dropped_never_corrupted() {
-    let svc = cluster_ip(1, 80, TCP, &BACKENDS);
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]).bytes();
 
@@ -474,7 +470,7 @@ fn truncated_and_malformed_packets_are_passed_or_dropped_never_corrupted() {
 
 #[test]
 fn ipv4_options_are_carried_through_nat() {
-    let svc = cluster_ip(1, 80, TCP, &BACKENDS);
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     // Router alert (RFC 2113) + two NOPs + end of list: an 8-byte options area.
     let options = [0x94, 0x04, 0x00, 0x00, 0x01, 0x01, 0x00, 0x00];
@@ -502,7 +498,7 @@ fn ipv4_options_are_carried_through_nat() {
 
 #[test]
 fn fragments_follow_their_first_fragment() {
-    let svc = cluster_ip(2, 53, UDP, &BACKENDS);
+    let svc = cluster_ip("dns", 53, UDP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let payload: Vec<u8> = (0..64u8).collect();
     let query = Packet::udp(CLIENT, vip(53), &payload).with_ip_id(0x4242);
@@ -552,7 +548,7 @@ fn fragments_follow_their_first_fragment() {
 
 #[test]
 fn icmp_fragmentation_needed_for_a_reply_reaches_the_backend() {
-    let svc = cluster_ip(1, 80, TCP, &BACKENDS);
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
     let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
@@ -578,7 +574,7 @@ fn icmp_fragmentation_needed_for_a_reply_reaches_the_backend() {
 
 #[test]
 fn icmp_errors_towards_a_client_quote_the_frontend() {
-    let svc = cluster_ip(2, 53, UDP, &BACKENDS);
+    let svc = cluster_ip("dns", 53, UDP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let query = Packet::udp(CLIENT, vip(53), b"query");
     let backend = h.expected_backend(&svc, CLIENT, vip(53), UDP);
@@ -622,10 +618,12 @@ fn icmp_errors_towards_a_client_quote_the_frontend() {
 
 #[test]
 fn a_single_backend_service_needs_no_table() {
-    let svc = cluster_ip(5, 80, TCP, &BACKENDS[..1]);
+    let svc = cluster_ip("single", 80, TCP, &BACKENDS[..1]);
     let Some(mut h) = setup(&svc) else { return };
     assert!(
-        h.maps.maglev_table(svc.id, svc.table_size).is_err(),
+        h.maps
+            .maglev_table(h.set_id(&svc), lb_datapath::maglev::DEFAULT_TABLE_SIZE)
+            .is_err(),
         "no table installed"
     );
     let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
@@ -639,7 +637,7 @@ fn a_single_backend_service_needs_no_table() {
 
 #[test]
 fn a_syn_after_close_balances_the_ports_anew() {
-    let svc = cluster_ip(1, 80, TCP, &BACKENDS);
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
     h.run(
@@ -649,11 +647,11 @@ fn a_syn_after_close_balances_the_ports_anew() {
     // A retransmitted SYN of the open flow stays put.
     let mut changed = svc.clone();
     for b in &mut changed.backends {
-        if SocketAddrV4::new(b.addr, b.port) == backend {
+        if b.addr == backend {
             b.weight = 0;
         }
     }
-    h.install(&changed);
+    h.program(&changed);
     let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
     assert_frame_eq(
         &h.run(Hook::FromPod, &syn.bytes()).out,
@@ -675,7 +673,7 @@ fn a_syn_after_close_balances_the_ports_anew() {
 
 #[test]
 fn an_established_flow_writes_its_entry_only_when_timeouts_need_it() {
-    let svc = cluster_ip(1, 80, TCP, &BACKENDS);
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let key = forward_key(CLIENT, vip(80), TCP);
     h.run(
@@ -724,7 +722,7 @@ fn ktime_coarse_ns() -> u64 {
 /// and a flow still sending 2 s after it opened is a stream, which lives 120 s.
 #[test]
 fn udp_flows_live_30_s_and_streams_120_s() {
-    let svc = cluster_ip(2, 53, UDP, &BACKENDS);
+    let svc = cluster_ip("dns", 53, UDP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let key = forward_key(CLIENT, vip(53), UDP);
     let query = Packet::udp(CLIENT, vip(53), b"query");
@@ -761,13 +759,13 @@ fn udp_flows_live_30_s_and_streams_120_s() {
 
 #[test]
 fn the_xdp_entry_point_balances_and_rejects_like_tc() {
-    let tcp_svc = with_external_scope(cluster_ip(1, 80, TCP, &BACKENDS));
-    let udp_svc = with_external_scope(cluster_ip(2, 53, UDP, &BACKENDS));
-    let empty = with_external_scope(cluster_ip(3, 443, TCP, &[]));
-    let empty_udp = with_external_scope(cluster_ip(4, 5000, UDP, &[]));
+    let tcp_svc = with_external_scope(cluster_ip("web", 80, TCP, &BACKENDS));
+    let udp_svc = with_external_scope(cluster_ip("dns", 53, UDP, &BACKENDS));
+    let empty = with_external_scope(cluster_ip("empty", 443, TCP, &[]));
+    let empty_udp = with_external_scope(cluster_ip("empty-udp", 5000, UDP, &[]));
     let Some(mut h) = setup(&tcp_svc) else { return };
     for svc in [&udp_svc, &empty, &empty_udp] {
-        h.install(svc);
+        h.program(svc);
     }
     let client = socket([203, 0, 113, 2], 55_555);
     let syn = Packet::tcp(client, vip(80), flags::SYN, b"x");
