@@ -27,13 +27,13 @@ use lb_common::{
     Be16, Be32,
     conntrack::{CtEntry, FORWARD, FlowKey, REPLY, ct_flags},
     hash::flow_hash,
-    maps::{Backend, NodeConfig, SourceRange, addr_flags, frontend_flags, scope, snat},
+    maps::{Backend, SourceRange, scope, snat},
     net::proto::{TCP, UDP},
 };
 use lb_datapath::{
     Capacities, Datapath, Pinning,
-    install::{self, BackendSpec, FrontendSpec, ServiceSpec},
     maps::Maps,
+    program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec, Services},
 };
 use lb_testbed::packet::{Packet, assert_frame_eq, flags};
 use serde_json::{Value, json};
@@ -185,10 +185,12 @@ impl Hook {
     }
 }
 
-/// A datapath whose maps are pinned under `pins` on a private bpffs.
+/// A datapath whose maps are pinned under `pins` on a private bpffs, programmed through the
+/// agent's planner and writer.
 struct Fixture {
     dp: Datapath,
     maps: Maps,
+    services: Services,
     pins: PathBuf,
     // Last: unmounted after the datapath and maps are closed.
     _mount: TempMount,
@@ -212,6 +214,7 @@ impl Fixture {
         Some(Self {
             dp,
             maps,
+            services: Services::new(capacities, TABLE),
             pins,
             _mount: mount,
         })
@@ -236,20 +239,45 @@ impl Fixture {
         (result.return_value, out)
     }
 
-    fn install(&mut self, svc: &ServiceSpec) {
-        install::install(&mut self.maps, svc)
-            .unwrap_or_else(|e| panic!("installing service {}: {e:?}", svc.id));
+    /// Programs `svc` (adds it, or changes the service of that name).
+    fn program(&mut self, svc: &ServiceSpec) {
+        self.services
+            .program(&mut self.maps, svc)
+            .unwrap_or_else(|e| panic!("programming service {}: {e:?}", svc.name));
     }
 
-    /// Sets fields `lb_datapath::install` does not write yet on every frontend of `svc`.
-    fn patch_service(&mut self, svc: &ServiceSpec, patch: impl Fn(&mut lb_common::maps::Frontend)) {
-        for f in &svc.frontends {
-            let mut value = self.maps.services.get(&f.key(), 0).unwrap();
-            patch(&mut value);
-            self.maps.services.insert(f.key(), value, 0).unwrap();
-        }
+    /// Programs the node's SNAT address and ports, as the agent does for a node with an
+    /// InternalIP.
+    fn set_node(&mut self, snat_addr: Ipv4Addr, min: u16, max: u16) {
+        self.services.set_node(Some(snat_addr), Some(min..=max));
+        self.services
+            .apply(&mut self.maps)
+            .unwrap_or_else(|e| panic!("programming the node: {e:?}"));
     }
 
+    /// The backend-set id the planner gave `svc`.
+    fn set_id(&self, svc: &ServiceSpec) -> u32 {
+        self.services
+            .set_id(&svc.name)
+            .unwrap_or_else(|| panic!("service {} is not programmed", svc.name))
+    }
+
+    /// The backend id the planner gave the backend at `addr`.
+    fn backend_id(&self, addr: &str) -> u32 {
+        self.services
+            .backend_id(sock(addr))
+            .unwrap_or_else(|| panic!("no backend {addr} is programmed"))
+    }
+
+    /// The source-range id the planner gave the frontends of `svc`.
+    fn source_range_id(&self, svc: &ServiceSpec) -> u32 {
+        self.services
+            .frontend(&svc.frontends[0].key())
+            .unwrap_or_else(|| panic!("service {} is not programmed", svc.name))
+            .source_range_id
+    }
+
+    /// Writes a source range straight into the map (for state the planner never writes).
     fn add_source_range(&mut self, range_id: u32, addr: Ipv4Addr, len: u32) {
         let key = Key::new(
             SourceRange::ID_BITS + len,
@@ -351,127 +379,178 @@ fn json_sock(v: &Value) -> SocketAddrV4 {
 
 const TABLE: u32 = 251;
 
-fn frontend(addr: [u8; 4], port: u16, l4: u8, scope: u8, cluster_ip: bool) -> FrontendSpec {
+fn frontend(addr: [u8; 4], port: u16, l4: u8, scope: u8, kind: FrontendKind) -> FrontendSpec {
     FrontendSpec {
         addr: Ipv4Addr::from(addr),
         port,
         proto: l4,
         scope,
-        cluster_ip,
+        kind,
     }
 }
 
-fn backends(first_id: u32, addrs: &[&str]) -> Vec<BackendSpec> {
+/// Backends at `addrs`; every other one runs on this node, starting with the first when
+/// `first_local`.
+fn backends(first_local: bool, addrs: &[&str]) -> Vec<BackendSpec> {
     addrs
         .iter()
-        .zip(first_id..)
-        .map(|(a, id)| {
-            let s = sock(a);
-            BackendSpec {
-                id,
-                addr: *s.ip(),
-                port: s.port(),
-                local: id % 2 == 1,
-                weight: 1,
-            }
+        .enumerate()
+        .map(|(i, a)| BackendSpec {
+            addr: sock(a),
+            local: (i % 2 == 0) == first_local,
+            weight: 1,
         })
         .collect()
 }
 
-fn service(id: u32, frontends: Vec<FrontendSpec>, backends: Vec<BackendSpec>) -> ServiceSpec {
+fn service(name: &str, frontends: Vec<FrontendSpec>, backends: Vec<BackendSpec>) -> ServiceSpec {
     ServiceSpec {
-        id,
+        name: name.to_owned(),
         frontends,
         backends,
-        table_size: TABLE,
-        flags: 0,
+        ..Default::default()
     }
 }
 
 /// Multi-backend ClusterIP, reachable internally and externally.
 fn svc_web() -> ServiceSpec {
     service(
-        1,
+        "web",
         vec![
-            frontend([172, 30, 0, 41], 80, TCP, scope::INTERNAL, true),
-            frontend([172, 30, 0, 41], 80, TCP, scope::EXTERNAL, true),
+            frontend(
+                [172, 30, 0, 41],
+                80,
+                TCP,
+                scope::INTERNAL,
+                FrontendKind::ClusterIp,
+            ),
+            frontend(
+                [172, 30, 0, 41],
+                80,
+                TCP,
+                scope::EXTERNAL,
+                FrontendKind::ClusterIp,
+            ),
         ],
-        backends(101, &["10.0.1.5:8080", "10.0.1.6:8080", "10.0.2.7:8080"]),
+        backends(true, &["10.0.1.5:8080", "10.0.1.6:8080", "10.0.2.7:8080"]),
     )
 }
 
 /// Single-backend UDP ClusterIP.
 fn svc_dns() -> ServiceSpec {
     service(
-        2,
-        vec![frontend([172, 30, 0, 42], 53, UDP, scope::INTERNAL, true)],
-        backends(201, &["10.0.1.8:5353"]),
+        "dns",
+        vec![frontend(
+            [172, 30, 0, 42],
+            53,
+            UDP,
+            scope::INTERNAL,
+            FrontendKind::ClusterIp,
+        )],
+        backends(true, &["10.0.1.8:5353"]),
     )
 }
 
-/// No backends: rejects (TCP and UDP frontends).
+/// No backends: rejects (TCP and UDP frontends). Source ranges on a service without backends:
+/// the lack of backends decides first.
 fn svc_empty() -> ServiceSpec {
-    service(
-        3,
-        vec![
-            frontend([172, 30, 0, 43], 80, TCP, scope::INTERNAL, true),
-            frontend([172, 30, 0, 43], 53, UDP, scope::INTERNAL, true),
-        ],
-        vec![],
-    )
-}
-
-/// No backends, drops (traffic policy Local).
-fn svc_empty_drop() -> ServiceSpec {
     ServiceSpec {
-        flags: frontend_flags::DROP_WHEN_EMPTY,
+        source_ranges: source_ranges(),
         ..service(
-            4,
-            vec![frontend([172, 30, 0, 44], 80, TCP, scope::INTERNAL, true)],
+            "empty",
+            vec![
+                frontend(
+                    [172, 30, 0, 43],
+                    80,
+                    TCP,
+                    scope::INTERNAL,
+                    FrontendKind::ClusterIp,
+                ),
+                frontend(
+                    [172, 30, 0, 43],
+                    53,
+                    UDP,
+                    scope::INTERNAL,
+                    FrontendKind::ClusterIp,
+                ),
+            ],
             vec![],
         )
     }
 }
 
-/// A LoadBalancer IP (not a ClusterIP), external only, with loadBalancerSourceRanges (set 7).
-fn svc_ranged() -> ServiceSpec {
-    service(
-        5,
-        vec![frontend([192, 0, 2, 10], 443, TCP, scope::EXTERNAL, false)],
-        backends(501, &["10.0.3.1:8443", "10.0.3.2:8443"]),
-    )
+/// No backends, drops (traffic policy Local).
+fn svc_empty_drop() -> ServiceSpec {
+    ServiceSpec {
+        drop_when_empty: true,
+        ..service(
+            "empty-drop",
+            vec![frontend(
+                [172, 30, 0, 44],
+                80,
+                TCP,
+                scope::INTERNAL,
+                FrontendKind::ClusterIp,
+            )],
+            vec![],
+        )
+    }
 }
-const RANGE_ID: u32 = 7;
+
+/// A LoadBalancer IP (not a ClusterIP), external only, with loadBalancerSourceRanges.
+fn svc_ranged() -> ServiceSpec {
+    ServiceSpec {
+        source_ranges: source_ranges(),
+        ..service(
+            "ranged",
+            vec![frontend(
+                [192, 0, 2, 10],
+                443,
+                TCP,
+                scope::EXTERNAL,
+                FrontendKind::LoadBalancer,
+            )],
+            backends(true, &["10.0.3.1:8443", "10.0.3.2:8443"]),
+        )
+    }
+}
+
+fn source_ranges() -> Vec<ipnet::Ipv4Net> {
+    ["203.0.113.0/24", "198.51.100.7/32"]
+        .map(|net| net.parse().unwrap())
+        .to_vec()
+}
 
 /// ClusterIP with sessionAffinity ClientIP.
 fn svc_sticky() -> ServiceSpec {
-    service(
-        6,
-        vec![frontend([172, 30, 0, 45], 8080, TCP, scope::INTERNAL, true)],
-        backends(601, &["10.0.4.1:80", "10.0.4.2:80", "10.0.4.3:80"]),
-    )
+    ServiceSpec {
+        affinity_timeout_s: AFFINITY_S,
+        ..service(
+            "sticky",
+            vec![frontend(
+                [172, 30, 0, 45],
+                8080,
+                TCP,
+                scope::INTERNAL,
+                FrontendKind::ClusterIp,
+            )],
+            backends(true, &["10.0.4.1:80", "10.0.4.2:80", "10.0.4.3:80"]),
+        )
+    }
 }
 const AFFINITY_S: u32 = 10_800;
 
-/// This node's address: what the agent writes into LB_CONFIG as the SNAT address (its
-/// InternalIP), and the address of the NodePort service.
+/// This node's address: the agent's SNAT address (its InternalIP), and the address of the
+/// NodePort service.
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
 
-/// What the agent writes for a node with an InternalIP: LB_CONFIG, and the SNAT flag on the
-/// address (call after installing services on that address, which write its entry).
+/// What the agent programs for a node with an InternalIP: `NODE` as the SNAT address, SNAT
+/// ports `min..=max`.
 fn configure_snat(f: &mut Fixture, min: u16, max: u16) {
-    let config = NodeConfig {
-        snat_addr: Be32::from(NODE),
-        snat_port_min: min,
-        snat_port_max: max,
-        ..Default::default()
-    };
-    f.maps.config.set(0, config, 0).unwrap();
-    let mut info = f.maps.addrs.get(&config.snat_addr, 0).unwrap_or_default();
-    info.flags |= addr_flags::SNAT;
-    f.maps.addrs.insert(config.snat_addr, info, 0).unwrap();
+    f.set_node(NODE, min, max);
 }
 
+/// The six services above, programmed one after the other (so their ids follow that order).
 fn populated() -> Option<Fixture> {
     let mut f = Fixture::new()?;
     for svc in [
@@ -482,16 +561,12 @@ fn populated() -> Option<Fixture> {
         svc_ranged(),
         svc_sticky(),
     ] {
-        f.install(&svc);
+        f.program(&svc);
     }
-    f.patch_service(&svc_ranged(), |s| s.source_range_id = RANGE_ID);
-    f.add_source_range(RANGE_ID, Ipv4Addr::new(203, 0, 113, 0), 24);
-    f.add_source_range(RANGE_ID, Ipv4Addr::new(198, 51, 100, 7), 32);
-    // Another set admitting everything: range ids must keep sets apart.
-    f.add_source_range(RANGE_ID + 1, Ipv4Addr::UNSPECIFIED, 0);
-    f.patch_service(&svc_sticky(), |s| s.affinity_timeout_s = AFFINITY_S);
-    // Source ranges on a service without backends: the lack of backends decides first.
-    f.patch_service(&svc_empty(), |s| s.source_range_id = RANGE_ID);
+    // Another list admitting everything, which no frontend uses (the planner never writes such
+    // a list): range ids must keep lists apart.
+    let range_id = f.source_range_id(&svc_ranged());
+    f.add_source_range(range_id + 1, Ipv4Addr::UNSPECIFIED, 0);
     // External flows to backends on other nodes are source-NATed.
     configure_snat(&mut f, snat::PORT_MIN, snat::PORT_MAX);
     Some(f)
@@ -630,7 +705,7 @@ fn check(f: &mut Fixture, case: &Case) -> Value {
     trace
 }
 
-/// The backend Maglev gives a new TCP flow of `svc`, computed here from the installed table.
+/// The backend Maglev gives a new TCP flow of `svc`, computed here from the programmed table.
 fn maglev_pick(f: &Fixture, svc: &ServiceSpec, src: SocketAddrV4, dst: SocketAddrV4) -> u32 {
     maglev_pick_l4(f, svc, src, dst, TCP)
 }
@@ -642,8 +717,9 @@ fn maglev_pick_l4(
     dst: SocketAddrV4,
     l4: u8,
 ) -> u32 {
-    let table = f.maps.maglev_table(svc.id, svc.table_size).unwrap();
-    table[(hash_of(src, dst, l4) % svc.table_size) as usize]
+    let size = f.services.table_size(&svc.name).unwrap();
+    let table = f.maps.maglev_table(f.set_id(svc), size).unwrap();
+    table[(hash_of(src, dst, l4) % size) as usize]
 }
 
 fn hash_of(src: SocketAddrV4, dst: SocketAddrV4, l4: u8) -> u32 {
@@ -656,9 +732,12 @@ fn hash_of(src: SocketAddrV4, dst: SocketAddrV4, l4: u8) -> u32 {
     )
 }
 
-fn backend_addr(svc: &ServiceSpec, id: u64) -> SocketAddrV4 {
-    let b = svc.backends.iter().find(|b| u64::from(b.id) == id).unwrap();
-    SocketAddrV4::new(b.addr, b.port)
+/// The address of the backend the planner gave `id`.
+fn backend_addr(f: &Fixture, id: u64) -> SocketAddrV4 {
+    let id = u32::try_from(id).unwrap();
+    f.services
+        .backend_addr(id)
+        .unwrap_or_else(|| panic!("no backend {id} is programmed"))
 }
 
 #[test]
@@ -668,6 +747,7 @@ fn trace_predicts_what_the_datapath_does() {
 
 fn trace_predicts_what_the_datapath_does_here() {
     let Some(mut f) = populated() else { return };
+    let range_id = f.source_range_id(&svc_ranged());
     use Hook::*;
     const SYN: u8 = flags::SYN;
     const ACK: u8 = flags::ACK;
@@ -679,7 +759,7 @@ fn trace_predicts_what_the_datapath_does_here() {
     );
     assert_eq!(t["decision"], "new_flow");
     assert_eq!(t["reason"], "new_flow");
-    assert_eq!(t["service_id"], 1);
+    assert_eq!(t["service_id"], f.set_id(&svc_web()));
     assert_eq!(t["scope"], "internal");
     assert_eq!(t["selection"]["method"], "maglev");
     assert_eq!(t["selection"]["table_size"], TABLE);
@@ -696,7 +776,7 @@ fn trace_predicts_what_the_datapath_does_here() {
         )
     );
     assert_eq!(
-        backend_addr(&svc_web(), t["backend_id"].as_u64().unwrap()),
+        backend_addr(&f, t["backend_id"].as_u64().unwrap()),
         web_backend
     );
     assert_eq!(t["affinity_recorded"], false);
@@ -782,7 +862,7 @@ fn trace_predicts_what_the_datapath_does_here() {
         t["decision"], "reject_no_backend",
         "rejected, whatever the source"
     );
-    assert_eq!(t["service"]["source_range_id"], RANGE_ID);
+    assert_eq!(t["service"]["source_range_id"], range_id);
     let t = check(
         &mut f,
         &Case::udp(
@@ -849,7 +929,7 @@ fn trace_predicts_what_the_datapath_does_here() {
         let t = check(&mut f, &Case::tcp(what, Xdp, client, "192.0.2.10:443", SYN));
         assert_eq!(t["decision"], "new_flow", "{what}");
         assert_eq!(t["scope"], "external");
-        assert_eq!(t["service"]["source_range_id"], RANGE_ID);
+        assert_eq!(t["service"]["source_range_id"], range_id);
     }
     let t = check(
         &mut f,
@@ -961,7 +1041,7 @@ fn trace_predicts_what_the_datapath_does_here() {
 
     // A backend slot emptied behind the service's back: flows hashed to it are dropped as
     // inconsistent, and `service list` shows the backend missing.
-    let gone = 603u32;
+    let gone = f.backend_id("10.0.4.3:80");
     f.maps.backends.set(gone, Backend::default(), 0).unwrap();
     let orphan = (42_000..)
         .map(|port| SocketAddrV4::new(Ipv4Addr::new(10, 0, 6, 6), port))
@@ -986,6 +1066,9 @@ fn trace_predicts_what_the_datapath_does_here() {
 
 /// The other views, against what the fixture did to the maps.
 fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
+    let [web_id, dns_id, ranged_id, sticky_set_id] =
+        [svc_web(), svc_dns(), svc_ranged(), svc_sticky()].map(|svc| f.set_id(&svc));
+    let range_id = f.source_range_id(&svc_ranged());
     // stats: exactly the kernel's counters.
     let stats = f.json(&["stats"]);
     let verdicts: Vec<Value> = f
@@ -996,7 +1079,20 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         .map(|(r, c)| json!({"reason": r.name(), "packets": c.packets, "bytes": c.bytes}))
         .collect();
     assert_eq!(stats["verdicts"], Value::Array(verdicts));
-    let services: Vec<Value> = (1..=6)
+    let mut ids: Vec<u32> = [
+        svc_web(),
+        svc_dns(),
+        svc_empty(),
+        svc_empty_drop(),
+        svc_ranged(),
+        svc_sticky(),
+    ]
+    .iter()
+    .map(|svc| f.set_id(svc))
+    .collect();
+    ids.sort_unstable();
+    let services: Vec<Value> = ids
+        .into_iter()
         .map(|id| (id, f.maps.service_totals(id).unwrap()))
         .filter(|(_, s)| s.packets > 0)
         .map(|(id, s)| {
@@ -1004,7 +1100,7 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         })
         .collect();
     assert_eq!(stats["services"], Value::Array(services));
-    assert_eq!(stats["services"][0]["service_id"], 1);
+    assert_eq!(stats["services"][0]["service_id"], web_id);
 
     // service list: one row per frontend, sorted by address.
     let rows = f.json(&["service", "list"]);
@@ -1034,7 +1130,7 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         ]
     );
     let web = &rows[0];
-    assert_eq!(web["service_id"], 1);
+    assert_eq!(web["service_id"], web_id);
     assert_eq!(web["cluster_ip"], true);
     assert_eq!(web["backend_count"], 3);
     let web_backends = web["backends"].as_array().unwrap();
@@ -1045,17 +1141,14 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         .sum();
     assert_eq!(slots, u64::from(TABLE));
     for (b, spec) in web_backends.iter().zip(svc_web().backends) {
-        assert_eq!(b["backend_id"], spec.id);
+        assert_eq!(b["backend_id"], f.backend_id(&spec.addr.to_string()));
         assert_eq!(b["state"], "active");
-        assert_eq!(
-            b["addr"],
-            SocketAddrV4::new(spec.addr, spec.port).to_string()
-        );
+        assert_eq!(b["addr"], spec.addr.to_string());
         assert_eq!(b["local"], spec.local);
         let n = b["slots"].as_u64().unwrap();
         assert!((83..=84).contains(&n), "Maglev gives 251/3 slots each: {b}");
     }
-    let web_stats = f.maps.service_totals(1).unwrap();
+    let web_stats = f.maps.service_totals(web_id).unwrap();
     assert_eq!(
         (&web["packets"], &web["bytes"], &web["new_flows"]),
         (
@@ -1066,7 +1159,7 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
     );
     assert_eq!(
         rows[2]["backends"],
-        json!([{"backend_id": 201, "state": "active", "addr": "10.0.1.8:5353", "local": true, "slots": null, "percent": 100.0}])
+        json!([{"backend_id": f.backend_id("10.0.1.8:5353"), "state": "active", "addr": "10.0.1.8:5353", "local": true, "slots": null, "percent": 100.0}])
     );
     assert_eq!(rows[4]["backends"], json!([]));
     assert_eq!(rows[4]["flags"], json!([]));
@@ -1080,11 +1173,11 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         .filter(|b| b["state"] == "missing")
         .collect();
     assert_eq!(missing.len(), 1);
-    assert_eq!(missing[0]["backend_id"], 603);
+    assert_eq!(missing[0]["backend_id"], f.backend_id("10.0.4.3:80"));
     assert!(missing[0]["addr"].is_null());
     let ranged = &rows[7];
     assert_eq!(ranged["cluster_ip"], false);
-    assert_eq!(ranged["source_range_id"], RANGE_ID);
+    assert_eq!(ranged["source_range_id"], range_id);
     assert_eq!(
         ranged["source_ranges"],
         json!(["198.51.100.7/32", "203.0.113.0/24"])
@@ -1098,7 +1191,7 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         .find(|r| r["client"] == "10.0.1.2:40000" && r["frontend"] == "172.30.0.41:80")
         .unwrap_or_else(|| panic!("no web flow in {flows:#?}"));
     assert_eq!(web_flow["proto"], "tcp");
-    assert_eq!(web_flow["service_id"], 1);
+    assert_eq!(web_flow["service_id"], web_id);
     assert_eq!(json_sock(&web_flow["backend"]), web_backend);
     assert_eq!(web_flow["forward"]["flags"], json!([]), "reopened by a SYN");
     assert!(!web_flow["reply"].is_null(), "paired with its reply entry");
@@ -1129,15 +1222,15 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
     assert_eq!(
         dump["LB_SRC_RANGES"],
         json!([
-            {"range_id": RANGE_ID, "cidr": "198.51.100.7/32", "value": 1},
-            {"range_id": RANGE_ID, "cidr": "203.0.113.0/24", "value": 1},
-            {"range_id": RANGE_ID + 1, "cidr": "0.0.0.0/0", "value": 1},
+            {"range_id": range_id, "cidr": "198.51.100.7/32", "value": 1},
+            {"range_id": range_id, "cidr": "203.0.113.0/24", "value": 1},
+            {"range_id": range_id + 1, "cidr": "0.0.0.0/0", "value": 1},
         ])
     );
     let affinity = dump["LB_AFFINITY"].as_array().unwrap();
     assert_eq!(affinity.len(), 1, "{affinity:#?}");
     assert_eq!(affinity[0]["client"], "10.0.5.5");
-    assert_eq!(affinity[0]["service_id"], 6);
+    assert_eq!(affinity[0]["service_id"], sticky_set_id);
     assert_eq!(affinity[0]["backend_id"], sticky_id);
     assert_eq!(affinity[0]["timeout_s"], AFFINITY_S);
     assert!(affinity[0]["age_s"].as_u64().unwrap() < 5);
@@ -1147,10 +1240,22 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         .iter()
         .map(|b| b["backend_id"].as_u64().unwrap())
         .collect();
-    assert_eq!(active, [101, 102, 103, 201, 501, 502, 601, 602]);
+    let programmed: Vec<u64> = [
+        "10.0.1.5:8080",
+        "10.0.1.6:8080",
+        "10.0.2.7:8080",
+        "10.0.1.8:5353",
+        "10.0.3.1:8443",
+        "10.0.3.2:8443",
+        "10.0.4.1:80",
+        "10.0.4.2:80",
+    ]
+    .map(|addr| u64::from(f.backend_id(addr)))
+    .to_vec();
+    assert_eq!(active, programmed);
     assert_eq!(
         dump["LB_BACKENDS"][0],
-        json!({"backend_id": 101, "addr": "10.0.1.5:8080", "flags": ["active", "local"], "flags_raw": 3})
+        json!({"backend_id": f.backend_id("10.0.1.5:8080"), "addr": "10.0.1.5:8080", "flags": ["active", "local"], "flags_raw": 3})
     );
     let tables: Vec<u64> = dump["LB_MAGLEV"]
         .as_array()
@@ -1158,16 +1263,16 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         .iter()
         .map(|t| t["service_id"].as_u64().unwrap())
         .collect();
-    assert_eq!(tables, [1, 5, 6]);
+    assert_eq!(tables, [web_id, ranged_id, sticky_set_id].map(u64::from));
     assert!(
         dump["LB_MAGLEV"][0].get("table").is_none(),
         "no slots without --full"
     );
-    assert_eq!(
-        dump["LB_ADDRS"][0],
-        json!({"addr": "172.30.0.41", "flags": ["cluster_ip"], "flags_raw": 1})
-    );
     let addrs = dump["LB_ADDRS"].as_array().unwrap();
+    assert_eq!(
+        addrs.iter().find(|a| a["addr"] == "172.30.0.41").unwrap(),
+        &json!({"addr": "172.30.0.41", "flags": ["cluster_ip"], "flags_raw": 1})
+    );
     let addr_flags = |addr: &str| &addrs.iter().find(|a| a["addr"] == addr).unwrap()["flags"];
     assert_eq!(addr_flags("192.0.2.10"), &json!([]));
     assert_eq!(
@@ -1182,7 +1287,8 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
             "snat_port_min": snat::PORT_MIN,
             "snat_port_max": snat::PORT_MAX,
             "snat_enabled": true,
-            "hairpin_addr": "0.0.0.0",
+            // The planner's: lb_common::maps::hairpin::DEFAULT_ADDR.
+            "hairpin_addr": "169.254.42.1",
         }])
     );
     assert_eq!(dump["LB_SERVICES"].as_array().unwrap().len(), 8);
@@ -1205,8 +1311,8 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
             &json!("10.0.1.8:5353"),
             &json!("172.30.0.42:53"),
             &json!("udp"),
-            &json!(201),
-            &json!(2)
+            &json!(f.backend_id("10.0.1.8:5353")),
+            &json!(dns_id)
         )
     );
     assert_eq!(dump["LB_FRAGS"], json!([]));
@@ -1226,7 +1332,7 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         .iter()
         .map(|v| v.as_u64().unwrap())
         .collect();
-    let installed = f.maps.maglev_table(1, TABLE).unwrap();
+    let installed = f.maps.maglev_table(web_id, TABLE).unwrap();
     assert_eq!(
         table,
         installed.iter().map(|&v| u64::from(v)).collect::<Vec<_>>()
@@ -1244,7 +1350,10 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
     let text = f.text(&["maps", "dump", "--map", "maglev", "--full"]);
-    assert!(text.contains("service 1 table (251 slots):"), "{text}");
+    assert!(
+        text.contains(&format!("service {web_id} table (251 slots):")),
+        "{text}"
+    );
     let text = f.text(&["service", "list"]);
     for needle in [
         "172.30.0.41:80/tcp internal",
@@ -1275,17 +1384,32 @@ fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
 const NODE_PORT: u16 = 30_080;
 const NODE_PORT_UDP: u16 = 30_053;
 
-/// A NodePort on the node's address (external scope), TCP and UDP. Backends 702 and 704 run on
-/// other nodes, 703 on this one.
+/// A NodePort on the node's address (external scope), TCP and UDP. The first and last backends
+/// run on other nodes, the second on this one.
 fn svc_node_port() -> ServiceSpec {
     let node = NODE.octets();
     service(
-        7,
+        "node-port",
         vec![
-            frontend(node, NODE_PORT, TCP, scope::EXTERNAL, false),
-            frontend(node, NODE_PORT_UDP, UDP, scope::EXTERNAL, false),
+            frontend(
+                node,
+                NODE_PORT,
+                TCP,
+                scope::EXTERNAL,
+                FrontendKind::NodePort,
+            ),
+            frontend(
+                node,
+                NODE_PORT_UDP,
+                UDP,
+                scope::EXTERNAL,
+                FrontendKind::NodePort,
+            ),
         ],
-        backends(702, &["10.10.1.6:8080", "10.10.0.7:8080", "10.10.2.8:8080"]),
+        backends(
+            false,
+            &["10.10.1.6:8080", "10.10.0.7:8080", "10.10.2.8:8080"],
+        ),
     )
 }
 
@@ -1361,9 +1485,15 @@ fn trace_predicts_source_nat_here() {
     const SYN: u8 = flags::SYN;
     const ACK: u8 = flags::ACK;
     let svc = svc_node_port();
-    f.install(&svc);
+    f.program(&svc);
     let node_port = SocketAddrV4::new(NODE, NODE_PORT);
-    let local = |id: u32| svc.backends.iter().find(|b| b.id == id).unwrap().local;
+    let local_ids: Vec<u32> = svc
+        .backends
+        .iter()
+        .filter(|b| b.local)
+        .map(|b| f.backend_id(&b.addr.to_string()))
+        .collect();
+    let local = |id: u32| local_ids.contains(&id);
     // Client ports from `ip`.
     let clients = |ip: [u8; 4]| (40_000..).map(move |port| SocketAddrV4::new(ip.into(), port));
     // Clients Maglev sends to a backend on another node.
@@ -1518,13 +1648,14 @@ fn trace_predicts_source_nat_here() {
     // Another client whose first candidate port is held by a live flow of someone else and
     // whose second is held by an expired one: it gets the second.
     let second = remote[1];
-    let second_backend = backend_addr(&svc, u64::from(maglev_pick(&f, &svc, second, node_port)));
+    let second_backend = backend_addr(&f, u64::from(maglev_pick(&f, &svc, second, node_port)));
     let second_candidates = snat_candidates(second, node_port, TCP, snat::PORT_MIN, snat::PORT_MAX);
     let candidates = &second_candidates;
+    let (holder_backend, holder_set) = (f.backend_id("10.10.1.6:8080"), f.set_id(&svc));
     let holder = |deadline_ns: u64| CtEntry {
         deadline_ns,
-        backend_id: 702,
-        set_id: 7,
+        backend_id: holder_backend,
+        set_id: holder_set,
         nat_addr: Be32::from(NODE),
         nat_port: Be16::from_host(NODE_PORT),
         flags: ct_flags::SNAT,
@@ -1600,7 +1731,7 @@ fn trace_predicts_source_nat_here() {
     // finds no port.
     configure_snat(&mut f, node.port(), node.port());
     let third = clients([203, 0, 113, 8])
-        .find(|c| backend_addr(&svc, u64::from(maglev_pick(&f, &svc, *c, node_port))) == backend)
+        .find(|c| backend_addr(&f, u64::from(maglev_pick(&f, &svc, *c, node_port))) == backend)
         .unwrap();
     let t = check(
         &mut f,
@@ -1795,24 +1926,15 @@ fn trace_predicts_source_nat_here() {
 // ---------------------------------------------------------------------------------------------
 // Hairpin: a pod balanced to itself.
 
+/// The hairpin address the planner always programs (`lb_common::maps::hairpin::DEFAULT_ADDR`).
 const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 
-/// What the agent writes for the hairpin address: LB_CONFIG's `hairpin_addr` (`None` clears
-/// it), and the address's flag.
-fn configure_hairpin(f: &mut Fixture, addr: Option<Ipv4Addr>) {
+/// Clears LB_CONFIG's `hairpin_addr`, which the planner never does: a node without a hairpin
+/// address, written by hand.
+fn clear_hairpin(f: &mut Fixture) {
     let mut config = f.maps.config.get(&0, 0).unwrap();
-    config.hairpin_addr = addr.map_or(Be32::from_host(0), Be32::from);
+    config.hairpin_addr = Be32::from_host(0);
     f.maps.config.set(0, config, 0).unwrap();
-    f.maps
-        .addrs
-        .insert(
-            Be32::from(HAIRPIN),
-            lb_common::maps::AddrInfo {
-                flags: addr_flags::HAIRPIN,
-            },
-            0,
-        )
-        .unwrap();
 }
 
 #[test]
@@ -1823,12 +1945,17 @@ fn trace_predicts_hairpin_flows() {
     const ACK: u8 = flags::ACK;
     // A ClusterIP whose only backend is the pod that connects to it.
     let svc = service(
-        8,
-        vec![frontend([172, 30, 0, 48], 80, TCP, scope::INTERNAL, true)],
-        backends(801, &["10.0.8.8:8080"]),
+        "self",
+        vec![frontend(
+            [172, 30, 0, 48],
+            80,
+            TCP,
+            scope::INTERNAL,
+            FrontendKind::ClusterIp,
+        )],
+        backends(true, &["10.0.8.8:8080"]),
     );
-    f.install(&svc);
-    configure_hairpin(&mut f, Some(HAIRPIN));
+    f.program(&svc);
     let vip = sock("172.30.0.48:80");
     let pod = sock("10.0.8.8:40000");
     let as_seen = SocketAddrV4::new(HAIRPIN, pod.port());
@@ -1943,7 +2070,7 @@ fn trace_predicts_hairpin_flows() {
     assert_eq!(config["LB_CONFIG"][0]["hairpin_addr"], HAIRPIN.to_string());
 
     // Without a hairpin address the flow is only DNATed (and fails in the pod).
-    configure_hairpin(&mut f, None);
+    clear_hairpin(&mut f);
     let t = check(
         &mut f,
         &Case {
