@@ -19,7 +19,6 @@ pub mod adopt;
 pub mod attach;
 pub mod bpffs;
 pub mod features;
-pub mod install;
 pub mod loader;
 pub mod maglev;
 pub mod maps;
