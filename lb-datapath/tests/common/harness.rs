@@ -194,6 +194,18 @@ impl Harness {
     }
 }
 
+/// Verdict counters as [`Harness::verdicts`] reports them.
+pub fn counts(pairs: &[(&'static str, u64)]) -> BTreeMap<&'static str, u64> {
+    pairs.iter().copied().collect()
+}
+
+/// A fresh harness with `svc` programmed; `None` when privileged tests are skipped.
+pub fn setup(svc: &ServiceSpec) -> Option<Harness> {
+    let mut h = Harness::new()?;
+    h.program(svc);
+    Some(h)
+}
+
 /// Addresses of the standard fixture (the kube-proxy unit-test address plan).
 pub mod addrs {
     use std::net::{Ipv4Addr, SocketAddrV4};
