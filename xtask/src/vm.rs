@@ -12,11 +12,12 @@
 //!   output is the serial console, which this task reads: every step ends with `lb-vm: ok` or
 //!   `lb-vm: FAILED`, and the run with `lb-vm: RESULT PASS` or `FAIL`.
 //!
-//! The plan: the datapath tests (`datapath`, `datapath_external`: every program through the 6.1
-//! verifier, fed crafted packets), the classic-tc test (the agent attaches clsact filters,
-//! replaces them on restart, removes them on cleanup), ClusterIP and NodePort end to end with
-//! the real agent on a two-node cluster in namespaces, and netperf TCP_RR / TCP_CRR through a
-//! ClusterIP versus straight to the backend.
+//! The plan: the datapath tests (`datapath`, `datapath_flows`, `datapath_reject`,
+//! `datapath_packets`, `datapath_external`: every program through the 6.1 verifier, fed crafted
+//! packets), lbctl's predictions against the programs (`trace`, `snat`, `hairpin`), the
+//! classic-tc test (the agent attaches clsact filters, replaces them on restart, removes them on
+//! cleanup), ClusterIP and NodePort end to end with the real agent on a two-node cluster in
+//! namespaces, and netperf TCP_RR / TCP_CRR through a ClusterIP versus straight to the backend.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -63,10 +64,25 @@ struct Step {
 }
 
 /// What runs inside the VM, in order.
-const PLAN: [Step; 7] = [
+const PLAN: [Step; 12] = [
     Step {
         name: "datapath",
         target: "datapath",
+        args: &[],
+    },
+    Step {
+        name: "datapath_flows",
+        target: "datapath_flows",
+        args: &[],
+    },
+    Step {
+        name: "datapath_reject",
+        target: "datapath_reject",
+        args: &[],
+    },
+    Step {
+        name: "datapath_packets",
+        target: "datapath_packets",
         args: &[],
     },
     Step {
@@ -76,8 +92,18 @@ const PLAN: [Step; 7] = [
     },
     Step {
         name: "lbctl trace",
-        target: "lbctl",
-        args: &["trace_predicts"],
+        target: "trace",
+        args: &[],
+    },
+    Step {
+        name: "lbctl trace, source NAT",
+        target: "snat",
+        args: &[],
+    },
+    Step {
+        name: "lbctl trace, hairpin",
+        target: "hairpin",
+        args: &[],
     },
     Step {
         name: "classic_tc",
