@@ -4,7 +4,9 @@
 mod common;
 
 use std::{
-    os::unix::process::CommandExt as _,
+    fs::{self, Permissions},
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    path::Path,
     process::{Command, Output},
 };
 
@@ -78,11 +80,34 @@ fn errors_say_what_to_do() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// Whether users other than root may walk down to `path`: every directory above it lets them
+/// through.
+fn reachable_by_others(path: &Path) -> bool {
+    path.ancestors()
+        .skip(1)
+        .all(|dir| fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+}
+
 #[test]
 fn without_privileges_it_says_it_needs_root() {
     let Some(f) = Fixture::new() else { return };
+    // `nobody` runs a copy of lbctl from a directory it may enter: the build may live where only
+    // root may (a checkout in a `mktemp -d` directory, mode 0700), where running it fails with
+    // EACCES before lbctl even starts. The copy goes when the test ends, also when it fails.
+    let reachable = TempMount::new(false);
+    let copy = reachable.dir.join("lbctl");
+    fs::copy(env!("CARGO_BIN_EXE_lbctl"), &copy).expect("copying lbctl");
+    // Whatever the umask made of them.
+    for path in [&reachable.dir, &copy] {
+        fs::set_permissions(path, Permissions::from_mode(0o755)).unwrap();
+    }
+    assert!(
+        reachable_by_others(&copy),
+        "other users cannot reach {}: point TMPDIR at a directory they may enter",
+        reachable.dir.display()
+    );
     // `nobody` may not open the root-owned pins.
-    let out = Command::new(env!("CARGO_BIN_EXE_lbctl"))
+    let out = Command::new(&copy)
         .arg("--bpffs-dir")
         .arg(&f.pins)
         .arg("stats")
