@@ -6,6 +6,10 @@
 //! the same way in the same run. The kernel's own per-program statistics (`bpf_stats`, which time
 //! only the program) are reported beside it as a cross-check. Every call's verdict and output are
 //! verified while timing.
+//!
+//! The services are programmed through the agent's planner and writer
+//! ([`lb_datapath::program`]), so the maps hold what the agent would write for them (ids,
+//! table sizes, node configuration).
 
 use std::{
     collections::BTreeMap,
@@ -22,8 +26,8 @@ use lb_common::{
 };
 use lb_datapath::{
     Capacities, Datapath, Pinning,
-    install::{self, BackendSpec, FrontendSpec, ServiceSpec},
     maps::Maps,
+    program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec, Services},
 };
 use lb_testbed::packet::{Packet, flags};
 use serde::Serialize;
@@ -37,8 +41,8 @@ const BACKENDS: [SocketAddrV4; 3] = [
     SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 6), 8080),
     SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 7), 8080),
 ];
-/// Service id of the measured service; fillers take the ids after it.
-const MEASURED_ID: u32 = 1;
+/// The measured service; programmed first, it takes the first ids, the fillers those after.
+const MEASURED: &str = "measured";
 
 /// One measured case at one scale.
 #[derive(Clone, Debug, Serialize)]
@@ -162,25 +166,21 @@ fn measured_service() -> ServiceSpec {
             port: 80,
             proto: proto::TCP,
             scope,
-            cluster_ip: true,
+            kind: FrontendKind::ClusterIp,
         })
         .to_vec();
     ServiceSpec {
-        id: MEASURED_ID,
+        name: MEASURED.to_owned(),
         frontends,
         backends: BACKENDS
             .iter()
-            .enumerate()
-            .map(|(i, b)| BackendSpec {
-                id: i as u32 + 1,
-                addr: *b.ip(),
-                port: b.port(),
+            .map(|addr| BackendSpec {
+                addr: *addr,
                 local: true,
                 weight: 1,
             })
             .collect(),
-        table_size: DEFAULT_TABLE_SIZE,
-        flags: 0,
+        ..Default::default()
     }
 }
 
@@ -188,28 +188,29 @@ fn measured_service() -> ServiceSpec {
 fn filler(n: u32) -> ServiceSpec {
     let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + n);
     ServiceSpec {
-        id: MEASURED_ID + n,
+        name: format!("filler-{n}"),
         frontends: vec![FrontendSpec {
             addr: ip,
             port: 80,
             proto: proto::TCP,
             scope: scope::INTERNAL,
-            cluster_ip: true,
+            kind: FrontendKind::ClusterIp,
         }],
         backends: vec![BackendSpec {
-            id: 16 + n,
-            addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + n),
-            port: 8080,
+            addr: SocketAddrV4::new(
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + n),
+                8080,
+            ),
             local: true,
             weight: 1,
         }],
-        table_size: DEFAULT_TABLE_SIZE,
-        flags: 0,
+        ..Default::default()
     }
 }
 
-/// Expected backend of a new flow, from the installed table and the shared hash.
-fn expected_backend(table: &[u32], src: SocketAddrV4) -> SocketAddrV4 {
+/// Expected backend of a new flow, from the programmed table (as backend addresses) and the
+/// shared hash.
+fn expected_backend(slots: &[SocketAddrV4], src: SocketAddrV4) -> SocketAddrV4 {
     let hash = flow_hash(
         Be32::from(*src.ip()),
         Be32::from(VIP),
@@ -217,7 +218,7 @@ fn expected_backend(table: &[u32], src: SocketAddrV4) -> SocketAddrV4 {
         Be16::from_host(80),
         proto::TCP,
     );
-    BACKENDS[(table[(hash % table.len() as u32) as usize] - 1) as usize]
+    slots[(hash % slots.len() as u32) as usize]
 }
 
 /// Distinct client for new-flow call `i` of `round` (one round per hook).
@@ -250,7 +251,7 @@ pub fn run(scales: &[u32], calls: usize, progress: &mut dyn FnMut(&str)) -> Resu
 
 fn run_scale(services: u32, calls: usize, progress: &mut dyn FnMut(&str)) -> Result<Vec<Figure>> {
     progress(&format!(
-        "datapath: loading, installing {services} services"
+        "datapath: loading, programming {services} services"
     ));
     let capacities = Capacities {
         ct: 1 << 20,
@@ -258,12 +259,27 @@ fn run_scale(services: u32, calls: usize, progress: &mut dyn FnMut(&str)) -> Res
     };
     let mut dp = Datapath::load(&Pinning::None, capacities)?;
     let mut maps: Maps = dp.take_maps()?;
-    let svc = measured_service();
-    install::install(&mut maps, &svc)?;
+    let mut programmed = Services::new(capacities, DEFAULT_TABLE_SIZE);
+    programmed.program(&mut maps, &measured_service())?;
+    // The fillers in one plan, as the agent's first sync would write them.
     for n in 1..services {
-        install::install(&mut maps, &filler(n))?;
+        programmed.set(&filler(n))?;
     }
-    let table = maps.maglev_table(MEASURED_ID, svc.table_size)?;
+    programmed.apply(&mut maps)?;
+    let (Some(set_id), Some(table_size)) =
+        (programmed.set_id(MEASURED), programmed.table_size(MEASURED))
+    else {
+        bail!("the measured service was not programmed");
+    };
+    let table = maps
+        .maglev_table(set_id, table_size)?
+        .into_iter()
+        .map(|id| {
+            programmed
+                .backend_addr(id)
+                .with_context(|| format!("the measured table names unknown backend {id}"))
+        })
+        .collect::<Result<Vec<SocketAddrV4>>>()?;
 
     // The established flow and its reply entry.
     let syn = Packet::tcp(CLIENT, SocketAddrV4::new(VIP, 80), flags::SYN, &[]);

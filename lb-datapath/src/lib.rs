@@ -7,7 +7,8 @@
 //! - [`maps`]: typed handles on every map; [`maglev`]: the consistent-hashing tables.
 //! - [`model`] (the desired state as plain data) -> [`planner`] (the ordered map writes that
 //!   program it) -> [`writer`] (carries them out); [`adopt`] reads the maps back into the
-//!   planner's shadow when an agent starts on a pinned datapath.
+//!   planner's shadow when an agent starts on a pinned datapath; [`program`]: a small helper
+//!   over the planner and writer with which tests and benchmarks program services the same way.
 //! - [`predict`]: what the datapath does with a packet, from the live maps and the same rules
 //!   (`lb_common`) the programs use.
 //!
@@ -18,13 +19,13 @@ pub mod adopt;
 pub mod attach;
 pub mod bpffs;
 pub mod features;
-pub mod install;
 pub mod loader;
 pub mod maglev;
 pub mod maps;
 pub mod model;
 pub mod planner;
 pub mod predict;
+pub mod program;
 mod sys;
 pub mod tc_record;
 pub mod writer;

@@ -57,8 +57,8 @@ pub struct Maps {
     pub addrs: HashMap<MapData, Be32, AddrInfo>,
     pub services: HashMap<MapData, FrontendKey, Frontend>,
     pub backends: Array<MapData, Backend>,
-    /// Kept untyped: tables are created, swapped and read through [`Maps::set_maglev_table`]
-    /// and [`Maps::maglev_table`].
+    /// Kept untyped: tables are created, swapped and read through [`Maps::build_maglev_map`],
+    /// [`Maps::install_maglev_maps`] and [`Maps::maglev_table`].
     pub maglev: Map,
     pub ct: HashMap<MapData, FlowKey, CtEntry>,
     pub frags: HashMap<MapData, FragKey, FragEntry>,
@@ -211,16 +211,10 @@ impl Maps {
         }
     }
 
-    /// Installs `table` (one backend id per slot) as the Maglev table of `service_id`. The table
-    /// is built in a fresh map and swapped in with one update, so the datapath sees the old
-    /// table or the new one, never a mix.
-    pub fn set_maglev_table(&mut self, service_id: u32, table: &[u32]) -> Result<(), MapsError> {
-        let built = Self::build_maglev_map(service_id, table)?;
-        self.install_maglev_maps(&[(service_id, built)])
-    }
-
-    /// Creates the map of one Maglev table and fills it (one memcpy through mmap). It takes
-    /// effect once installed with [`Maps::install_maglev_maps`].
+    /// Creates the map of one Maglev table (one backend id per slot) and fills it (one memcpy
+    /// through mmap). It takes effect once installed with [`Maps::install_maglev_maps`]: a table
+    /// is built in a fresh map and swapped in with one update, so the datapath sees the old table
+    /// or the new one, never a mix.
     pub fn build_maglev_map(service_id: u32, table: &[u32]) -> Result<MapData, MapsError> {
         let table_err = |reason: String| MapsError::Table { service_id, reason };
         let size = u32::try_from(table.len()).map_err(|_| table_err("too large".into()))?;

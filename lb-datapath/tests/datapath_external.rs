@@ -19,10 +19,10 @@ use lb_common::{
     Be16, Be32,
     conntrack::{FORWARD, FlowKey, REPLY, ct_flags},
     hash::flow_hash,
-    maps::{NodeConfig, addr_flags, maglev::DEFAULT_TABLE_SIZE, scope, snat},
+    maps::{scope, snat},
     stats::Reason,
 };
-use lb_datapath::install::{BackendSpec, FrontendSpec, ServiceSpec};
+use lb_datapath::program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec};
 use lb_testbed::{Netns, netns::unique_prefix};
 
 /// This node's address on its uplink (the SNAT address), and the NodePort.
@@ -39,6 +39,7 @@ const LOCAL_POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 10, 0, 5), 8
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 168, 50, 2), 40_000);
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+/// The hairpin address the planner always programs (`lb_common::maps::hairpin::DEFAULT_ADDR`).
 const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 
 fn node_port() -> SocketAddrV4 {
@@ -96,50 +97,31 @@ fn in_routed_namespace(test: impl FnOnce(&mut Harness) + Send + 'static) {
     .unwrap();
 }
 
-/// What the agent writes for this node: its configuration, and the SNAT flag on its address
-/// (call after installing the services, which write the address's entry).
+/// What the agent programs for this node: `NODE` as its SNAT address, SNAT ports `min..=max`.
 fn configure_snat(h: &mut Harness, min: u16, max: u16) {
-    let config = NodeConfig {
-        snat_addr: Be32::from(NODE),
-        snat_port_min: min,
-        snat_port_max: max,
-        hairpin_addr: Be32::from(HAIRPIN),
-    };
-    h.maps.config.set(0, config, 0).unwrap();
-    for (addr, flag) in [
-        (config.snat_addr, addr_flags::SNAT),
-        (config.hairpin_addr, addr_flags::HAIRPIN),
-    ] {
-        let mut info = h.maps.addrs.get(&addr, 0).unwrap_or_default();
-        info.flags |= flag;
-        h.maps.addrs.insert(addr, info, 0).unwrap();
-    }
+    h.set_node(NODE, min..=max);
 }
 
-/// A NodePort service (external scope) on `NODE:NODE_PORT` with these backends.
-fn node_port_service(id: u32, l4_proto: u8, backends: &[(SocketAddrV4, bool)]) -> ServiceSpec {
+/// A NodePort service `name` (external scope) on `NODE:NODE_PORT` with these backends.
+fn node_port_service(name: &str, l4_proto: u8, backends: &[(SocketAddrV4, bool)]) -> ServiceSpec {
     ServiceSpec {
-        id,
+        name: name.to_owned(),
         frontends: vec![FrontendSpec {
             addr: NODE,
             port: NODE_PORT,
             proto: l4_proto,
             scope: scope::EXTERNAL,
-            cluster_ip: false,
+            kind: FrontendKind::NodePort,
         }],
         backends: backends
             .iter()
-            .enumerate()
-            .map(|(i, (addr, local))| BackendSpec {
-                id: id * 100 + i as u32 + 1,
-                addr: *addr.ip(),
-                port: addr.port(),
+            .map(|(addr, local)| BackendSpec {
+                addr: *addr,
                 local: *local,
                 weight: 1,
             })
             .collect(),
-        table_size: DEFAULT_TABLE_SIZE,
-        flags: 0,
+        ..Default::default()
     }
 }
 
@@ -205,7 +187,7 @@ fn from_client(client: SocketAddrV4, tcp_flags: u8) -> Packet {
 #[test]
 fn an_external_flow_to_another_nodes_backend_is_source_natted_and_routed_there() {
     in_routed_namespace(|h| {
-        h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
+        h.program(&node_port_service("web", TCP, &[(REMOTE_POD, false)]));
         configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
         for hook in [Hook::Xdp, Hook::ExtIn] {
             let client = socket(
@@ -248,7 +230,7 @@ fn an_external_flow_to_another_nodes_backend_is_source_natted_and_routed_there()
 #[test]
 fn the_reply_of_a_source_natted_flow_is_fully_reversed_before_it_leaves() {
     in_routed_namespace(|h| {
-        h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
+        h.program(&node_port_service("web", TCP, &[(REMOTE_POD, false)]));
         configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
         let syn = from_client(CLIENT, flags::SYN);
         h.run(Hook::Xdp, &syn.bytes());
@@ -268,8 +250,7 @@ fn the_reply_of_a_source_natted_flow_is_fully_reversed_before_it_leaves() {
         assert_eq!(h.verdict_count(Reason::ReplyNat), 1);
 
         // UDP too, with its checksum kept valid.
-        h.install(&node_port_service(2, UDP, &[(REMOTE_POD_2, false)]));
-        configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
+        h.program(&node_port_service("dns", UDP, &[(REMOTE_POD_2, false)]));
         let mut query = Packet::udp(CLIENT, node_port(), b"query");
         query.eth_src = CLIENT_MAC;
         query.eth_dst = UPLINK_MAC;
@@ -299,7 +280,7 @@ fn the_reply_of_a_source_natted_flow_is_fully_reversed_before_it_leaves() {
 fn snat_ports_are_never_shared_by_live_flows_and_come_back_when_flows_end() {
     in_routed_namespace(|h| {
         // Four ports: the four first clients get one each, the fifth finds none.
-        h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
+        h.program(&node_port_service("web", TCP, &[(REMOTE_POD, false)]));
         configure_snat(h, 61_000, 61_003);
         let mut taken = Vec::new();
         for port in 0..4 {
@@ -347,7 +328,7 @@ fn snat_ports_are_never_shared_by_live_flows_and_come_back_when_flows_end() {
 #[test]
 fn snat_ports_of_finished_flows_serve_new_flows_at_once() {
     in_routed_namespace(|h| {
-        h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
+        h.program(&node_port_service("web", TCP, &[(REMOTE_POD, false)]));
         configure_snat(h, 61_000, 61_000);
         let reply_key = remote_reply_key(61_000);
         let port = SocketAddrV4::new(NODE, 61_000);
@@ -418,7 +399,7 @@ fn snat_ports_of_finished_flows_serve_new_flows_at_once() {
 #[test]
 fn snat_ports_in_time_wait_serve_new_flows_only_when_none_is_free() {
     in_routed_namespace(|h| {
-        h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
+        h.program(&node_port_service("web", TCP, &[(REMOTE_POD, false)]));
         configure_snat(h, 61_000, 61_001);
         let open = |h: &mut Harness, client: SocketAddrV4| {
             let run = h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
@@ -493,7 +474,7 @@ fn snat_ports_in_time_wait_serve_new_flows_only_when_none_is_free() {
 #[test]
 fn without_nat_state_a_reply_passes_untouched_and_without_an_address_nothing_is_natted() {
     in_routed_namespace(|h| {
-        h.install(&node_port_service(1, TCP, &[(REMOTE_POD, false)]));
+        h.program(&node_port_service("web", TCP, &[(REMOTE_POD, false)]));
         configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
         h.run(Hook::Xdp, &from_client(CLIENT, flags::SYN).bytes());
         let source = snat_source(h, CLIENT, TCP);
@@ -519,7 +500,7 @@ fn without_nat_state_a_reply_passes_untouched_and_without_an_address_nothing_is_
 #[test]
 fn a_local_backend_sees_the_client_and_its_reply_is_restored_on_the_uplink() {
     in_routed_namespace(|h| {
-        h.install(&node_port_service(1, TCP, &[(LOCAL_POD, true)]));
+        h.program(&node_port_service("web", TCP, &[(LOCAL_POD, true)]));
         configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
         let syn = from_client(CLIENT, flags::SYN);
         let run = h.run(Hook::Xdp, &syn.bytes());
@@ -551,17 +532,16 @@ fn a_pod_balanced_to_itself_is_hairpinned_through_the_link_local_address() {
     in_routed_namespace(|h| {
         let vip = SocketAddrV4::new(Ipv4Addr::new(172, 30, 0, 41), 80);
         let svc = ServiceSpec {
-            id: 1,
             frontends: vec![FrontendSpec {
                 addr: *vip.ip(),
                 port: vip.port(),
                 proto: TCP,
                 scope: scope::INTERNAL,
-                cluster_ip: true,
+                kind: FrontendKind::ClusterIp,
             }],
-            ..node_port_service(1, TCP, &[(LOCAL_POD, true)])
+            ..node_port_service("web", TCP, &[(LOCAL_POD, true)])
         };
-        h.install(&svc);
+        h.program(&svc);
         configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
         let pod = SocketAddrV4::new(*LOCAL_POD.ip(), 40_000);
         let pod_mac = [0x02, 0, 0, 0, 0, 0x05];

@@ -12,8 +12,8 @@ use std::{
 use lb_common::{maps::scope, net::proto};
 use lb_datapath::{
     Capacities, Datapath, Pinning,
-    install::{self, BackendSpec, FrontendSpec, ServiceSpec},
     maps::Maps,
+    program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec, Services},
 };
 use lb_testbed::{
     Node,
@@ -30,6 +30,16 @@ struct Bed {
     _servers: Vec<Server>,
     _datapath: Datapath,
     maps: Maps,
+    services: Services,
+}
+
+impl Bed {
+    /// Programs `svc` through the agent's planner and writer.
+    fn program(&mut self, svc: &ServiceSpec) {
+        self.services
+            .program(&mut self.maps, svc)
+            .unwrap_or_else(|e| panic!("programming service {}: {e:?}", svc.name));
+    }
 }
 
 /// One node, a client pod and three `hostnames` backends on :8080, the datapath on every pod veth.
@@ -64,32 +74,30 @@ fn bed() -> Option<Bed> {
         _servers: servers,
         _datapath: datapath,
         maps,
+        services: Services::default(),
     })
 }
 
-fn service(id: u32, vip: Ipv4Addr, l4_proto: u8, backends: &[Ipv4Addr]) -> ServiceSpec {
+/// The ClusterIP service `name`, `vip:80` -> `backends` on :8080.
+fn service(name: &str, vip: Ipv4Addr, l4_proto: u8, backends: &[Ipv4Addr]) -> ServiceSpec {
     ServiceSpec {
-        id,
+        name: name.to_owned(),
         frontends: vec![FrontendSpec {
             addr: vip,
             port: 80,
             proto: l4_proto,
             scope: scope::INTERNAL,
-            cluster_ip: true,
+            kind: FrontendKind::ClusterIp,
         }],
         backends: backends
             .iter()
-            .enumerate()
-            .map(|(i, addr)| BackendSpec {
-                id: 10 + i as u32,
-                addr: *addr,
-                port: 8080,
+            .map(|addr| BackendSpec {
+                addr: SocketAddrV4::new(*addr, 8080),
                 local: true,
                 weight: 1,
             })
             .collect(),
-        table_size: lb_common::maps::maglev::DEFAULT_TABLE_SIZE,
-        flags: 0,
+        ..Default::default()
     }
 }
 
@@ -112,8 +120,8 @@ fn parse(answer: &str) -> (String, SocketAddrV4) {
 #[test]
 fn a_pod_reaches_a_cluster_ip_and_every_backend_answers_over_tcp_and_udp() {
     let Some(mut bed) = bed() else { return };
-    install::install(&mut bed.maps, &service(1, VIP, proto::TCP, &backend_ips())).unwrap();
-    install::install(&mut bed.maps, &service(2, VIP, proto::UDP, &backend_ips())).unwrap();
+    bed.program(&service("web-tcp", VIP, proto::TCP, &backend_ips()));
+    bed.program(&service("web-udp", VIP, proto::UDP, &backend_ips()));
     let client = &bed.node.pod("client").ns;
 
     let answers = client
@@ -156,8 +164,8 @@ fn a_pod_reaches_a_cluster_ip_and_every_backend_answers_over_tcp_and_udp() {
 #[test]
 fn a_cluster_ip_without_backends_refuses_at_once() {
     let Some(mut bed) = bed() else { return };
-    install::install(&mut bed.maps, &service(3, EMPTY_VIP, proto::TCP, &[])).unwrap();
-    install::install(&mut bed.maps, &service(4, EMPTY_VIP, proto::UDP, &[])).unwrap();
+    bed.program(&service("empty-tcp", EMPTY_VIP, proto::TCP, &[]));
+    bed.program(&service("empty-udp", EMPTY_VIP, proto::UDP, &[]));
     let client = &bed.node.pod("client").ns;
     let (tcp, udp, elapsed) = client
         .enter(|| {

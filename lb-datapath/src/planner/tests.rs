@@ -77,7 +77,7 @@ fn a_first_sync_writes_in_dependency_order() {
     assert_eq!(p.tables.len(), 1, "only the two-backend set needs a table");
     assert_eq!(p.frontends.len(), 2);
     // Two ClusterIPs, and the node's hairpin address (there is no SNAT address yet).
-    let hairpin = Be32::from(Ipv4Addr::from(lb_common::maps::hairpin::DEFAULT_ADDR));
+    let hairpin = Be32::from(Ipv4Addr::from(hairpin::DEFAULT_ADDR));
     assert_eq!(p.addrs.len(), 3);
     assert!(p.addrs.iter().all(|(addr, info)| if *addr == hairpin {
         info.flags == addr_flags::HAIRPIN

@@ -1,5 +1,6 @@
 //! Runs the real datapath programs on crafted packets through BPF_PROG_TEST_RUN, with fresh,
-//! private (unpinned) maps per harness.
+//! private (unpinned) maps per harness, programmed through the agent's planner and writer
+//! ([`lb_datapath::program`]).
 
 use std::{
     collections::BTreeMap,
@@ -7,13 +8,11 @@ use std::{
 };
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::{
-    Be16, Be32, hash::flow_hash, maps::maglev::DEFAULT_TABLE_SIZE, net::proto, stats::Reason,
-};
+use lb_common::{Be16, Be32, hash::flow_hash, net::proto, stats::Reason};
 use lb_datapath::{
     Capacities, Datapath, Pinning,
-    install::{self, BackendSpec, FrontendSpec, ServiceSpec},
     maps::Maps,
+    program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec, Services},
 };
 
 /// tc verdicts as `BPF_PROG_TEST_RUN` reports them.
@@ -56,6 +55,8 @@ pub struct Run {
 pub struct Harness {
     pub dp: Datapath,
     pub maps: Maps,
+    /// What is programmed, and the ids the planner gave it.
+    pub services: Services,
 }
 
 impl Harness {
@@ -67,7 +68,11 @@ impl Harness {
         let mut dp = Datapath::load(&Pinning::None, Capacities::default())
             .unwrap_or_else(|e| panic!("loading the datapath: {e:?}"));
         let maps = dp.take_maps().expect("maps");
-        Some(Self { dp, maps })
+        Some(Self {
+            dp,
+            maps,
+            services: Services::default(),
+        })
     }
 
     pub fn run(&mut self, hook: Hook, input: &[u8]) -> Run {
@@ -107,9 +112,34 @@ impl Harness {
         }
     }
 
-    pub fn install(&mut self, svc: &ServiceSpec) {
-        install::install(&mut self.maps, svc)
-            .unwrap_or_else(|e| panic!("installing service {}: {e:?}", svc.id));
+    /// Programs `svc` (adds it, or changes the service of that name).
+    pub fn program(&mut self, svc: &ServiceSpec) {
+        self.services
+            .program(&mut self.maps, svc)
+            .unwrap_or_else(|e| panic!("programming service {}: {e:?}", svc.name));
+    }
+
+    /// Removes the service `name`.
+    pub fn remove(&mut self, name: &str) {
+        self.services.remove(name);
+        self.services
+            .apply(&mut self.maps)
+            .unwrap_or_else(|e| panic!("removing service {name}: {e:?}"));
+    }
+
+    /// Programs the node's SNAT address and port range.
+    pub fn set_node(&mut self, snat_addr: Ipv4Addr, snat_ports: std::ops::RangeInclusive<u16>) {
+        self.services.set_node(Some(snat_addr), Some(snat_ports));
+        self.services
+            .apply(&mut self.maps)
+            .unwrap_or_else(|e| panic!("programming the node: {e:?}"));
+    }
+
+    /// The backend-set id the planner gave `svc`.
+    pub fn set_id(&self, svc: &ServiceSpec) -> u32 {
+        self.services
+            .set_id(&svc.name)
+            .unwrap_or_else(|| panic!("service {} is not programmed", svc.name))
     }
 
     /// Verdict counters (packets) by reason name, zero counters left out.
@@ -134,8 +164,8 @@ impl Harness {
             .packets
     }
 
-    /// The backend the datapath must pick for a new flow `src -> dst` of `svc`, computed in
-    /// userspace from the installed table and the shared flow hash.
+    /// The backend the datapath must pick for a new flow `src -> dst` of `svc` (as last
+    /// programmed), computed in userspace from the programmed table and the shared flow hash.
     pub fn expected_backend(
         &self,
         svc: &ServiceSpec,
@@ -143,11 +173,13 @@ impl Harness {
         dst: SocketAddrV4,
         l4_proto: u8,
     ) -> SocketAddrV4 {
-        let chosen = match svc.backends.iter().filter(|b| b.weight > 0).count() {
-            0 => panic!("service {} has no backend", svc.id),
-            1 => svc.backends.iter().find(|b| b.weight > 0).unwrap().id,
-            _ => {
-                let table = self.maps.maglev_table(svc.id, svc.table_size).unwrap();
+        let mut selectable = svc.backends.iter().filter(|b| b.weight > 0);
+        match (selectable.next(), selectable.next()) {
+            (None, _) => panic!("service {} has no backend", svc.name),
+            (Some(only), None) => only.addr,
+            (Some(_), Some(_)) => {
+                let size = self.services.table_size(&svc.name).unwrap();
+                let table = self.maps.maglev_table(self.set_id(svc), size).unwrap();
                 let hash = flow_hash(
                     Be32::from(*src.ip()),
                     Be32::from(*dst.ip()),
@@ -155,12 +187,23 @@ impl Harness {
                     Be16::from_host(dst.port()),
                     l4_proto,
                 );
-                table[(hash % svc.table_size) as usize]
+                let chosen = table[(hash % size) as usize];
+                self.services.backend_addr(chosen).unwrap()
             }
-        };
-        let b = svc.backends.iter().find(|b| b.id == chosen).unwrap();
-        SocketAddrV4::new(b.addr, b.port)
+        }
     }
+}
+
+/// Verdict counters as [`Harness::verdicts`] reports them.
+pub fn counts(pairs: &[(&'static str, u64)]) -> BTreeMap<&'static str, u64> {
+    pairs.iter().copied().collect()
+}
+
+/// A fresh harness with `svc` programmed; `None` when privileged tests are skipped.
+pub fn setup(svc: &ServiceSpec) -> Option<Harness> {
+    let mut h = Harness::new()?;
+    h.program(svc);
+    Some(h)
 }
 
 /// Addresses of the standard fixture (the kube-proxy unit-test address plan).
@@ -178,30 +221,26 @@ pub mod addrs {
     pub const OTHER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 9), 80);
 }
 
-/// A ClusterIP service `VIP:port/proto -> backends` (ids 1..), internal scope, default table.
-pub fn cluster_ip(id: u32, port: u16, l4_proto: u8, backends: &[SocketAddrV4]) -> ServiceSpec {
+/// A ClusterIP service `name`, `VIP:port/proto -> backends` (all on this node), internal scope.
+pub fn cluster_ip(name: &str, port: u16, l4_proto: u8, backends: &[SocketAddrV4]) -> ServiceSpec {
     ServiceSpec {
-        id,
+        name: name.to_owned(),
         frontends: vec![FrontendSpec {
             addr: addrs::VIP,
             port,
             proto: l4_proto,
             scope: lb_common::maps::scope::INTERNAL,
-            cluster_ip: true,
+            kind: FrontendKind::ClusterIp,
         }],
         backends: backends
             .iter()
-            .enumerate()
-            .map(|(i, b)| BackendSpec {
-                id: id * 100 + i as u32 + 1,
-                addr: *b.ip(),
-                port: b.port(),
+            .map(|addr| BackendSpec {
+                addr: *addr,
                 local: true,
                 weight: 1,
             })
             .collect(),
-        table_size: DEFAULT_TABLE_SIZE,
-        flags: 0,
+        ..Default::default()
     }
 }
 

@@ -1,7 +1,8 @@
-//! Shared by the datapath's integration tests: the privilege gate, packet builders and the
-//! datapath harness.
+//! Shared by the datapath's integration tests: the privilege gate, packet builders, the frames the
+//! datapath must send back, and the datapath harness.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod expected;
 pub mod harness;
 #[allow(unused_imports, reason = "used by some test binaries only")]
 pub use lb_testbed::packet;

@@ -18,10 +18,25 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 7] = [
+pub(super) const PLAN: [Step; 12] = [
     Step {
         name: "datapath",
         target: "datapath",
+        args: &[],
+    },
+    Step {
+        name: "datapath_flows",
+        target: "datapath_flows",
+        args: &[],
+    },
+    Step {
+        name: "datapath_reject",
+        target: "datapath_reject",
+        args: &[],
+    },
+    Step {
+        name: "datapath_packets",
+        target: "datapath_packets",
         args: &[],
     },
     Step {
@@ -31,8 +46,18 @@ pub(super) const PLAN: [Step; 7] = [
     },
     Step {
         name: "lbctl trace",
-        target: "lbctl",
-        args: &["trace_predicts"],
+        target: "trace",
+        args: &[],
+    },
+    Step {
+        name: "lbctl trace, source NAT",
+        target: "snat",
+        args: &[],
+    },
+    Step {
+        name: "lbctl trace, hairpin",
+        target: "hairpin",
+        args: &[],
     },
     Step {
         name: "classic_tc",

@@ -1,0 +1,258 @@
+//! Flows in the real datapath programs (BPF_PROG_TEST_RUN) while their service changes: an
+//! established flow keeps its backend when the Maglev table changes, moves to a live one when its
+//! backend is gone, and is balanced anew after it closed; a removed service leaves nothing
+//! behind; and how long conntrack entries live and when a packet rewrites them. Service changes
+//! go through the agent's planner and writer. Needs root.
+
+mod common;
+
+use std::net::SocketAddrV4;
+
+use common::{
+    harness::{Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, tc, vip},
+    packet::{Packet, assert_frame_eq, flags},
+};
+use lb_common::{
+    Be16, Be32,
+    conntrack::{FORWARD, FlowKey, ct_flags, timeout},
+    stats::Reason,
+};
+
+fn forward_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
+    FlowKey {
+        src_addr: Be32::from(*src.ip()),
+        dst_addr: Be32::from(*dst.ip()),
+        src_port: Be16::from_host(src.port()),
+        dst_port: Be16::from_host(dst.port()),
+        proto,
+        dir: FORWARD,
+        _pad: [0; 2],
+    }
+}
+
+#[test]
+fn an_established_flow_keeps_its_backend_when_the_table_changes() {
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
+    let Some(mut h) = setup(&svc) else { return };
+    let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
+    let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
+    h.run(Hook::FromPod, &syn.bytes());
+
+    // The flow's backend leaves the table (weight 0) but keeps existing: new flows avoid it,
+    // the established flow stays on it.
+    let mut changed = svc.clone();
+    for b in &mut changed.backends {
+        if b.addr == backend {
+            b.weight = 0;
+        }
+    }
+    h.program(&changed);
+    let ack = Packet::tcp(
+        CLIENT,
+        vip(80),
+        flags::ACK | flags::PSH,
+        b"GET / HTTP/1.1\r\n\r\n",
+    );
+    let run = h.run(Hook::FromPod, &ack.bytes());
+    assert_eq!(run.verdict, tc::PASS);
+    assert_frame_eq(
+        &run.out,
+        &ack.clone().with_dst(backend).bytes(),
+        "established segment",
+    );
+
+    for port in 41_000..41_050 {
+        let client = SocketAddrV4::new(*CLIENT.ip(), port);
+        let run = h.run(
+            Hook::FromPod,
+            &Packet::tcp(client, vip(80), flags::SYN, &[]).bytes(),
+        );
+        let chosen = h.expected_backend(&changed, client, vip(80), TCP);
+        assert_ne!(chosen, backend);
+        assert_frame_eq(
+            &run.out,
+            &Packet::tcp(client, vip(80), flags::SYN, &[])
+                .with_dst(chosen)
+                .bytes(),
+            "new flow",
+        );
+    }
+    assert_eq!(
+        h.verdicts(),
+        counts(&[("new_flow", 51), ("established", 1)])
+    );
+}
+
+#[test]
+fn a_flow_whose_backend_is_gone_moves_to_a_live_one() {
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
+    let Some(mut h) = setup(&svc) else { return };
+    let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
+    let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
+    h.run(Hook::FromPod, &syn.bytes());
+
+    let mut shrunk = svc.clone();
+    let gone = shrunk
+        .backends
+        .iter()
+        .position(|b| b.addr == backend)
+        .unwrap();
+    // The planner empties the slot of a backend no set lists any more.
+    shrunk.backends.remove(gone);
+    h.program(&shrunk);
+
+    let ack = Packet::tcp(CLIENT, vip(80), flags::ACK, &[]);
+    let run = h.run(Hook::FromPod, &ack.bytes());
+    let now = h.expected_backend(&shrunk, CLIENT, vip(80), TCP);
+    assert_ne!(now, backend);
+    assert_frame_eq(&run.out, &ack.with_dst(now).bytes(), "re-balanced segment");
+    assert_eq!(h.verdicts(), counts(&[("new_flow", 2)]));
+}
+
+/// Removing a service goes through the planner too: its frontends, address, table and backend
+/// slots go, and new packets to its address pass untouched. The counters it had stay.
+#[test]
+fn a_removed_service_leaves_nothing_behind() {
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
+    let Some(mut h) = setup(&svc) else { return };
+    h.run(
+        Hook::FromPod,
+        &Packet::tcp(CLIENT, vip(80), flags::SYN, &[]).bytes(),
+    );
+    let (set_id, table_size) = (h.set_id(&svc), h.services.table_size("web").unwrap());
+    assert!(h.maps.maglev_table(set_id, table_size).is_ok());
+
+    h.remove("web");
+    assert_eq!(h.maps.services.keys().count(), 0, "no frontend");
+    assert!(h.maps.active_backends().unwrap().is_empty(), "no backend");
+    assert!(h.maps.maglev_table(set_id, table_size).is_err(), "no table");
+    assert!(h.maps.addrs.get(&Be32::from(VIP), 0).is_err(), "no address");
+    let other_client = SocketAddrV4::new(*CLIENT.ip(), CLIENT.port() + 1);
+    let syn = Packet::tcp(other_client, vip(80), flags::SYN, &[]).bytes();
+    let run = h.run(Hook::FromPod, &syn);
+    assert_eq!(run.verdict, tc::PASS);
+    assert_frame_eq(&run.out, &syn, "untouched");
+    assert_eq!(h.verdicts(), counts(&[("new_flow", 1)]));
+}
+
+#[test]
+fn a_syn_after_close_balances_the_ports_anew() {
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
+    let Some(mut h) = setup(&svc) else { return };
+    let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
+    h.run(
+        Hook::FromPod,
+        &Packet::tcp(CLIENT, vip(80), flags::SYN, &[]).bytes(),
+    );
+    // A retransmitted SYN of the open flow stays put.
+    let mut changed = svc.clone();
+    for b in &mut changed.backends {
+        if b.addr == backend {
+            b.weight = 0;
+        }
+    }
+    h.program(&changed);
+    let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
+    assert_frame_eq(
+        &h.run(Hook::FromPod, &syn.bytes()).out,
+        &syn.clone().with_dst(backend).bytes(),
+        "SYN retransmit",
+    );
+    // The client closes; a new connection on the same ports goes where Maglev says now.
+    h.run(
+        Hook::FromPod,
+        &Packet::tcp(CLIENT, vip(80), flags::FIN | flags::ACK, &[]).bytes(),
+    );
+    let now = h.expected_backend(&changed, CLIENT, vip(80), TCP);
+    assert_frame_eq(
+        &h.run(Hook::FromPod, &syn.bytes()).out,
+        &syn.with_dst(now).bytes(),
+        "SYN after FIN",
+    );
+}
+
+#[test]
+fn an_established_flow_writes_its_entry_only_when_timeouts_need_it() {
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
+    let Some(mut h) = setup(&svc) else { return };
+    let key = forward_key(CLIENT, vip(80), TCP);
+    h.run(
+        Hook::FromPod,
+        &Packet::tcp(CLIENT, vip(80), flags::SYN, &[]).bytes(),
+    );
+    let syn_entry = h.maps.ct.get(&key, 0).unwrap();
+    h.run(
+        Hook::FromPod,
+        &Packet::tcp(CLIENT, vip(80), flags::ACK, &[]).bytes(),
+    );
+    let established = h.maps.ct.get(&key, 0).unwrap();
+    assert!(
+        established.deadline_ns > syn_entry.deadline_ns,
+        "the handshake extends the lifetime"
+    );
+    for _ in 0..20 {
+        h.run(
+            Hook::FromPod,
+            &Packet::tcp(CLIENT, vip(80), flags::ACK | flags::PSH, b"data").bytes(),
+        );
+    }
+    assert_eq!(
+        h.maps.ct.get(&key, 0).unwrap(),
+        established,
+        "no rewrite within the refresh interval"
+    );
+    assert_eq!(h.verdict_count(Reason::Established), 21);
+}
+
+/// The datapath's clock (`bpf_ktime_get_coarse_ns`).
+fn ktime_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// As with nf_conntrack: a UDP exchange (a DNS query and its answer) holds its entries for 30 s,
+/// and a flow still sending 2 s after it opened is a stream, which lives 120 s.
+#[test]
+fn udp_flows_live_30_s_and_streams_120_s() {
+    let svc = cluster_ip("dns", 53, UDP, &BACKENDS);
+    let Some(mut h) = setup(&svc) else { return };
+    let key = forward_key(CLIENT, vip(53), UDP);
+    let query = Packet::udp(CLIENT, vip(53), b"query");
+    let before = ktime_coarse_ns();
+    h.run(Hook::FromPod, &query.bytes());
+    let after = ktime_coarse_ns();
+    let opened = h.maps.ct.get(&key, 0).unwrap();
+    assert!(
+        (before + timeout::UDP..=after + timeout::UDP).contains(&opened.deadline_ns),
+        "a new UDP flow lives 30 s"
+    );
+    assert_eq!(opened.flags & ct_flags::ESTABLISHED, 0);
+    h.run(Hook::FromPod, &query.bytes());
+    assert_eq!(
+        h.maps.ct.get(&key, 0).unwrap(),
+        opened,
+        "within its first 2 s, a packet writes nothing"
+    );
+
+    // Three seconds later, it still sends: a stream.
+    let mut aged = opened;
+    aged.deadline_ns -= 3_000_000_000;
+    h.maps.ct.insert(key, aged, 0).unwrap();
+    let before = ktime_coarse_ns();
+    h.run(Hook::FromPod, &query.bytes());
+    let after = ktime_coarse_ns();
+    let stream = h.maps.ct.get(&key, 0).unwrap();
+    assert_ne!(stream.flags & ct_flags::ESTABLISHED, 0);
+    assert!(
+        (before + timeout::UDP_STREAM..=after + timeout::UDP_STREAM).contains(&stream.deadline_ns),
+        "a UDP stream lives 120 s"
+    );
+}

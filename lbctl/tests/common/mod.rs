@@ -1,0 +1,346 @@
+//! Shared by `lbctl`'s tests: the privilege gate and a routed network namespace, a private bpffs,
+//! the datapath with its maps pinned there and programmed through the agent's planner and writer
+//! ([`lb_datapath::program`]), running the real binary, and building services.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+pub mod trace;
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    maps::lpm_trie::Key,
+    programs::{TestRun as _, TestRunOptions},
+};
+use lb_common::{Be32, maps::SourceRange};
+use lb_datapath::{
+    Capacities, Datapath, Pinning,
+    maps::Maps,
+    program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec, Services},
+};
+use serde_json::Value;
+
+pub use self::trace::Hook;
+
+/// Runs `test` on a thread of its own, in a new network namespace where every destination is
+/// routed out of `up0` to a neighbour with a permanent MAC, and re-raises its panic. Nothing
+/// runs when privileged tests are skipped.
+pub fn in_routed_netns(test: impl FnOnce() + Send + 'static) {
+    if !lb_testbed::privileges::require() {
+        return;
+    }
+    let result = std::thread::spawn(move || {
+        // SAFETY: plain syscall; it moves only this thread (and the processes it spawns).
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            ret,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        // `ip` and `sysctl` started from this thread run in its namespace.
+        for args in [
+            "link add up0 type veth peer name up0p",
+            "link set up0p up",
+            "link set up0 address 02:00:00:00:00:01 up",
+            "addr add 10.255.0.1/24 dev up0",
+            "neigh add 10.255.0.2 lladdr 02:00:00:00:00:02 dev up0 nud permanent",
+            "route add default via 10.255.0.2",
+        ] {
+            let status = Command::new("ip").args(args.split(' ')).status().unwrap();
+            assert!(status.success(), "ip {args}");
+        }
+        let status = Command::new("sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        test();
+    })
+    .join();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+/// A unique temporary directory, removed on drop; with `bpffs`, a private bpf filesystem is
+/// mounted on it (and detached on drop, also when the test panics).
+pub struct TempMount {
+    pub dir: PathBuf,
+    mounted: bool,
+}
+
+impl TempMount {
+    pub fn new(bpffs: bool) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "lbctl-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let mut guard = Self {
+            dir,
+            mounted: false,
+        };
+        if bpffs {
+            let (src, fstype) = (c"bpf", c"bpf");
+            let target = c_path(&guard.dir);
+            // SAFETY: valid NUL-terminated strings; no data argument.
+            let ret = unsafe {
+                libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    fstype.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(
+                ret,
+                0,
+                "mount -t bpf on {}: {}",
+                guard.dir.display(),
+                std::io::Error::last_os_error()
+            );
+            guard.mounted = true;
+        }
+        guard
+    }
+}
+
+impl Drop for TempMount {
+    fn drop(&mut self) {
+        if self.mounted {
+            let target = c_path(&self.dir);
+            // SAFETY: a valid path. MNT_DETACH: pinned maps may still be open in this process.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A datapath whose maps are pinned under `pins` on a private bpffs, programmed through the
+/// agent's planner and writer.
+pub struct Fixture {
+    pub dp: Datapath,
+    pub maps: Maps,
+    pub services: Services,
+    pub pins: PathBuf,
+    // Last: unmounted after the datapath and maps are closed.
+    _mount: TempMount,
+}
+
+impl Fixture {
+    pub fn new() -> Option<Self> {
+        if !lb_testbed::privileges::require() {
+            return None;
+        }
+        let mount = TempMount::new(true);
+        let pins = mount.dir.join("lb");
+        std::fs::create_dir(&pins).unwrap();
+        let capacities = Capacities {
+            ct: 4096,
+            service_ids: 1024,
+        };
+        let mut dp = Datapath::load(&Pinning::Dir(pins.clone()), capacities)
+            .unwrap_or_else(|e| panic!("loading the datapath: {e:?}"));
+        let maps = dp.take_maps().expect("maps");
+        Some(Self {
+            dp,
+            maps,
+            services: Services::new(capacities, TABLE),
+            pins,
+            _mount: mount,
+        })
+    }
+
+    pub fn run(&mut self, hook: Hook, input: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; 4096];
+        let opts = TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        };
+        let result = match hook {
+            Hook::FromPod => self.dp.from_pod().test_run(opts),
+            Hook::ToPod => self.dp.to_pod().test_run(opts),
+            Hook::Xdp => self.dp.xdp().test_run(opts),
+            Hook::ExtIn => self.dp.ext_in().test_run(opts),
+        }
+        .unwrap_or_else(|e| panic!("test run on {hook:?}: {e:?}"));
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Programs `svc` (adds it, or changes the service of that name).
+    pub fn program(&mut self, svc: &ServiceSpec) {
+        self.services
+            .program(&mut self.maps, svc)
+            .unwrap_or_else(|e| panic!("programming service {}: {e:?}", svc.name));
+    }
+
+    /// Programs the node's SNAT address and ports, as the agent does for a node with an
+    /// InternalIP.
+    pub fn set_node(&mut self, snat_addr: Ipv4Addr, min: u16, max: u16) {
+        self.services.set_node(Some(snat_addr), Some(min..=max));
+        self.services
+            .apply(&mut self.maps)
+            .unwrap_or_else(|e| panic!("programming the node: {e:?}"));
+    }
+
+    /// The backend-set id the planner gave `svc`.
+    pub fn set_id(&self, svc: &ServiceSpec) -> u32 {
+        self.services
+            .set_id(&svc.name)
+            .unwrap_or_else(|| panic!("service {} is not programmed", svc.name))
+    }
+
+    /// The backend id the planner gave the backend at `addr`.
+    pub fn backend_id(&self, addr: &str) -> u32 {
+        self.services
+            .backend_id(sock(addr))
+            .unwrap_or_else(|| panic!("no backend {addr} is programmed"))
+    }
+
+    /// The source-range id the planner gave the frontends of `svc`.
+    pub fn source_range_id(&self, svc: &ServiceSpec) -> u32 {
+        self.services
+            .frontend(&svc.frontends[0].key())
+            .unwrap_or_else(|| panic!("service {} is not programmed", svc.name))
+            .source_range_id
+    }
+
+    /// Writes a source range straight into the map (for state the planner never writes).
+    pub fn add_source_range(&mut self, range_id: u32, addr: Ipv4Addr, len: u32) {
+        let key = Key::new(
+            SourceRange::ID_BITS + len,
+            SourceRange {
+                range_id: Be32::from_host(range_id),
+                addr: Be32::from(addr),
+            },
+        );
+        self.maps.src_ranges.insert(&key, 1, 0).unwrap();
+    }
+
+    /// Verdict counters (packets) by reason name, zeros left out.
+    pub fn verdicts(&self) -> BTreeMap<&'static str, u64> {
+        self.maps
+            .verdict_totals()
+            .unwrap()
+            .into_iter()
+            .filter(|(_, c)| c.packets > 0)
+            .map(|(r, c)| (r.name(), c.packets))
+            .collect()
+    }
+
+    pub fn lbctl(&self, args: &[&str]) -> Output {
+        lbctl(&self.pins, args)
+    }
+
+    /// Runs lbctl with `--output json`, which must succeed, and parses its output.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.lbctl(&all);
+        assert!(
+            out.status.success(),
+            "lbctl {all:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "lbctl {all:?}: invalid JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Runs lbctl in table mode, which must succeed, and returns its output.
+    pub fn text(&self, args: &[&str]) -> String {
+        let out = self.lbctl(args);
+        assert!(
+            out.status.success(),
+            "lbctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// Runs the real binary on the pins under `dir`.
+pub fn lbctl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lbctl"))
+        .arg("--bpffs-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("running lbctl")
+}
+
+pub fn sock(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap()
+}
+
+/// The fixture's `--maglev-table-size`: every set with two backends or more gets a table of
+/// this size (the smallest the agent picks).
+pub const TABLE: u32 = 251;
+
+pub fn frontend(addr: [u8; 4], port: u16, l4: u8, scope: u8, kind: FrontendKind) -> FrontendSpec {
+    FrontendSpec {
+        addr: Ipv4Addr::from(addr),
+        port,
+        proto: l4,
+        scope,
+        kind,
+    }
+}
+
+/// Backends at `addrs`; every other one runs on this node, starting with the first when
+/// `first_local`.
+pub fn backends(first_local: bool, addrs: &[&str]) -> Vec<BackendSpec> {
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| BackendSpec {
+            addr: sock(a),
+            local: (i % 2 == 0) == first_local,
+            weight: 1,
+        })
+        .collect()
+}
+
+pub fn service(
+    name: &str,
+    frontends: Vec<FrontendSpec>,
+    backends: Vec<BackendSpec>,
+) -> ServiceSpec {
+    ServiceSpec {
+        name: name.to_owned(),
+        frontends,
+        backends,
+        ..Default::default()
+    }
+}
+
+/// This node's address: the agent's SNAT address (its InternalIP), and the address of the
+/// NodePort service.
+pub const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
+
+/// What the agent programs for a node with an InternalIP: `NODE` as the SNAT address, SNAT
+/// ports `min..=max`.
+pub fn configure_snat(f: &mut Fixture, min: u16, max: u16) {
+    f.set_node(NODE, min, max);
+}
