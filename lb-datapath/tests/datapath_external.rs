@@ -443,7 +443,7 @@ fn snat_ports_in_time_wait_serve_new_flows_only_when_none_is_free() {
         let port_a = open(h, a);
         close_backend_first(h, a, port_a);
         // A free port goes before one in TIME_WAIT, whichever the flow tries first.
-        let b = (50_000..)
+        let b = (50_000..=u16::MAX)
             .map(|port| socket([192, 168, 50, 3], port))
             .find(|c| first_candidate(*c) == port_a)
             .unwrap();
@@ -452,7 +452,7 @@ fn snat_ports_in_time_wait_serve_new_flows_only_when_none_is_free() {
         close_backend_first(h, b, port_b);
 
         // Both ports in TIME_WAIT: a new flow gets the first it tries.
-        let c = (50_000..)
+        let c = (50_000..=u16::MAX)
             .map(|port| socket([192, 168, 50, 4], port))
             .find(|c| first_candidate(*c) == port_b)
             .unwrap();

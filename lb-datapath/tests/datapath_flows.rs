@@ -204,20 +204,6 @@ fn an_established_flow_writes_its_entry_only_when_timeouts_need_it() {
     assert_eq!(h.verdict_count(Reason::Established), 21);
 }
 
-/// The datapath's clock (`bpf_ktime_get_coarse_ns`).
-fn ktime_coarse_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write into.
-    assert_eq!(
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) },
-        0
-    );
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// As with nf_conntrack: a UDP exchange (a DNS query and its answer) holds its entries for 30 s,
 /// and a flow still sending 2 s after it opened is a stream, which lives 120 s.
 #[test]
@@ -226,9 +212,9 @@ fn udp_flows_live_30_s_and_streams_120_s() {
     let Some(mut h) = setup(&svc) else { return };
     let key = forward_key(CLIENT, vip(53), UDP);
     let query = Packet::udp(CLIENT, vip(53), b"query");
-    let before = ktime_coarse_ns();
+    let before = lb_datapath::predict::coarse_now_ns();
     h.run(Hook::FromPod, &query.bytes());
-    let after = ktime_coarse_ns();
+    let after = lb_datapath::predict::coarse_now_ns();
     let opened = h.maps.ct.get(&key, 0).unwrap();
     assert!(
         (before + timeout::UDP..=after + timeout::UDP).contains(&opened.deadline_ns),
@@ -246,9 +232,9 @@ fn udp_flows_live_30_s_and_streams_120_s() {
     let mut aged = opened;
     aged.deadline_ns -= 3_000_000_000;
     h.maps.ct.insert(key, aged, 0).unwrap();
-    let before = ktime_coarse_ns();
+    let before = lb_datapath::predict::coarse_now_ns();
     h.run(Hook::FromPod, &query.bytes());
-    let after = ktime_coarse_ns();
+    let after = lb_datapath::predict::coarse_now_ns();
     let stream = h.maps.ct.get(&key, 0).unwrap();
     assert_ne!(stream.flags & ct_flags::ESTABLISHED, 0);
     assert!(

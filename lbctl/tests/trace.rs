@@ -412,7 +412,7 @@ fn trace_predicts_what_the_datapath_does_here() {
     assert_eq!(t["selection"]["method"], "maglev");
     assert_eq!(t["affinity_recorded"], true);
     let sticky_id = t["backend_id"].as_u64().unwrap();
-    let second = (41_001..)
+    let second = (41_001..=u16::MAX)
         .map(|port| SocketAddrV4::new(*first.ip(), port))
         .find(|src| u64::from(maglev_pick(&f, &sticky, *src, vip)) != sticky_id)
         .unwrap();
@@ -462,7 +462,7 @@ fn trace_predicts_what_the_datapath_does_here() {
     // inconsistent, and `service list` shows the backend missing.
     let gone = f.backend_id("10.0.4.3:80");
     f.maps.backends.set(gone, Backend::default(), 0).unwrap();
-    let orphan = (42_000..)
+    let orphan = (42_000..=u16::MAX)
         .map(|port| SocketAddrV4::new(Ipv4Addr::new(10, 0, 6, 6), port))
         .find(|src| maglev_pick(&f, &sticky, *src, vip) == gone)
         .unwrap();
