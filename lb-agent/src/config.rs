@@ -149,7 +149,7 @@ pub struct RunArgs {
     pub conntrack_max: u32,
 
     /// Backend sets (service ports, twice for traffic-policy Local) the datapath can hold.
-    #[arg(long, default_value_t = lb_common::maps::capacity::SERVICE_IDS)]
+    #[arg(long, default_value_t = lb_common::maps::capacity::SETS)]
     pub max_services: u32,
 
     /// How often the maps are re-read and every difference from the desired state repaired

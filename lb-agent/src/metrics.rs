@@ -193,7 +193,7 @@ impl Collector for DatapathCollector {
                 prometheus_client::metrics::MetricType::Counter,
             )?;
             for (id, name) in &names {
-                let Ok(stats) = maps.service_totals(*id) else {
+                let Ok(stats) = maps.set_totals(*id) else {
                     continue;
                 };
                 let value = [stats.packets, stats.bytes, stats.new_flows][pick];

@@ -52,7 +52,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     loader::check_pinned_maps(&args.bpffs_dir)?;
     let capacities = Capacities {
         ct: args.conntrack_max,
-        service_ids: args.max_services,
+        sets: args.max_services,
     };
     let mut datapath = Datapath::load(&Pinning::Dir(args.bpffs_dir.clone()), capacities)
         .context("loading the datapath")?;

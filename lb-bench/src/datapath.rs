@@ -255,7 +255,7 @@ fn run_scale(services: u32, calls: usize, progress: &mut dyn FnMut(&str)) -> Res
     ));
     let capacities = Capacities {
         ct: 1 << 20,
-        service_ids: (services + 16).next_power_of_two(),
+        sets: (services + 16).next_power_of_two(),
     };
     let mut dp = Datapath::load(&Pinning::None, capacities)?;
     let mut maps: Maps = dp.take_maps()?;

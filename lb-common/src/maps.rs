@@ -138,8 +138,8 @@ pub mod capacity {
     pub const ADDRS: u32 = 131_072;
     /// Frontends: one per (address, port, protocol, scope).
     pub const SERVICES: u32 = 262_144;
-    /// Backend sets (service ids); also the size of the Maglev outer array and the stats array.
-    pub const SERVICE_IDS: u32 = 65_536;
+    /// Backend sets; also the size of the Maglev outer array and of the per-set counters.
+    pub const SETS: u32 = 65_536;
     /// Distinct backends (address, port) across all services.
     pub const BACKENDS: u32 = 262_144;
     /// Flow entries; every flow takes two (one per direction).

@@ -47,14 +47,14 @@ pub enum DatapathError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
     pub ct: u32,
-    pub service_ids: u32,
+    pub sets: u32,
 }
 
 impl Default for Capacities {
     fn default() -> Self {
         Self {
             ct: maps::capacity::CT,
-            service_ids: maps::capacity::SERVICE_IDS,
+            sets: maps::capacity::SETS,
         }
     }
 }
@@ -87,8 +87,8 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(maps::LB_CT, capacities.ct)
-            .map_max_entries(maps::LB_MAGLEV, capacities.service_ids)
-            .map_max_entries(maps::LB_SVC_STATS, capacities.service_ids);
+            .map_max_entries(maps::LB_MAGLEV, capacities.sets)
+            .map_max_entries(maps::LB_SVC_STATS, capacities.sets);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }

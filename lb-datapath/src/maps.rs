@@ -44,8 +44,8 @@ pub enum MapsError {
         #[source]
         source: MapError,
     },
-    #[error("Maglev table of service {service_id}: {reason}")]
-    Table { service_id: u32, reason: String },
+    #[error("Maglev table of backend set {set_id}: {reason}")]
+    Table { set_id: u32, reason: String },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
@@ -62,7 +62,7 @@ pub struct Maps {
     pub maglev: Map,
     pub ct: HashMap<MapData, FlowKey, CtEntry>,
     pub frags: HashMap<MapData, FragKey, FragEntry>,
-    pub svc_stats: PerCpuArray<MapData, SetStats>,
+    pub set_stats: PerCpuArray<MapData, SetStats>,
     pub verdicts: PerCpuArray<MapData, Counter>,
     pub src_ranges: LpmTrie<MapData, SourceRange, u32>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
@@ -133,7 +133,7 @@ impl Maps {
             maglev: take(names::LB_MAGLEV)?,
             ct: typed!(names::LB_CT),
             frags: typed!(names::LB_FRAGS),
-            svc_stats: typed!(names::LB_SVC_STATS),
+            set_stats: typed!(names::LB_SVC_STATS),
             verdicts: typed!(names::LB_VERDICTS),
             src_ranges: typed!(names::LB_SRC_RANGES),
             affinity: typed!(names::LB_AFFINITY),
@@ -215,8 +215,8 @@ impl Maps {
     /// through mmap). It takes effect once installed with [`Maps::install_maglev_maps`]: a table
     /// is built in a fresh map and swapped in with one update, so the datapath sees the old table
     /// or the new one, never a mix.
-    pub fn build_maglev_map(service_id: u32, table: &[u32]) -> Result<MapData, MapsError> {
-        let table_err = |reason: String| MapsError::Table { service_id, reason };
+    pub fn build_maglev_map(set_id: u32, table: &[u32]) -> Result<MapData, MapsError> {
+        let table_err = |reason: String| MapsError::Table { set_id, reason };
         let size = u32::try_from(table.len()).map_err(|_| table_err("too large".into()))?;
         let chunks = maglev::chunks(size);
         let def = aya_obj::Map::new_from_params(
@@ -278,19 +278,19 @@ impl Maps {
                 Ok(())
             }
             Err(e) => Err(MapsError::Table {
-                service_id: keys[0],
+                set_id: keys[0],
                 reason: format!("installing {} tables failed: {e}", keys.len()),
             }),
         }
     }
 
-    /// Reads back the Maglev table of `service_id` (`table_size` slots).
-    pub fn maglev_table(&self, service_id: u32, table_size: u32) -> Result<Vec<u32>, MapsError> {
-        let table_err = |reason: String| MapsError::Table { service_id, reason };
+    /// Reads back the Maglev table of `set_id` (`table_size` slots).
+    pub fn maglev_table(&self, set_id: u32, table_size: u32) -> Result<Vec<u32>, MapsError> {
+        let table_err = |reason: String| MapsError::Table { set_id, reason };
         let outer: ArrayOfMaps<&MapData, MapData> =
             ArrayOfMaps::try_from(&self.maglev).map_err(map_err(names::LB_MAGLEV))?;
         let inner = outer
-            .get(&service_id, 0)
+            .get(&set_id, 0)
             .map_err(|e| table_err(format!("not installed: {e}")))?;
         let array = Array::<MapData, Chunk>::try_from(Map::Array(inner))
             .map_err(|e| table_err(format!("unexpected map: {e}")))?;
@@ -305,18 +305,18 @@ impl Maps {
         Ok(slots)
     }
 
-    /// Removes the Maglev table of `service_id` (the kernel frees it once no program uses it).
-    pub fn remove_maglev_table(&mut self, service_id: u32) -> Result<(), MapsError> {
+    /// Removes the Maglev table of `set_id` (the kernel frees it once no program uses it).
+    pub fn remove_maglev_table(&mut self, set_id: u32) -> Result<(), MapsError> {
         let Map::ArrayOfMaps(data) = &self.maglev else {
             return Err(MapsError::Missing {
                 name: names::LB_MAGLEV,
             });
         };
-        match crate::sys::map_delete(data.fd().as_fd(), &service_id) {
+        match crate::sys::map_delete(data.fd().as_fd(), &set_id) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             Err(e) => Err(MapsError::Table {
-                service_id,
+                set_id,
                 reason: format!("cannot remove it: {e}"),
             }),
         }
@@ -345,10 +345,10 @@ impl Maps {
     }
 
     /// One service's counters summed over CPUs.
-    pub fn service_totals(&self, service_id: u32) -> Result<SetStats, MapsError> {
+    pub fn set_totals(&self, set_id: u32) -> Result<SetStats, MapsError> {
         let per_cpu = self
-            .svc_stats
-            .get(&service_id, 0)
+            .set_stats
+            .get(&set_id, 0)
             .map_err(map_err(names::LB_SVC_STATS))?;
         Ok(per_cpu.iter().fold(SetStats::default(), |acc, s| SetStats {
             packets: acc.packets + s.packets,

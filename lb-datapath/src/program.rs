@@ -132,7 +132,7 @@ impl Services {
         // As the agent derives them from its flags.
         let limits = Limits {
             backends: capacity::BACKENDS,
-            set_ids: capacities.service_ids,
+            set_ids: capacities.sets,
             frontends: capacity::SERVICES,
             addrs: capacity::ADDRS,
             ranges: capacity::SRC_RANGES,

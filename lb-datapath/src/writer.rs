@@ -142,7 +142,7 @@ pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
                     source: MapError::IoError(e),
                 }
             })?;
-            maps.svc_stats
+            maps.set_stats
                 .set(*id, zeros, 0)
                 .map_err(write_err(names::LB_SVC_STATS))?;
         }

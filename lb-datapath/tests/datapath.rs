@@ -38,7 +38,7 @@ fn syn_to_a_cluster_ip_is_dnated_to_the_maglev_backend() {
         "DNATed SYN",
     );
     assert_eq!(h.verdicts(), counts(&[("new_flow", 1)]));
-    let stats = h.maps.service_totals(h.set_id(&svc)).unwrap();
+    let stats = h.maps.set_totals(h.set_id(&svc)).unwrap();
     assert_eq!(
         (stats.packets, stats.new_flows, stats.bytes),
         (1, 1, syn.bytes().len() as u64)
@@ -99,7 +99,7 @@ fn replies_are_reverse_nated_to_the_frontend() {
         "reverse-NATed data",
     );
     assert_eq!(h.verdicts(), counts(&[("new_flow", 1), ("reply_nat", 2)]));
-    assert_eq!(h.maps.service_totals(h.set_id(&svc)).unwrap().packets, 3);
+    assert_eq!(h.maps.set_totals(h.set_id(&svc)).unwrap().packets, 3);
 }
 
 #[test]

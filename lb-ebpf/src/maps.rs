@@ -44,8 +44,7 @@ pub type MaglevTable = Array<
 
 /// See [`lb_common::maps::LB_MAGLEV`].
 #[btf_map]
-pub static LB_MAGLEV: ArrayOfMaps<MaglevTable, { capacity::SERVICE_IDS as usize }> =
-    ArrayOfMaps::new();
+pub static LB_MAGLEV: ArrayOfMaps<MaglevTable, { capacity::SETS as usize }> = ArrayOfMaps::new();
 
 /// See [`lb_common::maps::LB_CT`]. Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): a new flow takes
 /// a free entry from its own CPU's list instead of contending for one global list lock; lookups
@@ -65,8 +64,7 @@ pub static LB_FRAGS: LruHashMap<FragKey, FragEntry, { capacity::FRAGS as usize }
 
 /// See [`lb_common::maps::LB_SVC_STATS`].
 #[btf_map]
-pub static LB_SVC_STATS: PerCpuArray<SetStats, { capacity::SERVICE_IDS as usize }> =
-    PerCpuArray::new();
+pub static LB_SVC_STATS: PerCpuArray<SetStats, { capacity::SETS as usize }> = PerCpuArray::new();
 
 /// See [`lb_common::maps::LB_VERDICTS`].
 #[btf_map]

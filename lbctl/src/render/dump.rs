@@ -138,7 +138,7 @@ pub fn text(d: &Dump) -> String {
         }
         section(&mut out, names::LB_FRAGS, rows.len(), t);
     }
-    if let Some(rows) = &d.svc_stats {
+    if let Some(rows) = &d.set_stats {
         section(
             &mut out,
             names::LB_SVC_STATS,

@@ -244,7 +244,7 @@ pub struct Dump {
     pub frags: Option<Vec<FragRow>>,
     /// Non-zero counters only.
     #[serde(rename = "LB_SVC_STATS", skip_serializing_if = "Option::is_none")]
-    pub svc_stats: Option<Vec<ServiceCounters>>,
+    pub set_stats: Option<Vec<ServiceCounters>>,
     /// Every reason, zeros included.
     #[serde(rename = "LB_VERDICTS", skip_serializing_if = "Option::is_none")]
     pub verdicts: Option<Vec<VerdictRow>>,
@@ -303,7 +303,7 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
         out.frags = Some(read_frags(maps)?);
     }
     if want(MapKind::SvcStats) {
-        out.svc_stats = Some(rows::read_svc_stats(maps)?);
+        out.set_stats = Some(rows::read_set_stats(maps)?);
     }
     if want(MapKind::Verdicts) {
         out.verdicts = Some(rows::read_verdicts(maps)?);

@@ -229,9 +229,9 @@ pub fn read_ranges(maps: &Maps) -> Result<Vec<RangeRow>, MapsError> {
 }
 
 /// Non-zero per-set counters, by set id.
-pub fn read_svc_stats(maps: &Maps) -> Result<Vec<ServiceCounters>, MapsError> {
+pub fn read_set_stats(maps: &Maps) -> Result<Vec<ServiceCounters>, MapsError> {
     let mut rows = Vec::new();
-    for (id, item) in maps.svc_stats.iter().enumerate() {
+    for (id, item) in maps.set_stats.iter().enumerate() {
         let per_cpu = item.map_err(map_err(names::LB_SVC_STATS))?;
         let mut total = ServiceCounters {
             set_id: id as u32,

@@ -95,7 +95,7 @@ pub fn list(maps: &Maps) -> Result<Vec<ServiceListRow>, MapsError> {
                 }
             }
         };
-        let counters = maps.service_totals(svc.set_id)?;
+        let counters = maps.set_totals(svc.set_id)?;
         out.push(ServiceListRow {
             frontend: socket(key.addr, key.port),
             proto: key.proto.into(),

@@ -17,6 +17,6 @@ pub struct Stats {
 pub fn read(maps: &Maps) -> Result<Stats, MapsError> {
     Ok(Stats {
         verdicts: rows::read_verdicts(maps)?,
-        services: rows::read_svc_stats(maps)?,
+        services: rows::read_set_stats(maps)?,
     })
 }

@@ -152,7 +152,7 @@ impl Fixture {
         std::fs::create_dir(&pins).unwrap();
         let capacities = Capacities {
             ct: 4096,
-            service_ids: 1024,
+            sets: 1024,
         };
         let mut dp = Datapath::load(&Pinning::Dir(pins.clone()), capacities)
             .unwrap_or_else(|e| panic!("loading the datapath: {e:?}"));

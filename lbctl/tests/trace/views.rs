@@ -41,7 +41,7 @@ pub fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
     ids.sort_unstable();
     let services: Vec<Value> = ids
         .into_iter()
-        .map(|id| (id, f.maps.service_totals(id).unwrap()))
+        .map(|id| (id, f.maps.set_totals(id).unwrap()))
         .filter(|(_, s)| s.packets > 0)
         .map(|(id, s)| {
             json!({"service_id": id, "packets": s.packets, "bytes": s.bytes, "new_flows": s.new_flows})
@@ -96,7 +96,7 @@ pub fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         let n = b["slots"].as_u64().unwrap();
         assert!((83..=84).contains(&n), "Maglev gives 251/3 slots each: {b}");
     }
-    let web_stats = f.maps.service_totals(web_id).unwrap();
+    let web_stats = f.maps.set_totals(web_id).unwrap();
     assert_eq!(
         (&web["packets"], &web["bytes"], &web["new_flows"]),
         (
