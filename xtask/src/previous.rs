@@ -46,15 +46,7 @@ pub fn agent(root: &Path, target: &Path) -> Result<PathBuf> {
     export(root, &src)?;
     util::run(
         Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--release",
-                "--locked",
-                "-p",
-                PACKAGE,
-                "--bin",
-                BINARY,
-            ])
+            .args(["build", "--locked", "-p", PACKAGE, "--bin", BINARY])
             .current_dir(&src)
             .env("CARGO_TARGET_DIR", dir.join("target")),
     )
