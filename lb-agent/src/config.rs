@@ -57,9 +57,13 @@ impl std::str::FromStr for Source {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum XdpMode {
-    /// Driver mode where the interface supports it, generic (skb) mode otherwise.
+    /// Native (driver) XDP on NICs whose driver has it; tc alone on software interfaces
+    /// (veth, bridge, bond, VLAN) and elsewhere.
     Auto,
+    /// Native XDP; refused (tc serves instead) on a veth whose peer runs no XDP program, where
+    /// frames XDP sends back out would be dropped.
     Native,
+    /// Generic (skb) XDP.
     Generic,
     /// No XDP: the tc programs alone.
     Off,

@@ -7,8 +7,8 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
-use lb_datapath::attach::UplinkXdp;
-use tracing::info;
+use lb_datapath::{attach::UplinkXdp, uplink};
+use tracing::{error, info, warn};
 
 use crate::config::XdpMode;
 
@@ -87,42 +87,44 @@ pub fn matches_any(patterns: &[glob::Pattern], iface: &str) -> bool {
     patterns.iter().any(|p| p.matches(iface))
 }
 
-/// Whether an XDP program can translate what `iface` receives. A NIC hands XDP frames as they
-/// came off the wire: complete checksums, nothing larger than the MTU (drivers turn receive
-/// offloads off while a program is attached). A virtual interface (veth, the uplink of a node
-/// that is itself a container, as in kind) hands it its peer's skbs as they are: GSO packets of
-/// up to 64 KiB whose TCP/UDP checksum holds only the pseudo-header sum. XDP cannot see that
-/// state; every address or port it rewrites would leave a wrong checksum behind. Interfaces
-/// backed by a bus device (`/sys/class/net/<iface>/device`) are NICs; the others are virtual.
-fn xdp_is_safe(iface: &str) -> Result<(), &'static str> {
-    if std::path::Path::new("/sys/class/net")
-        .join(iface)
-        .join("device")
-        .exists()
-    {
-        Ok(())
-    } else {
-        Err(
-            "virtual interface: its peer sends GSO packets with partial checksums, which XDP cannot translate",
-        )
-    }
-}
-
-/// How XDP serves uplink `iface` under `--xdp-mode`. `auto` means native XDP where a NIC driver
-/// offers it and tc alone everywhere else. Generic XDP is never chosen by itself: it runs on
-/// the same skbs as tc, later than XDP and no faster, and sees GSO packets with partial
-/// checksums (see `xdp_is_safe`).
+/// How XDP serves uplink `iface` under `--xdp-mode`, decided in the agent's own network
+/// namespace (see [`lb_datapath::uplink`]).
+///
+/// - `auto`: native XDP where the interface is a device on a bus (a NIC) and its driver offers
+///   it; tc alone on software interfaces (veths, bridges, bonds, VLANs), whose packets may be
+///   GSO packets with partial checksums that XDP cannot translate. Generic XDP is never chosen
+///   by itself: it runs on the same skbs as tc, later than XDP and no faster.
+/// - `native`: as asked, but refused (with an error, and tc serving the interface) on a veth
+///   whose peer runs no XDP program: every frame XDP sent back out of it would be dropped.
+/// - `generic`, `off`: as asked.
 pub fn uplink_xdp(mode: XdpMode, iface: &str) -> UplinkXdp {
     match mode {
         XdpMode::Off => UplinkXdp::Off,
-        XdpMode::Native => UplinkXdp::Native,
         XdpMode::Generic => UplinkXdp::Generic,
-        XdpMode::Auto => match xdp_is_safe(iface) {
-            Ok(()) => UplinkXdp::NativeIfAvailable,
-            Err(reason) => {
-                info!(%iface, reason, "XDP off here; tc serves this interface (--xdp-mode native forces XDP)");
+        XdpMode::Auto => match uplink::driver(iface) {
+            Ok(driver) if driver.is_device() => UplinkXdp::NativeIfAvailable,
+            Ok(driver) => {
+                info!(%iface, driver = %driver.name, "XDP off here: a software interface hands XDP packets it cannot translate (GSO, partial checksums); tc serves it");
                 UplinkXdp::Off
             }
+            Err(e) => {
+                warn!(%iface, error = %e, "cannot tell what this interface is; XDP off, tc serves it");
+                UplinkXdp::Off
+            }
+        },
+        XdpMode::Native => match uplink::driver(iface) {
+            Ok(driver) if driver.is_veth() => match uplink::veth_peer_runs_xdp(iface) {
+                Ok(true) => UplinkXdp::Native,
+                Ok(false) => {
+                    error!(%iface, "--xdp-mode native refused: {iface} is a veth whose peer runs no XDP program, so every frame XDP sent back out of it (forwarded and source-NATed packets, their replies, rejects) would be dropped; tc serves it instead");
+                    UplinkXdp::Off
+                }
+                Err(e) => {
+                    error!(%iface, error = %e, "--xdp-mode native refused: cannot tell whether the peer of veth {iface} runs XDP, without which frames XDP sends back out are dropped; tc serves it instead");
+                    UplinkXdp::Off
+                }
+            },
+            _ => UplinkXdp::Native,
         },
     }
 }

@@ -28,6 +28,7 @@ pub mod predict;
 pub mod program;
 mod sys;
 pub mod tc_record;
+pub mod uplink;
 pub mod writer;
 
 pub use loader::{Capacities, Datapath, DatapathError, Pinning};
