@@ -275,6 +275,7 @@ fn categorize(endpoints: &[Endpointish]) -> (Vec<DesiredBackend>, Vec<DesiredBac
                 addr: e.addr,
                 local: e.local,
                 weight: u32::from(chosen.contains(&e.addr)),
+                serving: e.condition.serving,
             })
             .collect()
     };

@@ -97,6 +97,10 @@ pub struct DesiredBackend {
     /// 1: takes new flows. 0: still an endpoint (terminating, not ready) but chosen for no new
     /// flow; its established flows keep it.
     pub weight: u32,
+    /// Serving (ready, or terminating but still serving): its UDP flows stay on it. Once it
+    /// stops serving (or leaves the set), they are flushed so that their next datagram is
+    /// balanced anew, as kube-proxy flushes UDP conntrack; TCP flows stay whatever happens.
+    pub serving: bool,
 }
 
 impl DesiredBackend {

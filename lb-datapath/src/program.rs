@@ -184,6 +184,8 @@ impl Services {
                 addr: b.addr,
                 local: b.local,
                 weight: u32::from(b.weight > 0),
+                // Listed: serving. (Its UDP flows go when it leaves the set.)
+                serving: true,
             })
             .collect();
         members.sort_unstable();

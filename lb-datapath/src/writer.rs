@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, net::SocketAddrV4, thread};
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
 use lb_common::{
     Be32,
-    conntrack::FlowKey,
+    conntrack::{CtEntry, FlowKey, REPLY},
     maps::{
         self as names, AddrInfo, AffinityKey, Backend, Frontend, FrontendKey, SetStats, SourceRange,
     },
@@ -210,19 +210,28 @@ fn purge_affinity(maps: &mut Maps, pairs: &[(u32, u32)]) -> Result<(), WriteErro
     Ok(())
 }
 
-/// As kube-proxy flushes UDP conntrack of endpoints that went away: UDP flows to a backend that
-/// left its set move to a live one on their next datagram instead of blackholing.
-fn purge_udp_flows(maps: &mut Maps, pairs: &[(u32, u32)]) -> Result<(), WriteError> {
+/// As kube-proxy flushes UDP conntrack of endpoints that stopped serving: UDP flows to such a
+/// backend move to a serving one on their next datagram instead of blackholing. Matched by the
+/// backend's address (a forward entry's NAT address, a reply entry's source), not its slot,
+/// which another backend may have taken in the same plan.
+fn purge_udp_flows(maps: &mut Maps, pairs: &[(u32, SocketAddrV4)]) -> Result<(), WriteError> {
     if pairs.is_empty() {
         return Ok(());
     }
-    let pairs: BTreeSet<(u32, u32)> = pairs.iter().copied().collect();
+    let pairs: BTreeSet<(u32, SocketAddrV4)> = pairs.iter().copied().collect();
+    let backend_of = |key: &FlowKey, entry: &CtEntry| {
+        if key.dir == REPLY {
+            SocketAddrV4::new(key.src_addr.to_ip(), key.src_port.to_host())
+        } else {
+            SocketAddrV4::new(entry.nat_addr.to_ip(), entry.nat_port.to_host())
+        }
+    };
     let stale: Vec<FlowKey> = maps
         .ct
         .iter()
         .filter_map(Result::ok)
         .filter(|(key, entry)| {
-            key.proto == proto::UDP && pairs.contains(&(entry.set_id, entry.backend_id))
+            key.proto == proto::UDP && pairs.contains(&(entry.set_id, backend_of(key, entry)))
         })
         .map(|(key, _)| key)
         .collect();

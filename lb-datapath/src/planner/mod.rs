@@ -63,9 +63,11 @@ pub struct Plan {
     pub ranges_removed: Vec<(u32, Ipv4Net)>,
     pub backends_removed: Vec<u32>,
     /// (set id, backend id) pairs whose backend stopped taking new flows: their session-affinity
-    /// entries must go (and, for UDP sets, their flows, as kube-proxy flushes UDP conntrack).
+    /// entries must go.
     pub affinity_purge: Vec<(u32, u32)>,
-    pub udp_flow_purge: Vec<(u32, u32)>,
+    /// (set id, backend address) of UDP sets whose backend stopped serving or left: their flows
+    /// must go, as kube-proxy flushes UDP conntrack (by address: its slot may be reused).
+    pub udp_flow_purge: Vec<(u32, SocketAddrV4)>,
     /// Frontends left out (with their whole service) because a map would overflow, and why.
     pub overflow: Vec<(FrontendKey, String)>,
 }
@@ -399,10 +401,11 @@ fn upsert_set(
     };
     let old_members: &[DesiredBackend] = old.as_ref().map(|o| &*o.members).unwrap_or_default();
     let in_old = |addr: &SocketAddrV4| old_members.binary_search_by_key(addr, |o| o.addr).is_ok();
-    let wanted_selectable = |addr: &SocketAddrV4| {
+    let wanted_member = |addr: &SocketAddrV4| {
         wanted
             .binary_search_by_key(addr, |b| b.addr)
-            .is_ok_and(|at| wanted[at].selectable())
+            .ok()
+            .map(|at| wanted[at])
     };
     // New references first, so that no slot is freed and retaken within one plan.
     for b in wanted.iter() {
@@ -429,14 +432,19 @@ fn upsert_set(
             }
         }
     }
-    // Backends that stopped taking new flows lose their affinity (and UDP flows); found before
-    // the slots of backends that left the set entirely are released.
-    for gone in old_members
-        .iter()
-        .filter(|o| o.selectable() && !wanted_selectable(&o.addr))
-    {
-        if let Some(b) = current.backends.get(&gone.addr) {
-            purge(name, id, b.id, plan);
+    // Backends that stopped taking new flows lose their affinity, and those that stopped
+    // serving their UDP flows; found before the slots of backends that left the set entirely
+    // are released.
+    for old_member in old_members {
+        let now = wanted_member(&old_member.addr);
+        if old_member.selectable()
+            && !now.is_some_and(|b| b.selectable())
+            && let Some(b) = current.backends.get(&old_member.addr)
+        {
+            plan.affinity_purge.push((id, b.id));
+        }
+        if old_member.serving && !now.is_some_and(|b| b.serving) {
+            purge_udp(name, id, old_member.addr, plan);
         }
     }
     unreferenced.extend(
@@ -477,10 +485,9 @@ fn upsert_set(
     );
 }
 
-fn purge(name: &SetName, set_id: u32, backend_id: u32, plan: &mut Plan) {
-    plan.affinity_purge.push((set_id, backend_id));
+fn purge_udp(name: &SetName, set_id: u32, backend: SocketAddrV4, plan: &mut Plan) {
     if name.proto == proto::UDP {
-        plan.udp_flow_purge.push((set_id, backend_id));
+        plan.udp_flow_purge.push((set_id, backend));
     }
 }
 
@@ -506,7 +513,10 @@ fn release_set(name: &SetName, old: &SetState, current: &mut Programmed, plan: &
         if b.selectable()
             && let Some(state) = current.backends.get(&b.addr)
         {
-            purge(name, old.id, state.id, plan);
+            plan.affinity_purge.push((old.id, state.id));
+        }
+        if b.serving {
+            purge_udp(name, old.id, b.addr, plan);
         }
         unreference_backend(b.addr, current, plan);
     }

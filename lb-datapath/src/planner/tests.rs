@@ -26,6 +26,7 @@ fn backend(last: u8, weight: u32) -> DesiredBackend {
         addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080),
         local: true,
         weight,
+        serving: true,
     }
 }
 
