@@ -272,3 +272,58 @@ fn ids_are_reused_lowest_first() {
         (Some(1), Some(2), None)
     );
 }
+
+/// kube-proxy flushes the UDP conntrack entries of an endpoint that stops serving, not of one
+/// that is terminating but still serving (a rolling update); TCP flows are never flushed.
+#[test]
+fn udp_flows_are_flushed_only_when_their_backend_stops_serving() {
+    let mut d = desired(&[(1, &[backend(11, 1), backend(12, 1)])]);
+    // The same set, as a UDP service port.
+    let (tcp_name, members) = d.sets.pop_first().unwrap();
+    let udp_name = SetName::new("ns", "svc1", "", proto::UDP, SetKind::Cluster);
+    d.sets.insert(udp_name.clone(), members);
+    for f in d.frontends.values_mut() {
+        assert_eq!(f.set, tcp_name);
+        f.set = udp_name.clone();
+    }
+    let mut p = committed(&d);
+    let set_id = p.sets[&udp_name].id;
+    let with = |d: &mut Desired, members: &[DesiredBackend]| {
+        d.sets.insert(udp_name.clone(), members.into());
+    };
+    let terminating = DesiredBackend {
+        weight: 0,
+        ..backend(12, 1)
+    };
+
+    with(&mut d, &[backend(11, 1), terminating]);
+    let next = full(&d, &mut p);
+    assert_eq!(next.affinity_purge.len(), 1, "no new flows: affinity goes");
+    assert!(
+        next.udp_flow_purge.is_empty(),
+        "still serving: its flows stay"
+    );
+
+    let not_serving = DesiredBackend {
+        serving: false,
+        ..terminating
+    };
+    with(&mut d, &[backend(11, 1), not_serving]);
+    let next = full(&d, &mut p);
+    assert_eq!(next.udp_flow_purge, [(set_id, not_serving.addr)]);
+    assert!(next.affinity_purge.is_empty(), "already gone");
+
+    with(&mut d, &[not_serving]);
+    let next = full(&d, &mut p);
+    assert_eq!(
+        next.udp_flow_purge,
+        [(set_id, backend(11, 1).addr)],
+        "left the set"
+    );
+
+    // The same changes to a TCP set flush nothing.
+    let mut t = desired(&[(1, &[backend(11, 1), backend(12, 1)])]);
+    let mut p = committed(&t);
+    t.sets.insert(tcp_name, [backend(11, 1)].as_slice().into());
+    assert!(full(&t, &mut p).udp_flow_purge.is_empty());
+}
