@@ -49,7 +49,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     features.report();
 
     bpffs::ensure_bpffs(&args.bpffs_dir)?;
-    loader::check_pinned_maps(&args.bpffs_dir)?;
+    for map in loader::check_pinned_maps(&args.bpffs_dir)? {
+        info!(%map, "pinned counters of another layout replaced (they start over)");
+    }
     let capacities = Capacities {
         ct: args.conntrack_max,
         sets: args.max_services,

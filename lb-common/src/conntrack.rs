@@ -22,7 +22,6 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::{
     hash::flow_hash,
-    maps::Backend,
     net::{Be16, Be32, proto, tcp_flags},
     time::SECOND_NS,
 };
@@ -173,16 +172,6 @@ impl CtEntry {
         let reopening = seg_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
             && self.flags & (ct_flags::FIN | ct_flags::RST) != 0;
         self.live(now) && !reopening
-    }
-
-    /// Whether `backend` (what the backend slot of the entry holds now) is still the flow's
-    /// backend: an active slot with the address and port the flow was DNATed to. A slot emptied
-    /// or reused for another backend never captures an old flow.
-    #[inline(always)]
-    pub const fn backend_is(&self, backend: &Backend) -> bool {
-        backend.is_active()
-            && backend.addr.raw() == self.nat_addr.raw()
-            && backend.port.raw() == self.nat_port.raw()
     }
 
     /// Whether this reply entry belongs to the forward flow `forward_key`. A source-NATed flow's
@@ -417,7 +406,6 @@ aya_pod!(FlowKey, CtEntry);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::backend_flags;
 
     const NOW: u64 = 1_000 * SECOND_NS;
 
@@ -531,32 +519,17 @@ mod tests {
     }
 
     #[test]
-    fn a_bare_syn_reopens_only_a_closed_flow_and_a_reused_slot_never_captures_one() {
-        let backend = Backend {
-            addr: Be32::from(core::net::Ipv4Addr::new(10, 0, 2, 7)),
-            port: Be16::from_host(8080),
-            flags: backend_flags::ACTIVE,
-            _pad: 0,
-        };
+    fn a_bare_syn_reopens_only_a_closed_flow() {
         let mut entry = CtEntry {
             deadline_ns: NOW + 1,
-            nat_addr: backend.addr,
-            nat_port: backend.port,
             flags: ct_flags::ESTABLISHED,
             ..CtEntry::default()
         };
         assert!(entry.continues(tcp_flags::SYN, NOW));
-        assert!(entry.backend_is(&backend));
         entry.flags |= ct_flags::FIN;
         assert!(!entry.continues(tcp_flags::SYN, NOW));
         assert!(entry.continues(tcp_flags::ACK, NOW));
         assert!(!entry.continues(tcp_flags::ACK, NOW + 1));
-        let moved = Backend {
-            port: Be16::from_host(9090),
-            ..backend
-        };
-        assert!(!entry.backend_is(&moved));
-        assert!(!entry.backend_is(&Backend::default()));
     }
 
     #[test]

@@ -30,6 +30,7 @@ macro_rules! aya_pod {
     };
 }
 
+pub mod answer;
 pub mod conntrack;
 pub mod csum;
 pub mod hash;

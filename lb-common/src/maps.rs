@@ -51,9 +51,12 @@ pub const LB_AFFINITY: &str = "LB_AFFINITY";
 /// `0 -> NodeConfig` (array of one): what the datapath needs to know about this node. Written
 /// by the agent.
 pub const LB_CONFIG: &str = "LB_CONFIG";
+/// `0 -> answer::Bucket` (array of one): the node's budget of generated answers (rejects, ICMP
+/// errors), see [`crate::answer`]. Written by the datapath.
+pub const LB_ANSWERS: &str = "LB_ANSWERS";
 
 /// Every map, in creation order, for tools that walk them all.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     LB_ADDRS,
     LB_SERVICES,
     LB_BACKENDS,
@@ -65,6 +68,7 @@ pub const ALL: [&str; 11] = [
     LB_SRC_RANGES,
     LB_AFFINITY,
     LB_CONFIG,
+    LB_ANSWERS,
 ];
 
 /// A map's key and value sizes as this version lays them out: what the BPF object declares
@@ -106,6 +110,7 @@ pub const LAYOUTS: [Layout; ALL.len()] = {
             size_of::<AffinityEntry>(),
         ),
         layout(LB_CONFIG, 4, size_of::<NodeConfig>()),
+        layout(LB_ANSWERS, 4, size_of::<crate::answer::Bucket>()),
     ]
 };
 

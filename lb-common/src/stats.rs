@@ -40,13 +40,21 @@ pub enum Reason {
     /// A packet was forwarded straight to its next hop after NAT (FIB lookup), bypassing the
     /// stack. Counted in addition to its NAT reason.
     Forwarded = 14,
-    /// Dropped: a packet to forward after NAT had no route (or its TTL ran out).
+    /// Dropped: a packet to forward after NAT had no route.
     DropNoRoute = 15,
+    /// Dropped: a packet to forward after NAT was larger than the egress MTU (answered with ICMP
+    /// fragmentation needed when it had DF set).
+    DropTooBig = 16,
+    /// Dropped: a packet to forward after NAT had no TTL left (answered with ICMP time exceeded).
+    DropTtlExceeded = 17,
+    /// A reject, ICMP error or reset the datapath would have sent was not: its destination was
+    /// no unicast address, or the node's rate of generated packets was used up.
+    AnswerSuppressed = 18,
 }
 
 impl Reason {
     /// Number of reasons (size of the counters array).
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 19;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::NewFlow,
@@ -65,6 +73,9 @@ impl Reason {
         Self::DropSnatPorts,
         Self::Forwarded,
         Self::DropNoRoute,
+        Self::DropTooBig,
+        Self::DropTtlExceeded,
+        Self::AnswerSuppressed,
     ];
 
     /// A stable snake_case name for metrics and `lbctl stats`.
@@ -86,6 +97,9 @@ impl Reason {
             Self::DropSnatPorts => "drop_snat_ports",
             Self::Forwarded => "forwarded",
             Self::DropNoRoute => "drop_no_route",
+            Self::DropTooBig => "drop_too_big",
+            Self::DropTtlExceeded => "drop_ttl_exceeded",
+            Self::AnswerSuppressed => "answer_suppressed",
         }
     }
 }

@@ -187,8 +187,11 @@ impl Datapath {
 }
 
 /// Checks that maps pinned under `dir` (by an earlier agent) have this version's layout, so that
-/// they can be adopted; says what to do when they do not.
-pub fn check_pinned_maps(dir: &Path) -> Result<(), DatapathError> {
+/// they can be adopted; says what to do when they do not. A map that only holds counters
+/// (`LB_VERDICTS`, whose size follows the number of reasons a version counts) is replaced
+/// instead: its counts start over, no connection notices. Returns the maps it replaced.
+pub fn check_pinned_maps(dir: &Path) -> Result<Vec<&'static str>, DatapathError> {
+    let mut replaced = Vec::new();
     for name in maps::ALL {
         let path = dir.join(name);
         if !path.exists() {
@@ -201,29 +204,27 @@ pub fn check_pinned_maps(dir: &Path) -> Result<(), DatapathError> {
         let found = (info.key_size(), info.value_size());
         let layout = maps::layout_of(name).expect("every map has a layout");
         let expected = (layout.key_size, layout.value_size);
-        let mut reason = None;
-        if found != expected {
-            reason = Some(format!(
-                "key/value sizes {found:?}, this version uses {expected:?}"
-            ));
-        } else if name == maps::LB_VERDICTS && info.max_entries() != lb_common::stats::Reason::COUNT
+        if name == maps::LB_VERDICTS
+            && found == expected
+            && info.max_entries() != lb_common::stats::Reason::COUNT
         {
-            reason = Some(format!(
-                "{} counters, this version counts {}",
-                info.max_entries(),
-                lb_common::stats::Reason::COUNT
-            ));
+            std::fs::remove_file(&path).map_err(|e| DatapathError::Pinned {
+                path: path.clone(),
+                reason: format!("cannot replace it: {e}"),
+            })?;
+            replaced.push(name);
+            continue;
         }
-        if let Some(reason) = reason {
+        if found != expected {
             return Err(DatapathError::Pinned {
                 path,
                 reason: format!(
-                    "{reason}: it was made by an incompatible version; `lb-agent cleanup` removes it (established connections are then re-balanced)"
+                    "key/value sizes {found:?}, this version uses {expected:?}: it was made by an incompatible version; `lb-agent cleanup` removes it (established connections are then re-balanced)"
                 ),
             });
         }
     }
-    Ok(())
+    Ok(replaced)
 }
 
 /// Whether tc programs are attached with tcx (BPF links, Linux 6.6+) rather than classic

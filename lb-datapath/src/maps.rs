@@ -13,6 +13,7 @@ use aya::{
 };
 use lb_common::{
     Be32,
+    answer::Bucket,
     conntrack::{CtEntry, FlowKey},
     maps::{
         self as names, AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey,
@@ -68,6 +69,8 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     /// One entry: the node's configuration.
     pub config: Array<MapData, NodeConfig>,
+    /// One entry: the node's budget of generated answers.
+    pub answers: Array<MapData, Bucket>,
     /// Descriptors of the maps written in bulk (typed handles keep theirs private).
     bulk: BTreeMap<&'static str, OwnedFd>,
 }
@@ -138,6 +141,7 @@ impl Maps {
             src_ranges: typed!(names::LB_SRC_RANGES),
             affinity: typed!(names::LB_AFFINITY),
             config: typed!(names::LB_CONFIG),
+            answers: typed!(names::LB_ANSWERS),
             bulk,
         })
     }

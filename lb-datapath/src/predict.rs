@@ -12,7 +12,7 @@
 //!   SNAT entry -> SnatReply (`snat.rs`)
 //! dst is the hairpin address: LB_CT[src -> dst, REPLY] a live hairpin entry -> HairpinReply,
 //!   else PassNotServed (`hairpin.rs`)
-//! LB_CT[client -> frontend]          continues, backend still there -> Established
+//! LB_CT[client -> frontend]          continues -> Established (to its recorded backend)
 //! LB_SERVICES[dst, port, proto, scope]
 //!                                    miss -> RejectUnknownPort (ClusterIP) / PassNotServed
 //! backend_count == 0                 -> NoBackend (reject, or drop by policy)
@@ -413,15 +413,14 @@ pub fn forward(
         (proto::TCP, false) => tcp_flags::ACK,
         _ => 0,
     };
+    // An established flow keeps its translation whatever became of its backend in the maps.
     if let Some(entry) = ct_entry(maps, &key)?
         && entry.continues(seg_flags, now)
-        && let Some(backend) = active_backend(maps, entry.backend_id)?
-        && entry.backend_is(&backend)
     {
         return Ok(Forward::Established {
             set_id: entry.set_id,
             backend_id: entry.backend_id,
-            backend: socket(backend.addr, backend.port),
+            backend: socket(entry.nat_addr, entry.nat_port),
             snat: entry
                 .snat()
                 .then(|| socket(entry.snat_addr, entry.snat_port)),

@@ -1,8 +1,8 @@
 //! Flows in the real datapath programs (BPF_PROG_TEST_RUN) while their service changes: an
-//! established flow keeps its backend when the Maglev table changes, moves to a live one when its
-//! backend is gone, and is balanced anew after it closed; a removed service leaves nothing
-//! behind; and how long conntrack entries live and when a packet rewrites them. Service changes
-//! go through the agent's planner and writer. Needs root.
+//! established flow keeps its backend when the Maglev table changes and when its backend left
+//! (even once its slot holds another backend), and is balanced anew after it closed; a removed
+//! service leaves nothing behind; and how long conntrack entries live and when a packet rewrites
+//! them. Service changes go through the agent's planner and writer. Needs root.
 
 mod common;
 
@@ -17,6 +17,7 @@ use lb_common::{
     conntrack::{FORWARD, FlowKey, ct_flags, timeout},
     stats::Reason,
 };
+use lb_datapath::program::BackendSpec;
 
 fn forward_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
     FlowKey {
@@ -83,30 +84,49 @@ fn an_established_flow_keeps_its_backend_when_the_table_changes() {
     );
 }
 
+/// kube-proxy never flushes TCP conntrack: an established connection keeps its backend when the
+/// backend leaves the service (a readiness failure, a relabelling), also once its slot in the
+/// backends map holds another backend.
 #[test]
-fn a_flow_whose_backend_is_gone_moves_to_a_live_one() {
+fn an_established_flow_keeps_its_backend_after_it_left_and_its_slot_was_reused() {
     let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
     let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
     h.run(Hook::FromPod, &syn.bytes());
+    let slot = h.services.backend_id(backend).unwrap();
 
-    let mut shrunk = svc.clone();
-    let gone = shrunk
+    // The backend leaves; a new one comes, and the planner gives it the freed slot.
+    let mut replaced = svc.clone();
+    let gone = replaced
         .backends
         .iter()
         .position(|b| b.addr == backend)
         .unwrap();
-    // The planner empties the slot of a backend no set lists any more.
-    shrunk.backends.remove(gone);
-    h.program(&shrunk);
+    replaced.backends.remove(gone);
+    h.program(&replaced);
+    let newcomer = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 3, 9), 8080);
+    replaced.backends.push(BackendSpec {
+        addr: newcomer,
+        local: true,
+        weight: 1,
+    });
+    h.program(&replaced);
+    assert_eq!(
+        h.services.backend_id(newcomer),
+        Some(slot),
+        "the slot was reused"
+    );
 
-    let ack = Packet::tcp(CLIENT, vip(80), flags::ACK, &[]);
+    let ack = Packet::tcp(CLIENT, vip(80), flags::ACK, b"more");
     let run = h.run(Hook::FromPod, &ack.bytes());
-    let now = h.expected_backend(&shrunk, CLIENT, vip(80), TCP);
-    assert_ne!(now, backend);
-    assert_frame_eq(&run.out, &ack.with_dst(now).bytes(), "re-balanced segment");
-    assert_eq!(h.verdicts(), counts(&[("new_flow", 2)]));
+    assert_eq!(run.verdict, tc::PASS);
+    assert_frame_eq(
+        &run.out,
+        &ack.with_dst(backend).bytes(),
+        "still the backend it opened with",
+    );
+    assert_eq!(h.verdicts(), counts(&[("new_flow", 1), ("established", 1)]));
 }
 
 /// Removing a service goes through the planner too: its frontends, address, table and backend

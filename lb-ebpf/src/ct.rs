@@ -2,12 +2,9 @@
 //! `lb_common::conntrack` decide on (which entries, when, with which flags and deadline).
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
-use lb_common::{
-    conntrack::{self, CtEntry, FlowKey},
-    maps::Backend,
-};
+use lb_common::conntrack::{self, CtEntry, FlowKey};
 
-use crate::maps::{LB_BACKENDS, LB_CT};
+use crate::maps::LB_CT;
 
 /// Monotonic time, coarse (jiffy resolution is plenty for timeouts measured in seconds, and it
 /// costs no clock read).
@@ -33,18 +30,14 @@ pub fn touch(entry: *mut CtEntry, l4_proto: u8, seg_flags: u8, now: u64) -> bool
     }
 }
 
-/// The backend of an established forward entry, or `None` when the flow must be balanced anew:
-/// the entry expired, a TCP SYN reopens a closed flow on the same ports, or the backend is gone
-/// (its slot emptied or reused for another address).
+/// Whether a packet with TCP flags `seg_flags` continues the established flow of forward entry
+/// `entry` ([`CtEntry::continues`]): its translation is the entry's, whatever has become of its
+/// backend in the maps since (kube-proxy never flushes TCP conntrack; the agent removes the UDP
+/// flows of backends that stop serving).
 #[inline(always)]
-pub fn live_backend(entry: *const CtEntry, seg_flags: u8, now: u64) -> Option<Backend> {
+pub fn continues(entry: *const CtEntry, seg_flags: u8, now: u64) -> bool {
     // SAFETY: `entry` points into a map value returned by a successful lookup.
-    let e = unsafe { *entry };
-    if !e.continues(seg_flags, now) {
-        return None;
-    }
-    let backend = *LB_BACKENDS.get(e.backend_id)?;
-    e.backend_is(&backend).then_some(backend)
+    unsafe { (*entry).continues(seg_flags, now) }
 }
 
 /// Records both directions of a new flow.

@@ -4,10 +4,20 @@
 //! could not forward these itself: after SNAT their source is one of the node's own addresses,
 //! which Linux drops as a martian on input.
 //!
-//! The route is looked up before the packet is translated, with the addresses it will have. At
-//! tc a next hop whose neighbour entry is missing is no problem (`bpf_redirect_neigh` resolves
-//! it). XDP cannot resolve neighbours: it leaves such a packet untouched and untracked, and the
-//! tc program behind it on the same interface handles it.
+//! The route is looked up before the packet is translated, with the addresses it will have, so
+//! that a packet that cannot go is answered or dropped before any state is written:
+//!
+//! | lookup | XDP | tc |
+//! |---|---|---|
+//! | success | go, MACs rewritten | go, MACs rewritten |
+//! | next hop's MAC unknown | leave it to tc (untouched, untracked) | go, the kernel resolves it (`bpf_redirect_neigh`) |
+//! | larger than the egress MTU | leave it to tc | DF: ICMP fragmentation needed with the MTU; else drop (counted) |
+//! | TTL would run out | ICMP time exceeded | ICMP time exceeded |
+//! | no route (unreachable, blackhole, prohibited...) | drop (counted) | drop (counted) |
+//!
+//! The MTU check must be GSO-aware: at tc an skb may be a GSO or GRO packet of up to 64 KiB whose
+//! segments each fit. So tc passes no length to the lookup, and the kernel checks the skb itself
+//! (`is_skb_forwardable`, which knows GSO); XDP frames are real frames and pass their length.
 
 use aya_ebpf::bindings::{
     BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
@@ -19,7 +29,7 @@ use crate::{
     frame::{Action, Frame, ptr_at},
     hdr::{EthHdr, Ipv4Hdr, L3_OFF},
     parse::Ipv4,
-    stats,
+    reject, stats,
 };
 
 const AF_INET: u8 = 2;
@@ -38,40 +48,56 @@ pub struct Route {
     pub next_hop: Be32,
 }
 
-/// What to do with a packet about to be translated and forwarded.
-pub enum Lookup {
-    /// Translate it, then [`send`] it along this route.
-    Go(Route),
-    /// Leave it as it is: the tc program behind this XDP program handles it.
-    Defer,
-    /// No route to the destination: drop it.
-    NoRoute,
-}
-
-/// Looks up the route of `ip` once its addresses are `src` -> `dst`.
+/// The route of `ip` once its addresses are `src` -> `dst`, or what to do with it instead
+/// (see the module's table); `len` is the packet's length, for counters.
 #[inline(always)]
-pub fn lookup<F: Frame>(frame: &mut F, ip: &Ipv4, src: Be32, dst: Be32) -> Lookup {
+pub fn route<F: Frame>(
+    frame: &mut F,
+    ip: &Ipv4,
+    src: Be32,
+    dst: Be32,
+    len: u32,
+) -> Result<Route, Action> {
+    if ip.ttl <= 1 {
+        // A router answers with ICMP time exceeded; nothing is recorded for the flow.
+        stats::verdict(Reason::DropTtlExceeded, len);
+        return Err(reject::time_exceeded(frame, ip, len));
+    }
     // SAFETY: an all-zero parameter block is valid (plain integers and unions of them).
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = ip.proto;
-    params.__bindgen_anon_1.tot_len = ip.tot_len.to_host();
+    params.__bindgen_anon_1.tot_len = F::fib_tot_len(ip);
     params.__bindgen_anon_3.ipv4_src = src.raw();
     params.__bindgen_anon_4.ipv4_dst = dst.raw();
     params.ifindex = frame.ingress_ifindex();
     let ret = frame.fib_lookup(&mut params) as u32;
     let resolved = ret == BPF_FIB_LKUP_RET_SUCCESS;
-    let unresolved = ret == BPF_FIB_LKUP_RET_NO_NEIGH || ret == BPF_FIB_LKUP_RET_FRAG_NEEDED;
-    if !resolved && !unresolved {
-        return Lookup::NoRoute;
+    if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        if !F::RESOLVES_NEIGHBOURS {
+            // XDP sees one frame; tc sees the skb and checks it GSO-aware.
+            return Err(Action::Pass);
+        }
+        // SAFETY: on FRAG_NEEDED the kernel wrote the egress MTU over `tot_len`.
+        let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+        stats::verdict(Reason::DropTooBig, len);
+        return Err(if ip.dont_fragment() {
+            reject::fragmentation_needed(frame, ip, mtu, len)
+        } else {
+            Action::Drop
+        });
+    }
+    if !resolved && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
+        stats::verdict(Reason::DropNoRoute, len);
+        return Err(Action::Drop);
     }
     if !resolved && !F::RESOLVES_NEIGHBOURS {
-        return Lookup::Defer;
+        return Err(Action::Pass);
     }
-    // SAFETY: the kernel filled in the egress interface and, for a gateway route, the gateway as
-    // destination (plain integers either way).
+    // SAFETY: on success or a missing neighbour the kernel filled in the egress interface and,
+    // for a gateway route, the gateway as destination (plain integers either way).
     let next_hop = Be32::from_raw(unsafe { params.__bindgen_anon_4.ipv4_dst });
-    Lookup::Go(Route {
+    Ok(Route {
         ifindex: params.ifindex,
         resolved,
         smac: params.smac,
@@ -86,18 +112,13 @@ pub fn send<F: Frame>(frame: &mut F, route: Route, len: u32) -> Action {
     let Some(ip) = ptr_at::<F, Ipv4Hdr>(frame, L3_OFF) else {
         return Action::Drop;
     };
-    // SAFETY: bounds-checked by `ptr_at`.
-    let (ttl, proto) = unsafe { ((*ip).ttl, (*ip).proto) };
-    if ttl <= 1 {
-        // A router would answer with ICMP time exceeded; the datapath just drops.
-        stats::verdict(Reason::DropNoRoute, len);
-        return Action::Drop;
-    }
-    // SAFETY: bounds-checked by `ptr_at`. TTL and protocol share one checksummed 16-bit word.
+    // SAFETY: bounds-checked by `ptr_at`. TTL and protocol share one checksummed 16-bit word;
+    // `route` made sure the TTL does not run out.
     unsafe {
+        let (ttl, proto) = ((*ip).ttl, (*ip).proto);
         let old = u16::from_ne_bytes([ttl, proto]);
-        let new = u16::from_ne_bytes([ttl - 1, proto]);
-        (*ip).ttl = ttl - 1;
+        let new = u16::from_ne_bytes([ttl.wrapping_sub(1), proto]);
+        (*ip).ttl = ttl.wrapping_sub(1);
         (*ip).check = csum::replace2((*ip).check, old, new);
     }
     stats::verdict(Reason::Forwarded, len);

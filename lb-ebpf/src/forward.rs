@@ -3,7 +3,7 @@
 
 use lb_common::{
     conntrack::{self, CtEntry, FORWARD, FlowKey, ct_flags},
-    maps::{AddrInfo, Backend, Frontend, FrontendKey},
+    maps::{AddrInfo, Frontend, FrontendKey},
     net::proto,
     stats::Reason,
 };
@@ -73,7 +73,7 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
     let now = ct::now();
 
     if let Some(entry) = LB_CT.get_ptr_mut(&flow)
-        && let Some(backend) = ct::live_backend(entry, l4.tcp_flags, now)
+        && ct::continues(entry, l4.tcp_flags, now)
     {
         if ct::touch(entry, ip.proto, l4.tcp_flags, now) {
             ct::refresh_reply(&flow, entry, now);
@@ -83,16 +83,16 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         if e.routed() {
             // Decided once, on this branch alone: the verifier cannot tell that a second test
             // of the same flag would go the same way.
-            let route = match route(frame, ip, &e, &backend, len) {
+            let route = match fib::route(frame, ip, e.snat_addr, e.nat_addr, len) {
                 Ok(route) => route,
                 Err(action) => return action,
             };
-            if let Err(action) = established(frame, ip, &l4, &e, &backend, len) {
+            if let Err(action) = established(frame, ip, &l4, &e, len) {
                 return action;
             }
             return fib::send(frame, route, len);
         }
-        if let Err(action) = established(frame, ip, &l4, &e, &backend, len) {
+        if let Err(action) = established(frame, ip, &l4, &e, len) {
             return action;
         }
         return unrouted(frame, &e);
@@ -111,20 +111,16 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
     new_flow(frame, ip, &l4, &flow, &frontend, scope, now, len)
 }
 
-/// DNAT to the flow's backend, and SNAT to the node for a source-NATed flow.
+/// DNAT to the flow's backend (the entry's NAT address), and SNAT to the node for a
+/// source-NATed flow.
 #[inline(always)]
-fn translate<F: Frame>(
-    frame: &mut F,
-    l4: &L4,
-    entry: &CtEntry,
-    backend: &Backend,
-) -> Result<(), ()> {
+fn translate<F: Frame>(frame: &mut F, l4: &L4, entry: &CtEntry) -> Result<(), ()> {
     nat::rewrite(
         frame,
         End::Destination,
         Some(l4),
-        backend.addr,
-        backend.port,
+        entry.nat_addr,
+        entry.nat_port,
     )?;
     if entry.snat() {
         nat::rewrite(
@@ -138,23 +134,6 @@ fn translate<F: Frame>(
     Ok(())
 }
 
-/// The route of a source-NATed flow's packet, looked up before it is translated; `Err` with what
-/// to do instead.
-#[inline(always)]
-fn route<F: Frame>(
-    frame: &mut F,
-    ip: &Ipv4,
-    entry: &CtEntry,
-    backend: &Backend,
-    len: u32,
-) -> Result<fib::Route, Action> {
-    match fib::lookup(frame, ip, entry.snat_addr, backend.addr) {
-        fib::Lookup::Go(route) => Ok(route),
-        fib::Lookup::Defer => Err(Action::Pass),
-        fib::Lookup::NoRoute => Err(counted(Reason::DropNoRoute, len, Action::Drop)),
-    }
-}
-
 /// Translates a packet of an established flow and counts it.
 #[inline(always)]
 fn established<F: Frame>(
@@ -162,10 +141,9 @@ fn established<F: Frame>(
     ip: &Ipv4,
     l4: &L4,
     entry: &CtEntry,
-    backend: &Backend,
     len: u32,
 ) -> Result<(), Action> {
-    if translate(frame, l4, entry, backend).is_err() {
+    if translate(frame, l4, entry).is_err() {
         return Err(counted(Reason::DropMalformed, len, Action::Drop));
     }
     if ip.frag() == Frag::First {
@@ -241,16 +219,16 @@ fn new_flow<F: Frame>(
     }
     if forward.routed() {
         // Before any state is written: a flow this hook cannot forward is left to the next one.
-        let route = match route(frame, ip, &forward, &backend, len) {
+        let route = match fib::route(frame, ip, forward.snat_addr, forward.nat_addr, len) {
             Ok(route) => route,
             Err(action) => return action,
         };
-        if let Err(action) = open(frame, ip, l4, flow, &forward, &backend, len) {
+        if let Err(action) = open(frame, ip, l4, flow, &forward, len) {
             return action;
         }
         return fib::send(frame, route, len);
     }
-    if let Err(action) = open(frame, ip, l4, flow, &forward, &backend, len) {
+    if let Err(action) = open(frame, ip, l4, flow, &forward, len) {
         return action;
     }
     unrouted(frame, &forward)
@@ -264,7 +242,6 @@ fn open<F: Frame>(
     l4: &L4,
     flow: &FlowKey,
     forward: &CtEntry,
-    backend: &Backend,
     len: u32,
 ) -> Result<(), Action> {
     let reply_key = flow.reply_of(forward);
@@ -272,7 +249,7 @@ fn open<F: Frame>(
     if ct::open(flow, forward, &reply_key, &reply).is_err() {
         return Err(counted(Reason::DropCtFull, len, Action::Drop));
     }
-    if translate(frame, l4, forward, backend).is_err() {
+    if translate(frame, l4, forward).is_err() {
         return Err(counted(Reason::DropMalformed, len, Action::Drop));
     }
     if ip.frag() == Frag::First {
@@ -299,7 +276,7 @@ fn no_backend<F: Frame>(
     counted(
         Reason::RejectNoBackend,
         len,
-        reject::reject(frame, ip, Some(l4)),
+        reject::reject(frame, ip, Some(l4), len),
     )
 }
 
@@ -320,6 +297,6 @@ fn not_served<F: Frame>(
     counted(
         Reason::RejectUnknownPort,
         len,
-        reject::reject(frame, ip, l4),
+        reject::reject(frame, ip, l4, len),
     )
 }

@@ -60,21 +60,26 @@ fn flow(ip: &Ipv4, dir: u8) -> Option<FlowKey> {
 /// ClusterIP (where an untranslatable fragment is dropped rather than passed).
 #[inline(always)]
 pub fn forward<F: Frame>(frame: &mut F, ip: &Ipv4, cluster_ip: bool, len: u32) -> Action {
-    let backend = flow(ip, FORWARD).and_then(|key| {
+    let entry = flow(ip, FORWARD).and_then(|key| {
         let entry = LB_CT.get_ptr_mut(&key)?;
         // SAFETY: map value from a successful lookup.
-        let e = unsafe { *entry };
-        Some((ct::live_backend(entry, 0, ct::now())?, e))
+        ct::continues(entry, 0, ct::now()).then(|| unsafe { *entry })
     });
-    let Some((backend, entry)) = backend else {
+    let Some(entry) = entry else {
         if !cluster_ip {
             return Action::Pass;
         }
         stats::verdict(Reason::DropFragment, len);
         return Action::Drop;
     };
-    let mut rewritten =
-        nat::rewrite(frame, End::Destination, None, backend.addr, backend.port).is_ok();
+    let mut rewritten = nat::rewrite(
+        frame,
+        End::Destination,
+        None,
+        entry.nat_addr,
+        entry.nat_port,
+    )
+    .is_ok();
     if entry.snat() {
         // The stack routes it on; only the first fragment takes the FIB shortcut.
         rewritten &=

@@ -22,6 +22,8 @@ use aya_ebpf::{
 };
 use lb_common::{Be32, csum};
 
+use crate::parse::Ipv4;
+
 const AF_INET: u32 = 2;
 
 /// What to do with the packet once the logic is done.
@@ -71,6 +73,11 @@ pub trait Frame {
 
     /// `bpf_fib_lookup` for this packet's context.
     fn fib_lookup(&mut self, params: &mut bpf_fib_lookup) -> i64;
+
+    /// The length `bpf_fib_lookup` checks against the egress MTU (`tot_len`): the packet's own at
+    /// XDP, where a frame is what goes on the wire; zero at tc, where the kernel then checks the
+    /// skb itself, knowing that a GSO or GRO packet goes out as segments that each fit.
+    fn fib_tot_len(ip: &Ipv4) -> u16;
 }
 
 /// A bounds-checked pointer to a `T` at `off` bytes into the packet.
@@ -198,6 +205,11 @@ impl Frame for XdpFrame {
                 0,
             )
         }
+    }
+
+    #[inline(always)]
+    fn fib_tot_len(ip: &Ipv4) -> u16 {
+        ip.tot_len.to_host()
     }
 }
 
@@ -370,5 +382,10 @@ impl Frame for TcFrame {
                 0,
             )
         }
+    }
+
+    #[inline(always)]
+    fn fib_tot_len(_ip: &Ipv4) -> u16 {
+        0
     }
 }

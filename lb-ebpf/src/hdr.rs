@@ -99,6 +99,9 @@ pub mod icmp_type {
 
 /// Code of ICMP destination unreachable used to reject (what `iptables -j REJECT` sends).
 pub const ICMP_PORT_UNREACH: u8 = 3;
+/// Code of ICMP destination unreachable a router sends for a DF packet larger than the next
+/// hop's MTU (RFC 1191).
+pub const ICMP_FRAG_NEEDED: u8 = 4;
 
 /// ICMP errors that quote the offending packet and so may belong to a load-balanced flow.
 #[inline(always)]

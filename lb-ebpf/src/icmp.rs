@@ -206,16 +206,18 @@ fn rewrite_quote<F: Frame>(
 pub fn towards_frontend<F: Frame>(frame: &mut F, icmp_off: usize, len: u32) -> Option<Action> {
     let q = quote(frame, icmp_off)?;
     let entry = LB_CT.get_ptr_mut(&q.flow_towards_sender(FORWARD))?;
-    let backend = ct::live_backend(entry, 0, ct::now())?;
+    if !ct::continues(entry, 0, ct::now()) {
+        return None;
+    }
     // SAFETY: map value from a successful lookup.
-    let set_id = unsafe { (*entry).set_id };
-    let translated = rewrite_quote(frame, &q, End::Source, backend.addr, backend.port)
-        .and_then(|()| nat::rewrite(frame, End::Destination, None, backend.addr, backend.port));
+    let e = unsafe { *entry };
+    let translated = rewrite_quote(frame, &q, End::Source, e.nat_addr, e.nat_port)
+        .and_then(|()| nat::rewrite(frame, End::Destination, None, e.nat_addr, e.nat_port));
     if translated.is_err() {
         stats::verdict(Reason::DropMalformed, len);
         return Some(Action::Drop);
     }
-    stats::set(set_id, len, false);
+    stats::set(e.set_id, len, false);
     stats::verdict(Reason::IcmpErrorNat, len);
     Some(Action::Pass)
 }

@@ -8,6 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Be32,
+    answer::Bucket,
     conntrack::{CtEntry, FlowKey},
     maps::{
         AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey, Frontend,
@@ -83,3 +84,7 @@ pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { capacity::AFFIN
 /// See [`lb_common::maps::LB_CONFIG`].
 #[btf_map]
 pub static LB_CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// See [`lb_common::maps::LB_ANSWERS`].
+#[btf_map]
+pub static LB_ANSWERS: Array<Bucket, 1> = Array::new();

@@ -6,8 +6,8 @@ use lb_common::{Be16, Be32, conntrack::FlowKey, net::proto};
 use crate::{
     frame::{Frame, ptr_at},
     hdr::{
-        ETH_P_IP_BE, EthHdr, IP_MF_BE, IP_OFFSET_MASK_BE, IPV4_MIN_HDR_LEN, Ipv4Hdr, L3_OFF,
-        TCP_CHECK_OFF, TCP_HDR_LEN, TcpHdr, UDP_CHECK_OFF, UDP_HDR_LEN, UdpHdr, be16, be32,
+        ETH_P_IP_BE, EthHdr, IP_DF_BE, IP_MF_BE, IP_OFFSET_MASK_BE, IPV4_MIN_HDR_LEN, Ipv4Hdr,
+        L3_OFF, TCP_CHECK_OFF, TCP_HDR_LEN, TcpHdr, UDP_CHECK_OFF, UDP_HDR_LEN, UdpHdr, be16, be32,
     },
 };
 
@@ -32,6 +32,7 @@ pub struct Ipv4 {
     frag_off: u16,
     pub id: Be16,
     pub tot_len: Be16,
+    pub ttl: u8,
 }
 
 impl Ipv4 {
@@ -49,6 +50,12 @@ impl Ipv4 {
     #[inline(always)]
     pub fn has_options(&self) -> bool {
         self.version_ihl & 0x0f != 5
+    }
+
+    /// Don't fragment: a router must answer "fragmentation needed" rather than split it.
+    #[inline(always)]
+    pub fn dont_fragment(&self) -> bool {
+        self.frag_off & IP_DF_BE != 0
     }
 
     #[inline(always)]
@@ -85,6 +92,7 @@ pub fn ipv4<F: Frame>(frame: &mut F) -> Option<Ipv4> {
             frag_off: (*ip).frag_off,
             id: be16((*ip).id),
             tot_len: be16((*ip).tot_len),
+            ttl: (*ip).ttl,
         })
     }
 }

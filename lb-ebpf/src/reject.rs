@@ -1,17 +1,22 @@
-//! Rejects generated in the datapath, as kube-proxy's REJECT rules would: a TCP RST for TCP and
-//! an ICMP port unreachable for everything else, sent straight back out of the interface the
-//! packet came in on. Never in answer to a RST, to a non-first fragment or to an ICMP error.
+//! Answers generated in the datapath, sent straight back out of the interface the packet came in
+//! on: rejects as kube-proxy's REJECT rules would send them (a TCP RST for TCP, an ICMP port
+//! unreachable for everything else), and the ICMP errors a router sends (fragmentation needed,
+//! time exceeded). Never in answer to a RST, to a non-first fragment or to an ICMP error; only
+//! to unicast sources, and at most at the node's rate (`lb_common::answer`).
 
-use lb_common::{csum, net::proto};
+use lb_common::{answer, csum, net::proto, stats::Reason};
 
 use crate::{
+    ct,
     frame::{Action, Frame, ptr_at},
     hdr::{
-        ETH_HDR_LEN, ETH_P_IP_BE, EthHdr, ICMP_HDR_LEN, ICMP_PORT_UNREACH, IP_DF_BE,
-        IPV4_MIN_HDR_LEN, IcmpHdr, Ipv4Hdr, L3_OFF, TCP_HDR_LEN, TcpHdr, UDP_HDR_LEN, icmp_type,
-        tcp_flags,
+        ETH_HDR_LEN, ETH_P_IP_BE, EthHdr, ICMP_FRAG_NEEDED, ICMP_HDR_LEN, ICMP_PORT_UNREACH,
+        IP_DF_BE, IPV4_MIN_HDR_LEN, IcmpHdr, Ipv4Hdr, L3_OFF, TCP_HDR_LEN, TcpHdr, UDP_HDR_LEN,
+        icmp_type, tcp_flags,
     },
+    maps::LB_ANSWERS,
     parse::{Frag, Ipv4, L4},
+    stats,
 };
 
 const TTL: u8 = 64;
@@ -24,15 +29,72 @@ const RST_IP_LEN: usize = IPV4_MIN_HDR_LEN + TCP_HDR_LEN;
 
 /// Turns the packet into its reject and bounces it, or drops it when no reject is due.
 #[inline(always)]
-pub fn reject<F: Frame>(frame: &mut F, ip: &Ipv4, l4: Option<&L4>) -> Action {
+pub fn reject<F: Frame>(frame: &mut F, ip: &Ipv4, l4: Option<&L4>, len: u32) -> Action {
+    if !may_answer(frame, ip, len) {
+        return Action::Drop;
+    }
     let built = match l4 {
         Some(l4) if ip.proto == proto::TCP => tcp_reset(frame, ip, l4),
-        _ => port_unreachable(frame, ip),
+        _ => icmp_error(frame, ip, icmp_type::DEST_UNREACH, ICMP_PORT_UNREACH, 0),
     };
+    sent(built)
+}
+
+/// ICMP fragmentation needed (RFC 1191) with the next hop's `mtu`, for a DF packet too large to
+/// forward.
+#[inline(always)]
+pub fn fragmentation_needed<F: Frame>(frame: &mut F, ip: &Ipv4, mtu: u16, len: u32) -> Action {
+    if !may_answer(frame, ip, len) {
+        return Action::Drop;
+    }
+    // The last 16 bits of the header's second word carry the MTU.
+    let rest = u32::from(mtu).to_be();
+    sent(icmp_error(
+        frame,
+        ip,
+        icmp_type::DEST_UNREACH,
+        ICMP_FRAG_NEEDED,
+        rest,
+    ))
+}
+
+/// ICMP time exceeded in transit, for a packet to forward whose TTL runs out.
+#[inline(always)]
+pub fn time_exceeded<F: Frame>(frame: &mut F, ip: &Ipv4, len: u32) -> Action {
+    if !may_answer(frame, ip, len) {
+        return Action::Drop;
+    }
+    sent(icmp_error(frame, ip, icmp_type::TIME_EXCEEDED, 0, 0))
+}
+
+#[inline(always)]
+fn sent(built: Result<(), ()>) -> Action {
     match built {
         Ok(()) => Action::Bounce,
         Err(()) => Action::Drop,
     }
+}
+
+/// Whether an answer to the packet may go: to a unicast source (address and MAC), within the
+/// node's budget. Counted when it may not.
+#[inline(always)]
+fn may_answer<F: Frame>(frame: &F, ip: &Ipv4, len: u32) -> bool {
+    let unicast_mac = match ptr_at::<F, EthHdr>(frame, 0) {
+        // SAFETY: bounds-checked by `ptr_at`. The group bit is the first byte's lowest.
+        Some(eth) => unsafe { (*eth).src[0] & 1 == 0 },
+        None => false,
+    };
+    let allowed = unicast_mac
+        && answer::unicast(ip.src)
+        && match LB_ANSWERS.get_ptr_mut(0) {
+            // SAFETY: the map's only value; CPUs race on it, which `answer::take` allows for.
+            Some(bucket) => answer::take(unsafe { &mut *bucket }, ct::now()),
+            None => false,
+        };
+    if !allowed {
+        stats::verdict(Reason::AnswerSuppressed, len);
+    }
+    allowed
 }
 
 /// One's complement sum of a value's 16-bit words, as they lie in memory.
@@ -156,11 +218,12 @@ fn tcp_reset<F: Frame>(frame: &mut F, ip: &Ipv4, l4: &L4) -> Result<(), ()> {
     frame.truncate(ETH_HDR_LEN + RST_IP_LEN)
 }
 
-/// ICMP destination unreachable, code port unreachable (RFC 792), quoting the offending IPv4
-/// header and the first 8 bytes of its payload. Headers with options are not quoted (they are
-/// dropped instead): the quote then has a fixed size, which keeps the code verifier-friendly.
+/// An ICMP error of type `kind` and `code` (RFC 792), the second word of its header `rest`,
+/// quoting the offending IPv4 header and the first 8 bytes of its payload. Headers with options
+/// are not quoted (no answer goes then): the quote has a fixed size, which keeps the code
+/// verifier-friendly.
 #[inline(always)]
-fn port_unreachable<F: Frame>(frame: &mut F, ip: &Ipv4) -> Result<(), ()> {
+fn icmp_error<F: Frame>(frame: &mut F, ip: &Ipv4, kind: u8, code: u8, rest: u32) -> Result<(), ()> {
     if ip.has_options() || ip.frag() == Frag::Later || !frame.ensure(L3_OFF + QUOTE_LEN) {
         return Err(());
     }
@@ -178,10 +241,10 @@ fn port_unreachable<F: Frame>(frame: &mut F, ip: &Ipv4) -> Result<(), ()> {
         ip.src.raw(),
     );
     let mut icmp = IcmpHdr {
-        kind: icmp_type::DEST_UNREACH,
-        code: ICMP_PORT_UNREACH,
+        kind,
+        code,
         check: 0,
-        rest: 0,
+        rest,
     };
     // SAFETY: IcmpHdr is 8 bytes of plain integers without padding.
     let icmp_words: [u16; 4] = unsafe { core::mem::transmute_copy(&icmp) };

@@ -55,13 +55,9 @@ pub fn reply<F: Frame>(frame: &mut F, ip: &Ipv4, l4: &L4, len: u32) -> Option<Ac
     if !e.routed() || !e.live(now) {
         return None;
     }
-    let route = match fib::lookup(frame, ip, e.nat_addr, e.snat_addr) {
-        fib::Lookup::Go(route) => route,
-        fib::Lookup::Defer => return Some(Action::Pass),
-        fib::Lookup::NoRoute => {
-            stats::verdict(Reason::DropNoRoute, len);
-            return Some(Action::Drop);
-        }
+    let route = match fib::route(frame, ip, e.nat_addr, e.snat_addr, len) {
+        Ok(route) => route,
+        Err(action) => return Some(action),
     };
     ct::touch(entry, ip.proto, l4.tcp_flags, now);
     let rewritten = nat::rewrite(frame, End::Source, Some(l4), e.nat_addr, e.nat_port).is_ok()

@@ -201,5 +201,16 @@ pub fn text(d: &Dump) -> String {
         }
         section(&mut out, names::LB_CONFIG, rows.len(), t);
     }
+    if let Some(rows) = &d.answers {
+        let mut t = table(&["answers available", "burst", "rate"]);
+        for r in rows {
+            t.add_row(vec![
+                r.available.to_string(),
+                r.burst.to_string(),
+                format!("{}/s", r.rate_per_s),
+            ]);
+        }
+        section(&mut out, names::LB_ANSWERS, rows.len(), t);
+    }
     out
 }

@@ -6,6 +6,7 @@ use std::{
 };
 
 use lb_common::{
+    answer,
     conntrack::{CtEntry, FlowKey},
     maps::{self as names, Backend, Frontend, FrontendKey, NodeConfig},
 };
@@ -36,11 +37,12 @@ pub enum MapKind {
     SrcRanges,
     Affinity,
     Config,
+    Answers,
 }
 
 impl MapKind {
     /// In the order of `lb_common::maps::ALL`.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Addrs,
         Self::Services,
         Self::Backends,
@@ -52,6 +54,7 @@ impl MapKind {
         Self::SrcRanges,
         Self::Affinity,
         Self::Config,
+        Self::Answers,
     ];
 
     /// The map's name (its pin name and its key in the dump's JSON).
@@ -68,6 +71,7 @@ impl MapKind {
             Self::SrcRanges => names::LB_SRC_RANGES,
             Self::Affinity => names::LB_AFFINITY,
             Self::Config => names::LB_CONFIG,
+            Self::Answers => names::LB_ANSWERS,
         }
     }
 
@@ -85,6 +89,7 @@ impl MapKind {
             Self::SrcRanges => "ranges",
             Self::Affinity => "affinity",
             Self::Config => "config",
+            Self::Answers => "answers",
         }
     }
 
@@ -194,6 +199,17 @@ pub struct ConfigRow {
     pub hairpin_addr: Ipv4Addr,
 }
 
+/// `LB_ANSWERS`: the node's budget of generated answers (rejects, ICMP errors), one row.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AnswersRow {
+    /// Answers that may go at once now.
+    pub available: u64,
+    /// At most this many at once, after a quiet spell.
+    pub burst: u64,
+    /// And this many a second beyond it.
+    pub rate_per_s: u64,
+}
+
 /// A row of `LB_FRAGS`: the ports of a fragmented datagram.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FragRow {
@@ -255,6 +271,9 @@ pub struct Dump {
     /// One row.
     #[serde(rename = "LB_CONFIG", skip_serializing_if = "Option::is_none")]
     pub config: Option<Vec<ConfigRow>>,
+    /// One row.
+    #[serde(rename = "LB_ANSWERS", skip_serializing_if = "Option::is_none")]
+    pub answers: Option<Vec<AnswersRow>>,
 }
 
 /// Reads the maps in `kinds` (every map when empty). `full` keeps every Maglev slot.
@@ -313,6 +332,9 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
     }
     if want(MapKind::Affinity) {
         out.affinity = Some(read_affinity(maps, &services, now)?);
+    }
+    if want(MapKind::Answers) {
+        out.answers = Some(vec![answers_row(maps)?]);
     }
     if want(MapKind::Config) {
         out.config = Some(vec![config_row(&predict::node_config(maps)?)]);
@@ -385,6 +407,18 @@ fn ct_row(key: &FlowKey, entry: &CtEntry, now: u64) -> CtRow {
         expired: now >= entry.deadline_ns,
         snat: rows::snat_of(entry),
     }
+}
+
+fn answers_row(maps: &Maps) -> Result<AnswersRow, MapsError> {
+    let bucket = maps.answers.get(&0, 0).map_err(|source| MapsError::Map {
+        name: names::LB_ANSWERS,
+        source,
+    })?;
+    Ok(AnswersRow {
+        available: answer::credit(&bucket, predict::coarse_now_ns()) / answer::COST_NS,
+        burst: answer::BURST,
+        rate_per_s: answer::RATE_PER_S,
+    })
 }
 
 fn config_row(config: &NodeConfig) -> ConfigRow {
