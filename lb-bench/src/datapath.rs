@@ -172,14 +172,7 @@ fn measured_service() -> ServiceSpec {
     ServiceSpec {
         name: MEASURED.to_owned(),
         frontends,
-        backends: BACKENDS
-            .iter()
-            .map(|addr| BackendSpec {
-                addr: *addr,
-                local: true,
-                weight: 1,
-            })
-            .collect(),
+        backends: BACKENDS.map(BackendSpec::local).to_vec(),
         ..Default::default()
     }
 }
@@ -196,14 +189,10 @@ fn filler(n: u32) -> ServiceSpec {
             scope: scope::INTERNAL,
             kind: FrontendKind::ClusterIp,
         }],
-        backends: vec![BackendSpec {
-            addr: SocketAddrV4::new(
-                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + n),
-                8080,
-            ),
-            local: true,
-            weight: 1,
-        }],
+        backends: vec![BackendSpec::local(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + n),
+            8080,
+        ))],
         ..Default::default()
     }
 }

@@ -12,7 +12,7 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use common::{
-    harness::{Harness, Hook, TCP, UDP, socket, tc, xdp},
+    harness::{Harness, Hook, TCP, UDP, harness, socket, tc, xdp},
     packet::{Packet, assert_frame_eq, flags},
 };
 use lb_common::{
@@ -91,7 +91,7 @@ fn in_routed_namespace(test: impl FnOnce(&mut Harness) + Send + 'static) {
     }
     let ns = routed_namespace();
     ns.enter(move || {
-        let mut h = Harness::new().expect("privileged");
+        let mut h = harness().expect("privileged");
         test(&mut h);
     })
     .unwrap();
