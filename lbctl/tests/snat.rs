@@ -140,14 +140,7 @@ fn trace_predicts_source_nat_here() {
     let client = remote[0];
     let t = check(
         &mut f,
-        &Case {
-            what: "no SNAT address",
-            hook: Xdp,
-            src: client,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("no SNAT address", Xdp, client, node_port, SYN),
     );
     assert_eq!(t["decision"], "drop_snat_ports");
     assert_eq!(t["reason"], "drop_snat_ports");
@@ -162,14 +155,7 @@ fn trace_predicts_source_nat_here() {
     // flow holds any). `check` compares the whole output frame with the prediction.
     let t = check(
         &mut f,
-        &Case {
-            what: "SNAT new flow",
-            hook: Xdp,
-            src: client,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("SNAT new flow", Xdp, client, node_port, SYN),
     );
     assert_eq!(
         (&t["decision"], &t["verdict"], &t["reason"]),
@@ -202,14 +188,7 @@ fn trace_predicts_source_nat_here() {
     // The rest of the flow keeps both translations.
     let t = check(
         &mut f,
-        &Case {
-            what: "SNAT established",
-            hook: Xdp,
-            src: client,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: ACK,
-        },
+        &Case::tcp("SNAT established", Xdp, client, node_port, ACK),
     );
     assert_eq!(
         (&t["decision"], &t["verdict"]),
@@ -224,17 +203,7 @@ fn trace_predicts_source_nat_here() {
         ("SNAT reply", Xdp, SYN | ACK),
         ("SNAT reply, tc", ExtIn, ACK),
     ] {
-        let t = check(
-            &mut f,
-            &Case {
-                what,
-                hook,
-                src: backend,
-                dst: node,
-                l4: TCP,
-                tcp_flags,
-            },
-        );
+        let t = check(&mut f, &Case::tcp(what, hook, backend, node, tcp_flags));
         assert_eq!(
             (&t["decision"], &t["verdict"], &t["reason"]),
             (&json!("snat_reply"), &json!("forward"), &json!("reply_nat")),
@@ -253,14 +222,7 @@ fn trace_predicts_source_nat_here() {
     // The reply path (pod veth and uplink egress) leaves such replies alone.
     let t = check(
         &mut f,
-        &Case {
-            what: "SNAT reply on the reply path",
-            hook: ToPod,
-            src: backend,
-            dst: node,
-            l4: TCP,
-            tcp_flags: ACK,
-        },
+        &Case::tcp("SNAT reply on the reply path", ToPod, backend, node, ACK),
     );
     assert_eq!(t["decision"], "snat_untouched");
     assert!(t["reason"].is_null());
@@ -268,14 +230,13 @@ fn trace_predicts_source_nat_here() {
     let unused = *candidates.iter().find(|p| **p != node.port()).unwrap();
     let t = check(
         &mut f,
-        &Case {
-            what: "unknown SNAT port",
-            hook: Xdp,
-            src: backend,
-            dst: SocketAddrV4::new(NODE, unused),
-            l4: TCP,
-            tcp_flags: ACK,
-        },
+        &Case::tcp(
+            "unknown SNAT port",
+            Xdp,
+            backend,
+            SocketAddrV4::new(NODE, unused),
+            ACK,
+        ),
     );
     assert_eq!(t["decision"], "not_served");
 
@@ -315,14 +276,7 @@ fn trace_predicts_source_nat_here() {
         .unwrap();
     let t = check(
         &mut f,
-        &Case {
-            what: "SNAT, first candidate taken",
-            hook: Xdp,
-            src: second,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("SNAT, first candidate taken", Xdp, second, node_port, SYN),
     );
     assert_eq!(t["snat"]["probe"], 1);
     assert_eq!(
@@ -337,25 +291,11 @@ fn trace_predicts_source_nat_here() {
     // A connection closed and reopened on the same ports keeps its port.
     check(
         &mut f,
-        &Case {
-            what: "SNAT rst",
-            hook: Xdp,
-            src: client,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: flags::RST | ACK,
-        },
+        &Case::tcp("SNAT rst", Xdp, client, node_port, flags::RST | ACK),
     );
     let t = check(
         &mut f,
-        &Case {
-            what: "SNAT reopened",
-            hook: Xdp,
-            src: client,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("SNAT reopened", Xdp, client, node_port, SYN),
     );
     assert_eq!(t["decision"], "new_flow");
     assert_eq!(json_sock(&t["snat"]["addr"]), node);
@@ -369,14 +309,7 @@ fn trace_predicts_source_nat_here() {
         .unwrap();
     let t = check(
         &mut f,
-        &Case {
-            what: "no free SNAT port",
-            hook: Xdp,
-            src: third,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("no free SNAT port", Xdp, third, node_port, SYN),
     );
     assert_eq!(t["decision"], "drop_snat_ports");
     let explanation = t["explanation"].as_str().unwrap();
@@ -389,14 +322,7 @@ fn trace_predicts_source_nat_here() {
         .unwrap();
     let t = check(
         &mut f,
-        &Case {
-            what: "local backend",
-            hook: Xdp,
-            src: near,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("local backend", Xdp, near, node_port, SYN),
     );
     assert_eq!(
         (&t["decision"], &t["verdict"]),
@@ -409,17 +335,7 @@ fn trace_predicts_source_nat_here() {
     let udp_client = clients([203, 0, 113, 9])
         .find(|c| !local(maglev_pick_l4(&f, &svc, *c, udp_port, UDP)))
         .unwrap();
-    let t = check(
-        &mut f,
-        &Case {
-            what: "SNAT udp",
-            hook: ExtIn,
-            src: udp_client,
-            dst: udp_port,
-            l4: UDP,
-            tcp_flags: 0,
-        },
-    );
+    let t = check(&mut f, &Case::udp("SNAT udp", ExtIn, udp_client, udp_port));
     assert_eq!(
         (&t["decision"], &t["verdict"]),
         (&json!("new_flow"), &json!("forward"))
@@ -428,14 +344,7 @@ fn trace_predicts_source_nat_here() {
     assert_eq!(recorded_snat(&f, udp_client, udp_port, UDP), udp_node);
     let t = check(
         &mut f,
-        &Case {
-            what: "SNAT udp answer",
-            hook: ExtIn,
-            src: json_sock(&t["backend"]),
-            dst: udp_node,
-            l4: UDP,
-            tcp_flags: 0,
-        },
+        &Case::udp("SNAT udp answer", ExtIn, json_sock(&t["backend"]), udp_node),
     );
     assert_eq!(t["decision"], "snat_reply");
     assert_eq!(json_sock(&t["output"]["dst"]), udp_client);

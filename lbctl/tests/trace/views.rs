@@ -7,9 +7,9 @@ use lb_common::maps::snat;
 use serde_json::{Value, json};
 
 use super::{
-    AFFINITY_S,
+    AFFINITY_S, all_services,
     common::{Fixture, TABLE, trace::json_sock},
-    svc_dns, svc_empty, svc_empty_drop, svc_ranged, svc_sticky, svc_web,
+    svc_dns, svc_ranged, svc_sticky, svc_web,
 };
 
 /// The other views, against what the fixture did to the maps.
@@ -27,17 +27,7 @@ pub fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         .map(|(r, c)| json!({"reason": r.name(), "packets": c.packets, "bytes": c.bytes}))
         .collect();
     assert_eq!(stats["verdicts"], Value::Array(verdicts));
-    let mut ids: Vec<u32> = [
-        svc_web(),
-        svc_dns(),
-        svc_empty(),
-        svc_empty_drop(),
-        svc_ranged(),
-        svc_sticky(),
-    ]
-    .iter()
-    .map(|svc| f.set_id(svc))
-    .collect();
+    let mut ids: Vec<u32> = all_services().iter().map(|svc| f.set_id(svc)).collect();
     ids.sort_unstable();
     let services: Vec<Value> = ids
         .into_iter()
