@@ -61,19 +61,8 @@ fn bed() -> Bed {
     ];
     let external = Netns::new(unique_prefix("kpx")).expect("external netns");
     let ns = &node.ns;
-    ns.ip(&[
-        "link",
-        "add",
-        "kpext0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        external.name(),
-    ])
-    .expect("uplink veth");
+    ns.add_veth("kpext0", &external, "eth0")
+        .expect("uplink veth");
     ns.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "kpext0"])
         .unwrap();
     ns.ip(&["link", "set", "kpext0", "up"]).unwrap();

@@ -68,18 +68,7 @@ impl Node {
         let ns = Netns::new(format!("{}-{name}", self.pod_ns_prefix))?;
         let host_iface = format!("lbpod{index}");
         self.ns
-            .ip(&[
-                "link",
-                "add",
-                &host_iface,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ])
+            .add_veth(&host_iface, &ns, "eth0")
             .with_context(|| format!("creating the veth of pod {name}"))?;
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
