@@ -212,10 +212,7 @@ async fn bookmark_produces_no_update_and_a_resumed_watch_starts_from_it() {
         assert_eq!(server.lists(Kind::Service).len(), 1);
 
         server.apply(Kind::Service, service("api", "10.96.0.11", 443));
-        assert_eq!(
-            describe(&[source.next().await]),
-            ["Applied Service default/api"]
-        );
+        source.assert_next("Applied Service default/api").await;
     })
     .await;
 }
@@ -280,10 +277,7 @@ async fn gone_on_a_watch_relists() {
             Some(&*lists[1].revision.to_string())
         );
         server.apply(Kind::Service, service("cache", "10.96.0.14", 6379));
-        assert_eq!(
-            describe(&[source.next().await]),
-            ["Applied Service default/cache"]
-        );
+        source.assert_next("Applied Service default/cache").await;
     })
     .await;
 }
@@ -401,6 +395,11 @@ impl Source {
             by_kind.entry(kind_of(&update)).or_default().push(update);
         }
         by_kind
+    }
+
+    /// The next update, as [`describe`] puts it, must be `expected`.
+    async fn assert_next(&mut self, expected: &str) {
+        assert_eq!(describe(&[self.next().await]), [expected]);
     }
 
     async fn assert_quiet(&mut self) {
