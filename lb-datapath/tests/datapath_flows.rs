@@ -13,21 +13,14 @@ use common::{
     packet::{Packet, assert_frame_eq, flags},
 };
 use lb_common::{
-    Be16, Be32,
+    Be32,
     conntrack::{FORWARD, FlowKey, ct_flags, timeout},
     stats::Reason,
 };
+use lb_datapath::predict::flow_key;
 
 fn forward_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
-    FlowKey {
-        src_addr: Be32::from(*src.ip()),
-        dst_addr: Be32::from(*dst.ip()),
-        src_port: Be16::from_host(src.port()),
-        dst_port: Be16::from_host(dst.port()),
-        proto,
-        dir: FORWARD,
-        _pad: [0; 2],
-    }
+    flow_key(src, dst, proto, FORWARD)
 }
 
 #[test]

@@ -22,7 +22,10 @@ use lb_common::{
     maps::{scope, snat},
     net::proto::{TCP, UDP},
 };
-use lb_datapath::program::{FrontendKind::NodePort, ServiceSpec};
+use lb_datapath::{
+    predict::flow_key,
+    program::{FrontendKind::NodePort, ServiceSpec},
+};
 use lb_testbed::packet::flags;
 use serde_json::{Value, json};
 
@@ -48,28 +51,12 @@ fn svc_node_port() -> ServiceSpec {
 }
 
 fn forward_key(client: SocketAddrV4, frontend: SocketAddrV4, l4: u8) -> FlowKey {
-    FlowKey {
-        src_addr: Be32::from(*client.ip()),
-        dst_addr: Be32::from(*frontend.ip()),
-        src_port: Be16::from_host(client.port()),
-        dst_port: Be16::from_host(frontend.port()),
-        proto: l4,
-        dir: FORWARD,
-        _pad: [0; 2],
-    }
+    flow_key(client, frontend, l4, FORWARD)
 }
 
 /// The key of the replies of a flow source-NATed to `NODE:port`.
 fn snat_reply_key(backend: SocketAddrV4, port: u16, l4: u8) -> FlowKey {
-    FlowKey {
-        src_addr: Be32::from(*backend.ip()),
-        dst_addr: Be32::from(NODE),
-        src_port: Be16::from_host(backend.port()),
-        dst_port: Be16::from_host(port),
-        proto: l4,
-        dir: REPLY,
-        _pad: [0; 2],
-    }
+    flow_key(backend, SocketAddrV4::new(NODE, port), l4, REPLY)
 }
 
 /// The SNAT port candidates of a new flow, in the order the datapath tries them, for the range
