@@ -52,13 +52,11 @@ struct Bed {
 
 fn bed() -> Bed {
     let mut node = Node::new("kp").expect("node");
-    node.add_pod("web-0", WEB_0).expect("web-0");
-    node.add_pod("web-1", WEB_1).expect("web-1");
-    node.add_pod("client", CLIENT).expect("client");
     let servers = vec![
-        Server::hostnames(&node.pod("web-0").ns, "web-0", PORT).expect("server web-0"),
-        Server::hostnames(&node.pod("web-1").ns, "web-1", PORT).expect("server web-1"),
+        node.add_hostnames_pod("web-0", WEB_0, PORT).expect("web-0"),
+        node.add_hostnames_pod("web-1", WEB_1, PORT).expect("web-1"),
     ];
+    node.add_pod("client", CLIENT).expect("client");
     let external = Netns::new(unique_prefix("kpx")).expect("external netns");
     let ns = &node.ns;
     ns.add_veth("kpext0", &external, "eth0")

@@ -78,12 +78,12 @@ impl AgentBed {
         }
         let mut node = Node::new("node").expect("node");
         node.add_pod("client", CLIENT_IP).expect("client pod");
-        let mut servers = Vec::new();
-        for i in 0..backends {
-            let name = format!("backend-{i}");
-            let pod = node.add_pod(&name, backend_ip(i)).expect("backend pod");
-            servers.push(Server::hostnames(&node.pods[pod].ns, &name, 8080).expect("server"));
-        }
+        let servers = (0..backends)
+            .map(|i| {
+                node.add_hostnames_pod(&format!("backend-{i}"), backend_ip(i), 8080)
+                    .expect("backend pod")
+            })
+            .collect();
         let dir = std::env::temp_dir().join(format!(
             "lbt-agent-{}-{}",
             std::process::id(),
