@@ -3,13 +3,13 @@
 
 use std::{collections::BTreeSet, net::SocketAddrV4, thread};
 
-use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
+use aya::{
+    Pod,
+    maps::{HashMap, MapData, MapError, PerCpuValues, lpm_trie::Key},
+};
 use lb_common::{
     Be32,
-    conntrack::FlowKey,
-    maps::{
-        self as names, AddrInfo, AffinityKey, Backend, Frontend, FrontendKey, SetStats, SourceRange,
-    },
+    maps::{self as names, AddrInfo, Backend, Frontend, FrontendKey, SetStats, SourceRange},
     net::proto,
 };
 
@@ -69,7 +69,7 @@ fn install_tables(maps: &mut Maps, writes: &[TableWrite]) -> Result<(), WriteErr
     let workers = thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(writes.len());
-    let built: Vec<Result<(u32, aya::maps::MapData), WriteError>> = thread::scope(|scope| {
+    let built: Vec<Result<(u32, MapData), WriteError>> = thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|worker| {
                 scope.spawn(move || {
@@ -193,45 +193,46 @@ pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
 
 /// Forgets session affinity to backends that left a set: the next connection is balanced anew.
 fn purge_affinity(maps: &mut Maps, pairs: &[(u32, u32)]) -> Result<(), WriteError> {
-    if pairs.is_empty() {
-        return Ok(());
-    }
-    let pairs: BTreeSet<(u32, u32)> = pairs.iter().copied().collect();
-    let stale: Vec<AffinityKey> = maps
-        .affinity
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(key, entry)| pairs.contains(&(key.set_id, entry.backend_id)))
-        .map(|(key, _)| key)
-        .collect();
-    for key in stale {
-        absent_ok(maps.affinity.remove(&key)).map_err(write_err(names::LB_AFFINITY))?;
-    }
-    Ok(())
+    remove_to_backends(
+        &mut maps.affinity,
+        names::LB_AFFINITY,
+        pairs,
+        |key, entry| Some((key.set_id, entry.backend_id)),
+    )
 }
 
 /// As kube-proxy flushes UDP conntrack of endpoints that went away: UDP flows to a backend that
 /// left its set move to a live one on their next datagram instead of blackholing.
 fn purge_udp_flows(maps: &mut Maps, pairs: &[(u32, u32)]) -> Result<(), WriteError> {
+    remove_to_backends(&mut maps.ct, names::LB_CT, pairs, |key, entry| {
+        (key.proto == proto::UDP).then_some((entry.set_id, entry.backend_id))
+    })
+}
+
+/// Removes the entries of `map` (LB map `name`) that lead to one of `pairs` (set id, backend
+/// id), as `pair_of` reads an entry's (`None`: an entry of no concern). An entry gone meanwhile
+/// (LRU eviction, expiry) is no error.
+fn remove_to_backends<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    pairs: &[(u32, u32)],
+    pair_of: impl Fn(&K, &V) -> Option<(u32, u32)>,
+) -> Result<(), WriteError> {
     if pairs.is_empty() {
         return Ok(());
     }
     let pairs: BTreeSet<(u32, u32)> = pairs.iter().copied().collect();
-    let stale: Vec<FlowKey> = maps
-        .ct
+    let stale: Vec<K> = map
         .iter()
         .filter_map(Result::ok)
-        .filter(|(key, entry)| {
-            key.proto == proto::UDP && pairs.contains(&(entry.set_id, entry.backend_id))
-        })
+        .filter(|(key, entry)| pair_of(key, entry).is_some_and(|pair| pairs.contains(&pair)))
         .map(|(key, _)| key)
         .collect();
     for key in stale {
-        absent_ok(maps.ct.remove(&key)).map_err(write_err(names::LB_CT))?;
+        absent_ok(map.remove(&key)).map_err(write_err(name))?;
     }
     Ok(())
 }
-
 /// The address of a backend id as programmed, for logs.
 pub fn describe_backend(value: &Backend) -> SocketAddrV4 {
     SocketAddrV4::new(value.addr.to_ip(), value.port.to_host())
