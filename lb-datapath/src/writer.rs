@@ -9,7 +9,7 @@ use aya::{
 };
 use lb_common::{
     Be32,
-    maps::{self as names, AddrInfo, Backend, Frontend, FrontendKey, SetStats, SourceRange},
+    maps::{self as names, Backend, SetStats, SourceRange},
     net::proto,
 };
 
@@ -116,14 +116,12 @@ fn install_tables(maps: &mut Maps, writes: &[TableWrite]) -> Result<(), WriteErr
 /// Writes `plan`. On error the maps may hold part of it: the caller re-reads them before planning
 /// again.
 pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
-    let (ids, values): (Vec<u32>, Vec<Backend>) = plan.backends.iter().copied().unzip();
-    if !maps.update_batch(names::LB_BACKENDS, &ids, &values)? {
-        for (id, value) in &plan.backends {
-            maps.backends
-                .set(*id, value, 0)
-                .map_err(write_err(names::LB_BACKENDS))?;
-        }
-    }
+    write_entries(
+        maps,
+        names::LB_BACKENDS,
+        &plan.backends,
+        |maps, id, value| maps.backends.set(*id, value, 0),
+    )?;
     for (range_id, net) in &plan.ranges_added {
         maps.src_ranges
             .insert(&range_key(*range_id, net), 1, 0)
@@ -147,27 +145,20 @@ pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
                 .map_err(write_err(names::LB_SVC_STATS))?;
         }
     }
-    let (keys, values): (Vec<FrontendKey>, Vec<Frontend>) = plan.frontends.iter().copied().unzip();
-    if !maps.update_batch(names::LB_SERVICES, &keys, &values)? {
-        for (key, value) in &plan.frontends {
-            maps.services
-                .insert(key, value, 0)
-                .map_err(write_err(names::LB_SERVICES))?;
-        }
-    }
+    write_entries(
+        maps,
+        names::LB_SERVICES,
+        &plan.frontends,
+        |maps, key, value| maps.services.insert(key, value, 0),
+    )?;
     if let Some(config) = &plan.config {
         maps.config
             .set(0, config, 0)
             .map_err(write_err(names::LB_CONFIG))?;
     }
-    let (keys, values): (Vec<Be32>, Vec<AddrInfo>) = plan.addrs.iter().copied().unzip();
-    if !maps.update_batch(names::LB_ADDRS, &keys, &values)? {
-        for (addr, info) in &plan.addrs {
-            maps.addrs
-                .insert(addr, info, 0)
-                .map_err(write_err(names::LB_ADDRS))?;
-        }
-    }
+    write_entries(maps, names::LB_ADDRS, &plan.addrs, |maps, addr, info| {
+        maps.addrs.insert(addr, info, 0)
+    })?;
     for addr in &plan.addrs_removed {
         absent_ok(maps.addrs.remove(addr)).map_err(write_err(names::LB_ADDRS))?;
     }
@@ -188,6 +179,23 @@ pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
     }
     purge_affinity(maps, &plan.affinity_purge)?;
     purge_udp_flows(maps, &plan.udp_flow_purge)?;
+    Ok(())
+}
+
+/// Writes `entries` into the bulk-written map `name` with one syscall where the kernel can, else
+/// one at a time with `write_one`.
+fn write_entries<K: Pod, V: Pod>(
+    maps: &mut Maps,
+    name: &'static str,
+    entries: &[(K, V)],
+    write_one: impl Fn(&mut Maps, &K, &V) -> Result<(), MapError>,
+) -> Result<(), WriteError> {
+    let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+    if !maps.update_batch(name, &keys, &values)? {
+        for (key, value) in entries {
+            write_one(maps, key, value).map_err(write_err(name))?;
+        }
+    }
     Ok(())
 }
 
