@@ -16,8 +16,8 @@ use std::{collections::BTreeMap, net::SocketAddrV4};
 use common::{
     expected::{expected_port_unreachable, expected_rst},
     harness::{
-        Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, socket, tc, vip, with_external_scope,
-        xdp,
+        Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, socket, tc, vip, web_flow,
+        with_external_scope, xdp,
     },
     packet::{Packet, assert_frame_eq, flags},
 };
@@ -70,11 +70,9 @@ fn new_flows_spread_over_every_backend_exactly_as_predicted() {
 
 #[test]
 fn replies_are_reverse_nated_to_the_frontend() {
-    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
-    let Some(mut h) = setup(&svc) else { return };
-    let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
-    let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
-    h.run(Hook::FromPod, &syn.bytes());
+    let Some((mut h, svc, syn, backend)) = web_flow() else {
+        return;
+    };
 
     let reply = syn
         .clone()

@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddrV4;
 
 use common::{
-    harness::{Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, tc, vip},
+    harness::{Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, tc, vip, web_flow},
     packet::{Packet, assert_frame_eq, flags},
 };
 use lb_common::{
@@ -25,11 +25,9 @@ fn forward_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
 
 #[test]
 fn an_established_flow_keeps_its_backend_when_the_table_changes() {
-    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
-    let Some(mut h) = setup(&svc) else { return };
-    let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
-    let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
-    h.run(Hook::FromPod, &syn.bytes());
+    let Some((mut h, svc, _, backend)) = web_flow() else {
+        return;
+    };
 
     // The flow's backend leaves the table (weight 0) but keeps existing: new flows avoid it,
     // the established flow stays on it.
@@ -78,11 +76,9 @@ fn an_established_flow_keeps_its_backend_when_the_table_changes() {
 
 #[test]
 fn a_flow_whose_backend_is_gone_moves_to_a_live_one() {
-    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
-    let Some(mut h) = setup(&svc) else { return };
-    let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
-    let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
-    h.run(Hook::FromPod, &syn.bytes());
+    let Some((mut h, svc, _, backend)) = web_flow() else {
+        return;
+    };
 
     let mut shrunk = svc.clone();
     let gone = shrunk

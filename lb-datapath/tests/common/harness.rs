@@ -14,6 +14,8 @@ use lb_datapath::{
     program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec},
 };
 
+use super::packet::{Packet, flags};
+
 #[allow(unused_imports, reason = "used by some test binaries only")]
 pub use lb_datapath::testing::{Harness, Hook, tc, xdp};
 
@@ -34,6 +36,18 @@ pub fn setup(svc: &ServiceSpec) -> Option<Harness> {
     let mut h = harness()?;
     h.program(svc);
     Some(h)
+}
+
+/// `web` (`VIP:80`/TCP over the three [`addrs::BACKENDS`]) programmed, and `CLIENT`'s SYN to it
+/// run through `lb_from_pod`, where the tests of an established flow start: the harness, the
+/// service, the SYN and the backend the flow got. `None` when privileged tests are skipped.
+pub fn web_flow() -> Option<(Harness, ServiceSpec, Packet, SocketAddrV4)> {
+    let svc = cluster_ip("web", 80, TCP, &addrs::BACKENDS);
+    let mut h = setup(&svc)?;
+    let syn = Packet::tcp(addrs::CLIENT, vip(80), flags::SYN, &[]);
+    let backend = h.expected_backend(&svc, addrs::CLIENT, vip(80), TCP);
+    h.run(Hook::FromPod, &syn.bytes());
+    Some((h, svc, syn, backend))
 }
 
 /// Addresses of the standard fixture (the kube-proxy unit-test address plan).
