@@ -194,20 +194,18 @@ fn check_datapath(backend: Backend) {
     // After a partial sync that removes web-1, only web-0 answers; after adding it back, both.
     let web = services.iter().position(|s| s.name == "web").unwrap();
     let without = with_endpoint_change(&services, web, EndpointChange::Remove(WEB_1)).unwrap();
-    measure::apply(
-        &bed.node.ns,
-        backend,
-        Arc::new(backend.endpoint_change(&services, &without, &cfg)),
-    )
-    .unwrap();
+    let partial_sync = |from: &[BenchService], to: &[BenchService]| {
+        measure::apply(
+            &bed.node.ns,
+            backend,
+            Arc::new(backend.endpoint_change(from, to, &cfg)),
+        )
+        .unwrap();
+    };
+    partial_sync(&services, &without);
     let answers = ask(client, SocketAddrV4::new(WEB_VIP, 80), 20);
     assert!(answers.iter().all(|(n, _)| n == "web-0"), "{answers:?}");
-    measure::apply(
-        &bed.node.ns,
-        backend,
-        Arc::new(backend.endpoint_change(&without, &services, &cfg)),
-    )
-    .unwrap();
+    partial_sync(&without, &services);
     let answers = ask(client, SocketAddrV4::new(WEB_VIP, 80), 40);
     assert_eq!(names(&answers), both, "{answers:?}");
 }
