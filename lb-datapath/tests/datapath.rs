@@ -207,19 +207,24 @@ fn the_xdp_entry_point_balances_and_rejects_like_tc() {
         "XDP UDP checksum",
     );
 
-    let refused = Packet::tcp(client, vip(443), flags::SYN, &[]);
-    let run = h.run(Hook::Xdp, &refused.bytes());
-    assert_eq!(run.verdict, xdp::TX);
-    assert_frame_eq(&run.out, &expected_rst(&refused, 0, Some(1001)), "XDP RST");
-
-    let refused = Packet::udp(client, vip(5000), b"nobody home");
-    let run = h.run(Hook::Xdp, &refused.bytes());
-    assert_eq!(run.verdict, xdp::TX);
-    assert_frame_eq(
-        &run.out,
-        &expected_port_unreachable(&refused),
-        "XDP port unreachable",
-    );
+    let refused_tcp = Packet::tcp(client, vip(443), flags::SYN, &[]);
+    let refused_udp = Packet::udp(client, vip(5000), b"nobody home");
+    for (refused, reject, what) in [
+        (
+            &refused_tcp,
+            expected_rst(&refused_tcp, 0, Some(1001)),
+            "XDP RST",
+        ),
+        (
+            &refused_udp,
+            expected_port_unreachable(&refused_udp),
+            "XDP port unreachable",
+        ),
+    ] {
+        let run = h.run(Hook::Xdp, &refused.bytes());
+        assert_eq!(run.verdict, xdp::TX, "{what}");
+        assert_frame_eq(&run.out, &reject, what);
+    }
     // The two datagrams share a 5-tuple: the second one is the same flow.
     assert_eq!(
         h.verdicts(),
