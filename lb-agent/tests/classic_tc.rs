@@ -14,9 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::agent::{AGENT, AgentBed, TIMEOUT, backend_ip, name, service_yaml, slice_yaml};
+use common::agent::{AGENT, AgentBed, backend_ip};
 use lb_datapath::features::TC_API_VAR;
-use lb_testbed::server::{Held, Load};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 42);
 
@@ -110,12 +109,10 @@ fn one_filter_per_hook(bed: &AgentBed) -> BTreeSet<u32> {
 
 #[test]
 fn classic_tc_filters_balance_are_replaced_in_place_on_restart_and_deleted_by_cleanup() {
-    let Some(bed) = AgentBed::new(2) else { return };
-    bed.write("web.yaml", &service_yaml("web", VIP, 80, ""));
-    bed.write(
-        "web-slice.yaml",
-        &slice_yaml("web", &[backend_ip(0), backend_ip(1)]),
-    );
+    let Some(mut bed) = AgentBed::new(2) else {
+        return;
+    };
+    bed.write_web(VIP, "");
     let agent = start(&bed);
     assert!(
         bed.log().contains("classic tc filters"),
@@ -145,31 +142,18 @@ fn classic_tc_filters_balance_are_replaced_in_place_on_restart_and_deleted_by_cl
 
     // Restart under load: no new connection refused, the held one kept, the filters replaced
     // (new programs) rather than doubled.
-    let mut held = bed
-        .client()
-        .enter(|| Held::connect(vip(), TIMEOUT))
-        .unwrap()
-        .expect("held connection");
-    let held_on = name(&held.ask().unwrap());
-    let load = Load::start(bed.client(), vip(), TIMEOUT).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    stop(&bed, agent);
-    assert_eq!(
-        one_filter_per_hook(&bed),
-        first,
-        "the filters stay while no agent runs"
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let agent = start(&bed);
-    std::thread::sleep(Duration::from_millis(300));
-    let count = load.finish();
-    assert_eq!(count.failed, 0, "{} succeeded", count.ok);
-    assert!(count.ok > 5, "{count:?}");
-    assert_eq!(
-        name(&held.ask().unwrap()),
-        held_on,
-        "the held connection survived"
-    );
+    let mut held = bed.hold(vip());
+    let agent = bed.assert_no_connection_refused(vip(), 5, |bed| {
+        stop(bed, agent);
+        assert_eq!(
+            one_filter_per_hook(bed),
+            first,
+            "the filters stay while no agent runs"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        start(bed)
+    });
+    held.assert_kept("the held connection survived");
     let second = one_filter_per_hook(&bed);
     assert!(
         first.is_disjoint(&second),

@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::agent::{AgentBed, TIMEOUT, backend_ip, name, service_yaml, slice_yaml};
-use lb_testbed::server::{self, Held, Load};
+use lb_testbed::server;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 41);
 
@@ -24,11 +24,7 @@ fn vip() -> SocketAddrV4 {
 /// A bed with three backends behind `web` (ClusterIP 172.30.0.41:80), agent running.
 fn web_bed(extra_spec: &str) -> Option<AgentBed> {
     let mut bed = AgentBed::new(3)?;
-    bed.write("web.yaml", &service_yaml("web", VIP, 80, extra_spec));
-    bed.write(
-        "web-slice.yaml",
-        &slice_yaml("web", &[backend_ip(0), backend_ip(1), backend_ip(2)]),
-    );
+    bed.write_web(VIP, extra_spec);
     bed.start_agent();
     Some(bed)
 }
@@ -46,13 +42,8 @@ fn endpoint_changes_reach_the_datapath_and_held_connections_keep_their_backend()
         "all three backends answer"
     );
 
-    let mut held = bed
-        .client()
-        .enter(|| Held::connect(vip(), TIMEOUT))
-        .unwrap()
-        .expect("held connection");
-    let held_on = name(&held.ask().unwrap());
-    let held_index: u8 = held_on.trim_start_matches("backend-").parse().unwrap();
+    let mut held = bed.hold(vip());
+    let held_index: u8 = held.backend.trim_start_matches("backend-").parse().unwrap();
 
     // Remove another endpoint: new connections avoid it; the held one stays where it is.
     let removed = (held_index + 1) % 3;
@@ -70,11 +61,7 @@ fn endpoint_changes_reach_the_datapath_and_held_connections_keep_their_backend()
     let names = bed.names(vip(), 40);
     assert!(!names.contains(&gone), "{names:?}");
     assert_eq!(distinct(&names).len(), 2);
-    assert_eq!(
-        name(&held.ask().unwrap()),
-        held_on,
-        "the held connection keeps its backend"
-    );
+    held.assert_kept("the held connection keeps its backend");
 
     // Add it back: it takes new connections again; still the held one does not move.
     bed.write(
@@ -84,53 +71,24 @@ fn endpoint_changes_reach_the_datapath_and_held_connections_keep_their_backend()
     assert!(bed.wait_until(Duration::from_secs(5), || {
         bed.names(vip(), 12).contains(&gone)
     }));
-    assert_eq!(name(&held.ask().unwrap()), held_on);
+    held.assert_kept("the held connection keeps its backend when it comes back");
 }
 
 #[test]
 fn restarting_the_agent_drops_no_held_connection_and_refuses_no_new_one() {
     let Some(mut bed) = web_bed("") else { return };
-    let ids_before: Vec<(lb_common::maps::FrontendKey, u32)> = bed
-        .maps()
-        .services
-        .iter()
-        .map(|e| e.unwrap())
-        .map(|(k, v)| (k, v.set_id))
-        .collect();
-    let mut held = bed
-        .client()
-        .enter(|| Held::connect(vip(), TIMEOUT))
-        .unwrap()
-        .expect("held connection");
-    let held_on = name(&held.ask().unwrap());
+    let ids_before = bed.set_ids();
+    let mut held = bed.hold(vip());
 
     // New connections all the time, while the agent stops, is away, and comes back.
-    let load = Load::start(bed.client(), vip(), TIMEOUT).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    bed.stop_agent();
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        name(&held.ask().unwrap()),
-        held_on,
-        "the datapath serves while the agent is away"
-    );
-    bed.start_agent();
-    std::thread::sleep(Duration::from_millis(300));
-    let count = load.finish();
-    assert_eq!(count.failed, 0, "{} connections succeeded", count.ok);
-    assert!(count.ok > 20, "{count:?}");
-    assert_eq!(
-        name(&held.ask().unwrap()),
-        held_on,
-        "the held connection survived the restart"
-    );
-    let ids_after: Vec<(lb_common::maps::FrontendKey, u32)> = bed
-        .maps()
-        .services
-        .iter()
-        .map(|e| e.unwrap())
-        .map(|(k, v)| (k, v.set_id))
-        .collect();
+    bed.assert_no_connection_refused(vip(), 20, |bed| {
+        bed.stop_agent();
+        std::thread::sleep(Duration::from_millis(500));
+        held.assert_kept("the datapath serves while the agent is away");
+        bed.start_agent();
+    });
+    held.assert_kept("the held connection survived the restart");
+    let ids_after = bed.set_ids();
     assert_eq!(
         ids_before, ids_after,
         "service ids are stable across restarts"
@@ -275,11 +233,7 @@ fn the_periodic_resync_repairs_what_someone_else_changed_in_the_maps() {
         return;
     };
     bed.extra_args = vec!["--sync-period".into(), "1s".into()];
-    bed.write("web.yaml", &service_yaml("web", VIP, 80, ""));
-    bed.write(
-        "web-slice.yaml",
-        &slice_yaml("web", &[backend_ip(0), backend_ip(1), backend_ip(2)]),
-    );
+    bed.write_web(VIP, "");
     bed.start_agent();
     let mut maps = bed.maps();
     let keys: Vec<lb_common::maps::FrontendKey> =
@@ -379,12 +333,8 @@ fn an_endpoint_turning_not_ready_loses_its_udp_flows_but_keeps_its_tcp_connectio
     let udp_on = udp_answer().expect("UDP answer");
     let mut held = None;
     for _ in 0..50 {
-        let mut conn = bed
-            .client()
-            .enter(|| Held::connect(vip(), TIMEOUT))
-            .unwrap()
-            .expect("held connection");
-        if name(&conn.ask().unwrap()) == udp_on {
+        let conn = bed.hold(vip());
+        if conn.backend == udp_on {
             held = Some(conn);
             break;
         }
@@ -404,11 +354,7 @@ fn an_endpoint_turning_not_ready_loses_its_udp_flows_but_keeps_its_tcp_connectio
         "the UDP flow still reaches the not-ready backend; agent log:\n{}",
         bed.log()
     );
-    assert_eq!(
-        name(&held.ask().unwrap()),
-        udp_on,
-        "the TCP connection to the not-ready backend continues"
-    );
+    held.assert_kept("the TCP connection to the not-ready backend continues");
     assert!(
         !bed.names(vip(), 30).contains(&udp_on),
         "no new TCP connection goes there"

@@ -52,6 +52,36 @@ struct Bed {
     web: [Ipv4Addr; 2],
 }
 
+/// `web`: NodePort 30080 over TCP and UDP, served by `endpoints`.
+fn web_yaml(endpoints: &[Endpoint]) -> String {
+    documents([
+        ServiceManifest::new("web", WEB)
+            .service_type(ServiceType::NodePort)
+            .port(ServicePort::tcp("http", 80, 8080).node_port(30_080))
+            .port(ServicePort::udp("echo", 80, 8080).node_port(30_080))
+            .yaml(),
+        slice(
+            "web",
+            &[("http", Protocol::Tcp), ("echo", Protocol::Udp)],
+            endpoints,
+        ),
+    ])
+}
+
+/// `local`: a LoadBalancer with externalTrafficPolicy Local (NodePort 30081, health checks on
+/// `HEALTH_CHECK_PORT`), served by `endpoint`.
+fn local_yaml(endpoint: Endpoint) -> String {
+    documents([
+        ServiceManifest::new("local", LOCAL)
+            .service_type(ServiceType::LoadBalancer)
+            .port(ServicePort::tcp("http", 80, 8080).node_port(30_081))
+            .external_traffic_policy(TrafficPolicy::Local)
+            .health_check_node_port(HEALTH_CHECK_PORT)
+            .yaml(),
+        slice("local", &[("http", Protocol::Tcp)], &[endpoint]),
+    ])
+}
+
 fn slice(service: &str, ports: &[(&str, Protocol)], endpoints: &[Endpoint]) -> String {
     let mut slice = EndpointSliceManifest::new(service);
     for (name, protocol) in ports {
@@ -88,52 +118,16 @@ impl Bed {
             .unwrap();
         cluster.add_client_ip(OUTSIDER).unwrap();
 
+        let on = |i: usize| Endpoint::ready(web[i], cluster.node_name(i));
+        let http = [("http", Protocol::Tcp)];
         let source = SourceDir::new().unwrap();
-        source
-            .write("nodes.yaml", &cluster.node_manifests())
-            .unwrap();
-        let both = |c: &Cluster| {
-            vec![
-                Endpoint::ready(web[0], c.node_name(0)),
-                Endpoint::ready(web[1], c.node_name(1)),
-            ]
-        };
-        let tcp_udp = [("http", Protocol::Tcp), ("echo", Protocol::Udp)];
-        source
-            .write(
-                "web.yaml",
-                &documents([
-                    ServiceManifest::new("web", WEB)
-                        .service_type(ServiceType::NodePort)
-                        .port(ServicePort::tcp("http", 80, 8080).node_port(30_080))
-                        .port(ServicePort::udp("echo", 80, 8080).node_port(30_080))
-                        .yaml(),
-                    slice("web", &tcp_udp, &both(&cluster)),
-                ]),
-            )
-            .unwrap();
-        source
-            .write(
-                "local.yaml",
-                &documents([
-                    ServiceManifest::new("local", LOCAL)
-                        .service_type(ServiceType::LoadBalancer)
-                        .port(ServicePort::tcp("http", 80, 8080).node_port(30_081))
-                        .external_traffic_policy(TrafficPolicy::Local)
-                        .health_check_node_port(HEALTH_CHECK_PORT)
-                        .yaml(),
-                    slice(
-                        "local",
-                        &[("http", Protocol::Tcp)],
-                        &[Endpoint::ready(web[1], cluster.node_name(1))],
-                    ),
-                ]),
-            )
-            .unwrap();
-        source
-            .write(
+        for (file, yaml) in [
+            ("nodes.yaml", cluster.node_manifests()),
+            ("web.yaml", web_yaml(&[on(0), on(1)])),
+            ("local.yaml", local_yaml(on(1))),
+            (
                 "lb.yaml",
-                &documents([
+                documents([
                     ServiceManifest::new("lb", LB)
                         .service_type(ServiceType::LoadBalancer)
                         .port(ServicePort::tcp("http", 80, 8080).node_port(30_082))
@@ -141,51 +135,43 @@ impl Bed {
                         .external_ip(EXTERNAL_IP)
                         .source_range(&format!("{}/32", cluster.client_ip()))
                         .yaml(),
-                    slice("lb", &[("http", Protocol::Tcp)], &both(&cluster)),
+                    slice("lb", &http, &[on(0), on(1)]),
                 ]),
-            )
-            .unwrap();
-        source
-            .write(
+            ),
+            (
                 "empty.yaml",
-                &ServiceManifest::new("empty", EMPTY)
+                ServiceManifest::new("empty", EMPTY)
                     .service_type(ServiceType::NodePort)
                     .port(ServicePort::tcp("http", 80, 8080).node_port(30_083))
                     .port(ServicePort::udp("echo", 80, 8080).node_port(30_083))
                     .yaml(),
-            )
-            .unwrap();
-        source
-            .write(
+            ),
+            (
                 "self.yaml",
-                &documents([
+                documents([
                     ServiceManifest::new("self", SELF)
                         .service_type(ServiceType::NodePort)
                         .port(ServicePort::tcp("http", 80, 8080).node_port(30_084))
                         .yaml(),
-                    slice(
-                        "self",
-                        &[("http", Protocol::Tcp)],
-                        &[Endpoint::ready(web[0], cluster.node_name(0))],
-                    ),
+                    slice("self", &http, &[on(0)]),
                 ]),
-            )
-            .unwrap();
-        source
-            .write(
+            ),
+            (
                 "bulk.yaml",
-                &documents([
+                documents([
                     ServiceManifest::new("bulk", BULK)
                         .service_type(ServiceType::NodePort)
                         .port(ServicePort::tcp("data", 80, SINK_PORT).node_port(BULK_NODE_PORT))
                         .yaml(),
                     EndpointSliceManifest::new("bulk")
                         .port("data", SINK_PORT, Protocol::Tcp)
-                        .endpoint(Endpoint::ready(web[1], cluster.node_name(1)))
+                        .endpoint(on(1))
                         .yaml(),
                 ]),
-            )
-            .unwrap();
+            ),
+        ] {
+            source.write(file, &yaml).unwrap();
+        }
         let agent_args: Vec<String> = agent_args.iter().map(|a| (*a).to_owned()).collect();
         let agents =
             Agents::start(&cluster, AGENT.as_ref(), source.path(), &agent_args).expect("agents");
@@ -201,6 +187,11 @@ impl Bed {
         (0..2)
             .map(|i| format!("--- node-{i}:\n{}", self.agents.log(i)))
             .collect()
+    }
+
+    /// The endpoint of `web-<i>` on its node.
+    fn endpoint(&self, i: usize) -> Endpoint {
+        Endpoint::ready(self.web[i], self.cluster.node_name(i))
     }
 
     /// `n` HTTP requests over new connections from the external client (from `local`, or its
@@ -443,22 +434,7 @@ fn external_traffic_policy_local_keeps_the_client_drops_elsewhere_and_health_che
 
     // The endpoint moves to node-0: traffic and health checks follow.
     bed.source
-        .write(
-            "local.yaml",
-            &documents([
-                ServiceManifest::new("local", LOCAL)
-                    .service_type(ServiceType::LoadBalancer)
-                    .port(ServicePort::tcp("http", 80, 8080).node_port(30_081))
-                    .external_traffic_policy(TrafficPolicy::Local)
-                    .health_check_node_port(HEALTH_CHECK_PORT)
-                    .yaml(),
-                slice(
-                    "local",
-                    &[("http", Protocol::Tcp)],
-                    &[Endpoint::ready(bed.web[0], bed.cluster.node_name(0))],
-                ),
-            ]),
-        )
+        .write("local.yaml", &local_yaml(bed.endpoint(0)))
         .unwrap();
     bed.wait_until("health checks follow the endpoint", || {
         bed.health_check(0).0 == 200 && bed.health_check(1).0 == 503
@@ -545,21 +521,7 @@ fn a_removed_backend_gets_no_new_connections_while_established_ones_to_the_other
 
     for (gone, kept) in [(1usize, 0usize), (0, 1)] {
         bed.source
-            .write(
-                "web.yaml",
-                &documents([
-                    ServiceManifest::new("web", WEB)
-                        .service_type(ServiceType::NodePort)
-                        .port(ServicePort::tcp("http", 80, 8080).node_port(30_080))
-                        .port(ServicePort::udp("echo", 80, 8080).node_port(30_080))
-                        .yaml(),
-                    slice(
-                        "web",
-                        &[("http", Protocol::Tcp), ("echo", Protocol::Udp)],
-                        &[Endpoint::ready(bed.web[kept], bed.cluster.node_name(kept))],
-                    ),
-                ]),
-            )
+            .write("web.yaml", &web_yaml(&[bed.endpoint(kept)]))
             .unwrap();
         let kept_name = format!("web-{kept}");
         bed.wait_until("the removed backend gets no new connections", || {
@@ -574,24 +536,7 @@ fn a_removed_backend_gets_no_new_connections_while_established_ones_to_the_other
         );
         // Both back for the next round.
         bed.source
-            .write(
-                "web.yaml",
-                &documents([
-                    ServiceManifest::new("web", WEB)
-                        .service_type(ServiceType::NodePort)
-                        .port(ServicePort::tcp("http", 80, 8080).node_port(30_080))
-                        .port(ServicePort::udp("echo", 80, 8080).node_port(30_080))
-                        .yaml(),
-                    slice(
-                        "web",
-                        &[("http", Protocol::Tcp), ("echo", Protocol::Udp)],
-                        &[
-                            Endpoint::ready(bed.web[0], bed.cluster.node_name(0)),
-                            Endpoint::ready(bed.web[1], bed.cluster.node_name(1)),
-                        ],
-                    ),
-                ]),
-            )
+            .write("web.yaml", &web_yaml(&[bed.endpoint(0), bed.endpoint(1)]))
             .unwrap();
         bed.wait_until("both backends again", || {
             names(&bed.ask_from_outside(node_port, 20, None)).len() == 2

@@ -15,9 +15,7 @@ use std::{
     time::Duration,
 };
 
-use common::agent::{AgentBed, TIMEOUT, backend_ip, name, service_yaml, slice_yaml};
-use lb_common::maps::FrontendKey;
-use lb_testbed::server::{Held, Load};
+use common::agent::{AgentBed, backend_ip, slice_yaml};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 41);
 
@@ -44,15 +42,6 @@ fn previous_agent() -> PathBuf {
     path
 }
 
-fn set_ids(bed: &AgentBed) -> Vec<(FrontendKey, u32)> {
-    bed.maps()
-        .services
-        .iter()
-        .map(|e| e.unwrap())
-        .map(|(k, v)| (k, v.set_id))
-        .collect()
-}
-
 #[test]
 fn an_agent_of_this_version_takes_over_the_previous_releases_datapath_without_losing_a_connection()
 {
@@ -60,42 +49,25 @@ fn an_agent_of_this_version_takes_over_the_previous_releases_datapath_without_lo
     let Some(mut bed) = AgentBed::new(3) else {
         return;
     };
-    bed.write("web.yaml", &service_yaml("web", VIP, 80, ""));
-    bed.write(
-        "web-slice.yaml",
-        &slice_yaml("web", &[backend_ip(0), backend_ip(1), backend_ip(2)]),
-    );
+    bed.write_web(VIP, "");
     bed.agent_bin = previous;
     bed.start_agent();
-    let ids_before = set_ids(&bed);
+    let ids_before = bed.set_ids();
     assert!(
         !ids_before.is_empty(),
         "the previous release programmed nothing"
     );
-    let mut held = bed
-        .client()
-        .enter(|| Held::connect(vip(), TIMEOUT))
-        .unwrap()
-        .expect("held connection");
-    let held_on = name(&held.ask().unwrap());
+    let mut held = bed.hold(vip());
 
     // New connections all the time, while the old agent stops and the new one takes over.
-    let load = Load::start(bed.client(), vip(), TIMEOUT).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    bed.stop_agent();
-    bed.agent_bin = PathBuf::from(common::agent::AGENT);
-    bed.start_agent();
-    std::thread::sleep(Duration::from_millis(300));
-    let count = load.finish();
-    assert_eq!(count.failed, 0, "{} connections succeeded", count.ok);
-    assert!(count.ok > 20, "{count:?}");
+    bed.assert_no_connection_refused(vip(), 20, |bed| {
+        bed.stop_agent();
+        bed.agent_bin = PathBuf::from(common::agent::AGENT);
+        bed.start_agent();
+    });
+    held.assert_kept("the held connection survived the upgrade on its backend");
     assert_eq!(
-        name(&held.ask().unwrap()),
-        held_on,
-        "the held connection survived the upgrade on its backend"
-    );
-    assert_eq!(
-        set_ids(&bed),
+        bed.set_ids(),
         ids_before,
         "the new agent adopted the frontends and their backend sets; its log:\n{}",
         bed.log()

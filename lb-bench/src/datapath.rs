@@ -25,7 +25,7 @@ use lb_common::{
     net::proto,
 };
 use lb_datapath::{
-    Capacities, Datapath, Pinning,
+    Capacities, Datapath, DatapathError, Pinning,
     maps::Maps,
     program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec, Services},
 };
@@ -172,14 +172,7 @@ fn measured_service() -> ServiceSpec {
     ServiceSpec {
         name: MEASURED.to_owned(),
         frontends,
-        backends: BACKENDS
-            .iter()
-            .map(|addr| BackendSpec {
-                addr: *addr,
-                local: true,
-                weight: 1,
-            })
-            .collect(),
+        backends: BACKENDS.map(BackendSpec::local).to_vec(),
         ..Default::default()
     }
 }
@@ -196,14 +189,10 @@ fn filler(n: u32) -> ServiceSpec {
             scope: scope::INTERNAL,
             kind: FrontendKind::ClusterIp,
         }],
-        backends: vec![BackendSpec {
-            addr: SocketAddrV4::new(
-                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + n),
-                8080,
-            ),
-            local: true,
-            weight: 1,
-        }],
+        backends: vec![BackendSpec::local(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + n),
+            8080,
+        ))],
         ..Default::default()
     }
 }
@@ -235,6 +224,53 @@ fn check_frame(verdict: u32, pass: u32, out: &[u8], want: &[u8]) -> Result<()> {
         bail!("output frame differs from the expected one");
     }
     Ok(())
+}
+
+/// The frames every entry program is timed on, with the outputs they must give.
+struct Cases<'a> {
+    /// To an address that is no frontend: passed untouched.
+    other: &'a [Vec<u8>],
+    other_want: &'a [u8],
+    /// Of the established flow: DNATed.
+    established: &'a [Vec<u8>],
+    established_want: &'a [u8],
+    /// SYNs of new flows, each from its own client (checked by the caller's `new_check`).
+    new: &'a [Vec<u8>],
+}
+
+/// Times the cases of an entry program (`entry` of `dp`, returning `pass`), after the empty
+/// program of its hook (`empty`) on the same frames: `empty`, `non-service`, `established`,
+/// `new flow`, in that order.
+fn time_entry<P>(
+    dp: &mut Datapath,
+    pass: u32,
+    empty: fn(&mut Datapath) -> Result<&mut P, DatapathError>,
+    entry: fn(&mut Datapath) -> &mut P,
+    cases: &Cases<'_>,
+    new_check: impl FnMut(usize, u32, &[u8]) -> Result<()>,
+) -> Result<Vec<(&'static str, Raw)>>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult> + InfoSource,
+{
+    Ok(vec![
+        (
+            "empty",
+            time_calls(empty(dp)?, cases.other, |_, _, _| Ok(()))?,
+        ),
+        (
+            "non-service",
+            time_calls(entry(dp), cases.other, |_, v, o| {
+                check_frame(v, pass, o, cases.other_want)
+            })?,
+        ),
+        (
+            "established",
+            time_calls(entry(dp), cases.established, |_, v, o| {
+                check_frame(v, pass, o, cases.established_want)
+            })?,
+        ),
+        ("new flow", time_calls(entry(dp), cases.new, new_check)?),
+    ])
 }
 
 /// Runs every case at every scale; `calls` calls per case. Every scale starts from a freshly
@@ -341,58 +377,39 @@ fn run_scale(services: u32, calls: usize, progress: &mut dyn FnMut(&str)) -> Res
         };
         let other_inputs = repeated(&other);
         let est_inputs = repeated(&established.bytes());
-        match hook {
-            Hook::Tc => {
-                raw.insert(
-                    ("empty", "tc"),
-                    time_calls(dp.empty_tc()?, &other_inputs, |_, _, _| Ok(()))?,
-                );
-                raw.insert(
-                    ("non-service", "tc"),
-                    time_calls(dp.from_pod(), &other_inputs, |_, v, o| {
-                        check_frame(v, pass, o, &other)
-                    })?,
-                );
-                raw.insert(
-                    ("established", "tc"),
-                    time_calls(dp.from_pod(), &est_inputs, |_, v, o| {
-                        check_frame(v, pass, o, &established_want)
-                    })?,
-                );
-                raw.insert(
-                    ("new flow", "tc"),
-                    time_calls(dp.from_pod(), &new_inputs, new_check)?,
-                );
-                raw.insert(
-                    ("reply", "tc"),
-                    time_calls(dp.to_pod(), &repeated(&reply.bytes()), |_, v, o| {
-                        check_frame(v, pass, o, &reply_want)
-                    })?,
-                );
-            }
-            Hook::Xdp => {
-                raw.insert(
-                    ("empty", "xdp"),
-                    time_calls(dp.empty_xdp()?, &other_inputs, |_, _, _| Ok(()))?,
-                );
-                raw.insert(
-                    ("non-service", "xdp"),
-                    time_calls(dp.xdp(), &other_inputs, |_, v, o| {
-                        check_frame(v, pass, o, &other)
-                    })?,
-                );
-                raw.insert(
-                    ("established", "xdp"),
-                    time_calls(dp.xdp(), &est_inputs, |_, v, o| {
-                        check_frame(v, pass, o, &established_want)
-                    })?,
-                );
-                raw.insert(
-                    ("new flow", "xdp"),
-                    time_calls(dp.xdp(), &new_inputs, new_check)?,
-                );
-            }
+        let cases = Cases {
+            other: &other_inputs,
+            other_want: &other,
+            established: &est_inputs,
+            established_want: &established_want,
+            new: &new_inputs,
+        };
+        let mut timed = match hook {
+            Hook::Tc => time_entry(
+                &mut dp,
+                pass,
+                Datapath::empty_tc,
+                Datapath::from_pod,
+                &cases,
+                new_check,
+            )?,
+            Hook::Xdp => time_entry(
+                &mut dp,
+                pass,
+                Datapath::empty_xdp,
+                Datapath::xdp,
+                &cases,
+                new_check,
+            )?,
+        };
+        // Only tc has a reply path.
+        if let Hook::Tc = hook {
+            let reply_time = time_calls(dp.to_pod(), &repeated(&reply.bytes()), |_, v, o| {
+                check_frame(v, pass, o, &reply_want)
+            })?;
+            timed.push(("reply", reply_time));
         }
+        raw.extend(timed.into_iter().map(|(case, r)| ((case, hook.name()), r)));
     }
     Ok(raw
         .iter()

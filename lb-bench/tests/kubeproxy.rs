@@ -317,15 +317,27 @@ fn iptables_probabilities_and_large_cluster_mode() {
     )));
 }
 
-#[test]
-fn iptables_partial_sync_writes_only_the_changed_service() {
-    let cfg = NodeConfig::default();
+/// `ns/web` (10.96.0.10:80 over 10.10.0.2 and 10.10.0.3, port 8080) at `at` among 20 fillers,
+/// before and after it loses the endpoint 10.10.0.3: the partial syncs' case.
+fn web_loses_an_endpoint(at: Position) -> (Vec<BenchService>, Vec<BenchService>) {
     let measured = BenchService::new("ns", "web", ip("10.96.0.10"))
         .port(BenchPort::tcp("http", 80, 8080))
         .endpoints([ip("10.10.0.2"), ip("10.10.0.3")]);
-    let before = arrange(measured, fillers(20, 1), Position::Middle);
-    let at = Position::Middle.index(20);
-    let after = with_endpoint_change(&before, at, EndpointChange::Remove(ip("10.10.0.3"))).unwrap();
+    let before = arrange(measured, fillers(20, 1), at);
+    let after = with_endpoint_change(
+        &before,
+        at.index(20),
+        EndpointChange::Remove(ip("10.10.0.3")),
+    )
+    .unwrap();
+    (before, after)
+}
+
+#[test]
+fn iptables_partial_sync_writes_only_the_changed_service() {
+    let cfg = NodeConfig::default();
+    let at = Position::Middle;
+    let (before, after) = web_loses_an_endpoint(at);
     let delta = iptables::endpoint_change(&before, &after, &cfg);
     let svc = iptables::svc_chain("ns/web:http", "tcp");
     let kept = iptables::sep_chain("ns/web:http", "tcp", "10.10.0.2:8080");
@@ -349,7 +361,7 @@ fn iptables_partial_sync_writes_only_the_changed_service() {
         s
     }));
     let big_after =
-        with_endpoint_change(&big, at, EndpointChange::Remove(ip("10.10.0.3"))).unwrap();
+        with_endpoint_change(&big, at.index(20), EndpointChange::Remove(ip("10.10.0.3"))).unwrap();
     let delta = iptables::endpoint_change(&big, &big_after, &cfg);
     assert!(!delta.contains("-X "));
     assert!(!delta.contains(&format!(":{gone} ")));
@@ -448,11 +460,7 @@ fn nftables_ruleset_is_kube_proxys() {
 #[test]
 fn nftables_partial_sync_writes_only_the_changed_service() {
     let cfg = NodeConfig::default();
-    let measured = BenchService::new("ns", "web", ip("10.96.0.10"))
-        .port(BenchPort::tcp("http", 80, 8080))
-        .endpoints([ip("10.10.0.2"), ip("10.10.0.3")]);
-    let before = arrange(measured, fillers(20, 1), Position::First);
-    let after = with_endpoint_change(&before, 0, EndpointChange::Remove(ip("10.10.0.3"))).unwrap();
+    let (before, after) = web_loses_an_endpoint(Position::First);
     let delta = nftables::endpoint_change(&before, &after, &cfg);
     let base = nftables::service_chain_base("ns", "web", "tcp", "http");
     let gone = nftables::endpoint_chain_base("ns", "web", "tcp", "http", "10.10.0.3:8080");

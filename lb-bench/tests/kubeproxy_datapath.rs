@@ -52,28 +52,15 @@ struct Bed {
 
 fn bed() -> Bed {
     let mut node = Node::new("kp").expect("node");
-    node.add_pod("web-0", WEB_0).expect("web-0");
-    node.add_pod("web-1", WEB_1).expect("web-1");
-    node.add_pod("client", CLIENT).expect("client");
     let servers = vec![
-        Server::hostnames(&node.pod("web-0").ns, "web-0", PORT).expect("server web-0"),
-        Server::hostnames(&node.pod("web-1").ns, "web-1", PORT).expect("server web-1"),
+        node.add_hostnames_pod("web-0", WEB_0, PORT).expect("web-0"),
+        node.add_hostnames_pod("web-1", WEB_1, PORT).expect("web-1"),
     ];
+    node.add_pod("client", CLIENT).expect("client");
     let external = Netns::new(unique_prefix("kpx")).expect("external netns");
     let ns = &node.ns;
-    ns.ip(&[
-        "link",
-        "add",
-        "kpext0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        external.name(),
-    ])
-    .expect("uplink veth");
+    ns.add_veth("kpext0", &external, "eth0")
+        .expect("uplink veth");
     ns.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "kpext0"])
         .unwrap();
     ns.ip(&["link", "set", "kpext0", "up"]).unwrap();
@@ -207,20 +194,18 @@ fn check_datapath(backend: Backend) {
     // After a partial sync that removes web-1, only web-0 answers; after adding it back, both.
     let web = services.iter().position(|s| s.name == "web").unwrap();
     let without = with_endpoint_change(&services, web, EndpointChange::Remove(WEB_1)).unwrap();
-    measure::apply(
-        &bed.node.ns,
-        backend,
-        Arc::new(backend.endpoint_change(&services, &without, &cfg)),
-    )
-    .unwrap();
+    let partial_sync = |from: &[BenchService], to: &[BenchService]| {
+        measure::apply(
+            &bed.node.ns,
+            backend,
+            Arc::new(backend.endpoint_change(from, to, &cfg)),
+        )
+        .unwrap();
+    };
+    partial_sync(&services, &without);
     let answers = ask(client, SocketAddrV4::new(WEB_VIP, 80), 20);
     assert!(answers.iter().all(|(n, _)| n == "web-0"), "{answers:?}");
-    measure::apply(
-        &bed.node.ns,
-        backend,
-        Arc::new(backend.endpoint_change(&without, &services, &cfg)),
-    )
-    .unwrap();
+    partial_sync(&without, &services);
     let answers = ask(client, SocketAddrV4::new(WEB_VIP, 80), 40);
     assert_eq!(names(&answers), both, "{answers:?}");
 }

@@ -199,15 +199,14 @@ mod tests {
     const NOW: u64 = 2 * timeout::TCP_ESTABLISHED;
 
     fn flow(client: [u8; 4], port: u16, l4_proto: u8) -> FlowKey {
-        FlowKey {
-            src_addr: Be32::from(core::net::Ipv4Addr::from(client)),
-            dst_addr: Be32::from(core::net::Ipv4Addr::new(192, 168, 50, 10)),
-            src_port: Be16::from_host(port),
-            dst_port: Be16::from_host(30_080),
-            proto: l4_proto,
-            dir: FORWARD,
-            _pad: [0; 2],
-        }
+        FlowKey::new(
+            Be32::from(core::net::Ipv4Addr::from(client)),
+            Be16::from_host(port),
+            Be32::from(core::net::Ipv4Addr::new(192, 168, 50, 10)),
+            Be16::from_host(30_080),
+            l4_proto,
+            FORWARD,
+        )
     }
 
     /// The reply entry of `owner`'s flow, with `flags`, last written `age_ns` ago.

@@ -287,14 +287,11 @@ fn attach_tcx(
         attach_type,
         TcAttachOptions::TcxOrder(LinkOrder::default()),
     )?;
-    let link = prog.take_link(id)?;
-    let fd_link = FdLink::try_from(link)
-        .map_err(|e| anyhow::anyhow!("tc link is not a BPF link (kernel without tcx?): {e}"))?;
-    // Dropping the handle closes our descriptor; the pin keeps the link.
-    fd_link
-        .pin(path)
-        .with_context(|| format!("cannot pin link at {}", path.display()))?;
-    Ok(())
+    pin_link(
+        prog.take_link(id)?,
+        path,
+        "tc link is not a BPF link (kernel without tcx?)",
+    )
 }
 
 /// Attaches a classic tc filter (clsact qdisc, cls_bpf in direct-action mode) at the fixed
@@ -365,9 +362,21 @@ fn attach_xdp(prog: &mut Xdp, iface: &str, mode: AyaXdpMode, path: &Path) -> Res
         }
     }
     let id = prog.attach(iface, mode)?;
-    let link = prog.take_link(id)?;
-    let fd_link = FdLink::try_from(link)
-        .map_err(|e| anyhow::anyhow!("XDP link is not a BPF link (kernel before 5.9?): {e}"))?;
+    pin_link(
+        prog.take_link(id)?,
+        path,
+        "XDP link is not a BPF link (kernel before 5.9?)",
+    )
+}
+
+/// Pins the link of a new attachment at `path`; `not_bpf_link` says what it means when the
+/// kernel made it no BPF link.
+fn pin_link<L>(link: L, path: &Path, not_bpf_link: &str) -> Result<()>
+where
+    FdLink: TryFrom<L, Error: std::fmt::Display>,
+{
+    let fd_link = FdLink::try_from(link).map_err(|e| anyhow::anyhow!("{not_bpf_link}: {e}"))?;
+    // Dropping the handle closes our descriptor; the pin keeps the link.
     fd_link
         .pin(path)
         .with_context(|| format!("cannot pin link at {}", path.display()))?;

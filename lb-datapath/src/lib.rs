@@ -11,6 +11,8 @@
 //!   over the planner and writer with which tests and benchmarks program services the same way.
 //! - [`predict`]: what the datapath does with a packet, from the live maps and the same rules
 //!   (`lb_common`) the programs use.
+//! - `testing` (feature `test-helpers`): the programs run on crafted frames, for the packet tests
+//!   here and in `lbctl`.
 //!
 //! Depends on `lb-common` and aya only: no Kubernetes, HTTP or metrics crates. `lb-agent`,
 //! `lbctl`, the tests and the benchmarks build on it.
@@ -28,6 +30,8 @@ pub mod predict;
 pub mod program;
 mod sys;
 pub mod tc_record;
+#[cfg(feature = "test-helpers")]
+pub mod testing;
 pub mod uplink;
 pub mod writer;
 

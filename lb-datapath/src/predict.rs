@@ -124,27 +124,27 @@ pub enum Forward {
     },
     /// The reply of a source-NATed flow, addressed to the node's SNAT address and port: the
     /// source becomes the frontend, the destination the client, and the node routes it.
-    SnatReply {
-        frontend: SocketAddrV4,
-        client: SocketAddrV4,
-        set_id: u32,
-        backend_id: u32,
-        /// The flow's reply conntrack entry.
-        entry: CtEntry,
-    },
+    SnatReply(NatReply),
     /// The reply of a hairpin flow (a pod balanced to itself), addressed to the hairpin
     /// address: the source becomes the frontend, the destination the pod's own client side, and
     /// it goes straight back into the pod.
-    HairpinReply {
-        frontend: SocketAddrV4,
-        client: SocketAddrV4,
-        set_id: u32,
-        backend_id: u32,
-        /// The flow's reply conntrack entry.
-        entry: CtEntry,
-    },
+    HairpinReply(NatReply),
     /// The service names a table or backend that is missing: dropped.
     Inconsistent { frontend: Frontend, detail: String },
+}
+
+/// How the forward path translates the reply of a source-NATed or hairpin flow, from the
+/// flow's live reply conntrack entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatReply {
+    /// The source the reply gets back.
+    pub frontend: SocketAddrV4,
+    /// The destination it gets: the flow's client.
+    pub client: SocketAddrV4,
+    pub set_id: u32,
+    pub backend_id: u32,
+    /// The flow's reply conntrack entry.
+    pub entry: CtEntry,
 }
 
 /// The source NAT of a new flow.
@@ -351,23 +351,25 @@ fn snat_reply(maps: &Maps, key: &FlowKey, now: u64) -> Result<Option<Forward>, M
     if !snat::is_reply_to(&node_config(maps)?, key.dst_addr, key.dst_port) {
         return Ok(None);
     }
-    Ok(match ct_entry(maps, &key.with_dir(REPLY))? {
-        Some(entry) if entry.routed() && entry.live(now) => Some(Forward::SnatReply {
-            frontend: socket(entry.nat_addr, entry.nat_port),
-            client: socket(entry.snat_addr, entry.snat_port),
-            set_id: entry.set_id,
-            backend_id: entry.backend_id,
-            entry,
-        }),
-        _ => None,
-    })
+    Ok(nat_reply(maps, key, now, CtEntry::routed)?.map(Forward::SnatReply))
 }
 
 /// A packet `key` (forward direction) to the hairpin address: the reply of a hairpin flow when a
 /// live hairpin reply entry holds it (`hairpin::reply` in the datapath).
 fn hairpin_reply(maps: &Maps, key: &FlowKey, now: u64) -> Result<Option<Forward>, MapsError> {
+    Ok(nat_reply(maps, key, now, CtEntry::hairpin)?.map(Forward::HairpinReply))
+}
+
+/// The translation of the reply `key` (forward direction) when its live reply entry is of the
+/// `kind` of flow (source-NATed, hairpin) the caller looks for.
+fn nat_reply(
+    maps: &Maps,
+    key: &FlowKey,
+    now: u64,
+    kind: fn(&CtEntry) -> bool,
+) -> Result<Option<NatReply>, MapsError> {
     Ok(match ct_entry(maps, &key.with_dir(REPLY))? {
-        Some(entry) if entry.hairpin() && entry.live(now) => Some(Forward::HairpinReply {
+        Some(entry) if kind(&entry) && entry.live(now) => Some(NatReply {
             frontend: socket(entry.nat_addr, entry.nat_port),
             client: socket(entry.snat_addr, entry.snat_port),
             set_id: entry.set_id,

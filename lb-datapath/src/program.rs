@@ -70,6 +70,17 @@ pub struct BackendSpec {
     pub weight: u32,
 }
 
+impl BackendSpec {
+    /// A backend on this node that takes new flows.
+    pub const fn local(addr: SocketAddrV4) -> Self {
+        Self {
+            addr,
+            local: true,
+            weight: 1,
+        }
+    }
+}
+
 /// A service: one backend set and every frontend that uses it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceSpec {

@@ -1,4 +1,5 @@
-//! The BPF syscalls aya does not wrap for us: deleting an array-of-maps slot, and batch updates.
+//! The BPF syscalls aya does not wrap for us: deleting an array-of-maps slot, batch updates and
+//! batch lookups.
 
 use std::{
     io,
@@ -21,21 +22,33 @@ struct MapElemAttr {
 
 /// `BPF_MAP_DELETE_ELEM` on `map` for `key`.
 pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
-    let attr = MapElemAttr {
+    let mut attr = MapElemAttr {
         map_fd: map.as_raw_fd() as u32,
         _pad: 0,
         key: std::ptr::from_ref(key) as u64,
         value: 0,
         flags: 0,
     };
-    // SAFETY: the attribute points at a live key; the kernel reads only `size_of::<MapElemAttr>()`
-    // bytes of it.
+    // SAFETY: the attribute points at a live key.
+    unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) }
+}
+
+/// The `bpf(2)` syscall `cmd` with `attr`; the kernel reads (and for some commands writes back)
+/// only `size_of::<A>()` bytes of it.
+///
+/// # Safety
+///
+/// `attr` is the `union bpf_attr` layout of `cmd`, and every pointer in it is valid for what
+/// `cmd` reads or writes through it.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    // SAFETY: `attr` is a live, exclusively borrowed attribute of `size_of::<A>()` bytes; the
+    // caller vouches for the pointers inside it.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
-            &attr as *const MapElemAttr,
-            size_of::<MapElemAttr>() as libc::c_uint,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<A>() as libc::c_uint,
         )
     };
     if ret < 0 {
@@ -58,34 +71,73 @@ struct BatchAttr {
     flags: u64,
 }
 
+impl BatchAttr {
+    /// `count` entries of `map` in the arrays at `keys` and `values`, no batch tokens.
+    fn new(map: BorrowedFd<'_>, keys: *const u8, values: *const u8, count: usize) -> Self {
+        Self {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys as u64,
+            values: values as u64,
+            count: count as u32,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        }
+    }
+}
+
 /// `BPF_MAP_UPDATE_BATCH`: writes `keys[i] -> values[i]` in one call. Returns how many were
 /// written (all of them on success).
 pub fn map_update_batch<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::Result<usize> {
     assert_eq!(keys.len(), values.len());
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: map.as_raw_fd() as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
+    let mut attr = BatchAttr::new(
+        map,
+        keys.as_ptr().cast(),
+        values.as_ptr().cast(),
+        keys.len(),
+    );
     // SAFETY: keys and values are live arrays of `count` elements; the kernel writes back only
     // `count` in the attribute.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            size_of::<BatchAttr>() as libc::c_uint,
-        )
+    unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
+    Ok(attr.count as usize)
+}
+
+/// What one `BPF_MAP_LOOKUP_BATCH` call did.
+struct Lookup {
+    /// Entries read, also when the call failed (with ENOENT: the last, partial batch).
+    read: usize,
+    /// The token to continue from.
+    next: u32,
+    result: io::Result<()>,
+}
+
+/// One `BPF_MAP_LOOKUP_BATCH` call: up to `count` entries of `map` into `keys` and `values`,
+/// from `token` (from the start when `None`). Array and hash maps both take u32 tokens (an index,
+/// a bucket).
+///
+/// # Safety
+///
+/// `keys` and `values` have room for `count` of the map's keys and values.
+unsafe fn lookup_batch(
+    map: BorrowedFd<'_>,
+    token: Option<u32>,
+    keys: *mut u8,
+    values: *mut u8,
+    count: usize,
+) -> Lookup {
+    let mut next: u32 = 0;
+    let mut attr = BatchAttr {
+        in_batch: token.as_ref().map_or(0, |t| std::ptr::from_ref(t) as u64),
+        out_batch: std::ptr::from_mut(&mut next) as u64,
+        ..BatchAttr::new(map, keys, values, count)
     };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(attr.count as usize)
+    // SAFETY: the caller vouches for keys and values; the tokens are live u32s.
+    let result = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+    Lookup {
+        read: attr.count as usize,
+        next,
+        result,
     }
 }
 
@@ -96,50 +148,29 @@ pub fn array_lookup_all<V: Copy + Default>(map: BorrowedFd<'_>, len: usize) -> i
     let mut values: Vec<V> = vec![V::default(); len];
     let mut keys: Vec<u32> = vec![0; CHUNK];
     let mut read = 0usize;
-    let mut token: u32 = 0;
-    let mut first = true;
+    let mut token = None;
     while read < len {
         let want = CHUNK.min(len - read);
-        let mut next: u32 = 0;
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                std::ptr::from_ref(&token) as u64
-            },
-            out_batch: std::ptr::from_mut(&mut next) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values[read..].as_mut_ptr() as u64,
-            count: want as u32,
-            map_fd: map.as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: keys and values have room for `count` elements; the tokens are u32 as array
-        // maps use.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as libc::c_uint,
+        // SAFETY: keys has room for CHUNK >= want keys, values for `len - read` >= want values.
+        let batch = unsafe {
+            lookup_batch(
+                map,
+                token,
+                keys.as_mut_ptr().cast(),
+                values[read..].as_mut_ptr().cast(),
+                want,
             )
         };
-        let done = if ret < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ENOENT) {
-                return Err(err);
-            }
-            true
-        } else {
-            false
+        let done = match batch.result {
+            Err(err) if err.raw_os_error() != Some(libc::ENOENT) => return Err(err),
+            Err(_) => true,
+            Ok(()) => false,
         };
-        read += attr.count as usize;
-        if done || attr.count == 0 {
+        read += batch.read;
+        if done || batch.read == 0 {
             break;
         }
-        token = next;
-        first = false;
+        token = Some(batch.next);
     }
     values.truncate(read);
     Ok(values)
@@ -152,38 +183,14 @@ pub fn hash_count(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io
     let mut keys = vec![0u8; chunk * key_size];
     let mut values = vec![0u8; chunk * value_size];
     let mut total = 0usize;
-    // Hash maps' batch token is a bucket index.
-    let mut token: u32 = 0;
-    let mut first = true;
+    let mut token = None;
     loop {
-        let mut next: u32 = 0;
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                std::ptr::from_ref(&token) as u64
-            },
-            out_batch: std::ptr::from_mut(&mut next) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk as u32,
-            map_fd: map.as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: keys and values have room for `count` entries of the map's key and value sizes.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as libc::c_uint,
-            )
-        };
-        if ret < 0 {
-            let err = io::Error::last_os_error();
+        // SAFETY: keys and values have room for `chunk` entries of the map's key and value sizes.
+        let batch =
+            unsafe { lookup_batch(map, token, keys.as_mut_ptr(), values.as_mut_ptr(), chunk) };
+        if let Err(err) = batch.result {
             match err.raw_os_error() {
-                Some(libc::ENOENT) => return Ok(total + attr.count as usize),
+                Some(libc::ENOENT) => return Ok(total + batch.read),
                 // One bucket holds more entries than fit: retry the same bucket with more room.
                 Some(libc::ENOSPC) if chunk < 1 << 20 => {
                     chunk *= 2;
@@ -194,8 +201,7 @@ pub fn hash_count(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io
                 _ => return Err(err),
             }
         }
-        total += attr.count as usize;
-        token = next;
-        first = false;
+        total += batch.read;
+        token = Some(batch.next);
     }
 }

@@ -3,13 +3,14 @@
 
 use std::{collections::BTreeSet, net::SocketAddrV4, thread};
 
-use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
+use aya::{
+    Pod,
+    maps::{HashMap, MapData, MapError, PerCpuValues, lpm_trie::Key},
+};
 use lb_common::{
     Be32,
     conntrack::{CtEntry, FlowKey, REPLY},
-    maps::{
-        self as names, AddrInfo, AffinityKey, Backend, Frontend, FrontendKey, SetStats, SourceRange,
-    },
+    maps::{self as names, Backend, SetStats, SourceRange},
     net::proto,
 };
 
@@ -69,7 +70,7 @@ fn install_tables(maps: &mut Maps, writes: &[TableWrite]) -> Result<(), WriteErr
     let workers = thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(writes.len());
-    let built: Vec<Result<(u32, aya::maps::MapData), WriteError>> = thread::scope(|scope| {
+    let built: Vec<Result<(u32, MapData), WriteError>> = thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|worker| {
                 scope.spawn(move || {
@@ -116,14 +117,12 @@ fn install_tables(maps: &mut Maps, writes: &[TableWrite]) -> Result<(), WriteErr
 /// Writes `plan`. On error the maps may hold part of it: the caller re-reads them before planning
 /// again.
 pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
-    let (ids, values): (Vec<u32>, Vec<Backend>) = plan.backends.iter().copied().unzip();
-    if !maps.update_batch(names::LB_BACKENDS, &ids, &values)? {
-        for (id, value) in &plan.backends {
-            maps.backends
-                .set(*id, value, 0)
-                .map_err(write_err(names::LB_BACKENDS))?;
-        }
-    }
+    write_entries(
+        maps,
+        names::LB_BACKENDS,
+        &plan.backends,
+        |maps, id, value| maps.backends.set(*id, value, 0),
+    )?;
     for (range_id, net) in &plan.ranges_added {
         maps.src_ranges
             .insert(&range_key(*range_id, net), 1, 0)
@@ -147,27 +146,20 @@ pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
                 .map_err(write_err(names::LB_SVC_STATS))?;
         }
     }
-    let (keys, values): (Vec<FrontendKey>, Vec<Frontend>) = plan.frontends.iter().copied().unzip();
-    if !maps.update_batch(names::LB_SERVICES, &keys, &values)? {
-        for (key, value) in &plan.frontends {
-            maps.services
-                .insert(key, value, 0)
-                .map_err(write_err(names::LB_SERVICES))?;
-        }
-    }
+    write_entries(
+        maps,
+        names::LB_SERVICES,
+        &plan.frontends,
+        |maps, key, value| maps.services.insert(key, value, 0),
+    )?;
     if let Some(config) = &plan.config {
         maps.config
             .set(0, config, 0)
             .map_err(write_err(names::LB_CONFIG))?;
     }
-    let (keys, values): (Vec<Be32>, Vec<AddrInfo>) = plan.addrs.iter().copied().unzip();
-    if !maps.update_batch(names::LB_ADDRS, &keys, &values)? {
-        for (addr, info) in &plan.addrs {
-            maps.addrs
-                .insert(addr, info, 0)
-                .map_err(write_err(names::LB_ADDRS))?;
-        }
-    }
+    write_entries(maps, names::LB_ADDRS, &plan.addrs, |maps, addr, info| {
+        maps.addrs.insert(addr, info, 0)
+    })?;
     for addr in &plan.addrs_removed {
         absent_ok(maps.addrs.remove(addr)).map_err(write_err(names::LB_ADDRS))?;
     }
@@ -191,23 +183,31 @@ pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
     Ok(())
 }
 
-/// Forgets session affinity to backends that left a set: the next connection is balanced anew.
-fn purge_affinity(maps: &mut Maps, pairs: &[(u32, u32)]) -> Result<(), WriteError> {
-    if pairs.is_empty() {
-        return Ok(());
-    }
-    let pairs: BTreeSet<(u32, u32)> = pairs.iter().copied().collect();
-    let stale: Vec<AffinityKey> = maps
-        .affinity
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(key, entry)| pairs.contains(&(key.set_id, entry.backend_id)))
-        .map(|(key, _)| key)
-        .collect();
-    for key in stale {
-        absent_ok(maps.affinity.remove(&key)).map_err(write_err(names::LB_AFFINITY))?;
+/// Writes `entries` into the bulk-written map `name` with one syscall where the kernel can, else
+/// one at a time with `write_one`.
+fn write_entries<K: Pod, V: Pod>(
+    maps: &mut Maps,
+    name: &'static str,
+    entries: &[(K, V)],
+    write_one: impl Fn(&mut Maps, &K, &V) -> Result<(), MapError>,
+) -> Result<(), WriteError> {
+    let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+    if !maps.update_batch(name, &keys, &values)? {
+        for (key, value) in entries {
+            write_one(maps, key, value).map_err(write_err(name))?;
+        }
     }
     Ok(())
+}
+
+/// Forgets session affinity to backends that left a set: the next connection is balanced anew.
+fn purge_affinity(maps: &mut Maps, pairs: &[(u32, u32)]) -> Result<(), WriteError> {
+    remove_to_backends(
+        &mut maps.affinity,
+        names::LB_AFFINITY,
+        pairs,
+        |key, entry| Some((key.set_id, entry.backend_id)),
+    )
 }
 
 /// As kube-proxy flushes UDP conntrack of endpoints that stopped serving: UDP flows to such a
@@ -215,32 +215,45 @@ fn purge_affinity(maps: &mut Maps, pairs: &[(u32, u32)]) -> Result<(), WriteErro
 /// backend's address (a forward entry's NAT address, a reply entry's source), not its slot,
 /// which another backend may have taken in the same plan.
 fn purge_udp_flows(maps: &mut Maps, pairs: &[(u32, SocketAddrV4)]) -> Result<(), WriteError> {
+    remove_to_backends(
+        &mut maps.ct,
+        names::LB_CT,
+        pairs,
+        |key: &FlowKey, entry: &CtEntry| {
+            let backend = if key.dir == REPLY {
+                SocketAddrV4::new(key.src_addr.to_ip(), key.src_port.to_host())
+            } else {
+                SocketAddrV4::new(entry.nat_addr.to_ip(), entry.nat_port.to_host())
+            };
+            (key.proto == proto::UDP).then_some((entry.set_id, backend))
+        },
+    )
+}
+
+/// Removes the entries of `map` (LB map `name`) that lead to one of `pairs` (set id, and the
+/// backend's id or address), as `pair_of` reads an entry's (`None`: an entry of no concern). An
+/// entry gone meanwhile (LRU eviction, expiry) is no error.
+fn remove_to_backends<K: Pod, V: Pod, P: Ord + Copy>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    pairs: &[P],
+    pair_of: impl Fn(&K, &V) -> Option<P>,
+) -> Result<(), WriteError> {
     if pairs.is_empty() {
         return Ok(());
     }
-    let pairs: BTreeSet<(u32, SocketAddrV4)> = pairs.iter().copied().collect();
-    let backend_of = |key: &FlowKey, entry: &CtEntry| {
-        if key.dir == REPLY {
-            SocketAddrV4::new(key.src_addr.to_ip(), key.src_port.to_host())
-        } else {
-            SocketAddrV4::new(entry.nat_addr.to_ip(), entry.nat_port.to_host())
-        }
-    };
-    let stale: Vec<FlowKey> = maps
-        .ct
+    let pairs: BTreeSet<P> = pairs.iter().copied().collect();
+    let stale: Vec<K> = map
         .iter()
         .filter_map(Result::ok)
-        .filter(|(key, entry)| {
-            key.proto == proto::UDP && pairs.contains(&(entry.set_id, backend_of(key, entry)))
-        })
+        .filter(|(key, entry)| pair_of(key, entry).is_some_and(|pair| pairs.contains(&pair)))
         .map(|(key, _)| key)
         .collect();
     for key in stale {
-        absent_ok(maps.ct.remove(&key)).map_err(write_err(names::LB_CT))?;
+        absent_ok(map.remove(&key)).map_err(write_err(name))?;
     }
     Ok(())
 }
-
 /// The address of a backend id as programmed, for logs.
 pub fn describe_backend(value: &Backend) -> SocketAddrV4 {
     SocketAddrV4::new(value.addr.to_ip(), value.port.to_host())

@@ -16,8 +16,8 @@ use std::{collections::BTreeMap, net::SocketAddrV4};
 use common::{
     expected::{expected_port_unreachable, expected_rst},
     harness::{
-        Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, socket, tc, vip, with_external_scope,
-        xdp,
+        Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, socket, tc, vip, web_flow,
+        with_external_scope, xdp,
     },
     packet::{Packet, assert_frame_eq, flags},
 };
@@ -70,11 +70,9 @@ fn new_flows_spread_over_every_backend_exactly_as_predicted() {
 
 #[test]
 fn replies_are_reverse_nated_to_the_frontend() {
-    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
-    let Some(mut h) = setup(&svc) else { return };
-    let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
-    let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
-    h.run(Hook::FromPod, &syn.bytes());
+    let Some((mut h, svc, syn, backend)) = web_flow() else {
+        return;
+    };
 
     let reply = syn
         .clone()
@@ -209,19 +207,24 @@ fn the_xdp_entry_point_balances_and_rejects_like_tc() {
         "XDP UDP checksum",
     );
 
-    let refused = Packet::tcp(client, vip(443), flags::SYN, &[]);
-    let run = h.run(Hook::Xdp, &refused.bytes());
-    assert_eq!(run.verdict, xdp::TX);
-    assert_frame_eq(&run.out, &expected_rst(&refused, 0, Some(1001)), "XDP RST");
-
-    let refused = Packet::udp(client, vip(5000), b"nobody home");
-    let run = h.run(Hook::Xdp, &refused.bytes());
-    assert_eq!(run.verdict, xdp::TX);
-    assert_frame_eq(
-        &run.out,
-        &expected_port_unreachable(&refused),
-        "XDP port unreachable",
-    );
+    let refused_tcp = Packet::tcp(client, vip(443), flags::SYN, &[]);
+    let refused_udp = Packet::udp(client, vip(5000), b"nobody home");
+    for (refused, reject, what) in [
+        (
+            &refused_tcp,
+            expected_rst(&refused_tcp, 0, Some(1001)),
+            "XDP RST",
+        ),
+        (
+            &refused_udp,
+            expected_port_unreachable(&refused_udp),
+            "XDP port unreachable",
+        ),
+    ] {
+        let run = h.run(Hook::Xdp, &refused.bytes());
+        assert_eq!(run.verdict, xdp::TX, "{what}");
+        assert_frame_eq(&run.out, &reject, what);
+    }
     // The two datagrams share a 5-tuple: the second one is the same flow.
     assert_eq!(
         h.verdicts(),

@@ -12,17 +12,20 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use common::{
-    harness::{Harness, Hook, TCP, UDP, socket, tc, xdp},
+    harness::{Harness, Hook, TCP, UDP, harness, socket, tc, xdp},
     packet::{Packet, assert_frame_eq, flags},
 };
 use lb_common::{
-    Be16, Be32,
+    Be32,
     conntrack::{FORWARD, FlowKey, REPLY, ct_flags},
     hash::flow_hash,
     maps::{scope, snat},
     stats::Reason,
 };
-use lb_datapath::program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec};
+use lb_datapath::{
+    predict::flow_key,
+    program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec},
+};
 use lb_testbed::{Netns, netns::unique_prefix};
 
 /// This node's address on its uplink (the SNAT address), and the NodePort.
@@ -91,7 +94,7 @@ fn in_routed_namespace(test: impl FnOnce(&mut Harness) + Send + 'static) {
     }
     let ns = routed_namespace();
     ns.enter(move || {
-        let mut h = Harness::new().expect("privileged");
+        let mut h = harness().expect("privileged");
         test(&mut h);
     })
     .unwrap();
@@ -126,28 +129,17 @@ fn node_port_service(name: &str, l4_proto: u8, backends: &[(SocketAddrV4, bool)]
 }
 
 fn forward_key(client: SocketAddrV4, l4_proto: u8) -> FlowKey {
-    FlowKey {
-        src_addr: Be32::from(*client.ip()),
-        dst_addr: Be32::from(NODE),
-        src_port: Be16::from_host(client.port()),
-        dst_port: Be16::from_host(NODE_PORT),
-        proto: l4_proto,
-        dir: FORWARD,
-        _pad: [0; 2],
-    }
+    flow_key(
+        client,
+        SocketAddrV4::new(NODE, NODE_PORT),
+        l4_proto,
+        FORWARD,
+    )
 }
 
 /// The key of the reply entry of a flow to `REMOTE_POD` source-NATed to this node's `port`.
 fn remote_reply_key(port: u16) -> FlowKey {
-    FlowKey {
-        src_addr: Be32::from(*REMOTE_POD.ip()),
-        dst_addr: Be32::from(NODE),
-        src_port: Be16::from_host(REMOTE_POD.port()),
-        dst_port: Be16::from_host(port),
-        proto: TCP,
-        dir: REPLY,
-        _pad: [0; 2],
-    }
+    flow_key(REMOTE_POD, SocketAddrV4::new(NODE, port), TCP, REPLY)
 }
 
 /// A segment from `REMOTE_POD` to this node's SNAT `port`, as the other node sends it.

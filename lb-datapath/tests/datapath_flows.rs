@@ -9,35 +9,25 @@ mod common;
 use std::net::SocketAddrV4;
 
 use common::{
-    harness::{Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, tc, vip},
+    harness::{Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, tc, vip, web_flow},
     packet::{Packet, assert_frame_eq, flags},
 };
 use lb_common::{
-    Be16, Be32,
+    Be32,
     conntrack::{FORWARD, FlowKey, ct_flags, timeout},
     stats::Reason,
 };
-use lb_datapath::program::BackendSpec;
+use lb_datapath::{predict::flow_key, program::BackendSpec};
 
 fn forward_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
-    FlowKey {
-        src_addr: Be32::from(*src.ip()),
-        dst_addr: Be32::from(*dst.ip()),
-        src_port: Be16::from_host(src.port()),
-        dst_port: Be16::from_host(dst.port()),
-        proto,
-        dir: FORWARD,
-        _pad: [0; 2],
-    }
+    flow_key(src, dst, proto, FORWARD)
 }
 
 #[test]
 fn an_established_flow_keeps_its_backend_when_the_table_changes() {
-    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
-    let Some(mut h) = setup(&svc) else { return };
-    let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
-    let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
-    h.run(Hook::FromPod, &syn.bytes());
+    let Some((mut h, svc, _, backend)) = web_flow() else {
+        return;
+    };
 
     // The flow's backend leaves the table (weight 0) but keeps existing: new flows avoid it,
     // the established flow stays on it.
@@ -89,11 +79,9 @@ fn an_established_flow_keeps_its_backend_when_the_table_changes() {
 /// backends map holds another backend.
 #[test]
 fn an_established_flow_keeps_its_backend_after_it_left_and_its_slot_was_reused() {
-    let svc = cluster_ip("web", 80, TCP, &BACKENDS);
-    let Some(mut h) = setup(&svc) else { return };
-    let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
-    let backend = h.expected_backend(&svc, CLIENT, vip(80), TCP);
-    h.run(Hook::FromPod, &syn.bytes());
+    let Some((mut h, svc, _, backend)) = web_flow() else {
+        return;
+    };
     let slot = h.services.backend_id(backend).unwrap();
 
     // The backend leaves; a new one comes, and the planner gives it the freed slot.
@@ -106,11 +94,7 @@ fn an_established_flow_keeps_its_backend_after_it_left_and_its_slot_was_reused()
     replaced.backends.remove(gone);
     h.program(&replaced);
     let newcomer = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 3, 9), 8080);
-    replaced.backends.push(BackendSpec {
-        addr: newcomer,
-        local: true,
-        weight: 1,
-    });
+    replaced.backends.push(BackendSpec::local(newcomer));
     h.program(&replaced);
     assert_eq!(
         h.services.backend_id(newcomer),

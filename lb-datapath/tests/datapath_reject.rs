@@ -15,21 +15,22 @@ use common::{
 fn a_service_without_backends_rejects_tcp_with_a_reset() {
     let svc = cluster_ip("empty", 80, TCP, &[]);
     let Some(mut h) = setup(&svc) else { return };
-    // A SYN with data: the RST acknowledges the SYN and every data byte.
     let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, b"early data");
-    let run = h.run(Hook::FromPod, &syn.bytes());
-    assert_eq!(run.verdict, tc::REDIRECT);
-    assert_frame_eq(
-        &run.out,
-        &expected_rst(&syn, 0, Some(1000 + 1 + 10)),
-        "RST for a SYN",
-    );
-
-    // A segment with ACK: the RST takes its sequence number from that ACK.
     let ack = Packet::tcp(CLIENT, vip(80), flags::ACK, &[]);
-    let run = h.run(Hook::FromPod, &ack.bytes());
-    assert_eq!(run.verdict, tc::REDIRECT);
-    assert_frame_eq(&run.out, &expected_rst(&ack, 5000, None), "RST for an ACK");
+    for (segment, rst, what) in [
+        // A SYN with data: the RST acknowledges the SYN and every data byte.
+        (
+            &syn,
+            expected_rst(&syn, 0, Some(1000 + 1 + 10)),
+            "RST for a SYN",
+        ),
+        // A segment with ACK: the RST takes its sequence number from that ACK.
+        (&ack, expected_rst(&ack, 5000, None), "RST for an ACK"),
+    ] {
+        let run = h.run(Hook::FromPod, &segment.bytes());
+        assert_eq!(run.verdict, tc::REDIRECT, "{what}");
+        assert_frame_eq(&run.out, &rst, what);
+    }
 
     // Never a reset in answer to a reset.
     let rst = Packet::tcp(CLIENT, vip(80), flags::RST, &[]);
@@ -61,27 +62,25 @@ fn a_cluster_ip_rejects_ports_and_protocols_it_does_not_serve() {
     let svc = cluster_ip("web", 80, TCP, &BACKENDS);
     let Some(mut h) = setup(&svc) else { return };
     let wrong_port = Packet::tcp(CLIENT, vip(81), flags::SYN, &[]);
-    let run = h.run(Hook::FromPod, &wrong_port.bytes());
-    assert_eq!(run.verdict, tc::REDIRECT);
-    assert_frame_eq(
-        &run.out,
-        &expected_rst(&wrong_port, 0, Some(1001)),
-        "RST for an unknown port",
-    );
-
     let wrong_proto = Packet::udp(CLIENT, vip(80), b"udp to a tcp-only port");
-    let run = h.run(Hook::FromPod, &wrong_proto.bytes());
-    assert_eq!(run.verdict, tc::REDIRECT);
-    assert_frame_eq(
-        &run.out,
-        &expected_port_unreachable(&wrong_proto),
-        "ICMP for an unknown protocol",
-    );
-
     let gre = Packet::other(*CLIENT.ip(), VIP, 47, b"gre payload");
-    let run = h.run(Hook::FromPod, &gre.bytes());
-    assert_eq!(run.verdict, tc::REDIRECT);
-    assert_frame_eq(&run.out, &expected_port_unreachable(&gre), "ICMP for GRE");
+    for (refused, reject, what) in [
+        (
+            &wrong_port,
+            expected_rst(&wrong_port, 0, Some(1001)),
+            "RST for an unknown port",
+        ),
+        (
+            &wrong_proto,
+            expected_port_unreachable(&wrong_proto),
+            "ICMP for an unknown protocol",
+        ),
+        (&gre, expected_port_unreachable(&gre), "ICMP for GRE"),
+    ] {
+        let run = h.run(Hook::FromPod, &refused.bytes());
+        assert_eq!(run.verdict, tc::REDIRECT, "{what}");
+        assert_frame_eq(&run.out, &reject, what);
+    }
     assert_eq!(h.verdicts(), counts(&[("reject_unknown_port", 3)]));
 }
 

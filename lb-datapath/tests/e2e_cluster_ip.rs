@@ -49,14 +49,14 @@ fn bed() -> Option<Bed> {
     }
     let mut node = Node::new("node").expect("node");
     node.add_pod("client", CLIENT_IP).expect("client pod");
-    let mut servers = Vec::new();
-    for i in 0..3u8 {
-        let name = format!("backend-{i}");
-        let index = node
-            .add_pod(&name, Ipv4Addr::new(10, 0, 1, 10 + i))
-            .expect("backend pod");
-        servers.push(Server::hostnames(&node.pods[index].ns, &name, 8080).expect("server"));
-    }
+    let servers = backend_ips()
+        .into_iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            node.add_hostnames_pod(&format!("backend-{i}"), ip, 8080)
+                .expect("backend pod")
+        })
+        .collect();
     let ifaces: Vec<String> = node.pods.iter().map(|p| p.host_iface.clone()).collect();
     let (datapath, maps) = node
         .ns

@@ -486,32 +486,32 @@ impl Bed {
 
 /// The two Services over the three `hostnames` pods (at `pod_ips`, in [`HOSTNAMES`] order).
 fn services(cluster: &Cluster, pod_ips: &[Ipv4Addr]) -> String {
-    let slice = |service: &str| {
-        HOSTNAMES
-            .iter()
-            .zip(pod_ips)
-            .fold(
-                EndpointSliceManifest::new(service).port("http", POD_PORT, Protocol::Tcp),
-                |slice, ((_, node), ip)| {
-                    slice.endpoint(Endpoint::ready(*ip, cluster.node_name(*node)))
-                },
-            )
-            .yaml()
+    // The two differ only in name, addresses and traffic policy: a NodePort Service and its
+    // EndpointSlice over every pod.
+    let service = |name: &str, cluster_ip, node_port, policy| {
+        let slice = HOSTNAMES.iter().zip(pod_ips).fold(
+            EndpointSliceManifest::new(name).port("http", POD_PORT, Protocol::Tcp),
+            |slice, ((_, node), ip)| slice.endpoint(Endpoint::ready(*ip, cluster.node_name(*node))),
+        );
+        [
+            ServiceManifest::new(name, cluster_ip)
+                .service_type(ServiceType::NodePort)
+                .port(ServicePort::tcp("http", SERVICE_PORT, POD_PORT).node_port(node_port))
+                .external_traffic_policy(policy)
+                .yaml(),
+            slice.yaml(),
+        ]
     };
-    documents([
-        ServiceManifest::new("hostnames", CLUSTER_IP)
-            .service_type(ServiceType::NodePort)
-            .port(ServicePort::tcp("http", SERVICE_PORT, POD_PORT).node_port(NODE_PORT))
-            .external_traffic_policy(TrafficPolicy::Cluster)
-            .yaml(),
-        slice("hostnames"),
-        ServiceManifest::new("hostnames-local", LOCAL_CLUSTER_IP)
-            .service_type(ServiceType::NodePort)
-            .port(ServicePort::tcp("http", SERVICE_PORT, POD_PORT).node_port(LOCAL_NODE_PORT))
-            .external_traffic_policy(TrafficPolicy::Local)
-            .yaml(),
-        slice("hostnames-local"),
-    ])
+    documents(
+        service("hostnames", CLUSTER_IP, NODE_PORT, TrafficPolicy::Cluster)
+            .into_iter()
+            .chain(service(
+                "hostnames-local",
+                LOCAL_CLUSTER_IP,
+                LOCAL_NODE_PORT,
+                TrafficPolicy::Local,
+            )),
+    )
 }
 
 /// A `hostnames` answer: the pod that answered and the client address it saw.

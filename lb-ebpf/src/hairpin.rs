@@ -6,19 +6,15 @@
 //! way with the frontend restored. Bouncing instead of routing keeps the node's reverse-path
 //! filter out of it (the hairpin address has no route).
 
-use lb_common::{
-    conntrack::{CtEntry, REPLY},
-    stats::Reason,
-};
+use lb_common::conntrack::{CtEntry, REPLY};
 
 use crate::{
     ct,
     frame::{Action, Frame, ptr_at},
     hdr::EthHdr,
     maps::LB_CT,
-    nat::{self, End},
     parse::{self, Ipv4, L4},
-    stats,
+    snat,
 };
 
 /// Sends a translated hairpin packet back into the interface it came from, addressed to the pod.
@@ -46,14 +42,8 @@ pub fn reply<F: Frame>(frame: &mut F, ip: &Ipv4, l4: &L4, len: u32) -> Option<Ac
     if !e.hairpin() || !e.live(now) {
         return None;
     }
-    ct::touch(entry, ip.proto, l4.tcp_flags, now);
-    let rewritten = nat::rewrite(frame, End::Source, Some(l4), e.nat_addr, e.nat_port).is_ok()
-        && nat::rewrite(frame, End::Destination, Some(l4), e.snat_addr, e.snat_port).is_ok();
-    if !rewritten {
-        stats::verdict(Reason::DropMalformed, len);
-        return Some(Action::Drop);
+    if let Err(drop) = snat::translate_reply(frame, entry, &e, ip, l4, len, now) {
+        return Some(drop);
     }
-    stats::set(e.set_id, len, false);
-    stats::verdict(Reason::ReplyNat, len);
     Some(bounce(frame))
 }

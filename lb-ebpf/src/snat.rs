@@ -4,7 +4,7 @@
 
 use lb_common::{
     Be16,
-    conntrack::{FlowKey, REPLY},
+    conntrack::{CtEntry, FlowKey, REPLY},
     maps::{Backend, NodeConfig},
     snat,
     stats::Reason,
@@ -59,14 +59,35 @@ pub fn reply<F: Frame>(frame: &mut F, ip: &Ipv4, l4: &L4, len: u32) -> Option<Ac
         Ok(route) => route,
         Err(action) => return Some(action),
     };
+    if let Err(drop) = translate_reply(frame, entry, &e, ip, l4, len, now) {
+        return Some(drop);
+    }
+    Some(fib::send(frame, route, len))
+}
+
+/// The reply of a source-NATed flow (to the node's SNAT address, or a hairpin flow's to the
+/// hairpin address) whose live reply entry `entry` (copied in `e`) was found: records the
+/// packet in it, gives the packet its frontend as source and the flow's client as destination,
+/// and counts it. The caller then sends it on; `Err` is the drop of a packet whose headers
+/// could not be rewritten.
+#[inline(always)]
+pub fn translate_reply<F: Frame>(
+    frame: &mut F,
+    entry: *mut CtEntry,
+    e: &CtEntry,
+    ip: &Ipv4,
+    l4: &L4,
+    len: u32,
+    now: u64,
+) -> Result<(), Action> {
     ct::touch(entry, ip.proto, l4.tcp_flags, now);
     let rewritten = nat::rewrite(frame, End::Source, Some(l4), e.nat_addr, e.nat_port).is_ok()
         && nat::rewrite(frame, End::Destination, Some(l4), e.snat_addr, e.snat_port).is_ok();
     if !rewritten {
         stats::verdict(Reason::DropMalformed, len);
-        return Some(Action::Drop);
+        return Err(Action::Drop);
     }
     stats::set(e.set_id, len, false);
     stats::verdict(Reason::ReplyNat, len);
-    Some(fib::send(frame, route, len))
+    Ok(())
 }

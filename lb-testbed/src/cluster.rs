@@ -350,19 +350,8 @@ fn lan_port(i: usize) -> String {
 /// `port` joins the bridge with GRO on (so that frames XDP redirects out of `eth0` reach the
 /// bridge).
 fn attach_to_lan(lan: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> Result<()> {
-    ns.ip(&[
-        "link",
-        "add",
-        UPLINK,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        port,
-        "netns",
-        lan.name(),
-    ])
-    .with_context(|| format!("creating the uplink of {} ({port} on the LAN)", ns.name()))?;
+    ns.add_veth(UPLINK, lan, port)
+        .with_context(|| format!("creating the uplink of {} ({port} on the LAN)", ns.name()))?;
     lan.ip(&["link", "set", port, "master", BRIDGE])
         .with_context(|| format!("adding {port} to the bridge in {}", lan.name()))?;
     lan.ip(&["link", "set", port, "up"])?;

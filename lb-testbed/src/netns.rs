@@ -71,6 +71,23 @@ impl Netns {
         run(Command::new("ip").args(["-n", &self.name]).args(args))
     }
 
+    /// Creates a veth pair: `iface` in this namespace, its peer `peer_iface` in `peer`.
+    pub fn add_veth(&self, iface: &str, peer: &Netns, peer_iface: &str) -> Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer_iface,
+            "netns",
+            peer.name(),
+        ])
+        .map(drop)
+    }
+
     /// A command that runs inside the namespace (network namespace only: `nsenter --net`, so
     /// that bpffs and /sys stay those of the caller).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {

@@ -8,7 +8,10 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result};
 
-use crate::netns::{Netns, unique_prefix};
+use crate::{
+    netns::{Netns, unique_prefix},
+    server::Server,
+};
 
 /// The gateway address every pod routes through (answered by the node).
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -62,24 +65,21 @@ impl Node {
         })
     }
 
+    /// Adds a pod `name` with address `ip` running a `hostnames` server on `port` (TCP and UDP)
+    /// that answers as `name`; the server serves until dropped.
+    pub fn add_hostnames_pod(&mut self, name: &str, ip: Ipv4Addr, port: u16) -> Result<Server> {
+        let index = self.add_pod(name, ip)?;
+        Server::hostnames(&self.pods[index].ns, name, port)
+            .with_context(|| format!("starting the hostnames server of pod {name}"))
+    }
+
     /// Adds a pod with address `ip`; returns its index in `pods`.
     pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<usize> {
         let index = self.pods.len();
         let ns = Netns::new(format!("{}-{name}", self.pod_ns_prefix))?;
         let host_iface = format!("lbpod{index}");
         self.ns
-            .ip(&[
-                "link",
-                "add",
-                &host_iface,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ])
+            .add_veth(&host_iface, &ns, "eth0")
             .with_context(|| format!("creating the veth of pod {name}"))?;
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;

@@ -225,9 +225,13 @@ impl Packet {
 
     /// The whole frame.
     pub fn bytes(&self) -> Vec<u8> {
-        let l4 = self.l4_bytes();
-        let mut ip = self.ip.clone();
-        ip.set_payload_len(l4.len()).unwrap();
+        self.frame(self.ip.clone(), &self.l4_bytes())
+    }
+
+    /// A frame of this packet's Ethernet addresses, `ip` (its length and checksum filled in) and
+    /// `data` after it.
+    fn frame(&self, mut ip: Ipv4Header, data: &[u8]) -> Vec<u8> {
+        ip.set_payload_len(data.len()).unwrap();
         ip.header_checksum = ip.calc_header_checksum();
         let mut out = Vec::new();
         Ethernet2Header {
@@ -238,7 +242,7 @@ impl Packet {
         .write(&mut out)
         .unwrap();
         ip.write(&mut out).unwrap();
-        out.extend_from_slice(&l4);
+        out.extend_from_slice(data);
         out
     }
 
@@ -256,19 +260,7 @@ impl Packet {
             ip.dont_fragment = false;
             ip.more_fragments = more;
             ip.fragment_offset = IpFragOffset::try_new(offset).unwrap();
-            ip.set_payload_len(data.len()).unwrap();
-            ip.header_checksum = ip.calc_header_checksum();
-            let mut out = Vec::new();
-            Ethernet2Header {
-                source: self.eth_src,
-                destination: self.eth_dst,
-                ether_type: EtherType::IPV4,
-            }
-            .write(&mut out)
-            .unwrap();
-            ip.write(&mut out).unwrap();
-            out.extend_from_slice(data);
-            out
+            self.frame(ip, data)
         })
     }
 }

@@ -51,14 +51,7 @@ fn trace_predicts_hairpin_flows() {
 
     let t = check(
         &mut f,
-        &Case {
-            what: "hairpin new flow",
-            hook: FromPod,
-            src: pod,
-            dst: vip,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("hairpin new flow", FromPod, pod, vip, SYN),
     );
     assert_eq!(
         (&t["decision"], &t["verdict"], &t["reason"]),
@@ -71,14 +64,7 @@ fn trace_predicts_hairpin_flows() {
     assert_eq!(json_sock(&t["output"]["src"]), as_seen);
     let t = check(
         &mut f,
-        &Case {
-            what: "hairpin established",
-            hook: FromPod,
-            src: pod,
-            dst: vip,
-            l4: TCP,
-            tcp_flags: ACK,
-        },
+        &Case::tcp("hairpin established", FromPod, pod, vip, ACK),
     );
     assert_eq!(
         (&t["decision"], &t["verdict"]),
@@ -89,14 +75,7 @@ fn trace_predicts_hairpin_flows() {
     let backend = sock("10.0.8.8:8080");
     let t = check(
         &mut f,
-        &Case {
-            what: "hairpin reply",
-            hook: FromPod,
-            src: backend,
-            dst: as_seen,
-            l4: TCP,
-            tcp_flags: SYN | ACK,
-        },
+        &Case::tcp("hairpin reply", FromPod, backend, as_seen, SYN | ACK),
     );
     assert_eq!(
         (&t["decision"], &t["verdict"], &t["reason"]),
@@ -116,26 +95,24 @@ fn trace_predicts_hairpin_flows() {
     // Left alone on the reply path; anything else to the hairpin address passes untouched.
     let t = check(
         &mut f,
-        &Case {
-            what: "hairpin reply on the reply path",
-            hook: ToPod,
-            src: backend,
-            dst: as_seen,
-            l4: TCP,
-            tcp_flags: ACK,
-        },
+        &Case::tcp(
+            "hairpin reply on the reply path",
+            ToPod,
+            backend,
+            as_seen,
+            ACK,
+        ),
     );
     assert_eq!(t["decision"], "snat_untouched");
     let t = check(
         &mut f,
-        &Case {
-            what: "hairpin address, no flow",
-            hook: FromPod,
-            src: backend,
-            dst: SocketAddrV4::new(HAIRPIN, 40_001),
-            l4: TCP,
-            tcp_flags: ACK,
-        },
+        &Case::tcp(
+            "hairpin address, no flow",
+            FromPod,
+            backend,
+            SocketAddrV4::new(HAIRPIN, 40_001),
+            ACK,
+        ),
     );
     assert_eq!(t["decision"], "not_served");
     assert!(t["reason"].is_null());
@@ -162,14 +139,13 @@ fn trace_predicts_hairpin_flows() {
     clear_hairpin(&mut f);
     let t = check(
         &mut f,
-        &Case {
-            what: "no hairpin address",
-            hook: FromPod,
-            src: sock("10.0.8.8:40002"),
-            dst: vip,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp(
+            "no hairpin address",
+            FromPod,
+            sock("10.0.8.8:40002"),
+            vip,
+            SYN,
+        ),
     );
     assert_eq!(
         (&t["decision"], &t["verdict"]),

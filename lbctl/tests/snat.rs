@@ -22,7 +22,10 @@ use lb_common::{
     maps::{scope, snat},
     net::proto::{TCP, UDP},
 };
-use lb_datapath::program::{FrontendKind::NodePort, ServiceSpec};
+use lb_datapath::{
+    predict::flow_key,
+    program::{FrontendKind::NodePort, ServiceSpec},
+};
 use lb_testbed::packet::flags;
 use serde_json::{Value, json};
 
@@ -48,28 +51,12 @@ fn svc_node_port() -> ServiceSpec {
 }
 
 fn forward_key(client: SocketAddrV4, frontend: SocketAddrV4, l4: u8) -> FlowKey {
-    FlowKey {
-        src_addr: Be32::from(*client.ip()),
-        dst_addr: Be32::from(*frontend.ip()),
-        src_port: Be16::from_host(client.port()),
-        dst_port: Be16::from_host(frontend.port()),
-        proto: l4,
-        dir: FORWARD,
-        _pad: [0; 2],
-    }
+    flow_key(client, frontend, l4, FORWARD)
 }
 
 /// The key of the replies of a flow source-NATed to `NODE:port`.
 fn snat_reply_key(backend: SocketAddrV4, port: u16, l4: u8) -> FlowKey {
-    FlowKey {
-        src_addr: Be32::from(*backend.ip()),
-        dst_addr: Be32::from(NODE),
-        src_port: Be16::from_host(backend.port()),
-        dst_port: Be16::from_host(port),
-        proto: l4,
-        dir: REPLY,
-        _pad: [0; 2],
-    }
+    flow_key(backend, SocketAddrV4::new(NODE, port), l4, REPLY)
 }
 
 /// The SNAT port candidates of a new flow, in the order the datapath tries them, for the range
@@ -140,14 +127,7 @@ fn trace_predicts_source_nat_here() {
     let client = remote[0];
     let t = check(
         &mut f,
-        &Case {
-            what: "no SNAT address",
-            hook: Xdp,
-            src: client,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("no SNAT address", Xdp, client, node_port, SYN),
     );
     assert_eq!(t["decision"], "drop_snat_ports");
     assert_eq!(t["reason"], "drop_snat_ports");
@@ -162,14 +142,7 @@ fn trace_predicts_source_nat_here() {
     // flow holds any). `check` compares the whole output frame with the prediction.
     let t = check(
         &mut f,
-        &Case {
-            what: "SNAT new flow",
-            hook: Xdp,
-            src: client,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("SNAT new flow", Xdp, client, node_port, SYN),
     );
     assert_eq!(
         (&t["decision"], &t["verdict"], &t["reason"]),
@@ -202,14 +175,7 @@ fn trace_predicts_source_nat_here() {
     // The rest of the flow keeps both translations.
     let t = check(
         &mut f,
-        &Case {
-            what: "SNAT established",
-            hook: Xdp,
-            src: client,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: ACK,
-        },
+        &Case::tcp("SNAT established", Xdp, client, node_port, ACK),
     );
     assert_eq!(
         (&t["decision"], &t["verdict"]),
@@ -224,17 +190,7 @@ fn trace_predicts_source_nat_here() {
         ("SNAT reply", Xdp, SYN | ACK),
         ("SNAT reply, tc", ExtIn, ACK),
     ] {
-        let t = check(
-            &mut f,
-            &Case {
-                what,
-                hook,
-                src: backend,
-                dst: node,
-                l4: TCP,
-                tcp_flags,
-            },
-        );
+        let t = check(&mut f, &Case::tcp(what, hook, backend, node, tcp_flags));
         assert_eq!(
             (&t["decision"], &t["verdict"], &t["reason"]),
             (&json!("snat_reply"), &json!("forward"), &json!("reply_nat")),
@@ -253,14 +209,7 @@ fn trace_predicts_source_nat_here() {
     // The reply path (pod veth and uplink egress) leaves such replies alone.
     let t = check(
         &mut f,
-        &Case {
-            what: "SNAT reply on the reply path",
-            hook: ToPod,
-            src: backend,
-            dst: node,
-            l4: TCP,
-            tcp_flags: ACK,
-        },
+        &Case::tcp("SNAT reply on the reply path", ToPod, backend, node, ACK),
     );
     assert_eq!(t["decision"], "snat_untouched");
     assert!(t["reason"].is_null());
@@ -268,14 +217,13 @@ fn trace_predicts_source_nat_here() {
     let unused = *candidates.iter().find(|p| **p != node.port()).unwrap();
     let t = check(
         &mut f,
-        &Case {
-            what: "unknown SNAT port",
-            hook: Xdp,
-            src: backend,
-            dst: SocketAddrV4::new(NODE, unused),
-            l4: TCP,
-            tcp_flags: ACK,
-        },
+        &Case::tcp(
+            "unknown SNAT port",
+            Xdp,
+            backend,
+            SocketAddrV4::new(NODE, unused),
+            ACK,
+        ),
     );
     assert_eq!(t["decision"], "not_served");
 
@@ -315,14 +263,7 @@ fn trace_predicts_source_nat_here() {
         .unwrap();
     let t = check(
         &mut f,
-        &Case {
-            what: "SNAT, first candidate taken",
-            hook: Xdp,
-            src: second,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("SNAT, first candidate taken", Xdp, second, node_port, SYN),
     );
     assert_eq!(t["snat"]["probe"], 1);
     assert_eq!(
@@ -337,25 +278,11 @@ fn trace_predicts_source_nat_here() {
     // A connection closed and reopened on the same ports keeps its port.
     check(
         &mut f,
-        &Case {
-            what: "SNAT rst",
-            hook: Xdp,
-            src: client,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: flags::RST | ACK,
-        },
+        &Case::tcp("SNAT rst", Xdp, client, node_port, flags::RST | ACK),
     );
     let t = check(
         &mut f,
-        &Case {
-            what: "SNAT reopened",
-            hook: Xdp,
-            src: client,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("SNAT reopened", Xdp, client, node_port, SYN),
     );
     assert_eq!(t["decision"], "new_flow");
     assert_eq!(json_sock(&t["snat"]["addr"]), node);
@@ -369,14 +296,7 @@ fn trace_predicts_source_nat_here() {
         .unwrap();
     let t = check(
         &mut f,
-        &Case {
-            what: "no free SNAT port",
-            hook: Xdp,
-            src: third,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("no free SNAT port", Xdp, third, node_port, SYN),
     );
     assert_eq!(t["decision"], "drop_snat_ports");
     let explanation = t["explanation"].as_str().unwrap();
@@ -389,14 +309,7 @@ fn trace_predicts_source_nat_here() {
         .unwrap();
     let t = check(
         &mut f,
-        &Case {
-            what: "local backend",
-            hook: Xdp,
-            src: near,
-            dst: node_port,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("local backend", Xdp, near, node_port, SYN),
     );
     assert_eq!(
         (&t["decision"], &t["verdict"]),
@@ -409,17 +322,7 @@ fn trace_predicts_source_nat_here() {
     let udp_client = clients([203, 0, 113, 9])
         .find(|c| !local(maglev_pick_l4(&f, &svc, *c, udp_port, UDP)))
         .unwrap();
-    let t = check(
-        &mut f,
-        &Case {
-            what: "SNAT udp",
-            hook: ExtIn,
-            src: udp_client,
-            dst: udp_port,
-            l4: UDP,
-            tcp_flags: 0,
-        },
-    );
+    let t = check(&mut f, &Case::udp("SNAT udp", ExtIn, udp_client, udp_port));
     assert_eq!(
         (&t["decision"], &t["verdict"]),
         (&json!("new_flow"), &json!("forward"))
@@ -428,14 +331,7 @@ fn trace_predicts_source_nat_here() {
     assert_eq!(recorded_snat(&f, udp_client, udp_port, UDP), udp_node);
     let t = check(
         &mut f,
-        &Case {
-            what: "SNAT udp answer",
-            hook: ExtIn,
-            src: json_sock(&t["backend"]),
-            dst: udp_node,
-            l4: UDP,
-            tcp_flags: 0,
-        },
+        &Case::udp("SNAT udp answer", ExtIn, json_sock(&t["backend"]), udp_node),
     );
     assert_eq!(t["decision"], "snat_reply");
     assert_eq!(json_sock(&t["output"]["dst"]), udp_client);

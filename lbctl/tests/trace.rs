@@ -137,17 +137,22 @@ fn svc_sticky() -> ServiceSpec {
 
 const AFFINITY_S: u32 = 10_800;
 
-/// The six services above, programmed one after the other (so their ids follow that order).
-fn populated() -> Option<Fixture> {
-    let mut f = Fixture::new()?;
-    for svc in [
+/// The six services above, in the order they are programmed.
+fn all_services() -> [ServiceSpec; 6] {
+    [
         svc_web(),
         svc_dns(),
         svc_empty(),
         svc_empty_drop(),
         svc_ranged(),
         svc_sticky(),
-    ] {
+    ]
+}
+
+/// The six services above, programmed one after the other (so their ids follow that order).
+fn populated() -> Option<Fixture> {
+    let mut f = Fixture::new()?;
+    for svc in all_services() {
         f.program(&svc);
     }
     // Another list admitting everything, which no frontend uses (the planner never writes such
@@ -220,14 +225,13 @@ fn trace_predicts_what_the_datapath_does_here() {
     // Its reply is reverse-NATed; a stranger's packet is not.
     let t = check(
         &mut f,
-        &Case {
-            what: "reply",
-            hook: ToPod,
-            src: web_backend,
-            dst: sock("10.0.1.2:40000"),
-            l4: TCP,
-            tcp_flags: SYN | ACK,
-        },
+        &Case::tcp(
+            "reply",
+            ToPod,
+            web_backend,
+            sock("10.0.1.2:40000"),
+            SYN | ACK,
+        ),
     );
     assert_eq!(t["decision"], "reverse_nat");
     assert_eq!(t["direction"], "reply");
@@ -400,14 +404,7 @@ fn trace_predicts_what_the_datapath_does_here() {
     let first = sock("10.0.5.5:41000");
     let t = check(
         &mut f,
-        &Case {
-            what: "affinity, first connection",
-            hook: FromPod,
-            src: first,
-            dst: vip,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("affinity, first connection", FromPod, first, vip, SYN),
     );
     assert_eq!(t["selection"]["method"], "maglev");
     assert_eq!(t["affinity_recorded"], true);
@@ -418,14 +415,7 @@ fn trace_predicts_what_the_datapath_does_here() {
         .unwrap();
     let t = check(
         &mut f,
-        &Case {
-            what: "affinity hit",
-            hook: FromPod,
-            src: second,
-            dst: vip,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("affinity hit", FromPod, second, vip, SYN),
     );
     assert_eq!(t["decision"], "new_flow");
     assert_eq!(t["selection"]["method"], "affinity");
@@ -468,14 +458,7 @@ fn trace_predicts_what_the_datapath_does_here() {
         .unwrap();
     let t = check(
         &mut f,
-        &Case {
-            what: "missing backend",
-            hook: FromPod,
-            src: orphan,
-            dst: vip,
-            l4: TCP,
-            tcp_flags: SYN,
-        },
+        &Case::tcp("missing backend", FromPod, orphan, vip, SYN),
     );
     assert_eq!(t["decision"], "inconsistent");
     assert_eq!(t["reason"], "drop_inconsistent_service");

@@ -10,10 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_common::maps::FrontendKey;
 use lb_datapath::maps::Maps;
 use lb_testbed::{
     Node,
-    server::{self, Server},
+    server::{self, Held, Load, Server},
 };
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
@@ -29,7 +30,8 @@ pub fn backend_ip(i: u8) -> Ipv4Addr {
 
 pub struct AgentBed {
     pub node: Node,
-    _servers: Vec<Server>,
+    /// `backend-<i>` at [`backend_ip`]`(i)`, one per server.
+    servers: Vec<Server>,
     pub dir: PathBuf,
     pub source: PathBuf,
     pub bpffs: PathBuf,
@@ -76,12 +78,12 @@ impl AgentBed {
         }
         let mut node = Node::new("node").expect("node");
         node.add_pod("client", CLIENT_IP).expect("client pod");
-        let mut servers = Vec::new();
-        for i in 0..backends {
-            let name = format!("backend-{i}");
-            let pod = node.add_pod(&name, backend_ip(i)).expect("backend pod");
-            servers.push(Server::hostnames(&node.pods[pod].ns, &name, 8080).expect("server"));
-        }
+        let servers = (0..backends)
+            .map(|i| {
+                node.add_hostnames_pod(&format!("backend-{i}"), backend_ip(i), 8080)
+                    .expect("backend pod")
+            })
+            .collect();
         let dir = std::env::temp_dir().join(format!(
             "lbt-agent-{}-{}",
             std::process::id(),
@@ -93,7 +95,7 @@ impl AgentBed {
         let log = dir.join("agent.log");
         let bed = Self {
             node,
-            _servers: servers,
+            servers,
             dir,
             source,
             bpffs,
@@ -111,6 +113,14 @@ impl AgentBed {
         let tmp = self.dir.join(format!(".{file}.tmp"));
         fs::write(&tmp, yaml).unwrap();
         fs::rename(&tmp, self.source.join(file)).unwrap();
+    }
+
+    /// Writes Service `web` (`vip`:80, `extra_spec` added to its spec) with every backend of the
+    /// bed as a ready endpoint.
+    pub fn write_web(&self, vip: Ipv4Addr, extra_spec: &str) {
+        self.write("web.yaml", &service_yaml("web", vip, 80, extra_spec));
+        let backends: Vec<Ipv4Addr> = (0..self.servers.len() as u8).map(backend_ip).collect();
+        self.write("web-slice.yaml", &slice_yaml("web", &backends));
     }
 
     pub fn remove(&self, file: &str) {
@@ -228,6 +238,48 @@ impl AgentBed {
         Maps::open_pinned(&self.bpffs).expect("pinned maps")
     }
 
+    /// Every frontend the maps hold and the backend set it uses (to see whether a restarted
+    /// agent kept them).
+    pub fn set_ids(&self) -> Vec<(FrontendKey, u32)> {
+        self.maps()
+            .services
+            .iter()
+            .map(|e| e.unwrap())
+            .map(|(k, v)| (k, v.set_id))
+            .collect()
+    }
+
+    /// A connection from the client pod to `addr`, held open, and the backend that answered its
+    /// first request.
+    pub fn hold(&self, addr: SocketAddrV4) -> HeldOn {
+        let mut conn = self
+            .client()
+            .enter(move || Held::connect(addr, TIMEOUT))
+            .unwrap()
+            .expect("held connection");
+        let backend = name(&conn.ask().unwrap());
+        HeldOn { conn, backend }
+    }
+
+    /// Keeps new connections from the client pod to `addr` coming while `during` runs (from
+    /// 300 ms before until 300 ms after), and asserts that none failed and more than `at_least`
+    /// succeeded: what a restart or an upgrade of the agent must look like from outside.
+    pub fn assert_no_connection_refused<T>(
+        &mut self,
+        addr: SocketAddrV4,
+        at_least: usize,
+        during: impl FnOnce(&mut Self) -> T,
+    ) -> T {
+        let load = Load::start(self.client(), addr, TIMEOUT).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let out = during(self);
+        std::thread::sleep(Duration::from_millis(300));
+        let count = load.finish();
+        assert_eq!(count.failed, 0, "{} connections succeeded", count.ok);
+        assert!(count.ok > at_least, "{count:?}");
+        out
+    }
+
     pub fn client(&self) -> &lb_testbed::Netns {
         &self.node.pod("client").ns
     }
@@ -273,6 +325,19 @@ impl AgentBed {
         let mut out = Vec::new();
         walk(&self.bpffs, &mut out);
         out
+    }
+}
+
+/// A connection held open, and the backend that answered on it first.
+pub struct HeldOn {
+    pub conn: Held,
+    pub backend: String,
+}
+
+impl HeldOn {
+    /// Asks again on the held connection; the same backend must answer (`what` says why).
+    pub fn assert_kept(&mut self, what: &str) {
+        assert_eq!(name(&self.conn.ask().unwrap()), self.backend, "{what}");
     }
 }
 

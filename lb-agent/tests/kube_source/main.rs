@@ -48,26 +48,22 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 #[tokio::test]
 async fn initial_sync_lists_every_kind() {
     within_deadline(async {
-        let server = StandIn::start().await;
-        server.put_silently(Kind::Service, service("web", "10.96.0.10", 80));
-        server.put_silently(Kind::Service, service("api", "10.96.0.11", 443));
-        // Served only to a client that does not ask for kube-proxy's selector.
-        server.put_silently(
-            Kind::Service,
-            labelled(
-                service("elsewhere", "10.96.0.12", 80),
-                SERVICE_PROXY_NAME_LABEL,
-                "other",
+        let (_server, _source, updates) = Source::listed([
+            web(),
+            (Kind::Service, service("api", "10.96.0.11", 443)),
+            // Served only to a client that does not ask for kube-proxy's selector.
+            (
+                Kind::Service,
+                labelled(
+                    service("elsewhere", "10.96.0.12", 80),
+                    SERVICE_PROXY_NAME_LABEL,
+                    "other",
+                ),
             ),
-        );
-        server.put_silently(
-            Kind::EndpointSlice,
-            endpoint_slice("web", "web-abcde", &["10.0.1.5"]),
-        );
-        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
-        let mut source = Source::start(&server);
-
-        let updates = source.until_listed(&Kind::ALL).await;
+            web_slice(),
+            this_node(),
+        ])
+        .await;
 
         assert_eq!(
             describe(&updates[&Kind::Service]),
@@ -115,11 +111,7 @@ async fn initial_sync_lists_every_kind() {
 #[tokio::test]
 async fn services_and_slices_are_listed_and_watched_with_kube_proxys_selector_and_bookmarks() {
     within_deadline(async {
-        let server = StandIn::start().await;
-        server.put_silently(Kind::Service, service("web", "10.96.0.10", 80));
-        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
-        let mut source = Source::start(&server);
-        source.until_listed(&Kind::ALL).await;
+        let (server, _source, _) = Source::listed([web(), this_node()]).await;
 
         for kind in [Kind::Service, Kind::EndpointSlice] {
             let watch = server.wait_for_watches(kind, 1).await.remove(0);
@@ -154,15 +146,7 @@ async fn services_and_slices_are_listed_and_watched_with_kube_proxys_selector_an
 #[tokio::test]
 async fn watch_events_become_updates() {
     within_deadline(async {
-        let server = StandIn::start().await;
-        server.put_silently(Kind::Service, service("web", "10.96.0.10", 80));
-        server.put_silently(
-            Kind::EndpointSlice,
-            endpoint_slice("web", "web-abcde", &["10.0.1.5"]),
-        );
-        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
-        let mut source = Source::start(&server);
-        source.until_listed(&Kind::ALL).await;
+        let (server, mut source, _) = Source::listed([web(), web_slice(), this_node()]).await;
 
         assert_eq!(
             server.apply(Kind::Service, service("api", "10.96.0.11", 443)),
@@ -212,11 +196,7 @@ async fn watch_events_become_updates() {
 #[tokio::test]
 async fn bookmark_produces_no_update_and_a_resumed_watch_starts_from_it() {
     within_deadline(async {
-        let server = StandIn::start().await;
-        server.put_silently(Kind::Service, service("web", "10.96.0.10", 80));
-        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
-        let mut source = Source::start(&server);
-        source.until_listed(&Kind::ALL).await;
+        let (server, mut source, _) = Source::listed([web(), this_node()]).await;
 
         let bookmark = server.bookmark(Kind::Service);
         source.assert_quiet().await;
@@ -232,10 +212,7 @@ async fn bookmark_produces_no_update_and_a_resumed_watch_starts_from_it() {
         assert_eq!(server.lists(Kind::Service).len(), 1);
 
         server.apply(Kind::Service, service("api", "10.96.0.11", 443));
-        assert_eq!(
-            describe(&[source.next().await]),
-            ["Applied Service default/api"]
-        );
+        source.assert_next("Applied Service default/api").await;
     })
     .await;
 }
@@ -243,16 +220,13 @@ async fn bookmark_produces_no_update_and_a_resumed_watch_starts_from_it() {
 #[tokio::test]
 async fn gone_on_a_watch_relists() {
     within_deadline(async {
-        let server = StandIn::start().await;
-        server.put_silently(Kind::Service, service("web", "10.96.0.10", 80));
-        server.put_silently(Kind::Service, service("api", "10.96.0.11", 443));
-        server.put_silently(
-            Kind::EndpointSlice,
-            endpoint_slice("web", "web-abcde", &["10.0.1.5"]),
-        );
-        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
-        let mut source = Source::start(&server);
-        source.until_listed(&Kind::ALL).await;
+        let (server, mut source, _) = Source::listed([
+            web(),
+            (Kind::Service, service("api", "10.96.0.11", 443)),
+            web_slice(),
+            this_node(),
+        ])
+        .await;
         server.wait_for_watches(Kind::Service, 1).await;
 
         // Changes whose events the source never sees: its resourceVersion has left the API server's
@@ -303,10 +277,7 @@ async fn gone_on_a_watch_relists() {
             Some(&*lists[1].revision.to_string())
         );
         server.apply(Kind::Service, service("cache", "10.96.0.14", 6379));
-        assert_eq!(
-            describe(&[source.next().await]),
-            ["Applied Service default/cache"]
-        );
+        source.assert_next("Applied Service default/cache").await;
     })
     .await;
 }
@@ -314,12 +285,8 @@ async fn gone_on_a_watch_relists() {
 #[tokio::test]
 async fn node_watch_is_restricted_to_this_node() {
     within_deadline(async {
-        let server = StandIn::start().await;
-        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
-        server.put_silently(Kind::Node, node("node-b", "192.168.0.11"));
-        let mut source = Source::start(&server);
-
-        let updates = source.until_listed(&Kind::ALL).await;
+        let (server, mut source, updates) =
+            Source::listed([this_node(), (Kind::Node, node("node-b", "192.168.0.11"))]).await;
         assert_eq!(
             describe(&updates[&Kind::Node]),
             ["Listing Node", "Applied Node node-a", "Listed Node"]
@@ -358,10 +325,7 @@ async fn node_watch_is_restricted_to_this_node() {
 #[tokio::test]
 async fn run_returns_once_the_receiver_is_dropped() {
     within_deadline(async {
-        let server = StandIn::start().await;
-        server.put_silently(Kind::Node, node(NODE, "192.168.0.10"));
-        let mut source = Source::start(&server);
-        source.until_listed(&Kind::ALL).await;
+        let (server, source, _) = Source::listed([this_node()]).await;
         server.wait_for_watches(Kind::Node, 1).await;
 
         // Every watch is idle: nothing to send, so only the closed channel can stop the source.
@@ -398,6 +362,20 @@ impl Source {
         Self { updates, task }
     }
 
+    /// A stand-in API server holding `objects`, and a source on it that has listed every kind
+    /// (the updates of that listing).
+    async fn listed(
+        objects: impl IntoIterator<Item = (Kind, Value)>,
+    ) -> (StandIn, Self, BTreeMap<Kind, Vec<Update>>) {
+        let server = StandIn::start().await;
+        for (kind, object) in objects {
+            server.put_silently(kind, object);
+        }
+        let mut source = Self::start(&server);
+        let updates = source.until_listed(&Kind::ALL).await;
+        (server, source, updates)
+    }
+
     async fn next(&mut self) -> Update {
         tokio::time::timeout(UPDATE_TIMEOUT, self.updates.recv())
             .await
@@ -417,6 +395,11 @@ impl Source {
             by_kind.entry(kind_of(&update)).or_default().push(update);
         }
         by_kind
+    }
+
+    /// The next update, as [`describe`] puts it, must be `expected`.
+    async fn assert_next(&mut self, expected: &str) {
+        assert_eq!(describe(&[self.next().await]), [expected]);
     }
 
     async fn assert_quiet(&mut self) {
@@ -475,6 +458,24 @@ fn assert_slimmed(meta: &ObjectMeta) {
 
 // ---------------------------------------------------------------------------------------------
 // Kubernetes objects, as the API server stores them
+
+/// Service `web` (10.96.0.10:80), the Service most tests start from.
+fn web() -> (Kind, Value) {
+    (Kind::Service, service("web", "10.96.0.10", 80))
+}
+
+/// The EndpointSlice of `web`: one endpoint.
+fn web_slice() -> (Kind, Value) {
+    (
+        Kind::EndpointSlice,
+        endpoint_slice("web", "web-abcde", &["10.0.1.5"]),
+    )
+}
+
+/// The Node this source runs on.
+fn this_node() -> (Kind, Value) {
+    (Kind::Node, node(NODE, "192.168.0.10"))
+}
 
 fn service(name: &str, cluster_ip: &str, port: i32) -> Value {
     let service = Service {

@@ -1,197 +1,29 @@
-//! Runs the real datapath programs on crafted packets through BPF_PROG_TEST_RUN, with fresh,
-//! private (unpinned) maps per harness, programmed through the agent's planner and writer
-//! ([`lb_datapath::program`]).
+//! Runs the real datapath programs on crafted packets through BPF_PROG_TEST_RUN
+//! ([`lb_datapath::testing`]), with fresh, private (unpinned) maps per harness, and the
+//! services and addresses the packet tests use.
 
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::{Be16, Be32, hash::flow_hash, net::proto, stats::Reason};
+use lb_common::net::proto;
 use lb_datapath::{
-    Capacities, Datapath, Pinning,
-    maps::Maps,
-    program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec, Services},
+    Capacities, Pinning,
+    maglev::DEFAULT_TABLE_SIZE,
+    program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec},
 };
 
-/// tc verdicts as `BPF_PROG_TEST_RUN` reports them.
-pub mod tc {
-    /// TC_ACT_UNSPEC: continue (the datapath's "pass").
-    pub const PASS: u32 = u32::MAX;
-    pub const SHOT: u32 = 2;
-    pub const REDIRECT: u32 = 7;
-}
+use super::packet::{Packet, flags};
 
-/// XDP verdicts.
-pub mod xdp {
-    pub const DROP: u32 = 1;
-    pub const PASS: u32 = 2;
-    pub const TX: u32 = 3;
-    pub const REDIRECT: u32 = 4;
-}
+#[allow(unused_imports, reason = "used by some test binaries only")]
+pub use lb_datapath::testing::{Harness, Hook, tc, xdp};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Hook {
-    /// tc ingress of a pod's veth.
-    FromPod,
-    /// tc egress of a pod's veth.
-    ToPod,
-    /// XDP on an uplink.
-    Xdp,
-    /// tc ingress of an uplink (where XDP is off).
-    ExtIn,
-    /// tc egress of an uplink.
-    ExtOut,
-}
-
-/// What a program did with one packet.
-#[derive(Debug)]
-pub struct Run {
-    pub verdict: u32,
-    pub out: Vec<u8>,
-}
-
-pub struct Harness {
-    pub dp: Datapath,
-    pub maps: Maps,
-    /// What is programmed, and the ids the planner gave it.
-    pub services: Services,
-}
-
-impl Harness {
-    /// Loads a fresh datapath; `None` when privileged tests are explicitly skipped.
-    pub fn new() -> Option<Self> {
-        if !super::require_privileges() {
-            return None;
-        }
-        let mut dp = Datapath::load(&Pinning::None, Capacities::default())
-            .unwrap_or_else(|e| panic!("loading the datapath: {e:?}"));
-        let maps = dp.take_maps().expect("maps");
-        Some(Self {
-            dp,
-            maps,
-            services: Services::default(),
-        })
-    }
-
-    pub fn run(&mut self, hook: Hook, input: &[u8]) -> Run {
-        let mut out = vec![0u8; 4096];
-        let opts = || TestRunOptions {
-            data_in: Some(input),
-            repeat: 1,
-            ..Default::default()
-        };
-        let result = match hook {
-            Hook::FromPod => self.dp.from_pod().test_run(TestRunOptions {
-                data_out: Some(&mut out),
-                ..opts()
-            }),
-            Hook::ToPod => self.dp.to_pod().test_run(TestRunOptions {
-                data_out: Some(&mut out),
-                ..opts()
-            }),
-            Hook::Xdp => self.dp.xdp().test_run(TestRunOptions {
-                data_out: Some(&mut out),
-                ..opts()
-            }),
-            Hook::ExtIn => self.dp.ext_in().test_run(TestRunOptions {
-                data_out: Some(&mut out),
-                ..opts()
-            }),
-            Hook::ExtOut => self.dp.ext_out().test_run(TestRunOptions {
-                data_out: Some(&mut out),
-                ..opts()
-            }),
-        }
-        .unwrap_or_else(|e| panic!("test run on {hook:?}: {e:?}"));
-        out.truncate(result.data_size_out as usize);
-        Run {
-            verdict: result.return_value,
-            out,
-        }
-    }
-
-    /// Programs `svc` (adds it, or changes the service of that name).
-    pub fn program(&mut self, svc: &ServiceSpec) {
-        self.services
-            .program(&mut self.maps, svc)
-            .unwrap_or_else(|e| panic!("programming service {}: {e:?}", svc.name));
-    }
-
-    /// Removes the service `name`.
-    pub fn remove(&mut self, name: &str) {
-        self.services.remove(name);
-        self.services
-            .apply(&mut self.maps)
-            .unwrap_or_else(|e| panic!("removing service {name}: {e:?}"));
-    }
-
-    /// Programs the node's SNAT address and port range.
-    pub fn set_node(&mut self, snat_addr: Ipv4Addr, snat_ports: std::ops::RangeInclusive<u16>) {
-        self.services.set_node(Some(snat_addr), Some(snat_ports));
-        self.services
-            .apply(&mut self.maps)
-            .unwrap_or_else(|e| panic!("programming the node: {e:?}"));
-    }
-
-    /// The backend-set id the planner gave `svc`.
-    pub fn set_id(&self, svc: &ServiceSpec) -> u32 {
-        self.services
-            .set_id(&svc.name)
-            .unwrap_or_else(|| panic!("service {} is not programmed", svc.name))
-    }
-
-    /// Verdict counters (packets) by reason name, zero counters left out.
-    pub fn verdicts(&self) -> BTreeMap<&'static str, u64> {
-        self.maps
-            .verdict_totals()
-            .unwrap()
-            .into_iter()
-            .filter(|(_, c)| c.packets > 0)
-            .map(|(reason, c)| (reason.name(), c.packets))
-            .collect()
-    }
-
-    pub fn verdict_count(&self, reason: Reason) -> u64 {
-        self.maps
-            .verdict_totals()
-            .unwrap()
-            .into_iter()
-            .find(|(r, _)| *r == reason)
-            .unwrap()
-            .1
-            .packets
-    }
-
-    /// The backend the datapath must pick for a new flow `src -> dst` of `svc` (as last
-    /// programmed), computed in userspace from the programmed table and the shared flow hash.
-    pub fn expected_backend(
-        &self,
-        svc: &ServiceSpec,
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
-        l4_proto: u8,
-    ) -> SocketAddrV4 {
-        let mut selectable = svc.backends.iter().filter(|b| b.weight > 0);
-        match (selectable.next(), selectable.next()) {
-            (None, _) => panic!("service {} has no backend", svc.name),
-            (Some(only), None) => only.addr,
-            (Some(_), Some(_)) => {
-                let size = self.services.table_size(&svc.name).unwrap();
-                let table = self.maps.maglev_table(self.set_id(svc), size).unwrap();
-                let hash = flow_hash(
-                    Be32::from(*src.ip()),
-                    Be32::from(*dst.ip()),
-                    Be16::from_host(src.port()),
-                    Be16::from_host(dst.port()),
-                    l4_proto,
-                );
-                let chosen = table[(hash % size) as usize];
-                self.services.backend_addr(chosen).unwrap()
-            }
-        }
-    }
+/// A fresh datapath with private maps and the agent's defaults; `None` when privileged tests
+/// are explicitly skipped.
+pub fn harness() -> Option<Harness> {
+    super::require_privileges()
+        .then(|| Harness::load(&Pinning::None, Capacities::default(), DEFAULT_TABLE_SIZE))
 }
 
 /// Verdict counters as [`Harness::verdicts`] reports them.
@@ -201,9 +33,21 @@ pub fn counts(pairs: &[(&'static str, u64)]) -> BTreeMap<&'static str, u64> {
 
 /// A fresh harness with `svc` programmed; `None` when privileged tests are skipped.
 pub fn setup(svc: &ServiceSpec) -> Option<Harness> {
-    let mut h = Harness::new()?;
+    let mut h = harness()?;
     h.program(svc);
     Some(h)
+}
+
+/// `web` (`VIP:80`/TCP over the three [`addrs::BACKENDS`]) programmed, and `CLIENT`'s SYN to it
+/// run through `lb_from_pod`, where the tests of an established flow start: the harness, the
+/// service, the SYN and the backend the flow got. `None` when privileged tests are skipped.
+pub fn web_flow() -> Option<(Harness, ServiceSpec, Packet, SocketAddrV4)> {
+    let svc = cluster_ip("web", 80, TCP, &addrs::BACKENDS);
+    let mut h = setup(&svc)?;
+    let syn = Packet::tcp(addrs::CLIENT, vip(80), flags::SYN, &[]);
+    let backend = h.expected_backend(&svc, addrs::CLIENT, vip(80), TCP);
+    h.run(Hook::FromPod, &syn.bytes());
+    Some((h, svc, syn, backend))
 }
 
 /// Addresses of the standard fixture (the kube-proxy unit-test address plan).
@@ -232,14 +76,7 @@ pub fn cluster_ip(name: &str, port: u16, l4_proto: u8, backends: &[SocketAddrV4]
             scope: lb_common::maps::scope::INTERNAL,
             kind: FrontendKind::ClusterIp,
         }],
-        backends: backends
-            .iter()
-            .map(|addr| BackendSpec {
-                addr: *addr,
-                local: true,
-                weight: 1,
-            })
-            .collect(),
+        backends: backends.iter().copied().map(BackendSpec::local).collect(),
         ..Default::default()
     }
 }

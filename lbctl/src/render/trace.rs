@@ -1,13 +1,15 @@
 //! `lbctl trace` for people: the explanation in words of what the datapath does with the packet
 //! (in the JSON too, as `explanation`), and the trace as lines of text.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, net::SocketAddrV4};
 
 use lb_common::{
     conntrack::{CtEntry, ct_flags},
     maps::{Frontend, snat},
 };
-use lb_datapath::predict::{Forward, Reply, Selection, SnatChoice, SnatFailure, SourceNat};
+use lb_datapath::predict::{
+    Forward, NatReply, Reply, Selection, SnatChoice, SnatFailure, SourceNat,
+};
 use serde::Serialize;
 
 use crate::{
@@ -156,11 +158,8 @@ fn forward(t: &Trace, prediction: &Forward) -> String {
                 ),
             };
             format!(
-                "new flow to frontend {frontend} -> service {}: {} -> backend {backend_id} \
-                 {backend}{}; conntrack records both directions; {nat}",
-                service.set_id,
-                selection_text(*selection, t),
-                affinity_text(service, *selection, t),
+                "{}; conntrack records both directions; {nat}",
+                new_flow_text(service, *selection, *backend_id, *backend, t)
             )
         }
         Forward::DropSnatPorts {
@@ -197,32 +196,29 @@ fn forward(t: &Trace, prediction: &Forward) -> String {
                 }
             };
             format!(
-                "new flow to frontend {frontend} -> service {}: {} -> backend {backend_id} \
-                 {backend}{}, which runs on another node: a flow from outside must be \
-                 source-NATed to this node, {failure}: dropped",
-                service.set_id,
-                selection_text(*selection, t),
-                affinity_text(service, *selection, t),
+                "{}, which runs on another node: a flow from outside must be source-NATed to \
+                 this node, {failure}: dropped",
+                new_flow_text(service, *selection, *backend_id, *backend, t)
             )
         }
-        Forward::SnatReply {
+        Forward::SnatReply(NatReply {
             frontend: restored,
             client,
             set_id,
             backend_id: _,
             entry,
-        } => format!(
+        }) => format!(
             "reply of a source-NATed flow of service {set_id} to the node's SNAT address and \
              port ({}): src {src} -> {restored}, dst {dst} -> {client}; {ROUTED_TEXT}",
             entry_text(entry, t.now_ns)
         ),
-        Forward::HairpinReply {
+        Forward::HairpinReply(NatReply {
             frontend: restored,
             client,
             set_id,
             backend_id: _,
             entry,
-        } => format!(
+        }) => format!(
             "reply of a hairpin flow of service {set_id} (a pod balanced to itself) to the \
              hairpin address ({}): src {src} -> {restored}, dst {dst} -> {client}; \
              {BOUNCED_TEXT}",
@@ -310,6 +306,23 @@ fn reject_text(kind: RejectKind) -> &'static str {
         RejectKind::TcpRst => "TCP RST",
         RejectKind::IcmpPortUnreachable => "ICMP port unreachable",
     }
+}
+
+/// A new flow from its frontend to the backend chosen for it, in words.
+fn new_flow_text(
+    service: &Frontend,
+    selection: Selection,
+    backend_id: u32,
+    backend: SocketAddrV4,
+    t: &Trace,
+) -> String {
+    format!(
+        "new flow to frontend {} -> service {}: {} -> backend {backend_id} {backend}{}",
+        frontend_text(t),
+        service.set_id,
+        selection_text(selection, t),
+        affinity_text(service, selection, t),
+    )
 }
 
 /// How a new flow's backend was chosen, in words.
@@ -448,7 +461,7 @@ pub fn text(e: &Explained<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::views::trace::{self, TraceSnat};
+    use crate::views::trace;
 
     #[test]
     fn the_explanation_closes_the_json() {
@@ -472,14 +485,7 @@ mod tests {
 
         let snatted = Trace {
             verdict: Verdict::Forward,
-            snat: Some(TraceSnat {
-                kind: SnatKind::Node,
-                addr: "192.168.50.10:61234".parse().unwrap(),
-                client: "10.0.0.1:1000".parse().unwrap(),
-                hash: Some(7),
-                probe: Some(1),
-                port_state: Some(PortState::TimeWait),
-            }),
+            snat: Some(trace::sample_snat()),
             ..t
         };
         let text = text(&Explained::new(&snatted));

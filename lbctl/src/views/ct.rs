@@ -60,15 +60,14 @@ pub fn list(maps: &Maps) -> Result<Vec<FlowRow>, MapsError> {
         let snat = snat_of(entry);
         // Replies address the client, or the node address and port it was translated to.
         let reply_to = snat.unwrap_or(client);
-        let reply_key = FlowKey {
-            src_addr: entry.nat_addr,
-            dst_addr: Be32::from(*reply_to.ip()),
-            src_port: entry.nat_port,
-            dst_port: Be16::from_host(reply_to.port()),
-            proto: key.proto,
-            dir: REPLY,
-            _pad: [0; 2],
-        };
+        let reply_key = FlowKey::new(
+            entry.nat_addr,
+            entry.nat_port,
+            Be32::from(*reply_to.ip()),
+            Be16::from_host(reply_to.port()),
+            key.proto,
+            REPLY,
+        );
         let reply = entries.get(&ct_order(&reply_key)).filter(|(_, r)| {
             r.nat_addr == key.dst_addr
                 && r.nat_port == key.dst_port

@@ -308,29 +308,19 @@ pub fn forward(
     syn: bool,
 ) -> Result<Trace, MapsError> {
     let prediction = predict::forward(maps, src, dst, proto.number(), scope.number(), syn)?;
-    let now_ns = predict::coarse_now_ns();
     let (decision, verdict) = classify(&prediction);
     let mut t = Trace {
-        direction: Direction::Forward,
-        src,
-        dst,
-        proto,
         scope: Some(scope),
         syn,
-        decision,
-        verdict,
-        reason: decision.reason(),
-        service: None,
-        set_id: None,
-        backend_id: None,
-        backend: None,
-        selection: None,
-        affinity_recorded: false,
         reject: (verdict == Verdict::Reject).then(|| RejectKind::of(proto)),
-        output: None,
-        snat: None,
-        prediction: Prediction::Forward(prediction.clone()),
-        now_ns,
+        ..Trace::decided(
+            src,
+            dst,
+            proto,
+            decision,
+            verdict,
+            Prediction::Forward(prediction.clone()),
+        )
     };
     match prediction {
         Forward::NotAFrontend | Forward::PassNotServed { .. } => {
@@ -387,32 +377,19 @@ pub fn forward(
             // The datapath picks the backend (recording affinity) before it allocates a port.
             t.chosen(&frontend, selection, backend_id, backend);
         }
-        Forward::SnatReply {
-            frontend,
-            client,
-            set_id,
-            backend_id,
-            entry: _,
-        }
-        | Forward::HairpinReply {
-            frontend,
-            client,
-            set_id,
-            backend_id,
-            entry: _,
-        } => {
-            t.set_id = Some(set_id);
-            t.backend(backend_id, src);
+        Forward::SnatReply(reply) | Forward::HairpinReply(reply) => {
+            t.set_id = Some(reply.set_id);
+            t.backend(reply.backend_id, src);
             t.output = Some(TracePacket {
-                src: frontend,
-                dst: client,
+                src: reply.frontend,
+                dst: reply.client,
             });
             let kind = if decision == Decision::HairpinReply {
                 SnatKind::Hairpin
             } else {
                 SnatKind::Node
             };
-            t.snat = Some(TraceSnat::new(kind, dst, client));
+            t.snat = Some(TraceSnat::new(kind, dst, reply.client));
         }
     }
     Ok(t)
@@ -443,8 +420,8 @@ fn classify(prediction: &Forward) -> (Decision, Verdict) {
             },
         ),
         Forward::DropSnatPorts { .. } => (Decision::DropSnatPorts, Verdict::Drop),
-        Forward::SnatReply { .. } => (Decision::SnatReply, nat_verdict(SnatKind::Node)),
-        Forward::HairpinReply { .. } => (Decision::HairpinReply, nat_verdict(SnatKind::Hairpin)),
+        Forward::SnatReply(_) => (Decision::SnatReply, nat_verdict(SnatKind::Node)),
+        Forward::HairpinReply(_) => (Decision::HairpinReply, nat_verdict(SnatKind::Hairpin)),
         Forward::Inconsistent { .. } => (Decision::Inconsistent, Verdict::Drop),
     }
 }
@@ -466,35 +443,20 @@ pub fn reply(
     proto: Proto,
 ) -> Result<Trace, MapsError> {
     let prediction = predict::reply(maps, src, dst, proto.number())?;
-    let now_ns = predict::coarse_now_ns();
     let decision = match prediction {
         Reply::NotTracked => Decision::NotTracked,
         Reply::ReverseNat { .. } => Decision::ReverseNat,
         Reply::SnatUntouched { .. } => Decision::SnatUntouched,
     };
-    let mut t = Trace {
-        direction: Direction::Reply,
+    let mut t = Trace::decided(
         src,
         dst,
         proto,
-        scope: None,
-        syn: false,
         decision,
         // The reply path translates or leaves alone; it never drops.
-        verdict: Verdict::Pass,
-        reason: decision.reason(),
-        service: None,
-        set_id: None,
-        backend_id: None,
-        backend: None,
-        selection: None,
-        affinity_recorded: false,
-        reject: None,
-        output: None,
-        snat: None,
-        prediction: Prediction::Reply(prediction.clone()),
-        now_ns,
-    };
+        Verdict::Pass,
+        Prediction::Reply(prediction.clone()),
+    );
     match prediction {
         Reply::NotTracked => t.output = Some(TracePacket { src, dst }),
         Reply::ReverseNat {
@@ -530,6 +492,44 @@ pub fn reply(
 }
 
 impl Trace {
+    /// The trace of the packet `src -> dst`/`proto` that `prediction` decided, with none of the
+    /// details yet (no scope, SYN, service, backend, output or source NAT) and the datapath's
+    /// clock read now, just after the maps.
+    fn decided(
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        proto: Proto,
+        decision: Decision,
+        verdict: Verdict,
+        prediction: Prediction,
+    ) -> Self {
+        Self {
+            direction: match prediction {
+                Prediction::Forward(_) => Direction::Forward,
+                Prediction::Reply(_) => Direction::Reply,
+            },
+            src,
+            dst,
+            proto,
+            scope: None,
+            syn: false,
+            decision,
+            verdict,
+            reason: decision.reason(),
+            service: None,
+            set_id: None,
+            backend_id: None,
+            backend: None,
+            selection: None,
+            affinity_recorded: false,
+            reject: None,
+            output: None,
+            snat: None,
+            prediction,
+            now_ns: predict::coarse_now_ns(),
+        }
+    }
+
     /// The frontend the packet matched, and its backend set.
     fn frontend(&mut self, frontend: &Frontend) {
         self.service = Some(frontend.into());
@@ -599,6 +599,19 @@ pub fn sample() -> Trace {
     }
 }
 
+/// The source NAT of [`sample`]'s flow to the node's address, as a test fixture.
+#[cfg(test)]
+pub fn sample_snat() -> TraceSnat {
+    TraceSnat {
+        kind: SnatKind::Node,
+        addr: "192.168.50.10:61234".parse().unwrap(),
+        client: "10.0.0.1:1000".parse().unwrap(),
+        hash: Some(7),
+        probe: Some(1),
+        port_state: Some(PortState::TimeWait),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,14 +635,7 @@ mod tests {
         let snatted = Trace {
             verdict: Verdict::Forward,
             reject: Some(RejectKind::IcmpPortUnreachable),
-            snat: Some(TraceSnat {
-                kind: SnatKind::Node,
-                addr: "192.168.50.10:61234".parse().unwrap(),
-                client: "10.0.0.1:1000".parse().unwrap(),
-                hash: Some(7),
-                probe: Some(1),
-                port_state: Some(PortState::TimeWait),
-            }),
+            snat: Some(sample_snat()),
             ..t
         };
         let v = serde_json::to_value(&snatted).unwrap();

@@ -6,28 +6,23 @@
 pub mod trace;
 
 use std::{
-    collections::BTreeMap,
     ffi::CString,
     net::{Ipv4Addr, SocketAddrV4},
+    ops::{Deref, DerefMut},
     os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::{
-    maps::lpm_trie::Key,
-    programs::{TestRun as _, TestRunOptions},
-};
+use aya::maps::lpm_trie::Key;
 use lb_common::{Be32, maps::SourceRange};
 use lb_datapath::{
-    Capacities, Datapath, Pinning,
-    maps::Maps,
-    program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec, Services},
+    Capacities, Pinning,
+    program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec},
+    testing::Harness,
 };
 use serde_json::Value;
-
-pub use self::trace::Hook;
 
 /// Runs `test` on a thread of its own, in a new network namespace where every destination is
 /// routed out of `up0` to a neighbour with a permanent MAC, and re-raises its panic. Nothing
@@ -132,14 +127,26 @@ impl Drop for TempMount {
 }
 
 /// A datapath whose maps are pinned under `pins` on a private bpffs, programmed through the
-/// agent's planner and writer.
+/// agent's planner and writer; the shared [`Harness`] runs and programs it.
 pub struct Fixture {
-    pub dp: Datapath,
-    pub maps: Maps,
-    pub services: Services,
+    harness: Harness,
     pub pins: PathBuf,
     // Last: unmounted after the datapath and maps are closed.
     _mount: TempMount,
+}
+
+impl Deref for Fixture {
+    type Target = Harness;
+
+    fn deref(&self) -> &Harness {
+        &self.harness
+    }
+}
+
+impl DerefMut for Fixture {
+    fn deref_mut(&mut self) -> &mut Harness {
+        &mut self.harness
+    }
 }
 
 impl Fixture {
@@ -154,58 +161,11 @@ impl Fixture {
             ct: 4096,
             sets: 1024,
         };
-        let mut dp = Datapath::load(&Pinning::Dir(pins.clone()), capacities)
-            .unwrap_or_else(|e| panic!("loading the datapath: {e:?}"));
-        let maps = dp.take_maps().expect("maps");
         Some(Self {
-            dp,
-            maps,
-            services: Services::new(capacities, TABLE),
+            harness: Harness::load(&Pinning::Dir(pins.clone()), capacities, TABLE),
             pins,
             _mount: mount,
         })
-    }
-
-    pub fn run(&mut self, hook: Hook, input: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; 4096];
-        let opts = TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        };
-        let result = match hook {
-            Hook::FromPod => self.dp.from_pod().test_run(opts),
-            Hook::ToPod => self.dp.to_pod().test_run(opts),
-            Hook::Xdp => self.dp.xdp().test_run(opts),
-            Hook::ExtIn => self.dp.ext_in().test_run(opts),
-        }
-        .unwrap_or_else(|e| panic!("test run on {hook:?}: {e:?}"));
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
-    }
-
-    /// Programs `svc` (adds it, or changes the service of that name).
-    pub fn program(&mut self, svc: &ServiceSpec) {
-        self.services
-            .program(&mut self.maps, svc)
-            .unwrap_or_else(|e| panic!("programming service {}: {e:?}", svc.name));
-    }
-
-    /// Programs the node's SNAT address and ports, as the agent does for a node with an
-    /// InternalIP.
-    pub fn set_node(&mut self, snat_addr: Ipv4Addr, min: u16, max: u16) {
-        self.services.set_node(Some(snat_addr), Some(min..=max));
-        self.services
-            .apply(&mut self.maps)
-            .unwrap_or_else(|e| panic!("programming the node: {e:?}"));
-    }
-
-    /// The backend-set id the planner gave `svc`.
-    pub fn set_id(&self, svc: &ServiceSpec) -> u32 {
-        self.services
-            .set_id(&svc.name)
-            .unwrap_or_else(|| panic!("service {} is not programmed", svc.name))
     }
 
     /// The backend id the planner gave the backend at `addr`.
@@ -233,17 +193,6 @@ impl Fixture {
             },
         );
         self.maps.src_ranges.insert(&key, 1, 0).unwrap();
-    }
-
-    /// Verdict counters (packets) by reason name, zeros left out.
-    pub fn verdicts(&self) -> BTreeMap<&'static str, u64> {
-        self.maps
-            .verdict_totals()
-            .unwrap()
-            .into_iter()
-            .filter(|(_, c)| c.packets > 0)
-            .map(|(r, c)| (r.name(), c.packets))
-            .collect()
     }
 
     pub fn lbctl(&self, args: &[&str]) -> Output {
@@ -342,5 +291,5 @@ pub const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
 /// What the agent programs for a node with an InternalIP: `NODE` as the SNAT address, SNAT
 /// ports `min..=max`.
 pub fn configure_snat(f: &mut Fixture, min: u16, max: u16) {
-    f.set_node(NODE, min, max);
+    f.set_node(NODE, min..=max);
 }

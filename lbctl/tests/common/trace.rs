@@ -11,52 +11,29 @@ use lb_common::{
     hash::flow_hash,
     net::proto::{TCP, UDP},
 };
-use lb_datapath::program::ServiceSpec;
+pub use lb_datapath::testing::Hook;
+use lb_datapath::{
+    program::ServiceSpec,
+    testing::{Run, tc, xdp},
+};
 use lb_testbed::packet::{Packet, assert_frame_eq, flags};
 use serde_json::Value;
 
 use super::{Fixture, sock};
 
-/// Verdicts as BPF_PROG_TEST_RUN reports them.
-pub mod verdict {
-    pub const TC_PASS: u32 = u32::MAX; // TC_ACT_UNSPEC
-    pub const TC_SHOT: u32 = 2;
-    pub const TC_REDIRECT: u32 = 7;
-    pub const XDP_DROP: u32 = 1;
-    pub const XDP_PASS: u32 = 2;
-    pub const XDP_TX: u32 = 3;
-    pub const XDP_REDIRECT: u32 = 4;
-}
-
-/// The program a packet goes through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Hook {
-    /// lb_from_pod (internal scope).
-    FromPod,
-    /// lb_xdp (external scope).
-    Xdp,
-    /// lb_ext_in (external scope, tc).
-    ExtIn,
-    /// lb_to_pod (replies).
-    ToPod,
-}
-
-impl Hook {
-    /// The verdict the hook returns for lbctl's `pass` / `drop` / `reject` / `forward` /
-    /// `bounce`. A forwarded packet is redirected out of `up0`, the test namespace's route to
-    /// everywhere (see `in_routed_netns`).
-    pub fn verdict(self, name: &str) -> u32 {
-        use verdict::*;
-        match (self, name) {
-            (Hook::Xdp, "pass") => XDP_PASS,
-            (Hook::Xdp, "forward") => XDP_REDIRECT,
-            (Hook::Xdp, "drop") => XDP_DROP,
-            (Hook::Xdp, "reject" | "bounce") => XDP_TX,
-            (_, "pass") => TC_PASS,
-            (_, "forward" | "reject" | "bounce") => TC_REDIRECT,
-            (_, "drop") => TC_SHOT,
-            _ => panic!("unknown verdict {name}"),
-        }
+/// The verdict `hook` returns for lbctl's `pass` / `drop` / `reject` / `forward` / `bounce`. A
+/// forwarded packet is redirected out of `up0`, the test namespace's route to everywhere (see
+/// `in_routed_netns`).
+pub fn expected_verdict(hook: Hook, name: &str) -> u32 {
+    match (hook, name) {
+        (Hook::Xdp, "pass") => xdp::PASS,
+        (Hook::Xdp, "forward") => xdp::REDIRECT,
+        (Hook::Xdp, "drop") => xdp::DROP,
+        (Hook::Xdp, "reject" | "bounce") => xdp::TX,
+        (_, "pass") => tc::PASS,
+        (_, "forward" | "reject" | "bounce") => tc::REDIRECT,
+        (_, "drop") => tc::SHOT,
+        _ => panic!("unknown verdict {name}"),
     }
 }
 
@@ -98,24 +75,47 @@ pub struct Case {
     pub tcp_flags: u8,
 }
 
+/// An address as a test writes it: text, or one it already has.
+pub trait Addr {
+    fn addr(self) -> SocketAddrV4;
+}
+
+impl Addr for &str {
+    fn addr(self) -> SocketAddrV4 {
+        sock(self)
+    }
+}
+
+impl Addr for SocketAddrV4 {
+    fn addr(self) -> SocketAddrV4 {
+        self
+    }
+}
+
 impl Case {
-    pub fn tcp(what: &'static str, hook: Hook, src: &str, dst: &str, tcp_flags: u8) -> Self {
+    pub fn tcp(
+        what: &'static str,
+        hook: Hook,
+        src: impl Addr,
+        dst: impl Addr,
+        tcp_flags: u8,
+    ) -> Self {
         Self {
             what,
             hook,
-            src: sock(src),
-            dst: sock(dst),
+            src: src.addr(),
+            dst: dst.addr(),
             l4: TCP,
             tcp_flags,
         }
     }
 
-    pub fn udp(what: &'static str, hook: Hook, src: &str, dst: &str) -> Self {
+    pub fn udp(what: &'static str, hook: Hook, src: impl Addr, dst: impl Addr) -> Self {
         Self {
             what,
             hook,
-            src: sock(src),
-            dst: sock(dst),
+            src: src.addr(),
+            dst: dst.addr(),
             l4: UDP,
             tcp_flags: 0,
         }
@@ -140,6 +140,7 @@ impl Case {
             Hook::ToPod => args.push("--reply".into()),
             Hook::Xdp | Hook::ExtIn => args.extend(["--scope".into(), "external".into()]),
             Hook::FromPod => {}
+            Hook::ExtOut => panic!("lbctl traces no packet leaving through an uplink"),
         }
         if self.tcp_flags & (flags::SYN | flags::ACK) == flags::SYN {
             args.push("--syn".into());
@@ -158,13 +159,17 @@ pub fn check(f: &mut Fixture, case: &Case) -> Value {
 
     let before = f.verdicts();
     let pkt = case.packet();
-    let (verdict, out) = f.run(case.hook, &pkt.bytes());
+    let Run { verdict, out } = f.run(case.hook, &pkt.bytes());
     let after = f.verdicts();
 
     let predicted = trace["verdict"].as_str().unwrap();
-    assert_eq!(verdict, case.hook.verdict(predicted), "verdict of {what}");
+    assert_eq!(
+        verdict,
+        expected_verdict(case.hook, predicted),
+        "verdict of {what}"
+    );
     match predicted {
-        // Forwarded: rewritten the same way, then routed (see `Hook::verdict`); bounced: sent
+        // Forwarded: rewritten the same way, then routed (see `expected_verdict`); bounced: sent
         // back where it came from, MAC addresses swapped.
         "pass" | "forward" | "bounce" => {
             let o = &trace["output"];
@@ -230,9 +235,7 @@ pub fn maglev_pick_l4(
     dst: SocketAddrV4,
     l4: u8,
 ) -> u32 {
-    let size = f.services.table_size(&svc.name).unwrap();
-    let table = f.maps.maglev_table(f.set_id(svc), size).unwrap();
-    table[(hash_of(src, dst, l4) % size) as usize]
+    f.maglev_pick(svc, src, dst, l4)
 }
 
 pub fn hash_of(src: SocketAddrV4, dst: SocketAddrV4, l4: u8) -> u32 {

@@ -7,10 +7,19 @@ use lb_common::maps::snat;
 use serde_json::{Value, json};
 
 use super::{
-    AFFINITY_S,
+    AFFINITY_S, all_services,
     common::{Fixture, TABLE, trace::json_sock},
-    svc_dns, svc_empty, svc_empty_drop, svc_ranged, svc_sticky, svc_web,
+    svc_dns, svc_ranged, svc_sticky, svc_web,
 };
+
+/// The number `field` of every row of a dumped map.
+fn column(rows: &Value, field: &str) -> Vec<u64> {
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row[field].as_u64().unwrap())
+        .collect()
+}
 
 /// The other views, against what the fixture did to the maps.
 pub fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
@@ -27,17 +36,7 @@ pub fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         .map(|(r, c)| json!({"reason": r.name(), "packets": c.packets, "bytes": c.bytes}))
         .collect();
     assert_eq!(stats["verdicts"], Value::Array(verdicts));
-    let mut ids: Vec<u32> = [
-        svc_web(),
-        svc_dns(),
-        svc_empty(),
-        svc_empty_drop(),
-        svc_ranged(),
-        svc_sticky(),
-    ]
-    .iter()
-    .map(|svc| f.set_id(svc))
-    .collect();
+    let mut ids: Vec<u32> = all_services().iter().map(|svc| f.set_id(svc)).collect();
     ids.sort_unstable();
     let services: Vec<Value> = ids
         .into_iter()
@@ -182,12 +181,7 @@ pub fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
     assert_eq!(affinity[0]["backend_id"], sticky_id);
     assert_eq!(affinity[0]["timeout_s"], AFFINITY_S);
     assert!(affinity[0]["age_s"].as_u64().unwrap() < 5);
-    let active: Vec<u64> = dump["LB_BACKENDS"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["backend_id"].as_u64().unwrap())
-        .collect();
+    let active = column(&dump["LB_BACKENDS"], "backend_id");
     let programmed: Vec<u64> = [
         "10.0.1.5:8080",
         "10.0.1.6:8080",
@@ -205,12 +199,7 @@ pub fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         dump["LB_BACKENDS"][0],
         json!({"backend_id": f.backend_id("10.0.1.5:8080"), "addr": "10.0.1.5:8080", "flags": ["active", "local"], "flags_raw": 3})
     );
-    let tables: Vec<u64> = dump["LB_MAGLEV"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["service_id"].as_u64().unwrap())
-        .collect();
+    let tables = column(&dump["LB_MAGLEV"], "service_id");
     assert_eq!(tables, [web_id, ranged_id, sticky_set_id].map(u64::from));
     assert!(
         dump["LB_MAGLEV"][0].get("table").is_none(),
@@ -286,42 +275,44 @@ pub fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
         installed.iter().map(|&v| u64::from(v)).collect::<Vec<_>>()
     );
 
-    // The table output, smoke-checked.
-    let text = f.text(&["maps", "dump"]);
-    for needle in [
-        "LB_CT (14 entries)",
-        "LB_FRAGS (0 entries)",
-        "10.0.1.8:5353",
-        "203.0.113.0/24",
-        "cluster_ip",
-    ] {
-        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    // The table output, smoke-checked: what each view must say.
+    let maglev_header = format!("service {web_id} table (251 slots):");
+    let views: [(&[&str], &[&str]); 6] = [
+        (
+            &["maps", "dump"],
+            &[
+                "LB_CT (14 entries)",
+                "LB_FRAGS (0 entries)",
+                "10.0.1.8:5353",
+                "203.0.113.0/24",
+                "cluster_ip",
+            ],
+        ),
+        (
+            &["maps", "dump", "--map", "maglev", "--full"],
+            &[&maglev_header],
+        ),
+        (
+            &["service", "list"],
+            &[
+                "172.30.0.41:80/tcp internal",
+                "missing",
+                "affinity 10800s",
+                "drop_when_empty",
+                "198.51.100.7/32",
+            ],
+        ),
+        (&["ct", "list"], &["10.0.1.2:40000", "172.30.0.42:53"]),
+        (&["stats"], &["drop_source_range", "new flows"]),
+        (
+            &["trace", "10.0.1.2:40000", "172.30.0.41:80", "tcp"],
+            &["decision: established (pass)"],
+        ),
+    ];
+    for (args, needles) in views {
+        let text = f.text(args);
+        for needle in needles {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
     }
-    let text = f.text(&["maps", "dump", "--map", "maglev", "--full"]);
-    assert!(
-        text.contains(&format!("service {web_id} table (251 slots):")),
-        "{text}"
-    );
-    let text = f.text(&["service", "list"]);
-    for needle in [
-        "172.30.0.41:80/tcp internal",
-        "missing",
-        "affinity 10800s",
-        "drop_when_empty",
-        "198.51.100.7/32",
-    ] {
-        assert!(text.contains(needle), "{needle} missing from:\n{text}");
-    }
-    let text = f.text(&["ct", "list"]);
-    assert!(
-        text.contains("10.0.1.2:40000") && text.contains("172.30.0.42:53"),
-        "{text}"
-    );
-    let text = f.text(&["stats"]);
-    assert!(
-        text.contains("drop_source_range") && text.contains("new flows"),
-        "{text}"
-    );
-    let text = f.text(&["trace", "10.0.1.2:40000", "172.30.0.41:80", "tcp"]);
-    assert!(text.contains("decision: established (pass)"), "{text}");
 }

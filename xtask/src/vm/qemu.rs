@@ -87,26 +87,12 @@ pub(super) fn boot(qemu: &Path, kernel: &Kernel, initrd: &Path, log: &Path) -> R
             break;
         }
         match rx.recv_timeout((deadline - now).min(Duration::from_secs(1))) {
-            Ok(line) => {
-                println!("[{:>5.1}] {line}", started.elapsed().as_secs_f64());
-                writeln!(
-                    log_file,
-                    "[{:>6.1}] {line}",
-                    started.elapsed().as_secs_f64()
-                )?;
-                outcome.note(&line);
-            }
+            Ok(line) => show(&line, started, &mut log_file, &mut outcome)?,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if child.0.try_wait()?.is_some() {
                     // Drain what is left.
                     while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-                        println!("[{:>5.1}] {line}", started.elapsed().as_secs_f64());
-                        writeln!(
-                            log_file,
-                            "[{:>6.1}] {line}",
-                            started.elapsed().as_secs_f64()
-                        )?;
-                        outcome.note(&line);
+                        show(&line, started, &mut log_file, &mut outcome)?;
                     }
                     break;
                 }
@@ -118,6 +104,16 @@ pub(super) fn boot(qemu: &Path, kernel: &Kernel, initrd: &Path, log: &Path) -> R
         }
     }
     Ok(outcome)
+}
+
+/// Shows a console line on the terminal, writes it to the log (both timed from `started`) and
+/// notes it in the outcome.
+fn show(line: &str, started: Instant, log: &mut fs::File, outcome: &mut Outcome) -> Result<()> {
+    let at = started.elapsed().as_secs_f64();
+    println!("[{at:>5.1}] {line}");
+    writeln!(log, "[{at:>6.1}] {line}")?;
+    outcome.note(line);
+    Ok(())
 }
 
 /// The running VM: killed when this goes out of scope before it powered off (a timeout, an
