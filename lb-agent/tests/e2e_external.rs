@@ -2,7 +2,10 @@
 //! nodes with uplinks and pods, an external client), the real `lb-agent` on every node with a
 //! YAML source, real TCP and UDP sockets. NodePorts through every node, LoadBalancer IPs,
 //! externalIPs, source ranges, externalTrafficPolicy Local with its health checks, services
-//! without endpoints, endpoint removal, hairpin. Needs root.
+//! without endpoints, endpoint removal, hairpin, and bulk transfers both ways through every
+//! path. Every test runs on both of the bed's wirings: NIC-like frames, and veths with their
+//! default offloads as in kind (GSO and GRO, partial checksums); the uplinks are named `eth0`, as
+//! the host's own. Needs root.
 
 mod common;
 
@@ -14,7 +17,7 @@ use std::{
 };
 
 use lb_testbed::{
-    Agents, Cluster, SourceDir,
+    Agents, Cluster, SourceDir, Wiring,
     manifests::{
         Endpoint, EndpointSliceManifest, Protocol, ServiceManifest, ServicePort, ServiceType,
         TrafficPolicy, documents,
@@ -32,10 +35,16 @@ const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const LB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 const SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
+/// `bulk`: served by `web-1` alone (node-1), so that each way in reaches a backend known to be
+/// local or remote: its NodePort through node-1 (local) and node-0 (remote, source-NATed), a
+/// LoadBalancer IP routed to each node, an externalIP routed to node-0.
 const BULK: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
-/// The port of the bulk-transfer sink a test runs in `web-1`, and its Service's NodePort.
-const SINK_PORT: u16 = 9000;
 const BULK_NODE_PORT: u16 = 30_085;
+const BULK_LB_REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
+const BULK_LB_LOCAL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 31);
+const BULK_EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 32);
+/// Bytes each bulk transfer moves, each way.
+const BULK_BYTES: u64 = 16 << 20;
 const LB_INGRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 /// A second address of the external client, outside the LoadBalancer's source ranges.
@@ -93,17 +102,24 @@ fn slice(service: &str, ports: &[(&str, Protocol)], endpoints: &[Endpoint]) -> S
     slice.yaml()
 }
 
-impl Bed {
-    fn new() -> Option<Self> {
-        Self::with_agent_args(&[])
+/// Runs `test` on a fresh bed of each wiring, with `agent_args` on every agent.
+fn on_each_wiring(agent_args: &[&str], test: impl Fn(&Bed)) {
+    for wiring in [Wiring::NicLike, Wiring::VethDefaults] {
+        let Some(bed) = Bed::new(wiring, agent_args) else {
+            return;
+        };
+        eprintln!("--- wiring {wiring:?}");
+        test(&bed);
     }
+}
 
-    /// The bed with extra `lb-agent` arguments on every node.
-    fn with_agent_args(agent_args: &[&str]) -> Option<Self> {
+impl Bed {
+    /// The bed, wired as `wiring` says, with `agent_args` on every agent.
+    fn new(wiring: Wiring, agent_args: &[&str]) -> Option<Self> {
         if !common::require_privileges() {
             return None;
         }
-        let mut cluster = Cluster::new(2).expect("cluster");
+        let mut cluster = Cluster::wired(2, wiring).expect("cluster");
         let web = [
             cluster.add_hostnames_pod(0, "web-0", 8080).unwrap(),
             cluster.add_hostnames_pod(1, "web-1", 8080).unwrap(),
@@ -116,6 +132,13 @@ impl Bed {
         cluster
             .client_route(&format!("{EXTERNAL_IP}/32"), 1)
             .unwrap();
+        for (ip, node) in [
+            (BULK_LB_REMOTE, 0),
+            (BULK_LB_LOCAL, 1),
+            (BULK_EXTERNAL_IP, 0),
+        ] {
+            cluster.client_route(&format!("{ip}/32"), node).unwrap();
+        }
         cluster.add_client_ip(OUTSIDER).unwrap();
 
         let on = |i: usize| Endpoint::ready(web[i], cluster.node_name(i));
@@ -160,13 +183,13 @@ impl Bed {
                 "bulk.yaml",
                 documents([
                     ServiceManifest::new("bulk", BULK)
-                        .service_type(ServiceType::NodePort)
-                        .port(ServicePort::tcp("data", 80, SINK_PORT).node_port(BULK_NODE_PORT))
+                        .service_type(ServiceType::LoadBalancer)
+                        .port(ServicePort::tcp("http", 80, 8080).node_port(BULK_NODE_PORT))
+                        .ingress_ip(BULK_LB_REMOTE)
+                        .ingress_ip(BULK_LB_LOCAL)
+                        .external_ip(BULK_EXTERNAL_IP)
                         .yaml(),
-                    EndpointSliceManifest::new("bulk")
-                        .port("data", SINK_PORT, Protocol::Tcp)
-                        .endpoint(on(1))
-                        .yaml(),
+                    slice("bulk", &http, &[on(1)]),
                 ]),
             ),
         ] {
@@ -327,59 +350,64 @@ fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
 
 #[test]
 fn cluster_ips_from_pods_on_both_nodes_reach_backends_on_both_with_the_client_address_kept() {
-    let Some(bed) = Bed::new() else { return };
-    for pod in ["client-0", "client-1"] {
-        let own = bed.cluster.pod(pod).ip;
-        let answers = bed.ask_from_pod(pod, sock(WEB, 80), 30);
-        assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]), "{pod}");
-        assert!(
-            answers.iter().all(|(_, client)| *client == own),
-            "{pod} ({own}) is seen as itself: {answers:?}"
-        );
-    }
+    on_each_wiring(&[], |bed| {
+        for pod in ["client-0", "client-1"] {
+            let own = bed.cluster.pod(pod).ip;
+            let answers = bed.ask_from_pod(pod, sock(WEB, 80), 30);
+            assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]), "{pod}");
+            assert!(
+                answers.iter().all(|(_, client)| *client == own),
+                "{pod} ({own}) is seen as itself: {answers:?}"
+            );
+        }
+    });
 }
 
 #[test]
 fn node_ports_from_outside_reach_every_backend_through_every_node_over_tcp_and_udp() {
-    let Some(bed) = Bed::new() else { return };
-    let client = bed.cluster.client_ip();
-    for node in 0..2 {
-        let node_ip = bed.cluster.node_ip(node);
-        let answers = bed.ask_from_outside(sock(node_ip, 30_080), 30, None);
-        assert_eq!(
-            names(&answers),
-            BTreeSet::from(["web-0", "web-1"]),
-            "TCP via node-{node}"
-        );
-        // The backend on the entered node sees the client; the other one sees the node, which
-        // source-NATed the flow so that its replies come back through it.
-        for (name, seen) in &answers {
-            let expected = if *name == format!("web-{node}") {
-                client
-            } else {
-                node_ip
-            };
-            assert_eq!(*seen, expected, "{name} via node-{node}");
-        }
+    on_each_wiring(&[], |bed| {
+        let client = bed.cluster.client_ip();
+        for node in 0..2 {
+            let node_ip = bed.cluster.node_ip(node);
+            let answers = bed.ask_from_outside(sock(node_ip, 30_080), 30, None);
+            assert_eq!(
+                names(&answers),
+                BTreeSet::from(["web-0", "web-1"]),
+                "TCP via node-{node}"
+            );
+            // The backend on the entered node sees the client; the other one sees the node, which
+            // source-NATed the flow so that its replies come back through it.
+            for (name, seen) in &answers {
+                let expected = if *name == format!("web-{node}") {
+                    client
+                } else {
+                    node_ip
+                };
+                assert_eq!(*seen, expected, "{name} via node-{node}");
+            }
 
-        let addr = sock(node_ip, 30_080);
-        let udp: Vec<(String, Ipv4Addr)> = bed
-            .cluster
-            .client()
-            .enter(move || {
-                (0..30)
-                    .map(|i| {
-                        parse(&server::udp_request(addr, 41_000 + i, TIMEOUT).expect("UDP answer"))
-                    })
-                    .collect()
-            })
-            .unwrap();
-        assert_eq!(
-            names(&udp),
-            BTreeSet::from(["web-0", "web-1"]),
-            "UDP via node-{node}"
-        );
-    }
+            let addr = sock(node_ip, 30_080);
+            let udp: Vec<(String, Ipv4Addr)> = bed
+                .cluster
+                .client()
+                .enter(move || {
+                    (0..30)
+                        .map(|i| {
+                            parse(
+                                &server::udp_request(addr, 41_000 + i, TIMEOUT)
+                                    .expect("UDP answer"),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap();
+            assert_eq!(
+                names(&udp),
+                BTreeSet::from(["web-0", "web-1"]),
+                "UDP via node-{node}"
+            );
+        }
+    });
 }
 
 /// This HTTP server closes first, as many do, so it holds every source-NATed connection in
@@ -389,249 +417,191 @@ fn node_ports_from_outside_reach_every_backend_through_every_node_over_tcp_and_u
 /// timestamp older), while a port held by a live connection never does.
 #[test]
 fn source_nat_ports_in_time_wait_keep_serving_new_connections() {
-    let Some(bed) = Bed::with_agent_args(&["--snat-ports", "61000-61007"]) else {
-        return;
-    };
-    let node_ip = bed.cluster.node_ip(0);
-    let via_node_0 = sock(node_ip, 30_080);
-    let answers = bed.ask_from_outside(via_node_0, 80, None);
-    let snatted = answers.iter().filter(|(_, seen)| *seen == node_ip).count();
-    assert!(
-        snatted > 20,
-        "{snatted} of 80 connections went to the other node's backend"
-    );
-    let answers = bed.ask_from_outside(via_node_0, 40, Some(OUTSIDER));
-    assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
+    on_each_wiring(&["--snat-ports", "61000-61007"], |bed| {
+        let node_ip = bed.cluster.node_ip(0);
+        let via_node_0 = sock(node_ip, 30_080);
+        let answers = bed.ask_from_outside(via_node_0, 80, None);
+        let snatted = answers.iter().filter(|(_, seen)| *seen == node_ip).count();
+        assert!(
+            snatted > 20,
+            "{snatted} of 80 connections went to the other node's backend"
+        );
+        let answers = bed.ask_from_outside(via_node_0, 40, Some(OUTSIDER));
+        assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
+    });
 }
 
 #[test]
 fn external_traffic_policy_local_keeps_the_client_drops_elsewhere_and_health_checks_follow() {
-    let Some(bed) = Bed::new() else { return };
-    let client = bed.cluster.client_ip();
-    let via = |node: usize| sock(bed.cluster.node_ip(node), 30_081);
-    // Its only endpoint runs on node-1.
-    let answers = bed.ask_from_outside(via(1), 10, None);
-    assert!(
-        answers.iter().all(|(n, c)| n == "web-1" && *c == client),
-        "{answers:?}"
-    );
-    assert_eq!(
-        bed.connect_outcome(via(0), None),
-        Outcome::Dropped,
-        "no local endpoint on node-0: DROP, not REJECT"
-    );
-    // From inside the cluster every endpoint is used, whatever the policy.
-    assert_eq!(
-        names(&bed.ask_from_pod("client-0", sock(LOCAL, 80), 5)),
-        BTreeSet::from(["web-1"])
-    );
+    on_each_wiring(&[], |bed| {
+        let client = bed.cluster.client_ip();
+        let via = |node: usize| sock(bed.cluster.node_ip(node), 30_081);
+        // Its only endpoint runs on node-1.
+        let answers = bed.ask_from_outside(via(1), 10, None);
+        assert!(
+            answers.iter().all(|(n, c)| n == "web-1" && *c == client),
+            "{answers:?}"
+        );
+        assert_eq!(
+            bed.connect_outcome(via(0), None),
+            Outcome::Dropped,
+            "no local endpoint on node-0: DROP, not REJECT"
+        );
+        // From inside the cluster every endpoint is used, whatever the policy.
+        assert_eq!(
+            names(&bed.ask_from_pod("client-0", sock(LOCAL, 80), 5)),
+            BTreeSet::from(["web-1"])
+        );
 
-    let (status, body) = bed.health_check(1);
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains(r#""localEndpoints":1"#), "{body}");
-    assert!(body.contains(r#""name":"local""#), "{body}");
-    assert_eq!(bed.health_check(0).0, 503);
+        let (status, body) = bed.health_check(1);
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(r#""localEndpoints":1"#), "{body}");
+        assert!(body.contains(r#""name":"local""#), "{body}");
+        assert_eq!(bed.health_check(0).0, 503);
 
-    // The endpoint moves to node-0: traffic and health checks follow.
-    bed.source
-        .write("local.yaml", &local_yaml(bed.endpoint(0)))
-        .unwrap();
-    bed.wait_until("health checks follow the endpoint", || {
-        bed.health_check(0).0 == 200 && bed.health_check(1).0 == 503
+        // The endpoint moves to node-0: traffic and health checks follow.
+        bed.source
+            .write("local.yaml", &local_yaml(bed.endpoint(0)))
+            .unwrap();
+        bed.wait_until("health checks follow the endpoint", || {
+            bed.health_check(0).0 == 200 && bed.health_check(1).0 == 503
+        });
+        let answers = bed.ask_from_outside(via(0), 10, None);
+        assert!(
+            answers.iter().all(|(n, c)| n == "web-0" && *c == client),
+            "{answers:?}"
+        );
+        assert_eq!(bed.connect_outcome(via(1), None), Outcome::Dropped);
     });
-    let answers = bed.ask_from_outside(via(0), 10, None);
-    assert!(
-        answers.iter().all(|(n, c)| n == "web-0" && *c == client),
-        "{answers:?}"
-    );
-    assert_eq!(bed.connect_outcome(via(1), None), Outcome::Dropped);
 }
 
 #[test]
 fn load_balancer_ips_and_external_ips_answer_from_outside_and_source_ranges_keep_outsiders_out() {
-    let Some(bed) = Bed::new() else { return };
-    let answers = bed.ask_from_outside(sock(LB_INGRESS, 80), 30, None);
-    assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
-    assert_eq!(
-        bed.connect_outcome(sock(LB_INGRESS, 80), Some(OUTSIDER)),
-        Outcome::Dropped,
-        "outside loadBalancerSourceRanges"
-    );
-    // The ranges guard the load balancer's address only (as in kube-proxy), not externalIPs.
-    let answers = bed.ask_from_outside(sock(EXTERNAL_IP, 80), 30, Some(OUTSIDER));
-    assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
+    on_each_wiring(&[], |bed| {
+        let answers = bed.ask_from_outside(sock(LB_INGRESS, 80), 30, None);
+        assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
+        assert_eq!(
+            bed.connect_outcome(sock(LB_INGRESS, 80), Some(OUTSIDER)),
+            Outcome::Dropped,
+            "outside loadBalancerSourceRanges"
+        );
+        // The ranges guard the load balancer's address only (as in kube-proxy), not externalIPs.
+        let answers = bed.ask_from_outside(sock(EXTERNAL_IP, 80), 30, Some(OUTSIDER));
+        assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
+    });
 }
 
 #[test]
 fn services_without_endpoints_reject_at_once() {
-    let Some(bed) = Bed::new() else { return };
-    for node in 0..2 {
-        let addr = sock(bed.cluster.node_ip(node), 30_083);
-        assert_eq!(
-            bed.connect_outcome(addr, None),
-            Outcome::Refused,
-            "NodePort via node-{node}"
-        );
-        let udp = bed
+    on_each_wiring(&[], |bed| {
+        for node in 0..2 {
+            let addr = sock(bed.cluster.node_ip(node), 30_083);
+            assert_eq!(
+                bed.connect_outcome(addr, None),
+                Outcome::Refused,
+                "NodePort via node-{node}"
+            );
+            let udp = bed
+                .cluster
+                .client()
+                .enter(move || server::udp_request(addr, 0, DROPPED))
+                .unwrap()
+                .unwrap_err();
+            let kind = udp
+                .root_cause()
+                .downcast_ref::<std::io::Error>()
+                .map(std::io::Error::kind);
+            assert_eq!(
+                kind,
+                Some(ErrorKind::ConnectionRefused),
+                "UDP via node-{node}: {udp:#}"
+            );
+        }
+        let refused = bed
             .cluster
-            .client()
-            .enter(move || server::udp_request(addr, 0, DROPPED))
+            .pod("client-1")
+            .ns
+            .enter(|| {
+                std::net::TcpStream::connect_timeout(&sock(EMPTY, 80).into(), DROPPED).map(drop)
+            })
             .unwrap()
             .unwrap_err();
-        let kind = udp
-            .root_cause()
-            .downcast_ref::<std::io::Error>()
-            .map(std::io::Error::kind);
-        assert_eq!(
-            kind,
-            Some(ErrorKind::ConnectionRefused),
-            "UDP via node-{node}: {udp:#}"
-        );
-    }
-    let refused = bed
-        .cluster
-        .pod("client-1")
-        .ns
-        .enter(|| std::net::TcpStream::connect_timeout(&sock(EMPTY, 80).into(), DROPPED).map(drop))
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "ClusterIP");
+        assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "ClusterIP");
+    });
 }
 
 #[test]
 fn a_removed_backend_gets_no_new_connections_while_established_ones_to_the_other_survive() {
-    let Some(bed) = Bed::new() else { return };
-    let node_port = sock(bed.cluster.node_ip(0), 30_080);
-    // A held connection on each backend (one of them source-NATed across the LAN).
-    let mut held = std::collections::BTreeMap::new();
-    for _ in 0..40 {
-        let mut conn = bed
-            .cluster
-            .client()
-            .enter(move || Held::connect(node_port, TIMEOUT))
-            .unwrap()
-            .expect("held connection");
-        let (name, _) = parse(&conn.ask().unwrap());
-        held.entry(name).or_insert(conn);
-        if held.len() == 2 {
-            break;
+    on_each_wiring(&[], |bed| {
+        let node_port = sock(bed.cluster.node_ip(0), 30_080);
+        // A held connection on each backend (one of them source-NATed across the LAN).
+        let mut held = std::collections::BTreeMap::new();
+        for _ in 0..40 {
+            let mut conn = bed
+                .cluster
+                .client()
+                .enter(move || Held::connect(node_port, TIMEOUT))
+                .unwrap()
+                .expect("held connection");
+            let (name, _) = parse(&conn.ask().unwrap());
+            held.entry(name).or_insert(conn);
+            if held.len() == 2 {
+                break;
+            }
         }
-    }
-    assert_eq!(held.len(), 2, "both backends hold a connection");
+        assert_eq!(held.len(), 2, "both backends hold a connection");
 
-    for (gone, kept) in [(1usize, 0usize), (0, 1)] {
-        bed.source
-            .write("web.yaml", &web_yaml(&[bed.endpoint(kept)]))
-            .unwrap();
-        let kept_name = format!("web-{kept}");
-        bed.wait_until("the removed backend gets no new connections", || {
-            names(&bed.ask_from_outside(node_port, 10, None))
-                == BTreeSet::from([kept_name.as_str()])
-        });
-        let conn = held.get_mut(&kept_name).unwrap();
-        assert_eq!(
-            parse(&conn.ask().unwrap()).0,
-            kept_name,
-            "established connection to web-{kept} (gone: web-{gone})"
-        );
-        // Both back for the next round.
-        bed.source
-            .write("web.yaml", &web_yaml(&[bed.endpoint(0), bed.endpoint(1)]))
-            .unwrap();
-        bed.wait_until("both backends again", || {
-            names(&bed.ask_from_outside(node_port, 20, None)).len() == 2
-        });
-    }
+        for (gone, kept) in [(1usize, 0usize), (0, 1)] {
+            bed.source
+                .write("web.yaml", &web_yaml(&[bed.endpoint(kept)]))
+                .unwrap();
+            let kept_name = format!("web-{kept}");
+            bed.wait_until("the removed backend gets no new connections", || {
+                names(&bed.ask_from_outside(node_port, 10, None))
+                    == BTreeSet::from([kept_name.as_str()])
+            });
+            let conn = held.get_mut(&kept_name).unwrap();
+            assert_eq!(
+                parse(&conn.ask().unwrap()).0,
+                kept_name,
+                "established connection to web-{kept} (gone: web-{gone})"
+            );
+            // Both back for the next round.
+            bed.source
+                .write("web.yaml", &web_yaml(&[bed.endpoint(0), bed.endpoint(1)]))
+                .unwrap();
+            bed.wait_until("both backends again", || {
+                names(&bed.ask_from_outside(node_port, 20, None)).len() == 2
+            });
+        }
+    });
 }
 
 #[test]
 fn a_pod_reaching_its_own_service_is_answered_by_itself_through_the_hairpin_address() {
-    let Some(bed) = Bed::new() else { return };
-    let hairpin = Ipv4Addr::from(lb_common::maps::hairpin::DEFAULT_ADDR);
-    for addr in [sock(SELF, 80), sock(bed.cluster.node_ip(0), 30_084)] {
-        let answers = bed.ask_from_pod("web-0", addr, 5);
-        assert!(
-            answers.iter().all(|(n, c)| n == "web-0" && *c == hairpin),
-            "via {addr}: {answers:?}"
-        );
-    }
-}
-
-/// A sink in `web-1` that counts the bytes of each connection until the client shuts its side
-/// down, then answers with the count (8 bytes, big endian).
-fn start_sink(bed: &Bed, connections: usize) -> std::thread::JoinHandle<()> {
-    use std::io::{Read as _, Write as _};
-    let listener = bed
-        .cluster
-        .pod("web-1")
-        .ns
-        .enter(|| std::net::TcpListener::bind(("0.0.0.0", SINK_PORT)))
-        .unwrap()
-        .expect("sink listener");
-    std::thread::spawn(move || {
-        for _ in 0..connections {
-            let (mut stream, _) = listener.accept().expect("sink accept");
-            stream
-                .set_read_timeout(Some(Duration::from_secs(20)))
-                .unwrap();
-            let mut count = 0u64;
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                match stream.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => count += n as u64,
-                    Err(e) => panic!("sink read after {count} bytes: {e}"),
-                }
-            }
-            stream.write_all(&count.to_be_bytes()).expect("sink answer");
+    on_each_wiring(&[], |bed| {
+        let hairpin = Ipv4Addr::from(lb_common::maps::hairpin::DEFAULT_ADDR);
+        for addr in [sock(SELF, 80), sock(bed.cluster.node_ip(0), 30_084)] {
+            let answers = bed.ask_from_pod("web-0", addr, 5);
+            assert!(
+                answers.iter().all(|(n, c)| n == "web-0" && *c == hairpin),
+                "via {addr}: {answers:?}"
+            );
         }
-    })
+    });
 }
 
-/// Sends `bytes` to `addr` over one TCP connection from the calling thread's namespace and
-/// returns the count the sink answered.
-fn send_bulk(addr: SocketAddrV4, bytes: usize) -> u64 {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr.into(), TIMEOUT)
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    stream
-        .set_write_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let chunk = vec![0x5au8; 1 << 16];
-    let mut sent = 0;
-    while sent < bytes {
-        let n = chunk.len().min(bytes - sent);
-        stream
-            .write_all(&chunk[..n])
-            .unwrap_or_else(|e| panic!("sending to {addr} after {sent} bytes: {e}"));
-        sent += n;
-    }
-    stream.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut answer = [0u8; 8];
-    stream
-        .read_exact(&mut answer)
-        .unwrap_or_else(|e| panic!("the sink's count from {addr}: {e}"));
-    u64::from_be_bytes(answer)
-}
-
-/// Bulk data (full-sized segments, coalesced by GRO on the way) through every translated path
-/// to a backend on another node: a ClusterIP from a pod, and a NodePort from outside through the
-/// node without the backend (DNAT + SNAT + FIB forwarding) and through the node with it.
 #[test]
-fn bulk_transfers_cross_nodes_intact_through_cluster_ips_and_node_ports() {
-    let Some(bed) = Bed::new() else { return };
-    bulk_transfers(&bed);
+fn bulk_transfers_cross_every_path_intact_both_ways() {
+    on_each_wiring(&[], bulk_transfers);
 }
 
-/// The uplinks are veths, on which the agent's default leaves XDP off (see `xdp_is_safe`); the
-/// bed's uplinks carry NIC-like frames, so native XDP is forced here to run the XDP program's
-/// own translation, SNAT and forwarding end to end, small and bulk.
+/// Native XDP forced on the uplinks, where the NIC-like bed makes it work (complete checksums,
+/// and an XDP program on the other end, so that XDP_TX arrives): the XDP program's own
+/// translation, source NAT and forwarding end to end, small and bulk.
 #[test]
 fn node_ports_work_through_native_xdp() {
-    let Some(bed) = Bed::with_agent_args(&["--xdp-mode", "native"]) else {
+    let Some(bed) = Bed::new(Wiring::NicLike, &["--xdp-mode", "native"]) else {
         return;
     };
     assert!(
@@ -650,30 +620,95 @@ fn node_ports_work_through_native_xdp() {
     bulk_transfers(&bed);
 }
 
-fn bulk_transfers(bed: &Bed) {
-    const BYTES: usize = 32 << 20;
-    let sink = start_sink(bed, 3);
-    let cluster_ip = SocketAddrV4::new(BULK, 80);
-    let got = bed
-        .cluster
-        .pod("client-0")
-        .ns
-        .enter(move || send_bulk(cluster_ip, BYTES))
-        .unwrap();
-    assert_eq!(got, BYTES as u64, "ClusterIP from client-0\n{}", bed.logs());
-    for node in 0..2 {
-        let addr = sock(bed.cluster.node_ip(node), BULK_NODE_PORT);
-        let got = bed
-            .cluster
-            .client()
-            .enter(move || send_bulk(addr, BYTES))
-            .unwrap();
-        assert_eq!(
-            got,
-            BYTES as u64,
-            "NodePort via node-{node}\n{}",
-            bed.logs()
+/// On veths as kind wires them, XDP_TX out of an uplink is dropped (nothing runs XDP on the
+/// other end): native XDP is refused there, loudly, and tc serves the uplink, so that every
+/// path still works. By default (auto) the agent, asking in its own namespace, sees a veth named
+/// `eth0` where the host's `eth0` is a NIC, and leaves XDP off.
+#[test]
+fn native_xdp_is_refused_where_what_it_sends_back_would_be_dropped() {
+    for (args, refused) in [(&["--xdp-mode", "native"][..], true), (&[][..], false)] {
+        let Some(bed) = Bed::new(Wiring::VethDefaults, args) else {
+            return;
+        };
+        let logs = bed.logs();
+        assert!(
+            !logs.contains("hook=XdpNative"),
+            "{args:?}: XDP attached:\n{logs}"
         );
+        assert!(
+            logs.contains("hook=Tc"),
+            "{args:?}: tc does not serve:\n{logs}"
+        );
+        assert_eq!(
+            logs.contains("--xdp-mode native refused"),
+            refused,
+            "{args:?}:\n{logs}"
+        );
+        for node in 0..2 {
+            let answers = bed.ask_from_outside(sock(bed.cluster.node_ip(node), 30_080), 20, None);
+            assert_eq!(
+                names(&answers),
+                BTreeSet::from(["web-0", "web-1"]),
+                "{args:?}: TCP via node-{node}"
+            );
+        }
     }
-    sink.join().expect("sink");
+}
+
+/// Every way into `bulk` (served by web-1 on node-1), [`BULK_BYTES`] up and down, each checked
+/// byte by byte: ClusterIP from the same node and from the other, NodePort through the
+/// backend's node and the other (source-NATed), a LoadBalancer IP routed to either node, an
+/// externalIP, and a pod reaching its own Service (hairpin).
+fn bulk_transfers(bed: &Bed) {
+    let cluster_ip = SocketAddrV4::new(BULK, 80);
+    let from_pods = [
+        ("client-1", cluster_ip, "ClusterIP, same node"),
+        ("client-0", cluster_ip, "ClusterIP, other node"),
+        ("web-0", SocketAddrV4::new(SELF, 80), "hairpin"),
+    ];
+    let from_outside = [
+        (
+            sock(bed.cluster.node_ip(1), BULK_NODE_PORT),
+            "NodePort, local backend",
+        ),
+        (
+            sock(bed.cluster.node_ip(0), BULK_NODE_PORT),
+            "NodePort, remote backend",
+        ),
+        (sock(BULK_LB_LOCAL, 80), "LoadBalancer IP, local backend"),
+        (sock(BULK_LB_REMOTE, 80), "LoadBalancer IP, remote backend"),
+        (sock(BULK_EXTERNAL_IP, 80), "externalIP, remote backend"),
+    ];
+    let paths = from_pods
+        .iter()
+        .map(|(pod, addr, what)| (bed.cluster.pod(pod).ns, *addr, *what))
+        .chain(
+            from_outside
+                .iter()
+                .map(|(addr, what)| (bed.cluster.client(), *addr, *what)),
+        );
+    for (ns, addr, what) in paths {
+        let transfers = ns
+            .enter(move || {
+                let up = server::upload(addr, BULK_BYTES, TIMEOUT)?;
+                let down = server::download(addr, BULK_BYTES, TIMEOUT)?;
+                anyhow::Ok((up, down))
+            })
+            .unwrap();
+        match transfers {
+            Ok((up, down)) => {
+                let want = if what == "hairpin" { "web-0" } else { "web-1" };
+                assert_eq!(
+                    (parse(&up).0, parse(&down).0),
+                    (want.into(), want.into()),
+                    "{what}"
+                );
+            }
+            Err(e) => panic!(
+                "{what} ({addr}, {:?}): {e:#}\n{}",
+                bed.cluster.wiring(),
+                bed.logs()
+            ),
+        }
+    }
 }

@@ -8,10 +8,13 @@
 //!   [lan: br0 <- "client" port, "node<i>" ports (GRO on, XDP_PASS attached)]
 //! ```
 //!
-//! The bed is ready for a datapath that sends frames with XDP: the nodes' ports on the bridge
-//! have GRO on and an XDP program that passes everything (the program is what makes XDP_TX out
-//! of a node's uplink arrive; GRO alone only serves XDP_REDIRECT, see [`crate::xdp`]), and the
-//! pods' ends of their veths have GRO on (for XDP_REDIRECT into a pod's veth).
+//! The links come in two [`Wiring`]s, because a datapath meets both: NIC-like frames (complete
+//! checksums, nothing over the MTU), with the nodes' ports on the bridge and the pods' ends of
+//! their veths ready for frames sent with XDP (GRO on, and an XDP program that passes
+//! everything on the bridge ports: that program is what makes XDP_TX out of a node's uplink
+//! arrive; GRO alone only serves XDP_REDIRECT, see [`crate::xdp`]); and veths as the kernel
+//! makes them, as in kind (offloads on: GSO packets with partial checksums cross, nothing
+//! prepared for XDP).
 //!
 //! Every node routes the other nodes' pod ranges via their uplink addresses (as a flat,
 //! non-overlay CNI such as Calico in BGP mode does), so pod-to-pod traffic crosses the LAN
@@ -57,8 +60,23 @@ use crate::{
     xdp::{self, XdpLink},
 };
 
-/// The name of every node's (and the client's) interface on the LAN.
+/// The name of every node's (and the client's) interface on the LAN: the host's own uplink is
+/// usually called so too, which is what an agent that looks in the wrong namespace trips on.
 pub const UPLINK: &str = "eth0";
+
+/// How the bed's links behave.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Wiring {
+    /// As physical NICs: complete checksums and no segment over the MTU in both directions;
+    /// frames a node sends out of its uplink with XDP_TX arrive (the bridge port runs XDP), and
+    /// frames XDP redirects into a pod's veth too (GRO on).
+    #[default]
+    NicLike,
+    /// veths as the kernel sets them up, as in kind: checksum and segmentation offloads on, so
+    /// that GSO packets with partial checksums cross and arrive GRO'd, GRO off where the kernel
+    /// leaves it off, and no XDP on the other ends.
+    VethDefaults,
+}
 /// The bridge in the LAN namespace.
 const BRIDGE: &str = "br0";
 /// The client's port on the bridge (node `i`'s is `node<i>`).
@@ -66,6 +84,7 @@ const CLIENT_PORT: &str = "client";
 
 pub struct Cluster {
     plan: AddressPlan,
+    wiring: Wiring,
     prefix: String,
     /// Servers first: they stop before the namespaces they listen in go away.
     servers: Vec<Server>,
@@ -102,12 +121,18 @@ impl<'a> From<(usize, &'a Pod)> for PodRef<'a> {
 }
 
 impl Cluster {
-    /// `nodes` nodes on the default address plan (LAN 192.168.50.0/24, pods `10.10.<i>.0/24`).
+    /// `nodes` nodes on the default address plan (LAN 192.168.50.0/24, pods `10.10.<i>.0/24`),
+    /// wired NIC-like.
     pub fn new(nodes: usize) -> Result<Self> {
-        Self::with_plan(nodes, AddressPlan::default())
+        Self::with_plan(nodes, AddressPlan::default(), Wiring::NicLike)
     }
 
-    pub fn with_plan(nodes: usize, plan: AddressPlan) -> Result<Self> {
+    /// `nodes` nodes on the default address plan, wired as `wiring` says.
+    pub fn wired(nodes: usize, wiring: Wiring) -> Result<Self> {
+        Self::with_plan(nodes, AddressPlan::default(), wiring)
+    }
+
+    pub fn with_plan(nodes: usize, plan: AddressPlan, wiring: Wiring) -> Result<Self> {
         ensure!(
             (1..=AddressPlan::MAX_NODES).contains(&nodes),
             "a cluster has 1 to {} nodes, not {nodes}",
@@ -131,16 +156,18 @@ impl Cluster {
         lan.ip(&["link", "set", BRIDGE, "up"])?;
 
         let client = Netns::new(format!("{prefix}-client"))?;
-        attach_to_lan(&lan, &client, CLIENT_PORT, plan.client_ip())?;
+        attach_to_lan(&lan, &client, CLIENT_PORT, plan.client_ip(), wiring)?;
 
         let mut built = Vec::with_capacity(nodes);
         let mut lan_xdp = Vec::with_capacity(nodes);
         for i in 0..nodes {
             let node = Node::in_bed(&prefix, &node_name(i))?;
-            attach_to_lan(&lan, &node.ns, &lan_port(i), plan.node_ip(i))?;
+            attach_to_lan(&lan, &node.ns, &lan_port(i), plan.node_ip(i), wiring)?;
             built.push(node);
-            // A node's datapath may send frames back out of its uplink with XDP_TX.
-            lan_xdp.push(xdp::attach_verdict(&lan, &lan_port(i), xdp::action::PASS)?);
+            if wiring == Wiring::NicLike {
+                // A node's datapath may send frames back out of its uplink with XDP_TX.
+                lan_xdp.push(xdp::attach_verdict(&lan, &lan_port(i), xdp::action::PASS)?);
+            }
         }
         for (j, node) in built.iter().enumerate() {
             for i in (0..nodes).filter(|&i| i != j) {
@@ -159,6 +186,7 @@ impl Cluster {
         }
         Ok(Self {
             plan,
+            wiring,
             prefix,
             servers: Vec::new(),
             nodes: built,
@@ -175,6 +203,10 @@ impl Cluster {
 
     pub fn plan(&self) -> &AddressPlan {
         &self.plan
+    }
+
+    pub fn wiring(&self) -> Wiring {
+        self.wiring
     }
 
     pub fn node_count(&self) -> usize {
@@ -278,9 +310,11 @@ impl Cluster {
         let index = self.nodes[node]
             .add_pod(name, ip)
             .with_context(|| format!("adding pod {name} to node-{node}"))?;
-        // The datapath may XDP_REDIRECT frames into the pod's veth; its pod end only receives
-        // them in NAPI mode (see `xdp`).
-        ethtool::set_gro(&self.nodes[node].pods[index].ns, "eth0", true)?;
+        if self.wiring == Wiring::NicLike {
+            // The datapath may XDP_REDIRECT frames into the pod's veth; its pod end only
+            // receives them in NAPI mode (see `xdp`).
+            ethtool::set_gro(&self.nodes[node].pods[index].ns, "eth0", true)?;
+        }
         Ok(ip)
     }
 
@@ -346,24 +380,27 @@ fn lan_port(i: usize) -> String {
     format!("node{i}")
 }
 
-/// Connects `ns` to the LAN: its `eth0` gets `ip`/24 and sends complete checksums, the peer
-/// `port` joins the bridge with GRO on (so that frames XDP redirects out of `eth0` reach the
-/// bridge).
-fn attach_to_lan(lan: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> Result<()> {
+/// Connects `ns` to the LAN: its `eth0` gets `ip`/24 and the peer `port` joins the bridge,
+/// wired as `wiring` says.
+fn attach_to_lan(lan: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr, wiring: Wiring) -> Result<()> {
     ns.add_veth(UPLINK, lan, port)
         .with_context(|| format!("creating the uplink of {} ({port} on the LAN)", ns.name()))?;
     lan.ip(&["link", "set", port, "master", BRIDGE])
         .with_context(|| format!("adding {port} to the bridge in {}", lan.name()))?;
     lan.ip(&["link", "set", port, "up"])?;
-    ethtool::set_gro(lan, port, true)?;
-    // Frames as a physical NIC sends and receives them: complete checksums and no segment larger
-    // than the MTU, in both directions. A veth hands its peer GSO packets whose checksum holds
-    // only the pseudo-header sum (CHECKSUM_PARTIAL); an XDP program sees them as plain bytes and
-    // cannot tell, so without this every NAT it does on them would leave a wrong checksum. With
-    // transmit checksumming off (which also turns segmentation offload off), each end segments
-    // and checksums in software before the frame crosses (see `ethtool`).
-    ethtool::set_tx_checksum(ns, UPLINK, false)?;
-    ethtool::set_tx_checksum(lan, port, false)?;
+    if wiring == Wiring::NicLike {
+        // Frames XDP redirects out of `eth0` reach the bridge.
+        ethtool::set_gro(lan, port, true)?;
+        // Frames as a physical NIC sends and receives them: complete checksums and no segment
+        // larger than the MTU, in both directions. A veth hands its peer GSO packets whose
+        // checksum holds only the pseudo-header sum (CHECKSUM_PARTIAL); an XDP program sees
+        // them as plain bytes and cannot tell, so without this every NAT it does on them would
+        // leave a wrong checksum. With transmit checksumming off (which also turns segmentation
+        // offload off), each end segments and checksums in software before the frame crosses
+        // (see `ethtool`).
+        ethtool::set_tx_checksum(ns, UPLINK, false)?;
+        ethtool::set_tx_checksum(lan, port, false)?;
+    }
     let cidr = format!("{ip}/{}", AddressPlan::LAN_PREFIX_LEN);
     ns.ip(&["addr", "add", &cidr, "dev", UPLINK])?;
     ns.ip(&["link", "set", UPLINK, "up"])?;

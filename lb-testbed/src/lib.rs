@@ -26,7 +26,7 @@ pub mod xdp;
 
 pub use addressing::AddressPlan;
 pub use agents::Agents;
-pub use cluster::{Cluster, PodRef};
+pub use cluster::{Cluster, PodRef, Wiring};
 pub use netns::Netns;
 pub use node::{Node, Pod};
 pub use source_dir::SourceDir;

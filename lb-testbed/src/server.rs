@@ -2,10 +2,12 @@
 //!
 //! Over TCP it answers any request with an HTTP response whose body is `<name> <client ip:port>`;
 //! over UDP it answers each datagram with the same text. So a client learns which backend
-//! answered and which address that backend saw.
+//! answered and which address that backend saw. It also moves bulk data both ways
+//! ([`upload`], [`download`]), checking every byte, so that large segments, GSO and GRO cross
+//! every path the datapath translates.
 
 use std::{
-    io::{ErrorKind, Read as _, Write as _},
+    io::{BufRead as _, ErrorKind, Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
@@ -88,6 +90,14 @@ fn respond(mut stream: TcpStream, body: &str) -> std::io::Result<()> {
     if std::io::BufRead::read_line(&mut reader, &mut line)? == 0 {
         return Ok(());
     }
+    if let Some(bytes) = bulk_request(&line, "UPLOAD ") {
+        let received = receive_pattern(&mut reader, bytes)?;
+        return stream.write_all(format!("{body} {received}\n").as_bytes());
+    }
+    if let Some(bytes) = bulk_request(&line, "DOWNLOAD ") {
+        stream.write_all(format!("{body}\n").as_bytes())?;
+        return send_pattern(&mut stream, bytes);
+    }
     if line.starts_with("GET ") {
         // Read the rest of the request's headers, then answer and close.
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -110,6 +120,107 @@ fn respond(mut stream: TcpStream, body: &str) -> std::io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// `<verb><bytes>` as a bulk request's first line.
+fn bulk_request(line: &str, verb: &str) -> Option<u64> {
+    line.trim_end().strip_prefix(verb)?.parse().ok()
+}
+
+/// The bytes of a bulk transfer: byte `i` is `i % 251`, a prime period, so that a lost, doubled
+/// or shifted segment shows as a wrong byte.
+fn pattern_byte(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+const BULK_CHUNK: usize = 1 << 16;
+
+fn send_pattern(stream: &mut impl Write, bytes: u64) -> std::io::Result<()> {
+    let mut chunk = vec![0u8; BULK_CHUNK];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(BULK_CHUNK as u64) as usize;
+        for (i, b) in chunk[..n].iter_mut().enumerate() {
+            *b = pattern_byte(sent + i as u64);
+        }
+        stream.write_all(&chunk[..n])?;
+        sent += n as u64;
+    }
+    stream.flush()
+}
+
+/// Reads `bytes` bytes of the pattern (or until the peer closes); how many arrived intact. A
+/// wrong byte is an error naming its offset.
+fn receive_pattern(stream: &mut impl Read, bytes: u64) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; BULK_CHUNK];
+    let mut received = 0u64;
+    while received < bytes {
+        let want = (bytes - received).min(BULK_CHUNK as u64) as usize;
+        let n = stream.read(&mut buf[..want])?;
+        if n == 0 {
+            break;
+        }
+        if let Some(at) = (0..n).find(|&i| buf[i] != pattern_byte(received + i as u64)) {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidData,
+                format!("byte {} is corrupt", received + at as u64),
+            ));
+        }
+        received += n as u64;
+    }
+    Ok(received)
+}
+
+/// Sends `bytes` bytes to the `hostnames` server at `addr` over a new TCP connection and checks
+/// that it received them all, intact; returns its answer (`<name> <client ip:port>`).
+pub fn upload(addr: SocketAddrV4, bytes: u64, timeout: Duration) -> Result<String> {
+    let mut stream = bulk_stream(addr, timeout)?;
+    stream.write_all(format!("UPLOAD {bytes}\n").as_bytes())?;
+    send_pattern(&mut stream, bytes)
+        .with_context(|| format!("uploading {bytes} bytes to {addr}"))?;
+    let mut answer = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut answer)
+        .with_context(|| format!("the count of the upload to {addr}"))?;
+    let (name, received) = answer
+        .trim_end()
+        .rsplit_once(' ')
+        .with_context(|| format!("{addr} answered the upload with {answer:?}"))?;
+    anyhow::ensure!(
+        received == bytes.to_string(),
+        "{addr} ({name}) received {received} of {bytes} bytes"
+    );
+    Ok(name.to_owned())
+}
+
+/// Asks the `hostnames` server at `addr` for `bytes` bytes over a new TCP connection and checks
+/// that they all arrive, intact; returns its answer (`<name> <client ip:port>`).
+pub fn download(addr: SocketAddrV4, bytes: u64, timeout: Duration) -> Result<String> {
+    let mut stream = bulk_stream(addr, timeout)?;
+    stream.write_all(format!("DOWNLOAD {bytes}\n").as_bytes())?;
+    let mut reader = std::io::BufReader::with_capacity(BULK_CHUNK, stream);
+    let mut name = String::new();
+    reader
+        .read_line(&mut name)
+        .with_context(|| format!("the start of the download from {addr}"))?;
+    let received = receive_pattern(&mut reader, bytes)
+        .with_context(|| format!("downloading {bytes} bytes from {addr}"))?;
+    anyhow::ensure!(
+        received == bytes,
+        "{addr} ({}) sent {received} of {bytes} bytes",
+        name.trim_end()
+    );
+    Ok(name.trim_end().to_owned())
+}
+
+/// A connection for a bulk transfer: generous timeouts, as a transfer that stalls must fail
+/// rather than hang, but one that merely takes a while must not.
+fn bulk_stream(addr: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr.into(), timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(20)))?;
+    Ok(stream)
 }
 
 fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
