@@ -166,12 +166,28 @@ impl CtEntry {
 
     /// Whether a forward entry keeps its flow for a packet with TCP flags `seg_flags` (0 for
     /// UDP, or when the packet's flags are unknown) at `now`: it has not expired, and the packet
-    /// is no bare SYN reopening a flow that saw a FIN or a RST (that one is balanced anew).
+    /// is no bare SYN reopening a flow that is over (closed both ways, or reset: that one is
+    /// balanced anew). A SYN on a half-closed flow is not a new connection, as nf_conntrack
+    /// holds too.
     #[inline(always)]
     pub const fn continues(&self, seg_flags: u8, now: u64) -> bool {
         let reopening = seg_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
-            && self.flags & (ct_flags::FIN | ct_flags::RST) != 0;
+            && ct_flags::closed(self.flags);
         self.live(now) && !reopening
+    }
+
+    /// The forward key of the flow whose reply entry this is: its client (the source the reply
+    /// entry restores as destination) to its frontend (the one it restores as source).
+    #[inline(always)]
+    pub const fn forward_key(&self, l4_proto: u8) -> FlowKey {
+        FlowKey::new(
+            self.snat_addr,
+            self.snat_port,
+            self.nat_addr,
+            self.nat_port,
+            l4_proto,
+            FORWARD,
+        )
     }
 
     /// Whether this reply entry belongs to the forward flow `forward_key`. A source-NATed flow's
@@ -367,36 +383,38 @@ pub const fn after_packet(
     }
 }
 
-/// The forward direction's FIN and RST as its reply entry records them.
+/// The other direction's FIN and RST as an entry records them.
 #[inline(always)]
-pub const fn peer_flags(forward_flags: u8) -> u8 {
+pub const fn peer_flags(other_flags: u8) -> u8 {
     let mut peer = 0;
-    if forward_flags & ct_flags::FIN != 0 {
+    if other_flags & ct_flags::FIN != 0 {
         peer |= ct_flags::PEER_FIN;
     }
-    if forward_flags & ct_flags::RST != 0 {
+    if other_flags & ct_flags::RST != 0 {
         peer |= ct_flags::PEER_RST;
     }
     peer
 }
 
-/// The flags and deadline of `reply` (a reply entry of its flow) once its forward entry, with
-/// flags `forward_flags`, was written at `now`: it learns the client's FIN or RST, and lives as
-/// long as its flow (a flow whose replies are rare would otherwise outlive them), but a closed
-/// flow's deadline may also shorten.
+/// The flags and deadline of `entry` once the entry of its flow's other direction, with flags
+/// `other_flags`, was written at `now`. It learns the other side's FIN or RST (so that each
+/// direction knows when the flow is over, and a flow closed both ways lives out TIME_WAIT rather
+/// than an hour), and it lives as long as its flow: once the other direction is established, so
+/// is its lifetime, however rarely this side speaks. A flow that is over may shorten it.
 #[inline(always)]
-pub const fn reply_after_forward(
-    reply: &CtEntry,
+pub const fn after_other_direction(
+    entry: &CtEntry,
     l4_proto: u8,
-    forward_flags: u8,
+    other_flags: u8,
     now: u64,
 ) -> (u8, u64) {
-    let flags = reply.flags | peer_flags(forward_flags);
-    let deadline = now + lifetime(l4_proto, flags);
-    if deadline > reply.deadline_ns || ct_flags::closed(flags) {
+    let flags = entry.flags | peer_flags(other_flags);
+    let lived = flags | (other_flags & ct_flags::ESTABLISHED);
+    let deadline = now + lifetime(l4_proto, lived);
+    if deadline > entry.deadline_ns || ct_flags::closed(flags) {
         (flags, deadline)
     } else {
-        (flags, reply.deadline_ns)
+        (flags, entry.deadline_ns)
     }
 }
 
@@ -526,22 +544,58 @@ mod tests {
             ..CtEntry::default()
         };
         assert!(entry.continues(tcp_flags::SYN, NOW));
+        // Half closed, either way: still the same connection.
+        entry.flags |= ct_flags::FIN;
+        assert!(entry.continues(tcp_flags::SYN, NOW));
+        entry.flags = ct_flags::ESTABLISHED | ct_flags::PEER_FIN;
+        assert!(entry.continues(tcp_flags::SYN, NOW));
+        // Closed both ways, or reset: a bare SYN opens a new one.
         entry.flags |= ct_flags::FIN;
         assert!(!entry.continues(tcp_flags::SYN, NOW));
         assert!(entry.continues(tcp_flags::ACK, NOW));
+        entry.flags = ct_flags::ESTABLISHED | ct_flags::PEER_RST;
+        assert!(!entry.continues(tcp_flags::SYN, NOW));
         assert!(!entry.continues(tcp_flags::ACK, NOW + 1));
     }
 
     #[test]
-    fn a_reply_entry_learns_the_clients_close_and_lives_as_long_as_its_flow() {
+    fn each_direction_learns_the_others_close_and_lives_as_long_as_its_flow() {
+        // A backend that has not spoken yet: its reply entry still has the SYN's lifetime, but
+        // lives as an established flow's once the client's side is established.
+        let silent = CtEntry {
+            deadline_ns: NOW + timeout::TCP_SYN,
+            ..CtEntry::default()
+        };
+        assert_eq!(
+            after_other_direction(&silent, proto::TCP, ct_flags::ESTABLISHED, NOW),
+            (0, NOW + timeout::TCP_ESTABLISHED)
+        );
         let reply = CtEntry {
             deadline_ns: NOW + timeout::TCP_SYN,
             flags: ct_flags::ESTABLISHED,
             ..CtEntry::default()
         };
         assert_eq!(
-            reply_after_forward(&reply, proto::TCP, ct_flags::ESTABLISHED, NOW),
+            after_other_direction(&reply, proto::TCP, ct_flags::ESTABLISHED, NOW),
             (ct_flags::ESTABLISHED, NOW + timeout::TCP_ESTABLISHED)
+        );
+        // The forward side learns the backend's FIN: closed both ways, TIME_WAIT, not an hour.
+        let forward = CtEntry {
+            deadline_ns: NOW + timeout::TCP_FIN,
+            flags: ct_flags::ESTABLISHED | ct_flags::FIN | ct_flags::FIN_FIRST,
+            ..CtEntry::default()
+        };
+        assert_eq!(
+            after_other_direction(
+                &forward,
+                proto::TCP,
+                ct_flags::ESTABLISHED | ct_flags::FIN,
+                NOW
+            ),
+            (
+                forward.flags | ct_flags::PEER_FIN,
+                NOW + timeout::TCP_TIME_WAIT
+            )
         );
         let closed = CtEntry {
             flags: ct_flags::ESTABLISHED | ct_flags::FIN,
@@ -550,7 +604,7 @@ mod tests {
         };
         // Closed both ways: the deadline may shorten to TIME_WAIT's.
         assert_eq!(
-            reply_after_forward(&closed, proto::TCP, ct_flags::FIN, NOW),
+            after_other_direction(&closed, proto::TCP, ct_flags::FIN, NOW),
             (
                 closed.flags | ct_flags::PEER_FIN,
                 NOW + timeout::TCP_TIME_WAIT

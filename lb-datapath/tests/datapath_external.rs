@@ -12,8 +12,13 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use common::{
+    expected::expected_icmp_error,
     harness::{Harness, Hook, TCP, UDP, harness, socket, tc, xdp},
     packet::{Packet, assert_frame_eq, flags},
+};
+use etherparse::{
+    Icmpv4Type,
+    icmpv4::{DestUnreachableHeader, TimeExceededCode},
 };
 use lb_common::{
     Be32,
@@ -568,5 +573,63 @@ fn a_pod_balanced_to_itself_is_hairpinned_through_the_link_local_address() {
         assert_frame_eq(&run.out, &expected.bytes(), "hairpinned reply");
         assert_eq!(h.verdict_count(Reason::NewFlow), 1);
         assert_eq!(h.verdict_count(Reason::ReplyNat), 1);
+    });
+}
+
+/// What a router answers for packets it cannot forward, decided before the flow gets any state:
+/// a TTL that would run out gets ICMP time exceeded; a DF packet larger than the next hop's MTU
+/// gets ICMP fragmentation needed with that MTU, from tc (XDP, which sees one frame where tc may
+/// see a GSO packet whose segments fit, leaves it to tc).
+#[test]
+fn packets_the_node_cannot_forward_get_a_routers_answer_and_no_state() {
+    in_routed_namespace(|h| {
+        h.program(&node_port_service("web", TCP, &[(REMOTE_POD, false)]));
+        configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
+        for (hook, bounce) in [(Hook::Xdp, xdp::TX), (Hook::ExtIn, tc::REDIRECT)] {
+            let client = socket(
+                [192, 168, 50, 2],
+                if hook == Hook::Xdp { 41_000 } else { 41_001 },
+            );
+            let mut syn = from_client(client, flags::SYN);
+            syn.ip.time_to_live = 1;
+            let run = h.run(hook, &syn.bytes());
+            assert_eq!(run.verdict, bounce, "{hook:?}");
+            assert_frame_eq(
+                &run.out,
+                &expected_icmp_error(
+                    &syn,
+                    Icmpv4Type::TimeExceeded(TimeExceededCode::TtlExceededInTransit),
+                ),
+                "time exceeded",
+            );
+            assert!(
+                h.maps.ct.get(&forward_key(client, TCP), 0).is_err(),
+                "{hook:?}: no state for a packet that went nowhere"
+            );
+        }
+        assert_eq!(h.verdict_count(Reason::DropTtlExceeded), 2);
+
+        let client = socket([192, 168, 50, 2], 42_000);
+        let mut big = Packet::tcp(client, node_port(), flags::SYN, &[0x42; 1600]);
+        big.eth_src = CLIENT_MAC;
+        big.eth_dst = UPLINK_MAC;
+        big.ip.dont_fragment = true;
+        let run = h.run(Hook::Xdp, &big.bytes());
+        assert_eq!(run.verdict, xdp::PASS, "XDP leaves it to tc");
+        assert_frame_eq(&run.out, &big.bytes(), "untouched");
+        let run = h.run(Hook::ExtIn, &big.bytes());
+        assert_eq!(run.verdict, tc::REDIRECT);
+        assert_frame_eq(
+            &run.out,
+            &expected_icmp_error(
+                &big,
+                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1500,
+                }),
+            ),
+            "fragmentation needed",
+        );
+        assert!(h.maps.ct.get(&forward_key(client, TCP), 0).is_err());
+        assert_eq!(h.verdict_count(Reason::DropTooBig), 1);
     });
 }

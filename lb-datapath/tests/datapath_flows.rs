@@ -9,12 +9,12 @@ mod common;
 use std::net::SocketAddrV4;
 
 use common::{
-    harness::{Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, tc, vip, web_flow},
+    harness::{Harness, Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, tc, vip, web_flow},
     packet::{Packet, assert_frame_eq, flags},
 };
 use lb_common::{
     Be32,
-    conntrack::{FORWARD, FlowKey, ct_flags, timeout},
+    conntrack::{FORWARD, FlowKey, REPLY, ct_flags, timeout},
     stats::Reason,
 };
 use lb_datapath::{predict::flow_key, program::BackendSpec};
@@ -162,16 +162,27 @@ fn a_syn_after_close_balances_the_ports_anew() {
         &syn.clone().with_dst(backend).bytes(),
         "SYN retransmit",
     );
-    // The client closes; a new connection on the same ports goes where Maglev says now.
+    // The client closes: half closed, a SYN on these ports is still this connection's.
     h.run(
         Hook::FromPod,
         &Packet::tcp(CLIENT, vip(80), flags::FIN | flags::ACK, &[]).bytes(),
+    );
+    assert_frame_eq(
+        &h.run(Hook::FromPod, &syn.bytes()).out,
+        &syn.clone().with_dst(backend).bytes(),
+        "SYN after the client's FIN",
+    );
+    // The backend closes too (its FIN goes through the reply path, which tells the forward
+    // entry): closed both ways, a new connection on the same ports goes where Maglev says now.
+    h.run(
+        Hook::ToPod,
+        &Packet::tcp(backend, CLIENT, flags::FIN | flags::ACK, &[]).bytes(),
     );
     let now = h.expected_backend(&changed, CLIENT, vip(80), TCP);
     assert_frame_eq(
         &h.run(Hook::FromPod, &syn.bytes()).out,
         &syn.with_dst(now).bytes(),
-        "SYN after FIN",
+        "SYN after both FINs",
     );
 }
 
@@ -244,5 +255,51 @@ fn udp_flows_live_30_s_and_streams_120_s() {
     assert!(
         (before + timeout::UDP_STREAM..=after + timeout::UDP_STREAM).contains(&stream.deadline_ns),
         "a UDP stream lives 120 s"
+    );
+}
+
+/// Each direction learns the other's close and lifetime: a backend that has not answered yet
+/// keeps its reply entry as long as the established connection, and once both sides closed the
+/// forward entry lives out TIME_WAIT (120 s), not the hour a half-closed flow gets.
+#[test]
+fn each_direction_learns_the_others_state() {
+    let Some((mut h, _svc, _syn, backend)) = web_flow() else {
+        return;
+    };
+    let forward = forward_key(CLIENT, vip(80), TCP);
+    let reply = flow_key(backend, CLIENT, TCP, REPLY);
+    let lifetime = |h: &Harness, key: &FlowKey| {
+        let entry = h.maps.ct.get(key, 0).unwrap();
+        entry
+            .deadline_ns
+            .saturating_sub(lb_datapath::predict::coarse_now_ns())
+    };
+    // The client completes the handshake; the backend has not spoken.
+    h.run(
+        Hook::FromPod,
+        &Packet::tcp(CLIENT, vip(80), flags::ACK, &[]).bytes(),
+    );
+    assert!(
+        lifetime(&h, &reply) > timeout::TCP_FIN,
+        "the silent backend's entry lives as long as the connection"
+    );
+    // The client closes, then the backend.
+    h.run(
+        Hook::FromPod,
+        &Packet::tcp(CLIENT, vip(80), flags::FIN | flags::ACK, &[]).bytes(),
+    );
+    assert!(
+        lifetime(&h, &forward) > timeout::TCP_TIME_WAIT,
+        "half closed"
+    );
+    h.run(
+        Hook::ToPod,
+        &Packet::tcp(backend, CLIENT, flags::FIN | flags::ACK, &[]).bytes(),
+    );
+    let entry = h.maps.ct.get(&forward, 0).unwrap();
+    assert_ne!(entry.flags & ct_flags::PEER_FIN, 0, "{entry:?}");
+    assert!(
+        lifetime(&h, &forward) <= timeout::TCP_TIME_WAIT,
+        "closed both ways: TIME_WAIT"
     );
 }

@@ -7,7 +7,7 @@ mod common;
 
 use common::{
     expected::{expected_port_unreachable, expected_rst},
-    harness::{Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, tc, vip},
+    harness::{Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, socket, tc, vip},
     packet::{Packet, assert_frame_eq, flags},
 };
 
@@ -95,4 +95,63 @@ fn a_service_whose_policy_says_drop_drops_silently() {
     );
     assert_eq!(run.verdict, tc::SHOT);
     assert_eq!(h.verdicts(), counts(&[("drop_no_backend", 1)]));
+}
+
+/// Rejects go to unicast sources only: a spoofed multicast, broadcast, loopback or "this
+/// network" source, or a group MAC, gets nothing back, and the datapath counts what it kept to
+/// itself.
+#[test]
+fn rejects_answer_unicast_sources_only() {
+    let svc = cluster_ip("empty", 80, TCP, &[]);
+    let Some(mut h) = setup(&svc) else { return };
+    let sources = [
+        [224, 0, 0, 1],
+        [255, 255, 255, 255],
+        [127, 0, 0, 1],
+        [0, 1, 2, 3],
+    ];
+    for src in sources {
+        let syn = Packet::tcp(socket(src, 40_000), vip(80), flags::SYN, &[]);
+        let run = h.run(Hook::FromPod, &syn.bytes());
+        assert_eq!(run.verdict, tc::SHOT, "{src:?}");
+    }
+    let mut group_mac = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
+    group_mac.eth_src = [0x01, 0, 0x5e, 0, 0, 1];
+    assert_eq!(h.run(Hook::FromPod, &group_mac.bytes()).verdict, tc::SHOT);
+    assert_eq!(
+        h.verdicts(),
+        counts(&[("reject_no_backend", 5), ("answer_suppressed", 5)])
+    );
+}
+
+/// A flood of packets that would each be rejected gets at most the node's burst of answers
+/// (50), then one a millisecond (the kernel's own ICMP rate limits): a spoofed flood cannot
+/// turn the node into a reflector.
+#[test]
+fn rejects_are_rate_limited_per_node() {
+    let svc = cluster_ip("empty", 53, UDP, &[]);
+    let Some(mut h) = setup(&svc) else { return };
+    let started = std::time::Instant::now();
+    let sent = 400;
+    let mut answered = 0u64;
+    for port in 0..sent {
+        let query = Packet::udp(socket([10, 0, 1, 2], 20_000 + port), vip(53), b"query");
+        if h.run(Hook::FromPod, &query.bytes()).verdict == tc::REDIRECT {
+            answered += 1;
+        }
+    }
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    assert!(answered >= 50, "the burst goes out: {answered}");
+    // The datapath's clock is coarse (a jiffy, up to 10 ms): the refill comes in such steps.
+    assert!(
+        answered <= 50 + elapsed_ms + 10,
+        "{answered} answers in {elapsed_ms} ms"
+    );
+    assert_eq!(
+        h.verdicts(),
+        counts(&[
+            ("reject_no_backend", u64::from(sent)),
+            ("answer_suppressed", u64::from(sent) - answered)
+        ])
+    );
 }

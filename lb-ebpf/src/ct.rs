@@ -2,7 +2,7 @@
 //! `lb_common::conntrack` decide on (which entries, when, with which flags and deadline).
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
-use lb_common::conntrack::{self, CtEntry, FlowKey};
+use lb_common::conntrack::{self, CtEntry, FlowKey, ct_flags};
 
 use crate::maps::LB_CT;
 
@@ -55,9 +55,10 @@ pub fn open(
 }
 
 /// Called when a forward entry was written (its TCP state changed, or its deadline moved by a
-/// refresh interval): keeps the reply entry alive as long as its flow, tells it of the client's
-/// FIN or RST ([`conntrack::reply_after_forward`]), and recreates it if the LRU evicted it. Runs
-/// at most once per state change or refresh interval per flow.
+/// refresh interval): tells the reply entry of the client's FIN or RST and keeps it alive as long
+/// as its flow ([`conntrack::after_other_direction`]), and recreates it if the LRU evicted it,
+/// with what it knew of the client. Runs at most once per state change or refresh interval per
+/// flow.
 #[inline(always)]
 pub fn refresh_reply(forward_key: &FlowKey, forward: *const CtEntry, now: u64) {
     // SAFETY: a map value returned by a successful lookup.
@@ -69,19 +70,55 @@ pub fn refresh_reply(forward_key: &FlowKey, forward: *const CtEntry, now: u64) {
             if !(*reply).replies_to(forward_key) {
                 return;
             }
-            let (flags, deadline) =
-                conntrack::reply_after_forward(&*reply, key.proto, fwd.flags, now);
-            (*reply).flags = flags;
-            (*reply).deadline_ns = deadline;
+            learn_from_other(reply, key.proto, fwd.flags, now);
         }
         return;
     }
+    let peer = conntrack::peer_flags(fwd.flags);
+    let lived = peer | (fwd.flags & ct_flags::ESTABLISHED);
     let entry = CtEntry::reply_of(
         forward_key,
         &fwd,
-        0,
-        now + conntrack::lifetime(key.proto, 0),
+        peer,
+        now + conntrack::lifetime(key.proto, lived),
     );
     // Best effort: if this fails, the next refresh tries again.
     let _ = LB_CT.insert(&key, &entry, 0);
+}
+
+/// Called when a reply entry was written: tells the forward entry of the backend's FIN or RST
+/// and keeps it alive as long as its flow, so that it knows when the flow is over (TIME_WAIT
+/// rather than an hour after the client's FIN) and that a SYN then opens a new one.
+#[inline(always)]
+pub fn refresh_forward(reply_key: &FlowKey, reply: *const CtEntry, now: u64) {
+    // SAFETY: a map value returned by a successful lookup.
+    let rep = unsafe { *reply };
+    let key = rep.forward_key(reply_key.proto);
+    let Some(forward) = LB_CT.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: a map value returned by a successful lookup.
+    unsafe {
+        // The forward entry under the key may be a newer flow's, with another reply key.
+        if key.reply_of(&*forward) != *reply_key {
+            return;
+        }
+        learn_from_other(forward, key.proto, rep.flags, now);
+    }
+}
+
+/// Writes into `entry` what [`conntrack::after_other_direction`] says it learns from the other
+/// direction's flags.
+///
+/// # Safety
+/// `entry` points into a map value returned by a successful lookup.
+#[inline(always)]
+unsafe fn learn_from_other(entry: *mut CtEntry, l4_proto: u8, other_flags: u8, now: u64) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        let (flags, deadline) =
+            conntrack::after_other_direction(&*entry, l4_proto, other_flags, now);
+        (*entry).flags = flags;
+        (*entry).deadline_ns = deadline;
+    }
 }

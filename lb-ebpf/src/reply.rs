@@ -45,7 +45,9 @@ pub fn to_client<F: Frame>(frame: &mut F) -> Action {
     if !e.live(now) || e.snat() {
         return Action::Pass;
     }
-    ct::touch(entry, ip.proto, l4.tcp_flags, now);
+    if ct::touch(entry, ip.proto, l4.tcp_flags, now) {
+        ct::refresh_forward(&key, entry, now);
+    }
     if nat::rewrite(frame, End::Source, Some(&l4), e.nat_addr, e.nat_port).is_err() {
         return Action::Pass;
     }

@@ -80,7 +80,9 @@ pub fn translate_reply<F: Frame>(
     len: u32,
     now: u64,
 ) -> Result<(), Action> {
-    ct::touch(entry, ip.proto, l4.tcp_flags, now);
+    if ct::touch(entry, ip.proto, l4.tcp_flags, now) {
+        ct::refresh_forward(&parse::flow_key(ip, l4, REPLY), entry, now);
+    }
     let rewritten = nat::rewrite(frame, End::Source, Some(l4), e.nat_addr, e.nat_port).is_ok()
         && nat::rewrite(frame, End::Destination, Some(l4), e.snat_addr, e.snat_port).is_ok();
     if !rewritten {

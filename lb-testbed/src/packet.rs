@@ -97,6 +97,24 @@ impl Packet {
         quoted: &Packet,
         quote_len: usize,
     ) -> Self {
+        Self::icmp_error(
+            from,
+            to,
+            Icmpv4Type::DestinationUnreachable(code),
+            quoted,
+            quote_len,
+        )
+    }
+
+    /// An ICMP error of `kind` from `from` to `to`, quoting `quoted`'s IPv4 header and the first
+    /// `quote_len` bytes after it.
+    pub fn icmp_error(
+        from: Ipv4Addr,
+        to: Ipv4Addr,
+        kind: Icmpv4Type,
+        quoted: &Packet,
+        quote_len: usize,
+    ) -> Self {
         let frame = quoted.bytes();
         let ip_start = 14;
         let quoted_ip_len = quoted.ip.header_len();
@@ -105,7 +123,7 @@ impl Packet {
             eth_src: POD_MAC,
             eth_dst: HOST_MAC,
             ip: ip_header(from, to, IpNumber::ICMP),
-            transport: Transport::Icmp(Icmpv4Header::new(Icmpv4Type::DestinationUnreachable(code))),
+            transport: Transport::Icmp(Icmpv4Header::new(kind)),
             payload: frame[ip_start..end].to_vec(),
         }
     }

@@ -1,6 +1,6 @@
 //! The frames the datapath must send back when it refuses a packet, built independently of it.
 
-use etherparse::{IpDscp, IpEcn, icmpv4::DestUnreachableHeader};
+use etherparse::{Icmpv4Type, IpDscp, IpEcn, icmpv4::DestUnreachableHeader};
 
 use super::packet::{self, Packet, flags};
 
@@ -25,13 +25,16 @@ pub fn expected_rst(pkt: &Packet, seq: u32, ack: Option<u32>) -> Vec<u8> {
 
 /// The ICMP port unreachable the datapath must send for `pkt`.
 pub fn expected_port_unreachable(pkt: &Packet) -> Vec<u8> {
-    let mut icmp = Packet::icmp_unreachable(
-        *pkt.dst().ip(),
-        *pkt.src().ip(),
-        DestUnreachableHeader::Port,
+    expected_icmp_error(
         pkt,
-        8,
-    );
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+    )
+}
+
+/// The ICMP error of `kind` the datapath must send for `pkt`, from the address `pkt` went to,
+/// back out of the interface it came in on.
+pub fn expected_icmp_error(pkt: &Packet, kind: Icmpv4Type) -> Vec<u8> {
+    let mut icmp = Packet::icmp_error(*pkt.dst().ip(), *pkt.src().ip(), kind, pkt, 8);
     icmp.eth_src = pkt.eth_dst;
     icmp.eth_dst = pkt.eth_src;
     icmp.ip.identification = 0;
