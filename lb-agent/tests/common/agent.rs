@@ -239,10 +239,16 @@ impl AgentBed {
     }
 
     /// Every frontend the maps hold and the backend set it uses (to see whether a restarted
-    /// agent kept them).
+    /// agent kept them). Reads the frontends' pin alone, which every release has made, so that it
+    /// also reads a datapath an older release pinned.
     pub fn set_ids(&self) -> Vec<(FrontendKey, u32)> {
-        self.maps()
-            .services
+        let pin = self.bpffs.join(lb_common::maps::LB_SERVICES);
+        let data = aya::maps::MapData::from_pin(&pin).expect("the frontends' pin");
+        let frontends: aya::maps::HashMap<_, FrontendKey, lb_common::maps::Frontend> =
+            aya::maps::Map::HashMap(data)
+                .try_into()
+                .expect("a hash map");
+        frontends
             .iter()
             .map(|e| e.unwrap())
             .map(|(k, v)| (k, v.set_id))
