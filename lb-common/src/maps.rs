@@ -205,7 +205,8 @@ pub mod snat {
     /// node to each backend.
     pub const PORT_MIN: u16 = 61_000;
     pub const PORT_MAX: u16 = 65_535;
-    /// Candidate ports the datapath tries for a new flow before giving up.
+    /// Candidate ports spread by a new flow's hash that the datapath tries before it scans the
+    /// whole range (see `crate::snat::allocate`).
     pub const PROBES: u32 = 8;
 }
 

@@ -74,13 +74,23 @@ pub const fn is_reply_to(config: &NodeConfig, dst_addr: Be32, dst_port: Be16) ->
         && port <= config.snat_port_max
 }
 
-/// Candidate `probe` (from 0) for a flow with hash `hash`: the probes are spread over the whole
-/// range by a large odd step, so that two flows rarely walk the same candidates. `config` must
+/// The number of ports in `config`'s range (which must be [`NodeConfig::snat_configured`]).
+#[inline(always)]
+pub const fn span(config: &NodeConfig) -> u32 {
+    (config.snat_port_max - config.snat_port_min) as u32 + 1
+}
+
+/// Candidate `probe` (from 0) for a flow with hash `hash`: the first [`PROBES`] are spread over
+/// the range by a large odd step, so that two flows rarely walk the same candidates; the rest
+/// walk the whole range in order from the hash's place (a scan, see [`allocate`]). `config` must
 /// be [`NodeConfig::snat_configured`].
 #[inline(always)]
 pub const fn candidate(config: &NodeConfig, hash: u32, probe: u32) -> u16 {
-    let span = (config.snat_port_max - config.snat_port_min) as u32 + 1;
-    let offset = hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span;
+    let offset = if probe < PROBES {
+        hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span(config)
+    } else {
+        hash.wrapping_add(probe - PROBES) % span(config)
+    };
     // offset < span: the sum stays within the range.
     config.snat_port_min + offset as u16
 }
@@ -89,18 +99,108 @@ pub const fn candidate(config: &NodeConfig, hash: u32, probe: u32) -> u16 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Choice {
     pub port: u16,
-    /// Which candidate it was (below [`PROBES`]).
+    /// Which candidate it was ([`candidate`]'s `probe`).
     pub probe: u32,
     /// What held it: nothing live, this same client flow, or a flow its backend keeps in
     /// TIME_WAIT.
     pub state: SnatPort,
+    /// No entry at all held it: the new flow's reply entry claims it with an insert that fails
+    /// if another flow got there first (`BPF_NOEXIST`).
+    pub absent: bool,
+}
+
+/// A walk over the candidate ports of one new flow: the first free one is taken; failing that,
+/// the first whose backend holds it in TIME_WAIT.
+#[derive(Clone, Copy, Debug)]
+pub struct Walk {
+    /// The first candidate in TIME_WAIT (port 0 for none: ports come from a range above 0).
+    time_wait: Choice,
+}
+
+impl Default for Walk {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Walk {
+    #[inline(always)]
+    pub const fn new() -> Self {
+        Self {
+            time_wait: Choice {
+                port: 0,
+                probe: 0,
+                state: SnatPort::TimeWait,
+                absent: false,
+            },
+        }
+    }
+
+    /// The walk's fallback: the first candidate it met in TIME_WAIT.
+    #[inline(always)]
+    pub const fn time_wait(&self) -> Option<Choice> {
+        if self.time_wait.port != 0 {
+            Some(self.time_wait)
+        } else {
+            None
+        }
+    }
+
+    /// Candidate `probe` of the walk for the new flow `flow` to `backend`, whose reservation
+    /// `held` looks up: the choice when the flow is to take it (free, or this flow's own).
+    /// `claim` then claims it (`absent`: with an insert that fails if another flow got there
+    /// first); when it fails the walk goes on, the port being taken after all.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the walk's inputs, passed apart as both the kernel and the predictor have them"
+    )]
+    #[inline(always)]
+    pub fn step(
+        &mut self,
+        flow: &FlowKey,
+        backend: &Backend,
+        config: &NodeConfig,
+        hash: u32,
+        probe: u32,
+        now: u64,
+        held: &mut impl FnMut(&FlowKey) -> Option<CtEntry>,
+        claim: &mut impl FnMut(&FlowKey, bool) -> bool,
+    ) -> Option<Choice> {
+        let port = candidate(config, hash, probe);
+        let key = reply_key(backend, config.snat_addr, Be16::from_host(port), flow.proto);
+        let entry = held(&key);
+        let state = classify(entry.as_ref(), flow, now);
+        let choice = Choice {
+            port,
+            probe,
+            state,
+            absent: entry.is_none(),
+        };
+        match state {
+            SnatPort::Free | SnatPort::Reopened => claim(&key, choice.absent).then_some(choice),
+            SnatPort::TimeWait => {
+                if self.time_wait.port == 0 {
+                    self.time_wait = choice;
+                }
+                None
+            }
+            SnatPort::Taken => None,
+        }
+    }
 }
 
 /// The node port for the new flow `flow` (its forward key) to `backend`, with `config` (which
-/// must be [`NodeConfig::snat_configured`]): among [`PROBES`] candidates, the first free (or
-/// reopened) one, else the first one in TIME_WAIT; `None` when live flows hold them all.
-/// `held` looks up the reply entry reserving a candidate (`LB_CT` in the kernel, the pinned map
-/// in `lbctl trace`).
+/// must be [`NodeConfig::snat_configured`]). `held` looks up the reply entry reserving a
+/// candidate (`LB_CT` in the kernel, the pinned map in `lbctl trace`); `claim` claims a free one
+/// (the kernel inserts the flow's reply entry there, the predictor takes it as is).
+///
+/// First [`PROBES`] candidates spread by the flow's hash: the first free one, else the first
+/// whose backend holds it in TIME_WAIT (a retransmitted SYN's delay at worst, where resting
+/// every such port would soon drop new flows). Only when live flows hold every one of them does
+/// the walk scan the whole range in order for a free port (or a TIME_WAIT one): a port is found
+/// whenever one exists, and a flow is dropped only when the range really is full for its
+/// backend. The scan's cost grows with how full the range is (at 90 % use, ten candidates on
+/// average) and is bounded by its size.
 #[inline(always)]
 pub fn allocate(
     flow: &FlowKey,
@@ -108,34 +208,30 @@ pub fn allocate(
     config: &NodeConfig,
     now: u64,
     mut held: impl FnMut(&FlowKey) -> Option<CtEntry>,
+    mut claim: impl FnMut(&FlowKey, bool) -> bool,
 ) -> Option<Choice> {
     let hash = flow.hash();
-    // The first candidate in TIME_WAIT; port 0 for none (ports come from a range above 0).
-    let mut time_wait = Choice {
-        port: 0,
-        probe: 0,
-        state: SnatPort::TimeWait,
-    };
+    let mut walk = Walk::new();
     for probe in 0..PROBES {
-        let port = candidate(config, hash, probe);
-        let key = reply_key(backend, config.snat_addr, Be16::from_host(port), flow.proto);
-        let entry = held(&key);
-        match classify(entry.as_ref(), flow, now) {
-            state @ (SnatPort::Free | SnatPort::Reopened) => {
-                return Some(Choice { port, probe, state });
-            }
-            SnatPort::TimeWait if time_wait.port == 0 => {
-                time_wait.port = port;
-                time_wait.probe = probe;
-            }
-            SnatPort::TimeWait | SnatPort::Taken => {}
+        let choice = walk.step(
+            flow, backend, config, hash, probe, now, &mut held, &mut claim,
+        );
+        if choice.is_some() {
+            return choice;
         }
     }
-    if time_wait.port != 0 {
-        Some(time_wait)
-    } else {
-        None
+    if let Some(choice) = walk.time_wait() {
+        return Some(choice);
     }
+    for probe in PROBES..PROBES + span(config) {
+        let choice = walk.step(
+            flow, backend, config, hash, probe, now, &mut held, &mut claim,
+        );
+        if choice.is_some() {
+            return choice;
+        }
+    }
+    walk.time_wait()
 }
 
 /// What the reply entry reserving a source-NAT port (`held`, `None` when there is none) means for
@@ -292,5 +388,130 @@ mod tests {
         entry.deadline_ns = NOW + timeout::UDP_STREAM;
         let other_udp = flow([198, 51, 100, 2], 40_000, proto::UDP);
         assert_eq!(classify(Some(&entry), &other_udp, NOW), SnatPort::Taken);
+    }
+}
+
+#[cfg(test)]
+mod walk_tests {
+    extern crate std;
+
+    use std::{collections::BTreeMap, vec::Vec};
+
+    use super::*;
+    use crate::{conntrack::FORWARD, maps::backend_flags};
+
+    const NOW: u64 = 1 << 40;
+
+    fn config(min: u16, max: u16) -> NodeConfig {
+        NodeConfig {
+            snat_addr: Be32::from(core::net::Ipv4Addr::new(192, 168, 50, 10)),
+            snat_port_min: min,
+            snat_port_max: max,
+            hairpin_addr: Be32::default(),
+        }
+    }
+
+    fn backend() -> Backend {
+        Backend {
+            addr: Be32::from(core::net::Ipv4Addr::new(10, 10, 1, 5)),
+            port: Be16::from_host(8080),
+            flags: backend_flags::ACTIVE,
+            _pad: 0,
+        }
+    }
+
+    fn flow(port: u16) -> FlowKey {
+        FlowKey::new(
+            Be32::from(core::net::Ipv4Addr::new(198, 51, 100, 1)),
+            Be16::from_host(port),
+            Be32::from(core::net::Ipv4Addr::new(192, 168, 50, 10)),
+            Be16::from_host(30_080),
+            proto::TCP,
+            FORWARD,
+        )
+    }
+
+    /// A reservation by a live flow of another client.
+    fn live() -> CtEntry {
+        CtEntry {
+            deadline_ns: NOW + 1,
+            flags: ct_flags::SNAT | ct_flags::ESTABLISHED,
+            ..CtEntry::default()
+        }
+    }
+
+    fn walk(
+        config: &NodeConfig,
+        flow: &FlowKey,
+        held: &BTreeMap<u16, CtEntry>,
+        refuse: &[u16],
+    ) -> Option<Choice> {
+        allocate(
+            flow,
+            &backend(),
+            config,
+            NOW,
+            |key| held.get(&key.dst_port.to_host()).copied(),
+            |key, _absent| !refuse.contains(&key.dst_port.to_host()),
+        )
+    }
+
+    #[test]
+    fn a_free_port_is_found_whenever_one_exists() {
+        let config = config(61_000, 61_099);
+        let f = flow(40_000);
+        let hash = f.hash();
+        // Every hashed candidate, and all but one other port, held by live flows.
+        let free = 61_042;
+        let held: BTreeMap<u16, CtEntry> = (61_000..=61_099)
+            .filter(|p| *p != free)
+            .map(|p| (p, live()))
+            .collect();
+        assert!((0..PROBES).all(|probe| candidate(&config, hash, probe) != free));
+        let choice = walk(&config, &f, &held, &[]).expect("the free port");
+        assert_eq!(
+            (choice.port, choice.state, choice.absent),
+            (free, SnatPort::Free, true)
+        );
+        assert!(choice.probe >= PROBES, "found by the scan");
+        // The range full: no port, the flow is dropped.
+        let full: BTreeMap<u16, CtEntry> = (61_000..=61_099).map(|p| (p, live())).collect();
+        assert_eq!(walk(&config, &f, &full, &[]), None);
+    }
+
+    #[test]
+    fn a_port_another_cpu_claimed_first_is_passed_over() {
+        let config = config(61_000, 61_099);
+        let f = flow(40_000);
+        let first = candidate(&config, f.hash(), 0);
+        let choice = walk(&config, &f, &BTreeMap::new(), &[first]).unwrap();
+        assert_ne!(choice.port, first);
+        assert_eq!(choice.probe, 1);
+    }
+
+    #[test]
+    fn time_wait_is_taken_after_the_probes_before_any_scan() {
+        let config = config(61_000, 61_099);
+        let f = flow(40_000);
+        let hash = f.hash();
+        let time_wait = CtEntry {
+            flags: live().flags | ct_flags::FIN | ct_flags::FIN_FIRST | ct_flags::PEER_FIN,
+            ..live()
+        };
+        let mut held: BTreeMap<u16, CtEntry> = (0..PROBES)
+            .map(|probe| (candidate(&config, hash, probe), live()))
+            .collect();
+        let third = candidate(&config, hash, 2);
+        held.insert(third, time_wait);
+        let choice = walk(&config, &f, &held, &[]).unwrap();
+        assert_eq!((choice.port, choice.state), (third, SnatPort::TimeWait));
+        let scanned: Vec<u16> = (PROBES..PROBES + 3)
+            .map(|probe| candidate(&config, hash, probe))
+            .collect();
+        assert!(
+            scanned
+                .windows(2)
+                .all(|w| w[1] == w[0] + 1 || w[1] == 61_000)
+        );
     }
 }

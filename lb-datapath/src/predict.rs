@@ -175,11 +175,11 @@ pub struct SnatChoice {
 pub enum SnatFailure {
     /// `LB_CONFIG` has no SNAT address, or an empty port range.
     NoConfig { config: NodeConfig },
-    /// Every candidate port is held by a live flow of another client to the same backend.
+    /// Every port of the range is held by a live flow of another client to the same backend.
     PortsTaken {
         node: std::net::Ipv4Addr,
         hash: u32,
-        /// The candidates, in the order they were tried.
+        /// The candidates spread by the hash, tried before the range was scanned.
         candidates: Vec<u16>,
     },
 }
@@ -293,12 +293,20 @@ pub fn snat_allocate(
     now: u64,
 ) -> Result<Result<SnatChoice, SnatFailure>, MapsError> {
     let mut failed = None;
-    let chosen = snat::allocate(flow, backend, config, now, |key| {
-        ct_entry(maps, key).unwrap_or_else(|e| {
-            failed.get_or_insert(e);
-            None
-        })
-    });
+    let chosen = snat::allocate(
+        flow,
+        backend,
+        config,
+        now,
+        |key| {
+            ct_entry(maps, key).unwrap_or_else(|e| {
+                failed.get_or_insert(e);
+                None
+            })
+        },
+        // Nothing races a prediction for the port.
+        |_key, _absent| true,
+    );
     if let Some(e) = failed {
         return Err(e);
     }

@@ -22,7 +22,7 @@ use etherparse::{
 };
 use lb_common::{
     Be32,
-    conntrack::{FORWARD, FlowKey, REPLY, ct_flags},
+    conntrack::{CtEntry, FORWARD, FlowKey, REPLY, ct_flags},
     hash::flow_hash,
     maps::{scope, snat},
     stats::Reason,
@@ -631,5 +631,49 @@ fn packets_the_node_cannot_forward_get_a_routers_answer_and_no_state() {
         );
         assert!(h.maps.ct.get(&forward_key(client, TCP), 0).is_err());
         assert_eq!(h.verdict_count(Reason::DropTooBig), 1);
+    });
+}
+
+/// A new flow finds a free SNAT port whenever the range has one, also when live flows hold every
+/// candidate its hash spreads (it then scans the range), and is dropped only when the range is
+/// full for its backend. Eight candidates alone drop about one flow in eight at 77 % use and
+/// most of them near 100 %.
+#[test]
+fn a_free_snat_port_is_found_whenever_the_range_has_one() {
+    in_routed_namespace(|h| {
+        h.program(&node_port_service("web", TCP, &[(REMOTE_POD, false)]));
+        configure_snat(h, 61_000, 61_099);
+        let client = socket([192, 168, 50, 2], 51_000);
+        let flow = forward_key(client, TCP);
+        let config = h.maps.config.get(&0, 0).unwrap();
+        let probes: Vec<u16> = (0..snat::PROBES)
+            .map(|probe| lb_common::snat::candidate(&config, flow.hash(), probe))
+            .collect();
+        let free = (61_000..=61_099)
+            .find(|p| !probes.contains(p))
+            .expect("a port no probe tries");
+        // Every other port held by a live flow of another client to the same backend.
+        let held = CtEntry {
+            deadline_ns: u64::MAX,
+            flags: ct_flags::SNAT | ct_flags::ESTABLISHED,
+            snat_addr: Be32::from(Ipv4Addr::new(192, 168, 50, 99)),
+            ..CtEntry::default()
+        };
+        for port in (61_000..=61_099).filter(|p| *p != free) {
+            h.maps.ct.insert(remote_reply_key(port), held, 0).unwrap();
+        }
+        let run = h.run(Hook::ExtIn, &from_client(client, flags::SYN).bytes());
+        assert_eq!(run.verdict, tc::REDIRECT);
+        assert_eq!(
+            snat_source(h, client, TCP).port(),
+            free,
+            "found by the scan"
+        );
+
+        // Now the range is full: the next flow is dropped, and counted.
+        let other = socket([192, 168, 50, 2], 51_001);
+        let run = h.run(Hook::ExtIn, &from_client(other, flags::SYN).bytes());
+        assert_eq!(run.verdict, tc::SHOT);
+        assert_eq!(h.verdict_count(Reason::DropSnatPorts), 1);
     });
 }

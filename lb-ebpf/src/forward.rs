@@ -210,19 +210,20 @@ fn new_flow<F: Frame>(
         forward.snat_addr = addr;
         forward.snat_port = port;
     } else if lb_common::snat::needed(scope, &backend, ip.proto) {
-        let Some(port) = snat::allocate(flow, &backend, &config, now) else {
-            return counted(Reason::DropSnatPorts, len, Action::Drop);
-        };
-        forward.flags |= ct_flags::SNAT;
-        forward.snat_addr = config.snat_addr;
-        forward.snat_port = port;
-    }
-    if forward.routed() {
-        // Before any state is written: a flow this hook cannot forward is left to the next one.
-        let route = match fib::route(frame, ip, forward.snat_addr, forward.nat_addr, len) {
+        // The route first: a flow this hook cannot forward is left to the next hook, or
+        // answered, before it claims a port or writes any state.
+        let route = match fib::route(frame, ip, config.snat_addr, backend.addr, len) {
             Ok(route) => route,
             Err(action) => return action,
         };
+        forward.flags |= ct_flags::SNAT;
+        forward.snat_addr = config.snat_addr;
+        // The reply entry does not depend on the port: it claims the port it is keyed by.
+        let reply = CtEntry::reply_of(flow, &forward, 0, forward.deadline_ns);
+        let Some(port) = snat::allocate(flow, &backend, &config, now, &reply) else {
+            return counted(Reason::DropSnatPorts, len, Action::Drop);
+        };
+        forward.snat_port = port;
         if let Err(action) = open(frame, ip, l4, flow, &forward, len) {
             return action;
         }

@@ -2,10 +2,11 @@
 //! node's configuration, port allocation over `LB_CT`, and the return of replies. The rules
 //! (who needs it, which candidate ports, what a reservation means) are `lb_common::snat`'s.
 
+use aya_ebpf::{bindings::BPF_NOEXIST, cty::c_void, helpers::generated::bpf_loop};
 use lb_common::{
     Be16,
     conntrack::{CtEntry, FlowKey, REPLY},
-    maps::{Backend, NodeConfig},
+    maps::{Backend, NodeConfig, snat::PROBES},
     snat,
     stats::Reason,
 };
@@ -25,18 +26,105 @@ pub fn node_config() -> NodeConfig {
     LB_CONFIG.get(0).copied().unwrap_or_default()
 }
 
-/// The node port for the new flow `flow` to `backend` ([`snat::allocate`] over `LB_CT`);
-/// `None` when the node cannot source-NAT or live flows hold every candidate.
+/// The node port for the new flow `flow` to `backend` ([`snat::allocate`]'s walk over `LB_CT`),
+/// its reply entry `reply` already claiming it when it was free; `None` when the node cannot
+/// source-NAT or the range is full for that backend. The hashed probes run inline; the scan of
+/// the whole range, needed only once live flows hold every probe, runs under `bpf_loop`, which
+/// the verifier checks once however long the range.
 #[inline(always)]
-pub fn allocate(flow: &FlowKey, backend: &Backend, config: &NodeConfig, now: u64) -> Option<Be16> {
+pub fn allocate(
+    flow: &FlowKey,
+    backend: &Backend,
+    config: &NodeConfig,
+    now: u64,
+    reply: &CtEntry,
+) -> Option<Be16> {
     if !config.snat_configured() {
         return None;
     }
-    // SAFETY: LRU map value, copied out at once.
-    let choice = snat::allocate(flow, backend, config, now, |key| unsafe {
-        LB_CT.get(key).copied()
-    })?;
-    Some(Be16::from_host(choice.port))
+    let mut scan = Scan {
+        flow: *flow,
+        backend: *backend,
+        config: *config,
+        reply: *reply,
+        now,
+        hash: flow.hash(),
+        walk: snat::Walk::new(),
+        port: 0,
+    };
+    for probe in 0..PROBES {
+        if let Some(port) = scan.step(probe) {
+            return Some(Be16::from_host(port));
+        }
+    }
+    if let Some(choice) = scan.walk.time_wait() {
+        return Some(Be16::from_host(choice.port));
+    }
+    // SAFETY: the callback is a static function taking the context we pass, which lives on this
+    // stack frame for the whole call.
+    unsafe {
+        bpf_loop(
+            snat::span(config),
+            scan_step as *mut c_void,
+            (&raw mut scan).cast(),
+            0,
+        )
+    };
+    if scan.port != 0 {
+        return Some(Be16::from_host(scan.port));
+    }
+    scan.walk.time_wait().map(|c| Be16::from_host(c.port))
+}
+
+/// What the scan under `bpf_loop` works with (its callback takes one pointer).
+struct Scan {
+    flow: FlowKey,
+    backend: Backend,
+    config: NodeConfig,
+    /// The new flow's reply entry, inserted as the reservation of a free port.
+    reply: CtEntry,
+    now: u64,
+    hash: u32,
+    walk: snat::Walk,
+    /// The port taken, 0 while none.
+    port: u16,
+}
+
+impl Scan {
+    /// Walks candidate `probe`; the port when the flow took it.
+    #[inline(always)]
+    fn step(&mut self, probe: u32) -> Option<u16> {
+        let reply = self.reply;
+        let choice = self.walk.step(
+            &self.flow,
+            &self.backend,
+            &self.config,
+            self.hash,
+            probe,
+            self.now,
+            // SAFETY: LRU map value, copied out at once.
+            &mut |key| unsafe { LB_CT.get(key).copied() },
+            // A port no entry holds is claimed by inserting the reservation, which fails when
+            // another CPU's flow got there first; one held by a flow that is over is written over.
+            &mut |key, absent| !absent || LB_CT.insert(key, &reply, BPF_NOEXIST.into()).is_ok(),
+        )?;
+        Some(choice.port)
+    }
+}
+
+/// `bpf_loop` callback: scan step `index` (candidate `PROBES + index`); stops the loop once a
+/// port is taken.
+#[inline(never)]
+extern "C" fn scan_step(index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `allocate` passes a pointer to its `Scan`, alive for the whole loop.
+    let scan = unsafe { &mut *ctx.cast::<Scan>() };
+    match scan.step(PROBES + index) {
+        Some(port) => {
+            scan.port = port;
+            1
+        }
+        None => 0,
+    }
 }
 
 /// A packet to the node's SNAT address: the reply of a SNATed flow gets its frontend back as
