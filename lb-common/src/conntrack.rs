@@ -116,17 +116,20 @@ pub struct CtEntry {
     pub backend_id: u32,
     /// The backend set the flow was balanced by, for counters.
     pub set_id: u32,
-    /// `FORWARD`: the backend address the flow was DNATed to (checked against the backend slot, so
-    /// a reused backend id never captures an old flow). `REPLY`: the frontend address that
-    /// replaces the backend as the reply's source.
+    /// `FORWARD`: the backend address the flow was DNATed to, where its packets keep going
+    /// whatever becomes of the backend. `REPLY`: the frontend address that replaces the
+    /// backend as the reply's source.
     pub nat_addr: Be32,
     /// Port counterpart of `nat_addr`.
     pub nat_port: Be16,
     /// [`ct_flags`] bits.
     pub flags: u8,
-    pub _pad: u8,
-    /// With [`ct_flags::SNAT`] only. `FORWARD`: the node address that replaces the client as
-    /// the source. `REPLY`: the client address that replaces the node's as the destination.
+    /// [`nat_flags`] bits (a byte of padding before they existed: zero in entries of earlier
+    /// versions, which is right for them).
+    pub nat_flags: u8,
+    /// With [`ct_flags::SNAT`] only. `FORWARD`: the address that replaces the client as the
+    /// source (the node's, the hairpin address, or the client's own when only its port is
+    /// remapped). `REPLY`: the client address restored as the destination.
     pub snat_addr: Be32,
     /// Port counterpart of `snat_addr`.
     pub snat_port: Be16,
@@ -157,11 +160,19 @@ impl CtEntry {
         self.flags & ct_flags::HAIRPIN != 0
     }
 
+    /// Whether only the client's port is rewritten ([`nat_flags::CLIENT_PORT`]).
+    #[inline(always)]
+    pub const fn client_port_remapped(&self) -> bool {
+        self.nat_flags & nat_flags::CLIENT_PORT != 0
+    }
+
     /// Whether the flow is source-NATed to this node, which then routes its packets (every
-    /// source-NATed flow but hairpin flows, which are bounced back into their pod).
+    /// source-NATed flow but hairpin flows, bounced back into their pod, and flows whose client
+    /// keeps its address, which go on through the stack).
     #[inline(always)]
     pub const fn routed(&self) -> bool {
         self.flags & (ct_flags::SNAT | ct_flags::HAIRPIN) == ct_flags::SNAT
+            && !self.client_port_remapped()
     }
 
     /// Whether a forward entry keeps its flow for a packet with TCP flags `seg_flags` (0 for
@@ -216,12 +227,22 @@ impl CtEntry {
             nat_addr: forward_key.dst_addr,
             nat_port: forward_key.dst_port,
             flags: flags | (forward.flags & (ct_flags::SNAT | ct_flags::HAIRPIN)),
-            _pad: 0,
+            nat_flags: forward.nat_flags,
             snat_addr: forward_key.src_addr,
             snat_port: forward_key.src_port,
             _pad2: [0; 2],
         }
     }
+}
+
+/// Bits of [`CtEntry::nat_flags`].
+pub mod nat_flags {
+    /// With `ct_flags::SNAT`: only the client's port is rewritten, its address kept. Linux gives
+    /// one local port to connections to different destinations, so two flows of one client
+    /// port may be balanced to the same backend (a ClusterIP and a LoadBalancer IP of one
+    /// Service): the second would take the first's reply entry. As nf_nat does, the second
+    /// gets another source port instead (see `crate::snat::client_port_range`).
+    pub const CLIENT_PORT: u8 = 1 << 0;
 }
 
 /// Bits of [`CtEntry::flags`].

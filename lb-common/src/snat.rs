@@ -74,6 +74,20 @@ pub const fn is_reply_to(config: &NodeConfig, dst_addr: Be32, dst_port: Be16) ->
         && port <= config.snat_port_max
 }
 
+/// The range a client's port is remapped in when its flow clashes with another of the same
+/// client port (see [`crate::conntrack::nat_flags::CLIENT_PORT`]): the unprivileged ports, as
+/// nf_nat uses for a client port above 1023. The walk is [`allocate`]'s, over reply keys to the
+/// client's own address.
+#[inline(always)]
+pub const fn client_port_range(client: Be32) -> NodeConfig {
+    NodeConfig {
+        snat_addr: client,
+        snat_port_min: 1024,
+        snat_port_max: u16::MAX,
+        hairpin_addr: Be32::from_raw(0),
+    }
+}
+
 /// The number of ports in `config`'s range (which must be [`NodeConfig::snat_configured`]).
 #[inline(always)]
 pub const fn span(config: &NodeConfig) -> u32 {

@@ -21,6 +21,8 @@
 //! else Maglev slot (or the single backend); backend not active -> Inconsistent
 //! snat::hairpin_source -> hairpin: source NAT to the hairpin address, bounced into the pod
 //! else snat::needed -> source NAT to the node: snat::allocate, none -> DropSnatPorts
+//! else LB_CT[backend -> client, REPLY] held by another live flow of the client port
+//!   -> its port remapped: snat::allocate over snat::client_port_range, none -> DropSnatPorts
 //! ```
 //!
 //! Source-NATed packets (new and established flows to backends on other nodes, and their
@@ -154,13 +156,17 @@ pub enum SourceNat {
     Node(SnatChoice),
     /// To the hairpin address, the client's port kept: a pod balanced to itself.
     Hairpin(SocketAddrV4),
+    /// The client's address kept, its port replaced: another live flow of the same client port
+    /// holds the reply key (`nat_flags::CLIENT_PORT`).
+    ClientPort(SnatChoice),
 }
 
-/// The node address and port a new flow is source-NATed to, and how the port was chosen.
+/// The address and port a new flow is source-NATed to, and how the port was chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnatChoice {
-    /// The node address and port that replace the client as the source.
-    pub node: SocketAddrV4,
+    /// The address and port that replace the client as the source: the node's, or the client's
+    /// own address with another port.
+    pub source: SocketAddrV4,
     /// The flow hash that spreads the candidate ports.
     pub hash: u32,
     /// Which candidate was taken (0-based, below `lb_common::maps::snat::PROBES`).
@@ -182,6 +188,9 @@ pub enum SnatFailure {
         /// The candidates spread by the hash, tried before the range was scanned.
         candidates: Vec<u16>,
     },
+    /// The client's port clashes with another live flow of it to the same backend, and every
+    /// other port of the client's (`snat::client_port_range`) does too.
+    ClientPortsTaken { client: SocketAddrV4 },
 }
 
 /// The reply path's decision for a packet from a backend.
@@ -189,9 +198,11 @@ pub enum SnatFailure {
 pub enum Reply {
     /// Not a reply of a load-balanced flow (or its entry expired): untouched.
     NotTracked,
-    /// Source rewritten to the frontend.
+    /// Source rewritten to the frontend (and the destination to the client's own port when its
+    /// flow had it remapped, `client`).
     ReverseNat {
         frontend: SocketAddrV4,
+        client: Option<SocketAddrV4>,
         set_id: u32,
         backend_id: u32,
         /// The flow's reply conntrack entry.
@@ -313,7 +324,7 @@ pub fn snat_allocate(
     let hash = flow.hash();
     Ok(match chosen {
         Some(choice) => Ok(SnatChoice {
-            node: SocketAddrV4::new(config.snat_addr.to_ip(), choice.port),
+            source: SocketAddrV4::new(config.snat_addr.to_ip(), choice.port),
             hash,
             probe: choice.probe,
             state: choice.state,
@@ -342,13 +353,41 @@ fn new_flow_snat(
         return Ok(Some(Ok(SourceNat::Hairpin(socket(addr, port)))));
     }
     if !snat::needed(flow_scope, backend, flow.proto) {
-        return Ok(None);
+        return client_port_clash(maps, flow, backend, now);
     }
     if !config.snat_configured() {
         return Ok(Some(Err(SnatFailure::NoConfig { config })));
     }
     Ok(Some(
         snat_allocate(maps, flow, backend, &config, now)?.map(SourceNat::Node),
+    ))
+}
+
+/// A new flow `flow` to `backend` that keeps its source: `None` while its reply key is free (or
+/// held by this same flow, or one that is over), else the port the client gets instead
+/// (`forward::claim_reply` in the datapath).
+fn client_port_clash(
+    maps: &Maps,
+    flow: &FlowKey,
+    backend: &Backend,
+    now: u64,
+) -> Result<Option<Result<SourceNat, SnatFailure>>, MapsError> {
+    let forward = CtEntry {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        ..CtEntry::default()
+    };
+    let held = ct_entry(maps, &flow.reply_of(&forward))?;
+    if snat::classify(held.as_ref(), flow, now) != SnatPort::Taken {
+        return Ok(None);
+    }
+    let range = snat::client_port_range(flow.src_addr);
+    Ok(Some(
+        snat_allocate(maps, flow, backend, &range, now)?
+            .map(SourceNat::ClientPort)
+            .map_err(|_| SnatFailure::ClientPortsTaken {
+                client: socket(flow.src_addr, flow.src_port),
+            }),
     ))
 }
 
@@ -547,7 +586,7 @@ pub fn reply(
     Ok(match ct_entry(maps, &key)? {
         Some(entry) if entry.live(coarse_now_ns()) => {
             let frontend = socket(entry.nat_addr, entry.nat_port);
-            if entry.snat() {
+            if entry.snat() && !entry.client_port_remapped() {
                 Reply::SnatUntouched {
                     frontend,
                     client: socket(entry.snat_addr, entry.snat_port),
@@ -559,6 +598,9 @@ pub fn reply(
             } else {
                 Reply::ReverseNat {
                     frontend,
+                    client: entry
+                        .client_port_remapped()
+                        .then(|| socket(entry.snat_addr, entry.snat_port)),
                     set_id: entry.set_id,
                     backend_id: entry.backend_id,
                     entry,

@@ -12,12 +12,16 @@ use common::{
     harness::{Harness, Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, tc, vip, web_flow},
     packet::{Packet, assert_frame_eq, flags},
 };
+use lb_common::maps::scope::INTERNAL;
 use lb_common::{
     Be32,
     conntrack::{FORWARD, FlowKey, REPLY, ct_flags, timeout},
     stats::Reason,
 };
-use lb_datapath::{predict::flow_key, program::BackendSpec};
+use lb_datapath::{
+    predict::{self, Forward, SourceNat, flow_key},
+    program::{BackendSpec, FrontendKind, FrontendSpec},
+};
 
 fn forward_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
     flow_key(src, dst, proto, FORWARD)
@@ -227,9 +231,9 @@ fn udp_flows_live_30_s_and_streams_120_s() {
     let Some(mut h) = setup(&svc) else { return };
     let key = forward_key(CLIENT, vip(53), UDP);
     let query = Packet::udp(CLIENT, vip(53), b"query");
-    let before = lb_datapath::predict::coarse_now_ns();
+    let before = predict::coarse_now_ns();
     h.run(Hook::FromPod, &query.bytes());
-    let after = lb_datapath::predict::coarse_now_ns();
+    let after = predict::coarse_now_ns();
     let opened = h.maps.ct.get(&key, 0).unwrap();
     assert!(
         (before + timeout::UDP..=after + timeout::UDP).contains(&opened.deadline_ns),
@@ -247,9 +251,9 @@ fn udp_flows_live_30_s_and_streams_120_s() {
     let mut aged = opened;
     aged.deadline_ns -= 3_000_000_000;
     h.maps.ct.insert(key, aged, 0).unwrap();
-    let before = lb_datapath::predict::coarse_now_ns();
+    let before = predict::coarse_now_ns();
     h.run(Hook::FromPod, &query.bytes());
-    let after = lb_datapath::predict::coarse_now_ns();
+    let after = predict::coarse_now_ns();
     let stream = h.maps.ct.get(&key, 0).unwrap();
     assert_ne!(stream.flags & ct_flags::ESTABLISHED, 0);
     assert!(
@@ -270,9 +274,7 @@ fn each_direction_learns_the_others_state() {
     let reply = flow_key(backend, CLIENT, TCP, REPLY);
     let lifetime = |h: &Harness, key: &FlowKey| {
         let entry = h.maps.ct.get(key, 0).unwrap();
-        entry
-            .deadline_ns
-            .saturating_sub(lb_datapath::predict::coarse_now_ns())
+        entry.deadline_ns.saturating_sub(predict::coarse_now_ns())
     };
     // The client completes the handshake; the backend has not spoken.
     h.run(
@@ -302,4 +304,105 @@ fn each_direction_learns_the_others_state() {
         lifetime(&h, &forward) <= timeout::TCP_TIME_WAIT,
         "closed both ways: TIME_WAIT"
     );
+}
+
+/// Linux gives one local port to connections with different destinations: a pod may reach the
+/// same backend from one port through the ClusterIP and through a LoadBalancer IP of the same
+/// Service. The second flow must not take the first's reply entry: as nf_nat does, it gets
+/// another source port (the client's address kept), and each flow's replies come back from its
+/// own frontend to the client's own port. The predictor tells the same.
+#[test]
+fn two_flows_of_one_client_port_to_one_backend_both_live() {
+    let lb_ip = SocketAddrV4::new(std::net::Ipv4Addr::new(192, 168, 77, 10), 80);
+    for l4_proto in [TCP, UDP] {
+        let mut svc = cluster_ip("web", 80, l4_proto, &BACKENDS[..1]);
+        svc.frontends.push(FrontendSpec {
+            addr: *lb_ip.ip(),
+            kind: FrontendKind::LoadBalancer,
+            ..svc.frontends[0]
+        });
+        let Some(mut h) = setup(&svc) else {
+            return;
+        };
+        let backend = BACKENDS[0];
+        let first = |dst| match l4_proto {
+            TCP => Packet::tcp(CLIENT, dst, flags::SYN, &[]),
+            _ => Packet::udp(CLIENT, dst, b"query"),
+        };
+        let run = h.run(Hook::FromPod, &first(vip(80)).bytes());
+        assert_frame_eq(
+            &run.out,
+            &first(vip(80)).with_dst(backend).bytes(),
+            "the first flow keeps its port",
+        );
+
+        // The second flow of the same client port: the predictor and the datapath agree on
+        // the port it gets instead.
+        let predicted = predict::forward(&h.maps, CLIENT, lb_ip, l4_proto, INTERNAL, true).unwrap();
+        let Forward::NewFlow {
+            snat: Some(SourceNat::ClientPort(choice)),
+            ..
+        } = predicted
+        else {
+            panic!("{l4_proto}: predicted {predicted:?}");
+        };
+        let remapped = choice.source;
+        assert_eq!(remapped.ip(), CLIENT.ip(), "the client keeps its address");
+        assert_ne!(remapped.port(), CLIENT.port());
+        let run = h.run(Hook::FromPod, &first(lb_ip).bytes());
+        assert_eq!(run.verdict, tc::PASS);
+        assert_frame_eq(
+            &run.out,
+            &first(lb_ip).with_dst(backend).with_src(remapped).bytes(),
+            "the second flow gets another port",
+        );
+
+        // Each flow's replies come back from its own frontend, to the client's own port.
+        let answer = |dst| match l4_proto {
+            TCP => Packet::tcp(backend, dst, flags::SYN | flags::ACK, &[]),
+            _ => Packet::udp(backend, dst, b"answer"),
+        };
+        for (dst, frontend) in [(CLIENT, vip(80)), (remapped, lb_ip)] {
+            assert_eq!(
+                predict::reply(&h.maps, backend, dst, l4_proto).unwrap(),
+                predict::Reply::ReverseNat {
+                    frontend,
+                    client: (dst != CLIENT).then_some(CLIENT),
+                    set_id: h.set_id(&svc),
+                    backend_id: h.services.backend_id(backend).unwrap(),
+                    entry: h
+                        .maps
+                        .ct
+                        .get(&flow_key(backend, dst, l4_proto, REPLY), 0)
+                        .unwrap(),
+                },
+            );
+            let run = h.run(Hook::ToPod, &answer(dst).bytes());
+            assert_eq!(run.verdict, tc::PASS);
+            assert_frame_eq(
+                &run.out,
+                &answer(dst).with_src(frontend).with_dst(CLIENT).bytes(),
+                "reply",
+            );
+        }
+
+        // Both flows go on, each on its own source port.
+        let more = |dst| match l4_proto {
+            TCP => Packet::tcp(CLIENT, dst, flags::ACK, b"more"),
+            _ => Packet::udp(CLIENT, dst, b"more"),
+        };
+        for (frontend, src) in [(vip(80), CLIENT), (lb_ip, remapped)] {
+            let run = h.run(Hook::FromPod, &more(frontend).bytes());
+            assert_frame_eq(
+                &run.out,
+                &more(frontend).with_dst(backend).with_src(src).bytes(),
+                "established",
+            );
+        }
+        assert_eq!(
+            h.verdicts(),
+            counts(&[("new_flow", 2), ("reply_nat", 2), ("established", 2)]),
+            "{l4_proto}"
+        );
+    }
 }

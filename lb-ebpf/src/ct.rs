@@ -40,17 +40,19 @@ pub fn continues(entry: *const CtEntry, seg_flags: u8, now: u64) -> bool {
     unsafe { (*entry).continues(seg_flags, now) }
 }
 
-/// Records both directions of a new flow.
+/// Records both directions of a new flow: `reply` (key and entry) unless the flow already
+/// claimed its reply key.
 #[inline(always)]
 pub fn open(
     forward_key: &FlowKey,
     forward: &CtEntry,
-    reply_key: &FlowKey,
-    reply: &CtEntry,
+    reply: Option<(&FlowKey, &CtEntry)>,
 ) -> Result<(), ()> {
     // Reply first: once the forward entry exists, packets are DNATed and their replies must
     // find their way back.
-    LB_CT.insert(reply_key, reply, 0).map_err(|_| ())?;
+    if let Some((key, entry)) = reply {
+        LB_CT.insert(key, entry, 0).map_err(|_| ())?;
+    }
     LB_CT.insert(forward_key, forward, 0).map_err(|_| ())
 }
 

@@ -48,6 +48,17 @@ pub struct Route {
     pub next_hop: Be32,
 }
 
+impl Route {
+    /// No route (every field written, see above), for a packet that will not be forwarded.
+    pub const NONE: Self = Self {
+        ifindex: 0,
+        resolved: false,
+        smac: [0; 6],
+        dmac: [0; 6],
+        next_hop: Be32::from_raw(0),
+    };
+}
+
 /// The route of `ip` once its addresses are `src` -> `dst`, or what to do with it instead
 /// (see the module's table); `len` is the packet's length, for counters.
 #[inline(always)]

@@ -1,10 +1,12 @@
 //! Client -> frontend: find the service, keep established flows on their backend, balance new
 //! ones with Maglev, DNAT. The client's address is never touched.
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
-    conntrack::{self, CtEntry, FORWARD, FlowKey, ct_flags},
+    conntrack::{self, CtEntry, FORWARD, FlowKey, ct_flags, nat_flags},
     maps::{AddrInfo, Frontend, FrontendKey},
     net::proto,
+    snat::SnatPort,
     stats::Reason,
 };
 
@@ -205,6 +207,14 @@ fn new_flow<F: Frame>(
         ..CtEntry::default()
     };
     let config = snat::node_config();
+    // The source the flow goes out with: the hairpin address (a pod balanced to itself), the
+    // node's (from outside to another node's backend: source NAT, and the node routes it), or
+    // the client's own, with another port when its own is taken (see `reply_clashes`). `range`
+    // is where a port is to be found for it.
+    let mut route = fib::Route::NONE;
+    let mut routed = false;
+    let mut range = None;
+    let mut reply_written = false;
     if let Some((addr, port)) = lb_common::snat::hairpin_source(flow, &backend, &config) {
         forward.flags |= ct_flags::SNAT | ct_flags::HAIRPIN;
         forward.snat_addr = addr;
@@ -212,27 +222,73 @@ fn new_flow<F: Frame>(
     } else if lb_common::snat::needed(scope, &backend, ip.proto) {
         // The route first: a flow this hook cannot forward is left to the next hook, or
         // answered, before it claims a port or writes any state.
-        let route = match fib::route(frame, ip, config.snat_addr, backend.addr, len) {
+        route = match fib::route(frame, ip, config.snat_addr, backend.addr, len) {
             Ok(route) => route,
             Err(action) => return action,
         };
+        routed = true;
         forward.flags |= ct_flags::SNAT;
         forward.snat_addr = config.snat_addr;
+        range = Some(config);
+    } else {
+        match claim_reply(flow, &forward, now) {
+            Claim::Claimed => reply_written = true,
+            Claim::Free => {}
+            Claim::Clash => {
+                forward.flags |= ct_flags::SNAT;
+                forward.nat_flags |= nat_flags::CLIENT_PORT;
+                forward.snat_addr = flow.src_addr;
+                range = Some(lb_common::snat::client_port_range(flow.src_addr));
+            }
+        }
+    }
+    if let Some(range) = range {
         // The reply entry does not depend on the port: it claims the port it is keyed by.
         let reply = CtEntry::reply_of(flow, &forward, 0, forward.deadline_ns);
-        let Some(port) = snat::allocate(flow, &backend, &config, now, &reply) else {
+        let Some((port, claimed)) = snat::allocate(flow, &backend, &range, now, &reply) else {
             return counted(Reason::DropSnatPorts, len, Action::Drop);
         };
         forward.snat_port = port;
-        if let Err(action) = open(frame, ip, l4, flow, &forward, len) {
-            return action;
-        }
-        return fib::send(frame, route, len);
+        reply_written = claimed;
     }
-    if let Err(action) = open(frame, ip, l4, flow, &forward, len) {
+    if let Err(action) = open(frame, ip, l4, flow, &forward, reply_written, len) {
         return action;
     }
+    if routed {
+        return fib::send(frame, route, len);
+    }
     unrouted(frame, &forward)
+}
+
+/// What holds the reply key of a new flow that is not source-NATed (backend -> client).
+enum Claim {
+    /// Nothing did: this flow's reply entry now does.
+    Claimed,
+    /// An entry of this same flow (reopened), or of one that is over: written over by `open`.
+    Free,
+    /// Another live flow of the same client port. Linux gives one local port to connections to
+    /// different destinations (a ClusterIP and a LoadBalancer IP of one Service, balanced to
+    /// the same backend): as nf_nat does, this flow gets another source port, its client
+    /// address kept ([`nat_flags::CLIENT_PORT`]).
+    Clash,
+}
+
+/// Claims the reply key of the new flow `flow` (entry `forward`) with an insert that fails when
+/// the key is held, and says by what.
+#[inline(always)]
+fn claim_reply(flow: &FlowKey, forward: &CtEntry, now: u64) -> Claim {
+    let key = flow.reply_of(forward);
+    let reply = CtEntry::reply_of(flow, forward, 0, forward.deadline_ns);
+    if LB_CT.insert(&key, &reply, BPF_NOEXIST.into()).is_ok() {
+        return Claim::Claimed;
+    }
+    // SAFETY: LRU map value, copied out at once.
+    let held = unsafe { LB_CT.get(&key) }.copied();
+    if lb_common::snat::classify(held.as_ref(), flow, now) == SnatPort::Taken {
+        Claim::Clash
+    } else {
+        Claim::Free
+    }
 }
 
 /// Records a new flow, translates its first packet and counts it.
@@ -243,11 +299,13 @@ fn open<F: Frame>(
     l4: &L4,
     flow: &FlowKey,
     forward: &CtEntry,
+    reply_written: bool,
     len: u32,
 ) -> Result<(), Action> {
     let reply_key = flow.reply_of(forward);
     let reply = CtEntry::reply_of(flow, forward, 0, forward.deadline_ns);
-    if ct::open(flow, forward, &reply_key, &reply).is_err() {
+    let reply = (!reply_written).then_some((&reply_key, &reply));
+    if ct::open(flow, forward, reply).is_err() {
         return Err(counted(Reason::DropCtFull, len, Action::Drop));
     }
     if translate(frame, l4, forward).is_err() {

@@ -41,14 +41,21 @@ pub fn to_client<F: Frame>(frame: &mut F) -> Action {
     let now = ct::now();
     // SAFETY: map value from a successful lookup.
     let e = unsafe { *entry };
-    // Replies of source-NATed flows are handled where they reach the node (`snat::reply`).
-    if !e.live(now) || e.snat() {
+    // Replies of flows source-NATed to the node or the hairpin address are handled where they
+    // reach it (`snat::reply`, `hairpin::reply`); a flow whose client kept its address but not
+    // its port gets its reply here, like any other.
+    if !e.live(now) || (e.snat() && !e.client_port_remapped()) {
         return Action::Pass;
     }
     if ct::touch(entry, ip.proto, l4.tcp_flags, now) {
         ct::refresh_forward(&key, entry, now);
     }
     if nat::rewrite(frame, End::Source, Some(&l4), e.nat_addr, e.nat_port).is_err() {
+        return Action::Pass;
+    }
+    if e.client_port_remapped()
+        && nat::rewrite(frame, End::Destination, Some(&l4), e.snat_addr, e.snat_port).is_err()
+    {
         return Action::Pass;
     }
     let set_id = e.set_id;

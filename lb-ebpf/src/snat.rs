@@ -26,9 +26,10 @@ pub fn node_config() -> NodeConfig {
     LB_CONFIG.get(0).copied().unwrap_or_default()
 }
 
-/// The node port for the new flow `flow` to `backend` ([`snat::allocate`]'s walk over `LB_CT`),
-/// its reply entry `reply` already claiming it when it was free; `None` when the node cannot
-/// source-NAT or the range is full for that backend. The hashed probes run inline; the scan of
+/// The port in `config`'s range (the node's SNAT ports, or a client's own when its port is
+/// remapped) for the new flow `flow` to `backend` ([`snat::allocate`]'s walk over `LB_CT`), and
+/// whether its reply entry `reply` already claims it (it does when the port was free of any
+/// entry); `None` when no address is configured or the range is full for that backend. The hashed probes run inline; the scan of
 /// the whole range, needed only once live flows hold every probe, runs under `bpf_loop`, which
 /// the verifier checks once however long the range.
 #[inline(always)]
@@ -38,7 +39,7 @@ pub fn allocate(
     config: &NodeConfig,
     now: u64,
     reply: &CtEntry,
-) -> Option<Be16> {
+) -> Option<(Be16, bool)> {
     if !config.snat_configured() {
         return None;
     }
@@ -50,15 +51,20 @@ pub fn allocate(
         now,
         hash: flow.hash(),
         walk: snat::Walk::new(),
-        port: 0,
+        taken: snat::Choice {
+            port: 0,
+            probe: 0,
+            state: snat::SnatPort::Free,
+            absent: false,
+        },
     };
     for probe in 0..PROBES {
-        if let Some(port) = scan.step(probe) {
-            return Some(Be16::from_host(port));
+        if let Some(choice) = scan.step(probe) {
+            return Some((Be16::from_host(choice.port), choice.absent));
         }
     }
     if let Some(choice) = scan.walk.time_wait() {
-        return Some(Be16::from_host(choice.port));
+        return Some((Be16::from_host(choice.port), false));
     }
     // SAFETY: the callback is a static function taking the context we pass, which lives on this
     // stack frame for the whole call.
@@ -70,10 +76,12 @@ pub fn allocate(
             0,
         )
     };
-    if scan.port != 0 {
-        return Some(Be16::from_host(scan.port));
+    if scan.taken.port != 0 {
+        return Some((Be16::from_host(scan.taken.port), scan.taken.absent));
     }
-    scan.walk.time_wait().map(|c| Be16::from_host(c.port))
+    scan.walk
+        .time_wait()
+        .map(|c| (Be16::from_host(c.port), false))
 }
 
 /// What the scan under `bpf_loop` works with (its callback takes one pointer).
@@ -86,16 +94,16 @@ struct Scan {
     now: u64,
     hash: u32,
     walk: snat::Walk,
-    /// The port taken, 0 while none.
-    port: u16,
+    /// The candidate taken (port 0 while none).
+    taken: snat::Choice,
 }
 
 impl Scan {
-    /// Walks candidate `probe`; the port when the flow took it.
+    /// Walks candidate `probe`; the candidate when the flow took it.
     #[inline(always)]
-    fn step(&mut self, probe: u32) -> Option<u16> {
+    fn step(&mut self, probe: u32) -> Option<snat::Choice> {
         let reply = self.reply;
-        let choice = self.walk.step(
+        self.walk.step(
             &self.flow,
             &self.backend,
             &self.config,
@@ -107,8 +115,7 @@ impl Scan {
             // A port no entry holds is claimed by inserting the reservation, which fails when
             // another CPU's flow got there first; one held by a flow that is over is written over.
             &mut |key, absent| !absent || LB_CT.insert(key, &reply, BPF_NOEXIST.into()).is_ok(),
-        )?;
-        Some(choice.port)
+        )
     }
 }
 
@@ -119,8 +126,8 @@ extern "C" fn scan_step(index: u32, ctx: *mut c_void) -> i64 {
     // SAFETY: `allocate` passes a pointer to its `Scan`, alive for the whole loop.
     let scan = unsafe { &mut *ctx.cast::<Scan>() };
     match scan.step(PROBES + index) {
-        Some(port) => {
-            scan.port = port;
+        Some(choice) => {
+            scan.taken = choice;
             1
         }
         None => 0,

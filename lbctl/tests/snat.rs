@@ -300,7 +300,10 @@ fn trace_predicts_source_nat_here() {
     );
     assert_eq!(t["decision"], "drop_snat_ports");
     let explanation = t["explanation"].as_str().unwrap();
-    assert!(explanation.contains("held by live flows"), "{explanation}");
+    assert!(
+        explanation.contains("every port of") && explanation.contains("is held by a live flow"),
+        "{explanation}"
+    );
     configure_snat(&mut f, snat::PORT_MIN, snat::PORT_MAX);
 
     // A backend on this node sees the client: DNAT only, and the stack delivers.

@@ -21,6 +21,10 @@ use crate::{
 const ROUTED_TEXT: &str = "routed to its next hop by this node (FIB lookup; no route: dropped \
                            as drop_no_route)";
 
+/// Why a flow keeps its client's address but not its port, in words.
+const CLIENT_PORT_TEXT: &str = "source port remapped (another live flow of the same client port \
+                                holds the reply key to this backend), the client's address kept";
+
 /// What happens to a hairpin packet after translation, in words.
 const BOUNCED_TEXT: &str = "sent straight back into the interface it came from (MAC addresses \
                             swapped)";
@@ -120,6 +124,9 @@ fn forward(t: &Trace, prediction: &Forward) -> String {
         } => {
             let nat = match snat {
                 None => format!("DNAT: dst {dst} -> {backend}, src {src} unchanged"),
+                Some(addr) if entry.client_port_remapped() => {
+                    format!("DNAT: dst {dst} -> {backend}; {CLIENT_PORT_TEXT}: src {src} -> {addr}")
+                }
                 Some(addr) if entry.flags & ct_flags::HAIRPIN != 0 => format!(
                     "DNAT: dst {dst} -> {backend}; SNAT (a hairpin flow): src {src} -> {addr}; \
                      {BOUNCED_TEXT}"
@@ -153,7 +160,12 @@ fn forward(t: &Trace, prediction: &Forward) -> String {
                     "DNAT: dst {dst} -> {backend}; SNAT (from outside to a backend on another \
                      node, so that its replies come back here): src {src} -> {} ({}); \
                      {ROUTED_TEXT}",
-                    choice.node,
+                    choice.source,
+                    snat_choice_text(choice)
+                ),
+                Some(SourceNat::ClientPort(choice)) => format!(
+                    "DNAT: dst {dst} -> {backend}; {CLIENT_PORT_TEXT}: src {src} -> {} ({})",
+                    choice.source,
                     snat_choice_text(choice)
                 ),
             };
@@ -169,37 +181,8 @@ fn forward(t: &Trace, prediction: &Forward) -> String {
             backend,
             failure,
         } => {
-            let failure = match failure {
-                SnatFailure::NoConfig { config } => format!(
-                    "but the node has {} (LB_CONFIG: address {}, ports {}-{})",
-                    if config.snat_addr.raw() == 0 {
-                        "no SNAT address"
-                    } else {
-                        "no SNAT ports"
-                    },
-                    config.snat_addr.to_ip(),
-                    config.snat_port_min,
-                    config.snat_port_max
-                ),
-                SnatFailure::PortsTaken {
-                    node,
-                    hash,
-                    candidates,
-                } => {
-                    let ports: Vec<String> = candidates.iter().map(u16::to_string).collect();
-                    format!(
-                        "but all {} candidate ports of {node} ({}; flow hash {hash:#010x}) are \
-                         held by live flows of other clients to {backend}",
-                        candidates.len(),
-                        ports.join(", ")
-                    )
-                }
-            };
-            format!(
-                "{}, which runs on another node: a flow from outside must be source-NATed to \
-                 this node, {failure}: dropped",
-                new_flow_text(service, *selection, *backend_id, *backend, t)
-            )
+            let chosen = new_flow_text(service, *selection, *backend_id, *backend, t);
+            format!("{chosen}{}: dropped", snat_failure_text(failure, *backend))
         }
         Forward::SnatReply(NatReply {
             frontend: restored,
@@ -245,14 +228,21 @@ fn reply(t: &Trace, prediction: &Reply) -> String {
         ),
         Reply::ReverseNat {
             frontend,
+            client,
             set_id,
             backend_id: _,
             entry,
-        } => format!(
-            "reply of a flow of service {set_id} ({}): reverse NAT: src {src} -> {frontend}, \
-             dst {dst} unchanged",
-            entry_text(entry, t.now_ns)
-        ),
+        } => {
+            let dst_text = match client {
+                Some(client) => format!("dst {dst} -> {client} (the client's own port)"),
+                None => format!("dst {dst} unchanged"),
+            };
+            format!(
+                "reply of a flow of service {set_id} ({}): reverse NAT: src {src} -> \
+                 {frontend}, {dst_text}",
+                entry_text(entry, t.now_ns)
+            )
+        }
         Reply::SnatUntouched {
             frontend,
             client,
@@ -432,6 +422,7 @@ pub fn text(e: &Explained<'_>) -> String {
         let kind = match s.kind {
             SnatKind::Hairpin => " (hairpin)",
             SnatKind::Node => "",
+            SnatKind::ClientPort => " (client port remapped)",
         };
         let _ = writeln!(
             out,
@@ -456,6 +447,48 @@ pub fn text(e: &Explained<'_>) -> String {
     }
     let _ = writeln!(out, "  why:      {}", e.explanation);
     out
+}
+
+/// Why a new flow to `backend` that needs a source port got none (`failure`), in words
+/// following what the flow is.
+fn snat_failure_text(failure: &SnatFailure, backend: SocketAddrV4) -> String {
+    const OUTSIDE: &str = ", which runs on another node: a flow from outside must be \
+                           source-NATed to this node";
+    match failure {
+        SnatFailure::ClientPortsTaken { client } => format!(
+            "; another live flow of {client} to {backend} holds the reply key, and so does one \
+             on every other port of the client's"
+        ),
+        SnatFailure::NoConfig { config } => format!(
+            "{OUTSIDE}, but the node has {} (LB_CONFIG: address {}, ports {}-{})",
+            if config.snat_addr.raw() == 0 {
+                "no SNAT address"
+            } else {
+                "no SNAT ports"
+            },
+            config.snat_addr.to_ip(),
+            config.snat_port_min,
+            config.snat_port_max
+        ),
+        SnatFailure::PortsTaken {
+            node,
+            hash,
+            candidates,
+        } => {
+            // A narrow range gives some ports more than once.
+            let mut ports: Vec<String> = Vec::new();
+            for port in candidates.iter().map(u16::to_string) {
+                if !ports.contains(&port) {
+                    ports.push(port);
+                }
+            }
+            format!(
+                "{OUTSIDE}, but every port of {node}'s range is held by a live flow of another \
+                 client to {backend} (tried first, spread by the flow hash {hash:#010x}: {})",
+                ports.join(", ")
+            )
+        }
+    }
 }
 
 #[cfg(test)]

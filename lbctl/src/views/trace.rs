@@ -12,7 +12,7 @@ use lb_common::{
 };
 use lb_datapath::{
     maps::{Maps, MapsError},
-    predict::{self, Forward, Reply, Selection, SourceNat},
+    predict::{self, Forward, Reply, Selection, SnatChoice, SourceNat},
 };
 use serde::Serialize;
 
@@ -243,6 +243,16 @@ impl TraceSnat {
             port_state: None,
         }
     }
+
+    /// With the details of how its port was chosen.
+    fn chosen(kind: SnatKind, choice: &SnatChoice, client: SocketAddrV4) -> Self {
+        Self {
+            hash: Some(choice.hash),
+            probe: Some(choice.probe),
+            port_state: Some(choice.state.into()),
+            ..Self::new(kind, choice.source, client)
+        }
+    }
 }
 
 /// Why a flow is source-NATed.
@@ -253,12 +263,17 @@ pub enum SnatKind {
     Node,
     /// A pod balanced to itself: to the hairpin address.
     Hairpin,
+    /// Another live flow of the client's port holds the reply key: the client's address kept,
+    /// another port.
+    ClientPort,
 }
 
 impl SnatKind {
     /// The kind of a source-NATed flow's conntrack entry.
     fn of(entry: &CtEntry) -> Self {
-        if entry.flags & ct_flags::HAIRPIN != 0 {
+        if entry.client_port_remapped() {
+            Self::ClientPort
+        } else if entry.flags & ct_flags::HAIRPIN != 0 {
             Self::Hairpin
         } else {
             Self::Node
@@ -355,12 +370,10 @@ pub fn forward(
             t.chosen(&frontend, selection, backend_id, backend);
             t.snat = snat.map(|snat| match snat {
                 SourceNat::Hairpin(addr) => TraceSnat::new(SnatKind::Hairpin, addr, src),
-                SourceNat::Node(choice) => TraceSnat {
-                    hash: Some(choice.hash),
-                    probe: Some(choice.probe),
-                    port_state: Some(choice.state.into()),
-                    ..TraceSnat::new(SnatKind::Node, choice.node, src)
-                },
+                SourceNat::Node(choice) => TraceSnat::chosen(SnatKind::Node, &choice, src),
+                SourceNat::ClientPort(choice) => {
+                    TraceSnat::chosen(SnatKind::ClientPort, &choice, src)
+                }
             });
             t.output = Some(TracePacket {
                 src: t.snat.map_or(src, |s| s.addr),
@@ -417,6 +430,7 @@ fn classify(prediction: &Forward) -> (Decision, Verdict) {
                 None => Verdict::Pass,
                 Some(SourceNat::Node(_)) => nat_verdict(SnatKind::Node),
                 Some(SourceNat::Hairpin(_)) => nat_verdict(SnatKind::Hairpin),
+                Some(SourceNat::ClientPort(_)) => nat_verdict(SnatKind::ClientPort),
             },
         ),
         Forward::DropSnatPorts { .. } => (Decision::DropSnatPorts, Verdict::Drop),
@@ -431,6 +445,8 @@ const fn nat_verdict(kind: SnatKind) -> Verdict {
     match kind {
         SnatKind::Node => Verdict::Forward,
         SnatKind::Hairpin => Verdict::Bounce,
+        // The client keeps its address: the stack routes the packet on, as any other.
+        SnatKind::ClientPort => Verdict::Pass,
     }
 }
 
@@ -461,13 +477,17 @@ pub fn reply(
         Reply::NotTracked => t.output = Some(TracePacket { src, dst }),
         Reply::ReverseNat {
             frontend,
+            client,
             set_id,
             backend_id,
             entry: _,
         } => {
             t.set_id = Some(set_id);
             t.backend(backend_id, src);
-            t.output = Some(TracePacket { src: frontend, dst });
+            t.output = Some(TracePacket {
+                src: frontend,
+                dst: client.unwrap_or(dst),
+            });
         }
         Reply::SnatUntouched {
             frontend: _,
