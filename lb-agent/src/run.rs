@@ -8,7 +8,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use lb_datapath::{Capacities, Datapath, Pinning, attach::Links, bpffs, loader, planner::Limits};
+use lb_datapath::{
+    Capacities, Datapath, Pinning, attach::Links, bpffs, ct_carry, loader, planner::Limits,
+};
 
 use crate::{
     config::{self, RunArgs, Source},
@@ -56,9 +58,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ct: args.conntrack_max,
         sets: args.max_services,
     };
+    let ct_entries = ct_carry::map_entries(capacities.ct);
+    if let Some((entries, flags)) = ct_carry::set_aside(&args.bpffs_dir, ct_entries)? {
+        info!(
+            entries,
+            flags,
+            new_entries = ct_entries,
+            "pinned conntrack map of another shape: its flows move into a new one"
+        );
+    }
     let mut datapath = Datapath::load(&Pinning::Dir(args.bpffs_dir.clone()), capacities)
         .context("loading the datapath")?;
     let mut maps = datapath.take_maps()?;
+    // Before the new programs see a packet, and once more when the old ones no longer run.
+    let carried = ct_carry::copy_old(&args.bpffs_dir, &mut maps.ct)?;
     sysctl::reserve_snat_ports(&args.snat_ports);
 
     let mut links = Links::new(&args.bpffs_dir, features.tc_api)?;
@@ -75,6 +88,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         xdp_mode: args.xdp_mode,
     };
     ifaces.attach_new(&mut links, &mut datapath, &present);
+    let carried = carried + ct_carry::finish(&args.bpffs_dir, &mut maps.ct)?;
+    if carried > 0 {
+        info!(
+            entries = carried,
+            "conntrack carried over from the earlier map"
+        );
+    }
 
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, args.bpffs_dir.clone());

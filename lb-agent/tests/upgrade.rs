@@ -65,6 +65,24 @@ fn an_agent_of_this_version_takes_over_the_previous_releases_datapath_without_lo
         bed.agent_bin = PathBuf::from(common::agent::AGENT);
         bed.start_agent();
     });
+    // The previous release made its conntrack map with per-CPU LRU lists: this version's agent
+    // replaced it by one of its own kind and carried the flows over. The held connection has
+    // sent nothing since, so its entry can only be there because it was carried.
+    let ct_pin = bed.bpffs.join(lb_common::maps::LB_CT);
+    let info = aya::maps::MapInfo::from_pin(&ct_pin).expect("the conntrack pin");
+    assert_eq!(info.map_flags(), lb_common::maps::CT_MAP_FLAGS);
+    assert!(!bed.bpffs.join(lb_datapath::ct_carry::OLD_PIN).exists());
+    let held_flow = lb_datapath::predict::flow_key(
+        held.conn.local_addr().unwrap(),
+        vip(),
+        lb_common::net::proto::TCP,
+        lb_common::conntrack::FORWARD,
+    );
+    assert!(
+        bed.maps().ct.get(&held_flow, 0).is_ok(),
+        "the held connection's flow was carried over; log:\n{}",
+        bed.log()
+    );
     held.assert_kept("the held connection survived the upgrade on its backend");
     assert_eq!(
         bed.set_ids(),

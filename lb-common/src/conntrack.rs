@@ -233,6 +233,35 @@ impl CtEntry {
             _pad2: [0; 2],
         }
     }
+
+    /// The forward-direction entry of the flow whose reply entry is `reply` (under `reply_key`):
+    /// what [`CtEntry::reply_of`] made `reply` from, so that the forward half of a flow can be
+    /// recovered when the LRU evicted it and its reply half is written.
+    #[inline(always)]
+    pub const fn forward_of(
+        reply_key: &FlowKey,
+        reply: &CtEntry,
+        flags: u8,
+        deadline_ns: u64,
+    ) -> Self {
+        let (snat_addr, snat_port) = if reply.flags & ct_flags::SNAT != 0 {
+            (reply_key.dst_addr, reply_key.dst_port)
+        } else {
+            (Be32::from_raw(0), Be16::from_raw(0))
+        };
+        Self {
+            deadline_ns,
+            backend_id: reply.backend_id,
+            set_id: reply.set_id,
+            nat_addr: reply_key.src_addr,
+            nat_port: reply_key.src_port,
+            flags: flags | (reply.flags & (ct_flags::SNAT | ct_flags::HAIRPIN)),
+            nat_flags: reply.nat_flags,
+            snat_addr,
+            snat_port,
+            _pad2: [0; 2],
+        }
+    }
 }
 
 /// Bits of [`CtEntry::nat_flags`].
@@ -404,6 +433,20 @@ pub const fn after_packet(
     }
 }
 
+/// This direction's own FIN and RST, from the other direction's record of them (`PEER_FIN`,
+/// `PEER_RST`): what an entry recreated from its other half knows of itself.
+#[inline(always)]
+pub const fn own_flags(other_flags: u8) -> u8 {
+    let mut own = 0;
+    if other_flags & ct_flags::PEER_FIN != 0 {
+        own |= ct_flags::FIN;
+    }
+    if other_flags & ct_flags::PEER_RST != 0 {
+        own |= ct_flags::RST;
+    }
+    own
+}
+
 /// The other direction's FIN and RST as an entry records them.
 #[inline(always)]
 pub const fn peer_flags(other_flags: u8) -> u8 {
@@ -490,6 +533,55 @@ mod tests {
         );
         assert!(reply.snat() && reply.replies_to(&client));
         assert!(!reply.replies_to(&key([10, 0, 1, 3], 40_000, [172, 30, 0, 41], 80)));
+    }
+
+    /// Either half of a flow can be rebuilt from the other: the forward entry recovered from
+    /// its reply entry is the one the flow opened with, for every kind of flow.
+    #[test]
+    fn a_forward_entry_is_recovered_from_its_reply_entry() {
+        let client = key([10, 0, 1, 2], 40_000, [172, 30, 0, 41], 80);
+        let plain = CtEntry {
+            backend_id: 7,
+            set_id: 3,
+            nat_addr: Be32::from(core::net::Ipv4Addr::new(10, 0, 2, 7)),
+            nat_port: Be16::from_host(8080),
+            flags: ct_flags::ESTABLISHED,
+            deadline_ns: NOW,
+            ..CtEntry::default()
+        };
+        let node = CtEntry {
+            flags: ct_flags::ESTABLISHED | ct_flags::SNAT,
+            snat_addr: Be32::from(core::net::Ipv4Addr::new(192, 168, 50, 10)),
+            snat_port: Be16::from_host(61_234),
+            ..plain
+        };
+        let hairpin = CtEntry {
+            flags: ct_flags::ESTABLISHED | ct_flags::SNAT | ct_flags::HAIRPIN,
+            snat_addr: Be32::from(core::net::Ipv4Addr::new(169, 254, 42, 1)),
+            snat_port: client.src_port,
+            ..plain
+        };
+        let client_port = CtEntry {
+            flags: ct_flags::ESTABLISHED | ct_flags::SNAT,
+            nat_flags: nat_flags::CLIENT_PORT,
+            snat_addr: client.src_addr,
+            snat_port: Be16::from_host(1_234),
+            ..plain
+        };
+        for forward in [plain, node, hairpin, client_port] {
+            let reply_key = client.reply_of(&forward);
+            let reply = CtEntry::reply_of(&client, &forward, 0, NOW);
+            assert_eq!(reply.forward_key(proto::TCP), client);
+            assert_eq!(
+                CtEntry::forward_of(&reply_key, &reply, ct_flags::ESTABLISHED, NOW),
+                forward
+            );
+        }
+        assert_eq!(
+            own_flags(ct_flags::PEER_FIN | ct_flags::FIN),
+            ct_flags::FIN,
+            "the other side's own FIN is not ours"
+        );
     }
 
     #[test]

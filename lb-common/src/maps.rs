@@ -55,6 +55,14 @@ pub const LB_CONFIG: &str = "LB_CONFIG";
 /// errors), see [`crate::answer`]. Written by the datapath.
 pub const LB_ANSWERS: &str = "LB_ANSWERS";
 
+/// `0 -> snat::Scan` (per-CPU array of one): scratch space of the SNAT port allocation (see
+/// [`crate::snat::Scan`]). Private to each loaded datapath: never pinned, adopted or read.
+pub const LB_SNAT_SCAN: &str = "LB_SNAT_SCAN";
+
+/// The maps private to each loaded datapath (scratch space), apart from [`ALL`], which an agent
+/// pins and adopts.
+pub const PRIVATE: [Layout; 1] = [layout(LB_SNAT_SCAN, 4, size_of::<crate::snat::Scan>())];
+
 /// Every map, in creation order, for tools that walk them all.
 pub const ALL: [&str; 12] = [
     LB_ADDRS,
@@ -114,10 +122,11 @@ pub const LAYOUTS: [Layout; ALL.len()] = {
     ]
 };
 
-/// The layout of map `name`.
+/// The layout of map `name` (pinned or private).
 pub fn layout_of(name: &str) -> Option<Layout> {
     LAYOUTS
         .iter()
+        .chain(&PRIVATE)
         .copied()
         .find(|l| l.name.as_bytes() == name.as_bytes())
 }
@@ -137,6 +146,13 @@ const _: () = {
     }
 };
 
+/// `map_flags` of `LB_CT`: an LRU with one list common to all CPUs (no `BPF_F_NO_COMMON_LRU`).
+/// Per-CPU lists would give each CPU only its share of the entries: a 64-CPU node would hold
+/// about 2,000 flows per CPU, and evict live ones from a busy CPU's share while the others sit
+/// empty. Earlier versions made it with per-CPU lists; an agent adopting such a map moves its
+/// flows into one of this kind (`lb_datapath::ct_carry`).
+pub const CT_MAP_FLAGS: u32 = 0;
+
 /// Default capacities. Each is a compile-time size the agent may override at load time.
 pub mod capacity {
     /// Addresses carrying frontends (ClusterIPs, node addresses, LB and external IPs).
@@ -147,8 +163,17 @@ pub mod capacity {
     pub const SETS: u32 = 65_536;
     /// Distinct backends (address, port) across all services.
     pub const BACKENDS: u32 = 262_144;
-    /// Flow entries; every flow takes two (one per direction).
+    /// Flow entries; every flow takes two (one per direction). The map is made a little larger
+    /// (see [`ct_lru_slack`]) so that this many hold before the LRU evicts any.
     pub const CT: u32 = 262_144;
+
+    /// Entries an LRU map with one common list may leave unused when it starts evicting, per
+    /// possible CPU: each CPU keeps a local list of up to 128 free entries, and eviction starts
+    /// once the common free list runs short of a CPU's refill of 128 (the kernel's
+    /// `LOCAL_FREE_TARGET` in `bpf_lru_list.c`). Reserved on top of the capacity asked for.
+    pub const fn ct_lru_slack(possible_cpus: u32) -> u32 {
+        possible_cpus.saturating_mul(2 * 128)
+    }
     /// Fragmented datagrams in flight.
     pub const FRAGS: u32 = 8_192;
     /// loadBalancerSourceRanges CIDRs over all services.

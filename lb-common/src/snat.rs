@@ -123,6 +123,24 @@ pub struct Choice {
     pub absent: bool,
 }
 
+/// The state of one port allocation in the datapath, kept in the per-CPU scratch map
+/// `LB_SNAT_SCAN` rather than on the stack: the scan of the range runs in a `bpf_loop` callback,
+/// whose frame older verifiers (6.1) add to the program's own, which leaves no room for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Scan {
+    pub flow: FlowKey,
+    pub backend: Backend,
+    pub config: NodeConfig,
+    /// The new flow's reply entry, inserted as the reservation of a port no entry holds.
+    pub reply: CtEntry,
+    pub now: u64,
+    pub hash: u32,
+    pub walk: Walk,
+    /// The candidate taken (port 0 while none).
+    pub taken: Choice,
+}
+
 /// A walk over the candidate ports of one new flow: the first free one is taken; failing that,
 /// the first whose backend holds it in TIME_WAIT.
 #[derive(Clone, Copy, Debug)]

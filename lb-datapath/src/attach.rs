@@ -431,7 +431,10 @@ pub fn cleanup(bpffs_dir: &Path) -> Result<Cleanup> {
         }
         let _ = std::fs::remove_dir(&links);
     }
-    for name in lb_common::maps::ALL {
+    for name in lb_common::maps::ALL
+        .iter()
+        .chain(&[crate::ct_carry::OLD_PIN])
+    {
         let path = bpffs_dir.join(name);
         if path.exists() {
             std::fs::remove_file(&path)

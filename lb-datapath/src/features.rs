@@ -7,10 +7,10 @@
 //! | tcx (BPF links for tc) | 6.6 | classic tc: a clsact qdisc and cls_bpf filters at a fixed priority and handle, replaced in place by a restarted agent and recorded under `<bpffs>/links/` for `lb-agent cleanup` |
 //! | batch map operations | 5.6 (hash), 5.7 (array) | maps are written and read one element at a time (a slower first sync) |
 //!
-//! What the programs themselves need (they do not load without it): bpf_ktime_get_coarse_ns
-//! (5.11), bpf_redirect_neigh (5.10), BPF_F_INNER_MAP (5.10), mmapable arrays (5.5), XDP links
-//! (5.9). `LB_TC_API=netlink` (or `tcx`) overrides the choice of tc API: the classic path can
-//! so be exercised on a kernel that has tcx.
+//! What the programs themselves need (they do not load without it): bpf_loop (5.17),
+//! bpf_ktime_get_coarse_ns (5.11), bpf_redirect_neigh (5.10), BPF_F_INNER_MAP (5.10), mmapable
+//! arrays (5.5), XDP links (5.9). `LB_TC_API=netlink` (or `tcx`) overrides the choice of tc
+//! API: the classic path can so be exercised on a kernel that has tcx.
 
 use std::{
     fmt,
@@ -63,7 +63,7 @@ pub struct Features {
 }
 
 /// The oldest kernel the programs load on (bpf_ktime_get_coarse_ns).
-const MIN_KERNEL: (u32, u32) = (5, 11);
+const MIN_KERNEL: (u32, u32) = (5, 17);
 
 impl Features {
     /// Probes the kernel (a few cheap syscalls).
@@ -88,7 +88,7 @@ impl Features {
             && version < MIN_KERNEL
         {
             error!(
-                "kernel {kernel} is older than {}.{}: the datapath needs bpf_ktime_get_coarse_ns (5.11), bpf_redirect_neigh and inner-map templates (5.10); loading it will fail",
+                "kernel {kernel} is older than {}.{}: the datapath needs bpf_loop (5.17), bpf_ktime_get_coarse_ns (5.11), bpf_redirect_neigh and inner-map templates (5.10); loading it will fail",
                 MIN_KERNEL.0, MIN_KERNEL.1
             );
         }

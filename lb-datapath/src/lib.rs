@@ -20,6 +20,7 @@
 pub mod adopt;
 pub mod attach;
 pub mod bpffs;
+pub mod ct_carry;
 pub mod features;
 pub mod loader;
 pub mod maglev;

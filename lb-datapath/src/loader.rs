@@ -86,7 +86,7 @@ impl Datapath {
         };
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries(maps::LB_CT, capacities.ct)
+            .map_max_entries(maps::LB_CT, crate::ct_carry::map_entries(capacities.ct))
             .map_max_entries(maps::LB_MAGLEV, capacities.sets)
             .map_max_entries(maps::LB_SVC_STATS, capacities.sets);
         for (name, path) in &pin_paths {

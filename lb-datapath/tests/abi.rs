@@ -31,7 +31,7 @@ fn every_named_program_is_in_the_object() {
 #[test]
 fn every_map_has_the_declared_layout() {
     let obj = object();
-    for layout in maps::LAYOUTS {
+    for layout in maps::LAYOUTS.iter().chain(&maps::PRIVATE) {
         let map = obj.maps.get(layout.name).unwrap_or_else(|| {
             panic!(
                 "map {} is missing; the object has {:?}",

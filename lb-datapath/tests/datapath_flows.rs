@@ -9,7 +9,9 @@ mod common;
 use std::net::SocketAddrV4;
 
 use common::{
-    harness::{Harness, Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, tc, vip, web_flow},
+    harness::{
+        Harness, Hook, TCP, UDP, addrs::*, cluster_ip, counts, setup, socket, tc, vip, web_flow,
+    },
     packet::{Packet, assert_frame_eq, flags},
 };
 use lb_common::maps::scope::INTERNAL;
@@ -19,6 +21,8 @@ use lb_common::{
     stats::Reason,
 };
 use lb_datapath::{
+    Capacities, Pinning,
+    maglev::DEFAULT_TABLE_SIZE,
     predict::{self, Forward, SourceNat, flow_key},
     program::{BackendSpec, FrontendKind, FrontendSpec},
 };
@@ -403,6 +407,53 @@ fn two_flows_of_one_client_port_to_one_backend_both_live() {
             h.verdicts(),
             counts(&[("new_flow", 2), ("reply_nat", 2), ("established", 2)]),
             "{l4_proto}"
+        );
+    }
+}
+
+/// Conntrack holds its whole capacity whichever CPU flows open on: a burst of flows that all
+/// land on one CPU (as RSS puts one busy client's flows) keeps every entry until the map holds
+/// the capacity asked for. With per-CPU LRU lists that CPU would get only its share.
+#[test]
+fn conntrack_holds_its_capacity_whichever_cpu_the_flows_open_on() {
+    if !common::require_privileges() {
+        return;
+    }
+    const CAPACITY: u32 = 4_096;
+    let capacities = Capacities {
+        ct: CAPACITY,
+        ..Capacities::default()
+    };
+    let mut h = Harness::load(&Pinning::None, capacities, DEFAULT_TABLE_SIZE);
+    h.program(&cluster_ip("web", 80, TCP, &BACKENDS));
+    run_on_cpu(0);
+    for flow in 0..CAPACITY / 2 {
+        let [hi, lo] = u16::try_from(flow).unwrap().to_be_bytes();
+        let client = socket([10, 1, hi, lo], 40_000);
+        h.run(
+            Hook::FromPod,
+            &Packet::tcp(client, vip(80), flags::SYN, &[]).bytes(),
+        );
+    }
+    assert_eq!(h.verdict_count(Reason::NewFlow), u64::from(CAPACITY / 2));
+    assert_eq!(
+        h.maps.ct.keys().count(),
+        CAPACITY as usize,
+        "every flow keeps both its entries"
+    );
+}
+
+/// Moves the calling thread to `cpu` (BPF_PROG_TEST_RUN runs programs on the caller's CPU).
+fn run_on_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes within it; the call reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
         );
     }
 }

@@ -1,6 +1,7 @@
 //! Connection tracking in the datapath: the clock, and the map writes the rules in
 //! `lb_common::conntrack` decide on (which entries, when, with which flags and deadline).
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::conntrack::{self, CtEntry, FlowKey, ct_flags};
 
@@ -84,19 +85,30 @@ pub fn refresh_reply(forward_key: &FlowKey, forward: *const CtEntry, now: u64) {
         peer,
         now + conntrack::lifetime(key.proto, lived),
     );
-    // Best effort: if this fails, the next refresh tries again.
-    let _ = LB_CT.insert(&key, &entry, 0);
+    // Best effort: if this fails, the next refresh tries again. The insert fails rather than
+    // take the key from another flow that got it in the meantime.
+    let _ = LB_CT.insert(&key, &entry, BPF_NOEXIST.into());
 }
 
 /// Called when a reply entry was written: tells the forward entry of the backend's FIN or RST
 /// and keeps it alive as long as its flow, so that it knows when the flow is over (TIME_WAIT
-/// rather than an hour after the client's FIN) and that a SYN then opens a new one.
+/// rather than an hour after the client's FIN) and that a SYN then opens a new one; and
+/// recreates it if the LRU evicted it, so that the client's next packets keep their backend
+/// and source port. Runs at most once per state change or refresh interval per flow.
 #[inline(always)]
 pub fn refresh_forward(reply_key: &FlowKey, reply: *const CtEntry, now: u64) {
     // SAFETY: a map value returned by a successful lookup.
     let rep = unsafe { *reply };
     let key = rep.forward_key(reply_key.proto);
     let Some(forward) = LB_CT.get_ptr_mut(&key) else {
+        let flags = conntrack::peer_flags(rep.flags)
+            | conntrack::own_flags(rep.flags)
+            | (rep.flags & ct_flags::ESTABLISHED);
+        let deadline = now + conntrack::lifetime(key.proto, flags);
+        let entry = CtEntry::forward_of(reply_key, &rep, flags, deadline);
+        // Best effort, as in `refresh_reply`. The insert fails rather than take the key from a
+        // flow that got it in the meantime.
+        let _ = LB_CT.insert(&key, &entry, BPF_NOEXIST.into());
         return;
     };
     // SAFETY: a map value returned by a successful lookup.

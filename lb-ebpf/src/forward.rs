@@ -47,10 +47,10 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         return counted(Reason::DropMalformed, len, Action::Drop);
     };
     if ip.frag() == Frag::Later {
-        return fragment::forward(frame, ip, addr.is_cluster_ip(), len);
+        return fragment::forward(frame, ip, addr, len);
     }
     if ip.proto == proto::ICMP && icmp::is_error(frame, l4_off) {
-        if let Some(action) = icmp::towards_frontend(frame, l4_off, len) {
+        if let Some(action) = icmp::towards_frontend(frame, ip, l4_off, len) {
             return action;
         }
         // An error quoting none of our flows: the stack decides.

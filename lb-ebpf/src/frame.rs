@@ -298,17 +298,30 @@ impl TcFrame {
     }
 }
 
+impl TcFrame {
+    /// The skb, as a value the compiler cannot see through. The verifier only accepts a load of
+    /// `data` or `data_end` at a constant offset from the context pointer itself; in a large
+    /// program LLVM may otherwise compute `ctx + offset` once, keep it on the stack and load
+    /// through it later, which the verifier rejects ("dereference of modified ctx ptr").
+    #[inline(always)]
+    fn opaque_skb(&self) -> *mut aya_ebpf::bindings::__sk_buff {
+        core::hint::black_box(self.ctx.skb.skb)
+    }
+}
+
 impl Frame for TcFrame {
     const RESOLVES_NEIGHBOURS: bool = true;
 
     #[inline(always)]
     fn data(&self) -> usize {
-        self.ctx.data()
+        // SAFETY: reading a field of our own skb; see `opaque_skb`.
+        unsafe { (*self.opaque_skb()).data as usize }
     }
 
     #[inline(always)]
     fn data_end(&self) -> usize {
-        self.ctx.data_end()
+        // SAFETY: as in `data`.
+        unsafe { (*self.opaque_skb()).data_end as usize }
     }
 
     #[inline(always)]

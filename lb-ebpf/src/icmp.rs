@@ -16,7 +16,7 @@ use lb_common::{
 };
 
 use crate::{
-    ct,
+    ct, fib,
     frame::{Action, Frame, ptr_at},
     hdr::{
         ICMP_HDR_LEN, IPV4_MIN_HDR_LEN, IcmpHdr, Ipv4Hdr, TCP_CHECK_OFF, UDP_CHECK_OFF, be16, be32,
@@ -200,19 +200,33 @@ fn rewrite_quote<F: Frame>(
     Ok(())
 }
 
-/// An ICMP error addressed to a frontend. Returns `None` when it quotes none of our flows, so the
-/// caller treats it like any other packet to that address.
+/// An ICMP error addressed to a frontend address (`ip` its outer header). Returns `None` when it
+/// quotes none of our flows, so the caller treats it like any other packet to that address.
 #[inline(always)]
-pub fn towards_frontend<F: Frame>(frame: &mut F, icmp_off: usize, len: u32) -> Option<Action> {
+pub fn towards_frontend<F: Frame>(
+    frame: &mut F,
+    ip: &Ipv4,
+    icmp_off: usize,
+    len: u32,
+) -> Option<Action> {
     let q = quote(frame, icmp_off)?;
-    let entry = LB_CT.get_ptr_mut(&q.flow_towards_sender(FORWARD))?;
+    let Some(entry) = LB_CT.get_ptr_mut(&q.flow_towards_sender(FORWARD)) else {
+        return about_source_nat(frame, ip, &q, len);
+    };
     if !ct::continues(entry, 0, ct::now()) {
         return None;
     }
     // SAFETY: map value from a successful lookup.
     let e = unsafe { *entry };
-    let translated = rewrite_quote(frame, &q, End::Source, e.nat_addr, e.nat_port)
-        .and_then(|()| nat::rewrite(frame, End::Destination, None, e.nat_addr, e.nat_port));
+    // About a reply we sent as frontend -> client: the backend gets it quoting the reply as it
+    // sent it, backend -> client, or -> the source this node gave the client.
+    let mut translated = rewrite_quote(frame, &q, End::Source, e.nat_addr, e.nat_port);
+    if translated.is_ok() && e.snat() {
+        translated = rewrite_quote(frame, &q, End::Destination, e.snat_addr, e.snat_port);
+    }
+    if translated.is_ok() {
+        translated = nat::rewrite(frame, End::Destination, None, e.nat_addr, e.nat_port);
+    }
     if translated.is_err() {
         stats::verdict(Reason::DropMalformed, len);
         return Some(Action::Drop);
@@ -220,6 +234,42 @@ pub fn towards_frontend<F: Frame>(frame: &mut F, icmp_off: usize, len: u32) -> O
     stats::set(e.set_id, len, false);
     stats::verdict(Reason::IcmpErrorNat, len);
     Some(Action::Pass)
+}
+
+/// An ICMP error addressed to the node about a packet it sent on for a source-NATed flow (it
+/// quotes node port -> backend: a router on the way asks for a smaller MTU, or the backend
+/// refuses): the client gets it, quoting client -> frontend as it sent it, from the frontend
+/// when the backend itself sent it; routed like the flow's replies. `None` when it is no such
+/// error.
+#[inline(always)]
+fn about_source_nat<F: Frame>(frame: &mut F, ip: &Ipv4, q: &Quote, len: u32) -> Option<Action> {
+    if q.src != ip.dst {
+        return None;
+    }
+    // SAFETY: LRU map value, copied out at once.
+    let e = unsafe { *LB_CT.get(&q.flow_towards_sender(REPLY))? };
+    if !e.routed() || !e.live(ct::now()) {
+        return None;
+    }
+    let from_backend = ip.src == q.dst;
+    let src = if from_backend { e.nat_addr } else { ip.src };
+    let route = match fib::route(frame, ip, src, e.snat_addr, len) {
+        Ok(route) => route,
+        Err(action) => return Some(action),
+    };
+    let mut translated = rewrite_quote(frame, q, End::Source, e.snat_addr, e.snat_port)
+        .and_then(|()| rewrite_quote(frame, q, End::Destination, e.nat_addr, e.nat_port))
+        .and_then(|()| nat::rewrite(frame, End::Destination, None, e.snat_addr, e.snat_port));
+    if translated.is_ok() && from_backend {
+        translated = nat::rewrite(frame, End::Source, None, e.nat_addr, e.nat_port);
+    }
+    if translated.is_err() {
+        stats::verdict(Reason::DropMalformed, len);
+        return Some(Action::Drop);
+    }
+    stats::set(e.set_id, len, false);
+    stats::verdict(Reason::IcmpErrorNat, len);
+    Some(fib::send(frame, route, len))
 }
 
 /// An ICMP error on its way to a client: translated if it quotes one of our flows, else
@@ -237,6 +287,10 @@ pub fn towards_client<F: Frame>(frame: &mut F, ip: &Ipv4, icmp_off: usize, len: 
         return Action::Pass;
     }
     let mut translated = rewrite_quote(frame, &q, End::Destination, entry.nat_addr, entry.nat_port);
+    // A flow whose client port was remapped: the client gets its own port back.
+    if translated.is_ok() && entry.client_port_remapped() {
+        translated = rewrite_quote(frame, &q, End::Source, entry.snat_addr, entry.snat_port);
+    }
     if translated.is_ok() && ip.src == q.dst {
         translated = nat::rewrite(frame, End::Source, None, entry.nat_addr, entry.nat_port);
     }

@@ -2,7 +2,7 @@
 //! capacities here are defaults that the agent overrides at load time.
 
 use aya_ebpf::{
-    bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE},
     btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -47,15 +47,14 @@ pub type MaglevTable = Array<
 #[btf_map]
 pub static LB_MAGLEV: ArrayOfMaps<MaglevTable, { capacity::SETS as usize }> = ArrayOfMaps::new();
 
-/// See [`lb_common::maps::LB_CT`]. Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): a new flow takes
-/// a free entry from its own CPU's list instead of contending for one global list lock; lookups
-/// still see every CPU's entries.
+/// See [`lb_common::maps::LB_CT`] and [`lb_common::maps::CT_MAP_FLAGS`] (one LRU list for all
+/// CPUs, so that the whole capacity serves whichever CPUs the flows land on).
 #[btf_map]
 pub static LB_CT: LruHashMap<
     FlowKey,
     CtEntry,
     { capacity::CT as usize },
-    { BPF_F_NO_COMMON_LRU as usize },
+    { lb_common::maps::CT_MAP_FLAGS as usize },
 > = LruHashMap::new();
 
 /// See [`lb_common::maps::LB_FRAGS`].
@@ -88,3 +87,7 @@ pub static LB_CONFIG: Array<NodeConfig, 1> = Array::new();
 /// See [`lb_common::maps::LB_ANSWERS`].
 #[btf_map]
 pub static LB_ANSWERS: Array<Bucket, 1> = Array::new();
+
+/// See [`lb_common::maps::LB_SNAT_SCAN`].
+#[btf_map]
+pub static LB_SNAT_SCAN: PerCpuArray<lb_common::snat::Scan, 1> = PerCpuArray::new();

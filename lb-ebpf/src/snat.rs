@@ -12,11 +12,11 @@ use lb_common::{
 };
 
 use crate::{
-    ct, fib,
+    ct, fib, fragment,
     frame::{Action, Frame},
-    maps::{LB_CONFIG, LB_CT},
+    maps::{LB_CONFIG, LB_CT, LB_SNAT_SCAN},
     nat::{self, End},
-    parse::{self, Ipv4, L4},
+    parse::{self, Frag, Ipv4, L4},
     stats,
 };
 
@@ -29,9 +29,10 @@ pub fn node_config() -> NodeConfig {
 /// The port in `config`'s range (the node's SNAT ports, or a client's own when its port is
 /// remapped) for the new flow `flow` to `backend` ([`snat::allocate`]'s walk over `LB_CT`), and
 /// whether its reply entry `reply` already claims it (it does when the port was free of any
-/// entry); `None` when no address is configured or the range is full for that backend. The hashed probes run inline; the scan of
-/// the whole range, needed only once live flows hold every probe, runs under `bpf_loop`, which
-/// the verifier checks once however long the range.
+/// entry); `None` when no address is configured or the range is full for that backend. The
+/// hashed probes run inline; the scan of the whole range, needed only once live flows hold every
+/// probe, runs under `bpf_loop`, which the verifier checks once however long the range. Its
+/// state lives in the per-CPU scratch map `LB_SNAT_SCAN` (see [`snat::Scan`]).
 #[inline(always)]
 pub fn allocate(
     flow: &FlowKey,
@@ -43,36 +44,33 @@ pub fn allocate(
     if !config.snat_configured() {
         return None;
     }
-    let mut scan = Scan {
-        flow: *flow,
-        backend: *backend,
-        config: *config,
-        reply: *reply,
-        now,
-        hash: flow.hash(),
-        walk: snat::Walk::new(),
-        taken: snat::Choice {
-            port: 0,
-            probe: 0,
-            state: snat::SnatPort::Free,
-            absent: false,
-        },
-    };
+    let scan = LB_SNAT_SCAN.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch entry; a program runs to completion on its CPU before another
+    // uses it. Fields are written one by one: no copy of the whole on the stack.
+    let scan = unsafe { &mut *scan };
+    scan.flow = *flow;
+    scan.backend = *backend;
+    scan.config = *config;
+    scan.reply = *reply;
+    scan.now = now;
+    scan.hash = flow.hash();
+    scan.walk = snat::Walk::new();
+    scan.taken.port = 0;
     for probe in 0..PROBES {
-        if let Some(choice) = scan.step(probe) {
+        if let Some(choice) = step(scan, probe) {
             return Some((Be16::from_host(choice.port), choice.absent));
         }
     }
     if let Some(choice) = scan.walk.time_wait() {
         return Some((Be16::from_host(choice.port), false));
     }
-    // SAFETY: the callback is a static function taking the context we pass, which lives on this
-    // stack frame for the whole call.
+    // SAFETY: the callback is a static function; it takes no context (it finds the scan in the
+    // scratch map).
     unsafe {
         bpf_loop(
             snat::span(config),
             scan_step as *mut c_void,
-            (&raw mut scan).cast(),
+            core::ptr::null_mut(),
             0,
         )
     };
@@ -84,48 +82,35 @@ pub fn allocate(
         .map(|c| (Be16::from_host(c.port), false))
 }
 
-/// What the scan under `bpf_loop` works with (its callback takes one pointer).
-struct Scan {
-    flow: FlowKey,
-    backend: Backend,
-    config: NodeConfig,
-    /// The new flow's reply entry, inserted as the reservation of a free port.
-    reply: CtEntry,
-    now: u64,
-    hash: u32,
-    walk: snat::Walk,
-    /// The candidate taken (port 0 while none).
-    taken: snat::Choice,
-}
-
-impl Scan {
-    /// Walks candidate `probe`; the candidate when the flow took it.
-    #[inline(always)]
-    fn step(&mut self, probe: u32) -> Option<snat::Choice> {
-        let reply = self.reply;
-        self.walk.step(
-            &self.flow,
-            &self.backend,
-            &self.config,
-            self.hash,
-            probe,
-            self.now,
-            // SAFETY: LRU map value, copied out at once.
-            &mut |key| unsafe { LB_CT.get(key).copied() },
-            // A port no entry holds is claimed by inserting the reservation, which fails when
-            // another CPU's flow got there first; one held by a flow that is over is written over.
-            &mut |key, absent| !absent || LB_CT.insert(key, &reply, BPF_NOEXIST.into()).is_ok(),
-        )
-    }
+/// Walks candidate `probe` of `scan`; the candidate when the flow took it.
+#[inline(always)]
+fn step(scan: &mut snat::Scan, probe: u32) -> Option<snat::Choice> {
+    let reply = scan.reply;
+    scan.walk.step(
+        &scan.flow,
+        &scan.backend,
+        &scan.config,
+        scan.hash,
+        probe,
+        scan.now,
+        // SAFETY: LRU map value, copied out at once.
+        &mut |key| unsafe { LB_CT.get(key).copied() },
+        // A port no entry holds is claimed by inserting the reservation, which fails when
+        // another CPU's flow got there first; one held by a flow that is over is written over.
+        &mut |key, absent| !absent || LB_CT.insert(key, &reply, BPF_NOEXIST.into()).is_ok(),
+    )
 }
 
 /// `bpf_loop` callback: scan step `index` (candidate `PROBES + index`); stops the loop once a
 /// port is taken.
 #[inline(never)]
-extern "C" fn scan_step(index: u32, ctx: *mut c_void) -> i64 {
-    // SAFETY: `allocate` passes a pointer to its `Scan`, alive for the whole loop.
-    let scan = unsafe { &mut *ctx.cast::<Scan>() };
-    match scan.step(PROBES + index) {
+extern "C" fn scan_step(index: u32, _ctx: *mut c_void) -> i64 {
+    let Some(scan) = LB_SNAT_SCAN.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch entry, which `allocate` filled and waits on.
+    let scan = unsafe { &mut *scan };
+    match step(scan, PROBES + index) {
         Some(choice) => {
             scan.taken = choice;
             1
@@ -183,6 +168,9 @@ pub fn translate_reply<F: Frame>(
     if !rewritten {
         stats::verdict(Reason::DropMalformed, len);
         return Err(Action::Drop);
+    }
+    if ip.frag() == Frag::First {
+        fragment::remember(ip, l4);
     }
     stats::set(e.set_id, len, false);
     stats::verdict(Reason::ReplyNat, len);

@@ -380,6 +380,14 @@ impl Held {
         Ok(Self { stream, reader })
     }
 
+    /// The connection's own address (the client side of its flow).
+    pub fn local_addr(&self) -> Result<SocketAddrV4> {
+        match self.stream.local_addr()? {
+            SocketAddr::V4(addr) => Ok(addr),
+            other => anyhow::bail!("the held connection is not IPv4: {other}"),
+        }
+    }
+
     /// Sends a line and returns the answer.
     pub fn ask(&mut self) -> Result<String> {
         self.stream
