@@ -591,6 +591,39 @@ fn a_pod_reaching_its_own_service_is_answered_by_itself_through_the_hairpin_addr
     });
 }
 
+/// A pod reaches one backend from one local port through two frontends of its Service (the
+/// ClusterIP and a LoadBalancer IP; Linux gives the port to both, their destinations differ):
+/// both connections work, and the first survives the second (which gets another source port on
+/// its way to the backend, the pod's address kept).
+#[test]
+fn one_client_port_reaches_one_backend_through_two_frontends_on_two_live_connections() {
+    on_each_wiring(&[], |bed| {
+        let pod = bed.cluster.pod("client-0");
+        let local = SocketAddrV4::new(pod.ip, 45_000);
+        pod.ns
+            .enter(move || {
+                let mut via_cluster_ip =
+                    Held::connect_from(local, sock(BULK, 80), TIMEOUT).expect("ClusterIP");
+                let first = via_cluster_ip.ask().expect("first answer");
+                let mut via_lb_ip = Held::connect_from(local, sock(BULK_LB_LOCAL, 80), TIMEOUT)
+                    .expect("LoadBalancer IP, from the same port");
+                assert_eq!(via_lb_ip.local_addr().unwrap(), local, "both from one port");
+                let second = via_lb_ip.ask().expect("answer through the LoadBalancer IP");
+                assert_eq!(parse(&first).0, "web-1");
+                assert_eq!(parse(&second).0, "web-1");
+                for round in 0..3 {
+                    via_cluster_ip
+                        .ask()
+                        .unwrap_or_else(|e| panic!("round {round}: the first connection: {e:#}"));
+                    via_lb_ip
+                        .ask()
+                        .unwrap_or_else(|e| panic!("round {round}: the second connection: {e:#}"));
+                }
+            })
+            .unwrap();
+    });
+}
+
 #[test]
 fn bulk_transfers_cross_every_path_intact_both_ways() {
     on_each_wiring(&[], bulk_transfers);

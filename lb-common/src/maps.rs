@@ -55,13 +55,30 @@ pub const LB_CONFIG: &str = "LB_CONFIG";
 /// errors), see [`crate::answer`]. Written by the datapath.
 pub const LB_ANSWERS: &str = "LB_ANSWERS";
 
-/// `0 -> snat::Scan` (per-CPU array of one): scratch space of the SNAT port allocation (see
-/// [`crate::snat::Scan`]). Private to each loaded datapath: never pinned, adopted or read.
-pub const LB_SNAT_SCAN: &str = "LB_SNAT_SCAN";
+/// `0 -> Scratch` (per-CPU array of one): working space of the programs, kept off their stack
+/// (see [`Scratch`]). Private to each loaded datapath: never pinned, adopted or read.
+pub const LB_SCRATCH: &str = "LB_SCRATCH";
 
-/// The maps private to each loaded datapath (scratch space), apart from [`ALL`], which an agent
+/// What the programs keep in `LB_SCRATCH` instead of on their stack. The verifier allows a
+/// program 512 bytes of stack across the frames of a call chain, and the SNAT port scan's
+/// `bpf_loop` callback adds a frame to the programs' own, which older verifiers (6.1) round up
+/// generously: the largest values a packet needs live here. Each program runs to completion on
+/// its CPU before another uses that CPU's entry.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Scratch {
+    /// The SNAT port allocation in progress.
+    pub scan: crate::snat::Scan,
+    /// The parameters of a `bpf_fib_lookup` (`struct bpf_fib_lookup`, [`FIB_PARAMS_SIZE`] bytes).
+    pub fib: [u64; FIB_PARAMS_SIZE / 8],
+}
+
+/// `sizeof(struct bpf_fib_lookup)`.
+pub const FIB_PARAMS_SIZE: usize = 64;
+
+/// The maps private to each loaded datapath (working space), apart from [`ALL`], which an agent
 /// pins and adopts.
-pub const PRIVATE: [Layout; 1] = [layout(LB_SNAT_SCAN, 4, size_of::<crate::snat::Scan>())];
+pub const PRIVATE: [Layout; 1] = [layout(LB_SCRATCH, 4, size_of::<Scratch>())];
 
 /// Every map, in creation order, for tools that walk them all.
 pub const ALL: [&str; 12] = [

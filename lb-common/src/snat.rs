@@ -124,8 +124,8 @@ pub struct Choice {
 }
 
 /// The state of one port allocation in the datapath, kept in the per-CPU scratch map
-/// `LB_SNAT_SCAN` rather than on the stack: the scan of the range runs in a `bpf_loop` callback,
-/// whose frame older verifiers (6.1) add to the program's own, which leaves no room for it.
+/// (`crate::maps::Scratch`) rather than on the stack: the scan of the range runs in a `bpf_loop`
+/// callback, whose frame the verifier adds to the program's own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Scan {

@@ -23,16 +23,19 @@ use aya_ebpf::bindings::{
     BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     bpf_fib_lookup,
 };
-use lb_common::{Be32, csum, stats::Reason};
+use lb_common::{Be32, csum, maps::FIB_PARAMS_SIZE, stats::Reason};
 
 use crate::{
     frame::{Action, Frame, ptr_at},
     hdr::{EthHdr, Ipv4Hdr, L3_OFF},
+    maps::LB_SCRATCH,
     parse::Ipv4,
     reject, stats,
 };
 
 const AF_INET: u8 = 2;
+
+const _: () = assert!(size_of::<bpf_fib_lookup>() == FIB_PARAMS_SIZE);
 
 /// Where a packet leaves. A plain struct rather than an enum on purpose: every field is always
 /// written, so that the compiler never leaves a variant's bytes undefined on some path (the
@@ -74,15 +77,23 @@ pub fn route<F: Frame>(
         stats::verdict(Reason::DropTtlExceeded, len);
         return Err(reject::time_exceeded(frame, ip, len));
     }
+    // The parameter block lives in the scratch map: 64 bytes the stack cannot spare.
+    let Some(scratch) = LB_SCRATCH.get_ptr_mut(0) else {
+        stats::verdict(Reason::DropNoRoute, len);
+        return Err(Action::Drop);
+    };
+    // SAFETY: this CPU's scratch entry (see `lb_common::maps::Scratch`), of the size of a
+    // parameter block (asserted below), which the lookup owns until it returns.
+    let params = unsafe { &mut *(&raw mut (*scratch).fib).cast::<bpf_fib_lookup>() };
     // SAFETY: an all-zero parameter block is valid (plain integers and unions of them).
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    *params = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = ip.proto;
     params.__bindgen_anon_1.tot_len = F::fib_tot_len(ip);
     params.__bindgen_anon_3.ipv4_src = src.raw();
     params.__bindgen_anon_4.ipv4_dst = dst.raw();
     params.ifindex = frame.ingress_ifindex();
-    let ret = frame.fib_lookup(&mut params) as u32;
+    let ret = frame.fib_lookup(params) as u32;
     let resolved = ret == BPF_FIB_LKUP_RET_SUCCESS;
     if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED {
         if !F::RESOLVES_NEIGHBOURS {

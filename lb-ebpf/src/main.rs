@@ -51,13 +51,20 @@ use lb_common::maps::scope;
 
 use crate::frame::{TcFrame, XdpFrame};
 
+// Each program's body is inlined into its entry point (`#[inline(always)]`, which the macros
+// keep): the verifier allows 512 bytes of stack over the frames of a call chain, the SNAT port
+// scan's `bpf_loop` callback is one of them, and a separate frame for the body costs at least 32
+// more bytes on older kernels (6.1 rounds each frame up to 32).
+
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let mut frame = XdpFrame { ctx };
     XdpFrame::verdict(forward::from_client(&mut frame, scope::EXTERNAL))
 }
 
 #[classifier]
+#[inline(always)]
 pub fn lb_from_pod(ctx: TcContext) -> i32 {
     let mut frame = TcFrame { ctx };
     let action = forward::from_client(&mut frame, scope::INTERNAL);
@@ -65,6 +72,7 @@ pub fn lb_from_pod(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
+#[inline(always)]
 pub fn lb_ext_in(ctx: TcContext) -> i32 {
     let mut frame = TcFrame { ctx };
     let action = forward::from_client(&mut frame, scope::EXTERNAL);
@@ -72,6 +80,7 @@ pub fn lb_ext_in(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
+#[inline(always)]
 pub fn lb_ext_out(ctx: TcContext) -> i32 {
     let mut frame = TcFrame { ctx };
     let action = reply::to_client(&mut frame);
@@ -79,6 +88,7 @@ pub fn lb_ext_out(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
+#[inline(always)]
 pub fn lb_to_pod(ctx: TcContext) -> i32 {
     let mut frame = TcFrame { ctx };
     let action = reply::to_client(&mut frame);

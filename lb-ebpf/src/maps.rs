@@ -88,6 +88,6 @@ pub static LB_CONFIG: Array<NodeConfig, 1> = Array::new();
 #[btf_map]
 pub static LB_ANSWERS: Array<Bucket, 1> = Array::new();
 
-/// See [`lb_common::maps::LB_SNAT_SCAN`].
+/// See [`lb_common::maps::LB_SCRATCH`].
 #[btf_map]
-pub static LB_SNAT_SCAN: PerCpuArray<lb_common::snat::Scan, 1> = PerCpuArray::new();
+pub static LB_SCRATCH: PerCpuArray<lb_common::maps::Scratch, 1> = PerCpuArray::new();

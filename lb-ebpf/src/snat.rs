@@ -14,7 +14,7 @@ use lb_common::{
 use crate::{
     ct, fib, fragment,
     frame::{Action, Frame},
-    maps::{LB_CONFIG, LB_CT, LB_SNAT_SCAN},
+    maps::{LB_CONFIG, LB_CT, LB_SCRATCH},
     nat::{self, End},
     parse::{self, Frag, Ipv4, L4},
     stats,
@@ -32,7 +32,7 @@ pub fn node_config() -> NodeConfig {
 /// entry); `None` when no address is configured or the range is full for that backend. The
 /// hashed probes run inline; the scan of the whole range, needed only once live flows hold every
 /// probe, runs under `bpf_loop`, which the verifier checks once however long the range. Its
-/// state lives in the per-CPU scratch map `LB_SNAT_SCAN` (see [`snat::Scan`]).
+/// state lives in the per-CPU scratch map `LB_SCRATCH` (see [`snat::Scan`]).
 #[inline(always)]
 pub fn allocate(
     flow: &FlowKey,
@@ -44,10 +44,10 @@ pub fn allocate(
     if !config.snat_configured() {
         return None;
     }
-    let scan = LB_SNAT_SCAN.get_ptr_mut(0)?;
+    let scratch = LB_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch entry; a program runs to completion on its CPU before another
     // uses it. Fields are written one by one: no copy of the whole on the stack.
-    let scan = unsafe { &mut *scan };
+    let scan = unsafe { &mut (*scratch).scan };
     scan.flow = *flow;
     scan.backend = *backend;
     scan.config = *config;
@@ -85,19 +85,28 @@ pub fn allocate(
 /// Walks candidate `probe` of `scan`; the candidate when the flow took it.
 #[inline(always)]
 fn step(scan: &mut snat::Scan, probe: u32) -> Option<snat::Choice> {
-    let reply = scan.reply;
-    scan.walk.step(
-        &scan.flow,
-        &scan.backend,
-        &scan.config,
-        scan.hash,
+    let snat::Scan {
+        flow,
+        backend,
+        config,
+        reply,
+        now,
+        hash,
+        walk,
+        ..
+    } = scan;
+    walk.step(
+        flow,
+        backend,
+        config,
+        *hash,
         probe,
-        scan.now,
+        *now,
         // SAFETY: LRU map value, copied out at once.
         &mut |key| unsafe { LB_CT.get(key).copied() },
         // A port no entry holds is claimed by inserting the reservation, which fails when
         // another CPU's flow got there first; one held by a flow that is over is written over.
-        &mut |key, absent| !absent || LB_CT.insert(key, &reply, BPF_NOEXIST.into()).is_ok(),
+        &mut |key, absent| !absent || LB_CT.insert(key, &*reply, BPF_NOEXIST.into()).is_ok(),
     )
 }
 
@@ -105,11 +114,11 @@ fn step(scan: &mut snat::Scan, probe: u32) -> Option<snat::Choice> {
 /// port is taken.
 #[inline(never)]
 extern "C" fn scan_step(index: u32, _ctx: *mut c_void) -> i64 {
-    let Some(scan) = LB_SNAT_SCAN.get_ptr_mut(0) else {
+    let Some(scratch) = LB_SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
     // SAFETY: this CPU's scratch entry, which `allocate` filled and waits on.
-    let scan = unsafe { &mut *scan };
+    let scan = unsafe { &mut (*scratch).scan };
     match step(scan, PROBES + index) {
         Some(choice) => {
             scan.taken = choice;

@@ -380,6 +380,28 @@ impl Held {
         Ok(Self { stream, reader })
     }
 
+    /// Connects from `local` (address and port), which other sockets may share
+    /// (`SO_REUSEADDR`): Linux then gives one local port to connections to different
+    /// destinations, as it does for any client once its ephemeral ports run short.
+    pub fn connect_from(
+        local: SocketAddrV4,
+        addr: SocketAddrV4,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket
+            .bind(&SocketAddr::V4(local).into())
+            .with_context(|| format!("binding to {local}"))?;
+        socket
+            .connect_timeout(&SocketAddr::V4(addr).into(), timeout)
+            .with_context(|| format!("connecting from {local} to {addr}"))?;
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(timeout))?;
+        let reader = std::io::BufReader::new(stream.try_clone()?);
+        Ok(Self { stream, reader })
+    }
+
     /// The connection's own address (the client side of its flow).
     pub fn local_addr(&self) -> Result<SocketAddrV4> {
         match self.stream.local_addr()? {
