@@ -3,6 +3,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 pub mod expected;
+pub mod fuzz;
 pub mod harness;
 #[allow(unused_imports, reason = "used by some test binaries only")]
 pub use lb_testbed::packet;
