@@ -382,12 +382,18 @@ fn client_port_clash(
         return Ok(None);
     }
     let range = snat::client_port_range(flow.src_addr);
+    let taken = SnatFailure::ClientPortsTaken {
+        client: socket(flow.src_addr, flow.src_port),
+    };
+    // As the datapath's `snat::allocate`: a range without an address (a client 0.0.0.0) has
+    // no port to give.
+    if !range.snat_configured() {
+        return Ok(Some(Err(taken)));
+    }
     Ok(Some(
         snat_allocate(maps, flow, backend, &range, now)?
             .map(SourceNat::ClientPort)
-            .map_err(|_| SnatFailure::ClientPortsTaken {
-                client: socket(flow.src_addr, flow.src_port),
-            }),
+            .map_err(|_| taken),
     ))
 }
 

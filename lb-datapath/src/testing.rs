@@ -11,7 +11,7 @@ use std::{
     ops::RangeInclusive,
 };
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::programs::{ProgramError, TestRun as _, TestRunOptions};
 use lb_common::{Be16, Be32, hash::flow_hash, stats::Reason};
 
 use crate::{
@@ -82,6 +82,14 @@ impl Harness {
 
     /// Runs the program at `hook` once on `input`.
     pub fn run(&mut self, hook: Hook, input: &[u8]) -> Run {
+        self.try_run(hook, input)
+            .unwrap_or_else(|e| panic!("test run on {hook:?}: {e:?}"))
+    }
+
+    /// Runs the program at `hook` once on `input`, or says why the kernel refused to (at tc, an
+    /// IPv4 or IPv6 frame shorter than its fixed header gets no skb), for tests that feed
+    /// arbitrary frames and report a refusal with the frame.
+    pub fn try_run(&mut self, hook: Hook, input: &[u8]) -> Result<Run, ProgramError> {
         let mut out = vec![0u8; 4096];
         let opts = TestRunOptions {
             data_in: Some(input),
@@ -95,13 +103,12 @@ impl Harness {
             Hook::Xdp => self.dp.xdp().test_run(opts),
             Hook::ExtIn => self.dp.ext_in().test_run(opts),
             Hook::ExtOut => self.dp.ext_out().test_run(opts),
-        }
-        .unwrap_or_else(|e| panic!("test run on {hook:?}: {e:?}"));
+        }?;
         out.truncate(result.data_size_out as usize);
-        Run {
+        Ok(Run {
             verdict: result.return_value,
             out,
-        }
+        })
     }
 
     /// Programs `svc` (adds it, or changes the service of that name).

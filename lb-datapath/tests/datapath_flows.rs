@@ -457,3 +457,44 @@ fn run_on_cpu(cpu: usize) {
         );
     }
 }
+
+/// A source 0.0.0.0 has no port range of its own to move to (`snat::client_port_range` has no
+/// address): the second flow of its port to the same backend finds no port and is dropped,
+/// and the predictor says so. (Found by the fuzz test: the predictor gave it a port.)
+#[test]
+fn a_clashing_flow_from_the_unspecified_address_gets_no_port() {
+    let lb_ip = SocketAddrV4::new(std::net::Ipv4Addr::new(192, 168, 77, 10), 80);
+    let mut svc = cluster_ip("web", 80, TCP, &BACKENDS[..1]);
+    svc.frontends.push(FrontendSpec {
+        addr: *lb_ip.ip(),
+        kind: FrontendKind::LoadBalancer,
+        ..svc.frontends[0]
+    });
+    let Some(mut h) = setup(&svc) else { return };
+    let client = SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 40_000);
+    h.run(
+        Hook::FromPod,
+        &Packet::tcp(client, vip(80), flags::SYN, &[]).bytes(),
+    );
+
+    let predicted = predict::forward(&h.maps, client, lb_ip, TCP, INTERNAL, true).unwrap();
+    assert!(
+        matches!(
+            predicted,
+            Forward::DropSnatPorts {
+                failure: predict::SnatFailure::ClientPortsTaken { .. },
+                ..
+            }
+        ),
+        "{predicted:?}"
+    );
+    let run = h.run(
+        Hook::FromPod,
+        &Packet::tcp(client, lb_ip, flags::SYN, &[]).bytes(),
+    );
+    assert_eq!(run.verdict, tc::SHOT);
+    assert_eq!(
+        h.verdicts(),
+        counts(&[("new_flow", 1), ("drop_snat_ports", 1)])
+    );
+}

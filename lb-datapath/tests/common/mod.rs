@@ -4,6 +4,7 @@
 
 pub mod expected;
 pub mod external;
+pub mod fuzz;
 pub mod harness;
 #[allow(unused_imports, reason = "used by some test binaries only")]
 pub use lb_testbed::packet;

@@ -3,6 +3,8 @@
 //! and powers off; and the reader of its console lines (`lb-vm: ok <step>`,
 //! `lb-vm: FAILED <step>`, `lb-vm: RESULT PASS` or `FAIL`).
 
+use std::path::Path;
+
 use super::{binaries::Built, initramfs::BUSYBOX_DIR, packages::Kernel};
 
 /// One step of the plan, at most (inside the guest).
@@ -15,64 +17,84 @@ pub(super) struct Step {
     name: &'static str,
     pub(super) target: &'static str,
     args: &'static [&'static str],
+    /// Environment of the test binary (`NAME=value`), on top of the guest's.
+    env: &'static [&'static str],
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 13] = [
+pub(super) const PLAN: [Step; 14] = [
     Step {
         name: "datapath",
         target: "datapath",
         args: &[],
+        env: &[],
     },
     Step {
         name: "datapath_flows",
         target: "datapath_flows",
         args: &[],
+        env: &[],
     },
     Step {
         name: "datapath_reject",
         target: "datapath_reject",
         args: &[],
+        env: &[],
     },
     Step {
         name: "datapath_packets",
         target: "datapath_packets",
         args: &[],
+        env: &[],
     },
     Step {
         name: "datapath_external",
         target: "datapath_external",
         args: &[],
+        env: &[],
+    },
+    // A tenth of the host's frames: emulated, the full run would take minutes.
+    Step {
+        name: "datapath_fuzz (50000 frames per test)",
+        target: "datapath_fuzz",
+        args: &[],
+        env: &["LB_FUZZ_FRAMES=50000"],
     },
     Step {
         name: "datapath_external_nat",
         target: "datapath_external_nat",
         args: &[],
+        env: &[],
     },
     Step {
         name: "lbctl trace",
         target: "trace",
         args: &[],
+        env: &[],
     },
     Step {
         name: "lbctl trace, source NAT",
         target: "snat",
         args: &[],
+        env: &[],
     },
     Step {
         name: "lbctl trace, hairpin",
         target: "hairpin",
         args: &[],
+        env: &[],
     },
     Step {
         name: "classic_tc",
         target: "classic_tc",
         args: &["--nocapture"],
+        env: &[],
     },
     Step {
         name: "agent restart + cleanup",
         target: "e2e_agent",
         args: &["restarting_the_agent", "cleanup_removes"],
+        env: &[],
     },
     Step {
         name: "e2e ClusterIP + NodePort",
@@ -81,11 +103,13 @@ pub(super) const PLAN: [Step; 13] = [
             "cluster_ips_from_pods_on_both_nodes",
             "node_ports_from_outside",
         ],
+        env: &[],
     },
     Step {
         name: "netperf",
         target: "netperf",
         args: &["--nocapture"],
+        env: &[],
     },
 ];
 
@@ -126,12 +150,7 @@ step() {{
         modules = insmods.join(" "),
     ));
     for step in &PLAN {
-        let exe = &built.tests[step.target];
-        let mut line = format!("step '{}' {}", step.name, exe.display());
-        for arg in step.args {
-            line.push_str(&format!(" '{arg}'"));
-        }
-        s.push_str(&line);
+        s.push_str(&step_line(step, &built.tests[step.target]));
         s.push('\n');
     }
     s.push_str(&format!(
@@ -146,6 +165,23 @@ poweroff -f
         release = kernel.release,
     ));
     s
+}
+
+/// The `/init` line that runs `step` with its test binary `exe` (through busybox's `env` when
+/// the step sets variables).
+fn step_line(step: &Step, exe: &Path) -> String {
+    let mut line = format!("step '{}'", step.name);
+    if !step.env.is_empty() {
+        line.push_str(" env");
+        for var in step.env {
+            line.push_str(&format!(" '{var}'"));
+        }
+    }
+    line.push_str(&format!(" {}", exe.display()));
+    for arg in step.args {
+        line.push_str(&format!(" '{arg}'"));
+    }
+    line
 }
 
 /// What the console said about the plan.
@@ -184,6 +220,21 @@ impl Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_line_sets_the_steps_variables_before_its_binary_and_arguments() {
+        let fuzz = PLAN.iter().find(|s| s.target == "datapath_fuzz").unwrap();
+        assert_eq!(
+            step_line(fuzz, Path::new("/t/datapath_fuzz-1")),
+            "step 'datapath_fuzz (50000 frames per test)' env 'LB_FUZZ_FRAMES=50000' \
+             /t/datapath_fuzz-1"
+        );
+        let tc = PLAN.iter().find(|s| s.target == "classic_tc").unwrap();
+        assert_eq!(
+            step_line(tc, Path::new("/t/classic_tc-2")),
+            "step 'classic_tc' /t/classic_tc-2 '--nocapture'"
+        );
+    }
 
     #[test]
     fn outcome_keeps_the_plans_lines_and_its_result() {
