@@ -31,6 +31,7 @@ macro_rules! aya_pod {
 }
 
 pub mod answer;
+pub mod bucket;
 pub mod conntrack;
 pub mod csum;
 pub mod hash;
