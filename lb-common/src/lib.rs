@@ -34,6 +34,7 @@ pub mod answer;
 pub mod bucket;
 pub mod conntrack;
 pub mod csum;
+pub mod events;
 pub mod hash;
 pub mod maps;
 pub mod net;
