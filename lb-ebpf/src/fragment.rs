@@ -12,7 +12,7 @@ use lb_common::{
 };
 
 use crate::{
-    ct,
+    ct, events,
     frame::{Action, Frame},
     maps::{LB_CT, LB_FRAGS},
     nat::{self, End},
@@ -69,6 +69,7 @@ pub fn forward<F: Frame>(frame: &mut F, ip: &Ipv4, cluster_ip: bool, len: u32) -
         if !cluster_ip {
             return Action::Pass;
         }
+        events::fragment_without_state(ip);
         stats::verdict(Reason::DropFragment, len);
         return Action::Drop;
     };

@@ -10,6 +10,7 @@ use lb_common::{
     Be32,
     answer::Bucket,
     conntrack::{CtEntry, FlowKey},
+    events::{Budget, Event},
     maps::{
         AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey, Frontend,
         FrontendKey, NodeConfig, SetStats, SourceRange, capacity, maglev,
@@ -88,3 +89,11 @@ pub static LB_CONFIG: Array<NodeConfig, 1> = Array::new();
 /// See [`lb_common::maps::LB_ANSWERS`].
 #[btf_map]
 pub static LB_ANSWERS: Array<Bucket, 1> = Array::new();
+
+/// See [`lb_common::maps::LB_EVENTS`]. Not pinned: each loaded object meters its own records.
+#[btf_map]
+pub static LB_EVENTS: Array<Budget, 1> = Array::new();
+
+/// See [`lb_common::maps::LB_EVENT_SLOT`]. Not pinned.
+#[btf_map]
+pub static LB_EVENT_SLOT: PerCpuArray<Event, 1> = PerCpuArray::new();
