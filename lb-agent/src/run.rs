@@ -12,7 +12,7 @@ use lb_datapath::{Capacities, Datapath, Pinning, attach::Links, bpffs, loader, p
 
 use crate::{
     config::{self, RunArgs, Source},
-    healthcheck, http, interfaces, metrics,
+    events, healthcheck, http, interfaces, metrics,
     reconcile::Reconciler,
     source::{self, Update},
     sysctl,
@@ -59,6 +59,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut datapath = Datapath::load(&Pinning::Dir(args.bpffs_dir.clone()), capacities)
         .context("loading the datapath")?;
     let mut maps = datapath.take_maps()?;
+    events::forward(&mut datapath);
     sysctl::reserve_snat_ports(&args.snat_ports);
 
     let mut links = Links::new(&args.bpffs_dir, features.tc_api)?;
