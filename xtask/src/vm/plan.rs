@@ -18,7 +18,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 12] = [
+pub(super) const PLAN: [Step; 13] = [
     Step {
         name: "datapath",
         target: "datapath",
@@ -42,6 +42,11 @@ pub(super) const PLAN: [Step; 12] = [
     Step {
         name: "datapath_external",
         target: "datapath_external",
+        args: &[],
+    },
+    Step {
+        name: "datapath_events",
+        target: "datapath_events",
         args: &[],
     },
     Step {
