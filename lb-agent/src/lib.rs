@@ -12,13 +12,15 @@
 //!
 //! Around it: [`config`] (flags), [`run`] (the main loop), [`interfaces`] (which interfaces
 //! get which programs), [`metrics`], [`http`] (/healthz, /metrics), [`healthcheck`]
-//! (healthCheckNodePort servers) and [`sysctl`].
+//! (healthCheckNodePort servers), [`events`] (the datapath's rare events, logged) and
+//! [`sysctl`].
 //!
 //! May depend on `lb-datapath`, `lb-common` and the Kubernetes, HTTP and metrics crates; nothing
 //! depends on it but its binary and its tests.
 
 pub mod config;
 pub mod desired;
+pub mod events;
 pub mod healthcheck;
 pub mod http;
 pub mod interfaces;

@@ -14,7 +14,7 @@ use lb_datapath::{
 
 use crate::{
     config::{self, RunArgs, Source},
-    healthcheck, http, interfaces, metrics,
+    events, healthcheck, http, interfaces, metrics,
     reconcile::Reconciler,
     source::{self, Update},
     sysctl,
@@ -70,6 +70,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut datapath = Datapath::load(&Pinning::Dir(args.bpffs_dir.clone()), capacities)
         .context("loading the datapath")?;
     let mut maps = datapath.take_maps()?;
+    events::forward(&mut datapath);
     // Before the new programs see a packet, and once more when the old ones no longer run.
     let carried = ct_carry::copy_old(&args.bpffs_dir, &mut maps.ct)?;
     sysctl::reserve_snat_ports(&args.snat_ports);

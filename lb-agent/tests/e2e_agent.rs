@@ -1,8 +1,8 @@
 //! The real `lb-agent` binary with a YAML source, in network namespaces, with real sockets:
 //! endpoint changes reach the datapath, held connections keep their backend, restarts lose
 //! nothing, session affinity sticks and expires, invalid input is reported by name, pods that
-//! appear later are balanced, the periodic resync repairs the maps, and `cleanup` removes
-//! everything. Needs root.
+//! appear later are balanced, the periodic resync repairs the maps, a rare datapath drop is
+//! logged, and `cleanup` removes everything. Needs root.
 
 mod common;
 
@@ -251,6 +251,28 @@ fn the_periodic_resync_repairs_what_someone_else_changed_in_the_maps() {
     });
     assert!(repaired, "not repaired; agent log:\n{}", bed.log());
     assert_eq!(distinct(&bed.names(vip(), 30)).len(), 3);
+}
+
+#[test]
+fn a_rare_datapath_drop_is_logged_by_the_agent() {
+    let Some(mut bed) = AgentBed::new(1) else {
+        return;
+    };
+    bed.write_web(VIP, "");
+    bed.start_agent();
+    // The backend slot emptied behind the agent's back: until its next sync (a minute away) new
+    // flows to the service are dropped as inconsistent, and the datapath says so.
+    let mut maps = bed.maps();
+    let (id, _) = maps.active_backends().unwrap()[0];
+    maps.backends
+        .set(id, lb_common::maps::Backend::default(), 0)
+        .unwrap();
+    assert!(bed.names_from("client", vip(), 1).is_err());
+    let logged = bed.wait_until(Duration::from_secs(5), || {
+        bed.log()
+            .contains(" WARN lb_ebpf::events: drop_inconsistent_service: new flow 10.0.1.2:")
+    });
+    assert!(logged, "agent log:\n{}", bed.log());
 }
 
 #[test]

@@ -5,9 +5,8 @@
 //! spoofed packets cannot turn the node into a reflector. What is not sent is counted
 //! (`Reason::AnswerSuppressed`).
 
-use bytemuck::{Pod, Zeroable};
-
-use crate::{net::Be32, time::SECOND_NS};
+pub use crate::bucket::Bucket;
+use crate::{bucket, bucket::Limit, net::Be32, time::SECOND_NS};
 
 /// Answers a second, per node (the kernel's `icmp_msgs_per_sec` default).
 pub const RATE_PER_S: u64 = 1000;
@@ -15,45 +14,20 @@ pub const RATE_PER_S: u64 = 1000;
 pub const BURST: u64 = 50;
 /// The credit one answer costs, in nanoseconds of quiet.
 pub const COST_NS: u64 = SECOND_NS / RATE_PER_S;
+/// The budget of [`crate::maps::LB_ANSWERS`] (a [`Bucket`] shared by every CPU).
+pub const LIMIT: Limit = Limit::per_second(RATE_PER_S, BURST);
 
-/// Value of [`crate::maps::LB_ANSWERS`] (an array of one, shared by every CPU): a token bucket
-/// whose tokens are nanoseconds of credit.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct Bucket {
-    /// Credit left, at most `BURST * COST_NS`.
-    pub credit_ns: u64,
-    /// When the credit was last computed.
-    pub last_ns: u64,
-}
-
-const _: () = assert!(size_of::<Bucket>() == 16);
-
-/// The credit `bucket` holds at `now`: what it held, plus the time since, up to the burst.
+/// The answer credit `bucket` holds at `now` (see [`bucket::credit`]).
 #[inline(always)]
 pub const fn credit(bucket: &Bucket, now: u64) -> u64 {
-    let credit = bucket
-        .credit_ns
-        .saturating_add(now.saturating_sub(bucket.last_ns));
-    if credit > BURST * COST_NS {
-        BURST * COST_NS
-    } else {
-        credit
-    }
+    bucket::credit(bucket, now, LIMIT)
 }
 
-/// Takes one answer's credit from `bucket` at `now`; whether the answer may go. CPUs race on the
-/// shared bucket without a lock: a burst may let through a few more than the limit, never many.
+/// Takes one answer's credit from `bucket` at `now`; whether the answer may go (see
+/// [`bucket::take`]).
 #[inline(always)]
 pub const fn take(bucket: &mut Bucket, now: u64) -> bool {
-    let credit = credit(bucket, now);
-    bucket.last_ns = now;
-    if credit < COST_NS {
-        bucket.credit_ns = credit;
-        return false;
-    }
-    bucket.credit_ns = credit - COST_NS;
-    true
+    bucket::take(bucket, now, LIMIT)
 }
 
 /// Whether `src` may be answered: a unicast address, not 0.0.0.0/8 ("this network"), not
@@ -63,9 +37,6 @@ pub const fn unicast(src: Be32) -> bool {
     let first = (src.to_host() >> 24) as u8;
     first != 0 && first != 127 && first < 224
 }
-
-#[cfg(feature = "user")]
-aya_pod!(Bucket);
 
 #[cfg(test)]
 mod tests {

@@ -31,8 +31,10 @@ macro_rules! aya_pod {
 }
 
 pub mod answer;
+pub mod bucket;
 pub mod conntrack;
 pub mod csum;
+pub mod events;
 pub mod hash;
 pub mod maps;
 pub mod net;

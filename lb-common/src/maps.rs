@@ -76,11 +76,19 @@ pub struct Scratch {
 /// `sizeof(struct bpf_fib_lookup)`.
 pub const FIB_PARAMS_SIZE: usize = 64;
 
-/// The maps private to each loaded datapath (working space), apart from [`ALL`], which an agent
-/// pins and adopts.
-pub const PRIVATE: [Layout; 1] = [layout(LB_SCRATCH, 4, size_of::<Scratch>())];
+/// `0 -> events::Budget` (array of one): the node's budget of event records, see
+/// [`crate::events`]. Written by the datapath. Private to each loaded object (see [`PRIVATE`]).
+pub const LB_EVENTS: &str = "LB_EVENTS";
+/// `0 -> events::Event` (per-CPU array of one): the event a dropped packet left for its program's
+/// entry function to record. Written by the datapath. Private to each loaded object (see
+/// [`PRIVATE`]).
+pub const LB_EVENT_SLOT: &str = "LB_EVENT_SLOT";
+/// aya-log's ring buffer (`aya_log_ebpf`'s, 128 KiB; the name is aya-log's): the event records
+/// on their way to the agent, which reads them (`Datapath::event_log`). Private to each loaded
+/// object (see [`PRIVATE`]).
+pub const AYA_LOGS: &str = "AYA_LOGS";
 
-/// Every map, in creation order, for tools that walk them all.
+/// Every pinned map, in creation order, for tools that walk them all.
 pub const ALL: [&str; 12] = [
     LB_ADDRS,
     LB_SERVICES,
@@ -139,7 +147,18 @@ pub const LAYOUTS: [Layout; ALL.len()] = {
     ]
 };
 
-/// The layout of map `name` (pinned or private).
+/// Maps private to each loaded object, never pinned and not in [`ALL`]: what they hold matters
+/// only to the process that loaded the object (the agent, reading its event records), so an
+/// agent of another version neither adopts them nor misses them, and `lbctl` does not need them.
+/// A ring buffer has no key or value.
+pub const PRIVATE: [Layout; 4] = [
+    layout(LB_SCRATCH, 4, size_of::<Scratch>()),
+    layout(LB_EVENTS, 4, size_of::<crate::events::Budget>()),
+    layout(LB_EVENT_SLOT, 4, size_of::<crate::events::Event>()),
+    layout(AYA_LOGS, 0, 0),
+];
+
+/// The layout of map `name`, pinned or private.
 pub fn layout_of(name: &str) -> Option<Layout> {
     LAYOUTS
         .iter()

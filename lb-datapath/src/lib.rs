@@ -1,9 +1,10 @@
 //! The datapath as a library: everything about the BPF programs and maps that does not depend on
 //! where the desired state comes from.
 //!
-//! - [`loader`]: the BPF object, loaded with private or pinned maps; [`features`]: what the
-//!   kernel offers; [`attach`]: programs attached to interfaces through pinned links (or classic
-//!   tc filters), and removing all of it again.
+//! - [`loader`]: the BPF object, loaded with private or pinned maps, and the reader of its
+//!   rare-event records ([`EventLog`]); [`features`]: what the kernel offers; [`attach`]:
+//!   programs attached to interfaces through pinned links (or classic tc filters), and removing
+//!   all of it again.
 //! - [`maps`]: typed handles on every map; [`maglev`]: the consistent-hashing tables.
 //! - [`model`] (the desired state as plain data) -> [`planner`] (the ordered map writes that
 //!   program it) -> [`writer`] (carries them out); [`adopt`] reads the maps back into the
@@ -14,8 +15,8 @@
 //! - `testing` (feature `test-helpers`): the programs run on crafted frames, for the packet tests
 //!   here and in `lbctl`.
 //!
-//! Depends on `lb-common` and aya only: no Kubernetes, HTTP or metrics crates. `lb-agent`,
-//! `lbctl`, the tests and the benchmarks build on it.
+//! Depends on `lb-common` and aya (with aya-log and `log`) only: no Kubernetes, HTTP or metrics
+//! crates. `lb-agent`, `lbctl`, the tests and the benchmarks build on it.
 
 pub mod adopt;
 pub mod attach;
@@ -36,7 +37,7 @@ pub mod testing;
 pub mod uplink;
 pub mod writer;
 
-pub use loader::{Capacities, Datapath, DatapathError, Pinning};
+pub use loader::{Capacities, Datapath, DatapathError, EventLog, Pinning};
 
 /// The BPF object holding every datapath program, built by this crate's build script.
 pub static LB_EBPF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -41,7 +41,14 @@ pub enum DatapathError {
     Maps(#[from] crate::maps::MapsError),
     #[error("pinned map {path}: {reason}")]
     Pinned { path: PathBuf, reason: String },
+    #[error("cannot read the datapath's event records")]
+    EventLog(#[source] aya_log::Error),
 }
+
+/// Reads the programs' event records (`lb_common::events`) into a `log` logger: records of level
+/// warn whose target is `lb_ebpf::events`. Its descriptor (`AsFd`) becomes readable when records
+/// wait; `flush` hands them over.
+pub type EventLog<T = &'static dyn log::Log> = aya_log::EbpfLogger<T>;
 
 /// Capacities of the sized maps (entries); the defaults are `lb_common::maps::capacity`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +185,20 @@ impl Datapath {
             .attach_with_options(iface, TcAttachType::Egress, options())
             .map_err(attach(programs::TO_POD))?;
         Ok(())
+    }
+
+    /// Starts reading the programs' event records into the `log` crate's logger (see
+    /// [`EventLog`]). Once per loaded object: the ring buffer moves into the reader. The records
+    /// come from this object's programs only; maps of a pinned datapath are shared, its records
+    /// are not (`lb_common::maps::PRIVATE`).
+    pub fn event_log(&mut self) -> Result<EventLog, DatapathError> {
+        self.event_log_with(log::logger())
+    }
+
+    /// [`Datapath::event_log`] into `logger`.
+    pub fn event_log_with<T: log::Log>(&mut self, logger: T) -> Result<EventLog<T>, DatapathError> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .map_err(DatapathError::EventLog)
     }
 
     /// Takes the map handles out of the loaded object (once).

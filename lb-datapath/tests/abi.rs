@@ -1,7 +1,7 @@
 //! The built BPF object against `lb-common`: every program and map `lb-common` names exists in it,
-//! and every map has the key and value sizes `lb_common::maps::LAYOUTS` declares (what userspace
-//! reads and writes, and what an agent requires of pinned maps to adopt them). Parses the object
-//! without loading it: needs no privileges.
+//! and every map has the key and value sizes `lb_common::maps::LAYOUTS` (and `PRIVATE`) declares
+//! (what userspace reads and writes, and what an agent requires of pinned maps to adopt them).
+//! Parses the object without loading it: needs no privileges.
 
 use lb_common::{maps, programs, stats::Reason};
 use lb_datapath::LB_EBPF;
@@ -59,4 +59,19 @@ fn the_verdict_counters_have_one_slot_per_reason() {
     let obj = object();
     assert_eq!(obj.maps[maps::LB_VERDICTS].max_entries(), Reason::COUNT);
     assert_eq!(Reason::ALL.len() as u32, Reason::COUNT);
+}
+
+#[test]
+fn the_event_maps_are_private() {
+    // Never pinned: an agent of another version neither adopts nor misses them.
+    for layout in maps::PRIVATE {
+        assert!(
+            !maps::ALL.contains(&layout.name),
+            "{} is pinned",
+            layout.name
+        );
+    }
+    let obj = object();
+    const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+    assert_eq!(obj.maps[maps::AYA_LOGS].map_type(), BPF_MAP_TYPE_RINGBUF);
 }

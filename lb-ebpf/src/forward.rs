@@ -11,7 +11,7 @@ use lb_common::{
 };
 
 use crate::{
-    ct, fib, fragment,
+    ct, events, fib, fragment,
     frame::{Action, Frame},
     hairpin, icmp,
     maps::{LB_ADDRS, LB_CT, LB_SERVICES},
@@ -193,6 +193,7 @@ fn new_flow<F: Frame>(
         return counted(Reason::DropSourceRange, len, Action::Drop);
     }
     let Some((backend_id, backend)) = select::backend(frontend, flow, now) else {
+        events::inconsistent_service(flow, frontend.set_id);
         return counted(Reason::DropNoTable, len, Action::Drop);
     };
 
@@ -246,6 +247,7 @@ fn new_flow<F: Frame>(
         // The reply entry does not depend on the port: it claims the port it is keyed by.
         let reply = CtEntry::reply_of(flow, &forward, 0, forward.deadline_ns);
         let Some((port, claimed)) = snat::allocate(flow, &backend, &range, now, &reply) else {
+            events::snat_ports_exhausted(flow, &forward);
             return counted(Reason::DropSnatPorts, len, Action::Drop);
         };
         forward.snat_port = port;
@@ -306,6 +308,7 @@ fn open<F: Frame>(
     let reply = CtEntry::reply_of(flow, forward, 0, forward.deadline_ns);
     let reply = (!reply_written).then_some((&reply_key, &reply));
     if ct::open(flow, forward, reply).is_err() {
+        events::conntrack_full(flow, forward);
         return Err(counted(Reason::DropCtFull, len, Action::Drop));
     }
     if translate(frame, l4, forward).is_err() {

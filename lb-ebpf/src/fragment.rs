@@ -12,7 +12,7 @@ use lb_common::{
 };
 
 use crate::{
-    ct, fib,
+    ct, events, fib,
     frame::{Action, Frame},
     hairpin,
     maps::{LB_CT, LB_FRAGS},
@@ -78,6 +78,7 @@ pub fn forward<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, len: u32) -> 
         if !addr.is_cluster_ip() {
             return Action::Pass;
         }
+        events::fragment_without_state(ip);
         stats::verdict(Reason::DropFragment, len);
         return Action::Drop;
     };

@@ -13,7 +13,8 @@
 //!
 //! The names are `lb_common::programs`'s; every decision (flow keys, conntrack state, source-NAT
 //! ports, ...) is a rule of `lb_common`, which the predictor behind `lbctl trace` calls too.
-//! Depends on `lb-common` and `aya-ebpf` only; `lb-datapath` builds and embeds the object.
+//! Depends on `lb-common`, `aya-ebpf` and `aya-log-ebpf` (rare events, `events`) only;
+//! `lb-datapath` builds and embeds the object.
 #![no_std]
 #![no_main]
 // Register self-moves in inline asm hide packet offsets from LLVM (see `frame::ptr_at`).
@@ -27,6 +28,7 @@
 )]
 
 mod ct;
+mod events;
 mod fib;
 mod forward;
 mod fragment;
@@ -44,6 +46,7 @@ mod snat;
 mod stats;
 
 use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -59,23 +62,46 @@ use crate::frame::{TcFrame, XdpFrame};
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let mut frame = XdpFrame { ctx };
-    XdpFrame::verdict(forward::from_client(&mut frame, scope::EXTERNAL))
+    let verdict = xdp_from_client(ctx);
+    if verdict == aya_ebpf::bindings::xdp_action::XDP_DROP {
+        events::flush();
+    }
+    verdict
 }
 
 #[classifier]
 #[inline(always)]
 pub fn lb_from_pod(ctx: TcContext) -> i32 {
-    let mut frame = TcFrame { ctx };
-    let action = forward::from_client(&mut frame, scope::INTERNAL);
-    frame.verdict(action)
+    let verdict = tc_from_client::<{ scope::INTERNAL }>(ctx);
+    if verdict == TC_ACT_SHOT {
+        events::flush();
+    }
+    verdict
 }
 
 #[classifier]
 #[inline(always)]
 pub fn lb_ext_in(ctx: TcContext) -> i32 {
+    let verdict = tc_from_client::<{ scope::EXTERNAL }>(ctx);
+    if verdict == TC_ACT_SHOT {
+        events::flush();
+    }
+    verdict
+}
+
+/// The work of `lb_xdp`, in the entry function's frame (see above); a rare event is recorded
+/// after it by `events::flush`, out of line.
+#[inline(always)]
+fn xdp_from_client(ctx: XdpContext) -> u32 {
+    let mut frame = XdpFrame { ctx };
+    XdpFrame::verdict(forward::from_client(&mut frame, scope::EXTERNAL))
+}
+
+/// The work of `lb_from_pod` and `lb_ext_in` (see `xdp_from_client`).
+#[inline(always)]
+fn tc_from_client<const SCOPE: u8>(ctx: TcContext) -> i32 {
     let mut frame = TcFrame { ctx };
-    let action = forward::from_client(&mut frame, scope::EXTERNAL);
+    let action = forward::from_client(&mut frame, SCOPE);
     frame.verdict(action)
 }
 

@@ -10,6 +10,7 @@ use lb_common::{
     Be32,
     answer::Bucket,
     conntrack::{CtEntry, FlowKey},
+    events::{Budget, Event},
     maps::{
         AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey, Frontend,
         FrontendKey, NodeConfig, SetStats, SourceRange, capacity, maglev,
@@ -91,3 +92,11 @@ pub static LB_ANSWERS: Array<Bucket, 1> = Array::new();
 /// See [`lb_common::maps::LB_SCRATCH`].
 #[btf_map]
 pub static LB_SCRATCH: PerCpuArray<lb_common::maps::Scratch, 1> = PerCpuArray::new();
+
+/// See [`lb_common::maps::LB_EVENTS`]. Not pinned: each loaded object meters its own records.
+#[btf_map]
+pub static LB_EVENTS: Array<Budget, 1> = Array::new();
+
+/// See [`lb_common::maps::LB_EVENT_SLOT`]. Not pinned.
+#[btf_map]
+pub static LB_EVENT_SLOT: PerCpuArray<Event, 1> = PerCpuArray::new();

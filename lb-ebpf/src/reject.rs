@@ -7,7 +7,7 @@
 use lb_common::{answer, csum, net::proto, stats::Reason};
 
 use crate::{
-    ct,
+    ct, events,
     frame::{Action, Frame, ptr_at},
     hdr::{
         ETH_HDR_LEN, ETH_P_IP_BE, EthHdr, ICMP_FRAG_NEEDED, ICMP_HDR_LEN, ICMP_PORT_UNREACH,
@@ -92,6 +92,7 @@ fn may_answer<F: Frame>(frame: &F, ip: &Ipv4, len: u32) -> bool {
             None => false,
         };
     if !allowed {
+        events::answer_suppressed(ip);
         stats::verdict(Reason::AnswerSuppressed, len);
     }
     allowed

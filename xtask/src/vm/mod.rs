@@ -17,12 +17,13 @@
 //! * `qemu`: boots the VM and reads that console.
 //!
 //! The plan: the datapath tests (`datapath`, `datapath_flows`, `datapath_reject`,
-//! `datapath_packets`, `datapath_external`, `datapath_external_nat`: every program through the
-//! 6.1 verifier, fed crafted packets; `datapath_fuzz` with a tenth of its frames), lbctl's
-//! predictions against the programs (`trace`, `snat`, `hairpin`), the classic-tc test (the agent
-//! attaches clsact filters, replaces them on restart, removes them on cleanup), ClusterIP and
-//! NodePort end to end with the real agent on a two-node cluster in namespaces, and netperf
-//! TCP_RR / TCP_CRR through a ClusterIP versus straight to the backend.
+//! `datapath_packets`, `datapath_external`, `datapath_external_nat`, `datapath_events`: every
+//! program through the 6.1 verifier, fed crafted packets; rare events read from aya-log's ring
+//! buffer; `datapath_fuzz` with a tenth of its frames), lbctl's predictions against the programs
+//! (`trace`, `snat`, `hairpin`), the classic-tc test (the agent attaches clsact filters, replaces
+//! them on restart, removes them on cleanup), ClusterIP and NodePort end to end with the real
+//! agent on a two-node cluster in namespaces, and netperf TCP_RR / TCP_CRR through a ClusterIP
+//! versus straight to the backend.
 
 mod binaries;
 mod image;

@@ -22,7 +22,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 14] = [
+pub(super) const PLAN: [Step; 15] = [
     Step {
         name: "datapath",
         target: "datapath",
@@ -63,6 +63,12 @@ pub(super) const PLAN: [Step; 14] = [
     Step {
         name: "datapath_external_nat",
         target: "datapath_external_nat",
+        args: &[],
+        env: &[],
+    },
+    Step {
+        name: "datapath_events",
+        target: "datapath_events",
         args: &[],
         env: &[],
     },
