@@ -303,9 +303,11 @@ impl TcFrame {
     /// `data` or `data_end` at a constant offset from the context pointer itself; in a large
     /// program LLVM may otherwise compute `ctx + offset` once, keep it on the stack and load
     /// through it later, which the verifier rejects ("dereference of modified ctx ptr").
+    /// (`opaque`: a register moved onto itself, where `black_box` would cost a trip through the
+    /// stack on every read.)
     #[inline(always)]
     fn opaque_skb(&self) -> *mut aya_ebpf::bindings::__sk_buff {
-        core::hint::black_box(self.ctx.skb.skb)
+        opaque(self.ctx.skb.skb as usize) as *mut aya_ebpf::bindings::__sk_buff
     }
 }
 
