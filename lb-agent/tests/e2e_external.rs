@@ -624,6 +624,41 @@ fn one_client_port_reaches_one_backend_through_two_frontends_on_two_live_connect
     });
 }
 
+/// A pod that reached a backend through its Service's ClusterIP from one local port then
+/// connects from that same port to the backend's own address (Linux allows it: the
+/// destinations differ): both connections work, from the backend's node and from the other
+/// (the direct one reaches the backend from another source port, the pod's address kept).
+#[test]
+fn a_direct_connection_from_a_port_a_balanced_flow_holds_works_beside_it() {
+    on_each_wiring(&[], |bed| {
+        let backend = SocketAddrV4::new(bed.web[1], 8080);
+        for (client, port) in [("client-0", 45_001), ("client-1", 45_002)] {
+            let pod = bed.cluster.pod(client);
+            let local = SocketAddrV4::new(pod.ip, port);
+            pod.ns
+                .enter(move || {
+                    let mut balanced =
+                        Held::connect_from(local, sock(BULK, 80), TIMEOUT).expect("ClusterIP");
+                    assert_eq!(parse(&balanced.ask().expect("first answer")).0, "web-1");
+                    let mut direct = Held::connect_from(local, backend, TIMEOUT)
+                        .expect("the backend's own address, from the same port");
+                    assert_eq!(direct.local_addr().unwrap(), local, "both from one port");
+                    let (name, seen) = parse(&direct.ask().expect("direct answer"));
+                    assert_eq!((name.as_str(), seen), ("web-1", *local.ip()), "{client}");
+                    for round in 0..3 {
+                        balanced.ask().unwrap_or_else(|e| {
+                            panic!("{client} round {round}: the balanced connection: {e:#}")
+                        });
+                        direct.ask().unwrap_or_else(|e| {
+                            panic!("{client} round {round}: the direct connection: {e:#}")
+                        });
+                    }
+                })
+                .unwrap();
+        }
+    });
+}
+
 #[test]
 fn bulk_transfers_cross_every_path_intact_both_ways() {
     on_each_wiring(&[], bulk_transfers);

@@ -408,6 +408,14 @@ fn run_scale(services: u32, calls: usize, progress: &mut dyn FnMut(&str)) -> Res
                 check_frame(v, pass, o, &reply_want)
             })?;
             timed.push(("reply", reply_time));
+            // Once the node has given a direct connection another source port, pods' packets
+            // to addresses without a frontend look up their flow (`lb-ebpf/src/direct.rs`).
+            maps.direct_nat.set(0, 1, 0)?;
+            let after_clash = time_calls(dp.from_pod(), &other_inputs, |_, v, o| {
+                check_frame(v, pass, o, &other)
+            })?;
+            maps.direct_nat.set(0, 0, 0)?;
+            timed.push(("non-service, direct NAT on", after_clash));
         }
         raw.extend(timed.into_iter().map(|(case, r)| ((case, hook.name()), r)));
     }

@@ -336,7 +336,14 @@ pub fn datapath_markdown(figures: &[crate::datapath::Figure], scales: &[u32]) ->
     md.push_str("\n|---|---|");
     md.push_str(&"---:|".repeat(scales.len()));
     md.push('\n');
-    let order = ["non-service", "established", "new flow", "reply", "empty"];
+    let order = [
+        "non-service",
+        "non-service, direct NAT on",
+        "established",
+        "new flow",
+        "reply",
+        "empty",
+    ];
     let mut rows: Vec<(&str, &str)> = figures.iter().map(|f| (f.case.as_str(), f.hook)).collect();
     rows.sort_by_key(|(case, hook)| (*hook, order.iter().position(|c| c == case)));
     rows.dedup();

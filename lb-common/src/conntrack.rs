@@ -166,6 +166,30 @@ impl CtEntry {
         self.nat_flags & nat_flags::CLIENT_PORT != 0
     }
 
+    /// Whether the entry is a direct connection's ([`DIRECT`]).
+    #[inline(always)]
+    pub const fn direct(&self) -> bool {
+        self.set_id == DIRECT
+    }
+
+    /// The forward entry of the direct connection `flow` (its destination kept) that takes
+    /// source port `port` instead of its own, with TCP state `flags` until `deadline_ns`.
+    #[inline(always)]
+    pub const fn direct_forward(flow: &FlowKey, port: Be16, flags: u8, deadline_ns: u64) -> Self {
+        Self {
+            deadline_ns,
+            backend_id: DIRECT,
+            set_id: DIRECT,
+            nat_addr: flow.dst_addr,
+            nat_port: flow.dst_port,
+            flags: flags | ct_flags::SNAT,
+            nat_flags: nat_flags::CLIENT_PORT,
+            snat_addr: flow.src_addr,
+            snat_port: port,
+            _pad2: [0; 2],
+        }
+    }
+
     /// Whether the flow is source-NATed to this node, which then routes its packets (every
     /// source-NATed flow but hairpin flows, bounced back into their pod, and flows whose client
     /// keeps its address, which go on through the stack).
@@ -261,6 +285,26 @@ impl CtEntry {
             snat_port,
             _pad2: [0; 2],
         }
+    }
+}
+
+/// `set_id` and `backend_id` of the entries of a direct connection: one that concerns no
+/// frontend (a pod connecting to another pod's address), recorded only because its source port
+/// had to change. Linux gives one local port to connections to different destinations; when a
+/// load-balanced flow of that client port was balanced to this same destination, it holds the
+/// reply key the direct connection would use, so, as nf_nat does, the direct connection gets
+/// another source port ([`nat_flags::CLIENT_PORT`]). No backend set has this id: such a flow is
+/// counted for no service and flushed with none.
+pub const DIRECT: u32 = u32::MAX;
+
+/// Whether a direct connection (see [`DIRECT`]) whose own reply key holds `held` must take
+/// another source port: any live entry there is another flow's (a direct connection's own never
+/// uses that key), and its replies would be reverse-NATed as that flow's, even after it closed.
+#[inline(always)]
+pub const fn direct_clashes(held: Option<&CtEntry>, now: u64) -> bool {
+    match held {
+        Some(entry) => entry.live(now),
+        None => false,
     }
 }
 

@@ -54,6 +54,12 @@ pub const LB_CONFIG: &str = "LB_CONFIG";
 /// `0 -> answer::Bucket` (array of one): the node's budget of generated answers (rejects, ICMP
 /// errors), see [`crate::answer`]. Written by the datapath.
 pub const LB_ANSWERS: &str = "LB_ANSWERS";
+/// `0 -> u32` (array of one): non-zero once the datapath gave a connection that concerns no
+/// frontend another source port ([`crate::conntrack::DIRECT`]). Until then, pods' packets to
+/// addresses without a frontend cost no conntrack lookup (only a new connection's first packet
+/// looks for a clash); from then on they look for their own flow. Pinned, so that an agent
+/// restart keeps those flows translated. Written by the datapath.
+pub const LB_DIRECT_NAT: &str = "LB_DIRECT_NAT";
 
 /// `0 -> Scratch` (per-CPU array of one): working space of the programs, kept off their stack
 /// (see [`Scratch`]). Private to each loaded datapath: never pinned, adopted or read.
@@ -89,7 +95,7 @@ pub const LB_EVENT_SLOT: &str = "LB_EVENT_SLOT";
 pub const AYA_LOGS: &str = "AYA_LOGS";
 
 /// Every pinned map, in creation order, for tools that walk them all.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     LB_ADDRS,
     LB_SERVICES,
     LB_BACKENDS,
@@ -102,6 +108,7 @@ pub const ALL: [&str; 12] = [
     LB_AFFINITY,
     LB_CONFIG,
     LB_ANSWERS,
+    LB_DIRECT_NAT,
 ];
 
 /// A map's key and value sizes as this version lays them out: what the BPF object declares
@@ -144,6 +151,7 @@ pub const LAYOUTS: [Layout; ALL.len()] = {
         ),
         layout(LB_CONFIG, 4, size_of::<NodeConfig>()),
         layout(LB_ANSWERS, 4, size_of::<crate::answer::Bucket>()),
+        layout(LB_DIRECT_NAT, 4, 4),
     ]
 };
 

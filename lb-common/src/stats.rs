@@ -50,11 +50,16 @@ pub enum Reason {
     /// A reject, ICMP error or reset the datapath would have sent was not: its destination was
     /// no unicast address, or the node's rate of generated packets was used up.
     AnswerSuppressed = 18,
+    /// A connection that concerns no frontend (a pod to another pod's address) was given
+    /// another source port, its address kept: a load-balanced flow of the same client port to
+    /// that same destination holds the reply path it would use (see `conntrack::DIRECT`).
+    /// Counted when the connection opens; its later packets count as `Established`.
+    PortRemapped = 19,
 }
 
 impl Reason {
     /// Number of reasons (size of the counters array).
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::NewFlow,
@@ -76,6 +81,7 @@ impl Reason {
         Self::DropTooBig,
         Self::DropTtlExceeded,
         Self::AnswerSuppressed,
+        Self::PortRemapped,
     ];
 
     /// A stable snake_case name for metrics and `lbctl stats`.
@@ -100,6 +106,7 @@ impl Reason {
             Self::DropTooBig => "drop_too_big",
             Self::DropTtlExceeded => "drop_ttl_exceeded",
             Self::AnswerSuppressed => "answer_suppressed",
+            Self::PortRemapped => "port_remapped",
         }
     }
 }

@@ -71,6 +71,8 @@ pub struct Maps {
     pub config: Array<MapData, NodeConfig>,
     /// One entry: the node's budget of generated answers.
     pub answers: Array<MapData, Bucket>,
+    /// One entry: non-zero once the datapath gave a direct connection another source port.
+    pub direct_nat: Array<MapData, u32>,
     /// Descriptors of the maps written in bulk (typed handles keep theirs private).
     bulk: BTreeMap<&'static str, OwnedFd>,
 }
@@ -142,6 +144,7 @@ impl Maps {
             affinity: typed!(names::LB_AFFINITY),
             config: typed!(names::LB_CONFIG),
             answers: typed!(names::LB_ANSWERS),
+            direct_nat: typed!(names::LB_DIRECT_NAT),
             bulk,
         })
     }

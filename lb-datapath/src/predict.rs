@@ -7,7 +7,10 @@
 //! by step:
 //!
 //! ```text
-//! LB_ADDRS[dst]                      miss -> NotAFrontend
+//! LB_ADDRS[dst]                      miss -> NotAFrontend, or from a pod (`direct.rs`):
+//!   LB_DIRECT_NAT set and LB_CT[src -> dst] a continuing direct entry -> DirectEstablished
+//!   a new connection (bare SYN, UDP) whose reply key LB_CT[dst -> src, REPLY] is live
+//!   -> DirectRemapped: snat::allocate over snat::client_port_range, none -> DirectPortsTaken
 //! dst is the node's SNAT address, port in its range, and LB_CT[src -> dst, REPLY] is a live
 //!   SNAT entry -> SnatReply (`snat.rs`)
 //! dst is the hairpin address: LB_CT[src -> dst, REPLY] a live hairpin entry -> HairpinReply,
@@ -39,7 +42,7 @@ use std::net::SocketAddrV4;
 use aya::maps::{MapError, lpm_trie::Key};
 use lb_common::{
     Be16, Be32,
-    conntrack::{CtEntry, FORWARD, FlowKey, REPLY},
+    conntrack::{self, CtEntry, FORWARD, FlowKey, REPLY},
     maps::{
         self as names, AffinityKey, Backend, Frontend, FrontendKey, NodeConfig, SourceRange,
         snat::PROBES,
@@ -133,6 +136,27 @@ pub enum Forward {
     HairpinReply(NatReply),
     /// The service names a table or backend that is missing: dropped.
     Inconsistent { frontend: Frontend, detail: String },
+    /// A packet of a direct connection (from a pod, to an address without a frontend) that was
+    /// given another source port: its source becomes `source` (`conntrack::DIRECT`).
+    DirectEstablished {
+        destination: SocketAddrV4,
+        source: SocketAddrV4,
+        entry: CtEntry,
+    },
+    /// A new direct connection whose reply key a live load-balanced flow of the same client
+    /// port holds (`held`, that flow's reply entry): it gets another source port.
+    DirectRemapped {
+        destination: SocketAddrV4,
+        choice: SnatChoice,
+        held: CtEntry,
+    },
+    /// As [`Forward::DirectRemapped`], but every other port of the client's clashes too:
+    /// dropped.
+    DirectPortsTaken {
+        client: SocketAddrV4,
+        destination: SocketAddrV4,
+        held: CtEntry,
+    },
 }
 
 /// How the forward path translates the reply of a source-NATed or hairpin flow, from the
@@ -444,11 +468,19 @@ pub fn forward(
     scope: u8,
     syn: bool,
 ) -> Result<Forward, MapsError> {
-    let Some(addr) = found(names::LB_ADDRS, maps.addrs.get(&Be32::from(*dst.ip()), 0))? else {
-        return Ok(Forward::NotAFrontend);
-    };
     let key = flow_key(src, dst, l4_proto, FORWARD);
     let now = coarse_now_ns();
+    let seg_flags = match (l4_proto, syn) {
+        (proto::TCP, true) => tcp_flags::SYN,
+        (proto::TCP, false) => tcp_flags::ACK,
+        _ => 0,
+    };
+    let Some(addr) = found(names::LB_ADDRS, maps.addrs.get(&Be32::from(*dst.ip()), 0))? else {
+        if scope == names::scope::INTERNAL {
+            return direct(maps, &key, seg_flags, now);
+        }
+        return Ok(Forward::NotAFrontend);
+    };
     // Replies of source-NATed flows come first, whatever the scope (as in the datapath).
     if addr.is_snat()
         && let Some(reply) = snat_reply(maps, &key, now)?
@@ -463,11 +495,6 @@ pub fn forward(
             }),
         );
     }
-    let seg_flags = match (l4_proto, syn) {
-        (proto::TCP, true) => tcp_flags::SYN,
-        (proto::TCP, false) => tcp_flags::ACK,
-        _ => 0,
-    };
     // An established flow keeps its translation whatever became of its backend in the maps.
     if let Some(entry) = ct_entry(maps, &key)?
         && entry.continues(seg_flags, now)
@@ -528,6 +555,64 @@ pub fn forward(
             backend: addr,
             snat: snat.and_then(Result::ok),
         },
+    })
+}
+
+/// A pod's packet `key` (forward direction) to an address without a frontend (`direct.rs` in
+/// the datapath): untouched, unless it belongs to a direct connection that had to take another
+/// source port, or opens one that must.
+fn direct(maps: &Maps, key: &FlowKey, seg_flags: u8, now: u64) -> Result<Forward, MapsError> {
+    let destination = socket(key.dst_addr, key.dst_port);
+    let opening =
+        key.proto == proto::UDP || seg_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    let remapped_before =
+        found(names::LB_DIRECT_NAT, maps.direct_nat.get(&0, 0))?.is_some_and(|seen| seen != 0);
+    if remapped_before
+        && let Some(entry) = ct_entry(maps, key)?
+        && entry.direct()
+        && entry.continues(seg_flags, now)
+    {
+        return Ok(Forward::DirectEstablished {
+            destination,
+            source: socket(entry.snat_addr, entry.snat_port),
+            entry,
+        });
+    }
+    if !opening {
+        return Ok(Forward::NotAFrontend);
+    }
+    let as_is = CtEntry {
+        nat_addr: key.dst_addr,
+        nat_port: key.dst_port,
+        ..CtEntry::default()
+    };
+    let held = ct_entry(maps, &key.reply_of(&as_is))?;
+    let Some(held) = held.filter(|held| conntrack::direct_clashes(Some(held), now)) else {
+        return Ok(Forward::NotAFrontend);
+    };
+    let client = socket(key.src_addr, key.src_port);
+    let taken = Forward::DirectPortsTaken {
+        client,
+        destination,
+        held,
+    };
+    let range = snat::client_port_range(key.src_addr);
+    // As the datapath's `snat::allocate`: a client 0.0.0.0 has no port to give.
+    if !range.snat_configured() {
+        return Ok(taken);
+    }
+    let target = Backend {
+        addr: key.dst_addr,
+        port: key.dst_port,
+        ..Backend::default()
+    };
+    Ok(match snat_allocate(maps, key, &target, &range, now)? {
+        Ok(choice) => Forward::DirectRemapped {
+            destination,
+            choice,
+            held,
+        },
+        Err(_) => taken,
     })
 }
 

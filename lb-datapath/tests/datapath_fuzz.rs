@@ -78,6 +78,7 @@ fn well_formed_traffic_gets_the_predicted_verdict_and_translation_on_every_progr
             Reason::DropFragment,
             Reason::DropNoRoute,
             Reason::DropTtlExceeded,
+            Reason::PortRemapped,
         ],
     );
 }

@@ -4,14 +4,14 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
     conntrack::{self, CtEntry, FORWARD, FlowKey, ct_flags, nat_flags},
-    maps::{AddrInfo, Frontend, FrontendKey},
+    maps::{AddrInfo, Frontend, FrontendKey, scope as scopes},
     net::proto,
     snat::SnatPort,
     stats::Reason,
 };
 
 use crate::{
-    ct, events, fib, fragment,
+    ct, direct, events, fib, fragment,
     frame::{Action, Frame},
     hairpin, icmp,
     maps::{LB_ADDRS, LB_CT, LB_SERVICES},
@@ -29,6 +29,9 @@ pub fn from_client<F: Frame>(frame: &mut F, scope: u8) -> Action {
     };
     // SAFETY: hash map value, copied out at once.
     let Some(addr) = (unsafe { LB_ADDRS.get(ip.dst) }).copied() else {
+        if scope == scopes::INTERNAL {
+            return direct::from_pod(frame, &ip);
+        }
         return Action::Pass;
     };
     let len = frame.len();
@@ -36,7 +39,7 @@ pub fn from_client<F: Frame>(frame: &mut F, scope: u8) -> Action {
 }
 
 #[inline(always)]
-fn counted(reason: Reason, len: u32, action: Action) -> Action {
+pub(crate) fn counted(reason: Reason, len: u32, action: Action) -> Action {
     stats::verdict(reason, len);
     action
 }
@@ -138,7 +141,7 @@ fn translate<F: Frame>(frame: &mut F, l4: &L4, entry: &CtEntry) -> Result<(), ()
 
 /// Translates a packet of an established flow and counts it.
 #[inline(always)]
-fn established<F: Frame>(
+pub(crate) fn established<F: Frame>(
     frame: &mut F,
     ip: &Ipv4,
     l4: &L4,
@@ -253,7 +256,16 @@ fn new_flow<F: Frame>(
         forward.snat_port = port;
         reply_written = claimed;
     }
-    if let Err(action) = open(frame, ip, l4, flow, &forward, reply_written, len) {
+    if let Err(action) = open(
+        frame,
+        ip,
+        l4,
+        flow,
+        &forward,
+        reply_written,
+        len,
+        Reason::NewFlow,
+    ) {
         return action;
     }
     if routed {
@@ -293,9 +305,13 @@ fn claim_reply(flow: &FlowKey, forward: &CtEntry, now: u64) -> Claim {
     }
 }
 
-/// Records a new flow, translates its first packet and counts it.
+/// Records a new flow, translates its first packet and counts it under `reason`.
 #[inline(always)]
-fn open<F: Frame>(
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the packet's parsed headers and the flow's state, passed apart to stay in registers"
+)]
+pub(crate) fn open<F: Frame>(
     frame: &mut F,
     ip: &Ipv4,
     l4: &L4,
@@ -303,6 +319,7 @@ fn open<F: Frame>(
     forward: &CtEntry,
     reply_written: bool,
     len: u32,
+    reason: Reason,
 ) -> Result<(), Action> {
     let reply_key = flow.reply_of(forward);
     let reply = CtEntry::reply_of(flow, forward, 0, forward.deadline_ns);
@@ -318,7 +335,7 @@ fn open<F: Frame>(
         fragment::remember(ip, l4);
     }
     stats::set(forward.set_id, len, true);
-    stats::verdict(Reason::NewFlow, len);
+    stats::verdict(reason, len);
     Ok(())
 }
 

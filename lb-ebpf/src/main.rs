@@ -28,6 +28,7 @@
 )]
 
 mod ct;
+mod direct;
 mod events;
 mod fib;
 mod forward;

@@ -89,6 +89,10 @@ pub static LB_CONFIG: Array<NodeConfig, 1> = Array::new();
 #[btf_map]
 pub static LB_ANSWERS: Array<Bucket, 1> = Array::new();
 
+/// See [`lb_common::maps::LB_DIRECT_NAT`].
+#[btf_map]
+pub static LB_DIRECT_NAT: Array<u32, 1> = Array::new();
+
 /// See [`lb_common::maps::LB_SCRATCH`].
 #[btf_map]
 pub static LB_SCRATCH: PerCpuArray<lb_common::maps::Scratch, 1> = PerCpuArray::new();

@@ -11,12 +11,23 @@ pub fn text(rows: &[FlowRow]) -> String {
         "proto", "client", "frontend", "backend", "service", "forward", "reply", "snat",
     ]);
     for r in rows {
+        // A direct connection given another source port has no frontend, backend set or
+        // backend id (`conntrack::DIRECT`).
+        let (frontend, backend, service) = if r.direct {
+            ("(direct)".to_owned(), r.backend.to_string(), "-".to_owned())
+        } else {
+            (
+                r.frontend.to_string(),
+                format!("{} (id {})", r.backend, r.backend_id),
+                r.set_id.to_string(),
+            )
+        };
         t.add_row(vec![
             r.proto.to_string(),
             r.client.to_string(),
-            r.frontend.to_string(),
-            format!("{} (id {})", r.backend, r.backend_id),
-            r.set_id.to_string(),
+            frontend,
+            backend,
+            service,
             side(r.forward.as_ref()),
             side(r.reply.as_ref()),
             opt(r.snat),

@@ -212,5 +212,19 @@ pub fn text(d: &Dump) -> String {
         }
         section(&mut out, names::LB_ANSWERS, rows.len(), t);
     }
+    if let Some(rows) = &d.direct_nat {
+        let mut t = table(&["direct connections given another source port"]);
+        for r in rows {
+            t.add_row(vec![
+                if r.remapped_before {
+                    "yes"
+                } else {
+                    "none so far"
+                }
+                .to_owned(),
+            ]);
+        }
+        section(&mut out, names::LB_DIRECT_NAT, rows.len(), t);
+    }
     out
 }

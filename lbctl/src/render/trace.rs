@@ -25,6 +25,11 @@ const ROUTED_TEXT: &str = "routed to its next hop by this node (FIB lookup; no r
 const CLIENT_PORT_TEXT: &str = "source port remapped (another live flow of the same client port \
                                 holds the reply key to this backend), the client's address kept";
 
+/// Why a direct connection (no frontend) is given another source port, in words.
+const DIRECT_TEXT: &str = "as nf_nat does, the direct connection is given another source port, \
+                           the client's address kept, so that both reach the backend as two \
+                           connections";
+
 /// What happens to a hairpin packet after translation, in words.
 const BOUNCED_TEXT: &str = "sent straight back into the interface it came from (MAC addresses \
                             swapped)";
@@ -215,6 +220,27 @@ fn forward(t: &Trace, prediction: &Forward) -> String {
              ({detail}): dropped until the agent repairs it",
             service.set_id
         ),
+        Forward::DirectEstablished { entry, source, .. } => format!(
+            "{} carries no frontend; established direct connection ({}) that was given \
+             another source port: src {src} -> {source}, dst unchanged",
+            dst.ip(),
+            entry_text(entry, t.now_ns)
+        ),
+        Forward::DirectRemapped { choice, held, .. } => format!(
+            "{} carries no frontend, but a live flow of this client port to frontend {} was \
+             balanced to {dst} and holds the reply key: {DIRECT_TEXT}: src {src} -> {} ({})",
+            dst.ip(),
+            SocketAddrV4::new(held.nat_addr.to_ip(), held.nat_port.to_host()),
+            choice.source,
+            snat_choice_text(choice)
+        ),
+        Forward::DirectPortsTaken { client, held, .. } => format!(
+            "{} carries no frontend, but a live flow of {client} to frontend {} was balanced to \
+             {dst} and holds the reply key, and so does one on every other port of the \
+             client's: dropped",
+            dst.ip(),
+            SocketAddrV4::new(held.nat_addr.to_ip(), held.nat_port.to_host()),
+        ),
     }
 }
 
@@ -237,6 +263,13 @@ fn reply(t: &Trace, prediction: &Reply) -> String {
                 Some(client) => format!("dst {dst} -> {client} (the client's own port)"),
                 None => format!("dst {dst} unchanged"),
             };
+            if entry.direct() {
+                return format!(
+                    "reply of a direct connection given another source port ({}): src \
+                     unchanged, {dst_text}",
+                    entry_text(entry, t.now_ns)
+                );
+            }
             format!(
                 "reply of a flow of service {set_id} ({}): reverse NAT: src {src} -> \
                  {frontend}, {dst_text}",

@@ -37,6 +37,10 @@ pub struct FlowRow {
     #[serde(rename = "service_id")]
     pub set_id: u32,
     pub backend_id: u32,
+    /// A pod's direct connection to `backend` (no frontend involved) that was given another
+    /// source port, `snat`, because a load-balanced flow of its port holds its reply key;
+    /// `service_id` and `backend_id` are then `lb_common::conntrack::DIRECT`.
+    pub direct: bool,
     /// The entry keyed client -> frontend (`null` when only the reply entry is left).
     pub forward: Option<CtSide>,
     /// The entry keyed backend -> client, or backend -> `snat` for a source-NATed flow (`null`
@@ -83,6 +87,7 @@ pub fn list(maps: &Maps) -> Result<Vec<FlowRow>, MapsError> {
             backend: socket(entry.nat_addr, entry.nat_port),
             set_id: entry.set_id,
             backend_id: entry.backend_id,
+            direct: entry.direct(),
             forward: Some(side(entry, now)),
             reply: reply.map(|(_, r)| side(r, now)),
             snat,
@@ -106,6 +111,7 @@ pub fn list(maps: &Maps) -> Result<Vec<FlowRow>, MapsError> {
             backend: socket(key.src_addr, key.src_port),
             set_id: entry.set_id,
             backend_id: entry.backend_id,
+            direct: entry.direct(),
             forward: None,
             reply: Some(side(entry, now)),
             snat,

@@ -38,11 +38,12 @@ pub enum MapKind {
     Affinity,
     Config,
     Answers,
+    DirectNat,
 }
 
 impl MapKind {
     /// In the order of `lb_common::maps::ALL`.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Addrs,
         Self::Services,
         Self::Backends,
@@ -55,6 +56,7 @@ impl MapKind {
         Self::Affinity,
         Self::Config,
         Self::Answers,
+        Self::DirectNat,
     ];
 
     /// The map's name (its pin name and its key in the dump's JSON).
@@ -72,6 +74,7 @@ impl MapKind {
             Self::Affinity => names::LB_AFFINITY,
             Self::Config => names::LB_CONFIG,
             Self::Answers => names::LB_ANSWERS,
+            Self::DirectNat => names::LB_DIRECT_NAT,
         }
     }
 
@@ -90,6 +93,7 @@ impl MapKind {
             Self::Affinity => "affinity",
             Self::Config => "config",
             Self::Answers => "answers",
+            Self::DirectNat => "direct",
         }
     }
 
@@ -210,6 +214,14 @@ pub struct AnswersRow {
     pub rate_per_s: u64,
 }
 
+/// `LB_DIRECT_NAT`: whether direct connections have needed another source port, one row.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DirectNatRow {
+    /// True once the datapath gave a pod's direct connection (to an address without a
+    /// frontend) another source port; from then on such packets look for their flow.
+    pub remapped_before: bool,
+}
+
 /// A row of `LB_FRAGS`: the ports of a fragmented datagram.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FragRow {
@@ -274,6 +286,9 @@ pub struct Dump {
     /// One row.
     #[serde(rename = "LB_ANSWERS", skip_serializing_if = "Option::is_none")]
     pub answers: Option<Vec<AnswersRow>>,
+    /// One row.
+    #[serde(rename = "LB_DIRECT_NAT", skip_serializing_if = "Option::is_none")]
+    pub direct_nat: Option<Vec<DirectNatRow>>,
 }
 
 /// Reads the maps in `kinds` (every map when empty). `full` keeps every Maglev slot.
@@ -338,6 +353,18 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
     }
     if want(MapKind::Config) {
         out.config = Some(vec![config_row(&predict::node_config(maps)?)]);
+    }
+    if want(MapKind::DirectNat) {
+        let seen = maps
+            .direct_nat
+            .get(&0, 0)
+            .map_err(|source| MapsError::Map {
+                name: names::LB_DIRECT_NAT,
+                source,
+            })?;
+        out.direct_nat = Some(vec![DirectNatRow {
+            remapped_before: seen != 0,
+        }]);
     }
     Ok(out)
 }

@@ -89,6 +89,9 @@ pub enum Decision {
     Established,
     NewFlow,
     DropSnatPorts,
+    /// A pod's new direct connection (to an address without a frontend) given another source
+    /// port: a load-balanced flow of its client port holds its reply key.
+    PortRemapped,
     /// The reply of a source-NATed flow reaching the node.
     SnatReply,
     /// The reply of a hairpin flow.
@@ -114,6 +117,7 @@ impl Decision {
             Self::DropNoBackend => Some(Reason::DropNoBackend),
             Self::Established => Some(Reason::Established),
             Self::NewFlow => Some(Reason::NewFlow),
+            Self::PortRemapped => Some(Reason::PortRemapped),
             Self::DropSnatPorts => Some(Reason::DropSnatPorts),
             Self::SnatReply | Self::HairpinReply | Self::ReverseNat => Some(Reason::ReplyNat),
             Self::Inconsistent => Some(Reason::DropNoTable),
@@ -404,6 +408,18 @@ pub fn forward(
             };
             t.snat = Some(TraceSnat::new(kind, dst, reply.client));
         }
+        Forward::DirectEstablished { source, .. } => {
+            t.snat = Some(TraceSnat::new(SnatKind::ClientPort, source, src));
+            t.output = Some(TracePacket { src: source, dst });
+        }
+        Forward::DirectRemapped { choice, .. } => {
+            t.snat = Some(TraceSnat::chosen(SnatKind::ClientPort, &choice, src));
+            t.output = Some(TracePacket {
+                src: choice.source,
+                dst,
+            });
+        }
+        Forward::DirectPortsTaken { .. } => {}
     }
     Ok(t)
 }
@@ -437,6 +453,9 @@ fn classify(prediction: &Forward) -> (Decision, Verdict) {
         Forward::SnatReply(_) => (Decision::SnatReply, nat_verdict(SnatKind::Node)),
         Forward::HairpinReply(_) => (Decision::HairpinReply, nat_verdict(SnatKind::Hairpin)),
         Forward::Inconsistent { .. } => (Decision::Inconsistent, Verdict::Drop),
+        Forward::DirectEstablished { .. } => (Decision::Established, Verdict::Pass),
+        Forward::DirectRemapped { .. } => (Decision::PortRemapped, Verdict::Pass),
+        Forward::DirectPortsTaken { .. } => (Decision::DropSnatPorts, Verdict::Drop),
     }
 }
 

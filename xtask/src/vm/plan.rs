@@ -22,7 +22,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 15] = [
+pub(super) const PLAN: [Step; 16] = [
     Step {
         name: "datapath",
         target: "datapath",
@@ -69,6 +69,12 @@ pub(super) const PLAN: [Step; 15] = [
     Step {
         name: "datapath_events",
         target: "datapath_events",
+        args: &[],
+        env: &[],
+    },
+    Step {
+        name: "datapath_direct",
+        target: "datapath_direct",
         args: &[],
         env: &[],
     },

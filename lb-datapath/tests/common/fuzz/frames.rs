@@ -25,7 +25,8 @@ pub enum Family {
     /// TCP or UDP from a client to a frontend, or to a frontend address on a port it does not
     /// serve.
     Flow,
-    /// TCP, UDP, ICMP or another protocol to an address without a frontend.
+    /// TCP, UDP, ICMP or another protocol to an address without a frontend; among them a
+    /// flow's client to its backend's own address, from the flow's port.
     Other,
     /// A backend's reply to a flow (to its client, or to the hairpin address).
     Reply,
@@ -307,6 +308,20 @@ impl Generator {
     }
 
     fn other(&mut self) -> Frame {
+        // A flow's client to its backend's own address, as a pod may connect from the same
+        // port: a direct connection that clashes with the flow (`direct.rs`).
+        if self.rng.u8(..4) == 0
+            && let Some(seen) = self.a_seen()
+            && seen.hook == Hook::FromPod
+        {
+            let (src, backend) = (seen.sent.0, seen.left.1);
+            let pkt = if self.rng.bool() && seen.proto == TCP {
+                Packet::tcp(src, backend, tcp_flags::SYN, &[])
+            } else {
+                self.packet(src, backend, seen.proto)
+            };
+            return frame(Hook::FromPod, pkt.bytes());
+        }
         let src = self.client();
         let dst = match self.rng.u8(..4) {
             0 => SocketAddrV4::new(Ipv4Addr::from(self.rng.u32(..)), self.rng.u16(..)),

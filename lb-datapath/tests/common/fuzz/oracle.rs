@@ -161,7 +161,11 @@ fn forward(maps: &Maps, flow_scope: u8, frame: &[u8]) -> Expect {
         return Expect::Untouched;
     };
     let Ok(addr) = maps.addrs.get(&Be32::from(ip.dst()), 0) else {
-        return Expect::Untouched;
+        return if flow_scope == scope::INTERNAL {
+            direct(maps, frame, &ip)
+        } else {
+            Expect::Untouched
+        };
     };
     let Some(l4_off) = ip.l4_off() else {
         return Expect::Counted(Reason::DropMalformed, Outcome::Drop);
@@ -194,6 +198,31 @@ fn forward(maps: &Maps, flow_scope: u8, frame: &[u8]) -> Expect {
     )
     .expect("prediction");
     predicted_forward(frame, &ip, &l4, decision)
+}
+
+/// A pod's packet to an address without a frontend (`direct.rs`): untouched unless it is a
+/// TCP or UDP packet the datapath can read ports from, which the predictor then decides on.
+fn direct(maps: &Maps, frame: &[u8], ip: &Ipv4<'_>) -> Expect {
+    let Some(l4_off) = ip.l4_off() else {
+        return Expect::Untouched;
+    };
+    if ip.frag() == Frag::Later || (ip.proto() != proto::TCP && ip.proto() != proto::UDP) {
+        return Expect::Untouched;
+    }
+    let Some(l4) = wire::l4(ip, l4_off) else {
+        return Expect::Untouched;
+    };
+    let bare_syn = l4.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    let decision = predict::forward(
+        maps,
+        l4.src(ip),
+        l4.dst(ip),
+        ip.proto(),
+        scope::INTERNAL,
+        bare_syn,
+    )
+    .expect("prediction");
+    predicted_forward(frame, ip, &l4, decision)
 }
 
 /// The predictor's decision as a verdict and translation (lbctl's `trace` makes the same
@@ -255,6 +284,23 @@ fn predicted_forward(frame: &[u8], ip: &Ipv4<'_>, l4: &L4, decision: Forward) ->
             Reason::ReplyNat,
             Bounce(nat(Some(r.frontend), Some(r.client))),
         ),
+        Forward::DirectEstablished {
+            destination,
+            source,
+            ..
+        } => Counted(
+            Reason::Established,
+            Pass(nat(Some(source), Some(destination))),
+        ),
+        Forward::DirectRemapped {
+            destination,
+            choice,
+            ..
+        } => Counted(
+            Reason::PortRemapped,
+            Pass(nat(Some(choice.source), Some(destination))),
+        ),
+        Forward::DirectPortsTaken { .. } => Counted(Reason::DropSnatPorts, Drop),
     }
 }
 
@@ -545,7 +591,12 @@ pub fn concerns_no_frontend(hook: Hook, frame: &[u8]) -> bool {
         return true;
     };
     match hook {
-        Hook::FromPod | Hook::Xdp | Hook::ExtIn => !scenario::FRONTEND_ADDRS.contains(&ip.dst()),
+        Hook::Xdp | Hook::ExtIn => !scenario::FRONTEND_ADDRS.contains(&ip.dst()),
+        // A pod's direct connection to a backend may clash with a balanced flow's port.
+        Hook::FromPod => {
+            !scenario::FRONTEND_ADDRS.contains(&ip.dst())
+                && !scenario::BACKEND_ADDRS.contains(&ip.dst())
+        }
         Hook::ToPod | Hook::ExtOut => {
             let quoted = ip
                 .l4_off()
