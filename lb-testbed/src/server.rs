@@ -432,11 +432,16 @@ pub struct Load {
 }
 
 /// What a [`Load`] saw.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LoadCount {
     pub ok: usize,
     pub failed: usize,
+    /// The first failures, with when they happened (since the start) and why.
+    pub failures: Vec<String>,
 }
+
+/// How many failures a [`LoadCount`] describes.
+const FAILURES_KEPT: usize = 5;
 
 impl Load {
     /// Starts requesting `target` from `ns`, each request on a new connection.
@@ -445,10 +450,20 @@ impl Load {
         let stopping = stop.clone();
         let thread = ns.spawn(move || {
             let mut count = LoadCount::default();
+            let started = std::time::Instant::now();
             while !stopping.load(Ordering::Relaxed) {
+                let attempt = started.elapsed();
                 match http_get(target, timeout) {
                     Ok(_) => count.ok += 1,
-                    Err(_) => count.failed += 1,
+                    Err(e) => {
+                        count.failed += 1;
+                        if count.failures.len() < FAILURES_KEPT {
+                            count.failures.push(format!(
+                                "at {attempt:?} (attempt {}): {e:#}",
+                                count.ok + count.failed
+                            ));
+                        }
+                    }
                 }
             }
             count

@@ -281,7 +281,14 @@ impl AgentBed {
         let out = during(self);
         std::thread::sleep(Duration::from_millis(300));
         let count = load.finish();
-        assert_eq!(count.failed, 0, "{} connections succeeded", count.ok);
+        assert_eq!(
+            count.failed,
+            0,
+            "{} connections succeeded; failures: {:#?}; agent log:\n{}",
+            count.ok,
+            count.failures,
+            self.log()
+        );
         assert!(count.ok > at_least, "{count:?}");
         out
     }
