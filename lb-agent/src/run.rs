@@ -71,8 +71,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .context("loading the datapath")?;
     let mut maps = datapath.take_maps()?;
     events::forward(&mut datapath);
-    // Before the new programs see a packet, and once more when the old ones no longer run.
+    // Before the new programs see a packet, and once more when the old ones no longer run; in
+    // between, the new programs look up what they miss in the old map.
     let carried = ct_carry::copy_old(&args.bpffs_dir, &mut maps.ct)?;
+    let carrying = ct_carry::carrying(&args.bpffs_dir);
+    if carrying {
+        datapath.set_ct_carrying(true)?;
+    }
     sysctl::reserve_snat_ports(&args.snat_ports);
 
     let mut links = Links::new(&args.bpffs_dir, features.tc_api)?;
@@ -90,6 +95,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     ifaces.attach_new(&mut links, &mut datapath, &present);
     let carried = carried + ct_carry::finish(&args.bpffs_dir, &mut maps.ct)?;
+    if carrying {
+        datapath.set_ct_carrying(false)?;
+    }
     if carried > 0 {
         info!(
             entries = carried,

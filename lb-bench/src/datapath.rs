@@ -408,6 +408,11 @@ fn run_scale(services: u32, calls: usize, progress: &mut dyn FnMut(&str)) -> Res
                 check_frame(v, pass, o, &reply_want)
             })?;
             timed.push(("reply", reply_time));
+            // What every other packet towards a pod pays on the reply path: one lookup.
+            let not_reply = time_calls(dp.to_pod(), &other_inputs, |_, v, o| {
+                check_frame(v, pass, o, &other)
+            })?;
+            timed.push(("not a reply", not_reply));
             // Once the node has given a direct connection another source port, pods' packets
             // to addresses without a frontend look up their flow (`lb-ebpf/src/direct.rs`).
             maps.direct_nat.set(0, 1, 0)?;

@@ -342,6 +342,7 @@ pub fn datapath_markdown(figures: &[crate::datapath::Figure], scales: &[u32]) ->
         "established",
         "new flow",
         "reply",
+        "not a reply",
         "empty",
     ];
     let mut rows: Vec<(&str, &str)> = figures.iter().map(|f| (f.case.as_str(), f.hook)).collect();

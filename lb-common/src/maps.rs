@@ -82,6 +82,16 @@ pub struct Scratch {
 /// `sizeof(struct bpf_fib_lookup)`.
 pub const FIB_PARAMS_SIZE: usize = 64;
 
+/// `FlowKey -> CtEntry` (LRU hash, the layout of `LB_CT`): while an agent moves the flows of a
+/// conntrack map of another shape into a new `LB_CT` (`lb_datapath::ct_carry`), that old map,
+/// which the programs consult when `LB_CT` misses and [`LB_CT_CARRYING`] is set (the old
+/// programs write it until the new ones are attached on every interface); otherwise an empty
+/// map of one entry. Private: never pinned under this name.
+pub const LB_CT_PREV: &str = "LB_CT_PREV";
+/// `0 -> u32` (array of one): non-zero while the agent carries flows over from `LB_CT_PREV`.
+/// Written by the agent. Private to each loaded object.
+pub const LB_CT_CARRYING: &str = "LB_CT_CARRYING";
+
 /// `0 -> events::Budget` (array of one): the node's budget of event records, see
 /// [`crate::events`]. Written by the datapath. Private to each loaded object (see [`PRIVATE`]).
 pub const LB_EVENTS: &str = "LB_EVENTS";
@@ -159,8 +169,14 @@ pub const LAYOUTS: [Layout; ALL.len()] = {
 /// only to the process that loaded the object (the agent, reading its event records), so an
 /// agent of another version neither adopts them nor misses them, and `lbctl` does not need them.
 /// A ring buffer has no key or value.
-pub const PRIVATE: [Layout; 4] = [
+pub const PRIVATE: [Layout; 6] = [
     layout(LB_SCRATCH, 4, size_of::<Scratch>()),
+    layout(
+        LB_CT_PREV,
+        size_of::<crate::conntrack::FlowKey>(),
+        size_of::<crate::conntrack::CtEntry>(),
+    ),
+    layout(LB_CT_CARRYING, 4, 4),
     layout(LB_EVENTS, 4, size_of::<crate::events::Budget>()),
     layout(LB_EVENT_SLOT, 4, size_of::<crate::events::Event>()),
     layout(AYA_LOGS, 0, 0),

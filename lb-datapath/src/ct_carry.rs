@@ -7,11 +7,16 @@
 //! 1. [`set_aside`], before the load: the old map's pin moves to `LB_CT_OLD` (bpffs cannot
 //!    rename, so it is pinned again under that name, then unpinned), so that the load creates
 //!    the new map. The old programs, still attached, keep using the old map.
+//!    The load gives the new programs the old map too, as `LB_CT_PREV`.
 //! 2. [`copy_old`], before the new programs are attached: the flows are in the new map by the
-//!    time its first packet arrives.
+//!    time its first packet arrives. Then the agent sets `LB_CT_CARRYING`: until the last copy,
+//!    a program that misses a flow in the new map looks for it in the old one (and copies it),
+//!    so that a flow an old program opened meanwhile is known to the new programs at once.
 //! 3. [`finish`], once they are attached and nothing writes the old map any more: a last copy
-//!    of what the old programs recorded in between, then the old pin goes. An agent that stops
-//!    before this step finds `LB_CT_OLD` on its next start and copies from it then.
+//!    of what the old programs recorded in between, then the old pin goes (and the agent clears
+//!    `LB_CT_CARRYING`; the old map's memory goes with the programs, at the next restart). An
+//!    agent that stops before this step finds `LB_CT_OLD` on its next start and copies from it
+//!    then.
 //!
 //! Entries the new map already holds are never overwritten: they are newer.
 
@@ -59,6 +64,12 @@ pub fn set_aside(dir: &Path, entries: u32) -> Result<Option<(u32, u32)>, Datapat
     map.pin(&old).map_err(|e| pinned(&old, e))?;
     std::fs::remove_file(&path).map_err(|e| pinned(&path, e))?;
     Ok(Some(shape))
+}
+
+/// Whether a conntrack map set aside under `dir` waits to be carried over (a load then gives it
+/// to the programs as `LB_CT_PREV`).
+pub fn carrying(dir: &Path) -> bool {
+    dir.join(OLD_PIN).exists()
 }
 
 /// Copies the live flows of the map set aside under `dir` (if any) into `ct`, leaving what `ct`

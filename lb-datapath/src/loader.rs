@@ -15,7 +15,7 @@ use lb_common::{maps, programs};
 use crate::{
     LB_EBPF,
     features::{self, TcApi},
-    maps::Maps,
+    maps::{Maps, MapsError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,7 @@ pub enum DatapathError {
         source: ProgramError,
     },
     #[error(transparent)]
-    Maps(#[from] crate::maps::MapsError),
+    Maps(#[from] MapsError),
     #[error("pinned map {path}: {reason}")]
     Pinned { path: PathBuf, reason: String },
     #[error("cannot read the datapath's event records")]
@@ -98,6 +98,14 @@ impl Datapath {
             .map_max_entries(maps::LB_SVC_STATS, capacities.sets);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
+        }
+        // A conntrack map set aside to be carried over (`ct_carry`): the programs fall back to
+        // it while the agent carries its flows over. Otherwise `LB_CT_PREV` stays an empty map
+        // of its own.
+        if let Pinning::Dir(dir) = pinning
+            && crate::ct_carry::carrying(dir)
+        {
+            loader.map_pin_path(maps::LB_CT_PREV, dir.join(crate::ct_carry::OLD_PIN));
         }
         let mut ebpf = loader.load(LB_EBPF).map_err(DatapathError::Load)?;
         for name in programs::TC {
@@ -202,6 +210,21 @@ impl Datapath {
     }
 
     /// Takes the map handles out of the loaded object (once).
+    /// Sets whether the programs fall back to the conntrack map being carried over
+    /// (`LB_CT_PREV`) when `LB_CT` misses: on from before the new programs are attached until the
+    /// last copy is done (`ct_carry`).
+    pub fn set_ct_carrying(&mut self, on: bool) -> Result<(), DatapathError> {
+        const NAME: &str = maps::LB_CT_CARRYING;
+        let map = self
+            .ebpf
+            .map_mut(NAME)
+            .ok_or(MapsError::Missing { name: NAME })?;
+        let failed = |source| MapsError::Map { name: NAME, source };
+        let mut flag: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).map_err(failed)?;
+        flag.set(0, u32::from(on), 0).map_err(failed)?;
+        Ok(())
+    }
+
     pub fn take_maps(&mut self) -> Result<Maps, DatapathError> {
         Ok(Maps::take_from(&mut self.ebpf)?)
     }

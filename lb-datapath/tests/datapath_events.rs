@@ -8,12 +8,13 @@ mod common;
 
 use std::{
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use common::{
+    bpffs::TempBpffs,
     harness::{
         Harness, Hook, TCP, UDP, addrs::*, cluster_ip, counts, harness, socket, tc, vip,
         with_external_scope, xdp,
@@ -22,7 +23,7 @@ use common::{
 };
 use lb_common::{events, maps};
 use lb_datapath::{
-    Capacities, EventLog, Pinning, bpffs, loader::check_pinned_maps, maglev::DEFAULT_TABLE_SIZE,
+    Capacities, EventLog, Pinning, loader::check_pinned_maps, maglev::DEFAULT_TABLE_SIZE,
 };
 
 /// One record as a `log` logger receives it.
@@ -225,42 +226,6 @@ fn established_and_new_flows_record_nothing() {
     assert!(got.is_empty(), "{got:#?}");
 }
 
-/// A bpffs mounted on a fresh temporary directory, unmounted and removed on drop; the datapath
-/// pins into its `lb` directory (the root of a bpffs holds the kernel's own `maps.debug` and
-/// `progs.debug`).
-struct TempBpffs {
-    mount: PathBuf,
-    pins: PathBuf,
-}
-
-impl TempBpffs {
-    fn new() -> Self {
-        let mount = std::env::temp_dir().join(format!("lb-events-test-{}", std::process::id()));
-        bpffs::ensure_bpffs(&mount).expect("mounting a bpffs");
-        let pins = mount.join("lb");
-        std::fs::create_dir(&pins).unwrap();
-        Self { mount, pins }
-    }
-
-    fn pins(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.pins)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for TempBpffs {
-    fn drop(&mut self) {
-        let path = std::ffi::CString::new(self.mount.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: umount2 with a valid C string.
-        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir(&self.mount);
-    }
-}
-
 fn load_pinned(dir: &Path) -> Harness {
     check_pinned_maps(dir).expect("the pinned maps are adoptable");
     Harness::load(
@@ -275,8 +240,8 @@ fn the_event_maps_are_not_pinned_and_each_loaded_datapath_reads_its_own() {
     if !common::require_privileges() {
         return;
     }
-    let bpffs = TempBpffs::new();
-    let mut first = load_pinned(&bpffs.pins);
+    let bpffs = TempBpffs::new("events");
+    let mut first = load_pinned(&bpffs.dir);
     first.program(&cluster_ip("dns", 53, UDP, &BACKENDS));
     let mut pinned: Vec<String> = maps::ALL.iter().map(|n| (*n).to_owned()).collect();
     pinned.sort();
@@ -284,7 +249,7 @@ fn the_event_maps_are_not_pinned_and_each_loaded_datapath_reads_its_own() {
 
     // A restarted agent adopts the pinned maps and reads its own programs' records.
     drop(first);
-    let mut second = load_pinned(&bpffs.pins);
+    let mut second = load_pinned(&bpffs.dir);
     let (mut log, lines) = capture(&mut second);
     assert_eq!(
         second.run(Hook::FromPod, &orphan_fragment(7)).verdict,

@@ -5,7 +5,7 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::conntrack::{self, CtEntry, FlowKey, ct_flags};
 
-use crate::maps::LB_CT;
+use crate::maps::{LB_CT, LB_CT_CARRYING, LB_CT_PREV};
 
 /// Monotonic time, coarse (jiffy resolution is plenty for timeouts measured in seconds, and it
 /// costs no clock read).
@@ -13,6 +13,27 @@ use crate::maps::LB_CT;
 pub fn now() -> u64 {
     // SAFETY: helper without arguments.
     unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The entry under `key`: `LB_CT`'s, or, while an agent carries the flows of an old conntrack
+/// map over (`LB_CT_CARRYING`), the old map's (`LB_CT_PREV`), copied into `LB_CT` first. The old
+/// programs keep writing the old map until the new ones are attached on every interface, and
+/// the agent's last copy follows: without this, a flow opened by an old program in that window
+/// would meet a new one that does not know it (a reply passing untranslated, a client packet
+/// balanced anew).
+#[inline(always)]
+pub fn find(key: &FlowKey) -> Option<*mut CtEntry> {
+    if let Some(entry) = LB_CT.get_ptr_mut(key) {
+        return Some(entry);
+    }
+    if !LB_CT_CARRYING.get(0).is_some_and(|on| *on != 0) {
+        return None;
+    }
+    // SAFETY: a map value, passed to the insert in place (no copy on the stack).
+    let old = unsafe { &*LB_CT_PREV.get_ptr(key)? };
+    // Whatever `LB_CT` got meanwhile is newer.
+    let _ = LB_CT.insert(key, old, BPF_NOEXIST.into());
+    LB_CT.get_ptr_mut(key)
 }
 
 /// Accounts a packet on an entry, writing it only when the rules say so

@@ -51,7 +51,7 @@ pub fn from_pod<F: Frame>(frame: &mut F, ip: &Ipv4) -> Action {
     let flow = parse::flow_key(ip, &l4, FORWARD);
     let now = ct::now();
     if remapped_before
-        && let Some(entry) = LB_CT.get_ptr_mut(&flow)
+        && let Some(entry) = ct::find(&flow)
         // SAFETY: map value from a successful lookup.
         && unsafe { (*entry).direct() }
         && ct::continues(entry, l4.tcp_flags, now)

@@ -77,7 +77,7 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
     }
     let now = ct::now();
 
-    if let Some(entry) = LB_CT.get_ptr_mut(&flow)
+    if let Some(entry) = ct::find(&flow)
         && ct::continues(entry, l4.tcp_flags, now)
     {
         if ct::touch(entry, ip.proto, l4.tcp_flags, now) {

@@ -12,7 +12,6 @@ use crate::{
     ct,
     frame::{Action, Frame, ptr_at},
     hdr::EthHdr,
-    maps::LB_CT,
     parse::{self, Ipv4, L4},
     snat,
 };
@@ -35,7 +34,7 @@ pub fn bounce<F: Frame>(frame: &mut F) -> Action {
 #[inline(always)]
 pub fn reply<F: Frame>(frame: &mut F, ip: &Ipv4, l4: &L4, len: u32) -> Option<Action> {
     let key = parse::flow_key(ip, l4, REPLY);
-    let entry = LB_CT.get_ptr_mut(&key)?;
+    let entry = ct::find(&key)?;
     let now = ct::now();
     // SAFETY: map value from a successful lookup.
     let e: CtEntry = unsafe { *entry };

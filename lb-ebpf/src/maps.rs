@@ -58,6 +58,15 @@ pub static LB_CT: LruHashMap<
     { lb_common::maps::CT_MAP_FLAGS as usize },
 > = LruHashMap::new();
 
+/// See [`lb_common::maps::LB_CT_PREV`]: the loader swaps in the old conntrack map while flows are
+/// carried over, whatever its capacity and flags.
+#[btf_map]
+pub static LB_CT_PREV: LruHashMap<FlowKey, CtEntry, 1> = LruHashMap::new();
+
+/// See [`lb_common::maps::LB_CT_CARRYING`].
+#[btf_map]
+pub static LB_CT_CARRYING: Array<u32, 1> = Array::new();
+
 /// See [`lb_common::maps::LB_FRAGS`].
 #[btf_map]
 pub static LB_FRAGS: LruHashMap<FragKey, FragEntry, { capacity::FRAGS as usize }> =

@@ -7,7 +7,6 @@ use crate::{
     ct, fragment,
     frame::{Action, Frame},
     icmp,
-    maps::LB_CT,
     nat::{self, End},
     parse::{self, Frag},
     stats,
@@ -35,7 +34,7 @@ pub fn to_client<F: Frame>(frame: &mut F) -> Action {
         return Action::Pass;
     };
     let key = parse::flow_key(&ip, &l4, REPLY);
-    let Some(entry) = LB_CT.get_ptr_mut(&key) else {
+    let Some(entry) = ct::find(&key) else {
         return Action::Pass;
     };
     let now = ct::now();

@@ -137,7 +137,7 @@ pub fn reply<F: Frame>(frame: &mut F, ip: &Ipv4, l4: &L4, len: u32) -> Option<Ac
         return None;
     }
     let key = parse::flow_key(ip, l4, REPLY);
-    let entry = LB_CT.get_ptr_mut(&key)?;
+    let entry = ct::find(&key)?;
     let now = ct::now();
     // SAFETY: map value from a successful lookup.
     let e = unsafe { *entry };

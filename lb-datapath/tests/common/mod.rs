@@ -2,6 +2,7 @@
 //! datapath must send back, and the datapath harness.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod bpffs;
 pub mod expected;
 pub mod external;
 pub mod fuzz;

@@ -22,7 +22,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 16] = [
+pub(super) const PLAN: [Step; 17] = [
     Step {
         name: "datapath",
         target: "datapath",
@@ -75,6 +75,12 @@ pub(super) const PLAN: [Step; 16] = [
     Step {
         name: "datapath_direct",
         target: "datapath_direct",
+        args: &[],
+        env: &[],
+    },
+    Step {
+        name: "datapath_carry",
+        target: "datapath_carry",
         args: &[],
         env: &[],
     },
