@@ -99,8 +99,8 @@ struct OutputArgs {
 
 #[derive(Debug, Args)]
 struct DumpArgs {
-    /// Only this map: its name (LB_CT) or alias (ct, services, backends, maglev, addrs, frags,
-    /// stats, verdicts, ranges, affinity, config).
+    /// Only this map: its name (LB_CT) or alias (addrs, services, backends, maglev, ct, frags,
+    /// stats, verdicts, ranges, affinity, config, answers, direct).
     #[arg(long, value_name = "NAME", value_parser = MapKind::parse)]
     map: Option<MapKind>,
     /// Print every Maglev slot instead of slot counts per backend.
@@ -218,6 +218,36 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("lbctl: error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// `maps dump --help` names every map's alias (the list is written by hand).
+    #[test]
+    fn the_dump_help_names_every_map() {
+        let mut cli = Cli::command();
+        let dump = cli
+            .find_subcommand_mut("maps")
+            .and_then(|maps| maps.find_subcommand_mut("dump"))
+            .expect("maps dump");
+        let help = dump
+            .get_arguments()
+            .find(|arg| arg.get_id() == "map")
+            .and_then(|arg| arg.get_help())
+            .expect("--map has help")
+            .to_string();
+        for kind in MapKind::ALL {
+            assert!(
+                help.contains(kind.alias()),
+                "{} is missing from: {help}",
+                kind.alias()
+            );
         }
     }
 }
