@@ -57,7 +57,9 @@ enum Command {
     /// Forward direction (default): a packet from a client at SRC to DST, as lb_from_pod
     /// (--scope internal) or lb_xdp / lb_ext_in (--scope external) sees it; this includes the
     /// replies of source-NATed flows, which reach the node addressed to its SNAT address and
-    /// port, and of hairpin flows, addressed to the hairpin address. With --reply: a backend at
+    /// port, and of hairpin flows, addressed to the hairpin address, and a pod's direct
+    /// connection to an address without a frontend (given another source port when a balanced
+    /// flow of its port holds its reply path). With --reply: a backend at
     /// SRC answering a client at DST, as lb_to_pod / lb_ext_out see it.
     Trace(TraceArgs),
 }
