@@ -126,6 +126,11 @@ pub struct RunArgs {
     )]
     pub healthz_addr: SocketAddr,
 
+    /// The same health endpoints on a port kube-proxy does not use, for the kubelet's probes:
+    /// they reach the agent even while kube-proxy still holds its health port (a migration).
+    #[arg(long, default_value = "0.0.0.0:10266", value_name = "ADDR")]
+    pub probe_addr: SocketAddr,
+
     /// Node addresses that accept NodePorts, as CIDRs (kube-proxy: --nodeport-addresses).
     /// Default: every address of the node.
     #[arg(long, value_delimiter = ',', value_name = "CIDR[,CIDR]")]

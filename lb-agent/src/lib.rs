@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Around it: [`config`] (flags), [`run`] (the main loop), [`interfaces`] (which interfaces
-//! get which programs), [`metrics`], [`http`] (/healthz, /metrics), [`healthcheck`]
+//! get which programs), [`metrics`], [`http`] (/healthz, /metrics; [`port_holder`] names who
+//! holds a port it cannot listen on), [`healthcheck`]
 //! (healthCheckNodePort servers), [`events`] (the datapath's rare events, logged) and
 //! [`sysctl`].
 //!
@@ -25,6 +26,7 @@ pub mod healthcheck;
 pub mod http;
 pub mod interfaces;
 pub mod metrics;
+pub mod port_holder;
 pub mod reconcile;
 pub mod run;
 pub mod source;

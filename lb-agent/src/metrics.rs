@@ -35,6 +35,12 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+/// Labels naming one of the agent's HTTP servers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ServerLabel {
+    pub server: String,
+}
+
 /// The agent's own metrics.
 pub struct Metrics {
     pub sync_duration: Histogram,
@@ -50,11 +56,22 @@ pub struct Metrics {
     pub backends: Gauge,
     pub flows: Gauge,
     pub map_fill: Family<MapLabel, Gauge<f64, AtomicU64>>,
+    /// 1 while a server cannot listen on its address (see `http::serve`).
+    listen_blocked: Family<ServerLabel, Gauge>,
     /// Backend-set id -> name, for the datapath counters' labels.
     pub set_names: Arc<RwLock<BTreeMap<u32, SetName>>>,
 }
 
 impl Metrics {
+    /// The `lb_listen_blocked` gauge of `server`.
+    pub fn listen_blocked(&self, server: &str) -> Gauge {
+        self.listen_blocked
+            .get_or_create(&ServerLabel {
+                server: server.to_owned(),
+            })
+            .clone()
+    }
+
     pub fn new(registry: &mut Registry, bpffs_dir: PathBuf) -> Arc<Self> {
         let metrics = Arc::new(Self {
             sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
@@ -70,6 +87,7 @@ impl Metrics {
             backends: Gauge::default(),
             flows: Gauge::default(),
             map_fill: Family::default(),
+            listen_blocked: Family::default(),
             set_names: Arc::default(),
         });
         let m = &metrics;
@@ -139,6 +157,12 @@ impl Metrics {
             "lb_map_fill_ratio",
             "How full each sized map is (0-1)",
             m.map_fill.clone(),
+        );
+        registry.register(
+            "lb_listen_blocked",
+            "1 while the agent cannot listen on a server's address (held by another process, \
+             such as kube-proxy during a migration); it tries again every 5 s",
+            m.listen_blocked.clone(),
         );
         registry.register_collector(Box::new(DatapathCollector {
             bpffs_dir,

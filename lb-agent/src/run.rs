@@ -108,13 +108,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, args.bpffs_dir.clone());
     let health = Arc::new(http::Health::default());
-    http::serve(
-        args.metrics_addr,
-        args.healthz_addr,
-        registry,
-        health.clone(),
-    )
-    .await?;
+    let addresses = http::Addresses {
+        metrics: args.metrics_addr,
+        healthz: args.healthz_addr,
+        probes: args.probe_addr,
+    };
+    http::serve(addresses, registry, health.clone(), &metrics);
 
     let (tx, mut updates) = mpsc::channel::<Update>(BATCH);
     let source_task = match args.source.clone() {

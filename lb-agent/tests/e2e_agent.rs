@@ -176,6 +176,72 @@ fn an_invalid_service_is_reported_by_name_while_the_rest_keeps_working() {
     assert!(body.contains("lastUpdated"), "{body}");
 }
 
+/// The documented migration installs the agent beside kube-proxy, which holds 0.0.0.0:10256 and
+/// 127.0.0.1:10249. As kube-proxy does with its own servers, the agent does not exit over a
+/// taken port: it programs the datapath, answers the kubelet's probes on its own port, says
+/// which ports are taken and by whom (`lb_listen_blocked`), and takes each once it is free.
+#[test]
+fn the_agent_works_beside_kube_proxys_ports_and_takes_them_once_free() {
+    let Some(mut bed) = AgentBed::new(3) else {
+        return;
+    };
+    bed.write_web(VIP, "");
+    let health_holder = bed.hold_port("0.0.0.0:10256");
+    let metrics_holder = bed.hold_port("127.0.0.1:10249");
+    bed.start_agent();
+    assert_eq!(
+        distinct(&bed.names(vip(), 20)).len(),
+        3,
+        "the datapath is programmed"
+    );
+    let holder = format!("(pid {})", std::process::id());
+    let log = bed.log();
+    for addr in ["0.0.0.0:10256", "127.0.0.1:10249"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("cannot listen on {addr}")) && l.contains(&holder)),
+            "{addr} and its holder {holder} named:\n{log}"
+        );
+    }
+
+    let metrics = || {
+        bed.http_get("127.0.0.1:10249", "/metrics")
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, body)| body)
+    };
+    drop(metrics_holder);
+    assert!(
+        bed.wait_until(Duration::from_secs(8), || metrics().is_some()),
+        "metrics served once their port is free; log:\n{}",
+        bed.log()
+    );
+    let body = metrics().unwrap();
+    assert!(
+        body.contains("lb_listen_blocked{server=\"healthz\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("lb_listen_blocked{server=\"metrics\"} 0"),
+        "{body}"
+    );
+
+    drop(health_holder);
+    assert!(
+        bed.wait_until(Duration::from_secs(8), || {
+            bed.http_get("127.0.0.1:10256", "/healthz")
+                .is_some_and(|(status, _)| status == 200)
+        }),
+        "health served once its port is free; log:\n{}",
+        bed.log()
+    );
+    let body = metrics().unwrap();
+    assert!(
+        body.contains("lb_listen_blocked{server=\"healthz\"} 0"),
+        "{body}"
+    );
+    assert_eq!(distinct(&bed.names(vip(), 20)).len(), 3);
+}
+
 #[test]
 fn a_deleted_service_stops_answering_and_others_keep_theirs() {
     let Some(bed) = web_bed("") else { return };

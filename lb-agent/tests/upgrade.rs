@@ -51,6 +51,7 @@ fn an_agent_of_this_version_takes_over_the_previous_releases_datapath_without_lo
     };
     bed.write_web(VIP, "");
     bed.agent_bin = previous;
+    bed.ready_addr = "127.0.0.1:10256";
     bed.start_agent();
     let ids_before = bed.set_ids();
     assert!(
@@ -63,6 +64,7 @@ fn an_agent_of_this_version_takes_over_the_previous_releases_datapath_without_lo
     bed.assert_no_connection_refused(vip(), 20, |bed| {
         bed.stop_agent();
         bed.agent_bin = PathBuf::from(common::agent::AGENT);
+        bed.ready_addr = common::agent::PROBES;
         bed.start_agent();
     });
     // The previous release made its conntrack map with per-CPU LRU lists: this version's agent

@@ -42,7 +42,13 @@ pub struct AgentBed {
     pub agent_bin: PathBuf,
     /// Flags added to the agent's command line.
     pub extra_args: Vec<String>,
+    /// Where `start_agent` asks `/readyz`: the probe port, as the kubelet does (the previous
+    /// release, which has none, answers on the health port).
+    pub ready_addr: &'static str,
 }
+
+/// The agent's probe address (`--probe-addr`'s default), from inside its namespace.
+pub const PROBES: &str = "127.0.0.1:10266";
 
 /// A Service manifest.
 pub fn service_yaml(name: &str, cluster_ip: Ipv4Addr, port: u16, extra_spec: &str) -> String {
@@ -103,6 +109,7 @@ impl AgentBed {
             agent: None,
             agent_bin: PathBuf::from(AGENT),
             extra_args: Vec::new(),
+            ready_addr: PROBES,
         };
         bed.write("node.yaml", &node_yaml());
         Some(bed)
@@ -160,7 +167,7 @@ impl AgentBed {
             .expect("starting lb-agent");
         self.agent = Some(child);
         let ready = self.wait_until(Duration::from_secs(20), || {
-            self.http_get("127.0.0.1:10256", "/readyz")
+            self.http_get(self.ready_addr, "/readyz")
                 .is_some_and(|(s, _)| s == 200)
         });
         assert!(
@@ -231,6 +238,16 @@ impl AgentBed {
             })
             .ok()
             .flatten()
+    }
+
+    /// A listening socket on `addr` in the node's namespace, as another process there (say
+    /// kube-proxy) would hold it; it accepts nothing.
+    pub fn hold_port(&self, addr: &'static str) -> std::net::TcpListener {
+        self.node
+            .ns
+            .enter(move || std::net::TcpListener::bind(addr))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("holding {addr}: {e}"))
     }
 
     /// The agent's maps, opened from their pins (as lbctl does).

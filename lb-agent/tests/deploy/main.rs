@@ -1,7 +1,7 @@
 //! The Kubernetes manifests in `deploy/`, checked without a cluster: the kustomization is
 //! rendered here (it only lists files), every document must decode into its Kubernetes type with
 //! no field left over, the DaemonSet's command line must be accepted by the agent's own parser
-//! with the environment the kubelet gives it, its probes must ask the agent's health port, and
+//! with the environment the kubelet gives it, its probes must ask the agent's probe port, and
 //! the RBAC rules must grant exactly what the agent watches.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -213,16 +213,15 @@ fn the_agent_accepts_the_daemonsets_command_line() {
 }
 
 #[test]
-fn the_probes_ask_the_agents_health_port() {
+fn the_probes_ask_the_agents_probe_port_which_kube_proxy_does_not_hold() {
     let agent = Deployed::new();
     let args = agent.args();
     let container = agent.container();
-    // The kubelet probes the pod's address, which is the node's (host network).
-    assert!(
-        args.healthz_addr.ip().is_unspecified(),
-        "{}",
-        args.healthz_addr
-    );
+    // The kubelet probes the pod's address, which is the node's (host network); kube-proxy holds
+    // the health port while both run (a migration), so the probes ask a port of the agent's own.
+    assert!(args.probe_addr.ip().is_unspecified(), "{}", args.probe_addr);
+    assert_ne!(args.probe_addr.port(), 10256);
+    assert_ne!(args.probe_addr.port(), 10249);
     assert_eq!(agent.pod().host_network, Some(true));
     let readiness = container
         .readiness_probe
@@ -231,11 +230,11 @@ fn the_probes_ask_the_agents_health_port() {
     let liveness = container.liveness_probe.as_ref().expect("a liveness probe");
     assert_eq!(
         probe_port(container, readiness),
-        ("/readyz".to_owned(), args.healthz_addr.port())
+        ("/readyz".to_owned(), args.probe_addr.port())
     );
     assert_eq!(
         probe_port(container, liveness),
-        ("/healthz".to_owned(), args.healthz_addr.port())
+        ("/livez".to_owned(), args.probe_addr.port())
     );
 }
 
