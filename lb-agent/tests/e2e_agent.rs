@@ -2,7 +2,8 @@
 //! endpoint changes reach the datapath, held connections keep their backend, restarts lose
 //! nothing, session affinity sticks and expires, invalid input is reported by name, pods that
 //! appear later are balanced, the periodic resync repairs the maps, a rare datapath drop is
-//! logged, and `cleanup` removes everything. Needs root.
+//! logged, kube-proxy's ports held by another process do not stop the agent, and `cleanup`
+//! removes everything. Needs root.
 
 mod common;
 
