@@ -90,13 +90,16 @@ impl Reconciler {
         let changed = match &update {
             Update::Applied(object) => Some(object.key().kind),
             Update::Deleted(key) => Some(key.kind),
-            Update::Invalid { origin, reason } => {
+            Update::Invalid {
+                origin,
+                reason,
+                key,
+            } => {
                 warn!(%origin, %reason, "invalid object skipped");
+                let kind = key.as_ref().map_or("document", |key| key.kind.name());
                 metrics
                     .invalid_objects
-                    .get_or_create(&KindLabel {
-                        kind: "document".into(),
-                    })
+                    .get_or_create(&KindLabel { kind: kind.into() })
                     .inc();
                 None
             }

@@ -170,6 +170,7 @@ fn read_file(path: &Path) -> (Vec<Decoded>, Vec<Update>) {
             invalid.push(Update::Invalid {
                 origin: path.display().to_string(),
                 reason: format!("cannot read: {e}"),
+                key: None,
             });
             return (objects, invalid);
         }
@@ -181,6 +182,7 @@ fn read_file(path: &Path) -> (Vec<Decoded>, Vec<Update>) {
                 Err(reason) => invalid.push(Update::Invalid {
                     origin: format!("{} document {index}", path.display()),
                     reason,
+                    key: None,
                 }),
             }
         }

@@ -5,27 +5,31 @@
 //! `Init`/`InitApply`/`InitDone`, which maps one-to-one onto `Listing`/`Applied`/`Listed`, so the
 //! agent's store infers the deletions it missed and this module keeps no state of its own.
 
-use std::{fmt::Debug, pin::pin};
+use std::{borrow::Cow, fmt::Debug, pin::pin};
 
 use anyhow::{Context as _, anyhow};
 use futures::{StreamExt as _, future};
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, ObjectReference, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, Config, Resource,
     config::KubeConfigOptions,
     runtime::{
         WatchStreamExt as _,
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
         watcher::{self, Event, watcher},
     },
 };
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use tokio::sync::mpsc::Sender;
 use tracing::{info, warn};
 
-use super::{Kind, Object, PROXY_LABEL_SELECTOR, Update};
+use super::{Kind, Object, ObjectKey, PROXY_LABEL_SELECTOR, Update};
 
 /// Written by `kubectl apply`, often as large as the object itself, and never read by the agent.
 const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -37,9 +41,24 @@ const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-config
 /// agent run every source the same way.
 pub async fn run(client: Client, node_name: String, tx: Sender<Update>) -> anyhow::Result<()> {
     let watches = future::join3(
-        forward::<Service>(client.clone(), proxy_config(), tx.clone()),
-        forward::<EndpointSlice>(client.clone(), proxy_config(), tx.clone()),
-        forward::<Node>(client, node_config(&node_name), tx.clone()),
+        forward::<Service>(
+            client.clone(),
+            proxy_config(),
+            tx.clone(),
+            node_name.clone(),
+        ),
+        forward::<EndpointSlice>(
+            client.clone(),
+            proxy_config(),
+            tx.clone(),
+            node_name.clone(),
+        ),
+        forward::<Node>(
+            client,
+            node_config(&node_name),
+            tx.clone(),
+            node_name.clone(),
+        ),
     );
     // A watch only notices the receiver is gone when it has something to send, which on a quiet
     // cluster may be never.
@@ -128,14 +147,36 @@ fn base_config() -> watcher::Config {
 }
 
 /// Forwards one kind's watch events until the receiver is gone.
-async fn forward<K: Watched>(client: Client, config: watcher::Config, tx: Sender<Update>) {
+async fn forward<K: Watched>(
+    client: Client,
+    config: watcher::Config,
+    tx: Sender<Update>,
+    node_name: String,
+) {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: REPORTER.into(),
+            instance: Some(node_name),
+        },
+    );
     // The watcher recovers by itself on the next poll after an error (resuming the watch, or
     // relisting); the backoff spaces those polls out so that a failing API server is not hammered.
-    let mut events = pin!(watcher(Api::<K>::all(client), config).default_backoff());
+    let api = Api::<Lenient<K>>::all(client);
+    let mut events = pin!(watcher(api, config).default_backoff());
     while let Some(event) = events.next().await {
         match event {
             Ok(event) => {
-                if tx.send(update(event.modify(slim))).await.is_err() {
+                let update = update(event.modify(slim));
+                if let Update::Invalid {
+                    reason,
+                    key: Some(key),
+                    ..
+                } = &update
+                {
+                    tell_owner::<K>(&recorder, key, reason).await;
+                }
+                if tx.send(update).await.is_err() {
                     return;
                 }
             }
@@ -148,12 +189,131 @@ async fn forward<K: Watched>(client: Client, config: watcher::Config, tx: Sender
     }
 }
 
-fn update<K: Watched>(event: Event<K>) -> Update {
+fn update<K: Watched>(event: Event<Lenient<K>>) -> Update {
     match event {
         Event::Init => Update::Listing(K::KIND),
-        Event::InitApply(object) | Event::Apply(object) => Update::Applied(object.into_object()),
+        Event::InitApply(object) | Event::Apply(object) => match object {
+            Lenient::Decoded(object) => Update::Applied(object.into_object()),
+            Lenient::Undecodable { metadata, reason } => {
+                let key = key_of::<K>(&metadata);
+                Update::Invalid {
+                    origin: key.to_string(),
+                    reason,
+                    key: Some(key),
+                }
+            }
+        },
         Event::InitDone => Update::Listed(K::KIND),
-        Event::Delete(object) => Update::Deleted(object.into_object().key()),
+        Event::Delete(object) => Update::Deleted(key_of::<K>(object.meta())),
+    }
+}
+
+fn key_of<K: Watched>(metadata: &ObjectMeta) -> ObjectKey {
+    ObjectKey {
+        kind: K::KIND,
+        namespace: metadata.namespace.clone().unwrap_or_default(),
+        name: metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+/// Tells the owner of an object the agent cannot decode why, with a Kubernetes Event on it
+/// (`kubectl describe` shows it; repeats become one event's count). Best effort: without the
+/// right to create events the log line and the metric remain.
+async fn tell_owner<K: Watched>(recorder: &Recorder, key: &ObjectKey, reason: &str) {
+    if key.name.is_empty() {
+        return;
+    }
+    let reference = ObjectReference {
+        api_version: Some(K::api_version(&()).into_owned()),
+        kind: Some(K::kind(&()).into_owned()),
+        name: Some(key.name.clone()),
+        namespace: (!key.namespace.is_empty()).then(|| key.namespace.clone()),
+        ..ObjectReference::default()
+    };
+    let mut note = format!("{REPORTER} cannot decode this object and ignores it: {reason}");
+    // The API server takes notes of at most 1 kB.
+    if note.len() > 1024 {
+        let mut end = 1021;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str("...");
+    }
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: "InvalidObject".into(),
+        note: Some(note),
+        action: "Decode".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &reference).await {
+        warn!(object = %key, %error, "cannot record a Kubernetes Event about an invalid object");
+    }
+}
+
+/// The reporting controller of the agent's Kubernetes Events.
+const REPORTER: &str = "lb-agent";
+
+/// An object of kind `K` as the API server sent it: decoded, or, when it does not decode as `K`
+/// (a field of the wrong type, say), its metadata and why. kube-runtime's watcher decodes a whole
+/// LIST or WATCH response with one decoder, so one bad object would fail its whole kind; with
+/// this, each object decodes on its own.
+#[derive(Clone, Debug)]
+enum Lenient<K> {
+    Decoded(K),
+    /// Boxed: rare, and the decoded kinds are no smaller.
+    Undecodable {
+        metadata: Box<ObjectMeta>,
+        reason: String,
+    },
+}
+
+impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        Ok(match K::deserialize(&value) {
+            Ok(object) => Self::Decoded(object),
+            Err(error) => Self::Undecodable {
+                metadata: Box::new(ObjectMeta::deserialize(&value["metadata"]).unwrap_or_default()),
+                reason: error.to_string(),
+            },
+        })
+    }
+}
+
+impl<K: Resource<DynamicType = ()>> Resource for Lenient<K> {
+    type DynamicType = ();
+    type Scope = K::Scope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        K::kind(dt)
+    }
+
+    fn group(dt: &()) -> Cow<'_, str> {
+        K::group(dt)
+    }
+
+    fn version(dt: &()) -> Cow<'_, str> {
+        K::version(dt)
+    }
+
+    fn plural(dt: &()) -> Cow<'_, str> {
+        K::plural(dt)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        match self {
+            Self::Decoded(object) => object.meta(),
+            Self::Undecodable { metadata, .. } => metadata,
+        }
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Self::Decoded(object) => object.meta_mut(),
+            Self::Undecodable { metadata, .. } => metadata,
+        }
     }
 }
 

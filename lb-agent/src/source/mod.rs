@@ -86,8 +86,14 @@ pub enum Update {
     /// An object was deleted.
     Deleted(ObjectKey),
     /// Something the source could not read (a malformed file, an object that does not decode):
-    /// logged and counted by the agent, everything else keeps working.
-    Invalid { origin: String, reason: String },
+    /// logged and counted by the agent, everything else keeps working. `key`: the object, when
+    /// it has a name (an API object); the agent then keeps what it last read of it, even across
+    /// a relist.
+    Invalid {
+        origin: String,
+        reason: String,
+        key: Option<ObjectKey>,
+    },
 }
 
 /// The label kube-proxy uses to hand a Service to another proxy: services carrying it are not

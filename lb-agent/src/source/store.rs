@@ -111,7 +111,13 @@ impl Store {
                 self.upsert(object, node_name, dirty);
             }
             Update::Deleted(key) => self.delete(&key, node_name, dirty),
-            Update::Invalid { .. } => {}
+            // What was last read of it stays; a relist must not take it for deleted.
+            Update::Invalid { key: Some(key), .. } => {
+                if let Some(seen) = self.listing.get_mut(&key.kind) {
+                    seen.insert(key);
+                }
+            }
+            Update::Invalid { key: None, .. } => {}
         }
     }
 
@@ -219,5 +225,63 @@ impl Store {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+
+    use super::*;
+
+    fn service(name: &str) -> Update {
+        Update::Applied(Object::Service(Box::new(Service {
+            metadata: ObjectMeta {
+                namespace: Some("default".into()),
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            ..Service::default()
+        })))
+    }
+
+    fn listed(store: &mut Store, updates: Vec<Update>) {
+        let mut dirty = Dirty::default();
+        store.apply(Update::Listing(Kind::Service), "node", &mut dirty);
+        for update in updates {
+            store.apply(update, "node", &mut dirty);
+        }
+        store.apply(Update::Listed(Kind::Service), "node", &mut dirty);
+    }
+
+    /// An object that stops decoding keeps what was last read of it, also across a relist
+    /// (which would otherwise take it for deleted); one of no name counts for nothing.
+    #[test]
+    fn an_object_that_no_longer_decodes_keeps_its_last_good_version() {
+        let mut store = Store::default();
+        listed(&mut store, vec![service("web"), service("api")]);
+        assert_eq!(store.service_count(), 2);
+        let invalid = |name: &str| Update::Invalid {
+            origin: format!("Service default/{name}"),
+            reason: "invalid type".into(),
+            key: Some(ObjectKey {
+                kind: Kind::Service,
+                namespace: "default".into(),
+                name: name.into(),
+            }),
+        };
+        listed(&mut store, vec![service("web"), invalid("api")]);
+        let id = ("default".to_owned(), "api".to_owned());
+        assert!(store.service(&id).is_some(), "kept across the relist");
+        let nameless = Update::Invalid {
+            origin: "a file".into(),
+            reason: "not YAML".into(),
+            key: None,
+        };
+        listed(&mut store, vec![service("web"), nameless]);
+        assert!(
+            store.service(&id).is_none(),
+            "gone once a relist no longer names it"
+        );
     }
 }

@@ -356,9 +356,11 @@ fn watched_resource(kind: Kind) -> (&'static str, &'static str) {
 /// kube-runtime's watcher lists, then watches (`source/kube.rs`); `get` reads nothing more than
 /// `list` does and completes the read-only set.
 const READ_VERBS: [&str; 3] = ["get", "list", "watch"];
+/// What the agent does with Kubernetes Events.
+const EVENT_VERBS: [&str; 2] = ["create", "patch"];
 
 #[test]
-fn rbac_grants_exactly_what_the_agent_watches() {
+fn rbac_grants_exactly_what_the_agent_watches_and_event_writes() {
     let agent = Deployed::new();
     let manifests = &agent.manifests;
     let role = manifests.one("ClusterRole", |o| match o {
@@ -379,13 +381,16 @@ fn rbac_grants_exactly_what_the_agent_watches() {
             }
         }
     }
-    let needed: BTreeSet<_> = Kind::ALL
+    let mut needed: BTreeSet<_> = Kind::ALL
         .into_iter()
         .map(watched_resource)
         .flat_map(|(group, resource)| {
             READ_VERBS.map(|verb| (group.to_owned(), resource.to_owned(), verb.to_owned()))
         })
         .collect();
+    // kube-runtime's event recorder creates an event, and patches it for a repeat
+    // (`source/kube.rs`, objects that do not decode).
+    needed.extend(EVENT_VERBS.map(|verb| ("events.k8s.io".into(), "events".into(), verb.into())));
     assert_eq!(
         granted,
         needed,

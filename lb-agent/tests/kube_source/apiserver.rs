@@ -44,6 +44,8 @@ pub struct State {
     /// etcd's revision: one counter across every collection, as resourceVersions are.
     revision: u64,
     collections: BTreeMap<Kind, Collection>,
+    /// Kubernetes Events (`events.k8s.io/v1`) created or patched, as sent.
+    pub events: Vec<Value>,
 }
 
 #[derive(Default)]
@@ -122,6 +124,7 @@ impl StandIn {
                 .into_iter()
                 .map(|kind| (kind, Collection::default()))
                 .collect(),
+            events: Vec::new(),
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -136,6 +139,34 @@ impl StandIn {
                 get(move |RawQuery(query): RawQuery| serve(shared.clone(), kind, query)),
             );
         }
+        // Events: created (POST) and, for a repeat, patched; recorded as sent.
+        let recorded = shared.clone();
+        let record = move |body: axum::body::Bytes| {
+            let shared = recorded.clone();
+            async move {
+                let event: Value = serde_json::from_slice(&body).expect("an event in JSON");
+                shared
+                    .state
+                    .lock()
+                    .expect("state lock")
+                    .events
+                    .push(event.clone());
+                Response::builder()
+                    .status(201)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(event.to_string()))
+                    .expect("response")
+            }
+        };
+        router = router
+            .route(
+                "/apis/events.k8s.io/v1/namespaces/{namespace}/events",
+                axum::routing::post(record.clone()),
+            )
+            .route(
+                "/apis/events.k8s.io/v1/namespaces/{namespace}/events/{name}",
+                axum::routing::patch(record),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -7,7 +7,10 @@
 //! through a channel. It records every request so that tests can check what the source asked for.
 //! It does not need root.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use k8s_openapi::{
     api::{
@@ -322,6 +325,75 @@ async fn node_watch_is_restricted_to_this_node() {
     .await;
 }
 
+/// kube-runtime's watcher decodes a whole LIST or WATCH response with one decoder (as
+/// kube-proxy's informers do), so one object that did not decode stopped its whole kind. Each
+/// object now decodes on its own: the bad one is reported by name with the reason and gets a
+/// Kubernetes Event (reason `InvalidObject`), and every other object flows, in the LIST and in
+/// the WATCH.
+#[tokio::test]
+async fn an_undecodable_object_is_reported_by_name_and_the_others_flow() {
+    within_deadline(async {
+        let broken = |name: &str| {
+            let mut object = service(name, "10.96.0.13", 80);
+            object["spec"]["ports"] = json!("not a list");
+            object
+        };
+        let (server, mut source, updates) = Source::listed([
+            web(),
+            (Kind::Service, broken("bad")),
+            (Kind::Service, service("api", "10.96.0.11", 443)),
+            web_slice(),
+            this_node(),
+        ])
+        .await;
+        let services = describe(&updates[&Kind::Service]);
+        for good in ["Applied Service default/web", "Applied Service default/api"] {
+            assert!(services.iter().any(|u| u == good), "{services:?}");
+        }
+        let invalid = |u: &String, name: &str| {
+            u.starts_with(&format!("Invalid Service default/{name}: "))
+                && u.contains("invalid type")
+        };
+        assert!(services.iter().any(|u| invalid(u, "bad")), "{services:?}");
+        assert!(
+            services.last().is_some_and(|u| u == "Listed Service"),
+            "{services:?}"
+        );
+
+        // In the WATCH too: a bad object, then a good one.
+        server.apply(Kind::Service, broken("worse"));
+        let update = describe(&[source.next().await]);
+        assert!(invalid(&update[0], "worse"), "{update:?}");
+        server.apply(Kind::Service, service("later", "10.96.0.14", 80));
+        source.assert_next("Applied Service default/later").await;
+
+        // Each bad object's owner is told, on the object.
+        let events = server.state().events.clone();
+        let told: BTreeSet<(String, String, String)> = events
+            .iter()
+            .map(|e| {
+                let field = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+                (
+                    field(&e["regarding"]["name"]),
+                    field(&e["reason"]),
+                    field(&e["type"]),
+                )
+            })
+            .collect();
+        let expected =
+            ["bad", "worse"].map(|name| (name.into(), "InvalidObject".into(), "Warning".into()));
+        assert_eq!(told, BTreeSet::from(expected), "{events:#?}");
+        assert!(
+            events.iter().all(|e| e["regarding"]["kind"] == "Service"
+                && e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("invalid type"))),
+            "{events:#?}"
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn run_returns_once_the_receiver_is_dropped() {
     within_deadline(async {
@@ -420,7 +492,8 @@ fn kind_of(update: &Update) -> Kind {
         Update::Listing(kind) | Update::Listed(kind) => *kind,
         Update::Applied(object) => object.key().kind,
         Update::Deleted(key) => key.kind,
-        Update::Invalid { origin, reason } => panic!("invalid object from {origin}: {reason}"),
+        Update::Invalid { key: Some(key), .. } => key.kind,
+        Update::Invalid { origin, reason, .. } => panic!("invalid object from {origin}: {reason}"),
     }
 }
 
@@ -432,7 +505,7 @@ fn describe(updates: &[Update]) -> Vec<String> {
             Update::Listed(kind) => format!("Listed {}", kind.name()),
             Update::Applied(object) => format!("Applied {}", object.key()),
             Update::Deleted(key) => format!("Deleted {key}"),
-            Update::Invalid { origin, reason } => format!("Invalid {origin}: {reason}"),
+            Update::Invalid { origin, reason, .. } => format!("Invalid {origin}: {reason}"),
         })
         .collect()
 }
