@@ -249,6 +249,14 @@ fn the_daemonset_runs_on_every_node_like_a_node_proxy() {
         pod.priority_class_name.as_deref(),
         Some("system-node-critical")
     );
+    // kube-proxy's DaemonSet (kubeadm's) runs on Linux nodes only, and so does this one.
+    assert_eq!(
+        pod.node_selector,
+        Some(BTreeMap::from([(
+            "kubernetes.io/os".to_owned(),
+            "linux".to_owned()
+        )]))
+    );
     assert!(
         pod.tolerations
             .iter()
