@@ -205,41 +205,30 @@ fn the_agent_works_beside_kube_proxys_ports_and_takes_them_once_free() {
         );
     }
 
-    let metrics = || {
-        bed.http_get("127.0.0.1:10249", "/metrics")
-            .filter(|(status, _)| *status == 200)
-            .map(|(_, body)| body)
+    // Each port, once free, is served within the 5 s retry; the metric follows.
+    let served = |addr: &str, path: &str| {
+        bed.wait_until(Duration::from_secs(8), || {
+            bed.http_get(addr, path)
+                .is_some_and(|(status, _)| status == 200)
+        })
+    };
+    let blocked = |server: &str| {
+        let (_, body) = bed.http_get("127.0.0.1:10249", "/metrics").unwrap();
+        let line = format!("lb_listen_blocked{{server=\"{server}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("no {line}in:\n{body}"))
+            .to_owned()
     };
     drop(metrics_holder);
-    assert!(
-        bed.wait_until(Duration::from_secs(8), || metrics().is_some()),
-        "metrics served once their port is free; log:\n{}",
-        bed.log()
+    assert!(served("127.0.0.1:10249", "/metrics"), "log:\n{}", bed.log());
+    assert_eq!(
+        (blocked("healthz"), blocked("metrics")),
+        ("1".into(), "0".into())
     );
-    let body = metrics().unwrap();
-    assert!(
-        body.contains("lb_listen_blocked{server=\"healthz\"} 1"),
-        "{body}"
-    );
-    assert!(
-        body.contains("lb_listen_blocked{server=\"metrics\"} 0"),
-        "{body}"
-    );
-
     drop(health_holder);
-    assert!(
-        bed.wait_until(Duration::from_secs(8), || {
-            bed.http_get("127.0.0.1:10256", "/healthz")
-                .is_some_and(|(status, _)| status == 200)
-        }),
-        "health served once its port is free; log:\n{}",
-        bed.log()
-    );
-    let body = metrics().unwrap();
-    assert!(
-        body.contains("lb_listen_blocked{server=\"healthz\"} 0"),
-        "{body}"
-    );
+    assert!(served("127.0.0.1:10256", "/healthz"), "log:\n{}", bed.log());
+    assert_eq!(blocked("healthz"), "0");
     assert_eq!(distinct(&bed.names(vip(), 20)).len(), 3);
 }
 

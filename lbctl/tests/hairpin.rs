@@ -7,11 +7,10 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use common::{
-    Fixture, backends, frontend, service, sock,
+    Fixture, one_backend_cluster_ip, sock,
     trace::{Case, Hook, check, json_sock},
 };
-use lb_common::{Be32, maps::scope, net::proto::TCP};
-use lb_datapath::program::FrontendKind::ClusterIp;
+use lb_common::Be32;
 use lb_testbed::packet::flags;
 use serde_json::json;
 
@@ -33,18 +32,11 @@ fn trace_predicts_hairpin_flows() {
     const SYN: u8 = flags::SYN;
     const ACK: u8 = flags::ACK;
     // A ClusterIP whose only backend is the pod that connects to it.
-    let svc = service(
+    f.program(&one_backend_cluster_ip(
         "self",
-        vec![frontend(
-            [172, 30, 0, 48],
-            80,
-            TCP,
-            scope::INTERNAL,
-            ClusterIp,
-        )],
-        backends(true, &["10.0.8.8:8080"]),
-    );
-    f.program(&svc);
+        "172.30.0.48:80",
+        "10.0.8.8:8080",
+    ));
     let vip = sock("172.30.0.48:80");
     let pod = sock("10.0.8.8:40000");
     let as_seen = SocketAddrV4::new(HAIRPIN, pod.port());

@@ -284,6 +284,22 @@ pub fn service(
     }
 }
 
+/// A TCP ClusterIP `name` on `vip` (pods' scope) with one backend, on this node.
+pub fn one_backend_cluster_ip(name: &str, vip: &str, backend: &str) -> ServiceSpec {
+    let vip = sock(vip);
+    service(
+        name,
+        vec![frontend(
+            vip.ip().octets(),
+            vip.port(),
+            lb_common::net::proto::TCP,
+            lb_common::maps::scope::INTERNAL,
+            FrontendKind::ClusterIp,
+        )],
+        backends(true, &[backend]),
+    )
+}
+
 /// This node's address: the agent's SNAT address (its InternalIP), and the address of the
 /// NodePort service.
 pub const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
