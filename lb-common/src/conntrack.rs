@@ -73,6 +73,20 @@ impl FlowKey {
         Self { dir, ..self }
     }
 
+    /// The reply-direction key of this flow when nothing of it is translated: its destination
+    /// answers its source.
+    #[inline(always)]
+    pub const fn reply_as_is(&self) -> Self {
+        Self::new(
+            self.dst_addr,
+            self.dst_port,
+            self.src_addr,
+            self.src_port,
+            self.proto,
+            REPLY,
+        )
+    }
+
     /// The flow hash of the 5-tuple (see [`flow_hash`]): Maglev's slot and the SNAT candidates.
     #[inline(always)]
     pub const fn hash(&self) -> u32 {
@@ -301,11 +315,8 @@ pub const DIRECT: u32 = u32::MAX;
 /// another source port: any live entry there is another flow's (a direct connection's own never
 /// uses that key), and its replies would be reverse-NATed as that flow's, even after it closed.
 #[inline(always)]
-pub const fn direct_clashes(held: Option<&CtEntry>, now: u64) -> bool {
-    match held {
-        Some(entry) => entry.live(now),
-        None => false,
-    }
+pub const fn direct_clashes(held: &CtEntry, now: u64) -> bool {
+    held.live(now)
 }
 
 /// Bits of [`CtEntry::nat_flags`].

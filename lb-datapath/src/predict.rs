@@ -405,20 +405,29 @@ fn client_port_clash(
     if snat::classify(held.as_ref(), flow, now) != SnatPort::Taken {
         return Ok(None);
     }
+    Ok(Some(match client_port(maps, flow, backend, now)? {
+        Some(choice) => Ok(SourceNat::ClientPort(choice)),
+        None => Err(SnatFailure::ClientPortsTaken {
+            client: socket(flow.src_addr, flow.src_port),
+        }),
+    }))
+}
+
+/// The port the client of `flow` to `backend` gets instead of its own
+/// ([`snat::client_port_range`]); `None` when every other port clashes too.
+fn client_port(
+    maps: &Maps,
+    flow: &FlowKey,
+    backend: &Backend,
+    now: u64,
+) -> Result<Option<SnatChoice>, MapsError> {
     let range = snat::client_port_range(flow.src_addr);
-    let taken = SnatFailure::ClientPortsTaken {
-        client: socket(flow.src_addr, flow.src_port),
-    };
     // As the datapath's `snat::allocate`: a range without an address (a client 0.0.0.0) has
     // no port to give.
     if !range.snat_configured() {
-        return Ok(Some(Err(taken)));
+        return Ok(None);
     }
-    Ok(Some(
-        snat_allocate(maps, flow, backend, &range, now)?
-            .map(SourceNat::ClientPort)
-            .map_err(|_| taken),
-    ))
+    Ok(snat_allocate(maps, flow, backend, &range, now)?.ok())
 }
 
 /// A packet `key` (forward direction, as it arrives) to the node's SNAT address: the reply of a
@@ -581,38 +590,26 @@ fn direct(maps: &Maps, key: &FlowKey, seg_flags: u8, now: u64) -> Result<Forward
     if !opening {
         return Ok(Forward::NotAFrontend);
     }
-    let as_is = CtEntry {
-        nat_addr: key.dst_addr,
-        nat_port: key.dst_port,
-        ..CtEntry::default()
-    };
-    let held = ct_entry(maps, &key.reply_of(&as_is))?;
-    let Some(held) = held.filter(|held| conntrack::direct_clashes(Some(held), now)) else {
+    let held = ct_entry(maps, &key.reply_as_is())?;
+    let Some(held) = held.filter(|held| conntrack::direct_clashes(held, now)) else {
         return Ok(Forward::NotAFrontend);
     };
-    let client = socket(key.src_addr, key.src_port);
-    let taken = Forward::DirectPortsTaken {
-        client,
-        destination,
-        held,
-    };
-    let range = snat::client_port_range(key.src_addr);
-    // As the datapath's `snat::allocate`: a client 0.0.0.0 has no port to give.
-    if !range.snat_configured() {
-        return Ok(taken);
-    }
     let target = Backend {
         addr: key.dst_addr,
         port: key.dst_port,
         ..Backend::default()
     };
-    Ok(match snat_allocate(maps, key, &target, &range, now)? {
-        Ok(choice) => Forward::DirectRemapped {
+    Ok(match client_port(maps, key, &target, now)? {
+        Some(choice) => Forward::DirectRemapped {
             destination,
             choice,
             held,
         },
-        Err(_) => taken,
+        None => Forward::DirectPortsTaken {
+            client: socket(key.src_addr, key.src_port),
+            destination,
+            held,
+        },
     })
 }
 

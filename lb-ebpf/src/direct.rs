@@ -69,16 +69,11 @@ pub fn from_pod<F: Frame>(frame: &mut F, ip: &Ipv4) -> Action {
     if !opening {
         return Action::Pass;
     }
-    // The reply key the connection would have as it is: backend -> client.
     let (flags, deadline_ns) = conntrack::initial(ip.proto, l4.tcp_flags, now);
-    let own_reply = flow.reply_of(&CtEntry {
-        nat_addr: flow.dst_addr,
-        nat_port: flow.dst_port,
-        ..CtEntry::default()
-    });
-    // SAFETY: LRU map value, copied out at once.
-    let held = unsafe { LB_CT.get(&own_reply) }.copied();
-    if !conntrack::direct_clashes(held.as_ref(), now) {
+    // SAFETY: LRU map value, read at once.
+    let clashes = unsafe { LB_CT.get(&flow.reply_as_is()) }
+        .is_some_and(|held| conntrack::direct_clashes(held, now));
+    if !clashes {
         return Action::Pass;
     }
     let mut forward = CtEntry::direct_forward(&flow, l4.src_port, flags, deadline_ns);
