@@ -233,11 +233,7 @@ async fn tell_owner<K: Watched>(recorder: &Recorder, key: &ObjectKey, reason: &s
     let mut note = format!("{REPORTER} cannot decode this object and ignores it: {reason}");
     // The API server takes notes of at most 1 kB.
     if note.len() > 1024 {
-        let mut end = 1021;
-        while !note.is_char_boundary(end) {
-            end -= 1;
-        }
-        note.truncate(end);
+        note.truncate(note.floor_char_boundary(1021));
         note.push_str("...");
     }
     let event = KubeEvent {

@@ -13,7 +13,7 @@ use lb_datapath::predict::{
 use serde::Serialize;
 
 use crate::{
-    decode::{AddrFlag, CtFlag, Flags, SECOND_NS, seconds_until},
+    decode::{AddrFlag, CtFlag, Flags, SECOND_NS, seconds_until, socket},
     views::trace::{PortState, Prediction, RejectKind, SnatKind, Trace, TraceSelection, Verdict},
 };
 
@@ -230,7 +230,7 @@ fn forward(t: &Trace, prediction: &Forward) -> String {
             "{} carries no frontend, but a live flow of this client port to frontend {} was \
              balanced to {dst} and holds the reply key: {DIRECT_TEXT}: src {src} -> {} ({})",
             dst.ip(),
-            SocketAddrV4::new(held.nat_addr.to_ip(), held.nat_port.to_host()),
+            socket(held.nat_addr, held.nat_port),
             choice.source,
             snat_choice_text(choice)
         ),
@@ -239,7 +239,7 @@ fn forward(t: &Trace, prediction: &Forward) -> String {
              {dst} and holds the reply key, and so does one on every other port of the \
              client's: dropped",
             dst.ip(),
-            SocketAddrV4::new(held.nat_addr.to_ip(), held.nat_port.to_host()),
+            socket(held.nat_addr, held.nat_port),
         ),
     }
 }
