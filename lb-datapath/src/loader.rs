@@ -209,7 +209,6 @@ impl Datapath {
             .map_err(DatapathError::EventLog)
     }
 
-    /// Takes the map handles out of the loaded object (once).
     /// Sets whether the programs fall back to the conntrack map being carried over
     /// (`LB_CT_PREV`) when `LB_CT` misses: on from before the new programs are attached until the
     /// last copy is done (`ct_carry`).
@@ -225,6 +224,7 @@ impl Datapath {
         Ok(())
     }
 
+    /// Takes the map handles out of the loaded object (once).
     pub fn take_maps(&mut self) -> Result<Maps, DatapathError> {
         Ok(Maps::take_from(&mut self.ebpf)?)
     }
