@@ -74,13 +74,13 @@ fn main() -> Result<()> {
         Task::Demo => {
             setup::run()?;
             util::cargo(&["build", "--release", "--bins"])?;
-            util::run_privileged("target/release/lb-demo", &[])
+            util::run_privileged(&util::release_binary("lb-demo")?, &[])
         }
         Task::Bench { args } => {
             setup::run()?;
             util::cargo(&["build", "--release", "--bins"])?;
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            util::run_privileged("target/release/lb-bench", &args)
+            util::run_privileged(&util::release_binary("lb-bench")?, &args)
         }
     }
 }

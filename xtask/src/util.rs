@@ -50,14 +50,14 @@ pub fn cargo_as_root(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<
 }
 
 /// Runs a built program as root (`sudo -E` when we are not).
-pub fn run_privileged(program: &str, args: &[&str]) -> Result<()> {
-    if !Path::new(program).exists() {
-        bail!("{program} was not built");
+pub fn run_privileged(program: &Path, args: &[&str]) -> Result<()> {
+    if !program.exists() {
+        bail!("{} was not built", program.display());
     }
     if is_root() {
         run(Command::new(program).args(args))
     } else {
-        eprintln!("xtask: not root; running {program} under sudo");
+        eprintln!("xtask: not root; running {} under sudo", program.display());
         run(Command::new("sudo").arg("-E").arg(program).args(args))
     }
 }
@@ -67,6 +67,12 @@ pub fn workspace_root() -> Result<PathBuf> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let root = manifest.parent().context("xtask is not in a workspace")?;
     fs::canonicalize(root).with_context(|| format!("cannot resolve {}", root.display()))
+}
+
+/// Where `cargo build --release` puts the workspace's binary `name` (wherever xtask runs from,
+/// and with `CARGO_TARGET_DIR` set).
+pub fn release_binary(name: &str) -> Result<PathBuf> {
+    Ok(target_dir(&workspace_root()?).join("release").join(name))
 }
 
 /// Cargo's target directory for the workspace at `root`.
