@@ -5,9 +5,10 @@
 use std::{net::SocketAddr, ops::RangeInclusive, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ipnet::Ipv4Net;
 
 use lb_datapath::maglev;
+
+use crate::node::NodePortAddresses;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -131,10 +132,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "0.0.0.0:10266", value_name = "ADDR")]
     pub probe_addr: SocketAddr,
 
-    /// Node addresses that accept NodePorts, as CIDRs (kube-proxy: --nodeport-addresses).
-    /// Default: every address of the node.
-    #[arg(long, value_delimiter = ',', value_name = "CIDR[,CIDR]")]
-    pub nodeport_addresses: Vec<Ipv4Net>,
+    /// Node addresses that accept NodePorts and healthCheckNodePorts (kube-proxy:
+    /// --nodeport-addresses): `primary` (the node's first InternalIP, else first ExternalIP),
+    /// or CIDRs matched against the node's interface addresses. Default: the Node object's
+    /// InternalIP and ExternalIP addresses. Never 127.0.0.1.
+    #[arg(long, value_parser = parse_nodeport_addresses, value_name = "primary|CIDR[,CIDR]")]
+    pub nodeport_addresses: Option<NodePortAddresses>,
 
     /// Ports that external flows to backends on other nodes are source-NATed to
     /// (externalTrafficPolicy Cluster), reserved from the node's own connections
@@ -188,6 +191,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is shorter than one second"));
     }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+fn parse_nodeport_addresses(s: &str) -> Result<NodePortAddresses, String> {
+    let values: Vec<String> = s.split(',').map(str::to_owned).collect();
+    NodePortAddresses::parse(&values)
 }
 
 /// The NodePort range Kubernetes allocates from by default (`--service-node-port-range`).

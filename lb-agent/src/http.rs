@@ -1,7 +1,14 @@
 //! The agent's HTTP endpoints: `/metrics` on the metrics address; `/healthz`, `/livez` and
-//! `/readyz` on the health address (kube-proxy's port 10256 answers `/healthz` the same way:
-//! 200 with the last update and current times while healthy) and on the probe address (the
-//! kubelet's, see [`Addresses::probes`]).
+//! `/readyz` on the health address and on the probe address (the kubelet's, see
+//! [`Addresses::probes`]).
+//!
+//! `/healthz` and `/livez` answer as kube-proxy's do. The agent is healthy unless its loop has
+//! stalled or a change has waited longer than twice `--sync-period` to be programmed
+//! (kube-proxy's health timeout). `/livez` says only that; `/healthz` also answers 503 while
+//! the node is ineligible for load-balancer traffic (its Node is being deleted or tainted
+//! `ToBeDeletedByClusterAutoscaler`), so that cloud load balancers checking it drain the node
+//! first. The body is kube-proxy's: `lastUpdated` (the current time while healthy),
+//! `currentTime`, and on `/healthz` `nodeEligible`.
 
 use std::{
     net::SocketAddr,
@@ -28,15 +35,33 @@ pub struct Health {
     pub ready: AtomicBool,
     last_update: Mutex<Option<SystemTime>>,
     heartbeat: Mutex<Instant>,
+    /// When the oldest change not yet programmed arrived.
+    pending_since: Mutex<Option<Instant>>,
+    /// How long a change may wait (kube-proxy: twice its sync period).
+    timeout: Duration,
+    /// The Node is not being deleted (kube-proxy's `nodeEligible`).
+    node_eligible: AtomicBool,
 }
 
-impl Default for Health {
-    fn default() -> Self {
+impl Health {
+    /// `sync_period`: the agent's `--sync-period`; a change waiting twice as long makes it
+    /// unhealthy.
+    pub fn new(sync_period: Duration) -> Self {
         Self {
             ready: AtomicBool::new(false),
             last_update: Mutex::new(None),
             heartbeat: Mutex::new(Instant::now()),
+            pending_since: Mutex::new(None),
+            timeout: sync_period * 2,
+            // Eligible until the Node says otherwise, as kube-proxy assumes while starting.
+            node_eligible: AtomicBool::new(true),
         }
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(30))
     }
 }
 
@@ -56,35 +81,79 @@ impl Health {
         }
     }
 
+    /// What the reconciler has not programmed yet, and the Node's eligibility (called after
+    /// every turn of the loop).
+    pub fn observe(&self, pending_since: Option<Instant>, node_eligible: bool) {
+        if let Ok(mut p) = self.pending_since.lock() {
+            *p = pending_since;
+        }
+        self.node_eligible.store(node_eligible, Ordering::Relaxed);
+    }
+
+    /// The proxy's own health, whatever the Node (kube-proxy's `IsHealthy`, also what
+    /// healthCheckNodePorts report as `serviceProxyHealthy`).
     pub fn healthy(&self) -> bool {
-        self.heartbeat.lock().is_ok_and(|h| h.elapsed() < STALL)
+        let turning = self.heartbeat.lock().is_ok_and(|h| h.elapsed() < STALL);
+        let late = self
+            .pending_since
+            .lock()
+            .is_ok_and(|p| p.is_some_and(|since| since.elapsed() >= self.timeout));
+        turning && !late
+    }
+
+    pub fn node_eligible(&self) -> bool {
+        self.node_eligible.load(Ordering::Relaxed)
     }
 }
 
-fn rfc3339(t: SystemTime) -> String {
+/// A time as kube-proxy prints one (Go's `time.Time.String()` in UTC, without the monotonic
+/// clock reading): `2026-12-06 13:05:09.123456789 +0000 UTC`.
+fn go_time(t: SystemTime) -> String {
     jiff::Timestamp::try_from(t)
-        .map(|t| t.to_string())
+        .map(|t| t.strftime("%Y-%m-%d %H:%M:%S%.f +0000 UTC").to_string())
         .unwrap_or_default()
 }
 
-async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    let last = health
-        .last_update
-        .lock()
-        .ok()
-        .and_then(|t| *t)
-        .map(rfc3339)
-        .unwrap_or_default();
-    let body = format!(
-        r#"{{"lastUpdated": "{last}","currentTime": "{}"}}"#,
-        rfc3339(SystemTime::now())
+/// kube-proxy's `/healthz` (`with_node`) and `/livez` answer.
+fn health_answer(health: &Health, with_node: bool) -> impl IntoResponse + use<> {
+    let now = SystemTime::now();
+    let healthy = health.healthy();
+    let eligible = health.node_eligible();
+    let last = if healthy {
+        Some(now)
+    } else {
+        health.last_update.lock().ok().and_then(|t| *t)
+    };
+    let mut body = format!(
+        r#"{{"lastUpdated": "{}","currentTime": "{}""#,
+        last.map(go_time).unwrap_or_default(),
+        go_time(now)
     );
-    let status = if health.healthy() {
+    if with_node {
+        body.push_str(&format!(r#", "nodeEligible": {eligible}"#));
+    }
+    body.push('}');
+    let status = if healthy && (eligible || !with_node) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, [("content-type", "application/json")], body)
+    (
+        status,
+        [
+            ("content-type", "application/json"),
+            ("x-content-type-options", "nosniff"),
+        ],
+        body,
+    )
+}
+
+async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    health_answer(&health, true)
+}
+
+async fn livez(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    health_answer(&health, false)
 }
 
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
@@ -137,7 +206,7 @@ pub struct Addresses {
 pub fn serve(addresses: Addresses, registry: Registry, health: Arc<Health>, metrics: &Metrics) {
     let health_app = Router::new()
         .route("/healthz", get(healthz))
-        .route("/livez", get(healthz))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .with_state(health);
     let metrics_app = Router::new()
@@ -197,5 +266,31 @@ async fn listen(
                 tokio::time::sleep(RETRY).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_waiting_twice_the_sync_period_makes_the_agent_unhealthy() {
+        let health = Health::new(Duration::from_millis(100));
+        assert!(health.healthy());
+        health.observe(Some(Instant::now()), true);
+        assert!(health.healthy(), "a fresh change is not late");
+        health.observe(Instant::now().checked_sub(Duration::from_millis(250)), true);
+        assert!(!health.healthy(), "a change waiting 250 ms > 2 x 100 ms");
+        health.observe(None, false);
+        assert!(health.healthy(), "ineligibility is not ill health");
+        assert!(!health.node_eligible());
+    }
+
+    #[test]
+    fn times_print_as_go_prints_them() {
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_765_000_000, 120_000_000);
+        assert_eq!(go_time(t), "2025-12-06 05:46:40.12 +0000 UTC");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_765_000_000);
+        assert_eq!(go_time(t), "2025-12-06 05:46:40 +0000 UTC");
     }
 }

@@ -19,13 +19,16 @@
 //! May depend on `lb-datapath`, `lb-common` and the Kubernetes, HTTP and metrics crates; nothing
 //! depends on it but its binary and its tests.
 
+pub mod addr;
 pub mod config;
 pub mod desired;
+pub mod endpoints;
 pub mod events;
 pub mod healthcheck;
 pub mod http;
 pub mod interfaces;
 pub mod metrics;
+pub mod node;
 pub mod port_holder;
 pub mod reconcile;
 pub mod run;

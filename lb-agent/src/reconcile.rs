@@ -5,11 +5,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
     ops::RangeInclusive,
     time::{Instant, SystemTime},
 };
 
-use ipnet::Ipv4Net;
 use tracing::{debug, info, warn};
 
 use lb_datapath::{
@@ -22,6 +22,7 @@ use lb_datapath::{
 
 use crate::{
     desired::DesiredState,
+    node::{self, NodePortAddresses},
     source::{
         Kind, Update,
         store::{Dirty, ServiceId, Store},
@@ -41,7 +42,10 @@ pub struct SyncReport {
 
 pub struct Reconciler {
     node_name: String,
-    nodeport_cidrs: Vec<Ipv4Net>,
+    nodeport: NodePortAddresses,
+    /// The node's interface addresses when `--nodeport-addresses` selects among them (re-read
+    /// on every resync, as kube-proxy re-reads them on every sync).
+    local_addrs: Vec<Ipv4Addr>,
     limits: Limits,
     store: Store,
     dirty: Dirty,
@@ -60,20 +64,17 @@ pub struct Reconciler {
 impl Reconciler {
     pub fn new(
         node_name: String,
-        nodeport_cidrs: Vec<Ipv4Net>,
+        nodeport: NodePortAddresses,
         snat_ports: RangeInclusive<u16>,
         limits: Limits,
     ) -> Self {
         let mut desired = DesiredState::default();
         desired.set_snat_ports(snat_ports);
         Self {
-            node: NodeContext {
-                name: node_name.clone(),
-                nodeport_addrs: Vec::new(),
-                snat_addr: None,
-            },
+            node: NodeContext::unknown(&node_name),
             node_name,
-            nodeport_cidrs,
+            local_addrs: Self::read_local_addrs(&nodeport),
+            nodeport,
             limits,
             store: Store::default(),
             dirty: Dirty::default(),
@@ -135,6 +136,44 @@ impl Reconciler {
     /// periodic self-heal, and the recovery after a failed write).
     pub fn resync(&mut self) {
         self.programmed = None;
+        let local_addrs = Self::read_local_addrs(&self.nodeport);
+        if local_addrs != self.local_addrs {
+            self.local_addrs = local_addrs;
+            self.dirty.node = true;
+        }
+    }
+
+    fn read_local_addrs(nodeport: &NodePortAddresses) -> Vec<Ipv4Addr> {
+        match nodeport {
+            NodePortAddresses::Cidrs(_) => node::local_addrs(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// What the agent knows of its node (addresses, zone, eligibility).
+    pub fn node(&self) -> &NodeContext {
+        &self.node
+    }
+
+    /// When the oldest change not yet programmed arrived (kube-proxy's health turns bad when
+    /// that is too long ago).
+    pub fn pending_since(&self) -> Option<Instant> {
+        self.pending_since
+    }
+
+    /// Where healthCheckNodePorts listen: every address when `--nodeport-addresses` selects
+    /// every address (or none is known yet), else the selected ones, as kube-proxy binds them.
+    pub fn health_check_addrs(&self) -> Vec<IpAddr> {
+        if self.nodeport.matches_all() || self.node.nodeport_addrs.is_empty() {
+            vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
+        } else {
+            self.node
+                .nodeport_addrs
+                .iter()
+                .copied()
+                .map(IpAddr::V4)
+                .collect()
+        }
     }
 
     /// Health checks of services with externalTrafficPolicy Local, by healthCheckNodePort.
@@ -152,19 +191,24 @@ impl Reconciler {
         let dirty = std::mem::take(&mut self.dirty);
         let mut ids = dirty.services;
         if dirty.node {
-            self.node = NodeContext::from_node(
+            let node = NodeContext::from_node(
                 &self.node_name,
                 self.store.node(&self.node_name),
-                &self.nodeport_cidrs,
+                &self.nodeport,
+                &self.local_addrs,
             );
-            info!(node = %self.node_name, addresses = ?self.node.nodeport_addrs, snat = ?self.node.snat_addr, "node addresses for NodePorts and SNAT");
-            self.desired.set_snat_addr(self.node.snat_addr);
-            ids.extend(
-                self.store
-                    .services()
-                    .map(|(id, _)| id.clone())
-                    .collect::<BTreeSet<_>>(),
-            );
+            // A Node's status changes often (heartbeats, conditions); only what the translation
+            // reads makes every Service translate again.
+            if node != self.node {
+                self.node = node;
+                self.node_changed();
+                ids.extend(
+                    self.store
+                        .services()
+                        .map(|(id, _)| id.clone())
+                        .collect::<BTreeSet<_>>(),
+                );
+            }
         }
         for id in ids {
             let (created, model) = match self.store.service(&id) {
@@ -190,6 +234,18 @@ impl Reconciler {
                     .inc();
             }
         }
+    }
+
+    fn node_changed(&mut self) {
+        info!(
+            node = %self.node_name,
+            addresses = ?self.node.nodeport_addrs,
+            snat = ?self.node.snat_addr,
+            zone = ?self.node.zone,
+            eligible = self.node.eligible,
+            "node: addresses for NodePorts and SNAT, zone for topology hints, eligibility for load balancers"
+        );
+        self.desired.set_snat_addr(self.node.snat_addr);
     }
 
     fn report(&mut self, id: &ServiceId, problems: Vec<Problem>, metrics: &Metrics) {

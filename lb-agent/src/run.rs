@@ -107,7 +107,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, args.bpffs_dir.clone());
-    let health = Arc::new(http::Health::default());
+    let health = Arc::new(http::Health::new(args.sync_period));
     let addresses = http::Addresses {
         metrics: args.metrics_addr,
         healthz: args.healthz_addr,
@@ -142,7 +142,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     let mut reconciler = Reconciler::new(
         node_name,
-        args.nodeport_addresses.clone(),
+        args.nodeport_addresses.clone().unwrap_or_default(),
         args.snat_ports.clone(),
         limits,
     );
@@ -187,9 +187,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         if reconciler.has_work() && reconciler.sync(&mut maps, &metrics).is_some() {
             health.synced();
             health_checks
-                .update(&reconciler.health_checks(), &health)
+                .update(
+                    &reconciler.health_checks(),
+                    &reconciler.health_check_addrs(),
+                    &health,
+                )
                 .await;
         }
+        health.observe(reconciler.pending_since(), reconciler.node().eligible);
     }
     info!("stopping; the datapath stays in place for the next agent");
     Ok(())

@@ -4,25 +4,17 @@
 //! * Services kube-proxy ignores are ignored: headless ones, ExternalName ones, and those
 //!   labelled `service.kubernetes.io/service-proxy-name` or `service.kubernetes.io/headless`.
 //! * Endpoints come from every EndpointSlice of the service (label `kubernetes.io/service-name`),
-//!   merged and de-duplicated; a service port takes the slice port of the same name and
-//!   protocol, whose number is the resolved targetPort (numeric or named).
-//! * Endpoint categories follow kube-proxy's `CategorizeEndpoints`: the cluster set holds the
-//!   ready endpoints or, when none is ready anywhere, the serving terminating ones; the local set
-//!   holds this node's ready endpoints or, when it has none, its serving terminating ones.
+//!   and fall in kube-proxy's categories, topology included: see [`crate::endpoints`].
+//! * Addresses are read as kube-proxy reads them ([`crate::addr`]): leading zeros allowed.
 //! * ClusterIPs use the cluster set, or the local set under internalTrafficPolicy Local.
 //!   NodePorts, LoadBalancer ingress IPs and externalIPs use the cluster set for traffic from
 //!   inside the node and, for traffic from outside, the local set under
 //!   externalTrafficPolicy Local. Without endpoints anywhere a frontend rejects; with endpoints
 //!   elsewhere but none it may use, it drops.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
-    str::FromStr,
-};
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Node;
 use lb_common::{maps::scope, net::proto};
 
 use lb_datapath::model::{
@@ -30,9 +22,11 @@ use lb_datapath::model::{
     ServiceModel, SetKind, SetName,
 };
 
+use crate::{addr, endpoints};
+
 use crate::source::{
     Kind, ObjectKey,
-    objects::{EndpointAddress, EndpointObject, PortObject, ServiceObject, SliceObject},
+    objects::{ServiceObject, SliceObject},
 };
 
 /// kube-proxy's default sessionAffinity ClientIP timeout.
@@ -40,46 +34,7 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// The API server's upper bound for it.
 const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 
-/// What the translation needs to know about the node it runs for.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeContext {
-    pub name: String,
-    /// Addresses that accept NodePorts (the node's addresses within `--nodeport-addresses`).
-    pub nodeport_addrs: Vec<Ipv4Addr>,
-    /// The node's first IPv4 InternalIP: external flows to backends on other nodes are
-    /// source-NATed to it, so that their replies come back through this node.
-    pub snat_addr: Option<Ipv4Addr>,
-}
-
-impl NodeContext {
-    /// The node's IPv4 addresses (InternalIP and ExternalIP) that fall in `allowed` (every
-    /// address when `allowed` is empty).
-    pub fn from_node(name: &str, node: Option<&Node>, allowed: &[Ipv4Net]) -> Self {
-        let addresses = node
-            .and_then(|n| n.status.as_ref())
-            .and_then(|s| s.addresses.as_ref())
-            .into_iter()
-            .flatten();
-        let snat_addr = addresses
-            .clone()
-            .filter(|a| a.type_ == "InternalIP")
-            .find_map(|a| a.address.parse().ok());
-        let mut addrs: Vec<Ipv4Addr> = addresses
-            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-            .filter_map(|a| a.address.parse().ok())
-            .filter(|ip: &Ipv4Addr| {
-                allowed.is_empty() || allowed.iter().any(|net| net.contains(ip))
-            })
-            .collect();
-        addrs.sort_unstable();
-        addrs.dedup();
-        Self {
-            name: name.to_owned(),
-            nodeport_addrs: addrs,
-            snat_addr,
-        }
-    }
-}
+pub use crate::node::NodeContext;
 
 /// Something wrong (or deliberately skipped) in an object, reported by name with the reason.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -117,7 +72,7 @@ pub fn slice_of(slice: &SliceObject, namespace: &str, name: &str) -> bool {
     slice.namespace == namespace && slice.service.as_deref() == Some(name) && !slice.labelled_away
 }
 
-fn parse_proto(p: Option<&str>) -> Result<u8, String> {
+pub(crate) fn parse_proto(p: Option<&str>) -> Result<u8, String> {
     match p.unwrap_or("TCP") {
         "TCP" => Ok(proto::TCP),
         "UDP" => Ok(proto::UDP),
@@ -127,162 +82,11 @@ fn parse_proto(p: Option<&str>) -> Result<u8, String> {
     }
 }
 
-fn port_number(value: i32, what: &str) -> Result<u16, String> {
+pub(crate) fn port_number(value: i32, what: &str) -> Result<u16, String> {
     u16::try_from(value)
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| format!("{what} {value} is out of range 1-65535"))
-}
-
-/// An endpoint's state, with kube-proxy's defaults for absent conditions (ready and serving
-/// default to true, terminating to false).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Condition {
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-}
-
-impl Condition {
-    fn of(ep: &EndpointObject) -> Self {
-        let ready = ep.ready.unwrap_or(true);
-        Self {
-            ready,
-            serving: ep.serving.unwrap_or(ready),
-            terminating: ep.terminating.unwrap_or(false),
-        }
-    }
-
-    fn serving_terminating(self) -> bool {
-        self.serving && self.terminating
-    }
-
-    /// Merging duplicates across slices: the most available reading wins.
-    fn merge(self, other: Self) -> Self {
-        Self {
-            ready: self.ready || other.ready,
-            serving: self.serving || other.serving,
-            terminating: self.terminating && other.terminating,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Endpointish {
-    addr: SocketAddrV4,
-    local: bool,
-    condition: Condition,
-}
-
-/// The endpoints of one service port, merged over the service's slices.
-fn endpoints_for_port(
-    port: &PortObject,
-    port_proto: u8,
-    slices: &[&SliceObject],
-    node: &NodeContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Endpointish> {
-    let port_name = port.name.as_deref().unwrap_or_default();
-    let mut merged: BTreeMap<SocketAddrV4, Endpointish> = BTreeMap::new();
-    for slice in slices {
-        let slice_key = ObjectKey {
-            kind: Kind::EndpointSlice,
-            namespace: slice.namespace.clone(),
-            name: slice.name.clone(),
-        };
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        let Some(slice_port) = slice.ports.iter().find(|p| {
-            p.name.as_deref().unwrap_or_default() == port_name
-                && parse_proto(p.protocol.as_deref()) == Ok(port_proto)
-        }) else {
-            continue;
-        };
-        let Some(number) = slice_port.port else {
-            continue;
-        };
-        let number = match port_number(number, "endpoint port") {
-            Ok(n) => n,
-            Err(reason) => {
-                problems.push(Problem {
-                    object: slice_key.clone(),
-                    reason,
-                    error: true,
-                });
-                continue;
-            }
-        };
-        for ep in &slice.endpoints {
-            // kube-proxy uses an endpoint's first address.
-            let ip = match &ep.address {
-                None => continue,
-                Some(EndpointAddress::V4(ip)) => *ip,
-                Some(EndpointAddress::Invalid(first)) => {
-                    problems.push(Problem {
-                        object: slice_key.clone(),
-                        reason: format!("endpoint address {first:?} is not an IPv4 address"),
-                        error: true,
-                    });
-                    continue;
-                }
-            };
-            let addr = SocketAddrV4::new(ip, number);
-            let found = Endpointish {
-                addr,
-                local: ep.node_name.as_deref().is_some_and(|n| *n == *node.name),
-                condition: Condition::of(ep),
-            };
-            merged
-                .entry(addr)
-                .and_modify(|e| {
-                    e.condition = e.condition.merge(found.condition);
-                    e.local |= found.local;
-                })
-                .or_insert(found);
-        }
-    }
-    merged.into_values().collect()
-}
-
-/// kube-proxy's endpoint categories: (cluster set, local set, any usable endpoint anywhere).
-///
-/// Each set also lists, with weight 0, the endpoints of its scope that take no new flows (not
-/// ready, or terminating while ready ones exist): their backend stays programmed so that their
-/// established connections continue until the endpoint leaves its EndpointSlice.
-fn categorize(endpoints: &[Endpointish]) -> (Vec<DesiredBackend>, Vec<DesiredBackend>, bool) {
-    let usable = |members: &[&Endpointish]| -> Vec<SocketAddrV4> {
-        let ready: Vec<SocketAddrV4> = members
-            .iter()
-            .filter(|e| e.condition.ready)
-            .map(|e| e.addr)
-            .collect();
-        if ready.is_empty() {
-            members
-                .iter()
-                .filter(|e| e.condition.serving_terminating())
-                .map(|e| e.addr)
-                .collect()
-        } else {
-            ready
-        }
-    };
-    let set = |members: Vec<&Endpointish>| -> Vec<DesiredBackend> {
-        let chosen = usable(&members);
-        members
-            .iter()
-            .map(|e| DesiredBackend {
-                addr: e.addr,
-                local: e.local,
-                weight: u32::from(chosen.contains(&e.addr)),
-                serving: e.condition.serving,
-            })
-            .collect()
-    };
-    let cluster = set(endpoints.iter().collect());
-    let local = set(endpoints.iter().filter(|e| e.local).collect());
-    let any = cluster.iter().any(DesiredBackend::selectable);
-    (cluster, local, any)
 }
 
 /// Parses loadBalancerSourceRanges (blanks around entries are tolerated, as the API does).
@@ -302,9 +106,11 @@ fn source_ranges(
             });
             continue;
         }
-        match Ipv4Net::from_str(text) {
-            Ok(net) => nets.push(net.trunc()),
-            Err(_) => return Err(format!("loadBalancerSourceRange {raw:?} is not a CIDR")),
+        // kube-proxy drops a range it cannot parse and so may open the load balancer to more
+        // sources than the owner meant; refusing the Service keeps it closed.
+        match addr::ipv4_net(text) {
+            Some(net) => nets.push(net.trunc()),
+            None => return Err(format!("loadBalancerSourceRange {raw:?} is not a CIDR")),
         }
     }
     Ok(nets)
@@ -346,9 +152,9 @@ pub fn service(
             });
             continue;
         }
-        match Ipv4Addr::from_str(ip) {
-            Ok(addr) => cluster_ips.push(addr),
-            Err(_) => {
+        match addr::ipv4(ip) {
+            Some(addr) => cluster_ips.push(addr),
+            None => {
                 return (
                     None,
                     vec![error(format!("clusterIP {ip:?} is not an IP address"))],
@@ -357,48 +163,40 @@ pub fn service(
         }
     }
 
+    // externalIPs and load-balancer ingress IPs that do not parse are skipped (kube-proxy
+    // skips them silently; we report them) and the rest of the Service is served.
     let mut external_ips = Vec::new();
     for ip in &spec.external_ips {
-        match Ipv4Addr::from_str(ip) {
-            Ok(addr) => external_ips.push(addr),
-            Err(_) if ip.contains(':') => problems.push(Problem {
+        match addr::ipv4(ip) {
+            Some(addr) => external_ips.push(addr),
+            None if ip.contains(':') => problems.push(Problem {
                 object: object.clone(),
                 reason: format!("externalIP {ip} is IPv6; skipped"),
                 error: false,
             }),
-            Err(_) => {
-                return (
-                    None,
-                    vec![error(format!("externalIP {ip:?} is not an IP address"))],
-                );
-            }
+            None => problems.push(error(format!(
+                "externalIP {ip:?} is not an IP address; skipped"
+            ))),
         }
     }
 
-    let lb_type = spec.type_.as_deref() == Some("LoadBalancer");
+    // Read whatever the Service's type, as kube-proxy reads it: an ingress point without an IP
+    // (a hostname) or whose ipMode is not VIP (Proxy: the load balancer proxies to the nodes
+    // itself) gets nothing.
     let mut lb_ips = Vec::new();
-    if lb_type {
-        for ingress in &svc.lb_ingress {
-            // ipMode Proxy: the load balancer proxies to the nodes itself; kube-proxy programs
-            // nothing for that IP.
-            if ingress.ip_mode.as_deref() == Some("Proxy") {
-                continue;
-            }
-            let Some(ip) = ingress.ip.as_deref() else {
-                continue;
-            };
-            match Ipv4Addr::from_str(ip) {
-                Ok(addr) => lb_ips.push(addr),
-                Err(_) if ip.contains(':') => {}
-                Err(_) => {
-                    return (
-                        None,
-                        vec![error(format!(
-                            "load balancer ingress IP {ip:?} is not an IP address"
-                        ))],
-                    );
-                }
-            }
+    for ingress in &svc.lb_ingress {
+        if !matches!(ingress.ip_mode.as_deref(), None | Some("VIP")) {
+            continue;
+        }
+        let Some(ip) = ingress.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+            continue;
+        };
+        match addr::ipv4(ip) {
+            Some(addr) => lb_ips.push(addr),
+            None if ip.contains(':') => {}
+            None => problems.push(error(format!(
+                "load balancer ingress IP {ip:?} is not an IP address; skipped"
+            ))),
         }
     }
     let ranges = match source_ranges(&spec.load_balancer_source_ranges, &object, &mut problems) {
@@ -423,14 +221,26 @@ pub fn service(
         0
     };
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let node_ports_on = matches!(
-        spec.type_.as_deref(),
-        Some("NodePort") | Some("LoadBalancer")
-    );
+    // The external policy applies to externally accessible Services only (kube-proxy's
+    // `ExternalPolicyLocal`): NodePort, LoadBalancer, and ClusterIP with externalIPs.
+    let lb_type = spec.type_.as_deref() == Some("LoadBalancer");
+    let externally_accessible = match spec.type_.as_deref() {
+        Some("LoadBalancer" | "NodePort") => true,
+        None | Some("ClusterIP") => !spec.external_ips.is_empty(),
+        Some(_) => false,
+    };
+    let external_local =
+        spec.external_traffic_policy.as_deref() == Some("Local") && externally_accessible;
+    // kube-proxy lets the LoadBalancer's own addresses through its source ranges only when a
+    // range holds the node's address: the node reaching its own load balancer, whose packets
+    // are routed straight back (hairpin) with the load balancer's address as their source.
+    let lb_sources_from_node = node
+        .primary_addr
+        .is_some_and(|ip| ranges.iter().any(|net| net.contains(&ip)));
 
     let mut model = ServiceModel::default();
-    let mut local_ready_total = 0usize;
+    // healthCheckNodePort counts local ready endpoints by address over every port.
+    let mut local_ready_addrs = BTreeSet::new();
     let mut seen_ports = BTreeSet::new();
     for port in &spec.ports {
         let port_proto = match parse_proto(port.protocol.as_deref()) {
@@ -457,12 +267,18 @@ pub fn service(
                 ))],
             );
         }
-        let endpoints = endpoints_for_port(port, port_proto, slices, node, &mut problems);
-        let (cluster, local, has_endpoints) = categorize(&endpoints);
-        local_ready_total += endpoints
-            .iter()
-            .filter(|e| e.local && e.condition.ready)
-            .count();
+        let endpoints = endpoints::for_port(port, port_proto, slices, node, &mut problems);
+        let endpoints::Categories {
+            cluster,
+            local,
+            any: has_endpoints,
+        } = endpoints::categorize(&endpoints, node);
+        local_ready_addrs.extend(
+            endpoints
+                .iter()
+                .filter(|e| e.local && e.ready())
+                .map(|e| *e.addr.ip()),
+        );
         let name = |kind| {
             SetName::new(
                 object.namespace.as_str(),
@@ -488,8 +304,13 @@ pub fn service(
                 let mut source_ranges = Vec::new();
                 if kind == FrontendKind::LoadBalancer && !ranges.is_empty() {
                     source_ranges = ranges.clone();
-                    // The load balancer's own address may always reach it (node-to-own-LB hairpin).
-                    source_ranges.push(Ipv4Net::new(addr, 32).expect("a /32"));
+                    if lb_sources_from_node {
+                        source_ranges.extend(
+                            lb_ips
+                                .iter()
+                                .map(|ip| Ipv4Net::new(*ip, 32).expect("a /32")),
+                        );
+                    }
                     source_ranges.sort_unstable();
                     source_ranges.dedup();
                 }
@@ -527,7 +348,9 @@ pub fn service(
         for &ip in &external_ips {
             external(ip, number, FrontendKind::ExternalIp);
         }
-        if node_ports_on && let Some(node_port) = port.node_port {
+        // Whatever the type, as kube-proxy does (the API server allows a nodePort on NodePort
+        // and LoadBalancer Services only).
+        if let Some(node_port) = port.node_port.filter(|p| *p != 0) {
             match port_number(node_port, "nodePort") {
                 Ok(np) => {
                     for &ip in &node.nodeport_addrs {
@@ -546,7 +369,7 @@ pub fn service(
             Ok(node_port) => {
                 model.health_check = Some(HealthCheck {
                     node_port,
-                    local_ready_endpoints: local_ready_total,
+                    local_ready_endpoints: local_ready_addrs.len(),
                 })
             }
             Err(reason) => problems.push(error(reason)),

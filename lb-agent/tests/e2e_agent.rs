@@ -438,3 +438,60 @@ fn an_endpoint_turning_not_ready_loses_its_udp_flows_but_keeps_its_tcp_connectio
         "no new TCP connection goes there"
     );
 }
+
+/// Issue 13 item 5, as kube-proxy's ProxyHealthServer: while the Node is being deleted or
+/// tainted ToBeDeletedByClusterAutoscaler, `/healthz` answers 503 with `"nodeEligible": false`
+/// so that cloud load balancers drain the node first; `/livez` (the liveness probe) stays 200
+/// and the datapath keeps serving. Both come back when the Node does.
+#[test]
+fn a_node_going_away_fails_healthz_but_stays_live_and_serving() {
+    let Some(mut bed) = AgentBed::new(2) else {
+        return;
+    };
+    bed.write_web(VIP, "");
+    bed.start_agent();
+    let get = |path: &str| bed.http_get("127.0.0.1:10256", path).expect(path);
+    let (status, body) = get("/healthz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""nodeEligible": true"#), "{body}");
+    let node = common::agent::node_yaml();
+    for (what, marked) in [
+        (
+            "tainted ToBeDeletedByClusterAutoscaler",
+            node.replace(
+                "\nstatus:",
+                "\nspec:\n  taints: [{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}]\nstatus:",
+            ),
+        ),
+        (
+            "being deleted",
+            node.replacen(
+                "metadata: {name: ",
+                "metadata: {deletionTimestamp: \"2026-01-01T00:00:00Z\", name: ",
+                1,
+            ),
+        ),
+    ] {
+        bed.write("node.yaml", &marked);
+        assert!(
+            bed.wait_until(Duration::from_secs(5), || get("/healthz").0 == 503),
+            "{what}: /healthz stays 200; log:\n{}",
+            bed.log()
+        );
+        let (_, body) = get("/healthz");
+        assert!(body.contains(r#""nodeEligible": false"#), "{what}: {body}");
+        let (status, body) = get("/livez");
+        assert_eq!(status, 200, "{what}: /livez {body}");
+        assert!(!body.contains("nodeEligible"), "{body}");
+        assert_eq!(
+            distinct(&bed.names(vip(), 10)).len(),
+            2,
+            "{what}: the datapath keeps serving"
+        );
+        bed.write("node.yaml", &node);
+        assert!(
+            bed.wait_until(Duration::from_secs(5), || get("/healthz").0 == 200),
+            "{what}: /healthz does not recover"
+        );
+    }
+}

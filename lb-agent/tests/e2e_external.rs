@@ -455,8 +455,13 @@ fn external_traffic_policy_local_keeps_the_client_drops_elsewhere_and_health_che
 
         let (status, body) = bed.health_check(1);
         assert_eq!(status, 200, "{body}");
-        assert!(body.contains(r#""localEndpoints":1"#), "{body}");
-        assert!(body.contains(r#""name":"local""#), "{body}");
+        // kube-proxy's body, tab-indented.
+        assert!(body.contains("\t\"localEndpoints\": 1,\n"), "{body}");
+        assert!(body.contains("\t\t\"name\": \"local\"\n"), "{body}");
+        assert!(
+            body.contains("\t\"serviceProxyHealthy\": true\n}"),
+            "{body}"
+        );
         assert_eq!(bed.health_check(0).0, 503);
 
         // The endpoint moves to node-0: traffic and health checks follow.

@@ -10,6 +10,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use lb_agent::{
+    node::NodePortAddresses,
     source::{
         Object, files,
         objects::{ServiceObject, SliceObject},
@@ -27,7 +28,11 @@ struct Result {
     problems: Vec<Problem>,
 }
 
-fn translate_with(fixtures: &[&str], nodeport_cidrs: &[Ipv4Net]) -> Result {
+fn translate_with(
+    fixtures: &[&str],
+    nodeport: &NodePortAddresses,
+    local_addrs: &[Ipv4Addr],
+) -> Result {
     let mut services: Vec<Service> = Vec::new();
     let mut slices: Vec<EndpointSlice> = Vec::new();
     let mut nodes: Vec<Node> = Vec::new();
@@ -52,7 +57,8 @@ fn translate_with(fixtures: &[&str], nodeport_cidrs: &[Ipv4Net]) -> Result {
         nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some("n1")),
-        nodeport_cidrs,
+        nodeport,
+        local_addrs,
     );
     let slices: Vec<SliceObject> = slices.iter().map(SliceObject::from).collect();
     let mut models = BTreeMap::new();
@@ -102,7 +108,7 @@ fn translate_with(fixtures: &[&str], nodeport_cidrs: &[Ipv4Net]) -> Result {
 }
 
 fn translate_fixture(fixtures: &[&str]) -> Result {
-    translate_with(fixtures, &[])
+    translate_with(fixtures, &NodePortAddresses::NodeAddresses, &[])
 }
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -319,13 +325,43 @@ fn case_16_node_ports_on_the_node_addresses_within_nodeport_addresses() {
                 && everywhere.has_frontend(addr, 3003, TCP, IN)
         );
     }
-    let restricted = translate_with(&["policies.yaml"], &["192.168.1.0/24".parse().unwrap()]);
+    // CIDRs select among the node's interface addresses, as kube-proxy's do: an interface
+    // address the Node object does not list serves too; loopback never does.
+    let interfaces = [
+        ip("127.0.0.1"),
+        ip("192.168.1.2"),
+        ip("192.168.0.2"),
+        ip("10.99.0.7"),
+    ];
+    let restricted = translate_with(
+        &["policies.yaml"],
+        &NodePortAddresses::Cidrs(vec!["192.168.1.0/24".parse().unwrap()]),
+        &interfaces,
+    );
     assert!(restricted.has_frontend("192.168.1.2", 3003, TCP, EXT));
     assert!(
         !restricted.has_frontend("192.168.0.2", 3003, TCP, EXT),
         "secondary address only"
     );
     assert!(restricted.frontend("192.168.1.2", 3003, TCP, EXT).kind == FrontendKind::NodePort);
+    let all = translate_with(
+        &["policies.yaml"],
+        &NodePortAddresses::Cidrs(vec!["0.0.0.0/0".parse().unwrap()]),
+        &interfaces,
+    );
+    for addr in ["192.168.0.2", "192.168.1.2", "10.99.0.7"] {
+        assert!(all.has_frontend(addr, 3003, TCP, EXT), "{addr}");
+    }
+    assert!(
+        !all.has_frontend("127.0.0.1", 3003, TCP, EXT)
+            && !all.has_frontend("127.0.0.1", 3003, TCP, IN),
+        "no NodePort on loopback (kube-proxy's nftables mode)"
+    );
+    // `primary` (kube-proxy's nftables default): the first InternalIP only.
+    let primary = translate_with(&["policies.yaml"], &NodePortAddresses::Primary, &interfaces);
+    assert!(primary.has_frontend("192.168.0.2", 3003, TCP, EXT));
+    assert!(!primary.has_frontend("192.168.1.2", 3003, TCP, EXT));
+    assert!(!primary.has_frontend("10.99.0.7", 3003, TCP, EXT));
 }
 
 #[test]
@@ -336,11 +372,17 @@ fn cases_39_44_46_load_balancer_ips_ranges_and_external_ips() {
     assert!(
         !r.has_frontend("9.10.11.12", 80, TCP, EXT) && !r.has_frontend("9.10.11.12", 80, TCP, IN)
     );
-    // Source ranges (the blank tolerated) plus the LB IP itself, on LB IPs from both sides.
-    let want: Vec<Ipv4Net> = ["1.2.3.4/32", "192.168.0.0/24", "203.0.113.0/25"]
-        .iter()
-        .map(|n| n.parse().unwrap())
-        .collect();
+    // Source ranges (the blank tolerated) plus the service's LB IPs, since a range holds the
+    // node's address (kube-proxy's allowFromNode), on LB IPs from both sides.
+    let want: Vec<Ipv4Net> = [
+        "1.2.3.4/32",
+        "5.6.7.8/32",
+        "192.168.0.0/24",
+        "203.0.113.0/25",
+    ]
+    .iter()
+    .map(|n| n.parse().unwrap())
+    .collect();
     assert_eq!(r.frontend("1.2.3.4", 80, TCP, EXT).source_ranges, want);
     assert_eq!(r.frontend("1.2.3.4", 80, TCP, IN).source_ranges, want);
     // Case 17: NodePorts and the ClusterIP ignore the ranges.
@@ -404,4 +446,169 @@ fn invalid_objects_are_reported_by_name_and_skipped_while_the_rest_works() {
     // Dual stack: the IPv4 clusterIP is served, the IPv6 one noted.
     assert!(r.has_frontend("172.30.0.85", 80, TCP, IN));
     assert!(!r.problem("dual-stack").error);
+}
+
+/// Issue 13 item 10: each of these follows a kube-proxy reading (pkg/proxy
+/// endpointslicecache.go, serviceport.go, topology.go, the proxiers' source-range rules).
+#[test]
+fn fields_are_read_as_kube_proxy_reads_them() {
+    let r = translate_fixture(&["kube_proxy_reading.yaml"]);
+    // `serving` unset means ready's value: a terminating endpoint that is not ready is then no
+    // fallback; one that says serving is.
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.90", 80, TCP, IN)),
+        ["10.180.0.2:80"]
+    );
+    // A named Service port ignores an unnamed slice port.
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.91", 80, TCP, IN)),
+        ["10.180.0.4:8081"]
+    );
+    // One address in two slices is one endpoint: ready and local (it takes the Local set).
+    let dup = r.frontend("192.168.0.2", 3010, TCP, EXT);
+    assert_eq!(r.backends(dup), [("10.180.0.5:80".to_owned(), 1)]);
+    assert!(r.desired.sets[&dup.set].iter().all(|b| b.local));
+    // Ranges without the node's address: the load balancer's own address is not let through.
+    assert_eq!(
+        r.frontend("1.2.3.20", 80, TCP, EXT).source_ranges,
+        ["203.0.113.0/25".parse::<Ipv4Net>().unwrap()]
+    );
+    // Leading zeros are decimal (ParseIPSloppy, ParseCIDRSloppy).
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.94", 80, TCP, IN)),
+        ["10.180.0.9:80"]
+    );
+    assert!(r.has_frontend("192.168.99.21", 80, TCP, EXT));
+    assert_eq!(
+        r.frontend("1.2.3.21", 80, TCP, EXT).source_ranges,
+        ["203.0.113.0/25".parse::<Ipv4Net>().unwrap()]
+    );
+    // Load-balancer status whatever the type; ipMode other than VIP skipped; a bad IP skipped
+    // and reported, the rest served.
+    assert!(r.has_frontend("1.2.3.22", 80, TCP, EXT) && r.has_frontend("1.2.3.22", 80, TCP, IN));
+    assert!(!r.has_frontend("1.2.3.23", 80, TCP, EXT));
+    assert!(r.has_frontend("172.30.0.95", 80, TCP, IN));
+    let bad = r.problem("status-only");
+    assert!(bad.error && bad.reason.contains("\"1.2.3\""), "{bad}");
+    // healthCheckNodePort: two local endpoints serving two ports are two, not four.
+    assert_eq!(
+        r.models["ns1/multiport-local"].health_check,
+        Some(HealthCheck {
+            node_port: 30096,
+            local_ready_endpoints: 2
+        })
+    );
+    // externalTrafficPolicy Local on a ClusterIP Service with externalIPs.
+    assert_eq!(
+        r.selectable(r.frontend("192.168.99.97", 80, TCP, EXT)),
+        ["10.180.0.14:80"]
+    );
+    assert_eq!(
+        r.selectable(r.frontend("192.168.99.97", 80, TCP, IN)),
+        ["10.180.0.14:80", "10.180.1.15:80"]
+    );
+}
+
+/// Issue 13 item 4: topology-aware routing and trafficDistribution as kube-proxy applies them
+/// (pkg/proxy/topology.go): from the EndpointSlice controller's hints and the Node's zone label.
+#[test]
+fn topology_hints_narrow_the_cluster_set_with_kube_proxys_fallbacks() {
+    let r = translate_fixture(&["topology.yaml"]);
+    // Every ready endpoint hinted, two for this node's zone: only those take new flows; the
+    // others stay programmed with weight 0 for their established connections.
+    let zonal = r.frontend("172.30.0.100", 80, TCP, IN);
+    assert_eq!(r.selectable(zonal), ["10.180.0.1:80", "10.180.2.1:80"]);
+    assert_eq!(r.backends(zonal).len(), 5);
+    // The same set from inside the node on the NodePort; externalTrafficPolicy Local from
+    // outside: this node's endpoints, topology aside.
+    assert_eq!(
+        r.selectable(r.frontend("192.168.0.2", 3100, TCP, IN)),
+        ["10.180.0.1:80", "10.180.2.1:80"]
+    );
+    assert_eq!(
+        r.selectable(r.frontend("192.168.0.2", 3100, TCP, EXT)),
+        ["10.180.0.1:80"]
+    );
+    // A ready endpoint without hints: every endpoint.
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.101", 80, TCP, IN)),
+        ["10.180.0.2:80", "10.180.1.2:80"]
+    );
+    // No hint for this zone: every endpoint.
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.102", 80, TCP, IN)),
+        ["10.180.1.3:80", "10.180.3.3:80"]
+    );
+    // Node hints for this node win over zone hints (PreferSameNode).
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.103", 80, TCP, IN)),
+        ["10.180.0.4:80"]
+    );
+    // internalTrafficPolicy Local: this node's endpoint, though hinted for another zone.
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.104", 80, TCP, IN)),
+        ["10.180.0.5:80"]
+    );
+}
+
+/// Without a zone label on the Node, zone hints are ignored.
+#[test]
+fn a_node_without_a_zone_ignores_zone_hints() {
+    let mut node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]}
+    }))
+    .unwrap();
+    let zoneless =
+        NodeContext::from_node("n1", Some(&node), &NodePortAddresses::NodeAddresses, &[]);
+    assert_eq!(zoneless.zone, None);
+    node.metadata.labels = Some(
+        [(
+            "topology.kubernetes.io/zone".to_owned(),
+            "zone-a".to_owned(),
+        )]
+        .into(),
+    );
+    let zoned = NodeContext::from_node("n1", Some(&node), &NodePortAddresses::NodeAddresses, &[]);
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/topology.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let (objects, _) = files::parse(&text);
+    let svc = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::Service(s) if s.metadata.name.as_deref() == Some("zonal") => {
+                Some(ServiceObject::from(&**s))
+            }
+            _ => None,
+        })
+        .unwrap();
+    let slices: Vec<SliceObject> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::EndpointSlice(s) => Some(SliceObject::from(&**s)),
+            _ => None,
+        })
+        .filter(|s| translate::slice_of(s, "ns1", "zonal"))
+        .collect();
+    let slices: Vec<&SliceObject> = slices.iter().collect();
+    let weights = |node: &NodeContext| -> usize {
+        let (model, _) = translate::service(&svc, &slices, node);
+        let model = model.unwrap();
+        let f = model
+            .frontends
+            .iter()
+            .find(|f| f.kind == FrontendKind::ClusterIp)
+            .unwrap();
+        model
+            .set(&f.set)
+            .unwrap()
+            .iter()
+            .filter(|b| b.weight > 0)
+            .count()
+    };
+    assert_eq!(weights(&zoneless), 4, "every ready endpoint");
+    assert_eq!(weights(&zoned), 2, "zone-a's");
 }

@@ -7,6 +7,8 @@ use std::{net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
+use crate::addr;
+
 use super::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 
 /// One port of a Service.
@@ -66,6 +68,16 @@ pub struct EndpointObject {
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
+    /// Topology hints set by the EndpointSlice controller (topology-aware routing,
+    /// `trafficDistribution`); boxed because most endpoints have none.
+    pub hints: Option<Box<Hints>>,
+}
+
+/// Where an endpoint should preferably be used from (`hints.forZones`, `hints.forNodes`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
+    pub zones: Vec<String>,
+    pub nodes: Vec<String>,
 }
 
 /// One port of an EndpointSlice.
@@ -176,14 +188,31 @@ impl From<&EndpointSlice> for SliceObject {
                 .map(|ep| {
                     let c = ep.conditions.as_ref();
                     EndpointObject {
-                        address: ep.addresses.first().map(|a| match a.parse() {
-                            Ok(ip) => EndpointAddress::V4(ip),
-                            Err(_) => EndpointAddress::Invalid(Box::new(a.clone())),
+                        address: ep.addresses.first().map(|a| match addr::ipv4(a) {
+                            Some(ip) => EndpointAddress::V4(ip),
+                            None => EndpointAddress::Invalid(Box::new(a.clone())),
                         }),
                         node_name: ep.node_name.as_deref().map(Into::into),
                         ready: c.and_then(|c| c.ready),
                         serving: c.and_then(|c| c.serving),
                         terminating: c.and_then(|c| c.terminating),
+                        hints: ep.hints.as_ref().and_then(|h| {
+                            let hints = Hints {
+                                zones: h
+                                    .for_zones
+                                    .iter()
+                                    .flatten()
+                                    .map(|z| z.name.clone())
+                                    .collect(),
+                                nodes: h
+                                    .for_nodes
+                                    .iter()
+                                    .flatten()
+                                    .map(|n| n.name.clone())
+                                    .collect(),
+                            };
+                            (hints != Hints::default()).then(|| Box::new(hints))
+                        }),
                     }
                 })
                 .collect(),
