@@ -146,6 +146,18 @@ pub struct RunArgs {
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range, value_name = "MIN-MAX")]
     pub snat_ports: RangeInclusive<u16>,
 
+    /// Source-NAT every flow the datapath balances to the node's address (kube-proxy:
+    /// --masquerade-all): backends then see the node as their client, also for pods' flows
+    /// and external flows to backends on this node.
+    #[arg(long)]
+    pub masquerade_all: bool,
+
+    /// Serve ClusterIPs to clients outside the cluster (a service range routed to the nodes),
+    /// source-NATed like external flows to other nodes' backends, as kube-proxy does; `false`
+    /// rejects them.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub external_cluster_ips: bool,
+
     /// XDP on the external interfaces.
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,

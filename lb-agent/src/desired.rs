@@ -68,6 +68,12 @@ impl DesiredState {
         self.desired.snat_ports = Some(ports);
     }
 
+    /// `--masquerade-all` and `--external-cluster-ips` (the node's flags in `LB_CONFIG`).
+    pub fn set_node_flags(&mut self, masquerade_all: bool, external_cluster_ips: bool) {
+        self.desired.masquerade_all = masquerade_all;
+        self.desired.no_external_cluster_ips = !external_cluster_ips;
+    }
+
     /// What changed since the last call.
     pub fn take_scope(&mut self) -> Scope {
         std::mem::take(&mut self.pending)

@@ -86,6 +86,13 @@ impl Reconciler {
         }
     }
 
+    /// The node's flags (`--masquerade-all`, `--external-cluster-ips`), written with the first
+    /// sync.
+    pub fn set_node_flags(&mut self, masquerade_all: bool, external_cluster_ips: bool) {
+        self.desired
+            .set_node_flags(masquerade_all, external_cluster_ips);
+    }
+
     /// Takes one update from the source.
     pub fn apply(&mut self, update: Update, metrics: &Metrics) {
         let changed = match &update {

@@ -146,6 +146,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         args.snat_ports.clone(),
         limits,
     );
+    reconciler.set_node_flags(args.masquerade_all, args.external_cluster_ips);
     let mut health_checks = healthcheck::HealthChecks::default();
     let mut heal = tokio::time::interval(args.sync_period);
     heal.tick().await;

@@ -180,6 +180,12 @@ impl CtEntry {
         self.nat_flags & nat_flags::CLIENT_PORT != 0
     }
 
+    /// Whether the node routes this flow into a pod's interface ([`nat_flags::POD_ROUTE`]).
+    #[inline(always)]
+    pub const fn pod_route(&self) -> bool {
+        self.nat_flags & nat_flags::POD_ROUTE != 0
+    }
+
     /// Whether the entry is a direct connection's ([`DIRECT`]).
     #[inline(always)]
     pub const fn direct(&self) -> bool {
@@ -327,6 +333,11 @@ pub mod nat_flags {
     /// Service): the second would take the first's reply entry. As nf_nat does, the second
     /// gets another source port instead (see `crate::snat::client_port_range`).
     pub const CLIENT_PORT: u8 = 1 << 0;
+    /// With `ct_flags::SNAT` (to the node): the node routes this flow's packets or its replies
+    /// into a pod's interface on this node (`--masquerade-all`: a client pod, or a backend on
+    /// this node; see `crate::snat::routes_to_pod`). XDP leaves such packets untouched to the
+    /// tc program behind it, which can redirect into a veth.
+    pub const POD_ROUTE: u8 = 1 << 1;
 }
 
 /// Bits of [`CtEntry::flags`].

@@ -312,6 +312,22 @@ pub mod frontend_flags {
     pub const DROP_WHEN_EMPTY: u32 = 1 << 0;
 }
 
+/// Bits of [`NodeConfig::flags`]: node-wide choices the agent makes from its flags. Read by the
+/// datapath once per new flow (with the rest of the configuration), never for established ones.
+pub mod node_flags {
+    /// `lb-agent --masquerade-all` (kube-proxy's flag): every new flow the datapath balances,
+    /// internal or external, to a backend on this node or another, is source-NATed to the
+    /// node's SNAT address, as external flows to other nodes' backends always are. A pod
+    /// balanced to itself keeps the hairpin address.
+    pub const MASQUERADE_ALL: u32 = 1 << 0;
+    /// `lb-agent --external-cluster-ips=false`: a ClusterIP reached from outside the cluster
+    /// (a routed service range arriving on an uplink) is rejected as a port it does not serve.
+    /// Without it (the default, as kube-proxy does) such a flow uses the ClusterIP's frontend
+    /// (its internal backend set, so internalTrafficPolicy applies) and is source-NATed like
+    /// any external flow to a backend on another node.
+    pub const NO_EXTERNAL_CLUSTER_IPS: u32 = 1 << 1;
+}
+
 /// Bits of [`Backend::flags`].
 pub mod backend_flags {
     /// The slot holds a backend (a zeroed slot does not).
@@ -333,6 +349,8 @@ pub struct NodeConfig {
     /// The link-local address hairpin flows (a pod balanced to itself) are source-NATed to;
     /// zero disables that (such flows then fail, as the pod drops packets from itself).
     pub hairpin_addr: Be32,
+    /// [`node_flags`] bits.
+    pub flags: u32,
 }
 
 impl NodeConfig {
@@ -340,6 +358,19 @@ impl NodeConfig {
     #[inline(always)]
     pub const fn snat_configured(&self) -> bool {
         self.snat_addr.raw() != 0 && self.snat_port_max >= self.snat_port_min
+    }
+
+    /// Every balanced flow is source-NATed to the node ([`node_flags::MASQUERADE_ALL`]).
+    #[inline(always)]
+    pub const fn masquerade_all(&self) -> bool {
+        self.flags & node_flags::MASQUERADE_ALL != 0
+    }
+
+    /// ClusterIPs serve flows from outside the cluster ([`node_flags::NO_EXTERNAL_CLUSTER_IPS`]
+    /// unset).
+    #[inline(always)]
+    pub const fn external_cluster_ips(&self) -> bool {
+        self.flags & node_flags::NO_EXTERNAL_CLUSTER_IPS == 0
     }
 }
 
@@ -383,6 +414,23 @@ pub struct FrontendKey {
 }
 
 impl FrontendKey {
+    /// The frontend a packet that matched no frontend of its own scope (`self`) uses instead:
+    /// a packet from outside to a ClusterIP (`addr`) takes the ClusterIP's internal frontend
+    /// when the node serves ClusterIPs to external clients ([`NodeConfig::external_cluster_ips`]).
+    /// ClusterIPs have internal frontends only, so their backend set is the one
+    /// internalTrafficPolicy chose; the flow keeps its external scope for source NAT.
+    #[inline(always)]
+    pub const fn external_cluster_ip(&self, addr: &AddrInfo, config: &NodeConfig) -> Option<Self> {
+        if self.scope == scope::EXTERNAL && addr.is_cluster_ip() && config.external_cluster_ips() {
+            Some(Self {
+                scope: scope::INTERNAL,
+                ..*self
+            })
+        } else {
+            None
+        }
+    }
+
     /// The key of a frontend on `addr:port`, protocol `proto`, in `scope`.
     pub const fn new(addr: core::net::Ipv4Addr, port: u16, proto: u8, scope: u8) -> Self {
         Self {
@@ -577,7 +625,7 @@ pub struct Counter {
 
 const _: () = {
     assert!(size_of::<AddrInfo>() == 4);
-    assert!(size_of::<NodeConfig>() == 12);
+    assert!(size_of::<NodeConfig>() == 16);
     assert!(size_of::<FrontendKey>() == 8);
     assert!(size_of::<Frontend>() == 32);
     assert!(size_of::<SourceRange>() == 8);

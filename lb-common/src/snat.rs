@@ -19,13 +19,23 @@ use crate::{
 };
 
 /// Whether a new flow arriving in `flow_scope` for `backend` must be source-NATed to the node:
-/// it came from outside and the backend runs on another node (only TCP and UDP flows are
-/// balanced).
+/// it came from outside and the backend runs on another node, or the node masquerades every
+/// flow (`config`, [`NodeConfig::masquerade_all`]). Only TCP and UDP flows are balanced.
 #[inline(always)]
-pub const fn needed(flow_scope: u8, backend: &Backend, l4_proto: u8) -> bool {
-    flow_scope == scope::EXTERNAL
-        && backend.flags & backend_flags::LOCAL == 0
-        && (l4_proto == proto::TCP || l4_proto == proto::UDP)
+pub const fn needed(flow_scope: u8, backend: &Backend, l4_proto: u8, config: &NodeConfig) -> bool {
+    (l4_proto == proto::TCP || l4_proto == proto::UDP)
+        && (config.masquerade_all()
+            || (flow_scope == scope::EXTERNAL && backend.flags & backend_flags::LOCAL == 0))
+}
+
+/// Whether a flow source-NATed to the node (see [`needed`]) has a pod of this node at one end:
+/// a client pod (`flow_scope` internal) or a local backend, as only `--masquerade-all` makes
+/// them. The node routes its packets or its replies into a pod's interface, which XDP cannot do
+/// (a veth takes XDP redirects only when its peer runs XDP), so XDP leaves them to tc
+/// ([`crate::conntrack::nat_flags::POD_ROUTE`]).
+#[inline(always)]
+pub const fn routes_to_pod(flow_scope: u8, backend: &Backend) -> bool {
+    flow_scope == scope::INTERNAL || backend.flags & backend_flags::LOCAL != 0
 }
 
 /// The hairpin source of a new flow to `backend`: when the client is the backend itself and the
@@ -85,6 +95,7 @@ pub const fn client_port_range(client: Be32) -> NodeConfig {
         snat_port_min: 1024,
         snat_port_max: u16::MAX,
         hairpin_addr: Be32::from_raw(0),
+        flags: 0,
     }
 }
 
@@ -440,6 +451,33 @@ mod walk_tests {
             snat_port_min: min,
             snat_port_max: max,
             hairpin_addr: Be32::default(),
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn masquerade_all_source_nats_every_balanced_flow_to_the_node() {
+        let remote = backend();
+        let local = Backend {
+            flags: remote.flags | backend_flags::LOCAL,
+            ..remote
+        };
+        let plain = config(61_000, 65_535);
+        let masquerade = NodeConfig {
+            flags: crate::maps::node_flags::MASQUERADE_ALL,
+            ..plain
+        };
+        for (flow_scope, b, tcp_without, pod_route) in [
+            (scope::EXTERNAL, &remote, true, false),
+            (scope::EXTERNAL, &local, false, true),
+            (scope::INTERNAL, &remote, false, true),
+            (scope::INTERNAL, &local, false, true),
+        ] {
+            assert_eq!(needed(flow_scope, b, proto::TCP, &plain), tcp_without);
+            assert!(needed(flow_scope, b, proto::TCP, &masquerade));
+            assert!(needed(flow_scope, b, proto::UDP, &masquerade));
+            assert!(!needed(flow_scope, b, proto::ICMP, &masquerade));
+            assert_eq!(routes_to_pod(flow_scope, b), pod_route);
         }
     }
 

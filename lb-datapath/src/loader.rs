@@ -233,7 +233,10 @@ impl Datapath {
 /// Checks that maps pinned under `dir` (by an earlier agent) have this version's layout, so that
 /// they can be adopted; says what to do when they do not. A map that only holds counters
 /// (`LB_VERDICTS`, whose size follows the number of reasons a version counts) is replaced
-/// instead: its counts start over, no connection notices. Returns the maps it replaced.
+/// instead: its counts start over, no connection notices. So is `LB_CONFIG` of another value
+/// size (before `NodeConfig::flags`, 12 bytes): the agent writes all of it from its flags and
+/// Node object before its programs are attached, and the old programs keep the old map until
+/// they are swapped out. Returns the maps it replaced.
 pub fn check_pinned_maps(dir: &Path) -> Result<Vec<&'static str>, DatapathError> {
     let mut replaced = Vec::new();
     for name in maps::ALL {
@@ -248,10 +251,14 @@ pub fn check_pinned_maps(dir: &Path) -> Result<Vec<&'static str>, DatapathError>
         let found = (info.key_size(), info.value_size());
         let layout = maps::layout_of(name).expect("every map has a layout");
         let expected = (layout.key_size, layout.value_size);
-        if name == maps::LB_VERDICTS
-            && found == expected
-            && info.max_entries() != lb_common::stats::Reason::COUNT
-        {
+        let replace = match name {
+            maps::LB_VERDICTS => {
+                found == expected && info.max_entries() != lb_common::stats::Reason::COUNT
+            }
+            maps::LB_CONFIG => found.0 == expected.0 && found.1 != expected.1,
+            _ => false,
+        };
+        if replace {
             std::fs::remove_file(&path).map_err(|e| DatapathError::Pinned {
                 path: path.clone(),
                 reason: format!("cannot replace it: {e}"),

@@ -166,6 +166,12 @@ pub struct Desired {
     /// The ports they are source-NATed to (`--snat-ports`); `None`: the default range,
     /// [`lb_common::maps::snat::PORT_MIN`] to [`lb_common::maps::snat::PORT_MAX`].
     pub snat_ports: Option<std::ops::RangeInclusive<u16>>,
+    /// Every balanced flow is source-NATed to the node (`--masquerade-all`,
+    /// [`lb_common::maps::node_flags::MASQUERADE_ALL`]).
+    pub masquerade_all: bool,
+    /// ClusterIPs reject flows from outside the cluster (`--external-cluster-ips=false`,
+    /// [`lb_common::maps::node_flags::NO_EXTERNAL_CLUSTER_IPS`]); by default they serve them.
+    pub no_external_cluster_ips: bool,
 }
 
 impl Desired {

@@ -17,13 +17,16 @@
 //!   else PassNotServed (`hairpin.rs`)
 //! LB_CT[client -> frontend]          continues -> Established (to its recorded backend)
 //! LB_SERVICES[dst, port, proto, scope]
+//!                                    miss, external scope, ClusterIP, served from outside
+//!                                    (FrontendKey::external_cluster_ip): the internal frontend
 //!                                    miss -> RejectUnknownPort (ClusterIP) / PassNotServed
 //! backend_count == 0                 -> NoBackend (reject, or drop by policy)
 //! source ranges and LB_SRC_RANGES misses -> DropSourceRange
 //! affinity and LB_AFFINITY[client, set] fresh, backend active -> Affinity
 //! else Maglev slot (or the single backend); backend not active -> Inconsistent
 //! snat::hairpin_source -> hairpin: source NAT to the hairpin address, bounced into the pod
-//! else snat::needed -> source NAT to the node: snat::allocate, none -> DropSnatPorts
+//! else snat::needed (from outside to another node, or --masquerade-all) -> source NAT to the
+//!   node: snat::allocate, none -> DropSnatPorts
 //! else LB_CT[backend -> client, REPLY] held by another live flow of the client port
 //!   -> its port remapped: snat::allocate over snat::client_port_range, none -> DropSnatPorts
 //! ```
@@ -32,7 +35,8 @@
 //! replies) are routed by the node itself after a FIB lookup, which maps cannot predict: with a
 //! route, the packet goes straight to its next hop (at XDP only when the next hop's MAC is known;
 //! otherwise XDP leaves the packet untouched to the tc program behind it, which resolves it);
-//! without one it is dropped (`drop_no_route`).
+//! without one it is dropped (`drop_no_route`). XDP leaves the packets of flows routed into a
+//! pod's interface (`--masquerade-all`, `nat_flags::POD_ROUTE`) to tc, which forwards them.
 //! Hairpin packets go straight back out of the interface they came in on.
 //!
 //! Prediction only reads maps: it never refreshes an entry the way the datapath does.
@@ -376,7 +380,7 @@ fn new_flow_snat(
     if let Some((addr, port)) = snat::hairpin_source(flow, backend, &config) {
         return Ok(Some(Ok(SourceNat::Hairpin(socket(addr, port)))));
     }
-    if !snat::needed(flow_scope, backend, flow.proto) {
+    if !snat::needed(flow_scope, backend, flow.proto, &config) {
         return client_port_clash(maps, flow, backend, now);
     }
     if !config.snat_configured() {
@@ -524,7 +528,13 @@ pub fn forward(
         proto: l4_proto,
         scope,
     };
-    let Some(frontend) = found(names::LB_SERVICES, maps.services.get(&frontend_key, 0))? else {
+    let mut frontend = found(names::LB_SERVICES, maps.services.get(&frontend_key, 0))?;
+    if frontend.is_none()
+        && let Some(internal) = frontend_key.external_cluster_ip(&addr, &node_config(maps)?)
+    {
+        frontend = found(names::LB_SERVICES, maps.services.get(&internal, 0))?;
+    }
+    let Some(frontend) = frontend else {
         return Ok(if addr.is_cluster_ip() {
             Forward::RejectUnknownPort
         } else {

@@ -170,6 +170,13 @@ impl Services {
         self.desired.snat_ports = snat_ports;
     }
 
+    /// Stages the node's flags ([`lb_common::maps::node_flags`]): `--masquerade-all`, and
+    /// whether ClusterIPs reject flows from outside (`--external-cluster-ips=false`).
+    pub fn set_node_flags(&mut self, masquerade_all: bool, no_external_cluster_ips: bool) {
+        self.desired.masquerade_all = masquerade_all;
+        self.desired.no_external_cluster_ips = no_external_cluster_ips;
+    }
+
     /// Stages `svc`, adding it or replacing the service of the same name.
     pub fn set(&mut self, svc: &ServiceSpec) -> Result<(), ProgramError> {
         for f in &svc.frontends {

@@ -135,6 +135,16 @@ impl Harness {
             .unwrap_or_else(|e| panic!("programming the node: {e:?}"));
     }
 
+    /// Programs the node's flags, as `lb-agent --masquerade-all` and
+    /// `--external-cluster-ips=false` do (see [`crate::program::Services::set_node_flags`]).
+    pub fn set_node_flags(&mut self, masquerade_all: bool, no_external_cluster_ips: bool) {
+        self.services
+            .set_node_flags(masquerade_all, no_external_cluster_ips);
+        self.services
+            .apply(&mut self.maps)
+            .unwrap_or_else(|e| panic!("programming the node: {e:?}"));
+    }
+
     /// The backend-set id the planner gave `svc`.
     pub fn set_id(&self, svc: &ServiceSpec) -> u32 {
         self.services

@@ -260,3 +260,56 @@ fn the_event_maps_are_not_pinned_and_each_loaded_datapath_reads_its_own() {
     assert!(got[0].message.starts_with("drop_fragment_no_state: "));
     assert_eq!(bpffs.pins(), pinned);
 }
+
+/// Pins an array map `name` of one entry with `value_size`-byte values under `dir`, as an
+/// earlier agent made it (raw `bpf()` calls: aya creates maps only from an object).
+fn pin_array(dir: &Path, name: &str, value_size: u32) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[BPF_MAP_TYPE_ARRAY, 4, value_size, 1]);
+    // SAFETY: bpf(BPF_MAP_CREATE) with a zeroed attribute block of ample size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            attr.as_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    assert!(fd >= 0, "map create: {}", std::io::Error::last_os_error());
+    let path =
+        std::ffi::CString::new(dir.join(name).into_os_string().into_encoded_bytes()).unwrap();
+    let mut pin = [0u64; 2];
+    pin[0] = path.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: bpf(BPF_OBJ_PIN) with the path and the map's descriptor.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), size_of_val(&pin)) };
+    assert_eq!(ret, 0, "pin: {}", std::io::Error::last_os_error());
+    // SAFETY: our own descriptor; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+/// An earlier agent's 12-byte `LB_CONFIG` (before the node's flags) is replaced by this version's
+/// (the agent writes all of it); a map of another shape is still refused.
+#[test]
+fn an_earlier_node_config_map_is_replaced_and_others_still_refused() {
+    if !common::require_privileges() {
+        return;
+    }
+    let bpffs = TempBpffs::new("config");
+    pin_array(&bpffs.dir, maps::LB_CONFIG, 12);
+    assert_eq!(
+        check_pinned_maps(&bpffs.dir).expect("replaced"),
+        [maps::LB_CONFIG]
+    );
+    let mut h = load_pinned(&bpffs.dir);
+    h.set_node_flags(true, false);
+    let config = lb_datapath::predict::node_config(&h.maps).unwrap();
+    assert!(config.masquerade_all() && config.external_cluster_ips());
+    drop(h);
+    let other = TempBpffs::new("config-other");
+    pin_array(&other.dir, maps::LB_ANSWERS, 12);
+    assert!(check_pinned_maps(&other.dir).is_err());
+}

@@ -14,6 +14,7 @@
 //! | larger than the egress MTU | leave it to tc | DF: ICMP fragmentation needed with the MTU; else drop (counted) |
 //! | TTL would run out | ICMP time exceeded | ICMP time exceeded |
 //! | no route (unreachable, blackhole, prohibited...) | drop (counted) | drop (counted) |
+//! | a flow routed into a pod's interface (`--masquerade-all`) | leave it to tc, before the lookup | go |
 //!
 //! The MTU check must be GSO-aware: at tc an skb may be a GSO or GRO packet of up to 64 KiB whose
 //! segments each fit. So tc passes no length to the lookup, and the kernel checks the skb itself
@@ -23,7 +24,7 @@ use aya_ebpf::bindings::{
     BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     bpf_fib_lookup,
 };
-use lb_common::{Be32, csum, maps::FIB_PARAMS_SIZE, stats::Reason};
+use lb_common::{Be32, conntrack::CtEntry, csum, maps::FIB_PARAMS_SIZE, stats::Reason};
 
 use crate::{
     frame::{Action, Frame, ptr_at},
@@ -60,6 +61,15 @@ impl Route {
         dmac: [0; 6],
         next_hop: Be32::from_raw(0),
     };
+}
+
+/// Whether this hook leaves a packet of the routed flow `entry` to the tc program behind it,
+/// untouched: XDP does for a flow the node routes into a pod's interface
+/// ([`lb_common::conntrack::nat_flags::POD_ROUTE`], `--masquerade-all`), as a veth takes XDP
+/// redirects only when its peer runs an XDP program of its own.
+#[inline(always)]
+pub fn left_to_tc<F: Frame>(entry: &CtEntry) -> bool {
+    !F::RESOLVES_NEIGHBOURS && entry.pod_route()
 }
 
 /// The route of `ip` once its addresses are `src` -> `dst`, or what to do with it instead

@@ -80,6 +80,10 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
     if let Some(entry) = ct::find(&flow)
         && ct::continues(entry, l4.tcp_flags, now)
     {
+        // SAFETY: map value from a successful lookup.
+        if fib::left_to_tc::<F>(unsafe { &*entry }) {
+            return Action::Pass;
+        }
         if ct::touch(entry, ip.proto, l4.tcp_flags, now) {
             ct::refresh_reply(&flow, entry, now);
         }
@@ -110,8 +114,16 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         scope,
     };
     // SAFETY: hash map value, copied out at once.
-    let Some(frontend) = (unsafe { LB_SERVICES.get(&key) }).copied() else {
-        return not_served(frame, ip, Some(&l4), addr, len);
+    let frontend = match (unsafe { LB_SERVICES.get(&key) }).copied() {
+        Some(frontend) => frontend,
+        None => match key.external_cluster_ip(&addr, &snat::node_config()) {
+            // SAFETY: hash map value, copied out at once.
+            Some(internal) => match (unsafe { LB_SERVICES.get(&internal) }).copied() {
+                Some(frontend) => frontend,
+                None => return not_served(frame, ip, Some(&l4), addr, len),
+            },
+            None => return not_served(frame, ip, Some(&l4), addr, len),
+        },
     };
     new_flow(frame, ip, &l4, &flow, &frontend, scope, now, len)
 }
@@ -171,7 +183,8 @@ fn unrouted<F: Frame>(frame: &mut F, entry: &CtEntry) -> Action {
 }
 
 /// A new flow to a known frontend: pick a backend, record the flow, DNAT (and SNAT when it came
-/// from outside and the backend runs on another node).
+/// from outside and the backend runs on another node, or for every flow under
+/// `--masquerade-all`).
 #[inline(always)]
 #[expect(
     clippy::too_many_arguments,
@@ -212,7 +225,8 @@ fn new_flow<F: Frame>(
     };
     let config = snat::node_config();
     // The source the flow goes out with: the hairpin address (a pod balanced to itself), the
-    // node's (from outside to another node's backend: source NAT, and the node routes it), or
+    // node's (from outside to another node's backend, or any flow under --masquerade-all:
+    // source NAT, and the node routes it), or
     // the client's own, with another port when its own is taken (see `reply_clashes`). `range`
     // is where a port is to be found for it.
     let mut route = fib::Route::NONE;
@@ -223,7 +237,13 @@ fn new_flow<F: Frame>(
         forward.flags |= ct_flags::SNAT | ct_flags::HAIRPIN;
         forward.snat_addr = addr;
         forward.snat_port = port;
-    } else if lb_common::snat::needed(scope, &backend, ip.proto) {
+    } else if lb_common::snat::needed(scope, &backend, ip.proto, &config) {
+        if lb_common::snat::routes_to_pod(scope, &backend) {
+            forward.nat_flags |= nat_flags::POD_ROUTE;
+            if fib::left_to_tc::<F>(&forward) {
+                return Action::Pass;
+            }
+        }
         // The route first: a flow this hook cannot forward is left to the next hook, or
         // answered, before it claims a port or writes any state.
         route = match fib::route(frame, ip, config.snat_addr, backend.addr, len) {

@@ -84,6 +84,9 @@ pub fn forward<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, len: u32) -> 
     };
     // The route first: a fragment this hook cannot forward goes on untouched.
     let mut route = fib::Route::NONE;
+    if fib::left_to_tc::<F>(&entry) {
+        return Action::Pass;
+    }
     if entry.routed() {
         route = match fib::route(frame, ip, entry.snat_addr, entry.nat_addr, len) {
             Ok(route) => route,
@@ -130,6 +133,9 @@ fn reply_to_source_nat<F: Frame>(frame: &mut F, ip: &Ipv4, len: u32) -> Option<A
         return None;
     }
     let mut route = fib::Route::NONE;
+    if fib::left_to_tc::<F>(&entry) {
+        return Some(Action::Pass);
+    }
     if entry.routed() {
         route = match fib::route(frame, ip, entry.nat_addr, entry.snat_addr, len) {
             Ok(route) => route,

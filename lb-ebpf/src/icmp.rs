@@ -251,6 +251,9 @@ fn about_source_nat<F: Frame>(frame: &mut F, ip: &Ipv4, q: &Quote, len: u32) -> 
     if !e.routed() || !e.live(ct::now()) {
         return None;
     }
+    if fib::left_to_tc::<F>(&e) {
+        return Some(Action::Pass);
+    }
     let from_backend = ip.src == q.dst;
     let src = if from_backend { e.nat_addr } else { ip.src };
     let route = match fib::route(frame, ip, src, e.snat_addr, len) {

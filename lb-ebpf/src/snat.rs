@@ -144,6 +144,9 @@ pub fn reply<F: Frame>(frame: &mut F, ip: &Ipv4, l4: &L4, len: u32) -> Option<Ac
     if !e.routed() || !e.live(now) {
         return None;
     }
+    if fib::left_to_tc::<F>(&e) {
+        return Some(Action::Pass);
+    }
     let route = match fib::route(frame, ip, e.nat_addr, e.snat_addr, len) {
         Ok(route) => route,
         Err(action) => return Some(action),

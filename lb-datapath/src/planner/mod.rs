@@ -23,7 +23,7 @@ use lb_common::{
     Be16, Be32,
     maps::{
         AddrInfo, Backend, Frontend, FrontendKey, NodeConfig, addr_flags, backend_flags,
-        frontend_flags, hairpin, snat,
+        frontend_flags, hairpin, node_flags, snat,
     },
     net::proto,
 };
@@ -583,6 +583,15 @@ pub fn node_config(desired: &Desired) -> NodeConfig {
             .as_ref()
             .map_or(snat::PORT_MAX, |p| *p.end()),
         hairpin_addr: Be32::from(std::net::Ipv4Addr::from(hairpin::DEFAULT_ADDR)),
+        flags: if desired.masquerade_all {
+            node_flags::MASQUERADE_ALL
+        } else {
+            0
+        } | if desired.no_external_cluster_ips {
+            node_flags::NO_EXTERNAL_CLUSTER_IPS
+        } else {
+            0
+        },
     }
 }
 

@@ -186,7 +186,14 @@ pub fn text(d: &Dump) -> String {
         section(&mut out, names::LB_AFFINITY, rows.len(), t);
     }
     if let Some(rows) = &d.config {
-        let mut t = table(&["snat address", "snat ports", "snat", "hairpin address"]);
+        let mut t = table(&[
+            "snat address",
+            "snat ports",
+            "snat",
+            "hairpin address",
+            "masquerade all",
+            "external clusterIPs",
+        ]);
         for r in rows {
             t.add_row(vec![
                 r.snat_addr.to_string(),
@@ -197,6 +204,8 @@ pub fn text(d: &Dump) -> String {
                     "disabled (external flows to other nodes' backends are dropped)".to_owned()
                 },
                 r.hairpin_addr.to_string(),
+                r.masquerade_all.to_string(),
+                r.external_cluster_ips.to_string(),
             ]);
         }
         section(&mut out, names::LB_CONFIG, rows.len(), t);

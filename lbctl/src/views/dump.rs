@@ -201,6 +201,10 @@ pub struct ConfigRow {
     /// The address hairpin flows (a pod balanced to itself) are source-NATed to; `"0.0.0.0"`
     /// disables that (such flows then fail).
     pub hairpin_addr: Ipv4Addr,
+    /// `lb-agent --masquerade-all`: every balanced flow is source-NATed to the node.
+    pub masquerade_all: bool,
+    /// ClusterIPs serve clients outside the cluster (`lb-agent --external-cluster-ips`).
+    pub external_cluster_ips: bool,
 }
 
 /// `LB_ANSWERS`: the node's budget of generated answers (rejects, ICMP errors), one row.
@@ -455,6 +459,8 @@ fn config_row(config: &NodeConfig) -> ConfigRow {
         snat_port_max: config.snat_port_max,
         snat_enabled: config.snat_configured(),
         hairpin_addr: config.hairpin_addr.to_ip(),
+        masquerade_all: config.masquerade_all(),
+        external_cluster_ips: config.external_cluster_ips(),
     }
 }
 

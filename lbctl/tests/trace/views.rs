@@ -226,6 +226,8 @@ pub fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
             "snat_enabled": true,
             // The planner's: lb_common::maps::hairpin::DEFAULT_ADDR.
             "hairpin_addr": "169.254.42.1",
+            "masquerade_all": false,
+            "external_cluster_ips": true,
         }])
     );
     assert_eq!(dump["LB_SERVICES"].as_array().unwrap().len(), 8);
