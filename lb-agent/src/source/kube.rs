@@ -140,10 +140,18 @@ fn base_config() -> watcher::Config {
     // Bookmarks (on by default; stated so that it stays so) move our resourceVersion forward while
     // nothing we select changes, so a reconnect resumes the watch instead of getting 410 Gone and
     // relisting everything.
+    //
+    // Lists ask for resourceVersion 0 ("any"): the API server answers from its watch cache, as it
+    // does for kube-proxy's informers, instead of a quorum read from etcd for each of a
+    // thousand agents restarting at once. What that list misses (it may be a little behind) the
+    // watch that resumes from its resourceVersion delivers. Such a list is not paged (the cache
+    // answers it whole, and kube-core sends "0" only without a limit), as client-go's is not.
     watcher::Config {
         bookmarks: true,
+        page_size: None,
         ..watcher::Config::default()
     }
+    .any_semantic()
 }
 
 /// Forwards one kind's watch events until the receiver is gone.

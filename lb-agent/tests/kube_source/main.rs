@@ -112,7 +112,7 @@ async fn initial_sync_lists_every_kind() {
 }
 
 #[tokio::test]
-async fn services_and_slices_are_listed_and_watched_with_kube_proxys_selector_and_bookmarks() {
+async fn services_and_slices_are_listed_from_the_watch_cache_and_watched_with_kube_proxys_selector_and_bookmarks() {
     within_deadline(async {
         let (server, _source, _) = Source::listed([web(), this_node()]).await;
 
@@ -127,6 +127,8 @@ async fn services_and_slices_are_listed_and_watched_with_kube_proxys_selector_an
                 "{kind:?}"
             );
             assert_eq!(list.param("fieldSelector"), None, "{kind:?}");
+            // From the watch cache, as kube-proxy's informers list (issue 13 item 11).
+            assert_eq!(list.param("resourceVersion"), Some("0"), "{kind:?}");
 
             assert_eq!(
                 watch.param("labelSelector"),
