@@ -54,6 +54,8 @@ pub struct Reconciler {
     desired: DesiredState,
     /// Problems last reported per service, so each is logged once, not on every sync.
     reported: BTreeMap<ServiceId, Vec<Problem>>,
+    /// Problems newly found, for Kubernetes Events (see [`Reconciler::take_notices`]).
+    notices: Vec<Problem>,
     node: NodeContext,
     /// The shadow of the maps; `None` until adopted (and after a failed write, and when a
     /// resync is due).
@@ -81,6 +83,7 @@ impl Reconciler {
             pending_since: None,
             desired,
             reported: BTreeMap::new(),
+            notices: Vec::new(),
             programmed: None,
             synced_once: false,
         }
@@ -155,6 +158,12 @@ impl Reconciler {
             NodePortAddresses::Cidrs(_) => node::local_addrs(),
             _ => Vec::new(),
         }
+    }
+
+    /// The problems found since the last call, each once (when it first appears), for the
+    /// Kubernetes Events that tell the objects' owners.
+    pub fn take_notices(&mut self) -> Vec<Problem> {
+        std::mem::take(&mut self.notices)
     }
 
     /// What the agent knows of its node (addresses, zone, eligibility).
@@ -233,6 +242,7 @@ impl Reconciler {
             };
             for lost in self.desired.set_service(id, created, model) {
                 warn!(object = %lost.object, reason = %lost.reason, "invalid input skipped");
+                self.notices.push(lost.clone());
                 metrics
                     .invalid_objects
                     .get_or_create(&KindLabel {
@@ -263,6 +273,7 @@ impl Reconciler {
             if self.reported.get(id).is_some_and(|old| old.contains(p)) {
                 continue;
             }
+            self.notices.push(p.clone());
             if p.error {
                 warn!(object = %p.object, reason = %p.reason, "invalid input skipped");
                 metrics

@@ -18,6 +18,7 @@ use crate::{
     reconcile::Reconciler,
     source::{self, Update},
     sysctl,
+    translate::Problem,
 };
 
 /// How often it samples the conntrack fill level for metrics.
@@ -25,6 +26,8 @@ const SAMPLE_PERIOD: Duration = Duration::from_secs(15);
 /// Updates taken from the source before programming, at most (keeps latency bounded while a
 /// large initial list streams in), and the source channel's size (objects in flight).
 const BATCH: usize = 256;
+/// Kubernetes Events waiting to be sent, at most.
+const NOTICES: usize = 256;
 
 /// Runs the agent until SIGTERM or SIGINT. The datapath stays in place afterwards (pinned): a
 /// restarted agent takes it over without dropping a connection.
@@ -116,6 +119,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     http::serve(addresses, registry, health.clone(), &metrics);
 
     let (tx, mut updates) = mpsc::channel::<Update>(BATCH);
+    // Kubernetes Events about the objects the agent refuses or only partly serves, sent by a
+    // task of their own so that a slow API server never holds the loop up (and dropped, with the
+    // log line and metric kept, when more than NOTICES wait).
+    let mut notices: Option<mpsc::Sender<Problem>> = None;
     let source_task = match args.source.clone() {
         Source::Files(path) => tokio::spawn(async move { source::files::run(path, tx).await }),
         Source::Kubernetes => {
@@ -124,6 +131,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 master: args.master.clone(),
             };
             let client = source::kube::client(&options).await?;
+            let (notice_tx, mut notice_rx) = mpsc::channel::<Problem>(NOTICES);
+            notices = Some(notice_tx);
+            let notifier = source::notify::Notifier::new(client.clone(), &node_name);
+            tokio::spawn(async move {
+                while let Some(problem) = notice_rx.recv().await {
+                    notifier.problem(&problem).await;
+                }
+            });
             let name = node_name.clone();
             tokio::spawn(async move { source::kube::run(client, name, tx).await })
         }
@@ -196,6 +211,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 .await;
         }
         health.observe(reconciler.pending_since(), reconciler.node().eligible);
+        for problem in reconciler.take_notices() {
+            if let Some(tx) = &notices {
+                let _ = tx.try_send(problem);
+            }
+        }
     }
     info!("stopping; the datapath stays in place for the next agent");
     Ok(())

@@ -11,7 +11,7 @@ use anyhow::{Context as _, anyhow};
 use futures::{StreamExt as _, future};
 use k8s_openapi::{
     api::{
-        core::v1::{Node, ObjectReference, Service},
+        core::v1::{Node, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -21,7 +21,6 @@ use kube::{
     config::KubeConfigOptions,
     runtime::{
         WatchStreamExt as _,
-        events::{Event as KubeEvent, EventType, Recorder, Reporter},
         watcher::{self, Event, watcher},
     },
 };
@@ -29,7 +28,7 @@ use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use tokio::sync::mpsc::Sender;
 use tracing::{info, warn};
 
-use super::{Kind, Object, ObjectKey, PROXY_LABEL_SELECTOR, Update};
+use super::{Kind, Object, ObjectKey, PROXY_LABEL_SELECTOR, Update, notify::Notifier};
 
 /// Written by `kubectl apply`, often as large as the object itself, and never read by the agent.
 const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -161,13 +160,7 @@ async fn forward<K: Watched>(
     tx: Sender<Update>,
     node_name: String,
 ) {
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: REPORTER.into(),
-            instance: Some(node_name),
-        },
-    );
+    let notifier = Notifier::new(client.clone(), &node_name);
     // The watcher recovers by itself on the next poll after an error (resuming the watch, or
     // relisting); the backoff spaces those polls out so that a failing API server is not hammered.
     let api = Api::<Lenient<K>>::all(client);
@@ -182,7 +175,8 @@ async fn forward<K: Watched>(
                     ..
                 } = &update
                 {
-                    tell_owner::<K>(&recorder, key, reason).await;
+                    let note = format!("cannot decode this object and ignores it: {reason}");
+                    notifier.warn(key, "InvalidObject", "Decode", &note).await;
                 }
                 if tx.send(update).await.is_err() {
                     return;
@@ -227,38 +221,6 @@ fn key_of<K: Watched>(metadata: &ObjectMeta) -> ObjectKey {
 /// Tells the owner of an object the agent cannot decode why, with a Kubernetes Event on it
 /// (`kubectl describe` shows it; repeats become one event's count). Best effort: without the
 /// right to create events the log line and the metric remain.
-async fn tell_owner<K: Watched>(recorder: &Recorder, key: &ObjectKey, reason: &str) {
-    if key.name.is_empty() {
-        return;
-    }
-    let reference = ObjectReference {
-        api_version: Some(K::api_version(&()).into_owned()),
-        kind: Some(K::kind(&()).into_owned()),
-        name: Some(key.name.clone()),
-        namespace: (!key.namespace.is_empty()).then(|| key.namespace.clone()),
-        ..ObjectReference::default()
-    };
-    let mut note = format!("{REPORTER} cannot decode this object and ignores it: {reason}");
-    // The API server takes notes of at most 1 kB.
-    if note.len() > 1024 {
-        note.truncate(note.floor_char_boundary(1021));
-        note.push_str("...");
-    }
-    let event = KubeEvent {
-        type_: EventType::Warning,
-        reason: "InvalidObject".into(),
-        note: Some(note),
-        action: "Decode".into(),
-        secondary: None,
-    };
-    if let Err(error) = recorder.publish(&event, &reference).await {
-        warn!(object = %key, %error, "cannot record a Kubernetes Event about an invalid object");
-    }
-}
-
-/// The reporting controller of the agent's Kubernetes Events.
-const REPORTER: &str = "lb-agent";
-
 /// An object of kind `K` as the API server sent it: decoded, or, when it does not decode as `K`
 /// (a field of the wrong type, say), its metadata and why. kube-runtime's watcher decodes a whole
 /// LIST or WATCH response with one decoder, so one bad object would fail its whole kind; with

@@ -3,6 +3,7 @@
 
 pub mod files;
 pub mod kube;
+pub mod notify;
 pub mod objects;
 pub mod store;
 

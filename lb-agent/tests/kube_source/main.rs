@@ -112,7 +112,8 @@ async fn initial_sync_lists_every_kind() {
 }
 
 #[tokio::test]
-async fn services_and_slices_are_listed_from_the_watch_cache_and_watched_with_kube_proxys_selector_and_bookmarks() {
+async fn services_and_slices_are_listed_from_the_watch_cache_and_watched_with_kube_proxys_selector_and_bookmarks()
+ {
     within_deadline(async {
         let (server, _source, _) = Source::listed([web(), this_node()]).await;
 
@@ -673,4 +674,73 @@ fn node(name: &str, internal_ip: &str) -> Value {
 fn labelled(mut object: Value, key: &str, value: &str) -> Value {
     object["metadata"]["labels"][key] = json!(value);
     object
+}
+
+/// Beyond kube-proxy (issue 13): a Service the agent refuses or only partly serves gets a
+/// Kubernetes Event saying why, on the Service, so that `kubectl describe service` shows it:
+/// `InvalidObject` for an invalid value or a frontend another Service holds, `PartlyServed` for
+/// a part this datapath skips (an SCTP port, an IPv6 address).
+#[tokio::test]
+async fn refused_and_partly_served_services_are_told_with_events() {
+    within_deadline(async {
+        let server = StandIn::start().await;
+        let notifier = lb_agent::source::notify::Notifier::new(server.client(), "node-a");
+        let sctp = lb_agent::source::objects::ServiceObject {
+            namespace: "default".into(),
+            name: "sctp".into(),
+            has_spec: true,
+            cluster_ip: Some("10.96.0.20".into()),
+            ports: vec![lb_agent::source::objects::PortObject {
+                name: None,
+                port: 9000,
+                protocol: Some("SCTP".into()),
+                node_port: None,
+            }],
+            ..Default::default()
+        };
+        let bad = lb_agent::source::objects::ServiceObject {
+            name: "bad".into(),
+            ports: vec![lb_agent::source::objects::PortObject {
+                name: None,
+                port: 70_000,
+                protocol: None,
+                node_port: None,
+            }],
+            ..sctp.clone()
+        };
+        let node = lb_agent::translate::NodeContext::unknown("node-a");
+        for svc in [&sctp, &bad] {
+            let (_, problems) = lb_agent::translate::service(svc, &[], &node);
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            notifier.problem(&problems[0]).await;
+        }
+        let events = server.state().events.clone();
+        let told: Vec<(String, String, String, String)> = events
+            .iter()
+            .map(|e| {
+                let field = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+                (
+                    field(&e["regarding"]["name"]),
+                    field(&e["reason"]),
+                    field(&e["action"]),
+                    field(&e["note"]),
+                )
+            })
+            .collect();
+        assert_eq!(told.len(), 2, "{events:#?}");
+        assert_eq!(
+            (&*told[0].0, &*told[0].1, &*told[0].2),
+            ("sctp", "PartlyServed", "Translate")
+        );
+        assert!(told[0].3.contains("SCTP"), "{told:?}");
+        assert_eq!((&*told[1].0, &*told[1].1), ("bad", "InvalidObject"));
+        assert!(told[1].3.contains("70000"), "{told:?}");
+        assert!(
+            events
+                .iter()
+                .all(|e| e["regarding"]["kind"] == "Service" && e["type"] == "Warning"),
+            "{events:#?}"
+        );
+    })
+    .await;
 }
