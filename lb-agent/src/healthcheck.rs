@@ -183,6 +183,7 @@ mod tests {
             local_endpoints: 1,
         }));
         let health = Arc::new(Health::new(Duration::from_millis(100)));
+        health.synced();
         let status = |r: axum::response::Response| r.status();
         let ok = respond(State((answer.clone(), health.clone()))).await;
         assert_eq!(status(ok.into_response()), StatusCode::OK);

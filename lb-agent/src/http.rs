@@ -94,11 +94,14 @@ impl Health {
     /// healthCheckNodePorts report as `serviceProxyHealthy`).
     pub fn healthy(&self) -> bool {
         let turning = self.heartbeat.lock().is_ok_and(|h| h.elapsed() < STALL);
+        // Until the first sync, however long the initial lists take, a pending change is not
+        // late (kube-proxy counts only proxiers that have synced once).
+        let synced = self.last_update.lock().is_ok_and(|t| t.is_some());
         let late = self
             .pending_since
             .lock()
             .is_ok_and(|p| p.is_some_and(|since| since.elapsed() >= self.timeout));
-        turning && !late
+        turning && !(synced && late)
     }
 
     pub fn node_eligible(&self) -> bool {
@@ -277,6 +280,9 @@ mod tests {
     fn a_change_waiting_twice_the_sync_period_makes_the_agent_unhealthy() {
         let health = Health::new(Duration::from_millis(100));
         assert!(health.healthy());
+        health.observe(Instant::now().checked_sub(Duration::from_secs(1)), true);
+        assert!(health.healthy(), "before the first sync nothing is late");
+        health.synced();
         health.observe(Some(Instant::now()), true);
         assert!(health.healthy(), "a fresh change is not late");
         health.observe(Instant::now().checked_sub(Duration::from_millis(250)), true);

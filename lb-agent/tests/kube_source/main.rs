@@ -684,13 +684,13 @@ fn labelled(mut object: Value, key: &str, value: &str) -> Value {
 async fn refused_and_partly_served_services_are_told_with_events() {
     within_deadline(async {
         let server = StandIn::start().await;
-        let notifier = lb_agent::source::notify::Notifier::new(server.client(), "node-a");
-        let sctp = lb_agent::source::objects::ServiceObject {
+        let notifier = source::notify::Notifier::new(server.client(), "node-a");
+        let sctp = source::objects::ServiceObject {
             namespace: "default".into(),
             name: "sctp".into(),
             has_spec: true,
             cluster_ip: Some("10.96.0.20".into()),
-            ports: vec![lb_agent::source::objects::PortObject {
+            ports: vec![source::objects::PortObject {
                 name: None,
                 port: 9000,
                 protocol: Some("SCTP".into()),
@@ -698,9 +698,9 @@ async fn refused_and_partly_served_services_are_told_with_events() {
             }],
             ..Default::default()
         };
-        let bad = lb_agent::source::objects::ServiceObject {
+        let bad = source::objects::ServiceObject {
             name: "bad".into(),
-            ports: vec![lb_agent::source::objects::PortObject {
+            ports: vec![source::objects::PortObject {
                 name: None,
                 port: 70_000,
                 protocol: None,
