@@ -47,6 +47,11 @@ pub const LB_SRC_RANGES: &str = "LB_SRC_RANGES";
 /// `AffinityKey -> AffinityEntry` (LRU): sessionAffinity ClientIP, the backend a client last got
 /// from a service. Written by the datapath; the agent removes entries of backends that left.
 pub const LB_AFFINITY: &str = "LB_AFFINITY";
+/// `set id -> set id` (array): the backend set whose [`LB_AFFINITY`] entries a set shares, 0 for
+/// its own. A Service port's Local set shares its Cluster set's, because kube-proxy keeps
+/// affinity per endpoint, in one list that both of its chains consult: a client that reached an
+/// endpoint on this node through either keeps it through the other. Written by the agent.
+pub const LB_AFFINITY_SCOPE: &str = "LB_AFFINITY_SCOPE";
 
 /// `0 -> NodeConfig` (array of one): what the datapath needs to know about this node. Written
 /// by the agent.
@@ -105,7 +110,7 @@ pub const LB_EVENT_SLOT: &str = "LB_EVENT_SLOT";
 pub const AYA_LOGS: &str = "AYA_LOGS";
 
 /// Every pinned map, in creation order, for tools that walk them all.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 14] = [
     LB_ADDRS,
     LB_SERVICES,
     LB_BACKENDS,
@@ -119,6 +124,7 @@ pub const ALL: [&str; 13] = [
     LB_CONFIG,
     LB_ANSWERS,
     LB_DIRECT_NAT,
+    LB_AFFINITY_SCOPE,
 ];
 
 /// A map's key and value sizes as this version lays them out: what the BPF object declares
@@ -162,6 +168,7 @@ pub const LAYOUTS: [Layout; ALL.len()] = {
         layout(LB_CONFIG, 4, size_of::<NodeConfig>()),
         layout(LB_ANSWERS, 4, size_of::<crate::answer::Bucket>()),
         layout(LB_DIRECT_NAT, 4, 4),
+        layout(LB_AFFINITY_SCOPE, 4, 4),
     ]
 };
 
@@ -591,6 +598,26 @@ pub struct AffinityEntry {
     pub last_used_ns: u64,
     pub backend_id: u32,
     pub _pad: u32,
+}
+
+impl AffinityKey {
+    /// The entry of `client` for a frontend of backend set `set_id`, whose [`LB_AFFINITY_SCOPE`]
+    /// value is `scope` (0: the set's own entries).
+    #[inline(always)]
+    pub const fn of(client: Be32, set_id: u32, scope: u32) -> Self {
+        Self {
+            client,
+            set_id: if scope == 0 { set_id } else { scope },
+        }
+    }
+
+    /// Whether the backend a found entry names may serve a frontend of set `set_id`: always
+    /// from the set's own entries; from a shared set's (a Local set reading its Cluster set's),
+    /// only a backend on this node, which the Local set then holds too.
+    #[inline(always)]
+    pub const fn serves(&self, set_id: u32, backend: &Backend) -> bool {
+        self.set_id == set_id || backend.flags & backend_flags::LOCAL != 0
+    }
 }
 
 impl AffinityEntry {

@@ -151,6 +151,14 @@ pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programm
             programmed.orphan_tables.insert(f.value.set_id);
         }
     }
+    // Which sets share another's affinity entries (only adopted sets' entries matter: a set id
+    // taken later has its entry written when it is).
+    for set in programmed.sets.values() {
+        let shared = maps.affinity_scope.get(&set.id, 0).unwrap_or(0);
+        if shared != 0 {
+            programmed.affinity_scopes.insert(set.id, shared);
+        }
+    }
     programmed.backend_ids = IdAlloc::with_used(programmed.backends.values().map(|b| b.id));
     programmed.set_ids = IdAlloc::with_used(
         programmed

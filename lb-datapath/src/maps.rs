@@ -67,6 +67,8 @@ pub struct Maps {
     pub verdicts: PerCpuArray<MapData, Counter>,
     pub src_ranges: LpmTrie<MapData, SourceRange, u32>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    /// Set id -> the set whose affinity entries it shares (0: its own).
+    pub affinity_scope: Array<MapData, u32>,
     /// One entry: the node's configuration.
     pub config: Array<MapData, NodeConfig>,
     /// One entry: the node's budget of generated answers.
@@ -142,6 +144,7 @@ impl Maps {
             verdicts: typed!(names::LB_VERDICTS),
             src_ranges: typed!(names::LB_SRC_RANGES),
             affinity: typed!(names::LB_AFFINITY),
+            affinity_scope: typed!(names::LB_AFFINITY_SCOPE),
             config: typed!(names::LB_CONFIG),
             answers: typed!(names::LB_ANSWERS),
             direct_nat: typed!(names::LB_DIRECT_NAT),

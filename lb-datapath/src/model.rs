@@ -59,6 +59,23 @@ impl SetName {
     }
 }
 
+impl SetName {
+    /// The other set of the same Service port (Cluster for Local and the reverse).
+    pub fn sibling(&self) -> Self {
+        let kind = match self.kind {
+            SetKind::Cluster => SetKind::Local,
+            SetKind::Local => SetKind::Cluster,
+        };
+        Self::new(
+            self.namespace.as_str(),
+            self.service.as_str(),
+            self.port_name.as_str(),
+            self.proto,
+            kind,
+        )
+    }
+}
+
 impl Deref for SetName {
     type Target = SetNameParts;
 

@@ -22,7 +22,8 @@
 //!                                    miss -> RejectUnknownPort (ClusterIP) / PassNotServed
 //! backend_count == 0                 -> NoBackend (reject, or drop by policy)
 //! source ranges and LB_SRC_RANGES misses -> DropSourceRange
-//! affinity and LB_AFFINITY[client, set] fresh, backend active -> Affinity
+//! affinity and LB_AFFINITY[client, set or its LB_AFFINITY_SCOPE] fresh, backend active (and
+//!   local when read through a shared scope) -> Affinity
 //! else Maglev slot (or the single backend); backend not active -> Inconsistent
 //! snat::hairpin_source -> hairpin: source NAT to the hairpin address, bounced into the pod
 //! else snat::needed (from outside to another node, or --masquerade-all) -> source NAT to the
@@ -633,15 +634,19 @@ fn select(
     now: u64,
 ) -> Result<Result<(Selection, u32, Backend), String>, MapsError> {
     if frontend.affinity_timeout_s != 0 {
-        let affinity_key = AffinityKey {
-            client: key.src_addr,
-            set_id: frontend.set_id,
-        };
-        // Within the timeout and still active; otherwise Maglev decides (and the datapath
-        // overwrites the entry).
+        // A Local set reads its Cluster set's entries.
+        let scope = found(
+            names::LB_AFFINITY_SCOPE,
+            maps.affinity_scope.get(&frontend.set_id, 0),
+        )?
+        .unwrap_or(0);
+        let affinity_key = AffinityKey::of(key.src_addr, frontend.set_id, scope);
+        // Within the timeout, still active and one this frontend's set may use; otherwise
+        // Maglev decides (and the datapath overwrites the entry).
         if let Some(entry) = found(names::LB_AFFINITY, maps.affinity.get(&affinity_key, 0))?
             && entry.fresh(frontend.affinity_timeout_s, now)
             && let Some(b) = active_backend(maps, entry.backend_id)?
+            && affinity_key.serves(frontend.set_id, &b)
         {
             let selection = Selection::Affinity {
                 last_used_ns: entry.last_used_ns,

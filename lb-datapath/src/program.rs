@@ -94,6 +94,10 @@ pub struct ServiceSpec {
     pub affinity_timeout_s: u32,
     /// Sources allowed on every frontend (loadBalancerSourceRanges); empty allows everyone.
     pub source_ranges: Vec<Ipv4Net>,
+    /// `Some(other)`: this is the Local set of the same Service port as service `other` (the
+    /// agent's set for externalTrafficPolicy or internalTrafficPolicy Local), rather than a set
+    /// of its own: the two share session affinity.
+    pub local_of: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,7 +198,10 @@ impl Services {
         // The set's protocol only decides whether UDP flows to a backend that leaves are purged
         // (as kube-proxy flushes UDP conntrack): that of the first frontend.
         let l4 = svc.frontends.first().map_or(proto::TCP, |f| f.proto);
-        let set = SetName::new(NAMESPACE, svc.name.as_str(), "", l4, SetKind::Cluster);
+        let set = match &svc.local_of {
+            None => SetName::new(NAMESPACE, svc.name.as_str(), "", l4, SetKind::Cluster),
+            Some(other) => SetName::new(NAMESPACE, other.as_str(), "", l4, SetKind::Local),
+        };
         let mut members: Vec<DesiredBackend> = svc
             .backends
             .iter()

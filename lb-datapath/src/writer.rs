@@ -129,6 +129,11 @@ pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
             .map_err(write_err(names::LB_SRC_RANGES))?;
     }
     install_tables(maps, &plan.tables)?;
+    for (set_id, shared) in &plan.affinity_scopes {
+        maps.affinity_scope
+            .set(*set_id, shared, 0)
+            .map_err(write_err(names::LB_AFFINITY_SCOPE))?;
+    }
     if !plan.stats_reset.is_empty() {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| WriteError::Map {
             map: names::LB_SVC_STATS,

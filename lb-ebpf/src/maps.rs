@@ -90,6 +90,10 @@ pub static LB_SRC_RANGES: LpmTrie<SourceRange, u32, { capacity::SRC_RANGES as us
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
 
+/// See [`lb_common::maps::LB_AFFINITY_SCOPE`].
+#[btf_map]
+pub static LB_AFFINITY_SCOPE: Array<u32, { capacity::SETS as usize }> = Array::new();
+
 /// See [`lb_common::maps::LB_CONFIG`].
 #[btf_map]
 pub static LB_CONFIG: Array<NodeConfig, 1> = Array::new();

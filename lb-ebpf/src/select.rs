@@ -7,7 +7,7 @@ use lb_common::{
     maps::{AffinityEntry, AffinityKey, Backend, Frontend, SourceRange, maglev::CHUNK_SLOTS},
 };
 
-use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_MAGLEV, LB_SRC_RANGES};
+use crate::maps::{LB_AFFINITY, LB_AFFINITY_SCOPE, LB_BACKENDS, LB_MAGLEV, LB_SRC_RANGES};
 
 /// Whether a new flow from `flow.src_addr` may use `frontend` (loadBalancerSourceRanges).
 #[inline(always)]
@@ -46,15 +46,18 @@ pub fn backend(frontend: &Frontend, flow: &FlowKey, now: u64) -> Option<(u32, Ba
         let id = maglev_backend(frontend, flow)?;
         return Some((id, active_backend(id)?));
     }
-    let key = AffinityKey {
-        client: flow.src_addr,
-        set_id: frontend.set_id,
-    };
+    // A Local set shares its Cluster set's entries (one read, for affinity frontends only).
+    let scope = LB_AFFINITY_SCOPE
+        .get(frontend.set_id)
+        .copied()
+        .unwrap_or_default();
+    let key = AffinityKey::of(flow.src_addr, frontend.set_id, scope);
     if let Some(entry) = LB_AFFINITY.get_ptr_mut(&key) {
         // SAFETY: map value from a successful lookup.
         let known = unsafe { *entry };
         if known.fresh(frontend.affinity_timeout_s, now)
             && let Some(backend) = active_backend(known.backend_id)
+            && key.serves(frontend.set_id, &backend)
         {
             // Every new connection refreshes the affinity (kube-proxy's `recent --update`).
             // SAFETY: as above.

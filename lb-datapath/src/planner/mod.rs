@@ -28,7 +28,9 @@ use lb_common::{
     net::proto,
 };
 
-use crate::model::{Desired, DesiredBackend, DesiredFrontend, FrontendKind, Members, SetName};
+use crate::model::{
+    Desired, DesiredBackend, DesiredFrontend, FrontendKind, Members, SetKind, SetName,
+};
 
 mod state;
 #[cfg(test)]
@@ -51,6 +53,8 @@ pub struct Plan {
     pub backends: Vec<(u32, Backend)>,
     pub ranges_added: Vec<(u32, Ipv4Net)>,
     pub tables: Vec<TableWrite>,
+    /// `LB_AFFINITY_SCOPE` writes: (set id, the set whose affinity it shares, or 0).
+    pub affinity_scopes: Vec<(u32, u32)>,
     /// Counters of newly allocated set ids, zeroed before use.
     pub stats_reset: Vec<u32>,
     pub frontends: Vec<(FrontendKey, Frontend)>,
@@ -82,6 +86,7 @@ impl Plan {
         self.backends.len()
             + self.ranges_added.len()
             + self.tables.len()
+            + self.affinity_scopes.len()
             + self.frontends.len()
             + usize::from(self.config.is_some())
             + self.addrs.len()
@@ -188,6 +193,7 @@ pub fn plan(
             }
         }
     }
+    share_affinity(&names, current, &mut plan);
     // Addresses whose frontends changed, with their value before.
     let mut touched_addrs: BTreeMap<Be32, Option<AddrInfo>> = BTreeMap::new();
     for key in keys.iter().filter(|k| !skip_key(k)) {
@@ -242,6 +248,12 @@ pub fn plan(
     }
     for (name, old) in released_sets {
         release_set(&name, &old, current, &mut plan);
+    }
+    // Purges of a Local set's affinity apply to the entries it shares.
+    for (set_id, _) in &mut plan.affinity_purge {
+        if let Some(shared) = current.affinity_scopes.get(set_id) {
+            *set_id = *shared;
+        }
     }
     if matches!(extent, Extent::All) {
         for id in std::mem::take(&mut current.orphan_tables) {
@@ -504,10 +516,44 @@ fn unreference_backend(addr: SocketAddrV4, current: &mut Programmed, plan: &mut 
     }
 }
 
+/// Points each Local set among `names` (or beside one of them) at its Cluster set's affinity
+/// entries, and every other set at its own: a Service port's two sets share a client's
+/// affinity, as kube-proxy's per-endpoint affinity is shared by its Cluster and Local chains.
+/// A set id taken in this plan is always written (its entry may be left from before a crash).
+/// Written before the frontends that read it.
+fn share_affinity(names: &BTreeSet<SetName>, current: &mut Programmed, plan: &mut Plan) {
+    let both: BTreeSet<SetName> = names
+        .iter()
+        .flat_map(|n| [n.clone(), n.sibling()])
+        .collect();
+    for name in both {
+        let Some(id) = current.sets.get(&name).map(|s| s.id) else {
+            continue;
+        };
+        let wanted = match name.kind {
+            SetKind::Local => current.sets.get(&name.sibling()).map_or(0, |s| s.id),
+            SetKind::Cluster => 0,
+        };
+        let programmed = current.affinity_scopes.get(&id).copied().unwrap_or(0);
+        if wanted == programmed && !plan.stats_reset.contains(&id) {
+            continue;
+        }
+        if wanted == 0 {
+            current.affinity_scopes.remove(&id);
+        } else {
+            current.affinity_scopes.insert(id, wanted);
+        }
+        plan.affinity_scopes.push((id, wanted));
+    }
+}
+
 /// Removes a set nothing uses any more: its table, its backends' references, its affinity.
 fn release_set(name: &SetName, old: &SetState, current: &mut Programmed, plan: &mut Plan) {
     if old.table_size > 0 {
         plan.tables_removed.push(old.id);
+    }
+    if current.affinity_scopes.remove(&old.id).is_some() {
+        plan.affinity_scopes.push((old.id, 0));
     }
     for b in old.members.iter() {
         if b.selectable()

@@ -128,6 +128,9 @@ pub struct Programmed {
     /// Set ids found holding a Maglev table at start that no desired set took over: removed by
     /// the first full plan, once the frontends that might use them are re-pointed.
     pub orphan_tables: BTreeSet<u32>,
+    /// `LB_AFFINITY_SCOPE`'s non-zero entries: Local set id -> the id of its Cluster set, whose
+    /// affinity entries it shares.
+    pub affinity_scopes: BTreeMap<u32, u32>,
     pub backend_ids: IdAlloc,
     pub set_ids: IdAlloc,
     pub range_ids: IdAlloc,

@@ -327,3 +327,69 @@ fn udp_flows_are_flushed_only_when_their_backend_stops_serving() {
     t.sets.insert(tcp_name, [backend(11, 1)].as_slice().into());
     assert!(full(&t, &mut p).udp_flow_purge.is_empty());
 }
+
+/// A Service port's Local set shares its Cluster set's affinity entries (kube-proxy keeps
+/// affinity per endpoint, for both of its chains): its scope entry names the Cluster set while
+/// both exist, and an endpoint leaving the Local set's new flows purges the shared entries.
+#[test]
+fn a_local_set_shares_its_cluster_sets_affinity() {
+    let mut d = desired(&[(1, &[backend(11, 1), backend(12, 1)])]);
+    let local = set("svc1", SetKind::Local);
+    d.sets.insert(
+        local.clone(),
+        [backend(11, 1), backend(12, 1)].as_slice().into(),
+    );
+    let key = FrontendKey::new(
+        Ipv4Addr::new(192, 168, 0, 2),
+        30_080,
+        proto::TCP,
+        scope::EXTERNAL,
+    );
+    d.frontends.insert(
+        key,
+        DesiredFrontend {
+            key,
+            kind: FrontendKind::NodePort,
+            set: local.clone(),
+            drop_when_empty: true,
+            affinity_timeout_s: 60,
+            source_ranges: Vec::new(),
+        },
+    );
+    let mut p = Programmed::default();
+    let first = full(&d, &mut p);
+    let (cluster_id, local_id) = (p.sets[&set("svc1", SetKind::Cluster)].id, p.sets[&local].id);
+    assert!(
+        first.affinity_scopes.contains(&(local_id, cluster_id)),
+        "{first:?}"
+    );
+    assert!(
+        first.affinity_scopes.contains(&(cluster_id, 0)),
+        "new ids are written"
+    );
+    assert!(full(&d, &mut p).is_empty(), "nothing more to write");
+
+    // Backend 12 stops taking new flows in the Local set only: the shared entries are purged.
+    d.sets.insert(
+        local.clone(),
+        [backend(11, 1), backend(12, 0)].as_slice().into(),
+    );
+    let next = full(&d, &mut p);
+    let twelve = p.backends[&backend(12, 1).addr].id;
+    assert_eq!(next.affinity_purge, [(cluster_id, twelve)]);
+
+    // The Cluster set goes: the Local set reads its own entries again.
+    let cluster_frontends: Vec<FrontendKey> = d
+        .frontends
+        .iter()
+        .filter(|(_, f)| f.set.kind == SetKind::Cluster)
+        .map(|(k, _)| *k)
+        .collect();
+    for k in cluster_frontends {
+        d.frontends.remove(&k);
+    }
+    d.sets.remove(&set("svc1", SetKind::Cluster));
+    let next = full(&d, &mut p);
+    assert!(next.affinity_scopes.contains(&(local_id, 0)), "{next:?}");
+    assert!(p.affinity_scopes.is_empty());
+}

@@ -235,5 +235,12 @@ pub fn text(d: &Dump) -> String {
         }
         section(&mut out, names::LB_DIRECT_NAT, rows.len(), t);
     }
+    if let Some(rows) = &d.affinity_scope {
+        let mut t = table(&["set", "shares the affinity of set"]);
+        for r in rows {
+            t.add_row(vec![r.set_id.to_string(), r.shares_set_id.to_string()]);
+        }
+        section(&mut out, names::LB_AFFINITY_SCOPE, rows.len(), t);
+    }
     out
 }

@@ -1,7 +1,7 @@
 //! `lbctl maps dump`: every map (or those asked for), each decoded into rows.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -39,11 +39,12 @@ pub enum MapKind {
     Config,
     Answers,
     DirectNat,
+    AffinityScope,
 }
 
 impl MapKind {
     /// In the order of `lb_common::maps::ALL`.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Addrs,
         Self::Services,
         Self::Backends,
@@ -57,6 +58,7 @@ impl MapKind {
         Self::Config,
         Self::Answers,
         Self::DirectNat,
+        Self::AffinityScope,
     ];
 
     /// The map's name (its pin name and its key in the dump's JSON).
@@ -75,6 +77,7 @@ impl MapKind {
             Self::Config => names::LB_CONFIG,
             Self::Answers => names::LB_ANSWERS,
             Self::DirectNat => names::LB_DIRECT_NAT,
+            Self::AffinityScope => names::LB_AFFINITY_SCOPE,
         }
     }
 
@@ -94,6 +97,7 @@ impl MapKind {
             Self::Config => "config",
             Self::Answers => "answers",
             Self::DirectNat => "direct",
+            Self::AffinityScope => "affinity-scope",
         }
     }
 
@@ -226,6 +230,14 @@ pub struct DirectNatRow {
     pub remapped_before: bool,
 }
 
+/// A row of `LB_AFFINITY_SCOPE`: a set that shares another's affinity entries (a Service
+/// port's Local set, sharing its Cluster set's). Sets of the installed frontends only.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AffinityScopeRow {
+    pub set_id: u32,
+    pub shares_set_id: u32,
+}
+
 /// A row of `LB_FRAGS`: the ports of a fragmented datagram.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FragRow {
@@ -293,6 +305,8 @@ pub struct Dump {
     /// One row.
     #[serde(rename = "LB_DIRECT_NAT", skip_serializing_if = "Option::is_none")]
     pub direct_nat: Option<Vec<DirectNatRow>>,
+    #[serde(rename = "LB_AFFINITY_SCOPE", skip_serializing_if = "Option::is_none")]
+    pub affinity_scope: Option<Vec<AffinityScopeRow>>,
 }
 
 /// Reads the maps in `kinds` (every map when empty). `full` keeps every Maglev slot.
@@ -300,8 +314,10 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
     let want = |k: MapKind| kinds.is_empty() || kinds.contains(&k);
     let now = predict::coarse_now_ns();
     let mut out = Dump::default();
-    let needs_services =
-        want(MapKind::Services) || want(MapKind::Maglev) || want(MapKind::Affinity);
+    let needs_services = want(MapKind::Services)
+        || want(MapKind::Maglev)
+        || want(MapKind::Affinity)
+        || want(MapKind::AffinityScope);
     let services = if needs_services {
         rows::read_services(maps)?
     } else {
@@ -369,6 +385,9 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
         out.direct_nat = Some(vec![DirectNatRow {
             remapped_before: seen != 0,
         }]);
+    }
+    if want(MapKind::AffinityScope) {
+        out.affinity_scope = Some(read_affinity_scope(maps, &services)?);
     }
     Ok(out)
 }
@@ -487,6 +506,27 @@ fn read_frags(maps: &Maps) -> Result<Vec<FragRow>, MapsError> {
         );
     }
     Ok(rows.into_values().collect())
+}
+
+fn read_affinity_scope(
+    maps: &Maps,
+    services: &[(FrontendKey, Frontend)],
+) -> Result<Vec<AffinityScopeRow>, MapsError> {
+    let sets: BTreeSet<u32> = services.iter().map(|(_, f)| f.set_id).collect();
+    let mut rows = Vec::new();
+    for set_id in sets {
+        let shares_set_id = maps
+            .affinity_scope
+            .get(&set_id, 0)
+            .map_err(map_err(names::LB_AFFINITY_SCOPE))?;
+        if shares_set_id != 0 {
+            rows.push(AffinityScopeRow {
+                set_id,
+                shares_set_id,
+            });
+        }
+    }
+    Ok(rows)
 }
 
 fn read_affinity(
