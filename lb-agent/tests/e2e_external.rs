@@ -13,439 +13,13 @@ use std::{
     collections::BTreeSet,
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddrV4},
-    time::{Duration, Instant},
 };
 
+use common::external::*;
 use lb_testbed::{
-    Agents, Cluster, SourceDir, Wiring,
-    manifests::{
-        Endpoint, EndpointSliceManifest, Protocol, ServiceManifest, ServicePort, ServiceType,
-        TrafficPolicy, documents,
-    },
+    Wiring,
     server::{self, Held},
 };
-
-const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
-const TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a dropped connection attempt is given before it counts as dropped.
-const DROPPED: Duration = Duration::from_millis(800);
-
-const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
-const LB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
-const EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
-const SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
-/// `bulk`: served by `web-1` alone (node-1), so that each way in reaches a backend known to be
-/// local or remote: its NodePort through node-1 (local) and node-0 (remote, source-NATed), a
-/// LoadBalancer IP routed to each node, an externalIP routed to node-0.
-const BULK: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
-const BULK_NODE_PORT: u16 = 30_085;
-const BULK_LB_REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
-const BULK_LB_LOCAL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 31);
-const BULK_EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 32);
-/// Bytes each bulk transfer moves, each way.
-const BULK_BYTES: u64 = 16 << 20;
-const LB_INGRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
-const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
-/// A second address of the external client, outside the LoadBalancer's source ranges.
-const OUTSIDER: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 3);
-const HEALTH_CHECK_PORT: u16 = 32_001;
-
-/// The bed: two nodes, a hostnames pod on each (`web-0`, `web-1`, port 8080), a client pod on
-/// each (`client-0`, `client-1`), the services below, and an agent per node.
-struct Bed {
-    // Dropped first: the agents stop before the namespaces go.
-    agents: Agents,
-    source: SourceDir,
-    cluster: Cluster,
-    web: [Ipv4Addr; 2],
-}
-
-/// `web`: NodePort 30080 over TCP and UDP, served by `endpoints`.
-fn web_yaml(endpoints: &[Endpoint]) -> String {
-    documents([
-        ServiceManifest::new("web", WEB)
-            .service_type(ServiceType::NodePort)
-            .port(ServicePort::tcp("http", 80, 8080).node_port(30_080))
-            .port(ServicePort::udp("echo", 80, 8080).node_port(30_080))
-            .yaml(),
-        slice(
-            "web",
-            &[("http", Protocol::Tcp), ("echo", Protocol::Udp)],
-            endpoints,
-        ),
-    ])
-}
-
-/// `local`: a LoadBalancer with externalTrafficPolicy Local (NodePort 30081, health checks on
-/// `HEALTH_CHECK_PORT`), served by `endpoint`.
-fn local_yaml(endpoint: Endpoint) -> String {
-    documents([
-        ServiceManifest::new("local", LOCAL)
-            .service_type(ServiceType::LoadBalancer)
-            .port(ServicePort::tcp("http", 80, 8080).node_port(30_081))
-            .external_traffic_policy(TrafficPolicy::Local)
-            .health_check_node_port(HEALTH_CHECK_PORT)
-            .yaml(),
-        slice("local", &[("http", Protocol::Tcp)], &[endpoint]),
-    ])
-}
-
-fn slice(service: &str, ports: &[(&str, Protocol)], endpoints: &[Endpoint]) -> String {
-    let mut slice = EndpointSliceManifest::new(service);
-    for (name, protocol) in ports {
-        slice = slice.port(name, 8080, *protocol);
-    }
-    for endpoint in endpoints {
-        slice = slice.endpoint(endpoint.clone());
-    }
-    slice.yaml()
-}
-
-/// Runs `test` on a fresh bed of each wiring, with `agent_args` on every agent.
-fn on_each_wiring(agent_args: &[&str], test: impl Fn(&Bed)) {
-    for wiring in [Wiring::NicLike, Wiring::VethDefaults] {
-        let Some(bed) = Bed::new(wiring, agent_args) else {
-            return;
-        };
-        eprintln!("--- wiring {wiring:?}");
-        test(&bed);
-    }
-}
-
-impl Bed {
-    /// The bed, wired as `wiring` says, with `agent_args` on every agent.
-    fn new(wiring: Wiring, agent_args: &[&str]) -> Option<Self> {
-        if !common::require_privileges() {
-            return None;
-        }
-        let mut cluster = Cluster::wired(2, wiring).expect("cluster");
-        let web = [
-            cluster.add_hostnames_pod(0, "web-0", 8080).unwrap(),
-            cluster.add_hostnames_pod(1, "web-1", 8080).unwrap(),
-        ];
-        cluster.add_pod(0, "client-0").unwrap();
-        cluster.add_pod(1, "client-1").unwrap();
-        cluster
-            .client_route(&format!("{LB_INGRESS}/32"), 0)
-            .unwrap();
-        cluster
-            .client_route(&format!("{EXTERNAL_IP}/32"), 1)
-            .unwrap();
-        // The service range routed to a node, as a router or BGP would: `web`'s ClusterIP.
-        cluster.client_route(&format!("{WEB}/32"), 0).unwrap();
-        for (ip, node) in [
-            (BULK_LB_REMOTE, 0),
-            (BULK_LB_LOCAL, 1),
-            (BULK_EXTERNAL_IP, 0),
-        ] {
-            cluster.client_route(&format!("{ip}/32"), node).unwrap();
-        }
-        cluster.add_client_ip(OUTSIDER).unwrap();
-
-        let on = |i: usize| Endpoint::ready(web[i], cluster.node_name(i));
-        let http = [("http", Protocol::Tcp)];
-        let source = SourceDir::new().unwrap();
-        for (file, yaml) in [
-            ("nodes.yaml", cluster.node_manifests()),
-            ("web.yaml", web_yaml(&[on(0), on(1)])),
-            ("local.yaml", local_yaml(on(1))),
-            (
-                "lb.yaml",
-                documents([
-                    ServiceManifest::new("lb", LB)
-                        .service_type(ServiceType::LoadBalancer)
-                        .port(ServicePort::tcp("http", 80, 8080).node_port(30_082))
-                        .ingress_ip(LB_INGRESS)
-                        .external_ip(EXTERNAL_IP)
-                        .source_range(&format!("{}/32", cluster.client_ip()))
-                        .yaml(),
-                    slice("lb", &http, &[on(0), on(1)]),
-                ]),
-            ),
-            (
-                "empty.yaml",
-                ServiceManifest::new("empty", EMPTY)
-                    .service_type(ServiceType::NodePort)
-                    .port(ServicePort::tcp("http", 80, 8080).node_port(30_083))
-                    .port(ServicePort::udp("echo", 80, 8080).node_port(30_083))
-                    .yaml(),
-            ),
-            (
-                "self.yaml",
-                documents([
-                    ServiceManifest::new("self", SELF)
-                        .service_type(ServiceType::NodePort)
-                        .port(ServicePort::tcp("http", 80, 8080).node_port(30_084))
-                        .yaml(),
-                    slice("self", &http, &[on(0)]),
-                ]),
-            ),
-            (
-                "bulk.yaml",
-                documents([
-                    ServiceManifest::new("bulk", BULK)
-                        .service_type(ServiceType::LoadBalancer)
-                        .port(ServicePort::tcp("http", 80, 8080).node_port(BULK_NODE_PORT))
-                        .ingress_ip(BULK_LB_REMOTE)
-                        .ingress_ip(BULK_LB_LOCAL)
-                        .external_ip(BULK_EXTERNAL_IP)
-                        .yaml(),
-                    slice("bulk", &http, &[on(1)]),
-                ]),
-            ),
-        ] {
-            source.write(file, &yaml).unwrap();
-        }
-        let agent_args: Vec<String> = agent_args.iter().map(|a| (*a).to_owned()).collect();
-        let agents =
-            Agents::start(&cluster, AGENT.as_ref(), source.path(), &agent_args).expect("agents");
-        Some(Self {
-            agents,
-            source,
-            cluster,
-            web,
-        })
-    }
-
-    fn logs(&self) -> String {
-        (0..2)
-            .map(|i| format!("--- node-{i}:\n{}", self.agents.log(i)))
-            .collect()
-    }
-
-    /// The endpoint of `web-<i>` on its node.
-    fn endpoint(&self, i: usize) -> Endpoint {
-        Endpoint::ready(self.web[i], self.cluster.node_name(i))
-    }
-
-    /// `n` HTTP requests over new connections from the external client (from `local`, or its
-    /// first address); the (backend name, client address it saw) of each answer.
-    fn ask_from_outside(
-        &self,
-        addr: SocketAddrV4,
-        n: usize,
-        local: Option<Ipv4Addr>,
-    ) -> Vec<(String, Ipv4Addr)> {
-        self.cluster
-            .client()
-            .enter(move || {
-                (0..n)
-                    .map(|_| match local {
-                        Some(local) => server::http_get_from(local, addr, TIMEOUT),
-                        None => server::http_get(addr, TIMEOUT),
-                    })
-                    .map(|answer| parse(&answer.expect("answer")))
-                    .collect()
-            })
-            .unwrap()
-    }
-
-    /// `n` HTTP requests over new connections from pod `pod`.
-    fn ask_from_pod(&self, pod: &str, addr: SocketAddrV4, n: usize) -> Vec<(String, Ipv4Addr)> {
-        self.cluster
-            .pod(pod)
-            .ns
-            .enter(move || {
-                (0..n)
-                    .map(|_| parse(&server::http_get(addr, TIMEOUT).expect("answer")))
-                    .collect()
-            })
-            .unwrap()
-    }
-
-    /// How a TCP connection attempt from the external client (from `local`) ends.
-    fn connect_outcome(&self, addr: SocketAddrV4, local: Option<Ipv4Addr>) -> Outcome {
-        self.cluster
-            .client()
-            .enter(move || {
-                let started = Instant::now();
-                let result = match local {
-                    Some(local) => server::connect_from(local, addr, DROPPED).map(drop),
-                    None => std::net::TcpStream::connect_timeout(&addr.into(), DROPPED)
-                        .map(drop)
-                        .map_err(anyhow::Error::from),
-                };
-                outcome(result, started)
-            })
-            .unwrap()
-    }
-
-    /// The health check answer of node `node` (status, body), asked from the external client.
-    fn health_check(&self, node: usize) -> (u16, String) {
-        let addr = SocketAddrV4::new(self.cluster.node_ip(node), HEALTH_CHECK_PORT);
-        self.cluster
-            .client()
-            .enter(move || server::http_request(addr, "/healthz", TIMEOUT))
-            .unwrap()
-            .expect("health check answer")
-    }
-
-    fn wait_until(&self, what: &str, check: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if check() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(
-            check(),
-            "{what}: not within 5 s; agent logs:\n{}",
-            self.logs()
-        );
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Outcome {
-    Connected,
-    /// Refused at once (a reset, or ICMP port unreachable).
-    Refused,
-    /// Nothing came back.
-    Dropped,
-}
-
-fn outcome(result: anyhow::Result<()>, started: Instant) -> Outcome {
-    match result {
-        Ok(()) => Outcome::Connected,
-        Err(e) => {
-            let io = e.root_cause().downcast_ref::<std::io::Error>();
-            // A non-blocking connect that timed out reports "still in progress".
-            if io.and_then(std::io::Error::raw_os_error) == Some(libc::EINPROGRESS) {
-                return Outcome::Dropped;
-            }
-            match io.map(std::io::Error::kind) {
-                Some(ErrorKind::ConnectionRefused) => {
-                    assert!(
-                        started.elapsed() < DROPPED,
-                        "refused, but only after {:?}",
-                        started.elapsed()
-                    );
-                    Outcome::Refused
-                }
-                Some(ErrorKind::TimedOut | ErrorKind::WouldBlock) => Outcome::Dropped,
-                _ => panic!("unexpected connection error: {e:#}"),
-            }
-        }
-    }
-}
-
-/// A hostnames answer: "<name> <client addr:port>".
-fn parse(answer: &str) -> (String, Ipv4Addr) {
-    let mut words = answer.split_whitespace();
-    let name = words.next().unwrap_or_default().to_owned();
-    let client: SocketAddrV4 = words
-        .next()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no client address in {answer:?}"));
-    (name, *client.ip())
-}
-
-fn names(answers: &[(String, Ipv4Addr)]) -> BTreeSet<&str> {
-    answers.iter().map(|(n, _)| n.as_str()).collect()
-}
-
-fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(ip, port)
-}
-
-#[test]
-fn cluster_ips_from_pods_on_both_nodes_reach_backends_on_both_with_the_client_address_kept() {
-    on_each_wiring(&[], |bed| {
-        for pod in ["client-0", "client-1"] {
-            let own = bed.cluster.pod(pod).ip;
-            let answers = bed.ask_from_pod(pod, sock(WEB, 80), 30);
-            assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]), "{pod}");
-            assert!(
-                answers.iter().all(|(_, client)| *client == own),
-                "{pod} ({own}) is seen as itself: {answers:?}"
-            );
-        }
-    });
-}
-
-/// A ClusterIP reached from outside (the service range routed to node-0), as kube-proxy serves
-/// it: its backends on both nodes answer from the ClusterIP (the connections would not open
-/// otherwise); the one on node-0 sees the client, the one on node-1 sees node-0, which
-/// source-NATed the flow as it does an external flow to a NodePort.
-#[test]
-fn cluster_ips_reached_from_outside_are_served_and_source_natted_like_node_ports() {
-    on_each_wiring(&[], |bed| {
-        let (client, node_0) = (bed.cluster.client_ip(), bed.cluster.node_ip(0));
-        let answers = bed.ask_from_outside(sock(WEB, 80), 30, None);
-        assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
-        for (name, seen) in &answers {
-            let expected = if name == "web-0" { client } else { node_0 };
-            assert_eq!(*seen, expected, "{name}");
-        }
-        let addr = sock(WEB, 80);
-        let udp: Vec<(String, Ipv4Addr)> = bed
-            .cluster
-            .client()
-            .enter(move || {
-                (0..20)
-                    .map(|i| {
-                        parse(&server::udp_request(addr, 42_000 + i, TIMEOUT).expect("UDP answer"))
-                    })
-                    .collect()
-            })
-            .unwrap();
-        assert_eq!(names(&udp), BTreeSet::from(["web-0", "web-1"]), "UDP");
-        // A port the ClusterIP does not serve is still refused.
-        assert_eq!(bed.connect_outcome(sock(WEB, 81), None), Outcome::Refused);
-    });
-}
-
-/// `--external-cluster-ips=false`: a ClusterIP refuses clients outside the cluster, as before
-/// this was served; pods keep reaching it.
-#[test]
-fn cluster_ips_can_be_closed_to_clients_outside_the_cluster() {
-    on_each_wiring(&["--external-cluster-ips=false"], |bed| {
-        assert_eq!(bed.connect_outcome(sock(WEB, 80), None), Outcome::Refused);
-        let answers = bed.ask_from_pod("client-0", sock(WEB, 80), 10);
-        assert!(!answers.is_empty());
-    });
-}
-
-/// `--masquerade-all`, as kube-proxy's: every balanced flow reaches its backend from the node
-/// it entered (its SNAT address), also an external flow to a backend on that node and a pod's
-/// flow to a ClusterIP, whichever node the backend runs on; answers still come from the
-/// frontend. Without it (the other tests) only external flows to other nodes' backends are.
-#[test]
-fn masquerade_all_shows_every_backend_the_node_as_its_client() {
-    on_each_wiring(&["--masquerade-all"], |bed| {
-        let node_0 = bed.cluster.node_ip(0);
-        for (what, answers) in [
-            (
-                "NodePort",
-                bed.ask_from_outside(sock(node_0, 30_080), 30, None),
-            ),
-            (
-                "ClusterIP from outside",
-                bed.ask_from_outside(sock(WEB, 80), 30, None),
-            ),
-            (
-                "ClusterIP from client-0",
-                bed.ask_from_pod("client-0", sock(WEB, 80), 30),
-            ),
-        ] {
-            assert_eq!(
-                names(&answers),
-                BTreeSet::from(["web-0", "web-1"]),
-                "{what}"
-            );
-            assert!(
-                answers.iter().all(|(_, seen)| *seen == node_0),
-                "{what}: every backend sees node-0 ({node_0}): {answers:?}"
-            );
-        }
-        // A pod balanced to itself keeps the hairpin address.
-        let hairpin = Ipv4Addr::from(lb_common::maps::hairpin::DEFAULT_ADDR);
-        let answers = bed.ask_from_pod("web-0", sock(SELF, 80), 3);
-        assert!(answers.iter().all(|(_, c)| *c == hairpin), "{answers:?}");
-    });
-}
 
 #[test]
 fn node_ports_from_outside_reach_every_backend_through_every_node_over_tcp_and_udp() {
@@ -494,27 +68,6 @@ fn node_ports_from_outside_reach_every_backend_through_every_node_over_tcp_and_u
     });
 }
 
-/// This HTTP server closes first, as many do, so it holds every source-NATed connection in
-/// TIME_WAIT on (node address, SNAT port) for a minute. With 8 SNAT ports, a client connecting
-/// again and again and then another client are all served: ports in TIME_WAIT serve new
-/// connections (some after a quick SYN retransmission, when TIME_WAIT finds the SYN's
-/// timestamp older), while a port held by a live connection never does.
-#[test]
-fn source_nat_ports_in_time_wait_keep_serving_new_connections() {
-    on_each_wiring(&["--snat-ports", "61000-61007"], |bed| {
-        let node_ip = bed.cluster.node_ip(0);
-        let via_node_0 = sock(node_ip, 30_080);
-        let answers = bed.ask_from_outside(via_node_0, 80, None);
-        let snatted = answers.iter().filter(|(_, seen)| *seen == node_ip).count();
-        assert!(
-            snatted > 20,
-            "{snatted} of 80 connections went to the other node's backend"
-        );
-        let answers = bed.ask_from_outside(via_node_0, 40, Some(OUTSIDER));
-        assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
-    });
-}
-
 #[test]
 fn external_traffic_policy_local_keeps_the_client_drops_elsewhere_and_health_checks_follow() {
     on_each_wiring(&[], |bed| {
@@ -539,6 +92,13 @@ fn external_traffic_policy_local_keeps_the_client_drops_elsewhere_and_health_che
 
         let (status, body) = bed.health_check(1);
         assert_eq!(status, 200, "{body}");
+        // Unset --nodeport-addresses selects every address: the server listens on all of them,
+        // loopback included, as kube-proxy's does.
+        assert_eq!(
+            bed.health_check_on_node(1, Ipv4Addr::LOCALHOST)
+                .map(|a| a.0),
+            Some(200)
+        );
         // kube-proxy's body, tab-indented.
         assert!(body.contains("\t\"localEndpoints\": 1,\n"), "{body}");
         assert!(body.contains("\t\t\"name\": \"local\"\n"), "{body}");
@@ -562,6 +122,31 @@ fn external_traffic_policy_local_keeps_the_client_drops_elsewhere_and_health_che
         );
         assert_eq!(bed.connect_outcome(via(1), None), Outcome::Dropped);
     });
+}
+
+/// Issue 13 items 5 and 7: with `--nodeport-addresses primary` (kube-proxy's nftables
+/// default), NodePorts and healthCheckNodePorts are served on the node's primary address only,
+/// as kube-proxy binds them: the health check answers there and nothing listens on loopback.
+#[test]
+fn with_primary_node_port_addresses_health_checks_listen_on_the_node_address_only() {
+    let Some(bed) = Bed::new(Wiring::VethDefaults, &["--nodeport-addresses", "primary"]) else {
+        return;
+    };
+    let node_ip = bed.cluster.node_ip(1);
+    let (status, body) = bed.health_check(1);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        bed.health_check_on_node(1, node_ip).map(|a| a.0),
+        Some(200),
+        "on the node address, from the node"
+    );
+    assert_eq!(
+        bed.health_check_on_node(1, Ipv4Addr::LOCALHOST),
+        None,
+        "nothing on loopback"
+    );
+    let answers = bed.ask_from_outside(sock(node_ip, 30_081), 5, None);
+    assert!(answers.iter().all(|(n, _)| n == "web-1"), "{answers:?}");
 }
 
 #[test]

@@ -2,4 +2,5 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 pub mod agent;
+pub mod external;
 pub use lb_testbed::privileges::require as require_privileges;
