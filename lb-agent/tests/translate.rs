@@ -519,36 +519,57 @@ fn topology_hints_narrow_the_cluster_set_with_kube_proxys_fallbacks() {
     let zonal = r.frontend("172.30.0.100", 80, TCP, IN);
     assert_eq!(r.selectable(zonal), ["10.180.0.1:80", "10.180.2.1:80"]);
     assert_eq!(r.backends(zonal).len(), 5);
-    // The same set from inside the node on the NodePort; externalTrafficPolicy Local from
-    // outside: this node's endpoints, topology aside.
-    assert_eq!(
-        r.selectable(r.frontend("192.168.0.2", 3100, TCP, IN)),
-        ["10.180.0.1:80", "10.180.2.1:80"]
-    );
-    assert_eq!(
-        r.selectable(r.frontend("192.168.0.2", 3100, TCP, EXT)),
-        ["10.180.0.1:80"]
-    );
-    // A ready endpoint without hints: every endpoint.
-    assert_eq!(
-        r.selectable(r.frontend("172.30.0.101", 80, TCP, IN)),
-        ["10.180.0.2:80", "10.180.1.2:80"]
-    );
-    // No hint for this zone: every endpoint.
-    assert_eq!(
-        r.selectable(r.frontend("172.30.0.102", 80, TCP, IN)),
-        ["10.180.1.3:80", "10.180.3.3:80"]
-    );
-    // Node hints for this node win over zone hints (PreferSameNode).
-    assert_eq!(
-        r.selectable(r.frontend("172.30.0.103", 80, TCP, IN)),
-        ["10.180.0.4:80"]
-    );
-    // internalTrafficPolicy Local: this node's endpoint, though hinted for another zone.
-    assert_eq!(
-        r.selectable(r.frontend("172.30.0.104", 80, TCP, IN)),
-        ["10.180.0.5:80"]
-    );
+    // Each frontend with the endpoints that take its new flows, and why.
+    for (addr, port, flow_scope, want, why) in [
+        (
+            "192.168.0.2",
+            3100,
+            IN,
+            &["10.180.0.1:80", "10.180.2.1:80"][..],
+            "the same set from inside the node on the NodePort",
+        ),
+        (
+            "192.168.0.2",
+            3100,
+            EXT,
+            &["10.180.0.1:80"],
+            "externalTrafficPolicy Local from outside: this node's, topology aside",
+        ),
+        (
+            "172.30.0.101",
+            80,
+            IN,
+            &["10.180.0.2:80", "10.180.1.2:80"],
+            "a ready endpoint without hints: every endpoint",
+        ),
+        (
+            "172.30.0.102",
+            80,
+            IN,
+            &["10.180.1.3:80", "10.180.3.3:80"],
+            "no hint for this zone: every endpoint",
+        ),
+        (
+            "172.30.0.103",
+            80,
+            IN,
+            &["10.180.0.4:80"],
+            "node hints for this node win over zone hints (PreferSameNode)",
+        ),
+        (
+            "172.30.0.104",
+            80,
+            IN,
+            &["10.180.0.5:80"],
+            "internalTrafficPolicy Local: this node's, though hinted for another zone",
+        ),
+    ] {
+        assert_eq!(
+            r.selectable(r.frontend(addr, port, TCP, flow_scope)),
+            want,
+            "{why}"
+        );
+    }
 }
 
 /// Without a zone label on the Node, zone hints are ignored.
