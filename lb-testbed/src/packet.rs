@@ -444,6 +444,37 @@ pub fn assert_frame_eq(actual: &[u8], expected: &[u8], what: &str) {
     }
 }
 
+/// A raw IPv4 socket for SCTP (protocol 132), which needs no SCTP support in the kernel (this
+/// host's kernel has no sctp module: SCTP sockets fail with EPROTONOSUPPORT). What it receives
+/// starts with the IPv4 header; what it sends is the SCTP packet, the kernel adding the IPv4
+/// header. `timeout` bounds each receive.
+pub fn sctp_raw_socket(timeout: std::time::Duration) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::from(libc::SOCK_RAW),
+        Some(socket2::Protocol::from(i32::from(SCTP))),
+    )?;
+    socket.set_read_timeout(Some(timeout))?;
+    Ok(socket)
+}
+
+/// Receives the next IPv4 packet from a raw socket: (source, destination, the IP payload).
+pub fn raw_recv(socket: &socket2::Socket) -> std::io::Result<(Ipv4Addr, Ipv4Addr, Vec<u8>)> {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    let n = socket.recv(&mut buf)?;
+    // SAFETY: `recv` initialised the first `n` bytes.
+    let bytes: Vec<u8> = buf[..n]
+        .iter()
+        .map(|b| unsafe { b.assume_init() })
+        .collect();
+    let header_len = usize::from(bytes.first().copied().unwrap_or(0) & 0x0f) * 4;
+    if n < header_len.max(20) {
+        return Err(std::io::Error::other(format!("short packet of {n} bytes")));
+    }
+    let addr = |at: usize| Ipv4Addr::new(bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]);
+    Ok((addr(12), addr(16), bytes[header_len..].to_vec()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
