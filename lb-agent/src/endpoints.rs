@@ -18,7 +18,10 @@
 //!   zone hints and one names this node's zone, those (`PreferClose`, `PreferSameZone`); else
 //!   every endpoint. kube-proxy reads only the hints, not the Service's fields, and so do we.
 
-use std::{collections::BTreeMap, net::SocketAddrV4};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+};
 
 use lb_datapath::model::DesiredBackend;
 
@@ -150,6 +153,19 @@ pub fn for_port(
         }
     }
     merged.into_values().collect()
+}
+
+/// Keeps the endpoints on `port` only, for a protocol the datapath balances without rewriting
+/// ports (SCTP: `lb_common::net::proto::rewrites_ports`), and returns the ports of those left
+/// out (their resolved targetPort differs from the frontend's port).
+pub fn keep_on_port(endpoints: &mut Vec<Endpoint>, port: u16) -> BTreeSet<u16> {
+    let left_out = endpoints
+        .iter()
+        .map(|e| e.addr.port())
+        .filter(|p| *p != port)
+        .collect();
+    endpoints.retain(|e| e.addr.port() == port);
+    left_out
 }
 
 /// How the cluster set is narrowed by topology hints.

@@ -76,8 +76,9 @@ pub(crate) fn parse_proto(p: Option<&str>) -> Result<u8, String> {
     match p.unwrap_or("TCP") {
         "TCP" => Ok(proto::TCP),
         "UDP" => Ok(proto::UDP),
+        "SCTP" => Ok(proto::SCTP),
         other => Err(format!(
-            "protocol {other} is not supported (TCP and UDP are)"
+            "protocol {other} is not supported (TCP, UDP and SCTP are)"
         )),
     }
 }
@@ -114,6 +115,20 @@ fn source_ranges(
         }
     }
     Ok(nets)
+}
+
+/// A note about a part of an SCTP port left unserved: the datapath balances SCTP without
+/// rewriting ports (its CRC32c covers the whole packet and is not recomputed), so a frontend
+/// serves only the endpoints on its own port, and a NodePort only when it equals the port.
+fn sctp_note(object: &ObjectKey, what: String) -> Problem {
+    Problem {
+        object: object.clone(),
+        reason: format!(
+            "{what}: SCTP is balanced without rewriting ports, so only endpoints on the \
+             frontend's own port serve it"
+        ),
+        error: false,
+    }
 }
 
 /// Translates one Service and its EndpointSlices. `None` when the service is ignored or invalid
@@ -242,6 +257,8 @@ pub fn service(
     // healthCheckNodePort counts local ready endpoints by address over every port.
     let mut local_ready_addrs = BTreeSet::new();
     let mut seen_ports = BTreeSet::new();
+    // SCTP ports, and those of them no endpoint can serve (see `sctp_note`).
+    let (mut sctp_ports, mut sctp_unservable) = (0, 0);
     for port in &spec.ports {
         let port_proto = match parse_proto(port.protocol.as_deref()) {
             Ok(p) => p,
@@ -267,7 +284,22 @@ pub fn service(
                 ))],
             );
         }
-        let endpoints = endpoints::for_port(port, port_proto, slices, node, &mut problems);
+        let mut endpoints = endpoints::for_port(port, port_proto, slices, node, &mut problems);
+        if !proto::rewrites_ports(port_proto) {
+            sctp_ports += 1;
+            let left_out = endpoints::keep_on_port(&mut endpoints, number);
+            if !left_out.is_empty() {
+                sctp_unservable += usize::from(endpoints.is_empty());
+                let ports: Vec<String> = left_out.iter().map(ToString::to_string).collect();
+                problems.push(sctp_note(
+                    &object,
+                    format!(
+                        "port {number}/SCTP: endpoints on targetPort {} left out",
+                        ports.join(", ")
+                    ),
+                ));
+            }
+        }
         let endpoints::Categories {
             cluster,
             local,
@@ -352,6 +384,12 @@ pub fn service(
         // and LoadBalancer Services only).
         if let Some(node_port) = port.node_port.filter(|p| *p != 0) {
             match port_number(node_port, "nodePort") {
+                Ok(np) if !proto::rewrites_ports(port_proto) && np != number => {
+                    problems.push(sctp_note(
+                        &object,
+                        format!("nodePort {np}/SCTP is not port {number}; NodePort skipped"),
+                    ));
+                }
                 Ok(np) => {
                     for &ip in &node.nodeport_addrs {
                         external(ip, np, FrontendKind::NodePort);
@@ -360,6 +398,12 @@ pub fn service(
                 Err(reason) => problems.push(error(format!("{reason}; NodePort skipped"))),
             }
         }
+    }
+    if sctp_ports > 0 && sctp_unservable == sctp_ports {
+        problems.push(sctp_note(
+            &object,
+            "no SCTP port of this Service can be served".to_owned(),
+        ));
     }
     if external_local
         && lb_type

@@ -165,6 +165,7 @@ impl Result {
 
 const TCP: u8 = proto::TCP;
 const UDP: u8 = proto::UDP;
+const SCTP: u8 = proto::SCTP;
 const IN: u8 = scope::INTERNAL;
 const EXT: u8 = scope::EXTERNAL;
 
@@ -196,7 +197,7 @@ fn case_4_cluster_ip_dnat_targets_come_from_the_slices() {
 }
 
 #[test]
-fn case_5_the_same_port_for_tcp_and_udp_goes_to_each_protocols_target() {
+fn case_5_the_same_port_for_tcp_udp_and_sctp_goes_to_each_protocols_target() {
     let r = translate_fixture(&["clusterip.yaml"]);
     assert_eq!(
         r.selectable(r.frontend("172.30.0.10", 53, TCP, IN)),
@@ -206,9 +207,75 @@ fn case_5_the_same_port_for_tcp_and_udp_goes_to_each_protocols_target() {
         r.selectable(r.frontend("172.30.0.10", 53, UDP, IN)),
         ["10.180.0.53:53"]
     );
-    // SCTP is reported and skipped; the other ports work.
-    assert!(r.problem("dns").reason.contains("SCTP"));
-    assert!(!r.problem("dns").error);
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.10", 53, SCTP, IN)),
+        ["10.180.0.53:53"]
+    );
+    assert!(
+        r.problems.iter().all(|p| p.object.name != "dns"),
+        "{:?}",
+        r.problems
+    );
+}
+
+/// Issue 13 item 9: SCTP is served where no port is rewritten. A frontend gets only the
+/// endpoints on its own port; an SCTP NodePort is served only when it equals the port. What is
+/// left out is reported once per Service (notes: the rest is served), and a Service none of
+/// whose SCTP ports can be served is reported as such.
+#[test]
+fn sctp_is_served_only_where_no_port_is_rewritten() {
+    let r = translate_fixture(&["sctp.yaml"]);
+    let s1ap = r.frontend("172.30.0.60", 30412, SCTP, IN);
+    assert_eq!(
+        r.selectable(s1ap),
+        ["10.180.0.60:30412", "10.180.2.60:30412"]
+    );
+    for scope in [IN, EXT] {
+        let np = r.frontend("192.168.0.2", 30412, SCTP, scope);
+        assert_eq!(np.kind, FrontendKind::NodePort);
+    }
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.60", 3868, SCTP, IN)),
+        ["10.180.0.60:3868", "10.180.2.60:3868"]
+    );
+    assert!(!r.has_frontend("192.168.0.2", 31868, SCTP, EXT));
+    assert!(!r.has_frontend("192.168.0.2", 31868, SCTP, IN));
+
+    // targetPort 12905 != port 2905: the frontend has no endpoint (it rejects, as one without
+    // endpoints does) and the Service is reported as unservable.
+    let rewrite = r.frontend("172.30.0.61", 2905, SCTP, IN);
+    assert!(r.selectable(rewrite).is_empty());
+    assert!(!rewrite.drop_when_empty);
+
+    // One pod on the port, one elsewhere: the first serves; TCP on the same number is whole.
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.62", 7000, SCTP, IN)),
+        ["10.180.0.62:7000"]
+    );
+    assert_eq!(
+        r.selectable(r.frontend("172.30.0.62", 7000, TCP, IN)),
+        ["10.180.0.62:8080", "10.180.2.62:8080"]
+    );
+
+    let reasons = |name: &str| -> Vec<&str> {
+        r.problems
+            .iter()
+            .filter(|p| p.object.name == name)
+            .inspect(|p| assert!(!p.error, "{p}"))
+            .map(|p| p.reason.as_str())
+            .collect()
+    };
+    let s1ap = reasons("s1ap");
+    assert_eq!(s1ap.len(), 1, "{s1ap:?}");
+    assert!(s1ap[0].starts_with("nodePort 31868/SCTP is not port 3868; NodePort skipped"));
+    let rewrite = reasons("rewrite");
+    assert_eq!(rewrite.len(), 2, "{rewrite:?}");
+    assert!(rewrite[0].starts_with("port 2905/SCTP: endpoints on targetPort 12905 left out"));
+    assert!(rewrite[1].starts_with("no SCTP port of this Service can be served"));
+    assert!(rewrite[1].contains("without rewriting ports"));
+    let mixed = reasons("mixed");
+    assert_eq!(mixed.len(), 1, "{mixed:?}");
+    assert!(mixed[0].starts_with("port 7000/SCTP: endpoints on targetPort 7001 left out"));
 }
 
 #[test]

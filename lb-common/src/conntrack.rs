@@ -405,6 +405,15 @@ pub mod timeout {
     /// How long after it opened a UDP flow that still sends is a stream (nf_conntrack: 2 s after
     /// the first reply).
     pub const UDP_STREAM_AFTER: u64 = 2 * SECOND_NS;
+    /// An SCTP association, from its first packet: established, idle this long at most. The
+    /// datapath tracks no SCTP chunks (no INIT, SHUTDOWN or ABORT state as it tracks TCP's SYN,
+    /// FIN and RST: chunks are bundled and would have to be walked), so an entry lives by
+    /// traffic only. An idle association still sends a HEARTBEAT on every path every 30 s
+    /// (`hb_interval`) plus its RTO, so its entries stay alive; this is nf_conntrack's
+    /// `sctp_timeout_established` (`hb_interval * path_max_retrans + rto_max`), what kube-proxy
+    /// gives SCTP: an association is not forgotten before it would give up on its path itself,
+    /// and one that ended frees its entries (and its source-NAT reservation) 210 s later.
+    pub const SCTP: u64 = 210 * SECOND_NS;
 }
 
 /// The datapath rewrites an entry's deadline only when it would move by more than this.
@@ -414,10 +423,14 @@ pub const REFRESH_INTERVAL_NS: u64 = 10 * SECOND_NS;
 #[inline(always)]
 pub const fn lifetime(l4_proto: u8, flags: u8) -> u64 {
     if l4_proto != proto::TCP {
-        if flags & ct_flags::ESTABLISHED != 0 {
-            timeout::UDP_STREAM
-        } else {
+        // SCTP entries are established from their first packet (see `initial`): the test of
+        // the protocol costs only established datagram flows, and a UDP stream one compare.
+        if flags & ct_flags::ESTABLISHED == 0 {
             timeout::UDP
+        } else if l4_proto == proto::SCTP {
+            timeout::SCTP
+        } else {
+            timeout::UDP_STREAM
         }
     } else if flags & (ct_flags::RST | ct_flags::PEER_RST) != 0 {
         timeout::TCP_RST
@@ -470,6 +483,10 @@ pub const fn next_datagram_flags(flags: u8, deadline: u64, now: u64) -> u8 {
 pub const fn initial(l4_proto: u8, seg_flags: u8, now: u64) -> (u8, u64) {
     let flags = if l4_proto == proto::TCP {
         next_tcp_flags(0, seg_flags)
+    } else if l4_proto == proto::SCTP {
+        // Established at once: an SCTP entry lives by `timeout::SCTP` alone, and being
+        // established it never takes the datagram rules' stream step (`after_packet`).
+        ct_flags::ESTABLISHED
     } else {
         0
     };
@@ -713,6 +730,33 @@ mod tests {
             after_packet(&entry, proto::UDP, 0, stream),
             Some((ct_flags::ESTABLISHED, stream + timeout::UDP_STREAM))
         );
+    }
+
+    #[test]
+    fn sctp_flows_are_established_from_their_first_packet_and_live_by_their_idle_timeout() {
+        let (flags, deadline) = initial(proto::SCTP, 0, NOW);
+        assert_eq!(
+            (flags, deadline),
+            (ct_flags::ESTABLISHED, NOW + timeout::SCTP)
+        );
+        let entry = CtEntry {
+            deadline_ns: deadline,
+            flags,
+            ..CtEntry::default()
+        };
+        // Within the refresh interval: no write; later, only the deadline moves.
+        assert_eq!(after_packet(&entry, proto::SCTP, 0, NOW + SECOND_NS), None);
+        let later = NOW + REFRESH_INTERVAL_NS;
+        assert_eq!(
+            after_packet(&entry, proto::SCTP, 0, later),
+            Some((ct_flags::ESTABLISHED, later + timeout::SCTP))
+        );
+        // UDP keeps its own rules.
+        assert_eq!(
+            lifetime(proto::UDP, ct_flags::ESTABLISHED),
+            timeout::UDP_STREAM
+        );
+        assert_eq!(initial(proto::UDP, 0, NOW), (0, NOW + timeout::UDP));
     }
 
     #[test]

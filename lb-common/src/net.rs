@@ -97,14 +97,31 @@ pub mod proto {
     pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    /// SCTP: balanced without rewriting its ports. Its checksum (CRC32c) covers the SCTP packet
+    /// only, no pseudo-header, so rewriting addresses leaves it valid; a port change would mean
+    /// computing it again over the whole packet, which the datapath does not do
+    /// ([`rewrites_ports`]).
+    pub const SCTP: u8 = 132;
 
-    /// `TCP` or `UDP` (the protocols frontends serve), else `?`.
+    /// `TCP`, `UDP` or `SCTP` (the protocols frontends serve), else `?`.
     pub const fn name(l4_proto: u8) -> &'static str {
         match l4_proto {
             TCP => "TCP",
             UDP => "UDP",
+            SCTP => "SCTP",
             _ => "?",
         }
+    }
+
+    /// Whether the datapath may give a flow of this protocol other ports than its own: not
+    /// SCTP, whose CRC32c over the whole packet would have to be computed anew (BPF has no
+    /// helper for it, and a per-packet pass over the payload is the cost this datapath avoids).
+    /// Its frontends are programmed only where the backend's port is the frontend's, and a
+    /// source-NATed SCTP flow keeps the client's port. (CRC32c is linear: a port change could
+    /// be patched into it incrementally, from the change and the length after it, as the way
+    /// to port rewriting later.)
+    pub const fn rewrites_ports(l4_proto: u8) -> bool {
+        l4_proto != SCTP
     }
 }
 

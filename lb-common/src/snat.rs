@@ -20,10 +20,11 @@ use crate::{
 
 /// Whether a new flow arriving in `flow_scope` for `backend` must be source-NATed to the node:
 /// it came from outside and the backend runs on another node, or the node masquerades every
-/// flow (`config`, [`NodeConfig::masquerade_all`]). Only TCP and UDP flows are balanced.
+/// flow (`config`, [`NodeConfig::masquerade_all`]). Only TCP, UDP and SCTP flows are balanced
+/// (an SCTP flow keeps its client's port: [`port_range`]).
 #[inline(always)]
 pub const fn needed(flow_scope: u8, backend: &Backend, l4_proto: u8, config: &NodeConfig) -> bool {
-    (l4_proto == proto::TCP || l4_proto == proto::UDP)
+    (l4_proto == proto::TCP || l4_proto == proto::UDP || l4_proto == proto::SCTP)
         && (config.masquerade_all()
             || (flow_scope == scope::EXTERNAL && backend.flags & backend_flags::LOCAL == 0))
 }
@@ -73,15 +74,47 @@ pub const fn reply_key(
     )
 }
 
-/// Whether a packet to `dst_addr:dst_port` may be the reply of a flow source-NATed with
-/// `config`: addressed to its SNAT address, on a port of its range.
+/// Whether a packet of `l4_proto` to `dst_addr:dst_port` may be the reply of a flow
+/// source-NATed with `config`: addressed to its SNAT address, on a port of its range, or on
+/// any port for SCTP, whose source-NATed flows keep their clients' ports ([`port_range`]).
 #[inline(always)]
-pub const fn is_reply_to(config: &NodeConfig, dst_addr: Be32, dst_port: Be16) -> bool {
+pub const fn is_reply_to(
+    config: &NodeConfig,
+    dst_addr: Be32,
+    dst_port: Be16,
+    l4_proto: u8,
+) -> bool {
     let port = dst_port.to_host();
     config.snat_configured()
         && dst_addr.raw() == config.snat_addr.raw()
-        && port >= config.snat_port_min
-        && port <= config.snat_port_max
+        && ((port >= config.snat_port_min && port <= config.snat_port_max)
+            || l4_proto == proto::SCTP)
+}
+
+/// The range in which the new flow `flow` finds its source port, given `range` (the node's
+/// SNAT ports, or the client's when its own port clashes: [`client_port_range`]). A protocol
+/// whose ports are never rewritten ([`proto::rewrites_ports`], SCTP) has only the client's own
+/// port there: the flow takes it when no live flow holds that reply key (backend -> source
+/// address and client port), else it is dropped as a flow that finds no free port
+/// (`drop_snat_ports`). So two SCTP clients with the same port, source-NATed by one node to one
+/// backend, cannot both be served: the second one's packets are dropped until the first's
+/// entries expire.
+#[inline(always)]
+pub const fn port_range(range: &NodeConfig, flow: &FlowKey) -> NodeConfig {
+    let mut range = *range;
+    keep_client_port(&mut range, flow);
+    range
+}
+
+/// [`port_range`] in place: narrows `range` to the client's own port for a protocol whose
+/// ports are never rewritten.
+#[inline(always)]
+pub const fn keep_client_port(range: &mut NodeConfig, flow: &FlowKey) {
+    if !proto::rewrites_ports(flow.proto) {
+        let port = flow.src_port.to_host();
+        range.snat_port_min = port;
+        range.snat_port_max = port;
+    }
 }
 
 /// The range a client's port is remapped in when its flow clashes with another of the same
@@ -547,6 +580,42 @@ mod walk_tests {
         // The range full: no port, the flow is dropped.
         let full: BTreeMap<u16, CtEntry> = (61_000..=61_099).map(|p| (p, live())).collect();
         assert_eq!(walk(&config, &f, &full, &[]), None);
+    }
+
+    /// SCTP keeps its client's port: the range is that one port, taken unless another live
+    /// flow holds it towards the backend; replies come back to it whatever the SNAT range.
+    #[test]
+    fn an_sctp_flow_keeps_its_clients_port_or_finds_none() {
+        let node = config(61_000, 65_535);
+        let mut f = flow(36_412);
+        f.proto = proto::SCTP;
+        let range = port_range(&node, &f);
+        assert_eq!((range.snat_port_min, range.snat_port_max), (36_412, 36_412));
+        assert_eq!(range.snat_addr, node.snat_addr);
+        assert_eq!(
+            port_range(&node, &flow(36_412)),
+            node,
+            "TCP keeps the range"
+        );
+        let choice = walk(&range, &f, &BTreeMap::new(), &[]).expect("its own port");
+        assert_eq!((choice.port, choice.state), (36_412, SnatPort::Free));
+        let held = BTreeMap::from([(36_412, live())]);
+        assert_eq!(
+            walk(&range, &f, &held, &[]),
+            None,
+            "held by another client's flow"
+        );
+        for (l4_proto, reply) in [
+            (proto::SCTP, true),
+            (proto::TCP, false),
+            (proto::UDP, false),
+        ] {
+            assert_eq!(
+                is_reply_to(&node, node.snat_addr, Be16::from_host(36_412), l4_proto),
+                reply
+            );
+        }
+        assert!(needed(scope::EXTERNAL, &backend(), proto::SCTP, &node));
     }
 
     #[test]

@@ -79,7 +79,7 @@ pub enum Selection {
     },
 }
 
-/// The forward path's decision for a TCP or UDP packet from a client.
+/// The forward path's decision for a TCP, UDP or SCTP packet from a client.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Forward {
     /// The destination carries no frontend: the packet passes untouched.
@@ -387,8 +387,10 @@ fn new_flow_snat(
     if !config.snat_configured() {
         return Ok(Some(Err(SnatFailure::NoConfig { config })));
     }
+    // SCTP keeps its client's port: a range of that one port.
+    let range = snat::port_range(&config, flow);
     Ok(Some(
-        snat_allocate(maps, flow, backend, &config, now)?.map(SourceNat::Node),
+        snat_allocate(maps, flow, backend, &range, now)?.map(SourceNat::Node),
     ))
 }
 
@@ -426,7 +428,7 @@ fn client_port(
     backend: &Backend,
     now: u64,
 ) -> Result<Option<SnatChoice>, MapsError> {
-    let range = snat::client_port_range(flow.src_addr);
+    let range = snat::port_range(&snat::client_port_range(flow.src_addr), flow);
     // As the datapath's `snat::allocate`: a range without an address (a client 0.0.0.0) has
     // no port to give.
     if !range.snat_configured() {
@@ -439,7 +441,7 @@ fn client_port(
 /// source-NATed flow when it is addressed to a port of the range and a live SNAT reply entry
 /// holds it (`snat::reply` in the datapath).
 fn snat_reply(maps: &Maps, key: &FlowKey, now: u64) -> Result<Option<Forward>, MapsError> {
-    if !snat::is_reply_to(&node_config(maps)?, key.dst_addr, key.dst_port) {
+    if !snat::is_reply_to(&node_config(maps)?, key.dst_addr, key.dst_port, key.proto) {
         return Ok(None);
     }
     Ok(nat_reply(maps, key, now, CtEntry::routed)?.map(Forward::SnatReply))
@@ -471,7 +473,7 @@ fn nat_reply(
     })
 }
 
-/// The forward decision for `src -> dst` (TCP or UDP) arriving in `scope`. `syn` says whether
+/// The forward decision for `src -> dst` (TCP, UDP or SCTP) arriving in `scope`. `syn` says whether
 /// the packet is a bare TCP SYN (which reopens a flow that saw a FIN or RST); any other TCP
 /// packet is taken as a segment without SYN.
 pub fn forward(

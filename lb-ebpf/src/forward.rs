@@ -59,7 +59,7 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         // An error quoting none of our flows: the stack decides.
         return Action::Pass;
     }
-    if ip.proto != proto::TCP && ip.proto != proto::UDP {
+    if ip.proto != proto::TCP && ip.proto != proto::UDP && ip.proto != proto::SCTP {
         return not_served(frame, ip, None, addr, len);
     }
     let Some(l4) = parse::l4(frame, ip.proto, l4_off) else {
@@ -267,6 +267,7 @@ fn new_flow<F: Frame>(
         }
     }
     if let Some(range) = range {
+        // SCTP keeps its client's port: a range of that one port.
         // The reply entry does not depend on the port: it claims the port it is keyed by.
         let reply = CtEntry::reply_of(flow, &forward, 0, forward.deadline_ns);
         let Some((port, claimed)) = snat::allocate(flow, &backend, &range, now, &reply) else {

@@ -76,6 +76,20 @@ pub struct UdpHdr {
 pub const UDP_HDR_LEN: usize = 8;
 pub const UDP_CHECK_OFF: usize = 6;
 
+/// SCTP's common header: source and destination port, verification tag, and a CRC32c over the
+/// whole SCTP packet (no pseudo-header, so no IP address is covered). The datapath reads the
+/// ports only and never rewrites them (`lb_common::net::proto::rewrites_ports`).
+#[repr(C)]
+pub struct SctpHdr {
+    pub source: u16,
+    pub dest: u16,
+    pub vtag: u32,
+    pub check: u32,
+}
+
+pub const SCTP_HDR_LEN: usize = 12;
+pub const SCTP_CHECK_OFF: usize = 8;
+
 #[repr(C)]
 pub struct IcmpHdr {
     pub kind: u8,

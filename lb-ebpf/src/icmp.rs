@@ -72,7 +72,8 @@ pub fn is_error<F: Frame>(frame: &mut F, icmp_off: usize) -> bool {
     }
 }
 
-/// Parses the quoted IPv4 header and ports; `None` unless they quote TCP or UDP completely.
+/// Parses the quoted IPv4 header and ports; `None` unless they quote TCP, UDP or SCTP
+/// completely.
 #[inline(always)]
 fn quote<F: Frame>(frame: &mut F, icmp_off: usize) -> Option<Quote> {
     let l3_off = icmp_off + ICMP_HDR_LEN;
@@ -84,7 +85,9 @@ fn quote<F: Frame>(frame: &mut F, icmp_off: usize) -> Option<Quote> {
     let (version_ihl, l4_proto, src, dst) =
         unsafe { ((*ip).version_ihl, (*ip).proto, (*ip).saddr, (*ip).daddr) };
     let words = (version_ihl & 0x0f) as usize;
-    if words < IPV4_MIN_HDR_LEN / 4 || (l4_proto != proto::TCP && l4_proto != proto::UDP) {
+    if words < IPV4_MIN_HDR_LEN / 4
+        || (l4_proto != proto::TCP && l4_proto != proto::UDP && l4_proto != proto::SCTP)
+    {
         return None;
     }
     let l4_off = l3_off + words * 4;
@@ -178,7 +181,10 @@ fn rewrite_quote<F: Frame>(
 
     let mut icmp_delta = [(old_ip_check, new_ip_check), (old_port, port), (0, 0)];
     // The quote may stop before a TCP checksum; then there is nothing to keep consistent.
-    let l4_check = if q.proto == proto::UDP {
+    // SCTP's CRC32c covers no address, and its ports keep their values (`nat::rewrite`).
+    let l4_check = if q.proto == proto::SCTP {
+        Err(())
+    } else if q.proto == proto::UDP {
         update16(frame, q.l4_off + UDP_CHECK_OFF, |c| {
             csum::udp_replace2(csum::udp_replace4(c, old_addr, addr), old_port, port)
         })

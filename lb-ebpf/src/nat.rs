@@ -42,7 +42,10 @@ impl End {
 
 /// Rewrites one end of the packet to `addr:port`. `l4` is `None` for a non-first fragment, which
 /// carries no L4 header: only its IP address changes (the L4 checksum, which covers the whole
-/// datagram, was adjusted in the first fragment).
+/// datagram, was adjusted in the first fragment). SCTP gets only its IP address changed too:
+/// its CRC32c covers no address, and its ports are never rewritten (the agent programs SCTP
+/// frontends only where the backend's port is the frontend's, and a source-NATed SCTP flow
+/// keeps its client's port: `lb_common::snat::port_range`), so `port` is the port it has.
 #[inline(always)]
 pub fn rewrite<F: Frame>(
     frame: &mut F,
@@ -63,6 +66,9 @@ pub fn rewrite<F: Frame>(
     let Some(l4) = l4 else {
         return Ok(());
     };
+    if l4.sctp {
+        return Ok(());
+    }
     let port_field = ptr_at::<F, u16>(frame, end.port_off(l4.off)).ok_or(())?;
     // SAFETY: bounds-checked by `ptr_at`.
     let old_port = unsafe {

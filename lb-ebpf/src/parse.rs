@@ -7,7 +7,8 @@ use crate::{
     frame::{Frame, ptr_at},
     hdr::{
         ETH_P_IP_BE, EthHdr, IP_DF_BE, IP_MF_BE, IP_OFFSET_MASK_BE, IPV4_MIN_HDR_LEN, Ipv4Hdr,
-        L3_OFF, TCP_CHECK_OFF, TCP_HDR_LEN, TcpHdr, UDP_CHECK_OFF, UDP_HDR_LEN, UdpHdr, be16, be32,
+        L3_OFF, SCTP_CHECK_OFF, SCTP_HDR_LEN, SctpHdr, TCP_CHECK_OFF, TCP_HDR_LEN, TcpHdr,
+        UDP_CHECK_OFF, UDP_HDR_LEN, UdpHdr, be16, be32,
     },
 };
 
@@ -97,21 +98,23 @@ pub fn ipv4<F: Frame>(frame: &mut F) -> Option<Ipv4> {
     }
 }
 
-/// The TCP or UDP header fields the datapath uses.
+/// The TCP, UDP or SCTP header fields the datapath uses.
 #[derive(Clone, Copy)]
 pub struct L4 {
     pub src_port: Be16,
     pub dst_port: Be16,
-    /// TCP flags; zero for UDP.
+    /// TCP flags; zero for UDP and SCTP.
     pub tcp_flags: u8,
     /// Offset of the L4 header.
     pub off: usize,
     /// Offset of the L4 checksum field.
     pub csum_off: usize,
     pub udp: bool,
+    /// SCTP: only addresses are rewritten (`nat::rewrite`), its ports and its CRC32c never.
+    pub sctp: bool,
 }
 
-/// Reads the TCP or UDP header at `off`; `None` when `proto` is neither or the header is cut.
+/// Reads the TCP, UDP or SCTP header at `off`; `None` for another protocol or a cut header.
 #[inline(always)]
 pub fn l4<F: Frame>(frame: &mut F, ip_proto: u8, off: usize) -> Option<L4> {
     match ip_proto {
@@ -129,6 +132,7 @@ pub fn l4<F: Frame>(frame: &mut F, ip_proto: u8, off: usize) -> Option<L4> {
                     off,
                     csum_off: off + TCP_CHECK_OFF,
                     udp: false,
+                    sctp: false,
                 })
             }
         }
@@ -146,6 +150,25 @@ pub fn l4<F: Frame>(frame: &mut F, ip_proto: u8, off: usize) -> Option<L4> {
                     off,
                     csum_off: off + UDP_CHECK_OFF,
                     udp: true,
+                    sctp: false,
+                })
+            }
+        }
+        proto::SCTP => {
+            if !frame.ensure(off + SCTP_HDR_LEN) {
+                return None;
+            }
+            let sctp = ptr_at::<F, SctpHdr>(frame, off)?;
+            // SAFETY: bounds-checked by `ptr_at`.
+            unsafe {
+                Some(L4 {
+                    src_port: be16((*sctp).source),
+                    dst_port: be16((*sctp).dest),
+                    tcp_flags: 0,
+                    off,
+                    csum_off: off + SCTP_CHECK_OFF,
+                    udp: false,
+                    sctp: true,
                 })
             }
         }

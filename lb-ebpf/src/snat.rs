@@ -51,6 +51,9 @@ pub fn allocate(
     scan.flow = *flow;
     scan.backend = *backend;
     scan.config = *config;
+    // SCTP keeps its client's port: a range of that one port (written in place, in the
+    // scratch map, rather than copied on the stack).
+    snat::keep_client_port(&mut scan.config, flow);
     scan.reply = *reply;
     scan.now = now;
     scan.hash = flow.hash();
@@ -68,7 +71,7 @@ pub fn allocate(
     // scratch map).
     unsafe {
         bpf_loop(
-            snat::span(config),
+            snat::span(&scan.config),
             scan_step as *mut c_void,
             core::ptr::null_mut(),
             0,
@@ -133,7 +136,7 @@ extern "C" fn scan_step(index: u32, _ctx: *mut c_void) -> i64 {
 /// reply (the caller goes on as for any packet to a node address).
 #[inline(always)]
 pub fn reply<F: Frame>(frame: &mut F, ip: &Ipv4, l4: &L4, len: u32) -> Option<Action> {
-    if !snat::is_reply_to(&node_config(), ip.dst, l4.dst_port) {
+    if !snat::is_reply_to(&node_config(), ip.dst, l4.dst_port, ip.proto) {
         return None;
     }
     let key = parse::flow_key(ip, l4, REPLY);

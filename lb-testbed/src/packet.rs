@@ -21,8 +21,89 @@ pub enum Transport {
         zero_checksum: bool,
     },
     Icmp(Icmpv4Header),
+    /// SCTP's common header (its CRC32c computed over it and the chunks in the payload).
+    /// etherparse has no SCTP header; [`sctp_header`] builds it.
+    Sctp {
+        source_port: u16,
+        destination_port: u16,
+        verification_tag: u32,
+    },
     /// Anything else: the protocol number and raw payload follow.
     Other(u8),
+}
+
+/// IP protocol number of SCTP.
+pub const SCTP: u8 = 132;
+
+/// CRC32c (Castagnoli, reflected polynomial 0x82f63b78), bit by bit: SCTP's checksum
+/// (RFC 9260, appendix A).
+pub fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for byte in data {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// An SCTP common header and `chunks`, its checksum computed: CRC32c over the whole SCTP
+/// packet with the checksum field zero, stored least significant byte first (as Linux's
+/// `sctp_compute_cksum` does). No IP address is covered.
+pub fn sctp_header(source_port: u16, destination_port: u16, vtag: u32, chunks: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12 + chunks.len());
+    out.extend_from_slice(&source_port.to_be_bytes());
+    out.extend_from_slice(&destination_port.to_be_bytes());
+    out.extend_from_slice(&vtag.to_be_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(chunks);
+    let crc = crc32c(&out);
+    out[8..12].copy_from_slice(&crc.to_le_bytes());
+    out.truncate(12);
+    out
+}
+
+/// Whether the SCTP packet `sctp` (common header and chunks) carries a valid CRC32c.
+pub fn sctp_checksum_ok(sctp: &[u8]) -> bool {
+    if sctp.len() < 12 {
+        return false;
+    }
+    let mut zeroed = sctp.to_vec();
+    zeroed[8..12].copy_from_slice(&[0; 4]);
+    crc32c(&zeroed).to_le_bytes() == sctp[8..12]
+}
+
+/// An SCTP chunk of `kind` with `flags` and `value`, padded to 4 bytes.
+pub fn sctp_chunk(kind: u8, flags: u8, value: &[u8]) -> Vec<u8> {
+    let len = 4 + value.len();
+    let mut out = vec![kind, flags];
+    out.extend_from_slice(&(len as u16).to_be_bytes());
+    out.extend_from_slice(value);
+    out.resize(len.next_multiple_of(4), 0);
+    out
+}
+
+/// SCTP chunk types used by the tests.
+pub mod sctp_chunk_type {
+    pub const INIT: u8 = 1;
+    pub const INIT_ACK: u8 = 2;
+}
+
+/// An INIT chunk (RFC 9260 3.3.2) with initiate tag `tag`: a window of 64 KiB, 10 streams each
+/// way, initial TSN `tag`.
+pub fn sctp_init_chunk(kind: u8, tag: u32) -> Vec<u8> {
+    let mut value = Vec::new();
+    value.extend_from_slice(&tag.to_be_bytes());
+    value.extend_from_slice(&65_536u32.to_be_bytes());
+    value.extend_from_slice(&10u16.to_be_bytes());
+    value.extend_from_slice(&10u16.to_be_bytes());
+    value.extend_from_slice(&tag.to_be_bytes());
+    sctp_chunk(kind, 0, &value)
 }
 
 /// An Ethernet + IPv4 packet under construction.
@@ -128,6 +209,26 @@ impl Packet {
         }
     }
 
+    /// An SCTP packet from `src` to `dst` with verification tag `vtag` and `chunks`.
+    pub fn sctp(src: SocketAddrV4, dst: SocketAddrV4, vtag: u32, chunks: &[u8]) -> Self {
+        Self {
+            eth_src: POD_MAC,
+            eth_dst: HOST_MAC,
+            ip: ip_header(*src.ip(), *dst.ip(), IpNumber(SCTP)),
+            transport: Transport::Sctp {
+                source_port: src.port(),
+                destination_port: dst.port(),
+                verification_tag: vtag,
+            },
+            payload: chunks.to_vec(),
+        }
+    }
+
+    /// An SCTP INIT (verification tag 0, as RFC 9260 requires) with initiate tag `tag`.
+    pub fn sctp_init(src: SocketAddrV4, dst: SocketAddrV4, tag: u32) -> Self {
+        Self::sctp(src, dst, 0, &sctp_init_chunk(sctp_chunk_type::INIT, tag))
+    }
+
     /// An IPv4 packet of another protocol (e.g. 47, GRE) with a raw payload.
     pub fn other(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Self {
         Self {
@@ -151,6 +252,11 @@ impl Packet {
         match &self.transport {
             Transport::Tcp(t) => (t.source_port, t.destination_port),
             Transport::Udp { header, .. } => (header.source_port, header.destination_port),
+            Transport::Sctp {
+                source_port,
+                destination_port,
+                ..
+            } => (*source_port, *destination_port),
             _ => (0, 0),
         }
     }
@@ -161,6 +267,9 @@ impl Packet {
         match &mut self.transport {
             Transport::Tcp(t) => t.destination_port = dst.port(),
             Transport::Udp { header, .. } => header.destination_port = dst.port(),
+            Transport::Sctp {
+                destination_port, ..
+            } => *destination_port = dst.port(),
             _ => {}
         }
         self
@@ -172,17 +281,27 @@ impl Packet {
         match &mut self.transport {
             Transport::Tcp(t) => t.source_port = src.port(),
             Transport::Udp { header, .. } => header.source_port = src.port(),
+            Transport::Sctp { source_port, .. } => *source_port = src.port(),
             _ => {}
         }
         self
     }
 
-    /// The reply to this packet: addresses, ports and MACs swapped.
+    /// The reply to this packet: addresses, ports and MACs swapped (`tcp_flags` only for TCP).
     pub fn reply(&self, tcp_flags: u8, payload: &[u8]) -> Self {
         let mut reply = match &self.transport {
             Transport::Tcp(_) => Packet::tcp(self.dst(), self.src(), tcp_flags, payload),
             Transport::Udp { .. } => Packet::udp(self.dst(), self.src(), payload),
-            _ => panic!("reply() is for TCP and UDP"),
+            // SCTP: the chunks are `payload`, the verification tag the INIT's initiate tag
+            // (taken from the INIT chunk this packet carries, when it does).
+            Transport::Sctp { .. } => {
+                let vtag = self
+                    .payload
+                    .get(4..8)
+                    .map_or(0, |tag| u32::from_be_bytes(tag.try_into().unwrap()));
+                Packet::sctp(self.dst(), self.src(), vtag, payload)
+            }
+            _ => panic!("reply() is for TCP, UDP and SCTP"),
         };
         reply.eth_src = self.eth_dst;
         reply.eth_dst = self.eth_src;
@@ -235,6 +354,16 @@ impl Packet {
                 let icmp = Icmpv4Header::with_checksum(icmp.icmp_type.clone(), &self.payload);
                 out.extend_from_slice(&icmp.to_bytes());
             }
+            Transport::Sctp {
+                source_port,
+                destination_port,
+                verification_tag,
+            } => out.extend_from_slice(&sctp_header(
+                *source_port,
+                *destination_port,
+                *verification_tag,
+                &self.payload,
+            )),
             Transport::Other(_) => {}
         }
         out.extend_from_slice(&self.payload);
@@ -312,5 +441,57 @@ pub fn assert_frame_eq(actual: &[u8], expected: &[u8], what: &str) {
             hex(actual),
             hex(expected)
         );
+    }
+}
+
+/// A raw IPv4 socket for SCTP (protocol 132), which needs no SCTP support in the kernel (this
+/// host's kernel has no sctp module: SCTP sockets fail with EPROTONOSUPPORT). What it receives
+/// starts with the IPv4 header; what it sends is the SCTP packet, the kernel adding the IPv4
+/// header. `timeout` bounds each receive.
+pub fn sctp_raw_socket(timeout: std::time::Duration) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::from(libc::SOCK_RAW),
+        Some(socket2::Protocol::from(i32::from(SCTP))),
+    )?;
+    socket.set_read_timeout(Some(timeout))?;
+    Ok(socket)
+}
+
+/// Receives the next IPv4 packet from a raw socket: (source, destination, the IP payload).
+pub fn raw_recv(socket: &socket2::Socket) -> std::io::Result<(Ipv4Addr, Ipv4Addr, Vec<u8>)> {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    let n = socket.recv(&mut buf)?;
+    // SAFETY: `recv` initialised the first `n` bytes.
+    let bytes: Vec<u8> = buf[..n]
+        .iter()
+        .map(|b| unsafe { b.assume_init() })
+        .collect();
+    let header_len = usize::from(bytes.first().copied().unwrap_or(0) & 0x0f) * 4;
+    if n < header_len.max(20) {
+        return Err(std::io::Error::other(format!("short packet of {n} bytes")));
+    }
+    let addr = |at: usize| Ipv4Addr::new(bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]);
+    Ok((addr(12), addr(16), bytes[header_len..].to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32c_matches_the_standard_check_value_and_sctp_packets_verify() {
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+        let init = Packet::sctp_init(
+            SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 2), 36_412),
+            SocketAddrV4::new(Ipv4Addr::new(172, 30, 0, 41), 36_412),
+            0x1234_5678,
+        );
+        let frame = init.bytes();
+        assert_eq!(frame[23], SCTP);
+        assert!(sctp_checksum_ok(&frame[34..]));
+        let mut bad = frame[34..].to_vec();
+        bad[20] ^= 1;
+        assert!(!sctp_checksum_ok(&bad));
     }
 }

@@ -43,11 +43,12 @@ macro_rules! display_serialized {
 }
 pub(crate) use display_serialized;
 
-/// An IP protocol: `"tcp"`, `"udp"`, `"icmp"`, or the number (as a string).
+/// An IP protocol: `"tcp"`, `"udp"`, `"sctp"`, `"icmp"`, or the number (as a string).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proto {
     Tcp,
     Udp,
+    Sctp,
     Icmp,
     Other(u8),
 }
@@ -57,6 +58,7 @@ impl Proto {
         match self {
             Self::Tcp => proto::TCP,
             Self::Udp => proto::UDP,
+            Self::Sctp => proto::SCTP,
             Self::Icmp => proto::ICMP,
             Self::Other(n) => n,
         }
@@ -68,6 +70,7 @@ impl From<u8> for Proto {
         match n {
             proto::TCP => Self::Tcp,
             proto::UDP => Self::Udp,
+            proto::SCTP => Self::Sctp,
             proto::ICMP => Self::Icmp,
             other => Self::Other(other),
         }
@@ -79,6 +82,7 @@ impl fmt::Display for Proto {
         match self {
             Self::Tcp => f.write_str("tcp"),
             Self::Udp => f.write_str("udp"),
+            Self::Sctp => f.write_str("sctp"),
             Self::Icmp => f.write_str("icmp"),
             Self::Other(n) => write!(f, "{n}"),
         }
@@ -401,7 +405,13 @@ mod tests {
             Flags::<BackendFlag>::decode(backend_flags::ACTIVE | backend_flags::LOCAL | 0x40);
         assert_eq!(flags.to_string(), "active,local,0x40");
         assert!(flags.contains(BackendFlag::Local));
-        for (n, text) in [(6, "tcp"), (17, "udp"), (1, "icmp"), (132, "132")] {
+        for (n, text) in [
+            (6, "tcp"),
+            (17, "udp"),
+            (132, "sctp"),
+            (1, "icmp"),
+            (47, "47"),
+        ] {
             assert_eq!(Proto::from(n).to_string(), text);
             assert_eq!(serde_json::to_value(Proto::from(n)).unwrap(), json!(text));
             assert_eq!(Proto::from(n).number(), n);

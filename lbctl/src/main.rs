@@ -116,6 +116,8 @@ struct DumpArgs {
 enum Proto {
     Tcp,
     Udp,
+    /// Balanced without port rewriting (its CRC32c is never recomputed).
+    Sctp,
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
@@ -196,6 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let proto = match args.proto {
                 Proto::Tcp => decode::Proto::Tcp,
                 Proto::Udp => decode::Proto::Udp,
+                Proto::Sctp => decode::Proto::Sctp,
             };
             let trace = if args.reply {
                 views::trace::reply(&maps, args.src, args.dst, proto)

@@ -679,7 +679,7 @@ fn labelled(mut object: Value, key: &str, value: &str) -> Value {
 /// Beyond kube-proxy (issue 13): a Service the agent refuses or only partly serves gets a
 /// Kubernetes Event saying why, on the Service, so that `kubectl describe service` shows it:
 /// `InvalidObject` for an invalid value or a frontend another Service holds, `PartlyServed` for
-/// a part this datapath skips (an SCTP port, an IPv6 address).
+/// a part this datapath skips (an SCTP NodePort that differs from its port, an IPv6 address).
 #[tokio::test]
 async fn refused_and_partly_served_services_are_told_with_events() {
     within_deadline(async {
@@ -694,7 +694,7 @@ async fn refused_and_partly_served_services_are_told_with_events() {
                 name: None,
                 port: 9000,
                 protocol: Some("SCTP".into()),
-                node_port: None,
+                node_port: Some(30_900),
             }],
             ..Default::default()
         };

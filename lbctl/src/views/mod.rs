@@ -11,7 +11,7 @@
 //! | `lbctl trace` | [`trace::forward`], [`trace::reply`] | [`trace::Trace`] and its explanation (`render::trace::Explained`) |
 //!
 //! Addresses are strings (`"10.0.1.2"`, or `"10.0.1.2:40000"` with a port), protocols are
-//! `"tcp"`, `"udp"`, `"icmp"` or the protocol number as a string, scopes `"internal"` or
+//! `"tcp"`, `"udp"`, `"sctp"`, `"icmp"` or the protocol number as a string, scopes `"internal"` or
 //! `"external"`, flags arrays of snake_case names (bits without a name appear as `"0x.."`), and
 //! remaining lifetimes are whole seconds against `predict::coarse_now_ns()` (negative once
 //! expired). Fields named `service_id` hold a backend set's id: the frontends of one Service
