@@ -175,13 +175,18 @@ fn rewrite_quote<F: Frame>(
         return Err(());
     }
     let old_addr = swap32(frame, addr_off, addr)?;
-    let old_port = swap16(frame, port_off, port)?;
+    // SCTP's ports keep their values, as in the packets themselves (`nat::rewrite`).
+    let (old_port, port) = if proto::rewrites_ports(q.proto) {
+        (swap16(frame, port_off, port)?, port)
+    } else {
+        (0, 0)
+    };
     let (old_ip_check, new_ip_check) =
         update16(frame, q.l3_off + 10, |c| csum::replace4(c, old_addr, addr))?;
 
     let mut icmp_delta = [(old_ip_check, new_ip_check), (old_port, port), (0, 0)];
     // The quote may stop before a TCP checksum; then there is nothing to keep consistent.
-    // SCTP's CRC32c covers no address, and its ports keep their values (`nat::rewrite`).
+    // SCTP's CRC32c covers no address and no port changed.
     let l4_check = if q.proto == proto::SCTP {
         Err(())
     } else if q.proto == proto::UDP {

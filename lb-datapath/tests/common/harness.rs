@@ -101,6 +101,7 @@ pub fn vip(port: u16) -> SocketAddrV4 {
 
 pub const TCP: u8 = proto::TCP;
 pub const UDP: u8 = proto::UDP;
+pub const SCTP: u8 = proto::SCTP;
 
 pub fn socket(ip: [u8; 4], port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(ip), port)

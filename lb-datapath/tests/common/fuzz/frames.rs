@@ -15,7 +15,7 @@ use lb_common::net::tcp_flags;
 
 use super::{mutate, scenario::*, wire};
 use crate::common::{
-    harness::{Hook, TCP, UDP},
+    harness::{Hook, SCTP, TCP, UDP},
     packet::{HOST_MAC, POD_MAC, Packet},
 };
 
@@ -263,16 +263,19 @@ impl Generator {
         )
     }
 
-    /// A TCP segment or UDP datagram `src -> dst` with a few payload bytes, now and then with
-    /// IPv4 options, a TTL about to run out, a group source MAC or a zero UDP checksum.
+    /// A TCP segment, UDP datagram or SCTP packet `src -> dst` with a few payload bytes, now
+    /// and then with IPv4 options, a TTL about to run out, a group source MAC or a zero UDP
+    /// checksum.
     fn packet(&mut self, src: SocketAddrV4, dst: SocketAddrV4, l4_proto: u8) -> Packet {
         let mut payload = vec![0; self.rng.usize(..48)];
         self.rng.fill(&mut payload);
-        let mut pkt = if l4_proto == TCP {
-            let flags = self.tcp_flags();
-            Packet::tcp(src, dst, flags, &payload)
-        } else {
-            Packet::udp(src, dst, &payload)
+        let mut pkt = match l4_proto {
+            TCP => {
+                let flags = self.tcp_flags();
+                Packet::tcp(src, dst, flags, &payload)
+            }
+            SCTP => Packet::sctp(src, dst, self.rng.u32(..), &payload),
+            _ => Packet::udp(src, dst, &payload),
         };
         pkt.ip.identification = self.rng.u16(..);
         pkt.ip.dont_fragment = self.rng.bool();
@@ -292,7 +295,7 @@ impl Generator {
         let (addr, mut port, mut l4_proto) = pick(&mut self.rng, &self.frontends);
         match self.rng.u8(..16) {
             0 => port = self.rng.u16(..),
-            1 => l4_proto = if l4_proto == TCP { UDP } else { TCP },
+            1 => l4_proto = pick(&mut self.rng, &[TCP, UDP, SCTP]),
             _ => {}
         }
         let hook = self.client_hook(*client.ip());
@@ -355,7 +358,11 @@ impl Generator {
             Some(seen) => (seen.left.1, seen.left.0, seen.proto),
             None => {
                 let backend = SocketAddrV4::new(pick(&mut self.rng, &BACKEND_ADDRS), 8080);
-                (backend, self.client(), pick(&mut self.rng, &[TCP, UDP]))
+                (
+                    backend,
+                    self.client(),
+                    pick(&mut self.rng, &[TCP, UDP, SCTP]),
+                )
             }
         };
         let hook = match *dst.ip() {

@@ -129,20 +129,27 @@ fn translate(
     dst: Option<SocketAddrV4>,
 ) -> Nat {
     let mut nat = Nat::default();
+    // SCTP's ports are never rewritten (`proto::rewrites_ports`).
+    let ports = proto::rewrites_ports(ip.proto());
     if let Some(src) = src {
-        nat.endpoint(wire::SRC_OFF, *src.ip(), Some((l4.off, src.port())));
+        nat.endpoint(
+            wire::SRC_OFF,
+            *src.ip(),
+            ports.then_some((l4.off, src.port())),
+        );
     }
     if let Some(dst) = dst {
-        nat.endpoint(wire::DST_OFF, *dst.ip(), Some((l4.off + 2, dst.port())));
+        nat.endpoint(
+            wire::DST_OFF,
+            *dst.ip(),
+            ports.then_some((l4.off + 2, dst.port())),
+        );
     }
     nat.sums.push(ip_words(wire::L3));
-    let udp = ip.proto() == proto::UDP;
-    l4_sum(
-        &mut nat,
-        frame,
-        udp,
-        l4_words(wire::L3, l4.off, l4.csum_off),
-    );
+    if let Some(csum_off) = l4.csum_off {
+        let udp = ip.proto() == proto::UDP;
+        l4_sum(&mut nat, frame, udp, l4_words(wire::L3, l4.off, csum_off));
+    }
     nat
 }
 
@@ -177,7 +184,7 @@ fn forward(maps: &Maps, flow_scope: u8, frame: &[u8]) -> Expect {
         // An error about none of our flows is the stack's.
         return icmp_towards_frontend(maps, frame, l4_off).unwrap_or(Expect::Untouched);
     }
-    if ip.proto() != proto::TCP && ip.proto() != proto::UDP {
+    if ![proto::TCP, proto::UDP, proto::SCTP].contains(&ip.proto()) {
         return if addr.is_cluster_ip() {
             Expect::Reject(Reason::RejectUnknownPort, answer(frame, &ip, None))
         } else {
@@ -472,11 +479,20 @@ fn rewrite_quote(
     src: Option<SocketAddrV4>,
     dst: Option<SocketAddrV4>,
 ) {
+    let ports = proto::rewrites_ports(q.proto);
     if let Some(src) = src {
-        nat.endpoint(q.l3_off + 12, *src.ip(), Some((q.l4_off, src.port())));
+        nat.endpoint(
+            q.l3_off + 12,
+            *src.ip(),
+            ports.then_some((q.l4_off, src.port())),
+        );
     }
     if let Some(dst) = dst {
-        nat.endpoint(q.l3_off + 16, *dst.ip(), Some((q.l4_off + 2, dst.port())));
+        nat.endpoint(
+            q.l3_off + 16,
+            *dst.ip(),
+            ports.then_some((q.l4_off + 2, dst.port())),
+        );
     }
     nat.sums.push(ip_words(q.l3_off));
     let mut icmp = vec![q.icmp_off + 2, q.l3_off + 10];

@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use lb_common::maps::{hairpin, scope};
 use lb_datapath::program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec};
 
-use super::super::harness::{Harness, TCP, UDP};
+use super::super::harness::{Harness, SCTP, TCP, UDP};
 
 pub const VIP_WEB: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 41);
 pub const VIP_ONE: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 42);
@@ -138,7 +138,7 @@ pub const WEB_VARIANTS: usize = 4;
 fn services() -> Vec<ServiceSpec> {
     use FrontendKind::*;
     use scope::{EXTERNAL, INTERNAL};
-    let one_frontends = [TCP, UDP]
+    let one_frontends = [TCP, UDP, SCTP]
         .into_iter()
         .flat_map(|p| {
             [
@@ -148,7 +148,7 @@ fn services() -> Vec<ServiceSpec> {
             ]
         })
         .collect();
-    let node_ports = [TCP, UDP]
+    let node_ports = [TCP, UDP, SCTP]
         .into_iter()
         .map(|p| frontend(NODE, 30_080, p, EXTERNAL, NodePort))
         .collect();

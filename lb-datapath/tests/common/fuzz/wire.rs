@@ -99,15 +99,17 @@ pub struct L4 {
     pub off: usize,
     pub src_port: u16,
     pub dst_port: u16,
-    /// Zero for UDP.
+    /// Zero for UDP and SCTP.
     pub tcp_flags: u8,
-    pub csum_off: usize,
+    /// The TCP/UDP checksum; SCTP's CRC32c covers no address and no port is rewritten.
+    pub csum_off: Option<usize>,
 }
 
 pub fn l4(ip: &Ipv4<'_>, off: usize) -> Option<L4> {
     let (len, csum, tcp_flags) = match ip.proto() {
-        proto::TCP => (20, 16, *ip.frame.get(off + 13)?),
-        proto::UDP => (8, 6, 0),
+        proto::TCP => (20, Some(16), *ip.frame.get(off + 13)?),
+        proto::UDP => (8, Some(6), 0),
+        proto::SCTP => (12, None, 0),
         _ => return None,
     };
     (ip.frame.len() >= off + len).then(|| L4 {
@@ -115,7 +117,7 @@ pub fn l4(ip: &Ipv4<'_>, off: usize) -> Option<L4> {
         src_port: u16_at(ip.frame, off),
         dst_port: u16_at(ip.frame, off + 2),
         tcp_flags,
-        csum_off: off + csum,
+        csum_off: csum.map(|c| off + c),
     })
 }
 
@@ -134,7 +136,8 @@ pub fn is_icmp_error(frame: &[u8], off: usize) -> bool {
     frame.len() >= off + ICMP_LEN && matches!(frame[off], 3 | 4 | 5 | 11 | 12)
 }
 
-/// The packet an ICMP error quotes, when it quotes TCP or UDP with both ports (`icmp::quote`).
+/// The packet an ICMP error quotes, when it quotes TCP, UDP or SCTP with both ports
+/// (`icmp::quote`).
 #[derive(Clone, Copy, Debug)]
 pub struct Quote {
     pub icmp_off: usize,
@@ -152,7 +155,7 @@ pub fn quote(frame: &[u8], icmp_off: usize) -> Option<Quote> {
     }
     let words = usize::from(frame[l3_off] & 0x0f);
     let l4_proto = frame[l3_off + 9];
-    if words < 5 || (l4_proto != proto::TCP && l4_proto != proto::UDP) {
+    if words < 5 || ![proto::TCP, proto::UDP, proto::SCTP].contains(&l4_proto) {
         return None;
     }
     let l4_off = l3_off + words * 4;
@@ -173,7 +176,12 @@ pub fn quote(frame: &[u8], icmp_off: usize) -> Option<Quote> {
 impl Quote {
     /// Offset of the quoted L4 checksum, when the quote reaches it.
     pub fn l4_csum_off(&self, frame_len: usize) -> Option<usize> {
-        let off = self.l4_off + if self.proto == proto::UDP { 6 } else { 16 };
+        let off = self.l4_off
+            + match self.proto {
+                proto::UDP => 6,
+                proto::TCP => 16,
+                _ => return None,
+            };
         (frame_len >= off + 2).then_some(off)
     }
 }
