@@ -22,7 +22,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 17] = [
+pub(super) const PLAN: [Step; 20] = [
     Step {
         name: "datapath",
         target: "datapath",
@@ -79,6 +79,18 @@ pub(super) const PLAN: [Step; 17] = [
         env: &[],
     },
     Step {
+        name: "datapath_sctp",
+        target: "datapath_sctp",
+        args: &[],
+        env: &[],
+    },
+    Step {
+        name: "datapath_affinity",
+        target: "datapath_affinity",
+        args: &[],
+        env: &[],
+    },
+    Step {
         name: "datapath_carry",
         target: "datapath_carry",
         args: &[],
@@ -115,12 +127,15 @@ pub(super) const PLAN: [Step; 17] = [
         env: &[],
     },
     Step {
-        name: "e2e ClusterIP + NodePort",
+        name: "e2e ClusterIP",
+        target: "e2e_client_addresses",
+        args: &["cluster_ips_from_pods_on_both_nodes"],
+        env: &[],
+    },
+    Step {
+        name: "e2e NodePort",
         target: "e2e_external",
-        args: &[
-            "cluster_ips_from_pods_on_both_nodes",
-            "node_ports_from_outside",
-        ],
+        args: &["node_ports_from_outside"],
         env: &[],
     },
     Step {
