@@ -40,6 +40,7 @@ pub mod maps;
 pub mod net;
 pub mod programs;
 pub mod snat;
+pub mod sock;
 pub mod stats;
 pub mod time;
 

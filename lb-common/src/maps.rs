@@ -52,6 +52,12 @@ pub const LB_AFFINITY: &str = "LB_AFFINITY";
 /// affinity per endpoint, in one list that both of its chains consult: a client that reached an
 /// endpoint on this node through either keeps it through the other. Written by the agent.
 pub const LB_AFFINITY_SCOPE: &str = "LB_AFFINITY_SCOPE";
+/// `socket cookie (u64) -> SockRev` (LRU): the frontend a socket asked `connect()` for, when
+/// socket-level balancing connected it to a backend instead, so that `getpeername()` shows the
+/// frontend. Written by the `cgroup/connect4` program, read by `cgroup/getpeername4`; nothing
+/// deletes entries (a socket's cookie is never reused; the LRU drops the oldest). See
+/// [`crate::sock`].
+pub const LB_SOCK_REV: &str = "LB_SOCK_REV";
 
 /// `0 -> NodeConfig` (array of one): what the datapath needs to know about this node. Written
 /// by the agent.
@@ -110,7 +116,7 @@ pub const LB_EVENT_SLOT: &str = "LB_EVENT_SLOT";
 pub const AYA_LOGS: &str = "AYA_LOGS";
 
 /// Every pinned map, in creation order, for tools that walk them all.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     LB_ADDRS,
     LB_SERVICES,
     LB_BACKENDS,
@@ -125,6 +131,7 @@ pub const ALL: [&str; 14] = [
     LB_ANSWERS,
     LB_DIRECT_NAT,
     LB_AFFINITY_SCOPE,
+    LB_SOCK_REV,
 ];
 
 /// A map's key and value sizes as this version lays them out: what the BPF object declares
@@ -169,6 +176,7 @@ pub const LAYOUTS: [Layout; ALL.len()] = {
         layout(LB_ANSWERS, 4, size_of::<crate::answer::Bucket>()),
         layout(LB_DIRECT_NAT, 4, 4),
         layout(LB_AFFINITY_SCOPE, 4, 4),
+        layout(LB_SOCK_REV, 8, size_of::<SockRev>()),
     ]
 };
 
@@ -247,6 +255,9 @@ pub mod capacity {
     pub const SRC_RANGES: u32 = 16_384;
     /// (client, service) pairs with session affinity.
     pub const AFFINITY: u32 = 65_536;
+    /// Sockets connected by socket-level balancing whose frontend `getpeername()` still shows
+    /// (LRU: the oldest entries go first, whether or not their socket is still open).
+    pub const SOCK_REV: u32 = 65_536;
 }
 
 /// Maglev table sizes: primes, so that every skip value visits every slot.
@@ -630,6 +641,18 @@ impl AffinityEntry {
     }
 }
 
+/// Value of [`LB_SOCK_REV`]: the frontend a socket asked for and the backend it was connected
+/// to instead. `getpeername()` shows the frontend only while the socket's peer is still that
+/// backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockRev {
+    pub frontend_addr: Be32,
+    pub backend_addr: Be32,
+    pub frontend_port: Be16,
+    pub backend_port: Be16,
+}
+
 /// Value of [`LB_SVC_STATS`] (per CPU; userspace sums the CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -663,6 +686,7 @@ const _: () = {
     assert!(size_of::<FragEntry>() == 4);
     assert!(size_of::<SetStats>() == 24);
     assert!(size_of::<Counter>() == 16);
+    assert!(size_of::<SockRev>() == 12);
 };
 
 #[cfg(feature = "user")]
@@ -678,5 +702,6 @@ aya_pod!(
     SourceRange,
     AffinityKey,
     AffinityEntry,
-    NodeConfig
+    NodeConfig,
+    SockRev
 );

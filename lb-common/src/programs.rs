@@ -13,6 +13,13 @@ pub const TO_POD: &str = "lb_to_pod";
 pub const EXT_IN: &str = "lb_ext_in";
 /// tc egress of an uplink: reverse NAT of this node's backends' replies to clients elsewhere.
 pub const EXT_OUT: &str = "lb_ext_out";
+/// `cgroup/connect4`: socket-level balancing, a TCP `connect()` to a ClusterIP frontend connects
+/// to one of its backends instead. Attached to a cgroup v2 directory only when asked
+/// (`lb-agent --socket-lb on`).
+pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+/// `cgroup/getpeername4`: `getpeername()` on a socket `lb_sock_connect4` connected shows the
+/// frontend it asked for.
+pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
 /// Empty programs, never attached: the baseline the benchmarks subtract.
 pub const EMPTY_XDP: &str = "bench_empty_xdp";
 pub const EMPTY_TC: &str = "bench_empty_tc";
@@ -20,5 +27,18 @@ pub const EMPTY_TC: &str = "bench_empty_tc";
 /// The tc programs.
 pub const TC: [&str; 4] = [FROM_POD, TO_POD, EXT_IN, EXT_OUT];
 
+/// The cgroup socket programs (socket-level balancing).
+pub const SOCK: [&str; 2] = [SOCK_CONNECT4, SOCK_GETPEERNAME4];
+
 /// Every program, for tools that check the object holds them all.
-pub const ALL: [&str; 7] = [XDP, FROM_POD, TO_POD, EXT_IN, EXT_OUT, EMPTY_XDP, EMPTY_TC];
+pub const ALL: [&str; 9] = [
+    XDP,
+    FROM_POD,
+    TO_POD,
+    EXT_IN,
+    EXT_OUT,
+    SOCK_CONNECT4,
+    SOCK_GETPEERNAME4,
+    EMPTY_XDP,
+    EMPTY_TC,
+];

@@ -17,7 +17,7 @@ use lb_common::{
     conntrack::{CtEntry, FlowKey},
     maps::{
         self as names, AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey,
-        Frontend, FrontendKey, NodeConfig, SetStats, SourceRange,
+        Frontend, FrontendKey, NodeConfig, SetStats, SockRev, SourceRange,
         maglev::{self, CHUNK_SLOTS, Chunk},
     },
     stats::Reason,
@@ -75,6 +75,8 @@ pub struct Maps {
     pub answers: Array<MapData, Bucket>,
     /// One entry: non-zero once the datapath gave a direct connection another source port.
     pub direct_nat: Array<MapData, u32>,
+    /// Socket cookie -> the frontend a socket-balanced socket asked for.
+    pub sock_rev: HashMap<MapData, u64, SockRev>,
     /// Descriptors of the maps written in bulk (typed handles keep theirs private).
     bulk: BTreeMap<&'static str, OwnedFd>,
 }
@@ -148,6 +150,7 @@ impl Maps {
             config: typed!(names::LB_CONFIG),
             answers: typed!(names::LB_ANSWERS),
             direct_nat: typed!(names::LB_DIRECT_NAT),
+            sock_rev: typed!(names::LB_SOCK_REV),
             bulk,
         })
     }

@@ -9,6 +9,8 @@
 //! * `lb_ext_in` (tc ingress of an uplink): `lb_xdp`'s logic where XDP is off or unavailable.
 //! * `lb_ext_out` (tc egress of an uplink): reverse NAT of replies from this node's backends to
 //!   clients elsewhere (`lb_to_pod`'s logic).
+//! * `lb_sock_connect4`, `lb_sock_getpeername4` (cgroup v2 `sock_addr` hooks, attached only
+//!   with `lb-agent --socket-lb on`): socket-level balancing of TCP to ClusterIPs (`sock`).
 //! * `bench_empty_*`: empty programs, the baseline of `cargo xtask bench`.
 //!
 //! The names are `lb_common::programs`'s; every decision (flow keys, conntrack state, source-NAT
@@ -44,12 +46,13 @@ mod reject;
 mod reply;
 mod select;
 mod snat;
+mod sock;
 mod stats;
 
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::maps::scope;
 
@@ -120,6 +123,18 @@ pub fn lb_to_pod(ctx: TcContext) -> i32 {
     let mut frame = TcFrame { ctx };
     let action = reply::to_client(&mut frame);
     frame.verdict(action)
+}
+
+#[cgroup_sock_addr(connect4)]
+#[inline(always)]
+pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+#[inline(always)]
+pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::getpeername4(&ctx)
 }
 
 /// Benchmark baseline: an XDP program that does nothing, timed the same way as `lb_xdp` so that

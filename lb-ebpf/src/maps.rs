@@ -13,7 +13,7 @@ use lb_common::{
     events::{Budget, Event},
     maps::{
         AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey, Frontend,
-        FrontendKey, NodeConfig, SetStats, SourceRange, capacity, maglev,
+        FrontendKey, NodeConfig, SetStats, SockRev, SourceRange, capacity, maglev,
     },
     stats::Reason,
 };
@@ -93,6 +93,11 @@ pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { capacity::AFFIN
 /// See [`lb_common::maps::LB_AFFINITY_SCOPE`].
 #[btf_map]
 pub static LB_AFFINITY_SCOPE: Array<u32, { capacity::SETS as usize }> = Array::new();
+
+/// See [`lb_common::maps::LB_SOCK_REV`]: keyed by socket cookie.
+#[btf_map]
+pub static LB_SOCK_REV: LruHashMap<u64, SockRev, { capacity::SOCK_REV as usize }> =
+    LruHashMap::new();
 
 /// See [`lb_common::maps::LB_CONFIG`].
 #[btf_map]

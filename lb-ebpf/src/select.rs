@@ -22,14 +22,15 @@ pub fn source_allowed(frontend: &Frontend, flow: &FlowKey) -> bool {
     LB_SRC_RANGES.get(&key).is_some()
 }
 
-/// The Maglev (or single) backend id for a new flow of `frontend`, or `None` when its table is
-/// missing (the agent writes tables before frontends, so only tampering gets here).
+/// The Maglev (or single) backend id for a new flow of `frontend` whose hash `hash` computes
+/// (only when there is a table), or `None` when its table is missing (the agent writes tables
+/// before frontends, so only tampering gets here).
 #[inline(always)]
-fn maglev_backend(frontend: &Frontend, flow: &FlowKey) -> Option<u32> {
+fn maglev_backend(frontend: &Frontend, hash: impl FnOnce() -> u32) -> Option<u32> {
     if !frontend.has_table() {
         return Some(frontend.backend_id);
     }
-    let slot = frontend.slot(flow.hash());
+    let slot = frontend.slot(hash());
     let chunk = LB_MAGLEV.get_value(frontend.set_id, &(slot / CHUNK_SLOTS))?;
     chunk.get((slot % CHUNK_SLOTS) as usize).copied()
 }
@@ -39,12 +40,20 @@ fn active_backend(id: u32) -> Option<Backend> {
     LB_BACKENDS.get(id).copied().filter(Backend::is_active)
 }
 
+/// The backend Maglev (or the single backend) gives a new connection of `frontend` whose hash
+/// `hash` computes, without session affinity: (id, backend). The packet path's flows and the
+/// socket programs' `connect()`s both pick their backend here.
+#[inline(always)]
+pub fn balanced(frontend: &Frontend, hash: impl FnOnce() -> u32) -> Option<(u32, Backend)> {
+    let id = maglev_backend(frontend, hash)?;
+    Some((id, active_backend(id)?))
+}
+
 /// The backend for a new flow of `frontend`: (id, backend).
 #[inline(always)]
 pub fn backend(frontend: &Frontend, flow: &FlowKey, now: u64) -> Option<(u32, Backend)> {
     if frontend.affinity_timeout_s == 0 {
-        let id = maglev_backend(frontend, flow)?;
-        return Some((id, active_backend(id)?));
+        return balanced(frontend, || flow.hash());
     }
     // A Local set shares its Cluster set's entries (one read, for affinity frontends only).
     let scope = LB_AFFINITY_SCOPE
@@ -65,8 +74,7 @@ pub fn backend(frontend: &Frontend, flow: &FlowKey, now: u64) -> Option<(u32, Ba
             return Some((known.backend_id, backend));
         }
     }
-    let id = maglev_backend(frontend, flow)?;
-    let backend = active_backend(id)?;
+    let (id, backend) = balanced(frontend, || flow.hash())?;
     // Best effort: without the entry the next connection is balanced by Maglev again.
     let _ = LB_AFFINITY.insert(
         &key,

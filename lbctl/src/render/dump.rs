@@ -242,5 +242,16 @@ pub fn text(d: &Dump) -> String {
         }
         section(&mut out, names::LB_AFFINITY_SCOPE, rows.len(), t);
     }
+    if let Some(rows) = &d.sock_rev {
+        let mut t = table(&["socket cookie", "frontend (getpeername)", "backend"]);
+        for r in rows {
+            t.add_row(vec![
+                r.cookie.to_string(),
+                r.frontend.to_string(),
+                r.backend.to_string(),
+            ]);
+        }
+        section(&mut out, names::LB_SOCK_REV, rows.len(), t);
+    }
     out
 }

@@ -40,11 +40,12 @@ pub enum MapKind {
     Answers,
     DirectNat,
     AffinityScope,
+    SockRev,
 }
 
 impl MapKind {
     /// In the order of `lb_common::maps::ALL`.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::Addrs,
         Self::Services,
         Self::Backends,
@@ -59,6 +60,7 @@ impl MapKind {
         Self::Answers,
         Self::DirectNat,
         Self::AffinityScope,
+        Self::SockRev,
     ];
 
     /// The map's name (its pin name and its key in the dump's JSON).
@@ -78,6 +80,7 @@ impl MapKind {
             Self::Answers => names::LB_ANSWERS,
             Self::DirectNat => names::LB_DIRECT_NAT,
             Self::AffinityScope => names::LB_AFFINITY_SCOPE,
+            Self::SockRev => names::LB_SOCK_REV,
         }
     }
 
@@ -98,6 +101,7 @@ impl MapKind {
             Self::Answers => "answers",
             Self::DirectNat => "direct",
             Self::AffinityScope => "affinity-scope",
+            Self::SockRev => "sock-rev",
         }
     }
 
@@ -238,6 +242,15 @@ pub struct AffinityScopeRow {
     pub shares_set_id: u32,
 }
 
+/// A row of `LB_SOCK_REV`: a socket that socket-level balancing connected to a backend, and the
+/// frontend it asked for (what its `getpeername()` shows).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SockRevRow {
+    pub cookie: u64,
+    pub frontend: SocketAddrV4,
+    pub backend: SocketAddrV4,
+}
+
 /// A row of `LB_FRAGS`: the ports of a fragmented datagram.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FragRow {
@@ -307,6 +320,8 @@ pub struct Dump {
     pub direct_nat: Option<Vec<DirectNatRow>>,
     #[serde(rename = "LB_AFFINITY_SCOPE", skip_serializing_if = "Option::is_none")]
     pub affinity_scope: Option<Vec<AffinityScopeRow>>,
+    #[serde(rename = "LB_SOCK_REV", skip_serializing_if = "Option::is_none")]
+    pub sock_rev: Option<Vec<SockRevRow>>,
 }
 
 /// Reads the maps in `kinds` (every map when empty). `full` keeps every Maglev slot.
@@ -389,7 +404,28 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
     if want(MapKind::AffinityScope) {
         out.affinity_scope = Some(read_affinity_scope(maps, &services)?);
     }
+    if want(MapKind::SockRev) {
+        out.sock_rev = Some(read_sock_rev(maps)?);
+    }
     Ok(out)
+}
+
+fn read_sock_rev(maps: &Maps) -> Result<Vec<SockRevRow>, MapsError> {
+    let failed = |source| MapsError::Map {
+        name: names::LB_SOCK_REV,
+        source,
+    };
+    let mut rows = Vec::new();
+    for entry in maps.sock_rev.iter() {
+        let (cookie, rev) = entry.map_err(failed)?;
+        rows.push(SockRevRow {
+            cookie,
+            frontend: SocketAddrV4::new(rev.frontend_addr.to_ip(), rev.frontend_port.to_host()),
+            backend: SocketAddrV4::new(rev.backend_addr.to_ip(), rev.backend_port.to_host()),
+        });
+    }
+    rows.sort_by_key(|r| r.cookie);
+    Ok(rows)
 }
 
 fn read_addrs(maps: &Maps) -> Result<Vec<AddrRow>, MapsError> {
