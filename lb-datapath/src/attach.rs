@@ -406,7 +406,8 @@ pub struct Cleanup {
     pub warnings: Vec<String>,
 }
 
-/// Unpins every link (detaching the programs) and every map under `bpffs_dir`, deleting the
+/// Unpins every link (detaching the programs; the socket programs' cgroup links too) and every
+/// map under `bpffs_dir`, deleting the
 /// classic tc filters recorded there, then removes the directory. The bpffs mount stays.
 pub fn cleanup(bpffs_dir: &Path) -> Result<Cleanup> {
     let mut done = Cleanup::default();
@@ -431,6 +432,7 @@ pub fn cleanup(bpffs_dir: &Path) -> Result<Cleanup> {
         }
         let _ = std::fs::remove_dir(&links);
     }
+    done.removed += crate::socket_lb::detach(bpffs_dir)?;
     for name in lb_common::maps::ALL
         .iter()
         .chain(&[crate::ct_carry::OLD_PIN])

@@ -4,7 +4,7 @@
 //! - [`loader`]: the BPF object, loaded with private or pinned maps, and the reader of its
 //!   rare-event records ([`EventLog`]); [`features`]: what the kernel offers; [`attach`]:
 //!   programs attached to interfaces through pinned links (or classic tc filters), and removing
-//!   all of it again.
+//!   all of it again; [`socket_lb`]: the socket programs attached to a cgroup v2 directory.
 //! - [`maps`]: typed handles on every map; [`maglev`]: the consistent-hashing tables.
 //! - [`model`] (the desired state as plain data) -> [`planner`] (the ordered map writes that
 //!   program it) -> [`writer`] (carries them out); [`adopt`] reads the maps back into the
@@ -30,6 +30,7 @@ pub mod model;
 pub mod planner;
 pub mod predict;
 pub mod program;
+pub mod socket_lb;
 mod sys;
 pub mod tc_record;
 #[cfg(feature = "test-helpers")]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp,
+        CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
         links::LinkOrder,
         tc::{self, NlOptions, TcAttachOptions},
     },
@@ -41,6 +41,10 @@ pub enum DatapathError {
     Maps(#[from] MapsError),
     #[error("pinned map {path}: {reason}")]
     Pinned { path: PathBuf, reason: String },
+    #[error(
+        "socket-level balancing is unavailable: the kernel refused program {name} when the datapath was loaded ({reason}); it needs Linux 6.1 or later"
+    )]
+    SocketLbUnavailable { name: &'static str, reason: String },
     #[error("cannot read the datapath's event records")]
     EventLog(#[source] aya_log::Error),
 }
@@ -79,6 +83,8 @@ pub enum Pinning {
 /// The loaded (not yet attached) datapath.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// Why the socket programs did not load, if they did not (see [`Datapath::load`]).
+    sock_refused: Option<(&'static str, String)>,
 }
 
 impl Datapath {
@@ -118,7 +124,51 @@ impl Datapath {
             name: programs::XDP,
             source,
         })?;
-        Ok(Self { ebpf })
+        // The socket programs are loaded (and so verified) with the others, but a kernel that
+        // refuses them (before 6.1 they lack `bpf_set_retval`) keeps the packet path: only
+        // attaching them then fails, with the kernel's reason.
+        let mut sock_refused = None;
+        for name in programs::SOCK {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            if let Err(e) = prog.load() {
+                let reason = format!("{:#}", anyhow::Error::from(e));
+                tracing::warn!(program = name, %reason, "socket-level balancing unavailable");
+                sock_refused = Some((name, reason));
+                break;
+            }
+        }
+        Ok(Self { ebpf, sock_refused })
+    }
+
+    /// The socket-level balancing programs, `lb_common::programs::SOCK` in order (`connect4`,
+    /// `getpeername4`); an error when the kernel refused them at load.
+    pub fn sock_programs(
+        &mut self,
+    ) -> Result<(&mut CgroupSockAddr, &mut CgroupSockAddr), DatapathError> {
+        if let Some((name, reason)) = &self.sock_refused {
+            return Err(DatapathError::SocketLbUnavailable {
+                name,
+                reason: reason.clone(),
+            });
+        }
+        let [connect4, getpeername4] = self
+            .ebpf
+            .programs_mut()
+            .filter(|(name, _)| programs::SOCK.contains(name))
+            .fold([None, None], |mut found, (name, prog)| {
+                let i = usize::from(name == programs::SOCK_GETPEERNAME4);
+                found[i] = <&mut CgroupSockAddr>::try_from(prog).ok();
+                found
+            });
+        match (connect4, getpeername4) {
+            (Some(c), Some(g)) => Ok((c, g)),
+            (None, _) => Err(DatapathError::MissingProgram {
+                name: programs::SOCK_CONNECT4,
+            }),
+            (_, None) => Err(DatapathError::MissingProgram {
+                name: programs::SOCK_GETPEERNAME4,
+            }),
+        }
     }
 
     pub fn xdp(&mut self) -> &mut Xdp {

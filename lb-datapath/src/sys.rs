@@ -1,12 +1,17 @@
 //! The BPF syscalls aya does not wrap for us: deleting an array-of-maps slot, batch updates and
-//! batch lookups.
+//! batch lookups, and what socket-level balancing needs of its pinned cgroup links (opening a
+//! pin, a link's cgroup, swapping a link's program).
 
 use std::{
+    ffi::CString,
     io,
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
@@ -33,6 +38,89 @@ pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
     unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) }
 }
 
+/// `union bpf_attr` as used by BPF_OBJ_GET.
+#[repr(C)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// `BPF_OBJ_GET`: a descriptor of the object pinned at `path`.
+pub fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: the attribute points at a live C string.
+    let fd = unsafe { bpf_ret(BPF_OBJ_GET, &mut attr) }?;
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// What `BPF_OBJ_GET_INFO_BY_FD` says of a cgroup link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    /// `bpf_link_type`.
+    pub link_type: u32,
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// The cgroup's id (the inode number of its directory), for cgroup links.
+    pub cgroup_id: u64,
+    /// `bpf_attach_type`, for cgroup links.
+    pub attach_type: u32,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a link: `struct bpf_link_info`'s head and its `cgroup` member
+/// (meaningful when the link is a cgroup link).
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // type, id, prog_id, 4 bytes of padding, then the union (8-aligned): cgroup_id, attach_type.
+    let mut info = [0u8; 64];
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: the attribute points at a live buffer of `info_len` bytes.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
+    Ok(CgroupLinkInfo {
+        link_type: u32_at(0),
+        link_id: u32_at(4),
+        prog_id: u32_at(8),
+        cgroup_id: u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes")),
+        attach_type: u32_at(24),
+    })
+}
+
+/// `BPF_LINK_UPDATE`: swaps `prog` into `link` (atomic for the hook's users).
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct UpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = UpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: no pointers in the attribute.
+    unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }
+}
+
 /// The `bpf(2)` syscall `cmd` with `attr`; the kernel reads (and for some commands writes back)
 /// only `size_of::<A>()` bytes of it.
 ///
@@ -41,6 +129,16 @@ pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
 /// `attr` is the `union bpf_attr` layout of `cmd`, and every pointer in it is valid for what
 /// `cmd` reads or writes through it.
 unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    // SAFETY: as the caller vouches.
+    unsafe { bpf_ret(cmd, attr) }.map(drop)
+}
+
+/// [`bpf`], returning what the syscall returned (a descriptor, for some commands).
+///
+/// # Safety
+///
+/// As for [`bpf`].
+unsafe fn bpf_ret<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, exclusively borrowed attribute of `size_of::<A>()` bytes; the
     // caller vouches for the pointers inside it.
     let ret = unsafe {
@@ -54,7 +152,7 @@ unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(ret)
     }
 }
 
