@@ -56,6 +56,15 @@ impl std::str::FromStr for Source {
     }
 }
 
+/// `--socket-lb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SocketLb {
+    /// No socket hooks (the default while the feature is in progress).
+    Off,
+    /// TCP connect() to ClusterIPs translated in the cgroup hooks.
+    On,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum XdpMode {
     /// Native (driver) XDP on NICs whose driver has it; tc alone on software interfaces
@@ -161,6 +170,21 @@ pub struct RunArgs {
     /// XDP on the external interfaces.
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
+
+    /// Socket-level balancing (in progress, off by default): `on` attaches cgroup v2 socket
+    /// hooks to --cgroup-root, so that a TCP connect() to a ClusterIP from a process in it
+    /// connects to a backend directly (no per-packet NAT) and getpeername() still shows the
+    /// ClusterIP; a ClusterIP without endpoints fails connect() with ECONNREFUSED. Not yet: UDP,
+    /// NodePorts, LoadBalancer and external IPs, session affinity (those stay with the packet
+    /// path). `off` detaches hooks an earlier run attached.
+    #[arg(long, value_enum, default_value_t = SocketLb::Off)]
+    pub socket_lb: SocketLb,
+
+    /// The cgroup v2 directory whose processes get socket-level balancing (--socket-lb on).
+    /// Default: the host's cgroup v2 root, from /proc/self/mountinfo (/sys/fs/cgroup, or
+    /// /sys/fs/cgroup/unified on a hybrid host).
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
 
     /// Largest Maglev table, a prime. A service port with N endpoints gets the smallest table
     /// of at least 100 x N slots (from a fixed ladder of primes) up to this size: larger tables

@@ -97,6 +97,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         xdp_mode: args.xdp_mode,
     };
     ifaces.attach_new(&mut links, &mut datapath, &present);
+    socket_lb(&args, &mut datapath)?;
     let carried = carried + ct_carry::finish(&args.bpffs_dir, &mut maps.ct)?;
     if carrying {
         datapath.set_ct_carrying(false)?;
@@ -298,4 +299,30 @@ fn sample_fill(maps: &lb_datapath::maps::Maps, metrics: &metrics::Metrics, capac
         metrics.backends.get() as usize,
         lb_common::maps::capacity::BACKENDS,
     );
+}
+
+/// `--socket-lb`: attaches the socket programs to `--cgroup-root` (taking over the links an
+/// earlier agent pinned), or detaches the hooks an earlier run left when off.
+fn socket_lb(args: &RunArgs, datapath: &mut Datapath) -> Result<()> {
+    match args.socket_lb {
+        config::SocketLb::On => {
+            let root = match &args.cgroup_root {
+                Some(dir) => dir.clone(),
+                None => lb_datapath::socket_lb::default_cgroup_root()?,
+            };
+            lb_datapath::socket_lb::attach(datapath, &args.bpffs_dir, &root)
+                .with_context(|| format!("--socket-lb on, --cgroup-root {}", root.display()))?;
+            info!(cgroup = %root.display(), "socket-level balancing on (TCP to ClusterIPs)");
+        }
+        config::SocketLb::Off => {
+            let removed = lb_datapath::socket_lb::detach(&args.bpffs_dir)?;
+            if removed > 0 {
+                info!(
+                    links = removed,
+                    "socket-level balancing off: detached an earlier run's hooks"
+                );
+            }
+        }
+    }
+    Ok(())
 }
