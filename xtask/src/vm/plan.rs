@@ -22,7 +22,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 20] = [
+pub(super) const PLAN: [Step; 21] = [
     Step {
         name: "datapath",
         target: "datapath",
@@ -87,6 +87,12 @@ pub(super) const PLAN: [Step; 20] = [
     Step {
         name: "datapath_affinity",
         target: "datapath_affinity",
+        args: &[],
+        env: &[],
+    },
+    Step {
+        name: "socket_lb",
+        target: "socket_lb",
         args: &[],
         env: &[],
     },
@@ -161,6 +167,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t bpf bpf /sys/fs/bpf
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ln -s /proc/self/fd /dev/fd
 ip link set lo up
 echo "{MARK} booted $(uname -r) ($(cut -d' ' -f1 /proc/uptime)s after start), $(nproc) CPUs, $(free -m | awk '/Mem:/ {{print $2}}') MiB"
