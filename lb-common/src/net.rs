@@ -113,6 +113,11 @@ pub mod proto {
         }
     }
 
+    /// Whether frontends serve this protocol (the datapath reads its ports): TCP, UDP, SCTP.
+    pub const fn balanced(l4_proto: u8) -> bool {
+        matches!(l4_proto, TCP | UDP | SCTP)
+    }
+
     /// Whether the datapath may give a flow of this protocol other ports than its own: not
     /// SCTP, whose CRC32c over the whole packet would have to be computed anew (BPF has no
     /// helper for it, and a per-packet pass over the payload is the cost this datapath avoids).

@@ -59,7 +59,7 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         // An error quoting none of our flows: the stack decides.
         return Action::Pass;
     }
-    if ip.proto != proto::TCP && ip.proto != proto::UDP && ip.proto != proto::SCTP {
+    if !proto::balanced(ip.proto) {
         return not_served(frame, ip, None, addr, len);
     }
     let Some(l4) = parse::l4(frame, ip.proto, l4_off) else {
@@ -113,17 +113,15 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         proto: ip.proto,
         scope,
     };
+    // A miss from outside on a ClusterIP tries its internal frontend (`external_cluster_ip`).
     // SAFETY: hash map value, copied out at once.
-    let frontend = match (unsafe { LB_SERVICES.get(&key) }).copied() {
-        Some(frontend) => frontend,
-        None => match key.external_cluster_ip(&addr, &snat::node_config()) {
-            // SAFETY: hash map value, copied out at once.
-            Some(internal) => match (unsafe { LB_SERVICES.get(&internal) }).copied() {
-                Some(frontend) => frontend,
-                None => return not_served(frame, ip, Some(&l4), addr, len),
-            },
-            None => return not_served(frame, ip, Some(&l4), addr, len),
-        },
+    let frontend = (unsafe { LB_SERVICES.get(&key) }).copied().or_else(|| {
+        let internal = key.external_cluster_ip(&addr, &snat::node_config())?;
+        // SAFETY: as above.
+        (unsafe { LB_SERVICES.get(&internal) }).copied()
+    });
+    let Some(frontend) = frontend else {
+        return not_served(frame, ip, Some(&l4), addr, len);
     };
     new_flow(frame, ip, &l4, &flow, &frontend, scope, now, len)
 }

@@ -85,9 +85,7 @@ fn quote<F: Frame>(frame: &mut F, icmp_off: usize) -> Option<Quote> {
     let (version_ihl, l4_proto, src, dst) =
         unsafe { ((*ip).version_ihl, (*ip).proto, (*ip).saddr, (*ip).daddr) };
     let words = (version_ihl & 0x0f) as usize;
-    if words < IPV4_MIN_HDR_LEN / 4
-        || (l4_proto != proto::TCP && l4_proto != proto::UDP && l4_proto != proto::SCTP)
-    {
+    if words < IPV4_MIN_HDR_LEN / 4 || !proto::balanced(l4_proto) {
         return None;
     }
     let l4_off = l3_off + words * 4;

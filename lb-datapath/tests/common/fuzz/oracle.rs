@@ -184,7 +184,7 @@ fn forward(maps: &Maps, flow_scope: u8, frame: &[u8]) -> Expect {
         // An error about none of our flows is the stack's.
         return icmp_towards_frontend(maps, frame, l4_off).unwrap_or(Expect::Untouched);
     }
-    if ![proto::TCP, proto::UDP, proto::SCTP].contains(&ip.proto()) {
+    if !proto::balanced(ip.proto()) {
         return if addr.is_cluster_ip() {
             Expect::Reject(Reason::RejectUnknownPort, answer(frame, &ip, None))
         } else {

@@ -155,7 +155,7 @@ pub fn quote(frame: &[u8], icmp_off: usize) -> Option<Quote> {
     }
     let words = usize::from(frame[l3_off] & 0x0f);
     let l4_proto = frame[l3_off + 9];
-    if words < 5 || ![proto::TCP, proto::UDP, proto::SCTP].contains(&l4_proto) {
+    if words < 5 || !proto::balanced(l4_proto) {
         return None;
     }
     let l4_off = l3_off + words * 4;
