@@ -12,7 +12,7 @@ use std::{
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -24,45 +24,13 @@ use lb_datapath::{
     program::{BackendSpec, FrontendKind, FrontendSpec, ServiceSpec, Services},
     socket_lb::{self, SockHook},
 };
-use lb_testbed::{Netns, netns::unique_prefix};
+use lb_testbed::{Cgroup, Netns, netns::unique_prefix};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 41);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 42);
 /// No frontend, no route in the test's namespace.
 const ELSEWHERE: Ipv4Addr = Ipv4Addr::new(10, 255, 255, 1);
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-/// A cgroup v2 directory of the test's own under the host's cgroup v2 root, removed on drop
-/// (its processes killed first, should a failed test have left any).
-struct TestCgroup {
-    path: PathBuf,
-}
-
-impl TestCgroup {
-    fn new() -> Self {
-        let root = socket_lb::default_cgroup_root().expect("a cgroup v2 hierarchy");
-        let path = root.join(unique_prefix("sock"));
-        std::fs::create_dir(&path)
-            .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", path.display()));
-        Self { path }
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            match std::fs::remove_dir(&self.path) {
-                Ok(()) => return,
-                Err(e) if e.kind() == ErrorKind::NotFound => return,
-                Err(_) => {
-                    let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        }
-        eprintln!("cannot remove cgroup {}", self.path.display());
-    }
-}
 
 /// What one `connect()` of the client did: its errno (0: connected), and then the peer
 /// `getpeername()` showed and its own address.
@@ -244,7 +212,7 @@ struct Bed {
     _services: Services,
     datapath: Datapath,
     bpffs: TempBpffs,
-    cgroup: TestCgroup,
+    cgroup: Cgroup,
 }
 
 fn listener() -> TcpListener {
@@ -283,7 +251,8 @@ fn bed() -> Option<Bed> {
     if !common::require_privileges() {
         return None;
     }
-    let cgroup = TestCgroup::new();
+    let root = socket_lb::default_cgroup_root().expect("a cgroup v2 hierarchy");
+    let cgroup = Cgroup::new(&root, &unique_prefix("sock")).expect("a cgroup of the test's own");
     let bpffs = TempBpffs::new(&unique_prefix("sock"));
     let ns = Netns::new(unique_prefix("sock")).expect("netns");
     let (backends, plain) = ns
@@ -299,7 +268,7 @@ fn bed() -> Option<Bed> {
     services
         .program(&mut maps, &cluster_ip("empty", EMPTY_VIP, 80, &[]))
         .expect("empty");
-    socket_lb::attach(&mut datapath, &bpffs.dir, &cgroup.path).expect("attach");
+    socket_lb::attach(&mut datapath, &bpffs.dir, cgroup.path()).expect("attach");
     Some(Bed {
         ns,
         backends,
@@ -315,7 +284,7 @@ fn bed() -> Option<Bed> {
 impl Bed {
     /// [`connect_from`] in the bed's namespace, from inside the cgroup or (`false`) outside it.
     fn connect(&self, inside: bool, targets: &[SocketAddrV4]) -> Vec<Outcome> {
-        let cgroup = inside.then(|| self.cgroup.path.clone());
+        let cgroup = inside.then(|| self.cgroup.path().to_path_buf());
         let targets = targets.to_vec();
         self.ns
             .enter(move || connect_from(cgroup.as_deref(), &targets))
@@ -404,14 +373,14 @@ fn a_restarted_datapath_takes_over_the_pinned_links_and_cleanup_removes_them() {
         before.iter().map(|(h, _)| *h).collect::<Vec<_>>(),
         SockHook::ALL
     );
-    let cgroup_id = std::fs::metadata(&bed.cgroup.path).unwrap().ino();
+    let cgroup_id = std::fs::metadata(&bed.cgroup.path()).unwrap().ino();
     for (hook, info) in &before {
         assert_eq!(info.cgroup_id, cgroup_id, "{hook:?}: on the test's cgroup");
     }
 
     // A second datapath on the same pins (an agent restart): the same links, its programs.
     let mut second = load(&bed.bpffs);
-    socket_lb::attach(&mut second, &bed.bpffs.dir, &bed.cgroup.path).expect("attach again");
+    socket_lb::attach(&mut second, &bed.bpffs.dir, &bed.cgroup.path()).expect("attach again");
     let after = socket_lb::links(&bed.bpffs.dir).expect("links");
     for ((hook, old), (_, new)) in before.iter().zip(&after) {
         assert_eq!(old.link_id, new.link_id, "{hook:?}: the link is kept");

@@ -11,6 +11,7 @@
 
 pub mod addressing;
 pub mod agents;
+pub mod cgroup;
 pub mod cluster;
 pub mod ethtool;
 pub mod interrupt;
@@ -26,6 +27,7 @@ pub mod xdp;
 
 pub use addressing::AddressPlan;
 pub use agents::Agents;
+pub use cgroup::Cgroup;
 pub use cluster::{Cluster, PodRef, Wiring};
 pub use netns::Netns;
 pub use node::{Node, Pod};
