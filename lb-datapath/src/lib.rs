@@ -30,6 +30,7 @@ pub mod model;
 pub mod planner;
 pub mod predict;
 pub mod program;
+pub mod sock_close;
 pub mod socket_lb;
 mod sys;
 pub mod tc_record;
