@@ -22,7 +22,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 21] = [
+pub(super) const PLAN: [Step; 22] = [
     Step {
         name: "datapath",
         target: "datapath",
@@ -93,6 +93,12 @@ pub(super) const PLAN: [Step; 21] = [
     Step {
         name: "socket_lb",
         target: "socket_lb",
+        args: &[],
+        env: &[],
+    },
+    Step {
+        name: "socket_lb_rules",
+        target: "socket_lb_rules",
         args: &[],
         env: &[],
     },
