@@ -29,6 +29,7 @@ pub mod maps;
 pub mod model;
 pub mod planner;
 pub mod predict;
+pub mod predict_sock;
 pub mod program;
 pub mod sock_close;
 pub mod socket_lb;

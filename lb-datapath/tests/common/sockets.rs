@@ -48,6 +48,8 @@ pub struct Outcome {
     pub local_port: u16,
     /// How long the call took, in milliseconds.
     pub millis: u32,
+    /// The socket's cookie (`SO_COOKIE`), which picked its Maglev slot.
+    pub cookie: u64,
 }
 
 impl Outcome {
@@ -225,6 +227,15 @@ unsafe fn client(procs_fd: i32, out: i32, call: Call, addrs: &[libc::sockaddr_in
                 libc::getsockname(s, (&raw mut local).cast(), &mut llen);
                 o.local_port = u16::from_be(local.sin_port);
             }
+            const SO_COOKIE: i32 = 57;
+            let mut clen = size_of::<u64>() as libc::socklen_t;
+            libc::getsockopt(
+                s,
+                libc::SOL_SOCKET,
+                SO_COOKIE,
+                (&raw mut o.cookie).cast(),
+                &mut clen,
+            );
             let bytes = size_of::<Outcome>();
             if libc::write(out, (&raw const o).cast(), bytes) != bytes as isize {
                 libc::_exit(3);
