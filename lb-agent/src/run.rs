@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::{Context as _, Result};
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use lb_datapath::{
     Capacities, Datapath, Pinning, attach::Links, bpffs, ct_carry, loader, planner::Limits,
@@ -324,6 +324,13 @@ fn socket_lb(
             return Ok(());
         }
     };
+    // A kernel that refused the programs (before 6.1) leaves this node as with `off`, loudly,
+    // rather than failing the agent: one old node in a DaemonSet must not lose its packet path.
+    if let Err(e) = datapath.sock_program(lb_common::programs::SOCK_CONNECT4) {
+        error!(error = %e, "--socket-lb {mode:?} is unavailable on this kernel: the node's own processes are not served; pods keep the packet path");
+        let _ = socket_lb::detach(&args.bpffs_dir);
+        return Ok(());
+    }
     let root = match &args.cgroup_root {
         Some(dir) => dir.clone(),
         None => socket_lb::default_cgroup_root()?,
