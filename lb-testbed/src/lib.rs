@@ -26,9 +26,9 @@ pub mod temp_dir;
 pub mod xdp;
 
 pub use addressing::AddressPlan;
-pub use agents::Agents;
+pub use agents::{Agents, SocketLb};
 pub use cgroup::Cgroup;
-pub use cluster::{Cluster, PodRef, Wiring};
+pub use cluster::{Cluster, NodeCgroups, PodRef, Wiring};
 pub use netns::Netns;
 pub use node::{Node, Pod};
 pub use source_dir::SourceDir;
