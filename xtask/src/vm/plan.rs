@@ -22,7 +22,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 21] = [
+pub(super) const PLAN: [Step; 22] = [
     Step {
         name: "datapath",
         target: "datapath",
@@ -142,6 +142,14 @@ pub(super) const PLAN: [Step; 21] = [
         name: "e2e NodePort",
         target: "e2e_external",
         args: &["node_ports_from_outside"],
+        env: &[],
+    },
+    // Socket-level balancing with the real agents, clients in a node's and a pod's cgroup: every
+    // hook on 6.1, and a connected UDP socket closed without bpf_sock_destroy (6.5+).
+    Step {
+        name: "e2e socket-level balancing",
+        target: "e2e_socket_lb",
+        args: &[],
         env: &[],
     },
     Step {
