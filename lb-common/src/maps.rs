@@ -52,12 +52,18 @@ pub const LB_AFFINITY: &str = "LB_AFFINITY";
 /// affinity per endpoint, in one list that both of its chains consult: a client that reached an
 /// endpoint on this node through either keeps it through the other. Written by the agent.
 pub const LB_AFFINITY_SCOPE: &str = "LB_AFFINITY_SCOPE";
-/// `socket cookie (u64) -> SockRev` (LRU): the frontend a socket asked `connect()` for, when
-/// socket-level balancing connected it to a backend instead, so that `getpeername()` shows the
-/// frontend. Written by the `cgroup/connect4` program, read by `cgroup/getpeername4`; nothing
-/// deletes entries (a socket's cookie is never reused; the LRU drops the oldest). See
-/// [`crate::sock`].
+/// `SockRevKey -> SockRev` (LRU): the frontend a socket asked for when socket-level balancing
+/// connected it (or sent its datagram) to a backend instead, so that `getpeername()` and
+/// `recvmsg()` show the frontend. Written by `cgroup/connect4` and `cgroup/sendmsg4`, read by
+/// `cgroup/getpeername4` and `cgroup/recvmsg4`; nothing deletes entries (a socket's cookie is
+/// never reused; the LRU drops the oldest). See [`crate::sock`].
 pub const LB_SOCK_REV: &str = "LB_SOCK_REV";
+/// `0 -> SockConfig` (array of one): what the socket programs know of the node (its network
+/// namespace, `--socket-lb host-only`). Written by the agent when it attaches them.
+pub const LB_SOCK_CONFIG: &str = "LB_SOCK_CONFIG";
+/// `set id -> SockStats` (per-CPU array): what the socket programs did for each backend set's
+/// frontends (`lbctl service list`).
+pub const LB_SOCK_STATS: &str = "LB_SOCK_STATS";
 
 /// `0 -> NodeConfig` (array of one): what the datapath needs to know about this node. Written
 /// by the agent.
@@ -116,7 +122,7 @@ pub const LB_EVENT_SLOT: &str = "LB_EVENT_SLOT";
 pub const AYA_LOGS: &str = "AYA_LOGS";
 
 /// Every pinned map, in creation order, for tools that walk them all.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 17] = [
     LB_ADDRS,
     LB_SERVICES,
     LB_BACKENDS,
@@ -132,6 +138,8 @@ pub const ALL: [&str; 15] = [
     LB_DIRECT_NAT,
     LB_AFFINITY_SCOPE,
     LB_SOCK_REV,
+    LB_SOCK_CONFIG,
+    LB_SOCK_STATS,
 ];
 
 /// A map's key and value sizes as this version lays them out: what the BPF object declares
@@ -176,7 +184,13 @@ pub const LAYOUTS: [Layout; ALL.len()] = {
         layout(LB_ANSWERS, 4, size_of::<crate::answer::Bucket>()),
         layout(LB_DIRECT_NAT, 4, 4),
         layout(LB_AFFINITY_SCOPE, 4, 4),
-        layout(LB_SOCK_REV, 8, size_of::<SockRev>()),
+        layout(
+            LB_SOCK_REV,
+            size_of::<crate::sock::SockRevKey>(),
+            size_of::<crate::sock::SockRev>(),
+        ),
+        layout(LB_SOCK_CONFIG, 4, size_of::<crate::sock::SockConfig>()),
+        layout(LB_SOCK_STATS, 4, size_of::<crate::sock::SockStats>()),
     ]
 };
 
@@ -255,8 +269,8 @@ pub mod capacity {
     pub const SRC_RANGES: u32 = 16_384;
     /// (client, service) pairs with session affinity.
     pub const AFFINITY: u32 = 65_536;
-    /// Sockets connected by socket-level balancing whose frontend `getpeername()` still shows
-    /// (LRU: the oldest entries go first, whether or not their socket is still open).
+    /// (Socket, backend) pairs whose frontend `getpeername()` and `recvmsg()` still show (LRU: the
+    /// oldest entries go first, whether or not their socket is still open).
     pub const SOCK_REV: u32 = 65_536;
 }
 
@@ -641,18 +655,6 @@ impl AffinityEntry {
     }
 }
 
-/// Value of [`LB_SOCK_REV`]: the frontend a socket asked for and the backend it was connected
-/// to instead. `getpeername()` shows the frontend only while the socket's peer is still that
-/// backend.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct SockRev {
-    pub frontend_addr: Be32,
-    pub backend_addr: Be32,
-    pub frontend_port: Be16,
-    pub backend_port: Be16,
-}
-
 /// Value of [`LB_SVC_STATS`] (per CPU; userspace sums the CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -686,7 +688,6 @@ const _: () = {
     assert!(size_of::<FragEntry>() == 4);
     assert!(size_of::<SetStats>() == 24);
     assert!(size_of::<Counter>() == 16);
-    assert!(size_of::<SockRev>() == 12);
 };
 
 #[cfg(feature = "user")]
@@ -702,6 +703,5 @@ aya_pod!(
     SourceRange,
     AffinityKey,
     AffinityEntry,
-    NodeConfig,
-    SockRev
+    NodeConfig
 );

@@ -13,10 +13,15 @@ pub const TO_POD: &str = "lb_to_pod";
 pub const EXT_IN: &str = "lb_ext_in";
 /// tc egress of an uplink: reverse NAT of this node's backends' replies to clients elsewhere.
 pub const EXT_OUT: &str = "lb_ext_out";
-/// `cgroup/connect4`: socket-level balancing, a TCP `connect()` to a ClusterIP frontend connects
-/// to one of its backends instead. Attached to a cgroup v2 directory only when asked
-/// (`lb-agent --socket-lb on`).
+/// `cgroup/connect4`: socket-level balancing, a `connect()` (TCP, or UDP from the node's own
+/// namespace) to a frontend connects to one of its backends instead. Attached to a cgroup v2
+/// directory only when asked (`lb-agent --socket-lb on|host-only`).
 pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+/// `cgroup/sendmsg4`: an unconnected UDP datagram to a frontend goes to one of its backends.
+pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+/// `cgroup/recvmsg4`: a datagram from a backend `lb_sock_sendmsg4` sent to shows the frontend as
+/// its source.
+pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
 /// `cgroup/getpeername4`: `getpeername()` on a socket `lb_sock_connect4` connected shows the
 /// frontend it asked for.
 pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
@@ -28,16 +33,23 @@ pub const EMPTY_TC: &str = "bench_empty_tc";
 pub const TC: [&str; 4] = [FROM_POD, TO_POD, EXT_IN, EXT_OUT];
 
 /// The cgroup socket programs (socket-level balancing).
-pub const SOCK: [&str; 2] = [SOCK_CONNECT4, SOCK_GETPEERNAME4];
+pub const SOCK: [&str; 4] = [
+    SOCK_CONNECT4,
+    SOCK_SENDMSG4,
+    SOCK_RECVMSG4,
+    SOCK_GETPEERNAME4,
+];
 
 /// Every program, for tools that check the object holds them all.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 11] = [
     XDP,
     FROM_POD,
     TO_POD,
     EXT_IN,
     EXT_OUT,
     SOCK_CONNECT4,
+    SOCK_SENDMSG4,
+    SOCK_RECVMSG4,
     SOCK_GETPEERNAME4,
     EMPTY_XDP,
     EMPTY_TC,

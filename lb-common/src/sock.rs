@@ -1,54 +1,60 @@
-//! Socket-level balancing (the `cgroup/connect4` and `cgroup/getpeername4` programs): what a
-//! `connect()` to a frontend becomes, and the hash that picks its Maglev slot. The kernel
-//! programs call these rules; userspace (tests, later `lbctl trace`) can call them too.
+//! Socket-level balancing (the cgroup v2 `sock_addr` programs): what a `connect()` or a
+//! `sendmsg()` to a frontend becomes, the hash that picks its Maglev slot, and the layouts of the
+//! maps only those programs use. The kernel programs call these rules; userspace (`lbctl trace`,
+//! tests) calls them too.
+
+use bytemuck::{Pod, Zeroable};
 
 use crate::{
     Be16, Be32,
     hash::flow_hash,
     maps::{Frontend, FrontendKey},
-    net::proto,
 };
 
-/// What `connect()` to an address of a ClusterIP does.
+/// What a `connect()` (TCP or UDP) or an unconnected UDP `sendmsg()` to a frontend does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Connect {
-    /// Left to the packet path: the socket connects to the address it asked for.
+    /// Left to the packet path: the socket connects (or sends) to the address it asked for.
     Leave,
-    /// `connect()` fails at once with [`REFUSED_ERRNO`]: the frontend has no backend that takes
+    /// The call fails at once with [`REFUSED_ERRNO`]: the frontend has no backend that takes
     /// new connections, or the ClusterIP does not serve that port (the packet path rejects both
-    /// with a TCP reset, which a client also sees as `ECONNREFUSED`).
+    /// with a TCP reset or an ICMP port unreachable, which a client also sees as
+    /// `ECONNREFUSED`).
     Refuse,
-    /// Connected to a backend of the frontend.
+    /// Connected (or sent) to a backend of the frontend.
     Balance,
 }
 
-/// The errno `connect()` returns for [`Connect::Refuse`]: `ECONNREFUSED` (111 on x86-64 and
-/// arm64, the architectures the datapath is built for). The program sets it with
-/// `bpf_set_retval` (cgroup `sock_addr` programs have it from Linux 6.1) and returns 0; without
-/// it, a 0 from the program makes the syscall fail with `EPERM`.
+/// The errno a refused call returns: `ECONNREFUSED` (111 on x86-64 and arm64, the architectures
+/// the datapath is built for). The program sets it with `bpf_set_retval` (cgroup `sock_addr`
+/// programs have it from Linux 6.1) and returns 0; without it, a 0 from the program makes the
+/// syscall fail with `EPERM`.
 pub const REFUSED_ERRNO: i32 = 111;
 
-/// What `connect()` to `frontend` (found for the socket's destination, internal scope) does.
-/// Frontends whose rules need the client's address (session affinity, source ranges) are left
-/// to the packet path: before `connect()` a socket usually has no source address yet.
+/// What a call to `frontend` (found for the destination, internal scope) does, for a client
+/// whose address is `client` when the program knows it (a socket bound to an address, or any
+/// socket of the node's own network namespace, whose connections leave from the node's address).
+/// Session affinity and source ranges need that address; a pod's unbound socket has none yet,
+/// so those frontends leave it to the packet path, which sees the pod's address on its packets.
 #[inline(always)]
-pub const fn on_connect(frontend: &Frontend) -> Connect {
+pub const fn on_connect(frontend: &Frontend, client: Option<Be32>) -> Connect {
     if frontend.backend_count == 0 {
         Connect::Refuse
-    } else if frontend.affinity_timeout_s != 0 || frontend.has_source_ranges() {
+    } else if client.is_none() && (frontend.affinity_timeout_s != 0 || frontend.has_source_ranges())
+    {
         Connect::Leave
     } else {
         Connect::Balance
     }
 }
 
-/// The hash whose Maglev slot a socket's `connect()` to `frontend` uses. A socket has no source
-/// port before `connect()`, so the socket's cookie (unique per socket for the life of the
-/// system) stands in for the source address and port of the flow hash: sockets spread over the
-/// table as flows from consecutive source ports do, and one socket connecting again (a
-/// non-blocking `connect()` repeated) gets the same backend while the table is unchanged.
-/// Unlike a flow's hash it is not the same on every node: a connected socket needs no other
-/// node to agree.
+/// The hash whose Maglev slot a socket's call to `frontend` uses. A socket has no source port
+/// before `connect()`, so the socket's cookie (unique per socket for the life of the system)
+/// stands in for the source address and port of the flow hash: sockets spread over the table as
+/// flows from consecutive source ports do, and one socket calling again (a non-blocking
+/// `connect()` repeated, every datagram of an unconnected UDP socket) gets the same backend
+/// while the table is unchanged. Unlike a flow's hash it is not the same on every node: a
+/// connected socket needs no other node to agree.
 #[inline(always)]
 pub const fn slot_hash(cookie: u64, frontend: &FrontendKey) -> u32 {
     flow_hash(
@@ -56,40 +62,139 @@ pub const fn slot_hash(cookie: u64, frontend: &FrontendKey) -> u32 {
         frontend.addr,
         Be16::from_raw((cookie >> 32) as u16),
         frontend.port,
-        proto::TCP,
+        frontend.proto,
     )
 }
+
+/// Key of [`crate::maps::LB_SOCK_REV`]: a socket and the backend it was connected or sent to
+/// instead of a frontend. Keyed by the backend too because one unconnected UDP socket can send
+/// to several frontends, and `recvmsg()` must show each reply the frontend its request went to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub backend_addr: Be32,
+    pub backend_port: Be16,
+    /// IP protocol number ([`crate::net::proto`]).
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of [`crate::maps::LB_SOCK_REV`]: the frontend the socket asked for, which
+/// `getpeername()` and `recvmsg()` show while the peer is the backend of the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockRev {
+    pub frontend_addr: Be32,
+    pub frontend_port: Be16,
+    pub _pad: u16,
+}
+
+/// Value of [`crate::maps::LB_SOCK_CONFIG`]: what the socket programs need to know of the node.
+/// Written by the agent when it attaches them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockConfig {
+    /// The network namespace cookie of the node's own namespace (`SO_NETNS_COOKIE`): its
+    /// sockets are the node's processes (host-network pods included), the others pods'.
+    pub host_netns_cookie: u64,
+    /// [`sock_flags`] bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Bits of [`SockConfig::flags`].
+pub mod sock_flags {
+    /// `lb-agent --socket-lb host-only`: only the node's own sockets are balanced in the hooks;
+    /// pods' are left to the packet path (service meshes that need to see the Service address).
+    pub const HOST_ONLY: u32 = 1 << 0;
+}
+
+impl SockConfig {
+    /// Whether the hooks balance a socket of the network namespace whose cookie is `netns`.
+    #[inline(always)]
+    pub const fn serves(&self, netns: u64) -> bool {
+        self.flags & sock_flags::HOST_ONLY == 0 || self.is_host(netns)
+    }
+
+    /// Whether `netns` is the node's own network namespace.
+    #[inline(always)]
+    pub const fn is_host(&self, netns: u64) -> bool {
+        self.host_netns_cookie != 0 && netns == self.host_netns_cookie
+    }
+}
+
+/// Value of [`crate::maps::LB_SOCK_STATS`] (per CPU, per backend set; userspace sums the CPUs):
+/// what the hooks did for the frontends of a set, whose packets then never meet the packet path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockStats {
+    /// `connect()`s connected to a backend of the set.
+    pub connects: u64,
+    /// Unconnected UDP datagrams sent to a backend of the set.
+    pub datagrams: u64,
+    /// Calls refused at once (no backend takes new connections).
+    pub refused: u64,
+}
+
+const _: () = {
+    assert!(size_of::<SockRevKey>() == 16);
+    assert!(size_of::<SockRev>() == 8);
+    assert!(size_of::<SockConfig>() == 16);
+    assert!(size_of::<SockStats>() == 24);
+};
+
+#[cfg(feature = "user")]
+aya_pod!(SockRevKey, SockRev, SockConfig, SockStats);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn empty_frontends_refuse_and_client_rules_stay_with_the_packet_path() {
+    fn empty_frontends_refuse_and_client_rules_need_the_clients_address() {
         let balanced = Frontend {
             backend_count: 2,
             ..Frontend::default()
         };
-        assert_eq!(on_connect(&balanced), Connect::Balance);
-        assert_eq!(on_connect(&Frontend::default()), Connect::Refuse);
+        let node = Some(Be32::from_ip(core::net::Ipv4Addr::new(192, 168, 1, 10)));
+        assert_eq!(on_connect(&balanced, None), Connect::Balance);
+        assert_eq!(on_connect(&Frontend::default(), None), Connect::Refuse);
         let sticky = Frontend {
             affinity_timeout_s: 10_800,
             ..balanced
         };
-        assert_eq!(on_connect(&sticky), Connect::Leave);
+        assert_eq!(on_connect(&sticky, None), Connect::Leave);
+        assert_eq!(on_connect(&sticky, node), Connect::Balance);
         let ranged = Frontend {
             source_range_id: 3,
             ..balanced
         };
-        assert_eq!(on_connect(&ranged), Connect::Leave);
+        assert_eq!(on_connect(&ranged, None), Connect::Leave);
+        assert_eq!(on_connect(&ranged, node), Connect::Balance);
         // No backend refuses even with affinity (as the packet path rejects everyone).
-        assert_eq!(
-            on_connect(&Frontend {
-                backend_count: 0,
-                ..sticky
-            }),
-            Connect::Refuse
-        );
+        let empty = Frontend {
+            backend_count: 0,
+            ..sticky
+        };
+        assert_eq!(on_connect(&empty, None), Connect::Refuse);
+    }
+
+    #[test]
+    fn host_only_serves_the_nodes_own_namespace_only() {
+        let on = SockConfig {
+            host_netns_cookie: 1,
+            ..SockConfig::default()
+        };
+        assert!(on.serves(1) && on.serves(4096));
+        let host_only = SockConfig {
+            flags: sock_flags::HOST_ONLY,
+            ..on
+        };
+        assert!(host_only.serves(1) && !host_only.serves(4096));
+        assert!(on.is_host(1) && !on.is_host(4096));
+        // Unknown (zero) host cookie: no socket is the node's.
+        assert!(!SockConfig::default().is_host(0));
     }
 
     #[test]

@@ -140,35 +140,19 @@ impl Datapath {
         Ok(Self { ebpf, sock_refused })
     }
 
-    /// The socket-level balancing programs, `lb_common::programs::SOCK` in order (`connect4`,
-    /// `getpeername4`); an error when the kernel refused them at load.
-    pub fn sock_programs(
+    /// The socket-level balancing program `name` (one of `lb_common::programs::SOCK`); an error
+    /// when the kernel refused them at load.
+    pub fn sock_program(
         &mut self,
-    ) -> Result<(&mut CgroupSockAddr, &mut CgroupSockAddr), DatapathError> {
-        if let Some((name, reason)) = &self.sock_refused {
+        name: &'static str,
+    ) -> Result<&mut CgroupSockAddr, DatapathError> {
+        if let Some((refused, reason)) = &self.sock_refused {
             return Err(DatapathError::SocketLbUnavailable {
-                name,
+                name: refused,
                 reason: reason.clone(),
             });
         }
-        let [connect4, getpeername4] = self
-            .ebpf
-            .programs_mut()
-            .filter(|(name, _)| programs::SOCK.contains(name))
-            .fold([None, None], |mut found, (name, prog)| {
-                let i = usize::from(name == programs::SOCK_GETPEERNAME4);
-                found[i] = <&mut CgroupSockAddr>::try_from(prog).ok();
-                found
-            });
-        match (connect4, getpeername4) {
-            (Some(c), Some(g)) => Ok((c, g)),
-            (None, _) => Err(DatapathError::MissingProgram {
-                name: programs::SOCK_CONNECT4,
-            }),
-            (_, None) => Err(DatapathError::MissingProgram {
-                name: programs::SOCK_GETPEERNAME4,
-            }),
-        }
+        program(&mut self.ebpf, name)
     }
 
     pub fn xdp(&mut self) -> &mut Xdp {

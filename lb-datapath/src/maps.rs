@@ -17,9 +17,10 @@ use lb_common::{
     conntrack::{CtEntry, FlowKey},
     maps::{
         self as names, AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey,
-        Frontend, FrontendKey, NodeConfig, SetStats, SockRev, SourceRange,
+        Frontend, FrontendKey, NodeConfig, SetStats, SourceRange,
         maglev::{self, CHUNK_SLOTS, Chunk},
     },
+    sock::{SockConfig, SockRev, SockRevKey, SockStats},
     stats::Reason,
 };
 
@@ -75,8 +76,12 @@ pub struct Maps {
     pub answers: Array<MapData, Bucket>,
     /// One entry: non-zero once the datapath gave a direct connection another source port.
     pub direct_nat: Array<MapData, u32>,
-    /// Socket cookie -> the frontend a socket-balanced socket asked for.
-    pub sock_rev: HashMap<MapData, u64, SockRev>,
+    /// (Socket, backend) -> the frontend a socket-balanced socket asked for.
+    pub sock_rev: HashMap<MapData, SockRevKey, SockRev>,
+    /// One entry: what the socket programs know of the node.
+    pub sock_config: Array<MapData, SockConfig>,
+    /// Set id -> what the socket programs did for its frontends (per CPU).
+    pub sock_stats: PerCpuArray<MapData, SockStats>,
     /// Descriptors of the maps written in bulk (typed handles keep theirs private).
     bulk: BTreeMap<&'static str, OwnedFd>,
 }
@@ -151,6 +156,8 @@ impl Maps {
             answers: typed!(names::LB_ANSWERS),
             direct_nat: typed!(names::LB_DIRECT_NAT),
             sock_rev: typed!(names::LB_SOCK_REV),
+            sock_config: typed!(names::LB_SOCK_CONFIG),
+            sock_stats: typed!(names::LB_SOCK_STATS),
             bulk,
         })
     }
@@ -368,5 +375,20 @@ impl Maps {
             bytes: acc.bytes + s.bytes,
             new_flows: acc.new_flows + s.new_flows,
         }))
+    }
+
+    /// What the socket programs did for one set's frontends, summed over CPUs.
+    pub fn sock_totals(&self, set_id: u32) -> Result<SockStats, MapsError> {
+        let per_cpu = self
+            .sock_stats
+            .get(&set_id, 0)
+            .map_err(map_err(names::LB_SOCK_STATS))?;
+        Ok(per_cpu
+            .iter()
+            .fold(SockStats::default(), |acc, s| SockStats {
+                connects: acc.connects + s.connects,
+                datagrams: acc.datagrams + s.datagrams,
+                refused: acc.refused + s.refused,
+            }))
     }
 }

@@ -1,6 +1,6 @@
-//! Socket-level balancing's attachments: the `cgroup/connect4` and `cgroup/getpeername4`
-//! programs attached to a cgroup v2 directory (every process in it or below it gets its
-//! `connect()`s to ClusterIPs translated) through BPF links pinned under
+//! Socket-level balancing's attachments: the `cgroup/connect4`, `sendmsg4`, `recvmsg4` and
+//! `getpeername4` programs attached to a cgroup v2 directory (every process in it or below it gets
+//! its `connect()`s and datagrams to frontends translated) through BPF links pinned under
 //! `<bpffs>/cgroup/`, so that they outlive the agent like the interface links
 //! ([`crate::attach`]). A starting agent swaps its programs into the links it finds
 //! (`BPF_LINK_UPDATE`: no `connect()` goes untranslated during an upgrade), replaces links that
@@ -9,17 +9,24 @@
 
 use std::{
     fs::File,
-    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    os::{
+        fd::{AsFd as _, AsRawFd as _},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use aya_obj::generated::{bpf_attach_type, bpf_link_type};
+use lb_common::{
+    programs,
+    sock::{SockConfig, sock_flags},
+};
 use tracing::warn;
 
 pub use crate::sys::CgroupLinkInfo;
-use crate::{loader::Datapath, sys};
+use crate::{loader::Datapath, maps::Maps, sys};
 
 /// The directory under the bpffs directory where the cgroup links are pinned (apart from the
 /// interface links in `links/`, which are pruned by interface name).
@@ -32,17 +39,38 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SockHook {
     Connect4,
+    Sendmsg4,
+    Recvmsg4,
     Getpeername4,
 }
 
 impl SockHook {
-    pub const ALL: [Self; 2] = [Self::Connect4, Self::Getpeername4];
+    /// In attach order: the programs that show frontends come before those that hide them, so
+    /// that no socket is translated before its replies can be shown as the frontend's.
+    pub const ALL: [Self; 4] = [
+        Self::Getpeername4,
+        Self::Recvmsg4,
+        Self::Sendmsg4,
+        Self::Connect4,
+    ];
 
     /// Its link's pin name under [`PIN_DIR`].
     pub const fn pin_name(self) -> &'static str {
         match self {
             Self::Connect4 => "connect4",
+            Self::Sendmsg4 => "sendmsg4",
+            Self::Recvmsg4 => "recvmsg4",
             Self::Getpeername4 => "getpeername4",
+        }
+    }
+
+    /// Its program in the BPF object.
+    pub const fn program(self) -> &'static str {
+        match self {
+            Self::Connect4 => programs::SOCK_CONNECT4,
+            Self::Sendmsg4 => programs::SOCK_SENDMSG4,
+            Self::Recvmsg4 => programs::SOCK_RECVMSG4,
+            Self::Getpeername4 => programs::SOCK_GETPEERNAME4,
         }
     }
 
@@ -50,6 +78,8 @@ impl SockHook {
     const fn attach_type(self) -> u32 {
         match self {
             Self::Connect4 => bpf_attach_type::BPF_CGROUP_INET4_CONNECT as u32,
+            Self::Sendmsg4 => bpf_attach_type::BPF_CGROUP_UDP4_SENDMSG as u32,
+            Self::Recvmsg4 => bpf_attach_type::BPF_CGROUP_UDP4_RECVMSG as u32,
             Self::Getpeername4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME as u32,
         }
     }
@@ -115,11 +145,8 @@ pub fn attach(datapath: &mut Datapath, bpffs_dir: &Path, cgroup: &Path) -> Resul
     let cgroup_id = cgroup_file.metadata()?.ino();
     let dir = bpffs_dir.join(PIN_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let (connect4, getpeername4) = datapath.sock_programs()?;
-    for (hook, prog) in [
-        (SockHook::Connect4, connect4),
-        (SockHook::Getpeername4, getpeername4),
-    ] {
+    for hook in SockHook::ALL {
+        let prog = datapath.sock_program(hook.program())?;
         let path = dir.join(hook.pin_name());
         if std::fs::symlink_metadata(&path).is_ok() {
             match swap_into(prog, &path, hook, cgroup_id) {
@@ -143,6 +170,58 @@ pub fn attach(datapath: &mut Datapath, bpffs_dir: &Path, cgroup: &Path) -> Resul
             .with_context(|| format!("cannot pin link at {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Which sockets of the cgroup the hooks balance (`lb-agent --socket-lb`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every process's, the node's and its pods'.
+    On,
+    /// The node's own network namespace only; pods' sockets are left to the packet path.
+    HostOnly,
+}
+
+/// Tells the socket programs which network namespace is the node's (`host_netns`, see
+/// [`netns_cookie`]) and which sockets they balance. Until this is written the programs treat
+/// no namespace as the node's: they balance pods and node alike, but leave connected UDP
+/// sockets and affinity or source-range frontends to the packet path.
+pub fn configure(maps: &mut Maps, mode: Mode, host_netns: u64) -> Result<()> {
+    let config = SockConfig {
+        host_netns_cookie: host_netns,
+        flags: match mode {
+            Mode::On => 0,
+            Mode::HostOnly => sock_flags::HOST_ONLY,
+        },
+        _pad: 0,
+    };
+    maps.sock_config
+        .set(0, config, 0)
+        .with_context(|| format!("writing {}", lb_common::maps::LB_SOCK_CONFIG))
+}
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+), as
+/// the socket programs' `bpf_get_netns_cookie` sees it.
+pub fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))
+        .context("a socket to read the network namespace cookie from")?;
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE)");
+    }
+    Ok(cookie)
 }
 
 /// Swaps `prog` into the link pinned at `path` when it is `hook`'s link on cgroup `cgroup_id`

@@ -203,10 +203,11 @@ fn new_flow<F: Frame>(
     if frontend.backend_count == 0 {
         return no_backend(frame, ip, l4, frontend, len);
     }
-    if !select::source_allowed(frontend, flow) {
+    if !select::source_allowed(frontend, flow.src_addr) {
         return counted(Reason::DropSourceRange, len, Action::Drop);
     }
-    let Some((backend_id, backend)) = select::backend(frontend, flow, now) else {
+    let Some((backend_id, backend)) = select::backend(frontend, flow.src_addr, || flow.hash(), now)
+    else {
         events::inconsistent_service(flow, frontend.set_id);
         return counted(Reason::DropNoTable, len, Action::Drop);
     };

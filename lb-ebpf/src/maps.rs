@@ -13,8 +13,9 @@ use lb_common::{
     events::{Budget, Event},
     maps::{
         AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey, Frontend,
-        FrontendKey, NodeConfig, SetStats, SockRev, SourceRange, capacity, maglev,
+        FrontendKey, NodeConfig, SetStats, SourceRange, capacity, maglev,
     },
+    sock::{SockConfig, SockRev, SockRevKey, SockStats},
     stats::Reason,
 };
 
@@ -94,10 +95,18 @@ pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { capacity::AFFIN
 #[btf_map]
 pub static LB_AFFINITY_SCOPE: Array<u32, { capacity::SETS as usize }> = Array::new();
 
-/// See [`lb_common::maps::LB_SOCK_REV`]: keyed by socket cookie.
+/// See [`lb_common::maps::LB_SOCK_REV`].
 #[btf_map]
-pub static LB_SOCK_REV: LruHashMap<u64, SockRev, { capacity::SOCK_REV as usize }> =
+pub static LB_SOCK_REV: LruHashMap<SockRevKey, SockRev, { capacity::SOCK_REV as usize }> =
     LruHashMap::new();
+
+/// See [`lb_common::maps::LB_SOCK_CONFIG`].
+#[btf_map]
+pub static LB_SOCK_CONFIG: Array<SockConfig, 1> = Array::new();
+
+/// See [`lb_common::maps::LB_SOCK_STATS`].
+#[btf_map]
+pub static LB_SOCK_STATS: PerCpuArray<SockStats, { capacity::SETS as usize }> = PerCpuArray::new();
 
 /// See [`lb_common::maps::LB_CONFIG`].
 #[btf_map]

@@ -3,21 +3,21 @@
 //! flow hash (or its single backend).
 
 use lb_common::{
-    conntrack::FlowKey,
+    Be32,
     maps::{AffinityEntry, AffinityKey, Backend, Frontend, SourceRange, maglev::CHUNK_SLOTS},
 };
 
 use crate::maps::{LB_AFFINITY, LB_AFFINITY_SCOPE, LB_BACKENDS, LB_MAGLEV, LB_SRC_RANGES};
 
-/// Whether a new flow from `flow.src_addr` may use `frontend` (loadBalancerSourceRanges).
+/// Whether a new connection from `client` may use `frontend` (loadBalancerSourceRanges).
 #[inline(always)]
-pub fn source_allowed(frontend: &Frontend, flow: &FlowKey) -> bool {
+pub fn source_allowed(frontend: &Frontend, client: Be32) -> bool {
     if !frontend.has_source_ranges() {
         return true;
     }
     let key = aya_ebpf::maps::lpm_trie::Key::new(
         SourceRange::LOOKUP_BITS,
-        SourceRange::lookup(frontend, flow.src_addr),
+        SourceRange::lookup(frontend, client),
     );
     LB_SRC_RANGES.get(&key).is_some()
 }
@@ -49,18 +49,25 @@ pub fn balanced(frontend: &Frontend, hash: impl FnOnce() -> u32) -> Option<(u32,
     Some((id, active_backend(id)?))
 }
 
-/// The backend for a new flow of `frontend`: (id, backend).
+/// The backend for a new connection of `frontend` from `client`, whose Maglev hash `hash`
+/// computes (the flow's, or a socket's): (id, backend). Session affinity keys on `client`, so
+/// the packet path and the socket programs share a client's entries.
 #[inline(always)]
-pub fn backend(frontend: &Frontend, flow: &FlowKey, now: u64) -> Option<(u32, Backend)> {
+pub fn backend(
+    frontend: &Frontend,
+    client: Be32,
+    hash: impl FnOnce() -> u32,
+    now: u64,
+) -> Option<(u32, Backend)> {
     if frontend.affinity_timeout_s == 0 {
-        return balanced(frontend, || flow.hash());
+        return balanced(frontend, hash);
     }
     // A Local set shares its Cluster set's entries (one read, for affinity frontends only).
     let scope = LB_AFFINITY_SCOPE
         .get(frontend.set_id)
         .copied()
         .unwrap_or_default();
-    let key = AffinityKey::of(flow.src_addr, frontend.set_id, scope);
+    let key = AffinityKey::of(client, frontend.set_id, scope);
     if let Some(entry) = LB_AFFINITY.get_ptr_mut(&key) {
         // SAFETY: map value from a successful lookup.
         let known = unsafe { *entry };
@@ -74,7 +81,7 @@ pub fn backend(frontend: &Frontend, flow: &FlowKey, now: u64) -> Option<(u32, Ba
             return Some((known.backend_id, backend));
         }
     }
-    let (id, backend) = balanced(frontend, || flow.hash())?;
+    let (id, backend) = balanced(frontend, hash)?;
     // Best effort: without the entry the next connection is balanced by Maglev again.
     let _ = LB_AFFINITY.insert(
         &key,

@@ -7,6 +7,7 @@ pub mod expected;
 pub mod external;
 pub mod fuzz;
 pub mod harness;
+pub mod sockets;
 #[allow(unused_imports, reason = "used by some test binaries only")]
 pub use lb_testbed::packet;
 pub use lb_testbed::privileges::require as require_privileges;

@@ -243,15 +243,38 @@ pub fn text(d: &Dump) -> String {
         section(&mut out, names::LB_AFFINITY_SCOPE, rows.len(), t);
     }
     if let Some(rows) = &d.sock_rev {
-        let mut t = table(&["socket cookie", "frontend (getpeername)", "backend"]);
+        let mut t = table(&["socket cookie", "proto", "frontend (shown)", "backend"]);
         for r in rows {
             t.add_row(vec![
                 r.cookie.to_string(),
+                r.proto.to_string(),
                 r.frontend.to_string(),
                 r.backend.to_string(),
             ]);
         }
         section(&mut out, names::LB_SOCK_REV, rows.len(), t);
+    }
+    if let Some(rows) = &d.sock_config {
+        let mut t = table(&["node's netns cookie", "host only"]);
+        for r in rows {
+            t.add_row(vec![
+                r.host_netns_cookie.to_string(),
+                r.host_only.to_string(),
+            ]);
+        }
+        section(&mut out, names::LB_SOCK_CONFIG, rows.len(), t);
+    }
+    if let Some(rows) = &d.sock_stats {
+        let mut t = table(&["set", "connects", "datagrams", "refused"]);
+        for r in rows {
+            t.add_row(vec![
+                r.set_id.to_string(),
+                r.connects.to_string(),
+                r.datagrams.to_string(),
+                r.refused.to_string(),
+            ]);
+        }
+        section(&mut out, names::LB_SOCK_STATS, rows.len(), t);
     }
     out
 }

@@ -15,6 +15,7 @@ pub fn text(rows: &[ServiceListRow]) -> String {
         "set packets",
         "set bytes",
         "set new flows",
+        "set socket calls",
     ]);
     for r in rows {
         let s = &r.service;
@@ -71,10 +72,24 @@ pub fn text(rows: &[ServiceListRow]) -> String {
             r.packets.to_string(),
             r.bytes.to_string(),
             r.new_flows.to_string(),
+            socket_calls(r),
         ]);
     }
     if rows.is_empty() {
         return "no frontends installed\n".into();
     }
     format!("{t}\n")
+}
+
+/// The socket programs' work for the row's set: `-` when they did nothing (socket-level
+/// balancing off, or no calls yet).
+fn socket_calls(r: &ServiceListRow) -> String {
+    let s = r.socket;
+    if s.connects == 0 && s.datagrams == 0 && s.refused == 0 {
+        return "-".into();
+    }
+    format!(
+        "{} connects\n{} datagrams\n{} refused",
+        s.connects, s.datagrams, s.refused
+    )
 }

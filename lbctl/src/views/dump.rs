@@ -41,11 +41,13 @@ pub enum MapKind {
     DirectNat,
     AffinityScope,
     SockRev,
+    SockConfig,
+    SockStats,
 }
 
 impl MapKind {
     /// In the order of `lb_common::maps::ALL`.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 17] = [
         Self::Addrs,
         Self::Services,
         Self::Backends,
@@ -61,6 +63,8 @@ impl MapKind {
         Self::DirectNat,
         Self::AffinityScope,
         Self::SockRev,
+        Self::SockConfig,
+        Self::SockStats,
     ];
 
     /// The map's name (its pin name and its key in the dump's JSON).
@@ -81,6 +85,8 @@ impl MapKind {
             Self::DirectNat => names::LB_DIRECT_NAT,
             Self::AffinityScope => names::LB_AFFINITY_SCOPE,
             Self::SockRev => names::LB_SOCK_REV,
+            Self::SockConfig => names::LB_SOCK_CONFIG,
+            Self::SockStats => names::LB_SOCK_STATS,
         }
     }
 
@@ -102,6 +108,8 @@ impl MapKind {
             Self::DirectNat => "direct",
             Self::AffinityScope => "affinity-scope",
             Self::SockRev => "sock-rev",
+            Self::SockConfig => "sock-config",
+            Self::SockStats => "sock-stats",
         }
     }
 
@@ -242,13 +250,32 @@ pub struct AffinityScopeRow {
     pub shares_set_id: u32,
 }
 
-/// A row of `LB_SOCK_REV`: a socket that socket-level balancing connected to a backend, and the
-/// frontend it asked for (what its `getpeername()` shows).
+/// A row of `LB_SOCK_REV`: a socket that socket-level balancing connected (or sent a datagram)
+/// to a backend, and the frontend it asked for (what its `getpeername()` and `recvmsg()` show).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SockRevRow {
     pub cookie: u64,
+    pub proto: Proto,
     pub frontend: SocketAddrV4,
     pub backend: SocketAddrV4,
+}
+
+/// The row of `LB_SOCK_CONFIG`: which network namespace the socket programs take for the
+/// node's, and whether they leave pods to the packet path.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SockConfigRow {
+    /// 0 until an agent with `--socket-lb on|host-only` wrote it.
+    pub host_netns_cookie: u64,
+    pub host_only: bool,
+}
+
+/// A row of `LB_SOCK_STATS`: what the socket programs did for one backend set's frontends.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SockCountersRow {
+    pub set_id: u32,
+    pub connects: u64,
+    pub datagrams: u64,
+    pub refused: u64,
 }
 
 /// A row of `LB_FRAGS`: the ports of a fragmented datagram.
@@ -322,6 +349,12 @@ pub struct Dump {
     pub affinity_scope: Option<Vec<AffinityScopeRow>>,
     #[serde(rename = "LB_SOCK_REV", skip_serializing_if = "Option::is_none")]
     pub sock_rev: Option<Vec<SockRevRow>>,
+    /// One row.
+    #[serde(rename = "LB_SOCK_CONFIG", skip_serializing_if = "Option::is_none")]
+    pub sock_config: Option<Vec<SockConfigRow>>,
+    /// Non-zero counters only.
+    #[serde(rename = "LB_SOCK_STATS", skip_serializing_if = "Option::is_none")]
+    pub sock_stats: Option<Vec<SockCountersRow>>,
 }
 
 /// Reads the maps in `kinds` (every map when empty). `full` keeps every Maglev slot.
@@ -407,7 +440,39 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
     if want(MapKind::SockRev) {
         out.sock_rev = Some(read_sock_rev(maps)?);
     }
+    if want(MapKind::SockConfig) {
+        let c = maps
+            .sock_config
+            .get(&0, 0)
+            .map_err(|source| MapsError::Map {
+                name: names::LB_SOCK_CONFIG,
+                source,
+            })?;
+        out.sock_config = Some(vec![SockConfigRow {
+            host_netns_cookie: c.host_netns_cookie,
+            host_only: c.flags & lb_common::sock::sock_flags::HOST_ONLY != 0,
+        }]);
+    }
+    if want(MapKind::SockStats) {
+        out.sock_stats = Some(read_sock_stats(maps)?);
+    }
     Ok(out)
+}
+
+fn read_sock_stats(maps: &Maps) -> Result<Vec<SockCountersRow>, MapsError> {
+    let mut rows = Vec::new();
+    for set_id in 0..maps.sock_stats.len() {
+        let s = maps.sock_totals(set_id)?;
+        if s.connects != 0 || s.datagrams != 0 || s.refused != 0 {
+            rows.push(SockCountersRow {
+                set_id,
+                connects: s.connects,
+                datagrams: s.datagrams,
+                refused: s.refused,
+            });
+        }
+    }
+    Ok(rows)
 }
 
 fn read_sock_rev(maps: &Maps) -> Result<Vec<SockRevRow>, MapsError> {
@@ -417,14 +482,15 @@ fn read_sock_rev(maps: &Maps) -> Result<Vec<SockRevRow>, MapsError> {
     };
     let mut rows = Vec::new();
     for entry in maps.sock_rev.iter() {
-        let (cookie, rev) = entry.map_err(failed)?;
+        let (key, rev) = entry.map_err(failed)?;
         rows.push(SockRevRow {
-            cookie,
+            cookie: key.cookie,
+            proto: Proto::from(key.proto),
             frontend: SocketAddrV4::new(rev.frontend_addr.to_ip(), rev.frontend_port.to_host()),
-            backend: SocketAddrV4::new(rev.backend_addr.to_ip(), rev.backend_port.to_host()),
+            backend: SocketAddrV4::new(key.backend_addr.to_ip(), key.backend_port.to_host()),
         });
     }
-    rows.sort_by_key(|r| r.cookie);
+    rows.sort_by_key(|r| (r.cookie, r.backend));
     Ok(rows)
 }
 

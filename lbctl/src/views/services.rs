@@ -54,9 +54,23 @@ pub struct ServiceListRow {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// What the socket programs did for the set's frontends (socket-level balancing): these
+    /// connections and datagrams never met the packet path, so its counters do not show them.
+    pub socket: SocketCounters,
     /// Why the Maglev table could not be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// The set's socket-level counters (`LB_SOCK_STATS`, summed over CPUs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SocketCounters {
+    /// `connect()`s sent to a backend.
+    pub connects: u64,
+    /// Unconnected UDP datagrams sent to a backend.
+    pub datagrams: u64,
+    /// Calls refused at once (no backend).
+    pub refused: u64,
 }
 
 /// One row per frontend: its service, backends (from the Maglev table or the single backend),
@@ -96,6 +110,7 @@ pub fn list(maps: &Maps) -> Result<Vec<ServiceListRow>, MapsError> {
             }
         };
         let counters = maps.set_totals(svc.set_id)?;
+        let sock = maps.sock_totals(svc.set_id)?;
         out.push(ServiceListRow {
             frontend: socket(key.addr, key.port),
             proto: key.proto.into(),
@@ -111,6 +126,11 @@ pub fn list(maps: &Maps) -> Result<Vec<ServiceListRow>, MapsError> {
             packets: counters.packets,
             bytes: counters.bytes,
             new_flows: counters.new_flows,
+            socket: SocketCounters {
+                connects: sock.connects,
+                datagrams: sock.datagrams,
+                refused: sock.refused,
+            },
             error,
         });
     }
