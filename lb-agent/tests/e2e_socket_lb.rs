@@ -42,6 +42,19 @@ const STICKY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 16);
 /// packet, no round trip.
 const AT_ONCE: Duration = Duration::from_millis(100);
 const BACKENDS: [&str; 2] = ["web-0", "web-1"];
+/// What the hooks translate in [`assert_every_frontend_served`] on node-0: 20 TCP connects and
+/// 6 datagrams to the ClusterIP, 4 connects to each of the node's NodePort, the ingress IP and
+/// the externalIP.
+const HOOKED: u64 = 20 + 6 + 3 * 4;
+
+/// What a node counted for some frontends ([`Bed::counted`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counted {
+    /// Packets the per-packet path NATed.
+    packets: u64,
+    /// Sockets the hooks connected and datagrams they sent to a backend.
+    hooked: u64,
+}
 
 fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
@@ -143,9 +156,10 @@ impl Bed {
         client
     }
 
-    /// Packets node `node`'s packet path counted for the backend sets of every frontend at one
-    /// of `addrs` (any port, protocol and scope): what per-packet NAT did for them.
-    fn packet_path_packets(&self, node: usize, addrs: &[Ipv4Addr]) -> u64 {
+    /// What node `node` counted for the backend sets of every frontend at one of `addrs` (any
+    /// port, protocol and scope): the packet path's packets, and the hooks' connects and
+    /// datagrams.
+    fn counted(&self, node: usize, addrs: &[Ipv4Addr]) -> Counted {
         let maps = Maps::open_pinned(self.agents.bpffs_dir(node)).expect("pinned maps");
         let wanted: Vec<Be32> = addrs.iter().map(|a| Be32::from(*a)).collect();
         let sets: BTreeSet<u32> = maps
@@ -156,9 +170,13 @@ impl Bed {
             .map(|(_, frontend)| frontend.set_id)
             .collect();
         assert!(!sets.is_empty(), "node-{node} has frontends at {addrs:?}");
-        sets.iter()
-            .map(|set| maps.set_totals(*set).expect("set counters").packets)
-            .sum()
+        let mut counted = Counted::default();
+        for set in sets {
+            counted.packets += maps.set_totals(set).expect("set counters").packets;
+            let hooks = maps.sock_totals(set).expect("socket counters");
+            counted.hooked += hooks.connects + hooks.datagrams;
+        }
+        counted
     }
 
     /// `web`'s frontends on node `node`: ClusterIP, the node's NodePort address, the ingress IP
@@ -244,7 +262,6 @@ fn assert_every_frontend_served(bed: &Bed, client: &mut SockClient, who: &str) -
     }
     for (what, frontend) in [
         ("node-0's NodePort", sock(bed.cluster.node_ip(0), NODE_PORT)),
-        ("node-1's NodePort", sock(bed.cluster.node_ip(1), NODE_PORT)),
         ("the LoadBalancer ingress IP", sock(LB_INGRESS, 80)),
         ("the externalIP", sock(EXTERNAL_IP, 80)),
     ] {
@@ -253,7 +270,39 @@ fn assert_every_frontend_served(bed: &Bed, client: &mut SockClient, who: &str) -
             assert_served(&outcome, frontend, &format!("{who} to {what}"));
         }
     }
+    // Another node's NodePort is that node's to serve: the connection crosses the LAN to
+    // node-1's address, and node-1's packet path balances it.
+    let node_1 = bed.cluster.node_ip(1);
+    let before = bed.counted(1, &[node_1]);
+    for _ in 0..4 {
+        let frontend = sock(node_1, NODE_PORT);
+        let outcome = client.tcp(frontend).unwrap();
+        assert_served(&outcome, frontend, &format!("{who} to node-1's NodePort"));
+    }
+    let after = bed.counted(1, &[node_1]);
+    assert!(
+        after.packets > before.packets,
+        "{who}: node-1's packet path served its NodePort: {before:?} -> {after:?}"
+    );
     names
+}
+
+/// Asserts that node-0's packet path translated nothing for `web`'s frontends between `before`
+/// and now, and that its hooks did at least `hooked` translations.
+#[track_caller]
+fn assert_hooks_did_it(bed: &Bed, before: Counted, hooked: u64, who: &str) {
+    let after = bed.counted(0, &bed.web_addrs(0));
+    assert_eq!(
+        after.packets,
+        before.packets,
+        "{who}: node-0's packet path translated none of it; logs:\n{}",
+        bed.logs()
+    );
+    assert!(
+        after.hooked >= before.hooked + hooked,
+        "{who}: node-0's hooks counted {} translations, {hooked} expected at least",
+        after.hooked - before.hooked
+    );
 }
 
 #[test]
@@ -261,7 +310,7 @@ fn node_processes_reach_cluster_ips_node_ports_and_load_balancer_ips_through_the
     let Some(bed) = Bed::new(SocketLb::On) else {
         return;
     };
-    let before = bed.packet_path_packets(0, &bed.web_addrs(0));
+    let before = bed.counted(0, &bed.web_addrs(0));
     let mut client = bed.node_client(0);
     let names = assert_every_frontend_served(&bed, &mut client, "node-0");
     assert_eq!(
@@ -269,12 +318,7 @@ fn node_processes_reach_cluster_ips_node_ports_and_load_balancer_ips_through_the
         BACKENDS.map(str::to_owned).into(),
         "sockets spread over both backends"
     );
-    assert_eq!(
-        bed.packet_path_packets(0, &bed.web_addrs(0)),
-        before,
-        "node-0's packet path translated none of it; logs:\n{}",
-        bed.logs()
-    );
+    assert_hooks_did_it(&bed, before, HOOKED, "node-0");
 
     // The hooks serve node-0's cgroup alone: a thread of this test (in the test's own cgroup) in
     // node-0's namespace is not translated, and the node has no route to a ClusterIP.
@@ -293,7 +337,7 @@ fn pod_processes_are_served_by_the_hooks_and_the_packet_path_counts_nothing() {
     let Some(bed) = Bed::new(SocketLb::On) else {
         return;
     };
-    let before = bed.packet_path_packets(0, &bed.web_addrs(0));
+    let before = bed.counted(0, &bed.web_addrs(0));
     let mut client = bed.pod_client("client-0");
     let names = assert_every_frontend_served(&bed, &mut client, "client-0");
     assert_eq!(names, BACKENDS.map(str::to_owned).into());
@@ -303,12 +347,7 @@ fn pod_processes_are_served_by_the_hooks_and_the_packet_path_counts_nothing() {
         let answer = client.tcp(sock(WEB, 80)).unwrap();
         assert_eq!(*answer.answer().seen.ip(), own, "{answer:?}");
     }
-    assert_eq!(
-        bed.packet_path_packets(0, &bed.web_addrs(0)),
-        before,
-        "node-0's packet path translated none of client-0's flows; logs:\n{}",
-        bed.logs()
-    );
+    assert_hooks_did_it(&bed, before, HOOKED, "client-0");
 }
 
 #[test]
@@ -374,15 +413,16 @@ fn host_only_translates_node_processes_and_leaves_pods_to_the_packet_path() {
         return;
     };
     let cluster_ip = sock(WEB, 80);
-    let counted = || bed.packet_path_packets(0, &[WEB]);
+    let counted = || bed.counted(0, &[WEB]);
     let before = counted();
     let mut node = bed.node_client(0);
     for _ in 0..10 {
         assert_served(&node.tcp(cluster_ip).unwrap(), cluster_ip, "node-0");
     }
+    let after_node = counted();
     assert_eq!(
-        counted(),
-        before,
+        (after_node.packets, after_node.hooked),
+        (before.packets, before.hooked + 10),
         "node-0's own flows went through the hooks"
     );
 
@@ -394,8 +434,8 @@ fn host_only_translates_node_processes_and_leaves_pods_to_the_packet_path() {
     }
     let after = counted();
     assert!(
-        after >= before + 10 * 3,
-        "client-0's flows went through the packet path: {before} packets before, {after} after"
+        after.packets >= after_node.packets + 10 * 3 && after.hooked == after_node.hooked,
+        "client-0's flows went through the packet path, not the hooks: {after_node:?} -> {after:?}"
     );
 }
 
