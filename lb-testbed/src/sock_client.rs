@@ -21,7 +21,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
@@ -204,25 +204,27 @@ impl SockClient {
         Ok(())
     }
 
+    /// How the load is going, while it goes on.
+    pub fn load_count(&mut self) -> Result<LoadCount> {
+        parse_count(&self.request("load-count")?)
+    }
+
+    /// Waits until the load has made `more` successful connections beyond `count` (or 30 s
+    /// passed): how long a test lets it run, whatever the machine's speed.
+    pub fn wait_for_load(&mut self, count: &LoadCount, more: usize) -> Result<LoadCount> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = self.load_count()?;
+            if now.ok >= count.ok + more || Instant::now() > deadline {
+                return Ok(now);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops the load and says how it went.
     pub fn finish_load(&mut self) -> Result<LoadCount> {
-        let line = self.request("load-stop")?;
-        let mut parts = line.splitn(4, ' ');
-        anyhow::ensure!(parts.next() == Some("count"), "unexpected answer {line:?}");
-        let ok = parts.next().context("no count")?.parse()?;
-        let failed = parts.next().context("no count")?.parse()?;
-        let failures = parts
-            .next()
-            .unwrap_or_default()
-            .split(" | ")
-            .filter(|f| !f.is_empty())
-            .map(str::to_owned)
-            .collect();
-        Ok(LoadCount {
-            ok,
-            failed,
-            failures,
-        })
+        parse_count(&self.request("load-stop")?)
     }
 
     fn request(&mut self, line: &str) -> Result<String> {
@@ -265,6 +267,34 @@ impl Drop for SockClient {
     }
 }
 
+fn parse_count(line: &str) -> Result<LoadCount> {
+    let mut parts = line.splitn(4, ' ');
+    anyhow::ensure!(parts.next() == Some("count"), "unexpected answer {line:?}");
+    let ok = parts.next().context("no count")?.parse()?;
+    let failed = parts.next().context("no count")?.parse()?;
+    let failures = parts
+        .next()
+        .unwrap_or_default()
+        .split(" | ")
+        .filter(|f| !f.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok(LoadCount {
+        ok,
+        failed,
+        failures,
+    })
+}
+
+fn count_line(count: &LoadCount) -> String {
+    format!(
+        "count {} {} {}",
+        count.ok,
+        count.failed,
+        count.failures.join(" | ")
+    )
+}
+
 fn parse_outcome(line: &str) -> Result<Outcome> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let (result, micros) = match words.as_slice() {
@@ -298,7 +328,7 @@ pub fn serve_if_asked() {
         return;
     }
     let mut udp: Vec<UdpSocket> = Vec::new();
-    let mut load: Option<(Arc<AtomicBool>, JoinHandle<LoadCount>)> = None;
+    let mut load: Option<Load> = None;
     for line in std::io::stdin().lines() {
         let Ok(line) = line else { break };
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -314,27 +344,20 @@ pub fn serve_if_asked() {
             },
             ["load-start", addr] => match addr.parse() {
                 Ok(addr) if load.is_none() => {
-                    let stop = Arc::new(AtomicBool::new(false));
-                    let stopping = stop.clone();
-                    load = Some((stop, thread::spawn(move || run_load(addr, &stopping))));
+                    load = Some(Load::start(addr));
                     "started".to_owned()
                 }
                 Ok(_) => "a load runs already".to_owned(),
                 Err(e) => bad(e),
             },
-            ["load-stop"] => match load.take() {
-                Some((stop, thread)) => {
-                    stop.store(true, Ordering::Relaxed);
-                    let count = thread.join().unwrap_or_default();
-                    format!(
-                        "count {} {} {}",
-                        count.ok,
-                        count.failed,
-                        count.failures.join(" | ")
-                    )
-                }
-                None => "no load runs".to_owned(),
-            },
+            ["load-count"] => load.as_ref().map_or_else(
+                || "no load runs".to_owned(),
+                |load| count_line(&load.count()),
+            ),
+            ["load-stop"] => load.take().map_or_else(
+                || "no load runs".to_owned(),
+                |load| count_line(&load.finish()),
+            ),
             _ => format!("unknown request {line:?}"),
         };
         println!("{MARK} {answer}");
@@ -467,26 +490,57 @@ fn udp_ask(socket: &UdpSocket) -> Outcome {
     recv_answer(socket, started)
 }
 
-fn run_load(addr: SocketAddrV4, stop: &AtomicBool) -> LoadCount {
-    let mut count = LoadCount::default();
+/// The client's side of a load: new connections one after the other on a thread, counted where
+/// the client's requests can read them.
+struct Load {
+    stop: Arc<AtomicBool>,
+    count: Arc<Mutex<LoadCount>>,
+    thread: JoinHandle<()>,
+}
+
+impl Load {
+    fn start(addr: SocketAddrV4) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(Mutex::new(LoadCount::default()));
+        let (stopping, counting) = (stop.clone(), count.clone());
+        let thread = thread::spawn(move || run_load(addr, &stopping, &counting));
+        Self {
+            stop,
+            count,
+            thread,
+        }
+    }
+
+    fn count(&self) -> LoadCount {
+        self.count.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    fn finish(self) -> LoadCount {
+        self.stop.store(true, Ordering::Relaxed);
+        let count = self.count.clone();
+        let _ = self.thread.join();
+        count.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+fn run_load(addr: SocketAddrV4, stop: &AtomicBool, count: &Mutex<LoadCount>) {
     let started = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let at = started.elapsed();
         let outcome = tcp(addr);
+        let Ok(mut count) = count.lock() else { return };
         match &outcome.result {
             Ok(_) => count.ok += 1,
             Err(f) => {
                 count.failed += 1;
                 if count.failures.len() < FAILURES_KEPT {
+                    let attempt = count.ok + count.failed;
                     count.failures.push(format!(
-                        "at {at:?} (attempt {}): {} errno {}",
-                        count.ok + count.failed,
-                        f.step,
-                        f.errno
+                        "at {at:?} (attempt {attempt}): {} errno {}",
+                        f.step, f.errno
                     ));
                 }
             }
         }
     }
-    count
 }
