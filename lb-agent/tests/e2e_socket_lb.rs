@@ -11,11 +11,15 @@ mod common;
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
+    os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
 };
 
 use lb_common::{maps::FrontendKey, net::Be32};
-use lb_datapath::{maps::Maps, socket_lb::default_cgroup_root};
+use lb_datapath::{
+    maps::Maps,
+    socket_lb::{self, default_cgroup_root},
+};
 use lb_testbed::{
     Agents, Cluster, SockClient, SocketLb, SourceDir,
     manifests::{
@@ -320,6 +324,19 @@ fn node_processes_reach_cluster_ips_node_ports_and_load_balancer_ips_through_the
     );
     assert_hooks_did_it(&bed, before, HOOKED, "node-0");
 
+    // Each agent's hooks are on its own node's cgroup, no other.
+    for i in 0..2 {
+        let cgroup = bed.cluster.cgroups(i).expect("cgroups").node.path();
+        let id = std::fs::metadata(cgroup).expect("the node's cgroup").ino();
+        let links = socket_lb::links(bed.agents.bpffs_dir(i)).expect("node's hooks");
+        assert!(!links.is_empty(), "node-{i} has hooks");
+        for (hook, info) in links {
+            assert_eq!(
+                info.cgroup_id, id,
+                "node-{i}'s {hook:?} is on its own cgroup"
+            );
+        }
+    }
     // The hooks serve node-0's cgroup alone: a thread of this test (in the test's own cgroup) in
     // node-0's namespace is not translated, and the node has no route to a ClusterIP.
     let err = bed
