@@ -59,10 +59,15 @@ impl std::str::FromStr for Source {
 /// `--socket-lb`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SocketLb {
-    /// No socket hooks (the default while the feature is in progress).
+    /// No socket hooks: the packet path serves pods, and the node's own processes are not
+    /// served (the default while the feature is young).
     Off,
-    /// TCP connect() to ClusterIPs translated in the cgroup hooks.
+    /// The node's processes and pods: connect() and UDP sendmsg() to frontends translated in
+    /// the cgroup hooks.
     On,
+    /// The node's own processes only (its network namespace); pods keep the packet path, for
+    /// service meshes that must see the Service address.
+    HostOnly,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -171,16 +176,19 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
 
-    /// Socket-level balancing (in progress, off by default): `on` attaches cgroup v2 socket
-    /// hooks to --cgroup-root, so that a TCP connect() to a ClusterIP from a process in it
-    /// connects to a backend directly (no per-packet NAT) and getpeername() still shows the
-    /// ClusterIP; a ClusterIP without endpoints fails connect() with ECONNREFUSED. Not yet: UDP,
-    /// NodePorts, LoadBalancer and external IPs, session affinity (those stay with the packet
-    /// path). `off` detaches hooks an earlier run attached.
+    /// Socket-level balancing (off by default): `on` attaches cgroup v2 socket hooks to
+    /// --cgroup-root, so that a connect() or UDP sendto() from a process in it to a ClusterIP,
+    /// LoadBalancer IP, externalIP or this node's NodePort goes to a backend directly (no
+    /// per-packet NAT) while getpeername() and recvfrom() still show the Service address; a
+    /// Service without endpoints fails the call with ECONNREFUSED. This is also what serves
+    /// Services to the node's own processes. `host-only` does so for the node's network
+    /// namespace only and leaves pods to the packet path. `off` detaches hooks an earlier run
+    /// attached. Needs Linux 6.1+.
     #[arg(long, value_enum, default_value_t = SocketLb::Off)]
     pub socket_lb: SocketLb,
 
-    /// The cgroup v2 directory whose processes get socket-level balancing (--socket-lb on).
+    /// The cgroup v2 directory whose processes get socket-level balancing (--socket-lb on or
+    /// host-only).
     /// Default: the host's cgroup v2 root, from /proc/self/mountinfo (/sys/fs/cgroup, or
     /// /sys/fs/cgroup/unified on a hybrid host).
     #[arg(long, value_name = "DIR")]

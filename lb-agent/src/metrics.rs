@@ -49,6 +49,9 @@ pub struct Metrics {
     pub endpoint_changes: Counter,
     pub service_changes: Counter,
     pub sync_failures: Counter,
+    /// The node's connected UDP sockets closed because their backend left (socket-level
+    /// balancing).
+    pub udp_sockets_closed: Counter,
     pub invalid_objects: Family<KindLabel, Counter>,
     pub not_programmed: Family<MapLabel, Counter>,
     pub frontends: Gauge,
@@ -80,6 +83,7 @@ impl Metrics {
             endpoint_changes: Counter::default(),
             service_changes: Counter::default(),
             sync_failures: Counter::default(),
+            udp_sockets_closed: Counter::default(),
             invalid_objects: Family::default(),
             not_programmed: Family::default(),
             frontends: Gauge::default(),
@@ -122,6 +126,12 @@ impl Metrics {
             "lb_sync_failures",
             "Syncs that failed to write the maps (retried)",
             m.sync_failures.clone(),
+        );
+        registry.register(
+            "lb_socket_udp_closed",
+            "The node's connected UDP sockets closed because the backend socket-level balancing \
+             gave them left its Service",
+            m.udp_sockets_closed.clone(),
         );
         registry.register(
             "lb_invalid_objects",

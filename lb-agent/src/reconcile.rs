@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     ops::RangeInclusive,
     time::{Instant, SystemTime},
 };
@@ -17,7 +17,7 @@ use lb_datapath::{
     maps::Maps,
     model::HealthCheck,
     planner::{self, Extent, Limits, Programmed},
-    writer,
+    sock_close, writer,
 };
 
 use crate::{
@@ -61,6 +61,9 @@ pub struct Reconciler {
     /// resync is due).
     programmed: Option<Programmed>,
     synced_once: bool,
+    /// Socket-level balancing is on: the node's connected UDP sockets to a backend that left are
+    /// closed (`lb_datapath::sock_close`).
+    closes_udp_sockets: bool,
 }
 
 impl Reconciler {
@@ -86,7 +89,13 @@ impl Reconciler {
             notices: Vec::new(),
             programmed: None,
             synced_once: false,
+            closes_udp_sockets: false,
         }
+    }
+
+    /// Socket-level balancing is on (`--socket-lb on|host-only`).
+    pub fn set_socket_lb(&mut self, on: bool) {
+        self.closes_udp_sockets = on;
     }
 
     /// The node's flags (`--masquerade-all`, `--external-cluster-ips`), written with the first
@@ -343,6 +352,9 @@ impl Reconciler {
             metrics.sync_failures.inc();
             return None;
         }
+        if self.closes_udp_sockets && !plan.udp_flow_purge.is_empty() {
+            close_udp_sockets(maps, &plan.udp_flow_purge, metrics);
+        }
 
         metrics
             .sync_duration
@@ -388,5 +400,29 @@ impl Reconciler {
         self.synced_once = true;
         self.programmed = Some(programmed);
         Some(report)
+    }
+}
+
+/// Closes the node's connected UDP sockets that socket-level balancing gave a backend that has
+/// now stopped serving or left its set (as the packet path flushes those flows). Failures are
+/// logged: the sockets then wait for their application's timeout, as without this.
+fn close_udp_sockets(maps: &mut Maps, purged: &[(u32, SocketAddrV4)], metrics: &Metrics) {
+    let gone: BTreeSet<SocketAddrV4> = purged.iter().map(|(_, addr)| *addr).collect();
+    let doomed = match sock_close::forget_udp(maps, &gone) {
+        Ok(doomed) => doomed,
+        Err(e) => {
+            warn!(error = %e, "cannot read the sockets socket-level balancing connected");
+            return;
+        }
+    };
+    match sock_close::close_connected(&doomed) {
+        Ok(0) => {}
+        Ok(closed) => {
+            info!(sockets = closed, backends = ?gone, "closed the node's connected UDP sockets to backends that left");
+            metrics.udp_sockets_closed.inc_by(closed as u64);
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot close the node's UDP sockets to backends that left (sock_diag SOCK_DESTROY: kernel without CONFIG_INET_DIAG_DESTROY?)")
+        }
     }
 }

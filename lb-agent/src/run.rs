@@ -97,7 +97,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         xdp_mode: args.xdp_mode,
     };
     ifaces.attach_new(&mut links, &mut datapath, &present);
-    socket_lb(&args, &mut datapath)?;
+    socket_lb(&args, &mut datapath, &mut maps)?;
     let carried = carried + ct_carry::finish(&args.bpffs_dir, &mut maps.ct)?;
     if carrying {
         datapath.set_ct_carrying(false)?;
@@ -163,6 +163,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         limits,
     );
     reconciler.set_node_flags(args.masquerade_all, args.external_cluster_ips);
+    reconciler.set_socket_lb(args.socket_lb != config::SocketLb::Off);
     let mut health_checks = healthcheck::HealthChecks::default();
     let mut heal = tokio::time::interval(args.sync_period);
     heal.tick().await;
@@ -303,26 +304,35 @@ fn sample_fill(maps: &lb_datapath::maps::Maps, metrics: &metrics::Metrics, capac
 
 /// `--socket-lb`: attaches the socket programs to `--cgroup-root` (taking over the links an
 /// earlier agent pinned), or detaches the hooks an earlier run left when off.
-fn socket_lb(args: &RunArgs, datapath: &mut Datapath) -> Result<()> {
-    match args.socket_lb {
-        config::SocketLb::On => {
-            let root = match &args.cgroup_root {
-                Some(dir) => dir.clone(),
-                None => lb_datapath::socket_lb::default_cgroup_root()?,
-            };
-            lb_datapath::socket_lb::attach(datapath, &args.bpffs_dir, &root)
-                .with_context(|| format!("--socket-lb on, --cgroup-root {}", root.display()))?;
-            info!(cgroup = %root.display(), "socket-level balancing on (TCP to ClusterIPs)");
-        }
+fn socket_lb(
+    args: &RunArgs,
+    datapath: &mut Datapath,
+    maps: &mut lb_datapath::maps::Maps,
+) -> Result<()> {
+    use lb_datapath::socket_lb::{self, Mode};
+    let mode = match args.socket_lb {
+        config::SocketLb::On => Mode::On,
+        config::SocketLb::HostOnly => Mode::HostOnly,
         config::SocketLb::Off => {
-            let removed = lb_datapath::socket_lb::detach(&args.bpffs_dir)?;
+            let removed = socket_lb::detach(&args.bpffs_dir)?;
             if removed > 0 {
                 info!(
                     links = removed,
                     "socket-level balancing off: detached an earlier run's hooks"
                 );
             }
+            return Ok(());
         }
-    }
+    };
+    let root = match &args.cgroup_root {
+        Some(dir) => dir.clone(),
+        None => socket_lb::default_cgroup_root()?,
+    };
+    let context = || format!("--socket-lb {mode:?}, --cgroup-root {}", root.display());
+    // The configuration first: the programs must know the node's namespace before they serve.
+    let host = socket_lb::netns_cookie().with_context(context)?;
+    socket_lb::configure(maps, mode, host).with_context(context)?;
+    socket_lb::attach(datapath, &args.bpffs_dir, &root).with_context(context)?;
+    info!(cgroup = %root.display(), ?mode, "socket-level balancing on");
     Ok(())
 }

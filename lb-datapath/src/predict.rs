@@ -279,7 +279,10 @@ pub fn coarse_now_ns() -> u64 {
 }
 
 /// A lookup's value, `None` when the key is absent, an error for anything else.
-fn found<V>(name: &'static str, result: Result<V, MapError>) -> Result<Option<V>, MapsError> {
+pub(crate) fn found<V>(
+    name: &'static str,
+    result: Result<V, MapError>,
+) -> Result<Option<V>, MapsError> {
     match result {
         Ok(value) => Ok(Some(value)),
         Err(MapError::KeyNotFound) => Ok(None),
@@ -557,10 +560,11 @@ pub fn forward(
     if !source_allowed(maps, &frontend, key.src_addr)? {
         return Ok(Forward::DropSourceRange { frontend });
     }
-    let (selection, backend_id, backend) = match select(maps, &frontend, &key, now)? {
-        Ok(chosen) => chosen,
-        Err(detail) => return Ok(Forward::Inconsistent { frontend, detail }),
-    };
+    let (selection, backend_id, backend) =
+        match select(maps, &frontend, key.src_addr, || key.hash(), now)? {
+            Ok(chosen) => chosen,
+            Err(detail) => return Ok(Forward::Inconsistent { frontend, detail }),
+        };
     let addr = socket(backend.addr, backend.port);
     Ok(match new_flow_snat(maps, &key, &backend, scope, now)? {
         Some(Err(failure)) => Forward::DropSnatPorts {
@@ -626,13 +630,15 @@ fn direct(maps: &Maps, key: &FlowKey, seg_flags: u8, now: u64) -> Result<Forward
     })
 }
 
-/// The backend of a new flow `key` of `frontend` (`select::backend` in the datapath): the
-/// client's affinity entry when fresh and its backend active, else the Maglev slot or the
-/// single backend. `Err` tells why the frontend's state is inconsistent.
-fn select(
+/// The backend of a new connection of `frontend` from `client` whose Maglev hash `hash` computes
+/// (`select::backend` in the datapath): the client's affinity entry when fresh and its backend
+/// active, else the Maglev slot or the single backend. `Err` tells why the frontend's state is
+/// inconsistent.
+pub(crate) fn select(
     maps: &Maps,
     frontend: &Frontend,
-    key: &FlowKey,
+    client: Be32,
+    hash: impl FnOnce() -> u32,
     now: u64,
 ) -> Result<Result<(Selection, u32, Backend), String>, MapsError> {
     if frontend.affinity_timeout_s != 0 {
@@ -642,7 +648,7 @@ fn select(
             maps.affinity_scope.get(&frontend.set_id, 0),
         )?
         .unwrap_or(0);
-        let affinity_key = AffinityKey::of(key.src_addr, frontend.set_id, scope);
+        let affinity_key = AffinityKey::of(client, frontend.set_id, scope);
         // Within the timeout, still active and one this frontend's set may use; otherwise
         // Maglev decides (and the datapath overwrites the entry).
         if let Some(entry) = found(names::LB_AFFINITY, maps.affinity.get(&affinity_key, 0))?
@@ -658,7 +664,7 @@ fn select(
         }
     }
     let (selection, backend_id) = if frontend.has_table() {
-        let hash = key.hash();
+        let hash = hash();
         let slot = frontend.slot(hash);
         let table = match maps.maglev_table(frontend.set_id, frontend.table_size) {
             Ok(table) => table,

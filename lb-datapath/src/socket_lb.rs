@@ -108,14 +108,41 @@ pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 }
 
 /// The host's cgroup v2 root (`--cgroup-root`'s default), from `/proc/self/mountinfo`.
+/// When none is mounted (a cgroup v1-only host), mounts the v2 hierarchy at
+/// [`FALLBACK_CGROUP2`]: every process is in its root, so the hooks see them all.
 pub fn default_cgroup_root() -> Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .context("cannot read /proc/self/mountinfo")?;
-    cgroup2_mount(&mountinfo).context(
-        "no cgroup v2 hierarchy is mounted (none in /proc/self/mountinfo): mount one \
-         (`mount -t cgroup2 none DIR`) and pass --cgroup-root DIR",
-    )
+    if let Some(found) = cgroup2_mount(&mountinfo) {
+        return Ok(found);
+    }
+    let dir = Path::new(FALLBACK_CGROUP2);
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let target = std::ffi::CString::new(FALLBACK_CGROUP2).expect("no NUL");
+    // SAFETY: plain mount(2) with valid C strings.
+    let ret = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            target.as_ptr(),
+            c"cgroup2".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!(
+                "no cgroup v2 hierarchy is mounted and mounting one at {FALLBACK_CGROUP2} failed: \
+                 mount one (`mount -t cgroup2 none DIR`) and pass --cgroup-root DIR"
+            )
+        });
+    }
+    tracing::info!(dir = FALLBACK_CGROUP2, "mounted the cgroup v2 hierarchy");
+    Ok(dir.to_path_buf())
 }
+
+/// Where [`default_cgroup_root`] mounts the cgroup v2 hierarchy when the host has none mounted.
+pub const FALLBACK_CGROUP2: &str = "/run/lb/cgroup2";
 
 fn is_cgroup2(dir: &Path) -> bool {
     let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {

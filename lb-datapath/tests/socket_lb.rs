@@ -14,8 +14,10 @@ use std::{
 use common::sockets::{
     Call, Outcome, SockBed, TIMEOUT, accept_all, cluster_ip, listener, load, port,
 };
+use lb_common::{Be32, net::proto};
 use lb_datapath::{
     attach,
+    predict_sock::{self, Origin, SockCall, SockDecision},
     socket_lb::{self, SockHook},
 };
 
@@ -70,6 +72,51 @@ fn connect_to_a_cluster_ip_reaches_a_backend_and_getpeername_shows_the_cluster_i
     assert!(
         seen.iter().all(|s| !s.is_empty()),
         "Maglev spreads sockets over both backends: {seen:?}"
+    );
+}
+
+#[test]
+fn the_predictor_names_the_backend_each_socket_got_and_every_refusal() {
+    let Some(bed) = bed() else { return };
+    let frontend = SocketAddrV4::new(VIP, 80);
+    let outcomes = bed.connect(true, &[frontend; 16]);
+    let seen = accept_all(&[&bed.backends[0], &bed.backends[1]], outcomes.len());
+    let predict = |dst: SocketAddrV4, cookie: u64| {
+        predict_sock::predict(
+            &bed.sock.maps,
+            dst,
+            proto::TCP,
+            SockCall::Connect,
+            Origin::Node,
+            cookie,
+            Be32::from_raw(0),
+        )
+        .expect("maps")
+    };
+    for o in &outcomes {
+        assert_eq!(o.errno, 0, "{o:?}");
+        let got = seen
+            .iter()
+            .position(|ports| ports.contains(&o.local_port))
+            .expect("accepted");
+        match predict(frontend, o.cookie) {
+            SockDecision::Translated { backend, .. } => {
+                assert_eq!(backend.port(), port(&bed.backends[got]), "{o:?}");
+            }
+            other => panic!("predicted {other:?} for {o:?}"),
+        }
+    }
+    assert!(matches!(
+        predict(SocketAddrV4::new(EMPTY_VIP, 80), 1),
+        SockDecision::Refused { .. }
+    ));
+    assert!(matches!(
+        predict(SocketAddrV4::new(VIP, 81), 1),
+        SockDecision::Refused { frontend: None, .. }
+    ));
+    assert_eq!(
+        predict(SocketAddrV4::new(ELSEWHERE, 80), 1),
+        SockDecision::NotAFrontend
     );
 }
 

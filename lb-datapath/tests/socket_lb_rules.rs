@@ -6,9 +6,14 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
-use common::sockets::{Call, Echo, SockBed, accept_all, cluster_ip, listener, port, service};
+use common::sockets::{
+    Call, Echo, HeldUdp, SockBed, accept_all, cluster_ip, listener, port, service,
+};
 use ipnet::Ipv4Net;
 use lb_common::{
     Be32,
@@ -18,6 +23,7 @@ use lb_common::{
 };
 use lb_datapath::{
     program::{FrontendKind, FrontendSpec},
+    sock_close,
     socket_lb::Mode,
 };
 
@@ -240,4 +246,44 @@ fn source_ranges_are_checked_against_the_nodes_address() {
     set_node_addr(&mut bed, Ipv4Addr::new(192, 168, 7, 1));
     let outside = bed.connect(&[frontend]);
     assert_eq!(outside[0].errno, libc::ECONNREFUSED, "{:?}", outside[0]);
+}
+
+#[test]
+fn the_nodes_connected_udp_sockets_to_a_backend_that_left_are_closed() {
+    let Some(mut bed) = SockBed::new() else {
+        return;
+    };
+    let echo = bed.inside(Echo::start);
+    let backend = SocketAddrV4::new(Ipv4Addr::LOCALHOST, echo.port());
+    bed.program(&service(
+        "dns",
+        &[(DNS_VIP, 53, proto::UDP, FrontendKind::ClusterIp)],
+        &[echo.port()],
+    ));
+    bed.configure(Mode::On, true);
+    let cgroup = bed.cgroup.path().to_path_buf();
+    let frontend = SocketAddrV4::new(DNS_VIP, 53);
+    let (balanced, first) = bed.inside({
+        let cgroup = cgroup.clone();
+        move || HeldUdp::start(&cgroup, frontend)
+    });
+    assert_eq!(first, 0, "the balanced socket works");
+    // A socket connected to the backend by its own address is none of the hooks' business.
+    let (direct, first) = bed.inside(move || HeldUdp::start(&cgroup, backend));
+    assert_eq!(first, 0, "the direct socket works");
+
+    let doomed = sock_close::forget_udp(&mut bed.maps, &BTreeSet::from([backend])).unwrap();
+    assert_eq!(doomed.len(), 1, "{doomed:?}");
+    assert!(
+        sock_close::forget_udp(&mut bed.maps, &BTreeSet::from([backend]))
+            .unwrap()
+            .is_empty(),
+        "forgotten once"
+    );
+    let closed = bed.inside(move || sock_close::close_connected(&doomed).expect("sock_diag"));
+    assert_eq!(closed, 1);
+    // Aborted and disconnected: its next send() has no destination (a recv() would report
+    // ECONNABORTED); resolvers open a new socket, which the hooks balance anew.
+    assert_eq!(balanced.exchange_again(), libc::EDESTADDRREQ);
+    assert_eq!(direct.exchange_again(), 0, "left alone");
 }

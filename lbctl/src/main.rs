@@ -62,6 +62,52 @@ enum Command {
     /// flow of its port holds its reply path). With --reply: a backend at
     /// SRC answering a client at DST, as lb_to_pod / lb_ext_out see it.
     Trace(TraceArgs),
+    /// Predict what socket-level balancing (lb-agent --socket-lb) does with a connect() or an
+    /// unconnected UDP sendto() to DST from a process in its cgroup: translated to which backend,
+    /// refused at once, or left to the packet path, and why.
+    TraceConnect(TraceConnectArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SockOrigin {
+    /// A process of the node's own network namespace (host-network pods included).
+    Node,
+    /// A pod's process.
+    Pod,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SockCallArg {
+    /// connect() (TCP or UDP).
+    Connect,
+    /// sendto() on an unconnected UDP socket.
+    Sendto,
+}
+
+#[derive(Debug, Args)]
+struct TraceConnectArgs {
+    /// The address and port the application asks for.
+    #[arg(value_name = "DST-IP:PORT")]
+    dst: SocketAddrV4,
+    /// Transport protocol.
+    #[arg(value_enum)]
+    proto: Proto,
+    /// Whose socket.
+    #[arg(long, value_enum, default_value_t = SockOrigin::Node)]
+    from: SockOrigin,
+    /// The call.
+    #[arg(long, value_enum, default_value_t = SockCallArg::Connect)]
+    call: SockCallArg,
+    /// The socket's cookie, which picks its Maglev slot (each socket has its own; any value
+    /// shows one possible backend).
+    #[arg(long, default_value_t = 1)]
+    cookie: u64,
+    /// The socket's bound source address, if it bound one (session affinity and source ranges
+    /// use it).
+    #[arg(long, value_name = "IP")]
+    bound: Option<std::net::Ipv4Addr>,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,11 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print(args.output, &stats, render::stats::text)
         }
         Command::Trace(args) => {
-            let proto = match args.proto {
-                Proto::Tcp => decode::Proto::Tcp,
-                Proto::Udp => decode::Proto::Udp,
-                Proto::Sctp => decode::Proto::Sctp,
-            };
+            let proto = decode_proto(args.proto);
             let trace = if args.reply {
                 views::trace::reply(&maps, args.src, args.dst, proto)
             } else {
@@ -214,6 +256,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let explained = render::trace::Explained::new(&trace);
             print(args.output.output, &explained, render::trace::text)
         }
+        Command::TraceConnect(args) => {
+            let request = views::sock_trace::Request {
+                dst: args.dst,
+                proto: decode_proto(args.proto),
+                call: match args.call {
+                    SockCallArg::Connect => lb_datapath::predict_sock::SockCall::Connect,
+                    SockCallArg::Sendto => lb_datapath::predict_sock::SockCall::Sendto,
+                },
+                origin: match args.from {
+                    SockOrigin::Node => lb_datapath::predict_sock::Origin::Node,
+                    SockOrigin::Pod => lb_datapath::predict_sock::Origin::Pod,
+                },
+                cookie: args.cookie,
+                bound: args.bound,
+            };
+            let trace = views::sock_trace::trace(&maps, &request).context("reading the maps")?;
+            print(args.output.output, &trace, render::sock_trace::text)
+        }
+    }
+}
+
+fn decode_proto(proto: Proto) -> decode::Proto {
+    match proto {
+        Proto::Tcp => decode::Proto::Tcp,
+        Proto::Udp => decode::Proto::Udp,
+        Proto::Sctp => decode::Proto::Sctp,
     }
 }
 

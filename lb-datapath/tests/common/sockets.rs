@@ -48,6 +48,8 @@ pub struct Outcome {
     pub local_port: u16,
     /// How long the call took, in milliseconds.
     pub millis: u32,
+    /// The socket's cookie (`SO_COOKIE`), which picked its Maglev slot.
+    pub cookie: u64,
 }
 
 impl Outcome {
@@ -225,6 +227,15 @@ unsafe fn client(procs_fd: i32, out: i32, call: Call, addrs: &[libc::sockaddr_in
                 libc::getsockname(s, (&raw mut local).cast(), &mut llen);
                 o.local_port = u16::from_be(local.sin_port);
             }
+            const SO_COOKIE: i32 = 57;
+            let mut clen = size_of::<u64>() as libc::socklen_t;
+            libc::getsockopt(
+                s,
+                libc::SOL_SOCKET,
+                SO_COOKIE,
+                (&raw mut o.cookie).cast(),
+                &mut clen,
+            );
             let bytes = size_of::<Outcome>();
             if libc::write(out, (&raw const o).cast(), bytes) != bytes as isize {
                 libc::_exit(3);
@@ -403,5 +414,126 @@ impl SockBed {
             .expect("the namespace's cookie");
         let node = if host { cookie } else { cookie ^ 1 };
         socket_lb::configure(&mut self.maps, mode, node).expect("configure");
+    }
+}
+
+/// A connected UDP socket held open by a child process in a cgroup (see [`HeldUdp::start`]).
+pub struct HeldUdp {
+    pid: i32,
+    go: i32,
+    results: i32,
+}
+
+impl HeldUdp {
+    /// Forks a child (in the calling thread's network namespace) that moves into `cgroup`,
+    /// connects a UDP socket to `target` and exchanges one datagram with it, then waits for
+    /// [`HeldUdp::exchange_again`]. Returns with the errno of that first exchange.
+    pub fn start(cgroup: &Path, target: SocketAddrV4) -> (Self, i32) {
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(cgroup.join("cgroup.procs"))
+            .expect("cgroup.procs");
+        let addr = sockaddr(target);
+        let (mut go, mut results) = ([0i32; 2], [0i32; 2]);
+        // SAFETY: pipe fills the arrays.
+        unsafe {
+            assert_eq!(libc::pipe(go.as_mut_ptr()), 0);
+            assert_eq!(libc::pipe(results.as_mut_ptr()), 0);
+        }
+        // SAFETY: the child only makes raw syscalls on memory prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: the child; raw syscalls on descriptors and memory from before the fork.
+            unsafe { hold_udp(procs.as_raw_fd(), go[0], results[1], &addr) }
+        }
+        // SAFETY: closing the child's ends in the parent.
+        unsafe {
+            libc::close(go[0]);
+            libc::close(results[1]);
+        }
+        let held = Self {
+            pid,
+            go: go[1],
+            results: results[0],
+        };
+        let first = held.result();
+        (held, first)
+    }
+
+    fn result(&self) -> i32 {
+        let mut errno = [0u8; 4];
+        // SAFETY: reading 4 bytes into our buffer.
+        let n = unsafe { libc::read(self.results, errno.as_mut_ptr().cast(), 4) };
+        assert_eq!(n, 4, "the UDP holder died");
+        i32::from_ne_bytes(errno)
+    }
+
+    /// Has the child send and receive once more on its socket: the errno (0: echoed).
+    pub fn exchange_again(self) -> i32 {
+        // SAFETY: one byte on our pipe.
+        assert_eq!(unsafe { libc::write(self.go, b"1".as_ptr().cast(), 1) }, 1);
+        self.result()
+    }
+}
+
+impl Drop for HeldUdp {
+    fn drop(&mut self) {
+        // SAFETY: our descriptors and child.
+        unsafe {
+            libc::close(self.go);
+            libc::close(self.results);
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+/// The child of [`HeldUdp::start`].
+///
+/// # Safety
+///
+/// Only in the child of a fork.
+unsafe fn hold_udp(procs: i32, go: i32, results: i32, addr: &libc::sockaddr_in) -> ! {
+    // SAFETY: raw syscalls on valid descriptors and buffers.
+    unsafe {
+        if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+            libc::_exit(2);
+        }
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let tv = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            s,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as u32,
+        );
+        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let exchange = || -> i32 {
+            let mut buf = [0u8; 16];
+            if libc::send(s, b"ping".as_ptr().cast(), 4, 0) < 0
+                || libc::recv(s, buf.as_mut_ptr().cast(), buf.len(), 0) < 0
+            {
+                *libc::__errno_location()
+            } else {
+                0
+            }
+        };
+        let mut errno = if libc::connect(s, std::ptr::from_ref(addr).cast(), len) == 0 {
+            exchange()
+        } else {
+            *libc::__errno_location()
+        };
+        libc::write(results, (&raw const errno).cast(), 4);
+        let mut byte = 0u8;
+        if libc::read(go, (&raw mut byte).cast(), 1) == 1 {
+            errno = exchange();
+            libc::write(results, (&raw const errno).cast(), 4);
+        }
+        libc::_exit(0)
     }
 }

@@ -8,6 +8,7 @@ use comfy_table::{ContentArrangement, Table};
 pub mod ct;
 pub mod dump;
 pub mod services;
+pub mod sock_trace;
 pub mod stats;
 pub mod trace;
 

@@ -9,6 +9,7 @@
 //! | `lbctl ct list` | [`ct::list`] | array of [`ct::FlowRow`] |
 //! | `lbctl stats` | [`stats::read`] | [`stats::Stats`] |
 //! | `lbctl trace` | [`trace::forward`], [`trace::reply`] | [`trace::Trace`] and its explanation (`render::trace::Explained`) |
+//! | `lbctl trace-connect` | [`sock_trace::trace`] | [`sock_trace::SockTrace`] |
 //!
 //! Addresses are strings (`"10.0.1.2"`, or `"10.0.1.2:40000"` with a port), protocols are
 //! `"tcp"`, `"udp"`, `"sctp"`, `"icmp"` or the protocol number as a string, scopes `"internal"` or
@@ -21,5 +22,6 @@ pub mod ct;
 pub mod dump;
 pub mod rows;
 pub mod services;
+pub mod sock_trace;
 pub mod stats;
 pub mod trace;

@@ -17,8 +17,9 @@ use super::{binaries::Built, image::Image, packages::Kernel, plan, which};
 
 /// Where busybox lives in the guest (its applets are linked into `bin/` next to it at boot).
 pub(super) const BUSYBOX_DIR: &str = "/opt/busybox";
-/// Guest kernel modules the tests need (their dependencies come along).
-const MODULES: [&str; 4] = ["veth", "bridge", "sch_ingress", "cls_bpf"];
+/// Guest kernel modules the tests need (their dependencies come along): `udp_diag` for the
+/// agent closing connected UDP sockets (sock_diag `SOCK_DESTROY`, a module on Debian).
+const MODULES: [&str; 5] = ["veth", "bridge", "sch_ingress", "cls_bpf", "udp_diag"];
 /// Host programs the tests start, found on PATH and copied with their libraries.
 const HOST_TOOLS: [&str; 6] = ["ip", "tc", "nsenter", "sysctl", "netperf", "netserver"];
 /// Host files copied as they are.

@@ -97,6 +97,12 @@ pub(super) const PLAN: [Step; 22] = [
         env: &[],
     },
     Step {
+        name: "socket_lb_rules",
+        target: "socket_lb_rules",
+        args: &[],
+        env: &[],
+    },
+    Step {
         name: "datapath_carry",
         target: "datapath_carry",
         args: &[],
