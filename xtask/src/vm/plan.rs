@@ -22,7 +22,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 22] = [
+pub(super) const PLAN: [Step; 23] = [
     Step {
         name: "datapath",
         target: "datapath",
