@@ -24,7 +24,7 @@ use lb_testbed::{
     Agents, Cluster, SockClient, SocketLb, SourceDir,
     manifests::{
         Endpoint, EndpointSliceManifest, Protocol, ServiceManifest, ServicePort, ServiceType,
-        documents,
+        TrafficPolicy, documents,
     },
     sock_client::{LoadCount, Outcome},
 };
@@ -42,14 +42,27 @@ const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 const EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 /// `sticky`: sessionAffinity ClientIP, served by `web-0` and `web-1`.
 const STICKY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 16);
+/// `self`: served by `web-0` alone, for `web-0` to reach itself.
+const SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
+/// `local`: a LoadBalancer with externalTrafficPolicy Local (NodePort 30081, ingress IP below),
+/// served by `web-1` alone (node-1).
+const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 17);
+const LOCAL_NODE_PORT: u16 = 30_081;
+const LOCAL_INGRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+/// `inner`: a ClusterIP with internalTrafficPolicy Local, served by `web-1` alone (node-1).
+const INNER: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 18);
+/// `ranged`: a LoadBalancer whose loadBalancerSourceRanges hold node-0's address alone (ingress
+/// IP below), served by both backends.
+const RANGED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 19);
+const RANGED_INGRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 12);
 /// The refusal of a Service without endpoints is the hook's answer to the syscall itself: no
 /// packet, no round trip.
 const AT_ONCE: Duration = Duration::from_millis(100);
 const BACKENDS: [&str; 2] = ["web-0", "web-1"];
 /// What the hooks translate in [`assert_every_frontend_served`] on node-0: 20 TCP connects and
-/// 6 datagrams to the ClusterIP, 4 connects to each of the node's NodePort, the ingress IP and
-/// the externalIP.
-const HOOKED: u64 = 20 + 6 + 3 * 4;
+/// 6 datagrams to the ClusterIP, 3 datagrams to the node's NodePort, 4 connects to each of the
+/// NodePort, the ingress IP and the externalIP.
+const HOOKED: u64 = 20 + 6 + 3 + 3 * 4;
 
 /// What a node counted for some frontends ([`Bed::counted`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -115,6 +128,7 @@ impl Bed {
                     slice("sticky", &[("http", Protocol::Tcp)], &both),
                 ]),
             ),
+            ("policies.yaml", policies_yaml(&cluster, web)),
         ] {
             source.write(file, &yaml).unwrap();
         }
@@ -217,6 +231,39 @@ fn slice(service: &str, ports: &[(&str, Protocol)], endpoints: &[Endpoint]) -> S
     slice.yaml()
 }
 
+/// `self`, `local`, `inner` and `ranged` (see their addresses).
+fn policies_yaml(cluster: &Cluster, web: [Ipv4Addr; 2]) -> String {
+    let http = [("http", Protocol::Tcp)];
+    let web_0 = [Endpoint::ready(web[0], cluster.node_name(0))];
+    let web_1 = [Endpoint::ready(web[1], cluster.node_name(1))];
+    let both = [web_0[0].clone(), web_1[0].clone()];
+    documents([
+        ServiceManifest::new("self", SELF)
+            .port(ServicePort::tcp("http", 80, 8080))
+            .yaml(),
+        slice("self", &http, &web_0),
+        ServiceManifest::new("local", LOCAL)
+            .service_type(ServiceType::LoadBalancer)
+            .port(ServicePort::tcp("http", 80, 8080).node_port(LOCAL_NODE_PORT))
+            .external_traffic_policy(TrafficPolicy::Local)
+            .ingress_ip(LOCAL_INGRESS)
+            .yaml(),
+        slice("local", &http, &web_1),
+        ServiceManifest::new("inner", INNER)
+            .port(ServicePort::tcp("http", 80, 8080))
+            .internal_traffic_policy(TrafficPolicy::Local)
+            .yaml(),
+        slice("inner", &http, &web_1),
+        ServiceManifest::new("ranged", RANGED)
+            .service_type(ServiceType::LoadBalancer)
+            .port(ServicePort::tcp("http", 80, 8080).node_port(30_082))
+            .ingress_ip(RANGED_INGRESS)
+            .source_range(&format!("{}/32", cluster.node_ip(0)))
+            .yaml(),
+        slice("ranged", &http, &both),
+    ])
+}
+
 fn web_yaml(endpoints: &[Endpoint]) -> String {
     documents([
         ServiceManifest::new("web", WEB)
@@ -264,8 +311,17 @@ fn assert_every_frontend_served(bed: &Bed, client: &mut SockClient, who: &str) -
         let outcome = client.udp(cluster_ip).unwrap();
         assert_served(&outcome, cluster_ip, &format!("{who}: UDP recvfrom()"));
     }
+    let node_port = sock(bed.cluster.node_ip(0), NODE_PORT);
+    for _ in 0..3 {
+        let outcome = client.udp(node_port).unwrap();
+        assert_served(
+            &outcome,
+            node_port,
+            &format!("{who}: UDP to node-0's NodePort"),
+        );
+    }
     for (what, frontend) in [
-        ("node-0's NodePort", sock(bed.cluster.node_ip(0), NODE_PORT)),
+        ("node-0's NodePort", node_port),
         ("the LoadBalancer ingress IP", sock(LB_INGRESS, 80)),
         ("the externalIP", sock(EXTERNAL_IP, 80)),
     ] {
@@ -365,6 +421,15 @@ fn pod_processes_are_served_by_the_hooks_and_the_packet_path_counts_nothing() {
         assert_eq!(*answer.answer().seen.ip(), own, "{answer:?}");
     }
     assert_hooks_did_it(&bed, before, HOOKED, "client-0");
+
+    // A pod balanced to itself connects to itself: no hairpin NAT, its own address seen.
+    let mut web_0 = bed.pod_client("web-0");
+    for _ in 0..3 {
+        let outcome = web_0.tcp(sock(SELF, 80)).unwrap();
+        let answer = assert_served(&outcome, sock(SELF, 80), "web-0 to itself");
+        assert_eq!(answer, "web-0");
+        assert_eq!(*outcome.answer().seen.ip(), bed.web[0], "{outcome:?}");
+    }
 }
 
 #[test]
@@ -380,6 +445,8 @@ fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() {
         for (proto, outcome) in [
             ("TCP connect()", client.tcp(empty).unwrap()),
             ("UDP sendto()", client.udp(empty).unwrap()),
+            // A port the ClusterIP does not serve.
+            ("TCP connect()", client.tcp(sock(WEB, 81)).unwrap()),
         ] {
             let failure = outcome.result.as_ref().expect_err(proto);
             assert_eq!(
@@ -531,4 +598,58 @@ fn a_connected_udp_socket_whose_backend_goes_is_not_left_blackholed() {
         ),
     }
     eprintln!("connected UDP socket after its backend left: {outcome:?}");
+}
+
+/// Traffic policies and source ranges as kube-proxy applies them to traffic from inside:
+/// externalTrafficPolicy Local does not restrict the node's and its pods' own connections (every
+/// endpoint serves them); internalTrafficPolicy Local does, and with no endpoint on the node the
+/// connection is refused at once; loadBalancerSourceRanges are checked against the node's
+/// address.
+#[test]
+fn traffic_policies_and_source_ranges_apply_to_the_nodes_sockets_as_kube_proxy_applies_them() {
+    let Some(bed) = Bed::new(SocketLb::On) else {
+        return;
+    };
+    let node_0 = bed.cluster.node_ip(0);
+    for (who, mut client) in [
+        ("node-0", bed.node_client(0)),
+        ("client-0", bed.pod_client("client-0")),
+    ] {
+        for frontend in [sock(node_0, LOCAL_NODE_PORT), sock(LOCAL_INGRESS, 80)] {
+            let outcome = client.tcp(frontend).unwrap();
+            let name = assert_served(&outcome, frontend, &format!("{who}, eTP Local"));
+            assert_eq!(name, "web-1", "{who}: {frontend}'s only endpoint");
+        }
+        let outcome = client.tcp(sock(INNER, 80)).unwrap();
+        assert_eq!(
+            outcome.errno(),
+            Some(libc::ECONNREFUSED),
+            "{who}: iTP Local without an endpoint on node-0: {outcome:?}"
+        );
+        assert!(outcome.elapsed < AT_ONCE, "{who}: at once: {outcome:?}");
+    }
+    let mut node_1 = bed.node_client(1);
+    let outcome = node_1.tcp(sock(INNER, 80)).unwrap();
+    assert_eq!(
+        assert_served(&outcome, sock(INNER, 80), "node-1, iTP Local"),
+        "web-1"
+    );
+
+    // node-0's address is in the ranges, node-1's is not.
+    let ranged = sock(RANGED_INGRESS, 80);
+    let mut node_0_client = bed.node_client(0);
+    for _ in 0..3 {
+        assert_served(
+            &node_0_client.tcp(ranged).unwrap(),
+            ranged,
+            "node-0, in range",
+        );
+    }
+    let outcome = node_1.tcp(ranged).unwrap();
+    assert_eq!(
+        outcome.errno(),
+        Some(libc::ECONNREFUSED),
+        "node-1 is outside the ranges: {outcome:?}"
+    );
+    assert!(outcome.elapsed < AT_ONCE, "refused at once: {outcome:?}");
 }
