@@ -25,6 +25,11 @@ pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
 /// `cgroup/getpeername4`: `getpeername()` on a socket `lb_sock_connect4` connected shows the
 /// frontend it asked for.
 pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
+/// The same four for IPv6 sockets given IPv4-mapped addresses (`::ffff:a.b.c.d`).
+pub const SOCK_CONNECT6: &str = "lb_sock_connect6";
+pub const SOCK_SENDMSG6: &str = "lb_sock_sendmsg6";
+pub const SOCK_RECVMSG6: &str = "lb_sock_recvmsg6";
+pub const SOCK_GETPEERNAME6: &str = "lb_sock_getpeername6";
 /// Empty programs, never attached: the baseline the benchmarks subtract.
 pub const EMPTY_XDP: &str = "bench_empty_xdp";
 pub const EMPTY_TC: &str = "bench_empty_tc";
@@ -33,15 +38,19 @@ pub const EMPTY_TC: &str = "bench_empty_tc";
 pub const TC: [&str; 4] = [FROM_POD, TO_POD, EXT_IN, EXT_OUT];
 
 /// The cgroup socket programs (socket-level balancing).
-pub const SOCK: [&str; 4] = [
+pub const SOCK: [&str; 8] = [
     SOCK_CONNECT4,
     SOCK_SENDMSG4,
     SOCK_RECVMSG4,
     SOCK_GETPEERNAME4,
+    SOCK_CONNECT6,
+    SOCK_SENDMSG6,
+    SOCK_RECVMSG6,
+    SOCK_GETPEERNAME6,
 ];
 
 /// Every program, for tools that check the object holds them all.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 15] = [
     XDP,
     FROM_POD,
     TO_POD,
@@ -51,6 +60,10 @@ pub const ALL: [&str; 11] = [
     SOCK_SENDMSG4,
     SOCK_RECVMSG4,
     SOCK_GETPEERNAME4,
+    SOCK_CONNECT6,
+    SOCK_SENDMSG6,
+    SOCK_RECVMSG6,
+    SOCK_GETPEERNAME6,
     EMPTY_XDP,
     EMPTY_TC,
 ];

@@ -7,7 +7,8 @@
 //! socket, which is balanced anew. Works on every kernel
 //! the socket programs load on (6.1+), unlike `bpf_sock_destroy` (6.5+).
 //!
-//! Only sockets of the calling thread's network namespace (the agent's: the node's) are
+//! IPv4 sockets and IPv6 ones connected to an IPv4-mapped address are looked at. Only sockets of
+//! the calling thread's network namespace (the agent's: the node's) are
 //! concerned: pods' connected UDP sockets are left to the packet path (see `lb_ebpf::sock`).
 
 use std::{
@@ -61,8 +62,23 @@ impl SockId {
         u64::from(self.cookie[0]) | (u64::from(self.cookie[1]) << 32)
     }
 
-    fn peer(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::from(self.dst[0]), u16::from_be_bytes(self.dport))
+    /// The peer, for an IPv4 socket or an IPv6 one connected to an IPv4-mapped address (the
+    /// kernel fills `dst[0]` for the first, all of `dst` for the second).
+    fn peer(&self, family: u8) -> Option<SocketAddrV4> {
+        let addr = if family == libc::AF_INET as u8 {
+            self.dst[0]
+        } else if self.dst[0] == [0; 4]
+            && self.dst[1] == [0; 4]
+            && self.dst[2] == [0, 0, 0xff, 0xff]
+        {
+            self.dst[3]
+        } else {
+            return None;
+        };
+        Some(SocketAddrV4::new(
+            Ipv4Addr::from(addr),
+            u16::from_be_bytes(self.dport),
+        ))
     }
 }
 
@@ -130,10 +146,15 @@ pub fn close_connected(doomed: &Doomed) -> io::Result<usize> {
     }
     let netlink = open()?;
     let mut closed = 0;
-    for id in connected_udp(&netlink)? {
-        if doomed.contains(&(id.cookie(), id.peer())) {
-            destroy(&netlink, &id)?;
-            closed += 1;
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for id in connected_udp(&netlink, family)? {
+            if id
+                .peer(family)
+                .is_some_and(|peer| doomed.contains(&(id.cookie(), peer)))
+            {
+                destroy(&netlink, family, &id)?;
+                closed += 1;
+            }
         }
     }
     Ok(closed)
@@ -219,10 +240,10 @@ fn receive(fd: &OwnedFd, mut each: impl FnMut(&[u8])) -> io::Result<()> {
     }
 }
 
-/// The connected IPv4 UDP sockets of the namespace.
-fn connected_udp(fd: &OwnedFd) -> io::Result<Vec<SockId>> {
+/// The connected UDP sockets of the namespace of one address family.
+fn connected_udp(fd: &OwnedFd, family: u8) -> io::Result<Vec<SockId>> {
     let req = DiagReq {
-        family: libc::AF_INET as u8,
+        family,
         protocol: proto::UDP,
         states: 1 << ESTABLISHED,
         ..DiagReq::default()
@@ -239,9 +260,9 @@ fn connected_udp(fd: &OwnedFd) -> io::Result<Vec<SockId>> {
 }
 
 /// Closes the socket `id` names (with its cookie, so no other socket on the same ports).
-fn destroy(fd: &OwnedFd, id: &SockId) -> io::Result<()> {
+fn destroy(fd: &OwnedFd, family: u8, id: &SockId) -> io::Result<()> {
     let req = DiagReq {
-        family: libc::AF_INET as u8,
+        family,
         protocol: proto::UDP,
         states: u32::MAX,
         id: *id,
@@ -252,5 +273,33 @@ fn destroy(fd: &OwnedFd, id: &SockId) -> io::Result<()> {
         // Closed meanwhile: nothing left to do.
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_read_from_ipv4_sockets_and_ipv4_mapped_ipv6_ones() {
+        let v4 = SockId {
+            dport: 53u16.to_be_bytes(),
+            dst: [[10, 96, 0, 10], [0; 4], [0; 4], [0; 4]],
+            cookie: [7, 1],
+            ..SockId::default()
+        };
+        let dns = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 53);
+        assert_eq!(v4.peer(libc::AF_INET as u8), Some(dns));
+        assert_eq!(v4.cookie(), (1 << 32) | 7);
+        let mapped = SockId {
+            dst: [[0; 4], [0; 4], [0, 0, 0xff, 0xff], [10, 96, 0, 10]],
+            ..v4
+        };
+        assert_eq!(mapped.peer(libc::AF_INET6 as u8), Some(dns));
+        let native = SockId {
+            dst: [[0x20, 0x01, 0x0d, 0xb8], [0; 4], [0; 4], [0, 0, 0, 1]],
+            ..v4
+        };
+        assert_eq!(native.peer(libc::AF_INET6 as u8), None);
     }
 }

@@ -42,16 +42,25 @@ pub enum SockHook {
     Sendmsg4,
     Recvmsg4,
     Getpeername4,
+    /// The IPv6 hooks, for IPv4-mapped addresses on IPv6 sockets.
+    Connect6,
+    Sendmsg6,
+    Recvmsg6,
+    Getpeername6,
 }
 
 impl SockHook {
     /// In attach order: the programs that show frontends come before those that hide them, so
     /// that no socket is translated before its replies can be shown as the frontend's.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 8] = [
         Self::Getpeername4,
         Self::Recvmsg4,
+        Self::Getpeername6,
+        Self::Recvmsg6,
         Self::Sendmsg4,
         Self::Connect4,
+        Self::Sendmsg6,
+        Self::Connect6,
     ];
 
     /// Its link's pin name under [`PIN_DIR`].
@@ -61,6 +70,10 @@ impl SockHook {
             Self::Sendmsg4 => "sendmsg4",
             Self::Recvmsg4 => "recvmsg4",
             Self::Getpeername4 => "getpeername4",
+            Self::Connect6 => "connect6",
+            Self::Sendmsg6 => "sendmsg6",
+            Self::Recvmsg6 => "recvmsg6",
+            Self::Getpeername6 => "getpeername6",
         }
     }
 
@@ -71,6 +84,10 @@ impl SockHook {
             Self::Sendmsg4 => programs::SOCK_SENDMSG4,
             Self::Recvmsg4 => programs::SOCK_RECVMSG4,
             Self::Getpeername4 => programs::SOCK_GETPEERNAME4,
+            Self::Connect6 => programs::SOCK_CONNECT6,
+            Self::Sendmsg6 => programs::SOCK_SENDMSG6,
+            Self::Recvmsg6 => programs::SOCK_RECVMSG6,
+            Self::Getpeername6 => programs::SOCK_GETPEERNAME6,
         }
     }
 
@@ -81,6 +98,10 @@ impl SockHook {
             Self::Sendmsg4 => bpf_attach_type::BPF_CGROUP_UDP4_SENDMSG as u32,
             Self::Recvmsg4 => bpf_attach_type::BPF_CGROUP_UDP4_RECVMSG as u32,
             Self::Getpeername4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME as u32,
+            Self::Connect6 => bpf_attach_type::BPF_CGROUP_INET6_CONNECT as u32,
+            Self::Sendmsg6 => bpf_attach_type::BPF_CGROUP_UDP6_SENDMSG as u32,
+            Self::Recvmsg6 => bpf_attach_type::BPF_CGROUP_UDP6_RECVMSG as u32,
+            Self::Getpeername6 => bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME as u32,
         }
     }
 }

@@ -287,3 +287,37 @@ fn the_nodes_connected_udp_sockets_to_a_backend_that_left_are_closed() {
     assert_eq!(balanced.exchange_again(), libc::EDESTADDRREQ);
     assert_eq!(direct.exchange_again(), 0, "left alone");
 }
+
+#[test]
+fn ipv6_sockets_given_ipv4_mapped_addresses_are_balanced_too() {
+    let Some(mut bed) = SockBed::new() else {
+        return;
+    };
+    let (web, echo) = bed.inside(|| (listener(), Echo::start()));
+    bed.program(&cluster_ip("web", VIP, 80, &[port(&web)]));
+    bed.program(&service(
+        "dns",
+        &[(DNS_VIP, 53, proto::UDP, FrontendKind::ClusterIp)],
+        &[echo.port()],
+    ));
+    let tcp = SocketAddrV4::new(VIP, 80);
+    let o = bed.calls(true, Call::Tcp6Mapped, &[tcp]);
+    assert_eq!(
+        (o[0].errno, o[0].peer()),
+        (0, tcp),
+        "::ffff:{tcp}: {:?}",
+        o[0]
+    );
+    assert_eq!(accept_all(&[&web], 1)[0].len(), 1);
+    let udp = SocketAddrV4::new(DNS_VIP, 53);
+    let o = bed.calls(true, Call::UdpSendto6Mapped, &[udp]);
+    assert_eq!(
+        (o[0].errno, o[0].peer()),
+        (0, udp),
+        "::ffff:{udp}: {:?}",
+        o[0]
+    );
+    // Outside the cgroup the mapped address is as unreachable as the IPv4 one.
+    let o = bed.calls(false, Call::Tcp6Mapped, &[tcp]);
+    assert_eq!(o[0].errno, libc::ENETUNREACH, "{:?}", o[0]);
+}

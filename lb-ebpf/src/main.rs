@@ -9,9 +9,9 @@
 //! * `lb_ext_in` (tc ingress of an uplink): `lb_xdp`'s logic where XDP is off or unavailable.
 //! * `lb_ext_out` (tc egress of an uplink): reverse NAT of replies from this node's backends to
 //!   clients elsewhere (`lb_to_pod`'s logic).
-//! * `lb_sock_connect4`, `lb_sock_sendmsg4`, `lb_sock_recvmsg4`, `lb_sock_getpeername4` (cgroup
-//!   v2 `sock_addr` hooks, attached only with `lb-agent --socket-lb on|host-only`): socket-level
-//!   balancing (`sock`).
+//! * `lb_sock_{connect,sendmsg,recvmsg,getpeername}{4,6}` (cgroup v2 `sock_addr` hooks, attached
+//!   only with `lb-agent --socket-lb on|host-only`): socket-level balancing (`sock`); the `6`
+//!   ones serve IPv4-mapped addresses on IPv6 sockets.
 //! * `bench_empty_*`: empty programs, the baseline of `cargo xtask bench`.
 //!
 //! The names are `lb_common::programs`'s; every decision (flow keys, conntrack state, source-NAT
@@ -129,25 +129,49 @@ pub fn lb_to_pod(ctx: TcContext) -> i32 {
 #[cgroup_sock_addr(connect4)]
 #[inline(always)]
 pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::connect4(&ctx)
+    sock::connect::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+#[inline(always)]
+pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::connect::<true>(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 #[inline(always)]
 pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::sendmsg4(&ctx)
+    sock::sendmsg::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+#[inline(always)]
+pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg::<true>(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 #[inline(always)]
 pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::show_frontend(&ctx)
+    sock::show_frontend::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+#[inline(always)]
+pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::show_frontend::<true>(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 #[inline(always)]
 pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::show_frontend(&ctx)
+    sock::show_frontend::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+#[inline(always)]
+pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::show_frontend::<true>(&ctx)
 }
 
 /// Benchmark baseline: an XDP program that does nothing, timed the same way as `lb_xdp` so that

@@ -9,6 +9,11 @@
 //! packet path: pods' connected UDP sockets (the packet path moves their flows when a backend
 //! goes; the agent closes the node's own, see `lb-agent`'s `udp_sockets`), and affinity or
 //! source-range frontends where the client's address is not known yet (a pod's unbound socket).
+//!
+//! The same programs serve IPv6 sockets given an IPv4-mapped address (`::ffff:a.b.c.d`, what
+//! dual-stack runtimes such as Java's do for every IPv4 address): `V6` selects the
+//! `bpf_sock_addr` fields a hook reads and writes, a constant, so that each program only touches
+//! the fields its attach type may (the verifier refuses `user_ip6` in the IPv4 hooks).
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -40,33 +45,71 @@ enum Call {
     Sendmsg,
 }
 
-/// `cgroup/connect4`: TCP, and UDP from the node's own namespace, see the module comment.
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`) as loaded from memory.
+const MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The IPv4 address the call names (raw, network order) and its port (in the low 16 bits, network
+/// order): `user_ip4`, or the IPv4 address inside an IPv4-mapped `user_ip6` (`None` for any
+/// other IPv6 address).
 #[inline(always)]
-pub fn connect4(ctx: &SockAddrContext) -> i32 {
+fn user_addr<const V6: bool>(ctx: &SockAddrContext) -> Option<(u32, u32)> {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel's `bpf_sock_addr`; `user_ip4` is readable in the IPv4 hooks,
+    // `user_ip6` (4-byte loads) in the IPv6 ones, `user_port` in both.
+    unsafe {
+        if V6 {
+            let ip6 = (*sa).user_ip6;
+            (ip6[0] == 0 && ip6[1] == 0 && ip6[2] == MAPPED_WORD)
+                .then_some((ip6[3], (*sa).user_port))
+        } else {
+            Some(((*sa).user_ip4, (*sa).user_port))
+        }
+    }
+}
+
+/// Writes the address and port the call goes to (or shows), in the family `user_addr` read.
+#[inline(always)]
+fn set_user_addr<const V6: bool>(ctx: &SockAddrContext, addr: Be32, port: Be16) {
+    let sa = ctx.sock_addr;
+    // SAFETY: these fields are writable (4-byte stores) in the hooks that call this.
+    unsafe {
+        if V6 {
+            (*sa).user_ip6[3] = addr.raw();
+        } else {
+            (*sa).user_ip4 = addr.raw();
+        }
+        (*sa).user_port = u32::from(port.raw());
+    }
+}
+
+/// `cgroup/connect4` and `cgroup/connect6`: TCP, and UDP from the node's own namespace, see the
+/// module comment.
+#[inline(always)]
+pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel hands the program a valid `bpf_sock_addr`; `protocol` is readable.
     let protocol = unsafe { (*ctx.sock_addr).protocol };
     if protocol != u32::from(proto::TCP) && protocol != u32::from(proto::UDP) {
         return PROCEED;
     }
-    translate(ctx, protocol as u8, Call::Connect)
+    translate::<V6>(ctx, protocol as u8, Call::Connect)
 }
 
-/// `cgroup/sendmsg4`: a UDP datagram sent with an address (an unconnected socket). Connected
-/// sockets' sends do not come here.
+/// `cgroup/sendmsg4` and `cgroup/sendmsg6`: a UDP datagram sent with an address (an
+/// unconnected socket). Connected sockets' sends do not come here.
 #[inline(always)]
-pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
-    // SAFETY: as in `connect4`.
+pub fn sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: as in `connect`.
     if unsafe { (*ctx.sock_addr).protocol } != u32::from(proto::UDP) {
         return PROCEED;
     }
-    translate(ctx, proto::UDP, Call::Sendmsg)
+    translate::<V6>(ctx, proto::UDP, Call::Sendmsg)
 }
 
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, protocol: u8, call: Call) -> i32 {
-    let sa = ctx.sock_addr;
-    // SAFETY: `user_ip4` and `user_port` are readable in `connect4` and `sendmsg4`.
-    let (user_ip4, user_port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+fn translate<const V6: bool>(ctx: &SockAddrContext, protocol: u8, call: Call) -> i32 {
+    let Some((user_ip4, user_port)) = user_addr::<V6>(ctx) else {
+        return PROCEED;
+    };
     let key = FrontendKey {
         addr: Be32::from_raw(user_ip4),
         // The port is in network order in the low 16 bits.
@@ -94,7 +137,7 @@ fn translate(ctx: &SockAddrContext, protocol: u8, call: Call) -> i32 {
             count(&frontend, |s| s.refused += 1);
             refuse()
         }
-        Connect::Balance => balance(ctx, &key, &frontend, client, call),
+        Connect::Balance => balance::<V6>(ctx, &key, &frontend, client, call),
     }
 }
 
@@ -122,7 +165,8 @@ fn client_addr(
     if frontend.affinity_timeout_s == 0 && !frontend.has_source_ranges() {
         return Some(Be32::from_raw(0));
     }
-    // SAFETY: `sk` is always set in `sock_addr` programs and its `src_ip4` is readable.
+    // SAFETY: `sk` is always set in `sock_addr` programs and its `src_ip4` is readable (0 for
+    // an IPv6 socket, whose bound IPv4-mapped address is not looked at).
     let bound = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).src_ip4 };
     if bound != 0 {
         return Some(Be32::from_raw(bound));
@@ -135,7 +179,7 @@ fn client_addr(
 }
 
 #[inline(always)]
-fn balance(
+fn balance<const V6: bool>(
     ctx: &SockAddrContext,
     key: &FrontendKey,
     frontend: &Frontend,
@@ -178,12 +222,7 @@ fn balance(
         Call::Connect => s.connects += 1,
         Call::Sendmsg => s.datagrams += 1,
     });
-    // SAFETY: `user_ip4` and `user_port` are writable in `connect4` and `sendmsg4` (4-byte
-    // stores).
-    unsafe {
-        (*ctx.sock_addr).user_ip4 = backend.addr.raw();
-        (*ctx.sock_addr).user_port = u32::from(backend.port.raw());
-    }
+    set_user_addr::<V6>(ctx, backend.addr, backend.port);
     PROCEED
 }
 
@@ -204,16 +243,16 @@ fn refuse() -> i32 {
     FAIL
 }
 
-/// `cgroup/getpeername4` and `cgroup/recvmsg4`: a socket whose peer (or datagram's source) is a
-/// backend it was connected or sent to instead of a frontend shows the frontend. Must return 1
-/// (the verifier allows nothing else in these hooks).
+/// `cgroup/getpeername4|6` and `cgroup/recvmsg4|6`: a socket whose peer (or datagram's source)
+/// is a backend it was connected or sent to instead of a frontend shows the frontend. Must
+/// return 1 (the verifier allows nothing else in these hooks).
 #[inline(always)]
-pub fn show_frontend(ctx: &SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    // SAFETY: the kernel's `bpf_sock_addr`; these fields are readable in `getpeername4` and
-    // `recvmsg4`.
-    let (protocol, user_ip4, user_port) =
-        unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
+pub fn show_frontend<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    let Some((user_ip4, user_port)) = user_addr::<V6>(ctx) else {
+        return PROCEED;
+    };
+    // SAFETY: the kernel's `bpf_sock_addr`; `protocol` is readable in these hooks.
+    let protocol = unsafe { (*ctx.sock_addr).protocol };
     let key = SockRevKey {
         // SAFETY: the helper reads the context's socket.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
@@ -224,11 +263,7 @@ pub fn show_frontend(ctx: &SockAddrContext) -> i32 {
     };
     // SAFETY: hash map value, copied out at once.
     if let Some(rev) = unsafe { LB_SOCK_REV.get(&key) }.copied() {
-        // SAFETY: `user_ip4` and `user_port` are writable in these hooks.
-        unsafe {
-            (*sa).user_ip4 = rev.frontend_addr.raw();
-            (*sa).user_port = u32::from(rev.frontend_port.raw());
-        }
+        set_user_addr::<V6>(ctx, rev.frontend_addr, rev.frontend_port);
     }
     PROCEED
 }

@@ -35,6 +35,16 @@ pub enum Call {
     UdpSendto,
     /// UDP `connect()`, `getpeername()`, `send()`, then `recvfrom()` the echo.
     UdpConnected,
+    /// As `Tcp` and `UdpSendto`, from an IPv6 socket given the IPv4-mapped address
+    /// (`::ffff:a.b.c.d`); the outcome's peer is the IPv4 address inside the one shown.
+    Tcp6Mapped,
+    UdpSendto6Mapped,
+}
+
+impl Call {
+    const fn v6(self) -> bool {
+        matches!(self, Self::Tcp6Mapped | Self::UdpSendto6Mapped)
+    }
 }
 
 /// What one call of the client did: its errno (0: it worked), and then the peer
@@ -55,6 +65,18 @@ pub struct Outcome {
 impl Outcome {
     pub fn peer(&self) -> SocketAddrV4 {
         SocketAddrV4::new(Ipv4Addr::from(self.peer_addr), self.peer_port)
+    }
+}
+
+fn sockaddr6(addr: SocketAddrV4) -> libc::sockaddr_in6 {
+    libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: addr.port().to_be(),
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr {
+            s6_addr: addr.ip().to_ipv6_mapped().octets(),
+        },
+        sin6_scope_id: 0,
     }
 }
 
@@ -83,6 +105,7 @@ pub fn calls_from(cgroup: Option<&Path>, call: Call, targets: &[SocketAddrV4]) -
     });
     let procs_fd = procs.as_ref().map_or(-1, |f| f.as_raw_fd());
     let addrs: Vec<libc::sockaddr_in> = targets.iter().map(|t| sockaddr(*t)).collect();
+    let addrs6: Vec<libc::sockaddr_in6> = targets.iter().map(|t| sockaddr6(*t)).collect();
     let mut pipe = [0i32; 2];
     // SAFETY: pipe fills the array.
     assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
@@ -91,7 +114,7 @@ pub fn calls_from(cgroup: Option<&Path>, call: Call, targets: &[SocketAddrV4]) -
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
         // SAFETY: the child; every pointer is into memory allocated before the fork.
-        unsafe { client(procs_fd, pipe[1], call, &addrs) }
+        unsafe { client(procs_fd, pipe[1], call, &addrs, &addrs6) }
     }
     // SAFETY: closing our copy of the write end.
     unsafe { libc::close(pipe[1]) };
@@ -141,22 +164,33 @@ unsafe fn millis_since(t0: &libc::timespec) -> u32 {
 /// # Safety
 ///
 /// Only in the child of a fork; `addrs` was allocated before it.
-unsafe fn client(procs_fd: i32, out: i32, call: Call, addrs: &[libc::sockaddr_in]) -> ! {
+unsafe fn client(
+    procs_fd: i32,
+    out: i32,
+    call: Call,
+    addrs: &[libc::sockaddr_in],
+    addrs6: &[libc::sockaddr_in6],
+) -> ! {
     // SAFETY: raw syscalls on valid descriptors and buffers.
     unsafe {
         if procs_fd >= 0 && libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
             libc::_exit(2);
         }
-        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let (family, len) = if call.v6() {
+            (libc::AF_INET6, size_of::<libc::sockaddr_in6>())
+        } else {
+            (libc::AF_INET, size_of::<libc::sockaddr_in>())
+        };
+        let len = len as libc::socklen_t;
         let mut sockets = [-1i32; 64];
         for (i, addr) in addrs.iter().enumerate() {
             let mut o = Outcome::default();
-            let kind = if call == Call::Tcp {
+            let kind = if matches!(call, Call::Tcp | Call::Tcp6Mapped) {
                 libc::SOCK_STREAM
             } else {
                 libc::SOCK_DGRAM
             };
-            let s = libc::socket(libc::AF_INET, kind, 0);
+            let s = libc::socket(family, kind, 0);
             sockets[i] = s;
             // connect() and recvfrom() give up after 3 s.
             let tv = libc::timeval {
@@ -174,18 +208,23 @@ unsafe fn client(procs_fd: i32, out: i32, call: Call, addrs: &[libc::sockaddr_in
             }
             let mut t0 = std::mem::zeroed::<libc::timespec>();
             libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t0);
-            let target = std::ptr::from_ref(addr).cast();
-            let mut peer = std::mem::zeroed::<libc::sockaddr_in>();
+            let target: *const libc::sockaddr = if call.v6() {
+                std::ptr::from_ref(&addrs6[i]).cast()
+            } else {
+                std::ptr::from_ref(addr).cast()
+            };
+            // Large enough for either family; read as sockaddr_in6 for IPv6 sockets.
+            let mut peer = std::mem::zeroed::<libc::sockaddr_in6>();
             let mut plen = len;
             let ret = match call {
-                Call::Tcp => {
+                Call::Tcp | Call::Tcp6Mapped => {
                     let r = libc::connect(s, target, len);
                     if r == 0 {
                         libc::getpeername(s, (&raw mut peer).cast(), &mut plen);
                     }
                     r
                 }
-                Call::UdpSendto => {
+                Call::UdpSendto | Call::UdpSendto6Mapped => {
                     let r = libc::sendto(s, b"ping".as_ptr().cast(), 4, 0, target, len);
                     if r < 0 {
                         -1
@@ -220,12 +259,20 @@ unsafe fn client(procs_fd: i32, out: i32, call: Call, addrs: &[libc::sockaddr_in
             if ret != 0 {
                 o.errno = *libc::__errno_location();
             } else {
-                o.peer_addr = peer.sin_addr.s_addr.to_ne_bytes();
-                o.peer_port = u16::from_be(peer.sin_port);
-                let mut local = std::mem::zeroed::<libc::sockaddr_in>();
+                // Both families put the port at the same offset; the IPv4 address of a mapped
+                // IPv6 one is its last 4 bytes.
+                o.peer_port = u16::from_be(peer.sin6_port);
+                o.peer_addr = if call.v6() {
+                    let b = peer.sin6_addr.s6_addr;
+                    [b[12], b[13], b[14], b[15]]
+                } else {
+                    let v4: libc::sockaddr_in = std::ptr::read((&raw const peer).cast());
+                    v4.sin_addr.s_addr.to_ne_bytes()
+                };
+                let mut local = std::mem::zeroed::<libc::sockaddr_in6>();
                 let mut llen = len;
                 libc::getsockname(s, (&raw mut local).cast(), &mut llen);
-                o.local_port = u16::from_be(local.sin_port);
+                o.local_port = u16::from_be(local.sin6_port);
             }
             const SO_COOKIE: i32 = 57;
             let mut clen = size_of::<u64>() as libc::socklen_t;
