@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::{Cluster, netns, server, temp_dir::TempDir};
+use crate::{Cluster, cgroup, netns, server, temp_dir::TempDir};
 
 /// Where each agent serves /healthz and /readyz (kube-proxy's port), on every address of its
 /// node.
@@ -72,6 +72,27 @@ pub fn agent_binary() -> Result<PathBuf> {
         })
 }
 
+/// Socket-level balancing for the agents ([`Agents::start_with_socket_lb`]): each agent gets
+/// `--socket-lb <mode> --cgroup-root <its node's cgroup>`, so that its hooks serve the processes
+/// of its node alone, never the host's or another node's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketLb {
+    /// The node's processes and its pods'.
+    On,
+    /// The node's processes; pods stay with the packet path.
+    HostOnly,
+}
+
+impl SocketLb {
+    /// The value of `--socket-lb`.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::On => "on",
+            Self::HostOnly => "host-only",
+        }
+    }
+}
+
 /// One agent per node of a cluster.
 pub struct Agents {
     bin: PathBuf,
@@ -90,6 +111,11 @@ struct NodeAgent {
     netns_path: String,
     bpffs: PathBuf,
     log: PathBuf,
+    /// The node's cgroup, when the cluster has cgroups: the agent runs in it, as a DaemonSet's
+    /// pod runs below the node's root.
+    cgroup: Option<PathBuf>,
+    /// Arguments of this node's agent alone (after the shared ones).
+    node_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -102,18 +128,56 @@ impl Agents {
         source_dir: &Path,
         extra_args: &[String],
     ) -> Result<Self> {
+        Self::start_all(cluster, agent_bin, source_dir, extra_args, None)
+    }
+
+    /// [`Agents::start`] with socket-level balancing in `mode`, each agent's hooks on its own
+    /// node's cgroup (the cluster must have them: [`Cluster::with_cgroups`]).
+    pub fn start_with_socket_lb(
+        cluster: &Cluster,
+        agent_bin: &Path,
+        source_dir: &Path,
+        extra_args: &[String],
+        mode: SocketLb,
+    ) -> Result<Self> {
+        Self::start_all(cluster, agent_bin, source_dir, extra_args, Some(mode))
+    }
+
+    fn start_all(
+        cluster: &Cluster,
+        agent_bin: &Path,
+        source_dir: &Path,
+        extra_args: &[String],
+        socket_lb: Option<SocketLb>,
+    ) -> Result<Self> {
         let dir = TempDir::new("a")?;
-        let nodes = cluster
-            .nodes()
-            .iter()
-            .map(|node| NodeAgent {
+        let mut nodes = Vec::with_capacity(cluster.node_count());
+        for (i, node) in cluster.nodes().iter().enumerate() {
+            let cgroup = cluster.cgroups(i).map(|c| c.node.path().to_owned());
+            let node_args = match (socket_lb, &cgroup) {
+                (None, _) => Vec::new(),
+                (Some(mode), Some(cgroup)) => vec![
+                    "--socket-lb".to_owned(),
+                    mode.as_arg().to_owned(),
+                    "--cgroup-root".to_owned(),
+                    cgroup.display().to_string(),
+                ],
+                // Without a cgroup of its own the agent would serve the host's root, every
+                // process of the machine: never.
+                (Some(_), None) => {
+                    bail!("socket-level balancing needs a cgroup per node (Cluster::with_cgroups)")
+                }
+            };
+            nodes.push(NodeAgent {
                 name: node.name.clone(),
                 netns_path: node.ns.path(),
                 bpffs: dir.path().join(format!("bpffs-{}", node.name)),
                 log: dir.path().join(format!("{}.log", node.name)),
+                cgroup,
+                node_args,
                 child: None,
-            })
-            .collect();
+            });
+        }
         // Owned from here on: a failure below drops (and so cleans up) what was started.
         let mut agents = Self {
             bin: agent_bin.to_owned(),
@@ -214,10 +278,14 @@ impl Agents {
             .args(["--healthz-addr", &format!("0.0.0.0:{HEALTHZ_PORT}")])
             .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}")])
             .args(&self.extra_args)
+            .args(&agent.node_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if let Some(cgroup) = &agent.cgroup {
+            cgroup::start_in(cgroup, &mut cmd)?;
+        }
         // nsenter execs the agent (no fork for a network namespace): the child is the agent.
         let child = cmd
             .spawn()

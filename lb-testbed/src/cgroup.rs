@@ -45,25 +45,12 @@ impl Cgroup {
     /// exec, so nothing it runs is ever outside). `nsenter`-wrapped commands
     /// ([`crate::Netns::command`]) keep the cgroup through the exec.
     pub fn start_in(&self, cmd: &mut Command) -> Result<()> {
-        let procs = self.procs_file()?;
-        // SAFETY: the closure only calls write(2) on a descriptor it owns (async-signal-safe)
-        // and allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                let pid = b"0";
-                let n = libc::write(procs.as_raw_fd(), pid.as_ptr().cast(), pid.len());
-                if n < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Ok(())
+        start_in(&self.path, cmd)
     }
 
     /// Moves the process `pid` (all its threads) into this cgroup.
     pub fn add(&self, pid: u32) -> Result<()> {
-        self.procs_file()?
+        procs_file(&self.path)?
             .write_all(pid.to_string().as_bytes())
             .with_context(|| format!("cannot move pid {pid} into {}", self.path.display()))
     }
@@ -74,13 +61,32 @@ impl Cgroup {
             .with_context(|| format!("cannot read {}/cgroup.procs", self.path.display()))?;
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
+}
 
-    fn procs_file(&self) -> Result<File> {
-        OpenOptions::new()
-            .write(true)
-            .open(self.path.join("cgroup.procs"))
-            .with_context(|| format!("cannot open {}/cgroup.procs", self.path.display()))
+/// [`Cgroup::start_in`] for a holder of the cgroup's path rather than of the [`Cgroup`] (such as
+/// the agents, which outlive a borrow of the cluster whose cgroups they start in).
+pub fn start_in(cgroup: &Path, cmd: &mut Command) -> Result<()> {
+    let procs = procs_file(cgroup)?;
+    // SAFETY: the closure only calls write(2) on a descriptor it owns (async-signal-safe)
+    // and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let pid = b"0";
+            let n = libc::write(procs.as_raw_fd(), pid.as_ptr().cast(), pid.len());
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
+    Ok(())
+}
+
+fn procs_file(cgroup: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("cannot open {}/cgroup.procs", cgroup.display()))
 }
 
 /// Kills what is left in `path` (`cgroup.kill`, Linux 5.14+) and removes it, children first.

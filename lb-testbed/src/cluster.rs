@@ -46,12 +46,13 @@
 //! # }
 //! ```
 
-use std::net::Ipv4Addr;
+use std::{ffi::OsStr, net::Ipv4Addr, path::Path, process::Command};
 
 use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::{
     addressing::AddressPlan,
+    cgroup::Cgroup,
     ethtool,
     manifests::{self, NodeManifest},
     netns::{Netns, unique_prefix},
@@ -86,6 +87,9 @@ pub struct Cluster {
     plan: AddressPlan,
     wiring: Wiring,
     prefix: String,
+    /// One per node once [`Cluster::with_cgroups`] made them (else empty). First to go: removing
+    /// them kills the processes started in them while their namespaces still exist.
+    cgroups: Vec<NodeCgroups>,
     /// Servers first: they stop before the namespaces they listen in go away.
     servers: Vec<Server>,
     nodes: Vec<Node>,
@@ -94,6 +98,16 @@ pub struct Cluster {
     _lan_xdp: Vec<XdpLink>,
     /// The LAN last: deleting a node or the client also deletes its port on the bridge.
     lan: Netns,
+}
+
+/// The cgroup v2 directories of one node (see [`Cluster::with_cgroups`]).
+#[derive(Debug)]
+pub struct NodeCgroups {
+    /// `pods`, below `node`: its pods' processes. Declared first, so removed first.
+    pub pods: Cgroup,
+    /// The node's own processes (its agent, node-side clients); `pods` is below it, as
+    /// `kubepods` is below a real node's root, so that what is attached here serves both.
+    pub node: Cgroup,
 }
 
 /// A pod of the cluster, found by name.
@@ -188,12 +202,63 @@ impl Cluster {
             plan,
             wiring,
             prefix,
+            cgroups: Vec::new(),
             servers: Vec::new(),
             nodes: built,
             client,
             _lan_xdp: lan_xdp,
             lan,
         })
+    }
+
+    /// Gives every node a cgroup v2 directory of its own, `<root>/<prefix>-node-<i>`, with a
+    /// child `pods` for its pods' processes: what the bed starts on a node from then on
+    /// ([`Cluster::node_command`], [`Cluster::pod_command`], the node's agent) starts there.
+    /// Socket-level balancing serves the processes of one cgroup (the agent's `--cgroup-root`,
+    /// see [`crate::agents::SocketLb`]); with a directory per node, several nodes on one machine
+    /// never touch the host's sockets or each other's. `root` is the host's cgroup v2 root
+    /// (`lb_datapath::socket_lb::default_cgroup_root`), given by the caller because this crate
+    /// depends on nothing of the project.
+    ///
+    /// The bed's servers are threads of the test process, which stays in its own cgroup: they
+    /// only accept and answer, which the socket hooks leave alone.
+    pub fn with_cgroups(mut self, root: &Path) -> Result<Self> {
+        ensure!(self.cgroups.is_empty(), "the cluster has cgroups already");
+        for i in 0..self.nodes.len() {
+            let node = Cgroup::new(root, &format!("{}-{}", self.prefix, node_name(i)))?;
+            let pods = node.child("pods")?;
+            self.cgroups.push(NodeCgroups { pods, node });
+        }
+        Ok(self)
+    }
+
+    /// Node `i`'s cgroups, when the cluster has them ([`Cluster::with_cgroups`]).
+    pub fn cgroups(&self, i: usize) -> Option<&NodeCgroups> {
+        self.cgroups.get(i)
+    }
+
+    /// A command that runs `program` on node `i`: in its network namespace, and in its cgroup
+    /// when the cluster has cgroups.
+    pub fn node_command(&self, i: usize, program: impl AsRef<OsStr>) -> Result<Command> {
+        ensure!(i < self.nodes.len(), "no node {i}");
+        let mut cmd = self.nodes[i].ns.command(program);
+        if let Some(cgroups) = self.cgroups.get(i) {
+            cgroups.node.start_in(&mut cmd)?;
+        }
+        Ok(cmd)
+    }
+
+    /// A command that runs `program` in pod `pod`: in its network namespace, and in its node's
+    /// `pods` cgroup when the cluster has cgroups.
+    pub fn pod_command(&self, pod: &str, program: impl AsRef<OsStr>) -> Result<Command> {
+        let pod = self
+            .find_pod(pod)
+            .with_context(|| format!("no pod {pod} in cluster {}", self.prefix))?;
+        let mut cmd = pod.ns.command(program);
+        if let Some(cgroups) = self.cgroups.get(pod.node) {
+            cgroups.pods.start_in(&mut cmd)?;
+        }
+        Ok(cmd)
     }
 
     /// The prefix of every namespace of this cluster.
@@ -365,8 +430,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // Stated rather than left to field order: servers, then pods and nodes, then the
-        // client, then the LAN (the fields drop in this order too).
+        // Stated rather than left to field order: the cgroups (killing what runs in them),
+        // servers, then pods and nodes, then the client, then the LAN (the fields drop in this
+        // order too).
+        self.cgroups.clear();
         self.servers.clear();
         self.nodes.clear();
     }

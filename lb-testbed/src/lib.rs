@@ -21,14 +21,16 @@ pub mod node;
 pub mod packet;
 pub mod privileges;
 pub mod server;
+pub mod sock_client;
 pub mod source_dir;
 pub mod temp_dir;
 pub mod xdp;
 
 pub use addressing::AddressPlan;
-pub use agents::Agents;
+pub use agents::{Agents, SocketLb};
 pub use cgroup::Cgroup;
-pub use cluster::{Cluster, PodRef, Wiring};
+pub use cluster::{Cluster, NodeCgroups, PodRef, Wiring};
 pub use netns::Netns;
 pub use node::{Node, Pod};
+pub use sock_client::SockClient;
 pub use source_dir::SourceDir;

@@ -23,7 +23,8 @@
 //! buffer; `datapath_fuzz` with a tenth of its frames), lbctl's predictions against the programs
 //! (`trace`, `snat`, `hairpin`), the classic-tc test (the agent attaches clsact filters, replaces
 //! them on restart, removes them on cleanup), ClusterIP and NodePort end to end with the real
-//! agent on a two-node cluster in namespaces, and netperf TCP_RR / TCP_CRR through a ClusterIP
+//! agent on a two-node cluster in namespaces, socket-level balancing end to end (`e2e_socket_lb`,
+//! clients in the nodes' and pods' cgroups), and netperf TCP_RR / TCP_CRR through a ClusterIP
 //! versus straight to the backend.
 
 mod binaries;

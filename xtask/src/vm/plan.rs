@@ -22,7 +22,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 22] = [
+pub(super) const PLAN: [Step; 23] = [
     Step {
         name: "datapath",
         target: "datapath",
@@ -148,6 +148,17 @@ pub(super) const PLAN: [Step; 22] = [
         name: "e2e NodePort",
         target: "e2e_external",
         args: &["node_ports_from_outside"],
+        env: &[],
+    },
+    // Socket-level balancing with the real agents on 6.1, a client in the node's cgroup: the
+    // agent attaches the hooks, a connected UDP socket goes to a backend (connect4, recvmsg4,
+    // getpeername4), and when that backend leaves the agent closes the socket through sock_diag
+    // (bpf_sock_destroy is 6.5+). One bed: under emulation its two agents load their programs
+    // in some 20 s, and two beds at once (four agents on two CPUs) miss the bed's 30 s.
+    Step {
+        name: "e2e socket-level balancing, connected UDP",
+        target: "e2e_socket_lb",
+        args: &["a_connected_udp_socket"],
         env: &[],
     },
     Step {
