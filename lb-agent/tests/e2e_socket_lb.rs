@@ -653,3 +653,76 @@ fn traffic_policies_and_source_ranges_apply_to_the_nodes_sockets_as_kube_proxy_a
     );
     assert!(outcome.elapsed < AT_ONCE, "refused at once: {outcome:?}");
 }
+
+#[test]
+fn connections_keep_working_when_socket_level_balancing_is_turned_off_and_on() {
+    let Some(mut bed) = Bed::new(SocketLb::On) else {
+        return;
+    };
+    let mut client = bed.pod_client("client-0");
+    let frontend = sock(WEB, 80);
+    let open = |client: &mut SockClient| {
+        let (id, peer) = client
+            .tcp_open(frontend)
+            .unwrap()
+            .unwrap_or_else(|errno| panic!("connect to {frontend}: errno {errno}"));
+        assert_eq!(peer, frontend, "getpeername() shows the ClusterIP");
+        id
+    };
+    let answered = |client: &mut SockClient, id: usize, what: &str| {
+        let outcome = client.tcp_ask(id).unwrap();
+        let answer = outcome
+            .result
+            .as_ref()
+            .unwrap_or_else(|f| panic!("{what}: {f:?}"));
+        assert!(
+            BACKENDS.contains(&answer.name.as_str()),
+            "{what}: {answer:?}"
+        );
+    };
+    let restart = |bed: &mut Bed, mode: Option<SocketLb>| {
+        assert!(bed.agents.stop_node(0).unwrap().success());
+        bed.agents.set_socket_lb(0, mode).unwrap();
+        bed.agents.start_node(0).expect("node-0's agent again");
+    };
+
+    // Connected by the hooks, then the hooks go (an agent restarted with --socket-lb off).
+    let before = bed.counted(0, &[WEB]);
+    let by_hooks = open(&mut client);
+    assert_eq!(bed.counted(0, &[WEB]).hooked, before.hooked + 1);
+    restart(&mut bed, None);
+    assert!(
+        socket_lb::links(bed.agents.bpffs_dir(0))
+            .unwrap()
+            .is_empty(),
+        "off detached the hooks"
+    );
+    answered(
+        &mut client,
+        by_hooks,
+        "a connection the hooks made, after they left",
+    );
+
+    // Connected by the packet path (DNAT per packet), then the hooks come back.
+    let before = bed.counted(0, &[WEB]);
+    let by_packets = open(&mut client);
+    let after = bed.counted(0, &[WEB]);
+    assert!(
+        after.hooked == before.hooked && after.packets > before.packets,
+        "the packet path made it: {before:?} -> {after:?}"
+    );
+    restart(&mut bed, Some(SocketLb::On));
+    answered(
+        &mut client,
+        by_packets,
+        "a NATed connection, after the hooks came",
+    );
+    let before = bed.counted(0, &[WEB]);
+    let again = open(&mut client);
+    assert_eq!(
+        bed.counted(0, &[WEB]).hooked,
+        before.hooked + 1,
+        "the hooks serve anew"
+    );
+    answered(&mut client, again, "a new connection");
+}

@@ -220,6 +220,23 @@ impl Agents {
         self.nodes[i].child.as_ref().map(Child::id)
     }
 
+    /// Node `i`'s agent gets `--socket-lb <mode>` (`None`: `off`) on its next start, its hooks on
+    /// its node's cgroup (an upgrade that turns socket-level balancing on or off).
+    pub fn set_socket_lb(&mut self, i: usize, mode: Option<SocketLb>) -> Result<()> {
+        let node = &mut self.nodes[i];
+        let cgroup = node
+            .cgroup
+            .as_ref()
+            .context("socket-level balancing needs a cgroup per node (Cluster::with_cgroups)")?;
+        node.node_args = vec![
+            "--socket-lb".to_owned(),
+            mode.map_or("off", SocketLb::as_arg).to_owned(),
+            "--cgroup-root".to_owned(),
+            cgroup.display().to_string(),
+        ];
+        Ok(())
+    }
+
     /// Starts node `i`'s agent again (after [`Agents::stop_node`]) and waits until it is ready.
     pub fn start_node(&mut self, i: usize) -> Result<()> {
         self.spawn(i)?;

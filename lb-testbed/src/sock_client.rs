@@ -170,6 +170,18 @@ impl SockClient {
         parse_outcome(&self.request(&format!("tcp {addr}"))?)
     }
 
+    /// A TCP connection to `addr` kept open in the client without a request yet: its id for
+    /// [`SockClient::tcp_ask`] and what `getpeername()` shows, or the errno of `connect()`.
+    pub fn tcp_open(&mut self, addr: SocketAddrV4) -> Result<Result<(usize, SocketAddrV4), i32>> {
+        let line = self.request(&format!("tcp-open {addr}"))?;
+        parse_sock(&line)
+    }
+
+    /// The HTTP GET on the open connection `id` (once: the server closes after answering).
+    pub fn tcp_ask(&mut self, id: usize) -> Result<Outcome> {
+        parse_outcome(&self.request(&format!("tcp-ask {id}"))?)
+    }
+
     /// One datagram to `addr` from a new, unconnected socket (`sendto`), and the answer
     /// (`recvfrom`).
     pub fn udp(&mut self, addr: SocketAddrV4) -> Result<Outcome> {
@@ -183,12 +195,7 @@ impl SockClient {
         addr: SocketAddrV4,
     ) -> Result<Result<(usize, SocketAddrV4), i32>> {
         let line = self.request(&format!("udp-connect {addr}"))?;
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["sock", id, peer] => Ok(Ok((id.parse()?, peer.parse()?))),
-            ["err", errno] => Ok(Err(errno.parse()?)),
-            _ => bail!("unexpected answer {line:?}"),
-        }
+        parse_sock(&line)
     }
 
     /// One datagram on the connected socket `id` (`send`), and the answer (`recvfrom`).
@@ -267,6 +274,16 @@ impl Drop for SockClient {
     }
 }
 
+/// `sock <id> <peer>` or `err <errno>`.
+fn parse_sock(line: &str) -> Result<Result<(usize, SocketAddrV4), i32>> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["sock", id, peer] => Ok(Ok((id.parse()?, peer.parse()?))),
+        ["err", errno] => Ok(Err(errno.parse()?)),
+        _ => bail!("unexpected answer {line:?}"),
+    }
+}
+
 fn parse_count(line: &str) -> Result<LoadCount> {
     let mut parts = line.splitn(4, ' ');
     anyhow::ensure!(parts.next() == Some("count"), "unexpected answer {line:?}");
@@ -328,6 +345,7 @@ pub fn serve_if_asked() {
         return;
     }
     let mut udp: Vec<UdpSocket> = Vec::new();
+    let mut open_tcp: Vec<Option<(TcpStream, SocketAddrV4)>> = Vec::new();
     let mut load: Option<Load> = None;
     for line in std::io::stdin().lines() {
         let Ok(line) = line else { break };
@@ -337,6 +355,22 @@ pub fn serve_if_asked() {
             ["udp", addr] => addr
                 .parse()
                 .map_or_else(bad, |a| outcome_line(&udp_once(a))),
+            ["tcp-open", addr] => addr.parse().map_or_else(bad, |a| match tcp_connect(a) {
+                Ok((stream, peer)) => {
+                    open_tcp.push(Some((stream, peer)));
+                    format!("sock {} {peer}", open_tcp.len() - 1)
+                }
+                Err(e) => format!("err {}", errno(&e)),
+            }),
+            ["tcp-ask", id] => match id
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| open_tcp.get_mut(i))
+                .and_then(Option::take)
+            {
+                Some((stream, peer)) => outcome_line(&tcp_ask(stream, peer, Instant::now())),
+                None => format!("no open connection {id}"),
+            },
             ["udp-connect", addr] => addr.parse().map_or_else(bad, |a| udp_connect(a, &mut udp)),
             ["udp-ask", id] => match id.parse::<usize>().ok().and_then(|i| udp.get(i)) {
                 Some(socket) => outcome_line(&udp_ask(socket)),
@@ -423,16 +457,23 @@ fn answered(peer: SocketAddrV4, body: &str, started: Instant) -> Outcome {
     }
 }
 
+/// A TCP connection to `addr` and what `getpeername()` shows.
+fn tcp_connect(addr: SocketAddrV4) -> std::io::Result<(TcpStream, SocketAddrV4)> {
+    let stream = TcpStream::connect_timeout(&addr.into(), CLIENT_TIMEOUT)?;
+    let peer = v4(stream.peer_addr()?);
+    Ok((stream, peer))
+}
+
 fn tcp(addr: SocketAddrV4) -> Outcome {
     let started = Instant::now();
-    let mut stream = match TcpStream::connect_timeout(&addr.into(), CLIENT_TIMEOUT) {
-        Ok(s) => s,
-        Err(e) => return failed("connect", &e, started),
-    };
-    let peer = match stream.peer_addr() {
-        Ok(p) => v4(p),
-        Err(e) => return failed("getpeername", &e, started),
-    };
+    match tcp_connect(addr) {
+        Ok((stream, peer)) => tcp_ask(stream, peer, started),
+        Err(e) => failed("connect", &e, started),
+    }
+}
+
+/// One HTTP GET on `stream`, whose peer is `peer`, and the `hostnames` answer.
+fn tcp_ask(mut stream: TcpStream, peer: SocketAddrV4, started: Instant) -> Outcome {
     let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
     if let Err(e) = stream.write_all(b"GET / HTTP/1.0\r\nHost: lb\r\n\r\n") {
         return failed("send", &e, started);
