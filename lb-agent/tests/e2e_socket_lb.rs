@@ -12,7 +12,7 @@ use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
     os::unix::fs::MetadataExt as _,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_common::{maps::FrontendKey, net::Be32};
@@ -205,18 +205,7 @@ impl Bed {
 
     /// Polls `check` for up to 5 s.
     fn wait_until(&self, what: &str, check: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if check() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(
-            check(),
-            "{what}: not within 5 s; agent logs:\n{}",
-            self.logs()
-        );
+        common::wait_until(what, check, || self.logs());
     }
 }
 

@@ -285,19 +285,9 @@ impl Bed {
             .unwrap()
     }
 
+    /// Polls `check` for up to 5 s (see [`super::wait_until`]).
     pub fn wait_until(&self, what: &str, check: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if check() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(
-            check(),
-            "{what}: not within 5 s; agent logs:\n{}",
-            self.logs()
-        );
+        super::wait_until(what, check, || self.logs());
     }
 }
 
