@@ -76,10 +76,17 @@ pub fn predict(
         SockCall::Connect => l4_proto == proto::TCP || l4_proto == proto::UDP,
         SockCall::Sendto => l4_proto == proto::UDP,
     };
+    let frontend = found(names::LB_SERVICES, maps.services.get(&key, 0))?;
     if !hooked {
-        return Ok(SockDecision::NotAFrontend);
+        return Ok(match frontend {
+            Some(_) => SockDecision::Left {
+                frontend: key,
+                why: "the socket programs translate TCP and UDP connect() and UDP sendto() only",
+            },
+            None => SockDecision::NotAFrontend,
+        });
     }
-    let Some(frontend) = found(names::LB_SERVICES, maps.services.get(&key, 0))? else {
+    let Some(frontend) = frontend else {
         let cluster_ip = found(names::LB_ADDRS, maps.addrs.get(&key.addr, 0))?
             .is_some_and(|a| a.is_cluster_ip());
         return Ok(if cluster_ip {
