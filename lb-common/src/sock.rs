@@ -110,7 +110,30 @@ pub mod sock_flags {
     pub const HOST_ONLY: u32 = 1 << 0;
 }
 
+/// Why the socket programs leave a socket's call alone before looking at its frontend's rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// `--socket-lb host-only` and a pod's socket.
+    HostOnly,
+    /// A pod's connected UDP socket: nothing per packet would move it when its backend leaves,
+    /// and the agent can only close the node's own sockets, so the packet path serves its flow.
+    PodConnectedUdp,
+}
+
 impl SockConfig {
+    /// Whether the programs translate a call of a socket of the network namespace whose cookie
+    /// is `netns`, over `proto`, `connect()` or not: `None` when they do, else why not.
+    #[inline(always)]
+    pub const fn skips(&self, netns: u64, proto: u8, connect: bool) -> Option<Skip> {
+        if !self.serves(netns) {
+            Some(Skip::HostOnly)
+        } else if proto == crate::net::proto::UDP && connect && !self.is_host(netns) {
+            Some(Skip::PodConnectedUdp)
+        } else {
+            None
+        }
+    }
+
     /// Whether the hooks balance a socket of the network namespace whose cookie is `netns`.
     #[inline(always)]
     pub const fn serves(&self, netns: u64) -> bool {
@@ -195,6 +218,11 @@ mod tests {
         assert!(on.is_host(1) && !on.is_host(4096));
         // Unknown (zero) host cookie: no socket is the node's.
         assert!(!SockConfig::default().is_host(0));
+        let udp = crate::net::proto::UDP;
+        assert_eq!(on.skips(1, udp, true), None, "the node's connected UDP");
+        assert_eq!(on.skips(4096, udp, true), Some(Skip::PodConnectedUdp));
+        assert_eq!(on.skips(4096, udp, false), None, "a pod's datagrams");
+        assert_eq!(host_only.skips(4096, 6, true), Some(Skip::HostOnly));
     }
 
     #[test]

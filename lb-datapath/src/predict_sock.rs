@@ -8,7 +8,7 @@ use lb_common::{
     Be32,
     maps::{self as names, Backend, Frontend, FrontendKey, scope},
     net::proto,
-    sock::{self, Connect, SockConfig},
+    sock::{self, Connect, Skip, SockConfig},
 };
 
 use crate::{
@@ -105,14 +105,19 @@ pub fn predict(
             name: names::LB_SOCK_CONFIG,
             source,
         })?;
-    let is_host = origin == Origin::Node && config.host_netns_cookie != 0;
-    let served = is_host || config.flags & sock::sock_flags::HOST_ONLY == 0;
+    // A pod's namespace is any but the node's.
+    let netns = match origin {
+        Origin::Node => config.host_netns_cookie,
+        Origin::Pod => !config.host_netns_cookie,
+    };
+    let is_host = config.is_host(netns);
     let left = |why| Ok(SockDecision::Left { frontend: key, why });
-    if !served {
-        return left("--socket-lb host-only: pods keep the packet path");
-    }
-    if l4_proto == proto::UDP && call == SockCall::Connect && !is_host {
-        return left("a pod's connected UDP socket: the packet path serves its flow");
+    match config.skips(netns, l4_proto, call == SockCall::Connect) {
+        Some(Skip::HostOnly) => return left("--socket-lb host-only: pods keep the packet path"),
+        Some(Skip::PodConnectedUdp) => {
+            return left("a pod's connected UDP socket: the packet path serves its flow");
+        }
+        None => {}
     }
     let client = client_addr(maps, &frontend, bound, is_host)?;
     match sock::on_connect(&frontend, client) {

@@ -124,10 +124,10 @@ fn translate<const V6: bool>(ctx: &SockAddrContext, protocol: u8, call: Call) ->
     let config = LB_SOCK_CONFIG.get(0).copied().unwrap_or_default();
     // SAFETY: the helper reads the context's socket's namespace.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if !config.serves(netns)
-        || (protocol == proto::UDP && call == Call::Connect && !config.is_host(netns))
+    if config
+        .skips(netns, protocol, call == Call::Connect)
+        .is_some()
     {
-        // A pod's connected UDP socket: the packet path serves its flow (see the module comment).
         return PROCEED;
     }
     let client = client_addr(ctx, &config, netns, &frontend);
