@@ -48,6 +48,31 @@ pub const fn on_connect(frontend: &Frontend, client: Option<Be32>) -> Connect {
     }
 }
 
+/// The client's address where `frontend`'s rules need it (affinity, source ranges) and the
+/// programs know it: the socket's bound address (`bound`, 0 when unbound), else the node's
+/// (`node`) for a socket of the node's own namespace (`is_host`), whose connections leave from
+/// the node's address. `Some(0)` when no rule needs it; `None` when one does and it is unknown
+/// (see [`on_connect`]). `bound` and `node` are only asked for when needed.
+#[inline(always)]
+pub fn client_addr(
+    frontend: &Frontend,
+    is_host: bool,
+    bound: impl FnOnce() -> Be32,
+    node: impl FnOnce() -> Option<Be32>,
+) -> Option<Be32> {
+    if frontend.affinity_timeout_s == 0 && !frontend.has_source_ranges() {
+        return Some(Be32::from_raw(0));
+    }
+    let bound = bound();
+    if bound.raw() != 0 {
+        return Some(bound);
+    }
+    if is_host {
+        return node().filter(|n| n.raw() != 0);
+    }
+    None
+}
+
 /// The hash whose Maglev slot a socket's call to `frontend` uses. A socket has no source port
 /// before `connect()`, so the socket's cookie (unique per socket for the life of the system)
 /// stands in for the source address and port of the flow hash: sockets spread over the table as

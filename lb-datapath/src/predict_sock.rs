@@ -119,7 +119,8 @@ pub fn predict(
         }
         None => {}
     }
-    let client = client_addr(maps, &frontend, bound, is_host)?;
+    let node = predict::node_config(maps)?.snat_addr;
+    let client = sock::client_addr(&frontend, is_host, || bound, || Some(node));
     match sock::on_connect(&frontend, client) {
         Connect::Leave => {
             left("affinity or source ranges need the client's address, unknown before connect()")
@@ -136,26 +137,6 @@ pub fn predict(
             cookie,
         ),
     }
-}
-
-/// As `lb_ebpf::sock::client_addr`.
-fn client_addr(
-    maps: &Maps,
-    frontend: &Frontend,
-    bound: Be32,
-    is_host: bool,
-) -> Result<Option<Be32>, MapsError> {
-    if frontend.affinity_timeout_s == 0 && !frontend.has_source_ranges() {
-        return Ok(Some(Be32::from_raw(0)));
-    }
-    if bound.raw() != 0 {
-        return Ok(Some(bound));
-    }
-    if is_host {
-        let node = predict::node_config(maps)?.snat_addr;
-        return Ok((node.raw() != 0).then_some(node));
-    }
-    Ok(None)
 }
 
 fn balance(

@@ -24,7 +24,7 @@ use lb_common::{
     Be16, Be32,
     maps::{Frontend, FrontendKey, scope},
     net::proto,
-    sock::{self, Connect, SockConfig, SockRev, SockRevKey, SockStats},
+    sock::{self, Connect, SockRev, SockRevKey, SockStats},
 };
 
 use crate::{
@@ -130,7 +130,14 @@ fn translate<const V6: bool>(ctx: &SockAddrContext, protocol: u8, call: Call) ->
     {
         return PROCEED;
     }
-    let client = client_addr(ctx, &config, netns, &frontend);
+    let client = sock::client_addr(
+        &frontend,
+        config.is_host(netns),
+        // SAFETY: `sk` is always set in `sock_addr` programs and its `src_ip4` is readable (0
+        // for an IPv6 socket, whose bound IPv4-mapped address is not looked at).
+        || Be32::from_raw(unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).src_ip4 }),
+        || LB_CONFIG.get(0).map(|c| c.snat_addr),
+    );
     match sock::on_connect(&frontend, client) {
         Connect::Leave => PROCEED,
         Connect::Refuse => {
@@ -150,32 +157,6 @@ fn unserved(key: &FrontendKey) -> i32 {
         Some(info) if info.is_cluster_ip() => refuse(),
         _ => PROCEED,
     }
-}
-
-/// The client's address where the frontend's rules need it (affinity, source ranges) and the
-/// program knows it: the socket's bound address, else the node's for a socket of the node's own
-/// namespace (its connections leave from the node's address). `Some(0)` when no rule needs it.
-#[inline(always)]
-fn client_addr(
-    ctx: &SockAddrContext,
-    config: &SockConfig,
-    netns: u64,
-    frontend: &Frontend,
-) -> Option<Be32> {
-    if frontend.affinity_timeout_s == 0 && !frontend.has_source_ranges() {
-        return Some(Be32::from_raw(0));
-    }
-    // SAFETY: `sk` is always set in `sock_addr` programs and its `src_ip4` is readable (0 for
-    // an IPv6 socket, whose bound IPv4-mapped address is not looked at).
-    let bound = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).src_ip4 };
-    if bound != 0 {
-        return Some(Be32::from_raw(bound));
-    }
-    if config.is_host(netns) {
-        let node = LB_CONFIG.get(0).map(|c| c.snat_addr)?;
-        return (node.raw() != 0).then_some(node);
-    }
-    None
 }
 
 #[inline(always)]
