@@ -290,6 +290,10 @@ pub fn check_pinned_maps(dir: &Path) -> Result<Vec<&'static str>, DatapathError>
                 found == expected && info.max_entries() != lb_common::stats::Reason::COUNT
             }
             maps::LB_CONFIG => found.0 == expected.0 && found.1 != expected.1,
+            // What getpeername() shows of sockets already open: losing it shows them their
+            // backend, which is better than refusing to start (its key widened while socket-level
+            // balancing was young).
+            maps::LB_SOCK_REV => found != expected,
             _ => false,
         };
         if replace {
