@@ -100,8 +100,12 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(maps::LB_CT, crate::ct_carry::map_entries(capacities.ct))
+            // Every map indexed by set id holds `sets` entries (more services than the
+            // defaults allow must not overflow any of them).
             .map_max_entries(maps::LB_MAGLEV, capacities.sets)
-            .map_max_entries(maps::LB_SVC_STATS, capacities.sets);
+            .map_max_entries(maps::LB_SVC_STATS, capacities.sets)
+            .map_max_entries(maps::LB_AFFINITY_SCOPE, capacities.sets)
+            .map_max_entries(maps::LB_SOCK_STATS, capacities.sets);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }

@@ -190,3 +190,23 @@ fn the_shared_scope_follows_the_sets() {
         );
     });
 }
+
+/// More services than the default capacity: every map indexed by set id grows with the others
+/// (at 100k services the scope map once stayed at the default and the agent's write failed).
+#[test]
+fn every_map_indexed_by_set_holds_as_many_sets_as_asked() {
+    if !common::require_privileges() {
+        return;
+    }
+    let sets = lb_common::maps::capacity::SETS + 4_096;
+    let capacities = lb_datapath::Capacities {
+        sets,
+        ..lb_datapath::Capacities::default()
+    };
+    let mut datapath =
+        lb_datapath::Datapath::load(&lb_datapath::Pinning::None, capacities).expect("load");
+    let maps = datapath.take_maps().expect("maps");
+    assert_eq!(maps.set_stats.len(), sets);
+    assert_eq!(maps.affinity_scope.len(), sets);
+    assert_eq!(maps.sock_stats.len(), sets);
+}
