@@ -90,6 +90,8 @@ struct NodeAgent {
     netns_path: String,
     bpffs: PathBuf,
     log: PathBuf,
+    /// Appended after the shared `extra_args` (what differs per node, e.g. its cgroup).
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -102,15 +104,30 @@ impl Agents {
         source_dir: &Path,
         extra_args: &[String],
     ) -> Result<Self> {
+        Self::start_with(cluster, agent_bin, source_dir, extra_args, &|_| Vec::new())
+    }
+
+    /// As [`Agents::start`], with `node_args(i)` also appended to node `i`'s command line: for
+    /// what must differ between nodes sharing one machine, such as each node's own
+    /// `--cgroup-root`.
+    pub fn start_with(
+        cluster: &Cluster,
+        agent_bin: &Path,
+        source_dir: &Path,
+        extra_args: &[String],
+        node_args: &dyn Fn(usize) -> Vec<String>,
+    ) -> Result<Self> {
         let dir = TempDir::new("a")?;
         let nodes = cluster
             .nodes()
             .iter()
-            .map(|node| NodeAgent {
+            .enumerate()
+            .map(|(i, node)| NodeAgent {
                 name: node.name.clone(),
                 netns_path: node.ns.path(),
                 bpffs: dir.path().join(format!("bpffs-{}", node.name)),
                 log: dir.path().join(format!("{}.log", node.name)),
+                args: node_args(i),
                 child: None,
             })
             .collect();
@@ -214,6 +231,7 @@ impl Agents {
             .args(["--healthz-addr", &format!("0.0.0.0:{HEALTHZ_PORT}")])
             .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}")])
             .args(&self.extra_args)
+            .args(&agent.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
