@@ -47,6 +47,9 @@ pub enum Variant {
     Iptables,
     /// No load balancer: the client connects to the backend's address.
     Direct,
+    /// The backend's address from the hooked cgroup while the agents run: what the packet
+    /// programs cost traffic that is no Service's, so that the hooks' own cost shows apart.
+    Agents,
 }
 
 impl Variant {
@@ -56,13 +59,14 @@ impl Variant {
             Self::Off => OFF,
             Self::Iptables => IPTABLES,
             Self::Direct => DIRECT,
+            Self::Agents => AGENTS,
         }
     }
 
     /// What is in place while it is measured.
     fn setup(self) -> Setup {
         match self {
-            Self::On | Self::Off => Setup::Hooks,
+            Self::On | Self::Off | Self::Agents => Setup::Hooks,
             Self::Iptables => Setup::Iptables,
             Self::Direct => Setup::Direct,
         }
@@ -75,6 +79,7 @@ impl Variant {
             Self::On => 0,
             Self::Off | Self::Iptables => 1,
             Self::Direct => 2,
+            Self::Agents => 3,
         }
     }
 }
@@ -84,17 +89,16 @@ pub const ON: &str = "socket LB on";
 pub const OFF: &str = "per packet";
 pub const IPTABLES: &str = "iptables";
 pub const DIRECT: &str = "direct";
+pub const AGENTS: &str = "direct, agents on";
 
-/// Every (path, variant) measured, in the order of a round.
-pub fn cases(iptables: bool) -> Vec<(&'static str, Variant)> {
-    let mut cases = vec![
-        (POD, Variant::On),
-        (POD, Variant::Off),
-        (NODE, Variant::On),
-        (POD, Variant::Direct),
-        (NODE, Variant::Direct),
-    ];
-    if iptables {
+/// Every (path, variant) of `plan`, in the order of a round.
+fn cases(plan: &Plan<'_>) -> Vec<(&'static str, Variant)> {
+    let mut cases = vec![(POD, Variant::On), (POD, Variant::Off), (NODE, Variant::On)];
+    if plan.agents {
+        cases.extend([(POD, Variant::Agents), (NODE, Variant::Agents)]);
+    }
+    cases.extend([(POD, Variant::Direct), (NODE, Variant::Direct)]);
+    if plan.iptables {
         cases.push((NODE, Variant::Iptables));
     }
     cases
@@ -115,6 +119,9 @@ pub struct Plan<'a> {
     /// Whether to measure the node through kube-proxy's iptables ruleset (loading it takes
     /// about 30 s per round at 10k Services).
     pub iptables: bool,
+    /// Whether to measure direct with the agents running too (telling the hooks' own cost
+    /// from the packet programs').
+    pub agents: bool,
     pub agent_bin: &'a std::path::Path,
 }
 
@@ -172,7 +179,7 @@ fn client<'a>(
         (&bed.cluster().node(0).ns, &cgroups.nodes[0])
     };
     let cgroup = (variant != Variant::Off).then_some(cgroup);
-    let host = if variant == Variant::Direct {
+    let host = if matches!(variant, Variant::Direct | Variant::Agents) {
         bed.backend()
     } else {
         SERVICE_IP
@@ -181,7 +188,15 @@ fn client<'a>(
 }
 
 /// Variants of a path, each with a range of TCP_CRR client ports of its own.
-const PORT_RANGES: usize = 3;
+const PORT_RANGES: usize = 4;
+
+/// The most connections one TCP_CRR run makes (see [`netperf::Lengths`]).
+pub fn max_crr_connections() -> u32 {
+    match netperf::Lengths::default().length(POD, Test::TcpCrr, u32::MAX, PORT_RANGES) {
+        netperf::Length::Transactions(n) => n,
+        netperf::Length::Seconds(_) => 0,
+    }
+}
 
 /// Puts `setup` in place; how long that took.
 fn switch(
@@ -224,6 +239,16 @@ pub fn run(plan: &Plan<'_>, progress: &mut dyn FnMut(&str)) -> Result<SocketLbRe
     cgroups.pods[1]
         .add(bed.netserver_pid())
         .context("moving netserver into its node's pods' cgroup")?;
+    // No TIME_WAIT on the backend: one client cycles through its ports thousands of times a
+    // second, and a SYN that meets the TIME_WAIT of an earlier connection on the same four
+    // addresses and ports waits a 1 s retransmission. Disjoint client ports keep the variants
+    // apart, but kube-proxy's MASQUERADE (`--random-fully`) picks the node's source ports from
+    // the whole range: its TCP_CRR met the others' TIME_WAITs every few connections (16,800
+    // connections took 55 s). A backend serving many clients does not see this.
+    bed.cluster()
+        .pod("netserver")
+        .ns
+        .sysctl("net.ipv4.tcp_max_tw_buckets", "0")?;
     // kube-proxy's OUTPUT chain sees a node's connection only once it has a route: a real node
     // reaches the Service range by its default route; the bed's nodes have none. The hooks and
     // the direct floor connect to the backend and never use it.
@@ -238,7 +263,7 @@ pub fn run(plan: &Plan<'_>, progress: &mut dyn FnMut(&str)) -> Result<SocketLbRe
             lb_testbed::cluster::UPLINK,
         ])
         .context("routing the Service range from node-0")?;
-    let cases = cases(plan.iptables);
+    let cases = cases(plan);
     let mut lengths = netperf::Lengths::default();
     let mut samples = Vec::new();
     let mut skipped: Vec<Skipped> = Vec::new();
