@@ -421,6 +421,9 @@ pub fn crr_ports(index: usize, datapaths: usize) -> (u16, u16) {
     (min as u16, (min + width - 1) as u16)
 }
 
+/// How long a counted netperf run may take (a few seconds when nothing stalls).
+const COUNTED_LIMIT: Duration = Duration::from_secs(30);
+
 /// How long one netperf run lasts (netperf's `-l`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Length {
@@ -444,6 +447,8 @@ impl Length {
 /// more, see [`Length::Transactions`]), as many as the path's first TCP_CRR made per second
 /// (2,000 per second for that first one), and at most 90% of a datapath's client ports
 /// ([`crr_ports`]), so that no run wraps around onto the TIME_WAITs of its own connections.
+/// Only for paths that do not stall on SYN retransmissions (no SNAT onto ports in
+/// TIME_WAIT): a counted run lasts as long as its stalls make it (up to 30 s, then it fails).
 #[derive(Default)]
 pub struct Lengths {
     crr_rates: Vec<(&'static str, f64)>,
@@ -492,8 +497,7 @@ fn netperf(
     if let Some(cgroup) = cgroup {
         cgroup.start_in(&mut cmd)?;
     }
-    let out = cmd
-        .args(["-H", &host.to_string(), "-p", &control.to_string()])
+    cmd.args(["-H", &host.to_string(), "-p", &control.to_string()])
         .args(["-l", &length.arg(), "-t", test.name(), "-P", "0"])
         .args(["--", "-P", &format!(",{DATA_PORT}"), "-o", selectors])
         .args(if test == Test::TcpCrr {
@@ -502,8 +506,28 @@ fn netperf(
             Vec::new()
         })
         .stdin(Stdio::null())
-        .output()
-        .context("running netperf")?;
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("running netperf")?;
+    // A counted run has no end of its own if the path stalls; a timed one ends (nsenter execs
+    // netperf, so the child is netperf).
+    if let Length::Transactions(n) = length {
+        let deadline = Instant::now() + COUNTED_LIMIT;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "netperf {} of {n} transactions to {host}:{control} did not finish within \
+                     {COUNTED_LIMIT:?} (stalled)",
+                    test.name()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Its output is a few lines: it fits the pipes while it runs.
+    let out = child.wait_with_output().context("running netperf")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
@@ -579,7 +603,6 @@ pub fn run(
     let mut samples = Vec::new();
     let mut skipped = Vec::new();
     let mut setup_times = Vec::new();
-    let mut lengths = Lengths::default();
     for &size in plan.sizes {
         let services = services(size, bed.backend);
         bed.write_source(&services)?;
@@ -629,13 +652,12 @@ pub fn run(
                             run,
                         };
                         let ports = crr_ports(index, plan.datapaths.len());
-                        let length =
-                            lengths.length(path.name(), test, plan.seconds, plan.datapaths.len());
+                        // Timed, TCP_CRR too: a counted run on a path that stalls on SYN
+                        // retransmissions (NodePort's TIME_WAITs, see the report) would last
+                        // as long as the stalls make it.
+                        let length = Length::Seconds(plan.seconds);
                         match sample(run_of, ns, None, (host, control), length, ports) {
-                            Ok(s) => {
-                                lengths.record(&s);
-                                samples.push(s);
-                            }
+                            Ok(s) => samples.push(s),
                             Err(e) => progress(&format!("netperf: {e:#}")),
                         }
                     }
