@@ -38,9 +38,8 @@ use serde::Serialize;
 )]
 struct Cli {
     /// A shorter run (under 10 minutes): one netperf run of 2 s per case at 1, 1k and 10k
-    /// services without the XDP-off variant, socket-lb with 3 rounds of 1 s and without
-    /// iptables or direct with the agents running, fewer calls, control plane at 1k and 10k
-    /// with 10 changes each.
+    /// services without the XDP-off variant, socket-lb with 3 rounds of 1 s with the hooks and
+    /// direct only, fewer calls, control plane at 1k and 10k with 10 changes each.
     #[arg(long)]
     quick: bool,
     /// Only these parts: datapath, agent, netperf, socket-lb, controlplane, maglev (all by
@@ -298,6 +297,7 @@ fn run(cli: &Cli) -> Result<()> {
                 .socket_lb_seconds
                 .unwrap_or(if cli.quick { 1 } else { 2 }),
             iptables: cli.socket_lb_iptables.unwrap_or(!cli.quick),
+            per_packet: !cli.quick,
             agents: !cli.quick,
             agent_bin: &agent_bin,
         };

@@ -603,6 +603,7 @@ pub fn run(
     let mut samples = Vec::new();
     let mut skipped = Vec::new();
     let mut setup_times = Vec::new();
+    let mut lengths = Lengths::default();
     for &size in plan.sizes {
         let services = services(size, bed.backend);
         bed.write_source(&services)?;
@@ -652,12 +653,23 @@ pub fn run(
                             run,
                         };
                         let ports = crr_ports(index, plan.datapaths.len());
-                        // Timed, TCP_CRR too: a counted run on a path that stalls on SYN
-                        // retransmissions (NodePort's TIME_WAITs, see the report) would last
-                        // as long as the stalls make it.
-                        let length = Length::Seconds(plan.seconds);
+                        // NodePort's TCP_CRR stays timed: it stalls on SYN retransmissions
+                        // (SNAT ports in TIME_WAIT, see the report), and a counted run would
+                        // last as long as the stalls make it.
+                        let length = match path {
+                            Path::PodToClusterIp => lengths.length(
+                                path.name(),
+                                test,
+                                plan.seconds,
+                                plan.datapaths.len(),
+                            ),
+                            Path::ExternalToNodePort => Length::Seconds(plan.seconds),
+                        };
                         match sample(run_of, ns, None, (host, control), length, ports) {
-                            Ok(s) => samples.push(s),
+                            Ok(s) => {
+                                lengths.record(&s);
+                                samples.push(s);
+                            }
                             Err(e) => progress(&format!("netperf: {e:#}")),
                         }
                     }

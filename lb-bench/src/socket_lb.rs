@@ -93,7 +93,11 @@ pub const AGENTS: &str = "direct, agents on";
 
 /// Every (path, variant) of `plan`, in the order of a round.
 fn cases(plan: &Plan<'_>) -> Vec<(&'static str, Variant)> {
-    let mut cases = vec![(POD, Variant::On), (POD, Variant::Off), (NODE, Variant::On)];
+    let mut cases = vec![(POD, Variant::On)];
+    if plan.per_packet {
+        cases.push((POD, Variant::Off));
+    }
+    cases.push((NODE, Variant::On));
     if plan.agents {
         cases.extend([(POD, Variant::Agents), (NODE, Variant::Agents)]);
     }
@@ -119,6 +123,9 @@ pub struct Plan<'a> {
     /// Whether to measure the node through kube-proxy's iptables ruleset (loading it takes
     /// about 30 s per round at 10k Services).
     pub iptables: bool,
+    /// Whether to measure pods through the per-packet path too (the netperf part measures it
+    /// against direct as well, on its own bed).
+    pub per_packet: bool,
     /// Whether to measure direct with the agents running too (telling the hooks' own cost
     /// from the packet programs').
     pub agents: bool,
