@@ -5,6 +5,8 @@ mod datapath;
 mod maglev;
 mod netperf;
 mod report;
+mod socket_lb;
+mod stats;
 
 use std::{
     fs,
@@ -27,19 +29,22 @@ use serde::Serialize;
                   measured in the same run on the same machine (run through `cargo xtask bench`).\n\n\
                   Parts: datapath (per-packet cost through BPF_PROG_TEST_RUN), agent (sync and \
                   change latency, RSS), netperf (end to end on a two-node test bed: ours, \
-                  kube-proxy's iptables and nftables rulesets, and direct), controlplane \
+                  kube-proxy's iptables and nftables rulesets, and direct), socket-lb (pod and \
+                  node to a ClusterIP with the cgroup socket hooks, against the per-packet path, \
+                  iptables and direct), controlplane \
                   (programming N services: agent vs iptables-restore vs nft -f), maglev (table \
                   build time and disruption).\n\nWrites bench/results/<date>.json, BENCHMARKS.md \
                   and bench/plots/*.svg."
 )]
 struct Cli {
     /// A shorter run (under 10 minutes): one netperf run of 2 s per case at 1, 1k and 10k
-    /// services without the XDP-off variant, fewer calls, control plane at 1k and 10k with 10
-    /// changes each.
+    /// services without the XDP-off variant, socket-lb with 3 rounds of 1 s with the hooks and
+    /// direct only, fewer calls, control plane at 1k and 10k with 10 changes each.
     #[arg(long)]
     quick: bool,
-    /// Only these parts: datapath, agent, netperf, controlplane, maglev (all by default).
-    #[arg(long, value_delimiter = ',', value_parser = ["datapath", "agent", "netperf", "controlplane", "maglev"])]
+    /// Only these parts: datapath, agent, netperf, socket-lb, controlplane, maglev (all by
+    /// default).
+    #[arg(long, value_delimiter = ',', value_parser = ["datapath", "agent", "netperf", "socket-lb", "controlplane", "maglev"])]
     only: Vec<String>,
     /// Calls per datapath case (default 20000, 5000 with --quick).
     #[arg(long)]
@@ -57,6 +62,17 @@ struct Cli {
     /// Length of one netperf run in seconds (default 5, 2 with --quick).
     #[arg(long)]
     seconds: Option<u32>,
+    /// Rounds of the socket-lb part (default 8, 3 with --quick): its confidence intervals
+    /// narrow with the rounds.
+    #[arg(long)]
+    socket_lb_runs: Option<usize>,
+    /// Length of one socket-lb netperf run in seconds (default 2, 1 with --quick).
+    #[arg(long)]
+    socket_lb_seconds: Option<u32>,
+    /// Whether socket-lb measures the node through kube-proxy's iptables ruleset too (default:
+    /// not with --quick, where loading it at 10k services would take 30 s a round).
+    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
+    socket_lb_iptables: Option<bool>,
     /// Services of the agent benchmark (each with --endpoints endpoints; 2000 with --quick).
     #[arg(long, default_value_t = 10_000)]
     agent_services: u32,
@@ -95,6 +111,7 @@ struct Results {
     datapath: Vec<datapath::Figure>,
     agent: Option<agent::AgentFigures>,
     netperf: Option<NetperfResults>,
+    socket_lb: Option<SocketLbJson>,
     controlplane: Option<controlplane::ControlPlaneResults>,
     maglev: Vec<maglev::MaglevFigure>,
 }
@@ -107,6 +124,14 @@ struct NetperfResults {
     samples: Vec<netperf::Sample>,
     skipped: Vec<netperf::Skipped>,
     setup_times: Vec<netperf::SetupTime>,
+}
+
+#[derive(Serialize)]
+struct SocketLbJson {
+    #[serde(flatten)]
+    results: socket_lb::SocketLbResults,
+    /// The ratios the report shows, with their 95% intervals.
+    comparisons: Vec<socket_lb::report::Comparison>,
 }
 
 fn machine() -> Machine {
@@ -201,6 +226,7 @@ fn run(cli: &Cli) -> Result<()> {
         datapath: Vec::new(),
         agent: None,
         netperf: None,
+        socket_lb: None,
         controlplane: None,
         maglev: Vec::new(),
     };
@@ -255,6 +281,32 @@ fn run(cli: &Cli) -> Result<()> {
             samples,
             skipped,
             setup_times,
+        });
+    }
+    interrupt::check()?;
+    if wants("socket-lb") {
+        let sizes = if cli.netperf_services.is_empty() {
+            socket_lb::report::GOAL_SIZES.to_vec()
+        } else {
+            cli.netperf_services.clone()
+        };
+        let plan = socket_lb::Plan {
+            sizes: &sizes,
+            runs: cli.socket_lb_runs.unwrap_or(if cli.quick { 3 } else { 8 }),
+            seconds: cli
+                .socket_lb_seconds
+                .unwrap_or(if cli.quick { 1 } else { 2 }),
+            iptables: cli.socket_lb_iptables.unwrap_or(!cli.quick),
+            per_packet: !cli.quick,
+            agents: !cli.quick,
+            agent_bin: &agent_bin,
+        };
+        let figures = socket_lb::run(&plan, &mut progress)?;
+        let comparisons = socket_lb::report::comparisons(&figures.samples);
+        section(socket_lb::report::markdown(&figures, &comparisons));
+        results.socket_lb = Some(SocketLbJson {
+            results: figures,
+            comparisons,
         });
     }
     interrupt::check()?;
@@ -321,6 +373,10 @@ fn run(cli: &Cli) -> Result<()> {
             .as_ref()
             .map(|n| (report::cells(&n.samples), n.sizes.as_slice())),
         results.controlplane.as_ref(),
+        results
+            .socket_lb
+            .as_ref()
+            .map_or_else(Vec::new, |s| socket_lb::report::goals(&s.comparisons)),
     );
     let md = report::document(
         &report::Header {

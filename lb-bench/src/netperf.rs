@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::maps::snat;
-use lb_testbed::{Agents, Cluster, Netns, SourceDir};
+use lb_testbed::{Agents, Cgroup, Cluster, Netns, SocketLb, SourceDir};
 use serde::Serialize;
 
 use lb_bench::kubeproxy::{
@@ -185,7 +185,22 @@ impl Drop for Bed {
 
 impl Bed {
     pub fn new() -> Result<Self> {
-        let mut cluster = Cluster::new(2).context("the test bed")?;
+        Self::build(Cluster::new(2).context("the test bed")?)
+    }
+
+    /// The bed with a cgroup v2 directory per node (its pods' below it), for socket-level
+    /// balancing: each agent's hooks then serve its own node's processes alone.
+    pub fn with_cgroups() -> Result<Self> {
+        let root = lb_datapath::socket_lb::default_cgroup_root()?;
+        Self::build(
+            Cluster::new(2)
+                .context("the test bed")?
+                .with_cgroups(&root)
+                .context("a cgroup per node")?,
+        )
+    }
+
+    fn build(mut cluster: Cluster) -> Result<Self> {
         cluster.add_pod(0, "client")?;
         let backend = cluster.add_pod(1, "netserver")?;
         // The external client reaches the backend directly only for the "direct" floor.
@@ -229,9 +244,23 @@ impl Bed {
         }
     }
 
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// The netserver pod's address.
+    pub fn backend(&self) -> Ipv4Addr {
+        self.backend
+    }
+
+    /// netserver's process id (its pod's only process).
+    pub fn netserver_pid(&self) -> u32 {
+        self.netserver.id()
+    }
+
     /// Writes the agents' source for `services` (replacing the previous one): the same objects
     /// kube-proxy's rulesets are made of, with the backend on node-1.
-    fn write_source(&self, services: &[BenchService]) -> Result<()> {
+    pub fn write_source(&self, services: &[BenchService]) -> Result<()> {
         self.source.write(
             "services.yaml",
             &kubeproxy::manifests(services, &self.node_config(1)),
@@ -239,7 +268,7 @@ impl Bed {
     }
 
     /// Removes whatever datapath is in place.
-    fn clear(&mut self) -> Result<()> {
+    pub fn clear(&mut self) -> Result<()> {
         self.agents = None;
         if let Some(backend) = self.rules.take() {
             for i in 0..self.cluster.node_count() {
@@ -266,7 +295,7 @@ impl Bed {
     }
 
     /// Puts `datapath` in place with `services`; returns how long that took.
-    fn switch(
+    pub fn switch(
         &mut self,
         datapath: Datapath,
         services: &[BenchService],
@@ -276,22 +305,12 @@ impl Bed {
         let started = Instant::now();
         let backend = match datapath {
             Datapath::Ours(xdp) => {
-                let mut args = vec![
-                    "--max-services".to_owned(),
-                    (services.len() as u32 * 2 + 1024)
-                        .next_power_of_two()
-                        .to_string(),
-                ];
+                let mut args = Vec::new();
                 if let Some(mode) = xdp {
                     args.extend(["--xdp-mode".to_owned(), mode.to_owned()]);
                     args.extend(["--snat-ports".to_owned(), variant_snat_ports(mode)]);
                 }
-                self.agents = Some(Agents::start(
-                    &self.cluster,
-                    agent_bin,
-                    self.source.path(),
-                    &args,
-                )?);
+                self.start_agents(services, agent_bin, &args, None)?;
                 return Ok(started.elapsed());
             }
             Datapath::Direct => return Ok(started.elapsed()),
@@ -305,6 +324,35 @@ impl Bed {
             measure::apply(&self.cluster.node(i).ns, backend, text)?;
         }
         Ok(started.elapsed())
+    }
+
+    /// Starts our agents for `services` (after [`Bed::clear`]) with `args`, and socket-level
+    /// balancing in `socket_lb` (each agent's hooks on its node's cgroup: [`Bed::with_cgroups`]).
+    pub fn start_agents(
+        &mut self,
+        services: &[BenchService],
+        agent_bin: &std::path::Path,
+        args: &[String],
+        socket_lb: Option<SocketLb>,
+    ) -> Result<()> {
+        let mut all = vec![
+            "--max-services".to_owned(),
+            (services.len() as u32 * 2 + 1024)
+                .next_power_of_two()
+                .to_string(),
+        ];
+        all.extend_from_slice(args);
+        self.agents = Some(match socket_lb {
+            None => Agents::start(&self.cluster, agent_bin, self.source.path(), &all)?,
+            Some(mode) => Agents::start_with_socket_lb(
+                &self.cluster,
+                agent_bin,
+                self.source.path(),
+                &all,
+                mode,
+            )?,
+        });
+        Ok(())
     }
 
     /// Where `path`'s client sends to under `datapath`: (client namespace, host, control port).
@@ -383,7 +431,7 @@ fn variant_snat_ports(mode: &str) -> String {
 /// pair of addresses on older ones): a datapath reusing ports another one used in the last
 /// 60 s would see some of its SYNs refused and stall on retransmissions. Disjoint ranges keep
 /// each datapath to its own ports.
-fn crr_ports(index: usize, datapaths: usize) -> (u16, u16) {
+pub fn crr_ports(index: usize, datapaths: usize) -> (u16, u16) {
     const FIRST: u32 = 5_000;
     const LAST: u32 = 60_999;
     let width = (LAST - FIRST + 1) / datapaths.max(1) as u32;
@@ -391,13 +439,71 @@ fn crr_ports(index: usize, datapaths: usize) -> (u16, u16) {
     (min as u16, (min + width - 1) as u16)
 }
 
+/// How long a counted netperf run may take (a few seconds when nothing stalls).
+const COUNTED_LIMIT: Duration = Duration::from_secs(30);
+
+/// How long one netperf run lasts (netperf's `-l`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Length {
+    Seconds(u32),
+    /// This many transactions. A timed TCP_CRR costs 4 s more than its length: netserver
+    /// blocks in accept() until its own timer, set 4 s (netperf's `PAD_TIME`) past the test's
+    /// length, fires; a counted one ends with its last transaction.
+    Transactions(u32),
+}
+
+impl Length {
+    fn arg(self) -> String {
+        match self {
+            Self::Seconds(s) => s.to_string(),
+            Self::Transactions(n) => format!("-{n}"),
+        }
+    }
+}
+
+/// How long each run lasts: `seconds`, but TCP_CRR counts transactions (a timed one costs 4 s
+/// more, see [`Length::Transactions`]), as many as the path's first TCP_CRR made per second
+/// (2,000 per second for that first one), and at most 90% of a datapath's client ports
+/// ([`crr_ports`]), so that no run wraps around onto the TIME_WAITs of its own connections.
+/// Only for paths that do not stall on SYN retransmissions (no SNAT onto ports in
+/// TIME_WAIT): a counted run lasts as long as its stalls make it (up to 30 s, then it fails).
+#[derive(Default)]
+pub struct Lengths {
+    crr_rates: Vec<(&'static str, f64)>,
+}
+
+impl Lengths {
+    pub fn length(&self, path: &str, test: Test, seconds: u32, port_ranges: usize) -> Length {
+        if test != Test::TcpCrr {
+            return Length::Seconds(seconds);
+        }
+        let rate = self
+            .crr_rates
+            .iter()
+            .find(|r| r.0 == path)
+            .map_or(2_000.0, |r| r.1);
+        let (min, max) = crr_ports(0, port_ranges);
+        let cap = f64::from(max - min + 1) * 0.9;
+        Length::Transactions((rate * f64::from(seconds)).clamp(500.0, cap) as u32)
+    }
+
+    /// Learns a path's TCP_CRR rate from its first sample.
+    pub fn record(&mut self, s: &Sample) {
+        if s.test == Test::TcpCrr.name() && !self.crr_rates.iter().any(|r| r.0 == s.path) {
+            self.crr_rates.push((s.path, s.rate));
+        }
+    }
+}
+
 /// One netperf run from `ns` to `host`; TCP_CRR cycles through the client ports `ports`.
+/// netperf starts in `cgroup` when given (else in this process's).
 fn netperf(
     ns: &Netns,
+    cgroup: Option<&Cgroup>,
     host: Ipv4Addr,
     control: u16,
     test: Test,
-    seconds: u32,
+    length: Length,
     ports: (u16, u16),
 ) -> Result<(f64, String, [Option<f64>; 3])> {
     let selectors = if test.has_latency() {
@@ -405,10 +511,12 @@ fn netperf(
     } else {
         "THROUGHPUT,THROUGHPUT_UNITS"
     };
-    let out = ns
-        .command("netperf")
-        .args(["-H", &host.to_string(), "-p", &control.to_string()])
-        .args(["-l", &seconds.to_string(), "-t", test.name(), "-P", "0"])
+    let mut cmd = ns.command("netperf");
+    if let Some(cgroup) = cgroup {
+        cgroup.start_in(&mut cmd)?;
+    }
+    cmd.args(["-H", &host.to_string(), "-p", &control.to_string()])
+        .args(["-l", &length.arg(), "-t", test.name(), "-P", "0"])
         .args(["--", "-P", &format!(",{DATA_PORT}"), "-o", selectors])
         .args(if test == Test::TcpCrr {
             vec!["-p".to_owned(), format!("{},{}", ports.0, ports.1)]
@@ -416,8 +524,28 @@ fn netperf(
             Vec::new()
         })
         .stdin(Stdio::null())
-        .output()
-        .context("running netperf")?;
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("running netperf")?;
+    // A counted run has no end of its own if the path stalls; a timed one ends (nsenter execs
+    // netperf, so the child is netperf).
+    if let Length::Transactions(n) = length {
+        let deadline = Instant::now() + COUNTED_LIMIT;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "netperf {} of {n} transactions to {host}:{control} did not finish within \
+                     {COUNTED_LIMIT:?} (stalled)",
+                    test.name()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Its output is a few lines: it fits the pipes while it runs.
+    let out = child.wait_with_output().context("running netperf")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
@@ -439,6 +567,50 @@ fn netperf(
     Ok((rate, unit, [latency(2), latency(3), latency(4)]))
 }
 
+/// What one netperf run measures: the labels of its [`Sample`].
+pub struct RunOf {
+    pub datapath: String,
+    pub path: &'static str,
+    pub test: Test,
+    pub services: u32,
+    pub run: usize,
+}
+
+/// One netperf run of `of.test` from `ns` (in `cgroup` when given) to `(host, control port)`,
+/// with the machine's CPU time over it.
+pub fn sample(
+    of: RunOf,
+    ns: &Netns,
+    cgroup: Option<&Cgroup>,
+    (host, control): (Ipv4Addr, u16),
+    length: Length,
+    ports: (u16, u16),
+) -> Result<Sample> {
+    let (cpu0, soft0) = cpu_time_us();
+    let (rate, unit, [p50, p90, p99]) = netperf(ns, cgroup, host, control, of.test, length, ports)?;
+    let (cpu1, soft1) = cpu_time_us();
+    // Per transaction, or per MB (10^6 bits/s * s / 8).
+    let units = match length {
+        Length::Transactions(n) => f64::from(n),
+        Length::Seconds(s) if of.test == Test::TcpStream => rate * f64::from(s) / 8.0,
+        Length::Seconds(s) => rate * f64::from(s),
+    };
+    Ok(Sample {
+        datapath: of.datapath,
+        path: of.path,
+        test: of.test.name(),
+        services: of.services,
+        run: of.run,
+        rate,
+        unit,
+        p50_us: p50,
+        p90_us: p90,
+        p99_us: p99,
+        cpu_us_per_unit: (cpu1 - cpu0) / units.max(1.0),
+        softirq_us_per_unit: (soft1 - soft0) / units.max(1.0),
+    })
+}
+
 /// Runs the plan; `progress` hears about every step.
 pub fn run(
     plan: &Plan<'_>,
@@ -449,6 +621,7 @@ pub fn run(
     let mut samples = Vec::new();
     let mut skipped = Vec::new();
     let mut setup_times = Vec::new();
+    let mut lengths = Lengths::default();
     for &size in plan.sizes {
         let services = services(size, bed.backend);
         bed.write_source(&services)?;
@@ -490,37 +663,33 @@ pub fn run(
                     for &test in plan.tests {
                         lb_testbed::interrupt::check()?;
                         let (ns, host, control) = bed.target(datapath, path);
-                        let (cpu0, soft0) = cpu_time_us();
-                        let ports = crr_ports(index, plan.datapaths.len());
-                        let result = netperf(ns, host, control, test, plan.seconds, ports);
-                        let (cpu1, soft1) = cpu_time_us();
-                        let (rate, unit, [p50, p90, p99]) = match result {
-                            Ok(r) => r,
-                            Err(e) => {
-                                progress(&format!("netperf: {e:#}"));
-                                continue;
-                            }
-                        };
-                        // Per transaction, or per MB (10^6 bits/s * s / 8).
-                        let units = if test == Test::TcpStream {
-                            rate * f64::from(plan.seconds) / 8.0
-                        } else {
-                            rate * f64::from(plan.seconds)
-                        };
-                        samples.push(Sample {
+                        let run_of = RunOf {
                             datapath: datapath.name(),
                             path: path.name(),
-                            test: test.name(),
+                            test,
                             services: size,
                             run,
-                            rate,
-                            unit,
-                            p50_us: p50,
-                            p90_us: p90,
-                            p99_us: p99,
-                            cpu_us_per_unit: (cpu1 - cpu0) / units.max(1.0),
-                            softirq_us_per_unit: (soft1 - soft0) / units.max(1.0),
-                        });
+                        };
+                        let ports = crr_ports(index, plan.datapaths.len());
+                        // NodePort's TCP_CRR stays timed: it stalls on SYN retransmissions
+                        // (SNAT ports in TIME_WAIT, see the report), and a counted run would
+                        // last as long as the stalls make it.
+                        let length = match path {
+                            Path::PodToClusterIp => lengths.length(
+                                path.name(),
+                                test,
+                                plan.seconds,
+                                plan.datapaths.len(),
+                            ),
+                            Path::ExternalToNodePort => Length::Seconds(plan.seconds),
+                        };
+                        match sample(run_of, ns, None, (host, control), length, ports) {
+                            Ok(s) => {
+                                lengths.record(&s);
+                                samples.push(s);
+                            }
+                            Err(e) => progress(&format!("netperf: {e:#}")),
+                        }
                     }
                 }
             }

@@ -419,16 +419,30 @@ fn verdict(met: bool) -> &'static str {
 }
 
 /// One goal of the issue, judged on this run's figures.
-struct Goal {
-    what: String,
-    met: bool,
-    figures: String,
+pub struct Goal {
+    pub what: String,
+    pub met: bool,
+    pub figures: String,
 }
 
-/// The goals, met or missed, with the figures that decide them.
+impl Goal {
+    /// Its row in a `| goal | this run | |` table.
+    pub fn row(&self) -> String {
+        format!(
+            "| {} | {} | {} |\n",
+            self.what,
+            self.figures,
+            verdict(self.met)
+        )
+    }
+}
+
+/// The goals, met or missed, with the figures that decide them; `more` are judged elsewhere
+/// (socket-level balancing's) and listed last.
 pub fn goals_markdown(
     netperf: Option<(Cells, &[u32])>,
     control_plane: Option<&ControlPlaneResults>,
+    more: Vec<Goal>,
 ) -> String {
     let mut goals = Vec::new();
     if let Some((cells, sizes)) = &netperf {
@@ -549,9 +563,10 @@ pub fn goals_markdown(
             });
         }
     }
+    goals.extend(more);
     let mut md = String::from("## Goals\n\n| goal | this run | |\n|---|---|---|\n");
     for g in &goals {
-        let _ = writeln!(md, "| {} | {} | {} |", g.what, g.figures, verdict(g.met));
+        md.push_str(&g.row());
     }
     let missed = goals.iter().filter(|g| !g.met).count();
     let _ = writeln!(
