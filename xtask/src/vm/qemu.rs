@@ -17,8 +17,8 @@ use anyhow::{Context as _, Result};
 use super::{packages::Kernel, plan::Outcome};
 
 /// The whole VM run, boot to power-off, at most. Under software emulation on two CPUs it takes
-/// about eight to ten minutes (each agent loads its programs for about half a minute); the limit
-/// leaves room for a busy machine without letting a hung guest hold CI for long.
+/// about six minutes on a quiet machine and ten on a busy one (each agent loads its programs for
+/// up to half a minute); the limit leaves room without letting a hung guest hold CI for long.
 const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
 pub(super) fn boot(qemu: &Path, kernel: &Kernel, initrd: &Path, log: &Path) -> Result<Outcome> {
