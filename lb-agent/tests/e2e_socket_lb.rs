@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use common::external::slice;
 use lb_common::{maps::FrontendKey, net::Be32};
 use lb_datapath::{
     maps::Maps,
@@ -23,8 +24,7 @@ use lb_datapath::{
 use lb_testbed::{
     Agents, Cluster, SockClient, SocketLb, SourceDir,
     manifests::{
-        Endpoint, EndpointSliceManifest, Protocol, ServiceManifest, ServicePort, ServiceType,
-        TrafficPolicy, documents,
+        Endpoint, Protocol, ServiceManifest, ServicePort, ServiceType, TrafficPolicy, documents,
     },
     sock_client::{LoadCount, Outcome},
 };
@@ -207,17 +207,6 @@ impl Bed {
     fn wait_until(&self, what: &str, check: impl Fn() -> bool) {
         common::wait_until(what, check, || self.logs());
     }
-}
-
-fn slice(service: &str, ports: &[(&str, Protocol)], endpoints: &[Endpoint]) -> String {
-    let mut slice = EndpointSliceManifest::new(service);
-    for (name, protocol) in ports {
-        slice = slice.port(name, 8080, *protocol);
-    }
-    for endpoint in endpoints {
-        slice = slice.endpoint(endpoint.clone());
-    }
-    slice.yaml()
 }
 
 /// `self`, `local`, `inner` and `ranged` (see their addresses).

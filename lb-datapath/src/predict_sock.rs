@@ -98,13 +98,7 @@ pub fn predict(
             SockDecision::NotAFrontend
         });
     };
-    let config: SockConfig = maps
-        .sock_config
-        .get(&0, 0)
-        .map_err(|source| MapsError::Map {
-            name: names::LB_SOCK_CONFIG,
-            source,
-        })?;
+    let config = sock_config(maps)?;
     // A pod's namespace is any but the node's.
     let netns = match origin {
         Origin::Node => config.host_netns_cookie,
@@ -137,6 +131,16 @@ pub fn predict(
             cookie,
         ),
     }
+}
+
+/// `LB_SOCK_CONFIG`'s single entry, as stored.
+pub fn sock_config(maps: &Maps) -> Result<SockConfig, MapsError> {
+    maps.sock_config
+        .get(&0, 0)
+        .map_err(|source| MapsError::Map {
+            name: names::LB_SOCK_CONFIG,
+            source,
+        })
 }
 
 fn balance(

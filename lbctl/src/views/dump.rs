@@ -441,13 +441,7 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
         out.sock_rev = Some(read_sock_rev(maps)?);
     }
     if want(MapKind::SockConfig) {
-        let c = maps
-            .sock_config
-            .get(&0, 0)
-            .map_err(|source| MapsError::Map {
-                name: names::LB_SOCK_CONFIG,
-                source,
-            })?;
+        let c = lb_datapath::predict_sock::sock_config(maps)?;
         out.sock_config = Some(vec![SockConfigRow {
             host_netns_cookie: c.host_netns_cookie,
             host_only: c.flags & lb_common::sock::sock_flags::HOST_ONLY != 0,
