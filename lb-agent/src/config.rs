@@ -155,9 +155,11 @@ pub struct RunArgs {
 
     /// Ports that external flows to backends on other nodes are source-NATed to
     /// (externalTrafficPolicy Cluster), reserved from the node's own connections
-    /// (net.ipv4.ip_local_reserved_ports). Each allows one open flow per port to each backend;
-    /// a range reaching into the ephemeral ports (32768-60999) shrinks those of the node.
-    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range, value_name = "MIN-MAX")]
+    /// (net.ipv4.ip_local_reserved_ports). Each allows one open flow per port to each backend,
+    /// and a range wider than a client's ports (Linux: 32768-60999) gives each of them a port of
+    /// its own, which new connections take over their backend's TIME_WAIT at once; a range
+    /// reaching into the ephemeral ports (32768-60999) shrinks those of the node.
+    #[arg(long, default_value = "1024-29999", value_parser = parse_port_range, value_name = "MIN-MAX")]
     pub snat_ports: RangeInclusive<u16>,
 
     /// Source-NAT every flow the datapath balances to the node's address (kube-proxy:
@@ -369,7 +371,10 @@ mod tests {
         .unwrap();
         assert_eq!(cli.run.node_name(), "n2");
         assert_eq!(cli.run.source, Source::Kubernetes);
-        assert_eq!(cli.run.snat_ports, 61_000..=65_535);
+        assert_eq!(
+            cli.run.snat_ports,
+            lb_common::maps::snat::PORT_MIN..=lb_common::maps::snat::PORT_MAX
+        );
         assert!(matches!(
             Cli::try_parse_from(["lb-agent", "cleanup"])
                 .unwrap()

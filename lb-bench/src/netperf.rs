@@ -18,7 +18,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use lb_common::maps::snat;
 use lb_testbed::{Agents, Cgroup, Cluster, Netns, SocketLb, SourceDir};
 use serde::Serialize;
 
@@ -308,7 +307,6 @@ impl Bed {
                 let mut args = Vec::new();
                 if let Some(mode) = xdp {
                     args.extend(["--xdp-mode".to_owned(), mode.to_owned()]);
-                    args.extend(["--snat-ports".to_owned(), variant_snat_ports(mode)]);
                 }
                 self.start_agents(services, agent_bin, &args, None)?;
                 return Ok(started.elapsed());
@@ -407,22 +405,6 @@ fn wait_listening(ns: &Netns, addr: SocketAddrV4) -> Result<()> {
     Ok(())
 }
 
-/// The SNAT ports of a variant of ours (`--xdp-mode mode`): as many as the default range
-/// (`snat::PORT_MIN`-`PORT_MAX`), below it and apart from each other. netserver closes first and holds each
-/// SNATed connection in TIME_WAIT for 60 s on (node address, SNAT port); a variant measured right
-/// after another on the same ports, with a fresh connection table, would meet those TIME_WAITs
-/// on every port at once, which no single agent ever does.
-fn variant_snat_ports(mode: &str) -> String {
-    const WIDTH: u16 = snat::PORT_MAX - snat::PORT_MIN + 1;
-    let index = match mode {
-        "native" => 1,
-        "generic" => 2,
-        _ => 3,
-    };
-    let min = snat::PORT_MIN - index * WIDTH;
-    format!("{min}-{}", min + WIDTH - 1)
-}
-
 /// The client ports TCP_CRR cycles through for the `index`th datapath (netperf's `-p`).
 ///
 /// The server closes each TCP_CRR connection first, so it holds a TIME_WAIT socket for every
@@ -432,10 +414,23 @@ fn variant_snat_ports(mode: &str) -> String {
 /// 60 s would see some of its SYNs refused and stall on retransmissions. Disjoint ranges keep
 /// each datapath to its own ports.
 pub fn crr_ports(index: usize, datapaths: usize) -> (u16, u16) {
-    const FIRST: u32 = 5_000;
-    const LAST: u32 = 60_999;
-    let width = (LAST - FIRST + 1) / datapaths.max(1) as u32;
-    let min = FIRST + width * index as u32;
+    ports_of(5_000, 60_999, index, datapaths)
+}
+
+/// [`crr_ports`] for the NodePort path: within Linux's ephemeral ports (32768-60999), what an
+/// external Linux client uses. The agent's default SNAT range is wider, so each of these ports
+/// has a home port of its own (`lb_common::snat::home`) and the datapaths' ranges map to
+/// disjoint SNAT ports: no variant of ours inherits another's TIME_WAITs, and each one's runs,
+/// back to back on the same ports round after round, measure the steady state an operator's
+/// node reaches, with its one default range.
+pub fn nodeport_crr_ports(index: usize, datapaths: usize) -> (u16, u16) {
+    ports_of(32_768, 60_999, index, datapaths)
+}
+
+/// The `index`th of `datapaths` equal ranges of `first..=last`.
+fn ports_of(first: u32, last: u32, index: usize, datapaths: usize) -> (u16, u16) {
+    let width = (last - first + 1) / datapaths.max(1) as u32;
+    let min = first + width * index as u32;
     (min as u16, (min + width - 1) as u16)
 }
 
@@ -670,7 +665,12 @@ pub fn run(
                             services: size,
                             run,
                         };
-                        let ports = crr_ports(index, plan.datapaths.len());
+                        let ports = match path {
+                            Path::PodToClusterIp => crr_ports(index, plan.datapaths.len()),
+                            Path::ExternalToNodePort => {
+                                nodeport_crr_ports(index, plan.datapaths.len())
+                            }
+                        };
                         // NodePort's TCP_CRR stays timed: it stalls on SYN retransmissions
                         // (SNAT ports in TIME_WAIT, see the report), and a counted run would
                         // last as long as the stalls make it.

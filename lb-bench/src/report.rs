@@ -699,16 +699,18 @@ const METHOD: &str = "
   NIC-like frames), `ours (xdp off)` is the same as the default here; both at the smallest size.
 - NodePort traffic enters node-0 and is served by a pod on node-1, so every datapath
   source-NATs it (externalTrafficPolicy Cluster). netserver closes every TCP_CRR connection
-  first, so it holds each one in TIME_WAIT on (node address, SNAT port). Ours takes SNAT ports
-  from 61000-65535 (4536 per backend and node) and gives a port in TIME_WAIT to a new
-  connection once no free one is left; kube-proxy's MASQUERADE (`--random-fully`) draws from up
-  to 64k ports and reuses them likewise. TIME_WAIT takes such a SYN only if its TCP timestamp is
-  newer, about half the time (clients offset timestamps at random per connection); the backend
-  answers the others with an ACK, the client resets the TIME_WAIT and retransmits its SYN a few
-  milliseconds later: the p99 of about 10 ms every datapath shows for NodePort TCP_CRR. One
-  netperf stream waits out each such retransmission, which is what brings its rate down. The
-  variants of ours take SNAT port ranges of the same size apart from the default one, so that
-  none inherits the TIME_WAITs of the one measured before it.
+  first, so it holds each one in TIME_WAIT on (node address, SNAT port), and the external
+  client cycles through a few thousand ports of Linux's ephemeral range (a range of its own per
+  datapath), coming back to each one several times a second, run after run: the steady state
+  of a busy NodePort, not its first seconds. TIME_WAIT takes a new SYN only if its TCP
+  timestamp is newer, which it always is for the same four addresses and ports and only about
+  half the time for another client port (Linux offsets timestamps by a hash of them); the
+  backend answers the others with an ACK, and the client retransmits its SYN about 10 ms later.
+  Ours gives each client port a home SNAT port of its own in its default range (1024-29999),
+  so a client port that comes back takes its own TIME_WAIT over; kube-proxy's MASQUERADE
+  (`--random-fully`) draws a random port for each connection, which soon meets another
+  port's TIME_WAIT: its p99 of about 10 ms. Every variant of ours uses the default range, as
+  an operator's node does.
 - CPU per transaction is the whole machine's CPU time (all cores, every process) over the
   transactions of a run, at the load one netperf stream offers (closed loop, not a fixed
   offered load); the softirq part is where packet processing runs.

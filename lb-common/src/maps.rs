@@ -316,12 +316,19 @@ pub mod hairpin {
 
 /// Source NAT of external flows to backends on other nodes.
 pub mod snat {
-    /// Ports the datapath hands out, by default: above Linux's ephemeral range (32768-60999) and
-    /// the NodePort range (30000-32767), so that they collide with neither. A port is unique per
-    /// (backend address, backend port, protocol), so this allows 4536 concurrent flows from this
-    /// node to each backend.
-    pub const PORT_MIN: u16 = 61_000;
-    pub const PORT_MAX: u16 = 65_535;
+    /// Ports the datapath hands out, by default: below the NodePort range (30000-32767) and
+    /// Linux's ephemeral range (32768-60999), so that they collide with neither (the agent also
+    /// reserves them: `net.ipv4.ip_local_reserved_ports`). A port is unique per (backend
+    /// address, backend port, protocol), so this allows 28976 concurrent flows from this node
+    /// to each backend; and it is wider than the ports Linux clients use, so that each port of
+    /// one client has a home port of its own (`crate::snat::home`).
+    pub const PORT_MIN: u16 = 1_024;
+    pub const PORT_MAX: u16 = 29_999;
+    /// The first port of the default range before it moved below the NodePorts (it was
+    /// 61000-65535). Replies to these ports are looked up whatever the range, so that an agent
+    /// upgraded from that default keeps the flows it source-NATed there; the node's own
+    /// connections never use them (they are above its ephemeral ports).
+    pub const PREVIOUS_PORT_MIN: u16 = 61_000;
     /// Candidate ports spread by a new flow's hash that the datapath tries before it scans the
     /// whole range (see `crate::snat::allocate`).
     pub const PROBES: u32 = 8;

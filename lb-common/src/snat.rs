@@ -14,7 +14,10 @@
 use crate::{
     Be16, Be32,
     conntrack::{CtEntry, FlowKey, REPLY, ct_flags},
-    maps::{Backend, NodeConfig, backend_flags, scope, snat::PROBES},
+    maps::{
+        Backend, NodeConfig, backend_flags, scope,
+        snat::{PREVIOUS_PORT_MIN, PROBES},
+    },
     net::proto,
 };
 
@@ -75,7 +78,8 @@ pub const fn reply_key(
 }
 
 /// Whether a packet of `l4_proto` to `dst_addr:dst_port` may be the reply of a flow
-/// source-NATed with `config`: addressed to its SNAT address, on a port of its range, or on
+/// source-NATed with `config`: addressed to its SNAT address, on a port of its range or of the
+/// previous default range ([`PREVIOUS_PORT_MIN`]: flows an agent of that default left), or on
 /// any port for SCTP, whose source-NATed flows keep their clients' ports ([`port_range`]).
 #[inline(always)]
 pub const fn is_reply_to(
@@ -88,6 +92,7 @@ pub const fn is_reply_to(
     config.snat_configured()
         && dst_addr.raw() == config.snat_addr.raw()
         && ((port >= config.snat_port_min && port <= config.snat_port_max)
+            || port >= PREVIOUS_PORT_MIN
             || l4_proto == proto::SCTP)
 }
 
@@ -138,16 +143,58 @@ pub const fn span(config: &NodeConfig) -> u32 {
     (config.snat_port_max - config.snat_port_min) as u32 + 1
 }
 
-/// Candidate `probe` (from 0) for a flow with hash `hash`: the first [`PROBES`] are spread over
-/// the range by a large odd step, so that two flows rarely walk the same candidates; the rest
-/// walk the whole range in order from the hash's place (a scan, see [`allocate`]). `config` must
-/// be [`NodeConfig::snat_configured`].
+/// Where a new flow's candidate ports start: its home port and its flow hash (see
+/// [`candidate`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seeds {
+    /// The home port's offset in the range ([`home`]).
+    pub home: u32,
+    /// The flow hash ([`FlowKey::hash`]), which spreads the other probes.
+    pub hash: u32,
+}
+
+impl Seeds {
+    /// The seeds of the new flow `flow` in `config`'s range (which must be
+    /// [`NodeConfig::snat_configured`]).
+    #[inline(always)]
+    pub const fn of(flow: &FlowKey, config: &NodeConfig) -> Self {
+        Self {
+            home: home(config, flow),
+            hash: flow.hash(),
+        }
+    }
+}
+
+/// The offset in `config`'s range of the port a new flow tries first, its home: the client's
+/// port turned by an offset of the client's address. Consecutive ports of one client get
+/// consecutive home ports, so a client whose ports span no more than the range (Linux's
+/// 32768-60999 in the default range) has a home port of its own for each of them: when a
+/// client port comes again, which it does every few seconds under load, it finds its home
+/// port held in TIME_WAIT by its own earlier connection. The backend takes a new SYN over that
+/// TIME_WAIT when its TCP timestamp is newer, which a connection of the same four addresses and
+/// ports always has (Linux offsets timestamps by a hash of them); another client's would be
+/// refused about half the time, and its SYN retransmitted after a delay (see [`SnatPort`]).
+/// The address's offset keeps clients that use the same ports apart. A hash of the whole
+/// flow, the home before, made ports collide as soon as a client had used more than a few
+/// hundred: in steady state every port was another flow's TIME_WAIT.
 #[inline(always)]
-pub const fn candidate(config: &NodeConfig, hash: u32, probe: u32) -> u16 {
-    let offset = if probe < PROBES {
-        hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span(config)
+pub const fn home(config: &NodeConfig, flow: &FlowKey) -> u32 {
+    let turn = flow.src_addr.raw().wrapping_mul(0x9e37_79b1);
+    (flow.src_port.to_host() as u32).wrapping_add(turn) % span(config)
+}
+
+/// Candidate `probe` (from 0) for a flow seeded `seeds`: first its home port, then
+/// [`PROBES`]` - 1` others spread over the range by its hash with a large odd step, so that two
+/// flows rarely walk the same candidates; the rest walk the whole range in order from the
+/// home port (a scan, see [`allocate`]). `config` must be [`NodeConfig::snat_configured`].
+#[inline(always)]
+pub const fn candidate(config: &NodeConfig, seeds: Seeds, probe: u32) -> u16 {
+    let offset = if probe == 0 {
+        seeds.home
+    } else if probe < PROBES {
+        seeds.hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span(config)
     } else {
-        hash.wrapping_add(probe - PROBES) % span(config)
+        seeds.home.wrapping_add(probe - PROBES) % span(config)
     };
     // offset < span: the sum stays within the range.
     config.snat_port_min + offset as u16
@@ -179,7 +226,7 @@ pub struct Scan {
     /// The new flow's reply entry, inserted as the reservation of a port no entry holds.
     pub reply: CtEntry,
     pub now: u64,
-    pub hash: u32,
+    pub seeds: Seeds,
     pub walk: Walk,
     /// The candidate taken (port 0 while none).
     pub taken: Choice,
@@ -236,13 +283,13 @@ impl Walk {
         flow: &FlowKey,
         backend: &Backend,
         config: &NodeConfig,
-        hash: u32,
+        seeds: Seeds,
         probe: u32,
         now: u64,
         held: &mut impl FnMut(&FlowKey) -> Option<CtEntry>,
         claim: &mut impl FnMut(&FlowKey, bool) -> bool,
     ) -> Option<Choice> {
-        let port = candidate(config, hash, probe);
+        let port = candidate(config, seeds, probe);
         let key = reply_key(backend, config.snat_addr, Be16::from_host(port), flow.proto);
         let entry = held(&key);
         let state = classify(entry.as_ref(), flow, now);
@@ -270,7 +317,8 @@ impl Walk {
 /// candidate (`LB_CT` in the kernel, the pinned map in `lbctl trace`); `claim` claims a free one
 /// (the kernel inserts the flow's reply entry there, the predictor takes it as is).
 ///
-/// First [`PROBES`] candidates spread by the flow's hash: the first free one, else the first
+/// First its home port ([`home`]), then candidates spread by the flow's hash, [`PROBES`] in all:
+/// the first free one (or its home held by this same client flow), else the first
 /// whose backend holds it in TIME_WAIT (a retransmitted SYN's delay at worst, where resting
 /// every such port would soon drop new flows). Only when live flows hold every one of them does
 /// the walk scan the whole range in order for a free port (or a TIME_WAIT one): a port is found
@@ -286,11 +334,11 @@ pub fn allocate(
     mut held: impl FnMut(&FlowKey) -> Option<CtEntry>,
     mut claim: impl FnMut(&FlowKey, bool) -> bool,
 ) -> Option<Choice> {
-    let hash = flow.hash();
+    let seeds = Seeds::of(flow, config);
     let mut walk = Walk::new();
     for probe in 0..PROBES {
         let choice = walk.step(
-            flow, backend, config, hash, probe, now, &mut held, &mut claim,
+            flow, backend, config, seeds, probe, now, &mut held, &mut claim,
         );
         if choice.is_some() {
             return choice;
@@ -301,7 +349,7 @@ pub fn allocate(
     }
     for probe in PROBES..PROBES + span(config) {
         let choice = walk.step(
-            flow, backend, config, hash, probe, now, &mut held, &mut claim,
+            flow, backend, config, seeds, probe, now, &mut held, &mut claim,
         );
         if choice.is_some() {
             return choice;
@@ -563,14 +611,14 @@ mod walk_tests {
     fn a_free_port_is_found_whenever_one_exists() {
         let config = config(61_000, 61_099);
         let f = flow(40_000);
-        let hash = f.hash();
-        // Every hashed candidate, and all but one other port, held by live flows.
+        let seeds = Seeds::of(&f, &config);
+        // Every probed candidate, and all but one other port, held by live flows.
         let free = 61_042;
         let held: BTreeMap<u16, CtEntry> = (61_000..=61_099)
             .filter(|p| *p != free)
             .map(|p| (p, live()))
             .collect();
-        assert!((0..PROBES).all(|probe| candidate(&config, hash, probe) != free));
+        assert!((0..PROBES).all(|probe| candidate(&config, seeds, probe) != free));
         let choice = walk(&config, &f, &held, &[]).expect("the free port");
         assert_eq!(
             (choice.port, choice.state, choice.absent),
@@ -622,30 +670,79 @@ mod walk_tests {
     fn a_port_another_cpu_claimed_first_is_passed_over() {
         let config = config(61_000, 61_099);
         let f = flow(40_000);
-        let first = candidate(&config, f.hash(), 0);
+        let first = candidate(&config, Seeds::of(&f, &config), 0);
         let choice = walk(&config, &f, &BTreeMap::new(), &[first]).unwrap();
         assert_ne!(choice.port, first);
         assert_eq!(choice.probe, 1);
+    }
+
+    /// Linux clients take their ports from 32768-60999: in the default range each of one
+    /// client's ports has a home port of its own, and two clients of the same port have
+    /// different ones.
+    #[test]
+    fn each_port_of_a_client_has_a_home_port_of_its_own() {
+        use crate::maps::snat::{PORT_MAX, PORT_MIN};
+        let config = config(PORT_MIN, PORT_MAX);
+        let homes: std::collections::BTreeSet<u16> = (32_768..=60_999)
+            .map(|port| candidate(&config, Seeds::of(&flow(port), &config), 0))
+            .collect();
+        assert_eq!(homes.len(), 60_999 - 32_768 + 1);
+        assert!(homes.iter().all(|p| (PORT_MIN..=PORT_MAX).contains(p)));
+        let other = FlowKey {
+            src_addr: Be32::from(core::net::Ipv4Addr::new(198, 51, 100, 2)),
+            ..flow(40_000)
+        };
+        assert_ne!(
+            Seeds::of(&other, &config).home,
+            Seeds::of(&flow(40_000), &config).home
+        );
+    }
+
+    /// The client's earlier connection of the same port, which its backend holds in TIME_WAIT,
+    /// gives its home port back to the new one: the backend takes the SYN, its timestamp being
+    /// newer. Another client's TIME_WAIT there is passed over for a free port.
+    #[test]
+    fn a_client_port_coming_back_finds_its_home_port_in_its_own_time_wait() {
+        let config = config(1_024, 29_999);
+        let f = flow(40_000);
+        let home = candidate(&config, Seeds::of(&f, &config), 0);
+        let time_wait = |owner: &FlowKey| CtEntry {
+            flags: live().flags | ct_flags::FIN | ct_flags::FIN_FIRST | ct_flags::PEER_FIN,
+            nat_addr: owner.dst_addr,
+            nat_port: owner.dst_port,
+            snat_addr: owner.src_addr,
+            snat_port: owner.src_port,
+            ..live()
+        };
+        let own = BTreeMap::from([(home, time_wait(&f))]);
+        let choice = walk(&config, &f, &own, &[]).unwrap();
+        assert_eq!(
+            (choice.port, choice.probe, choice.state),
+            (home, 0, SnatPort::Reopened)
+        );
+        let theirs = BTreeMap::from([(home, time_wait(&flow(40_001)))]);
+        let choice = walk(&config, &f, &theirs, &[]).unwrap();
+        assert_eq!((choice.probe, choice.state), (1, SnatPort::Free));
     }
 
     #[test]
     fn time_wait_is_taken_after_the_probes_before_any_scan() {
         let config = config(61_000, 61_099);
         let f = flow(40_000);
-        let hash = f.hash();
+        let seeds = Seeds::of(&f, &config);
         let time_wait = CtEntry {
             flags: live().flags | ct_flags::FIN | ct_flags::FIN_FIRST | ct_flags::PEER_FIN,
             ..live()
         };
         let mut held: BTreeMap<u16, CtEntry> = (0..PROBES)
-            .map(|probe| (candidate(&config, hash, probe), live()))
+            .map(|probe| (candidate(&config, seeds, probe), live()))
             .collect();
-        let third = candidate(&config, hash, 2);
+        let third = candidate(&config, seeds, 2);
         held.insert(third, time_wait);
         let choice = walk(&config, &f, &held, &[]).unwrap();
         assert_eq!((choice.port, choice.state), (third, SnatPort::TimeWait));
         let scanned: Vec<u16> = (PROBES..PROBES + 3)
-            .map(|probe| candidate(&config, hash, probe))
+            .map(|probe| candidate(&config, seeds, probe))
             .collect();
         assert!(
             scanned

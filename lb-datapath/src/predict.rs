@@ -214,7 +214,8 @@ pub enum SnatFailure {
     PortsTaken {
         node: std::net::Ipv4Addr,
         hash: u32,
-        /// The candidates spread by the hash, tried before the range was scanned.
+        /// The flow's home port and the candidates spread by the hash, tried before the range
+        /// was scanned.
         candidates: Vec<u16>,
     },
     /// The client's port clashes with another live flow of it to the same backend, and every
@@ -353,7 +354,8 @@ pub fn snat_allocate(
     if let Some(e) = failed {
         return Err(e);
     }
-    let hash = flow.hash();
+    let seeds = snat::Seeds::of(flow, config);
+    let hash = seeds.hash;
     Ok(match chosen {
         Some(choice) => Ok(SnatChoice {
             source: SocketAddrV4::new(config.snat_addr.to_ip(), choice.port),
@@ -365,7 +367,7 @@ pub fn snat_allocate(
             node: config.snat_addr.to_ip(),
             hash,
             candidates: (0..PROBES)
-                .map(|probe| snat::candidate(config, hash, probe))
+                .map(|probe| snat::candidate(config, seeds, probe))
                 .collect(),
         }),
     })

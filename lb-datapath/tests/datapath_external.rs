@@ -24,7 +24,6 @@ use etherparse::{
 use lb_common::{
     Be32,
     conntrack::{CtEntry, ct_flags},
-    hash::flow_hash,
     maps::{scope, snat},
     stats::Reason,
 };
@@ -276,16 +275,14 @@ fn snat_ports_in_time_wait_serve_new_flows_only_when_none_is_free() {
             assert!(!ct_flags::reusable(entry.flags), "flags {:#x}", entry.flags);
         };
         // Which of the two ports a flow from `client` tries first.
+        // Which of the two ports a flow from `client` tries first: its home, the client's port
+        // turned by an offset of its address (`lb_common::snat::home`).
         let first_candidate = |client: SocketAddrV4| {
-            let key = forward_key(client, TCP);
-            let hash = flow_hash(
-                key.src_addr,
-                key.dst_addr,
-                key.src_port,
-                key.dst_port,
-                key.proto,
-            );
-            61_000 + (hash % 2) as u16
+            let turn = forward_key(client, TCP)
+                .src_addr
+                .raw()
+                .wrapping_mul(0x9e37_79b1);
+            61_000 + (u32::from(client.port()).wrapping_add(turn) % 2) as u16
         };
 
         let a = socket([192, 168, 50, 2], 50_000);
@@ -499,7 +496,13 @@ fn a_free_snat_port_is_found_whenever_the_range_has_one() {
         let flow = forward_key(client, TCP);
         let config = h.maps.config.get(&0, 0).unwrap();
         let probes: Vec<u16> = (0..snat::PROBES)
-            .map(|probe| lb_common::snat::candidate(&config, flow.hash(), probe))
+            .map(|probe| {
+                lb_common::snat::candidate(
+                    &config,
+                    lb_common::snat::Seeds::of(&flow, &config),
+                    probe,
+                )
+            })
             .collect();
         let free = (61_000..=61_099)
             .find(|p| !probes.contains(p))

@@ -30,7 +30,7 @@ pub fn node_config() -> NodeConfig {
 /// remapped) for the new flow `flow` to `backend` ([`snat::allocate`]'s walk over `LB_CT`), and
 /// whether its reply entry `reply` already claims it (it does when the port was free of any
 /// entry); `None` when no address is configured or the range is full for that backend. The
-/// hashed probes run inline; the scan of the whole range, needed only once live flows hold every
+/// probes (its home port, then hashed ones) run inline; the scan of the whole range, needed only once live flows hold every
 /// probe, runs under `bpf_loop`, which the verifier checks once however long the range. Its
 /// state lives in the per-CPU scratch map `LB_SCRATCH` (see [`snat::Scan`]).
 #[inline(always)]
@@ -56,7 +56,7 @@ pub fn allocate(
     snat::keep_client_port(&mut scan.config, flow);
     scan.reply = *reply;
     scan.now = now;
-    scan.hash = flow.hash();
+    scan.seeds = snat::Seeds::of(flow, &scan.config);
     scan.walk = snat::Walk::new();
     scan.taken.port = 0;
     for probe in 0..PROBES {
@@ -94,7 +94,7 @@ fn step(scan: &mut snat::Scan, probe: u32) -> Option<snat::Choice> {
         config,
         reply,
         now,
-        hash,
+        seeds,
         walk,
         ..
     } = scan;
@@ -102,7 +102,7 @@ fn step(scan: &mut snat::Scan, probe: u32) -> Option<snat::Choice> {
         flow,
         backend,
         config,
-        *hash,
+        *seeds,
         probe,
         *now,
         // SAFETY: LRU map value, copied out at once.

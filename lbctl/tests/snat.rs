@@ -60,7 +60,8 @@ fn snat_reply_key(backend: SocketAddrV4, port: u16, l4: u8) -> FlowKey {
 }
 
 /// The SNAT port candidates of a new flow, in the order the datapath tries them, for the range
-/// `min..=max` (the allocation rule, restated independently of lbctl).
+/// `min..=max` (the allocation rule, restated independently of lbctl): its home port (the
+/// client's port turned by an offset of its address), then ports spread by the flow hash.
 fn snat_candidates(
     client: SocketAddrV4,
     frontend: SocketAddrV4,
@@ -69,9 +70,14 @@ fn snat_candidates(
     max: u16,
 ) -> Vec<u16> {
     let span = u32::from(max - min) + 1;
+    let turn = u32::from_ne_bytes(client.ip().octets()).wrapping_mul(0x9e37_79b1);
+    let home = u32::from(client.port()).wrapping_add(turn) % span;
     let hash = hash_of(client, frontend, l4);
     (0..snat::PROBES)
-        .map(|probe| min + (hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span) as u16)
+        .map(|probe| match probe {
+            0 => min + home as u16,
+            _ => min + (hash.wrapping_add(probe.wrapping_mul(0x9e37_79b1)) % span) as u16,
+        })
         .collect()
 }
 

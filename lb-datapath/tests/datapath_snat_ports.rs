@@ -1,0 +1,144 @@
+//! Which SNAT port an external flow gets under sustained load (BPF_PROG_TEST_RUN): each port of a
+//! client has a home port of its own, which the client's next connection from that port takes
+//! again over the backend's TIME_WAIT of the one before; and replies to ports of the previous
+//! default range still find the flows an agent of that default left. Needs root; every test runs
+//! in a routed namespace of its own (`common::external`).
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use common::{
+    external::*,
+    harness::{Harness, Hook, TCP, xdp},
+    packet::{Packet, assert_frame_eq, flags},
+};
+use lb_common::{
+    Be32,
+    conntrack::ct_flags,
+    maps::snat::{PORT_MAX, PORT_MIN, PREVIOUS_PORT_MIN},
+    stats::Reason,
+};
+
+/// Opens the flow of `client` (SYN, the backend's SYN-ACK, ACK); returns its SNAT port.
+fn open(h: &mut Harness, client: SocketAddrV4) -> u16 {
+    let run = h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
+    assert_eq!(run.verdict, xdp::REDIRECT, "{client} gets a port");
+    let port = snat_source(h, client, TCP).port();
+    h.run(
+        Hook::ExtIn,
+        &from_remote_pod(port, flags::SYN | flags::ACK).bytes(),
+    );
+    h.run(Hook::Xdp, &from_client(client, flags::ACK).bytes());
+    port
+}
+
+/// The backend closes the flow of `client` on `port` first, as HTTP servers and netserver do:
+/// it then holds TIME_WAIT on (node, port).
+fn close_backend_first(h: &mut Harness, client: SocketAddrV4, port: u16) {
+    h.run(
+        Hook::ExtIn,
+        &from_remote_pod(port, flags::FIN | flags::ACK).bytes(),
+    );
+    h.run(
+        Hook::Xdp,
+        &from_client(client, flags::FIN | flags::ACK).bytes(),
+    );
+    let entry = h.maps.ct.get(&remote_reply_key(port), 0).unwrap();
+    assert!(ct_flags::closed(entry.flags), "flags {:#x}", entry.flags);
+    assert!(!ct_flags::reusable(entry.flags), "flags {:#x}", entry.flags);
+}
+
+/// The home port of `client` in the default range, restated independently of `lb_common`: the
+/// client's port turned by an offset of its address.
+fn home(client: SocketAddrV4) -> u16 {
+    let span = u32::from(PORT_MAX - PORT_MIN) + 1;
+    let turn = u32::from_ne_bytes(client.ip().octets()).wrapping_mul(0x9e37_79b1);
+    PORT_MIN + (u32::from(client.port()).wrapping_add(turn) % span) as u16
+}
+
+/// A client cycling through its ports (netperf TCP_CRR, any busy HTTP client) comes back to
+/// each port every few seconds, while the backend still holds the previous connection of that
+/// port in TIME_WAIT. Each of its ports has a home port of its own, the next one's the next
+/// port, and the new connection takes its home again: the backend sees the same four addresses
+/// and ports as before, whose TCP timestamps are newer, and takes the SYN at once. Another
+/// client's flow never takes a home held in TIME_WAIT while a free port is left.
+#[test]
+fn a_client_port_that_comes_back_gets_its_home_port_again_over_the_backends_time_wait() {
+    in_routed_namespace(|h| {
+        h.program(&node_port_service("web", TCP, &[(REMOTE_POD, false)]));
+        configure_snat(h, PORT_MIN, PORT_MAX);
+        let client = CLIENT;
+        let next = SocketAddrV4::new(*client.ip(), client.port() + 1);
+        let port = open(h, client);
+        assert_eq!(port, home(client));
+        assert_eq!(open(h, next), home(next));
+        let after = if port == PORT_MAX { PORT_MIN } else { port + 1 };
+        assert_eq!(home(next), after, "consecutive ports, consecutive homes");
+        close_backend_first(h, client, port);
+
+        // Another client whose home is that port finds it in TIME_WAIT and takes a free one.
+        let other = (1..=u16::MAX)
+            .map(|p| SocketAddrV4::new(Ipv4Addr::new(192, 168, 50, 3), p))
+            .find(|c| home(*c) == port)
+            .unwrap();
+        let other_port = open(h, other);
+        assert_ne!(
+            other_port, port,
+            "a free port before another client's TIME_WAIT"
+        );
+        close_backend_first(h, other, other_port);
+
+        // The client's port comes again: its home, over its own TIME_WAIT.
+        let reopened = open(h, client);
+        assert_eq!(reopened, port, "the same port as the connection before");
+        let entry = h.maps.ct.get(&remote_reply_key(port), 0).unwrap();
+        assert_eq!(entry.snat_addr, Be32::from(*client.ip()));
+        assert!(!ct_flags::closed(entry.flags), "flags {:#x}", entry.flags);
+        assert_eq!(h.verdict_count(Reason::DropSnatPorts), 0);
+    });
+}
+
+/// An agent upgraded from a release whose default range was 61000-65535 serves the new range,
+/// but replies to the ports of the flows the old one source-NATed still reach their clients.
+#[test]
+fn replies_to_ports_of_the_previous_default_range_still_find_their_flows() {
+    in_routed_namespace(|h| {
+        h.program(&node_port_service("web", TCP, &[(REMOTE_POD, false)]));
+        configure_snat(h, PREVIOUS_PORT_MIN, PREVIOUS_PORT_MIN);
+        let port = open(h, CLIENT);
+        assert_eq!(port, PREVIOUS_PORT_MIN);
+        // The new agent's range.
+        configure_snat(h, PORT_MIN, PORT_MAX);
+
+        let mut reply = Packet::tcp(
+            REMOTE_POD,
+            SocketAddrV4::new(NODE, port),
+            flags::ACK | flags::PSH,
+            b"data",
+        );
+        reply.eth_src = OTHER_NODE_MAC;
+        reply.eth_dst = UPLINK_MAC;
+        let run = h.run(Hook::Xdp, &reply.bytes());
+        assert_eq!(run.verdict, xdp::REDIRECT);
+        assert_frame_eq(
+            &run.out,
+            &routed(reply.with_src(node_port()).with_dst(CLIENT), CLIENT_MAC),
+            "the reply reversed",
+        );
+        let ack = from_client(CLIENT, flags::ACK);
+        let run = h.run(Hook::Xdp, &ack.bytes());
+        assert_frame_eq(
+            &run.out,
+            &routed(
+                ack.with_dst(REMOTE_POD)
+                    .with_src(SocketAddrV4::new(NODE, port)),
+                OTHER_NODE_MAC,
+            ),
+            "the client's next segment keeps the old port",
+        );
+        // A new flow gets a port of the new range.
+        let new = SocketAddrV4::new(*CLIENT.ip(), CLIENT.port() + 1);
+        assert!((PORT_MIN..=PORT_MAX).contains(&open(h, new)));
+    });
+}
