@@ -1,7 +1,7 @@
 //! Which client address a backend sees, end to end on the two-node bed of `e2e_external`: pods
 //! through ClusterIPs keep theirs, external clients through a routed ClusterIP are served as
-//! through a NodePort, `--masquerade-all` shows every backend the node, and source-NAT ports in
-//! TIME_WAIT keep serving. Both wirings (NIC-like frames, veths with kind's defaults). Needs
+//! through a NodePort, `--masquerade-all` shows every backend the node, source-NAT ports in
+//! TIME_WAIT keep serving, and a client reusing its ports keeps its source-NAT ports. Both wirings (NIC-like frames, veths with kind's defaults). Needs
 //! root.
 
 mod common;
@@ -126,5 +126,65 @@ fn source_nat_ports_in_time_wait_keep_serving_new_connections() {
         );
         let answers = bed.ask_from_outside(via_node_0, 40, Some(OUTSIDER));
         assert_eq!(names(&answers), BTreeSet::from(["web-0", "web-1"]));
+    });
+}
+
+/// A busy client cycles through its ports and comes back to each one while the backend, which
+/// closed first, still holds its last connection in TIME_WAIT. Each client port has a home SNAT
+/// port of its own when the range is as wide as the client's ports: here 64 client ports, 64
+/// SNAT ports, every connection source-NATed to `bulk`'s one backend on node-1, twice round.
+/// The second round reaches the backend from the same node port as the first for each client
+/// port (the backend takes the SYN over its TIME_WAIT, the timestamps being the same
+/// connection's), and no SYN is sent twice. A port chosen by a hash of the flow instead lands
+/// on another client port's TIME_WAIT for about a third of them, half of which the backend
+/// refuses until the client retransmits.
+#[test]
+fn a_client_reusing_its_ports_gets_the_same_source_nat_port_and_never_retransmits() {
+    const PORTS: u16 = 64;
+    let range = format!("20000-{}", 20_000 + PORTS - 1);
+    on_each_wiring(&["--snat-ports", &range], |bed| {
+        let node_0 = bed.cluster.node_ip(0);
+        let client = bed.cluster.client_ip();
+        let target = sock(node_0, BULK_NODE_PORT);
+        let rounds: Vec<Vec<(String, u32)>> = bed
+            .cluster
+            .client()
+            .enter(move || {
+                (0..2)
+                    .map(|_| {
+                        (0..PORTS)
+                            .map(|i| {
+                                let local = sock(client, 40_000 + i);
+                                server::http_get_bound(local, target, TIMEOUT)
+                                    .unwrap_or_else(|e| panic!("{local}: {e:#}"))
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .unwrap();
+        let peers = |round: &[(String, u32)]| -> Vec<String> {
+            round
+                .iter()
+                .map(|(body, _)| {
+                    let (name, peer) = body.split_once(' ').expect("name and peer");
+                    assert_eq!(name, "web-1");
+                    assert!(peer.starts_with(&format!("{node_0}:")), "{peer}");
+                    peer.to_owned()
+                })
+                .collect()
+        };
+        let (first, second) = (peers(&rounds[0]), peers(&rounds[1]));
+        assert_eq!(
+            first.iter().collect::<BTreeSet<_>>().len(),
+            usize::from(PORTS),
+            "a port each: {first:?}"
+        );
+        assert_eq!(
+            first, second,
+            "each client port came back on its own node port"
+        );
+        let retransmitted: u32 = rounds.iter().flatten().map(|(_, r)| r).sum();
+        assert_eq!(retransmitted, 0, "segments sent again");
     });
 }

@@ -234,18 +234,53 @@ fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
 
 /// One HTTP GET over a new TCP connection from the calling thread's namespace; returns the body.
 pub fn http_get(addr: SocketAddrV4, timeout: Duration) -> Result<String> {
-    let stream = TcpStream::connect_timeout(&addr.into(), timeout)
+    let mut stream = TcpStream::connect_timeout(&addr.into(), timeout)
         .with_context(|| format!("connecting to {addr}"))?;
-    get(stream, addr, timeout)
+    get(&mut stream, addr, timeout)
 }
 
 /// [`http_get`] from the local address `local` (one of several addresses of the namespace,
 /// e.g. to be inside or outside a Service's loadBalancerSourceRanges).
 pub fn http_get_from(local: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> Result<String> {
-    get(connect_from(local, addr, timeout)?, addr, timeout)
+    get(&mut connect_from(local, addr, timeout)?, addr, timeout)
 }
 
-fn get(mut stream: TcpStream, addr: SocketAddrV4, timeout: Duration) -> Result<String> {
+/// [`http_get`] from `local`, address and port (a client that reuses its ports): the body,
+/// and how many segments the client sent again (TCP_INFO's `tcpi_total_retrans`, its SYN's
+/// retransmissions included).
+pub fn http_get_bound(
+    local: SocketAddrV4,
+    addr: SocketAddrV4,
+    timeout: Duration,
+) -> Result<(String, u32)> {
+    let mut stream = connect_bound(local, addr, timeout)?;
+    let body = get(&mut stream, addr, timeout)?;
+    Ok((body, total_retransmissions(&stream)?))
+}
+
+/// The segments `stream` sent again so far (TCP_INFO).
+fn total_retransmissions(stream: &TcpStream) -> Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: tcp_info is plain old data; the kernel fills up to `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt with a buffer of the length given.
+    let ret = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(anyhow::Error::new(std::io::Error::last_os_error()).context("TCP_INFO"));
+    }
+    Ok(info.tcpi_total_retrans)
+}
+
+fn get(stream: &mut TcpStream, addr: SocketAddrV4, timeout: Duration) -> Result<String> {
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(b"GET / HTTP/1.0\r\nHost: lb\r\n\r\n")?;
     let mut response = String::new();
@@ -282,8 +317,18 @@ pub fn http_request(addr: SocketAddrV4, path: &str, timeout: Duration) -> Result
 }
 
 /// A TCP connection from `local` (any port) to `addr`, from the calling thread's namespace.
-/// std cannot bind a socket before connecting it, hence libc.
 pub fn connect_from(local: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+    connect_bound(SocketAddrV4::new(local, 0), addr, timeout)
+}
+
+/// A TCP connection from `local` (its port too, unless 0; `SO_REUSEADDR`, so that a client
+/// port comes again as soon as its last connection is closed) to `addr`, from the calling
+/// thread's namespace. std cannot bind a socket before connecting it, hence libc.
+pub fn connect_bound(
+    local: SocketAddrV4,
+    addr: SocketAddrV4,
+    timeout: Duration,
+) -> Result<TcpStream> {
     use std::os::fd::{FromRawFd as _, OwnedFd};
 
     fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
@@ -325,7 +370,19 @@ pub fn connect_from(local: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> R
         )
     };
     check(ret, "setting the connect timeout")?;
-    let from = sockaddr(SocketAddrV4::new(local, 0));
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with an int of the size given.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    check(ret, "setting SO_REUSEADDR")?;
+    let from = sockaddr(local);
     // SAFETY: bind with a sockaddr_in of the length given.
     let ret = unsafe { libc::bind(fd, (&raw const from).cast(), len) };
     check(ret, "binding")?;
