@@ -249,41 +249,9 @@ fn snat_ports_in_time_wait_serve_new_flows_only_when_none_is_free() {
     in_routed_namespace(|h| {
         h.program(&node_port_service("web", TCP, &[(REMOTE_POD, false)]));
         configure_snat(h, 61_000, 61_001);
-        let open = |h: &mut Harness, client: SocketAddrV4| {
-            let run = h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
-            assert_eq!(run.verdict, xdp::REDIRECT, "{client} gets a port");
-            let port = snat_source(h, client, TCP).port();
-            h.run(
-                Hook::ExtIn,
-                &from_remote_pod(port, flags::SYN | flags::ACK).bytes(),
-            );
-            h.run(Hook::Xdp, &from_client(client, flags::ACK).bytes());
-            port
-        };
-        // The backend closes first, the client second.
-        let close_backend_first = |h: &mut Harness, client: SocketAddrV4, port: u16| {
-            h.run(
-                Hook::ExtIn,
-                &from_remote_pod(port, flags::FIN | flags::ACK).bytes(),
-            );
-            h.run(
-                Hook::Xdp,
-                &from_client(client, flags::FIN | flags::ACK).bytes(),
-            );
-            let entry = h.maps.ct.get(&remote_reply_key(port), 0).unwrap();
-            assert!(ct_flags::closed(entry.flags), "flags {:#x}", entry.flags);
-            assert!(!ct_flags::reusable(entry.flags), "flags {:#x}", entry.flags);
-        };
-        // Which of the two ports a flow from `client` tries first.
-        // Which of the two ports a flow from `client` tries first: its home, the client's port
-        // turned by an offset of its address (`lb_common::snat::home`).
-        let first_candidate = |client: SocketAddrV4| {
-            let turn = forward_key(client, TCP)
-                .src_addr
-                .raw()
-                .wrapping_mul(0x9e37_79b1);
-            61_000 + (u32::from(client.port()).wrapping_add(turn) % 2) as u16
-        };
+        let open = open_snat_flow;
+        // Which of the two ports a flow from `client` tries first: its home.
+        let first_candidate = |client: SocketAddrV4| home_port(client, 61_000, 61_001);
 
         let a = socket([192, 168, 50, 2], 50_000);
         let port_a = open(h, a);

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use common::{
     external::*,
-    harness::{Harness, Hook, TCP, xdp},
+    harness::{Hook, TCP, xdp},
     packet::{Packet, assert_frame_eq, flags},
 };
 use lb_common::{
@@ -20,41 +20,9 @@ use lb_common::{
     stats::Reason,
 };
 
-/// Opens the flow of `client` (SYN, the backend's SYN-ACK, ACK); returns its SNAT port.
-fn open(h: &mut Harness, client: SocketAddrV4) -> u16 {
-    let run = h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
-    assert_eq!(run.verdict, xdp::REDIRECT, "{client} gets a port");
-    let port = snat_source(h, client, TCP).port();
-    h.run(
-        Hook::ExtIn,
-        &from_remote_pod(port, flags::SYN | flags::ACK).bytes(),
-    );
-    h.run(Hook::Xdp, &from_client(client, flags::ACK).bytes());
-    port
-}
-
-/// The backend closes the flow of `client` on `port` first, as HTTP servers and netserver do:
-/// it then holds TIME_WAIT on (node, port).
-fn close_backend_first(h: &mut Harness, client: SocketAddrV4, port: u16) {
-    h.run(
-        Hook::ExtIn,
-        &from_remote_pod(port, flags::FIN | flags::ACK).bytes(),
-    );
-    h.run(
-        Hook::Xdp,
-        &from_client(client, flags::FIN | flags::ACK).bytes(),
-    );
-    let entry = h.maps.ct.get(&remote_reply_key(port), 0).unwrap();
-    assert!(ct_flags::closed(entry.flags), "flags {:#x}", entry.flags);
-    assert!(!ct_flags::reusable(entry.flags), "flags {:#x}", entry.flags);
-}
-
-/// The home port of `client` in the default range, restated independently of `lb_common`: the
-/// client's port turned by an offset of its address.
+/// The home port of `client` in the default range.
 fn home(client: SocketAddrV4) -> u16 {
-    let span = u32::from(PORT_MAX - PORT_MIN) + 1;
-    let turn = u32::from_ne_bytes(client.ip().octets()).wrapping_mul(0x9e37_79b1);
-    PORT_MIN + (u32::from(client.port()).wrapping_add(turn) % span) as u16
+    home_port(client, PORT_MIN, PORT_MAX)
 }
 
 /// A client cycling through its ports (netperf TCP_CRR, any busy HTTP client) comes back to
@@ -70,9 +38,9 @@ fn a_client_port_that_comes_back_gets_its_home_port_again_over_the_backends_time
         configure_snat(h, PORT_MIN, PORT_MAX);
         let client = CLIENT;
         let next = SocketAddrV4::new(*client.ip(), client.port() + 1);
-        let port = open(h, client);
+        let port = open_snat_flow(h, client);
         assert_eq!(port, home(client));
-        assert_eq!(open(h, next), home(next));
+        assert_eq!(open_snat_flow(h, next), home(next));
         let after = if port == PORT_MAX { PORT_MIN } else { port + 1 };
         assert_eq!(home(next), after, "consecutive ports, consecutive homes");
         close_backend_first(h, client, port);
@@ -82,7 +50,7 @@ fn a_client_port_that_comes_back_gets_its_home_port_again_over_the_backends_time
             .map(|p| SocketAddrV4::new(Ipv4Addr::new(192, 168, 50, 3), p))
             .find(|c| home(*c) == port)
             .unwrap();
-        let other_port = open(h, other);
+        let other_port = open_snat_flow(h, other);
         assert_ne!(
             other_port, port,
             "a free port before another client's TIME_WAIT"
@@ -90,7 +58,7 @@ fn a_client_port_that_comes_back_gets_its_home_port_again_over_the_backends_time
         close_backend_first(h, other, other_port);
 
         // The client's port comes again: its home, over its own TIME_WAIT.
-        let reopened = open(h, client);
+        let reopened = open_snat_flow(h, client);
         assert_eq!(reopened, port, "the same port as the connection before");
         let entry = h.maps.ct.get(&remote_reply_key(port), 0).unwrap();
         assert_eq!(entry.snat_addr, Be32::from(*client.ip()));
@@ -106,7 +74,7 @@ fn replies_to_ports_of_the_previous_default_range_still_find_their_flows() {
     in_routed_namespace(|h| {
         h.program(&node_port_service("web", TCP, &[(REMOTE_POD, false)]));
         configure_snat(h, PREVIOUS_PORT_MIN, PREVIOUS_PORT_MIN);
-        let port = open(h, CLIENT);
+        let port = open_snat_flow(h, CLIENT);
         assert_eq!(port, PREVIOUS_PORT_MIN);
         // The new agent's range.
         configure_snat(h, PORT_MIN, PORT_MAX);
@@ -139,6 +107,6 @@ fn replies_to_ports_of_the_previous_default_range_still_find_their_flows() {
         );
         // A new flow gets a port of the new range.
         let new = SocketAddrV4::new(*CLIENT.ip(), CLIENT.port() + 1);
-        assert!((PORT_MIN..=PORT_MAX).contains(&open(h, new)));
+        assert!((PORT_MIN..=PORT_MAX).contains(&open_snat_flow(h, new)));
     });
 }

@@ -30,9 +30,10 @@ pub fn node_config() -> NodeConfig {
 /// remapped) for the new flow `flow` to `backend` ([`snat::allocate`]'s walk over `LB_CT`), and
 /// whether its reply entry `reply` already claims it (it does when the port was free of any
 /// entry); `None` when no address is configured or the range is full for that backend. The
-/// probes (its home port, then hashed ones) run inline; the scan of the whole range, needed only once live flows hold every
-/// probe, runs under `bpf_loop`, which the verifier checks once however long the range. Its
-/// state lives in the per-CPU scratch map `LB_SCRATCH` (see [`snat::Scan`]).
+/// probes (its home port, then hashed ones) run inline; the scan of the whole range, needed
+/// only once live flows hold every probe, runs under `bpf_loop`, which the verifier checks once
+/// however long the range. Its state lives in the per-CPU scratch map `LB_SCRATCH` (see
+/// [`snat::Scan`]).
 #[inline(always)]
 pub fn allocate(
     flow: &FlowKey,

@@ -15,8 +15,8 @@ use lb_datapath::{
 use lb_testbed::{Netns, netns::unique_prefix};
 
 use super::{
-    harness::{Harness, TCP, harness},
-    packet::Packet,
+    harness::{Harness, Hook, TCP, harness, xdp},
+    packet::{Packet, flags},
 };
 
 /// This node's address on its uplink (the SNAT address), and the NodePort.
@@ -169,4 +169,43 @@ pub fn from_client(client: SocketAddrV4, tcp_flags: u8) -> Packet {
     pkt.eth_src = CLIENT_MAC;
     pkt.eth_dst = UPLINK_MAC;
     pkt
+}
+
+/// Opens the TCP flow of `client` to the NodePort, served by `REMOTE_POD` (SYN, the backend's
+/// SYN-ACK, ACK); returns the SNAT port it got.
+pub fn open_snat_flow(h: &mut Harness, client: SocketAddrV4) -> u16 {
+    let run = h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
+    assert_eq!(run.verdict, xdp::REDIRECT, "{client} gets a port");
+    let port = snat_source(h, client, TCP).port();
+    h.run(
+        Hook::ExtIn,
+        &from_remote_pod(port, flags::SYN | flags::ACK).bytes(),
+    );
+    h.run(Hook::Xdp, &from_client(client, flags::ACK).bytes());
+    port
+}
+
+/// The backend closes the flow of `client` on SNAT `port` first, as HTTP servers and netserver
+/// do, and the client second: the backend then holds TIME_WAIT on (node, port).
+pub fn close_backend_first(h: &mut Harness, client: SocketAddrV4, port: u16) {
+    h.run(
+        Hook::ExtIn,
+        &from_remote_pod(port, flags::FIN | flags::ACK).bytes(),
+    );
+    h.run(
+        Hook::Xdp,
+        &from_client(client, flags::FIN | flags::ACK).bytes(),
+    );
+    let entry = h.maps.ct.get(&remote_reply_key(port), 0).unwrap();
+    assert!(ct_flags::closed(entry.flags), "flags {:#x}", entry.flags);
+    assert!(!ct_flags::reusable(entry.flags), "flags {:#x}", entry.flags);
+}
+
+/// The home SNAT port of `client` in `min..=max`, the first a new flow tries, restated
+/// independently of `lb_common::snat::home`: the client's port turned by an offset of its
+/// address.
+pub fn home_port(client: SocketAddrV4, min: u16, max: u16) -> u16 {
+    let span = u32::from(max - min) + 1;
+    let turn = u32::from_ne_bytes(client.ip().octets()).wrapping_mul(0x9e37_79b1);
+    min + (u32::from(client.port()).wrapping_add(turn) % span) as u16
 }
