@@ -439,6 +439,38 @@ impl Goal {
 
 /// The goals, met or missed, with the figures that decide them; `more` are judged elsewhere
 /// (socket-level balancing's) and listed last.
+/// The NodePort's steady state (issue 15): TCP_CRR with the client's ports coming back run
+/// after run, through the default SNAT range, at least 0.9x direct, with a p99 within twice
+/// direct's.
+fn steady_state_goal(cells: &Cells, path: &str, sizes: &[u32]) -> Goal {
+    let cell = |datapath: &str, n: u32| {
+        cells.get(&(path.to_owned(), "TCP_CRR".into(), datapath.into(), n))
+    };
+    let figures: Vec<(u32, f64, f64)> = sizes
+        .iter()
+        .filter_map(|&n| {
+            let (ours, direct) = (cell(OURS, n)?, cell("direct", n)?);
+            Some((
+                n,
+                ours.median / direct.median,
+                ours.p99_us? / direct.p99_us?,
+            ))
+        })
+        .collect();
+    Goal {
+        what: format!(
+            "{path}: TCP_CRR in steady state (client ports reused run after run, the default \
+             SNAT range) ≥ 0.9× the direct floor, p99 within 2× direct's, at 1, 1k and 10k"
+        ),
+        met: figures.len() >= 3 && figures.iter().all(|(_, r, p)| *r >= 0.9 && *p <= 2.0),
+        figures: figures
+            .iter()
+            .map(|(n, r, p)| format!("{r:.2} (p99 {p:.1}×) at {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
 pub fn goals_markdown(
     netperf: Option<(Cells, &[u32])>,
     control_plane: Option<&ControlPlaneResults>,
@@ -478,6 +510,9 @@ pub fn goals_markdown(
                         figures: list(&v),
                     });
                 }
+            }
+            if path.contains("NodePort") {
+                goals.push(steady_state_goal(cells, &path, sizes));
             }
             let crr = |n: u32| {
                 cells
