@@ -252,7 +252,7 @@ const NODE_PORTS: RangeInclusive<u16> = 30_000..=32_767;
 fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
     let (min, max) = s
         .split_once('-')
-        .ok_or_else(|| format!("{s:?} is no range: use MIN-MAX, e.g. 61000-65535"))?;
+        .ok_or_else(|| format!("{s:?} is no range: use MIN-MAX, e.g. 1024-29999"))?;
     let port = |p: &str| {
         p.trim()
             .parse::<u16>()
