@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use common::{
     external::*,
     harness::{Hook, TCP, xdp},
-    packet::{Packet, assert_frame_eq, flags},
+    packet::{assert_frame_eq, flags},
 };
 use lb_common::{
     Be32,
@@ -79,14 +79,7 @@ fn replies_to_ports_of_the_previous_default_range_still_find_their_flows() {
         // The new agent's range.
         configure_snat(h, PORT_MIN, PORT_MAX);
 
-        let mut reply = Packet::tcp(
-            REMOTE_POD,
-            SocketAddrV4::new(NODE, port),
-            flags::ACK | flags::PSH,
-            b"data",
-        );
-        reply.eth_src = OTHER_NODE_MAC;
-        reply.eth_dst = UPLINK_MAC;
+        let reply = from_remote_pod(port, flags::ACK | flags::PSH);
         let run = h.run(Hook::Xdp, &reply.bytes());
         assert_eq!(run.verdict, xdp::REDIRECT);
         assert_frame_eq(

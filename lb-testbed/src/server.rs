@@ -321,76 +321,24 @@ pub fn connect_from(local: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> R
     connect_bound(SocketAddrV4::new(local, 0), addr, timeout)
 }
 
-/// A TCP connection from `local` (its port too, unless 0; `SO_REUSEADDR`, so that a client
-/// port comes again as soon as its last connection is closed) to `addr`, from the calling
-/// thread's namespace. std cannot bind a socket before connecting it, hence libc.
+/// A TCP connection from `local` (its port too, unless 0), which other sockets may share
+/// (`SO_REUSEADDR`: a client port comes again as soon as its last connection is closed, and
+/// Linux gives one local port to connections to different destinations), to `addr`, from the
+/// calling thread's namespace.
 pub fn connect_bound(
     local: SocketAddrV4,
     addr: SocketAddrV4,
     timeout: Duration,
 ) -> Result<TcpStream> {
-    use std::os::fd::{FromRawFd as _, OwnedFd};
-
-    fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
-        libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: addr.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*addr.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        }
-    }
-    let check = |ret: libc::c_int, what: &str| -> Result<()> {
-        if ret < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(anyhow::Error::new(e).context(format!("{what} ({local} -> {addr})")));
-        }
-        Ok(())
-    };
-    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    check(fd, "socket")?;
-    // SAFETY: a fresh descriptor that nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // A blocking connect(2) gives up after the socket's send timeout (SO_SNDTIMEO).
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
-    };
-    // SAFETY: setsockopt with a timeval of the size given.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&raw const tv).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    check(ret, "setting the connect timeout")?;
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with an int of the size given.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    check(ret, "setting SO_REUSEADDR")?;
-    let from = sockaddr(local);
-    // SAFETY: bind with a sockaddr_in of the length given.
-    let ret = unsafe { libc::bind(fd, (&raw const from).cast(), len) };
-    check(ret, "binding")?;
-    let to = sockaddr(addr);
-    // SAFETY: connect with a sockaddr_in of the length given.
-    let ret = unsafe { libc::connect(fd, (&raw const to).cast(), len) };
-    check(ret, "connecting")?;
-    Ok(TcpStream::from(socket))
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&SocketAddr::V4(local).into())
+        .with_context(|| format!("binding to {local}"))?;
+    socket
+        .connect_timeout(&SocketAddr::V4(addr).into(), timeout)
+        .with_context(|| format!("connecting from {local} to {addr}"))?;
+    Ok(socket.into())
 }
 
 /// One UDP request/response from the calling thread's namespace (from `local_port`, or an
@@ -438,22 +386,13 @@ impl Held {
     }
 
     /// Connects from `local` (address and port), which other sockets may share
-    /// (`SO_REUSEADDR`): Linux then gives one local port to connections to different
-    /// destinations, as it does for any client once its ephemeral ports run short.
+    /// ([`connect_bound`]), as any client does once its ephemeral ports run short.
     pub fn connect_from(
         local: SocketAddrV4,
         addr: SocketAddrV4,
         timeout: Duration,
     ) -> Result<Self> {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        socket.set_reuse_address(true)?;
-        socket
-            .bind(&SocketAddr::V4(local).into())
-            .with_context(|| format!("binding to {local}"))?;
-        socket
-            .connect_timeout(&SocketAddr::V4(addr).into(), timeout)
-            .with_context(|| format!("connecting from {local} to {addr}"))?;
-        let stream: TcpStream = socket.into();
+        let stream = connect_bound(local, addr, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         let reader = std::io::BufReader::new(stream.try_clone()?);
         Ok(Self { stream, reader })
