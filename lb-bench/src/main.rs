@@ -2,6 +2,7 @@
 //! and writes the raw figures to `bench/results/`.
 
 mod datapath;
+mod idle;
 mod maglev;
 mod netperf;
 mod report;
@@ -90,6 +91,11 @@ struct Cli {
     report: PathBuf,
     #[arg(long, default_value = "bench/plots")]
     plots: PathBuf,
+    /// Let idle CPUs halt as the machine is set up, instead of keeping them polling (see the
+    /// report's "How to read these figures"): the end-to-end figures then include the time to
+    /// wake them, which on a virtual machine dominates a netperf transaction.
+    #[arg(long)]
+    allow_idle: bool,
     /// Internal: run the benchmarks in this process (see `lb_testbed::interrupt`).
     #[arg(long, hide = true)]
     worker: bool,
@@ -100,6 +106,8 @@ struct Machine {
     kernel: String,
     cpus: usize,
     cpu_model: String,
+    /// Whether the CPUs were kept polling instead of halting when idle (`idle::Polling`).
+    idle_polling: bool,
 }
 
 #[derive(Serialize)]
@@ -134,7 +142,7 @@ struct SocketLbJson {
     comparisons: Vec<socket_lb::report::Comparison>,
 }
 
-fn machine() -> Machine {
+fn machine(idle_polling: bool) -> Machine {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
         .trim()
@@ -152,6 +160,7 @@ fn machine() -> Machine {
         kernel,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cpu_model,
+        idle_polling,
     }
 }
 
@@ -219,9 +228,17 @@ fn run(cli: &Cli) -> Result<()> {
     let wants = |part: &str| cli.only.is_empty() || cli.only.iter().any(|p| p == part);
     let bins = std::env::current_exe()?;
     let agent_bin = bins.with_file_name("lb-agent");
+    // Held until the report is written.
+    let polling = if cli.allow_idle {
+        None
+    } else {
+        idle::Polling::hold()
+            .inspect_err(|e| progress(&format!("idle CPUs will halt: {e:#}")))
+            .ok()
+    };
     let mut results = Results {
         date: now_stamp(),
-        machine: machine(),
+        machine: machine(polling.is_some()),
         quick: cli.quick,
         datapath: Vec::new(),
         agent: None,
@@ -384,6 +401,7 @@ fn run(cli: &Cli) -> Result<()> {
             kernel: &results.machine.kernel,
             cpus: results.machine.cpus,
             cpu_model: &results.machine.cpu_model,
+            idle_polling: results.machine.idle_polling,
             arguments: &arguments(),
             json: &json,
             report: &cli.report,

@@ -624,6 +624,8 @@ pub struct Header<'a> {
     pub kernel: &'a str,
     pub cpus: usize,
     pub cpu_model: &'a str,
+    /// Whether idle CPUs were kept polling (`crate::idle`).
+    pub idle_polling: bool,
     /// The command line's arguments, each with a leading space.
     pub arguments: &'a str,
     pub json: &'a Path,
@@ -650,6 +652,11 @@ pub fn document(h: &Header<'_>, goals: &str, sections: &[String]) -> String {
     );
     md.push_str(goals);
     md.push_str(METHOD);
+    md.push_str(if h.idle_polling {
+        IDLE_POLLING
+    } else {
+        IDLE_HALTING
+    });
     if !h.plots.is_empty() {
         md.push_str("\n## Plots\n\n");
         for p in h.plots {
@@ -751,4 +758,21 @@ const METHOD: &str = "
   offered load); the softirq part is where packet processing runs.
 - Control plane: kube-proxy's figures are the kernel tools' wall time on a ruleset generated
   beforehand; ours include the agent reading and decoding its YAML source.
+";
+
+/// The last point of `METHOD`, for a run whose CPUs were kept polling (`crate::idle`).
+const IDLE_POLLING: &str = "\
+- Idle CPUs were kept polling rather than halting (a PM QoS request of 0 µs on
+  `/dev/cpu_dma_latency`, as tuned's latency-performance profile makes): one netperf stream wakes
+  an idle CPU at every hop, and on a virtual machine waking a halted vCPU takes longer than the
+  whole path through the kernel, so that with halting every datapath looks alike (this
+  machine: TCP_RR between two namespaces 19,000/s halting, 95,000/s polling). `--allow-idle`
+  measures with the machine's idle states.
+";
+
+/// The last point of `METHOD`, for a run whose CPUs were left to halt when idle.
+const IDLE_HALTING: &str = "\
+- Idle CPUs were left to halt (`--allow-idle`, or no PM QoS device): every figure includes the
+  time to wake them at each hop, which on a virtual machine dominates a netperf transaction and
+  narrows the differences between datapaths.
 ";
