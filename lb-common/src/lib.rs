@@ -39,6 +39,7 @@ pub mod hash;
 pub mod maps;
 pub mod net;
 pub mod programs;
+pub mod reply_sources;
 pub mod snat;
 pub mod sock;
 pub mod stats;

@@ -77,6 +77,11 @@ pub const LB_ANSWERS: &str = "LB_ANSWERS";
 /// looks for a clash); from then on they look for their own flow. Pinned, so that an agent
 /// restart keeps those flows translated. Written by the datapath.
 pub const LB_DIRECT_NAT: &str = "LB_DIRECT_NAT";
+/// `slot -> u8` (array of [`crate::reply_sources::ENTRIES`]): the sources of the replies the
+/// datapath may translate back, and whether that is complete; see [`crate::reply_sources`].
+/// Written by the datapath (marks) and by the agent (after an upgrade). Pinned: an agent restart
+/// keeps the marks of the flows it keeps.
+pub const LB_REPLY_SOURCES: &str = "LB_REPLY_SOURCES";
 
 /// `0 -> Scratch` (per-CPU array of one): working space of the programs, kept off their stack
 /// (see [`Scratch`]). Private to each loaded datapath: never pinned, adopted or read.
@@ -122,7 +127,7 @@ pub const LB_EVENT_SLOT: &str = "LB_EVENT_SLOT";
 pub const AYA_LOGS: &str = "AYA_LOGS";
 
 /// Every pinned map, in creation order, for tools that walk them all.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     LB_ADDRS,
     LB_SERVICES,
     LB_BACKENDS,
@@ -140,6 +145,7 @@ pub const ALL: [&str; 17] = [
     LB_SOCK_REV,
     LB_SOCK_CONFIG,
     LB_SOCK_STATS,
+    LB_REPLY_SOURCES,
 ];
 
 /// A map's key and value sizes as this version lays them out: what the BPF object declares
@@ -191,6 +197,7 @@ pub const LAYOUTS: [Layout; ALL.len()] = {
         ),
         layout(LB_SOCK_CONFIG, 4, size_of::<crate::sock::SockConfig>()),
         layout(LB_SOCK_STATS, 4, size_of::<crate::sock::SockStats>()),
+        layout(LB_REPLY_SOURCES, 4, 1),
     ]
 };
 

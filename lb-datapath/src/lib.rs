@@ -31,6 +31,7 @@ pub mod planner;
 pub mod predict;
 pub mod predict_sock;
 pub mod program;
+pub mod reply_sources;
 pub mod sock_close;
 pub mod socket_lb;
 mod sys;

@@ -141,6 +141,20 @@ impl Datapath {
                 break;
             }
         }
+        if matches!(pinning, Pinning::None) {
+            // Only these programs ever write their conntrack map: the reply-source filter is
+            // complete from the start (`reply_sources`).
+            const NAME: &str = maps::LB_REPLY_SOURCES;
+            let map = ebpf
+                .map_mut(NAME)
+                .ok_or(MapsError::Missing { name: NAME })?;
+            let failed = |source| MapsError::Map { name: NAME, source };
+            let mut filter: aya::maps::Array<_, u8> =
+                aya::maps::Array::try_from(map).map_err(failed)?;
+            filter
+                .set(lb_common::reply_sources::COMPLETE, 1, 0)
+                .map_err(failed)?;
+        }
         Ok(Self { ebpf, sock_refused })
     }
 

@@ -76,6 +76,9 @@ pub struct Maps {
     pub answers: Array<MapData, Bucket>,
     /// One entry: non-zero once the datapath gave a direct connection another source port.
     pub direct_nat: Array<MapData, u32>,
+    /// Marked sources of translated replies, and whether that is complete
+    /// ([`crate::reply_sources`]).
+    pub reply_sources: Array<MapData, u8>,
     /// (Socket, backend) -> the frontend a socket-balanced socket asked for.
     pub sock_rev: HashMap<MapData, SockRevKey, SockRev>,
     /// One entry: what the socket programs know of the node.
@@ -87,11 +90,12 @@ pub struct Maps {
 }
 
 /// Maps written or read in bulk.
-const BULK: [&str; 4] = [
+const BULK: [&str; 5] = [
     names::LB_BACKENDS,
     names::LB_SERVICES,
     names::LB_ADDRS,
     names::LB_CT,
+    names::LB_REPLY_SOURCES,
 ];
 
 impl Maps {
@@ -155,6 +159,7 @@ impl Maps {
             config: typed!(names::LB_CONFIG),
             answers: typed!(names::LB_ANSWERS),
             direct_nat: typed!(names::LB_DIRECT_NAT),
+            reply_sources: typed!(names::LB_REPLY_SOURCES),
             sock_rev: typed!(names::LB_SOCK_REV),
             sock_config: typed!(names::LB_SOCK_CONFIG),
             sock_stats: typed!(names::LB_SOCK_STATS),
@@ -219,15 +224,45 @@ impl Maps {
         Ok(found)
     }
 
+    /// Every element of the reply-source filter (`lb_common::reply_sources`), read with batch
+    /// lookups where the kernel has them.
+    pub fn reply_source_elements(&self) -> Result<Vec<u8>, MapsError> {
+        let name = names::LB_REPLY_SOURCES;
+        let entries = lb_common::reply_sources::ENTRIES;
+        let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
+        match crate::sys::array_lookup_all(fd.as_fd(), entries as usize) {
+            Ok(elements) => Ok(elements),
+            Err(_) => (0..entries)
+                .map(|i| {
+                    self.reply_sources
+                        .get(&i, 0)
+                        .map_err(|source| MapsError::Map { name, source })
+                })
+                .collect(),
+        }
+    }
+
     /// How many conntrack entries there are (two per flow), counted with batch lookups: walking
     /// a million-entry table key by key would cost a million syscalls.
     pub fn conntrack_entries(&self) -> Result<usize, MapsError> {
+        self.conntrack_keys(|_| ())
+    }
+
+    /// Calls `visit` with every conntrack key (read with batch lookups where the kernel has
+    /// them); returns how many there were. Keys that come and go meanwhile may be missed.
+    pub fn conntrack_keys(&self, mut visit: impl FnMut(FlowKey)) -> Result<usize, MapsError> {
         let name = names::LB_CT;
         let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
-        match crate::sys::hash_count(fd.as_fd(), size_of::<FlowKey>(), size_of::<CtEntry>()) {
+        let mut batch_visit = |bytes: &[u8]| visit(bytemuck::pod_read_unaligned(bytes));
+        match crate::sys::hash_keys(
+            fd.as_fd(),
+            size_of::<FlowKey>(),
+            size_of::<CtEntry>(),
+            &mut batch_visit,
+        ) {
             Ok(n) => Ok(n),
             // Kernels without batch lookups on hash maps.
-            Err(_) => Ok(self.ct.keys().count()),
+            Err(_) => Ok(self.ct.keys().flatten().map(&mut visit).count()),
         }
     }
 

@@ -9,7 +9,8 @@
 //! ```text
 //! LB_ADDRS[dst]                      miss -> NotAFrontend, or from a pod (`direct.rs`):
 //!   LB_DIRECT_NAT set and LB_CT[src -> dst] a continuing direct entry -> DirectEstablished
-//!   a new connection (bare SYN, UDP) whose reply key LB_CT[dst -> src, REPLY] is live
+//!   a new connection (bare SYN, UDP) from a marked source (`reply_sources`) whose reply key
+//!   LB_CT[dst -> src, REPLY] is live
 //!   -> DirectRemapped: snat::allocate over snat::client_port_range, none -> DirectPortsTaken
 //! dst is the node's SNAT address, port in its range, and LB_CT[src -> dst, REPLY] is a live
 //!   SNAT entry -> SnatReply (`snat.rs`)
@@ -606,7 +607,8 @@ fn direct(maps: &Maps, key: &FlowKey, seg_flags: u8, now: u64) -> Result<Forward
             entry,
         });
     }
-    if !opening {
+    if !opening || !crate::reply_sources::may_be_reply(maps, key.dst_addr, key.dst_port, key.proto)?
+    {
         return Ok(Forward::NotAFrontend);
     }
     let held = ct_entry(maps, &key.reply_as_is())?;
@@ -696,6 +698,9 @@ pub fn reply(
     l4_proto: u8,
 ) -> Result<Reply, MapsError> {
     let key = flow_key(src, dst, l4_proto, REPLY);
+    if !crate::reply_sources::may_be_reply(maps, key.src_addr, key.src_port, key.proto)? {
+        return Ok(Reply::NotTracked);
+    }
     Ok(match ct_entry(maps, &key)? {
         Some(entry) if entry.live(coarse_now_ns()) => {
             let frontend = socket(entry.nat_addr, entry.nat_port);

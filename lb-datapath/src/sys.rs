@@ -274,8 +274,14 @@ pub fn array_lookup_all<V: Copy + Default>(map: BorrowedFd<'_>, len: usize) -> i
     Ok(values)
 }
 
-/// Counts the entries of a hash map with `BPF_MAP_LOOKUP_BATCH` (a few thousand per syscall).
-pub fn hash_count(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io::Result<usize> {
+/// Calls `visit` with the bytes of every key of a hash map, read with `BPF_MAP_LOOKUP_BATCH` (a
+/// few thousand per syscall); returns how many there were.
+pub fn hash_keys(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    mut visit: impl FnMut(&[u8]),
+) -> io::Result<usize> {
     // Values of per-CPU maps are larger; this is for plain (LRU) hash maps.
     let mut chunk: usize = 4096;
     let mut keys = vec![0u8; chunk * key_size];
@@ -286,6 +292,9 @@ pub fn hash_count(map: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io
         // SAFETY: keys and values have room for `chunk` entries of the map's key and value sizes.
         let batch =
             unsafe { lookup_batch(map, token, keys.as_mut_ptr(), values.as_mut_ptr(), chunk) };
+        keys.chunks_exact(key_size)
+            .take(batch.read)
+            .for_each(&mut visit);
         if let Err(err) = batch.result {
             match err.raw_os_error() {
                 Some(libc::ENOENT) => return Ok(total + batch.read),

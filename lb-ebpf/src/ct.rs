@@ -5,7 +5,10 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::conntrack::{self, CtEntry, FlowKey, ct_flags};
 
-use crate::maps::{LB_CT, LB_CT_CARRYING, LB_CT_PREV};
+use crate::{
+    maps::{LB_CT, LB_CT_CARRYING, LB_CT_PREV},
+    reply_sources,
+};
 
 /// Monotonic time, coarse (jiffy resolution is plenty for timeouts measured in seconds, and it
 /// costs no clock read).
@@ -73,6 +76,7 @@ pub fn open(
     // Reply first: once the forward entry exists, packets are DNATed and their replies must
     // find their way back.
     if let Some((key, entry)) = reply {
+        reply_sources::mark(key);
         LB_CT.insert(key, entry, 0).map_err(|_| ())?;
     }
     LB_CT.insert(forward_key, forward, 0).map_err(|_| ())
@@ -108,6 +112,7 @@ pub fn refresh_reply(forward_key: &FlowKey, forward: *const CtEntry, now: u64) {
     );
     // Best effort: if this fails, the next refresh tries again. The insert fails rather than
     // take the key from another flow that got it in the meantime.
+    reply_sources::mark(&key);
     let _ = LB_CT.insert(&key, &entry, BPF_NOEXIST.into());
 }
 

@@ -17,7 +17,7 @@ use crate::{
     maps::{LB_ADDRS, LB_CT, LB_SERVICES},
     nat::{self, End},
     parse::{self, Frag, Ipv4, L4},
-    reject, select, snat, stats,
+    reject, reply_sources, select, snat, stats,
 };
 
 /// Entry point of the forward path at `scope` (internal for pod interfaces, external for
@@ -313,6 +313,7 @@ enum Claim {
 fn claim_reply(flow: &FlowKey, forward: &CtEntry, now: u64) -> Claim {
     let key = flow.reply_of(forward);
     let reply = CtEntry::reply_of(flow, forward, 0, forward.deadline_ns);
+    reply_sources::mark(&key);
     if LB_CT.insert(&key, &reply, BPF_NOEXIST.into()).is_ok() {
         return Claim::Claimed;
     }

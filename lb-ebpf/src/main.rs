@@ -45,6 +45,7 @@ mod nat;
 mod parse;
 mod reject;
 mod reply;
+mod reply_sources;
 mod select;
 mod snat;
 mod sock;

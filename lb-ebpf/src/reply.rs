@@ -1,5 +1,6 @@
 //! Backend -> client: restore the frontend as the source of replies (reverse NAT). Runs where
-//! replies pass on their way to a client; a packet that is no reply costs one lookup.
+//! replies pass on their way to a client; a packet that is no reply costs one lookup, or none
+//! when its source never sent one (`reply_sources`).
 
 use lb_common::{conntrack::REPLY, net::proto, stats::Reason};
 
@@ -9,7 +10,7 @@ use crate::{
     icmp,
     nat::{self, End},
     parse::{self, Frag},
-    stats,
+    reply_sources, stats,
 };
 
 #[inline(always)]
@@ -33,6 +34,9 @@ pub fn to_client<F: Frame>(frame: &mut F) -> Action {
     let Some(l4) = parse::l4(frame, ip.proto, l4_off) else {
         return Action::Pass;
     };
+    if !reply_sources::may_be_reply(ip.src, l4.src_port, ip.proto) {
+        return Action::Pass;
+    }
     let key = parse::flow_key(&ip, &l4, REPLY);
     let Some(entry) = ct::find(&key) else {
         return Action::Pass;

@@ -17,7 +17,7 @@ use crate::{
     maps::{LB_CONFIG, LB_CT, LB_SCRATCH},
     nat::{self, End},
     parse::{self, Frag, Ipv4, L4},
-    stats,
+    reply_sources, stats,
 };
 
 /// The node's configuration (all zero, so no SNAT and no hairpin address, when unset).
@@ -110,7 +110,13 @@ fn step(scan: &mut snat::Scan, probe: u32) -> Option<snat::Choice> {
         &mut |key| unsafe { LB_CT.get(key).copied() },
         // A port no entry holds is claimed by inserting the reservation, which fails when
         // another CPU's flow got there first; one held by a flow that is over is written over.
-        &mut |key, absent| !absent || LB_CT.insert(key, &*reply, BPF_NOEXIST.into()).is_ok(),
+        &mut |key, absent| {
+            if !absent {
+                return true;
+            }
+            reply_sources::mark(key);
+            LB_CT.insert(key, &*reply, BPF_NOEXIST.into()).is_ok()
+        },
     )
 }
 

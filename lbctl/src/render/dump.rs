@@ -276,5 +276,20 @@ pub fn text(d: &Dump) -> String {
         }
         section(&mut out, names::LB_SOCK_STATS, rows.len(), t);
     }
+    if let Some(rows) = &d.reply_sources {
+        let mut t = table(&["complete", "slots marked by reply sources"]);
+        for r in rows {
+            t.add_row(vec![
+                if r.complete {
+                    "yes"
+                } else {
+                    "no (every packet is looked up)"
+                }
+                .to_owned(),
+                format!("{} of {}", r.marked, r.slots),
+            ]);
+        }
+        section(&mut out, names::LB_REPLY_SOURCES, rows.len(), t);
+    }
     out
 }

@@ -43,11 +43,12 @@ pub enum MapKind {
     SockRev,
     SockConfig,
     SockStats,
+    ReplySources,
 }
 
 impl MapKind {
     /// In the order of `lb_common::maps::ALL`.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 18] = [
         Self::Addrs,
         Self::Services,
         Self::Backends,
@@ -65,6 +66,7 @@ impl MapKind {
         Self::SockRev,
         Self::SockConfig,
         Self::SockStats,
+        Self::ReplySources,
     ];
 
     /// The map's name (its pin name and its key in the dump's JSON).
@@ -87,6 +89,7 @@ impl MapKind {
             Self::SockRev => names::LB_SOCK_REV,
             Self::SockConfig => names::LB_SOCK_CONFIG,
             Self::SockStats => names::LB_SOCK_STATS,
+            Self::ReplySources => names::LB_REPLY_SOURCES,
         }
     }
 
@@ -110,6 +113,7 @@ impl MapKind {
             Self::SockRev => "sock-rev",
             Self::SockConfig => "sock-config",
             Self::SockStats => "sock-stats",
+            Self::ReplySources => "reply-sources",
         }
     }
 
@@ -242,6 +246,17 @@ pub struct DirectNatRow {
     pub remapped_before: bool,
 }
 
+/// `LB_REPLY_SOURCES`: the reply-source filter (`lb_common::reply_sources`), one row.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReplySourcesRow {
+    /// Whether the programs trust it (false while an agent starts up: they then look up every
+    /// packet).
+    pub complete: bool,
+    /// Slots marked by a source of translated replies, of `slots`.
+    pub marked: usize,
+    pub slots: u32,
+}
+
 /// A row of `LB_AFFINITY_SCOPE`: a set that shares another's affinity entries (a Service
 /// port's Local set, sharing its Cluster set's). Sets of the installed frontends only.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -355,6 +370,9 @@ pub struct Dump {
     /// Non-zero counters only.
     #[serde(rename = "LB_SOCK_STATS", skip_serializing_if = "Option::is_none")]
     pub sock_stats: Option<Vec<SockCountersRow>>,
+    /// One row.
+    #[serde(rename = "LB_REPLY_SOURCES", skip_serializing_if = "Option::is_none")]
+    pub reply_sources: Option<Vec<ReplySourcesRow>>,
 }
 
 /// Reads the maps in `kinds` (every map when empty). `full` keeps every Maglev slot.
@@ -449,6 +467,14 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
     }
     if want(MapKind::SockStats) {
         out.sock_stats = Some(read_sock_stats(maps)?);
+    }
+    if want(MapKind::ReplySources) {
+        let (complete, marked) = lb_datapath::reply_sources::state(maps)?;
+        out.reply_sources = Some(vec![ReplySourcesRow {
+            complete,
+            marked,
+            slots: lb_common::reply_sources::SLOTS,
+        }]);
     }
     Ok(out)
 }

@@ -1,0 +1,134 @@
+//! The reply-source filter (`lb_common::reply_sources`) in the real programs
+//! (BPF_PROG_TEST_RUN): replies of translated flows are restored as before, a packet whose
+//! source never sent one skips the conntrack lookup, and an agent that replaces programs which
+//! did not mark completes the filter from what conntrack holds. Needs root.
+
+mod common;
+
+use std::net::SocketAddrV4;
+
+use common::{
+    bpffs::TempBpffs,
+    harness::{Harness, Hook, TCP, addrs::*, cluster_ip, vip, web_flow},
+    packet::{Packet, assert_frame_eq, flags},
+};
+use lb_common::{Be16, conntrack::REPLY, stats::Reason};
+use lb_datapath::{
+    Capacities, Pinning,
+    maglev::DEFAULT_TABLE_SIZE,
+    predict::{self, Reply},
+    reply_sources,
+};
+
+/// The reply entry of `CLIENT`'s flow to `backend`, copied under the key of `source` instead:
+/// what a program that does not mark (an earlier version's) would have written for a flow to
+/// `source`.
+fn unmarked_reply(h: &mut Harness, backend: SocketAddrV4, source: SocketAddrV4) {
+    let key = predict::flow_key(backend, CLIENT, TCP, REPLY);
+    let entry = h.maps.ct.get(&key, 0).expect("the flow's reply entry");
+    let copy = predict::flow_key(source, CLIENT, TCP, REPLY);
+    h.maps.ct.insert(copy, entry, 0).unwrap();
+}
+
+fn may_be_reply(h: &Harness, source: SocketAddrV4) -> bool {
+    reply_sources::may_be_reply(
+        &h.maps,
+        (*source.ip()).into(),
+        Be16::from_host(source.port()),
+        TCP,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_flow_marks_its_backend_and_only_marked_sources_are_looked_up() {
+    let Some((mut h, _svc, _syn, backend)) = web_flow() else {
+        return;
+    };
+    assert_eq!(
+        reply_sources::state(&h.maps).unwrap(),
+        (true, 1),
+        "complete from the load, one source marked by the flow"
+    );
+    assert!(may_be_reply(&h, backend));
+
+    // The backend's answer is restored to the frontend, as before the filter.
+    let answer = Packet::tcp(backend, CLIENT, flags::SYN | flags::ACK, &[]);
+    let run = h.run(Hook::ToPod, &answer.bytes());
+    assert_frame_eq(
+        &run.out,
+        &answer.clone().with_src(vip(80)).bytes(),
+        "the reply",
+    );
+
+    // A source no flow marked: even a conntrack entry under its key is not looked for.
+    let other = SocketAddrV4::new(*backend.ip(), backend.port() + 1);
+    assert!(!may_be_reply(&h, other), "another slot (the test's ports)");
+    unmarked_reply(&mut h, backend, other);
+    let stray = Packet::tcp(other, CLIENT, flags::ACK, &[]);
+    let replies = h.verdict_count(Reason::ReplyNat);
+    let run = h.run(Hook::ToPod, &stray.bytes());
+    assert_frame_eq(
+        &run.out,
+        &stray.bytes(),
+        "an unmarked source passes as it is",
+    );
+    assert_eq!(h.verdict_count(Reason::ReplyNat), replies);
+    assert!(matches!(
+        predict::reply(&h.maps, other, CLIENT, TCP).unwrap(),
+        Reply::NotTracked
+    ));
+
+    // Marked (what every writer of a reply entry does first), it is restored.
+    let key = predict::flow_key(other, CLIENT, TCP, REPLY);
+    reply_sources::mark(&mut h.maps, &key).unwrap();
+    let run = h.run(Hook::ToPod, &stray.bytes());
+    assert_frame_eq(
+        &run.out,
+        &stray.clone().with_src(vip(80)).bytes(),
+        "a marked source is looked up",
+    );
+    assert!(matches!(
+        predict::reply(&h.maps, other, CLIENT, TCP).unwrap(),
+        Reply::ReverseNat { .. }
+    ));
+}
+
+#[test]
+fn an_agent_completes_the_filter_from_the_flows_earlier_programs_recorded() {
+    if !common::require_privileges() {
+        return;
+    }
+    let bpffs = TempBpffs::new("replysrc");
+    let mut h = Harness::load(
+        &Pinning::Dir(bpffs.dir.clone()),
+        Capacities::default(),
+        DEFAULT_TABLE_SIZE,
+    );
+    let svc = cluster_ip("web", 80, TCP, &BACKENDS[..1]);
+    h.program(&svc);
+    let backend = BACKENDS[0];
+    h.run(
+        Hook::FromPod,
+        &Packet::tcp(CLIENT, vip(80), flags::SYN, &[]).bytes(),
+    );
+    // A flow recorded by a program that did not mark.
+    let earlier = SocketAddrV4::new(*backend.ip(), backend.port() + 1);
+    unmarked_reply(&mut h, backend, earlier);
+    let answer = Packet::tcp(earlier, CLIENT, flags::ACK, &[]);
+    let restored = answer.clone().with_src(vip(80)).bytes();
+
+    // Pinned maps may hold such flows: until the agent completes the filter, every packet is
+    // looked up.
+    reply_sources::suspend(&mut h.maps).unwrap();
+    assert_eq!(reply_sources::state(&h.maps).unwrap(), (false, 1));
+    let run = h.run(Hook::ToPod, &answer.bytes());
+    assert_frame_eq(&run.out, &restored, "while the filter is withdrawn");
+
+    // The agent marks what conntrack holds and puts the filter back: the flow keeps its
+    // translation.
+    assert_eq!(reply_sources::complete(&mut h.maps).unwrap(), 2);
+    assert_eq!(reply_sources::state(&h.maps).unwrap(), (true, 2));
+    let run = h.run(Hook::ToPod, &answer.bytes());
+    assert_frame_eq(&run.out, &restored, "after the agent completed the filter");
+}
