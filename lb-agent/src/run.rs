@@ -9,8 +9,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use lb_datapath::{
-    Capacities, Datapath, Pinning, attach::Links, bpffs, ct_carry, loader, planner::Limits,
-    reply_sources,
+    Capacities, Datapath, Pinning, attach::Links, bpffs, ct_carry, filters, loader, planner::Limits,
 };
 
 use crate::{
@@ -74,8 +73,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut datapath = Datapath::load(&Pinning::Dir(args.bpffs_dir.clone()), capacities)
         .context("loading the datapath")?;
     let mut maps = datapath.take_maps()?;
-    // Until every program that writes conntrack marks the replies it records.
-    reply_sources::suspend(&mut maps).context("withdrawing the reply-source filter")?;
+    // Until every program that writes conntrack marks the flows it records.
+    filters::suspend(&mut maps).context("withdrawing the datapath's filters")?;
     events::forward(&mut datapath);
     // Before the new programs see a packet, and once more when the old ones no longer run; in
     // between, the new programs look up what they miss in the old map.
@@ -111,9 +110,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "conntrack carried over from the earlier map"
         );
     }
-    let marked =
-        reply_sources::complete(&mut maps).context("completing the reply-source filter")?;
-    debug!(slots = marked, "reply sources in conntrack marked");
+    let marked = filters::complete(&mut maps).context("completing the datapath's filters")?;
+    debug!(
+        elements = marked,
+        "frontends and conntrack entries marked in the filters"
+    );
 
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, args.bpffs_dir.clone());

@@ -408,8 +408,8 @@ fn run_scale(services: u32, calls: usize, progress: &mut dyn FnMut(&str)) -> Res
                 check_frame(v, pass, o, &reply_want)
             })?;
             timed.push(("reply", reply_time));
-            // What every other packet towards a pod pays on the reply path: the reply-source
-            // filter (their sources never sent a translated reply).
+            // What every other packet towards a pod pays on the reply path: the filters (their
+            // sources never sent a translated reply).
             let not_reply = time_calls(dp.to_pod(), &other_inputs, |_, v, o| {
                 check_frame(v, pass, o, &other)
             })?;

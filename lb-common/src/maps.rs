@@ -77,11 +77,11 @@ pub const LB_ANSWERS: &str = "LB_ANSWERS";
 /// looks for a clash); from then on they look for their own flow. Pinned, so that an agent
 /// restart keeps those flows translated. Written by the datapath.
 pub const LB_DIRECT_NAT: &str = "LB_DIRECT_NAT";
-/// `slot -> u8` (array of [`crate::reply_sources::ENTRIES`]): the sources of the replies the
-/// datapath may translate back, and whether that is complete; see [`crate::reply_sources`].
-/// Written by the datapath (marks) and by the agent (after an upgrade). Pinned: an agent restart
-/// keeps the marks of the flows it keeps.
-pub const LB_REPLY_SOURCES: &str = "LB_REPLY_SOURCES";
+/// `element -> u8` (array of [`crate::filters::ENTRIES`]): the sources of the replies the
+/// datapath may translate back, the destinations of its flows and frontends, and whether that is
+/// complete; see [`crate::filters`]. Written by the datapath and the agent (marks, and the agent
+/// completes them at its start). Pinned: an agent restart keeps the marks of the flows it keeps.
+pub const LB_FILTERS: &str = "LB_FILTERS";
 
 /// `0 -> Scratch` (per-CPU array of one): working space of the programs, kept off their stack
 /// (see [`Scratch`]). Private to each loaded datapath: never pinned, adopted or read.
@@ -145,7 +145,7 @@ pub const ALL: [&str; 18] = [
     LB_SOCK_REV,
     LB_SOCK_CONFIG,
     LB_SOCK_STATS,
-    LB_REPLY_SOURCES,
+    LB_FILTERS,
 ];
 
 /// A map's key and value sizes as this version lays them out: what the BPF object declares
@@ -197,7 +197,7 @@ pub const LAYOUTS: [Layout; ALL.len()] = {
         ),
         layout(LB_SOCK_CONFIG, 4, size_of::<crate::sock::SockConfig>()),
         layout(LB_SOCK_STATS, 4, size_of::<crate::sock::SockStats>()),
-        layout(LB_REPLY_SOURCES, 4, 1),
+        layout(LB_FILTERS, 4, 1),
     ]
 };
 

@@ -142,9 +142,9 @@ impl Datapath {
             }
         }
         if matches!(pinning, Pinning::None) {
-            // Only these programs ever write their conntrack map: the reply-source filter is
-            // complete from the start (`reply_sources`).
-            const NAME: &str = maps::LB_REPLY_SOURCES;
+            // Only these programs and this process ever write these maps: the filters are
+            // complete from the start (`filters`).
+            const NAME: &str = maps::LB_FILTERS;
             let map = ebpf
                 .map_mut(NAME)
                 .ok_or(MapsError::Missing { name: NAME })?;
@@ -152,7 +152,7 @@ impl Datapath {
             let mut filter: aya::maps::Array<_, u8> =
                 aya::maps::Array::try_from(map).map_err(failed)?;
             filter
-                .set(lb_common::reply_sources::COMPLETE, 1, 0)
+                .set(lb_common::filters::COMPLETE, 1, 0)
                 .map_err(failed)?;
         }
         Ok(Self { ebpf, sock_refused })

@@ -76,9 +76,9 @@ pub struct Maps {
     pub answers: Array<MapData, Bucket>,
     /// One entry: non-zero once the datapath gave a direct connection another source port.
     pub direct_nat: Array<MapData, u32>,
-    /// Marked sources of translated replies, and whether that is complete
-    /// ([`crate::reply_sources`]).
-    pub reply_sources: Array<MapData, u8>,
+    /// Marked reply sources and destinations, and whether that is complete
+    /// ([`crate::filters`]).
+    pub filters: Array<MapData, u8>,
     /// (Socket, backend) -> the frontend a socket-balanced socket asked for.
     pub sock_rev: HashMap<MapData, SockRevKey, SockRev>,
     /// One entry: what the socket programs know of the node.
@@ -95,7 +95,7 @@ const BULK: [&str; 5] = [
     names::LB_SERVICES,
     names::LB_ADDRS,
     names::LB_CT,
-    names::LB_REPLY_SOURCES,
+    names::LB_FILTERS,
 ];
 
 impl Maps {
@@ -159,7 +159,7 @@ impl Maps {
             config: typed!(names::LB_CONFIG),
             answers: typed!(names::LB_ANSWERS),
             direct_nat: typed!(names::LB_DIRECT_NAT),
-            reply_sources: typed!(names::LB_REPLY_SOURCES),
+            filters: typed!(names::LB_FILTERS),
             sock_rev: typed!(names::LB_SOCK_REV),
             sock_config: typed!(names::LB_SOCK_CONFIG),
             sock_stats: typed!(names::LB_SOCK_STATS),
@@ -224,17 +224,17 @@ impl Maps {
         Ok(found)
     }
 
-    /// Every element of the reply-source filter (`lb_common::reply_sources`), read with batch
-    /// lookups where the kernel has them.
-    pub fn reply_source_elements(&self) -> Result<Vec<u8>, MapsError> {
-        let name = names::LB_REPLY_SOURCES;
-        let entries = lb_common::reply_sources::ENTRIES;
+    /// Every element of the filters (`lb_common::filters`), read with batch lookups where the
+    /// kernel has them.
+    pub fn filter_elements(&self) -> Result<Vec<u8>, MapsError> {
+        let name = names::LB_FILTERS;
+        let entries = lb_common::filters::ENTRIES;
         let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
         match crate::sys::array_lookup_all(fd.as_fd(), entries as usize) {
             Ok(elements) => Ok(elements),
             Err(_) => (0..entries)
                 .map(|i| {
-                    self.reply_sources
+                    self.filters
                         .get(&i, 0)
                         .map_err(|source| MapsError::Map { name, source })
                 })
@@ -251,19 +251,33 @@ impl Maps {
     /// Calls `visit` with every conntrack key (read with batch lookups where the kernel has
     /// them); returns how many there were. Keys that come and go meanwhile may be missed.
     pub fn conntrack_keys(&self, mut visit: impl FnMut(FlowKey)) -> Result<usize, MapsError> {
-        let name = names::LB_CT;
-        let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
-        let mut batch_visit = |bytes: &[u8]| visit(bytemuck::pod_read_unaligned(bytes));
-        match crate::sys::hash_keys(
-            fd.as_fd(),
-            size_of::<FlowKey>(),
-            size_of::<CtEntry>(),
-            &mut batch_visit,
-        ) {
-            Ok(n) => Ok(n),
+        match self.batch_keys::<FlowKey, CtEntry>(names::LB_CT, &mut visit)? {
+            Some(n) => Ok(n),
             // Kernels without batch lookups on hash maps.
-            Err(_) => Ok(self.ct.keys().flatten().map(&mut visit).count()),
+            None => Ok(self.ct.keys().flatten().map(&mut visit).count()),
         }
+    }
+
+    /// Calls `visit` with the key of every frontend, as [`Maps::conntrack_keys`].
+    pub fn frontend_keys(&self, mut visit: impl FnMut(FrontendKey)) -> Result<usize, MapsError> {
+        match self.batch_keys::<FrontendKey, Frontend>(names::LB_SERVICES, &mut visit)? {
+            Some(n) => Ok(n),
+            None => Ok(self.services.keys().flatten().map(&mut visit).count()),
+        }
+    }
+
+    /// The keys of the bulk-read hash map `name` (values of type `V`) through `visit`, read with
+    /// batch lookups; `None` where the kernel has none.
+    fn batch_keys<K: bytemuck::Pod, V>(
+        &self,
+        name: &'static str,
+        visit: &mut dyn FnMut(K),
+    ) -> Result<Option<usize>, MapsError> {
+        let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
+        let read = crate::sys::hash_keys(fd.as_fd(), size_of::<K>(), size_of::<V>(), |bytes| {
+            visit(bytemuck::pod_read_unaligned(bytes));
+        });
+        Ok(read.ok())
     }
 
     /// Creates the map of one Maglev table (one backend id per slot) and fills it (one memcpy

@@ -9,13 +9,14 @@
 //! ```text
 //! LB_ADDRS[dst]                      miss -> NotAFrontend, or from a pod (`direct.rs`):
 //!   LB_DIRECT_NAT set and LB_CT[src -> dst] a continuing direct entry -> DirectEstablished
-//!   a new connection (bare SYN, UDP) from a marked source (`reply_sources`) whose reply key
+//!   a new connection (bare SYN, UDP) from a marked source (`filters`) whose reply key
 //!   LB_CT[dst -> src, REPLY] is live
 //!   -> DirectRemapped: snat::allocate over snat::client_port_range, none -> DirectPortsTaken
 //! dst is the node's SNAT address, port in its range, and LB_CT[src -> dst, REPLY] is a live
 //!   SNAT entry -> SnatReply (`snat.rs`)
 //! dst is the hairpin address: LB_CT[src -> dst, REPLY] a live hairpin entry -> HairpinReply,
 //!   else PassNotServed (`hairpin.rs`)
+//! destination unmarked (`filters`)   -> RejectUnknownPort (ClusterIP) / PassNotServed
 //! LB_CT[client -> frontend]          continues -> Established (to its recorded backend)
 //! LB_SERVICES[dst, port, proto, scope]
 //!                                    miss, external scope, ClusterIP, served from outside
@@ -517,6 +518,10 @@ pub fn forward(
             }),
         );
     }
+    // Neither a flow's nor a frontend's destination (`filters`): the lookups below would miss.
+    if !crate::filters::may_be_served(maps, key.dst_addr, key.dst_port, l4_proto)? {
+        return Ok(not_served(&addr));
+    }
     // An established flow keeps its translation whatever became of its backend in the maps.
     if let Some(entry) = ct_entry(maps, &key)?
         && entry.continues(seg_flags, now)
@@ -544,13 +549,7 @@ pub fn forward(
         frontend = found(names::LB_SERVICES, maps.services.get(&internal, 0))?;
     }
     let Some(frontend) = frontend else {
-        return Ok(if addr.is_cluster_ip() {
-            Forward::RejectUnknownPort
-        } else {
-            Forward::PassNotServed {
-                addr_flags: addr.flags,
-            }
-        });
+        return Ok(not_served(&addr));
     };
     // As the datapath (and kube-proxy): a frontend without endpoints rejects everyone; source
     // ranges only filter who may reach the endpoints it has.
@@ -607,8 +606,7 @@ fn direct(maps: &Maps, key: &FlowKey, seg_flags: u8, now: u64) -> Result<Forward
             entry,
         });
     }
-    if !opening || !crate::reply_sources::may_be_reply(maps, key.dst_addr, key.dst_port, key.proto)?
-    {
+    if !opening || !crate::filters::may_be_reply(maps, key.dst_addr, key.dst_port, key.proto)? {
         return Ok(Forward::NotAFrontend);
     }
     let held = ct_entry(maps, &key.reply_as_is())?;
@@ -689,6 +687,17 @@ pub(crate) fn select(
     })
 }
 
+/// A packet to an address with frontends that none serves (`forward::not_served`).
+fn not_served(addr: &lb_common::maps::AddrInfo) -> Forward {
+    if addr.is_cluster_ip() {
+        Forward::RejectUnknownPort
+    } else {
+        Forward::PassNotServed {
+            addr_flags: addr.flags,
+        }
+    }
+}
+
 /// The reply decision for `src -> dst` (a backend answering a client) on the reply path
 /// (`lb_to_pod`, `lb_ext_out`).
 pub fn reply(
@@ -698,7 +707,7 @@ pub fn reply(
     l4_proto: u8,
 ) -> Result<Reply, MapsError> {
     let key = flow_key(src, dst, l4_proto, REPLY);
-    if !crate::reply_sources::may_be_reply(maps, key.src_addr, key.src_port, key.proto)? {
+    if !crate::filters::may_be_reply(maps, key.src_addr, key.src_port, key.proto)? {
         return Ok(Reply::NotTracked);
     }
     Ok(match ct_entry(maps, &key)? {

@@ -151,6 +151,9 @@ pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
                 .map_err(write_err(names::LB_SVC_STATS))?;
         }
     }
+    // Marked first: a frontend whose destination is unmarked would not be looked up.
+    let frontends: Vec<_> = plan.frontends.iter().map(|(key, _)| *key).collect();
+    crate::filters::mark_frontends(maps, &frontends)?;
     write_entries(
         maps,
         names::LB_SERVICES,

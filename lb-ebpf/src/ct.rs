@@ -6,8 +6,8 @@ use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::conntrack::{self, CtEntry, FlowKey, ct_flags};
 
 use crate::{
+    filters,
     maps::{LB_CT, LB_CT_CARRYING, LB_CT_PREV},
-    reply_sources,
 };
 
 /// Monotonic time, coarse (jiffy resolution is plenty for timeouts measured in seconds, and it
@@ -76,9 +76,10 @@ pub fn open(
     // Reply first: once the forward entry exists, packets are DNATed and their replies must
     // find their way back.
     if let Some((key, entry)) = reply {
-        reply_sources::mark(key);
+        filters::mark_reply(key);
         LB_CT.insert(key, entry, 0).map_err(|_| ())?;
     }
+    filters::mark_forward(forward_key);
     LB_CT.insert(forward_key, forward, 0).map_err(|_| ())
 }
 
@@ -112,7 +113,7 @@ pub fn refresh_reply(forward_key: &FlowKey, forward: *const CtEntry, now: u64) {
     );
     // Best effort: if this fails, the next refresh tries again. The insert fails rather than
     // take the key from another flow that got it in the meantime.
-    reply_sources::mark(&key);
+    filters::mark_reply(&key);
     let _ = LB_CT.insert(&key, &entry, BPF_NOEXIST.into());
 }
 
@@ -134,6 +135,7 @@ pub fn refresh_forward(reply_key: &FlowKey, reply: *const CtEntry, now: u64) {
         let entry = CtEntry::forward_of(reply_key, &rep, flags, deadline);
         // Best effort, as in `refresh_reply`. The insert fails rather than take the key from a
         // flow that got it in the meantime.
+        filters::mark_forward(&key);
         let _ = LB_CT.insert(&key, &entry, BPF_NOEXIST.into());
         return;
     };

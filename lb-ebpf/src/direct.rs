@@ -9,7 +9,7 @@
 //! Until the node has needed that once (`LB_DIRECT_NAT`), such a packet costs a read of that
 //! flag, and a new connection's first packet (a bare TCP SYN, any UDP datagram) one conntrack
 //! lookup for the clash, none when the destination never sent a translated reply
-//! (`reply_sources`); afterwards every packet looks for its flow.
+//! (`filters`); afterwards every packet looks for its flow.
 
 use lb_common::{
     conntrack::{self, CtEntry, FORWARD},
@@ -19,12 +19,12 @@ use lb_common::{
 };
 
 use crate::{
-    ct, events,
+    ct, events, filters,
     forward::{self, counted},
     frame::{Action, Frame},
     maps::{LB_CT, LB_DIRECT_NAT},
     parse::{self, Frag, Ipv4},
-    reply_sources, snat,
+    snat,
 };
 
 #[inline(always)]
@@ -71,7 +71,7 @@ pub fn from_pod<F: Frame>(frame: &mut F, ip: &Ipv4) -> Action {
         return Action::Pass;
     }
     // A clash is a reply entry whose source is this destination.
-    if !reply_sources::may_be_reply(ip.dst, l4.dst_port, ip.proto) {
+    if !filters::may_be_reply(ip.dst, l4.dst_port, ip.proto) {
         return Action::Pass;
     }
     let (flags, deadline_ns) = conntrack::initial(ip.proto, l4.tcp_flags, now);

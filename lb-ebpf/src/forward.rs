@@ -11,13 +11,13 @@ use lb_common::{
 };
 
 use crate::{
-    ct, direct, events, fib, fragment,
+    ct, direct, events, fib, filters, fragment,
     frame::{Action, Frame},
     hairpin, icmp,
     maps::{LB_ADDRS, LB_CT, LB_SERVICES},
     nat::{self, End},
     parse::{self, Frag, Ipv4, L4},
-    reject, reply_sources, select, snat, stats,
+    reject, select, snat, stats,
 };
 
 /// Entry point of the forward path at `scope` (internal for pod interfaces, external for
@@ -74,6 +74,10 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
     }
     if addr.is_hairpin() {
         return hairpin::reply(frame, ip, &l4, len).unwrap_or(Action::Pass);
+    }
+    // Neither a flow's nor a frontend's (most of a node's own traffic): no lookup would hit.
+    if !filters::may_be_served(ip.dst, l4.dst_port, ip.proto) {
+        return not_served(frame, ip, Some(&l4), addr, len);
     }
     let now = ct::now();
 
@@ -313,7 +317,7 @@ enum Claim {
 fn claim_reply(flow: &FlowKey, forward: &CtEntry, now: u64) -> Claim {
     let key = flow.reply_of(forward);
     let reply = CtEntry::reply_of(flow, forward, 0, forward.deadline_ns);
-    reply_sources::mark(&key);
+    filters::mark_reply(&key);
     if LB_CT.insert(&key, &reply, BPF_NOEXIST.into()).is_ok() {
         return Claim::Claimed;
     }

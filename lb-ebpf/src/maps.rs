@@ -120,10 +120,9 @@ pub static LB_ANSWERS: Array<Bucket, 1> = Array::new();
 #[btf_map]
 pub static LB_DIRECT_NAT: Array<u32, 1> = Array::new();
 
-/// See [`lb_common::maps::LB_REPLY_SOURCES`].
+/// See [`lb_common::maps::LB_FILTERS`].
 #[btf_map]
-pub static LB_REPLY_SOURCES: Array<u8, { lb_common::reply_sources::ENTRIES as usize }> =
-    Array::new();
+pub static LB_FILTERS: Array<u8, { lb_common::filters::ENTRIES as usize }> = Array::new();
 
 /// See [`lb_common::maps::LB_SCRATCH`].
 #[btf_map]

@@ -1,16 +1,16 @@
 //! Backend -> client: restore the frontend as the source of replies (reverse NAT). Runs where
 //! replies pass on their way to a client; a packet that is no reply costs one lookup, or none
-//! when its source never sent one (`reply_sources`).
+//! when its source never sent one (`filters`).
 
 use lb_common::{conntrack::REPLY, net::proto, stats::Reason};
 
 use crate::{
-    ct, fragment,
+    ct, filters, fragment,
     frame::{Action, Frame},
     icmp,
     nat::{self, End},
     parse::{self, Frag},
-    reply_sources, stats,
+    stats,
 };
 
 #[inline(always)]
@@ -34,7 +34,7 @@ pub fn to_client<F: Frame>(frame: &mut F) -> Action {
     let Some(l4) = parse::l4(frame, ip.proto, l4_off) else {
         return Action::Pass;
     };
-    if !reply_sources::may_be_reply(ip.src, l4.src_port, ip.proto) {
+    if !filters::may_be_reply(ip.src, l4.src_port, ip.proto) {
         return Action::Pass;
     }
     let key = parse::flow_key(&ip, &l4, REPLY);

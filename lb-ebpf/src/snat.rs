@@ -12,12 +12,12 @@ use lb_common::{
 };
 
 use crate::{
-    ct, fib, fragment,
+    ct, fib, filters, fragment,
     frame::{Action, Frame},
     maps::{LB_CONFIG, LB_CT, LB_SCRATCH},
     nat::{self, End},
     parse::{self, Frag, Ipv4, L4},
-    reply_sources, stats,
+    stats,
 };
 
 /// The node's configuration (all zero, so no SNAT and no hairpin address, when unset).
@@ -114,7 +114,7 @@ fn step(scan: &mut snat::Scan, probe: u32) -> Option<snat::Choice> {
             if !absent {
                 return true;
             }
-            reply_sources::mark(key);
+            filters::mark_reply(key);
             LB_CT.insert(key, &*reply, BPF_NOEXIST.into()).is_ok()
         },
     )

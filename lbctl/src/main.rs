@@ -149,7 +149,7 @@ struct OutputArgs {
 struct DumpArgs {
     /// Only this map: its name (LB_CT) or alias (addrs, services, backends, maglev, ct, frags,
     /// stats, verdicts, ranges, affinity, config, answers, direct, affinity-scope,
-    /// sock-rev, sock-config, sock-stats, reply-sources).
+    /// sock-rev, sock-config, sock-stats, filters).
     #[arg(long, value_name = "NAME", value_parser = MapKind::parse)]
     map: Option<MapKind>,
     /// Print every Maglev slot instead of slot counts per backend.

@@ -276,8 +276,8 @@ pub fn text(d: &Dump) -> String {
         }
         section(&mut out, names::LB_SOCK_STATS, rows.len(), t);
     }
-    if let Some(rows) = &d.reply_sources {
-        let mut t = table(&["complete", "slots marked by reply sources"]);
+    if let Some(rows) = &d.filters {
+        let mut t = table(&["complete", "reply sources marked", "destinations marked"]);
         for r in rows {
             t.add_row(vec![
                 if r.complete {
@@ -286,10 +286,11 @@ pub fn text(d: &Dump) -> String {
                     "no (every packet is looked up)"
                 }
                 .to_owned(),
-                format!("{} of {}", r.marked, r.slots),
+                format!("{} of {}", r.reply_sources, r.slots),
+                format!("{} of {}", r.destinations, r.slots),
             ]);
         }
-        section(&mut out, names::LB_REPLY_SOURCES, rows.len(), t);
+        section(&mut out, names::LB_FILTERS, rows.len(), t);
     }
     out
 }

@@ -43,7 +43,7 @@ pub enum MapKind {
     SockRev,
     SockConfig,
     SockStats,
-    ReplySources,
+    Filters,
 }
 
 impl MapKind {
@@ -66,7 +66,7 @@ impl MapKind {
         Self::SockRev,
         Self::SockConfig,
         Self::SockStats,
-        Self::ReplySources,
+        Self::Filters,
     ];
 
     /// The map's name (its pin name and its key in the dump's JSON).
@@ -89,7 +89,7 @@ impl MapKind {
             Self::SockRev => names::LB_SOCK_REV,
             Self::SockConfig => names::LB_SOCK_CONFIG,
             Self::SockStats => names::LB_SOCK_STATS,
-            Self::ReplySources => names::LB_REPLY_SOURCES,
+            Self::Filters => names::LB_FILTERS,
         }
     }
 
@@ -113,7 +113,7 @@ impl MapKind {
             Self::SockRev => "sock-rev",
             Self::SockConfig => "sock-config",
             Self::SockStats => "sock-stats",
-            Self::ReplySources => "reply-sources",
+            Self::Filters => "filters",
         }
     }
 
@@ -246,14 +246,17 @@ pub struct DirectNatRow {
     pub remapped_before: bool,
 }
 
-/// `LB_REPLY_SOURCES`: the reply-source filter (`lb_common::reply_sources`), one row.
+/// `LB_FILTERS`: the filters in front of the datapath's lookups (`lb_common::filters`), one
+/// row.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ReplySourcesRow {
-    /// Whether the programs trust it (false while an agent starts up: they then look up every
+pub struct FiltersRow {
+    /// Whether the programs trust them (false while an agent starts up: they then look up every
     /// packet).
     pub complete: bool,
     /// Slots marked by a source of translated replies, of `slots`.
-    pub marked: usize,
+    pub reply_sources: usize,
+    /// Slots marked by the destination of a flow or a frontend, of `slots`.
+    pub destinations: usize,
     pub slots: u32,
 }
 
@@ -371,8 +374,8 @@ pub struct Dump {
     #[serde(rename = "LB_SOCK_STATS", skip_serializing_if = "Option::is_none")]
     pub sock_stats: Option<Vec<SockCountersRow>>,
     /// One row.
-    #[serde(rename = "LB_REPLY_SOURCES", skip_serializing_if = "Option::is_none")]
-    pub reply_sources: Option<Vec<ReplySourcesRow>>,
+    #[serde(rename = "LB_FILTERS", skip_serializing_if = "Option::is_none")]
+    pub filters: Option<Vec<FiltersRow>>,
 }
 
 /// Reads the maps in `kinds` (every map when empty). `full` keeps every Maglev slot.
@@ -468,12 +471,13 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
     if want(MapKind::SockStats) {
         out.sock_stats = Some(read_sock_stats(maps)?);
     }
-    if want(MapKind::ReplySources) {
-        let (complete, marked) = lb_datapath::reply_sources::state(maps)?;
-        out.reply_sources = Some(vec![ReplySourcesRow {
+    if want(MapKind::Filters) {
+        let (complete, reply_sources, destinations) = lb_datapath::filters::state(maps)?;
+        out.filters = Some(vec![FiltersRow {
             complete,
-            marked,
-            slots: lb_common::reply_sources::SLOTS,
+            reply_sources,
+            destinations,
+            slots: lb_common::filters::SLOTS,
         }]);
     }
     Ok(out)

@@ -1,7 +1,8 @@
-//! The reply-source filter (`lb_common::reply_sources`) in the real programs
-//! (BPF_PROG_TEST_RUN): replies of translated flows are restored as before, a packet whose
-//! source never sent one skips the conntrack lookup, and an agent that replaces programs which
-//! did not mark completes the filter from what conntrack holds. Needs root.
+//! The filters in front of the datapath's lookups (`lb_common::filters`) in the real programs
+//! (BPF_PROG_TEST_RUN): replies of translated flows are restored and frontends served as
+//! before, a packet whose source never sent a reply or whose destination is no flow's or
+//! frontend's skips the lookups, and an agent that replaces programs which did not mark
+//! completes the filters from what the maps hold. Needs root.
 
 mod common;
 
@@ -12,12 +13,16 @@ use common::{
     harness::{Harness, Hook, TCP, addrs::*, cluster_ip, vip, web_flow},
     packet::{Packet, assert_frame_eq, flags},
 };
-use lb_common::{Be16, conntrack::REPLY, stats::Reason};
+use lb_common::{
+    Be16,
+    conntrack::{FORWARD, REPLY},
+    maps::{FrontendKey, scope},
+    stats::Reason,
+};
 use lb_datapath::{
-    Capacities, Pinning,
+    Capacities, Pinning, filters,
     maglev::DEFAULT_TABLE_SIZE,
     predict::{self, Reply},
-    reply_sources,
 };
 
 /// The reply entry of `CLIENT`'s flow to `backend`, copied under the key of `source` instead:
@@ -31,7 +36,7 @@ fn unmarked_reply(h: &mut Harness, backend: SocketAddrV4, source: SocketAddrV4) 
 }
 
 fn may_be_reply(h: &Harness, source: SocketAddrV4) -> bool {
-    reply_sources::may_be_reply(
+    filters::may_be_reply(
         &h.maps,
         (*source.ip()).into(),
         Be16::from_host(source.port()),
@@ -46,9 +51,9 @@ fn a_flow_marks_its_backend_and_only_marked_sources_are_looked_up() {
         return;
     };
     assert_eq!(
-        reply_sources::state(&h.maps).unwrap(),
-        (true, 1),
-        "complete from the load, one source marked by the flow"
+        filters::state(&h.maps).unwrap(),
+        (true, 1, 1),
+        "complete from the load; the flow marked its backend, the frontend its destination"
     );
     assert!(may_be_reply(&h, backend));
 
@@ -81,7 +86,7 @@ fn a_flow_marks_its_backend_and_only_marked_sources_are_looked_up() {
 
     // Marked (what every writer of a reply entry does first), it is restored.
     let key = predict::flow_key(other, CLIENT, TCP, REPLY);
-    reply_sources::mark(&mut h.maps, &key).unwrap();
+    filters::mark_reply(&mut h.maps, &key).unwrap();
     let run = h.run(Hook::ToPod, &stray.bytes());
     assert_frame_eq(
         &run.out,
@@ -120,15 +125,61 @@ fn an_agent_completes_the_filter_from_the_flows_earlier_programs_recorded() {
 
     // Pinned maps may hold such flows: until the agent completes the filter, every packet is
     // looked up.
-    reply_sources::suspend(&mut h.maps).unwrap();
-    assert_eq!(reply_sources::state(&h.maps).unwrap(), (false, 1));
+    filters::suspend(&mut h.maps).unwrap();
+    assert_eq!(filters::state(&h.maps).unwrap(), (false, 1, 1));
     let run = h.run(Hook::ToPod, &answer.bytes());
     assert_frame_eq(&run.out, &restored, "while the filter is withdrawn");
 
     // The agent marks what conntrack holds and puts the filter back: the flow keeps its
     // translation.
-    assert_eq!(reply_sources::complete(&mut h.maps).unwrap(), 2);
-    assert_eq!(reply_sources::state(&h.maps).unwrap(), (true, 2));
+    assert_eq!(
+        filters::complete(&mut h.maps).unwrap(),
+        3,
+        "two reply sources, one destination (the frontend's and its flow's)"
+    );
+    assert_eq!(filters::state(&h.maps).unwrap(), (true, 2, 1));
     let run = h.run(Hook::ToPod, &answer.bytes());
     assert_frame_eq(&run.out, &restored, "after the agent completed the filter");
+}
+
+#[test]
+fn packets_to_a_frontends_address_on_another_port_skip_the_lookups() {
+    let Some((mut h, _svc, _syn, backend)) = web_flow() else {
+        return;
+    };
+    // The established flow continues.
+    let ack = Packet::tcp(CLIENT, vip(80), flags::ACK, b"GET /");
+    let run = h.run(Hook::FromPod, &ack.bytes());
+    assert_frame_eq(
+        &run.out,
+        &ack.clone().with_dst(backend).bytes(),
+        "established",
+    );
+
+    // A flow to another port of the ClusterIP, recorded by a program that did not mark: not
+    // looked for, the port is no frontend's (a ClusterIP rejects it).
+    let forward = predict::flow_key(CLIENT, vip(80), TCP, FORWARD);
+    let entry = h.maps.ct.get(&forward, 0).unwrap();
+    let other = predict::flow_key(CLIENT, vip(81), TCP, FORWARD);
+    h.maps.ct.insert(other, entry, 0).unwrap();
+    let stray = Packet::tcp(CLIENT, vip(81), flags::ACK, b"GET /");
+    let rejected = h.verdict_count(Reason::RejectUnknownPort);
+    h.run(Hook::FromPod, &stray.bytes());
+    assert_eq!(h.verdict_count(Reason::RejectUnknownPort), rejected + 1);
+
+    // Its destination marked (as the programs do before they write a forward entry), the flow
+    // is found and continues.
+    let key = FrontendKey {
+        addr: (*vip(81).ip()).into(),
+        port: Be16::from_host(81),
+        proto: TCP,
+        scope: scope::INTERNAL,
+    };
+    filters::mark_frontends(&mut h.maps, &[key]).unwrap();
+    let run = h.run(Hook::FromPod, &stray.bytes());
+    assert_frame_eq(
+        &run.out,
+        &stray.clone().with_dst(backend).bytes(),
+        "a marked destination is looked up",
+    );
 }
