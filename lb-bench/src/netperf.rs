@@ -150,6 +150,24 @@ pub struct Plan<'a> {
     pub agent_bin: &'a std::path::Path,
 }
 
+/// The pod whose netserver serves kube-proxy's rulesets (see [`Bed`]).
+const KUBE_PROXY_BACKEND: &str = "netserver-kube-proxy";
+
+/// Starts netserver in pod `pod` (address `addr`) and waits until it listens.
+fn start_netserver(cluster: &Cluster, pod: &str, addr: Ipv4Addr) -> Result<Child> {
+    let netserver = cluster
+        .pod(pod)
+        .ns
+        .command("netserver")
+        .args(["-D", "-4", "-p", &CONTROL_PORT.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting netserver (is netperf installed? `cargo xtask setup`)")?;
+    wait_listening(cluster.pod(pod).ns, SocketAddrV4::new(addr, CONTROL_PORT))?;
+    Ok(netserver)
+}
+
 /// The measured Service plus `n - 1` filler Services (one TCP port, one endpoint each).
 pub fn services(n: u32, backend: Ipv4Addr) -> Vec<BenchService> {
     let measured = BenchService::new("bench", "netperf", SERVICE_IP)
@@ -162,23 +180,35 @@ pub fn services(n: u32, backend: Ipv4Addr) -> Vec<BenchService> {
     kubeproxy::arrange(measured, fillers, Position::Middle)
 }
 
-/// The test bed: the cluster, netserver in the backend pod, the source directory for our
-/// agents, and whichever datapath is in place.
+/// The test bed: the cluster, netserver in the backend pod (and in a second, identical one for
+/// kube-proxy's rulesets), the source directory for our agents, and whichever datapath is in
+/// place.
+///
+/// kube-proxy's rulesets get a backend of their own because their MASQUERADE (`--random-fully`)
+/// draws source ports from all of 1024-65535: its connections would leave the backend holding
+/// TIME_WAITs on (node-0, port) in our SNAT range, which ours would then meet with another
+/// client's timestamps, and wait out a SYN retransmission (a second). On a node, nothing else
+/// draws from that range: the agent reserves it (`ip_local_reserved_ports`) and kube-proxy does
+/// not run beside it.
 pub struct Bed {
-    // Field order is drop order: the agents and netserver go before the namespaces.
+    // Field order is drop order: the agents and netservers go before the namespaces.
     agents: Option<Agents>,
-    netserver: Child,
+    netservers: [Child; 2],
     source: SourceDir,
     cluster: Cluster,
     backend: Ipv4Addr,
+    /// The backend of kube-proxy's rulesets.
+    kube_proxy_backend: Ipv4Addr,
     /// Which kube-proxy ruleset is loaded in the nodes, if any.
     rules: Option<Backend>,
 }
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        let _ = self.netserver.kill();
-        let _ = self.netserver.wait();
+        for netserver in &mut self.netservers {
+            let _ = netserver.kill();
+            let _ = netserver.wait();
+        }
     }
 }
 
@@ -202,32 +232,25 @@ impl Bed {
     fn build(mut cluster: Cluster) -> Result<Self> {
         cluster.add_pod(0, "client")?;
         let backend = cluster.add_pod(1, "netserver")?;
+        let kube_proxy_backend = cluster.add_pod(1, KUBE_PROXY_BACKEND)?;
         // The external client reaches the backend directly only for the "direct" floor.
         cluster.client_route(
             &format!("{}/24", Ipv4Addr::from(u32::from(backend) & !0xff)),
             1,
         )?;
-        let netserver = cluster
-            .pod("netserver")
-            .ns
-            .command("netserver")
-            .args(["-D", "-4", "-p", &CONTROL_PORT.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting netserver (is netperf installed? `cargo xtask setup`)")?;
-        wait_listening(
-            cluster.pod("netserver").ns,
-            SocketAddrV4::new(backend, CONTROL_PORT),
-        )?;
+        let netservers = [
+            start_netserver(&cluster, "netserver", backend)?,
+            start_netserver(&cluster, KUBE_PROXY_BACKEND, kube_proxy_backend)?,
+        ];
         let source = SourceDir::new()?;
         source.write("nodes.yaml", &cluster.node_manifests())?;
         Ok(Self {
             agents: None,
-            netserver,
+            netservers,
             source,
             cluster,
             backend,
+            kube_proxy_backend,
             rules: None,
         })
     }
@@ -254,7 +277,7 @@ impl Bed {
 
     /// netserver's process id (its pod's only process).
     pub fn netserver_pid(&self) -> u32 {
-        self.netserver.id()
+        self.netservers[0].id()
     }
 
     /// Writes the agents' source for `services` (replacing the previous one): the same objects
@@ -618,8 +641,9 @@ pub fn run(
     let mut setup_times = Vec::new();
     let mut lengths = Lengths::default();
     for &size in plan.sizes {
-        let services = services(size, bed.backend);
-        bed.write_source(&services)?;
+        let ours = services(size, bed.backend);
+        let kube_proxys = services(size, bed.kube_proxy_backend);
+        bed.write_source(&ours)?;
         let mut broken: Vec<Datapath> = Vec::new();
         for run in 0..plan.runs {
             for (index, &datapath) in plan.datapaths.iter().enumerate() {
@@ -634,7 +658,11 @@ pub fn run(
                     plan.runs,
                     datapath.name()
                 ));
-                match bed.switch(datapath, &services, plan.agent_bin) {
+                let services = match datapath {
+                    Datapath::Iptables | Datapath::Nftables => &kube_proxys,
+                    Datapath::Ours(_) | Datapath::Direct => &ours,
+                };
+                match bed.switch(datapath, services, plan.agent_bin) {
                     Ok(took) => setup_times.push(SetupTime {
                         datapath: datapath.name(),
                         services: size,

@@ -752,7 +752,10 @@ const METHOD: &str = "
   so a client port that comes back takes its own TIME_WAIT over; kube-proxy's MASQUERADE
   (`--random-fully`) draws a random port for each connection, which soon meets another
   port's TIME_WAIT: its p99 of about 10 ms. Every variant of ours uses the default range, as
-  an operator's node does.
+  an operator's node does. kube-proxy's rulesets are served by a second, identical netserver
+  pod on node-1: their MASQUERADE draws ports from all of 1024-65535, and the TIME_WAITs it
+  leaves on (node-0, port) would meet ours in the backend for a minute after (a node has no
+  other masquerader on the range the agent reserves).
 - CPU per transaction is the whole machine's CPU time (all cores, every process) over the
   transactions of a run, at the load one netperf stream offers (closed loop, not a fixed
   offered load); the softirq part is where packet processing runs.
