@@ -21,7 +21,8 @@
 //!   source; a packet whose source is unmarked is no reply.
 //! * [`destination`]: marked by the agent before it writes a frontend, and by the datapath
 //!   before it writes a forward entry, for its destination; a packet to an unmarked destination
-//!   is neither a flow's nor a frontend's.
+//!   is neither a flow's nor a frontend's. Not checked on ClusterIPs, which carry nothing else
+//!   (their flows would pay the check for nothing).
 //!
 //! Slots are never cleared: a mark outlives its flow or frontend and at worst costs the lookup
 //! that finds nothing, so the filters stay exact without any bookkeeping. They fill with what a

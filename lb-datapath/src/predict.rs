@@ -16,7 +16,7 @@
 //!   SNAT entry -> SnatReply (`snat.rs`)
 //! dst is the hairpin address: LB_CT[src -> dst, REPLY] a live hairpin entry -> HairpinReply,
 //!   else PassNotServed (`hairpin.rs`)
-//! destination unmarked (`filters`)   -> RejectUnknownPort (ClusterIP) / PassNotServed
+//! not a ClusterIP, destination unmarked (`filters`) -> PassNotServed
 //! LB_CT[client -> frontend]          continues -> Established (to its recorded backend)
 //! LB_SERVICES[dst, port, proto, scope]
 //!                                    miss, external scope, ClusterIP, served from outside
@@ -518,8 +518,11 @@ pub fn forward(
             }),
         );
     }
-    // Neither a flow's nor a frontend's destination (`filters`): the lookups below would miss.
-    if !crate::filters::may_be_served(maps, key.dst_addr, key.dst_port, l4_proto)? {
+    // Neither a flow's nor a frontend's destination (`filters`, not checked on a ClusterIP):
+    // the lookups below would miss.
+    if !addr.is_cluster_ip()
+        && !crate::filters::may_be_served(maps, key.dst_addr, key.dst_port, l4_proto)?
+    {
         return Ok(not_served(&addr));
     }
     // An established flow keeps its translation whatever became of its backend in the maps.

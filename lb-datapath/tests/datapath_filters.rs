@@ -10,7 +10,7 @@ use std::net::SocketAddrV4;
 
 use common::{
     bpffs::TempBpffs,
-    harness::{Harness, Hook, TCP, addrs::*, cluster_ip, vip, web_flow},
+    harness::{Harness, Hook, TCP, addrs::*, cluster_ip, setup, vip, web_flow},
     packet::{Packet, assert_frame_eq, flags},
 };
 use lb_common::{
@@ -22,7 +22,8 @@ use lb_common::{
 use lb_datapath::{
     Capacities, Pinning, filters,
     maglev::DEFAULT_TABLE_SIZE,
-    predict::{self, Reply},
+    model::FrontendKind,
+    predict::{self, Forward, Reply},
 };
 
 /// The reply entry of `CLIENT`'s flow to `backend`, copied under the key of `source` instead:
@@ -144,28 +145,31 @@ fn an_agent_completes_the_filter_from_the_flows_earlier_programs_recorded() {
 
 #[test]
 fn packets_to_a_frontends_address_on_another_port_skip_the_lookups() {
-    let Some((mut h, _svc, _syn, backend)) = web_flow() else {
+    // An externalIP (an address that may carry other traffic than its frontends, unlike a
+    // ClusterIP).
+    let mut svc = cluster_ip("web", 80, TCP, &BACKENDS[..1]);
+    svc.frontends[0].kind = FrontendKind::ExternalIp;
+    let Some(mut h) = setup(&svc) else {
         return;
     };
-    // The established flow continues.
-    let ack = Packet::tcp(CLIENT, vip(80), flags::ACK, b"GET /");
-    let run = h.run(Hook::FromPod, &ack.bytes());
-    assert_frame_eq(
-        &run.out,
-        &ack.clone().with_dst(backend).bytes(),
-        "established",
-    );
+    let backend = BACKENDS[0];
+    let syn = Packet::tcp(CLIENT, vip(80), flags::SYN, &[]);
+    let run = h.run(Hook::FromPod, &syn.bytes());
+    assert_frame_eq(&run.out, &syn.clone().with_dst(backend).bytes(), "balanced");
 
-    // A flow to another port of the ClusterIP, recorded by a program that did not mark: not
-    // looked for, the port is no frontend's (a ClusterIP rejects it).
+    // A flow to another port of the address, recorded by a program that did not mark: not
+    // looked for, the port is no frontend's: the packet passes as it is.
     let forward = predict::flow_key(CLIENT, vip(80), TCP, FORWARD);
     let entry = h.maps.ct.get(&forward, 0).unwrap();
     let other = predict::flow_key(CLIENT, vip(81), TCP, FORWARD);
     h.maps.ct.insert(other, entry, 0).unwrap();
     let stray = Packet::tcp(CLIENT, vip(81), flags::ACK, b"GET /");
-    let rejected = h.verdict_count(Reason::RejectUnknownPort);
-    h.run(Hook::FromPod, &stray.bytes());
-    assert_eq!(h.verdict_count(Reason::RejectUnknownPort), rejected + 1);
+    let run = h.run(Hook::FromPod, &stray.bytes());
+    assert_frame_eq(&run.out, &stray.bytes(), "an unmarked destination passes");
+    assert!(matches!(
+        predict::forward(&h.maps, CLIENT, vip(81), TCP, scope::INTERNAL, false).unwrap(),
+        Forward::PassNotServed { .. }
+    ));
 
     // Its destination marked (as the programs do before they write a forward entry), the flow
     // is found and continues.
@@ -182,4 +186,8 @@ fn packets_to_a_frontends_address_on_another_port_skip_the_lookups() {
         &stray.clone().with_dst(backend).bytes(),
         "a marked destination is looked up",
     );
+    assert!(matches!(
+        predict::forward(&h.maps, CLIENT, vip(81), TCP, scope::INTERNAL, false).unwrap(),
+        Forward::Established { .. }
+    ));
 }

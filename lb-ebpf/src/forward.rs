@@ -75,8 +75,9 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
     if addr.is_hairpin() {
         return hairpin::reply(frame, ip, &l4, len).unwrap_or(Action::Pass);
     }
-    // Neither a flow's nor a frontend's (most of a node's own traffic): no lookup would hit.
-    if !filters::may_be_served(ip.dst, l4.dst_port, ip.proto) {
+    // Neither a flow's nor a frontend's (most of a node's own traffic): no lookup would hit. A
+    // ClusterIP carries nothing but its frontends: its flows skip the check.
+    if !addr.is_cluster_ip() && !filters::may_be_served(ip.dst, l4.dst_port, ip.proto) {
         return not_served(frame, ip, Some(&l4), addr, len);
     }
     let now = ct::now();
