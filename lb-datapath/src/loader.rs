@@ -144,16 +144,12 @@ impl Datapath {
         if matches!(pinning, Pinning::None) {
             // Only these programs and this process ever write these maps: the filters are
             // complete from the start (`filters`).
-            const NAME: &str = maps::LB_FILTERS;
-            let map = ebpf
-                .map_mut(NAME)
-                .ok_or(MapsError::Missing { name: NAME })?;
-            let failed = |source| MapsError::Map { name: NAME, source };
-            let mut filter: aya::maps::Array<_, u8> =
-                aya::maps::Array::try_from(map).map_err(failed)?;
-            filter
-                .set(lb_common::filters::COMPLETE, 1, 0)
-                .map_err(failed)?;
+            set_element(
+                &mut ebpf,
+                maps::LB_FILTERS,
+                lb_common::filters::COMPLETE,
+                1u8,
+            )?;
         }
         Ok(Self { ebpf, sock_refused })
     }
@@ -265,21 +261,28 @@ impl Datapath {
     /// (`LB_CT_PREV`) when `LB_CT` misses: on from before the new programs are attached until the
     /// last copy is done (`ct_carry`).
     pub fn set_ct_carrying(&mut self, on: bool) -> Result<(), DatapathError> {
-        const NAME: &str = maps::LB_CT_CARRYING;
-        let map = self
-            .ebpf
-            .map_mut(NAME)
-            .ok_or(MapsError::Missing { name: NAME })?;
-        let failed = |source| MapsError::Map { name: NAME, source };
-        let mut flag: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).map_err(failed)?;
-        flag.set(0, u32::from(on), 0).map_err(failed)?;
-        Ok(())
+        set_element(&mut self.ebpf, maps::LB_CT_CARRYING, 0, u32::from(on))
     }
 
     /// Takes the map handles out of the loaded object (once).
     pub fn take_maps(&mut self) -> Result<Maps, DatapathError> {
         Ok(Maps::take_from(&mut self.ebpf)?)
     }
+}
+
+/// Writes `value` into element `index` of array map `name` of a loaded object (one whose
+/// handles have not been taken out yet, or a private one `Maps` does not hold).
+fn set_element<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    index: u32,
+    value: V,
+) -> Result<(), DatapathError> {
+    let map = ebpf.map_mut(name).ok_or(MapsError::Missing { name })?;
+    let failed = |source| MapsError::Map { name, source };
+    let mut array: aya::maps::Array<_, V> = aya::maps::Array::try_from(map).map_err(failed)?;
+    array.set(index, value, 0).map_err(failed)?;
+    Ok(())
 }
 
 /// Checks that maps pinned under `dir` (by an earlier agent) have this version's layout, so that
