@@ -25,8 +25,15 @@ pub fn mark_forward(key: &FlowKey) {
 #[inline(always)]
 fn mark(element: u32) {
     if let Some(slot) = LB_FILTERS.get_ptr_mut(element) {
-        // SAFETY: an array element of its own; a plain byte store, whichever CPU also marks it.
-        unsafe { *slot = 1 };
+        // SAFETY: an array element of its own; plain byte loads and stores, whichever CPU also
+        // marks it. Stored only while unmarked: every flow to a busy frontend or from a busy
+        // backend marks the same element, and a store would pull its cache line away from
+        // every other CPU reading it.
+        unsafe {
+            if *slot == 0 {
+                *slot = 1;
+            }
+        }
     }
 }
 
