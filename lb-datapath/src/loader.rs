@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        CgroupSockAddr, Program, ProgramError, SchedClassifier, TcAttachType, Xdp,
         links::LinkOrder,
         tc::{self, NlOptions, TcAttachOptions},
     },
@@ -99,6 +99,10 @@ impl Datapath {
         };
         let mut loader = EbpfLoader::new();
         loader
+            // The object has no CO-RE relocations (nothing in it depends on the kernel's type
+            // layout), so the kernel's BTF the loader reads on creation (several MB, parsed) is
+            // dropped at once rather than held through the load: the agent's peak memory.
+            .btf(None)
             .map_max_entries(maps::LB_CT, crate::ct_carry::map_entries(capacities.ct))
             // Every map indexed by set id holds `sets` entries (more services than the
             // defaults allow must not overflow any of them).
@@ -118,29 +122,7 @@ impl Datapath {
             loader.map_pin_path(maps::LB_CT_PREV, dir.join(crate::ct_carry::OLD_PIN));
         }
         let mut ebpf = loader.load(LB_EBPF).map_err(DatapathError::Load)?;
-        for name in programs::TC {
-            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-            prog.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
-        let xdp: &mut Xdp = program(&mut ebpf, programs::XDP)?;
-        xdp.load().map_err(|source| DatapathError::Program {
-            name: programs::XDP,
-            source,
-        })?;
-        // The socket programs are loaded (and so verified) with the others, but a kernel that
-        // refuses them (before 6.1 they lack `bpf_set_retval`) keeps the packet path: only
-        // attaching them then fails, with the kernel's reason.
-        let mut sock_refused = None;
-        for name in programs::SOCK {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            if let Err(e) = prog.load() {
-                let reason = format!("{:#}", anyhow::Error::from(e));
-                tracing::warn!(program = name, %reason, "socket-level balancing unavailable");
-                sock_refused = Some((name, reason));
-                break;
-            }
-        }
+        let sock_refused = verify(&mut ebpf)?;
         if matches!(pinning, Pinning::None) {
             // Only these programs and this process ever write these maps: the filters are
             // complete from the start (`filters`).
@@ -343,9 +325,70 @@ pub fn has_tcx() -> bool {
     features::tc_api() == TcApi::Tcx
 }
 
+/// Loads the packet and socket programs, and so runs them through the verifier: the packet
+/// programs each on a thread of its own (the kernel verifies one program per call, the three
+/// largest take 100-130 ms each, and an agent's start waits for them), the socket programs in
+/// turn on one more.
+///
+/// The socket programs are loaded (and so verified) with the others, but a kernel that refuses
+/// them (before 6.1 they lack `bpf_set_retval`) keeps the packet path: only attaching them then
+/// fails, with the kernel's reason, returned here.
+fn verify(ebpf: &mut Ebpf) -> Result<Option<(&'static str, String)>, DatapathError> {
+    let packet_names: Vec<&'static str> = programs::TC.into_iter().chain([programs::XDP]).collect();
+    let mut packet = Vec::new();
+    let mut sock = Vec::new();
+    for (name, prog) in ebpf.programs_mut() {
+        if let Some(name) = packet_names.iter().find(|n| **n == name) {
+            packet.push((*name, prog));
+        } else if let Some(name) = programs::SOCK.iter().find(|n| **n == name) {
+            sock.push((*name, prog));
+        }
+    }
+    let missing = packet_names
+        .iter()
+        .chain(programs::SOCK.iter())
+        .find(|n| !packet.iter().chain(sock.iter()).any(|(name, _)| name == *n));
+    if let Some(name) = missing {
+        return Err(DatapathError::MissingProgram { name });
+    }
+    // In the order of `programs::SOCK`: the first one refused stops the rest.
+    sock.sort_by_key(|(name, _)| programs::SOCK.iter().position(|n| n == name));
+    std::thread::scope(|scope| {
+        let packet: Vec<_> = packet
+            .into_iter()
+            .map(|(name, prog)| scope.spawn(move || load_program(name, prog)))
+            .collect();
+        let sock = scope.spawn(move || {
+            for (name, prog) in sock {
+                if let Err(e) = load_program(name, prog) {
+                    let reason = format!("{:#}", anyhow::Error::from(e));
+                    tracing::warn!(program = name, %reason, "socket-level balancing unavailable");
+                    return Some((name, reason));
+                }
+            }
+            None
+        });
+        for loading in packet {
+            loading.join().expect("loading a program panicked")?;
+        }
+        Ok(sock.join().expect("loading a program panicked"))
+    })
+}
+
+/// Loads one of the datapath's programs, whichever its type.
+fn load_program(name: &'static str, prog: &mut Program) -> Result<(), DatapathError> {
+    let loaded = match prog {
+        Program::SchedClassifier(p) => p.load(),
+        Program::Xdp(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        _ => return Err(DatapathError::MissingProgram { name }),
+    };
+    loaded.map_err(|source| DatapathError::Program { name, source })
+}
+
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
 where
-    &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+    &'a mut P: TryFrom<&'a mut Program>,
 {
     ebpf.program_mut(name)
         .and_then(|prog| prog.try_into().ok())
