@@ -32,6 +32,7 @@ const NOTICES: usize = 256;
 /// Runs the agent until SIGTERM or SIGINT. The datapath stays in place afterwards (pinned): a
 /// restarted agent takes it over without dropping a connection.
 pub async fn run(args: RunArgs) -> Result<()> {
+    let args = Arc::new(args);
     let node_name = args.node_name();
     info!(node = %node_name, source = ?args.source, bpffs = %args.bpffs_dir.display(), "starting");
 
@@ -50,71 +51,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         anyhow::bail!("--source {}: no such file or directory", path.display());
     }
 
-    let features = lb_datapath::features::Features::detect();
-    features.report();
-
-    bpffs::ensure_bpffs(&args.bpffs_dir)?;
-    for map in loader::check_pinned_maps(&args.bpffs_dir)? {
-        info!(%map, "pinned counters of another layout replaced (they start over)");
-    }
+    // The kernel verifies the programs while the source lists the objects: the reconciler takes
+    // them in below, and programs nothing before it has the maps.
     let capacities = Capacities {
         ct: args.conntrack_max,
         sets: args.max_services,
     };
-    let ct_entries = ct_carry::map_entries(capacities.ct);
-    if let Some((entries, flags)) = ct_carry::set_aside(&args.bpffs_dir, ct_entries)? {
-        info!(
-            entries,
-            flags,
-            new_entries = ct_entries,
-            "pinned conntrack map of another shape: its flows move into a new one"
-        );
-    }
-    let mut datapath = Datapath::load(&Pinning::Dir(args.bpffs_dir.clone()), capacities)
-        .context("loading the datapath")?;
-    let mut maps = datapath.take_maps()?;
-    // Until every program that writes conntrack marks the flows it records.
-    filters::suspend(&mut maps).context("withdrawing the datapath's filters")?;
-    events::forward(&mut datapath);
-    // Before the new programs see a packet, and once more when the old ones no longer run; in
-    // between, the new programs look up what they miss in the old map.
-    let carried = ct_carry::copy_old(&args.bpffs_dir, &mut maps.ct)?;
-    let carrying = ct_carry::carrying(&args.bpffs_dir);
-    if carrying {
-        datapath.set_ct_carrying(true)?;
-    }
-    sysctl::reserve_snat_ports(&args.snat_ports);
-
-    let mut links = Links::new(&args.bpffs_dir, features.tc_api)?;
-    let present = interfaces::present();
-    for iface in &args.external_iface {
-        if !present.contains(iface) {
-            warn!(%iface, "external interface not found (yet); NodePorts and LoadBalancer IPs are served on the others until it appears");
-        }
-    }
-    links.prune_stale_pins(&present);
-    let ifaces = Interfaces {
-        pod_patterns: &patterns,
-        external: &args.external_iface,
-        xdp_mode: args.xdp_mode,
+    let setup = {
+        let args = args.clone();
+        let patterns = patterns.clone();
+        tokio::task::spawn_blocking(move || prepare_datapath(&args, &patterns, capacities))
     };
-    ifaces.attach_new(&mut links, &mut datapath, &present);
-    socket_lb(&args, &mut datapath, &mut maps)?;
-    let carried = carried + ct_carry::finish(&args.bpffs_dir, &mut maps.ct)?;
-    if carrying {
-        datapath.set_ct_carrying(false)?;
-    }
-    if carried > 0 {
-        info!(
-            entries = carried,
-            "conntrack carried over from the earlier map"
-        );
-    }
-    let marked = filters::complete(&mut maps).context("completing the datapath's filters")?;
-    debug!(
-        elements = marked,
-        "frontends and conntrack entries marked in the filters"
-    );
 
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry, args.bpffs_dir.clone());
@@ -171,6 +118,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
     );
     reconciler.set_node_flags(args.masquerade_all, args.external_cluster_ips);
     reconciler.set_socket_lb(args.socket_lb != config::SocketLb::Off);
+    let Prepared {
+        mut datapath,
+        mut maps,
+        mut links,
+    } = {
+        let mut setup = std::pin::pin!(setup);
+        loop {
+            tokio::select! {
+                prepared = &mut setup => break prepared.context("preparing the datapath panicked")??,
+                Some(update) = updates.recv() => reconciler.apply(update, &metrics),
+            }
+        }
+    };
+    let ifaces = Interfaces {
+        pod_patterns: &patterns,
+        external: &args.external_iface,
+        xdp_mode: args.xdp_mode,
+    };
     let mut health_checks = healthcheck::HealthChecks::default();
     let mut heal = tokio::time::interval(args.sync_period);
     heal.tick().await;
@@ -228,6 +193,104 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     info!("stopping; the datapath stays in place for the next agent");
     Ok(())
+}
+
+/// What [`prepare_datapath`] leaves: the loaded programs, their maps and their links.
+struct Prepared {
+    datapath: Datapath,
+    maps: lb_datapath::maps::Maps,
+    links: Links,
+}
+
+/// Loads (or takes over) the pinned datapath, attaches it to the interfaces present and to the
+/// cgroup of `--socket-lb`, and carries an earlier agent's flows over: everything before the
+/// first sync that needs the kernel, run while the source lists the objects.
+fn prepare_datapath(
+    args: &RunArgs,
+    patterns: &[glob::Pattern],
+    capacities: Capacities,
+) -> Result<Prepared> {
+    let features = lb_datapath::features::Features::detect();
+    features.report();
+
+    bpffs::ensure_bpffs(&args.bpffs_dir)?;
+    for map in loader::check_pinned_maps(&args.bpffs_dir)? {
+        info!(%map, "pinned counters of another layout replaced (they start over)");
+    }
+    let ct_entries = ct_carry::map_entries(capacities.ct);
+    if let Some((entries, flags)) = ct_carry::set_aside(&args.bpffs_dir, ct_entries)? {
+        info!(
+            entries,
+            flags,
+            new_entries = ct_entries,
+            "pinned conntrack map of another shape: its flows move into a new one"
+        );
+    }
+    let mut datapath = Datapath::load(&Pinning::Dir(args.bpffs_dir.clone()), capacities)
+        .context("loading the datapath")?;
+    release_freed_memory();
+    let mut maps = datapath.take_maps()?;
+    // Until every program that writes conntrack marks the flows it records.
+    filters::suspend(&mut maps).context("withdrawing the datapath's filters")?;
+    events::forward(&mut datapath);
+    // Before the new programs see a packet, and once more when the old ones no longer run; in
+    // between, the new programs look up what they miss in the old map.
+    let carried = ct_carry::copy_old(&args.bpffs_dir, &mut maps.ct)?;
+    let carrying = ct_carry::carrying(&args.bpffs_dir);
+    if carrying {
+        datapath.set_ct_carrying(true)?;
+    }
+    sysctl::reserve_snat_ports(&args.snat_ports);
+
+    let mut links = Links::new(&args.bpffs_dir, features.tc_api)?;
+    let present = interfaces::present();
+    for iface in &args.external_iface {
+        if !present.contains(iface) {
+            warn!(%iface, "external interface not found (yet); NodePorts and LoadBalancer IPs are served on the others until it appears");
+        }
+    }
+    links.prune_stale_pins(&present);
+    let ifaces = Interfaces {
+        pod_patterns: patterns,
+        external: &args.external_iface,
+        xdp_mode: args.xdp_mode,
+    };
+    ifaces.attach_new(&mut links, &mut datapath, &present);
+    socket_lb(args, &mut datapath, &mut maps)?;
+    let carried = carried + ct_carry::finish(&args.bpffs_dir, &mut maps.ct)?;
+    if carrying {
+        datapath.set_ct_carrying(false)?;
+    }
+    if carried > 0 {
+        info!(
+            entries = carried,
+            "conntrack carried over from the earlier map"
+        );
+    }
+    let marked = filters::complete(&mut maps).context("completing the datapath's filters")?;
+    debug!(
+        elements = marked,
+        "frontends and conntrack entries marked in the filters"
+    );
+
+    Ok(Prepared {
+        datapath,
+        maps,
+        links,
+    })
+}
+
+/// Hands the heap's free pages back to the kernel. Loading the datapath parses the kernel's
+/// BTF (aya's loader reads it on creation, though our object needs none of it): some 17 MB,
+/// freed at once but kept by the allocator in the loading thread's arena, where the objects
+/// listed meanwhile on other threads cannot reuse it. Without this, it stays in the agent's
+/// resident memory for good.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory to the kernel; nothing allocated is touched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Which interfaces get which programs.
