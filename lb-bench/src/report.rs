@@ -679,7 +679,7 @@ pub fn document(h: &Header<'_>, goals: &str, sections: &[String]) -> String {
 pub fn controlplane_markdown(cp: &ControlPlaneResults) -> String {
     let mut md = format!(
         "## Control plane\n\nProgramming N Services (one endpoint each) from scratch, and one \
-         endpoint change. Ours: the real agent reading YAML (from process start to ready, and \
+         endpoint change. Ours: the real agent reading one JSON file per Service, the API server's encoding (from process start to ready, and \
          the first full sync alone: translate, plan, write the maps); a change is timed from the \
          file's rename to the map holding it. kube-proxy: the wall time of `iptables-restore` / \
          `nft -f` on its full ruleset in a fresh namespace (generating the text is not counted), \
@@ -760,7 +760,7 @@ const METHOD: &str = "
   transactions of a run, at the load one netperf stream offers (closed loop, not a fixed
   offered load); the softirq part is where packet processing runs.
 - Control plane: kube-proxy's figures are the kernel tools' wall time on a ruleset generated
-  beforehand; ours include the agent reading and decoding its YAML source.
+  beforehand; ours include the agent reading and decoding its source (JSON files).
 ";
 
 /// The last point of `METHOD`, for a run whose CPUs were kept polling (`crate::idle`).

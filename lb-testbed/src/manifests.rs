@@ -504,6 +504,26 @@ pub fn documents<S: AsRef<str>>(objects: impl IntoIterator<Item = S>) -> String 
         .join("---\n")
 }
 
+/// A multi-document YAML stream (as [`documents`] joins objects) as one JSON `List`: the
+/// encoding the API server sends, for what reads it as a stand-in for one.
+pub fn json_list(yaml: &str) -> Result<String, serde_saphyr::Error> {
+    let mut items = Vec::new();
+    let mut document = String::new();
+    for line in yaml.lines().chain(["---"]) {
+        if line.trim_end() == "---" {
+            if !document.trim().is_empty() {
+                items.push(serde_saphyr::from_str::<serde_json::Value>(&document)?);
+            }
+            document.clear();
+        } else {
+            document.push_str(line);
+            document.push('\n');
+        }
+    }
+    let list = serde_json::json!({ "apiVersion": "v1", "kind": "List", "items": items });
+    Ok(list.to_string())
+}
+
 fn metadata(y: &mut String, name: &str, namespace: Option<&str>, labels: &[(&str, &str)]) {
     y.push_str("metadata:\n");
     if !labels.is_empty() {
@@ -579,6 +599,27 @@ mod tests {
 
     fn parse<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
         serde_saphyr::from_str(yaml).unwrap_or_else(|e| panic!("does not parse: {e}\n---\n{yaml}"))
+    }
+
+    #[test]
+    fn a_yaml_stream_becomes_one_json_list_of_its_objects() {
+        let yaml = documents([
+            ServiceManifest::new("web", Ipv4Addr::new(10, 96, 0, 10))
+                .port(ServicePort::tcp("http", 80, 8080))
+                .yaml(),
+            EndpointSliceManifest::new("web").yaml(),
+        ]);
+        let list: serde_json::Value = serde_json::from_str(&json_list(&yaml).unwrap()).unwrap();
+        assert_eq!(list["kind"], "List");
+        let kinds: Vec<&str> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["Service", "EndpointSlice"]);
+        let svc: Service = serde_json::from_value(list["items"][0].clone()).unwrap();
+        assert_eq!(svc.spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
     }
 
     #[test]
