@@ -81,10 +81,26 @@ fn documents(text: &str) -> Vec<(usize, String)> {
 
 /// Decodes one document: its object, or each item of a `List` (as `kubectl get -o yaml`
 /// prints), with a digest of its text; kinds the agent does not watch are left out.
-fn decode(text: &str) -> Vec<Result<(Object, u64), String>> {
-    let value = match parse_value(text) {
+fn decode(text: &str) -> Vec<Result<Decoded, String>> {
+    // JSON (what the API server and `kubectl get -o json` write, and a subset of YAML) is read
+    // straight into the objects, several times faster than through the YAML parser. A document
+    // that only looks like JSON (a YAML flow mapping) goes to the YAML parser, whose reason is
+    // then reported only if JSON was not meant.
+    let mut json_error = None;
+    if text.trim_start().starts_with('{') {
+        match decode_json(text) {
+            Ok(decoded) => return decoded,
+            Err(e) => json_error = Some(e),
+        }
+    }
+    let value: serde_json::Value = match serde_saphyr::from_str(text) {
         Ok(v) => v,
-        Err(reason) => return vec![Err(reason)],
+        Err(yaml) => {
+            return vec![Err(match json_error {
+                Some(json) => format!("not valid JSON: {json}"),
+                None => format!("not valid YAML: {yaml}"),
+            })];
+        }
     };
     let is_list = value["kind"].as_str().is_some_and(|k| k.ends_with("List"));
     match value {
@@ -106,23 +122,69 @@ fn decode(text: &str) -> Vec<Result<(Object, u64), String>> {
     }
 }
 
-/// Parses one document. JSON (what the API server and `kubectl get -o json` write, and a
-/// subset of YAML) is parsed as JSON, several times faster than through the YAML parser; a
-/// document that only looks like JSON (a YAML flow mapping) falls back to the YAML parser.
-fn parse_value(text: &str) -> Result<serde_json::Value, String> {
-    let json = if text.trim_start().starts_with('{') {
-        match serde_json::from_str(text) {
-            Ok(value) => return Ok(value),
-            Err(e) => Some(e),
+/// What identifies an object, read before the object itself.
+#[derive(Default, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct Head {
+    api_version: String,
+    kind: String,
+    metadata: HeadMeta,
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(default)]
+struct HeadMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+impl Head {
+    /// "Kind namespace/name", for what is reported about it.
+    fn what(&self) -> String {
+        let name = self.metadata.name.as_deref().unwrap_or("<no name>");
+        match self.metadata.namespace.as_deref() {
+            Some(ns) if !ns.is_empty() => format!("{} {ns}/{name}", self.kind),
+            _ => format!("{} {name}", self.kind),
         }
-    } else {
-        None
+    }
+}
+
+/// The items of a `List`, each left as its text.
+#[derive(serde::Deserialize)]
+struct JsonList<'a> {
+    #[serde(borrow)]
+    items: Option<Vec<&'a serde_json::value::RawValue>>,
+}
+
+/// Decodes a JSON document; an error when it is not JSON (or not JSON of the expected shape).
+fn decode_json(text: &str) -> Result<Vec<Result<Decoded, String>>, serde_json::Error> {
+    let head: Head = serde_json::from_str(text)?;
+    if !head.kind.ends_with("List") {
+        return Ok(decode_json_object(head, text, digest(text))
+            .into_iter()
+            .collect());
+    }
+    let Some(items) = serde_json::from_str::<JsonList<'_>>(text)?.items else {
+        return Ok(vec![Err("a List without items".into())]);
     };
-    serde_saphyr::from_str(text).map_err(|yaml| match json {
-        // JSON's own reason, with its line and column, for what was meant to be JSON.
-        Some(json) => format!("not valid JSON: {json}"),
-        None => format!("not valid YAML: {yaml}"),
-    })
+    Ok(items
+        .into_iter()
+        .filter_map(|item| {
+            let text = item.get();
+            match serde_json::from_str::<Head>(text) {
+                Ok(head) => decode_json_object(head, text, digest(text)),
+                Err(e) => Some(Err(format!("a List item does not decode: {e}"))),
+            }
+        })
+        .collect())
+}
+
+/// Decodes one JSON object whose `head` was read; `None` for kinds the agent does not watch.
+fn decode_json_object(head: Head, text: &str, hash: u64) -> Option<Result<Decoded, String>> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    decode_as(&head.api_version, &head.kind, &head.what(), &mut de)
+        .map(|o| o.map(|o| (o, hash)))
+        .transpose()
 }
 
 /// Decodes one object; `Ok(None)` for kinds the agent does not watch.
@@ -137,16 +199,25 @@ fn decode_value(value: serde_json::Value) -> Result<Option<Object>, String> {
             format!("{ns}/{n}")
         }
     };
-    let api = value["apiVersion"].as_str().unwrap_or_default();
-    let kind = value["kind"].as_str().unwrap_or_default();
+    let api = value["apiVersion"].as_str().unwrap_or_default().to_owned();
+    let kind = value["kind"].as_str().unwrap_or_default().to_owned();
     let what = format!("{kind} {}", name(&value));
+    decode_as(&api, &kind, &what, value)
+}
+
+/// Decodes an object of type `api`/`kind` (`what` names it) from `de`; `Ok(None)` for kinds the
+/// agent does not watch.
+fn decode_as<'de, D>(api: &str, kind: &str, what: &str, de: D) -> Result<Option<Object>, String>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::Deserialize as _;
     let object = match (api, kind) {
-        ("v1", "Service") => {
-            serde_json::from_value::<Service>(value).map(|o| Object::Service(Box::new(o)))
+        ("v1", "Service") => Service::deserialize(de).map(|o| Object::Service(Box::new(o))),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            EndpointSlice::deserialize(de).map(|o| Object::EndpointSlice(Box::new(o)))
         }
-        ("discovery.k8s.io/v1", "EndpointSlice") => serde_json::from_value::<EndpointSlice>(value)
-            .map(|o| Object::EndpointSlice(Box::new(o))),
-        ("v1", "Node") => serde_json::from_value::<Node>(value).map(|o| Object::Node(Box::new(o))),
+        ("v1", "Node") => Node::deserialize(de).map(|o| Object::Node(Box::new(o))),
         _ => return Ok(None),
     }
     .map_err(|e| format!("{what} does not decode: {e}"))?;
