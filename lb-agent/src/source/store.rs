@@ -91,7 +91,14 @@ impl Store {
     pub fn apply(&mut self, update: Update, node_name: &str, dirty: &mut Dirty) {
         match update {
             Update::Listing(kind) => {
-                self.listing.insert(kind, BTreeSet::new());
+                // What a relist does not see again is deleted at its end; with nothing of this
+                // kind held yet (the agent's start) there is nothing to delete, and recording
+                // every key seen would cost a copy of each (tens of thousands).
+                if self.holds(kind) {
+                    self.listing.insert(kind, BTreeSet::new());
+                } else {
+                    self.listing.remove(&kind);
+                }
             }
             Update::Listed(kind) => {
                 if let Some(seen) = self.listing.remove(&kind) {
@@ -118,6 +125,14 @@ impl Store {
                 }
             }
             Update::Invalid { key: None, .. } => {}
+        }
+    }
+
+    fn holds(&self, kind: Kind) -> bool {
+        match kind {
+            Kind::Service => !self.services.is_empty(),
+            Kind::EndpointSlice => !self.slices.is_empty(),
+            Kind::Node => !self.nodes.is_empty(),
         }
     }
 
