@@ -30,7 +30,12 @@ fn read_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> MapsError {
 /// The shadow of what the maps hold, with backend sets recognised from `desired`.
 pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programmed, MapsError> {
     let mut programmed = Programmed::default();
-    for (id, value) in maps.active_backends()? {
+    let backends = if maps.take_backends_created() {
+        Vec::new()
+    } else {
+        maps.active_backends()?
+    };
+    for (id, value) in backends {
         programmed.backends.insert(
             SocketAddrV4::new(value.addr.to_ip(), value.port.to_host()),
             BackendState { id, value, refs: 0 },

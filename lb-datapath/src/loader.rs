@@ -85,6 +85,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     /// Why the socket programs did not load, if they did not (see [`Datapath::load`]).
     sock_refused: Option<(&'static str, String)>,
+    /// This load created the backends array (no earlier agent had pinned one).
+    backends_created: bool,
 }
 
 impl Datapath {
@@ -96,6 +98,10 @@ impl Datapath {
                 .iter()
                 .map(|name| (*name, dir.join(name)))
                 .collect(),
+        };
+        let backends_created = match pinning {
+            Pinning::None => true,
+            Pinning::Dir(dir) => !dir.join(maps::LB_BACKENDS).exists(),
         };
         let mut loader = EbpfLoader::new();
         loader
@@ -133,7 +139,11 @@ impl Datapath {
                 1u8,
             )?;
         }
-        Ok(Self { ebpf, sock_refused })
+        Ok(Self {
+            ebpf,
+            sock_refused,
+            backends_created,
+        })
     }
 
     /// The socket-level balancing program `name` (one of `lb_common::programs::SOCK`); an error
@@ -248,7 +258,11 @@ impl Datapath {
 
     /// Takes the map handles out of the loaded object (once).
     pub fn take_maps(&mut self) -> Result<Maps, DatapathError> {
-        Ok(Maps::take_from(&mut self.ebpf)?)
+        let maps = Maps::take_from(&mut self.ebpf)?;
+        if self.backends_created {
+            maps.note_backends_created();
+        }
+        Ok(maps)
     }
 }
 

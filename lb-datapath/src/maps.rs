@@ -2,6 +2,7 @@
 //! syscall (a Maglev table is a map of its own, written through mmap).
 
 use std::{
+    cell::Cell,
     collections::BTreeMap,
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::Path,
@@ -87,6 +88,9 @@ pub struct Maps {
     pub sock_stats: PerCpuArray<MapData, SockStats>,
     /// Descriptors of the maps written in bulk (typed handles keep theirs private).
     bulk: BTreeMap<&'static str, OwnedFd>,
+    /// The backends array is as this process's load created it (every slot inactive) and no
+    /// adoption has read it yet (see [`Maps::take_backends_created`]).
+    backends_created: Cell<bool>,
 }
 
 /// Maps written or read in bulk.
@@ -164,7 +168,20 @@ impl Maps {
             sock_config: typed!(names::LB_SOCK_CONFIG),
             sock_stats: typed!(names::LB_SOCK_STATS),
             bulk,
+            backends_created: Cell::new(false),
         })
+    }
+
+    /// Records that the backends array was created by this process's load.
+    pub(crate) fn note_backends_created(&self) {
+        self.backends_created.set(true);
+    }
+
+    /// Whether the backends array is still as its load created it, every slot inactive; true
+    /// at most once, for the first adoption, which then need not read its 262,144 slots (some
+    /// 30 ms of an agent's start).
+    pub fn take_backends_created(&self) -> bool {
+        self.backends_created.take()
     }
 
     /// Writes `keys[i] -> values[i]` into map `name` (one of the bulk-written maps) with one
