@@ -212,6 +212,15 @@ impl Reconciler {
             .collect()
     }
 
+    /// Translates what changed, without programming it, once the store holds a complete
+    /// picture: the agent's start does it while the kernel still verifies the programs, so that
+    /// the first sync only plans and writes.
+    pub fn translate_ahead(&mut self, metrics: &Metrics) {
+        if self.store.ready() {
+            self.translate_dirty(metrics);
+        }
+    }
+
     fn translate_dirty(&mut self, metrics: &Metrics) {
         let dirty = std::mem::take(&mut self.dirty);
         let mut ids = dirty.services;

@@ -127,7 +127,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         loop {
             tokio::select! {
                 prepared = &mut setup => break prepared.context("preparing the datapath panicked")??,
-                Some(update) = updates.recv() => reconciler.apply(update, &metrics),
+                Some(update) = updates.recv() => {
+                    apply_batch(&mut reconciler, update, &mut updates, &metrics);
+                    reconciler.translate_ahead(&metrics);
+                }
             }
         }
     };
@@ -144,36 +147,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     loop {
         health.beat();
-        tokio::select! {
-            update = updates.recv() => {
-                let Some(update) = update else {
-                    // The datapath stays; exiting non-zero lets the DaemonSet restart us.
-                    return match source_task.await {
-                        Ok(Err(e)) => Err(e.context("the object source stopped")),
-                        _ => Err(anyhow::anyhow!("the object source stopped")),
-                    };
-                };
-                reconciler.apply(update, &metrics);
-                for _ in 1..BATCH {
-                    match updates.try_recv() {
-                        Ok(update) => reconciler.apply(update, &metrics),
-                        Err(_) => break,
-                    }
-                }
-            }
-            _ = iface_events.recv() => {
-                let present = interfaces::present();
-                let gone: Vec<String> = links.interfaces().filter(|i| !present.contains(i)).cloned().collect();
-                for iface in gone {
-                    links.forget(&iface);
-                }
-                ifaces.attach_new(&mut links, &mut datapath, &present);
-            }
-            _ = heal.tick() => reconciler.resync(),
-            _ = sample.tick() => sample_fill(&maps, &metrics, capacities),
-            _ = tokio::signal::ctrl_c() => break,
-            _ = terminate.recv() => break,
-        }
+        // Before waiting: the first sync follows the datapath's preparation at once.
         if reconciler.has_work() && reconciler.sync(&mut maps, &metrics).is_some() {
             health.synced();
             health_checks
@@ -190,9 +164,50 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 let _ = tx.try_send(problem);
             }
         }
+        tokio::select! {
+            update = updates.recv() => {
+                let Some(update) = update else {
+                    // The datapath stays; exiting non-zero lets the DaemonSet restart us.
+                    return match source_task.await {
+                        Ok(Err(e)) => Err(e.context("the object source stopped")),
+                        _ => Err(anyhow::anyhow!("the object source stopped")),
+                    };
+                };
+                apply_batch(&mut reconciler, update, &mut updates, &metrics);
+            }
+            _ = iface_events.recv() => {
+                let present = interfaces::present();
+                let gone: Vec<String> = links.interfaces().filter(|i| !present.contains(i)).cloned().collect();
+                for iface in gone {
+                    links.forget(&iface);
+                }
+                ifaces.attach_new(&mut links, &mut datapath, &present);
+            }
+            _ = heal.tick() => reconciler.resync(),
+            _ = sample.tick() => sample_fill(&maps, &metrics, capacities),
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+        }
     }
     info!("stopping; the datapath stays in place for the next agent");
     Ok(())
+}
+
+/// Applies `first` and what else the source has ready, up to [`BATCH`] updates: a large
+/// listing is programmed in steps, each with a bounded delay.
+fn apply_batch(
+    reconciler: &mut Reconciler,
+    first: Update,
+    updates: &mut mpsc::Receiver<Update>,
+    metrics: &metrics::Metrics,
+) {
+    reconciler.apply(first, metrics);
+    for _ in 1..BATCH {
+        match updates.try_recv() {
+            Ok(update) => reconciler.apply(update, metrics),
+            Err(_) => break,
+        }
+    }
 }
 
 /// What [`prepare_datapath`] leaves: the loaded programs, their maps and their links.
