@@ -41,8 +41,7 @@ pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programm
             BackendState { id, value, refs: 0 },
         );
     }
-    for entry in maps.services.iter() {
-        let (key, value) = entry.map_err(read_err(names::LB_SERVICES))?;
+    maps.frontends(|key, value| {
         let claimed = desired.frontends.get(&key);
         programmed.frontends.insert(
             key,
@@ -52,20 +51,20 @@ pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programm
                 cluster_ip: claimed.is_some_and(|f| f.kind == FrontendKind::ClusterIp),
             },
         );
-    }
+    })?;
     programmed.config = maps.config.get(&0, 0).map_err(read_err(names::LB_CONFIG))?;
-    for entry in maps.addrs.iter() {
-        let (addr, info) = entry.map_err(read_err(names::LB_ADDRS))?;
+    let config = programmed.config;
+    maps.frontend_addrs(|addr, info| {
         programmed.addrs.insert(
             addr,
             AddrState {
                 info,
                 refs: 0,
                 cluster_refs: 0,
-                node_flags: node_flags(&programmed.config, addr),
+                node_flags: node_flags(&config, addr),
             },
         );
-    }
+    })?;
     let mut ranges: BTreeMap<u32, Vec<Ipv4Net>> = BTreeMap::new();
     for entry in maps.src_ranges.iter() {
         let (key, _) = entry.map_err(read_err(names::LB_SRC_RANGES))?;

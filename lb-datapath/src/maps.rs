@@ -283,6 +283,50 @@ impl Maps {
         }
     }
 
+    /// Every frontend and its value through `visit`, read with batch lookups where the kernel
+    /// has them (an agent's restart adopts ten thousand of them).
+    pub fn frontends(&self, mut visit: impl FnMut(FrontendKey, Frontend)) -> Result<(), MapsError> {
+        if self.batch_entries(names::LB_SERVICES, &mut visit)? {
+            return Ok(());
+        }
+        for entry in self.services.iter() {
+            let (key, value) = entry.map_err(map_err(names::LB_SERVICES))?;
+            visit(key, value);
+        }
+        Ok(())
+    }
+
+    /// Every address that carries frontends and its value through `visit`, as
+    /// [`Maps::frontends`].
+    pub fn frontend_addrs(&self, mut visit: impl FnMut(Be32, AddrInfo)) -> Result<(), MapsError> {
+        if self.batch_entries(names::LB_ADDRS, &mut visit)? {
+            return Ok(());
+        }
+        for entry in self.addrs.iter() {
+            let (key, value) = entry.map_err(map_err(names::LB_ADDRS))?;
+            visit(key, value);
+        }
+        Ok(())
+    }
+
+    /// The entries of the bulk-read hash map `name` through `visit`, read with batch lookups;
+    /// `false` (and nothing visited) where the kernel has none.
+    fn batch_entries<K: bytemuck::Pod, V: bytemuck::Pod>(
+        &self,
+        name: &'static str,
+        visit: &mut dyn FnMut(K, V),
+    ) -> Result<bool, MapsError> {
+        let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
+        let read =
+            crate::sys::hash_entries(fd.as_fd(), size_of::<K>(), size_of::<V>(), |key, value| {
+                visit(
+                    bytemuck::pod_read_unaligned(key),
+                    bytemuck::pod_read_unaligned(value),
+                );
+            });
+        Ok(read.is_ok())
+    }
+
     /// The keys of the bulk-read hash map `name` (values of type `V`) through `visit`, read with
     /// batch lookups; `None` where the kernel has none.
     fn batch_keys<K: bytemuck::Pod, V>(

@@ -282,6 +282,18 @@ pub fn hash_keys(
     value_size: usize,
     mut visit: impl FnMut(&[u8]),
 ) -> io::Result<usize> {
+    hash_entries(map, key_size, value_size, |key, _| visit(key))
+}
+
+/// Calls `visit` with the bytes of every key and its value of a hash map, read with
+/// `BPF_MAP_LOOKUP_BATCH` (a few thousand per syscall, where iterating costs two syscalls an
+/// entry); returns how many there were.
+pub fn hash_entries(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    mut visit: impl FnMut(&[u8], &[u8]),
+) -> io::Result<usize> {
     // Values of per-CPU maps are larger; this is for plain (LRU) hash maps.
     let mut chunk: usize = 4096;
     let mut keys = vec![0u8; chunk * key_size];
@@ -293,8 +305,9 @@ pub fn hash_keys(
         let batch =
             unsafe { lookup_batch(map, token, keys.as_mut_ptr(), values.as_mut_ptr(), chunk) };
         keys.chunks_exact(key_size)
+            .zip(values.chunks_exact(value_size))
             .take(batch.read)
-            .for_each(&mut visit);
+            .for_each(|(k, v)| visit(k, v));
         if let Err(err) = batch.result {
             match err.raw_os_error() {
                 Some(libc::ENOENT) => return Ok(total + batch.read),
