@@ -157,8 +157,9 @@ pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programm
     }
     // Which sets share another's affinity entries (only adopted sets' entries matter: a set id
     // taken later has its entry written when it is).
+    let scopes = maps.affinity_scope_elements()?;
     for set in programmed.sets.values() {
-        let shared = maps.affinity_scope.get(&set.id, 0).unwrap_or(0);
+        let shared = scopes.get(set.id as usize).copied().unwrap_or(0);
         if shared != 0 {
             programmed.affinity_scopes.insert(set.id, shared);
         }

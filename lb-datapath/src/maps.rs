@@ -94,7 +94,8 @@ pub struct Maps {
 }
 
 /// Maps written or read in bulk.
-const BULK: [&str; 5] = [
+const BULK: [&str; 6] = [
+    names::LB_AFFINITY_SCOPE,
     names::LB_BACKENDS,
     names::LB_SERVICES,
     names::LB_ADDRS,
@@ -239,6 +240,21 @@ impl Maps {
             }
         }
         Ok(found)
+    }
+
+    /// Every element of `LB_AFFINITY_SCOPE` (by set id), read with batch lookups where the kernel
+    /// has them.
+    pub fn affinity_scope_elements(&self) -> Result<Vec<u32>, MapsError> {
+        let name = names::LB_AFFINITY_SCOPE;
+        let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
+        match crate::sys::array_lookup_all(fd.as_fd(), self.affinity_scope.len() as usize) {
+            Ok(elements) => Ok(elements),
+            Err(_) => self
+                .affinity_scope
+                .iter()
+                .map(|e| e.map_err(map_err(name)))
+                .collect(),
+        }
     }
 
     /// Every element of the filters (`lb_common::filters`), read with batch lookups where the
