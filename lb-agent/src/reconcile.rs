@@ -7,7 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
     ops::RangeInclusive,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tracing::{debug, info, warn};
@@ -61,6 +61,9 @@ pub struct Reconciler {
     /// resync is due).
     programmed: Option<Programmed>,
     synced_once: bool,
+    /// Time spent translating ahead of the first sync (see [`Reconciler::translate_ahead`]),
+    /// counted in that sync's logged duration: translating, planning and writing N Services.
+    translated_ahead: Duration,
     /// Socket-level balancing is on: the node's connected UDP sockets to a backend that left are
     /// closed (`lb_datapath::sock_close`).
     closes_udp_sockets: bool,
@@ -89,6 +92,7 @@ impl Reconciler {
             notices: Vec::new(),
             programmed: None,
             synced_once: false,
+            translated_ahead: Duration::ZERO,
             closes_udp_sockets: false,
         }
     }
@@ -217,7 +221,11 @@ impl Reconciler {
     /// the first sync only plans and writes.
     pub fn translate_ahead(&mut self, metrics: &Metrics) {
         if self.store.ready() {
+            let started = Instant::now();
             self.translate_dirty(metrics);
+            if !self.synced_once {
+                self.translated_ahead += started.elapsed();
+            }
         }
     }
 
@@ -400,7 +408,8 @@ impl Reconciler {
                 endpoint_slices = self.store.slice_count(),
                 frontends = report.frontends,
                 writes,
-                seconds = started.elapsed().as_secs_f64(),
+                seconds = (started.elapsed() + self.translated_ahead).as_secs_f64(),
+                translated_ahead_seconds = self.translated_ahead.as_secs_f64(),
                 "first full sync done"
             );
         } else if writes > 0 {
