@@ -9,7 +9,13 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use lb_datapath::{
-    Capacities, Datapath, Pinning, attach::Links, bpffs, ct_carry, filters, loader, planner::Limits,
+    Capacities, Datapath, Pinning,
+    attach::Links,
+    bpffs, ct_carry,
+    features::TcApi,
+    filters,
+    loader::{self, Loader},
+    planner::Limits,
 };
 
 use crate::{
@@ -51,16 +57,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         anyhow::bail!("--source {}: no such file or directory", path.display());
     }
 
-    // The kernel verifies the programs while the source lists the objects: the reconciler takes
-    // them in below, and programs nothing before it has the maps.
     let capacities = Capacities {
         ct: args.conntrack_max,
         sets: args.max_services,
     };
+    let (loader, tc_api) = datapath_loader(&args, capacities)?;
+    // The kernel verifies the programs while the source lists the objects: the reconciler takes
+    // them in below, and programs nothing before it has the maps.
     let setup = {
         let args = args.clone();
         let patterns = patterns.clone();
-        tokio::task::spawn_blocking(move || prepare_datapath(&args, &patterns, capacities))
+        tokio::task::spawn_blocking(move || prepare_datapath(&args, &patterns, loader, tc_api))
     };
 
     let mut registry = Registry::default();
@@ -217,14 +224,10 @@ struct Prepared {
     links: Links,
 }
 
-/// Loads (or takes over) the pinned datapath, attaches it to the interfaces present and to the
-/// cgroup of `--socket-lb`, and carries an earlier agent's flows over: everything before the
-/// first sync that needs the kernel, run while the source lists the objects.
-fn prepare_datapath(
-    args: &RunArgs,
-    patterns: &[glob::Pattern],
-    capacities: Capacities,
-) -> Result<Prepared> {
+/// Everything before the datapath's load, on the calling thread: the pinned maps checked (or set
+/// aside to be carried over) and the loader set up, which parses the kernel's BTF before the
+/// source starts allocating (see `Datapath::loader`).
+fn datapath_loader(args: &RunArgs, capacities: Capacities) -> Result<(Loader, TcApi)> {
     let features = lb_datapath::features::Features::detect();
     features.report();
 
@@ -241,9 +244,20 @@ fn prepare_datapath(
             "pinned conntrack map of another shape: its flows move into a new one"
         );
     }
-    let mut datapath = Datapath::load(&Pinning::Dir(args.bpffs_dir.clone()), capacities)
-        .context("loading the datapath")?;
-    release_freed_memory();
+    let loader = Datapath::loader(&Pinning::Dir(args.bpffs_dir.clone()), capacities);
+    Ok((loader, features.tc_api))
+}
+
+/// Loads (or takes over) the pinned datapath, attaches it to the interfaces present and to the
+/// cgroup of `--socket-lb`, and carries an earlier agent's flows over: everything before the
+/// first sync that needs the kernel, run while the source lists the objects.
+fn prepare_datapath(
+    args: &RunArgs,
+    patterns: &[glob::Pattern],
+    loader: Loader,
+    tc_api: TcApi,
+) -> Result<Prepared> {
+    let mut datapath = loader.load().context("loading the datapath")?;
     let mut maps = datapath.take_maps()?;
     // Until every program that writes conntrack marks the flows it records.
     filters::suspend(&mut maps).context("withdrawing the datapath's filters")?;
@@ -257,7 +271,7 @@ fn prepare_datapath(
     }
     sysctl::reserve_snat_ports(&args.snat_ports);
 
-    let mut links = Links::new(&args.bpffs_dir, features.tc_api)?;
+    let mut links = Links::new(&args.bpffs_dir, tc_api)?;
     let present = interfaces::present();
     for iface in &args.external_iface {
         if !present.contains(iface) {
@@ -293,19 +307,6 @@ fn prepare_datapath(
         maps,
         links,
     })
-}
-
-/// Hands the heap's free pages back to the kernel. Loading the datapath parses the kernel's
-/// BTF (aya's loader reads it on creation, though our object needs none of it): some 17 MB,
-/// freed at once but kept by the allocator in the loading thread's arena, where the objects
-/// listed meanwhile on other threads cannot reuse it. Without this, it stays in the agent's
-/// resident memory for good.
-fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free memory to the kernel; nothing allocated is touched.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Which interfaces get which programs.

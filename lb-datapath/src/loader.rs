@@ -89,26 +89,35 @@ pub struct Datapath {
     backends_created: bool,
 }
 
+/// A datapath about to be loaded: [`Datapath::load`]'s first step (see [`Datapath::loader`]).
+pub struct Loader {
+    loader: EbpfLoader<'static>,
+    pinning: Pinning,
+    backends_created: bool,
+}
+
 impl Datapath {
     /// Loads the BPF object and runs every program through the verifier.
     pub fn load(pinning: &Pinning, capacities: Capacities) -> Result<Self, DatapathError> {
-        let pin_paths: Vec<(&'static str, PathBuf)> = match pinning {
-            Pinning::None => Vec::new(),
-            Pinning::Dir(dir) => maps::ALL
-                .iter()
-                .map(|name| (*name, dir.join(name)))
-                .collect(),
-        };
+        Self::loader(pinning, capacities).load()
+    }
+
+    /// The first step of [`Datapath::load`]: the loader set up, nothing parsed or created yet.
+    /// Setting it up reads and parses the kernel's BTF (some 17 MB, let go of at once): an agent
+    /// does it before it starts anything else that allocates, so that the two never add up in
+    /// its peak memory.
+    pub fn loader(pinning: &Pinning, capacities: Capacities) -> Loader {
         let backends_created = match pinning {
             Pinning::None => true,
             Pinning::Dir(dir) => !dir.join(maps::LB_BACKENDS).exists(),
         };
         let mut loader = EbpfLoader::new();
+        // The object has no CO-RE relocations (nothing in it depends on the kernel's type
+        // layout), so the kernel's BTF the loader reads on creation is dropped at once, and its
+        // pages handed back, rather than held through the load.
+        loader.btf(None);
+        crate::sys::release_freed_memory();
         loader
-            // The object has no CO-RE relocations (nothing in it depends on the kernel's type
-            // layout), so the kernel's BTF the loader reads on creation (several MB, parsed) is
-            // dropped at once rather than held through the load: the agent's peak memory.
-            .btf(None)
             .map_max_entries(maps::LB_CT, crate::ct_carry::map_entries(capacities.ct))
             // Every map indexed by set id holds `sets` entries (more services than the
             // defaults allow must not overflow any of them).
@@ -116,19 +125,38 @@ impl Datapath {
             .map_max_entries(maps::LB_SVC_STATS, capacities.sets)
             .map_max_entries(maps::LB_AFFINITY_SCOPE, capacities.sets)
             .map_max_entries(maps::LB_SOCK_STATS, capacities.sets);
-        for (name, path) in &pin_paths {
-            loader.map_pin_path(name, path.as_path());
+        if let Pinning::Dir(dir) = pinning {
+            for name in maps::ALL {
+                loader.map_pin_path(name, dir.join(name));
+            }
+            // A conntrack map set aside to be carried over (`ct_carry`): the programs fall back
+            // to it while the agent carries its flows over. Otherwise `LB_CT_PREV` stays an
+            // empty map of its own.
+            if crate::ct_carry::carrying(dir) {
+                loader.map_pin_path(maps::LB_CT_PREV, dir.join(crate::ct_carry::OLD_PIN));
+            }
         }
-        // A conntrack map set aside to be carried over (`ct_carry`): the programs fall back to
-        // it while the agent carries its flows over. Otherwise `LB_CT_PREV` stays an empty map
-        // of its own.
-        if let Pinning::Dir(dir) = pinning
-            && crate::ct_carry::carrying(dir)
-        {
-            loader.map_pin_path(maps::LB_CT_PREV, dir.join(crate::ct_carry::OLD_PIN));
+        Loader {
+            loader,
+            pinning: pinning.clone(),
+            backends_created,
         }
+    }
+}
+
+impl Loader {
+    /// Parses the BPF object, creates (or opens the pinned) maps and runs every program through
+    /// the verifier.
+    pub fn load(self) -> Result<Datapath, DatapathError> {
+        let Self {
+            mut loader,
+            pinning,
+            backends_created,
+        } = self;
         let mut ebpf = loader.load(LB_EBPF).map_err(DatapathError::Load)?;
         let sock_refused = verify(&mut ebpf)?;
+        // And what parsing the object and verifying its programs took, on threads of their own.
+        crate::sys::release_freed_memory();
         if matches!(pinning, Pinning::None) {
             // Only these programs and this process ever write these maps: the filters are
             // complete from the start (`filters`).
@@ -139,13 +167,15 @@ impl Datapath {
                 1u8,
             )?;
         }
-        Ok(Self {
+        Ok(Datapath {
             ebpf,
             sock_refused,
             backends_created,
         })
     }
+}
 
+impl Datapath {
     /// The socket-level balancing program `name` (one of `lb_common::programs::SOCK`); an error
     /// when the kernel refused them at load.
     pub fn sock_program(
