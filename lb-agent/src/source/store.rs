@@ -38,8 +38,9 @@ pub struct Store {
     /// Every endpoint names its node: one copy of each name, shared. (Node names are few and
     /// long-lived; names of nodes that left are kept.)
     node_names: BTreeSet<Arc<str>>,
-    /// Service -> names of its slices.
-    slices_of: BTreeMap<ServiceId, BTreeSet<String>>,
+    /// Service -> names of its slices, sorted. A Vec: most Services have one slice, and a
+    /// B-tree set allocates a node of eleven names for it.
+    slices_of: BTreeMap<ServiceId, Vec<String>>,
     nodes: BTreeMap<String, Node>,
     /// Keys applied since `Listing(kind)`, until `Listed(kind)`.
     listing: BTreeMap<Kind, BTreeSet<ObjectKey>>,
@@ -177,10 +178,10 @@ impl Store {
                     dirty.services.insert(old);
                 }
                 if let Some(owner) = new_owner {
-                    self.slices_of
-                        .entry(owner.clone())
-                        .or_default()
-                        .insert(key.name.clone());
+                    let names = self.slices_of.entry(owner.clone()).or_default();
+                    if let Err(at) = names.binary_search(&key.name) {
+                        names.insert(at, key.name.clone());
+                    }
                     dirty.services.insert(owner);
                 }
                 self.slices.insert(id, slice);
@@ -211,7 +212,7 @@ impl Store {
 
     fn unlink_slice(&mut self, owner: &ServiceId, slice: &str) {
         if let Some(names) = self.slices_of.get_mut(owner) {
-            names.remove(slice);
+            names.retain(|n| n != slice);
             if names.is_empty() {
                 self.slices_of.remove(owner);
             }
