@@ -302,24 +302,32 @@ impl Maps {
     /// Every frontend and its value through `visit`, read with batch lookups where the kernel
     /// has them (an agent's restart adopts ten thousand of them).
     pub fn frontends(&self, mut visit: impl FnMut(FrontendKey, Frontend)) -> Result<(), MapsError> {
-        if self.batch_entries(names::LB_SERVICES, &mut visit)? {
-            return Ok(());
-        }
-        for entry in self.services.iter() {
-            let (key, value) = entry.map_err(map_err(names::LB_SERVICES))?;
-            visit(key, value);
-        }
-        Ok(())
+        self.entries(names::LB_SERVICES, &self.services, &mut visit)
     }
 
     /// Every address that carries frontends and its value through `visit`, as
     /// [`Maps::frontends`].
     pub fn frontend_addrs(&self, mut visit: impl FnMut(Be32, AddrInfo)) -> Result<(), MapsError> {
-        if self.batch_entries(names::LB_ADDRS, &mut visit)? {
+        self.entries(names::LB_ADDRS, &self.addrs, &mut visit)
+    }
+
+    /// The entries of the bulk-read hash map `name` (`map`) through `visit`: with batch lookups,
+    /// else one entry at a time.
+    fn entries<K, V>(
+        &self,
+        name: &'static str,
+        map: &HashMap<MapData, K, V>,
+        visit: &mut dyn FnMut(K, V),
+    ) -> Result<(), MapsError>
+    where
+        K: aya::Pod + bytemuck::Pod,
+        V: aya::Pod + bytemuck::Pod,
+    {
+        if self.batch_entries(name, visit)? {
             return Ok(());
         }
-        for entry in self.addrs.iter() {
-            let (key, value) = entry.map_err(map_err(names::LB_ADDRS))?;
+        for entry in map.iter() {
+            let (key, value) = entry.map_err(map_err(name))?;
             visit(key, value);
         }
         Ok(())
