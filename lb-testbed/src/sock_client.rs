@@ -8,7 +8,7 @@
 //!
 //! A test binary that uses it declares the entry once, at its top level:
 //!
-//! ```ignore
+//! ```text
 //! lb_testbed::sock_client_entry!();
 //! ```
 //!
