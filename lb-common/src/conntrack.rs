@@ -186,6 +186,12 @@ impl CtEntry {
         self.nat_flags & nat_flags::POD_ROUTE != 0
     }
 
+    /// Whether the flow goes by direct server return ([`nat_flags::DSR`]).
+    #[inline(always)]
+    pub const fn dsr(&self) -> bool {
+        self.nat_flags & nat_flags::DSR != 0
+    }
+
     /// Whether the entry is a direct connection's ([`DIRECT`]).
     #[inline(always)]
     pub const fn direct(&self) -> bool {
@@ -212,7 +218,8 @@ impl CtEntry {
 
     /// Whether the flow is source-NATed to this node, which then routes its packets (every
     /// source-NATed flow but hairpin flows, bounced back into their pod, and flows whose client
-    /// keeps its address, which go on through the stack).
+    /// keeps its address, which go on through the stack). DSR flows are routed too, with their
+    /// client's address ([`CtEntry::dsr`]).
     #[inline(always)]
     pub const fn routed(&self) -> bool {
         self.flags & (ct_flags::SNAT | ct_flags::HAIRPIN) == ct_flags::SNAT
@@ -338,6 +345,11 @@ pub mod nat_flags {
     /// this node; see `crate::snat::routes_to_pod`). XDP leaves such packets untouched to the
     /// tc program behind it, which can redirect into a veth.
     pub const POD_ROUTE: u8 = 1 << 1;
+    /// Direct server return ([`crate::dsr`]), without `ct_flags::SNAT`. On the entry node's
+    /// entries: the node routes the client's packets, DNATed, to the backend's node, and the
+    /// replies never come back through it. On the reply entry the backend's node made from the
+    /// first packet's option: its forward half lives on the entry node.
+    pub const DSR: u8 = 1 << 2;
 }
 
 /// Bits of [`CtEntry::flags`].

@@ -34,6 +34,7 @@ pub mod answer;
 pub mod bucket;
 pub mod conntrack;
 pub mod csum;
+pub mod dsr;
 pub mod events;
 pub mod filters;
 pub mod hash;

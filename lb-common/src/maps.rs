@@ -356,6 +356,9 @@ pub mod frontend_flags {
     /// With no backend, drop silently instead of rejecting (kube-proxy's behaviour for traffic
     /// policy Local when endpoints exist only on other nodes).
     pub const DROP_WHEN_EMPTY: u32 = 1 << 0;
+    /// External TCP flows to backends on other nodes go by direct server return
+    /// ([`crate::dsr`]) instead of being source-NATed to the node.
+    pub const DSR: u32 = 1 << 1;
 }
 
 /// Bits of [`NodeConfig::flags`]: node-wide choices the agent makes from its flags. Read by the
@@ -535,6 +538,13 @@ impl Frontend {
     #[inline(always)]
     pub const fn drop_when_empty(&self) -> bool {
         self.flags & frontend_flags::DROP_WHEN_EMPTY != 0
+    }
+
+    /// External flows to other nodes' backends go by direct server return
+    /// ([`frontend_flags::DSR`]).
+    #[inline(always)]
+    pub const fn dsr(&self) -> bool {
+        self.flags & frontend_flags::DSR != 0
     }
 
     /// Whether new flows are balanced by a Maglev table (else the single `backend_id`).

@@ -55,11 +55,14 @@ pub enum Reason {
     /// that same destination holds the reply path it would use (see `conntrack::DIRECT`).
     /// Counted when the connection opens; its later packets count as `Established`.
     PortRemapped = 19,
+    /// The first packet of a flow another node balanced by direct server return carried its
+    /// frontend (`crate::dsr`): this node recorded the reverse NAT of its replies.
+    DsrAccepted = 20,
 }
 
 impl Reason {
     /// Number of reasons (size of the counters array).
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::NewFlow,
@@ -82,6 +85,7 @@ impl Reason {
         Self::DropTtlExceeded,
         Self::AnswerSuppressed,
         Self::PortRemapped,
+        Self::DsrAccepted,
     ];
 
     /// A stable snake_case name for metrics and `lbctl stats`.
@@ -107,6 +111,7 @@ impl Reason {
             Self::DropTtlExceeded => "drop_ttl_exceeded",
             Self::AnswerSuppressed => "answer_suppressed",
             Self::PortRemapped => "port_remapped",
+            Self::DsrAccepted => "dsr_accepted",
         }
     }
 }

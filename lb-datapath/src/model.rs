@@ -143,6 +143,9 @@ pub struct DesiredFrontend {
     pub set: SetName,
     /// No usable endpoint here although the service has some elsewhere: drop, don't reject.
     pub drop_when_empty: bool,
+    /// External TCP flows to other nodes' backends go by direct server return
+    /// (`lb_common::dsr`) rather than source NAT.
+    pub dsr: bool,
     /// sessionAffinity ClientIP timeout; 0 without affinity.
     pub affinity_timeout_s: u32,
     /// loadBalancerSourceRanges (plus the frontend address itself); empty allows everyone.

@@ -187,6 +187,9 @@ pub enum SourceNat {
     Node(SnatChoice),
     /// To the hairpin address, the client's port kept: a pod balanced to itself.
     Hairpin(SocketAddrV4),
+    /// None, by direct server return (`lb_common::dsr`): the client's address kept, routed to
+    /// the backend's node (the SYN carrying the frontend), whose replies go straight back.
+    Dsr,
     /// The client's address kept, its port replaced: another live flow of the same client port
     /// holds the reply key (`nat_flags::CLIENT_PORT`).
     ClientPort(SnatChoice),
@@ -380,6 +383,7 @@ pub fn snat_allocate(
 fn new_flow_snat(
     maps: &Maps,
     flow: &FlowKey,
+    frontend: &Frontend,
     backend: &Backend,
     flow_scope: u8,
     now: u64,
@@ -387,6 +391,13 @@ fn new_flow_snat(
     let config = node_config(maps)?;
     if let Some((addr, port)) = snat::hairpin_source(flow, backend, &config) {
         return Ok(Some(Ok(SourceNat::Hairpin(socket(addr, port)))));
+    }
+    // A packet traced has no IPv4 options of its own, which would rule DSR out. A clash on the
+    // backend's reply key makes the flow source-NATed instead.
+    if lb_common::dsr::applies(flow_scope, frontend, backend, flow.proto, &config)
+        && client_port_clash(maps, flow, backend, now)?.is_none()
+    {
+        return Ok(Some(Ok(SourceNat::Dsr)));
     }
     if !snat::needed(flow_scope, backend, flow.proto, &config) {
         return client_port_clash(maps, flow, backend, now);
@@ -571,22 +582,24 @@ pub fn forward(
             Err(detail) => return Ok(Forward::Inconsistent { frontend, detail }),
         };
     let addr = socket(backend.addr, backend.port);
-    Ok(match new_flow_snat(maps, &key, &backend, scope, now)? {
-        Some(Err(failure)) => Forward::DropSnatPorts {
-            frontend,
-            selection,
-            backend_id,
-            backend: addr,
-            failure,
+    Ok(
+        match new_flow_snat(maps, &key, &frontend, &backend, scope, now)? {
+            Some(Err(failure)) => Forward::DropSnatPorts {
+                frontend,
+                selection,
+                backend_id,
+                backend: addr,
+                failure,
+            },
+            snat => Forward::NewFlow {
+                frontend,
+                selection,
+                backend_id,
+                backend: addr,
+                snat: snat.and_then(Result::ok),
+            },
         },
-        snat => Forward::NewFlow {
-            frontend,
-            selection,
-            backend_id,
-            backend: addr,
-            snat: snat.and_then(Result::ok),
-        },
-    })
+    )
 }
 
 /// A pod's packet `key` (forward direction) to an address without a frontend (`direct.rs` in

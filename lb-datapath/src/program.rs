@@ -90,6 +90,9 @@ pub struct ServiceSpec {
     pub backends: Vec<BackendSpec>,
     /// Without usable backends, drop instead of rejecting (externalTrafficPolicy Local).
     pub drop_when_empty: bool,
+    /// External TCP flows to backends on other nodes go by direct server return
+    /// (`lb_common::dsr`) rather than source NAT.
+    pub dsr: bool,
     /// sessionAffinity ClientIP timeout; 0 without affinity.
     pub affinity_timeout_s: u32,
     /// Sources allowed on every frontend (loadBalancerSourceRanges); empty allows everyone.
@@ -227,6 +230,7 @@ impl Services {
                     kind: f.kind,
                     set: set.clone(),
                     drop_when_empty: svc.drop_when_empty,
+                    dsr: svc.dsr,
                     affinity_timeout_s: svc.affinity_timeout_s,
                     source_ranges: source_ranges.clone(),
                 },

@@ -82,6 +82,22 @@ pub fn route<F: Frame>(
     dst: Be32,
     len: u32,
 ) -> Result<Route, Action> {
+    route_grown(frame, ip, src, dst, 0, len)
+}
+
+/// [`route`] for a packet that grows by `grow` bytes before it leaves (a DSR flow's first
+/// packet, which gains an IPv4 option). Such a packet is never a GSO packet (a TCP SYN), so its
+/// grown length is checked against the egress MTU at tc too, and fragmentation needed names the
+/// MTU less `grow`, which is what the sender's packets may be.
+#[inline(always)]
+pub fn route_grown<F: Frame>(
+    frame: &mut F,
+    ip: &Ipv4,
+    src: Be32,
+    dst: Be32,
+    grow: u16,
+    len: u32,
+) -> Result<Route, Action> {
     if ip.ttl <= 1 {
         // A router answers with ICMP time exceeded; nothing is recorded for the flow.
         stats::verdict(Reason::DropTtlExceeded, len);
@@ -99,7 +115,11 @@ pub fn route<F: Frame>(
     *params = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = ip.proto;
-    params.__bindgen_anon_1.tot_len = F::fib_tot_len(ip);
+    params.__bindgen_anon_1.tot_len = if grow == 0 {
+        F::fib_tot_len(ip)
+    } else {
+        ip.tot_len.to_host().saturating_add(grow)
+    };
     params.__bindgen_anon_3.ipv4_src = src.raw();
     params.__bindgen_anon_4.ipv4_dst = dst.raw();
     params.ifindex = frame.ingress_ifindex();
@@ -111,7 +131,7 @@ pub fn route<F: Frame>(
             return Err(Action::Pass);
         }
         // SAFETY: on FRAG_NEEDED the kernel wrote the egress MTU over `tot_len`.
-        let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+        let mtu = unsafe { params.__bindgen_anon_1.mtu_result }.saturating_sub(grow);
         stats::verdict(Reason::DropTooBig, len);
         return Err(if ip.dont_fragment() {
             reject::fragmentation_needed(frame, ip, mtu, len)

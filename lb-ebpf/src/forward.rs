@@ -4,6 +4,7 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
     conntrack::{self, CtEntry, FORWARD, FlowKey, ct_flags, nat_flags},
+    dsr::DsrOption,
     maps::{AddrInfo, Frontend, FrontendKey, scope as scopes},
     net::proto,
     snat::SnatPort,
@@ -11,7 +12,7 @@ use lb_common::{
 };
 
 use crate::{
-    ct, direct, events, fib, filters, fragment,
+    ct, direct, dsr, events, fib, filters, fragment,
     frame::{Action, Frame},
     hairpin, icmp,
     maps::{LB_ADDRS, LB_CT, LB_SERVICES},
@@ -31,6 +32,10 @@ pub fn from_client<F: Frame>(frame: &mut F, scope: u8) -> Action {
     let Some(addr) = (unsafe { LB_ADDRS.get(ip.dst) }).copied() else {
         if scope == scopes::INTERNAL {
             return direct::from_pod(frame, &ip);
+        }
+        // Options are rare: only then may it be a DSR flow's first packet, for a backend here.
+        if ip.has_options() {
+            return dsr::accept(frame, &ip);
         }
         return Action::Pass;
     };
@@ -94,15 +99,25 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         }
         // SAFETY: map value from a successful lookup.
         let e = unsafe { *entry };
-        if e.routed() {
+        let dsr = e.dsr();
+        if e.routed() || dsr {
             // Decided once, on this branch alone: the verifier cannot tell that a second test
-            // of the same flag would go the same way.
-            let route = match fib::route(frame, ip, e.snat_addr, e.nat_addr, len) {
+            // of the same flag would go the same way. A DSR flow keeps its client as source,
+            // and a retransmitted SYN carries its frontend again.
+            let (src, grow) = if dsr {
+                (ip.src, dsr_growth(ip, &l4))
+            } else {
+                (e.snat_addr, 0)
+            };
+            let route = match fib::route_grown(frame, ip, src, e.nat_addr, grow, len) {
                 Ok(route) => route,
                 Err(action) => return action,
             };
             if let Err(action) = established(frame, ip, &l4, &e, len) {
                 return action;
+            }
+            if grow != 0 && dsr::carry(frame, frontend_of(&flow)).is_err() {
+                return counted(Reason::DropMalformed, len, Action::Drop);
             }
             return fib::send(frame, route, len);
         }
@@ -129,6 +144,26 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         return not_served(frame, ip, Some(&l4), addr, len);
     };
     new_flow(frame, ip, &l4, &flow, &frontend, scope, now, len)
+}
+
+/// The bytes a packet of a DSR flow grows by: the option, on a SYN whose header has room for it
+/// (a header with options of its own never opens a DSR flow).
+#[inline(always)]
+fn dsr_growth(ip: &Ipv4, l4: &L4) -> u16 {
+    if ip.has_options() {
+        0
+    } else {
+        dsr::growth(l4.tcp_flags)
+    }
+}
+
+/// The frontend a DSR flow's first packet carries: what the client addressed.
+#[inline(always)]
+fn frontend_of(flow: &FlowKey) -> DsrOption {
+    DsrOption {
+        addr: flow.dst_addr,
+        port: flow.dst_port,
+    }
 }
 
 /// DNAT to the flow's backend (the entry's NAT address), and SNAT to the node for a
@@ -237,10 +272,36 @@ fn new_flow<F: Frame>(
     let mut routed = false;
     let mut range = None;
     let mut reply_written = false;
+    let mut grow = 0;
     if let Some((addr, port)) = lb_common::snat::hairpin_source(flow, &backend, &config) {
         forward.flags |= ct_flags::SNAT | ct_flags::HAIRPIN;
         forward.snat_addr = addr;
         forward.snat_port = port;
+    } else if !ip.has_options()
+        && lb_common::dsr::applies(scope, frontend, &backend, ip.proto, &config)
+    {
+        // Direct server return: routed to the backend's node with the client's address, the
+        // route first as below.
+        grow = dsr_growth(ip, l4);
+        route = match fib::route_grown(frame, ip, ip.src, backend.addr, grow, len) {
+            Ok(route) => route,
+            Err(action) => return action,
+        };
+        routed = true;
+        forward.nat_flags |= nat_flags::DSR;
+        match claim_reply(flow, &forward, now) {
+            Claim::Claimed => reply_written = true,
+            Claim::Free => {}
+            Claim::Clash => {
+                // Another live flow of this client port holds the backend's reply key (see
+                // `Claim::Clash`): source NAT gives this one a key of its own.
+                forward.nat_flags &= !nat_flags::DSR;
+                forward.flags |= ct_flags::SNAT;
+                forward.snat_addr = config.snat_addr;
+                range = Some(config);
+                grow = 0;
+            }
+        }
     } else if lb_common::snat::needed(scope, &backend, ip.proto, &config) {
         if lb_common::snat::routes_to_pod(scope, &backend) {
             forward.nat_flags |= nat_flags::POD_ROUTE;
@@ -292,6 +353,9 @@ fn new_flow<F: Frame>(
         Reason::NewFlow,
     ) {
         return action;
+    }
+    if grow != 0 && dsr::carry(frame, frontend_of(flow)).is_err() {
+        return counted(Reason::DropMalformed, len, Action::Drop);
     }
     if routed {
         return fib::send(frame, route, len);

@@ -11,8 +11,8 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh,
-        bpf_redir_neigh__bindgen_ty_1, xdp_action,
+        bpf_adj_room_mode::{BPF_ADJ_ROOM_MAC, BPF_ADJ_ROOM_NET},
+        bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1, xdp_action,
     },
     helpers::generated::{
         bpf_fib_lookup as fib_lookup_helper, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
@@ -22,7 +22,13 @@ use aya_ebpf::{
 };
 use lb_common::{Be32, csum};
 
-use crate::parse::Ipv4;
+use crate::{
+    hdr::{IPV4_MIN_HDR_LEN, L3_OFF},
+    parse::Ipv4,
+};
+
+/// The room `Frame::grow_after_ip_header` opens: one DSR option (`lb_common::dsr`).
+pub const IP_OPTION_ROOM: usize = lb_common::dsr::OPTION_LEN;
 
 const AF_INET: u32 = 2;
 
@@ -67,6 +73,11 @@ pub trait Frame {
     /// Opens `len` bytes of room right after the Ethernet header (the Ethernet header moves
     /// to the new front).
     fn grow_after_eth(&mut self, len: usize) -> Result<(), ()>;
+
+    /// Opens [`IP_OPTION_ROOM`] bytes right after the fixed IPv4 header, where the first IPv4
+    /// option goes (the Ethernet and fixed IPv4 headers move to the new front; their fields
+    /// are the caller's to fix).
+    fn grow_after_ip_header(&mut self) -> Result<(), ()>;
 
     /// The interface the packet arrived on.
     fn ingress_ifindex(&self) -> u32;
@@ -185,6 +196,33 @@ impl Frame for XdpFrame {
         let src = ptr_at::<Self, [u8; 14]>(self, len).ok_or(())?;
         // SAFETY: both 14-byte ranges were bounds-checked; they do not overlap when len >= 14.
         unsafe { *dst = *src };
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn grow_after_ip_header(&mut self) -> Result<(), ()> {
+        const ROOM: usize = IP_OPTION_ROOM;
+        // SAFETY: plain helper call on our own context.
+        if unsafe { bpf_xdp_adjust_head(self.ctx.ctx, -(ROOM as i32)) } != 0 {
+            return Err(());
+        }
+        // Move the Ethernet and fixed IPv4 headers (34 bytes) from `ROOM` bytes in to the new
+        // front, in ascending 8-byte steps: each step reads its source before a later step
+        // writes over it (the ranges overlap, the steps' own do not).
+        const HEADERS: usize = L3_OFF + IPV4_MIN_HDR_LEN;
+        const _: () = assert!(HEADERS == 4 * ROOM + 2 && ROOM == 8);
+        let mut off = 0;
+        while off < 4 * ROOM {
+            let dst = ptr_at::<Self, [u8; ROOM]>(self, off).ok_or(())?;
+            let src = ptr_at::<Self, [u8; ROOM]>(self, off + ROOM).ok_or(())?;
+            // SAFETY: both ranges were bounds-checked; they are `ROOM` bytes apart.
+            unsafe { dst.write_unaligned(src.read_unaligned()) };
+            off += ROOM;
+        }
+        let dst = ptr_at::<Self, [u8; 2]>(self, HEADERS - 2).ok_or(())?;
+        let src = ptr_at::<Self, [u8; 2]>(self, HEADERS - 2 + ROOM).ok_or(())?;
+        // SAFETY: as above.
+        unsafe { dst.write_unaligned(src.read_unaligned()) };
         Ok(())
     }
 
@@ -372,6 +410,15 @@ impl Frame for TcFrame {
     fn grow_after_eth(&mut self, len: usize) -> Result<(), ()> {
         self.ctx
             .adjust_room(len as i32, BPF_ADJ_ROOM_MAC, 0)
+            .map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn grow_after_ip_header(&mut self) -> Result<(), ()> {
+        // `BPF_ADJ_ROOM_NET` opens the room right after the fixed IPv4 header (20 bytes from
+        // the network header, whatever its length field says).
+        self.ctx
+            .adjust_room(IP_OPTION_ROOM as i32, BPF_ADJ_ROOM_NET, 0)
             .map_err(|_| ())
     }
 

@@ -32,6 +32,7 @@
 
 mod ct;
 mod direct;
+mod dsr;
 mod events;
 mod fib;
 mod filters;

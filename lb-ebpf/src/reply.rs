@@ -50,7 +50,8 @@ pub fn to_client<F: Frame>(frame: &mut F) -> Action {
     if !e.live(now) || (e.snat() && !e.client_port_remapped()) {
         return Action::Pass;
     }
-    if ct::touch(entry, ip.proto, l4.tcp_flags, now) {
+    // A DSR flow's forward half lives on the node that balanced it (`lb_common::dsr`).
+    if ct::touch(entry, ip.proto, l4.tcp_flags, now) && !e.dsr() {
         ct::refresh_forward(&key, entry, now);
     }
     if nat::rewrite(frame, End::Source, Some(&l4), e.nat_addr, e.nat_port).is_err() {

@@ -283,11 +283,14 @@ impl FlagBit for AddrFlag {
 #[serde(rename_all = "snake_case")]
 pub enum FrontendFlag {
     DropWhenEmpty,
+    Dsr,
 }
 
 impl FlagBit for FrontendFlag {
-    const NAMED: &'static [(u64, Self)] =
-        &[(frontend_flags::DROP_WHEN_EMPTY as u64, Self::DropWhenEmpty)];
+    const NAMED: &'static [(u64, Self)] = &[
+        (frontend_flags::DROP_WHEN_EMPTY as u64, Self::DropWhenEmpty),
+        (frontend_flags::DSR as u64, Self::Dsr),
+    ];
 }
 
 /// A bit of an `LB_BACKENDS` slot.

@@ -715,11 +715,7 @@ fn upsert_frontend(
         backend_count: count,
         backend_id,
         table_size: size,
-        flags: if f.drop_when_empty {
-            frontend_flags::DROP_WHEN_EMPTY
-        } else {
-            0
-        },
+        flags: frontend_flags_of(f),
         affinity_timeout_s: f.affinity_timeout_s,
         source_range_id: range_id,
         table_digest: digest,
@@ -776,4 +772,16 @@ fn remove_frontend(
             state.cluster_refs = state.cluster_refs.saturating_sub(1);
         }
     }
+}
+
+/// The datapath's flags for the desired frontend `f`.
+fn frontend_flags_of(f: &DesiredFrontend) -> u32 {
+    let mut flags = 0;
+    if f.drop_when_empty {
+        flags |= frontend_flags::DROP_WHEN_EMPTY;
+    }
+    if f.dsr {
+        flags |= frontend_flags::DSR;
+    }
+    flags
 }

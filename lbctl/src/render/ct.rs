@@ -15,6 +15,13 @@ pub fn text(rows: &[FlowRow]) -> String {
         // backend id (`conntrack::DIRECT`).
         let (frontend, backend, service) = if r.direct {
             ("(direct)".to_owned(), r.backend.to_string(), "-".to_owned())
+        } else if r.dsr && r.forward.is_none() {
+            // The reply half of another node's DSR flow: its frontend and set are that node's.
+            (
+                r.frontend.to_string(),
+                r.backend.to_string(),
+                "(other node)".to_owned(),
+            )
         } else {
             (
                 r.frontend.to_string(),
@@ -30,7 +37,7 @@ pub fn text(rows: &[FlowRow]) -> String {
             service,
             side(r.forward.as_ref()),
             side(r.reply.as_ref()),
-            opt(r.snat),
+            if r.dsr { "dsr".to_owned() } else { opt(r.snat) },
         ]);
     }
     format!("{t}\n")

@@ -119,7 +119,7 @@ pub fn text(d: &Dump) -> String {
                 r.set_id.to_string(),
                 joined(&r.flags),
                 expiry(r.expires_in_s, r.expired),
-                opt(r.snat),
+                if r.dsr { "dsr".to_owned() } else { opt(r.snat) },
             ]);
         }
         section(&mut out, names::LB_CT, rows.len(), t);

@@ -173,6 +173,11 @@ fn forward(t: &Trace, prediction: &Forward) -> String {
                     choice.source,
                     snat_choice_text(choice)
                 ),
+                Some(SourceNat::Dsr) => format!(
+                    "DNAT: dst {dst} -> {backend}, src {src} unchanged; direct server return: \
+                     routed to the backend's node, the SYN carrying the frontend {dst} in an \
+                     IPv4 option, and the replies go from there straight to the client"
+                ),
             };
             format!(
                 "{}; conntrack records both directions; {nat}",

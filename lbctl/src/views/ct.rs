@@ -41,6 +41,10 @@ pub struct FlowRow {
     /// source port, `snat`, because a load-balanced flow of its port holds its reply key;
     /// `service_id` and `backend_id` are then `lb_common::conntrack::DIRECT`.
     pub direct: bool,
+    /// Direct server return (`lb_common::dsr`): on the node that balanced it, the flow is
+    /// routed to its backend's node with the client's address; on the backend's node only its
+    /// reply entry is here, restoring the other node's frontend.
+    pub dsr: bool,
     /// The entry keyed client -> frontend (`null` when only the reply entry is left).
     pub forward: Option<CtSide>,
     /// The entry keyed backend -> client, or backend -> `snat` for a source-NATed flow (`null`
@@ -88,6 +92,7 @@ pub fn list(maps: &Maps) -> Result<Vec<FlowRow>, MapsError> {
             set_id: entry.set_id,
             backend_id: entry.backend_id,
             direct: entry.direct(),
+            dsr: entry.dsr(),
             forward: Some(side(entry, now)),
             reply: reply.map(|(_, r)| side(r, now)),
             snat,
@@ -112,6 +117,7 @@ pub fn list(maps: &Maps) -> Result<Vec<FlowRow>, MapsError> {
             set_id: entry.set_id,
             backend_id: entry.backend_id,
             direct: entry.direct(),
+            dsr: entry.dsr(),
             forward: None,
             reply: Some(side(entry, now)),
             snat,

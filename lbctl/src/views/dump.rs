@@ -204,6 +204,10 @@ pub struct CtRow {
     /// source. Reply (keyed backend -> that address and port): the client, restored as the
     /// destination.
     pub snat: Option<SocketAddrV4>,
+    /// Direct server return (`lb_common::dsr`). Forward: routed to the backend's node with the
+    /// client's address, the replies going straight back from there. Reply, on the backend's
+    /// node: `nat` is another node's frontend, and the forward entry lives there.
+    pub dsr: bool,
 }
 
 /// `LB_CONFIG`: the node's configuration (one row).
@@ -582,6 +586,7 @@ fn ct_row(key: &FlowKey, entry: &CtEntry, now: u64) -> CtRow {
         expires_in_s: seconds_until(entry.deadline_ns, now),
         expired: now >= entry.deadline_ns,
         snat: rows::snat_of(entry),
+        dsr: entry.dsr(),
     }
 }
 

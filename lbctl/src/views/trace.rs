@@ -372,12 +372,13 @@ pub fn forward(
             snat,
         } => {
             t.chosen(&frontend, selection, backend_id, backend);
-            t.snat = snat.map(|snat| match snat {
-                SourceNat::Hairpin(addr) => TraceSnat::new(SnatKind::Hairpin, addr, src),
-                SourceNat::Node(choice) => TraceSnat::chosen(SnatKind::Node, &choice, src),
+            t.snat = snat.and_then(|snat| match snat {
+                SourceNat::Hairpin(addr) => Some(TraceSnat::new(SnatKind::Hairpin, addr, src)),
+                SourceNat::Node(choice) => Some(TraceSnat::chosen(SnatKind::Node, &choice, src)),
                 SourceNat::ClientPort(choice) => {
-                    TraceSnat::chosen(SnatKind::ClientPort, &choice, src)
+                    Some(TraceSnat::chosen(SnatKind::ClientPort, &choice, src))
                 }
+                SourceNat::Dsr => None,
             });
             t.output = Some(TracePacket {
                 src: t.snat.map_or(src, |s| s.addr),
@@ -436,6 +437,7 @@ fn classify(prediction: &Forward) -> (Decision, Verdict) {
         Forward::Established { snat, entry, .. } => (
             Decision::Established,
             match snat {
+                None if entry.dsr() => Verdict::Forward,
                 None => Verdict::Pass,
                 Some(_) => nat_verdict(SnatKind::of(entry)),
             },
@@ -447,6 +449,8 @@ fn classify(prediction: &Forward) -> (Decision, Verdict) {
                 Some(SourceNat::Node(_)) => nat_verdict(SnatKind::Node),
                 Some(SourceNat::Hairpin(_)) => nat_verdict(SnatKind::Hairpin),
                 Some(SourceNat::ClientPort(_)) => nat_verdict(SnatKind::ClientPort),
+                // Routed to the backend's node like a source-NATed flow.
+                Some(SourceNat::Dsr) => Verdict::Forward,
             },
         ),
         Forward::DropSnatPorts { .. } => (Decision::DropSnatPorts, Verdict::Drop),
