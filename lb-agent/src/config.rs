@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use lb_datapath::maglev;
 
-use crate::node::NodePortAddresses;
+use crate::node::{ForwardingMode, NodePortAddresses};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -173,6 +173,13 @@ pub struct RunArgs {
     /// rejects them.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub external_cluster_ips: bool,
+
+    /// How external flows (NodePort, LoadBalancer IPs, externalIPs) reach backends on other
+    /// nodes under externalTrafficPolicy Cluster, for Services without an `lb/forwarding-mode`
+    /// annotation: `snat` (source NAT to this node, as kube-proxy) or `dsr` (TCP by direct
+    /// server return: the client's address kept, replies straight from the backend's node).
+    #[arg(long, value_enum, default_value_t = ForwardingMode::Snat)]
+    pub forwarding_mode: ForwardingMode,
 
     /// XDP on the external interfaces.
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]

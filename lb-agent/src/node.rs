@@ -121,6 +121,36 @@ pub struct NodeContext {
     pub zone: Option<String>,
     /// False while the Node is being deleted or tainted ToBeDeletedByClusterAutoscaler.
     pub eligible: bool,
+    /// How external flows to other nodes' backends are forwarded when a Service does not say
+    /// (`lb-agent --forwarding-mode`).
+    pub forwarding: ForwardingMode,
+}
+
+/// How external flows (NodePort, LoadBalancer IPs, externalIPs, externalTrafficPolicy Cluster)
+/// reach backends on other nodes: `lb-agent --forwarding-mode`, and a Service's
+/// `lb/forwarding-mode` annotation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ForwardingMode {
+    /// Source NAT to this node, as kube-proxy does: replies come back through it. Works on
+    /// every network.
+    #[default]
+    Snat,
+    /// Direct server return for TCP: the client's address is kept and the backend's node
+    /// answers the client itself, from the frontend's address. Every node must run a version
+    /// that serves it, and the network must let a node send packets from another node's
+    /// address (docs/datapath.md). UDP and SCTP flows stay source-NATed.
+    Dsr,
+}
+
+impl ForwardingMode {
+    /// The mode an annotation value names.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "snat" => Some(Self::Snat),
+            "dsr" => Some(Self::Dsr),
+            _ => None,
+        }
+    }
 }
 
 impl NodeContext {
@@ -166,6 +196,8 @@ impl NodeContext {
                 .and_then(|l| l.get(ZONE_LABEL))
                 .cloned(),
             eligible: !being_deleted && !autoscaled_away,
+            // The agent's flag, which the caller sets (`Reconciler::set_forwarding_mode`).
+            forwarding: ForwardingMode::default(),
         }
     }
 }

@@ -22,7 +22,7 @@ use lb_datapath::{
 
 use crate::{
     desired::DesiredState,
-    node::{self, NodePortAddresses},
+    node::{self, ForwardingMode, NodePortAddresses},
     source::{
         Kind, Update,
         store::{Dirty, ServiceId, Store},
@@ -107,6 +107,12 @@ impl Reconciler {
     pub fn set_node_flags(&mut self, masquerade_all: bool, external_cluster_ips: bool) {
         self.desired
             .set_node_flags(masquerade_all, external_cluster_ips);
+    }
+
+    /// How external flows to other nodes' backends are forwarded unless a Service says
+    /// (`--forwarding-mode`); set before the first translation.
+    pub fn set_forwarding_mode(&mut self, mode: ForwardingMode) {
+        self.node.forwarding = mode;
     }
 
     /// Takes one update from the source.
@@ -233,12 +239,13 @@ impl Reconciler {
         let dirty = std::mem::take(&mut self.dirty);
         let mut ids = dirty.services;
         if dirty.node {
-            let node = NodeContext::from_node(
+            let mut node = NodeContext::from_node(
                 &self.node_name,
                 self.store.node(&self.node_name),
                 &self.nodeport,
                 &self.local_addrs,
             );
+            node.forwarding = self.node.forwarding;
             // A Node's status changes often (heartbeats, conditions); only what the translation
             // reads makes every Service translate again.
             if node != self.node {

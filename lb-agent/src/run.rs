@@ -124,6 +124,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         limits,
     );
     reconciler.set_node_flags(args.masquerade_all, args.external_cluster_ips);
+    reconciler.set_forwarding_mode(args.forwarding_mode);
     reconciler.set_socket_lb(args.socket_lb != config::SocketLb::Off);
     let Prepared {
         mut datapath,

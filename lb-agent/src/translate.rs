@@ -22,10 +22,10 @@ use lb_datapath::model::{
     ServiceModel, SetKind, SetName,
 };
 
-use crate::{addr, endpoints};
+use crate::{addr, endpoints, node::ForwardingMode};
 
 use crate::source::{
-    Kind, ObjectKey,
+    FORWARDING_MODE_ANNOTATION, Kind, ObjectKey,
     objects::{ServiceObject, SliceObject},
 };
 
@@ -129,6 +129,35 @@ fn sctp_note(object: &ObjectKey, what: String) -> Problem {
         ),
         error: false,
     }
+}
+
+/// How the Service's external flows reach other nodes' backends: its `lb/forwarding-mode`
+/// annotation, else the node's default. A value that names no mode is reported and the default
+/// applies.
+fn forwarding_mode(
+    svc: &ServiceObject,
+    node: &NodeContext,
+    object: &ObjectKey,
+    problems: &mut Vec<Problem>,
+) -> ForwardingMode {
+    let Some(value) = svc.forwarding_mode.as_deref() else {
+        return node.forwarding;
+    };
+    ForwardingMode::parse(value).unwrap_or_else(|| {
+        problems.push(Problem {
+            object: object.clone(),
+            reason: format!(
+                "annotation {FORWARDING_MODE_ANNOTATION}: {value:?} is neither \"snat\" nor \"dsr\"; \
+                 the node's default ({}) applies",
+                match node.forwarding {
+                    ForwardingMode::Snat => "snat",
+                    ForwardingMode::Dsr => "dsr",
+                }
+            ),
+            error: true,
+        });
+        node.forwarding
+    })
 }
 
 /// Translates one Service and its EndpointSlices. `None` when the service is ignored or invalid
@@ -235,6 +264,7 @@ pub fn service(
     } else {
         0
     };
+    let dsr = forwarding_mode(svc, node, &object, &mut problems) == ForwardingMode::Dsr;
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     // The external policy applies to externally accessible Services only (kube-proxy's
     // `ExternalPolicyLocal`): NodePort, LoadBalancer, and ClusterIP with externalIPs.
@@ -351,6 +381,8 @@ pub fn service(
                     kind,
                     set: name,
                     drop_when_empty: !selectable && has_endpoints,
+                    // Only flows from outside can go by DSR (to other nodes' backends).
+                    dsr: dsr && scope == scope::EXTERNAL && kind != FrontendKind::ClusterIp,
                     affinity_timeout_s,
                     source_ranges,
                 });

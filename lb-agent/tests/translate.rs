@@ -10,7 +10,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use lb_agent::{
-    node::NodePortAddresses,
+    node::{ForwardingMode, NodePortAddresses},
     source::{
         Object, files,
         objects::{ServiceObject, SliceObject},
@@ -33,6 +33,15 @@ fn translate_with(
     nodeport: &NodePortAddresses,
     local_addrs: &[Ipv4Addr],
 ) -> Result {
+    translate_on(fixtures, nodeport, local_addrs, ForwardingMode::Snat)
+}
+
+fn translate_on(
+    fixtures: &[&str],
+    nodeport: &NodePortAddresses,
+    local_addrs: &[Ipv4Addr],
+    forwarding: ForwardingMode,
+) -> Result {
     let mut services: Vec<Service> = Vec::new();
     let mut slices: Vec<EndpointSlice> = Vec::new();
     let mut nodes: Vec<Node> = Vec::new();
@@ -52,7 +61,7 @@ fn translate_with(
             }
         }
     }
-    let node = NodeContext::from_node(
+    let mut node = NodeContext::from_node(
         "n1",
         nodes
             .iter()
@@ -60,6 +69,7 @@ fn translate_with(
         nodeport,
         local_addrs,
     );
+    node.forwarding = forwarding;
     let slices: Vec<SliceObject> = slices.iter().map(SliceObject::from).collect();
     let mut models = BTreeMap::new();
     let mut keys = BTreeMap::new();
@@ -699,4 +709,46 @@ fn a_node_without_a_zone_ignores_zone_hints() {
     };
     assert_eq!(weights(&zoneless), 4, "every ready endpoint");
     assert_eq!(weights(&zoned), 2, "zone-a's");
+}
+
+/// The `lb/forwarding-mode` annotation marks a Service's external frontends (NodePorts,
+/// LoadBalancer IPs, externalIPs; never ClusterIPs nor what pods and the node reach) for direct
+/// server return, or keeps them source-NATed, whatever the node's default; a value naming no
+/// mode is an error on the Service, which keeps the default.
+#[test]
+fn the_forwarding_mode_annotation_marks_external_frontends_for_dsr() {
+    let tcp = proto::TCP;
+    for default in [ForwardingMode::Snat, ForwardingMode::Dsr] {
+        let r = translate_on(
+            &["forwarding_mode.yaml"],
+            &NodePortAddresses::NodeAddresses,
+            &[],
+            default,
+        );
+        let dsr = |addr: &str, port, scope| r.frontend(addr, port, tcp, scope).dsr;
+        let by_default = default == ForwardingMode::Dsr;
+        for (addr, port) in [
+            ("192.168.0.2", 3090),
+            ("192.168.1.2", 3090),
+            ("1.2.3.90", 80),
+            ("203.0.113.90", 80),
+        ] {
+            assert!(dsr(addr, port, scope::EXTERNAL), "{addr}:{port}");
+            assert!(!dsr(addr, port, scope::INTERNAL), "{addr}:{port} internal");
+        }
+        assert!(!dsr("172.30.0.90", 80, scope::INTERNAL));
+        assert!(!dsr("192.168.0.2", 3091, scope::EXTERNAL), "annotated snat");
+        assert_eq!(dsr("192.168.0.2", 3092, scope::EXTERNAL), by_default);
+        assert_eq!(dsr("192.168.0.2", 3093, scope::EXTERNAL), by_default);
+        let reported: Vec<String> = r.problems.iter().map(ToString::to_string).collect();
+        let default_name = if by_default { "dsr" } else { "snat" };
+        assert_eq!(
+            reported,
+            [format!(
+                "Service ns1/misspelt: annotation lb/forwarding-mode: \"DSR\" is neither \
+                 \"snat\" nor \"dsr\"; the node's default ({default_name}) applies"
+            )]
+        );
+        assert!(r.problems.iter().all(|p| p.error));
+    }
 }

@@ -119,6 +119,7 @@ pub struct ServiceManifest {
     /// `Some(timeout)`: sessionAffinity ClientIP.
     affinity_timeout: Option<u32>,
     ingress_ips: Vec<Ipv4Addr>,
+    annotations: Vec<(String, String)>,
 }
 
 impl ServiceManifest {
@@ -137,6 +138,7 @@ impl ServiceManifest {
             load_balancer_source_ranges: Vec::new(),
             affinity_timeout: None,
             ingress_ips: Vec::new(),
+            annotations: Vec::new(),
         }
     }
 
@@ -192,6 +194,12 @@ impl ServiceManifest {
         self
     }
 
+    /// A `metadata.annotations` entry.
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.annotations.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
     /// A `status.loadBalancer.ingress` IP (what a cloud controller or MetalLB writes).
     pub fn ingress_ip(mut self, ip: Ipv4Addr) -> Self {
         self.ingress_ips.push(ip);
@@ -202,6 +210,12 @@ impl ServiceManifest {
         let mut y = String::new();
         y.push_str("apiVersion: v1\nkind: Service\n");
         metadata(&mut y, &self.name, Some(&self.namespace), &[]);
+        if !self.annotations.is_empty() {
+            y.push_str("  annotations:\n");
+            for (key, value) in &self.annotations {
+                line(&mut y, 2, key, scalar(value));
+            }
+        }
         y.push_str("spec:\n");
         line(&mut y, 1, "type", self.service_type.as_str());
         line(&mut y, 1, "clusterIP", self.cluster_ip);

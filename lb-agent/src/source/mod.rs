@@ -102,6 +102,9 @@ pub enum Update {
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// The label that marks a Service headless regardless of its clusterIP.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// A Service's annotation choosing how external flows to backends on other nodes are
+/// forwarded: `snat` or `dsr` (`lb-agent --forwarding-mode` when absent).
+pub const FORWARDING_MODE_ANNOTATION: &str = "lb/forwarding-mode";
 /// The EndpointSlice label naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// What kube-proxy asks the API server for (Services and EndpointSlices alike).

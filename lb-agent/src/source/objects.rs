@@ -9,7 +9,9 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::addr;
 
-use super::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+use super::{
+    FORWARDING_MODE_ANNOTATION, HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL,
+};
 
 /// One port of a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +38,8 @@ pub struct ServiceObject {
     /// Labelled `service-proxy-name` or `headless`: kube-proxy leaves it alone.
     pub labelled_away: bool,
     pub has_spec: bool,
+    /// Its `lb/forwarding-mode` annotation, as written.
+    pub forwarding_mode: Option<String>,
     pub type_: Option<String>,
     pub cluster_ip: Option<String>,
     pub cluster_ips: Vec<String>,
@@ -114,6 +118,11 @@ impl From<&Service> for ServiceObject {
             name: meta.name.clone().unwrap_or_default(),
             created: meta.creation_timestamp.as_ref().map(|t| t.0.to_string()),
             labelled_away: labelled_away(meta.labels.as_ref()),
+            forwarding_mode: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(FORWARDING_MODE_ANNOTATION))
+                .cloned(),
             ..Self::default()
         };
         if let Some(spec) = &svc.spec {
