@@ -99,7 +99,8 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         }
         // SAFETY: map value from a successful lookup.
         let e = unsafe { *entry };
-        let dsr = e.dsr();
+        // Only flows from outside go by DSR: pods' programs never look.
+        let dsr = scope == scopes::EXTERNAL && e.dsr();
         if e.routed() || dsr {
             // Decided once, on this branch alone: the verifier cannot tell that a second test
             // of the same flag would go the same way. A DSR flow keeps its client as source,
@@ -273,52 +274,56 @@ fn new_flow<F: Frame>(
     let mut range = None;
     let mut reply_written = false;
     let mut grow = 0;
-    if let Some((addr, port)) = lb_common::snat::hairpin_source(flow, &backend, &config) {
+    let hairpin = lb_common::snat::hairpin_source(flow, &backend, &config);
+    // Direct server return: routed to the backend's node with the client's address.
+    let dsr = hairpin.is_none()
+        && !ip.has_options()
+        && lb_common::dsr::applies(scope, frontend, &backend, ip.proto, &config);
+    if let Some((addr, port)) = hairpin {
         forward.flags |= ct_flags::SNAT | ct_flags::HAIRPIN;
         forward.snat_addr = addr;
         forward.snat_port = port;
-    } else if !ip.has_options()
-        && lb_common::dsr::applies(scope, frontend, &backend, ip.proto, &config)
-    {
-        // Direct server return: routed to the backend's node with the client's address, the
-        // route first as below.
-        grow = dsr_growth(ip, l4);
-        route = match fib::route_grown(frame, ip, ip.src, backend.addr, grow, len) {
-            Ok(route) => route,
-            Err(action) => return action,
-        };
-        routed = true;
-        forward.nat_flags |= nat_flags::DSR;
-        match claim_reply(flow, &forward, now) {
-            Claim::Claimed => reply_written = true,
-            Claim::Free => {}
-            Claim::Clash => {
-                // Another live flow of this client port holds the backend's reply key (see
-                // `Claim::Clash`): source NAT gives this one a key of its own.
-                forward.nat_flags &= !nat_flags::DSR;
-                forward.flags |= ct_flags::SNAT;
-                forward.snat_addr = config.snat_addr;
-                range = Some(config);
-                grow = 0;
-            }
-        }
-    } else if lb_common::snat::needed(scope, &backend, ip.proto, &config) {
-        if lb_common::snat::routes_to_pod(scope, &backend) {
+    } else if dsr || lb_common::snat::needed(scope, &backend, ip.proto, &config) {
+        if !dsr && lb_common::snat::routes_to_pod(scope, &backend) {
             forward.nat_flags |= nat_flags::POD_ROUTE;
             if fib::left_to_tc::<F>(&forward) {
                 return Action::Pass;
             }
         }
         // The route first: a flow this hook cannot forward is left to the next hook, or
-        // answered, before it claims a port or writes any state.
-        route = match fib::route(frame, ip, config.snat_addr, backend.addr, len) {
+        // answered, before it claims a port or writes any state. One lookup for both kinds of
+        // routed flow: the verifier walks each copy of it, ICMP answers and all.
+        let src = if dsr {
+            grow = dsr_growth(ip, l4);
+            ip.src
+        } else {
+            config.snat_addr
+        };
+        route = match fib::route_grown(frame, ip, src, backend.addr, grow, len) {
             Ok(route) => route,
             Err(action) => return action,
         };
         routed = true;
-        forward.flags |= ct_flags::SNAT;
-        forward.snat_addr = config.snat_addr;
-        range = Some(config);
+        let mut snat = !dsr;
+        if dsr {
+            forward.nat_flags |= nat_flags::DSR;
+            match claim_reply(flow, &forward, now) {
+                Claim::Claimed => reply_written = true,
+                Claim::Free => {}
+                Claim::Clash => {
+                    // Another live flow of this client port holds the backend's reply key (see
+                    // `Claim::Clash`): source NAT gives this one a key of its own.
+                    forward.nat_flags &= !nat_flags::DSR;
+                    grow = 0;
+                    snat = true;
+                }
+            }
+        }
+        if snat {
+            forward.flags |= ct_flags::SNAT;
+            forward.snat_addr = config.snat_addr;
+            range = Some(config);
+        }
     } else {
         match claim_reply(flow, &forward, now) {
             Claim::Claimed => reply_written = true,
