@@ -39,15 +39,6 @@ fn node_port_option() -> [u8; 8] {
     [0x9e, 8, p, q, a, b, c, d]
 }
 
-/// The verdict of a packet a hook sends straight out of another interface.
-fn redirect(hook: Hook) -> u32 {
-    if hook == Hook::Xdp {
-        xdp::REDIRECT
-    } else {
-        tc::REDIRECT
-    }
-}
-
 #[test]
 fn the_entry_node_routes_the_flow_with_its_client_kept_and_the_frontend_on_the_syn() {
     in_routed_namespace(|h| {

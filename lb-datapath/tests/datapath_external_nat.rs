@@ -37,15 +37,6 @@ fn routed_fragments(mut pkt: Packet, next_hop_mac: [u8; 6], first_len: usize) ->
     pkt.fragments(first_len)
 }
 
-/// The verdict of a packet a hook sends straight out of another interface.
-fn redirect(hook: Hook) -> u32 {
-    if hook == Hook::Xdp {
-        xdp::REDIRECT
-    } else {
-        tc::REDIRECT
-    }
-}
-
 /// A datagram too big for one frame, from a client to a backend on another node and back: its
 /// later fragments are translated like their first fragment and routed where it went (passed
 /// to the stack with the node's own address as source they would be dropped), at XDP and at tc.

@@ -156,6 +156,15 @@ pub fn snat_source(h: &Harness, client: SocketAddrV4, l4_proto: u8) -> SocketAdd
     SocketAddrV4::new(entry.snat_addr.to_ip(), entry.snat_port.to_host())
 }
 
+/// The verdict of a packet a hook sends straight out of another interface.
+pub fn redirect(hook: Hook) -> u32 {
+    if hook == Hook::Xdp {
+        xdp::REDIRECT
+    } else {
+        super::harness::tc::REDIRECT
+    }
+}
+
 /// `pkt` as a router forwards it to `next_hop_mac` out of the uplink.
 pub fn routed(mut pkt: Packet, next_hop_mac: [u8; 6]) -> Vec<u8> {
     pkt.eth_src = UPLINK_MAC;
