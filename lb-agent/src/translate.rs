@@ -185,6 +185,19 @@ pub fn service(
     } else {
         spec.cluster_ips.iter().collect()
     };
+    let ipv6_only = !listed.is_empty() && listed.iter().all(|ip| ip.contains(':'));
+    if ipv6_only {
+        // kube-proxy's IPv4 proxier leaves it to the IPv6 one: no frontend in a family the
+        // Service does not have (NodePorts on the node's IPv4 addresses would only reject).
+        problems.push(Problem {
+            object: object.clone(),
+            reason: "IPv6 only (clusterIPs all IPv6), which this datapath does not handle yet; \
+                     skipped"
+                .to_owned(),
+            error: false,
+        });
+        return (None, problems);
+    }
     for ip in listed {
         if ip.contains(':') {
             problems.push(Problem {

@@ -523,6 +523,11 @@ fn invalid_objects_are_reported_by_name_and_skipped_while_the_rest_works() {
     // Dual stack: the IPv4 clusterIP is served, the IPv6 one noted.
     assert!(r.has_frontend("172.30.0.85", 80, TCP, IN));
     assert!(!r.problem("dual-stack").error);
+    // IPv6 only: no frontend in the family it does not have (its NodePort would reject).
+    assert!(!r.has_frontend("192.168.0.2", 3086, TCP, EXT));
+    assert!(!r.has_frontend("203.0.113.86", 80, TCP, EXT));
+    let note = r.problem("ipv6-only");
+    assert!(!note.error && note.reason.contains("IPv6 only"), "{note:?}");
 }
 
 /// Issue 13 item 10: each of these follows a kube-proxy reading (pkg/proxy
