@@ -410,7 +410,6 @@ fn native_xdp_is_refused_where_what_it_sends_back_would_be_dropped() {
 /// node, both backends see the client's own address, the one on the other node included, and
 /// that node answers the client itself (its datapath recorded the flows from the SYN's option
 /// and reverse-NATed their replies; the entry node reverse-NATed none). UDP stays source-NATed.
-/// Bulk transfers through every path, DSR ones included, arrive intact both ways.
 #[test]
 fn direct_server_return_keeps_the_client_and_answers_from_the_backends_node() {
     on_each_wiring(&["--forwarding-mode", "dsr"], |bed| {
@@ -462,8 +461,15 @@ fn direct_server_return_keeps_the_client_and_answers_from_the_backends_node() {
             };
             assert_eq!(*seen, want, "UDP answered by {name}");
         }
-        bulk_transfers(bed);
     });
+}
+
+/// Bulk transfers through every path with DSR the node's default, DSR paths (the NodePort, the
+/// LoadBalancer IP and the externalIP of a backend on the other node) included, arrive intact
+/// both ways.
+#[test]
+fn bulk_transfers_cross_every_path_intact_by_direct_server_return() {
+    on_each_wiring(&["--forwarding-mode", "dsr"], bulk_transfers);
 }
 
 /// One Service by DSR through its annotation while the node's default stays SNAT, and one

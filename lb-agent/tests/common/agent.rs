@@ -166,7 +166,9 @@ impl AgentBed {
             .spawn()
             .expect("starting lb-agent");
         self.agent = Some(child);
-        let ready = self.wait_until(Duration::from_secs(20), || {
+        // Generous: under emulation (the VM test) two agents verifying their programs at once
+        // take most of 20 s.
+        let ready = self.wait_until(Duration::from_secs(60), || {
             self.http_get(self.ready_addr, "/readyz")
                 .is_some_and(|(s, _)| s == 200)
         });

@@ -22,7 +22,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 23] = [
+pub(super) const PLAN: [Step; 25] = [
     Step {
         name: "datapath",
         target: "datapath",
@@ -63,6 +63,12 @@ pub(super) const PLAN: [Step; 23] = [
     Step {
         name: "datapath_external_nat",
         target: "datapath_external_nat",
+        args: &[],
+        env: &[],
+    },
+    Step {
+        name: "datapath_dsr",
+        target: "datapath_dsr",
         args: &[],
         env: &[],
     },
@@ -148,6 +154,12 @@ pub(super) const PLAN: [Step; 23] = [
         name: "e2e NodePort",
         target: "e2e_external",
         args: &["node_ports_from_outside"],
+        env: &[],
+    },
+    Step {
+        name: "e2e NodePort by direct server return",
+        target: "e2e_external",
+        args: &["direct_server_return_keeps"],
         env: &[],
     },
     // Socket-level balancing with the real agents on 6.1, a client in the node's cgroup: the
