@@ -267,6 +267,7 @@ fn run(cli: &Cli) -> Result<()> {
         let mut datapaths = vec![
             netperf::Datapath::Direct,
             netperf::Datapath::Ours(None),
+            netperf::Datapath::OursDsr,
             netperf::Datapath::Iptables,
             netperf::Datapath::Nftables,
             netperf::Datapath::Ours(Some("native")),

@@ -41,6 +41,9 @@ pub enum Datapath {
     /// This project: with the agent's default XDP mode, or with `--xdp-mode` set to this one
     /// (measured at the smallest size only, to show why the default is what it is).
     Ours(Option<&'static str>),
+    /// This project with `--forwarding-mode dsr`: direct server return through the NodePort
+    /// (the only path it changes, so the only one measured).
+    OursDsr,
     Iptables,
     Nftables,
     /// No load balancer: the client talks to the backend's address.
@@ -52,6 +55,7 @@ impl Datapath {
         match self {
             Self::Ours(None) => OURS.into(),
             Self::Ours(Some(mode)) => format!("ours (xdp {mode})"),
+            Self::OursDsr => OURS_DSR.into(),
             Self::Iptables => "iptables".into(),
             Self::Nftables => "nftables".into(),
             Self::Direct => "direct".into(),
@@ -66,6 +70,8 @@ impl Datapath {
 
 /// The name of this project's default datapath in samples and reports.
 pub const OURS: &str = "ours";
+/// The name of this project's datapath with direct server return.
+pub const OURS_DSR: &str = "ours (dsr)";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Path {
@@ -331,6 +337,11 @@ impl Bed {
                 if let Some(mode) = xdp {
                     args.extend(["--xdp-mode".to_owned(), mode.to_owned()]);
                 }
+                self.start_agents(services, agent_bin, &args, None)?;
+                return Ok(started.elapsed());
+            }
+            Datapath::OursDsr => {
+                let args = ["--forwarding-mode".to_owned(), "dsr".to_owned()];
                 self.start_agents(services, agent_bin, &args, None)?;
                 return Ok(started.elapsed());
             }
@@ -660,7 +671,7 @@ pub fn run(
                 ));
                 let services = match datapath {
                     Datapath::Iptables | Datapath::Nftables => &kube_proxys,
-                    Datapath::Ours(_) | Datapath::Direct => &ours,
+                    Datapath::Ours(_) | Datapath::OursDsr | Datapath::Direct => &ours,
                 };
                 match bed.switch(datapath, services, plan.agent_bin) {
                     Ok(took) => setup_times.push(SetupTime {
@@ -683,6 +694,9 @@ pub fn run(
                     }
                 }
                 for path in Path::ALL {
+                    if datapath == Datapath::OursDsr && path != Path::ExternalToNodePort {
+                        continue;
+                    }
                     for &test in plan.tests {
                         lb_testbed::interrupt::check()?;
                         let (ns, host, control) = bed.target(datapath, path);
