@@ -18,8 +18,10 @@ use super::{packages::Kernel, plan::Outcome};
 
 /// The whole VM run, boot to power-off, at most. Under software emulation on two CPUs it takes
 /// about six minutes on a quiet machine and ten on a busy one (each agent loads its programs for
-/// up to half a minute); the limit leaves room without letting a hung guest hold CI for long.
-const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// up to half a minute), but a machine whose emulation runs slower took 20 minutes for the 25
+/// steps (each datapath test binary 30 to 90 s); the limit leaves room for that without letting
+/// a hung guest hold CI for long.
+const VM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 pub(super) fn boot(qemu: &Path, kernel: &Kernel, initrd: &Path, log: &Path) -> Result<Outcome> {
     let mut cmd = Command::new(qemu);
