@@ -233,8 +233,7 @@ impl CtEntry {
     /// holds too.
     #[inline(always)]
     pub const fn continues(&self, seg_flags: u8, now: u64) -> bool {
-        let reopening = seg_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
-            && ct_flags::closed(self.flags);
+        let reopening = tcp_flags::opens(seg_flags) && ct_flags::closed(self.flags);
         self.live(now) && !reopening
     }
 

@@ -137,6 +137,13 @@ pub mod tcp_flags {
     pub const SYN: u8 = 0x02;
     pub const RST: u8 = 0x04;
     pub const ACK: u8 = 0x10;
+
+    /// Whether a segment with these flags opens a connection: a SYN without ACK (the first
+    /// segment, or its retransmission).
+    #[inline(always)]
+    pub const fn opens(flags: u8) -> bool {
+        flags & (SYN | ACK) == SYN
+    }
 }
 
 #[cfg(feature = "user")]

@@ -607,8 +607,7 @@ pub fn forward(
 /// source port, or opens one that must.
 fn direct(maps: &Maps, key: &FlowKey, seg_flags: u8, now: u64) -> Result<Forward, MapsError> {
     let destination = socket(key.dst_addr, key.dst_port);
-    let opening =
-        key.proto == proto::UDP || seg_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    let opening = key.proto == proto::UDP || tcp_flags::opens(seg_flags);
     let remapped_before =
         found(names::LB_DIRECT_NAT, maps.direct_nat.get(&0, 0))?.is_some_and(|seen| seen != 0);
     if remapped_before

@@ -42,8 +42,7 @@ pub fn from_pod<F: Frame>(frame: &mut F, ip: &Ipv4) -> Action {
     let Some(l4) = parse::l4(frame, ip.proto, l4_off) else {
         return Action::Pass;
     };
-    let opening = ip.proto == proto::UDP
-        || l4.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    let opening = ip.proto == proto::UDP || tcp_flags::opens(l4.tcp_flags);
     let remapped_before = LB_DIRECT_NAT.get(0).is_some_and(|seen| *seen != 0);
     if !opening && !remapped_before {
         return Action::Pass;

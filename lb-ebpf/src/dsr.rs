@@ -22,17 +22,10 @@ use crate::{
 /// Where the option goes: first after the fixed header.
 const OPTION_OFF: usize = L3_OFF + IPV4_MIN_HDR_LEN;
 
-/// Whether a packet with TCP flags `seg_flags` opens a connection: a SYN without ACK (the first
-/// packet, or its retransmission), the one that carries the option.
-#[inline(always)]
-pub fn opens(seg_flags: u8) -> bool {
-    seg_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
-}
-
 /// The bytes a packet with TCP flags `seg_flags` of a DSR flow grows by on its way out.
 #[inline(always)]
 pub fn growth(seg_flags: u8) -> u16 {
-    if opens(seg_flags) {
+    if tcp_flags::opens(seg_flags) {
         OPTION_LEN as u16
     } else {
         0
@@ -94,7 +87,7 @@ pub fn accept<F: Frame>(frame: &mut F, ip: &Ipv4) -> Action {
     let Some(l4) = parse::l4(frame, ip.proto, l4_off) else {
         return Action::Pass;
     };
-    if !opens(l4.tcp_flags) {
+    if !tcp_flags::opens(l4.tcp_flags) {
         return Action::Pass;
     }
     let flow = parse::flow_key(ip, &l4, FORWARD);
