@@ -143,13 +143,16 @@ pub enum ForwardingMode {
 }
 
 impl ForwardingMode {
-    /// The mode an annotation value names.
+    /// The mode an annotation value names: the flag's own spelling.
     pub fn parse(value: &str) -> Option<Self> {
-        match value {
-            "snat" => Some(Self::Snat),
-            "dsr" => Some(Self::Dsr),
-            _ => None,
-        }
+        <Self as clap::ValueEnum>::from_str(value, false).ok()
+    }
+
+    /// Its name, as the flag and the annotation spell it.
+    pub fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
     }
 }
 

@@ -149,10 +149,7 @@ fn forwarding_mode(
             reason: format!(
                 "annotation {FORWARDING_MODE_ANNOTATION}: {value:?} is neither \"snat\" nor \"dsr\"; \
                  the node's default ({}) applies",
-                match node.forwarding {
-                    ForwardingMode::Snat => "snat",
-                    ForwardingMode::Dsr => "dsr",
-                }
+                node.forwarding.name()
             ),
             error: true,
         });
