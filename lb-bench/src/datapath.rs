@@ -14,6 +14,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -31,6 +32,10 @@ use lb_datapath::{
 };
 use lb_testbed::packet::{Packet, flags};
 use serde::Serialize;
+
+use crate::profile::{self, Breakdown};
+
+pub mod report;
 
 const TC_PASS: u32 = u32::MAX;
 const XDP_PASS: u32 = 2;
@@ -61,6 +66,27 @@ pub struct Figure {
     pub bpf_stats_net_ns: f64,
 }
 
+/// Where the time of one case goes, at the largest scale (see [`crate::profile`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct Profiled {
+    pub case: String,
+    pub hook: &'static str,
+    /// The program the samples were taken in (its loaded name).
+    pub program: &'static str,
+    pub services: u32,
+    pub calls: usize,
+    pub breakdown: Breakdown,
+}
+
+/// What the datapath part measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Measured {
+    pub figures: Vec<Figure>,
+    pub profiles: Vec<Profiled>,
+    /// Why there are no profiles, when there are none.
+    pub profile_error: Option<String>,
+}
+
 #[derive(Clone, Copy)]
 enum Hook {
     Tc,
@@ -79,6 +105,14 @@ impl Hook {
         match self {
             Self::Tc => TC_PASS,
             Self::Xdp => XDP_PASS,
+        }
+    }
+
+    /// The entry program timed on this hook, by its loaded name.
+    const fn program(self) -> &'static str {
+        match self {
+            Self::Tc => "lb_from_pod",
+            Self::Xdp => "lb_xdp",
         }
     }
 }
@@ -275,17 +309,110 @@ where
 
 /// Runs every case at every scale; `calls` calls per case. Every scale starts from a freshly
 /// loaded datapath, so that conntrack occupancy is the same at every scale and the figures differ
-/// only by the number of services.
-pub fn run(scales: &[u32], calls: usize, progress: &mut dyn FnMut(&str)) -> Result<Vec<Figure>> {
+/// only by the number of services. At the largest scale, the established and new-flow cases are
+/// sampled with perf as well (perf's data in `profile_dir`), ten times as many calls each; a
+/// machine without perf gets no profiles and the reason.
+pub fn run(
+    scales: &[u32],
+    calls: usize,
+    profile_dir: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Measured> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling bpf_stats")?;
-    let mut figures = Vec::new();
+    let mut measured = Measured::default();
+    let largest = scales.iter().copied().max();
     for &services in scales {
-        figures.extend(run_scale(services, calls, progress)?);
+        let profile = (Some(services) == largest).then_some(profile_dir);
+        run_scale(services, calls, profile, &mut measured, progress)?;
     }
-    Ok(figures)
+    Ok(measured)
 }
 
-fn run_scale(services: u32, calls: usize, progress: &mut dyn FnMut(&str)) -> Result<Vec<Figure>> {
+/// Calls per profiled case, as a multiple of the timed calls.
+const PROFILE_FACTOR: usize = 10;
+
+/// SYNs of `n` new flows, each from its own client of `round`.
+fn new_flows(round: u32, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            Packet::tcp(
+                new_client(round, i),
+                SocketAddrV4::new(VIP, 80),
+                flags::SYN,
+                &[],
+            )
+            .bytes()
+        })
+        .collect()
+}
+
+/// Checks the output of call `i` of [`new_flows`]`(round, _)`: DNATed to the backend the table
+/// gives its client.
+fn new_flow_check(
+    table: &[SocketAddrV4],
+    round: u32,
+    pass: u32,
+) -> impl FnMut(usize, u32, &[u8]) -> Result<()> + '_ {
+    move |i, verdict, out| {
+        let client = new_client(round, i);
+        let want = Packet::tcp(client, SocketAddrV4::new(VIP, 80), flags::SYN, &[])
+            .with_dst(expected_backend(table, client))
+            .bytes();
+        check_frame(verdict, pass, out, &want)
+    }
+}
+
+/// Samples `entry` over the established and new-flow cases (new clients of `round`).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the hook's program and the frames it is sampled on"
+)]
+fn profile_entry<P>(
+    dp: &mut Datapath,
+    hook: Hook,
+    entry: fn(&mut Datapath) -> &mut P,
+    dir: &Path,
+    services: u32,
+    calls: usize,
+    established: (&[u8], &[u8]),
+    new: (u32, &[SocketAddrV4]),
+) -> Result<Vec<Profiled>>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult> + InfoSource,
+{
+    let pass = hook.pass();
+    let (round, table) = new;
+    let mut profiles = Vec::new();
+    let est_inputs = vec![established.0.to_vec(); calls];
+    let recording = profile::start(dir, hook.name())?;
+    time_calls(entry(dp), &est_inputs, |_, v, o| {
+        check_frame(v, pass, o, established.1)
+    })?;
+    profiles.push(("established", recording.finish(hook.program())?));
+    let new_inputs = new_flows(round, calls);
+    let recording = profile::start(dir, hook.name())?;
+    time_calls(entry(dp), &new_inputs, new_flow_check(table, round, pass))?;
+    profiles.push(("new flow", recording.finish(hook.program())?));
+    Ok(profiles
+        .into_iter()
+        .map(|(case, breakdown)| Profiled {
+            case: case.to_owned(),
+            hook: hook.name(),
+            program: hook.program(),
+            services,
+            calls,
+            breakdown,
+        })
+        .collect())
+}
+
+fn run_scale(
+    services: u32,
+    calls: usize,
+    profile_dir: Option<&Path>,
+    measured: &mut Measured,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
     progress(&format!(
         "datapath: loading, programming {services} services"
     ));
@@ -357,24 +484,8 @@ fn run_scale(services: u32, calls: usize, progress: &mut dyn FnMut(&str)) -> Res
         ));
         let pass = hook.pass();
         let round = matches!(hook, Hook::Xdp) as u32;
-        let new_inputs: Vec<Vec<u8>> = (0..calls)
-            .map(|i| {
-                Packet::tcp(
-                    new_client(round, i),
-                    SocketAddrV4::new(VIP, 80),
-                    flags::SYN,
-                    &[],
-                )
-                .bytes()
-            })
-            .collect();
-        let new_check = |i: usize, verdict: u32, out: &[u8]| {
-            let client = new_client(round, i);
-            let want = Packet::tcp(client, SocketAddrV4::new(VIP, 80), flags::SYN, &[])
-                .with_dst(expected_backend(&table, client))
-                .bytes();
-            check_frame(verdict, pass, out, &want)
-        };
+        let new_inputs = new_flows(round, calls);
+        let new_check = new_flow_check(&table, round, pass);
         let other_inputs = repeated(&other);
         let est_inputs = repeated(&established.bytes());
         let cases = Cases {
@@ -424,21 +535,61 @@ fn run_scale(services: u32, calls: usize, progress: &mut dyn FnMut(&str)) -> Res
             timed.push(("non-service, direct NAT on", after_clash));
         }
         raw.extend(timed.into_iter().map(|(case, r)| ((case, hook.name()), r)));
-    }
-    Ok(raw
-        .iter()
-        .map(|((case, hook), r)| {
-            let empty = &raw[&("empty", *hook)];
-            Figure {
-                case: (*case).to_owned(),
-                hook,
-                services,
-                calls,
-                median_ns: r.median_ns,
-                net_ns: r.median_ns - empty.median_ns,
-                bpf_stats_ns: r.bpf_stats_ns,
-                bpf_stats_net_ns: r.bpf_stats_ns - empty.bpf_stats_ns,
+        if let Some(dir) = profile_dir
+            && measured.profile_error.is_none()
+        {
+            progress(&format!(
+                "datapath: {services} services, sampling {} with perf",
+                hook.program()
+            ));
+            let established = (established.bytes(), established_want.clone());
+            let established = (established.0.as_slice(), established.1.as_slice());
+            // Clients of their own: the timed new flows are established by now.
+            let new = (round + 2, table.as_slice());
+            let calls = calls * PROFILE_FACTOR;
+            let profiled = match hook {
+                Hook::Tc => profile_entry(
+                    &mut dp,
+                    hook,
+                    Datapath::from_pod,
+                    dir,
+                    services,
+                    calls,
+                    established,
+                    new,
+                ),
+                Hook::Xdp => profile_entry(
+                    &mut dp,
+                    hook,
+                    Datapath::xdp,
+                    dir,
+                    services,
+                    calls,
+                    established,
+                    new,
+                ),
+            };
+            match profiled {
+                Ok(profiles) => measured.profiles.extend(profiles),
+                Err(e) => {
+                    progress(&format!("datapath: no profile: {e:#}"));
+                    measured.profile_error = Some(format!("{e:#}"));
+                }
             }
-        })
-        .collect())
+        }
+    }
+    measured.figures.extend(raw.iter().map(|((case, hook), r)| {
+        let empty = &raw[&("empty", *hook)];
+        Figure {
+            case: (*case).to_owned(),
+            hook,
+            services,
+            calls,
+            median_ns: r.median_ns,
+            net_ns: r.median_ns - empty.median_ns,
+            bpf_stats_ns: r.bpf_stats_ns,
+            bpf_stats_net_ns: r.bpf_stats_ns - empty.bpf_stats_ns,
+        }
+    }));
+    Ok(())
 }

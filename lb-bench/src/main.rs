@@ -5,6 +5,7 @@ mod datapath;
 mod idle;
 mod maglev;
 mod netperf;
+mod profile;
 mod report;
 mod socket_lb;
 mod stats;
@@ -116,7 +117,7 @@ struct Results {
     machine: Machine,
     /// The command line's choices that shape the figures.
     quick: bool,
-    datapath: Vec<datapath::Figure>,
+    datapath: datapath::Measured,
     agent: Option<agent::AgentFigures>,
     netperf: Option<NetperfResults>,
     socket_lb: Option<SocketLbJson>,
@@ -240,7 +241,7 @@ fn run(cli: &Cli) -> Result<()> {
         date: now_stamp(),
         machine: machine(polling.is_some()),
         quick: cli.quick,
-        datapath: Vec::new(),
+        datapath: datapath::Measured::default(),
         agent: None,
         netperf: None,
         socket_lb: None,
@@ -343,8 +344,9 @@ fn run(cli: &Cli) -> Result<()> {
     }
     interrupt::check()?;
     if wants("datapath") {
-        results.datapath = datapath::run(&cli.services, calls, &mut progress)?;
-        section(report::datapath_markdown(&results.datapath, &cli.services));
+        results.datapath =
+            datapath::run(&cli.services, calls, &std::env::temp_dir(), &mut progress)?;
+        section(datapath::report::markdown(&results.datapath, &cli.services));
     }
     interrupt::check()?;
     if wants("agent") {
@@ -391,10 +393,15 @@ fn run(cli: &Cli) -> Result<()> {
             .as_ref()
             .map(|n| (report::cells(&n.samples), n.sizes.as_slice())),
         results.controlplane.as_ref(),
-        results
-            .socket_lb
-            .as_ref()
-            .map_or_else(Vec::new, |s| socket_lb::report::goals(&s.comparisons)),
+        datapath::report::goals(&results.datapath, &cli.services)
+            .into_iter()
+            .chain(
+                results
+                    .socket_lb
+                    .as_ref()
+                    .map_or_else(Vec::new, |s| socket_lb::report::goals(&s.comparisons)),
+            )
+            .collect(),
     );
     let md = report::document(
         &report::Header {

@@ -79,18 +79,50 @@ pub enum Path {
     PodToClusterIp,
     /// The external client to node-0's NodePort (the backend runs on node-1).
     ExternalToNodePort,
+    /// The external client to node-1's NodePort, where the backend runs: no source NAT for
+    /// ours (the client's address is kept), kube-proxy's masquerade for its rulesets.
+    ExternalToLocalNodePort,
 }
 
 impl Path {
-    pub const ALL: [Self; 2] = [Self::PodToClusterIp, Self::ExternalToNodePort];
+    pub const ALL: [Self; 3] = [
+        Self::PodToClusterIp,
+        Self::ExternalToNodePort,
+        Self::ExternalToLocalNodePort,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::PodToClusterIp => "pod -> ClusterIP",
-            Self::ExternalToNodePort => "external -> NodePort",
+            Self::ExternalToNodePort => NODEPORT,
+            Self::ExternalToLocalNodePort => LOCAL_NODEPORT,
+        }
+    }
+
+    /// Whether `datapath` runs `test` on this path. The local NodePort is measured for what it
+    /// shows (the cost of a connection and of a packet without the remote hop) by the default
+    /// datapaths only: direct server return changes nothing there.
+    fn measures(self, datapath: Datapath, test: Test) -> bool {
+        match self {
+            Self::PodToClusterIp => datapath != Datapath::OursDsr,
+            Self::ExternalToNodePort => true,
+            Self::ExternalToLocalNodePort => {
+                matches!(
+                    datapath,
+                    Datapath::Ours(None)
+                        | Datapath::Iptables
+                        | Datapath::Nftables
+                        | Datapath::Direct
+                ) && matches!(test, Test::TcpCrr | Test::TcpRr)
+            }
         }
     }
 }
+
+/// The name of the NodePort path whose backend runs on another node.
+pub const NODEPORT: &str = "external -> NodePort";
+/// The name of the NodePort path whose backend runs on the node.
+pub const LOCAL_NODEPORT: &str = "external -> NodePort, local backend";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Test {
@@ -391,12 +423,13 @@ impl Bed {
     fn target(&self, datapath: Datapath, path: Path) -> (&Netns, Ipv4Addr, u16) {
         let ns = match path {
             Path::PodToClusterIp => self.cluster.pod("client").ns,
-            Path::ExternalToNodePort => self.cluster.client(),
+            Path::ExternalToNodePort | Path::ExternalToLocalNodePort => self.cluster.client(),
         };
         match (datapath, path) {
             (Datapath::Direct, _) => (ns, self.backend, CONTROL_PORT),
             (_, Path::PodToClusterIp) => (ns, SERVICE_IP, CONTROL_PORT),
             (_, Path::ExternalToNodePort) => (ns, self.cluster.node_ip(0), CONTROL_NODE_PORT),
+            (_, Path::ExternalToLocalNodePort) => (ns, self.cluster.node_ip(1), CONTROL_NODE_PORT),
         }
     }
 }
@@ -694,10 +727,10 @@ pub fn run(
                     }
                 }
                 for path in Path::ALL {
-                    if datapath == Datapath::OursDsr && path != Path::ExternalToNodePort {
-                        continue;
-                    }
                     for &test in plan.tests {
+                        if !path.measures(datapath, test) {
+                            continue;
+                        }
                         lb_testbed::interrupt::check()?;
                         let (ns, host, control) = bed.target(datapath, path);
                         let run_of = RunOf {
@@ -709,7 +742,7 @@ pub fn run(
                         };
                         let ports = match path {
                             Path::PodToClusterIp => crr_ports(index, plan.datapaths.len()),
-                            Path::ExternalToNodePort => {
+                            Path::ExternalToNodePort | Path::ExternalToLocalNodePort => {
                                 nodeport_crr_ports(index, plan.datapaths.len())
                             }
                         };
@@ -723,7 +756,9 @@ pub fn run(
                                 plan.seconds,
                                 plan.datapaths.len(),
                             ),
-                            Path::ExternalToNodePort => Length::Seconds(plan.seconds),
+                            Path::ExternalToNodePort | Path::ExternalToLocalNodePort => {
+                                Length::Seconds(plan.seconds)
+                            }
                         };
                         match sample(run_of, ns, None, (host, control), length, ports) {
                             Ok(s) => {

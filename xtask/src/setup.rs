@@ -29,7 +29,7 @@ const COMPONENTS: [&str; 2] = ["rustfmt", "clippy"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages and what needs them.
-const PACKAGES: [(&str, &str); 9] = [
+const PACKAGES: [(&str, &str); 10] = [
     (
         "iproute2",
         "network namespaces and veths for end-to-end tests",
@@ -43,6 +43,10 @@ const PACKAGES: [(&str, &str); 9] = [
         "kube-proxy's nftables datapath (benchmark baseline)",
     ),
     ("netperf", "end-to-end benchmarks"),
+    (
+        "linux-perf",
+        "where the datapath's per-packet time goes (benchmarks)",
+    ),
     (
         "bpftool",
         "inspecting programs and their runtime statistics",

@@ -1,0 +1,163 @@
+//! The per-packet section of BENCHMARKS.md and its goals (issue 15).
+
+use std::fmt::Write as _;
+
+use super::{Figure, Measured};
+use crate::{profile::OWN, report::Goal};
+
+/// The parts of a profile shown in columns, in this order; any other function the programs
+/// called goes under "other", named.
+const COLUMNS: [&str; 7] = [
+    OWN,
+    "hash lookups",
+    "conntrack writes",
+    "array lookups",
+    "clock",
+    "checksum helpers",
+    "FIB lookup",
+];
+
+/// What each profiled case does, from `lb-ebpf/src/forward.rs`: the map operations and helper
+/// calls the breakdown's columns charge.
+const WORK: &str = "What the cases do (lb-ebpf/src/forward.rs): *established*: two hash lookups \
+     (the destination address in `LB_ADDRS`, the flow in `LB_CT`), one clock read, the \
+     translation, two per-CPU counters; no map write. *new flow*: three hash lookups \
+     (`LB_ADDRS`, the conntrack miss, the frontend in `LB_SERVICES`), the Maglev slot and the \
+     backend (array lookups), one clock read, two conntrack writes (the reply entry, inserted \
+     first so that a clash is seen before anything is written, then the forward entry), the \
+     translation and the counters. A conntrack write is an insert into the LRU hash map: the \
+     kernel takes a free element from the map's LRU lists (shared by all CPUs), copies the key \
+     and value and links it under the bucket's lock.";
+
+/// The per-packet section: the programs' own cost through BPF_PROG_TEST_RUN, and where the time
+/// of the established and new-flow cases goes.
+pub fn markdown(measured: &Measured, scales: &[u32]) -> String {
+    let mut md = String::from(
+        "## Datapath cost per packet (BPF_PROG_TEST_RUN)\n\nns per packet net of an empty \
+         program timed the same way (median of single calls on fresh packets; the kernel's \
+         bpf_stats average in brackets), at N services:\n\n| case | hook |",
+    );
+    for s in scales {
+        let _ = write!(md, " {s} |");
+    }
+    md.push_str("\n|---|---|");
+    md.push_str(&"---:|".repeat(scales.len()));
+    md.push('\n');
+    let order = [
+        "non-service",
+        "non-service, direct NAT on",
+        "established",
+        "new flow",
+        "reply",
+        "not a reply",
+        "empty",
+    ];
+    let figures = &measured.figures;
+    let mut rows: Vec<(&str, &str)> = figures.iter().map(|f| (f.case.as_str(), f.hook)).collect();
+    rows.sort_by_key(|(case, hook)| (*hook, order.iter().position(|c| c == case)));
+    rows.dedup();
+    for (case, hook) in rows {
+        let _ = write!(md, "| {case} | {hook} |");
+        for s in scales {
+            let text = figure(figures, case, hook, *s).map_or("–".into(), |f| {
+                if case == "empty" {
+                    format!("{:.0} gross [{:.0}]", f.median_ns, f.bpf_stats_ns)
+                } else {
+                    format!("{:.0} [{:.0}]", f.net_ns, f.bpf_stats_net_ns)
+                }
+            });
+            let _ = write!(md, " {text} |");
+        }
+        md.push('\n');
+    }
+    md.push_str(&breakdown_markdown(measured));
+    md
+}
+
+fn figure<'a>(figures: &'a [Figure], case: &str, hook: &str, services: u32) -> Option<&'a Figure> {
+    figures
+        .iter()
+        .find(|f| f.case == case && f.hook == hook && f.services == services)
+}
+
+/// Where the time goes: each profiled case's share per part, and that share of its net ns.
+fn breakdown_markdown(measured: &Measured) -> String {
+    let mut md = String::from("\n### Where the time goes\n\n");
+    let Some(first) = measured.profiles.first() else {
+        let why = measured.profile_error.as_deref().unwrap_or("not sampled");
+        let _ = writeln!(md, "No profile in this run: {why}.");
+        return md;
+    };
+    let _ = write!(
+        md,
+        "CPU samples (`perf record`, software clock) of the bench process while it ran each case \
+         {} times at {} services, charged to the kernel function the program had called at the \
+         time (or to its own instructions); the test run's own work (the syscall, copying the \
+         packet) is not counted. Each cell is the share of the program's samples and that share \
+         of the case's net ns above.\n\n| case | hook | ns | samples |",
+        first.calls, first.services
+    );
+    for column in COLUMNS {
+        let _ = write!(md, " {column} |");
+    }
+    md.push_str(" other |\n|---|---|---:|---:|");
+    md.push_str(&"---:|".repeat(COLUMNS.len() + 1));
+    md.push('\n');
+    for p in &measured.profiles {
+        let ns = figure(&measured.figures, &p.case, p.hook, p.services).map_or(0.0, |f| f.net_ns);
+        let b = &p.breakdown;
+        let _ = write!(md, "| {} | {} | {ns:.0} | {} |", p.case, p.hook, b.samples);
+        for column in COLUMNS {
+            let share = b.share(column);
+            let _ = write!(md, " {:.0}% ({:.0}) |", share * 100.0, share * ns);
+        }
+        let other: Vec<String> = b
+            .parts
+            .iter()
+            .filter(|(part, _)| !COLUMNS.contains(&part.as_str()))
+            .map(|(part, _)| format!("{part} {:.0}%", b.share(part) * 100.0))
+            .collect();
+        let _ = writeln!(
+            md,
+            " {} |",
+            if other.is_empty() {
+                "–".to_owned()
+            } else {
+                other.join(", ")
+            }
+        );
+    }
+    let _ = writeln!(md, "\n{WORK}");
+    md
+}
+
+/// Issue 15's per-packet goals, judged at every measured scale on the net median: XDP
+/// established ≤ 80 ns, tc established ≤ 120 ns, a new flow ≤ 400 ns on both hooks.
+pub fn goals(measured: &Measured, scales: &[u32]) -> Vec<Goal> {
+    [
+        ("established", "xdp", 80.0),
+        ("established", "tc", 120.0),
+        ("new flow", "xdp", 400.0),
+        ("new flow", "tc", 400.0),
+    ]
+    .into_iter()
+    .filter_map(|(case, hook, limit)| {
+        let values: Vec<(u32, f64)> = scales
+            .iter()
+            .filter_map(|&s| Some((s, figure(&measured.figures, case, hook, s)?.net_ns)))
+            .collect();
+        (!values.is_empty()).then(|| Goal {
+            what: format!(
+                "per packet: {case} on {hook} ≤ {limit:.0} ns at every size (BPF_PROG_TEST_RUN, \
+                 net)"
+            ),
+            met: values.iter().all(|(_, ns)| *ns <= limit),
+            figures: values
+                .iter()
+                .map(|(s, ns)| format!("{ns:.0} at {s}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    })
+    .collect()
+}
