@@ -8,19 +8,19 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result};
-use plotters::prelude::*;
-
 use lb_bench::controlplane::ControlPlaneResults;
 
-use crate::netperf::{LOCAL_NODEPORT, NODEPORT, OURS, OURS_DSR, Sample, Skipped};
+use crate::netperf::{NODEPORT, OURS, OURS_DSR, Sample, Skipped};
 
-/// Median and spread of one (datapath, path, test, size) cell over its runs.
-#[derive(Clone, Copy, Debug)]
+mod plots;
+pub use plots::plots;
+
+/// Median of one (datapath, path, test, size) cell over its runs, and each run's rate.
+#[derive(Clone, Debug)]
 pub struct Cell {
     pub median: f64,
-    /// (max - min) / median.
-    pub spread: f64,
+    /// Rate by run: runs of the datapaths alternate, so run i of two datapaths pair up.
+    pub runs: BTreeMap<usize, f64>,
     pub p50_us: Option<f64>,
     pub p99_us: Option<f64>,
     pub cpu_us: f64,
@@ -54,18 +54,14 @@ pub fn cells(samples: &[Sample]) -> Cells {
     groups
         .into_iter()
         .map(|(k, runs)| {
-            let rates: Vec<f64> = runs.iter().map(|s| s.rate).collect();
-            let m = median(rates.clone());
-            let (lo, hi) = rates
-                .iter()
-                .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+            let m = median(runs.iter().map(|s| s.rate).collect());
             let opt_median = |f: fn(&Sample) -> Option<f64>| {
                 let v: Vec<f64> = runs.iter().filter_map(|s| f(s)).collect();
                 (!v.is_empty()).then(|| median(v))
             };
             let cell = Cell {
                 median: m,
-                spread: if m > 0.0 { (hi - lo) / m } else { 0.0 },
+                runs: runs.iter().map(|s| (s.run, s.rate)).collect(),
                 p50_us: opt_median(|s| s.p50_us),
                 p99_us: opt_median(|s| s.p99_us),
                 cpu_us: median(runs.iter().map(|s| s.cpu_us_per_unit).collect()),
@@ -93,8 +89,19 @@ pub fn ratio(
     Some(get(ours)? / get(base)?)
 }
 
-fn fmt_ratio(r: Option<f64>) -> String {
-    r.map_or("–".into(), |r| format!("{r:.2}"))
+/// `ours / base` for one path, test and size from their paired runs, with its 95% interval
+/// (none from a single run).
+fn paired(cells: &Cells, path: &str, test: &str, ours: &str, base: &str, size: u32) -> String {
+    let get = |dp: &str| cells.get(&(path.into(), test.into(), dp.into(), size));
+    let (Some(a), Some(b)) = (get(ours), get(base)) else {
+        return "–".into();
+    };
+    let pairs: Vec<(f64, f64)> = a
+        .runs
+        .iter()
+        .filter_map(|(run, rate)| Some((*rate, *b.runs.get(run)?)))
+        .collect();
+    crate::stats::paired_ratio(&pairs).map_or("–".into(), |r| r.text())
 }
 
 /// The paths measured, in the order they first appear.
@@ -118,9 +125,12 @@ pub fn netperf_markdown(
         "## End to end (netperf)\n\nA pod on node-0 to a ClusterIP, and the external client to \
          node-0's NodePort, both served by a netserver pod on node-1 (so every path crosses the \
          nodes' LAN), with the measured Service in the middle of N Services (one endpoint each). \
-         Rates are the median over the runs; each datapath is shown as a fraction of the direct \
-         floor (client to the pod's address, no load balancer), with the spread of its runs \
-         ((max − min) / median). Variants of ours with another XDP mode are measured at the \
+         Rates are the median over the runs. Each datapath is shown as a fraction of the direct \
+         floor (client to the pod's address, no load balancer) and ours of each kube-proxy \
+         datapath: the geometric mean of the ratios of runs made side by side (the datapaths \
+         alternate run by run), with its 95% confidence interval in brackets (Student's t on \
+         their logarithms); *(1 run)*: one run each, as with `--quick`, which gives no \
+         interval. The goals are judged on the medians. Variants of ours with another XDP mode are measured at the \
          smallest size only; `ours (dsr)` (`--forwarding-mode dsr`: direct server return, the \
          client's address kept and node-1 answering it itself) through the NodePort only, the \
          one path it changes. *external -> NodePort, local backend*: the external client to \
@@ -155,20 +165,10 @@ pub fn netperf_markdown(
                 let unit = if test == "TCP_STREAM" { "Mb/s" } else { "/s" };
                 let mut row = format!("| {test} | {size} | {:.0} {unit} |", direct.median);
                 for dp in &others {
-                    let cell = cells.get(&(path.clone(), test.into(), (*dp).clone(), size));
-                    let _ = write!(
-                        row,
-                        " {}{} |",
-                        fmt_ratio(ratio(cells, &path, test, dp, "direct", size)),
-                        cell.map_or(String::new(), |c| format!(" (±{:.0}%)", c.spread * 100.0))
-                    );
+                    let _ = write!(row, " {} |", paired(cells, &path, test, dp, "direct", size));
                 }
                 for base in &bases {
-                    let _ = write!(
-                        row,
-                        " {} |",
-                        fmt_ratio(ratio(cells, &path, test, OURS, base, size))
-                    );
+                    let _ = write!(row, " {} |", paired(cells, &path, test, OURS, base, size));
                 }
                 let _ = writeln!(md, "{row}");
             }
@@ -219,113 +219,6 @@ pub fn netperf_markdown(
         );
     }
     md
-}
-
-/// One line per datapath of `test`'s `metric` versus number of services, for `path`.
-pub fn plot(cells: &Cells, path: &str, test: &str, metric: Metric, file: &Path) -> Result<()> {
-    let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    for ((p, t, dp, size), cell) in cells {
-        if p != path || t != test {
-            continue;
-        }
-        let y = match metric {
-            Metric::Rate => Some(cell.median),
-            Metric::P99 => cell.p99_us,
-        };
-        if let Some(y) = y {
-            lines
-                .entry(dp.clone())
-                .or_default()
-                .push((f64::from((*size).max(1)), y));
-        }
-    }
-    if lines.is_empty() {
-        return Ok(());
-    }
-    let x_max = lines.values().flatten().map(|p| p.0).fold(1.0, f64::max) * 2.0;
-    let y_max = lines.values().flatten().map(|p| p.1).fold(0.0, f64::max) * 1.15;
-    let root = SVGBackend::new(file, (720, 440)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let title = format!("{test}, {path}: {}", metric.label());
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(64)
-        .build_cartesian_2d((0.8f64..x_max).log_scale(), 0f64..y_max.max(1.0))?;
-    chart
-        .configure_mesh()
-        .x_desc("services")
-        .y_desc(metric.label())
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .draw()?;
-    let palette = [&BLUE, &RED, &GREEN, &BLACK, &MAGENTA, &CYAN];
-    for (i, (dp, mut points)) in lines.into_iter().enumerate() {
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let color = palette[i % palette.len()];
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(dp)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart.draw_series(
-            points
-                .into_iter()
-                .map(|p| Circle::new(p, 3, color.filled())),
-        )?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerLeft)
-        .draw()?;
-    root.present()
-        .with_context(|| format!("writing {}", file.display()))?;
-    Ok(())
-}
-
-#[derive(Clone, Copy)]
-pub enum Metric {
-    Rate,
-    P99,
-}
-
-impl Metric {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Rate => "rate (transactions/s, or Mb/s)",
-            Self::P99 => "p99 latency (µs)",
-        }
-    }
-}
-
-/// Writes every plot into `dir`; returns the files, relative to `dir`'s parent's parent (the
-/// repository root) for linking.
-pub fn plots(cells: &Cells, dir: &Path) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir)?;
-    let mut files = Vec::new();
-    for path in &paths_of(cells) {
-        let slug = match path.as_str() {
-            NODEPORT => "nodeport",
-            LOCAL_NODEPORT => "nodeport_local",
-            _ => "clusterip",
-        };
-        for (test, metric, name) in [
-            ("TCP_CRR", Metric::Rate, "tcp_crr_rate"),
-            ("TCP_CRR", Metric::P99, "tcp_crr_p99"),
-            ("TCP_RR", Metric::Rate, "tcp_rr_rate"),
-            ("TCP_STREAM", Metric::Rate, "tcp_stream"),
-        ] {
-            let file = dir.join(format!("{name}_{slug}.svg"));
-            plot(cells, path, test, metric, &file)?;
-            if file.exists() {
-                files.push(file);
-            }
-        }
-    }
-    Ok(files)
 }
 
 /// The agent section (a larger, multi-endpoint sync than the control-plane comparison's).
