@@ -7,6 +7,9 @@
 //! only the program) are reported beside it as a cross-check. Every call's verdict and output are
 //! verified while timing.
 //!
+//! At the largest scale the established and new-flow cases are also sampled with perf
+//! ([`crate::profile`]): where each one's time goes, by the kernel function the program called.
+//!
 //! The services are programmed through the agent's planner and writer
 //! ([`lb_datapath::program`]), so the maps hold what the agent would write for them (ids,
 //! table sizes, node configuration).
@@ -108,11 +111,12 @@ impl Hook {
         }
     }
 
-    /// The entry program timed on this hook, by its loaded name.
+    /// The entry program timed on this hook, by its loaded name (which its JIT symbol ends
+    /// with).
     const fn program(self) -> &'static str {
         match self {
-            Self::Tc => "lb_from_pod",
-            Self::Xdp => "lb_xdp",
+            Self::Tc => lb_common::programs::FROM_POD,
+            Self::Xdp => lb_common::programs::XDP,
         }
     }
 }
