@@ -29,9 +29,10 @@ use serde::Serialize;
              through `cargo xtask bench`)",
     long_about = "Benchmarks of the eBPF Service load balancer against kube-proxy's datapaths, \
                   measured in the same run on the same machine (run through `cargo xtask bench`).\n\n\
-                  Parts: datapath (per-packet cost through BPF_PROG_TEST_RUN), agent (sync and \
-                  change latency, RSS), netperf (end to end on a two-node test bed: ours, \
-                  kube-proxy's iptables and nftables rulesets, and direct), socket-lb (pod and \
+                  Parts: datapath (per-packet cost through BPF_PROG_TEST_RUN, and where it \
+                  goes, from perf samples), agent (sync and change latency, RSS), netperf \
+                  (end to end on a two-node test bed: ours, kube-proxy's iptables and \
+                  nftables rulesets, and direct), socket-lb (pod and \
                   node to a ClusterIP with the cgroup socket hooks, against the per-packet path, \
                   iptables and direct), controlplane \
                   (programming N services: agent vs iptables-restore vs nft -f), maglev (table \
@@ -39,9 +40,9 @@ use serde::Serialize;
                   and bench/plots/*.svg."
 )]
 struct Cli {
-    /// A shorter run (under 10 minutes): one netperf run of 2 s per case at 1, 1k and 10k
-    /// services without the XDP-off variant, socket-lb with 3 rounds of 1 s with the hooks and
-    /// direct only, fewer calls, control plane at 1k and 10k with 10 changes each.
+    /// A shorter run (9 to 14 minutes on a 2-CPU machine): one netperf run of 2 s per case at 1,
+    /// 1k and 10k services without the XDP-off variant, socket-lb with 3 rounds of 1 s with the
+    /// hooks and direct only, fewer calls, control plane at 1k and 10k with 10 changes each.
     #[arg(long)]
     quick: bool,
     /// Only these parts: datapath, agent, netperf, socket-lb, controlplane, maglev (all by

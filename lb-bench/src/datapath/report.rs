@@ -34,8 +34,10 @@ const WORK: &str = "What the cases do (lb-ebpf/src/forward.rs): *established*: t
 pub fn markdown(measured: &Measured, scales: &[u32]) -> String {
     let mut md = String::from(
         "## Datapath cost per packet (BPF_PROG_TEST_RUN)\n\nns per packet net of an empty \
-         program timed the same way (median of single calls on fresh packets; the kernel's \
-         bpf_stats average in brackets), at N services:\n\n| case | hook |",
+         program timed the same way, at N services. Single calls on fresh packets, in 5 blocks \
+         per case, the blocks of the cases interleaved; each figure is the lowest block median \
+         (a moment of interference from the rest of the machine only adds time), with the \
+         lowest block average of the kernel's bpf_stats in brackets:\n\n| case | hook |",
     );
     for s in scales {
         let _ = write!(md, " {s} |");
