@@ -3,9 +3,9 @@
 //! `repeat > 1` would re-run a program on the buffer it already rewrote (after the first DNAT the
 //! packet no longer goes to the VIP), so every call runs once on a fresh copy of its input: many
 //! calls in blocks, the lowest block median of the kernel-reported durations (see [`BLOCKS`]),
-//! minus that of an empty program timed the same way in the same run. The kernel's own per-program statistics (`bpf_stats`, which time
-//! only the program) are reported beside it as a cross-check. Every call's verdict and output are
-//! verified while timing.
+//! minus that of an empty program timed the same way in the same run. The kernel's own
+//! per-program statistics (`bpf_stats`, which time only the program) are reported beside it as a
+//! cross-check. Every call's verdict and output are verified while timing.
 //!
 //! At the largest scale the established and new-flow cases are also sampled with perf
 //! ([`crate::profile`]): where each one's time goes, by the kernel function the program called.
@@ -143,7 +143,7 @@ fn time_calls<P>(
     mut check: impl FnMut(usize, u32, &[u8]) -> Result<()>,
 ) -> Result<Raw>
 where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult> + InfoSource,
+    P: Timed,
 {
     let before = prog.stats()?;
     let mut durations = Vec::with_capacity(inputs.len());
@@ -178,19 +178,20 @@ where
     })
 }
 
-/// (accumulated run time ns, run count) from the kernel's per-program statistics.
-trait InfoSource {
+/// A program BPF_PROG_TEST_RUN runs and the kernel's per-program statistics time.
+trait Timed: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult> {
+    /// (accumulated run time ns, run count).
     fn stats(&self) -> Result<(u64, u64)>;
 }
 
-impl InfoSource for aya::programs::Xdp {
+impl Timed for aya::programs::Xdp {
     fn stats(&self) -> Result<(u64, u64)> {
         let info = self.info()?;
         Ok((info.run_time().as_nanos() as u64, info.run_count()))
     }
 }
 
-impl InfoSource for aya::programs::SchedClassifier {
+impl Timed for aya::programs::SchedClassifier {
     fn stats(&self) -> Result<(u64, u64)> {
         let info = self.info()?;
         Ok((info.run_time().as_nanos() as u64, info.run_count()))
@@ -308,7 +309,7 @@ fn time_blocks<P>(
     mut check: impl FnMut(usize, u32, &[u8]) -> Result<()>,
 ) -> Result<Raw>
 where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult> + InfoSource,
+    P: Timed,
 {
     let mut blocks = Vec::with_capacity(BLOCKS);
     for b in 0..BLOCKS {
@@ -334,7 +335,7 @@ fn time_entry<P>(
     mut new_check: impl FnMut(usize, u32, &[u8]) -> Result<()>,
 ) -> Result<Vec<(&'static str, Raw)>>
 where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult> + InfoSource,
+    P: Timed,
 {
     let names = ["empty", "non-service", "established", "new flow"];
     let mut blocks: [Vec<Raw>; 4] = Default::default();
@@ -437,7 +438,7 @@ fn profile_entry<P>(
     new: (u32, &[SocketAddrV4]),
 ) -> Result<Vec<Profiled>>
 where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult> + InfoSource,
+    P: Timed,
 {
     let pass = hook.pass();
     let (round, table) = new;
@@ -601,8 +602,8 @@ fn run_scale(
                 "datapath: {services} services, sampling {} with perf",
                 hook.program()
             ));
-            let established = (established.bytes(), established_want.clone());
-            let established = (established.0.as_slice(), established.1.as_slice());
+            let established_frame = established.bytes();
+            let established = (established_frame.as_slice(), established_want.as_slice());
             // Clients of their own: the timed new flows are established by now.
             let new = (round + 2, table.as_slice());
             let calls = calls * PROFILE_FACTOR;

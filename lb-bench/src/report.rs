@@ -130,8 +130,8 @@ pub fn netperf_markdown(
          datapath: the geometric mean of the ratios of runs made side by side (the datapaths \
          alternate run by run), with its 95% confidence interval in brackets (Student's t on \
          their logarithms); *(1 run)*: one run each, as with `--quick`, which gives no \
-         interval. The goals are judged on the medians. Variants of ours with another XDP mode are measured at the \
-         smallest size only; `ours (dsr)` (`--forwarding-mode dsr`: direct server return, the \
+         interval. The goals are judged on the medians. Variants of ours with another XDP \
+         mode are measured at the smallest size only; `ours (dsr)` (`--forwarding-mode dsr`: direct server return, the \
          client's address kept and node-1 answering it itself) through the NodePort only, the \
          one path it changes. *external -> NodePort, local backend*: the external client to \
          node-1's NodePort, the backend on node-1 itself (ours keeps the client's address and \
