@@ -477,6 +477,7 @@ fn bulk_transfers_cross_every_path_intact_by_direct_server_return() {
 /// default applies.
 #[test]
 fn the_forwarding_mode_annotation_overrides_the_nodes_default() {
+    const MODE_NODE_PORT: u16 = 30_086;
     for (default, annotation, keeps_client) in [
         ("snat", "dsr", true),
         ("dsr", "snat", false),
@@ -489,12 +490,17 @@ fn the_forwarding_mode_annotation_overrides_the_nodes_default() {
             ServiceManifest::new("web", WEB)
                 .service_type(ServiceType::NodePort)
                 .annotation("lb/forwarding-mode", annotation)
-                .port(ServicePort::tcp("http", 80, 8080).node_port(30_080))
+                .port(ServicePort::tcp("http", 80, 8080).node_port(MODE_NODE_PORT))
                 .yaml(),
             slice("web", &[("http", Protocol::Tcp)], &[bed.endpoint(1)]),
         ]);
         bed.source.write("web.yaml", &yaml).unwrap();
-        let via = sock(bed.cluster.node_ip(0), 30_080);
+        // A NodePort the bed's own `web` does not have: it answers only once this manifest
+        // has replaced that one, whose two backends could otherwise pass for this one's.
+        let via = sock(bed.cluster.node_ip(0), MODE_NODE_PORT);
+        bed.wait_until("the new NodePort serves", || {
+            bed.connect_outcome(via, None) == Outcome::Connected
+        });
         let client = bed.cluster.client_ip();
         let want = if keeps_client {
             client
