@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use lb_datapath::maglev;
 
-use crate::node::{ForwardingMode, NodePortAddresses};
+use crate::node::{ForwardingMode, NodePortFlag};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -149,9 +149,11 @@ pub struct RunArgs {
     /// Node addresses that accept NodePorts and healthCheckNodePorts (kube-proxy:
     /// --nodeport-addresses): `primary` (the node's first InternalIP, else first ExternalIP),
     /// or CIDRs matched against the node's interface addresses. Default: the Node object's
-    /// InternalIP and ExternalIP addresses. Never 127.0.0.1.
+    /// InternalIP and ExternalIP addresses. Never 127.0.0.1. CIDRs of both families may be
+    /// given, as for kube-proxy on a dual-stack cluster: IPv4 NodePorts use the IPv4 ones (every
+    /// address when there are none); IPv6 is not served yet.
     #[arg(long, value_parser = parse_nodeport_addresses, value_name = "primary|CIDR[,CIDR]")]
-    pub nodeport_addresses: Option<NodePortAddresses>,
+    pub nodeport_addresses: Option<NodePortFlag>,
 
     /// Ports that external flows to backends on other nodes are source-NATed to
     /// (externalTrafficPolicy Cluster), reserved from the node's own connections
@@ -246,9 +248,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-fn parse_nodeport_addresses(s: &str) -> Result<NodePortAddresses, String> {
+fn parse_nodeport_addresses(s: &str) -> Result<NodePortFlag, String> {
     let values: Vec<String> = s.split(',').map(str::to_owned).collect();
-    NodePortAddresses::parse(&values)
+    NodePortFlag::parse(&values)
 }
 
 /// The NodePort range Kubernetes allocates from by default (`--service-node-port-range`).

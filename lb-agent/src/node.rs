@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::Node;
 
 use crate::addr;
@@ -28,9 +28,21 @@ pub enum NodePortAddresses {
     Cidrs(Vec<Ipv4Net>),
 }
 
-impl NodePortAddresses {
-    /// Parses the flag's value: `primary`, or CIDRs (leading zeros read as kube-proxy reads
-    /// them). kube-proxy does not mix the two and neither do we.
+/// The value of `--nodeport-addresses`, both families' CIDRs apart.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePortFlag {
+    /// What IPv4 NodePorts use.
+    pub ipv4: NodePortAddresses,
+    /// IPv6 CIDRs, kept for IPv6 NodePorts, which this datapath does not serve yet
+    /// (docs/ipv6.md): a dual-stack cluster's flag carries both families.
+    pub ipv6: Vec<Ipv6Net>,
+}
+
+impl NodePortFlag {
+    /// Parses the flag's value: `primary`, or CIDRs of either family (IPv4 ones with leading
+    /// zeros read as kube-proxy reads them). kube-proxy does not mix `primary` with CIDRs and
+    /// neither do we. As kube-proxy's proxier of each family, IPv4 takes the IPv4 CIDRs, and
+    /// every IPv4 address (0.0.0.0/0) when the flag names IPv6 CIDRs only.
     pub fn parse(values: &[String]) -> Result<Self, String> {
         let values: Vec<&str> = values
             .iter()
@@ -38,28 +50,39 @@ impl NodePortAddresses {
             .filter(|v| !v.is_empty())
             .collect();
         match values.as_slice() {
-            [] => Ok(Self::NodeAddresses),
-            ["primary"] => Ok(Self::Primary),
+            [] => Ok(Self::default()),
+            ["primary"] => Ok(Self {
+                ipv4: NodePortAddresses::Primary,
+                ipv6: Vec::new(),
+            }),
             _ if values.contains(&"primary") => {
                 Err("`primary` cannot be combined with CIDRs".into())
             }
-            _ => values
-                .iter()
-                .map(|v| {
+            _ => {
+                let (mut ipv4, mut ipv6) = (Vec::new(), Vec::new());
+                for v in values {
                     if v.contains(':') {
-                        return Err(format!(
-                            "{v} is an IPv6 CIDR, which this datapath does not serve yet"
-                        ));
+                        let net: Ipv6Net = v.parse().map_err(|_| format!("{v:?} is not a CIDR"))?;
+                        ipv6.push(net.trunc());
+                    } else {
+                        let net = addr::ipv4_net(v)
+                            .ok_or_else(|| format!("{v:?} is not a CIDR (nor `primary`)"))?;
+                        ipv4.push(net.trunc());
                     }
-                    addr::ipv4_net(v)
-                        .map(|n| n.trunc())
-                        .ok_or_else(|| format!("{v:?} is not a CIDR (nor `primary`)"))
+                }
+                if ipv4.is_empty() {
+                    ipv4.push(Ipv4Net::default());
+                }
+                Ok(Self {
+                    ipv4: NodePortAddresses::Cidrs(ipv4),
+                    ipv6,
                 })
-                .collect::<Result<_, _>>()
-                .map(Self::Cidrs),
+            }
         }
     }
+}
 
+impl NodePortAddresses {
     /// Whether every address is selected (kube-proxy then binds health checks to 0.0.0.0).
     pub fn matches_all(&self) -> bool {
         match self {
@@ -241,32 +264,50 @@ mod tests {
 
     #[test]
     fn nodeport_addresses_parse_as_kube_proxys_flag() {
+        let ipv4 = |values: &[&str]| NodePortFlag::parse(&strings(values)).map(|f| f.ipv4);
+        let cidrs = |nets: &[&str]| {
+            Ok(NodePortAddresses::Cidrs(
+                nets.iter().map(|n| n.parse().unwrap()).collect(),
+            ))
+        };
+        assert_eq!(ipv4(&[]), Ok(NodePortAddresses::NodeAddresses));
+        assert_eq!(ipv4(&["primary"]), Ok(NodePortAddresses::Primary));
         assert_eq!(
-            NodePortAddresses::parse(&[]),
-            Ok(NodePortAddresses::NodeAddresses)
-        );
-        assert_eq!(
-            NodePortAddresses::parse(&strings(&["primary"])),
-            Ok(NodePortAddresses::Primary)
-        );
-        assert_eq!(
-            NodePortAddresses::parse(&strings(&["10.0.0.1/16", "192.168.1.0/24"])),
-            Ok(NodePortAddresses::Cidrs(vec![
-                "10.0.0.0/16".parse().unwrap(),
-                "192.168.1.0/24".parse().unwrap()
-            ]))
+            ipv4(&["10.0.0.1/16", "192.168.1.0/24"]),
+            cidrs(&["10.0.0.0/16", "192.168.1.0/24"])
         );
         for bad in [
             &["primary", "10.0.0.0/8"][..],
             &["10.0.0.0/33"],
             &["10.0.0.1"],
-            &["fd00::/64"],
+            &["fd00::/129"],
+            &["fd00::1"],
         ] {
-            let err = NodePortAddresses::parse(&strings(bad)).unwrap_err();
+            let err = NodePortFlag::parse(&strings(bad)).unwrap_err();
             assert!(!err.is_empty(), "{bad:?}");
         }
         assert!(NodePortAddresses::Cidrs(vec!["0.0.0.0/0".parse().unwrap()]).matches_all());
         assert!(!NodePortAddresses::Primary.matches_all());
+    }
+
+    /// A dual-stack cluster's flag: IPv4 takes its own CIDRs, and every address when only IPv6
+    /// ones are named (kube-proxy's `NewNodePortAddresses` for the IPv4 family).
+    #[test]
+    fn nodeport_addresses_of_both_families_give_ipv4_its_own() {
+        let both = NodePortFlag::parse(&strings(&["10.0.0.0/8", "fd00::1/64"])).unwrap();
+        assert_eq!(
+            both.ipv4,
+            NodePortAddresses::Cidrs(vec!["10.0.0.0/8".parse().unwrap()])
+        );
+        assert_eq!(both.ipv6, ["fd00::/64".parse::<Ipv6Net>().unwrap()]);
+        assert!(!both.ipv4.matches_all());
+
+        let ipv6_only = NodePortFlag::parse(&strings(&["fd00::/64"])).unwrap();
+        assert_eq!(
+            ipv6_only.ipv4,
+            NodePortAddresses::Cidrs(vec!["0.0.0.0/0".parse().unwrap()])
+        );
+        assert!(ipv6_only.ipv4.matches_all());
     }
 
     #[test]

@@ -41,6 +41,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let args = Arc::new(args);
     let node_name = args.node_name();
     info!(node = %node_name, source = ?args.source, bpffs = %args.bpffs_dir.display(), "starting");
+    if let Some(flag) = args
+        .nodeport_addresses
+        .as_ref()
+        .filter(|f| !f.ipv6.is_empty())
+    {
+        info!(
+            ipv6 = ?flag.ipv6,
+            ipv4 = ?flag.ipv4,
+            "--nodeport-addresses: the IPv6 CIDRs are kept for IPv6 NodePorts, which this \
+             datapath does not serve yet; IPv4 NodePorts use the IPv4 CIDRs (every address when \
+             there are none)"
+        );
+    }
 
     // Mistakes in the command line stop the agent before it touches the node.
     let patterns: Vec<glob::Pattern> = args
@@ -119,7 +132,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     let mut reconciler = Reconciler::new(
         node_name,
-        args.nodeport_addresses.clone().unwrap_or_default(),
+        args.nodeport_addresses.clone().unwrap_or_default().ipv4,
         args.snat_ports.clone(),
         limits,
     );

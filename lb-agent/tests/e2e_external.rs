@@ -152,6 +152,26 @@ fn with_primary_node_port_addresses_health_checks_listen_on_the_node_address_onl
     assert!(answers.iter().all(|(n, _)| n == "web-1"), "{answers:?}");
 }
 
+/// A dual-stack cluster's `--nodeport-addresses` naming IPv6 CIDRs only: the agent starts (as
+/// kube-proxy does), serves IPv4 NodePorts on every node address, and says why.
+#[test]
+fn node_port_addresses_of_ipv6_only_leave_every_ipv4_address_serving() {
+    let flag = ["--nodeport-addresses", "fd00:10::/64"];
+    let Some(bed) = Bed::new(Wiring::VethDefaults, &flag) else {
+        return;
+    };
+    for node in 0..2 {
+        let answers = bed.ask_from_outside(sock(bed.cluster.node_ip(node), 30_080), 10, None);
+        assert_eq!(answers.len(), 10, "NodePort via node-{node}");
+    }
+    // healthCheckNodePorts too: node-1 holds the local Service's endpoint.
+    assert_eq!(bed.health_check(1).0, 200);
+    bed.wait_until("the IPv6 CIDRs are reported", || {
+        bed.logs()
+            .contains("the IPv6 CIDRs are kept for IPv6 NodePorts")
+    });
+}
+
 #[test]
 fn load_balancer_ips_and_external_ips_answer_from_outside_and_source_ranges_keep_outsiders_out() {
     on_each_wiring(&[], |bed| {
