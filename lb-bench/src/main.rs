@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: measures the load balancer against baselines run in the same invocation
 //! and writes the raw figures to `bench/results/`.
 
+mod cpus;
 mod datapath;
 mod idle;
 mod maglev;

@@ -577,8 +577,11 @@ fn netperf(
     if let Some(cgroup) = cgroup {
         cgroup.start_in(&mut cmd)?;
     }
-    cmd.args(["-H", &host.to_string(), "-p", &control.to_string()])
-        .args(["-l", &length.arg(), "-t", test.name(), "-P", "0"])
+    cmd.args(["-H", &host.to_string(), "-p", &control.to_string()]);
+    if let Some((local, remote)) = crate::cpus::netperf_pair() {
+        cmd.args(["-T", &format!("{local},{remote}")]);
+    }
+    cmd.args(["-l", &length.arg(), "-t", test.name(), "-P", "0"])
         .args(["--", "-P", &format!(",{DATA_PORT}"), "-o", selectors])
         .args(if test == Test::TcpCrr {
             vec!["-p".to_owned(), format!("{},{}", ports.0, ports.1)]

@@ -136,8 +136,10 @@ pub fn netperf_markdown(
          one path it changes. *external -> NodePort, local backend*: the external client to \
          node-1's NodePort, the backend on node-1 itself (ours keeps the client's address and \
          only DNATs; kube-proxy's rulesets masquerade all external NodePort traffic), TCP_CRR \
-         and TCP_RR with the default datapaths.\n",
+         and TCP_RR with the default datapaths. ",
     );
+    md.push_str(&crate::cpus::netperf_note());
+    md.push('\n');
     let others: Vec<&String> = datapaths.iter().filter(|d| *d != "direct").collect();
     let bases: Vec<&str> = ["iptables", "nftables"]
         .into_iter()

@@ -143,10 +143,11 @@ pub fn markdown(results: &SocketLbResults, c: &[Comparison]) -> String {
          first run made in that time, at most {}); within a round the datapaths alternate test \
          by test. Each ratio is the geometric mean of the rounds' ratios with its 95% \
          confidence interval in brackets (Student's t on the logarithms of the paired \
-         rounds).\n",
+         rounds). {}\n",
         results.runs,
         results.seconds,
         super::max_crr_connections(),
+        crate::cpus::netperf_note(),
     );
     for (path, base) in [(POD, OFF), (NODE, IPTABLES)] {
         if !results.samples.iter().any(|s| s.path == path) {
