@@ -5,8 +5,8 @@
 //! packets are processed (softirq) on its own CPU too, since a veth hands a packet on in the
 //! sender's context.
 
-/// The (netperf, netserver) CPUs: the last two this process may run on, away from CPU 0, which
-/// takes most of the machine's own interrupts; `None` with fewer than two.
+/// The (netperf, netserver) CPUs: the last two this process may run on (on a machine with more
+/// than two, CPU 0, where most interrupts land, stays with the rest); `None` with fewer than two.
 pub fn netperf_pair() -> Option<(usize, usize)> {
     pair(&allowed())
 }
