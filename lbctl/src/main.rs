@@ -10,7 +10,12 @@
 //! structures (the JSON output); `render` turns them into tables and words; `decode` names raw
 //! map fields (flags, protocols, scopes). This file is the command line.
 
-use std::{io::Write as _, net::SocketAddrV4, path::PathBuf, process::ExitCode};
+use std::{
+    io::Write as _,
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -86,8 +91,9 @@ enum SockCallArg {
 
 #[derive(Debug, Args)]
 struct TraceConnectArgs {
-    /// The address and port the application asks for.
-    #[arg(value_name = "DST-IP:PORT")]
+    /// The address and port the application asks for (an IPv6 socket's IPv4-mapped
+    /// `[::ffff:a.b.c.d]:PORT` is its IPv4 address, as the hooks read it).
+    #[arg(value_name = "DST-IP:PORT", value_parser = socket_destination)]
     dst: SocketAddrV4,
     /// Transport protocol.
     #[arg(value_enum)]
@@ -179,10 +185,10 @@ enum Scope {
 #[derive(Debug, Args)]
 struct TraceArgs {
     /// Source address and port (the client; with --reply, the backend).
-    #[arg(value_name = "SRC-IP:PORT")]
+    #[arg(value_name = "SRC-IP:PORT", value_parser = packet_address)]
     src: SocketAddrV4,
     /// Destination address and port (the frontend; with --reply, the client).
-    #[arg(value_name = "DST-IP:PORT")]
+    #[arg(value_name = "DST-IP:PORT", value_parser = packet_address)]
     dst: SocketAddrV4,
     /// Transport protocol.
     #[arg(value_enum)]
@@ -277,6 +283,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Why an IPv6 address gets no trace.
+const IPV6_NOT_SERVED: &str = "IPv6, which this datapath does not serve yet (docs/ipv6.md)";
+
+/// A packet's address and port: IPv4 (an IPv6 packet passes every program untouched).
+fn packet_address(text: &str) -> Result<SocketAddrV4, String> {
+    match text.parse::<SocketAddr>() {
+        Ok(SocketAddr::V4(addr)) => Ok(addr),
+        Ok(SocketAddr::V6(_)) => Err(format!(
+            "{text} is {IPV6_NOT_SERVED}: an IPv6 packet passes every program untouched"
+        )),
+        Err(_) => Err(format!("{text:?} is not an address and port (IP:PORT)")),
+    }
+}
+
+/// The address a socket asks for: IPv4, or IPv4-mapped on an IPv6 socket (what the hooks
+/// translate).
+fn socket_destination(text: &str) -> Result<SocketAddrV4, String> {
+    match text.parse::<SocketAddr>() {
+        Ok(SocketAddr::V4(addr)) => Ok(addr),
+        Ok(SocketAddr::V6(addr)) => match addr.ip().to_ipv4_mapped() {
+            Some(ip) => Ok(SocketAddrV4::new(ip, addr.port())),
+            None => Err(format!(
+                "{text} is {IPV6_NOT_SERVED}: the socket hooks translate IPv4 addresses and \
+                 IPv4-mapped ones ([::ffff:a.b.c.d]:PORT) only, and leave this call as it is"
+            )),
+        },
+        Err(_) => Err(format!("{text:?} is not an address and port (IP:PORT)")),
+    }
+}
+
 fn decode_proto(proto: Proto) -> decode::Proto {
     match proto {
         Proto::Tcp => decode::Proto::Tcp,
@@ -301,6 +337,23 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    /// Traces take IPv4 addresses; an IPv6 one is refused with the reason, an IPv4-mapped one
+    /// is what the socket hooks read it as.
+    #[test]
+    fn trace_addresses_are_ipv4_and_ipv6_says_why() {
+        let v4: SocketAddrV4 = "10.96.0.10:80".parse().unwrap();
+        assert_eq!(packet_address("10.96.0.10:80"), Ok(v4));
+        assert_eq!(socket_destination("10.96.0.10:80"), Ok(v4));
+        assert_eq!(socket_destination("[::ffff:10.96.0.10]:80"), Ok(v4));
+        for text in ["[fd00::10]:80", "[::ffff:10.96.0.10]:80"] {
+            let err = packet_address(text).unwrap_err();
+            assert!(err.contains("IPv6") && err.contains("untouched"), "{err}");
+        }
+        let err = socket_destination("[fd00::10]:80").unwrap_err();
+        assert!(err.contains("IPv4-mapped"), "{err}");
+        assert!(packet_address("10.96.0.10").unwrap_err().contains("IP:PORT"));
+    }
 
     /// `maps dump --help` names every map's alias (the list is written by hand).
     #[test]
