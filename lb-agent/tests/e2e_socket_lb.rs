@@ -551,10 +551,12 @@ fn a_connected_udp_socket_whose_backend_goes_is_not_left_blackholed() {
     bed.source
         .write("web.yaml", &web_yaml(&[endpoint]))
         .unwrap();
-    // New sockets reach the kept backend alone once node-0's agent has the change.
+    // New sockets reach the kept backend alone once node-0's agent has the change. 30 of them:
+    // 6 would all reach it by chance (one time in 64) before the change, and the connected
+    // socket below would still be on the backend that is leaving.
     bed.wait_until("the endpoint change reached node-0", || {
         let mut probe = bed.node_client(0);
-        (0..6).all(|_| {
+        (0..30).all(|_| {
             probe
                 .tcp(cluster_ip)
                 .is_ok_and(|o| o.result.is_ok_and(|a| a.name == BACKENDS[kept]))
