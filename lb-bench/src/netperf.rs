@@ -383,10 +383,13 @@ impl Bed {
         };
         // Marked first, so that a ruleset loaded on one node only is removed too.
         self.rules = Some(backend);
-        for i in 0..self.cluster.node_count() {
-            let text = Arc::new(backend.full_ruleset(services, &self.node_config(i)));
-            measure::apply(&self.cluster.node(i).ns, backend, text)?;
-        }
+        let loads = (0..self.cluster.node_count())
+            .map(|i| {
+                let text = Arc::new(backend.full_ruleset(services, &self.node_config(i)));
+                (&self.cluster.node(i).ns, text)
+            })
+            .collect();
+        measure::apply_all(backend, loads)?;
         Ok(started.elapsed())
     }
 
