@@ -352,7 +352,11 @@ mod tests {
         }
         let err = socket_destination("[fd00::10]:80").unwrap_err();
         assert!(err.contains("IPv4-mapped"), "{err}");
-        assert!(packet_address("10.96.0.10").unwrap_err().contains("IP:PORT"));
+        assert!(
+            packet_address("10.96.0.10")
+                .unwrap_err()
+                .contains("IP:PORT")
+        );
     }
 
     /// `maps dump --help` names every map's alias (the list is written by hand).
