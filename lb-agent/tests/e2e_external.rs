@@ -462,6 +462,20 @@ fn direct_server_return_keeps_the_client_and_answers_from_the_backends_node() {
         assert!(after[1] - before[1] >= 10, "{before:?} -> {after:?}");
         assert!(after[2] - before[2] >= 10, "{before:?} -> {after:?}");
 
+        // A client that reuses one port for two frontends of web-1 (the NodePort and the
+        // LoadBalancer IP, both entering at node-0) keeps its address on each new connection:
+        // node-0 sees its client's FIN only, and the port is free again after it.
+        let local = SocketAddrV4::new(client, 23_456);
+        for target in [via, sock(BULK_LB_REMOTE, 80)].repeat(2) {
+            let answer = bed
+                .cluster
+                .client()
+                .enter(move || server::http_get_bound(local, target, TIMEOUT))
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{target}: {e:#}"));
+            assert_eq!(parse(&answer.0), ("web-1".to_owned(), client), "{target}");
+        }
+
         // UDP is source-NATed still: web-1 sees node-0.
         let addr = sock(bed.cluster.node_ip(0), 30_080);
         let udp: Vec<(String, Ipv4Addr)> = bed

@@ -13,7 +13,7 @@
 
 use crate::{
     Be16, Be32,
-    conntrack::{CtEntry, FlowKey, REPLY, ct_flags},
+    conntrack::{CtEntry, FlowKey, REPLY, ct_flags, nat_flags},
     maps::{
         Backend, NodeConfig, backend_flags, scope,
         snat::{PREVIOUS_PORT_MIN, PROBES},
@@ -401,11 +401,26 @@ pub fn classify(held: Option<&CtEntry>, flow: &FlowKey, now: u64) -> SnatPort {
     }
     if ct_flags::reusable(held.flags) {
         SnatPort::Free
-    } else if flow.proto == proto::TCP && ct_flags::closed(held.flags) {
+    } else if flow.proto == proto::TCP
+        && (ct_flags::closed(held.flags) || one_side_closed_dsr(held))
+    {
         SnatPort::TimeWait
     } else {
         SnatPort::Taken
     }
+}
+
+/// Whether `held` is a DSR flow's entry whose one visible direction sent its FIN. A node sees
+/// one direction of a DSR flow only: the entry node the client's segments (its reply entry
+/// learns their FIN as `PEER_FIN`), the backend's node the backend's (`FIN`). The other FIN
+/// never passes, so the entry would otherwise count as live for the hour a half-closed flow
+/// may last, and every flow reusing that client port for the same backend through another
+/// frontend would be source-NATed for that hour. Once one side has closed, the flow is nearly
+/// always over or in TIME_WAIT at the backend, which a new SYN resolves as for
+/// [`SnatPort::TimeWait`].
+#[inline(always)]
+const fn one_side_closed_dsr(held: &CtEntry) -> bool {
+    held.nat_flags & nat_flags::DSR != 0 && held.flags & (ct_flags::FIN | ct_flags::PEER_FIN) != 0
 }
 
 #[cfg(test)]
@@ -512,6 +527,54 @@ mod tests {
         entry.deadline_ns = NOW + timeout::UDP_STREAM;
         let other_udp = flow([198, 51, 100, 2], 40_000, proto::UDP);
         assert_eq!(classify(Some(&entry), &other_udp, NOW), SnatPort::Taken);
+    }
+
+    /// A DSR flow's entries see one direction each: its client's FIN on the entry node
+    /// (`PEER_FIN`), its backend's on the backend's node (`FIN`). Either ends the flow's hold on
+    /// the client port, as TIME_WAIT; before it, the flow holds the port.
+    #[test]
+    fn a_dsr_flow_releases_its_client_port_once_its_visible_side_closed() {
+        use ct_flags::*;
+        let old = flow([198, 51, 100, 1], 40_000, proto::TCP);
+        let via_other_frontend = FlowKey {
+            dst_port: Be16::from_host(30_081),
+            ..old
+        };
+        let dsr = |flags: u8| CtEntry {
+            flags,
+            nat_flags: nat_flags::DSR,
+            snat_addr: old.src_addr,
+            snat_port: old.src_port,
+            nat_addr: old.dst_addr,
+            nat_port: old.dst_port,
+            deadline_ns: NOW + timeout::TCP_FIN,
+            ..CtEntry::default()
+        };
+        for (flags, want) in [
+            (ESTABLISHED, SnatPort::Taken),
+            (ESTABLISHED | PEER_FIN, SnatPort::TimeWait),
+            (ESTABLISHED | FIN | FIN_FIRST, SnatPort::TimeWait),
+            (ESTABLISHED | PEER_RST, SnatPort::Free),
+        ] {
+            let held = dsr(flags);
+            assert_eq!(
+                classify(Some(&held), &via_other_frontend, NOW),
+                want,
+                "{flags:#x}"
+            );
+            assert_eq!(classify(Some(&held), &old, NOW), SnatPort::Reopened);
+            // Without DSR, the same half-closed flow still holds the port.
+            let snat = CtEntry {
+                nat_flags: 0,
+                ..held
+            };
+            if flags & (FIN | PEER_FIN) != 0 {
+                assert_eq!(
+                    classify(Some(&snat), &via_other_frontend, NOW),
+                    SnatPort::Taken
+                );
+            }
+        }
     }
 }
 

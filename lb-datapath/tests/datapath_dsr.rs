@@ -10,7 +10,7 @@ use std::net::SocketAddrV4;
 
 use common::{
     external::*,
-    harness::{Hook, TCP, UDP, tc, xdp},
+    harness::{Harness, Hook, TCP, UDP, tc, xdp},
     packet::{Packet, assert_frame_eq, flags},
 };
 use lb_common::{
@@ -190,5 +190,90 @@ fn the_backends_node_gives_replies_the_frontend_the_syn_carried() {
         let reply_key = flow_key(LOCAL_POD, client, TCP, REPLY);
         assert!(h.maps.ct.get(&reply_key, 0).is_err());
         assert_eq!(h.verdict_count(Reason::DsrAccepted), 2);
+    });
+}
+
+/// Linux gives one client port to connections to different destinations, so one client port
+/// may reach the same backend through two DSR frontends. While the first flow lives, the second
+/// is source-NATed: at the backend both would be one connection. This node never sees the
+/// backend's FIN, so once the client has sent its own, the port goes by DSR again (else every
+/// such flow would be source-NATed for the hour a half-closed flow may last). `lbctl trace`
+/// predicts both.
+#[test]
+fn a_client_port_is_source_nated_only_while_its_dsr_flow_to_the_same_backend_lives() {
+    in_routed_namespace(|h| {
+        const OTHER_PORT: u16 = NODE_PORT + 1;
+        let other = SocketAddrV4::new(NODE, OTHER_PORT);
+        h.program(&dsr_service("web", TCP, &[(REMOTE_POD, false)]));
+        let mut second = dsr_service("web-2", TCP, &[(REMOTE_POD, false)]);
+        second.frontends[0].port = OTHER_PORT;
+        h.program(&second);
+        configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
+        let to_other = |client: SocketAddrV4| {
+            let mut syn = from_client(client, flags::SYN).with_dst(other);
+            syn.eth_src = CLIENT_MAC;
+            syn.eth_dst = UPLINK_MAC;
+            syn
+        };
+        let predicted = |h: &Harness, client| match predict::forward(
+            &h.maps,
+            client,
+            other,
+            TCP,
+            scope::EXTERNAL,
+            true,
+        ) {
+            Ok(Forward::NewFlow { snat, .. }) => snat,
+            other => panic!("predicted {other:?}"),
+        };
+        let second_key = |client| flow_key(client, other, TCP, FORWARD);
+
+        for (port, client_closed) in [(40_200, false), (40_201, true)] {
+            let client = SocketAddrV4::new(*CLIENT.ip(), port);
+            h.run(Hook::Xdp, &from_client(client, flags::SYN).bytes());
+            h.run(Hook::Xdp, &from_client(client, flags::ACK).bytes());
+            if client_closed {
+                h.run(
+                    Hook::Xdp,
+                    &from_client(client, flags::FIN | flags::ACK).bytes(),
+                );
+            }
+            let first = h.maps.ct.get(&forward_key(client, TCP), 0).unwrap();
+            assert!(first.dsr(), "{first:?}");
+
+            let prediction = predicted(h, client);
+            let syn = to_other(client);
+            let run = h.run(Hook::Xdp, &syn.bytes());
+            assert_eq!(run.verdict, xdp::REDIRECT);
+            let entry = h
+                .maps
+                .ct
+                .get(&second_key(client), 0)
+                .expect("forward entry");
+            if client_closed {
+                assert_eq!(prediction, Some(SourceNat::Dsr));
+                assert!(
+                    entry.dsr() && entry.flags & ct_flags::SNAT == 0,
+                    "{entry:?}"
+                );
+                let want = routed(
+                    syn.with_dst(REMOTE_POD).with_ip_options(&{
+                        let mut option = node_port_option();
+                        option[2..4].copy_from_slice(&OTHER_PORT.to_be_bytes());
+                        option
+                    }),
+                    OTHER_NODE_MAC,
+                );
+                assert_frame_eq(&run.out, &want, "by DSR, the client kept");
+            } else {
+                assert!(
+                    matches!(prediction, Some(SourceNat::Node(_))),
+                    "{prediction:?}"
+                );
+                assert!(!entry.dsr(), "{entry:?}");
+                assert_eq!(entry.flags & ct_flags::SNAT, ct_flags::SNAT);
+                assert_eq!(entry.snat_addr.to_ip(), NODE);
+            }
+        }
     });
 }
