@@ -29,7 +29,8 @@ const COMPONENTS: [&str; 2] = ["rustfmt", "clippy"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages and what needs them.
-const PACKAGES: [(&str, &str); 10] = [
+const PACKAGES: [(&str, &str); 11] = [
+    ("make", "building jemalloc, the agent's allocator"),
     (
         "iproute2",
         "network namespaces and veths for end-to-end tests",
