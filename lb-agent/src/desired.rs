@@ -48,8 +48,8 @@ pub struct DesiredState {
 fn object(service: &ServiceId) -> ObjectKey {
     ObjectKey {
         kind: Kind::Service,
-        namespace: service.0.clone(),
-        name: service.1.clone(),
+        namespace: service.0.to_string(),
+        name: service.1.to_string(),
     }
 }
 
@@ -179,7 +179,7 @@ impl DesiredState {
         let used = self.set_refs.get(name).is_some_and(|n| *n > 0);
         let members = self
             .services
-            .get(&(name.namespace.clone(), name.service.clone()))
+            .get(&(name.namespace.as_str().into(), name.service.as_str().into()))
             .and_then(|e| e.model.set(name))
             .filter(|_| used);
         match members {

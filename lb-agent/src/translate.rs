@@ -481,7 +481,10 @@ pub fn assemble<'a>(services: impl IntoIterator<Item = Translated<'a>>) -> (Desi
     let mut state = crate::desired::DesiredState::default();
     let mut problems = Vec::new();
     for t in services {
-        let id = (t.object.namespace.clone(), t.object.name.clone());
+        let id = (
+            t.object.namespace.as_str().into(),
+            t.object.name.as_str().into(),
+        );
         problems.extend(state.set_service(id, t.created, Some(t.model.clone())));
     }
     // With three or more claimants a loser may be reported twice.

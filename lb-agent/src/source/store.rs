@@ -13,8 +13,9 @@ use super::{
     objects::{ServiceObject, SliceObject},
 };
 
-/// A Service's namespace and name.
-pub type ServiceId = (String, String);
+/// A Service's namespace and name. Shared (one copy of each string per Service): the store,
+/// the set of Services to translate again, the desired state and its claims all key by it.
+pub type ServiceId = (Arc<str>, Arc<str>);
 
 /// What changed since the last reconcile.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -48,7 +49,15 @@ pub struct Store {
 }
 
 fn slice_service(slice: &SliceObject) -> Option<ServiceId> {
-    Some((slice.namespace.clone(), slice.service.clone()?))
+    Some((
+        slice.namespace.as_str().into(),
+        slice.service.as_deref()?.into(),
+    ))
+}
+
+/// The (namespace, name) of `key`, for the maps keyed by it.
+fn service_id(key: &ObjectKey) -> ServiceId {
+    (key.namespace.as_str().into(), key.name.as_str().into())
 }
 
 impl Store {
@@ -71,7 +80,7 @@ impl Store {
         };
         names
             .iter()
-            .filter_map(|n| self.slices.get(&(id.0.clone(), n.clone())))
+            .filter_map(|n| self.slices.get(&(id.0.clone(), n.as_str().into())))
             .map(|s| &**s)
             .collect()
     }
@@ -140,8 +149,8 @@ impl Store {
     fn keys(&self, kind: Kind) -> Vec<ObjectKey> {
         let key = |(namespace, name): &ServiceId| ObjectKey {
             kind,
-            namespace: namespace.clone(),
-            name: name.clone(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
         };
         match kind {
             Kind::Service => self.services.keys().map(key).collect(),
@@ -160,7 +169,7 @@ impl Store {
 
     fn upsert(&mut self, object: Object, node_name: &str, dirty: &mut Dirty) {
         let key = object.key();
-        let id = (key.namespace.clone(), key.name.clone());
+        let id = service_id(&key);
         match object {
             Object::Service(svc) => {
                 dirty.services.insert(id.clone());
@@ -220,7 +229,7 @@ impl Store {
     }
 
     fn delete(&mut self, key: &ObjectKey, node_name: &str, dirty: &mut Dirty) {
-        let id = (key.namespace.clone(), key.name.clone());
+        let id = service_id(key);
         match key.kind {
             Kind::Service => {
                 if self.services.remove(&id).is_some() {
@@ -287,7 +296,7 @@ mod tests {
             }),
         };
         listed(&mut store, vec![service("web"), invalid("api")]);
-        let id = ("default".to_owned(), "api".to_owned());
+        let id: ServiceId = ("default".into(), "api".into());
         assert!(store.service(&id).is_some(), "kept across the relist");
         let nameless = Update::Invalid {
             origin: "a file".into(),
