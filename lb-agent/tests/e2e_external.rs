@@ -16,8 +16,12 @@ use std::{
 };
 
 use common::external::*;
-use lb_common::stats::Reason;
-use lb_datapath::maps::Maps;
+use lb_common::{
+    conntrack::{REPLY, ct_flags},
+    net::proto::TCP,
+    stats::Reason,
+};
+use lb_datapath::{maps::Maps, predict::flow_key};
 use lb_testbed::{
     Wiring,
     manifests::{Protocol, ServiceManifest, ServicePort, ServiceType, documents},
@@ -464,8 +468,13 @@ fn direct_server_return_keeps_the_client_and_answers_from_the_backends_node() {
 
         // A client that reuses one port for two frontends of web-1 (the NodePort and the
         // LoadBalancer IP, both entering at node-0) keeps its address on each new connection:
-        // node-0 sees its client's FIN only, and the port is free again after it.
+        // node-0 sees its client's FIN only, and the port is free again after it. Each
+        // connection waits until node-0 has that FIN of the one before: until then the old flow
+        // holds the port, and the client's FIN and next SYN may cross on their way (a veth
+        // hands each to the backlog of the CPU its sender ran on).
         let local = SocketAddrV4::new(client, 23_456);
+        let node_0 = Maps::open_pinned(bed.agents.bpffs_dir(0)).expect("pinned maps");
+        let reply_key = flow_key(SocketAddrV4::new(bed.web[1], 8080), local, TCP, REPLY);
         for target in [via, sock(BULK_LB_REMOTE, 80)].repeat(2) {
             let answer = bed
                 .cluster
@@ -474,6 +483,13 @@ fn direct_server_return_keeps_the_client_and_answers_from_the_backends_node() {
                 .unwrap()
                 .unwrap_or_else(|e| panic!("{target}: {e:#}"));
             assert_eq!(parse(&answer.0), ("web-1".to_owned(), client), "{target}");
+            bed.wait_until("node-0 sees the client's FIN", || {
+                node_0.ct.get(&reply_key, 0).is_ok_and(|entry| {
+                    entry.nat_addr.to_ip() == *target.ip()
+                        && entry.nat_port.to_host() == target.port()
+                        && entry.flags & ct_flags::PEER_FIN != 0
+                })
+            });
         }
 
         // UDP is source-NATed still: web-1 sees node-0.

@@ -192,6 +192,18 @@ impl CtEntry {
         self.nat_flags & nat_flags::DSR != 0
     }
 
+    /// Whether this is a DSR flow's entry whose one visible direction sent its FIN. A node sees
+    /// one direction of a DSR flow only: the entry node the client's segments (`FIN` on its
+    /// forward entry, `PEER_FIN` on its reply entry), the backend's node the backend's (`FIN`).
+    /// The other FIN never passes, so the flow would otherwise never count as closed there: it
+    /// would hold its client port for the hour a half-closed flow may last, and a new
+    /// connection of the same four addresses and ports would be taken for the old one. Once
+    /// one side has closed, the flow is over or in TIME_WAIT at the backend.
+    #[inline(always)]
+    pub const fn dsr_side_closed(&self) -> bool {
+        self.dsr() && self.flags & (ct_flags::FIN | ct_flags::PEER_FIN) != 0
+    }
+
     /// Whether the entry is a direct connection's ([`DIRECT`]).
     #[inline(always)]
     pub const fn direct(&self) -> bool {
@@ -229,11 +241,13 @@ impl CtEntry {
     /// Whether a forward entry keeps its flow for a packet with TCP flags `seg_flags` (0 for
     /// UDP, or when the packet's flags are unknown) at `now`: it has not expired, and the packet
     /// is no bare SYN reopening a flow that is over (closed both ways, or reset: that one is
-    /// balanced anew). A SYN on a half-closed flow is not a new connection, as nf_conntrack
-    /// holds too.
+    /// balanced anew; a DSR flow once the side this node sees closed, see
+    /// [`CtEntry::dsr_side_closed`]). A SYN on a half-closed flow is not a new connection, as
+    /// nf_conntrack holds too.
     #[inline(always)]
     pub const fn continues(&self, seg_flags: u8, now: u64) -> bool {
-        let reopening = tcp_flags::opens(seg_flags) && ct_flags::closed(self.flags);
+        let reopening =
+            tcp_flags::opens(seg_flags) && (ct_flags::closed(self.flags) || self.dsr_side_closed());
         self.live(now) && !reopening
     }
 
@@ -594,6 +608,24 @@ mod tests {
             proto::TCP,
             FORWARD,
         )
+    }
+
+    /// A SYN after the client's FIN of a DSR flow is a new connection on the entry node, which
+    /// never sees the backend's FIN; a SYN on a half-closed flow of another kind continues it.
+    #[test]
+    fn a_syn_after_the_clients_fin_reopens_a_dsr_flow_only() {
+        let live = |flags: u8, nat: u8| CtEntry {
+            deadline_ns: NOW + timeout::TCP_FIN,
+            flags,
+            nat_flags: nat,
+            ..CtEntry::default()
+        };
+        let syn = tcp_flags::SYN;
+        let half_closed = ct_flags::ESTABLISHED | ct_flags::FIN;
+        assert!(!live(half_closed, nat_flags::DSR).continues(syn, NOW));
+        assert!(live(half_closed, nat_flags::DSR).continues(tcp_flags::ACK, NOW));
+        assert!(live(ct_flags::ESTABLISHED, nat_flags::DSR).continues(syn, NOW));
+        assert!(live(half_closed, 0).continues(syn, NOW));
     }
 
     #[test]

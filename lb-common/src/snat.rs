@@ -13,7 +13,7 @@
 
 use crate::{
     Be16, Be32,
-    conntrack::{CtEntry, FlowKey, REPLY, ct_flags, nat_flags},
+    conntrack::{CtEntry, FlowKey, REPLY, ct_flags},
     maps::{
         Backend, NodeConfig, backend_flags, scope,
         snat::{PREVIOUS_PORT_MIN, PROBES},
@@ -401,26 +401,11 @@ pub fn classify(held: Option<&CtEntry>, flow: &FlowKey, now: u64) -> SnatPort {
     }
     if ct_flags::reusable(held.flags) {
         SnatPort::Free
-    } else if flow.proto == proto::TCP
-        && (ct_flags::closed(held.flags) || one_side_closed_dsr(held))
-    {
+    } else if flow.proto == proto::TCP && (ct_flags::closed(held.flags) || held.dsr_side_closed()) {
         SnatPort::TimeWait
     } else {
         SnatPort::Taken
     }
-}
-
-/// Whether `held` is a DSR flow's entry whose one visible direction sent its FIN. A node sees
-/// one direction of a DSR flow only: the entry node the client's segments (its reply entry
-/// learns their FIN as `PEER_FIN`), the backend's node the backend's (`FIN`). The other FIN
-/// never passes, so the entry would otherwise count as live for the hour a half-closed flow
-/// may last, and every flow reusing that client port for the same backend through another
-/// frontend would be source-NATed for that hour. Once one side has closed, the flow is nearly
-/// always over or in TIME_WAIT at the backend, which a new SYN resolves as for
-/// [`SnatPort::TimeWait`].
-#[inline(always)]
-const fn one_side_closed_dsr(held: &CtEntry) -> bool {
-    held.nat_flags & nat_flags::DSR != 0 && held.flags & (ct_flags::FIN | ct_flags::PEER_FIN) != 0
 }
 
 #[cfg(test)]
@@ -542,7 +527,7 @@ mod tests {
         };
         let dsr = |flags: u8| CtEntry {
             flags,
-            nat_flags: nat_flags::DSR,
+            nat_flags: crate::conntrack::nat_flags::DSR,
             snat_addr: old.src_addr,
             snat_port: old.src_port,
             nat_addr: old.dst_addr,
