@@ -481,10 +481,7 @@ pub fn assemble<'a>(services: impl IntoIterator<Item = Translated<'a>>) -> (Desi
     let mut state = crate::desired::DesiredState::default();
     let mut problems = Vec::new();
     for t in services {
-        let id = (
-            t.object.namespace.as_str().into(),
-            t.object.name.as_str().into(),
-        );
+        let id = crate::source::store::service_id(t.object);
         problems.extend(state.set_service(id, t.created, Some(t.model.clone())));
     }
     // With three or more claimants a loser may be reported twice.

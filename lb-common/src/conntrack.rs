@@ -192,16 +192,18 @@ impl CtEntry {
         self.nat_flags & nat_flags::DSR != 0
     }
 
-    /// Whether this is a DSR flow's entry whose one visible direction sent its FIN. A node sees
-    /// one direction of a DSR flow only: the entry node the client's segments (`FIN` on its
-    /// forward entry, `PEER_FIN` on its reply entry), the backend's node the backend's (`FIN`).
-    /// The other FIN never passes, so the flow would otherwise never count as closed there: it
-    /// would hold its client port for the hour a half-closed flow may last, and a new
+    /// Whether the flow is over as far as this node can tell: closed both ways, or reset
+    /// ([`ct_flags::closed`]), or a DSR flow whose one visible direction sent its FIN. A node
+    /// sees one direction of a DSR flow only: the entry node the client's segments (`FIN` on
+    /// its forward entry, `PEER_FIN` on its reply entry), the backend's node the backend's
+    /// (`FIN`). The other FIN never passes, so the flow would otherwise never count as closed
+    /// there: it would hold its client port for the hour a half-closed flow may last, and a new
     /// connection of the same four addresses and ports would be taken for the old one. Once
     /// one side has closed, the flow is over or in TIME_WAIT at the backend.
     #[inline(always)]
-    pub const fn dsr_side_closed(&self) -> bool {
-        self.dsr() && self.flags & (ct_flags::FIN | ct_flags::PEER_FIN) != 0
+    pub const fn closed_as_seen(&self) -> bool {
+        ct_flags::closed(self.flags)
+            || (self.dsr() && self.flags & (ct_flags::FIN | ct_flags::PEER_FIN) != 0)
     }
 
     /// Whether the entry is a direct connection's ([`DIRECT`]).
@@ -240,14 +242,12 @@ impl CtEntry {
 
     /// Whether a forward entry keeps its flow for a packet with TCP flags `seg_flags` (0 for
     /// UDP, or when the packet's flags are unknown) at `now`: it has not expired, and the packet
-    /// is no bare SYN reopening a flow that is over (closed both ways, or reset: that one is
-    /// balanced anew; a DSR flow once the side this node sees closed, see
-    /// [`CtEntry::dsr_side_closed`]). A SYN on a half-closed flow is not a new connection, as
-    /// nf_conntrack holds too.
+    /// is no bare SYN reopening a flow that is over ([`CtEntry::closed_as_seen`]: that one is
+    /// balanced anew). A SYN on a half-closed flow is not a new connection, as nf_conntrack
+    /// holds too.
     #[inline(always)]
     pub const fn continues(&self, seg_flags: u8, now: u64) -> bool {
-        let reopening =
-            tcp_flags::opens(seg_flags) && (ct_flags::closed(self.flags) || self.dsr_side_closed());
+        let reopening = tcp_flags::opens(seg_flags) && self.closed_as_seen();
         self.live(now) && !reopening
     }
 

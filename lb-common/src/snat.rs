@@ -401,7 +401,7 @@ pub fn classify(held: Option<&CtEntry>, flow: &FlowKey, now: u64) -> SnatPort {
     }
     if ct_flags::reusable(held.flags) {
         SnatPort::Free
-    } else if flow.proto == proto::TCP && (ct_flags::closed(held.flags) || held.dsr_side_closed()) {
+    } else if flow.proto == proto::TCP && held.closed_as_seen() {
         SnatPort::TimeWait
     } else {
         SnatPort::Taken

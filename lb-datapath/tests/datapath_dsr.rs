@@ -209,12 +209,7 @@ fn a_client_port_is_source_nated_only_while_its_dsr_flow_to_the_same_backend_liv
         second.frontends[0].port = OTHER_PORT;
         h.program(&second);
         configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
-        let to_other = |client: SocketAddrV4| {
-            let mut syn = from_client(client, flags::SYN).with_dst(other);
-            syn.eth_src = CLIENT_MAC;
-            syn.eth_dst = UPLINK_MAC;
-            syn
-        };
+        let to_other = |client: SocketAddrV4| from_client(client, flags::SYN).with_dst(other);
         let predicted = |h: &Harness, client| match predict::forward(
             &h.maps,
             client,

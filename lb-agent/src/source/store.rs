@@ -56,7 +56,7 @@ fn slice_service(slice: &SliceObject) -> Option<ServiceId> {
 }
 
 /// The (namespace, name) of `key`, for the maps keyed by it.
-fn service_id(key: &ObjectKey) -> ServiceId {
+pub fn service_id(key: &ObjectKey) -> ServiceId {
     (key.namespace.as_str().into(), key.name.as_str().into())
 }
 
