@@ -49,6 +49,10 @@ pub struct Options {
     pub changes: usize,
     /// Per datapath and size: the limit for programming from scratch, and again for the changes.
     pub timeout: Duration,
+    /// Per kube-proxy datapath and size: no change starts after this much time of changes
+    /// (kube-proxy's nftables takes seconds per change at 10k Services). Ours always makes all
+    /// of its changes: its goal is judged on them.
+    pub baseline_changes_budget: Duration,
     /// The `lb-agent` binary.
     pub agent_bin: PathBuf,
     /// The kube-proxy datapaths measured, in order.
@@ -76,6 +80,7 @@ impl Options {
             sizes: sizes.to_vec(),
             changes,
             timeout: Duration::from_secs(120),
+            baseline_changes_budget: Duration::from_secs(120),
             agent_bin: agent_bin.to_owned(),
             backends: vec![default, other, Backend::Nftables],
             ours: true,
@@ -329,7 +334,7 @@ fn kube_proxy(
         cfg,
         index,
         opts.changes,
-        Some(opts.timeout),
+        Some(opts.baseline_changes_budget.min(opts.timeout)),
     )?;
     let mut change = Changes::new(
         opts.changes,
@@ -340,10 +345,10 @@ fn kube_proxy(
     change.bytes = timings.first().map(|t| t.bytes);
     if change.completed < change.requested {
         figure.note = Some(format!(
-            "{} of {} changes in {:.0} s",
+            "{} of {} changes in the {:.0} s allowed",
             change.completed,
             change.requested,
-            opts.timeout.as_secs_f64()
+            opts.baseline_changes_budget.min(opts.timeout).as_secs_f64()
         ));
     }
     figure.change = Some(change);

@@ -15,7 +15,7 @@ use std::{
     fs,
     path::PathBuf,
     process::{Command, ExitCode},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -339,7 +339,10 @@ fn run(cli: &Cli) -> Result<()> {
         };
         // kube-proxy's nftables takes seconds per change at 10k services.
         let changes = if cli.quick { 10 } else { cli.changes.min(50) };
-        let opts = controlplane::Options::with_agent(sizes, changes, &agent_bin)?;
+        let mut opts = controlplane::Options::with_agent(sizes, changes, &agent_bin)?;
+        if cli.quick {
+            opts.baseline_changes_budget = Duration::from_secs(10);
+        }
         let figures = controlplane::run_with(&opts, &mut progress)?;
         section(report::controlplane_markdown(&figures));
         results.controlplane = Some(figures);
