@@ -41,7 +41,7 @@ use serde::Serialize;
                   and bench/plots/*.svg."
 )]
 struct Cli {
-    /// A shorter run (9 to 14 minutes on a 2-CPU machine): one netperf run of 2 s per case at 1,
+    /// A shorter run (about 9 minutes on a 2-CPU machine): one netperf run of 2 s per case at 1,
     /// 1k and 10k services without the XDP-off variant, socket-lb with 3 rounds of 1 s with the
     /// hooks and direct only, fewer calls, control plane at 1k and 10k with 10 changes each.
     #[arg(long)]

@@ -21,6 +21,11 @@ use anyhow::{Context as _, Result, bail};
 use lb_testbed::{Agents, Cgroup, Cluster, Netns, SocketLb, SourceDir};
 use serde::Serialize;
 
+mod lengths;
+
+use lengths::COUNTED_LIMIT;
+pub use lengths::{Length, Lengths, crr_ports, nodeport_crr_ports};
+
 use lb_bench::kubeproxy::{
     self, BenchPort, BenchService, NodeConfig, Position,
     measure::{self, Backend},
@@ -475,136 +480,6 @@ fn wait_listening(ns: &Netns, addr: SocketAddrV4) -> Result<()> {
     Ok(())
 }
 
-/// The client ports TCP_CRR cycles through for the `index`th datapath (netperf's `-p`).
-///
-/// The server closes each TCP_CRR connection first, so it holds a TIME_WAIT socket for every
-/// client port, and accepts a new SYN on the same ports only if its TCP timestamp is newer
-/// (PAWS). A client's timestamps carry a random offset (per connection on recent kernels, per
-/// pair of addresses on older ones): a datapath reusing ports another one used in the last
-/// 60 s would see some of its SYNs refused and stall on retransmissions. Disjoint ranges keep
-/// each datapath to its own ports.
-pub fn crr_ports(index: usize, datapaths: usize) -> (u16, u16) {
-    ports_of(5_000, 60_999, index, datapaths)
-}
-
-/// [`crr_ports`] for the NodePort path: within Linux's ephemeral ports (32768-60999), what an
-/// external Linux client uses. The agent's default SNAT range is wider, so each of these ports
-/// has a home port of its own (`lb_common::snat::home`) and the datapaths' ranges map to
-/// disjoint SNAT ports: no variant of ours inherits another's TIME_WAITs, and each one's runs,
-/// back to back on the same ports round after round, measure the steady state an operator's
-/// node reaches, with its one default range.
-pub fn nodeport_crr_ports(index: usize, datapaths: usize) -> (u16, u16) {
-    ports_of(32_768, 60_999, index, datapaths)
-}
-
-/// The `index`th of `datapaths` equal ranges of `first..=last`.
-fn ports_of(first: u32, last: u32, index: usize, datapaths: usize) -> (u16, u16) {
-    let width = (last - first + 1) / datapaths.max(1) as u32;
-    let min = first + width * index as u32;
-    (min as u16, (min + width - 1) as u16)
-}
-
-/// How long a counted netperf run may take (a few seconds when nothing stalls).
-const COUNTED_LIMIT: Duration = Duration::from_secs(30);
-
-/// How long one netperf run lasts (netperf's `-l`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Length {
-    Seconds(u32),
-    /// This many transactions. A timed TCP_CRR costs 4 s more than its length: netserver
-    /// blocks in accept() until its own timer, set 4 s (netperf's `PAD_TIME`) past the test's
-    /// length, fires; a counted one ends with its last transaction.
-    Transactions(u32),
-}
-
-impl Length {
-    fn arg(self) -> String {
-        match self {
-            Self::Seconds(s) => s.to_string(),
-            Self::Transactions(n) => format!("-{n}"),
-        }
-    }
-}
-
-/// How long each run lasts: `seconds`, but TCP_CRR counts transactions (a timed one costs 4 s
-/// more, see [`Length::Transactions`]), as many as the path's first TCP_CRR made per second
-/// (2,000 per second for that first one), and at most 90% of a datapath's client ports
-/// ([`crr_ports`]), so that no run wraps around onto the TIME_WAITs of its own connections.
-/// Only for paths that do not stall on SYN retransmissions (no SNAT onto ports in
-/// TIME_WAIT): a counted run lasts as long as its stalls make it (up to 30 s, then it fails).
-#[derive(Default)]
-pub struct Lengths {
-    crr_rates: Vec<(&'static str, f64)>,
-    /// Per (path, datapath): the first TCP_CRR sample's rate and p99, in µs.
-    first_crr: Vec<(&'static str, String, f64, Option<f64>)>,
-}
-
-/// A p99 under this (µs) means that fewer than 1% of a run's connections stalled on a SYN
-/// retransmission (about 10 ms each, see the report).
-const NO_STALLS_P99_US: f64 = 5_000.0;
-
-impl Lengths {
-    pub fn length(&self, path: &str, test: Test, seconds: u32, port_ranges: usize) -> Length {
-        if test != Test::TcpCrr {
-            return Length::Seconds(seconds);
-        }
-        let rate = self
-            .crr_rates
-            .iter()
-            .find(|r| r.0 == path)
-            .map_or(2_000.0, |r| r.1);
-        let (min, max) = crr_ports(0, port_ranges);
-        let cap = f64::from(max - min + 1) * 0.9;
-        Length::Transactions((rate * f64::from(seconds)).clamp(500.0, cap) as u32)
-    }
-
-    /// How long a run of `test` by `datapath` lasts on a path that may stall on SYN
-    /// retransmissions (a NodePort, whose SNAT ports meet the backend's TIME_WAITs): `seconds`,
-    /// except TCP_CRR after the datapath's first (timed) run of it on this path, if that run
-    /// showed no stalls ([`NO_STALLS_P99_US`]): then as many transactions as it made in
-    /// `seconds`, which saves the 4 s a timed one costs. No cap on the ports: these runs come
-    /// back to the same client ports on purpose (the steady state).
-    pub fn stalling_path_length(
-        &self,
-        path: &str,
-        datapath: &str,
-        test: Test,
-        seconds: u32,
-    ) -> Length {
-        let first = self
-            .first_crr
-            .iter()
-            .find(|r| r.0 == path && r.1 == datapath);
-        match first {
-            Some(&(_, _, rate, Some(p99)))
-                if test == Test::TcpCrr && p99 < NO_STALLS_P99_US =>
-            {
-                Length::Transactions((rate * f64::from(seconds)).max(500.0) as u32)
-            }
-            _ => Length::Seconds(seconds),
-        }
-    }
-
-    /// Learns a path's TCP_CRR rate from its first sample, and each datapath's rate and p99
-    /// on it from the datapath's first.
-    pub fn record(&mut self, s: &Sample) {
-        if s.test != Test::TcpCrr.name() {
-            return;
-        }
-        if !self.crr_rates.iter().any(|r| r.0 == s.path) {
-            self.crr_rates.push((s.path, s.rate));
-        }
-        if !self
-            .first_crr
-            .iter()
-            .any(|r| r.0 == s.path && r.1 == s.datapath)
-        {
-            self.first_crr
-                .push((s.path, s.datapath.clone(), s.rate, s.p99_us));
-        }
-    }
-}
-
 /// One netperf run from `ns` to `host`; TCP_CRR cycles through the client ports `ports`.
 /// netperf starts in `cgroup` when given (else in this process's).
 fn netperf(
@@ -799,28 +674,20 @@ pub fn run(
                             }
                         };
                         // A NodePort's TCP_CRR may stall on SYN retransmissions (SNAT ports
-                        // in TIME_WAIT, see the report), and a counted run lasts as long as
-                        // its stalls make it: counted only where the first run showed none.
-                        let length = match path {
-                            Path::PodToClusterIp => lengths.length(
-                                path.name(),
-                                test,
-                                plan.seconds,
-                                plan.datapaths.len(),
-                            ),
-                            Path::ExternalToNodePort | Path::ExternalToLocalNodePort => lengths
-                                .stalling_path_length(
-                                    path.name(),
-                                    &run_of.datapath,
-                                    test,
-                                    plan.seconds,
-                                ),
-                        };
+                        // in TIME_WAIT, see the report).
+                        let may_stall = path != Path::PodToClusterIp;
+                        let length = lengths.datapath_length(
+                            path.name(),
+                            &run_of.datapath,
+                            test,
+                            plan.seconds,
+                            may_stall,
+                        );
                         let target = (host, control);
                         let measured = sample(run_of.clone(), ns, None, target, length, ports)
                             .or_else(|e| match length {
                                 // It stalled after all: the run again, timed.
-                                Length::Transactions(_) if path != Path::PodToClusterIp => {
+                                Length::Transactions(_) => {
                                     progress(&format!("netperf: {e:#}; again, timed"));
                                     let timed = Length::Seconds(plan.seconds);
                                     sample(run_of, ns, None, target, timed, ports)

@@ -648,6 +648,11 @@ const METHOD: &str = "
 - The test bed is two nodes, a LAN and an external client in network namespaces joined by veth
   pairs, on one machine; every datapath runs the same bed with the same Services in the same run.
   One netperf stream per test, the runs of all datapaths alternating.
+- Each run lasts about the same time, its length in seconds, except TCP_CRR, which counts
+  connections where it can: a timed TCP_CRR ends 4 s after its length (netserver waits in
+  accept() until its own timer fires). A datapath's TCP_CRR makes as many connections as its
+  previous run made in that time (20,000 a second for its first on a path); through a NodePort
+  it is timed until its previous run there showed no stalled connections (p99 under 5 ms).
 - `ours` is the agent with its defaults. The nodes' uplinks are veths, on which the agent leaves
   XDP off (a veth hands XDP GSO packets with partial checksums that it cannot translate), so
   `ours` is the tc datapath; `ours (xdp native)` forces native XDP (the bed's uplinks carry
