@@ -166,7 +166,8 @@ pub struct RunArgs {
 
     /// Source-NAT every flow the datapath balances to the node's address (kube-proxy:
     /// --masquerade-all): backends then see the node as their client, also for pods' flows
-    /// and external flows to backends on this node.
+    /// and external flows to backends on this node. As kube-proxy's, it leaves the external
+    /// addresses of a Service with externalTrafficPolicy Local their clients.
     #[arg(long)]
     pub masquerade_all: bool,
 

@@ -393,6 +393,9 @@ pub fn service(
                     drop_when_empty: !selectable && has_endpoints,
                     // Only flows from outside can go by DSR (to other nodes' backends).
                     dsr: dsr && scope == scope::EXTERNAL && kind != FrontendKind::ClusterIp,
+                    // kube-proxy's masqueradeAll masquerades flows to ClusterIPs, not those to
+                    // the external addresses of a Service with externalTrafficPolicy Local.
+                    keeps_client: external_local && kind != FrontendKind::ClusterIp,
                     affinity_timeout_s,
                     source_ranges,
                 });

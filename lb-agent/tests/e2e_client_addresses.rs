@@ -73,6 +73,7 @@ fn cluster_ips_can_be_closed_to_clients_outside_the_cluster() {
 /// it entered (its SNAT address), also an external flow to a backend on that node and a pod's
 /// flow to a ClusterIP, whichever node the backend runs on; answers still come from the
 /// frontend. Without it (the other tests) only external flows to other nodes' backends are.
+/// externalTrafficPolicy Local keeps its clients.
 #[test]
 fn masquerade_all_shows_every_backend_the_node_as_its_client() {
     on_each_wiring(&["--masquerade-all"], |bed| {
@@ -101,6 +102,22 @@ fn masquerade_all_shows_every_backend_the_node_as_its_client() {
                 "{what}: every backend sees node-0 ({node_0}): {answers:?}"
             );
         }
+        // Except flows to the external addresses of a Service with externalTrafficPolicy
+        // Local, as kube-proxy's masqueradeAll (it masquerades flows to ClusterIPs): `local`'s
+        // backend, on node-1, sees the external client through node-1's NodePort, and a pod
+        // on node-0 through node-0's (kube-proxy's short-circuit to every endpoint).
+        let client = bed.cluster.client_ip();
+        let answers = bed.ask_from_outside(sock(bed.cluster.node_ip(1), 30_081), 5, None);
+        assert!(
+            answers.iter().all(|(_, seen)| *seen == client),
+            "Local NodePort from outside: the client ({client}) kept: {answers:?}"
+        );
+        let pod = bed.cluster.pod("client-0").ip;
+        let answers = bed.ask_from_pod("client-0", sock(node_0, 30_081), 5);
+        assert!(
+            answers.iter().all(|(_, seen)| *seen == pod),
+            "Local NodePort from client-0: the pod ({pod}) kept: {answers:?}"
+        );
         // A pod balanced to itself keeps the hairpin address.
         let hairpin = Ipv4Addr::from(lb_common::maps::hairpin::DEFAULT_ADDR);
         let answers = bed.ask_from_pod("web-0", sock(SELF, 80), 3);

@@ -345,8 +345,13 @@ fn cases_26_to_28_external_traffic_policy_local() {
             ["10.180.0.1:80", "10.180.1.1:80"],
             "{addr}:{port} from inside"
         );
-        if addr != "172.30.0.60" {
+        // --masquerade-all masquerades the ClusterIP's flows, as kube-proxy's masqueradeAll,
+        // not those to the Service's external addresses.
+        let external_address = addr != "172.30.0.60";
+        assert_eq!(inside.keeps_client, external_address, "{addr}:{port}");
+        if external_address {
             let outside = r.frontend(addr, port, TCP, EXT);
+            assert!(outside.keeps_client, "{addr}:{port}");
             assert_eq!(outside.set.kind, SetKind::Local);
             assert_eq!(
                 r.selectable(outside),
@@ -391,6 +396,9 @@ fn cases_35_to_38_internal_traffic_policy_local() {
     assert!(r.selectable(none_here).is_empty() && none_here.drop_when_empty);
     let none = r.frontend("172.30.0.64", 80, TCP, IN);
     assert!(r.selectable(none).is_empty() && !none.drop_when_empty);
+    // externalTrafficPolicy Cluster: --masquerade-all masquerades every flow.
+    assert!(!r.frontend("192.168.0.2", 3003, TCP, EXT).keeps_client);
+    assert!(!r.frontend("172.30.0.62", 80, TCP, IN).keeps_client);
 }
 
 #[test]

@@ -359,6 +359,12 @@ pub mod frontend_flags {
     /// External TCP flows to backends on other nodes go by direct server return
     /// ([`crate::dsr`]) instead of being source-NATed to the node.
     pub const DSR: u32 = 1 << 1;
+    /// A NodePort, LoadBalancer IP or externalIP of a Service with externalTrafficPolicy
+    /// Local (both scopes): `--masquerade-all` leaves its flows their client's address, as
+    /// kube-proxy's masqueradeAll does (it masquerades flows to ClusterIPs). External flows
+    /// keep their client because that is what the policy is for; pods' flows take kube-proxy's
+    /// short-circuit to every endpoint, unmasqueraded.
+    pub const KEEPS_CLIENT: u32 = 1 << 2;
 }
 
 /// Bits of [`NodeConfig::flags`]: node-wide choices the agent makes from its flags. Read by the
@@ -366,8 +372,9 @@ pub mod frontend_flags {
 pub mod node_flags {
     /// `lb-agent --masquerade-all` (kube-proxy's flag): every new flow the datapath balances,
     /// internal or external, to a backend on this node or another, is source-NATed to the
-    /// node's SNAT address, as external flows to other nodes' backends always are. A pod
-    /// balanced to itself keeps the hairpin address.
+    /// node's SNAT address, as external flows to other nodes' backends always are, except
+    /// flows to the external addresses of a Service with externalTrafficPolicy Local
+    /// ([`frontend_flags::KEEPS_CLIENT`]). A pod balanced to itself keeps the hairpin address.
     pub const MASQUERADE_ALL: u32 = 1 << 0;
     /// `lb-agent --external-cluster-ips=false`: a ClusterIP reached from outside the cluster
     /// (a routed service range arriving on an uplink) is rejected as a port it does not serve.
@@ -545,6 +552,12 @@ impl Frontend {
     #[inline(always)]
     pub const fn dsr(&self) -> bool {
         self.flags & frontend_flags::DSR != 0
+    }
+
+    /// `--masquerade-all` leaves its flows their client ([`frontend_flags::KEEPS_CLIENT`]).
+    #[inline(always)]
+    pub const fn keeps_client(&self) -> bool {
+        self.flags & frontend_flags::KEEPS_CLIENT != 0
     }
 
     /// Whether new flows are balanced by a Maglev table (else the single `backend_id`).

@@ -15,20 +15,27 @@ use crate::{
     Be16, Be32,
     conntrack::{CtEntry, FlowKey, REPLY, ct_flags},
     maps::{
-        Backend, NodeConfig, backend_flags, scope,
+        Backend, Frontend, NodeConfig, backend_flags, scope,
         snat::{PREVIOUS_PORT_MIN, PROBES},
     },
     net::proto,
 };
 
-/// Whether a new flow arriving in `flow_scope` for `backend` must be source-NATed to the node:
-/// it came from outside and the backend runs on another node, or the node masquerades every
-/// flow (`config`, [`NodeConfig::masquerade_all`]). Only TCP, UDP and SCTP flows are balanced
-/// (an SCTP flow keeps its client's port: [`port_range`]).
+/// Whether a new flow arriving in `flow_scope` at `frontend` for `backend` must be
+/// source-NATed to the node: it came from outside and the backend runs on another node, or the
+/// node masquerades every flow (`config`, [`NodeConfig::masquerade_all`]) that does not keep
+/// its client ([`Frontend::keeps_client`]: externalTrafficPolicy Local). Only TCP, UDP and SCTP
+/// flows are balanced (an SCTP flow keeps its client's port: [`port_range`]).
 #[inline(always)]
-pub const fn needed(flow_scope: u8, backend: &Backend, l4_proto: u8, config: &NodeConfig) -> bool {
+pub const fn needed(
+    flow_scope: u8,
+    frontend: &Frontend,
+    backend: &Backend,
+    l4_proto: u8,
+    config: &NodeConfig,
+) -> bool {
     (l4_proto == proto::TCP || l4_proto == proto::UDP || l4_proto == proto::SCTP)
-        && (config.masquerade_all()
+        && ((config.masquerade_all() && !frontend.keeps_client())
             || (flow_scope == scope::EXTERNAL && backend.flags & backend_flags::LOCAL == 0))
 }
 
@@ -596,17 +603,47 @@ mod walk_tests {
             flags: crate::maps::node_flags::MASQUERADE_ALL,
             ..plain
         };
+        let f = Frontend::default();
         for (flow_scope, b, tcp_without, pod_route) in [
             (scope::EXTERNAL, &remote, true, false),
             (scope::EXTERNAL, &local, false, true),
             (scope::INTERNAL, &remote, false, true),
             (scope::INTERNAL, &local, false, true),
         ] {
-            assert_eq!(needed(flow_scope, b, proto::TCP, &plain), tcp_without);
-            assert!(needed(flow_scope, b, proto::TCP, &masquerade));
-            assert!(needed(flow_scope, b, proto::UDP, &masquerade));
-            assert!(!needed(flow_scope, b, proto::ICMP, &masquerade));
+            assert_eq!(needed(flow_scope, &f, b, proto::TCP, &plain), tcp_without);
+            assert!(needed(flow_scope, &f, b, proto::TCP, &masquerade));
+            assert!(needed(flow_scope, &f, b, proto::UDP, &masquerade));
+            assert!(!needed(flow_scope, &f, b, proto::ICMP, &masquerade));
             assert_eq!(routes_to_pod(flow_scope, b), pod_route);
+        }
+    }
+
+    /// kube-proxy's masqueradeAll masquerades flows to ClusterIPs: the external addresses of a
+    /// Service with externalTrafficPolicy Local keep their clients, from outside (to local
+    /// backends, the policy's point) and from pods (kube-proxy's short-circuit to every
+    /// endpoint).
+    #[test]
+    fn masquerade_all_leaves_external_traffic_policy_local_its_clients() {
+        let remote = backend();
+        let local = Backend {
+            flags: remote.flags | backend_flags::LOCAL,
+            ..remote
+        };
+        let masquerade = NodeConfig {
+            flags: crate::maps::node_flags::MASQUERADE_ALL,
+            ..config(61_000, 65_535)
+        };
+        let keeps = Frontend {
+            flags: crate::maps::frontend_flags::KEEPS_CLIENT,
+            ..Frontend::default()
+        };
+        for (flow_scope, b) in [
+            (scope::EXTERNAL, &local),
+            (scope::INTERNAL, &remote),
+            (scope::INTERNAL, &local),
+        ] {
+            assert!(!needed(flow_scope, &keeps, b, proto::TCP, &masquerade));
+            assert!(!needed(flow_scope, &keeps, b, proto::UDP, &masquerade));
         }
     }
 
@@ -711,7 +748,13 @@ mod walk_tests {
                 reply
             );
         }
-        assert!(needed(scope::EXTERNAL, &backend(), proto::SCTP, &node));
+        assert!(needed(
+            scope::EXTERNAL,
+            &Frontend::default(),
+            &backend(),
+            proto::SCTP,
+            &node
+        ));
     }
 
     #[test]

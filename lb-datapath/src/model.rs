@@ -146,6 +146,9 @@ pub struct DesiredFrontend {
     /// External TCP flows to other nodes' backends go by direct server return
     /// (`lb_common::dsr`) rather than source NAT.
     pub dsr: bool,
+    /// An external address of a Service with externalTrafficPolicy Local: `--masquerade-all`
+    /// leaves its flows their client (`lb_common::maps::frontend_flags::KEEPS_CLIENT`).
+    pub keeps_client: bool,
     /// sessionAffinity ClientIP timeout; 0 without affinity.
     pub affinity_timeout_s: u32,
     /// loadBalancerSourceRanges (plus the frontend address itself); empty allows everyone.

@@ -28,8 +28,8 @@
 //!   local when read through a shared scope) -> Affinity
 //! else Maglev slot (or the single backend); backend not active -> Inconsistent
 //! snat::hairpin_source -> hairpin: source NAT to the hairpin address, bounced into the pod
-//! else snat::needed (from outside to another node, or --masquerade-all) -> source NAT to the
-//!   node: snat::allocate, none -> DropSnatPorts
+//! else snat::needed (from outside to another node, or --masquerade-all unless the frontend
+//!   keeps its clients) -> source NAT to the node: snat::allocate, none -> DropSnatPorts
 //! else LB_CT[backend -> client, REPLY] held by another live flow of the client port
 //!   -> its port remapped: snat::allocate over snat::client_port_range, none -> DropSnatPorts
 //! ```
@@ -399,7 +399,7 @@ fn new_flow_snat(
     {
         return Ok(Some(Ok(SourceNat::Dsr)));
     }
-    if !snat::needed(flow_scope, backend, flow.proto, &config) {
+    if !snat::needed(flow_scope, frontend, backend, flow.proto, &config) {
         return client_port_clash(maps, flow, backend, now);
     }
     if !config.snat_configured() {

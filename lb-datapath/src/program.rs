@@ -93,6 +93,9 @@ pub struct ServiceSpec {
     /// External TCP flows to backends on other nodes go by direct server return
     /// (`lb_common::dsr`) rather than source NAT.
     pub dsr: bool,
+    /// `--masquerade-all` leaves the flows of its frontends their client (the external
+    /// addresses of a Service with externalTrafficPolicy Local).
+    pub keeps_client: bool,
     /// sessionAffinity ClientIP timeout; 0 without affinity.
     pub affinity_timeout_s: u32,
     /// Sources allowed on every frontend (loadBalancerSourceRanges); empty allows everyone.
@@ -231,6 +234,7 @@ impl Services {
                     set: set.clone(),
                     drop_when_empty: svc.drop_when_empty,
                     dsr: svc.dsr,
+                    keeps_client: svc.keeps_client,
                     affinity_timeout_s: svc.affinity_timeout_s,
                     source_ranges: source_ranges.clone(),
                 },

@@ -738,3 +738,71 @@ fn masquerade_all_source_nats_flows_to_local_backends_and_from_pods() {
         assert_eq!(h.verdict_count(Reason::ReplyNat), 2);
     });
 }
+
+/// `--masquerade-all` leaves the NodePort of a Service with externalTrafficPolicy Local its
+/// clients, as kube-proxy's masqueradeAll does (it masquerades flows to ClusterIPs): an
+/// external client reaches the local backend with its own address, and so does a pod through
+/// the NodePort's internal frontend (kube-proxy's short-circuit to every endpoint), to a
+/// backend on another node; both as predicted. The same Service without the flag's frontends
+/// is source-NATed (the test above).
+#[test]
+fn masquerade_all_leaves_external_traffic_policy_local_its_clients() {
+    in_routed_namespace(|h| {
+        add_pod_iface();
+        let local = ServiceSpec {
+            keeps_client: true,
+            ..node_port_service("local", TCP, &[(LOCAL_POD, true)])
+        };
+        let mut short_circuit = ServiceSpec {
+            keeps_client: true,
+            ..node_port_service("local-from-pods", TCP, &[(REMOTE_POD, false)])
+        };
+        short_circuit.frontends[0].scope = scope::INTERNAL;
+        h.program(&local);
+        h.program(&short_circuit);
+        configure_snat(h, snat::PORT_MIN, snat::PORT_MAX);
+        h.set_node_flags(true, false);
+
+        for (hook, client, verdict) in [
+            (Hook::Xdp, socket([192, 168, 50, 2], 40_030), xdp::PASS),
+            (Hook::ExtIn, socket([192, 168, 50, 2], 40_031), tc::PASS),
+        ] {
+            assert!(matches!(
+                predict::forward(&h.maps, client, node_port(), TCP, scope::EXTERNAL, true).unwrap(),
+                Forward::NewFlow {
+                    backend: LOCAL_POD,
+                    snat: None,
+                    ..
+                }
+            ));
+            let syn = from_client(client, flags::SYN);
+            let run = h.run(hook, &syn.bytes());
+            assert_eq!(run.verdict, verdict, "{hook:?}");
+            assert_frame_eq(
+                &run.out,
+                &syn.with_dst(LOCAL_POD).bytes(),
+                "DNAT only, the client kept",
+            );
+        }
+
+        let mut syn = Packet::tcp(CLIENT_POD, node_port(), flags::SYN, b"");
+        syn.eth_src = CLIENT_POD_MAC;
+        syn.eth_dst = POD_GATEWAY_MAC;
+        assert!(matches!(
+            predict::forward(&h.maps, CLIENT_POD, node_port(), TCP, scope::INTERNAL, true).unwrap(),
+            Forward::NewFlow {
+                backend: REMOTE_POD,
+                snat: None,
+                ..
+            }
+        ));
+        let run = h.run(Hook::FromPod, &syn.bytes());
+        assert_eq!(run.verdict, tc::PASS);
+        assert_frame_eq(
+            &run.out,
+            &syn.with_dst(REMOTE_POD).bytes(),
+            "DNAT only, the pod kept",
+        );
+        assert_eq!(h.verdict_count(Reason::NewFlow), 3);
+    });
+}

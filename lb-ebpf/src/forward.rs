@@ -222,8 +222,8 @@ fn unrouted<F: Frame>(frame: &mut F, entry: &CtEntry) -> Action {
 }
 
 /// A new flow to a known frontend: pick a backend, record the flow, DNAT (and SNAT when it came
-/// from outside and the backend runs on another node, or for every flow under
-/// `--masquerade-all`).
+/// from outside and the backend runs on another node, or under `--masquerade-all` for every
+/// flow whose frontend does not keep its clients).
 #[inline(always)]
 #[expect(
     clippy::too_many_arguments,
@@ -283,7 +283,7 @@ fn new_flow<F: Frame>(
         forward.flags |= ct_flags::SNAT | ct_flags::HAIRPIN;
         forward.snat_addr = addr;
         forward.snat_port = port;
-    } else if dsr || lb_common::snat::needed(scope, &backend, ip.proto, &config) {
+    } else if dsr || lb_common::snat::needed(scope, frontend, &backend, ip.proto, &config) {
         if !dsr && lb_common::snat::routes_to_pod(scope, &backend) {
             forward.nat_flags |= nat_flags::POD_ROUTE;
             if fib::left_to_tc::<F>(&forward) {

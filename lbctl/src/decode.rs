@@ -284,12 +284,14 @@ impl FlagBit for AddrFlag {
 pub enum FrontendFlag {
     DropWhenEmpty,
     Dsr,
+    KeepsClient,
 }
 
 impl FlagBit for FrontendFlag {
     const NAMED: &'static [(u64, Self)] = &[
         (frontend_flags::DROP_WHEN_EMPTY as u64, Self::DropWhenEmpty),
         (frontend_flags::DSR as u64, Self::Dsr),
+        (frontend_flags::KEEPS_CLIENT as u64, Self::KeepsClient),
     ];
 }
 
@@ -400,6 +402,12 @@ mod tests {
             json!(["hairpin"])
         );
         assert_eq!(names::<FrontendFlag>(1), json!(["drop_when_empty"]));
+        assert_eq!(
+            names::<FrontendFlag>(
+                (frontend_flags::DROP_WHEN_EMPTY | frontend_flags::KEEPS_CLIENT).into()
+            ),
+            json!(["drop_when_empty", "keeps_client"])
+        );
     }
 
     #[test]

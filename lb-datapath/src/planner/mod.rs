@@ -783,5 +783,8 @@ fn frontend_flags_of(f: &DesiredFrontend) -> u32 {
     if f.dsr {
         flags |= frontend_flags::DSR;
     }
+    if f.keeps_client {
+        flags |= frontend_flags::KEEPS_CLIENT;
+    }
     flags
 }
