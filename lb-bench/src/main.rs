@@ -274,6 +274,12 @@ fn run(cli: &Cli) -> Result<()> {
             netperf::Datapath::Iptables,
             netperf::Datapath::Nftables,
             netperf::Datapath::Ours(Some("native")),
+            netperf::Datapath::Routed {
+                replies_direct: false,
+            },
+            netperf::Datapath::Routed {
+                replies_direct: true,
+            },
         ];
         // XDP off is what the agent chooses on the bed's veths anyway: measured in full runs.
         if !cli.quick {

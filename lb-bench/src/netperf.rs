@@ -53,6 +53,16 @@ pub enum Datapath {
     Nftables,
     /// No load balancer: the client talks to the backend's address.
     Direct,
+    /// No load balancer either, but the way a NodePort's flow goes: the client routes the
+    /// backend's pod range through node-0, which forwards to node-1 (plain kernel routing);
+    /// node-1 routes its replies to the client back through node-0 (source NAT's way) or,
+    /// with `replies_direct`, straight to the client (direct server return's). What the hop
+    /// through the entry node costs on this bed, without anything translated: the floor of a
+    /// NodePort whose backend runs on another node. The NodePort path only, at the smallest
+    /// size.
+    Routed {
+        replies_direct: bool,
+    },
 }
 
 impl Datapath {
@@ -64,12 +74,18 @@ impl Datapath {
             Self::Iptables => "iptables".into(),
             Self::Nftables => "nftables".into(),
             Self::Direct => "direct".into(),
+            Self::Routed {
+                replies_direct: false,
+            } => "routed via node-0".into(),
+            Self::Routed {
+                replies_direct: true,
+            } => "routed via node-0, replies direct".into(),
         }
     }
 
     /// A variant measured at the smallest size only.
     fn is_variant(self) -> bool {
-        matches!(self, Self::Ours(Some(_)))
+        matches!(self, Self::Ours(Some(_)) | Self::Routed { .. })
     }
 }
 
@@ -108,6 +124,9 @@ impl Path {
     /// shows (the cost of a connection and of a packet without the remote hop) by the default
     /// datapaths only: direct server return changes nothing there.
     fn measures(self, datapath: Datapath, test: Test) -> bool {
+        if let Datapath::Routed { .. } = datapath {
+            return self == Self::ExternalToNodePort && test != Test::UdpRr;
+        }
         match self {
             Self::PodToClusterIp => datapath != Datapath::OursDsr,
             Self::ExternalToNodePort => true,
@@ -244,6 +263,10 @@ pub struct Bed {
     kube_proxy_backend: Ipv4Addr,
     /// Which kube-proxy ruleset is loaded in the nodes, if any.
     rules: Option<Backend>,
+    /// The backend's pod range, which the client routes via node-1 (or node-0: `routed`).
+    backend_range: String,
+    /// Whether the routes of [`Datapath::Routed`] are in place, and which.
+    routed: Option<Datapath>,
 }
 
 impl Drop for Bed {
@@ -277,10 +300,16 @@ impl Bed {
         let backend = cluster.add_pod(1, "netserver")?;
         let kube_proxy_backend = cluster.add_pod(1, KUBE_PROXY_BACKEND)?;
         // The external client reaches the backend directly only for the "direct" floor.
-        cluster.client_route(
-            &format!("{}/24", Ipv4Addr::from(u32::from(backend) & !0xff)),
-            1,
-        )?;
+        let backend_range = format!("{}/24", Ipv4Addr::from(u32::from(backend) & !0xff));
+        cluster.client_route(&backend_range, 1)?;
+        // For the routed floors, node-0 forwards the client's packets out of the interface
+        // they came in by: it must not send ICMP redirects, nor the client take them and go
+        // straight to node-1 (each setting counts if either `all` or the interface has it).
+        for conf in ["all", lb_testbed::cluster::UPLINK] {
+            let key = |what: &str| format!("net.ipv4.conf.{conf}.{what}");
+            cluster.node(0).ns.sysctl(&key("send_redirects"), "0")?;
+            cluster.client().sysctl(&key("accept_redirects"), "0")?;
+        }
         let netservers = [
             start_netserver(&cluster, "netserver", backend)?,
             start_netserver(&cluster, KUBE_PROXY_BACKEND, kube_proxy_backend)?,
@@ -295,6 +324,8 @@ impl Bed {
             backend,
             kube_proxy_backend,
             rules: None,
+            backend_range,
+            routed: None,
         })
     }
 
@@ -335,6 +366,15 @@ impl Bed {
     /// Removes whatever datapath is in place.
     pub fn clear(&mut self) -> Result<()> {
         self.agents = None;
+        if self.routed.take().is_some() {
+            self.route_backend_range(1)?;
+            // Gone already when replies went direct.
+            let _ = self.cluster.node(1).ns.ip(&[
+                "route",
+                "del",
+                &format!("{}/32", self.cluster.client_ip()),
+            ]);
+        }
         if let Some(backend) = self.rules.take() {
             for i in 0..self.cluster.node_count() {
                 let ns = &self.cluster.node(i).ns;
@@ -383,6 +423,22 @@ impl Bed {
                 return Ok(started.elapsed());
             }
             Datapath::Direct => return Ok(started.elapsed()),
+            Datapath::Routed { replies_direct } => {
+                self.routed = Some(datapath);
+                self.route_backend_range(0)?;
+                if !replies_direct {
+                    let via_node_0 = self.cluster.node_ip(0).to_string();
+                    let client = format!("{}/32", self.cluster.client_ip());
+                    self.cluster.node(1).ns.ip(&[
+                        "route",
+                        "replace",
+                        &client,
+                        "via",
+                        &via_node_0,
+                    ])?;
+                }
+                return Ok(started.elapsed());
+            }
             Datapath::Iptables => Backend::iptables_default()?,
             Datapath::Nftables => Backend::Nftables,
         };
@@ -396,6 +452,15 @@ impl Bed {
             .collect();
         measure::apply_all(backend, loads)?;
         Ok(started.elapsed())
+    }
+
+    /// Routes the client's traffic to the backend's pod range via node `node`.
+    fn route_backend_range(&self, node: usize) -> Result<()> {
+        let via = self.cluster.node_ip(node).to_string();
+        self.cluster
+            .client()
+            .ip(&["route", "replace", &self.backend_range, "via", &via])?;
+        Ok(())
     }
 
     /// Starts our agents for `services` (after [`Bed::clear`]) with `args`, and socket-level
@@ -434,7 +499,7 @@ impl Bed {
             Path::ExternalToNodePort | Path::ExternalToLocalNodePort => self.cluster.client(),
         };
         match (datapath, path) {
-            (Datapath::Direct, _) => (ns, self.backend, CONTROL_PORT),
+            (Datapath::Direct | Datapath::Routed { .. }, _) => (ns, self.backend, CONTROL_PORT),
             (_, Path::PodToClusterIp) => (ns, SERVICE_IP, CONTROL_PORT),
             (_, Path::ExternalToNodePort) => (ns, self.cluster.node_ip(0), CONTROL_NODE_PORT),
             (_, Path::ExternalToLocalNodePort) => (ns, self.cluster.node_ip(1), CONTROL_NODE_PORT),
@@ -631,7 +696,10 @@ pub fn run(
                 ));
                 let services = match datapath {
                     Datapath::Iptables | Datapath::Nftables => &kube_proxys,
-                    Datapath::Ours(_) | Datapath::OursDsr | Datapath::Direct => &ours,
+                    Datapath::Ours(_)
+                    | Datapath::OursDsr
+                    | Datapath::Direct
+                    | Datapath::Routed { .. } => &ours,
                 };
                 match bed.switch(datapath, services, plan.agent_bin) {
                     Ok(took) => setup_times.push(SetupTime {

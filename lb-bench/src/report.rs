@@ -674,6 +674,13 @@ const METHOD: &str = "
   pod on node-1: their MASQUERADE draws ports from all of 1024-65535, and the TIME_WAITs it
   leaves on (node-0, port) would meet ours in the backend for a minute after (a node has no
   other masquerader on the range the agent reserves).
+- `routed via node-0` and `routed via node-0, replies direct` (external -> NodePort only, at the
+  smallest size) translate nothing: the client sends to the backend's address through node-0,
+  which forwards to node-1 with plain kernel routing, and node-1 sends its replies back through
+  node-0 (source NAT's way) or straight to the client (direct server return's). On this bed
+  every namespace shares the same two CPUs, so the hop through the entry node costs what a
+  wire would not: these are the floors of a NodePort whose backend runs on another node, and
+  `direct` (to node-1 alone) lies above what any NodePort implementation can reach there.
 - CPU per transaction is the whole machine's CPU time (all cores, every process) over the
   transactions of a run, at the load one netperf stream offers (closed loop, not a fixed
   offered load); the softirq part is where packet processing runs.
