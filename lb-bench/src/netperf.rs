@@ -741,9 +741,11 @@ pub fn run(
                                 nodeport_crr_ports(index, plan.datapaths.len())
                             }
                         };
-                        // A NodePort's TCP_CRR may stall on SYN retransmissions (SNAT ports
-                        // in TIME_WAIT, see the report).
-                        let may_stall = path != Path::PodToClusterIp;
+                        // kube-proxy's NodePorts stall on SYN retransmissions (SNAT ports
+                        // drawn at random meet other ports' TIME_WAITs, see the report); ours
+                        // gives each client port a home SNAT port.
+                        let may_stall = path != Path::PodToClusterIp
+                            && matches!(datapath, Datapath::Iptables | Datapath::Nftables);
                         let length = lengths.datapath_length(
                             path.name(),
                             &run_of.datapath,

@@ -651,8 +651,9 @@ const METHOD: &str = "
 - Each run lasts about the same time, its length in seconds, except TCP_CRR, which counts
   connections where it can: a timed TCP_CRR ends 4 s after its length (netserver waits in
   accept() until its own timer fires). A datapath's TCP_CRR makes as many connections as its
-  previous run made in that time (20,000 a second for its first on a path); through a NodePort
-  it is timed until its previous run there showed no stalled connections (p99 under 5 ms).
+  previous run made in that time (20,000 a second for its first on a path); kube-proxy's
+  through a NodePort are timed until their previous run there showed no stalled connections
+  (p99 under 5 ms), since a counted run lasts as long as its stalls make it.
 - `ours` is the agent with its defaults. The nodes' uplinks are veths, on which the agent leaves
   XDP off (a veth hands XDP GSO packets with partial checksums that it cannot translate), so
   `ours` is the tc datapath; `ours (xdp native)` forces native XDP (the bed's uplinks carry

@@ -101,8 +101,10 @@ impl Lengths {
     /// the datapath is. Coming back is harmless when the backend sees each client port as the
     /// same four addresses and ports every time: its TIME_WAIT takes a SYN with newer
     /// timestamps. Where the backend may see another client's connection on a port in
-    /// TIME_WAIT (`may_stall`: a NodePort, whose SNAT ports are shared), a run is timed until
-    /// the datapath's latest one showed no stalls ([`NO_STALLS_P99_US`]).
+    /// TIME_WAIT (`may_stall`: a source NAT that draws its ports at random), a run is timed
+    /// until the datapath's latest one showed no stalls ([`NO_STALLS_P99_US`]): a counted run
+    /// lasts as long as its stalls make it. (Any count measures the rate alike; the timing
+    /// only bounds how long a run takes.)
     pub fn datapath_length(
         &self,
         path: &str,
