@@ -17,8 +17,8 @@
 //! * `qemu`: boots the VM and reads that console.
 //!
 //! The plan: the datapath tests (`datapath`, `datapath_flows`, `datapath_reject`,
-//! `datapath_packets`, `datapath_external`, `datapath_external_nat`, `datapath_events`,
-//! `datapath_direct`, `datapath_carry`: every
+//! `datapath_packets`, `datapath_external`, `datapath_client_addresses`, `datapath_external_nat`,
+//! `datapath_events`, `datapath_direct`, `datapath_carry`: every
 //! program through the 6.1 verifier, fed crafted packets; rare events read from aya-log's ring
 //! buffer; `datapath_fuzz` with a tenth of its frames), lbctl's predictions against the programs
 //! (`trace`, `snat`, `hairpin`), the classic-tc test (the agent attaches clsact filters, replaces

@@ -22,7 +22,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 25] = [
+pub(super) const PLAN: [Step; 26] = [
     Step {
         name: "datapath",
         target: "datapath",
@@ -50,6 +50,12 @@ pub(super) const PLAN: [Step; 25] = [
     Step {
         name: "datapath_external",
         target: "datapath_external",
+        args: &[],
+        env: &[],
+    },
+    Step {
+        name: "datapath_client_addresses",
+        target: "datapath_client_addresses",
         args: &[],
         env: &[],
     },
