@@ -33,7 +33,8 @@ use serde::Serialize;
                   Parts: datapath (per-packet cost through BPF_PROG_TEST_RUN, and where it \
                   goes, from perf samples), agent (sync and change latency, RSS), netperf \
                   (end to end on a two-node test bed: ours, kube-proxy's iptables and \
-                  nftables rulesets, and direct), socket-lb (pod and \
+                  nftables rulesets, direct, and routed through the entry node without \
+                  translation), socket-lb (pod and \
                   node to a ClusterIP with the cgroup socket hooks, against the per-packet path, \
                   iptables and direct), controlplane \
                   (programming N services: agent vs iptables-restore vs nft -f), maglev (table \

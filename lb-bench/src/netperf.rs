@@ -265,8 +265,8 @@ pub struct Bed {
     rules: Option<Backend>,
     /// The backend's pod range, which the client routes via node-1 (or node-0: `routed`).
     backend_range: String,
-    /// Whether the routes of [`Datapath::Routed`] are in place, and which.
-    routed: Option<Datapath>,
+    /// Whether the routes of [`Datapath::Routed`] are in place.
+    routed: bool,
 }
 
 impl Drop for Bed {
@@ -325,7 +325,7 @@ impl Bed {
             kube_proxy_backend,
             rules: None,
             backend_range,
-            routed: None,
+            routed: false,
         })
     }
 
@@ -366,7 +366,7 @@ impl Bed {
     /// Removes whatever datapath is in place.
     pub fn clear(&mut self) -> Result<()> {
         self.agents = None;
-        if self.routed.take().is_some() {
+        if std::mem::take(&mut self.routed) {
             self.route_backend_range(1)?;
             // Gone already when replies went direct.
             let _ = self.cluster.node(1).ns.ip(&[
@@ -424,7 +424,7 @@ impl Bed {
             }
             Datapath::Direct => return Ok(started.elapsed()),
             Datapath::Routed { replies_direct } => {
-                self.routed = Some(datapath);
+                self.routed = true;
                 self.route_backend_range(0)?;
                 if !replies_direct {
                     let via_node_0 = self.cluster.node_ip(0).to_string();
