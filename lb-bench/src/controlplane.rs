@@ -327,6 +327,7 @@ fn kube_proxy(
         took.as_secs_f64(),
         opts.changes
     ));
+    let budget = opts.baseline_changes_budget.min(opts.timeout);
     let timings = measure::one_endpoint_change_in(
         &ns,
         backend,
@@ -334,7 +335,7 @@ fn kube_proxy(
         cfg,
         index,
         opts.changes,
-        Some(opts.baseline_changes_budget.min(opts.timeout)),
+        Some(budget),
     )?;
     let mut change = Changes::new(
         opts.changes,
@@ -348,7 +349,7 @@ fn kube_proxy(
             "{} of {} changes in the {:.0} s allowed",
             change.completed,
             change.requested,
-            opts.baseline_changes_budget.min(opts.timeout).as_secs_f64()
+            budget.as_secs_f64()
         ));
     }
     figure.change = Some(change);

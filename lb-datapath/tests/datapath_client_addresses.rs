@@ -76,6 +76,14 @@ fn cluster_ip_service(name: &str, port: u16, backends: &[(SocketAddrV4, bool)]) 
     }
 }
 
+/// `CLIENT_POD`'s SYN to `dst`, as it leaves the pod for its gateway.
+fn syn_from_client_pod(dst: SocketAddrV4) -> Packet {
+    let mut syn = Packet::tcp(CLIENT_POD, dst, flags::SYN, b"");
+    syn.eth_src = CLIENT_POD_MAC;
+    syn.eth_dst = POD_GATEWAY_MAC;
+    syn
+}
+
 /// `pkt` as this node routes it into a pod's interface to `pod_mac`.
 fn routed_to_pod(mut pkt: Packet, pod_mac: [u8; 6]) -> Vec<u8> {
     pkt.eth_src = POD_GATEWAY_MAC;
@@ -230,9 +238,7 @@ fn masquerade_all_source_nats_flows_to_local_backends_and_from_pods() {
 
         // From a pod to a ClusterIP whose backend runs on another node.
         let vip = SocketAddrV4::new(CLUSTER_IP, 80);
-        let mut syn = Packet::tcp(CLIENT_POD, vip, flags::SYN, b"");
-        syn.eth_src = CLIENT_POD_MAC;
-        syn.eth_dst = POD_GATEWAY_MAC;
+        let syn = syn_from_client_pod(vip);
         let (backend, source) = predicted_snat(h, CLIENT_POD, vip, scope::INTERNAL);
         assert_eq!((backend, *source.ip()), (REMOTE_POD, NODE));
         let run = h.run(Hook::FromPod, &syn.bytes());
@@ -305,9 +311,7 @@ fn masquerade_all_leaves_external_traffic_policy_local_its_clients() {
             );
         }
 
-        let mut syn = Packet::tcp(CLIENT_POD, node_port(), flags::SYN, b"");
-        syn.eth_src = CLIENT_POD_MAC;
-        syn.eth_dst = POD_GATEWAY_MAC;
+        let syn = syn_from_client_pod(node_port());
         assert!(matches!(
             predict::forward(&h.maps, CLIENT_POD, node_port(), TCP, scope::INTERNAL, true).unwrap(),
             Forward::NewFlow {
