@@ -112,6 +112,8 @@ struct Machine {
     cpu_model: String,
     /// Whether the CPUs were kept polling instead of halting when idle (`idle::Polling`).
     idle_polling: bool,
+    /// Why they were not, when they were not.
+    idle_halting_reason: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -146,7 +148,7 @@ struct SocketLbJson {
     comparisons: Vec<socket_lb::report::Comparison>,
 }
 
-fn machine(idle_polling: bool) -> Machine {
+fn machine(idle_halting_reason: Option<String>) -> Machine {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
         .trim()
@@ -164,7 +166,8 @@ fn machine(idle_polling: bool) -> Machine {
         kernel,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cpu_model,
-        idle_polling,
+        idle_polling: idle_halting_reason.is_none(),
+        idle_halting_reason,
     }
 }
 
@@ -234,15 +237,16 @@ fn run(cli: &Cli) -> Result<()> {
     let agent_bin = bins.with_file_name("lb-agent");
     // Held until the report is written.
     let polling = if cli.allow_idle {
-        None
+        Err("--allow-idle".to_owned())
     } else {
-        idle::Polling::hold()
-            .inspect_err(|e| progress(&format!("idle CPUs will halt: {e:#}")))
-            .ok()
+        idle::Polling::hold().map_err(|e| {
+            progress(&format!("idle CPUs will halt: {e:#}"));
+            format!("{e:#}")
+        })
     };
     let mut results = Results {
         date: now_stamp(),
-        machine: machine(polling.is_some()),
+        machine: machine(polling.as_ref().err().cloned()),
         quick: cli.quick,
         datapath: datapath::Measured::default(),
         agent: None,
@@ -421,7 +425,7 @@ fn run(cli: &Cli) -> Result<()> {
             kernel: &results.machine.kernel,
             cpus: results.machine.cpus,
             cpu_model: &results.machine.cpu_model,
-            idle_polling: results.machine.idle_polling,
+            idle_halting_reason: results.machine.idle_halting_reason.as_deref(),
             arguments: &arguments(),
             json: &json,
             report: &cli.report,

@@ -537,8 +537,8 @@ pub struct Header<'a> {
     pub kernel: &'a str,
     pub cpus: usize,
     pub cpu_model: &'a str,
-    /// Whether idle CPUs were kept polling (`crate::idle`).
-    pub idle_polling: bool,
+    /// Why idle CPUs were left to halt; `None`: they were kept polling (`crate::idle`).
+    pub idle_halting_reason: Option<&'a str>,
     /// The command line's arguments, each with a leading space.
     pub arguments: &'a str,
     pub json: &'a Path,
@@ -565,11 +565,12 @@ pub fn document(h: &Header<'_>, goals: &str, sections: &[String]) -> String {
     );
     md.push_str(goals);
     md.push_str(METHOD);
-    md.push_str(if h.idle_polling {
-        IDLE_POLLING
-    } else {
-        IDLE_HALTING
-    });
+    match h.idle_halting_reason {
+        None => md.push_str(IDLE_POLLING),
+        Some(reason) => {
+            let _ = writeln!(md, "{IDLE_HALTING} ({reason}).");
+        }
+    }
     if !h.plots.is_empty() {
         md.push_str("\n## Plots\n\n");
         for p in h.plots {
@@ -693,15 +694,15 @@ const METHOD: &str = "
 const IDLE_POLLING: &str = "\
 - Idle CPUs were kept polling rather than halting (a PM QoS request of 0 µs on
   `/dev/cpu_dma_latency`, as tuned's latency-performance profile makes): one netperf stream wakes
-  an idle CPU at every hop, and on a virtual machine waking a halted vCPU takes longer than the
-  whole path through the kernel, so that with halting every datapath looks alike (this
-  machine: TCP_RR between two namespaces 19,000/s halting, 95,000/s polling). `--allow-idle`
-  measures with the machine's idle states.
+  an idle CPU at every hop, and on a virtual machine waking a halted vCPU can take longer than
+  the whole path through the kernel, so that with halting every datapath looks alike (on the
+  machine this was written on: TCP_RR between two namespaces 19,000/s halting, 95,000/s
+  polling). `--allow-idle` measures with the machine's idle states.
 ";
 
-/// The last point of `METHOD`, for a run whose CPUs were left to halt when idle.
+/// The last point of `METHOD`, for a run whose CPUs were left to halt when idle (the reason
+/// follows).
 const IDLE_HALTING: &str = "\
-- Idle CPUs were left to halt (`--allow-idle`, or no PM QoS device): every figure includes the
-  time to wake them at each hop, which on a virtual machine dominates a netperf transaction and
-  narrows the differences between datapaths.
-";
+- Idle CPUs were left to halt: every figure includes the time to wake them at each hop, which
+  on some virtual machines dominates a netperf transaction and narrows the differences between
+  datapaths";
