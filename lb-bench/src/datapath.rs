@@ -406,6 +406,55 @@ fn new_flows(round: u32, n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Flows the `established, many flows` case spreads its packets over. One flow's packets, again
+/// and again, find its entry and bucket in the CPU's caches; a node with many connections open
+/// finds them there far less often.
+const MANY_FLOWS: usize = 100_000;
+
+/// The name the report gives that case.
+pub const MANY_FLOWS_CASE: &str = "established, 100k flows";
+
+/// The `established, many flows` case on `entry` (returning `pass`): opens [`MANY_FLOWS`] flows
+/// of clients of `round`, sends one data packet of each untimed (its first after the SYN, which
+/// may move its state on), then times one more of each in an order that strides across them,
+/// so that consecutive calls meet unrelated entries.
+fn time_many_flows<P: Timed>(
+    prog: &mut P,
+    round: u32,
+    table: &[SocketAddrV4],
+    pass: u32,
+) -> Result<Raw> {
+    time_calls(
+        prog,
+        &new_flows(round, MANY_FLOWS),
+        new_flow_check(table, round, pass),
+    )
+    .context("opening the flows of the many-flows case")?;
+    let data = |i: usize| {
+        Packet::tcp(
+            new_client(round, i),
+            SocketAddrV4::new(VIP, 80),
+            flags::ACK | flags::PSH,
+            &[0x55; 64],
+        )
+    };
+    let want = |i: usize| {
+        data(i)
+            .with_dst(expected_backend(table, new_client(round, i)))
+            .bytes()
+    };
+    let first: Vec<Vec<u8>> = (0..MANY_FLOWS).map(|i| data(i).bytes()).collect();
+    time_calls(prog, &first, |i, v, o| check_frame(v, pass, o, &want(i)))
+        .context("the first data packets of the many-flows case")?;
+    // A stride coprime with the number of flows visits each once.
+    const STRIDE: usize = 7_919;
+    let order: Vec<usize> = (0..MANY_FLOWS).map(|i| i * STRIDE % MANY_FLOWS).collect();
+    let inputs: Vec<Vec<u8>> = order.iter().map(|&i| data(i).bytes()).collect();
+    time_blocks(prog, &inputs, |i, v, o| {
+        check_frame(v, pass, o, &want(order[i]))
+    })
+}
+
 /// Checks the output of call `i` of [`new_flows`]`(round, _)`: DNATed to the backend the table
 /// gives its client.
 fn new_flow_check(
@@ -573,6 +622,12 @@ fn run_scale(
                 new_check,
             )?,
         };
+        // Clients of their own, apart from the timed and the profiled new flows.
+        let many = match hook {
+            Hook::Tc => time_many_flows(dp.from_pod(), round + 4, &table, pass)?,
+            Hook::Xdp => time_many_flows(dp.xdp(), round + 4, &table, pass)?,
+        };
+        timed.push((MANY_FLOWS_CASE, many));
         // Only tc has a reply path.
         if let Hook::Tc = hook {
             let reply_time = time_blocks(dp.to_pod(), &repeated(&reply.bytes()), |_, v, o| {
