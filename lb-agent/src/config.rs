@@ -119,7 +119,8 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',', value_name = "GLOB[,GLOB]")]
     pub pod_ifaces: Vec<String>,
 
-    /// bpffs directory for pinned maps and program links (mounted if it is no bpffs yet).
+    /// bpffs directory for pinned maps and program links (a bpffs is mounted there if it is on
+    /// none, or on the empty directory it cannot be made in: a fresh node's /sys/fs/bpf).
     #[arg(long, default_value = lb_datapath::loader::DEFAULT_PIN_DIR, value_name = "DIR")]
     pub bpffs_dir: PathBuf,
 

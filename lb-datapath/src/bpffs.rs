@@ -19,13 +19,47 @@ pub fn is_bpffs(dir: &Path) -> bool {
     unsafe { libc::statfs(path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC }
 }
 
-/// Makes sure `dir` lives on a bpffs: creates it, and mounts a bpffs there when the filesystem
-/// it is on is not one (a fresh node has /sys/fs/bpf but nothing mounted on it).
+/// Makes sure `dir` lives on a bpffs. A directory that can be created is, and a bpffs is mounted
+/// on it unless it is on one already. One that cannot be created under an empty directory (a
+/// fresh node's /sys/fs/bpf, a sysfs directory where nothing can be made) gets a bpffs mounted
+/// on that directory first, where every tool looks for it.
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if is_bpffs(dir) {
         return Ok(());
     }
+    let created = match std::fs::create_dir_all(dir) {
+        Ok(()) => dir,
+        Err(e) => {
+            let base = dir
+                .ancestors()
+                .skip(1)
+                .find(|a| a.is_dir())
+                .filter(|base| !is_bpffs(base) && is_empty_dir(base));
+            let Some(base) = base else {
+                return Err(e).with_context(|| format!("cannot create {}", dir.display()));
+            };
+            mount_bpffs(base)?;
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!(
+                    "cannot create {} on the bpffs mounted on {}",
+                    dir.display(),
+                    base.display()
+                )
+            })?;
+            base
+        }
+    };
+    if is_bpffs(dir) {
+        return Ok(());
+    }
+    mount_bpffs(created)
+}
+
+fn is_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none())
+}
+
+fn mount_bpffs(dir: &Path) -> Result<()> {
     let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
     // SAFETY: plain mount(2) with valid C strings.
     let ret = unsafe {
