@@ -21,21 +21,21 @@ use std::{
 use ipnet::Ipv4Net;
 use lb_common::{
     Be16, Be32,
-    maps::{
-        AddrInfo, Backend, Frontend, FrontendKey, NodeConfig, addr_flags, backend_flags,
-        frontend_flags, hairpin, node_flags, snat,
-    },
+    maps::{AddrInfo, Backend, Frontend, FrontendKey, NodeConfig, addr_flags, backend_flags},
     net::proto,
 };
 
-use crate::model::{
-    Desired, DesiredBackend, DesiredFrontend, FrontendKind, Members, SetKind, SetName,
-};
+use crate::model::{Desired, DesiredBackend, DesiredFrontend, Members, SetKind, SetName};
 
+mod frontends;
+mod node;
 mod state;
 #[cfg(test)]
 mod tests;
 
+use frontends::{remove_frontend, upsert_frontend};
+pub use node::node_config;
+use node::{node_addrs, update_config};
 pub use state::*;
 
 /// A Maglev table to build and install.
@@ -614,177 +614,4 @@ fn touch(addr: Be32, current: &Programmed, touched: &mut BTreeMap<Be32, Option<A
             .filter(|s| s.refs > 0 || s.node_flags != 0)
             .map(|s| s.info)
     });
-}
-
-/// The node configuration the desired state implies.
-pub fn node_config(desired: &Desired) -> NodeConfig {
-    NodeConfig {
-        snat_addr: desired.snat_addr.map_or(Be32::default(), Be32::from),
-        snat_port_min: desired
-            .snat_ports
-            .as_ref()
-            .map_or(snat::PORT_MIN, |p| *p.start()),
-        snat_port_max: desired
-            .snat_ports
-            .as_ref()
-            .map_or(snat::PORT_MAX, |p| *p.end()),
-        hairpin_addr: Be32::from(std::net::Ipv4Addr::from(hairpin::DEFAULT_ADDR)),
-        flags: if desired.masquerade_all {
-            node_flags::MASQUERADE_ALL
-        } else {
-            0
-        } | if desired.no_external_cluster_ips {
-            node_flags::NO_EXTERNAL_CLUSTER_IPS
-        } else {
-            0
-        },
-    }
-}
-
-/// The node's own addresses in a configuration, with the flag each carries in LB_ADDRS.
-fn node_addrs(config: &NodeConfig) -> [(Be32, u32); 2] {
-    [
-        (config.snat_addr, addr_flags::SNAT),
-        (config.hairpin_addr, addr_flags::HAIRPIN),
-    ]
-}
-
-/// Plans the node configuration when it changed, and moves the SNAT and hairpin flags to their
-/// addresses.
-fn update_config(
-    desired: &Desired,
-    current: &mut Programmed,
-    plan: &mut Plan,
-    touched: &mut BTreeMap<Be32, Option<AddrInfo>>,
-) {
-    let config = node_config(desired);
-    if config == current.config {
-        return;
-    }
-    for (addr, flag) in node_addrs(&current.config) {
-        if addr.raw() != 0 {
-            touch(addr, current, touched);
-            current.addrs.entry(addr).or_default().node_flags &= !flag;
-        }
-    }
-    for (addr, flag) in node_addrs(&config) {
-        if addr.raw() != 0 {
-            touch(addr, current, touched);
-            current.addrs.entry(addr).or_default().node_flags |= flag;
-        }
-    }
-    current.config = config;
-    plan.config = Some(config);
-}
-
-fn upsert_frontend(
-    f: &DesiredFrontend,
-    current: &mut Programmed,
-    plan: &mut Plan,
-    touched: &mut BTreeMap<Be32, Option<AddrInfo>>,
-) {
-    let key = f.key;
-    let Some(set) = current.sets.get(&f.set) else {
-        return;
-    };
-    let selectable: Vec<&DesiredBackend> = set.members.iter().filter(|b| b.selectable()).collect();
-    let backend_id = match selectable.as_slice() {
-        [only] => current.backends[&only.addr].id,
-        _ => 0,
-    };
-    let (set_id, count, size, digest) = (
-        set.id,
-        selectable.len() as u32,
-        set.table_size,
-        table_digest(&set.members, set.table_size),
-    );
-    let old = current.frontends.get(&key).cloned();
-    let old_range = old.as_ref().map_or(0, |o| o.value.source_range_id);
-    let range_id = match current.ranges.get(&old_range) {
-        Some(r) if r.nets == f.source_ranges => old_range,
-        _ => {
-            let id = reference_range(&f.source_ranges, current, plan);
-            if old_range != 0 {
-                unreference_range(old_range, current, plan);
-            }
-            id
-        }
-    };
-    let value = Frontend {
-        set_id,
-        backend_count: count,
-        backend_id,
-        table_size: size,
-        flags: frontend_flags_of(f),
-        affinity_timeout_s: f.affinity_timeout_s,
-        source_range_id: range_id,
-        table_digest: digest,
-    };
-    let cluster_ip = f.kind == FrontendKind::ClusterIp;
-    let addr = key.addr;
-    touch(addr, current, touched);
-    let state = current.addrs.entry(addr).or_default();
-    match &old {
-        None => {
-            state.refs += 1;
-            state.cluster_refs += u32::from(cluster_ip);
-        }
-        Some(o) if o.cluster_ip != cluster_ip => {
-            state.cluster_refs = if cluster_ip {
-                state.cluster_refs + 1
-            } else {
-                state.cluster_refs.saturating_sub(1)
-            };
-        }
-        Some(_) => {}
-    }
-    if old.as_ref().is_none_or(|o| o.value != value) {
-        plan.frontends.push((key, value));
-    }
-    current.frontends.insert(
-        key,
-        FrontendState {
-            value,
-            set: Some(f.set.clone()),
-            cluster_ip,
-        },
-    );
-}
-
-fn remove_frontend(
-    key: &FrontendKey,
-    current: &mut Programmed,
-    plan: &mut Plan,
-    touched: &mut BTreeMap<Be32, Option<AddrInfo>>,
-) {
-    if !current.frontends.contains_key(key) {
-        return;
-    }
-    touch(key.addr, current, touched);
-    let old = current.frontends.remove(key).expect("checked above");
-    plan.frontends_removed.push(*key);
-    if old.value.source_range_id != 0 {
-        unreference_range(old.value.source_range_id, current, plan);
-    }
-    if let Some(state) = current.addrs.get_mut(&key.addr) {
-        state.refs = state.refs.saturating_sub(1);
-        if old.cluster_ip {
-            state.cluster_refs = state.cluster_refs.saturating_sub(1);
-        }
-    }
-}
-
-/// The datapath's flags for the desired frontend `f`.
-fn frontend_flags_of(f: &DesiredFrontend) -> u32 {
-    let mut flags = 0;
-    if f.drop_when_empty {
-        flags |= frontend_flags::DROP_WHEN_EMPTY;
-    }
-    if f.dsr {
-        flags |= frontend_flags::DSR;
-    }
-    if f.keeps_client {
-        flags |= frontend_flags::KEEPS_CLIENT;
-    }
-    flags
 }

@@ -3,10 +3,10 @@
 
 use std::net::Ipv4Addr;
 
-use lb_common::maps::scope;
+use lb_common::maps::{hairpin, scope};
 
 use super::*;
-use crate::model::SetKind;
+use crate::model::{FrontendKind, SetKind};
 
 const LIMITS: Limits = Limits {
     backends: 1000,
