@@ -27,32 +27,28 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     if is_bpffs(dir) {
         return Ok(());
     }
-    let created = match std::fs::create_dir_all(dir) {
-        Ok(()) => dir,
-        Err(e) => {
-            let base = dir
-                .ancestors()
-                .skip(1)
-                .find(|a| a.is_dir())
-                .filter(|base| !is_bpffs(base) && is_empty_dir(base));
-            let Some(base) = base else {
-                return Err(e).with_context(|| format!("cannot create {}", dir.display()));
-            };
-            mount_bpffs(base)?;
-            std::fs::create_dir_all(dir).with_context(|| {
-                format!(
-                    "cannot create {} on the bpffs mounted on {}",
-                    dir.display(),
-                    base.display()
-                )
-            })?;
-            base
-        }
-    };
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        let base = dir
+            .ancestors()
+            .skip(1)
+            .find(|a| a.is_dir())
+            .filter(|base| !is_bpffs(base) && is_empty_dir(base));
+        let Some(base) = base else {
+            return Err(e).with_context(|| format!("cannot create {}", dir.display()));
+        };
+        mount_bpffs(base)?;
+        return std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create {} on the bpffs mounted on {}",
+                dir.display(),
+                base.display()
+            )
+        });
+    }
     if is_bpffs(dir) {
         return Ok(());
     }
-    mount_bpffs(created)
+    mount_bpffs(dir)
 }
 
 fn is_empty_dir(dir: &Path) -> bool {
