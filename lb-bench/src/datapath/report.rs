@@ -180,8 +180,8 @@ pub fn goals(measured: &Measured, scales: &[u32]) -> Vec<Goal> {
                 String::new()
             } else {
                 format!(
-                    "; one flow, its entry in the CPU's caches: each packet of another of 100k \
-                     flows costs {low:.0} to {high:.0} ns"
+                    "; the packets of one flow, its entry in the CPU's caches; each packet of \
+                     another of 100k open flows: {low:.0} to {high:.0} ns"
                 )
             }
         } else {
