@@ -76,12 +76,19 @@ fn cluster_ip_service(name: &str, port: u16, backends: &[(SocketAddrV4, bool)]) 
     }
 }
 
+/// `pkt` as it leaves the pod of `pod_mac` for its gateway.
+fn leaving_pod(mut pkt: Packet, pod_mac: [u8; 6]) -> Packet {
+    pkt.eth_src = pod_mac;
+    pkt.eth_dst = POD_GATEWAY_MAC;
+    pkt
+}
+
 /// `CLIENT_POD`'s SYN to `dst`, as it leaves the pod for its gateway.
 fn syn_from_client_pod(dst: SocketAddrV4) -> Packet {
-    let mut syn = Packet::tcp(CLIENT_POD, dst, flags::SYN, b"");
-    syn.eth_src = CLIENT_POD_MAC;
-    syn.eth_dst = POD_GATEWAY_MAC;
-    syn
+    leaving_pod(
+        Packet::tcp(CLIENT_POD, dst, flags::SYN, b""),
+        CLIENT_POD_MAC,
+    )
 }
 
 /// `pkt` as this node routes it into a pod's interface to `pod_mac`.
@@ -216,9 +223,10 @@ fn masquerade_all_source_nats_flows_to_local_backends_and_from_pods() {
             "DNAT + SNAT into the pod",
         );
         // The pod answers the node; the client gets the answer from the NodePort.
-        let mut reply = Packet::tcp(LOCAL_POD, source, flags::SYN | flags::ACK, b"");
-        reply.eth_src = POD_MAC;
-        reply.eth_dst = POD_GATEWAY_MAC;
+        let reply = leaving_pod(
+            Packet::tcp(LOCAL_POD, source, flags::SYN | flags::ACK, b""),
+            POD_MAC,
+        );
         let run = h.run(Hook::FromPod, &reply.bytes());
         assert_eq!(run.verdict, tc::REDIRECT);
         assert_frame_eq(
