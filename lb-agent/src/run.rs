@@ -73,6 +73,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let capacities = Capacities {
         ct: args.conntrack_max,
         sets: args.max_services,
+        ..Capacities::default()
     };
     let (loader, tc_api) = datapath_loader(&args, capacities)?;
     // The kernel verifies the programs while the source lists the objects: the reconciler takes

@@ -528,6 +528,7 @@ fn run_scale(
     let capacities = Capacities {
         ct: 1 << 20,
         sets: (services + 16).next_power_of_two(),
+        ..Capacities::default()
     };
     let mut dp = Datapath::load(&Pinning::None, capacities)?;
     let mut maps: Maps = dp.take_maps()?;

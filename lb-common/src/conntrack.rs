@@ -22,7 +22,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::{
     hash::flow_hash,
-    net::{Be16, Be32, proto, tcp_flags},
+    net::{Address, Be16, Be32, Be128, proto, tcp_flags},
     time::SECOND_NS,
 };
 
@@ -31,12 +31,22 @@ pub const FORWARD: u8 = 0;
 /// [`FlowKey::dir`] of an entry keyed by the backend's replies.
 pub const REPLY: u8 = 1;
 
-/// Key of [`crate::maps::LB_CT`]: a 5-tuple as it appears in the packet, plus direction.
+/// Key of [`crate::maps::LB_CT`]: an IPv4 flow's [`FlowKeyOf`].
+pub type FlowKey = FlowKeyOf<Be32>;
+/// Key of [`crate::maps::LB6_CT`]: an IPv6 flow's [`FlowKeyOf`].
+pub type FlowKey6 = FlowKeyOf<Be128>;
+/// Value of [`crate::maps::LB_CT`].
+pub type CtEntry = CtEntryOf<Be32>;
+/// Value of [`crate::maps::LB6_CT`].
+pub type CtEntry6 = CtEntryOf<Be128>;
+
+/// A conntrack key: a 5-tuple as it appears in the packet, plus direction; `A` is the address
+/// family's address ([`Address`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct FlowKey {
-    pub src_addr: Be32,
-    pub dst_addr: Be32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Zeroable)]
+pub struct FlowKeyOf<A> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: Be16,
     pub dst_port: Be16,
     pub proto: u8,
@@ -45,13 +55,13 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-impl FlowKey {
+impl<A: Address> FlowKeyOf<A> {
     /// The key of a packet `src_addr:src_port -> dst_addr:dst_port` in direction `dir`.
     #[inline(always)]
     pub const fn new(
-        src_addr: Be32,
+        src_addr: A,
         src_port: Be16,
-        dst_addr: Be32,
+        dst_addr: A,
         dst_port: Be16,
         proto: u8,
         dir: u8,
@@ -87,23 +97,11 @@ impl FlowKey {
         )
     }
 
-    /// The flow hash of the 5-tuple (see [`flow_hash`]): Maglev's slot and the SNAT candidates.
-    #[inline(always)]
-    pub const fn hash(&self) -> u32 {
-        flow_hash(
-            self.src_addr,
-            self.dst_addr,
-            self.src_port,
-            self.dst_port,
-            self.proto,
-        )
-    }
-
     /// The reply-direction key of the forward flow `self`, whose entry is `forward`: replies come
     /// from the backend (the entry's NAT address) and address the client, or, for a source-NATed
     /// flow, the node address and port the client was replaced with.
     #[inline(always)]
-    pub const fn reply_of(&self, forward: &CtEntry) -> Self {
+    pub const fn reply_of(&self, forward: &CtEntryOf<A>) -> Self {
         let (dst_addr, dst_port) = if forward.flags & ct_flags::SNAT != 0 {
             (forward.snat_addr, forward.snat_port)
         } else {
@@ -120,10 +118,38 @@ impl FlowKey {
     }
 }
 
-/// Value of [`crate::maps::LB_CT`].
+impl FlowKey {
+    /// The flow hash of the 5-tuple (see [`flow_hash`]): Maglev's slot and the SNAT candidates.
+    #[inline(always)]
+    pub const fn hash(&self) -> u32 {
+        flow_hash(
+            self.src_addr,
+            self.dst_addr,
+            self.src_port,
+            self.dst_port,
+            self.proto,
+        )
+    }
+}
+
+impl FlowKey6 {
+    /// The flow hash of the 5-tuple, its addresses folded ([`Address::fold`]).
+    #[inline(always)]
+    pub fn hash(&self) -> u32 {
+        flow_hash(
+            self.src_addr.fold(),
+            self.dst_addr.fold(),
+            self.src_port,
+            self.dst_port,
+            self.proto,
+        )
+    }
+}
+
+/// A conntrack entry (see [`CtEntry`], [`CtEntry6`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct CtEntry {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Zeroable)]
+pub struct CtEntryOf<A> {
     /// `bpf_ktime_get_coarse_ns()` after which the entry no longer counts.
     pub deadline_ns: u64,
     /// The backend of the flow.
@@ -133,7 +159,7 @@ pub struct CtEntry {
     /// `FORWARD`: the backend address the flow was DNATed to, where its packets keep going
     /// whatever becomes of the backend. `REPLY`: the frontend address that replaces the
     /// backend as the reply's source.
-    pub nat_addr: Be32,
+    pub nat_addr: A,
     /// Port counterpart of `nat_addr`.
     pub nat_port: Be16,
     /// [`ct_flags`] bits.
@@ -144,7 +170,7 @@ pub struct CtEntry {
     /// With [`ct_flags::SNAT`] only. `FORWARD`: the address that replaces the client as the
     /// source (the node's, the hairpin address, or the client's own when only its port is
     /// remapped). `REPLY`: the client address restored as the destination.
-    pub snat_addr: Be32,
+    pub snat_addr: A,
     /// Port counterpart of `snat_addr`.
     pub snat_port: Be16,
     pub _pad2: [u8; 2],
@@ -153,9 +179,21 @@ pub struct CtEntry {
 const _: () = {
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<CtEntry>() == 32);
+    assert!(size_of::<FlowKey6>() == 40);
+    assert!(size_of::<CtEntry6>() == 56);
 };
 
-impl CtEntry {
+// SAFETY: `repr(C)`; the sizes asserted above are the sums of the fields' sizes, so there is no
+// padding, and every field is `Pod` (bytemuck's derive cannot check generic structs itself).
+unsafe impl Pod for FlowKey {}
+// SAFETY: as above.
+unsafe impl Pod for FlowKey6 {}
+// SAFETY: as above.
+unsafe impl Pod for CtEntry {}
+// SAFETY: as above.
+unsafe impl Pod for CtEntry6 {}
+
+impl<A: Address> CtEntryOf<A> {
     /// Whether the entry still counts at `now`.
     #[inline(always)]
     pub const fn live(&self, now: u64) -> bool {
@@ -215,7 +253,12 @@ impl CtEntry {
     /// The forward entry of the direct connection `flow` (its destination kept) that takes
     /// source port `port` instead of its own, with TCP state `flags` until `deadline_ns`.
     #[inline(always)]
-    pub const fn direct_forward(flow: &FlowKey, port: Be16, flags: u8, deadline_ns: u64) -> Self {
+    pub const fn direct_forward(
+        flow: &FlowKeyOf<A>,
+        port: Be16,
+        flags: u8,
+        deadline_ns: u64,
+    ) -> Self {
         Self {
             deadline_ns,
             backend_id: DIRECT,
@@ -254,8 +297,8 @@ impl CtEntry {
     /// The forward key of the flow whose reply entry this is: its client (the source the reply
     /// entry restores as destination) to its frontend (the one it restores as source).
     #[inline(always)]
-    pub const fn forward_key(&self, l4_proto: u8) -> FlowKey {
-        FlowKey::new(
+    pub const fn forward_key(&self, l4_proto: u8) -> FlowKeyOf<A> {
+        FlowKeyOf::new(
             self.snat_addr,
             self.snat_port,
             self.nat_addr,
@@ -269,9 +312,8 @@ impl CtEntry {
     /// port goes to a new flow once the old one closed: the reply entry under the key may then
     /// be the new flow's.
     #[inline(always)]
-    pub const fn replies_to(&self, forward_key: &FlowKey) -> bool {
-        self.snat_addr.raw() == forward_key.src_addr.raw()
-            && self.snat_port.raw() == forward_key.src_port.raw()
+    pub fn replies_to(&self, forward_key: &FlowKeyOf<A>) -> bool {
+        self.snat_addr == forward_key.src_addr && self.snat_port == forward_key.src_port
     }
 
     /// The reply-direction entry of the forward flow `forward_key` (entry `forward`): it restores
@@ -279,8 +321,8 @@ impl CtEntry {
     /// for a source-NATed flow, the client as their destination.
     #[inline(always)]
     pub const fn reply_of(
-        forward_key: &FlowKey,
-        forward: &CtEntry,
+        forward_key: &FlowKeyOf<A>,
+        forward: &CtEntryOf<A>,
         flags: u8,
         deadline_ns: u64,
     ) -> Self {
@@ -303,15 +345,15 @@ impl CtEntry {
     /// recovered when the LRU evicted it and its reply half is written.
     #[inline(always)]
     pub const fn forward_of(
-        reply_key: &FlowKey,
-        reply: &CtEntry,
+        reply_key: &FlowKeyOf<A>,
+        reply: &CtEntryOf<A>,
         flags: u8,
         deadline_ns: u64,
     ) -> Self {
         let (snat_addr, snat_port) = if reply.flags & ct_flags::SNAT != 0 {
             (reply_key.dst_addr, reply_key.dst_port)
         } else {
-            (Be32::from_raw(0), Be16::from_raw(0))
+            (A::ZERO, Be16::from_raw(0))
         };
         Self {
             deadline_ns,
@@ -341,7 +383,7 @@ pub const DIRECT: u32 = u32::MAX;
 /// another source port: any live entry there is another flow's (a direct connection's own never
 /// uses that key), and its replies would be reverse-NATed as that flow's, even after it closed.
 #[inline(always)]
-pub const fn direct_clashes(held: &CtEntry, now: u64) -> bool {
+pub const fn direct_clashes<A: Address>(held: &CtEntryOf<A>, now: u64) -> bool {
     held.live(now)
 }
 
@@ -522,8 +564,8 @@ pub const fn initial(l4_proto: u8, seg_flags: u8, now: u64) -> (u8, u64) {
 /// `None` when it needs no write: its TCP state did not change and its deadline would move by
 /// less than [`REFRESH_INTERVAL_NS`].
 #[inline(always)]
-pub const fn after_packet(
-    entry: &CtEntry,
+pub const fn after_packet<A: Address>(
+    entry: &CtEntryOf<A>,
     l4_proto: u8,
     seg_flags: u8,
     now: u64,
@@ -574,8 +616,8 @@ pub const fn peer_flags(other_flags: u8) -> u8 {
 /// than an hour), and it lives as long as its flow: once the other direction is established, so
 /// is its lifetime, however rarely this side speaks. A flow that is over may shorten it.
 #[inline(always)]
-pub const fn after_other_direction(
-    entry: &CtEntry,
+pub const fn after_other_direction<A: Address>(
+    entry: &CtEntryOf<A>,
     l4_proto: u8,
     other_flags: u8,
     now: u64,
@@ -591,7 +633,7 @@ pub const fn after_other_direction(
 }
 
 #[cfg(feature = "user")]
-aya_pod!(FlowKey, CtEntry);
+aya_pod!(FlowKey, CtEntry, FlowKey6, CtEntry6);
 
 #[cfg(test)]
 mod tests {

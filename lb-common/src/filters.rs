@@ -37,10 +37,10 @@
 //! programs have been replaced everywhere.
 
 use crate::{
-    conntrack::FlowKey,
+    conntrack::FlowKeyOf,
     hash::flow_hash,
     maps::FrontendKey,
-    net::{Be16, Be32},
+    net::{Address, Be16, Be32},
 };
 
 /// Slots of each filter; 512 KiB of map each, the part a node's traffic touches stays in the
@@ -73,8 +73,8 @@ pub const fn reply_source(addr: Be32, port: Be16, proto: u8) -> u32 {
 /// The element a reply entry's key marks: that of the packets it translates, whose source is
 /// the key's.
 #[inline(always)]
-pub const fn reply_source_of(key: &FlowKey) -> u32 {
-    reply_source(key.src_addr, key.src_port, key.proto)
+pub fn reply_source_of<A: Address>(key: &FlowKeyOf<A>) -> u32 {
+    reply_source(key.src_addr.fold(), key.src_port, key.proto)
 }
 
 /// The element of a packet's destination.
@@ -86,8 +86,8 @@ pub const fn destination(addr: Be32, port: Be16, proto: u8) -> u32 {
 /// The element a forward entry's key marks: its destination (a frontend, or the destination of
 /// a direct connection given another source port).
 #[inline(always)]
-pub const fn destination_of(key: &FlowKey) -> u32 {
-    destination(key.dst_addr, key.dst_port, key.proto)
+pub fn destination_of<A: Address>(key: &FlowKeyOf<A>) -> u32 {
+    destination(key.dst_addr.fold(), key.dst_port, key.proto)
 }
 
 /// The element a frontend marks (whatever its scope: a ClusterIP's internal frontend serves
@@ -100,6 +100,7 @@ pub const fn frontend(key: &FrontendKey) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conntrack::FlowKey;
     use crate::conntrack::{FORWARD, REPLY};
 
     #[test]

@@ -46,4 +46,4 @@ pub mod sock;
 pub mod stats;
 pub mod time;
 
-pub use net::{Be16, Be32};
+pub use net::{Address, Be16, Be32, Be128};

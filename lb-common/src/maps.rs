@@ -17,7 +17,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::net::{Be16, Be32};
+use crate::net::{Address, Be16, Be32, Be128};
 
 /// `dst addr -> AddrInfo`: every address that carries at least one frontend. Written by the agent.
 pub const LB_ADDRS: &str = "LB_ADDRS";
@@ -64,6 +64,54 @@ pub const LB_SOCK_CONFIG: &str = "LB_SOCK_CONFIG";
 /// `set id -> SockStats` (per-CPU array): what the socket programs did for each backend set's
 /// frontends (`lbctl service list`).
 pub const LB_SOCK_STATS: &str = "LB_SOCK_STATS";
+
+/// `Be128 -> AddrInfo`: [`LB_ADDRS`] for IPv6 addresses. IPv6 has maps of its own for everything
+/// keyed or valued by an address (docs/ipv6.md): IPv4's keys and entries keep their size.
+pub const LB6_ADDRS: &str = "LB6_ADDRS";
+/// `FrontendKey6 -> Frontend`: [`LB_SERVICES`] for IPv6 frontends. Their backend sets are
+/// sets like any other (one id space, one Maglev map), whose backends are all IPv6 ones.
+pub const LB6_SERVICES: &str = "LB6_SERVICES";
+/// `backend id -> Backend6` (array): [`LB_BACKENDS`] for IPv6 backends. Backend ids come
+/// from one allocator for both families: an id names a slot in one of the two arrays only.
+pub const LB6_BACKENDS: &str = "LB6_BACKENDS";
+/// `FlowKey6 -> CtEntry6` (LRU): [`LB_CT`] for IPv6 flows.
+pub const LB6_CT: &str = "LB6_CT";
+
+/// `index -> program` (program array) of the tc programs: each tc entry program hands an IPv6
+/// packet over to its IPv6 twin (a tail call) at [`tail::FROM_POD6`], [`tail::EXT_IN6`] or
+/// [`tail::TO_CLIENT6`]. Written by the loader; pinned, because the kernel empties a program
+/// array once no process and no pin holds it, and the programs outlive the agent.
+pub const LB_TAIL_TC: &str = "LB_TAIL_TC";
+/// `index -> program` (program array) of the XDP program: [`tail::XDP6`]. A program array
+/// serves programs of one type only, hence two.
+pub const LB_TAIL_XDP: &str = "LB_TAIL_XDP";
+/// The pinned program arrays (not in [`ALL`]: they hold programs, no data; keyed and valued
+/// by `u32`s).
+pub const TAIL_CALLS: [&str; 2] = [LB_TAIL_TC, LB_TAIL_XDP];
+
+/// Each program array: its slot, its program's name, and the array.
+pub const TAIL_PROGRAMS: [(u32, &str, &str); 4] = [
+    (tail::FROM_POD6, crate::programs::FROM_POD6, LB_TAIL_TC),
+    (tail::EXT_IN6, crate::programs::EXT_IN6, LB_TAIL_TC),
+    (tail::TO_CLIENT6, crate::programs::TO_CLIENT6, LB_TAIL_TC),
+    (tail::XDP6, crate::programs::XDP6, LB_TAIL_XDP),
+];
+
+/// Indices of [`LB_TAIL_TC`] and [`LB_TAIL_XDP`].
+pub mod tail {
+    /// `lb_from_pod`'s IPv6 twin (tc).
+    pub const FROM_POD6: u32 = 0;
+    /// `lb_ext_in`'s IPv6 twin (tc).
+    pub const EXT_IN6: u32 = 1;
+    /// `lb_to_pod`'s and `lb_ext_out`'s IPv6 twin (tc).
+    pub const TO_CLIENT6: u32 = 2;
+    /// Entries of [`super::LB_TAIL_TC`].
+    pub const TC_ENTRIES: u32 = 3;
+    /// `lb_xdp`'s IPv6 twin (XDP), in [`super::LB_TAIL_XDP`].
+    pub const XDP6: u32 = 0;
+    /// Entries of [`super::LB_TAIL_XDP`].
+    pub const XDP_ENTRIES: u32 = 1;
+}
 
 /// `0 -> NodeConfig` (array of one): what the datapath needs to know about this node. Written
 /// by the agent.
@@ -127,7 +175,7 @@ pub const LB_EVENT_SLOT: &str = "LB_EVENT_SLOT";
 pub const AYA_LOGS: &str = "AYA_LOGS";
 
 /// Every pinned map, in creation order, for tools that walk them all.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 22] = [
     LB_ADDRS,
     LB_SERVICES,
     LB_BACKENDS,
@@ -146,6 +194,10 @@ pub const ALL: [&str; 18] = [
     LB_SOCK_CONFIG,
     LB_SOCK_STATS,
     LB_FILTERS,
+    LB6_ADDRS,
+    LB6_SERVICES,
+    LB6_BACKENDS,
+    LB6_CT,
 ];
 
 /// A map's key and value sizes as this version lays them out: what the BPF object declares
@@ -198,6 +250,18 @@ pub const LAYOUTS: [Layout; ALL.len()] = {
         layout(LB_SOCK_CONFIG, 4, size_of::<crate::sock::SockConfig>()),
         layout(LB_SOCK_STATS, 4, size_of::<crate::sock::SockStats>()),
         layout(LB_FILTERS, 4, 1),
+        layout(LB6_ADDRS, size_of::<Be128>(), size_of::<AddrInfo>()),
+        layout(
+            LB6_SERVICES,
+            size_of::<FrontendKey6>(),
+            size_of::<Frontend>(),
+        ),
+        layout(LB6_BACKENDS, 4, size_of::<Backend6>()),
+        layout(
+            LB6_CT,
+            size_of::<crate::conntrack::FlowKey6>(),
+            size_of::<crate::conntrack::CtEntry6>(),
+        ),
     ]
 };
 
@@ -220,9 +284,11 @@ pub const PRIVATE: [Layout; 6] = [
 
 /// The layout of map `name`, pinned or private.
 pub fn layout_of(name: &str) -> Option<Layout> {
+    let tail_calls = TAIL_CALLS.map(|name| layout(name, 4, 4));
     LAYOUTS
         .iter()
         .chain(&PRIVATE)
+        .chain(&tail_calls)
         .copied()
         .find(|l| l.name.as_bytes() == name.as_bytes())
 }
@@ -270,6 +336,10 @@ pub mod capacity {
     pub const fn ct_lru_slack(possible_cpus: u32) -> u32 {
         possible_cpus.saturating_mul(2 * 128)
     }
+    /// IPv6 flow entries (`LB6_CT`), as [`CT`] for IPv4: smaller by default, because an LRU
+    /// map takes all its memory when it is made (144 bytes an entry), on every node, whether
+    /// or not it serves IPv6.
+    pub const CT6: u32 = 65_536;
     /// Fragmented datagrams in flight.
     pub const FRAGS: u32 = 8_192;
     /// loadBalancerSourceRanges CIDRs over all services.
@@ -458,10 +528,15 @@ impl AddrInfo {
 }
 
 /// Key of [`LB_SERVICES`].
+pub type FrontendKey = FrontendKeyOf<Be32>;
+/// Key of [`LB6_SERVICES`].
+pub type FrontendKey6 = FrontendKeyOf<Be128>;
+
+/// A frontend's key: its address (of either family, [`Address`]), port, protocol and scope.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct FrontendKey {
-    pub addr: Be32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Zeroable)]
+pub struct FrontendKeyOf<A> {
+    pub addr: A,
     pub port: Be16,
     /// IP protocol number ([`crate::net::proto`]).
     pub proto: u8,
@@ -469,7 +544,7 @@ pub struct FrontendKey {
     pub scope: u8,
 }
 
-impl FrontendKey {
+impl<A: Address> FrontendKeyOf<A> {
     /// The frontend a packet that matched no frontend of its own scope (`self`) uses instead:
     /// a packet from outside to a ClusterIP (`addr`) takes the ClusterIP's internal frontend
     /// when the node serves ClusterIPs to external clients ([`NodeConfig::external_cluster_ips`]).
@@ -486,7 +561,9 @@ impl FrontendKey {
             None
         }
     }
+}
 
+impl FrontendKey {
     /// The key of a frontend on `addr:port`, protocol `proto`, in `scope`.
     pub const fn new(addr: core::net::Ipv4Addr, port: u16, proto: u8, scope: u8) -> Self {
         Self {
@@ -580,17 +657,22 @@ impl Frontend {
 }
 
 /// Value of [`LB_BACKENDS`].
+pub type Backend = BackendOf<Be32>;
+/// Value of [`LB6_BACKENDS`].
+pub type Backend6 = BackendOf<Be128>;
+
+/// A backend: its address (of either family, [`Address`]) and port.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct Backend {
-    pub addr: Be32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Zeroable)]
+pub struct BackendOf<A> {
+    pub addr: A,
     pub port: Be16,
     /// [`backend_flags`] bits.
     pub flags: u8,
     pub _pad: u8,
 }
 
-impl Backend {
+impl<A: Address> BackendOf<A> {
     #[inline(always)]
     pub const fn is_active(&self) -> bool {
         self.flags & backend_flags::ACTIVE != 0
@@ -721,16 +803,30 @@ const _: () = {
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<AffinityEntry>() == 16);
     assert!(size_of::<Backend>() == 8);
+    assert!(size_of::<FrontendKey6>() == 20);
+    assert!(size_of::<Backend6>() == 20);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragEntry>() == 4);
     assert!(size_of::<SetStats>() == 24);
     assert!(size_of::<Counter>() == 16);
 };
 
+// SAFETY: `repr(C)`; the sizes asserted above are the sums of the fields' sizes, so there is no
+// padding, and every field is `Pod` (bytemuck's derive cannot check generic structs itself).
+unsafe impl Pod for FrontendKey {}
+// SAFETY: as above.
+unsafe impl Pod for FrontendKey6 {}
+// SAFETY: as above.
+unsafe impl Pod for Backend {}
+// SAFETY: as above.
+unsafe impl Pod for Backend6 {}
+
 #[cfg(feature = "user")]
 aya_pod!(
     AddrInfo,
     FrontendKey,
+    FrontendKey6,
+    Backend6,
     Frontend,
     Backend,
     FragKey,

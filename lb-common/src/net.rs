@@ -1,7 +1,7 @@
 //! Wire-order integers: the byte order is in the type, so the datapath compares header fields
 //! with map keys without swapping, and userspace converts exactly once, at its boundary.
 
-use core::net::Ipv4Addr;
+use core::net::{Ipv4Addr, Ipv6Addr};
 
 use bytemuck::{Pod, Zeroable};
 
@@ -80,6 +80,101 @@ impl From<Be32> for Ipv4Addr {
     }
 }
 
+/// A 128-bit IPv6 address, stored exactly as it appears on the wire: four words of wire bytes,
+/// each read as a native-endian `u32` (what the datapath loads and stores, 4-byte aligned as
+/// the addresses in an IPv6 header are).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct Be128([u32; 4]);
+
+impl Be128 {
+    /// Wraps four words of wire bytes read as native-endian `u32`s.
+    #[inline(always)]
+    pub const fn from_raw(raw: [u32; 4]) -> Self {
+        Self(raw)
+    }
+
+    /// The wire bytes as four native-endian `u32`s.
+    #[inline(always)]
+    pub const fn raw(self) -> [u32; 4] {
+        self.0
+    }
+
+    pub const fn from_ip(ip: Ipv6Addr) -> Self {
+        let b = ip.octets();
+        let mut words = [0; 4];
+        let mut i = 0;
+        while i < 4 {
+            words[i] = u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+            i += 1;
+        }
+        Self(words)
+    }
+
+    pub const fn to_ip(self) -> Ipv6Addr {
+        let [a, b, c, d] = self.0;
+        let (a, b, c, d) = (
+            a.to_ne_bytes(),
+            b.to_ne_bytes(),
+            c.to_ne_bytes(),
+            d.to_ne_bytes(),
+        );
+        Ipv6Addr::from_octets([
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ])
+    }
+}
+
+impl From<Ipv6Addr> for Be128 {
+    fn from(ip: Ipv6Addr) -> Self {
+        Self::from_ip(ip)
+    }
+}
+
+impl From<Be128> for Ipv6Addr {
+    fn from(be: Be128) -> Self {
+        be.to_ip()
+    }
+}
+
+/// An address family's address as the datapath keys maps by it: [`Be32`] for IPv4, [`Be128`]
+/// for IPv6. The conntrack, frontend and backend types are generic over it (their IPv4 forms
+/// are the defaults), so that one set of rules serves both families.
+pub trait Address: Copy + Eq + Default + Pod + core::fmt::Debug + 'static {
+    /// The unspecified address (`0.0.0.0`, `::`).
+    const ZERO: Self;
+
+    /// The address folded into 32 bits, for hashes ([`crate::hash`], [`crate::filters`]): the
+    /// IPv4 address itself, an IPv6 address's four words XORed.
+    fn fold(self) -> Be32;
+}
+
+impl Address for Be32 {
+    const ZERO: Self = Self(0);
+
+    #[inline(always)]
+    fn fold(self) -> Be32 {
+        self
+    }
+}
+
+impl Address for Be128 {
+    const ZERO: Self = Self([0; 4]);
+
+    #[inline(always)]
+    fn fold(self) -> Be32 {
+        let [a, b, c, d] = self.0;
+        Be32(a ^ b ^ c ^ d)
+    }
+}
+
+impl core::fmt::Debug for Be128 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Display::fmt(&self.to_ip(), f)
+    }
+}
+
 impl core::fmt::Debug for Be32 {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         core::fmt::Display::fmt(&self.to_ip(), f)
@@ -147,4 +242,4 @@ pub mod tcp_flags {
 }
 
 #[cfg(feature = "user")]
-aya_pod!(Be32, Be16);
+aya_pod!(Be32, Be16, Be128);

@@ -13,6 +13,13 @@ pub const TO_POD: &str = "lb_to_pod";
 pub const EXT_IN: &str = "lb_ext_in";
 /// tc egress of an uplink: reverse NAT of this node's backends' replies to clients elsewhere.
 pub const EXT_OUT: &str = "lb_ext_out";
+/// The IPv6 twins of the packet programs: never attached, each entry program above hands its
+/// IPv6 packets to its twin by a tail call (`crate::maps::TAIL_PROGRAMS`).
+pub const XDP6: &str = "lb6_xdp";
+pub const FROM_POD6: &str = "lb6_from_pod";
+pub const EXT_IN6: &str = "lb6_ext_in";
+/// Both reverse-NAT programs' (`lb_to_pod`, `lb_ext_out`) twin.
+pub const TO_CLIENT6: &str = "lb6_to_client";
 /// `cgroup/connect4`: socket-level balancing, a `connect()` (TCP, or UDP from the node's own
 /// namespace) to a frontend connects to one of its backends instead. Attached to a cgroup v2
 /// directory only when asked (`lb-agent --socket-lb on|host-only`).
@@ -37,6 +44,9 @@ pub const EMPTY_TC: &str = "bench_empty_tc";
 /// The tc programs.
 pub const TC: [&str; 4] = [FROM_POD, TO_POD, EXT_IN, EXT_OUT];
 
+/// The IPv6 twins.
+pub const IPV6: [&str; 4] = [XDP6, FROM_POD6, EXT_IN6, TO_CLIENT6];
+
 /// The cgroup socket programs (socket-level balancing).
 pub const SOCK: [&str; 8] = [
     SOCK_CONNECT4,
@@ -50,12 +60,16 @@ pub const SOCK: [&str; 8] = [
 ];
 
 /// Every program, for tools that check the object holds them all.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 19] = [
     XDP,
     FROM_POD,
     TO_POD,
     EXT_IN,
     EXT_OUT,
+    XDP6,
+    FROM_POD6,
+    EXT_IN6,
+    TO_CLIENT6,
     SOCK_CONNECT4,
     SOCK_SENDMSG4,
     SOCK_RECVMSG4,

@@ -12,10 +12,10 @@
 //! with the same function over a read of the pinned map.
 
 use crate::{
-    Be16, Be32,
-    conntrack::{CtEntry, FlowKey, REPLY, ct_flags},
+    Address, Be16, Be32,
+    conntrack::{CtEntry, CtEntryOf, FlowKey, FlowKeyOf, REPLY, ct_flags},
     maps::{
-        Backend, Frontend, NodeConfig, backend_flags, scope,
+        Backend, BackendOf, Frontend, NodeConfig, backend_flags, scope,
         snat::{PREVIOUS_PORT_MIN, PROBES},
     },
     net::proto,
@@ -27,10 +27,10 @@ use crate::{
 /// its client ([`Frontend::keeps_client`]: externalTrafficPolicy Local). Only TCP, UDP and SCTP
 /// flows are balanced (an SCTP flow keeps its client's port: [`port_range`]).
 #[inline(always)]
-pub const fn needed(
+pub const fn needed<A: Address>(
     flow_scope: u8,
     frontend: &Frontend,
-    backend: &Backend,
+    backend: &BackendOf<A>,
     l4_proto: u8,
     config: &NodeConfig,
 ) -> bool {
@@ -392,7 +392,11 @@ pub enum SnatPort {
 /// What `held` (the reply entry reserving a port, if any) means for the new flow `flow`: see
 /// [`SnatPort`]. `now` is the datapath's clock.
 #[inline(always)]
-pub fn classify(held: Option<&CtEntry>, flow: &FlowKey, now: u64) -> SnatPort {
+pub fn classify<A: Address>(
+    held: Option<&CtEntryOf<A>>,
+    flow: &FlowKeyOf<A>,
+    now: u64,
+) -> SnatPort {
     let Some(held) = held else {
         return SnatPort::Free;
     };

@@ -435,6 +435,7 @@ pub fn cleanup(bpffs_dir: &Path) -> Result<Cleanup> {
     done.removed += crate::socket_lb::detach(bpffs_dir)?;
     for name in lb_common::maps::ALL
         .iter()
+        .chain(&lb_common::maps::TAIL_CALLS)
         .chain(&[crate::ct_carry::OLD_PIN])
     {
         let path = bpffs_dir.join(name);

@@ -58,6 +58,8 @@ pub type EventLog<T = &'static dyn log::Log> = aya_log::EbpfLogger<T>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
     pub ct: u32,
+    /// IPv6 flows (`LB6_CT`).
+    pub ct6: u32,
     pub sets: u32,
 }
 
@@ -65,6 +67,7 @@ impl Default for Capacities {
     fn default() -> Self {
         Self {
             ct: maps::capacity::CT,
+            ct6: maps::capacity::CT6,
             sets: maps::capacity::SETS,
         }
     }
@@ -119,6 +122,7 @@ impl Datapath {
         crate::sys::release_freed_memory();
         loader
             .map_max_entries(maps::LB_CT, crate::ct_carry::map_entries(capacities.ct))
+            .map_max_entries(maps::LB6_CT, crate::ct_carry::map_entries(capacities.ct6))
             // Every map indexed by set id holds `sets` entries (more services than the
             // defaults allow must not overflow any of them).
             .map_max_entries(maps::LB_MAGLEV, capacities.sets)
@@ -126,7 +130,7 @@ impl Datapath {
             .map_max_entries(maps::LB_AFFINITY_SCOPE, capacities.sets)
             .map_max_entries(maps::LB_SOCK_STATS, capacities.sets);
         if let Pinning::Dir(dir) = pinning {
-            for name in maps::ALL {
+            for name in maps::ALL.iter().chain(&maps::TAIL_CALLS) {
                 loader.map_pin_path(name, dir.join(name));
             }
             // A conntrack map set aside to be carried over (`ct_carry`): the programs fall back
@@ -155,6 +159,7 @@ impl Loader {
         } = self;
         let mut ebpf = loader.load(LB_EBPF).map_err(DatapathError::Load)?;
         let sock_refused = verify(&mut ebpf)?;
+        fill_tail_calls(&mut ebpf)?;
         // And what parsing the object and verifying its programs took, on threads of their own.
         crate::sys::release_freed_memory();
         if matches!(pinning, Pinning::None) {
@@ -378,7 +383,11 @@ pub fn has_tcx() -> bool {
 /// them (before 6.1 they lack `bpf_set_retval`) keeps the packet path: only attaching them then
 /// fails, with the kernel's reason, returned here.
 fn verify(ebpf: &mut Ebpf) -> Result<Option<(&'static str, String)>, DatapathError> {
-    let packet_names: Vec<&'static str> = programs::TC.into_iter().chain([programs::XDP]).collect();
+    let packet_names: Vec<&'static str> = programs::TC
+        .into_iter()
+        .chain([programs::XDP])
+        .chain(programs::IPV6)
+        .collect();
     let mut packet = Vec::new();
     let mut sock = Vec::new();
     for (name, prog) in ebpf.programs_mut() {
@@ -417,6 +426,35 @@ fn verify(ebpf: &mut Ebpf) -> Result<Option<(&'static str, String)>, DatapathErr
         }
         Ok(sock.join().expect("loading a program panicked"))
     })
+}
+
+/// Puts the IPv6 twins into the program arrays the entry programs tail-call through
+/// (`lb_common::maps::TAIL_PROGRAMS`). A pinned array an earlier agent filled gets this
+/// version's twins: the entry programs still attached then hand their IPv6 packets to them
+/// until this version's replace them, over the same pinned maps.
+fn fill_tail_calls(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    for (index, name, array) in maps::TAIL_PROGRAMS {
+        let fd = ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .fd()
+            .map_err(|source| DatapathError::Program { name, source })?
+            .try_clone()
+            .map_err(|e| DatapathError::Program {
+                name,
+                source: ProgramError::IOError(e),
+            })?;
+        let map = ebpf
+            .map_mut(array)
+            .ok_or(MapsError::Missing { name: array })?;
+        let failed = |source| MapsError::Map {
+            name: array,
+            source,
+        };
+        let mut slots = aya::maps::ProgramArray::try_from(map).map_err(failed)?;
+        slots.set(index, &fd, 0).map_err(failed)?;
+    }
+    Ok(())
 }
 
 /// Loads one of the datapath's programs, whichever its type.

@@ -13,12 +13,12 @@ use aya::{
     maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::{
-    Be32,
+    Be32, Be128,
     answer::Bucket,
-    conntrack::{CtEntry, FlowKey},
+    conntrack::{CtEntry, CtEntry6, FlowKey, FlowKey6},
     maps::{
-        self as names, AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey,
-        Frontend, FrontendKey, NodeConfig, SetStats, SourceRange,
+        self as names, AddrInfo, AffinityEntry, AffinityKey, Backend, Backend6, Counter, FragEntry,
+        FragKey, Frontend, FrontendKey, FrontendKey6, NodeConfig, SetStats, SourceRange,
         maglev::{self, CHUNK_SLOTS, Chunk},
     },
     sock::{SockConfig, SockRev, SockRevKey, SockStats},
@@ -86,6 +86,11 @@ pub struct Maps {
     pub sock_config: Array<MapData, SockConfig>,
     /// Set id -> what the socket programs did for its frontends (per CPU).
     pub sock_stats: PerCpuArray<MapData, SockStats>,
+    /// The IPv6 counterparts of `addrs`, `services`, `backends` and `ct`.
+    pub addrs6: HashMap<MapData, Be128, AddrInfo>,
+    pub services6: HashMap<MapData, FrontendKey6, Frontend>,
+    pub backends6: Array<MapData, Backend6>,
+    pub ct6: HashMap<MapData, FlowKey6, CtEntry6>,
     /// Descriptors of the maps written in bulk (typed handles keep theirs private).
     bulk: BTreeMap<&'static str, OwnedFd>,
     /// The backends array is as this process's load created it (every slot inactive) and no
@@ -168,6 +173,10 @@ impl Maps {
             sock_rev: typed!(names::LB_SOCK_REV),
             sock_config: typed!(names::LB_SOCK_CONFIG),
             sock_stats: typed!(names::LB_SOCK_STATS),
+            addrs6: typed!(names::LB6_ADDRS),
+            services6: typed!(names::LB6_SERVICES),
+            backends6: typed!(names::LB6_BACKENDS),
+            ct6: typed!(names::LB6_CT),
             bulk,
             backends_created: Cell::new(false),
         })

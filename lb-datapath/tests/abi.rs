@@ -46,6 +46,10 @@ fn every_map_has_the_declared_layout() {
             layout.name
         );
     }
+    for name in maps::TAIL_CALLS {
+        const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+        assert_eq!(obj.maps[name].map_type(), BPF_MAP_TYPE_PROG_ARRAY, "{name}");
+    }
     let extra: Vec<&String> = obj
         .maps
         .keys()

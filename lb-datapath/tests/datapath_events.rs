@@ -243,9 +243,17 @@ fn the_event_maps_are_not_pinned_and_each_loaded_datapath_reads_its_own() {
     let bpffs = TempBpffs::new("events");
     let mut first = load_pinned(&bpffs.dir);
     first.program(&cluster_ip("dns", 53, UDP, &BACKENDS));
-    let mut pinned: Vec<String> = maps::ALL.iter().map(|n| (*n).to_owned()).collect();
+    let mut pinned: Vec<String> = maps::ALL
+        .iter()
+        .chain(&maps::TAIL_CALLS)
+        .map(|n| (*n).to_owned())
+        .collect();
     pinned.sort();
-    assert_eq!(bpffs.pins(), pinned, "only the shared maps are pinned");
+    assert_eq!(
+        bpffs.pins(),
+        pinned,
+        "only the shared maps and the program arrays are pinned"
+    );
 
     // A restarted agent adopts the pinned maps and reads its own programs' records.
     drop(first);

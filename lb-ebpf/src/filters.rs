@@ -2,8 +2,8 @@
 //! and (by the agent) frontend, read before lookups that only a marked packet could satisfy.
 
 use lb_common::{
-    Be16, Be32,
-    conntrack::FlowKey,
+    Address, Be16, Be32,
+    conntrack::FlowKeyOf,
     filters::{COMPLETE, destination, destination_of, reply_source, reply_source_of},
 };
 
@@ -12,13 +12,13 @@ use crate::maps::LB_FILTERS;
 /// Marks the source of the packets reply entry `key` translates; called before the entry is
 /// written, so that no packet it translates can meet an unmarked element.
 #[inline(always)]
-pub fn mark_reply(key: &FlowKey) {
+pub fn mark_reply<A: Address>(key: &FlowKeyOf<A>) {
     mark(reply_source_of(key));
 }
 
 /// Marks the destination of forward entry `key`; called before the entry is written.
 #[inline(always)]
-pub fn mark_forward(key: &FlowKey) {
+pub fn mark_forward<A: Address>(key: &FlowKeyOf<A>) {
     mark(destination_of(key));
 }
 

@@ -3,7 +3,7 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
-    conntrack::{self, CtEntry, FORWARD, FlowKey, ct_flags, nat_flags},
+    conntrack::{self, CtEntry, CtEntryOf, FORWARD, FlowKey, FlowKeyOf, ct_flags, nat_flags},
     dsr::DsrOption,
     maps::{AddrInfo, Frontend, FrontendKey, scope as scopes},
     net::proto,
@@ -12,10 +12,12 @@ use lb_common::{
 };
 
 use crate::{
-    ct, direct, dsr, events, fib, filters, fragment,
+    ct, direct, dsr, events,
+    family::Family,
+    fib, filters,
     frame::{Action, Frame},
     hairpin, icmp,
-    maps::{LB_ADDRS, LB_CT, LB_SERVICES},
+    maps::{LB_ADDRS, LB_SERVICES},
     nat::{self, End},
     parse::{self, Frag, Ipv4, L4},
     reject, select, snat, stats,
@@ -55,7 +57,7 @@ fn balance<F: Frame>(frame: &mut F, ip: &Ipv4, addr: AddrInfo, scope: u8, len: u
         return counted(Reason::DropMalformed, len, Action::Drop);
     };
     if ip.frag() == Frag::Later {
-        return fragment::forward(frame, ip, addr, len);
+        return crate::fragment::forward(frame, ip, addr, len);
     }
     if ip.proto == proto::ICMP && icmp::is_error(frame, l4_off) {
         if let Some(action) = icmp::towards_frontend(frame, ip, l4_off, len) {
@@ -170,7 +172,7 @@ fn frontend_of(flow: &FlowKey) -> DsrOption {
 /// DNAT to the flow's backend (the entry's NAT address), and SNAT to the node for a
 /// source-NATed flow.
 #[inline(always)]
-fn translate<F: Frame>(frame: &mut F, l4: &L4, entry: &CtEntry) -> Result<(), ()> {
+fn translate<F: Frame, A: Family>(frame: &mut F, l4: &L4, entry: &CtEntryOf<A>) -> Result<(), ()> {
     nat::rewrite(
         frame,
         End::Destination,
@@ -192,18 +194,18 @@ fn translate<F: Frame>(frame: &mut F, l4: &L4, entry: &CtEntry) -> Result<(), ()
 
 /// Translates a packet of an established flow and counts it.
 #[inline(always)]
-pub(crate) fn established<F: Frame>(
+pub(crate) fn established<F: Frame, A: Family>(
     frame: &mut F,
-    ip: &Ipv4,
+    ip: &A::Ip,
     l4: &L4,
-    entry: &CtEntry,
+    entry: &CtEntryOf<A>,
     len: u32,
 ) -> Result<(), Action> {
     if translate(frame, l4, entry).is_err() {
         return Err(counted(Reason::DropMalformed, len, Action::Drop));
     }
-    if ip.frag() == Frag::First {
-        fragment::remember(ip, l4);
+    if A::frag(ip) == Frag::First {
+        A::remember_fragment(ip, l4);
     }
     stats::set(entry.set_id, len, false);
     stats::verdict(Reason::Established, len);
@@ -369,7 +371,7 @@ fn new_flow<F: Frame>(
 }
 
 /// What holds the reply key of a new flow that is not source-NATed (backend -> client).
-enum Claim {
+pub(crate) enum Claim {
     /// Nothing did: this flow's reply entry now does.
     Claimed,
     /// An entry of this same flow (reopened), or of one that is over: written over by `open`.
@@ -384,15 +386,19 @@ enum Claim {
 /// Claims the reply key of the new flow `flow` (entry `forward`) with an insert that fails when
 /// the key is held, and says by what.
 #[inline(always)]
-fn claim_reply(flow: &FlowKey, forward: &CtEntry, now: u64) -> Claim {
+pub(crate) fn claim_reply<A: Family>(
+    flow: &FlowKeyOf<A>,
+    forward: &CtEntryOf<A>,
+    now: u64,
+) -> Claim {
     let key = flow.reply_of(forward);
-    let reply = CtEntry::reply_of(flow, forward, 0, forward.deadline_ns);
+    let reply = CtEntryOf::reply_of(flow, forward, 0, forward.deadline_ns);
     filters::mark_reply(&key);
-    if LB_CT.insert(&key, &reply, BPF_NOEXIST.into()).is_ok() {
+    if A::ct().insert(&key, &reply, BPF_NOEXIST.into()).is_ok() {
         return Claim::Claimed;
     }
     // SAFETY: LRU map value, copied out at once.
-    let held = unsafe { LB_CT.get(&key) }.copied();
+    let held = unsafe { A::ct().get(&key) }.copied();
     if lb_common::snat::classify(held.as_ref(), flow, now) == SnatPort::Taken {
         Claim::Clash
     } else {
@@ -406,28 +412,28 @@ fn claim_reply(flow: &FlowKey, forward: &CtEntry, now: u64) -> Claim {
     clippy::too_many_arguments,
     reason = "the packet's parsed headers and the flow's state, passed apart to stay in registers"
 )]
-pub(crate) fn open<F: Frame>(
+pub(crate) fn open<F: Frame, A: Family>(
     frame: &mut F,
-    ip: &Ipv4,
+    ip: &A::Ip,
     l4: &L4,
-    flow: &FlowKey,
-    forward: &CtEntry,
+    flow: &FlowKeyOf<A>,
+    forward: &CtEntryOf<A>,
     reply_written: bool,
     len: u32,
     reason: Reason,
 ) -> Result<(), Action> {
     let reply_key = flow.reply_of(forward);
-    let reply = CtEntry::reply_of(flow, forward, 0, forward.deadline_ns);
+    let reply = CtEntryOf::reply_of(flow, forward, 0, forward.deadline_ns);
     let reply = (!reply_written).then_some((&reply_key, &reply));
     if ct::open(flow, forward, reply).is_err() {
-        events::conntrack_full(flow, forward);
+        A::conntrack_full(flow, forward);
         return Err(counted(Reason::DropCtFull, len, Action::Drop));
     }
     if translate(frame, l4, forward).is_err() {
         return Err(counted(Reason::DropMalformed, len, Action::Drop));
     }
-    if ip.frag() == Frag::First {
-        fragment::remember(ip, l4);
+    if A::frag(ip) == Frag::First {
+        A::remember_fragment(ip, l4);
     }
     stats::set(forward.set_id, len, true);
     stats::verdict(reason, len);

@@ -17,6 +17,8 @@ pub const IPV4_MIN_HDR_LEN: usize = 20;
 
 /// `ETH_P_IP` as it reads from the wire into a native-endian u16.
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+/// `ETH_P_IPV6`, likewise.
+pub const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 
 #[repr(C)]
 pub struct EthHdr {
@@ -45,6 +47,61 @@ pub struct Ipv4Hdr {
 pub const IP_MF_BE: u16 = 0x2000u16.to_be();
 pub const IP_DF_BE: u16 = 0x4000u16.to_be();
 pub const IP_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
+
+/// The fixed IPv6 header (RFC 8200). Its addresses are read and written as four 32-bit words
+/// each (`lb_common::Be128`).
+#[repr(C)]
+pub struct Ipv6Hdr {
+    /// Version (high nibble of the first byte), traffic class and flow label.
+    pub version_tc_flow: u32,
+    pub payload_len: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+}
+
+pub const IPV6_HDR_LEN: usize = 40;
+/// Offsets of the IPv6 addresses from the start of the frame.
+pub const IPV6_SADDR_OFF: usize = L3_OFF + 8;
+pub const IPV6_DADDR_OFF: usize = L3_OFF + 24;
+
+/// The start of an IPv6 extension header: the next header and the length, whose unit depends
+/// on the header ([`ipv6_ext`]).
+#[repr(C)]
+pub struct Ipv6ExtHdr {
+    pub next_header: u8,
+    pub len: u8,
+}
+
+/// The IPv6 fragment header (8 bytes).
+#[repr(C)]
+pub struct Ipv6FragHdr {
+    pub next_header: u8,
+    pub reserved: u8,
+    /// Fragment offset in 8-byte units (high 13 bits) and the more-fragments flag (bit 0).
+    pub offset_flags: u16,
+    pub id: u32,
+}
+
+pub const IPV6_FRAG_HDR_LEN: usize = 8;
+/// `offset_flags` bits, as they read from the wire into a native-endian u16.
+pub const IPV6_FRAG_OFFSET_BE: u16 = 0xfff8u16.to_be();
+pub const IPV6_FRAG_MORE_BE: u16 = 0x0001u16.to_be();
+
+/// IPv6 next-header values of the extension headers the datapath walks.
+pub mod ipv6_ext {
+    /// Hop-by-hop options; length in 8-byte units, not counting the first 8.
+    pub const HOP_BY_HOP: u8 = 0;
+    /// Routing; length as hop-by-hop.
+    pub const ROUTING: u8 = 43;
+    /// Fragment: 8 bytes.
+    pub const FRAGMENT: u8 = 44;
+    /// Authentication header; length in 4-byte units, not counting the first 8.
+    pub const AUTH: u8 = 51;
+    /// Destination options; length as hop-by-hop.
+    pub const DEST_OPTS: u8 = 60;
+}
 
 #[repr(C)]
 pub struct TcpHdr {

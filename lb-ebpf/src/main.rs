@@ -12,6 +12,8 @@
 //! * `lb_sock_{connect,sendmsg,recvmsg,getpeername}{4,6}` (cgroup v2 `sock_addr` hooks, attached
 //!   only with `lb-agent --socket-lb on|host-only`): socket-level balancing (`sock`); the `6`
 //!   ones serve IPv4-mapped addresses on IPv6 sockets.
+//! * `lb6_*`: the IPv6 twins of the packet programs, which hand IPv6 packets to them by a tail
+//!   call (`forward6`, `reply6`).
 //! * `bench_empty_*`: empty programs, the baseline of `cargo xtask bench`.
 //!
 //! The names are `lb_common::programs`'s; every decision (flow keys, conntrack state, source-NAT
@@ -34,9 +36,11 @@ mod ct;
 mod direct;
 mod dsr;
 mod events;
+mod family;
 mod fib;
 mod filters;
 mod forward;
+mod forward6;
 mod fragment;
 mod frame;
 mod hairpin;
@@ -45,8 +49,10 @@ mod icmp;
 mod maps;
 mod nat;
 mod parse;
+mod parse6;
 mod reject;
 mod reply;
+mod reply6;
 mod select;
 mod snat;
 mod sock;
@@ -57,28 +63,61 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use lb_common::maps::scope;
+use lb_common::maps::{scope, tail};
 
-use crate::frame::{TcFrame, XdpFrame};
+use crate::{
+    frame::{TcFrame, XdpFrame},
+    maps::{LB_TAIL_TC, LB_TAIL_XDP},
+};
 
 // Each program's body is inlined into its entry point (`#[inline(always)]`, which the macros
 // keep): the verifier allows 512 bytes of stack over the frames of a call chain, the SNAT port
 // scan's `bpf_loop` callback is one of them, and a separate frame for the body costs at least 32
 // more bytes on older kernels (6.1 rounds each frame up to 32).
 
+// IPv6: each entry program hands an IPv6 packet to its IPv6 twin by a tail call through
+// `LB_TAIL_TC` or `LB_TAIL_XDP` (docs/ipv6.md), so that the IPv4 programs keep their own
+// instructions, stack and verification. The test costs an IPv4 packet one compare on the
+// EtherType, which its own parsing reads next; an IPv6 packet whose tail call fails (its twin not
+// loaded) passes untouched.
+
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let verdict = xdp_from_client(ctx);
+    let mut frame = XdpFrame { ctx };
+    if parse6::is_ipv6(&mut frame) {
+        // SAFETY: a tail call with our own context; on failure it returns.
+        unsafe { LB_TAIL_XDP.tail_call(&frame.ctx, tail::XDP6) };
+        return aya_ebpf::bindings::xdp_action::XDP_PASS;
+    }
+    let verdict = xdp_from_client(frame.ctx);
     if verdict == aya_ebpf::bindings::xdp_action::XDP_DROP {
         events::flush();
     }
     verdict
 }
 
+/// Hands an IPv6 packet to the tc twin at `index`; false for a packet that is not IPv6 (or when
+/// the tail call failed, in which case the packet passes untouched).
+#[inline(always)]
+fn tc_ipv6(ctx: &TcContext, index: u32) -> bool {
+    let mut frame = TcFrame {
+        ctx: TcContext::new(ctx.skb.skb),
+    };
+    if !parse6::is_ipv6(&mut frame) {
+        return false;
+    }
+    // SAFETY: a tail call with our own context; on failure it returns.
+    unsafe { LB_TAIL_TC.tail_call(ctx, index) };
+    true
+}
+
 #[classifier]
 #[inline(always)]
 pub fn lb_from_pod(ctx: TcContext) -> i32 {
+    if tc_ipv6(&ctx, tail::FROM_POD6) {
+        return aya_ebpf::bindings::TC_ACT_UNSPEC;
+    }
     let verdict = tc_from_client::<{ scope::INTERNAL }>(ctx);
     if verdict == TC_ACT_SHOT {
         events::flush();
@@ -89,6 +128,9 @@ pub fn lb_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 #[inline(always)]
 pub fn lb_ext_in(ctx: TcContext) -> i32 {
+    if tc_ipv6(&ctx, tail::EXT_IN6) {
+        return aya_ebpf::bindings::TC_ACT_UNSPEC;
+    }
     let verdict = tc_from_client::<{ scope::EXTERNAL }>(ctx);
     if verdict == TC_ACT_SHOT {
         events::flush();
@@ -115,6 +157,9 @@ fn tc_from_client<const SCOPE: u8>(ctx: TcContext) -> i32 {
 #[classifier]
 #[inline(always)]
 pub fn lb_ext_out(ctx: TcContext) -> i32 {
+    if tc_ipv6(&ctx, tail::TO_CLIENT6) {
+        return aya_ebpf::bindings::TC_ACT_UNSPEC;
+    }
     let mut frame = TcFrame { ctx };
     let action = reply::to_client(&mut frame);
     frame.verdict(action)
@@ -123,8 +168,46 @@ pub fn lb_ext_out(ctx: TcContext) -> i32 {
 #[classifier]
 #[inline(always)]
 pub fn lb_to_pod(ctx: TcContext) -> i32 {
+    if tc_ipv6(&ctx, tail::TO_CLIENT6) {
+        return aya_ebpf::bindings::TC_ACT_UNSPEC;
+    }
     let mut frame = TcFrame { ctx };
     let action = reply::to_client(&mut frame);
+    frame.verdict(action)
+}
+
+/// `lb_xdp`'s IPv6 twin (`LB_TAIL_XDP`, never attached).
+#[xdp]
+#[inline(always)]
+pub fn lb6_xdp(ctx: XdpContext) -> u32 {
+    let mut frame = XdpFrame { ctx };
+    XdpFrame::verdict(forward6::from_client(&mut frame, scope::EXTERNAL))
+}
+
+/// `lb_from_pod`'s IPv6 twin (`LB_TAIL_TC`, never attached).
+#[classifier]
+#[inline(always)]
+pub fn lb6_from_pod(ctx: TcContext) -> i32 {
+    let mut frame = TcFrame { ctx };
+    let action = forward6::from_client(&mut frame, scope::INTERNAL);
+    frame.verdict(action)
+}
+
+/// `lb_ext_in`'s IPv6 twin (`LB_TAIL_TC`, never attached).
+#[classifier]
+#[inline(always)]
+pub fn lb6_ext_in(ctx: TcContext) -> i32 {
+    let mut frame = TcFrame { ctx };
+    let action = forward6::from_client(&mut frame, scope::EXTERNAL);
+    frame.verdict(action)
+}
+
+/// `lb_to_pod`'s and `lb_ext_out`'s IPv6 twin (`LB_TAIL_TC`, never attached).
+#[classifier]
+#[inline(always)]
+pub fn lb6_to_client(ctx: TcContext) -> i32 {
+    let mut frame = TcFrame { ctx };
+    let action = reply6::to_client(&mut frame);
     frame.verdict(action)
 }
 

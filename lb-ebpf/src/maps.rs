@@ -2,18 +2,20 @@
 //! capacities here are defaults that the agent overrides at load time.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE},
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use lb_common::{
-    Be32,
+    Be32, Be128,
     answer::Bucket,
-    conntrack::{CtEntry, FlowKey},
+    conntrack::{CtEntry, CtEntryOf, FlowKey, FlowKeyOf},
     events::{Budget, Event},
     maps::{
-        AddrInfo, AffinityEntry, AffinityKey, Backend, Counter, FragEntry, FragKey, Frontend,
-        FrontendKey, NodeConfig, SetStats, SourceRange, capacity, maglev,
+        AddrInfo, AffinityEntry, AffinityKey, Backend, Backend6, Counter, FragEntry, FragKey,
+        Frontend, FrontendKey, FrontendKey6, NodeConfig, SetStats, SourceRange, capacity, maglev,
+        tail,
     },
     sock::{SockConfig, SockRev, SockRevKey, SockStats},
     stats::Reason,
@@ -49,15 +51,18 @@ pub type MaglevTable = Array<
 #[btf_map]
 pub static LB_MAGLEV: ArrayOfMaps<MaglevTable, { capacity::SETS as usize }> = ArrayOfMaps::new();
 
-/// See [`lb_common::maps::LB_CT`] and [`lb_common::maps::CT_MAP_FLAGS`] (one LRU list for all
+/// A conntrack map of either family: [`lb_common::maps::CT_MAP_FLAGS`] (one LRU list for all
 /// CPUs, so that the whole capacity serves whichever CPUs the flows land on).
-#[btf_map]
-pub static LB_CT: LruHashMap<
-    FlowKey,
-    CtEntry,
+pub type CtMap<A> = LruHashMap<
+    FlowKeyOf<A>,
+    CtEntryOf<A>,
     { capacity::CT as usize },
     { lb_common::maps::CT_MAP_FLAGS as usize },
-> = LruHashMap::new();
+>;
+
+/// See [`lb_common::maps::LB_CT`].
+#[btf_map]
+pub static LB_CT: CtMap<Be32> = LruHashMap::new();
 
 /// See [`lb_common::maps::LB_CT_PREV`]: the loader swaps in the old conntrack map while flows are
 /// carried over, whatever its capacity and flags.
@@ -123,6 +128,40 @@ pub static LB_DIRECT_NAT: Array<u32, 1> = Array::new();
 /// See [`lb_common::maps::LB_FILTERS`].
 #[btf_map]
 pub static LB_FILTERS: Array<u8, { lb_common::filters::ENTRIES as usize }> = Array::new();
+
+/// Flags of the IPv6 hash maps the agent writes: allocated as entries come rather than all at
+/// load, so that a node without IPv6 Services pays no memory for them.
+const LB6_HASH_FLAGS: usize = BPF_F_NO_PREALLOC as usize;
+
+/// See [`lb_common::maps::LB6_ADDRS`].
+#[btf_map]
+pub static LB6_ADDRS: HashMap<Be128, AddrInfo, { capacity::ADDRS as usize }, LB6_HASH_FLAGS> =
+    HashMap::new();
+
+/// See [`lb_common::maps::LB6_SERVICES`].
+#[btf_map]
+pub static LB6_SERVICES: HashMap<
+    FrontendKey6,
+    Frontend,
+    { capacity::SERVICES as usize },
+    LB6_HASH_FLAGS,
+> = HashMap::new();
+
+/// See [`lb_common::maps::LB6_BACKENDS`].
+#[btf_map]
+pub static LB6_BACKENDS: Array<Backend6, { capacity::BACKENDS as usize }> = Array::new();
+
+/// See [`lb_common::maps::LB6_CT`] (the loader sizes it: `capacity::CT6`).
+#[btf_map]
+pub static LB6_CT: CtMap<Be128> = LruHashMap::new();
+
+/// See [`lb_common::maps::LB_TAIL_TC`].
+#[btf_map]
+pub static LB_TAIL_TC: ProgramArray<{ tail::TC_ENTRIES as usize }> = ProgramArray::new();
+
+/// See [`lb_common::maps::LB_TAIL_XDP`].
+#[btf_map]
+pub static LB_TAIL_XDP: ProgramArray<{ tail::XDP_ENTRIES as usize }> = ProgramArray::new();
 
 /// See [`lb_common::maps::LB_SCRATCH`].
 #[btf_map]

@@ -1,19 +1,17 @@
 //! Address and port rewriting with incremental checksum updates (RFC 1624).
 //!
-//! The IPv4 header checksum is always complete and is fixed in place; the TCP/UDP checksum goes
-//! through [`Frame`], which knows whether the hook may hold a partial checksum. Packet pointers
+//! The IPv4 header checksum is always complete and is fixed in place (IPv6 has none: see
+//! [`Family::write_addr`]); the TCP/UDP checksum goes through [`Frame`], which knows whether the
+//! hook may hold a partial checksum. Packet pointers
 //! are not used after the checksum helpers run (tc helpers invalidate them).
 
-use lb_common::{Be16, Be32, csum};
+use lb_common::Be16;
 
 use crate::{
+    family::Family,
     frame::{Frame, ptr_at},
-    hdr::{Ipv4Hdr, L3_OFF},
     parse::L4,
 };
-
-const SADDR_OFF: usize = L3_OFF + 12;
-const DADDR_OFF: usize = L3_OFF + 16;
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy)]
@@ -23,14 +21,6 @@ pub enum End {
 }
 
 impl End {
-    #[inline(always)]
-    const fn addr_off(self) -> usize {
-        match self {
-            Self::Source => SADDR_OFF,
-            Self::Destination => DADDR_OFF,
-        }
-    }
-
     #[inline(always)]
     const fn port_off(self, l4_off: usize) -> usize {
         match self {
@@ -47,22 +37,14 @@ impl End {
 /// frontends only where the backend's port is the frontend's, and a source-NATed SCTP flow
 /// keeps its client's port: `lb_common::snat::port_range`), so `port` is the port it has.
 #[inline(always)]
-pub fn rewrite<F: Frame>(
+pub fn rewrite<F: Frame, A: Family>(
     frame: &mut F,
     end: End,
     l4: Option<&L4>,
-    addr: Be32,
+    addr: A,
     port: Be16,
 ) -> Result<(), ()> {
-    let ip = ptr_at::<F, Ipv4Hdr>(frame, L3_OFF).ok_or(())?;
-    let addr_field = ptr_at::<F, u32>(frame, end.addr_off()).ok_or(())?;
-    // SAFETY: both pointers were bounds-checked by `ptr_at`.
-    let old_addr = unsafe {
-        let old = *addr_field;
-        *addr_field = addr.raw();
-        (*ip).check = csum::replace4((*ip).check, old, addr.raw());
-        old
-    };
+    let old_addr = A::write_addr(frame, end, addr)?;
     let Some(l4) = l4 else {
         return Ok(());
     };
@@ -76,7 +58,7 @@ pub fn rewrite<F: Frame>(
         *port_field = port.raw();
         old
     };
-    frame.l4_csum_addr(l4.csum_off, old_addr, addr.raw(), l4.udp)?;
+    A::l4_csum_addr(frame, l4.csum_off, old_addr, addr, l4.udp)?;
     if old_port != port.raw() {
         frame.l4_csum_port(l4.csum_off, old_port, port.raw(), l4.udp)?;
     }

@@ -4,10 +4,15 @@
 
 use lb_common::{
     Be32,
-    maps::{AffinityEntry, AffinityKey, Backend, Frontend, SourceRange, maglev::CHUNK_SLOTS},
+    maps::{
+        AffinityEntry, AffinityKey, Backend, BackendOf, Frontend, SourceRange, maglev::CHUNK_SLOTS,
+    },
 };
 
-use crate::maps::{LB_AFFINITY, LB_AFFINITY_SCOPE, LB_BACKENDS, LB_MAGLEV, LB_SRC_RANGES};
+use crate::{
+    family::Family,
+    maps::{LB_AFFINITY, LB_AFFINITY_SCOPE, LB_MAGLEV, LB_SRC_RANGES},
+};
 
 /// Whether a new connection from `client` may use `frontend` (loadBalancerSourceRanges).
 #[inline(always)]
@@ -36,15 +41,18 @@ fn maglev_backend(frontend: &Frontend, hash: impl FnOnce() -> u32) -> Option<u32
 }
 
 #[inline(always)]
-fn active_backend(id: u32) -> Option<Backend> {
-    LB_BACKENDS.get(id).copied().filter(Backend::is_active)
+fn active_backend<A: Family>(id: u32) -> Option<BackendOf<A>> {
+    A::backend(id).filter(BackendOf::is_active)
 }
 
 /// The backend Maglev (or the single backend) gives a new connection of `frontend` whose hash
 /// `hash` computes, without session affinity: (id, backend). The packet path's flows and the
 /// socket programs' `connect()`s both pick their backend here.
 #[inline(always)]
-pub fn balanced(frontend: &Frontend, hash: impl FnOnce() -> u32) -> Option<(u32, Backend)> {
+pub fn balanced<A: Family>(
+    frontend: &Frontend,
+    hash: impl FnOnce() -> u32,
+) -> Option<(u32, BackendOf<A>)> {
     let id = maglev_backend(frontend, hash)?;
     Some((id, active_backend(id)?))
 }

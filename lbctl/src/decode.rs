@@ -6,10 +6,13 @@
 //! `"0x.."`) instead of failing: lbctl must be able to show maps that an agent of another
 //! version wrote.
 
-use std::{fmt, net::SocketAddrV4};
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+};
 
 use lb_common::{
-    Be16, Be32,
+    Address, Be16, Be32, Be128,
     conntrack::{FORWARD, REPLY, ct_flags},
     maps::{addr_flags, backend_flags, frontend_flags, scope},
     net::proto,
@@ -350,8 +353,49 @@ pub fn serialize_opt_reason<S: Serializer>(
     reason.map(Reason::name).serialize(s)
 }
 
-pub fn socket(addr: Be32, port: Be16) -> SocketAddrV4 {
-    SocketAddrV4::new(addr.to_ip(), port.to_host())
+/// An address as the maps hold it ([`Be32`], [`Be128`]) and the std types lbctl shows it as,
+/// so that one row type and one function serve the maps of both address families.
+pub trait MapAddress: Address {
+    /// `Ipv4Addr` or `Ipv6Addr`: its JSON and text are the address (`"fd00::1"`), and its
+    /// order is the addresses' numeric order, which rows sort by.
+    type Ip: Copy + Ord + fmt::Debug + fmt::Display + Serialize;
+    /// `SocketAddrV4` or `SocketAddrV6`: `"10.0.0.1:80"`, `"[fd00::1]:80"`.
+    type Socket: Copy + Ord + fmt::Debug + fmt::Display + Serialize;
+
+    fn ip(self) -> Self::Ip;
+    fn with_port(self, port: Be16) -> Self::Socket;
+}
+
+impl MapAddress for Be32 {
+    type Ip = Ipv4Addr;
+    type Socket = SocketAddrV4;
+
+    fn ip(self) -> Ipv4Addr {
+        self.to_ip()
+    }
+
+    fn with_port(self, port: Be16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.to_ip(), port.to_host())
+    }
+}
+
+impl MapAddress for Be128 {
+    type Ip = Ipv6Addr;
+    type Socket = SocketAddrV6;
+
+    fn ip(self) -> Ipv6Addr {
+        self.to_ip()
+    }
+
+    /// No flow label or scope id: the maps key by address and port only.
+    fn with_port(self, port: Be16) -> SocketAddrV6 {
+        SocketAddrV6::new(self.to_ip(), port.to_host(), 0, 0)
+    }
+}
+
+/// An address and port of a map as one socket address, of the address's family.
+pub fn socket<A: MapAddress>(addr: A, port: Be16) -> A::Socket {
+    addr.with_port(port)
 }
 
 /// Whole seconds from `now_ns` to `deadline_ns`, negative once past.
@@ -434,6 +478,17 @@ mod tests {
         for (n, text) in [(FORWARD, "forward"), (REPLY, "reply"), (7, "dir7")] {
             assert_eq!(serde_json::to_value(CtDir::from(n)).unwrap(), json!(text));
         }
+    }
+
+    #[test]
+    fn addresses_of_both_families_print_as_text() {
+        let port = Be16::from_host(80);
+        let v4 = socket(Be32::from(Ipv4Addr::new(10, 0, 0, 1)), port);
+        assert_eq!(serde_json::to_value(v4).unwrap(), json!("10.0.0.1:80"));
+        let ip: Ipv6Addr = "fd00::1".parse().unwrap();
+        let v6 = socket(Be128::from(ip), port);
+        assert_eq!(serde_json::to_value(v6).unwrap(), json!("[fd00::1]:80"));
+        assert_eq!(Be128::from(ip).ip().to_string(), "fd00::1");
     }
 
     #[test]

@@ -155,7 +155,8 @@ struct OutputArgs {
 struct DumpArgs {
     /// Only this map: its name (LB_CT) or alias (addrs, services, backends, maglev, ct, frags,
     /// stats, verdicts, ranges, affinity, config, answers, direct, affinity-scope,
-    /// sock-rev, sock-config, sock-stats, filters).
+    /// sock-rev, sock-config, sock-stats, filters, and IPv6's addrs6, services6, backends6,
+    /// ct6).
     #[arg(long, value_name = "NAME", value_parser = MapKind::parse)]
     map: Option<MapKind>,
     /// Print every Maglev slot instead of slot counts per backend.

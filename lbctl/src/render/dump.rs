@@ -1,7 +1,9 @@
-//! `lbctl maps dump` as tables, one per map, titled with its name and entry count.
+//! `lbctl maps dump` as tables, one per map, titled with its name and entry count. The maps
+//! each address family has its own of (`LB_CT` and `LB6_CT`, ...) share their tables.
 
-use std::fmt::Write as _;
+use std::fmt::{Display, Write as _};
 
+use comfy_table::Table;
 use lb_common::maps as names;
 
 use super::{
@@ -9,57 +11,28 @@ use super::{
     stats::{counters_table, verdicts_table},
     table,
 };
-use crate::views::dump::Dump;
+use crate::views::dump::{AddrRow, BackendRow, CtRow, Dump, ServiceRow};
 
 pub fn text(d: &Dump) -> String {
     let mut out = String::new();
     if let Some(rows) = &d.addrs {
-        let mut t = table(&["address", "flags"]);
-        for r in rows {
-            t.add_row(vec![r.addr.to_string(), joined(&r.flags)]);
-        }
-        section(&mut out, names::LB_ADDRS, rows.len(), t);
+        section(&mut out, names::LB_ADDRS, rows.len(), addrs_table(rows));
     }
     if let Some(rows) = &d.services {
-        let mut t = table(&[
-            "frontend",
-            "proto",
-            "scope",
-            "service",
-            "backends",
-            "backend id",
-            "table size",
-            "flags",
-            "affinity s",
-            "range id",
-        ]);
-        for r in rows {
-            let s = &r.service;
-            t.add_row(vec![
-                r.frontend.to_string(),
-                r.proto.to_string(),
-                r.scope.to_string(),
-                s.set_id.to_string(),
-                s.backend_count.to_string(),
-                s.backend_id.to_string(),
-                s.table_size.to_string(),
-                joined(&s.flags),
-                s.affinity_timeout_s.to_string(),
-                s.source_range_id.to_string(),
-            ]);
-        }
-        section(&mut out, names::LB_SERVICES, rows.len(), t);
+        section(
+            &mut out,
+            names::LB_SERVICES,
+            rows.len(),
+            services_table(rows),
+        );
     }
     if let Some(rows) = &d.backends {
-        let mut t = table(&["backend id", "address", "flags"]);
-        for r in rows {
-            t.add_row(vec![
-                r.backend_id.to_string(),
-                r.addr.to_string(),
-                joined(&r.flags),
-            ]);
-        }
-        section(&mut out, names::LB_BACKENDS, rows.len(), t);
+        section(
+            &mut out,
+            names::LB_BACKENDS,
+            rows.len(),
+            backends_table(rows),
+        );
     }
     if let Some(rows) = &d.maglev {
         let mut t = table(&["service", "table size", "backend id", "slots", "%"]);
@@ -96,33 +69,7 @@ pub fn text(d: &Dump) -> String {
         }
     }
     if let Some(rows) = &d.ct {
-        let mut t = table(&[
-            "dir",
-            "src",
-            "dst",
-            "proto",
-            "nat",
-            "backend id",
-            "service",
-            "flags",
-            "expires s",
-            "snat",
-        ]);
-        for r in rows {
-            t.add_row(vec![
-                r.dir.to_string(),
-                r.src.to_string(),
-                r.dst.to_string(),
-                r.proto.to_string(),
-                r.nat.to_string(),
-                r.backend_id.to_string(),
-                r.set_id.to_string(),
-                joined(&r.flags),
-                expiry(r.expires_in_s, r.expired),
-                if r.dsr { "dsr".to_owned() } else { opt(r.snat) },
-            ]);
-        }
-        section(&mut out, names::LB_CT, rows.len(), t);
+        section(&mut out, names::LB_CT, rows.len(), ct_table(rows));
     }
     if let Some(rows) = &d.frags {
         let mut t = table(&["src", "dst", "ip id", "proto", "src port", "dst port"]);
@@ -292,5 +239,145 @@ pub fn text(d: &Dump) -> String {
         }
         section(&mut out, names::LB_FILTERS, rows.len(), t);
     }
+    if let Some(rows) = &d.addrs6 {
+        section(&mut out, names::LB6_ADDRS, rows.len(), addrs_table(rows));
+    }
+    if let Some(rows) = &d.services6 {
+        section(
+            &mut out,
+            names::LB6_SERVICES,
+            rows.len(),
+            services_table(rows),
+        );
+    }
+    if let Some(rows) = &d.backends6 {
+        section(
+            &mut out,
+            names::LB6_BACKENDS,
+            rows.len(),
+            backends_table(rows),
+        );
+    }
+    if let Some(rows) = &d.ct6 {
+        section(&mut out, names::LB6_CT, rows.len(), ct_table(rows));
+    }
     out
+}
+
+fn addrs_table<I: Display>(rows: &[AddrRow<I>]) -> Table {
+    let mut t = table(&["address", "flags"]);
+    for r in rows {
+        t.add_row(vec![r.addr.to_string(), joined(&r.flags)]);
+    }
+    t
+}
+
+fn services_table<S: Display>(rows: &[ServiceRow<S>]) -> Table {
+    let mut t = table(&[
+        "frontend",
+        "proto",
+        "scope",
+        "service",
+        "backends",
+        "backend id",
+        "table size",
+        "flags",
+        "affinity s",
+        "range id",
+    ]);
+    for r in rows {
+        let s = &r.service;
+        t.add_row(vec![
+            r.frontend.to_string(),
+            r.proto.to_string(),
+            r.scope.to_string(),
+            s.set_id.to_string(),
+            s.backend_count.to_string(),
+            s.backend_id.to_string(),
+            s.table_size.to_string(),
+            joined(&s.flags),
+            s.affinity_timeout_s.to_string(),
+            s.source_range_id.to_string(),
+        ]);
+    }
+    t
+}
+
+fn backends_table<S: Display>(rows: &[BackendRow<S>]) -> Table {
+    let mut t = table(&["backend id", "address", "flags"]);
+    for r in rows {
+        t.add_row(vec![
+            r.backend_id.to_string(),
+            r.addr.to_string(),
+            joined(&r.flags),
+        ]);
+    }
+    t
+}
+
+fn ct_table<S: Display + Copy>(rows: &[CtRow<S>]) -> Table {
+    let mut t = table(&[
+        "dir",
+        "src",
+        "dst",
+        "proto",
+        "nat",
+        "backend id",
+        "service",
+        "flags",
+        "expires s",
+        "snat",
+    ]);
+    for r in rows {
+        t.add_row(vec![
+            r.dir.to_string(),
+            r.src.to_string(),
+            r.dst.to_string(),
+            r.proto.to_string(),
+            r.nat.to_string(),
+            r.backend_id.to_string(),
+            r.set_id.to_string(),
+            joined(&r.flags),
+            expiry(r.expires_in_s, r.expired),
+            if r.dsr { "dsr".to_owned() } else { opt(r.snat) },
+        ]);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddrV6;
+
+    use super::*;
+    use crate::{
+        decode::{BackendFlag, Flags},
+        views::dump::BackendRow6,
+    };
+
+    #[test]
+    fn ipv6_maps_have_the_tables_of_their_ipv4_counterparts() {
+        let addr: SocketAddrV6 = "[fd00:1::5]:8080".parse().unwrap();
+        let row = BackendRow6 {
+            backend_id: 9,
+            addr,
+            flags: Flags::<BackendFlag>::decode(1_u8),
+            flags_raw: 1,
+        };
+        let dump = Dump {
+            backends6: Some(vec![row]),
+            ct6: Some(Vec::new()),
+            ..Dump::default()
+        };
+        let text = text(&dump);
+        for needle in [
+            "LB6_BACKENDS (1 entry)",
+            "backend id",
+            "[fd00:1::5]:8080",
+            "active",
+            "LB6_CT (0 entries)",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+    }
 }

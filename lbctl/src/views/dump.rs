@@ -1,14 +1,19 @@
 //! `lbctl maps dump`: every map (or those asked for), each decoded into rows.
 
+mod family;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
+use family::Frontends;
+pub use family::{
+    AddrRow, AddrRow6, BackendRow, BackendRow6, CtRow, CtRow6, ServiceRow, ServiceRow6,
+};
 use lb_common::{
     answer,
-    conntrack::{CtEntry, FlowKey},
-    maps::{self as names, Backend, Frontend, FrontendKey, NodeConfig},
+    maps::{self as names, Backend, NodeConfig},
 };
 use lb_datapath::{
     maps::{Maps, MapsError},
@@ -16,12 +21,8 @@ use lb_datapath::{
 };
 use serde::Serialize;
 
-use super::rows::{
-    self, RangeRow, ServiceCounters, ServiceValue, SlotShare, VerdictRow, error_text, map_err,
-};
-use crate::decode::{
-    AddrFlag, BackendFlag, CtDir, CtFlag, Flags, Proto, SECOND_NS, Scope, seconds_until, socket,
-};
+use super::rows::{self, RangeRow, ServiceCounters, SlotShare, VerdictRow, error_text, map_err};
+use crate::decode::{Proto, SECOND_NS, seconds_until, socket};
 
 /// One of the datapath's maps, as `lbctl maps dump --map` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -44,11 +45,15 @@ pub enum MapKind {
     SockConfig,
     SockStats,
     Filters,
+    Addrs6,
+    Services6,
+    Backends6,
+    Ct6,
 }
 
 impl MapKind {
     /// In the order of `lb_common::maps::ALL`.
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 22] = [
         Self::Addrs,
         Self::Services,
         Self::Backends,
@@ -67,6 +72,10 @@ impl MapKind {
         Self::SockConfig,
         Self::SockStats,
         Self::Filters,
+        Self::Addrs6,
+        Self::Services6,
+        Self::Backends6,
+        Self::Ct6,
     ];
 
     /// The map's name (its pin name and its key in the dump's JSON).
@@ -90,6 +99,10 @@ impl MapKind {
             Self::SockConfig => names::LB_SOCK_CONFIG,
             Self::SockStats => names::LB_SOCK_STATS,
             Self::Filters => names::LB_FILTERS,
+            Self::Addrs6 => names::LB6_ADDRS,
+            Self::Services6 => names::LB6_SERVICES,
+            Self::Backends6 => names::LB6_BACKENDS,
+            Self::Ct6 => names::LB6_CT,
         }
     }
 
@@ -114,6 +127,10 @@ impl MapKind {
             Self::SockConfig => "sock-config",
             Self::SockStats => "sock-stats",
             Self::Filters => "filters",
+            Self::Addrs6 => "addrs6",
+            Self::Services6 => "services6",
+            Self::Backends6 => "backends6",
+            Self::Ct6 => "ct6",
         }
     }
 
@@ -132,36 +149,6 @@ impl MapKind {
     }
 }
 
-/// A row of `LB_ADDRS`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct AddrRow {
-    pub addr: Ipv4Addr,
-    /// `cluster_ip`, `snat` (the node's SNAT address), `hairpin` (the hairpin address); see
-    /// `LB_CONFIG`.
-    pub flags: Flags<AddrFlag>,
-    pub flags_raw: u32,
-}
-
-/// A row of `LB_SERVICES`: a frontend and its service value.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ServiceRow {
-    /// `"ip:port"`.
-    pub frontend: SocketAddrV4,
-    pub proto: Proto,
-    pub scope: Scope,
-    #[serde(flatten)]
-    pub service: ServiceValue,
-}
-
-/// An active slot of `LB_BACKENDS`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct BackendRow {
-    pub backend_id: u32,
-    pub addr: SocketAddrV4,
-    pub flags: Flags<BackendFlag>,
-    pub flags_raw: u8,
-}
-
 /// The Maglev table of one backend set.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MaglevRow {
@@ -177,37 +164,6 @@ pub struct MaglevRow {
     /// Why the table could not be read (it should exist: the set has a table size).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-}
-
-/// A conntrack entry of `LB_CT`, decoded.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct CtRow {
-    /// `"forward"` (keyed client -> frontend) or `"reply"` (keyed backend -> client).
-    pub dir: CtDir,
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
-    pub proto: Proto,
-    pub backend_id: u32,
-    /// The backend set the flow was balanced by; `service_id` in the JSON, whose field names
-    /// stay.
-    #[serde(rename = "service_id")]
-    pub set_id: u32,
-    /// Forward: the backend the flow is DNATed to. Reply: the frontend restored as source.
-    pub nat: SocketAddrV4,
-    pub flags: Flags<CtFlag>,
-    pub flags_raw: u8,
-    /// Seconds until the entry stops counting (negative: expired, awaiting LRU eviction).
-    pub expires_in_s: i64,
-    pub expired: bool,
-    /// Source-NATed flows (flag `snat`) only, else `null`. Forward: the node address and port
-    /// (or, with flag `hairpin`, the hairpin address and port) that replace the client as the
-    /// source. Reply (keyed backend -> that address and port): the client, restored as the
-    /// destination.
-    pub snat: Option<SocketAddrV4>,
-    /// Direct server return (`lb_common::dsr`). Forward: routed to the backend's node with the
-    /// client's address, the replies going straight back from there. Reply, on the backend's
-    /// node: `nat` is another node's frontend, and the forward entry lives there.
-    pub dsr: bool,
 }
 
 /// `LB_CONFIG`: the node's configuration (one row).
@@ -380,6 +336,17 @@ pub struct Dump {
     /// One row.
     #[serde(rename = "LB_FILTERS", skip_serializing_if = "Option::is_none")]
     pub filters: Option<Vec<FiltersRow>>,
+    /// IPv6's own maps, each in the shape of its IPv4 counterpart's (`LB_ADDRS` ...), with
+    /// IPv6 addresses (`"fd00::1"`, `"[fd00::1]:80"`).
+    #[serde(rename = "LB6_ADDRS", skip_serializing_if = "Option::is_none")]
+    pub addrs6: Option<Vec<AddrRow6>>,
+    #[serde(rename = "LB6_SERVICES", skip_serializing_if = "Option::is_none")]
+    pub services6: Option<Vec<ServiceRow6>>,
+    /// Active slots only.
+    #[serde(rename = "LB6_BACKENDS", skip_serializing_if = "Option::is_none")]
+    pub backends6: Option<Vec<BackendRow6>>,
+    #[serde(rename = "LB6_CT", skip_serializing_if = "Option::is_none")]
+    pub ct6: Option<Vec<CtRow6>>,
 }
 
 /// Reads the maps in `kinds` (every map when empty). `full` keeps every Maglev slot.
@@ -387,44 +354,23 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
     let want = |k: MapKind| kinds.is_empty() || kinds.contains(&k);
     let now = predict::coarse_now_ns();
     let mut out = Dump::default();
-    let needs_services = want(MapKind::Services)
-        || want(MapKind::Maglev)
-        || want(MapKind::Affinity)
-        || want(MapKind::AffinityScope);
-    let services = if needs_services {
-        rows::read_services(maps)?
+    let needs_frontends = [
+        MapKind::Services,
+        MapKind::Services6,
+        MapKind::Maglev,
+        MapKind::Affinity,
+        MapKind::AffinityScope,
+    ]
+    .into_iter()
+    .any(want);
+    let frontends = if needs_frontends {
+        Frontends::read(maps)?
     } else {
-        Vec::new()
+        Frontends::default()
     };
-    if want(MapKind::Addrs) {
-        out.addrs = Some(read_addrs(maps)?);
-    }
-    if want(MapKind::Services) {
-        out.services = Some(services.iter().map(|(k, v)| service_row(k, v)).collect());
-    }
-    if want(MapKind::Backends) {
-        out.backends = Some(
-            rows::read_backends(maps)?
-                .into_iter()
-                .map(|(id, b)| BackendRow {
-                    backend_id: id,
-                    addr: socket(b.addr, b.port),
-                    flags: Flags::decode(b.flags),
-                    flags_raw: b.flags,
-                })
-                .collect(),
-        );
-    }
+    family::fill(&mut out, maps, &frontends, want, now)?;
     if want(MapKind::Maglev) {
-        out.maglev = Some(read_maglev(maps, &services, full));
-    }
-    if want(MapKind::Ct) {
-        out.ct = Some(
-            rows::read_ct(maps)?
-                .values()
-                .map(|(k, e)| ct_row(k, e, now))
-                .collect(),
-        );
+        out.maglev = Some(read_maglev(maps, &frontends, full));
     }
     if want(MapKind::Frags) {
         out.frags = Some(read_frags(maps)?);
@@ -439,7 +385,7 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
         out.src_ranges = Some(rows::read_ranges(maps)?);
     }
     if want(MapKind::Affinity) {
-        out.affinity = Some(read_affinity(maps, &services, now)?);
+        out.affinity = Some(read_affinity(maps, &frontends, now)?);
     }
     if want(MapKind::Answers) {
         out.answers = Some(vec![answers_row(maps)?]);
@@ -460,7 +406,7 @@ pub fn dump(maps: &Maps, kinds: &[MapKind], full: bool) -> Result<Dump, MapsErro
         }]);
     }
     if want(MapKind::AffinityScope) {
-        out.affinity_scope = Some(read_affinity_scope(maps, &services)?);
+        out.affinity_scope = Some(read_affinity_scope(maps, &frontends)?);
     }
     if want(MapKind::SockRev) {
         out.sock_rev = Some(read_sock_rev(maps)?);
@@ -522,34 +468,10 @@ fn read_sock_rev(maps: &Maps) -> Result<Vec<SockRevRow>, MapsError> {
     Ok(rows)
 }
 
-fn read_addrs(maps: &Maps) -> Result<Vec<AddrRow>, MapsError> {
-    let mut rows = BTreeMap::new();
-    for item in maps.addrs.iter() {
-        let (addr, info) = item.map_err(map_err(names::LB_ADDRS))?;
-        rows.insert(addr.to_host(), (addr, info));
-    }
-    Ok(rows
-        .into_values()
-        .map(|(addr, info)| AddrRow {
-            addr: addr.to_ip(),
-            flags: Flags::decode(info.flags),
-            flags_raw: info.flags,
-        })
-        .collect())
-}
-
-fn service_row(key: &FrontendKey, value: &Frontend) -> ServiceRow {
-    ServiceRow {
-        frontend: socket(key.addr, key.port),
-        proto: key.proto.into(),
-        scope: key.scope.into(),
-        service: value.into(),
-    }
-}
-
-/// One row per backend set with a table; a table that cannot be read is a row with its error.
-fn read_maglev(maps: &Maps, services: &[(FrontendKey, Frontend)], full: bool) -> Vec<MaglevRow> {
-    rows::tabled_sets(services)
+/// One row per backend set with a table (of the frontends of either family); a table that
+/// cannot be read is a row with its error.
+fn read_maglev(maps: &Maps, frontends: &Frontends, full: bool) -> Vec<MaglevRow> {
+    rows::tabled_sets(frontends.values())
         .into_iter()
         .map(
             |(set_id, table_size)| match maps.maglev_table(set_id, table_size) {
@@ -570,24 +492,6 @@ fn read_maglev(maps: &Maps, services: &[(FrontendKey, Frontend)], full: bool) ->
             },
         )
         .collect()
-}
-
-fn ct_row(key: &FlowKey, entry: &CtEntry, now: u64) -> CtRow {
-    CtRow {
-        dir: key.dir.into(),
-        src: socket(key.src_addr, key.src_port),
-        dst: socket(key.dst_addr, key.dst_port),
-        proto: key.proto.into(),
-        backend_id: entry.backend_id,
-        set_id: entry.set_id,
-        nat: socket(entry.nat_addr, entry.nat_port),
-        flags: Flags::decode(entry.flags),
-        flags_raw: entry.flags,
-        expires_in_s: seconds_until(entry.deadline_ns, now),
-        expired: now >= entry.deadline_ns,
-        snat: rows::snat_of(entry),
-        dsr: entry.dsr(),
-    }
 }
 
 fn answers_row(maps: &Maps) -> Result<AnswersRow, MapsError> {
@@ -641,9 +545,9 @@ fn read_frags(maps: &Maps) -> Result<Vec<FragRow>, MapsError> {
 
 fn read_affinity_scope(
     maps: &Maps,
-    services: &[(FrontendKey, Frontend)],
+    frontends: &Frontends,
 ) -> Result<Vec<AffinityScopeRow>, MapsError> {
-    let sets: BTreeSet<u32> = services.iter().map(|(_, f)| f.set_id).collect();
+    let sets: BTreeSet<u32> = frontends.values().map(|f| f.set_id).collect();
     let mut rows = Vec::new();
     for set_id in sets {
         let shares_set_id = maps
@@ -662,12 +566,12 @@ fn read_affinity_scope(
 
 fn read_affinity(
     maps: &Maps,
-    services: &[(FrontendKey, Frontend)],
+    frontends: &Frontends,
     now: u64,
 ) -> Result<Vec<AffinityRow>, MapsError> {
-    let timeouts: BTreeMap<u32, u32> = services
-        .iter()
-        .map(|(_, s)| (s.set_id, s.affinity_timeout_s))
+    let timeouts: BTreeMap<u32, u32> = frontends
+        .values()
+        .map(|s| (s.set_id, s.affinity_timeout_s))
         .collect();
     let mut rows = BTreeMap::new();
     for item in maps.affinity.iter() {
@@ -721,7 +625,8 @@ mod tests {
         assert!(
             err.contains("LB_CT (ct)")
                 && err.contains("LB_AFFINITY (affinity)")
-                && err.contains("LB_CONFIG (config)"),
+                && err.contains("LB_CONFIG (config)")
+                && err.contains("LB6_CT (ct6)"),
             "{err}"
         );
     }

@@ -5,19 +5,19 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::Ipv4Addr,
 };
 
 use aya::maps::MapError;
 use lb_common::{
-    conntrack::{CtEntry, FlowKey, ct_flags},
-    maps::{self as names, Backend, Frontend, FrontendKey, SourceRange},
+    conntrack::{CtEntry, CtEntryOf, FlowKey, FlowKeyOf, ct_flags},
+    maps::{self as names, BackendOf, Frontend, FrontendKey, FrontendKeyOf, SourceRange},
     stats::Reason,
 };
 use lb_datapath::maps::{Maps, MapsError};
 use serde::Serialize;
 
-use crate::decode::{self, Flags, FrontendFlag};
+use crate::decode::{self, Flags, FrontendFlag, MapAddress};
 
 /// A frontend's value in `LB_SERVICES`, decoded (shared by several views).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -137,31 +137,45 @@ pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// Every frontend, sorted by address, port, protocol and scope.
+/// Every IPv4 frontend, sorted by address, port, protocol and scope.
 pub fn read_services(maps: &Maps) -> Result<Vec<(FrontendKey, Frontend)>, MapsError> {
+    sorted_frontends(maps.services.iter(), names::LB_SERVICES)
+}
+
+/// The frontends of map `name` (`LB_SERVICES`, `LB6_SERVICES`) that `entries` iterates, sorted
+/// by address, port, protocol and scope. Takes the map's iterator rather than the map: aya's
+/// typed maps need `aya::Pod` keys, which lb-common implements per family, not generically.
+pub fn sorted_frontends<A: MapAddress>(
+    entries: impl IntoIterator<Item = Result<(FrontendKeyOf<A>, Frontend), MapError>>,
+    name: &'static str,
+) -> Result<Vec<(FrontendKeyOf<A>, Frontend)>, MapsError> {
     let mut rows = BTreeMap::new();
-    for item in maps.services.iter() {
-        let (key, value) = item.map_err(map_err(names::LB_SERVICES))?;
-        let order = (key.addr.to_host(), key.port.to_host(), key.proto, key.scope);
+    for item in entries {
+        let (key, value) = item.map_err(map_err(name))?;
+        let order = (key.addr.ip(), key.port.to_host(), key.proto, key.scope);
         rows.insert(order, (key, value));
     }
     Ok(rows.into_values().collect())
 }
 
 /// The distinct (set id, table size) pairs of the frontends whose backend set has a table.
-pub fn tabled_sets(services: &[(FrontendKey, Frontend)]) -> BTreeSet<(u32, u32)> {
-    services
-        .iter()
-        .filter(|(_, s)| s.table_size != 0)
-        .map(|(_, s)| (s.set_id, s.table_size))
+pub fn tabled_sets<'a>(frontends: impl IntoIterator<Item = &'a Frontend>) -> BTreeSet<(u32, u32)> {
+    frontends
+        .into_iter()
+        .filter(|s| s.table_size != 0)
+        .map(|s| (s.set_id, s.table_size))
         .collect()
 }
 
-/// Every active backend slot, by id.
-pub fn read_backends(maps: &Maps) -> Result<BTreeMap<u32, Backend>, MapsError> {
+/// The active slots of backend array `name` (`LB_BACKENDS`, `LB6_BACKENDS`) that `slots`
+/// iterates in index order, by id.
+pub fn active_backends<A: MapAddress>(
+    slots: impl IntoIterator<Item = Result<BackendOf<A>, MapError>>,
+    name: &'static str,
+) -> Result<BTreeMap<u32, BackendOf<A>>, MapsError> {
     let mut out = BTreeMap::new();
-    for (id, item) in maps.backends.iter().enumerate() {
-        let backend = item.map_err(map_err(names::LB_BACKENDS))?;
+    for (id, item) in slots.into_iter().enumerate() {
+        let backend = item.map_err(map_err(name))?;
         if backend.is_active() {
             out.insert(id as u32, backend);
         }
@@ -169,25 +183,38 @@ pub fn read_backends(maps: &Maps) -> Result<BTreeMap<u32, Backend>, MapsError> {
     Ok(out)
 }
 
-/// Where a conntrack entry sorts: direction, then 5-tuple in host order.
-pub type CtOrder = (u8, u32, u16, u32, u16, u8);
+/// Where a conntrack entry sorts: direction, then 5-tuple in host order (an address's std
+/// type orders as its number).
+pub type CtOrder<I = Ipv4Addr> = (u8, I, u16, I, u16, u8);
 
-pub fn ct_order(key: &FlowKey) -> CtOrder {
+pub fn ct_order<A: MapAddress>(key: &FlowKeyOf<A>) -> CtOrder<A::Ip> {
     (
         key.dir,
-        key.src_addr.to_host(),
+        key.src_addr.ip(),
         key.src_port.to_host(),
-        key.dst_addr.to_host(),
+        key.dst_addr.ip(),
         key.dst_port.to_host(),
         key.proto,
     )
 }
 
-/// Every conntrack entry, sorted by direction then 5-tuple.
+/// Every IPv4 conntrack entry, sorted by direction then 5-tuple.
 pub fn read_ct(maps: &Maps) -> Result<BTreeMap<CtOrder, (FlowKey, CtEntry)>, MapsError> {
+    sorted_ct(maps.ct.iter(), names::LB_CT)
+}
+
+/// Conntrack entries of one family, by [`CtOrder`].
+pub type SortedCt<A> = BTreeMap<CtOrder<<A as MapAddress>::Ip>, (FlowKeyOf<A>, CtEntryOf<A>)>;
+
+/// The entries of conntrack map `name` (`LB_CT`, `LB6_CT`) that `entries` iterates, sorted by
+/// direction then 5-tuple.
+pub fn sorted_ct<A: MapAddress>(
+    entries: impl IntoIterator<Item = Result<(FlowKeyOf<A>, CtEntryOf<A>), MapError>>,
+    name: &'static str,
+) -> Result<SortedCt<A>, MapsError> {
     let mut rows = BTreeMap::new();
-    for item in maps.ct.iter() {
-        let (key, entry) = item.map_err(map_err(names::LB_CT))?;
+    for item in entries {
+        let (key, entry) = item.map_err(map_err(name))?;
         rows.insert(ct_order(&key), (key, entry));
     }
     Ok(rows)
@@ -195,7 +222,7 @@ pub fn read_ct(maps: &Maps) -> Result<BTreeMap<CtOrder, (FlowKey, CtEntry)>, Map
 
 /// The SNAT end of a source-NATed entry: forward, the address and port that replace the
 /// client; reply, the client.
-pub fn snat_of(entry: &CtEntry) -> Option<SocketAddrV4> {
+pub fn snat_of<A: MapAddress>(entry: &CtEntryOf<A>) -> Option<A::Socket> {
     (entry.flags & ct_flags::SNAT != 0).then(|| decode::socket(entry.snat_addr, entry.snat_port))
 }
 

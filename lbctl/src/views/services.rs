@@ -79,7 +79,7 @@ pub fn list(maps: &Maps) -> Result<Vec<ServiceListRow>, MapsError> {
     let services = rows::read_services(maps)?;
     let ranges = rows::read_ranges(maps)?;
     let mut tables: BTreeMap<(u32, u32), Result<Vec<SlotShare>, String>> = BTreeMap::new();
-    for (id, size) in rows::tabled_sets(&services) {
+    for (id, size) in rows::tabled_sets(services.iter().map(|(_, s)| s)) {
         let table = maps
             .maglev_table(id, size)
             .map(|t| rows::shares(&t))

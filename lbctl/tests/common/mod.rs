@@ -160,6 +160,7 @@ impl Fixture {
         let capacities = Capacities {
             ct: 4096,
             sets: 1024,
+            ..Capacities::default()
         };
         Some(Self {
             harness: Harness::load(&Pinning::Dir(pins.clone()), capacities, TABLE),

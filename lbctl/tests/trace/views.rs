@@ -166,6 +166,10 @@ pub fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
     for name in lb_common::maps::ALL {
         assert!(dump.get(name).is_some(), "{name} missing from the dump");
     }
+    // The fixture's services are all IPv4 ones.
+    for name in ["LB6_ADDRS", "LB6_SERVICES", "LB6_BACKENDS", "LB6_CT"] {
+        assert_eq!(dump[name], json!([]), "{name}");
+    }
     assert_eq!(
         dump["LB_SRC_RANGES"],
         json!([
@@ -285,6 +289,7 @@ pub fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
             &[
                 "LB_CT (14 entries)",
                 "LB_FRAGS (0 entries)",
+                "LB6_CT (0 entries)",
                 "10.0.1.8:5353",
                 "203.0.113.0/24",
                 "cluster_ip",
