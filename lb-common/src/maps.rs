@@ -147,6 +147,10 @@ pub struct Scratch {
     pub scan: crate::snat::Scan,
     /// The parameters of a `bpf_fib_lookup` (`struct bpf_fib_lookup`, [`FIB_PARAMS_SIZE`] bytes).
     pub fib: [u64; FIB_PARAMS_SIZE / 8],
+    /// Where the walk of an IPv6 packet's extension headers ended (transport offset, protocol,
+    /// fragment state), passed through memory so that the verifier meets one state after the
+    /// walk rather than one per path through it (`lb_ebpf::parse6`).
+    pub ipv6_walk: [u32; 4],
 }
 
 /// `sizeof(struct bpf_fib_lookup)`.

@@ -22,7 +22,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 26] = [
+pub(super) const PLAN: [Step; 27] = [
     Step {
         name: "datapath",
         target: "datapath",
@@ -99,6 +99,12 @@ pub(super) const PLAN: [Step; 26] = [
     Step {
         name: "datapath_affinity",
         target: "datapath_affinity",
+        args: &[],
+        env: &[],
+    },
+    Step {
+        name: "datapath_ipv6",
+        target: "datapath_ipv6",
         args: &[],
         env: &[],
     },
