@@ -11,7 +11,7 @@ use std::{
 };
 
 use lb_datapath::{
-    model::{Desired, DesiredFrontend, FrontendKey, ServiceModel, SetName},
+    model::{AnyFrontendKey, Desired, DesiredFrontend, ServiceModel, SetName},
     planner::Scope,
 };
 
@@ -38,7 +38,7 @@ struct Entry {
 pub struct DesiredState {
     services: BTreeMap<ServiceId, Entry>,
     /// Claims per frontend, sorted (almost always one: a Vec, not a set).
-    claims: BTreeMap<FrontendKey, Vec<Arc<Claim>>>,
+    claims: BTreeMap<AnyFrontendKey, Vec<Arc<Claim>>>,
     desired: Desired,
     /// Winning frontends per set: a set is desired while some use it.
     set_refs: BTreeMap<SetName, usize>,
@@ -97,7 +97,7 @@ impl DesiredState {
             service: service.clone(),
         });
         let old = self.services.remove(&service);
-        let mut touched_keys: BTreeSet<FrontendKey> = BTreeSet::new();
+        let mut touched_keys: BTreeSet<AnyFrontendKey> = BTreeSet::new();
         let mut touched_sets: BTreeSet<SetName> = BTreeSet::new();
         if let Some(old) = &old {
             for f in &old.model.frontends {
@@ -133,7 +133,11 @@ impl DesiredState {
     }
 
     /// Re-decides who owns `key`; returns the losing claims.
-    fn resolve(&mut self, key: FrontendKey, touched_sets: &mut BTreeSet<SetName>) -> Vec<Problem> {
+    fn resolve(
+        &mut self,
+        key: AnyFrontendKey,
+        touched_sets: &mut BTreeSet<SetName>,
+    ) -> Vec<Problem> {
         let claims = self.claims.get(&key).cloned().unwrap_or_default();
         if claims.is_empty() {
             self.claims.remove(&key);

@@ -1,9 +1,10 @@
 //! A Service port's endpoints, as kube-proxy reads them from the EndpointSlices
 //! (`EndpointSliceCache`) and sorts them (`CategorizeEndpoints`, including topology).
 //!
-//! * A service port takes, from each IPv4 slice, the slice port of the same name (an unnamed
-//!   slice port only for an unnamed service port) and protocol; its number is the resolved
-//!   targetPort. An endpoint is its first address.
+//! * A service port takes, from each slice of the address family asked for (`addressType`
+//!   IPv4 or IPv6: a dual-stack Service has slices of both, and a set per family), the slice
+//!   port of the same name (an unnamed slice port only for an unnamed service port) and
+//!   protocol; its number is the resolved targetPort. An endpoint is its first address.
 //! * An address listed by several slices is one endpoint: local if any slice says so (as
 //!   kube-proxy favours the local reading), and, where the slices disagree on its conditions,
 //!   the most available reading (kube-proxy keeps whichever slice its map yields first, which
@@ -20,10 +21,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
+    net::{IpAddr, SocketAddr},
 };
 
-use lb_datapath::model::DesiredBackend;
+use lb_datapath::model::{DesiredBackend, Family};
 
 use crate::{
     node::NodeContext,
@@ -69,7 +70,7 @@ impl Condition {
 /// One endpoint of a service port.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub local: bool,
     condition: Condition,
     hints: Option<Hints>,
@@ -81,23 +82,29 @@ impl Endpoint {
     }
 }
 
-/// The endpoints of one service port, merged over the service's slices.
+/// The endpoints of one service port in `family`, merged over the service's slices of that
+/// family.
 pub fn for_port(
     port: &PortObject,
     port_proto: u8,
+    family: Family,
     slices: &[&SliceObject],
     node: &NodeContext,
     problems: &mut Vec<Problem>,
 ) -> Vec<Endpoint> {
     let port_name = port.name.as_deref().unwrap_or_default();
-    let mut merged: BTreeMap<SocketAddrV4, Endpoint> = BTreeMap::new();
+    let address_type = match family {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    };
+    let mut merged: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
     for slice in slices {
         let slice_key = || ObjectKey {
             kind: Kind::EndpointSlice,
             namespace: slice.namespace.clone(),
             name: slice.name.clone(),
         };
-        if slice.address_type != "IPv4" {
+        if slice.address_type != address_type {
             continue;
         }
         let Some(slice_port) = slice.ports.iter().find(|p| {
@@ -121,19 +128,27 @@ pub fn for_port(
             }
         };
         for ep in &slice.endpoints {
-            let ip = match &ep.address {
-                None => continue,
-                Some(EndpointAddress::V4(ip)) => *ip,
-                Some(EndpointAddress::Invalid(first)) => {
+            let ip = match (&ep.address, family) {
+                (None, _) => continue,
+                (Some(EndpointAddress::V4(ip)), Family::V4) => IpAddr::V4(*ip),
+                (Some(EndpointAddress::V6(ip)), Family::V6) => IpAddr::V6(**ip),
+                (Some(other), _) => {
+                    let first = match other {
+                        EndpointAddress::V4(ip) => ip.to_string(),
+                        EndpointAddress::V6(ip) => ip.to_string(),
+                        EndpointAddress::Invalid(text) => format!("{text:?}"),
+                    };
                     problems.push(Problem {
                         object: slice_key(),
-                        reason: format!("endpoint address {first:?} is not an IPv4 address"),
+                        reason: format!(
+                            "endpoint address {first} is not an {address_type} address"
+                        ),
                         error: true,
                     });
                     continue;
                 }
             };
-            let addr = SocketAddrV4::new(ip, number);
+            let addr = SocketAddr::new(ip, number);
             let found = Endpoint {
                 addr,
                 local: ep.node_name.as_deref().is_some_and(|n| *n == *node.name),
@@ -232,7 +247,7 @@ pub struct Categories {
 pub fn categorize(endpoints: &[Endpoint], node: &NodeContext) -> Categories {
     let topology = topology(endpoints, node);
     let set = |members: Vec<&Endpoint>, topology: Topology| -> Vec<DesiredBackend> {
-        let mut chosen: Vec<SocketAddrV4> = members
+        let mut chosen: Vec<SocketAddr> = members
             .iter()
             .filter(|e| e.ready() && available(e, topology, node))
             .map(|e| e.addr)

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     ops::RangeInclusive,
     time::{Duration, Instant, SystemTime},
 };
@@ -431,8 +431,15 @@ impl Reconciler {
 /// Closes the node's connected UDP sockets that socket-level balancing gave a backend that has
 /// now stopped serving or left its set (as the packet path flushes those flows). Failures are
 /// logged: the sockets then wait for their application's timeout, as without this.
-fn close_udp_sockets(maps: &mut Maps, purged: &[(u32, SocketAddrV4)], metrics: &Metrics) {
-    let gone: BTreeSet<SocketAddrV4> = purged.iter().map(|(_, addr)| *addr).collect();
+fn close_udp_sockets(maps: &mut Maps, purged: &[(u32, SocketAddr)], metrics: &Metrics) {
+    // Socket-level balancing serves IPv4 frontends only so far.
+    let gone: BTreeSet<SocketAddrV4> = purged
+        .iter()
+        .filter_map(|(_, addr)| match addr {
+            SocketAddr::V4(v4) => Some(*v4),
+            SocketAddr::V6(_) => None,
+        })
+        .collect();
     let doomed = match sock_close::forget_udp(maps, &gone) {
         Ok(doomed) => doomed,
         Err(e) => {

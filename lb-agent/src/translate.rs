@@ -6,20 +6,27 @@
 //! * Endpoints come from every EndpointSlice of the service (label `kubernetes.io/service-name`),
 //!   and fall in kube-proxy's categories, topology included: see [`crate::endpoints`].
 //! * Addresses are read as kube-proxy reads them ([`crate::addr`]): leading zeros allowed.
+//! * Each family of a Service's `clusterIPs` gets its own frontends and backend sets, from the
+//!   EndpointSlices of that `addressType` (as kube-proxy's proxier of each family): an IPv6-only
+//!   Service gets nothing in IPv4. IPv6 serves ClusterIPs only so far; NodePorts, load-balancer
+//!   IPs and externalIPs are IPv4's (docs/ipv6.md).
 //! * ClusterIPs use the cluster set, or the local set under internalTrafficPolicy Local.
 //!   NodePorts, LoadBalancer ingress IPs and externalIPs use the cluster set for traffic from
 //!   inside the node and, for traffic from outside, the local set under
 //!   externalTrafficPolicy Local. Without endpoints anywhere a frontend rejects; with endpoints
 //!   elsewhere but none it may use, it drops.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use ipnet::Ipv4Net;
 use lb_common::{maps::scope, net::proto};
 
 use lb_datapath::model::{
-    Desired, DesiredBackend, DesiredFrontend, FrontendKey, FrontendKind, HealthCheck, Members,
-    ServiceModel, SetKind, SetName,
+    AnyFrontendKey, Desired, DesiredBackend, DesiredFrontend, Family, FrontendKind, HealthCheck,
+    Members, ServiceModel, SetKind, SetName,
 };
 
 use crate::{addr, endpoints, node::ForwardingMode};
@@ -176,46 +183,28 @@ pub fn service(
         error: true,
     };
 
-    let mut cluster_ips = Vec::new();
+    // Each family of the Service's clusterIPs gets its frontends and its backend sets, as
+    // kube-proxy's proxier of that family gives them: an IPv6-only Service gets no IPv4
+    // frontend (NodePorts on the node's IPv4 addresses would only reject).
+    let (mut cluster_ips, mut cluster_ips6) = (Vec::new(), Vec::new());
     let listed: Vec<&String> = if spec.cluster_ips.is_empty() {
         spec.cluster_ip.iter().collect()
     } else {
         spec.cluster_ips.iter().collect()
     };
-    let ipv6_only = !listed.is_empty() && listed.iter().all(|ip| ip.contains(':'));
-    if ipv6_only {
-        // kube-proxy's IPv4 proxier leaves it to the IPv6 one: no frontend in a family the
-        // Service does not have (NodePorts on the node's IPv4 addresses would only reject).
-        problems.push(Problem {
-            object: object.clone(),
-            reason: "IPv6 only (clusterIPs all IPv6), which this datapath does not handle yet; \
-                     skipped"
-                .to_owned(),
-            error: false,
-        });
-        return (None, problems);
-    }
-    for ip in listed {
-        if ip.contains(':') {
-            problems.push(Problem {
-                object: object.clone(),
-                reason: format!(
-                    "clusterIP {ip} is IPv6, which this datapath does not handle yet; skipped"
-                ),
-                error: false,
-            });
-            continue;
-        }
-        match addr::ipv4(ip) {
-            Some(addr) => cluster_ips.push(addr),
-            None => {
-                return (
-                    None,
-                    vec![error(format!("clusterIP {ip:?} is not an IP address"))],
-                );
-            }
+    for ip in &listed {
+        if let Some(addr) = addr::ipv4(ip) {
+            cluster_ips.push(addr);
+        } else if let Ok(addr) = ip.parse::<Ipv6Addr>() {
+            cluster_ips6.push(addr);
+        } else {
+            return (
+                None,
+                vec![error(format!("clusterIP {ip:?} is not an IP address"))],
+            );
         }
     }
+    let serves_ipv4 = listed.is_empty() || !cluster_ips.is_empty();
 
     // externalIPs and load-balancer ingress IPs that do not parse are skipped (kube-proxy
     // skips them silently; we report them) and the rest of the Service is served.
@@ -324,124 +313,162 @@ pub fn service(
                 ))],
             );
         }
-        let mut endpoints = endpoints::for_port(port, port_proto, slices, node, &mut problems);
         if !proto::rewrites_ports(port_proto) {
             sctp_ports += 1;
-            let left_out = endpoints::keep_on_port(&mut endpoints, number);
-            if !left_out.is_empty() {
-                sctp_unservable += usize::from(endpoints.is_empty());
-                let ports: Vec<String> = left_out.iter().map(ToString::to_string).collect();
-                problems.push(sctp_note(
-                    &object,
-                    format!(
-                        "port {number}/SCTP: endpoints on targetPort {} left out",
-                        ports.join(", ")
-                    ),
-                ));
-            }
         }
-        let endpoints::Categories {
-            cluster,
-            local,
-            any: has_endpoints,
-        } = endpoints::categorize(&endpoints, node);
-        local_ready_addrs.extend(
-            endpoints
-                .iter()
-                .filter(|e| e.local && e.ready())
-                .map(|e| *e.addr.ip()),
-        );
-        let name = |kind| {
-            SetName::new(
-                object.namespace.as_str(),
-                object.name.as_str(),
-                port.name.as_deref().unwrap_or_default(),
-                port_proto,
-                kind,
-            )
-        };
-        let (cluster_name, local_name) = (name(SetKind::Cluster), name(SetKind::Local));
-        let (cluster, local): (Members, Members) = (cluster.into(), local.into());
-        let mut frontend =
-            |addr: Ipv4Addr, port: u16, scope: u8, kind: FrontendKind, set_kind: SetKind| {
-                let (name, members) = match set_kind {
-                    SetKind::Cluster => (&cluster_name, &cluster),
-                    SetKind::Local => (&local_name, &local),
-                };
-                if model.set(name).is_none() {
-                    model.sets.push((name.clone(), members.clone()));
+        let mut port_unservable = true;
+        let families = [
+            (Family::V4, serves_ipv4),
+            (Family::V6, !cluster_ips6.is_empty()),
+        ];
+        for (family, _) in families.into_iter().filter(|(_, served)| *served) {
+            let mut endpoints =
+                endpoints::for_port(port, port_proto, family, slices, node, &mut problems);
+            if !proto::rewrites_ports(port_proto) {
+                let left_out = endpoints::keep_on_port(&mut endpoints, number);
+                if !left_out.is_empty() {
+                    port_unservable &= endpoints.is_empty();
+                    let ports: Vec<String> = left_out.iter().map(ToString::to_string).collect();
+                    problems.push(sctp_note(
+                        &object,
+                        format!(
+                            "port {number}/SCTP: endpoints on targetPort {} left out",
+                            ports.join(", ")
+                        ),
+                    ));
+                } else {
+                    port_unservable = false;
                 }
-                let name = name.clone();
-                let selectable = members.iter().any(DesiredBackend::selectable);
-                let mut source_ranges = Vec::new();
-                if kind == FrontendKind::LoadBalancer && !ranges.is_empty() {
-                    source_ranges = ranges.clone();
-                    if lb_sources_from_node {
-                        source_ranges.extend(
-                            lb_ips
-                                .iter()
-                                .map(|ip| Ipv4Net::new(*ip, 32).expect("a /32")),
-                        );
-                    }
-                    source_ranges.sort_unstable();
-                    source_ranges.dedup();
-                }
-                model.frontends.push(DesiredFrontend {
-                    key: FrontendKey::new(addr, port, port_proto, scope),
+            }
+            let endpoints::Categories {
+                cluster,
+                local,
+                any: has_endpoints,
+            } = endpoints::categorize(&endpoints, node);
+            // A dual-stack pod is one endpoint: counted in the Service's first family only.
+            if family == Family::V4 || !serves_ipv4 {
+                local_ready_addrs.extend(
+                    endpoints
+                        .iter()
+                        .filter(|e| e.local && e.ready())
+                        .map(|e| e.addr.ip()),
+                );
+            }
+            let name = |kind| {
+                SetName::new(
+                    object.namespace.as_str(),
+                    object.name.as_str(),
+                    port.name.as_deref().unwrap_or_default(),
+                    port_proto,
                     kind,
-                    set: name,
-                    drop_when_empty: !selectable && has_endpoints,
-                    // Only flows from outside can go by DSR (to other nodes' backends).
-                    dsr: dsr && scope == scope::EXTERNAL && kind != FrontendKind::ClusterIp,
-                    // kube-proxy's masqueradeAll masquerades flows to ClusterIPs, not those to
-                    // the external addresses of a Service with externalTrafficPolicy Local.
-                    keeps_client: external_local && kind != FrontendKind::ClusterIp,
-                    affinity_timeout_s,
-                    source_ranges,
-                });
+                )
+                .in_family(family)
             };
-        for &ip in &cluster_ips {
-            let kind = if internal_local {
+            let (cluster_name, local_name) = (name(SetKind::Cluster), name(SetKind::Local));
+            let (cluster, local): (Members, Members) = (cluster.into(), local.into());
+            let mut frontend =
+                |addr: IpAddr, port: u16, scope: u8, kind: FrontendKind, set_kind: SetKind| {
+                    let (name, members) = match set_kind {
+                        SetKind::Cluster => (&cluster_name, &cluster),
+                        SetKind::Local => (&local_name, &local),
+                    };
+                    if model.set(name).is_none() {
+                        model.sets.push((name.clone(), members.clone()));
+                    }
+                    let name = name.clone();
+                    let selectable = members.iter().any(DesiredBackend::selectable);
+                    let mut source_ranges = Vec::new();
+                    if kind == FrontendKind::LoadBalancer && !ranges.is_empty() {
+                        source_ranges = ranges.clone();
+                        if lb_sources_from_node {
+                            source_ranges.extend(
+                                lb_ips
+                                    .iter()
+                                    .map(|ip| Ipv4Net::new(*ip, 32).expect("a /32")),
+                            );
+                        }
+                        source_ranges.sort_unstable();
+                        source_ranges.dedup();
+                    }
+                    model.frontends.push(DesiredFrontend {
+                        key: AnyFrontendKey::new(addr, port, port_proto, scope),
+                        kind,
+                        set: name,
+                        drop_when_empty: !selectable && has_endpoints,
+                        // Only flows from outside can go by DSR (to other nodes' backends).
+                        dsr: dsr && scope == scope::EXTERNAL && kind != FrontendKind::ClusterIp,
+                        // kube-proxy's masqueradeAll masquerades flows to ClusterIPs, not those to
+                        // the external addresses of a Service with externalTrafficPolicy Local.
+                        keeps_client: external_local && kind != FrontendKind::ClusterIp,
+                        affinity_timeout_s,
+                        source_ranges,
+                    });
+                };
+            let family_cluster_ips: Vec<IpAddr> = match family {
+                Family::V4 => cluster_ips.iter().map(|ip| IpAddr::V4(*ip)).collect(),
+                Family::V6 => cluster_ips6.iter().map(|ip| IpAddr::V6(*ip)).collect(),
+            };
+            for ip in family_cluster_ips {
+                let kind = if internal_local {
+                    SetKind::Local
+                } else {
+                    SetKind::Cluster
+                };
+                frontend(ip, number, scope::INTERNAL, FrontendKind::ClusterIp, kind);
+            }
+            if family == Family::V6 {
+                // NodePorts, load-balancer IPs and externalIPs are IPv4's so far (docs/ipv6.md).
+                if port.node_port.is_some_and(|p| p != 0) {
+                    problems.push(Problem {
+                        object: object.clone(),
+                        reason: format!(
+                            "port {number}: NodePorts on IPv6 node addresses are not served yet; \
+                             skipped"
+                        ),
+                        error: false,
+                    });
+                }
+                continue;
+            }
+            let external_set = if external_local {
                 SetKind::Local
             } else {
                 SetKind::Cluster
             };
-            frontend(ip, number, scope::INTERNAL, FrontendKind::ClusterIp, kind);
-        }
-        let external_set = if external_local {
-            SetKind::Local
-        } else {
-            SetKind::Cluster
-        };
-        let mut external = |addr: Ipv4Addr, port: u16, kind: FrontendKind| {
-            // From inside the node (pods, the node itself) every endpoint is used, whatever the
-            // external policy (kube-proxy's short-circuit for local traffic).
-            frontend(addr, port, scope::INTERNAL, kind, SetKind::Cluster);
-            frontend(addr, port, scope::EXTERNAL, kind, external_set);
-        };
-        for &ip in &lb_ips {
-            external(ip, number, FrontendKind::LoadBalancer);
-        }
-        for &ip in &external_ips {
-            external(ip, number, FrontendKind::ExternalIp);
-        }
-        // Whatever the type, as kube-proxy does (the API server allows a nodePort on NodePort
-        // and LoadBalancer Services only).
-        if let Some(node_port) = port.node_port.filter(|p| *p != 0) {
-            match port_number(node_port, "nodePort") {
-                Ok(np) if !proto::rewrites_ports(port_proto) && np != number => {
-                    problems.push(sctp_note(
-                        &object,
-                        format!("nodePort {np}/SCTP is not port {number}; NodePort skipped"),
-                    ));
-                }
-                Ok(np) => {
-                    for &ip in &node.nodeport_addrs {
-                        external(ip, np, FrontendKind::NodePort);
-                    }
-                }
-                Err(reason) => problems.push(error(format!("{reason}; NodePort skipped"))),
+            let mut external = |addr: Ipv4Addr, port: u16, kind: FrontendKind| {
+                let addr = IpAddr::V4(addr);
+                // From inside the node (pods, the node itself) every endpoint is used, whatever the
+                // external policy (kube-proxy's short-circuit for local traffic).
+                frontend(addr, port, scope::INTERNAL, kind, SetKind::Cluster);
+                frontend(addr, port, scope::EXTERNAL, kind, external_set);
+            };
+            for &ip in &lb_ips {
+                external(ip, number, FrontendKind::LoadBalancer);
             }
+            for &ip in &external_ips {
+                external(ip, number, FrontendKind::ExternalIp);
+            }
+            // Whatever the type, as kube-proxy does (the API server allows a nodePort on NodePort
+            // and LoadBalancer Services only).
+            if let Some(node_port) = port.node_port.filter(|p| *p != 0) {
+                match port_number(node_port, "nodePort") {
+                    Ok(np) if !proto::rewrites_ports(port_proto) && np != number => {
+                        problems.push(sctp_note(
+                            &object,
+                            format!("nodePort {np}/SCTP is not port {number}; NodePort skipped"),
+                        ));
+                    }
+                    Ok(np) => {
+                        for &ip in &node.nodeport_addrs {
+                            external(ip, np, FrontendKind::NodePort);
+                        }
+                    }
+                    Err(reason) => problems.push(error(format!("{reason}; NodePort skipped"))),
+                }
+            }
+        }
+        if !proto::rewrites_ports(port_proto) {
+            sctp_unservable += usize::from(port_unservable);
         }
     }
     if sctp_ports > 0 && sctp_unservable == sctp_ports {

@@ -19,7 +19,7 @@ use lb_agent::{
 };
 use lb_common::{maps::scope, net::proto};
 use lb_datapath::model::{
-    Desired, DesiredFrontend, FrontendKey, FrontendKind, HealthCheck, ServiceModel, SetKind,
+    AnyFrontendKey, Desired, DesiredFrontend, FrontendKind, HealthCheck, ServiceModel, SetKind,
 };
 
 struct Result {
@@ -127,7 +127,7 @@ fn ip(s: &str) -> Ipv4Addr {
 
 impl Result {
     fn frontend(&self, addr: &str, port: u16, l4_proto: u8, scope: u8) -> &DesiredFrontend {
-        let key = FrontendKey::new(ip(addr), port, l4_proto, scope);
+        let key = AnyFrontendKey::new(addr.parse().unwrap(), port, l4_proto, scope);
         self.desired.frontends.get(&key).unwrap_or_else(|| {
             panic!(
                 "no frontend {key}; have {:?}",
@@ -141,9 +141,12 @@ impl Result {
     }
 
     fn has_frontend(&self, addr: &str, port: u16, l4_proto: u8, scope: u8) -> bool {
-        self.desired
-            .frontends
-            .contains_key(&FrontendKey::new(ip(addr), port, l4_proto, scope))
+        self.desired.frontends.contains_key(&AnyFrontendKey::new(
+            addr.parse().unwrap(),
+            port,
+            l4_proto,
+            scope,
+        ))
     }
 
     /// The frontend's backends as "addr:port" with their weight.
@@ -528,14 +531,21 @@ fn invalid_objects_are_reported_by_name_and_skipped_while_the_rest_works() {
         r.selectable(r.frontend("172.30.0.80", 80, TCP, IN)),
         ["10.0.0.1:80"]
     );
-    // Dual stack: the IPv4 clusterIP is served, the IPv6 one noted.
-    assert!(r.has_frontend("172.30.0.85", 80, TCP, IN));
-    assert!(!r.problem("dual-stack").error);
-    // IPv6 only: no frontend in the family it does not have (its NodePort would reject).
+    // Dual stack: both clusterIPs are served, each by its family's set.
+    let v4 = r.frontend("172.30.0.85", 80, TCP, IN);
+    let v6 = r.frontend("fd00:10:96::85", 80, TCP, IN);
+    assert_ne!(v4.set, v6.set, "a set per family");
+    assert!(r.problems.iter().all(|p| p.object.name != "dual-stack"));
+    // IPv6 only: its ClusterIP, and no frontend in the family it does not have (its NodePort
+    // would reject); its IPv6 NodePort is noted.
+    assert!(r.has_frontend("fd00:10:96::86", 80, TCP, IN));
     assert!(!r.has_frontend("192.168.0.2", 3086, TCP, EXT));
     assert!(!r.has_frontend("203.0.113.86", 80, TCP, EXT));
     let note = r.problem("ipv6-only");
-    assert!(!note.error && note.reason.contains("IPv6 only"), "{note:?}");
+    assert!(
+        !note.error && note.reason.contains("NodePorts on IPv6"),
+        "{note:?}"
+    );
 }
 
 /// Issue 13 item 10: each of these follows a kube-proxy reading (pkg/proxy

@@ -30,7 +30,7 @@ fn backends(n: usize) -> Vec<MaglevBackend> {
             let addr = SocketAddrV4::new(Ipv4Addr::from(0x0a64_0000 + i as u32), 8080);
             MaglevBackend {
                 id: i as u32 + 1,
-                key: maglev::backend_key(addr),
+                key: maglev::backend_key_v4(addr),
                 weight: 1,
             }
         })

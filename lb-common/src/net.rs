@@ -126,6 +126,18 @@ impl Be128 {
     }
 }
 
+impl From<Be32> for core::net::IpAddr {
+    fn from(be: Be32) -> Self {
+        Self::V4(be.to_ip())
+    }
+}
+
+impl From<Be128> for core::net::IpAddr {
+    fn from(be: Be128) -> Self {
+        Self::V6(be.to_ip())
+    }
+}
+
 impl From<Ipv6Addr> for Be128 {
     fn from(ip: Ipv6Addr) -> Self {
         Self::from_ip(ip)

@@ -8,18 +8,18 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
+    net::IpAddr,
 };
 
 use ipnet::Ipv4Net;
-use lb_common::maps::{self as names, addr_flags};
+use lb_common::maps::{self as names, AddrInfo, Frontend, addr_flags};
 
 use crate::{
     maps::{Maps, MapsError},
-    model::{Desired, DesiredFrontend, FrontendKind, Members, SetName},
+    model::{AnyFrontendKey, Desired, DesiredFrontend, FrontendKind, Members, SetName},
     planner::{
-        AddrState, BackendState, FrontendState, IdAlloc, Limits, Programmed, RangeState, SetState,
-        table_digest, table_size,
+        AddrState, AnyBackend, BackendState, FrontendState, IdAlloc, Limits, Programmed,
+        RangeState, SetState, table_digest, table_size,
     },
 };
 
@@ -30,18 +30,21 @@ fn read_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> MapsError {
 /// The shadow of what the maps hold, with backend sets recognised from `desired`.
 pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programmed, MapsError> {
     let mut programmed = Programmed::default();
-    let backends = if maps.take_backends_created() {
+    let backends: Vec<(u32, AnyBackend)> = if maps.take_backends_created() {
         Vec::new()
     } else {
-        maps.active_backends()?
+        let v4 = maps.active_backends()?.into_iter();
+        let v6 = maps.active_backends6()?.into_iter();
+        v4.map(|(id, b)| (id, AnyBackend::V4(b)))
+            .chain(v6.map(|(id, b)| (id, AnyBackend::V6(b))))
+            .collect()
     };
     for (id, value) in backends {
-        programmed.backends.insert(
-            SocketAddrV4::new(value.addr.to_ip(), value.port.to_host()),
-            BackendState { id, value, refs: 0 },
-        );
+        programmed
+            .backends
+            .insert(value.addr(), BackendState { id, value, refs: 0 });
     }
-    maps.frontends(|key, value| {
+    let mut adopt_frontend = |key: AnyFrontendKey, value: Frontend| {
         let claimed = desired.frontends.get(&key);
         programmed.frontends.insert(
             key,
@@ -51,10 +54,12 @@ pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programm
                 cluster_ip: claimed.is_some_and(|f| f.kind == FrontendKind::ClusterIp),
             },
         );
-    })?;
+    };
+    maps.frontends(|key, value| adopt_frontend(key.into(), value))?;
+    maps.frontends6(|key, value| adopt_frontend(key.into(), value))?;
     programmed.config = maps.config.get(&0, 0).map_err(read_err(names::LB_CONFIG))?;
     let config = programmed.config;
-    maps.frontend_addrs(|addr, info| {
+    let mut adopt_addr = |addr: IpAddr, info: AddrInfo| {
         programmed.addrs.insert(
             addr,
             AddrState {
@@ -64,7 +69,9 @@ pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programm
                 node_flags: node_flags(&config, addr),
             },
         );
-    })?;
+    };
+    maps.frontend_addrs(|addr, info| adopt_addr(addr.to_ip().into(), info))?;
+    maps.frontend_addrs6(|addr, info| adopt_addr(addr.to_ip().into(), info))?;
     let mut ranges: BTreeMap<u32, Vec<Ipv4Net>> = BTreeMap::new();
     for entry in maps.src_ranges.iter() {
         let (key, _) = entry.map_err(read_err(names::LB_SRC_RANGES))?;
@@ -139,7 +146,7 @@ pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programm
         }
     }
     for (key, f) in &programmed.frontends {
-        if let Some(addr) = programmed.addrs.get_mut(&key.addr) {
+        if let Some(addr) = programmed.addrs.get_mut(&key.addr()) {
             addr.refs += 1;
             addr.cluster_refs += u32::from(
                 f.cluster_ip || (addr.info.flags & addr_flags::CLUSTER_IP != 0 && f.set.is_none()),
@@ -176,9 +183,13 @@ pub fn adopt(maps: &Maps, desired: &Desired, limits: &Limits) -> Result<Programm
     Ok(programmed)
 }
 
-/// The flags `addr` carries as one of the node's own addresses in `config`.
-fn node_flags(config: &lb_common::maps::NodeConfig, addr: lb_common::Be32) -> u32 {
-    use lb_common::maps::addr_flags;
+/// The flags `addr` carries as one of the node's own addresses in `config` (IPv4 ones only so
+/// far).
+fn node_flags(config: &lb_common::maps::NodeConfig, addr: IpAddr) -> u32 {
+    let IpAddr::V4(addr) = addr else {
+        return 0;
+    };
+    let addr = lb_common::Be32::from(addr);
     let mut flags = 0;
     if addr.raw() != 0 && addr == config.snat_addr {
         flags |= addr_flags::SNAT;

@@ -12,19 +12,29 @@
 use std::collections::BTreeSet;
 
 use lb_common::{
-    Be16, Be32,
+    Address, Be16, Be32,
     conntrack::{FlowKey, REPLY},
     filters::{
         COMPLETE, ENTRIES, SLOTS, destination, destination_of, frontend, reply_source,
         reply_source_of,
     },
-    maps::{self as names, FrontendKey},
+    maps::{self as names},
 };
 
 use crate::{
     maps::{Maps, MapsError},
+    model::AnyFrontendKey,
     predict::found,
 };
+
+/// The element a frontend of either family marks: an IPv6 one by its folded address
+/// (`lb_common::Address::fold`), as the IPv6 programs look it up.
+fn any_frontend(key: &AnyFrontendKey) -> u32 {
+    match key {
+        AnyFrontendKey::V4(k) => frontend(k),
+        AnyFrontendKey::V6(k) => destination(k.addr.fold(), k.port, k.proto),
+    }
+}
 
 /// Withdraws the filters: until [`complete`], the programs look up every packet.
 pub fn suspend(maps: &mut Maps) -> Result<(), MapsError> {
@@ -45,6 +55,9 @@ pub fn complete(maps: &mut Maps) -> Result<usize, MapsError> {
     maps.frontend_keys(|key| {
         elements.insert(frontend(&key));
     })?;
+    maps.frontends6(|key, _| {
+        elements.insert(any_frontend(&key.into()));
+    })?;
     let elements: Vec<u32> = elements.into_iter().collect();
     write_marks(maps, &elements)?;
     set(maps, COMPLETE, 1)?;
@@ -52,8 +65,8 @@ pub fn complete(maps: &mut Maps) -> Result<usize, MapsError> {
 }
 
 /// Marks `frontends`, before the writer writes them.
-pub fn mark_frontends(maps: &mut Maps, frontends: &[FrontendKey]) -> Result<(), MapsError> {
-    let elements: BTreeSet<u32> = frontends.iter().map(frontend).collect();
+pub fn mark_frontends(maps: &mut Maps, frontends: &[AnyFrontendKey]) -> Result<(), MapsError> {
+    let elements: BTreeSet<u32> = frontends.iter().map(any_frontend).collect();
     write_marks(maps, &elements.into_iter().collect::<Vec<_>>())
 }
 

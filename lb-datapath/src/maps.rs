@@ -13,12 +13,12 @@ use aya::{
     maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::{
-    Be32, Be128,
+    Address, Be32, Be128,
     answer::Bucket,
     conntrack::{CtEntry, CtEntry6, FlowKey, FlowKey6},
     maps::{
-        self as names, AddrInfo, AffinityEntry, AffinityKey, Backend, Backend6, Counter, FragEntry,
-        FragKey, Frontend, FrontendKey, FrontendKey6, NodeConfig, SetStats, SourceRange,
+        self as names, AddrInfo, AffinityEntry, AffinityKey, Backend, Backend6, BackendOf, Counter,
+        FragEntry, FragKey, Frontend, FrontendKey, FrontendKey6, NodeConfig, SetStats, SourceRange,
         maglev::{self, CHUNK_SLOTS, Chunk},
     },
     sock::{SockConfig, SockRev, SockRevKey, SockStats},
@@ -99,13 +99,17 @@ pub struct Maps {
 }
 
 /// Maps written or read in bulk.
-const BULK: [&str; 6] = [
+const BULK: [&str; 10] = [
     names::LB_AFFINITY_SCOPE,
     names::LB_BACKENDS,
     names::LB_SERVICES,
     names::LB_ADDRS,
     names::LB_CT,
     names::LB_FILTERS,
+    names::LB6_BACKENDS,
+    names::LB6_SERVICES,
+    names::LB6_ADDRS,
+    names::LB6_CT,
 ];
 
 impl Maps {
@@ -226,11 +230,27 @@ impl Maps {
 
     /// Every active backend slot, read with batch lookups (a few syscalls for the whole array).
     pub fn active_backends(&self) -> Result<Vec<(u32, Backend)>, MapsError> {
-        let name = names::LB_BACKENDS;
+        self.active_slots(names::LB_BACKENDS, &self.backends)
+    }
+
+    /// Every active IPv6 backend slot, as [`Maps::active_backends`].
+    pub fn active_backends6(&self) -> Result<Vec<(u32, Backend6)>, MapsError> {
+        self.active_slots(names::LB6_BACKENDS, &self.backends6)
+    }
+
+    /// The active slots of the backends array `name` (`array`).
+    fn active_slots<A: Address>(
+        &self,
+        name: &'static str,
+        array: &Array<MapData, BackendOf<A>>,
+    ) -> Result<Vec<(u32, BackendOf<A>)>, MapsError>
+    where
+        BackendOf<A>: aya::Pod,
+    {
         let fd = self.bulk.get(name).ok_or(MapsError::Missing { name })?;
-        let capacity = self.backends.len() as usize;
+        let capacity = array.len() as usize;
         let mut found = Vec::new();
-        match crate::sys::array_lookup_all::<Backend>(fd.as_fd(), capacity) {
+        match crate::sys::array_lookup_all::<BackendOf<A>>(fd.as_fd(), capacity) {
             Ok(values) => {
                 for (id, b) in values.into_iter().enumerate() {
                     if b.is_active() {
@@ -240,7 +260,7 @@ impl Maps {
             }
             // Kernels without batch lookups: one slot at a time.
             Err(_) => {
-                for (id, b) in self.backends.iter().enumerate() {
+                for (id, b) in array.iter().enumerate() {
                     let b = b.map_err(map_err(name))?;
                     if b.is_active() {
                         found.push((id as u32, b));
@@ -318,6 +338,20 @@ impl Maps {
     /// [`Maps::frontends`].
     pub fn frontend_addrs(&self, mut visit: impl FnMut(Be32, AddrInfo)) -> Result<(), MapsError> {
         self.entries(names::LB_ADDRS, &self.addrs, &mut visit)
+    }
+
+    /// Every IPv6 frontend and its value through `visit`, as [`Maps::frontends`].
+    pub fn frontends6(
+        &self,
+        mut visit: impl FnMut(FrontendKey6, Frontend),
+    ) -> Result<(), MapsError> {
+        self.entries(names::LB6_SERVICES, &self.services6, &mut visit)
+    }
+
+    /// Every IPv6 address that carries frontends and its value through `visit`, as
+    /// [`Maps::frontends`].
+    pub fn frontend_addrs6(&self, mut visit: impl FnMut(Be128, AddrInfo)) -> Result<(), MapsError> {
+        self.entries(names::LB6_ADDRS, &self.addrs6, &mut visit)
     }
 
     /// The entries of the bulk-read hash map `name` (`map`) through `visit`: with batch lookups,

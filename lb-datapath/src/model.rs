@@ -4,14 +4,119 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     ops::Deref,
     sync::Arc,
 };
 
 use ipnet::Ipv4Net;
-pub use lb_common::maps::FrontendKey;
-use lb_common::net::proto;
+pub use lb_common::maps::{FrontendKey, FrontendKey6};
+use lb_common::{Be16, Be128, maps::scope, net::proto};
+
+/// An address family: which of the datapath's maps (`LB_*` or `LB6_*`) hold what concerns an
+/// address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const fn of(addr: &IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+}
+
+/// A frontend of either address family, by its key in its family's map (`LB_SERVICES`,
+/// `LB6_SERVICES`): what the desired state and the planner name frontends by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AnyFrontendKey {
+    V4(FrontendKey),
+    V6(FrontendKey6),
+}
+
+impl AnyFrontendKey {
+    /// The key of a frontend on `addr:port`, protocol `proto`, in `scope`.
+    pub fn new(addr: IpAddr, port: u16, proto: u8, scope: u8) -> Self {
+        match addr {
+            IpAddr::V4(v4) => Self::V4(FrontendKey::new(v4, port, proto, scope)),
+            IpAddr::V6(v6) => Self::V6(FrontendKey6 {
+                addr: Be128::from_ip(v6),
+                port: Be16::from_host(port),
+                proto,
+                scope,
+            }),
+        }
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        match self {
+            Self::V4(k) => k.addr.to_ip().into(),
+            Self::V6(k) => k.addr.to_ip().into(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        match self {
+            Self::V4(k) => k.port.to_host(),
+            Self::V6(k) => k.port.to_host(),
+        }
+    }
+
+    pub fn proto(&self) -> u8 {
+        match self {
+            Self::V4(k) => k.proto,
+            Self::V6(k) => k.proto,
+        }
+    }
+
+    pub fn scope(&self) -> u8 {
+        match self {
+            Self::V4(k) => k.scope,
+            Self::V6(k) => k.scope,
+        }
+    }
+
+    pub fn family(&self) -> Family {
+        match self {
+            Self::V4(_) => Family::V4,
+            Self::V6(_) => Family::V6,
+        }
+    }
+}
+
+impl From<FrontendKey> for AnyFrontendKey {
+    fn from(key: FrontendKey) -> Self {
+        Self::V4(key)
+    }
+}
+
+impl From<FrontendKey6> for AnyFrontendKey {
+    fn from(key: FrontendKey6) -> Self {
+        Self::V6(key)
+    }
+}
+
+/// `10.96.0.1:80/TCP internal`, `[fd00::1]:80/TCP internal`, as logs and errors name a
+/// frontend.
+impl fmt::Display for AnyFrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scope = if self.scope() == scope::EXTERNAL {
+            "external"
+        } else {
+            "internal"
+        };
+        write!(
+            f,
+            "{}/{} {scope}",
+            SocketAddr::new(self.addr(), self.port()),
+            proto::name(self.proto())
+        )
+    }
+}
 
 /// Which endpoints of a service port a backend set holds (kube-proxy's "cluster" and "local"
 /// endpoint categories).
@@ -31,7 +136,7 @@ pub enum SetKind {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SetName(Arc<SetNameParts>);
 
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SetNameParts {
     pub namespace: String,
     pub service: String,
@@ -39,9 +144,12 @@ pub struct SetNameParts {
     pub port_name: String,
     pub proto: u8,
     pub kind: SetKind,
+    /// A dual-stack Service port has a set per family (an EndpointSlice has one address type).
+    pub family: Family,
 }
 
 impl SetName {
+    /// The name of an IPv4 set (see [`SetName::in_family`]).
     pub fn new(
         namespace: impl Into<String>,
         service: impl Into<String>,
@@ -55,7 +163,18 @@ impl SetName {
             port_name: port_name.into(),
             proto,
             kind,
+            family: Family::V4,
         }))
+    }
+
+    /// The same set's name in `family`.
+    pub fn in_family(self, family: Family) -> Self {
+        if self.family == family {
+            return self;
+        }
+        let mut parts = Arc::unwrap_or_clone(self.0);
+        parts.family = family;
+        Self(Arc::new(parts))
     }
 }
 
@@ -73,6 +192,7 @@ impl SetName {
             self.proto,
             kind,
         )
+        .in_family(self.family)
     }
 }
 
@@ -90,9 +210,13 @@ impl fmt::Display for SetName {
             SetKind::Cluster => "cluster",
             SetKind::Local => "local",
         };
+        let family = match self.family {
+            Family::V4 => "",
+            Family::V6 => " IPv6",
+        };
         write!(
             f,
-            "{}/{}:{}/{} ({kind})",
+            "{}/{}:{}/{}{family} ({kind})",
             self.namespace,
             self.service,
             self.port_name,
@@ -108,7 +232,8 @@ pub type Members = Arc<[DesiredBackend]>;
 /// One endpoint of a backend set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DesiredBackend {
-    pub addr: SocketAddrV4,
+    /// Of the family of its set's frontends (an EndpointSlice has one address type).
+    pub addr: SocketAddr,
     /// Runs on this node.
     pub local: bool,
     /// 1: takes new flows. 0: still an endpoint (terminating, not ready) but chosen for no new
@@ -138,7 +263,7 @@ pub enum FrontendKind {
 /// One frontend and how it behaves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredFrontend {
-    pub key: FrontendKey,
+    pub key: AnyFrontendKey,
     pub kind: FrontendKind,
     pub set: SetName,
     /// No usable endpoint here although the service has some elsewhere: drop, don't reject.
@@ -182,7 +307,7 @@ pub struct HealthCheck {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub sets: BTreeMap<SetName, Members>,
-    pub frontends: BTreeMap<FrontendKey, DesiredFrontend>,
+    pub frontends: BTreeMap<AnyFrontendKey, DesiredFrontend>,
     /// The address external flows to backends on other nodes are source-NATed to (the node's
     /// InternalIP).
     pub snat_addr: Option<Ipv4Addr>,
@@ -199,10 +324,10 @@ pub struct Desired {
 
 impl Desired {
     /// Addresses that carry frontends, with whether any of them is a ClusterIP.
-    pub fn addrs(&self) -> BTreeMap<Ipv4Addr, bool> {
+    pub fn addrs(&self) -> BTreeMap<IpAddr, bool> {
         let mut addrs = BTreeMap::new();
         for f in self.frontends.values() {
-            *addrs.entry(f.key.addr.to_ip()).or_insert(false) |= f.kind == FrontendKind::ClusterIp;
+            *addrs.entry(f.key.addr()).or_insert(false) |= f.kind == FrontendKind::ClusterIp;
         }
         addrs
     }

@@ -32,7 +32,7 @@ use crate::{
     adopt,
     loader::Capacities,
     maps::{Maps, MapsError},
-    model::{Desired, DesiredBackend, DesiredFrontend, SetKind, SetName},
+    model::{AnyFrontendKey, Desired, DesiredBackend, DesiredFrontend, SetKind, SetName},
     planner::{self, Extent, Limits, Programmed, Scope},
     writer::{self, WriteError},
 };
@@ -109,20 +109,20 @@ pub struct ServiceSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
     #[error("frontend {key} already belongs to service {owner}")]
-    Claimed { key: FrontendKey, owner: String },
+    Claimed { key: AnyFrontendKey, owner: String },
     #[error("reading the maps back failed")]
     Adopt(#[source] MapsError),
     #[error(transparent)]
     Write(#[from] WriteError),
     #[error("frontend {key} was left out: {reason}")]
-    Overflow { key: FrontendKey, reason: String },
+    Overflow { key: AnyFrontendKey, reason: String },
 }
 
 /// What one service put into the desired state, to take it out again.
 #[derive(Clone, Debug)]
 struct Entry {
     set: SetName,
-    frontends: Vec<FrontendKey>,
+    frontends: Vec<AnyFrontendKey>,
 }
 
 /// The services programmed so far, the desired state they make, and the planner's shadow of the
@@ -190,7 +190,7 @@ impl Services {
     /// Stages `svc`, adding it or replacing the service of the same name.
     pub fn set(&mut self, svc: &ServiceSpec) -> Result<(), ProgramError> {
         for f in &svc.frontends {
-            let key = f.key();
+            let key = f.key().into();
             if let Some(owner) = self.desired.frontends.get(&key)
                 && owner.set.service != svc.name
             {
@@ -212,7 +212,7 @@ impl Services {
             .backends
             .iter()
             .map(|b| DesiredBackend {
-                addr: b.addr,
+                addr: b.addr.into(),
                 local: b.local,
                 weight: u32::from(b.weight > 0),
                 // Listed: serving. (Its UDP flows go when it leaves the set.)
@@ -225,7 +225,7 @@ impl Services {
         let mut source_ranges = svc.source_ranges.clone();
         source_ranges.sort_unstable();
         for f in &svc.frontends {
-            let key = f.key();
+            let key = f.key().into();
             self.desired.frontends.insert(
                 key,
                 DesiredFrontend {
@@ -246,7 +246,7 @@ impl Services {
             svc.name.clone(),
             Entry {
                 set,
-                frontends: svc.frontends.iter().map(FrontendSpec::key).collect(),
+                frontends: svc.frontends.iter().map(|f| f.key().into()).collect(),
             },
         );
         Ok(())
@@ -303,7 +303,7 @@ impl Services {
 
     /// The backend id (slot in LB_BACKENDS) of the backend at `addr`.
     pub fn backend_id(&self, addr: SocketAddrV4) -> Option<u32> {
-        Some(self.programmed.as_ref()?.backends.get(&addr)?.id)
+        Some(self.programmed.as_ref()?.backends.get(&addr.into())?.id)
     }
 
     /// The address of backend `id`.
@@ -313,12 +313,16 @@ impl Services {
             .backends
             .iter()
             .find(|(_, b)| b.id == id)
-            .map(|(addr, _)| *addr)
+            .and_then(|(addr, _)| match addr {
+                std::net::SocketAddr::V4(v4) => Some(*v4),
+                std::net::SocketAddr::V6(_) => None,
+            })
     }
 
     /// The LB_SERVICES value programmed for `key`.
     pub fn frontend(&self, key: &FrontendKey) -> Option<&Frontend> {
-        Some(&self.programmed.as_ref()?.frontends.get(key)?.value)
+        let key = AnyFrontendKey::from(*key);
+        Some(&self.programmed.as_ref()?.frontends.get(&key)?.value)
     }
 
     fn programmed_set(&self, name: &str) -> Option<&planner::SetState> {

@@ -1,23 +1,28 @@
 //! Carries out a [`Plan`] on the maps, in the plan's order. Maglev tables are built on every
 //! core while the writes go on.
 
-use std::{collections::BTreeSet, net::SocketAddrV4, thread};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    thread,
+};
 
 use aya::{
     Pod,
     maps::{HashMap, MapData, MapError, PerCpuValues, lpm_trie::Key},
 };
 use lb_common::{
-    Be32,
-    conntrack::{CtEntry, FlowKey, REPLY},
-    maps::{self as names, Backend, SetStats, SourceRange},
+    Address, Be32, Be128,
+    conntrack::{CtEntryOf, FlowKeyOf, REPLY},
+    maps::{self as names, AddrInfo, Backend, Backend6, Frontend, SetStats, SourceRange},
     net::proto,
 };
 
 use crate::{
     maglev::{self, MaglevBackend},
     maps::{Maps, MapsError},
-    planner::{Plan, TableWrite},
+    model::{AnyFrontendKey, Family},
+    planner::{AnyBackend, Plan, TableWrite},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -117,12 +122,16 @@ fn install_tables(maps: &mut Maps, writes: &[TableWrite]) -> Result<(), WriteErr
 /// Writes `plan`. On error the maps may hold part of it: the caller re-reads them before planning
 /// again.
 pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
-    write_entries(
-        maps,
-        names::LB_BACKENDS,
-        &plan.backends,
-        |maps, id, value| maps.backends.set(*id, value, 0),
-    )?;
+    let (backends, backends6) = by_family(&plan.backends, |(id, value)| match value {
+        AnyBackend::V4(b) => Ok((*id, *b)),
+        AnyBackend::V6(b) => Err((*id, *b)),
+    });
+    write_entries(maps, names::LB_BACKENDS, &backends, |maps, id, value| {
+        maps.backends.set(*id, value, 0)
+    })?;
+    write_entries(maps, names::LB6_BACKENDS, &backends6, |maps, id, value| {
+        maps.backends6.set(*id, value, 0)
+    })?;
     for (range_id, net) in &plan.ranges_added {
         maps.src_ranges
             .insert(&range_key(*range_id, net), 1, 0)
@@ -154,25 +163,46 @@ pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
     // Marked first: a frontend whose destination is unmarked would not be looked up.
     let frontends: Vec<_> = plan.frontends.iter().map(|(key, _)| *key).collect();
     crate::filters::mark_frontends(maps, &frontends)?;
+    let (frontends, frontends6) = by_family(&plan.frontends, split_frontend);
+    write_entries(maps, names::LB_SERVICES, &frontends, |maps, key, value| {
+        maps.services.insert(key, value, 0)
+    })?;
     write_entries(
         maps,
-        names::LB_SERVICES,
-        &plan.frontends,
-        |maps, key, value| maps.services.insert(key, value, 0),
+        names::LB6_SERVICES,
+        &frontends6,
+        |maps, key, value| maps.services6.insert(key, value, 0),
     )?;
     if let Some(config) = &plan.config {
         maps.config
             .set(0, config, 0)
             .map_err(write_err(names::LB_CONFIG))?;
     }
-    write_entries(maps, names::LB_ADDRS, &plan.addrs, |maps, addr, info| {
+    let (addrs, addrs6) = by_family(&plan.addrs, split_addr);
+    write_entries(maps, names::LB_ADDRS, &addrs, |maps, addr, info| {
         maps.addrs.insert(addr, info, 0)
     })?;
+    write_entries(maps, names::LB6_ADDRS, &addrs6, |maps, addr, info| {
+        maps.addrs6.insert(addr, info, 0)
+    })?;
     for addr in &plan.addrs_removed {
-        absent_ok(maps.addrs.remove(addr)).map_err(write_err(names::LB_ADDRS))?;
+        match *addr {
+            IpAddr::V4(v4) => {
+                absent_ok(maps.addrs.remove(&Be32::from(v4))).map_err(write_err(names::LB_ADDRS))?
+            }
+            IpAddr::V6(v6) => absent_ok(maps.addrs6.remove(&Be128::from(v6)))
+                .map_err(write_err(names::LB6_ADDRS))?,
+        }
     }
     for key in &plan.frontends_removed {
-        absent_ok(maps.services.remove(key)).map_err(write_err(names::LB_SERVICES))?;
+        match key {
+            AnyFrontendKey::V4(k) => {
+                absent_ok(maps.services.remove(k)).map_err(write_err(names::LB_SERVICES))?
+            }
+            AnyFrontendKey::V6(k) => {
+                absent_ok(maps.services6.remove(k)).map_err(write_err(names::LB6_SERVICES))?
+            }
+        }
     }
     for set_id in &plan.tables_removed {
         maps.remove_maglev_table(*set_id)?;
@@ -181,14 +211,52 @@ pub fn write(maps: &mut Maps, plan: &Plan) -> Result<(), WriteError> {
         absent_ok(maps.src_ranges.remove(&range_key(*range_id, net)))
             .map_err(write_err(names::LB_SRC_RANGES))?;
     }
-    for id in &plan.backends_removed {
-        maps.backends
-            .set(*id, Backend::default(), 0)
-            .map_err(write_err(names::LB_BACKENDS))?;
+    for (id, family) in &plan.backends_removed {
+        match family {
+            Family::V4 => maps
+                .backends
+                .set(*id, Backend::default(), 0)
+                .map_err(write_err(names::LB_BACKENDS))?,
+            Family::V6 => maps
+                .backends6
+                .set(*id, Backend6::default(), 0)
+                .map_err(write_err(names::LB6_BACKENDS))?,
+        }
     }
     purge_affinity(maps, &plan.affinity_purge)?;
     purge_udp_flows(maps, &plan.udp_flow_purge)?;
     Ok(())
+}
+
+/// `entries` split into their IPv4 (`Ok`) and IPv6 (`Err`) map entries by `split`.
+fn by_family<T, V4, V6>(entries: &[T], split: impl Fn(&T) -> Result<V4, V6>) -> (Vec<V4>, Vec<V6>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for entry in entries {
+        match split(entry) {
+            Ok(e) => v4.push(e),
+            Err(e) => v6.push(e),
+        }
+    }
+    (v4, v6)
+}
+
+type FrontendEntry<K> = (K, Frontend);
+
+fn split_frontend(
+    (key, value): &(AnyFrontendKey, Frontend),
+) -> Result<FrontendEntry<lb_common::maps::FrontendKey>, FrontendEntry<lb_common::maps::FrontendKey6>>
+{
+    match key {
+        AnyFrontendKey::V4(k) => Ok((*k, *value)),
+        AnyFrontendKey::V6(k) => Err((*k, *value)),
+    }
+}
+
+fn split_addr((addr, info): &(IpAddr, AddrInfo)) -> Result<(Be32, AddrInfo), (Be128, AddrInfo)> {
+    match addr {
+        IpAddr::V4(v4) => Ok(((*v4).into(), *info)),
+        IpAddr::V6(v6) => Err(((*v6).into(), *info)),
+    }
 }
 
 /// Writes `entries` into the bulk-written map `name` with one syscall where the kernel can, else
@@ -199,6 +267,9 @@ fn write_entries<K: Pod, V: Pod>(
     entries: &[(K, V)],
     write_one: impl Fn(&mut Maps, &K, &V) -> Result<(), MapError>,
 ) -> Result<(), WriteError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
     let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
     if !maps.update_batch(name, &keys, &values)? {
         for (key, value) in entries {
@@ -222,20 +293,24 @@ fn purge_affinity(maps: &mut Maps, pairs: &[(u32, u32)]) -> Result<(), WriteErro
 /// backend move to a serving one on their next datagram instead of blackholing. Matched by the
 /// backend's address (a forward entry's NAT address, a reply entry's source), not its slot,
 /// which another backend may have taken in the same plan.
-fn purge_udp_flows(maps: &mut Maps, pairs: &[(u32, SocketAddrV4)]) -> Result<(), WriteError> {
-    remove_to_backends(
-        &mut maps.ct,
-        names::LB_CT,
-        pairs,
-        |key: &FlowKey, entry: &CtEntry| {
-            let backend = if key.dir == REPLY {
-                SocketAddrV4::new(key.src_addr.to_ip(), key.src_port.to_host())
-            } else {
-                SocketAddrV4::new(entry.nat_addr.to_ip(), entry.nat_port.to_host())
-            };
-            (key.proto == proto::UDP).then_some((entry.set_id, backend))
-        },
-    )
+fn purge_udp_flows(maps: &mut Maps, pairs: &[(u32, SocketAddr)]) -> Result<(), WriteError> {
+    let (v4, v6): (Vec<_>, Vec<_>) = pairs.iter().copied().partition(|(_, a)| a.is_ipv4());
+    remove_to_backends(&mut maps.ct, names::LB_CT, &v4, udp_backend_of)?;
+    remove_to_backends(&mut maps.ct6, names::LB6_CT, &v6, udp_backend_of)
+}
+
+/// The (set id, backend) a UDP conntrack entry leads to: a forward entry's NAT address, a
+/// reply entry's source.
+fn udp_backend_of<A: Address + Into<IpAddr>>(
+    key: &FlowKeyOf<A>,
+    entry: &CtEntryOf<A>,
+) -> Option<(u32, SocketAddr)> {
+    let backend = if key.dir == REPLY {
+        SocketAddr::new(key.src_addr.into(), key.src_port.to_host())
+    } else {
+        SocketAddr::new(entry.nat_addr.into(), entry.nat_port.to_host())
+    };
+    (key.proto == proto::UDP).then_some((entry.set_id, backend))
 }
 
 /// Removes the entries of `map` (LB map `name`) that lead to one of `pairs` (set id, and the
@@ -263,6 +338,6 @@ fn remove_to_backends<K: Pod, V: Pod, P: Ord + Copy>(
     Ok(())
 }
 /// The address of a backend id as programmed, for logs.
-pub fn describe_backend(value: &Backend) -> SocketAddrV4 {
-    SocketAddrV4::new(value.addr.to_ip(), value.port.to_host())
+pub fn describe_backend(value: &AnyBackend) -> SocketAddr {
+    value.addr()
 }

@@ -179,7 +179,7 @@ fn packets_to_a_frontends_address_on_another_port_skip_the_lookups() {
         proto: TCP,
         scope: scope::INTERNAL,
     };
-    filters::mark_frontends(&mut h.maps, &[key]).unwrap();
+    filters::mark_frontends(&mut h.maps, &[key.into()]).unwrap();
     let run = h.run(Hook::FromPod, &stray.bytes());
     assert_frame_eq(
         &run.out,

@@ -3,7 +3,10 @@
 //! every endpoint of the cluster, so it keeps these instead and drops the API objects as soon as
 //! they arrive.
 
-use std::{net::Ipv4Addr, sync::Arc};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -58,8 +61,11 @@ pub struct ServiceObject {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EndpointAddress {
     V4(Ipv4Addr),
-    /// Not an IPv4 address (reported by the translation, with the slice's name). Boxed twice so
-    /// that the common case stays small: every endpoint of the cluster is kept.
+    /// Boxed, as `Invalid`: IPv4 endpoints are the common case, and every endpoint of the cluster
+    /// is kept.
+    V6(Box<Ipv6Addr>),
+    /// Not an IP address (reported by the translation, with the slice's name). Boxed twice so
+    /// that the common case stays small.
     Invalid(Box<String>),
 }
 
@@ -197,9 +203,14 @@ impl From<&EndpointSlice> for SliceObject {
                 .map(|ep| {
                     let c = ep.conditions.as_ref();
                     EndpointObject {
-                        address: ep.addresses.first().map(|a| match addr::ipv4(a) {
-                            Some(ip) => EndpointAddress::V4(ip),
-                            None => EndpointAddress::Invalid(Box::new(a.clone())),
+                        address: ep.addresses.first().map(|a| {
+                            if let Some(ip) = addr::ipv4(a) {
+                                EndpointAddress::V4(ip)
+                            } else if let Ok(ip) = a.parse::<Ipv6Addr>() {
+                                EndpointAddress::V6(Box::new(ip))
+                            } else {
+                                EndpointAddress::Invalid(Box::new(a.clone()))
+                            }
                         }),
                         node_name: ep.node_name.as_deref().map(Into::into),
                         ready: c.and_then(|c| c.ready),

@@ -16,7 +16,7 @@
 //! has accumulated enough credit, so its share of slots follows its weight, and equal weights are
 //! exactly the classic algorithm.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::num::NonZero;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
@@ -60,8 +60,8 @@ pub struct MaglevBackend {
     /// What the table's slots hold. Node-local (it indexes this node's backend map), which is why
     /// it plays no part in the placement.
     pub id: u32,
-    /// The node-independent identity that places the backend: IPv4 address then port, both in
-    /// network order (see [`backend_key`]).
+    /// The node-independent identity that places the backend: an IPv4 address then port, both
+    /// in network order, or 48 bits of a fixed hash of an IPv6 one (see [`backend_key`]).
     pub key: [u8; 6],
     /// Relative share of the slots. A weight of 0 takes no slots at all, so draining a backend
     /// gives exactly the table of the set without it.
@@ -69,10 +69,36 @@ pub struct MaglevBackend {
 }
 
 /// The key of the backend at `addr`, in the byte order every node must agree on.
-pub const fn backend_key(addr: SocketAddrV4) -> [u8; 6] {
+pub const fn backend_key_v4(addr: SocketAddrV4) -> [u8; 6] {
     let [a, b, c, d] = addr.ip().octets();
     let [p0, p1] = addr.port().to_be_bytes();
     [a, b, c, d, p0, p1]
+}
+
+/// The key of the backend at `addr`: [`backend_key_v4`] for IPv4; for IPv6, whose address and
+/// port do not fit the 48 bits a key packs into, 48 bits of a fixed 64-bit FNV-1a hash of them
+/// (every node computes the same; two backends of one set colliding, about one chance in 10^14
+/// for a set of a hundred, is reported as [`MaglevError::DuplicateKey`]).
+pub fn backend_key(addr: SocketAddr) -> [u8; 6] {
+    match addr {
+        SocketAddr::V4(v4) => backend_key_v4(v4),
+        SocketAddr::V6(v6) => backend_key_v6(v6),
+    }
+}
+
+fn backend_key_v6(addr: SocketAddrV6) -> [u8; 6] {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in addr
+        .ip()
+        .octets()
+        .into_iter()
+        .chain(addr.port().to_be_bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    let [_, _, a, b, c, d, e, f] = hash.to_be_bytes();
+    [a, b, c, d, e, f]
 }
 
 /// Why a table could not be built. All of these are caller bugs or configuration errors: the
@@ -90,7 +116,7 @@ pub enum MaglevError {
     NoBackends,
     /// Two backends with one key would share a permutation, and which of them wins a slot would
     /// depend on the input order, which differs between nodes.
-    #[error("two Maglev backends have the same address {}", key_to_addr(*.0))]
+    #[error("two Maglev backends have the same key ({})", key_to_addr(*.0))]
     DuplicateKey([u8; 6]),
 }
 
@@ -455,6 +481,7 @@ fn unpack_key(key: u64) -> [u8; 6] {
     [a, b, c, d, e, f]
 }
 
+/// The IPv4 backend a key names (an IPv6 backend's key names no address: it reads as one).
 fn key_to_addr(key: [u8; 6]) -> SocketAddrV4 {
     let [a, b, c, d, p0, p1] = key;
     SocketAddrV4::new(Ipv4Addr::new(a, b, c, d), u16::from_be_bytes([p0, p1]))

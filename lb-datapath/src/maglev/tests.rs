@@ -28,7 +28,7 @@ fn table_sizes_grow_with_the_backends_up_to_the_ceiling() {
 /// Backend i: 10.x.y.z:8080 with x.y.z = i, and id 1000 + i so that an id/index mix-up shows.
 fn backend(i: u32, weight: u32) -> MaglevBackend {
     let [_, b, c, d] = i.to_be_bytes();
-    let key = backend_key(SocketAddrV4::new(Ipv4Addr::new(10, b, c, d), 8080));
+    let key = backend_key_v4(SocketAddrV4::new(Ipv4Addr::new(10, b, c, d), 8080));
     MaglevBackend {
         id: 1000 + i,
         key,
@@ -383,7 +383,7 @@ fn errors() {
         Err(MaglevError::DuplicateKey(dup[0].key))
     );
     let message = MaglevError::DuplicateKey(dup[0].key).to_string();
-    assert!(message.ends_with(" 10.0.0.1:8080"), "{message}");
+    assert!(message.ends_with(" (10.0.0.1:8080)"), "{message}");
 
     let mut table = vec![1, 2, 3];
     assert!(build_table_into(&[], 251, &mut table).is_err());

@@ -1,23 +1,20 @@
 //! Frontends (`LB_SERVICES`): written when their value changes, removed with the references
 //! they hold on their address and source ranges.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
-use lb_common::{
-    Be32,
-    maps::{AddrInfo, Frontend, FrontendKey, frontend_flags},
-};
+use lb_common::maps::{AddrInfo, Frontend, frontend_flags};
 
 use super::{
     FrontendState, Plan, Programmed, reference_range, table_digest, touch, unreference_range,
 };
-use crate::model::{DesiredBackend, DesiredFrontend, FrontendKind};
+use crate::model::{AnyFrontendKey, DesiredBackend, DesiredFrontend, FrontendKind};
 
 pub(super) fn upsert_frontend(
     f: &DesiredFrontend,
     current: &mut Programmed,
     plan: &mut Plan,
-    touched: &mut BTreeMap<Be32, Option<AddrInfo>>,
+    touched: &mut BTreeMap<IpAddr, Option<AddrInfo>>,
 ) {
     let key = f.key;
     let Some(set) = current.sets.get(&f.set) else {
@@ -57,7 +54,7 @@ pub(super) fn upsert_frontend(
         table_digest: digest,
     };
     let cluster_ip = f.kind == FrontendKind::ClusterIp;
-    let addr = key.addr;
+    let addr = key.addr();
     touch(addr, current, touched);
     let state = current.addrs.entry(addr).or_default();
     match &old {
@@ -88,21 +85,21 @@ pub(super) fn upsert_frontend(
 }
 
 pub(super) fn remove_frontend(
-    key: &FrontendKey,
+    key: &AnyFrontendKey,
     current: &mut Programmed,
     plan: &mut Plan,
-    touched: &mut BTreeMap<Be32, Option<AddrInfo>>,
+    touched: &mut BTreeMap<IpAddr, Option<AddrInfo>>,
 ) {
     if !current.frontends.contains_key(key) {
         return;
     }
-    touch(key.addr, current, touched);
+    touch(key.addr(), current, touched);
     let old = current.frontends.remove(key).expect("checked above");
     plan.frontends_removed.push(*key);
     if old.value.source_range_id != 0 {
         unreference_range(old.value.source_range_id, current, plan);
     }
-    if let Some(state) = current.addrs.get_mut(&key.addr) {
+    if let Some(state) = current.addrs.get_mut(&key.addr()) {
         state.refs = state.refs.saturating_sub(1);
         if old.cluster_ip {
             state.cluster_refs = state.cluster_refs.saturating_sub(1);

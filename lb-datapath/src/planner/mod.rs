@@ -15,17 +15,18 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
+    net::{IpAddr, SocketAddr},
 };
 
 use ipnet::Ipv4Net;
 use lb_common::{
-    Be16, Be32,
-    maps::{AddrInfo, Backend, Frontend, FrontendKey, NodeConfig, addr_flags, backend_flags},
+    maps::{AddrInfo, Frontend, NodeConfig, addr_flags},
     net::proto,
 };
 
-use crate::model::{Desired, DesiredBackend, DesiredFrontend, Members, SetKind, SetName};
+use crate::model::{
+    AnyFrontendKey, Desired, DesiredBackend, DesiredFrontend, Family, Members, SetKind, SetName,
+};
 
 mod frontends;
 mod node;
@@ -44,36 +45,37 @@ pub struct TableWrite {
     pub set_id: u32,
     pub table_size: u32,
     /// (backend id, backend address) of every member that takes new flows.
-    pub members: Vec<(u32, SocketAddrV4)>,
+    pub members: Vec<(u32, SocketAddr)>,
 }
 
 /// The writes, in the order they must happen.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    pub backends: Vec<(u32, Backend)>,
+    pub backends: Vec<(u32, AnyBackend)>,
     pub ranges_added: Vec<(u32, Ipv4Net)>,
     pub tables: Vec<TableWrite>,
     /// `LB_AFFINITY_SCOPE` writes: (set id, the set whose affinity it shares, or 0).
     pub affinity_scopes: Vec<(u32, u32)>,
     /// Counters of newly allocated set ids, zeroed before use.
     pub stats_reset: Vec<u32>,
-    pub frontends: Vec<(FrontendKey, Frontend)>,
+    pub frontends: Vec<(AnyFrontendKey, Frontend)>,
     /// The node's configuration, when it changes.
     pub config: Option<NodeConfig>,
-    pub addrs: Vec<(Be32, AddrInfo)>,
-    pub addrs_removed: Vec<Be32>,
-    pub frontends_removed: Vec<FrontendKey>,
+    pub addrs: Vec<(IpAddr, AddrInfo)>,
+    pub addrs_removed: Vec<IpAddr>,
+    pub frontends_removed: Vec<AnyFrontendKey>,
     pub tables_removed: Vec<u32>,
     pub ranges_removed: Vec<(u32, Ipv4Net)>,
-    pub backends_removed: Vec<u32>,
+    /// Slots to empty, in their family's array.
+    pub backends_removed: Vec<(u32, Family)>,
     /// (set id, backend id) pairs whose backend stopped taking new flows: their session-affinity
     /// entries must go.
     pub affinity_purge: Vec<(u32, u32)>,
     /// (set id, backend address) of UDP sets whose backend stopped serving or left: their flows
     /// must go, as kube-proxy flushes UDP conntrack (by address: its slot may be reused).
-    pub udp_flow_purge: Vec<(u32, SocketAddrV4)>,
+    pub udp_flow_purge: Vec<(u32, SocketAddr)>,
     /// Frontends left out (with their whole service) because a map would overflow, and why.
-    pub overflow: Vec<(FrontendKey, String)>,
+    pub overflow: Vec<(AnyFrontendKey, String)>,
 }
 
 impl Plan {
@@ -101,7 +103,7 @@ impl Plan {
 /// What a change may have touched.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Scope {
-    pub frontends: BTreeSet<FrontendKey>,
+    pub frontends: BTreeSet<AnyFrontendKey>,
     pub sets: BTreeSet<SetName>,
 }
 
@@ -114,13 +116,8 @@ pub enum Extent<'a> {
     Only(&'a Scope),
 }
 
-fn backend_value(b: &DesiredBackend) -> Backend {
-    Backend {
-        addr: Be32::from(*b.addr.ip()),
-        port: Be16::from_host(b.addr.port()),
-        flags: backend_flags::ACTIVE | if b.local { backend_flags::LOCAL } else { 0 },
-        _pad: 0,
-    }
+fn backend_value(b: &DesiredBackend) -> AnyBackend {
+    AnyBackend::active(b.addr, b.local)
 }
 
 /// `members` sorted by address (the translation already sorts them: then they are shared).
@@ -144,7 +141,7 @@ pub fn plan(
     let mut plan = Plan::default();
 
     // What this plan looks at.
-    let (keys, mut names): (BTreeSet<FrontendKey>, BTreeSet<SetName>) = match extent {
+    let (keys, mut names): (BTreeSet<AnyFrontendKey>, BTreeSet<SetName>) = match extent {
         Extent::All => (
             desired
                 .frontends
@@ -170,7 +167,7 @@ pub fn plan(
     // A service fits whole or not at all: when one would overflow a map, none of its changes
     // are made (what was programmed of it stays), and it is reported.
     let skipped = overflowing(desired, current, limits, &keys, &names, &mut plan);
-    let skip_key = |k: &FrontendKey| {
+    let skip_key = |k: &AnyFrontendKey| {
         desired
             .frontends
             .get(k)
@@ -195,7 +192,7 @@ pub fn plan(
     }
     share_affinity(&names, current, &mut plan);
     // Addresses whose frontends changed, with their value before.
-    let mut touched_addrs: BTreeMap<Be32, Option<AddrInfo>> = BTreeMap::new();
+    let mut touched_addrs: BTreeMap<IpAddr, Option<AddrInfo>> = BTreeMap::new();
     for key in keys.iter().filter(|k| !skip_key(k)) {
         match desired.frontends.get(key) {
             Some(f) => upsert_frontend(f, current, &mut plan, &mut touched_addrs),
@@ -204,7 +201,7 @@ pub fn plan(
     }
     if matches!(extent, Extent::All) {
         // Adopted frontends nothing claims, under keys no desired frontend has.
-        let stale: Vec<FrontendKey> = current
+        let stale: Vec<AnyFrontendKey> = current
             .frontends
             .keys()
             .filter(|k| !desired.frontends.contains_key(k))
@@ -217,7 +214,7 @@ pub fn plan(
     if matches!(extent, Extent::All) {
         // Repairs the flags of the node's own addresses too.
         for (addr, _) in node_addrs(&current.config) {
-            if addr.raw() != 0 {
+            if let Some(addr) = addr {
                 touch(addr, current, &mut touched_addrs);
             }
         }
@@ -260,7 +257,7 @@ pub fn plan(
             plan.tables_removed.push(id);
             current.set_ids.release(id);
         }
-        let unused: Vec<SocketAddrV4> = current
+        let unused: Vec<SocketAddr> = current
             .backends
             .iter()
             .filter(|(_, b)| b.refs == 0)
@@ -268,7 +265,7 @@ pub fn plan(
             .collect();
         for addr in unused {
             let b = current.backends.remove(&addr).expect("listed above");
-            plan.backends_removed.push(b.id);
+            plan.backends_removed.push((b.id, b.value.family()));
             current.backend_ids.release(b.id);
         }
         let unused: Vec<u32> = current
@@ -300,7 +297,7 @@ fn overflowing(
     desired: &Desired,
     current: &Programmed,
     limits: &Limits,
-    keys: &BTreeSet<FrontendKey>,
+    keys: &BTreeSet<AnyFrontendKey>,
     names: &BTreeSet<SetName>,
     plan: &mut Plan,
 ) -> BTreeSet<(String, String)> {
@@ -335,14 +332,14 @@ fn overflowing(
             .iter()
             .filter(|n| !current.sets.contains_key(**n))
             .count();
-        let new_backends: BTreeSet<SocketAddrV4> = sets
+        let new_backends: BTreeSet<SocketAddr> = sets
             .iter()
             .flat_map(|n| desired.sets[*n].iter().map(|b| b.addr))
             .filter(|a| !current.backends.contains_key(a) && !seen_backends.contains(a))
             .collect();
-        let new_addrs: BTreeSet<Be32> = service_frontends
+        let new_addrs: BTreeSet<IpAddr> = service_frontends
             .iter()
-            .map(|f| f.key.addr)
+            .map(|f| f.key.addr())
             .filter(|a| !current.addrs.contains_key(a) && !seen_addrs.contains(a))
             .collect();
         let new_ranges: usize = service_frontends
@@ -389,7 +386,7 @@ fn upsert_set(
     current: &mut Programmed,
     limits: &Limits,
     plan: &mut Plan,
-    unreferenced: &mut Vec<SocketAddrV4>,
+    unreferenced: &mut Vec<SocketAddr>,
 ) {
     let wanted = sorted(members);
     let size = table_size(&wanted, limits);
@@ -412,8 +409,8 @@ fn upsert_set(
         }
     };
     let old_members: &[DesiredBackend] = old.as_ref().map(|o| &*o.members).unwrap_or_default();
-    let in_old = |addr: &SocketAddrV4| old_members.binary_search_by_key(addr, |o| o.addr).is_ok();
-    let wanted_member = |addr: &SocketAddrV4| {
+    let in_old = |addr: &SocketAddr| old_members.binary_search_by_key(addr, |o| o.addr).is_ok();
+    let wanted_member = |addr: &SocketAddr| {
         wanted
             .binary_search_by_key(addr, |b| b.addr)
             .ok()
@@ -497,13 +494,13 @@ fn upsert_set(
     );
 }
 
-fn purge_udp(name: &SetName, set_id: u32, backend: SocketAddrV4, plan: &mut Plan) {
+fn purge_udp(name: &SetName, set_id: u32, backend: SocketAddr, plan: &mut Plan) {
     if name.proto == proto::UDP {
         plan.udp_flow_purge.push((set_id, backend));
     }
 }
 
-fn unreference_backend(addr: SocketAddrV4, current: &mut Programmed, plan: &mut Plan) {
+fn unreference_backend(addr: SocketAddr, current: &mut Programmed, plan: &mut Plan) {
     let Some(state) = current.backends.get_mut(&addr) else {
         return;
     };
@@ -511,7 +508,7 @@ fn unreference_backend(addr: SocketAddrV4, current: &mut Programmed, plan: &mut 
     if state.refs == 0 {
         let id = state.id;
         current.backends.remove(&addr);
-        plan.backends_removed.push(id);
+        plan.backends_removed.push((id, Family::of(&addr.ip())));
         current.backend_ids.release(id);
     }
 }
@@ -606,7 +603,7 @@ fn unreference_range(id: u32, current: &mut Programmed, plan: &mut Plan) {
 }
 
 /// Notes the value an address had before this plan touched it.
-fn touch(addr: Be32, current: &Programmed, touched: &mut BTreeMap<Be32, Option<AddrInfo>>) {
+fn touch(addr: IpAddr, current: &Programmed, touched: &mut BTreeMap<IpAddr, Option<AddrInfo>>) {
     touched.entry(addr).or_insert_with(|| {
         current
             .addrs

@@ -1,7 +1,7 @@
 //! The node's own configuration (`LB_CONFIG`) and the flags its SNAT and hairpin addresses
 //! carry in `LB_ADDRS`.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
     Be32,
@@ -36,11 +36,13 @@ pub fn node_config(desired: &Desired) -> NodeConfig {
     }
 }
 
-/// The node's own addresses in a configuration, with the flag each carries in LB_ADDRS.
-pub(super) fn node_addrs(config: &NodeConfig) -> [(Be32, u32); 2] {
+/// The node's own addresses in a configuration (`None` where unset), with the flag each
+/// carries in LB_ADDRS.
+pub(super) fn node_addrs(config: &NodeConfig) -> [(Option<IpAddr>, u32); 2] {
+    let set = |addr: Be32| (addr.raw() != 0).then(|| IpAddr::V4(addr.to_ip()));
     [
-        (config.snat_addr, addr_flags::SNAT),
-        (config.hairpin_addr, addr_flags::HAIRPIN),
+        (set(config.snat_addr), addr_flags::SNAT),
+        (set(config.hairpin_addr), addr_flags::HAIRPIN),
     ]
 }
 
@@ -50,20 +52,20 @@ pub(super) fn update_config(
     desired: &Desired,
     current: &mut Programmed,
     plan: &mut Plan,
-    touched: &mut BTreeMap<Be32, Option<AddrInfo>>,
+    touched: &mut BTreeMap<IpAddr, Option<AddrInfo>>,
 ) {
     let config = node_config(desired);
     if config == current.config {
         return;
     }
     for (addr, flag) in node_addrs(&current.config) {
-        if addr.raw() != 0 {
+        if let Some(addr) = addr {
             touch(addr, current, touched);
             current.addrs.entry(addr).or_default().node_flags &= !flag;
         }
     }
     for (addr, flag) in node_addrs(&config) {
-        if addr.raw() != 0 {
+        if let Some(addr) = addr {
             touch(addr, current, touched);
             current.addrs.entry(addr).or_default().node_flags |= flag;
         }

@@ -4,16 +4,61 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
+    net::{IpAddr, SocketAddr},
 };
 
 use ipnet::Ipv4Net;
 use lb_common::{
-    Be32,
-    maps::{AddrInfo, Backend, Frontend, FrontendKey, NodeConfig},
+    Be16, Be32, Be128,
+    maps::{AddrInfo, Backend, Backend6, Frontend, NodeConfig, backend_flags},
 };
 
-use crate::model::{DesiredBackend, Members, SetName};
+use crate::model::{AnyFrontendKey, DesiredBackend, Family, Members, SetName};
+
+/// A backend slot's value in its family's array (`LB_BACKENDS`, `LB6_BACKENDS`). One id
+/// allocator serves both: an id names a slot in one of the arrays only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnyBackend {
+    V4(Backend),
+    V6(Backend6),
+}
+
+impl AnyBackend {
+    /// The value of an active backend at `addr`, on this node when `local`.
+    pub fn active(addr: SocketAddr, local: bool) -> Self {
+        let flags = backend_flags::ACTIVE | if local { backend_flags::LOCAL } else { 0 };
+        let port = Be16::from_host(addr.port());
+        match addr.ip() {
+            IpAddr::V4(ip) => Self::V4(Backend {
+                addr: Be32::from(ip),
+                port,
+                flags,
+                _pad: 0,
+            }),
+            IpAddr::V6(ip) => Self::V6(Backend6 {
+                addr: Be128::from(ip),
+                port,
+                flags,
+                _pad: 0,
+            }),
+        }
+    }
+
+    /// The backend's address and port.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Self::V4(b) => SocketAddr::new(b.addr.to_ip().into(), b.port.to_host()),
+            Self::V6(b) => SocketAddr::new(b.addr.to_ip().into(), b.port.to_host()),
+        }
+    }
+
+    pub fn family(&self) -> Family {
+        match self {
+            Self::V4(_) => Family::V4,
+            Self::V6(_) => Family::V6,
+        }
+    }
+}
 
 /// Map capacities the plan must fit in (entries).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +119,7 @@ impl IdAlloc {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendState {
     pub id: u32,
-    pub value: Backend,
+    pub value: AnyBackend,
     /// Sets that list it.
     pub refs: u32,
 }
@@ -119,10 +164,10 @@ pub struct RangeState {
 /// What the maps hold, as far as the agent knows (its shadow, rebuilt from the maps at start).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Programmed {
-    pub backends: BTreeMap<SocketAddrV4, BackendState>,
+    pub backends: BTreeMap<SocketAddr, BackendState>,
     pub sets: BTreeMap<SetName, SetState>,
-    pub frontends: BTreeMap<FrontendKey, FrontendState>,
-    pub addrs: BTreeMap<Be32, AddrState>,
+    pub frontends: BTreeMap<AnyFrontendKey, FrontendState>,
+    pub addrs: BTreeMap<IpAddr, AddrState>,
     pub ranges: BTreeMap<u32, RangeState>,
     pub config: NodeConfig,
     /// Set ids found holding a Maglev table at start that no desired set took over: removed by
@@ -149,7 +194,10 @@ pub fn table_digest(members: &[DesiredBackend], table_size: u32) -> u32 {
     };
     eat(&table_size.to_be_bytes());
     for b in members.iter().filter(|b| b.selectable()) {
-        eat(&b.addr.ip().octets());
+        match b.addr.ip() {
+            IpAddr::V4(ip) => eat(&ip.octets()),
+            IpAddr::V6(ip) => eat(&ip.octets()),
+        }
         eat(&b.addr.port().to_be_bytes());
     }
     hash

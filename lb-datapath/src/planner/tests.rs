@@ -1,9 +1,9 @@
 //! The planner's rules on small desired states: dependency order, idempotence, incremental
 //! plans equal to full ones, stable ids, overflow handling.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
-use lb_common::maps::{hairpin, scope};
+use lb_common::maps::{FrontendKey, hairpin, scope};
 
 use super::*;
 use crate::model::{FrontendKind, SetKind};
@@ -23,7 +23,7 @@ fn set(service: &str, kind: SetKind) -> SetName {
 
 fn backend(last: u8, weight: u32) -> DesiredBackend {
     DesiredBackend {
-        addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080),
+        addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080).into(),
         local: true,
         weight,
         serving: true,
@@ -40,7 +40,8 @@ fn desired(services: &[(u8, &[DesiredBackend])]) -> Desired {
             80,
             proto::TCP,
             scope::INTERNAL,
-        );
+        )
+        .into();
         d.sets.insert(name.clone(), (*backends).into());
         d.frontends.insert(
             key,
@@ -80,18 +81,21 @@ fn a_first_sync_writes_in_dependency_order() {
     assert_eq!(p.tables.len(), 1, "only the two-backend set needs a table");
     assert_eq!(p.frontends.len(), 2);
     // Two ClusterIPs, and the node's hairpin address (there is no SNAT address yet).
-    let hairpin = Be32::from(Ipv4Addr::from(hairpin::DEFAULT_ADDR));
+    let hairpin = IpAddr::from(hairpin::DEFAULT_ADDR);
     assert_eq!(p.addrs.len(), 3);
     assert!(p.addrs.iter().all(|(addr, info)| if *addr == hairpin {
         info.flags == addr_flags::HAIRPIN
     } else {
         info.flags == addr_flags::CLUSTER_IP
     }));
-    assert_eq!(p.config.map(|c| c.hairpin_addr), Some(hairpin));
+    assert_eq!(
+        p.config.map(|c| IpAddr::from(c.hairpin_addr)),
+        Some(hairpin)
+    );
     let single = p
         .frontends
         .iter()
-        .find(|(k, _)| k.addr == Be32::from(Ipv4Addr::new(172, 30, 0, 2)))
+        .find(|(k, _)| k.addr() == Ipv4Addr::new(172, 30, 0, 2))
         .unwrap()
         .1;
     assert_eq!((single.backend_count, single.table_size), (1, 0));
@@ -128,7 +132,7 @@ fn an_incremental_plan_equals_the_full_one() {
         frontends: after
             .frontends
             .keys()
-            .filter(|k| k.addr.to_ip().octets()[3] != 1)
+            .filter(|k| k.addr() != Ipv4Addr::new(172, 30, 0, 1))
             .copied()
             .collect(),
         sets: [set("svc2", SetKind::Cluster), set("svc3", SetKind::Cluster)].into(),
@@ -170,7 +174,7 @@ fn ids_stay_with_what_they_name_when_others_change() {
         assert_eq!(p.sets[name].id, *id, "{name} kept its id");
     }
     for (addr, state) in &backends_before {
-        if addr.ip().octets()[3] != 22 {
+        if addr.ip() != Ipv4Addr::new(10, 0, 0, 22) {
             assert_eq!(p.backends[addr].id, state.id);
         }
     }
@@ -346,7 +350,8 @@ fn a_local_set_shares_its_cluster_sets_affinity() {
         30_080,
         proto::TCP,
         scope::EXTERNAL,
-    );
+    )
+    .into();
     d.frontends.insert(
         key,
         DesiredFrontend {
@@ -383,7 +388,7 @@ fn a_local_set_shares_its_cluster_sets_affinity() {
     assert_eq!(next.affinity_purge, [(cluster_id, twelve)]);
 
     // The Cluster set goes: the Local set reads its own entries again.
-    let cluster_frontends: Vec<FrontendKey> = d
+    let cluster_frontends: Vec<AnyFrontendKey> = d
         .frontends
         .iter()
         .filter(|(_, f)| f.set.kind == SetKind::Cluster)
@@ -396,4 +401,62 @@ fn a_local_set_shares_its_cluster_sets_affinity() {
     let next = full(&d, &mut p);
     assert!(next.affinity_scopes.contains(&(local_id, 0)), "{next:?}");
     assert!(p.affinity_scopes.is_empty());
+}
+
+/// A dual-stack Service port: its IPv6 set and ClusterIP are planned as the IPv4 ones, with set
+/// and backend ids from the same allocators (the Maglev map and the counters are shared), and
+/// their writes name their family's maps.
+#[test]
+fn an_ipv6_set_takes_ids_beside_the_ipv4_ones_and_its_writes_name_its_family() {
+    let mut d = desired(&[(1, &[backend(11, 1), backend(12, 1)])]);
+    let v6 = set("svc1", SetKind::Cluster).in_family(Family::V6);
+    let pod = |last: u16| DesiredBackend {
+        addr: SocketAddr::new(
+            Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, last).into(),
+            8080,
+        ),
+        local: true,
+        weight: 1,
+        serving: true,
+    };
+    d.sets
+        .insert(v6.clone(), [pod(11), pod(12)].as_slice().into());
+    let vip6: IpAddr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 1).into();
+    let key = AnyFrontendKey::new(vip6, 80, proto::TCP, scope::INTERNAL);
+    let frontend = DesiredFrontend {
+        key,
+        set: v6.clone(),
+        ..d.frontends.values().next().unwrap().clone()
+    };
+    d.frontends.insert(key, frontend);
+
+    let mut p = Programmed::default();
+    let plan = full(&d, &mut p);
+    let v4 = set("svc1", SetKind::Cluster);
+    assert_ne!(p.sets[&v4].id, p.sets[&v6].id);
+    assert_eq!(plan.tables.len(), 2, "a table per family's set");
+    let ids: BTreeSet<u32> = plan.backends.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids.len(), 4, "four backends, four slots");
+    let families: Vec<Family> = plan.backends.iter().map(|(_, b)| b.family()).collect();
+    assert_eq!(
+        families.iter().filter(|f| **f == Family::V6).count(),
+        2,
+        "{families:?}"
+    );
+    assert!(plan.frontends.iter().any(|(k, _)| *k == key));
+    assert!(
+        plan.addrs
+            .iter()
+            .any(|(a, i)| *a == vip6 && i.flags == addr_flags::CLUSTER_IP)
+    );
+    assert!(full(&d, &mut p).is_empty(), "nothing more to write");
+
+    // The IPv6 set goes: its backends leave their family's array, its address its map.
+    d.frontends.remove(&key);
+    d.sets.remove(&v6);
+    let plan = full(&d, &mut p);
+    assert_eq!(plan.frontends_removed, [key]);
+    assert_eq!(plan.addrs_removed, [vip6]);
+    assert_eq!(plan.backends_removed.len(), 2);
+    assert!(plan.backends_removed.iter().all(|(_, f)| *f == Family::V6));
 }
