@@ -285,14 +285,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Why an IPv6 address gets no trace.
-const IPV6_NOT_SERVED: &str = "IPv6, which this datapath does not serve yet (docs/ipv6.md)";
+const IPV6_NOT_TRACED: &str = "IPv6, which lbctl does not trace yet (docs/ipv6.md)";
 
-/// A packet's address and port: IPv4 (an IPv6 packet passes every program untouched).
+/// A packet's address and port: IPv4 (the predictor replays the IPv4 programs only).
 fn packet_address(text: &str) -> Result<SocketAddrV4, String> {
     match text.parse::<SocketAddr>() {
         Ok(SocketAddr::V4(addr)) => Ok(addr),
         Ok(SocketAddr::V6(_)) => Err(format!(
-            "{text} is {IPV6_NOT_SERVED}: an IPv6 packet passes every program untouched"
+            "{text} is {IPV6_NOT_TRACED}: `lbctl service list` and `lbctl maps dump` show the \
+             IPv6 frontends and flows"
         )),
         Err(_) => Err(format!("{text:?} is not an address and port (IP:PORT)")),
     }
@@ -306,8 +307,9 @@ fn socket_destination(text: &str) -> Result<SocketAddrV4, String> {
         Ok(SocketAddr::V6(addr)) => match addr.ip().to_ipv4_mapped() {
             Some(ip) => Ok(SocketAddrV4::new(ip, addr.port())),
             None => Err(format!(
-                "{text} is {IPV6_NOT_SERVED}: the socket hooks translate IPv4 addresses and \
-                 IPv4-mapped ones ([::ffff:a.b.c.d]:PORT) only, and leave this call as it is"
+                "{text} is IPv6: the socket hooks translate IPv4 addresses and IPv4-mapped ones \
+                 ([::ffff:a.b.c.d]:PORT) only, and leave this call to the packet path \
+                 (docs/ipv6.md)"
             )),
         },
         Err(_) => Err(format!("{text:?} is not an address and port (IP:PORT)")),
@@ -349,7 +351,10 @@ mod tests {
         assert_eq!(socket_destination("[::ffff:10.96.0.10]:80"), Ok(v4));
         for text in ["[fd00::10]:80", "[::ffff:10.96.0.10]:80"] {
             let err = packet_address(text).unwrap_err();
-            assert!(err.contains("IPv6") && err.contains("untouched"), "{err}");
+            assert!(
+                err.contains("IPv6") && err.contains("service list"),
+                "{err}"
+            );
         }
         let err = socket_destination("[fd00::10]:80").unwrap_err();
         assert!(err.contains("IPv4-mapped"), "{err}");

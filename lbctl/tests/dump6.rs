@@ -1,7 +1,7 @@
 //! `lbctl maps dump` of IPv6's own maps (`LB6_ADDRS`, `LB6_SERVICES`, `LB6_BACKENDS`,
 //! `LB6_CT`) against the real, pinned maps: the rows of their IPv4 counterparts, with IPv6
-//! addresses. The entries are written straight into the maps, as nothing programs IPv6
-//! services yet. Needs root (BPF, mount).
+//! addresses; and `lbctl service list` of an IPv6 frontend. The entries are written straight
+//! into the maps. Needs root (BPF, mount).
 
 mod common;
 
@@ -146,6 +146,26 @@ fn ipv6_maps_dump_like_their_ipv4_counterparts() {
         "LB6_CT (1 entry)",
         "[fd00::2]:40000",
     ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn service_list_shows_ipv6_frontends_after_the_ipv4_ones() {
+    let Some(mut f) = Fixture::new() else { return };
+    write_ipv6_service(&mut f);
+    let list = f.json(&["service", "list"]);
+    let rows = list.as_array().unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r["frontend"] == json!("[fd00:96::10]:80"))
+        .unwrap_or_else(|| panic!("no IPv6 row in {list:#}"));
+    assert_eq!(row["cluster_ip"], json!(true));
+    assert_eq!(row["backends"][0]["addr"], json!("[fd00:1::5]:8080"));
+    assert_eq!(row["backends"][0]["state"], json!("active"));
+    assert_eq!(row["backends"][0]["percent"], json!(100.0));
+    let text = f.text(&["service", "list"]);
+    for needle in ["[fd00:96::10]:80", "[fd00:1::5]:8080"] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
 }

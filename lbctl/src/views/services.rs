@@ -1,14 +1,16 @@
-//! `lbctl service list`: one row per frontend, with its backend set's backends (their share of
-//! the Maglev table), source ranges and counters.
+//! `lbctl service list`: one row per frontend (IPv4 ones, then IPv6 ones), with its backend set's
+//! backends (their share of the Maglev table), source ranges and counters.
 
-use std::{collections::BTreeMap, net::SocketAddrV4};
+use std::{collections::BTreeMap, net::SocketAddr};
 
-use lb_common::maps::{Backend, addr_flags, backend_flags};
+use lb_common::maps::{
+    self as names, AddrInfo, BackendOf, Frontend, FrontendKeyOf, addr_flags, backend_flags,
+};
 use lb_datapath::maps::{Maps, MapsError};
 use serde::Serialize;
 
-use super::rows::{self, ServiceValue, SlotShare};
-use crate::decode::{Proto, Scope, display_serialized, socket};
+use super::rows::{self, RangeRow, ServiceValue, SlotShare};
+use crate::decode::{MapAddress, Proto, Scope, display_serialized};
 
 /// A backend of a service, as far as the maps tell (weights are not stored: the share of Maglev
 /// slots is what the datapath acts on).
@@ -17,7 +19,7 @@ pub struct ServiceBackend {
     pub backend_id: u32,
     pub state: BackendState,
     /// The backend's address (active backends only).
-    pub addr: Option<SocketAddrV4>,
+    pub addr: Option<SocketAddr>,
     pub local: bool,
     /// Maglev slots pointing at it; `null` for a single backend (no table).
     pub slots: Option<u32>,
@@ -40,8 +42,8 @@ display_serialized!(BackendState);
 /// `lbctl service list`: one row per frontend.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ServiceListRow {
-    /// `"ip:port"`.
-    pub frontend: SocketAddrV4,
+    /// `"ip:port"`, `"[ip6]:port"`.
+    pub frontend: SocketAddr,
     pub proto: Proto,
     pub scope: Scope,
     /// The frontend address is a ClusterIP (unknown ports are rejected).
@@ -77,78 +79,116 @@ pub struct SocketCounters {
 /// source ranges and counters.
 pub fn list(maps: &Maps) -> Result<Vec<ServiceListRow>, MapsError> {
     let services = rows::read_services(maps)?;
+    let services6 = rows::sorted_frontends(maps.services6.iter(), names::LB6_SERVICES)?;
     let ranges = rows::read_ranges(maps)?;
     let mut tables: BTreeMap<(u32, u32), Result<Vec<SlotShare>, String>> = BTreeMap::new();
-    for (id, size) in rows::tabled_sets(services.iter().map(|(_, s)| s)) {
+    let values = services.iter().map(|(_, s)| s);
+    for (id, size) in rows::tabled_sets(values.chain(services6.iter().map(|(_, s)| s))) {
         let table = maps
             .maglev_table(id, size)
             .map(|t| rows::shares(&t))
             .map_err(|e| rows::error_text(&e));
         tables.insert((id, size), table);
     }
-    let mut out = Vec::new();
-    for (key, svc) in &services {
-        let cluster_ip = maps
-            .addrs
-            .get(&key.addr, 0)
-            .is_ok_and(|a| a.flags & addr_flags::CLUSTER_IP != 0);
-        let mut error = None;
-        let backends = if svc.backend_count == 0 {
-            Vec::new()
-        } else if svc.table_size == 0 {
-            vec![backend(maps, svc.backend_id, None, 0)]
-        } else {
-            match &tables[&(svc.set_id, svc.table_size)] {
-                Ok(shares) => shares
-                    .iter()
-                    .map(|s| backend(maps, s.backend_id, Some(s.slots), svc.table_size))
-                    .collect(),
-                Err(e) => {
-                    error = Some(e.clone());
-                    Vec::new()
-                }
-            }
-        };
-        let counters = maps.set_totals(svc.set_id)?;
-        let sock = maps.sock_totals(svc.set_id)?;
-        out.push(ServiceListRow {
-            frontend: socket(key.addr, key.port),
-            proto: key.proto.into(),
-            scope: key.scope.into(),
-            cluster_ip,
-            service: svc.into(),
-            source_ranges: ranges
-                .iter()
-                .filter(|r| svc.source_range_id != 0 && r.range_id == svc.source_range_id)
-                .map(|r| r.cidr.clone())
-                .collect(),
-            backends,
-            packets: counters.packets,
-            bytes: counters.bytes,
-            new_flows: counters.new_flows,
-            socket: SocketCounters {
-                connects: sock.connects,
-                datagrams: sock.datagrams,
-                refused: sock.refused,
-            },
-            error,
-        });
-    }
+    let family = Family {
+        maps,
+        ranges: &ranges,
+        tables: &tables,
+    };
+    let mut out = family.rows(
+        &services,
+        |addr| maps.addrs.get(addr, 0).ok(),
+        |id| maps.backends.get(&id, 0).ok(),
+    )?;
+    out.extend(family.rows(
+        &services6,
+        |addr| maps.addrs6.get(addr, 0).ok(),
+        |id| maps.backends6.get(&id, 0).ok(),
+    )?);
     Ok(out)
 }
 
-fn backend(maps: &Maps, id: u32, slots: Option<u32>, size: u32) -> ServiceBackend {
-    let backend = maps.backends.get(&id, 0).ok().filter(Backend::is_active);
-    ServiceBackend {
-        backend_id: id,
-        state: if backend.is_some() {
-            BackendState::Active
-        } else {
-            BackendState::Missing
-        },
-        addr: backend.map(|b| socket(b.addr, b.port)),
-        local: backend.is_some_and(|b| b.flags & backend_flags::LOCAL != 0),
-        slots,
-        percent: slots.map_or(100.0, |s| rows::percent(s, size)),
+/// What one family's rows are built from.
+struct Family<'a> {
+    maps: &'a Maps,
+    ranges: &'a [RangeRow],
+    tables: &'a BTreeMap<(u32, u32), Result<Vec<SlotShare>, String>>,
+}
+
+impl Family<'_> {
+    /// The rows of `services`, one family's frontends: `addr_info` reads an address's entry in
+    /// that family's `LB_ADDRS`, `backend_at` a slot of its backends array.
+    fn rows<A: MapAddress>(
+        &self,
+        services: &[(FrontendKeyOf<A>, Frontend)],
+        addr_info: impl Fn(&A) -> Option<AddrInfo>,
+        backend_at: impl Fn(u32) -> Option<BackendOf<A>>,
+    ) -> Result<Vec<ServiceListRow>, MapsError>
+    where
+        A::Socket: Into<SocketAddr>,
+    {
+        let backend = |id: u32, slots: Option<u32>, size: u32| {
+            let backend = backend_at(id).filter(BackendOf::is_active);
+            ServiceBackend {
+                backend_id: id,
+                state: if backend.is_some() {
+                    BackendState::Active
+                } else {
+                    BackendState::Missing
+                },
+                addr: backend.map(|b| b.addr.with_port(b.port).into()),
+                local: backend.is_some_and(|b| b.flags & backend_flags::LOCAL != 0),
+                slots,
+                percent: slots.map_or(100.0, |s| rows::percent(s, size)),
+            }
+        };
+        let mut out = Vec::new();
+        for (key, svc) in services {
+            let cluster_ip =
+                addr_info(&key.addr).is_some_and(|a| a.flags & addr_flags::CLUSTER_IP != 0);
+            let mut error = None;
+            let backends = if svc.backend_count == 0 {
+                Vec::new()
+            } else if svc.table_size == 0 {
+                vec![backend(svc.backend_id, None, 0)]
+            } else {
+                match &self.tables[&(svc.set_id, svc.table_size)] {
+                    Ok(shares) => shares
+                        .iter()
+                        .map(|s| backend(s.backend_id, Some(s.slots), svc.table_size))
+                        .collect(),
+                    Err(e) => {
+                        error = Some(e.clone());
+                        Vec::new()
+                    }
+                }
+            };
+            let counters = self.maps.set_totals(svc.set_id)?;
+            let sock = self.maps.sock_totals(svc.set_id)?;
+            out.push(ServiceListRow {
+                frontend: key.addr.with_port(key.port).into(),
+                proto: key.proto.into(),
+                scope: key.scope.into(),
+                cluster_ip,
+                service: svc.into(),
+                source_ranges: self
+                    .ranges
+                    .iter()
+                    .filter(|r| svc.source_range_id != 0 && r.range_id == svc.source_range_id)
+                    .map(|r| r.cidr.clone())
+                    .collect(),
+                backends,
+                packets: counters.packets,
+                bytes: counters.bytes,
+                new_flows: counters.new_flows,
+                socket: SocketCounters {
+                    connects: sock.connects,
+                    datagrams: sock.datagrams,
+                    refused: sock.refused,
+                },
+                error,
+            });
+        }
+        Ok(out)
     }
 }
