@@ -11,6 +11,7 @@
 //! passed to the stack).
 
 use lb_common::{
+    Address, Be16, Be128,
     conntrack::{self, CtEntry6, FORWARD, FlowKey6},
     maps::{Frontend, FrontendKey6},
     net::proto,
@@ -52,9 +53,10 @@ pub fn from_client<F: Frame>(frame: &mut F, scope: u8) -> Action {
         if ct::touch(entry, ip.proto, l4.tcp_flags, now) {
             ct::refresh_reply(&flow, entry, now);
         }
-        // SAFETY: map value from a successful lookup.
-        let e = unsafe { *entry };
-        return match forward::established(frame, &ip, &l4, &e, len) {
+        // SAFETY: map value from a successful lookup; read in place (a copy would take 56 bytes
+        // of a stack that 6.1's verifier allows 480 of beside a `memset` call).
+        let e = unsafe { &*entry };
+        return match forward::established(frame, &ip, &l4, e, len) {
             Ok(()) => Action::Pass,
             Err(action) => action,
         };
@@ -98,6 +100,8 @@ fn new_flow<F: Frame>(
         return counted(Reason::DropSnatPorts, len, Action::Drop);
     }
     let (flags, deadline_ns) = conntrack::initial(ip.proto, l4.tcp_flags, now);
+    // Every field written out: `..Default::default()` would zero the entry with a call to
+    // `memset`, a subprogram whose frame 6.1's verifier adds to this one's.
     let forward = CtEntry6 {
         deadline_ns,
         backend_id,
@@ -105,7 +109,10 @@ fn new_flow<F: Frame>(
         nat_addr: backend.addr,
         nat_port: backend.port,
         flags,
-        ..CtEntry6::default()
+        nat_flags: 0,
+        snat_addr: Be128::ZERO,
+        snat_port: Be16::from_raw(0),
+        _pad2: [0; 2],
     };
     let reply_written = match forward::claim_reply(flow, &forward, now) {
         Claim::Claimed => true,
