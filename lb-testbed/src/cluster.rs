@@ -8,6 +8,12 @@
 //!   [lan: br0 <- "client" port, "node<i>" ports (GRO on, XDP_PASS attached)]
 //! ```
 //!
+//! The bed is dual-stack: every interface above also has the IPv6 twin of its IPv4 address
+//! ([`crate::addressing`]: the client `fd00:192:168:50::2/64`, node-0 `fd00:192:168:50::10/64`,
+//! node-i's pods `fd00:10:10:<i>::/64`, its first pod `fd00:10:10:<i>::2/128`), every IPv4 route
+//! has its IPv6 twin, and nodes forward both families. The bridge floods multicast (no
+//! snooping), so that neighbour discovery never waits for a membership report.
+//!
 //! The links come in two [`Wiring`]s, because a datapath meets both: NIC-like frames (complete
 //! checksums, nothing over the MTU), with the nodes' ports on the bridge and the pods' ends of
 //! their veths ready for frames sent with XDP (GRO on, and an XDP program that passes
@@ -46,7 +52,12 @@
 //! # }
 //! ```
 
-use std::{ffi::OsStr, net::Ipv4Addr, path::Path, process::Command};
+use std::{
+    ffi::OsStr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+    process::Command,
+};
 
 use anyhow::{Context as _, Result, bail, ensure};
 
@@ -117,6 +128,8 @@ pub struct PodRef<'a> {
     pub node: usize,
     pub name: &'a str,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (the twin of `ip`).
+    pub ip6: Ipv6Addr,
     pub ns: &'a Netns,
     /// The pod's veth on the node side (in the node's namespace), e.g. `lbpod0`.
     pub host_iface: &'a str,
@@ -128,6 +141,7 @@ impl<'a> From<(usize, &'a Pod)> for PodRef<'a> {
             node,
             name: &pod.name,
             ip: pod.ip,
+            ip6: pod.ip6,
             ns: &pod.ns,
             host_iface: &pod.host_iface,
         }
@@ -165,18 +179,22 @@ impl Cluster {
             "0",
             "forward_delay",
             "0",
+            "mcast_snooping",
+            "0",
         ])
         .with_context(|| format!("creating the bridge in netns {}", lan.name()))?;
         lan.ip(&["link", "set", BRIDGE, "up"])?;
 
         let client = Netns::new(format!("{prefix}-client"))?;
         attach_to_lan(&lan, &client, CLIENT_PORT, plan.client_ip(), wiring)?;
+        add_lan_ip6(&client, plan.client_ip6())?;
 
         let mut built = Vec::with_capacity(nodes);
         let mut lan_xdp = Vec::with_capacity(nodes);
         for i in 0..nodes {
             let node = Node::in_bed(&prefix, &node_name(i))?;
             attach_to_lan(&lan, &node.ns, &lan_port(i), plan.node_ip(i), wiring)?;
+            add_lan_ip6(&node.ns, plan.node_ip6(i))?;
             built.push(node);
             if wiring == Wiring::NicLike {
                 // A node's datapath may send frames back out of its uplink with XDP_TX.
@@ -196,6 +214,20 @@ impl Cluster {
                         UPLINK,
                     ])
                     .with_context(|| format!("routing node-{i}'s pods from {}", node.ns.name()))?;
+                node.ns
+                    .ip(&[
+                        "-6",
+                        "route",
+                        "add",
+                        &plan.pod_cidr6(i),
+                        "via",
+                        &plan.node_ip6(i).to_string(),
+                        "dev",
+                        UPLINK,
+                    ])
+                    .with_context(|| {
+                        format!("routing node-{i}'s IPv6 pods from {}", node.ns.name())
+                    })?;
             }
         }
         Ok(Self {
@@ -296,6 +328,12 @@ impl Cluster {
         self.plan.node_ip(i)
     }
 
+    /// Node `i`'s IPv6 address on the LAN (its IPv6 InternalIP in
+    /// [`Cluster::node_manifests_dual_stack`]).
+    pub fn node_ip6(&self, i: usize) -> Ipv6Addr {
+        self.plan.node_ip6(i)
+    }
+
     /// The interface connecting a node (or the client) to the LAN, in its own namespace.
     pub fn uplink(&self) -> &'static str {
         UPLINK
@@ -321,42 +359,63 @@ impl Cluster {
         self.plan.client_ip()
     }
 
+    pub fn client_ip6(&self) -> Ipv6Addr {
+        self.plan.client_ip6()
+    }
+
     /// Routes `cidr` (a LoadBalancer IP, an externalIP...) from the client via node `via_node`,
-    /// as an upstream router or a MetalLB-style announcement would.
+    /// as an upstream router or a MetalLB-style announcement would; an IPv6 `cidr` via the
+    /// node's IPv6 address.
     pub fn client_route(&self, cidr: &str, via_node: usize) -> Result<()> {
         ensure!(via_node < self.nodes.len(), "no node {via_node}");
+        let via = if cidr.contains(':') {
+            self.node_ip6(via_node).to_string()
+        } else {
+            self.node_ip(via_node).to_string()
+        };
         self.client
-            .ip(&[
-                "route",
-                "add",
-                cidr,
-                "via",
-                &self.node_ip(via_node).to_string(),
-                "dev",
-                UPLINK,
-            ])
+            .ip(&["route", "add", cidr, "via", &via, "dev", UPLINK])
             .with_context(|| format!("routing {cidr} from the client via node-{via_node}"))?;
         Ok(())
     }
 
     /// Gives the client another address to send from (bind to it): on the LAN when `ip` is in
-    /// the LAN's range; otherwise as an address of a network behind the client, which every
-    /// node then routes via the client's first address.
-    pub fn add_client_ip(&self, ip: Ipv4Addr) -> Result<()> {
-        if self.plan.on_lan(ip) {
-            let cidr = format!("{ip}/{}", AddressPlan::LAN_PREFIX_LEN);
-            self.client.ip(&["addr", "add", &cidr, "dev", UPLINK])?;
+    /// the LAN's range (of its family); otherwise as an address of a network behind the client,
+    /// which every node then routes via the client's first address of that family.
+    pub fn add_client_ip(&self, ip: impl Into<IpAddr>) -> Result<()> {
+        let ip = ip.into();
+        let (on_lan, lan_len, host_len, via, nodad) = match ip {
+            IpAddr::V4(v4) => (
+                self.plan.on_lan(v4),
+                AddressPlan::LAN_PREFIX_LEN,
+                32,
+                IpAddr::V4(self.client_ip()),
+                None,
+            ),
+            IpAddr::V6(v6) => (
+                self.plan.on_lan6(v6),
+                AddressPlan::LAN_PREFIX_LEN6,
+                128,
+                IpAddr::V6(self.client_ip6()),
+                Some("nodad"),
+            ),
+        };
+        let len = if on_lan { lan_len } else { host_len };
+        let cidr = format!("{ip}/{len}");
+        let mut args = vec!["addr", "add", &cidr, "dev", UPLINK];
+        args.extend(nodad);
+        self.client.ip(&args)?;
+        if on_lan {
             return Ok(());
         }
-        self.client
-            .ip(&["addr", "add", &format!("{ip}/32"), "dev", UPLINK])?;
+        let host = format!("{ip}/{host_len}");
         for node in &self.nodes {
             node.ns.ip(&[
                 "route",
                 "add",
-                &format!("{ip}/32"),
+                &host,
                 "via",
-                &self.client_ip().to_string(),
+                &via.to_string(),
                 "dev",
                 UPLINK,
             ])?;
@@ -365,7 +424,8 @@ impl Cluster {
     }
 
     /// Adds a pod without a server (a client pod) on node `node`, with the next free address
-    /// of the node's range. Pod names are unique in the cluster.
+    /// of the node's range (and its IPv6 twin: [`PodRef::ip6`]). Pod names are unique in the
+    /// cluster.
     pub fn add_pod(&mut self, node: usize, name: &str) -> Result<Ipv4Addr> {
         ensure!(node < self.nodes.len(), "no node {node} for pod {name}");
         if let Some(existing) = self.find_pod(name) {
@@ -383,8 +443,8 @@ impl Cluster {
         Ok(ip)
     }
 
-    /// Adds a pod on node `node` running a `hostnames` server on `port` (TCP and UDP) that
-    /// answers as `name`; the server lives as long as the cluster.
+    /// Adds a pod on node `node` running a `hostnames` server on `port` (TCP and UDP, both
+    /// families) that answers as `name`; the server lives as long as the cluster.
     pub fn add_hostnames_pod(&mut self, node: usize, name: &str, port: u16) -> Result<Ipv4Addr> {
         let ip = self.add_pod(node, name)?;
         let server = Server::hostnames(self.pod(name).ns, name, port)
@@ -423,6 +483,18 @@ impl Cluster {
         manifests::documents((0..self.nodes.len()).map(|i| {
             NodeManifest::new(self.node_name(i), self.node_ip(i))
                 .pod_cidr(&self.plan.pod_cidr(i))
+                .yaml()
+        }))
+    }
+
+    /// The Node objects of every node as a dual-stack cluster's kubelet reports them: both
+    /// InternalIPs (IPv4 first) and both pod CIDRs.
+    pub fn node_manifests_dual_stack(&self) -> String {
+        manifests::documents((0..self.nodes.len()).map(|i| {
+            NodeManifest::new(self.node_name(i), self.node_ip(i))
+                .internal_ip(self.node_ip6(i))
+                .pod_cidr(&self.plan.pod_cidr(i))
+                .pod_cidr(&self.plan.pod_cidr6(i))
                 .yaml()
         }))
     }
@@ -471,5 +543,14 @@ fn attach_to_lan(lan: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr, wiring: Wiri
     let cidr = format!("{ip}/{}", AddressPlan::LAN_PREFIX_LEN);
     ns.ip(&["addr", "add", &cidr, "dev", UPLINK])?;
     ns.ip(&["link", "set", UPLINK, "up"])?;
+    Ok(())
+}
+
+/// Gives `ns`'s uplink its IPv6 address on the LAN, usable at once (no duplicate address
+/// detection).
+fn add_lan_ip6(ns: &Netns, ip: Ipv6Addr) -> Result<()> {
+    let cidr = format!("{ip}/{}", AddressPlan::LAN_PREFIX_LEN6);
+    ns.ip(&["-6", "addr", "add", &cidr, "dev", UPLINK, "nodad"])
+        .with_context(|| format!("adding {cidr} to the uplink of {}", ns.name()))?;
     Ok(())
 }

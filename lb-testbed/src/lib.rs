@@ -3,6 +3,10 @@
 //! multi-node cluster on a LAN with an external client ([`Cluster`]), the real agent on each of
 //! its nodes ([`Agents`]) and the Kubernetes objects they read ([`manifests`]).
 //!
+//! The beds are dual-stack: every pod, node and external client has an IPv6 address too, the
+//! twin of its IPv4 one ([`addressing::ipv6_twin`]), with routes to match, and the servers
+//! answer both families.
+//!
 //! Every name is unique per process and bed, everything is removed on drop (also when a test
 //! panics), and no traffic leaves the namespaces: no interface of the host is touched.
 //!

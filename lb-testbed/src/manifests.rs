@@ -8,8 +8,15 @@
 //! only the server generates and the agent never reads (`uid`, `resourceVersion`,
 //! `creationTimestamp`, `managedFields`) are left out. Nothing is allocated: a NodePort or
 //! LoadBalancer Service gets the `nodePort`s and `healthCheckNodePort` it is given, or none.
+//!
+//! Services and EndpointSlices come in both families: a Service's `clusterIPs` name its
+//! `ipFamilies` ([`ServiceManifest::new_ipv6`], [`ServiceManifest::dual_stack`]), a slice has
+//! one `addressType` ([`EndpointSliceManifest::address_type`]).
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 /// The API server's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
@@ -67,6 +74,48 @@ impl TrafficPolicy {
     }
 }
 
+/// An address family, as a Service's `ipFamilies` and an EndpointSlice's `addressType` name
+/// it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpFamily {
+    IPv4,
+    IPv6,
+}
+
+impl IpFamily {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self::IPv4,
+            IpAddr::V6(_) => Self::IPv6,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IPv4 => "IPv4",
+            Self::IPv6 => "IPv6",
+        }
+    }
+}
+
+/// A Service's `ipFamilyPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpFamilyPolicy {
+    SingleStack,
+    PreferDualStack,
+    RequireDualStack,
+}
+
+impl IpFamilyPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SingleStack => "SingleStack",
+            Self::PreferDualStack => "PreferDualStack",
+            Self::RequireDualStack => "RequireDualStack",
+        }
+    }
+}
+
 /// One entry of a Service's `spec.ports`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
@@ -109,7 +158,9 @@ pub struct ServiceManifest {
     name: String,
     namespace: String,
     service_type: ServiceType,
-    cluster_ip: Ipv4Addr,
+    /// `clusterIPs`: the first is `clusterIP`, and their families in order are `ipFamilies`.
+    cluster_ips: Vec<IpAddr>,
+    ip_family_policy: IpFamilyPolicy,
     ports: Vec<ServicePort>,
     external_traffic_policy: TrafficPolicy,
     internal_traffic_policy: TrafficPolicy,
@@ -123,13 +174,23 @@ pub struct ServiceManifest {
 }
 
 impl ServiceManifest {
-    /// A ClusterIP Service in namespace `default`, with no ports yet.
+    /// A ClusterIP Service in namespace `default`, with no ports yet: IPv4, SingleStack.
     pub fn new(name: &str, cluster_ip: Ipv4Addr) -> Self {
+        Self::single_stack(name, cluster_ip.into())
+    }
+
+    /// [`ServiceManifest::new`] in IPv6: `ipFamilies: [IPv6]`, SingleStack.
+    pub fn new_ipv6(name: &str, cluster_ip: Ipv6Addr) -> Self {
+        Self::single_stack(name, cluster_ip.into())
+    }
+
+    fn single_stack(name: &str, cluster_ip: IpAddr) -> Self {
         Self {
             name: name.to_owned(),
             namespace: "default".to_owned(),
             service_type: ServiceType::ClusterIP,
-            cluster_ip,
+            cluster_ips: vec![cluster_ip],
+            ip_family_policy: IpFamilyPolicy::SingleStack,
             ports: Vec::new(),
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
@@ -144,6 +205,28 @@ impl ServiceManifest {
 
     pub fn namespace(mut self, namespace: &str) -> Self {
         namespace.clone_into(&mut self.namespace);
+        self
+    }
+
+    /// Makes the Service dual-stack: `secondary`, of the other family than its clusterIP, is
+    /// its second `clusterIPs` entry (and family), and its policy RequireDualStack (change it
+    /// with [`ServiceManifest::ip_family_policy`]). Panics when the families are the same.
+    pub fn dual_stack(mut self, secondary: impl Into<IpAddr>) -> Self {
+        let secondary = secondary.into();
+        assert!(
+            self.cluster_ips
+                .iter()
+                .all(|ip| IpFamily::of(*ip) != IpFamily::of(secondary)),
+            "{secondary} is of the family of {:?}",
+            self.cluster_ips
+        );
+        self.cluster_ips.push(secondary);
+        self.ip_family_policy = IpFamilyPolicy::RequireDualStack;
+        self
+    }
+
+    pub fn ip_family_policy(mut self, policy: IpFamilyPolicy) -> Self {
+        self.ip_family_policy = policy;
         self
     }
 
@@ -218,10 +301,20 @@ impl ServiceManifest {
         }
         y.push_str("spec:\n");
         line(&mut y, 1, "type", self.service_type.as_str());
-        line(&mut y, 1, "clusterIP", self.cluster_ip);
-        list(&mut y, 1, "clusterIPs", [self.cluster_ip]);
-        list(&mut y, 1, "ipFamilies", ["IPv4"]);
-        line(&mut y, 1, "ipFamilyPolicy", "SingleStack");
+        line(&mut y, 1, "clusterIP", ip_scalar(self.cluster_ips[0]));
+        list(
+            &mut y,
+            1,
+            "clusterIPs",
+            self.cluster_ips.iter().map(|ip| ip_scalar(*ip)),
+        );
+        list(
+            &mut y,
+            1,
+            "ipFamilies",
+            self.cluster_ips.iter().map(|ip| IpFamily::of(*ip).as_str()),
+        );
+        line(&mut y, 1, "ipFamilyPolicy", self.ip_family_policy.as_str());
         if self.ports.is_empty() {
             y.push_str("  ports: []\n");
         } else {
@@ -302,7 +395,8 @@ impl ServiceManifest {
 /// One endpoint of an EndpointSlice, with its conditions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    /// Of the family of its slice's `addressType`.
+    pub ip: IpAddr,
     pub node_name: String,
     pub ready: bool,
     pub serving: bool,
@@ -311,9 +405,9 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// A running, ready pod.
-    pub fn ready(ip: Ipv4Addr, node_name: &str) -> Self {
+    pub fn ready(ip: impl Into<IpAddr>, node_name: &str) -> Self {
         Self {
-            ip,
+            ip: ip.into(),
             node_name: node_name.to_owned(),
             ready: true,
             serving: true,
@@ -322,7 +416,7 @@ impl Endpoint {
     }
 
     /// A pod whose readiness probe fails.
-    pub fn not_ready(ip: Ipv4Addr, node_name: &str) -> Self {
+    pub fn not_ready(ip: impl Into<IpAddr>, node_name: &str) -> Self {
         Self {
             ready: false,
             serving: false,
@@ -332,7 +426,7 @@ impl Endpoint {
 
     /// A pod being deleted; `serving` tells whether it still passes its readiness probe.
     /// (Terminating endpoints are never `ready`.)
-    pub fn terminating(ip: Ipv4Addr, node_name: &str, serving: bool) -> Self {
+    pub fn terminating(ip: impl Into<IpAddr>, node_name: &str, serving: bool) -> Self {
         Self {
             ready: false,
             serving,
@@ -342,12 +436,14 @@ impl Endpoint {
     }
 }
 
-/// A discovery.k8s.io/v1 EndpointSlice of IPv4 endpoints for one Service.
+/// A discovery.k8s.io/v1 EndpointSlice of IPv4 endpoints (or IPv6 ones:
+/// [`EndpointSliceManifest::address_type`]) for one Service.
 #[derive(Clone, Debug)]
 pub struct EndpointSliceManifest {
     name: String,
     namespace: String,
     service: String,
+    address_type: IpFamily,
     ports: Vec<(String, u16, Protocol)>,
     endpoints: Vec<Endpoint>,
 }
@@ -359,6 +455,7 @@ impl EndpointSliceManifest {
             name: format!("{service}-1"),
             namespace: "default".to_owned(),
             service: service.to_owned(),
+            address_type: IpFamily::IPv4,
             ports: Vec::new(),
             endpoints: Vec::new(),
         }
@@ -372,6 +469,13 @@ impl EndpointSliceManifest {
 
     pub fn namespace(mut self, namespace: &str) -> Self {
         namespace.clone_into(&mut self.namespace);
+        self
+    }
+
+    /// The family of every endpoint's address (IPv4 unless set). A dual-stack Service has a
+    /// slice per family, under different names ([`EndpointSliceManifest::name`]).
+    pub fn address_type(mut self, family: IpFamily) -> Self {
+        self.address_type = family;
         self
     }
 
@@ -401,7 +505,7 @@ impl EndpointSliceManifest {
                 ("kubernetes.io/service-name", &self.service),
             ],
         );
-        y.push_str("addressType: IPv4\n");
+        line(&mut y, 0, "addressType", self.address_type.as_str());
         if self.ports.is_empty() {
             y.push_str("ports: []\n");
         } else {
@@ -425,7 +529,7 @@ impl EndpointSliceManifest {
             let _ = writeln!(
                 y,
                 "- addresses:\n  - {}\n  conditions:\n    ready: {}\n    serving: {}\n    terminating: {}\n  nodeName: {}",
-                e.ip,
+                ip_scalar(e.ip),
                 e.ready,
                 e.serving,
                 e.terminating,
@@ -455,25 +559,34 @@ pub fn endpoint_slice_yaml(
 }
 
 /// A v1 Node with its InternalIP (the address the agent serves NodePorts on and SNATs to) and,
-/// optionally, its pod CIDR.
+/// optionally, its pod CIDR; a dual-stack node has an InternalIP and a pod CIDR of each family.
 #[derive(Clone, Debug)]
 pub struct NodeManifest {
     name: String,
-    internal_ip: Ipv4Addr,
-    pod_cidr: Option<String>,
+    /// The first is kube-proxy's node IP.
+    internal_ips: Vec<IpAddr>,
+    /// `podCIDRs`; the first is `podCIDR`.
+    pod_cidrs: Vec<String>,
 }
 
 impl NodeManifest {
     pub fn new(name: &str, internal_ip: Ipv4Addr) -> Self {
         Self {
             name: name.to_owned(),
-            internal_ip,
-            pod_cidr: None,
+            internal_ips: vec![internal_ip.into()],
+            pod_cidrs: Vec::new(),
         }
     }
 
+    /// Another InternalIP, after those given (a dual-stack node's IPv6 one).
+    pub fn internal_ip(mut self, ip: impl Into<IpAddr>) -> Self {
+        self.internal_ips.push(ip.into());
+        self
+    }
+
+    /// A pod CIDR, after those given: the first is `podCIDR`, all are `podCIDRs`.
     pub fn pod_cidr(mut self, cidr: &str) -> Self {
-        self.pod_cidr = Some(cidr.to_owned());
+        self.pod_cidrs.push(cidr.to_owned());
         self
     }
 
@@ -489,17 +602,21 @@ impl NodeManifest {
                 ("kubernetes.io/os", "linux"),
             ],
         );
-        if let Some(cidr) = &self.pod_cidr {
+        if let Some(cidr) = self.pod_cidrs.first() {
             y.push_str("spec:\n");
             line(&mut y, 1, "podCIDR", scalar(cidr));
-            list(&mut y, 1, "podCIDRs", [scalar(cidr)]);
+            list(
+                &mut y,
+                1,
+                "podCIDRs",
+                self.pod_cidrs.iter().map(|c| scalar(c)),
+            );
         }
-        let _ = writeln!(
-            y,
-            "status:\n  addresses:\n  - address: {}\n    type: InternalIP\n  - address: {}\n    type: Hostname",
-            self.internal_ip,
-            scalar(&self.name)
-        );
+        y.push_str("status:\n  addresses:\n");
+        for ip in &self.internal_ips {
+            let _ = writeln!(y, "  - address: {}\n    type: InternalIP", ip_scalar(*ip));
+        }
+        let _ = writeln!(y, "  - address: {}\n    type: Hostname", scalar(&self.name));
         y
     }
 }
@@ -570,6 +687,15 @@ fn list<T: std::fmt::Display>(
     }
 }
 
+/// An address as a YAML scalar: IPv4 plain, IPv6 quoted (a plain scalar with colons can be
+/// misread, e.g. as YAML 1.1's base-60 numbers).
+fn ip_scalar(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"{v6}\""),
+    }
+}
+
 /// A string as a YAML scalar: plain when it cannot be read as anything but that string (names,
 /// label values, CIDRs), otherwise double-quoted (JSON string syntax is valid YAML).
 fn scalar(s: &str) -> String {
@@ -600,224 +726,4 @@ fn scalar(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use k8s_openapi::{
-        api::{
-            core::v1::{Node, Service},
-            discovery::v1::EndpointSlice,
-        },
-        apimachinery::pkg::util::intstr::IntOrString,
-    };
-
-    use super::*;
-
-    fn parse<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
-        serde_saphyr::from_str(yaml).unwrap_or_else(|e| panic!("does not parse: {e}\n---\n{yaml}"))
-    }
-
-    #[test]
-    fn a_yaml_stream_becomes_one_json_list_of_its_objects() {
-        let yaml = documents([
-            ServiceManifest::new("web", Ipv4Addr::new(10, 96, 0, 10))
-                .port(ServicePort::tcp("http", 80, 8080))
-                .yaml(),
-            EndpointSliceManifest::new("web").yaml(),
-        ]);
-        let list: serde_json::Value = serde_json::from_str(&json_list(&yaml).unwrap()).unwrap();
-        assert_eq!(list["kind"], "List");
-        let kinds: Vec<&str> = list["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["kind"].as_str().unwrap())
-            .collect();
-        assert_eq!(kinds, ["Service", "EndpointSlice"]);
-        let svc: Service = serde_json::from_value(list["items"][0].clone()).unwrap();
-        assert_eq!(svc.spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
-    }
-
-    #[test]
-    fn cluster_ip_service_has_the_api_defaults() {
-        let yaml = ServiceManifest::new("web", Ipv4Addr::new(10, 96, 0, 10))
-            .port(ServicePort::tcp("http", 80, 8080))
-            .port(ServicePort::udp("dns", 53, 5353))
-            .yaml();
-        let svc: Service = parse(&yaml);
-        assert_eq!(svc.metadata.name.as_deref(), Some("web"));
-        assert_eq!(svc.metadata.namespace.as_deref(), Some("default"));
-        let spec = svc.spec.unwrap();
-        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
-        assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"));
-        assert_eq!(spec.cluster_ips, Some(vec!["10.96.0.10".to_owned()]));
-        assert_eq!(spec.session_affinity.as_deref(), Some("None"));
-        assert_eq!(spec.internal_traffic_policy.as_deref(), Some("Cluster"));
-        assert_eq!(spec.external_traffic_policy, None);
-        let ports = spec.ports.unwrap();
-        assert_eq!(ports.len(), 2);
-        assert_eq!(ports[0].name.as_deref(), Some("http"));
-        assert_eq!(ports[0].port, 80);
-        assert_eq!(ports[0].protocol.as_deref(), Some("TCP"));
-        assert_eq!(ports[0].target_port, Some(IntOrString::Int(8080)));
-        assert_eq!(ports[1].protocol.as_deref(), Some("UDP"));
-        assert_eq!(ports[1].node_port, None);
-    }
-
-    #[test]
-    fn load_balancer_service_carries_every_field() {
-        let yaml = ServiceManifest::new("lb", Ipv4Addr::new(10, 96, 0, 20))
-            .namespace("shop")
-            .service_type(ServiceType::LoadBalancer)
-            .port(ServicePort::tcp("http", 80, 8080).node_port(30080))
-            .external_traffic_policy(TrafficPolicy::Local)
-            .internal_traffic_policy(TrafficPolicy::Local)
-            .health_check_node_port(31000)
-            .external_ip(Ipv4Addr::new(203, 0, 113, 20))
-            .source_range("192.168.50.2/32")
-            .client_ip_affinity(60)
-            .ingress_ip(Ipv4Addr::new(203, 0, 113, 10))
-            .yaml();
-        let svc: Service = parse(&yaml);
-        assert_eq!(svc.metadata.namespace.as_deref(), Some("shop"));
-        let spec = svc.spec.unwrap();
-        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
-        assert_eq!(spec.ports.unwrap()[0].node_port, Some(30080));
-        assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
-        assert_eq!(spec.internal_traffic_policy.as_deref(), Some("Local"));
-        assert_eq!(spec.health_check_node_port, Some(31000));
-        assert_eq!(spec.allocate_load_balancer_node_ports, Some(true));
-        assert_eq!(spec.external_ips, Some(vec!["203.0.113.20".to_owned()]));
-        assert_eq!(
-            spec.load_balancer_source_ranges,
-            Some(vec!["192.168.50.2/32".to_owned()])
-        );
-        assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
-        let timeout = spec
-            .session_affinity_config
-            .and_then(|c| c.client_ip)
-            .and_then(|c| c.timeout_seconds);
-        assert_eq!(timeout, Some(60));
-        let ingress = svc.status.unwrap().load_balancer.unwrap().ingress.unwrap();
-        assert_eq!(ingress.len(), 1);
-        assert_eq!(ingress[0].ip.as_deref(), Some("203.0.113.10"));
-        assert_eq!(ingress[0].ip_mode.as_deref(), Some("VIP"));
-    }
-
-    #[test]
-    fn node_port_service_without_ports_or_ingress() {
-        let yaml = ServiceManifest::new("empty", Ipv4Addr::new(10, 96, 0, 30))
-            .service_type(ServiceType::NodePort)
-            .yaml();
-        let svc: Service = parse(&yaml);
-        let spec = svc.spec.unwrap();
-        assert_eq!(spec.type_.as_deref(), Some("NodePort"));
-        assert_eq!(spec.external_traffic_policy.as_deref(), Some("Cluster"));
-        assert_eq!(spec.allocate_load_balancer_node_ports, None);
-        assert_eq!(spec.ports, Some(vec![]));
-        assert_eq!(svc.status.unwrap().load_balancer.unwrap().ingress, None);
-    }
-
-    #[test]
-    fn endpoint_slice_with_conditions() {
-        let yaml = endpoint_slice_yaml(
-            "web",
-            "shop",
-            &[("http", 8080, Protocol::Tcp), ("", 53, Protocol::Udp)],
-            &[
-                Endpoint::ready(Ipv4Addr::new(10, 10, 0, 2), "node-0"),
-                Endpoint::not_ready(Ipv4Addr::new(10, 10, 1, 2), "node-1"),
-                Endpoint::terminating(Ipv4Addr::new(10, 10, 1, 3), "node-1", true),
-            ],
-        );
-        let slice: EndpointSlice = parse(&yaml);
-        assert_eq!(slice.metadata.name.as_deref(), Some("web-1"));
-        assert_eq!(slice.metadata.namespace.as_deref(), Some("shop"));
-        let labels = slice.metadata.labels.unwrap();
-        assert_eq!(
-            labels.get("kubernetes.io/service-name").map(String::as_str),
-            Some("web")
-        );
-        assert_eq!(slice.address_type, "IPv4");
-        let ports = slice.ports.unwrap();
-        assert_eq!(ports[0].name.as_deref(), Some("http"));
-        assert_eq!(ports[0].port, Some(8080));
-        assert_eq!(ports[0].protocol.as_deref(), Some("TCP"));
-        assert_eq!(ports[1].name.as_deref(), Some(""));
-        let conditions: Vec<_> = slice
-            .endpoints
-            .iter()
-            .map(|e| {
-                let c = e.conditions.clone().unwrap();
-                (
-                    e.addresses.clone(),
-                    e.node_name.clone().unwrap(),
-                    c.ready,
-                    c.serving,
-                    c.terminating,
-                )
-            })
-            .collect();
-        let (t, f) = (Some(true), Some(false));
-        assert_eq!(
-            conditions,
-            [
-                (vec!["10.10.0.2".to_owned()], "node-0".to_owned(), t, t, f),
-                (vec!["10.10.1.2".to_owned()], "node-1".to_owned(), f, f, f),
-                (vec!["10.10.1.3".to_owned()], "node-1".to_owned(), f, t, t),
-            ]
-        );
-    }
-
-    #[test]
-    fn empty_endpoint_slice() {
-        let yaml = EndpointSliceManifest::new("none").name("none-abcde").yaml();
-        let slice: EndpointSlice = parse(&yaml);
-        assert_eq!(slice.metadata.name.as_deref(), Some("none-abcde"));
-        assert!(slice.endpoints.is_empty());
-        assert_eq!(slice.ports, Some(vec![]));
-    }
-
-    #[test]
-    fn node_with_internal_ip_and_pod_cidr() {
-        let node: Node = parse(&node_yaml("node-0", Ipv4Addr::new(192, 168, 50, 10)));
-        assert_eq!(node.metadata.name.as_deref(), Some("node-0"));
-        let addresses = node.status.unwrap().addresses.unwrap();
-        assert_eq!(addresses[0].type_, "InternalIP");
-        assert_eq!(addresses[0].address, "192.168.50.10");
-        assert_eq!(addresses[1].type_, "Hostname");
-        assert!(node.spec.is_none());
-
-        let yaml = NodeManifest::new("node-1", Ipv4Addr::new(192, 168, 50, 11))
-            .pod_cidr("10.10.1.0/24")
-            .yaml();
-        let node: Node = parse(&yaml);
-        assert_eq!(node.spec.unwrap().pod_cidr.as_deref(), Some("10.10.1.0/24"));
-    }
-
-    #[test]
-    fn documents_join_into_one_stream() {
-        let stream = documents([
-            node_yaml("node-0", Ipv4Addr::new(192, 168, 50, 10)),
-            node_yaml("node-1", Ipv4Addr::new(192, 168, 50, 11)),
-        ]);
-        assert_eq!(stream.matches("\n---\n").count(), 1);
-        let docs: Vec<Node> = stream.split("---\n").map(parse::<Node>).collect();
-        assert_eq!(docs[1].metadata.name.as_deref(), Some("node-1"));
-    }
-
-    #[test]
-    fn strings_that_yaml_would_misread_are_quoted() {
-        assert_eq!(scalar("web"), "web");
-        assert_eq!(scalar("10.0.0.0/8"), "\"10.0.0.0/8\"");
-        assert_eq!(scalar(""), "\"\"");
-        assert_eq!(scalar("on"), "\"on\"");
-        assert_eq!(scalar("a: b"), "\"a: b\"");
-        assert_eq!(scalar("say \"hi\""), "\"say \\\"hi\\\"\"");
-        let svc: Service = parse(
-            &ServiceManifest::new("true", Ipv4Addr::new(10, 96, 0, 1))
-                .namespace("null")
-                .yaml(),
-        );
-        assert_eq!(svc.metadata.name.as_deref(), Some("true"));
-        assert_eq!(svc.metadata.namespace.as_deref(), Some("null"));
-    }
-}
+mod tests;

@@ -50,10 +50,19 @@ pub struct Netns {
 }
 
 impl Netns {
+    /// A new namespace with its loopback up, in which IPv6 addresses, the kernel's own
+    /// link-local ones included, are usable as soon as they exist: no duplicate address
+    /// detection, which would leave a new interface without a usable link-local address (and
+    /// so unable to resolve a next hop for what it forwards) for its first second or two.
     pub fn new(name: String) -> Result<Self> {
         ip(&["netns", "add", &name])?;
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"])?;
+        run(ns.command("sysctl").args([
+            "-qw",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ]))?;
         Ok(ns)
     }
 

@@ -5,10 +5,17 @@
 //! answered and which address that backend saw. It also moves bulk data both ways
 //! ([`upload`], [`download`]), checking every byte, so that large segments, GSO and GRO cross
 //! every path the datapath translates.
+//!
+//! Servers answer in both families (an IPv4 and an IPv6-only socket per protocol, so that an
+//! IPv4 client is seen as `a.b.c.d:port`, never as an IPv4-mapped IPv6 address), and the
+//! clients take an address of either family.
 
 use std::{
     io::{BufRead as _, ErrorKind, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{
+        IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket,
+    },
+    os::fd::{AsRawFd, RawFd},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -31,15 +38,26 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a `hostnames` server in `ns` on `port` for both TCP and UDP, answering as `name`.
+    /// Starts a `hostnames` server in `ns` on `port` for both TCP and UDP, in both families
+    /// (every address of the namespace), answering as `name`.
     pub fn hostnames(ns: &Netns, name: &str, port: u16) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (tcp, udp) = ns.enter(move || -> Result<(TcpListener, UdpSocket)> {
+        type Sockets = ([TcpListener; 2], [UdpSocket; 2]);
+        let (tcp, udp) = ns.enter(move || -> Result<Sockets> {
             let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
             let tcp = TcpListener::bind(any).context("binding the TCP server")?;
-            tcp.set_nonblocking(true)?;
             let udp = UdpSocket::bind(any).context("binding the UDP server")?;
-            udp.set_read_timeout(Some(POLL))?;
+            let tcp6 = bind_ipv6_only(socket2::Type::STREAM, port)
+                .context("binding the TCP server to [::]")?;
+            let udp6 = bind_ipv6_only(socket2::Type::DGRAM, port)
+                .context("binding the UDP server to [::]")?;
+            let (tcp, udp) = ([tcp, tcp6.into()], [udp, udp6.into()]);
+            for listener in &tcp {
+                listener.set_nonblocking(true)?;
+            }
+            for socket in &udp {
+                socket.set_nonblocking(true)?;
+            }
             Ok((tcp, udp))
         })??;
         let mut threads = Vec::new();
@@ -48,6 +66,45 @@ impl Server {
         let (n, s) = (name.to_owned(), stop.clone());
         threads.push(thread::spawn(move || serve_udp(&udp, &n, &s)));
         Ok(Self { stop, threads })
+    }
+}
+
+/// A socket bound to `[::]:port` that serves IPv6 alone (a listening one for TCP).
+fn bind_ipv6_only(ty: socket2::Type, port: u16) -> Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, ty, None)?;
+    socket.set_only_v6(true)?;
+    if ty == socket2::Type::STREAM {
+        // As `TcpListener::bind` does.
+        socket.set_reuse_address(true)?;
+    }
+    socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    if ty == socket2::Type::STREAM {
+        socket.listen(1024)?;
+    }
+    Ok(socket)
+}
+
+/// Waits until one of `fds` is readable, or [`POLL`] passes.
+fn wait_readable(fds: &[RawFd]) {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: poll over an array of `polled.len()` pollfds of descriptors the caller holds open.
+    let ready = unsafe {
+        libc::poll(
+            polled.as_mut_ptr(),
+            polled.len() as libc::nfds_t,
+            POLL.as_millis() as libc::c_int,
+        )
+    };
+    if ready < 0 {
+        // Interrupted: as if the time had passed.
+        thread::sleep(POLL);
     }
 }
 
@@ -64,17 +121,18 @@ fn answer(name: &str, peer: SocketAddr) -> String {
     format!("{name} {peer}")
 }
 
-fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool) {
+fn serve_tcp(listeners: &[TcpListener], name: &str, stop: &AtomicBool) {
+    let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
     while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((stream, peer)) => {
+        wait_readable(&fds);
+        for listener in listeners {
+            // Nothing to accept (WouldBlock) or a failed accept: the next round tries again.
+            if let Ok((stream, peer)) = listener.accept() {
                 let name = name.to_owned();
                 thread::spawn(move || {
                     let _ = respond(stream, &answer(&name, peer));
                 });
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(POLL),
-            Err(_) => thread::sleep(POLL),
         }
     }
 }
@@ -173,7 +231,8 @@ fn receive_pattern(stream: &mut impl Read, bytes: u64) -> std::io::Result<u64> {
 
 /// Sends `bytes` bytes to the `hostnames` server at `addr` over a new TCP connection and checks
 /// that it received them all, intact; returns its answer (`<name> <client ip:port>`).
-pub fn upload(addr: SocketAddrV4, bytes: u64, timeout: Duration) -> Result<String> {
+pub fn upload(addr: impl Into<SocketAddr>, bytes: u64, timeout: Duration) -> Result<String> {
+    let addr = addr.into();
     let mut stream = bulk_stream(addr, timeout)?;
     stream.write_all(format!("UPLOAD {bytes}\n").as_bytes())?;
     send_pattern(&mut stream, bytes)
@@ -195,7 +254,8 @@ pub fn upload(addr: SocketAddrV4, bytes: u64, timeout: Duration) -> Result<Strin
 
 /// Asks the `hostnames` server at `addr` for `bytes` bytes over a new TCP connection and checks
 /// that they all arrive, intact; returns its answer (`<name> <client ip:port>`).
-pub fn download(addr: SocketAddrV4, bytes: u64, timeout: Duration) -> Result<String> {
+pub fn download(addr: impl Into<SocketAddr>, bytes: u64, timeout: Duration) -> Result<String> {
+    let addr = addr.into();
     let mut stream = bulk_stream(addr, timeout)?;
     stream.write_all(format!("DOWNLOAD {bytes}\n").as_bytes())?;
     let mut reader = std::io::BufReader::with_capacity(BULK_CHUNK, stream);
@@ -215,33 +275,58 @@ pub fn download(addr: SocketAddrV4, bytes: u64, timeout: Duration) -> Result<Str
 
 /// A connection for a bulk transfer: generous timeouts, as a transfer that stalls must fail
 /// rather than hang, but one that merely takes a while must not.
-fn bulk_stream(addr: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&addr.into(), timeout)
+fn bulk_stream(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
     stream.set_write_timeout(Some(Duration::from_secs(20)))?;
     Ok(stream)
 }
 
-fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
+fn serve_udp(sockets: &[UdpSocket], name: &str, stop: &AtomicBool) {
+    let fds: Vec<RawFd> = sockets.iter().map(AsRawFd::as_raw_fd).collect();
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(answer(name, peer).as_bytes(), peer);
+        wait_readable(&fds);
+        for socket in sockets {
+            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(answer(name, peer).as_bytes(), peer);
+            }
         }
     }
 }
 
 /// One HTTP GET over a new TCP connection from the calling thread's namespace; returns the body.
-pub fn http_get(addr: SocketAddrV4, timeout: Duration) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr.into(), timeout)
+pub fn http_get(addr: impl Into<SocketAddr>, timeout: Duration) -> Result<String> {
+    let addr = addr.into();
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connecting to {addr}"))?;
     get(&mut stream, addr, timeout)
 }
 
+/// [`http_get`], and the address the client's socket is connected to (`getpeername()`): the
+/// frontend it connected to, when the datapath translates the flow as it should.
+pub fn http_get_peer(
+    addr: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> Result<(String, SocketAddr)> {
+    let addr = addr.into();
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    let peer = stream
+        .peer_addr()
+        .with_context(|| format!("getpeername of the connection to {addr}"))?;
+    Ok((get(&mut stream, addr, timeout)?, peer))
+}
+
 /// [`http_get`] from the local address `local` (one of several addresses of the namespace,
 /// e.g. to be inside or outside a Service's loadBalancerSourceRanges).
-pub fn http_get_from(local: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> Result<String> {
+pub fn http_get_from(
+    local: impl Into<IpAddr>,
+    addr: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> Result<String> {
+    let addr = addr.into();
     get(&mut connect_from(local, addr, timeout)?, addr, timeout)
 }
 
@@ -249,10 +334,11 @@ pub fn http_get_from(local: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> 
 /// and how many segments the client sent again (TCP_INFO's `tcpi_total_retrans`, its SYN's
 /// retransmissions included).
 pub fn http_get_bound(
-    local: SocketAddrV4,
-    addr: SocketAddrV4,
+    local: impl Into<SocketAddr>,
+    addr: impl Into<SocketAddr>,
     timeout: Duration,
 ) -> Result<(String, u32)> {
+    let addr = addr.into();
     let mut stream = connect_bound(local, addr, timeout)?;
     let body = get(&mut stream, addr, timeout)?;
     Ok((body, total_retransmissions(&stream)?))
@@ -260,7 +346,6 @@ pub fn http_get_bound(
 
 /// The segments `stream` sent again so far (TCP_INFO).
 fn total_retransmissions(stream: &TcpStream) -> Result<u32> {
-    use std::os::fd::AsRawFd as _;
     // SAFETY: tcp_info is plain old data; the kernel fills up to `len` bytes of it.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -280,7 +365,7 @@ fn total_retransmissions(stream: &TcpStream) -> Result<u32> {
     Ok(info.tcpi_total_retrans)
 }
 
-fn get(stream: &mut TcpStream, addr: SocketAddrV4, timeout: Duration) -> Result<String> {
+fn get(stream: &mut TcpStream, addr: SocketAddr, timeout: Duration) -> Result<String> {
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(b"GET / HTTP/1.0\r\nHost: lb\r\n\r\n")?;
     let mut response = String::new();
@@ -295,8 +380,13 @@ fn get(stream: &mut TcpStream, addr: SocketAddrV4, timeout: Duration) -> Result<
 
 /// `GET <path>` to any HTTP server (the agent's /readyz, /metrics...) from the calling
 /// thread's namespace; returns the status code and the body.
-pub fn http_request(addr: SocketAddrV4, path: &str, timeout: Duration) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr.into(), timeout)
+pub fn http_request(
+    addr: impl Into<SocketAddr>,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String)> {
+    let addr = addr.into();
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
@@ -317,8 +407,12 @@ pub fn http_request(addr: SocketAddrV4, path: &str, timeout: Duration) -> Result
 }
 
 /// A TCP connection from `local` (any port) to `addr`, from the calling thread's namespace.
-pub fn connect_from(local: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
-    connect_bound(SocketAddrV4::new(local, 0), addr, timeout)
+pub fn connect_from(
+    local: impl Into<IpAddr>,
+    addr: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    connect_bound(SocketAddr::new(local.into(), 0), addr, timeout)
 }
 
 /// A TCP connection from `local` (its port too, unless 0), which other sockets may share
@@ -326,37 +420,75 @@ pub fn connect_from(local: Ipv4Addr, addr: SocketAddrV4, timeout: Duration) -> R
 /// Linux gives one local port to connections to different destinations), to `addr`, from the
 /// calling thread's namespace.
 pub fn connect_bound(
-    local: SocketAddrV4,
-    addr: SocketAddrV4,
+    local: impl Into<SocketAddr>,
+    addr: impl Into<SocketAddr>,
     timeout: Duration,
 ) -> Result<TcpStream> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let (local, addr) = (local.into(), addr.into());
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     socket.set_reuse_address(true)?;
     socket
-        .bind(&SocketAddr::V4(local).into())
+        .bind(&local.into())
         .with_context(|| format!("binding to {local}"))?;
     socket
-        .connect_timeout(&SocketAddr::V4(addr).into(), timeout)
+        .connect_timeout(&addr.into(), timeout)
         .with_context(|| format!("connecting from {local} to {addr}"))?;
     Ok(socket.into())
 }
 
 /// One UDP request/response from the calling thread's namespace (from `local_port`, or an
 /// ephemeral port when 0).
-pub fn udp_request(addr: SocketAddrV4, local_port: u16, timeout: Duration) -> Result<String> {
+pub fn udp_request(
+    addr: impl Into<SocketAddr>,
+    local_port: u16,
+    timeout: Duration,
+) -> Result<String> {
+    let addr = addr.into();
     udp_request_from(
-        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port),
+        SocketAddr::new(unspecified(addr), local_port),
         addr,
         timeout,
     )
 }
 
+/// The unspecified address of `addr`'s family.
+fn unspecified(addr: SocketAddr) -> IpAddr {
+    match addr {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
+/// One UDP request from an unconnected socket (an ephemeral port) of the calling thread's
+/// namespace: the answer, and the address it came from (`recvfrom()`): the frontend asked,
+/// when the datapath translates the flow as it should.
+pub fn udp_request_source(
+    addr: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> Result<(String, SocketAddr)> {
+    let addr = addr.into();
+    let local = SocketAddr::new(unspecified(addr), 0);
+    let socket = UdpSocket::bind(local).with_context(|| format!("binding UDP to {local}"))?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(b"hostname", addr)?;
+    let mut buf = [0u8; 2048];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("no UDP answer from {addr}"))?;
+    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+}
+
 /// [`udp_request`] from the local address and port `local` (port 0: ephemeral).
 pub fn udp_request_from(
-    local: SocketAddrV4,
-    addr: SocketAddrV4,
+    local: impl Into<SocketAddr>,
+    addr: impl Into<SocketAddr>,
     timeout: Duration,
 ) -> Result<String> {
+    let (local, addr) = (local.into(), addr.into());
     let socket = UdpSocket::bind(local).with_context(|| format!("binding UDP to {local}"))?;
     socket.set_read_timeout(Some(timeout))?;
     socket.connect(addr)?;
@@ -377,8 +509,9 @@ pub struct Held {
 
 impl Held {
     /// Connects from the calling thread's namespace.
-    pub fn connect(addr: SocketAddrV4, timeout: Duration) -> Result<Self> {
-        let stream = TcpStream::connect_timeout(&addr.into(), timeout)
+    pub fn connect(addr: impl Into<SocketAddr>, timeout: Duration) -> Result<Self> {
+        let addr = addr.into();
+        let stream = TcpStream::connect_timeout(&addr, timeout)
             .with_context(|| format!("connecting to {addr}"))?;
         stream.set_read_timeout(Some(timeout))?;
         let reader = std::io::BufReader::new(stream.try_clone()?);
@@ -388,8 +521,8 @@ impl Held {
     /// Connects from `local` (address and port), which other sockets may share
     /// ([`connect_bound`]), as any client does once its ephemeral ports run short.
     pub fn connect_from(
-        local: SocketAddrV4,
-        addr: SocketAddrV4,
+        local: impl Into<SocketAddr>,
+        addr: impl Into<SocketAddr>,
         timeout: Duration,
     ) -> Result<Self> {
         let stream = connect_bound(local, addr, timeout)?;
@@ -441,7 +574,8 @@ const FAILURES_KEPT: usize = 5;
 
 impl Load {
     /// Starts requesting `target` from `ns`, each request on a new connection.
-    pub fn start(ns: &Netns, target: SocketAddrV4, timeout: Duration) -> Result<Self> {
+    pub fn start(ns: &Netns, target: impl Into<SocketAddr>, timeout: Duration) -> Result<Self> {
+        let target = target.into();
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = ns.spawn(move || {

@@ -3,7 +3,7 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -14,12 +14,15 @@ use lb_common::maps::FrontendKey;
 use lb_datapath::maps::Maps;
 use lb_testbed::{
     Node,
+    addressing::ipv6_twin,
     server::{self, Held, Load, Server},
 };
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 pub const NODE_NAME: &str = "node-1";
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+/// The client pod's IPv6 address (every pod of the bed has both families): `fd00:10:0:1::2`.
+pub const CLIENT_IP6: Ipv6Addr = ipv6_twin(CLIENT_IP);
 pub const TIMEOUT: Duration = Duration::from_secs(3);
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -28,9 +31,14 @@ pub fn backend_ip(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 1, 10 + i)
 }
 
+/// `backend-<i>`'s IPv6 address: the twin of [`backend_ip`] (`fd00:10:0:1::1<i>`).
+pub fn backend_ip6(i: u8) -> Ipv6Addr {
+    ipv6_twin(backend_ip(i))
+}
+
 pub struct AgentBed {
     pub node: Node,
-    /// `backend-<i>` at [`backend_ip`]`(i)`, one per server.
+    /// `backend-<i>` at [`backend_ip`]`(i)` and [`backend_ip6`]`(i)`, one per server.
     servers: Vec<Server>,
     pub dir: PathBuf,
     pub source: PathBuf,

@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeSet,
     io::ErrorKind,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -52,6 +52,8 @@ pub struct Bed {
     pub source: SourceDir,
     pub cluster: Cluster,
     pub web: [Ipv4Addr; 2],
+    /// The IPv6 addresses of `web-0` and `web-1` (the bed is dual-stack).
+    pub web6: [Ipv6Addr; 2],
 }
 
 /// `web`: NodePort 30080 over TCP and UDP, served by `endpoints`.
@@ -193,11 +195,13 @@ impl Bed {
         let agent_args: Vec<String> = agent_args.iter().map(|a| (*a).to_owned()).collect();
         let agents =
             Agents::start(&cluster, AGENT.as_ref(), source.path(), &agent_args).expect("agents");
+        let web6 = [0, 1].map(|i| cluster.pod(&format!("web-{i}")).ip6);
         Some(Self {
             agents,
             source,
             cluster,
             web,
+            web6,
         })
     }
 

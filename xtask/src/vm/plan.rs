@@ -22,7 +22,7 @@ pub(super) struct Step {
 }
 
 /// What runs inside the VM, in order.
-pub(super) const PLAN: [Step; 27] = [
+pub(super) const PLAN: [Step; 28] = [
     Step {
         name: "datapath",
         target: "datapath",
@@ -160,6 +160,12 @@ pub(super) const PLAN: [Step; 27] = [
         name: "e2e ClusterIP",
         target: "e2e_client_addresses",
         args: &["cluster_ips_from_pods_on_both_nodes"],
+        env: &[],
+    },
+    Step {
+        name: "e2e IPv6 ClusterIP",
+        target: "e2e_ipv6",
+        args: &["an_ipv6_cluster_ip_serves_pods"],
         env: &[],
     },
     Step {
