@@ -37,7 +37,9 @@ fn start(bed: &AgentBed) -> Child {
         .stderr(log)
         .spawn()
         .expect("starting lb-agent");
-    let ready = bed.wait_until(Duration::from_secs(30), || {
+    // As long as the bed's own wait: under the VM test's emulation, loading the datapath alone
+    // may take 20 s when the machine is busy.
+    let ready = bed.wait_until(Duration::from_secs(60), || {
         bed.http_get("127.0.0.1:10256", "/readyz")
             .is_some_and(|(s, _)| s == 200)
     });

@@ -143,7 +143,7 @@ pub fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
     assert_eq!(web_flow["forward"]["flags"], json!([]), "reopened by a SYN");
     assert!(!web_flow["reply"].is_null(), "paired with its reply entry");
     let expires = web_flow["forward"]["expires_in_s"].as_i64().unwrap();
-    assert!((55..=60).contains(&expires), "SYN timeout 60 s: {expires}");
+    assert!((45..=60).contains(&expires), "SYN timeout 60 s: {expires}");
     let dns = flows
         .iter()
         .find(|r| r["frontend"] == "172.30.0.42:53")
@@ -151,7 +151,9 @@ pub fn check_views(f: &Fixture, web_backend: SocketAddrV4, sticky_id: u64) {
     assert_eq!(dns["proto"], "udp");
     assert_eq!(dns["backend"], "10.0.1.8:5353");
     let expires = dns["reply"]["expires_in_s"].as_i64().unwrap();
-    assert!((25..=30).contains(&expires), "UDP timeout 30 s: {expires}");
+    // Its flow opened some seconds ago, more under emulation (the VM test): what matters is
+    // that it is UDP's 30 s, not a stream's 120 s.
+    assert!((15..=30).contains(&expires), "UDP timeout 30 s: {expires}");
     // Every new flow (web x3 incl. the reopened one counted once, dns, ranged x2, external,
     // sticky x2) has its pair; the missing-backend flow none.
     assert_eq!(flows.len(), 7, "{flows:#?}");
