@@ -13,6 +13,9 @@
 //! The services are programmed through the agent's planner and writer
 //! ([`lb_datapath::program`]), so the maps hold what the agent would write for them (ids,
 //! table sizes, node configuration).
+//!
+//! The established and new-flow cases are timed for an IPv6 ClusterIP too, in rounds of their
+//! own right after the IPv4 ones ([`ipv6`]).
 
 use std::{
     collections::BTreeMap,
@@ -38,6 +41,7 @@ use serde::Serialize;
 
 use crate::profile::{self, Breakdown};
 
+mod ipv6;
 pub mod report;
 
 const TC_PASS: u32 = u32::MAX;
@@ -67,6 +71,8 @@ pub struct Figure {
     pub bpf_stats_ns: f64,
     /// bpf_stats average minus the empty program's (ns).
     pub bpf_stats_net_ns: f64,
+    /// Each block's median, gross (ns), in the order the blocks were taken.
+    pub block_medians_ns: Vec<f64>,
 }
 
 /// Where the time of one case goes, at the largest scale (see [`crate::profile`]).
@@ -124,6 +130,8 @@ impl Hook {
 struct Raw {
     median_ns: f64,
     bpf_stats_ns: f64,
+    /// The medians of the blocks `median_ns` is the lowest of (itself, for one block).
+    blocks: Vec<f64>,
 }
 
 fn median(mut values: Vec<u64>) -> f64 {
@@ -172,9 +180,11 @@ where
         "bpf_stats counted {runs} runs for {} calls (is BPF_ENABLE_STATS on?)",
         inputs.len()
     );
+    let median_ns = median(durations);
     Ok(Raw {
-        median_ns: median(durations),
+        median_ns,
         bpf_stats_ns: (after.0 - before.0) as f64 / runs as f64,
+        blocks: vec![median_ns],
     })
 }
 
@@ -265,16 +275,54 @@ fn check_frame(verdict: u32, pass: u32, out: &[u8], want: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The frames every entry program is timed on, with the outputs they must give.
-struct Cases<'a> {
-    /// To an address that is no frontend: passed untouched.
-    other: &'a [Vec<u8>],
-    other_want: &'a [u8],
-    /// Of the established flow: DNATed.
-    established: &'a [Vec<u8>],
-    established_want: &'a [u8],
-    /// SYNs of new flows, each from its own client (checked by the caller's `new_check`).
-    new: &'a [Vec<u8>],
+/// Checks call `i` of a case (its verdict and output).
+type Check<'a> = Box<dyn FnMut(usize, u32, &[u8]) -> Result<()> + 'a>;
+
+/// One case of an entry program's interleaved blocks (see [`time_entry`]).
+struct Case<'a> {
+    name: &'static str,
+    /// Timed on the hook's empty program rather than on its entry program.
+    empty: bool,
+    inputs: &'a [Vec<u8>],
+    check: Check<'a>,
+}
+
+impl<'a> Case<'a> {
+    /// The hook's empty program on `inputs`, unchecked.
+    fn empty(name: &'static str, inputs: &'a [Vec<u8>]) -> Self {
+        let check = Box::new(|_: usize, _: u32, _: &[u8]| Ok(()));
+        Self {
+            name,
+            empty: true,
+            inputs,
+            check,
+        }
+    }
+
+    /// The entry program on `inputs`, every output `want` (verdict `pass`).
+    fn each(name: &'static str, inputs: &'a [Vec<u8>], pass: u32, want: &'a [u8]) -> Self {
+        let check = Box::new(move |_: usize, v: u32, o: &[u8]| check_frame(v, pass, o, want));
+        Self {
+            name,
+            empty: false,
+            inputs,
+            check,
+        }
+    }
+
+    /// The entry program on `inputs`, call `i` checked by `check`.
+    fn checked(
+        name: &'static str,
+        inputs: &'a [Vec<u8>],
+        check: impl FnMut(usize, u32, &[u8]) -> Result<()> + 'a,
+    ) -> Self {
+        Self {
+            name,
+            empty: false,
+            inputs,
+            check: Box::new(check),
+        }
+    }
 }
 
 /// Blocks each case's calls are made in. A case's figure is its lowest block median: the
@@ -288,7 +336,8 @@ fn block(b: usize, n: usize) -> std::ops::Range<usize> {
     (b * size).min(n)..((b + 1) * size).min(n)
 }
 
-/// The figure of a case timed in `blocks`: the lowest median, and the lowest bpf_stats average.
+/// The figure of a case timed in `blocks`: the lowest median and the lowest bpf_stats average,
+/// with every block's median.
 fn lowest(blocks: &[Raw]) -> Raw {
     Raw {
         median_ns: blocks
@@ -299,6 +348,10 @@ fn lowest(blocks: &[Raw]) -> Raw {
             .iter()
             .map(|r| r.bpf_stats_ns)
             .fold(f64::INFINITY, f64::min),
+        blocks: blocks
+            .iter()
+            .flat_map(|r| r.blocks.iter().copied())
+            .collect(),
     }
 }
 
@@ -322,49 +375,47 @@ where
     Ok(lowest(&blocks))
 }
 
-/// Times the cases of an entry program (`entry` of `dp`, returning `pass`), after the empty
-/// program of its hook (`empty`) on the same frames: `empty`, `non-service`, `established`,
-/// `new flow`, in that order, [`BLOCKS`] times over, so that each case's blocks spread over the
-/// whole measurement rather than one moment of it.
+/// Times the cases of an entry program (`entry` of `dp`) and of the empty program of its hook
+/// (`empty`): block 1 of each case in their order, then block 2, and so on for [`BLOCKS`], so
+/// that each case's blocks spread over the whole measurement rather than one moment of it.
 fn time_entry<P>(
     dp: &mut Datapath,
-    pass: u32,
     empty: fn(&mut Datapath) -> Result<&mut P, DatapathError>,
     entry: fn(&mut Datapath) -> &mut P,
-    cases: &Cases<'_>,
-    mut new_check: impl FnMut(usize, u32, &[u8]) -> Result<()>,
+    cases: &mut [Case<'_>],
 ) -> Result<Vec<(&'static str, Raw)>>
 where
     P: Timed,
 {
-    let names = ["empty", "non-service", "established", "new flow"];
-    let mut blocks: [Vec<Raw>; 4] = Default::default();
+    let mut blocks: Vec<Vec<Raw>> = cases.iter().map(|_| Vec::new()).collect();
     for b in 0..BLOCKS {
-        let calls = block(b, cases.other.len());
-        let start = calls.start;
-        blocks[0].push(time_calls(
-            empty(dp)?,
-            &cases.other[calls.clone()],
-            |_, _, _| Ok(()),
-        )?);
-        blocks[1].push(time_calls(
-            entry(dp),
-            &cases.other[calls.clone()],
-            |_, v, o| check_frame(v, pass, o, cases.other_want),
-        )?);
-        blocks[2].push(time_calls(
-            entry(dp),
-            &cases.established[calls.clone()],
-            |_, v, o| check_frame(v, pass, o, cases.established_want),
-        )?);
-        blocks[3].push(time_calls(entry(dp), &cases.new[calls], |i, v, o| {
-            new_check(start + i, v, o)
-        })?);
+        for (case, raws) in cases.iter_mut().zip(&mut blocks) {
+            let calls = block(b, case.inputs.len());
+            let start = calls.start;
+            let prog = if case.empty { empty(dp)? } else { entry(dp) };
+            let check = &mut case.check;
+            raws.push(time_calls(prog, &case.inputs[calls], |i, v, o| {
+                check(start + i, v, o)
+            })?);
+        }
     }
-    Ok(names
-        .into_iter()
-        .zip(blocks.iter().map(|b| lowest(b)))
+    Ok(cases
+        .iter()
+        .zip(&blocks)
+        .map(|(case, b)| (case.name, lowest(b)))
         .collect())
+}
+
+/// [`time_entry`] on `hook`'s entry program.
+fn time_hook(
+    dp: &mut Datapath,
+    hook: Hook,
+    cases: &mut [Case<'_>],
+) -> Result<Vec<(&'static str, Raw)>> {
+    match hook {
+        Hook::Tc => time_entry(dp, Datapath::empty_tc, Datapath::from_pod, cases),
+        Hook::Xdp => time_entry(dp, Datapath::empty_xdp, Datapath::xdp, cases),
+    }
 }
 
 /// Runs every case at every scale; `calls` calls per case. Every scale starts from a freshly
@@ -527,8 +578,10 @@ fn run_scale(
     ));
     let capacities = Capacities {
         ct: 1 << 20,
-        sets: (services + 16).next_power_of_two(),
-        ..Capacities::default()
+        // IPv6's flows in a conntrack map of IPv4's size.
+        ct6: 1 << 20,
+        // The sets of both families.
+        sets: (2 * services + 16).next_power_of_two(),
     };
     let mut dp = Datapath::load(&Pinning::None, capacities)?;
     let mut maps: Maps = dp.take_maps()?;
@@ -584,6 +637,7 @@ fn run_scale(
         &[0x77; 64],
     )
     .bytes();
+    let v6 = ipv6::Setup::program(&mut dp, &mut maps, services, capacities.sets)?;
 
     let mut raw: BTreeMap<(&str, &str), Raw> = BTreeMap::new();
     let repeated = |frame: &[u8]| vec![frame.to_vec(); calls];
@@ -598,31 +652,17 @@ fn run_scale(
         let new_check = new_flow_check(&table, round, pass);
         let other_inputs = repeated(&other);
         let est_inputs = repeated(&established.bytes());
-        let cases = Cases {
-            other: &other_inputs,
-            other_want: &other,
-            established: &est_inputs,
-            established_want: &established_want,
-            new: &new_inputs,
-        };
-        let mut timed = match hook {
-            Hook::Tc => time_entry(
-                &mut dp,
-                pass,
-                Datapath::empty_tc,
-                Datapath::from_pod,
-                &cases,
-                new_check,
-            )?,
-            Hook::Xdp => time_entry(
-                &mut dp,
-                pass,
-                Datapath::empty_xdp,
-                Datapath::xdp,
-                &cases,
-                new_check,
-            )?,
-        };
+        let mut cases = [
+            Case::empty("empty", &other_inputs),
+            Case::each("non-service", &other_inputs, pass, &other),
+            Case::each("established", &est_inputs, pass, &established_want),
+            Case::checked("new flow", &new_inputs, new_check),
+        ];
+        let mut timed = time_hook(&mut dp, hook, &mut cases)?;
+        // The IPv6 cases in rounds of their own, right after: interleaved with the IPv4 blocks,
+        // they made the IPv4 new flows slower (some 10% with --quick's blocks of 1,000 calls).
+        let v6_inputs = v6.inputs(round, calls);
+        timed.extend(time_hook(&mut dp, hook, &mut v6_inputs.cases(&v6, pass))?);
         // Clients of their own, apart from the timed and the profiled new flows.
         let many = match hook {
             Hook::Tc => time_many_flows(dp.from_pod(), round + 4, &table, pass)?,
@@ -695,7 +735,7 @@ fn run_scale(
         }
     }
     measured.figures.extend(raw.iter().map(|((case, hook), r)| {
-        let empty = &raw[&("empty", *hook)];
+        let empty = &raw[&(ipv6::empty_of(case), *hook)];
         Figure {
             case: (*case).to_owned(),
             hook,
@@ -705,6 +745,7 @@ fn run_scale(
             net_ns: r.median_ns - empty.median_ns,
             bpf_stats_ns: r.bpf_stats_ns,
             bpf_stats_net_ns: r.bpf_stats_ns - empty.bpf_stats_ns,
+            block_medians_ns: r.blocks.clone(),
         }
     }));
     Ok(())
