@@ -54,6 +54,36 @@ pub const fn udp_replace2(check: u16, from: u16, to: u16) -> u16 {
     mangle_zero(replace2(check, from, to))
 }
 
+/// The one's complement difference (`__wsum`, folded to 16 bits) that a change of the words
+/// `from` to `to` makes to a sum: what `bpf_l4_csum_replace` takes with a field size of 0, and
+/// what [`apply_diff`] applies. One difference for a whole IPv6 address, where four updates of
+/// a word each would cost four helper calls at tc.
+#[inline(always)]
+pub const fn diff(from: [u32; 4], to: [u32; 4]) -> u32 {
+    let mut sum = 0;
+    let mut i = 0;
+    while i < 4 {
+        sum = add32(add32(sum, !from[i]), to[i]);
+        i += 1;
+    }
+    fold(sum) as u32
+}
+
+/// The checksum after fields changed by the difference `diff` ([`diff`]).
+#[inline(always)]
+pub const fn apply_diff(check: u16, diff: u32) -> u16 {
+    !fold((!check as u64 & 0xffff) + diff as u64)
+}
+
+/// UDP counterpart of [`apply_diff`] (see [`udp_replace4`]).
+#[inline(always)]
+pub const fn udp_apply_diff(check: u16, diff: u32) -> u16 {
+    if check == 0 {
+        return 0;
+    }
+    mangle_zero(apply_diff(check, diff))
+}
+
 #[inline(always)]
 const fn mangle_zero(check: u16) -> u16 {
     if check == 0 { 0xffff } else { check }
@@ -105,6 +135,26 @@ mod tests {
         let updated = replace2(check, from, to);
         hdr[10..12].copy_from_slice(&[0, 0]);
         assert_eq!(updated, full(&hdr));
+    }
+
+    #[test]
+    fn a_whole_ipv6_address_by_one_difference_matches_a_full_recompute() {
+        // A pseudo-header-like buffer: an IPv6 address and some more bytes, with its checksum.
+        let mut bytes = [0u8; 22];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37);
+        }
+        let check = full(&bytes);
+        let words = |b: &[u8]| -> [u32; 4] {
+            core::array::from_fn(|i| u32::from_ne_bytes(b[4 * i..4 * i + 4].try_into().unwrap()))
+        };
+        let from = words(&bytes[..16]);
+        let to: [u32; 4] = [0xfd00_0000u32.to_be(), 0x96u32.to_be(), 0, 0x41u32.to_be()];
+        for (i, w) in to.iter().enumerate() {
+            bytes[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(apply_diff(check, diff(from, to)), full(&bytes));
+        assert_eq!(udp_apply_diff(0, diff(from, to)), 0);
     }
 
     #[test]

@@ -169,18 +169,19 @@ impl Family for Be128 {
             End::Destination => IPV6_DADDR_OFF,
         };
         let field = ptr_at::<F, [u32; 4]>(frame, off).ok_or(())?;
-        // SAFETY: bounds-checked by `ptr_at`; the field is only 2-byte aligned (the header
-        // starts at 14), hence the unaligned accesses.
+        // SAFETY: bounds-checked by `ptr_at`. The field is only 2-byte aligned (the header
+        // starts at 14): word loads and stores, which the JIT handles unaligned as the IPv4
+        // header's (see `hdr`); `read_unaligned` would make them sixteen byte loads.
         unsafe {
-            let old = field.read_unaligned();
-            field.write_unaligned(addr.raw());
+            let old = *field;
+            *field = addr.raw();
             Ok(Be128::from_raw(old))
         }
     }
 
-    /// One update per changed word of the address, each a pseudo-header field of its own to
-    /// the checksum (at tc with `BPF_F_PSEUDO_HDR`, right for `CHECKSUM_PARTIAL` too). A UDP
-    /// checksum is mandatory in IPv6: the updates never leave a zero (`csum::udp_replace4`).
+    /// One update by the address's difference (`csum::diff`): at tc a single helper call,
+    /// with `BPF_F_PSEUDO_HDR`, right for `CHECKSUM_PARTIAL` too. A UDP checksum is mandatory in
+    /// IPv6: the update never leaves a zero (`csum::udp_apply_diff`).
     #[inline(always)]
     fn l4_csum_addr<F: Frame>(
         frame: &mut F,
@@ -189,12 +190,7 @@ impl Family for Be128 {
         to: Self,
         udp: bool,
     ) -> Result<(), ()> {
-        for (from, to) in from.raw().into_iter().zip(to.raw()) {
-            if from != to {
-                frame.l4_csum_addr(csum_off, from, to, udp)?;
-            }
-        }
-        Ok(())
+        frame.l4_csum_diff(csum_off, lb_common::csum::diff(from.raw(), to.raw()), udp)
     }
 
     /// Event records name IPv4 flows only so far (docs/ipv6.md, step 2); the verdict counter

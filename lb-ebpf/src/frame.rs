@@ -67,6 +67,10 @@ pub trait Frame {
     /// Updates the TCP/UDP checksum at `off` after a port changed.
     fn l4_csum_port(&mut self, off: usize, from: u16, to: u16, udp: bool) -> Result<(), ()>;
 
+    /// Updates the TCP/UDP checksum at `off` by the difference `diff` (`csum::diff`) that
+    /// pseudo-header fields (an IPv6 address) made.
+    fn l4_csum_diff(&mut self, off: usize, diff: u32, udp: bool) -> Result<(), ()>;
+
     /// Cuts the packet down to `len` bytes.
     fn truncate(&mut self, len: usize) -> Result<(), ()>;
 
@@ -172,6 +176,15 @@ impl Frame for XdpFrame {
             update_csum_in_place(self, off, |c| csum::udp_replace2(c, from, to))
         } else {
             update_csum_in_place(self, off, |c| csum::replace2(c, from, to))
+        }
+    }
+
+    #[inline(always)]
+    fn l4_csum_diff(&mut self, off: usize, diff: u32, udp: bool) -> Result<(), ()> {
+        if udp {
+            update_csum_in_place(self, off, |c| csum::udp_apply_diff(c, diff))
+        } else {
+            update_csum_in_place(self, off, |c| csum::apply_diff(c, diff))
         }
     }
 
@@ -395,6 +408,13 @@ impl Frame for TcFrame {
     #[inline(always)]
     fn l4_csum_port(&mut self, off: usize, from: u16, to: u16, udp: bool) -> Result<(), ()> {
         self.l4_csum_replace(off, from as u64, to as u64, CSUM_SIZE_2, udp)
+    }
+
+    /// A field size of 0: `to` is the difference itself (`inet_proto_csum_replace_by_diff`),
+    /// right for `CHECKSUM_PARTIAL` too with `BPF_F_PSEUDO_HDR`.
+    #[inline(always)]
+    fn l4_csum_diff(&mut self, off: usize, diff: u32, udp: bool) -> Result<(), ()> {
+        self.l4_csum_replace(off, 0, diff as u64, BPF_F_PSEUDO_HDR as u64, udp)
     }
 
     #[inline(always)]
