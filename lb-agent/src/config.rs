@@ -152,7 +152,7 @@ pub struct RunArgs {
     /// or CIDRs matched against the node's interface addresses. Default: the Node object's
     /// InternalIP and ExternalIP addresses. Never 127.0.0.1. CIDRs of both families may be
     /// given, as for kube-proxy on a dual-stack cluster: IPv4 NodePorts use the IPv4 ones (every
-    /// address when there are none); IPv6 is not served yet.
+    /// address when there are none); IPv6 NodePorts are not served yet.
     #[arg(long, value_parser = parse_nodeport_addresses, value_name = "primary|CIDR[,CIDR]")]
     pub nodeport_addresses: Option<NodePortFlag>,
 
