@@ -2,6 +2,9 @@
 //! reaches the nodes but not the pods, the LAN ports can receive XDP-sent frames, the real
 //! agent runs on every node, and nothing is left behind.
 
+mod common;
+
+use common::{PORT, parse_answer, two_node_cluster};
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
@@ -10,34 +13,15 @@ use std::{
 };
 
 use lb_testbed::{
-    Agents, Cluster, Netns, SourceDir,
+    Agents, Cluster, Netns, SourceDir, Wiring,
     agents::{self, HEALTHZ_PORT},
     ethtool,
     server::{self, http_get, http_get_from, udp_request, udp_request_from},
     xdp,
 };
 
-const PORT: u16 = 8080;
 const NODE_PORT: u16 = 9000;
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Two nodes, a hostnames pod on each (`web-0`, `web-1`) and a client pod on node-0.
-fn two_node_cluster() -> Cluster {
-    let mut cluster = Cluster::new(2).expect("cluster");
-    cluster.add_hostnames_pod(0, "web-0", PORT).expect("web-0");
-    cluster.add_hostnames_pod(1, "web-1", PORT).expect("web-1");
-    cluster.add_pod(0, "client").expect("client pod");
-    cluster
-}
-
-/// Splits a hostnames answer into the server's name and the client address it saw.
-fn parse_answer(answer: &str) -> (String, SocketAddrV4) {
-    let (name, peer) = answer
-        .trim()
-        .split_once(' ')
-        .unwrap_or_else(|| panic!("not a hostnames answer: {answer:?}"));
-    (name.to_owned(), peer.parse().expect("peer address"))
-}
 
 fn tcp_from(ns: &Netns, to: SocketAddrV4) -> anyhow::Result<String> {
     ns.enter(move || http_get(to, TIMEOUT))?
@@ -78,7 +62,7 @@ fn pods_reach_pods_on_every_node_without_nat() {
     if !lb_testbed::privileges::require() {
         return;
     }
-    let cluster = two_node_cluster();
+    let cluster = two_node_cluster(Wiring::NicLike);
     let client = cluster.pod("client");
     assert_eq!(client.node, 0);
     assert_eq!(client.ip, Ipv4Addr::new(10, 10, 0, 3));
@@ -92,7 +76,7 @@ fn pods_reach_pods_on_every_node_without_nat() {
             ("UDP", udp_from(client.ns, to)),
         ] {
             let answer = answer.unwrap_or_else(|e| panic!("{proto} to {web}: {e:#}"));
-            let (name, peer) = parse_answer(&answer);
+            let (name, peer) = parse_answer::<SocketAddrV4>(&answer);
             assert_eq!(name, web, "{proto} answered by the wrong pod");
             assert_eq!(*peer.ip(), client.ip, "{proto} to {web} was NATed");
         }
@@ -100,7 +84,7 @@ fn pods_reach_pods_on_every_node_without_nat() {
     // And back: a pod on node-1 reaches a pod on node-0.
     let web1 = cluster.pod("web-1");
     let answer = tcp_from(web1.ns, SocketAddrV4::new(cluster.pod("web-0").ip, PORT)).unwrap();
-    let (name, peer) = parse_answer(&answer);
+    let (name, peer) = parse_answer::<SocketAddrV4>(&answer);
     assert_eq!(name, "web-0");
     assert_eq!(*peer.ip(), web1.ip);
 }
@@ -110,7 +94,7 @@ fn external_client_reaches_nodes_but_not_pods() {
     if !lb_testbed::privileges::require() {
         return;
     }
-    let mut cluster = two_node_cluster();
+    let mut cluster = two_node_cluster(Wiring::NicLike);
     let client = cluster.client();
     assert_eq!(cluster.client_ip(), Ipv4Addr::new(192, 168, 50, 2));
     for i in 0..cluster.node_count() {
@@ -135,10 +119,10 @@ fn external_client_reaches_nodes_but_not_pods() {
     let client = cluster.client();
     for i in 0..cluster.node_count() {
         let to = SocketAddrV4::new(cluster.node_ip(i), NODE_PORT);
-        let (name, peer) = parse_answer(&tcp_from(client, to).unwrap());
+        let (name, peer) = parse_answer::<SocketAddrV4>(&tcp_from(client, to).unwrap());
         assert_eq!(name, format!("node-{i}"));
         assert_eq!(*peer.ip(), cluster.client_ip());
-        let (name, _) = parse_answer(&udp_from(client, to).unwrap());
+        let (name, _) = parse_answer::<SocketAddrV4>(&udp_from(client, to).unwrap());
         assert_eq!(name, format!("node-{i}"));
     }
 
@@ -152,7 +136,7 @@ fn external_client_reaches_nodes_but_not_pods() {
     cluster
         .client_route(&cluster.plan().pod_cidr(1), 1)
         .unwrap();
-    let (name, peer) = parse_answer(&tcp_from(client, web1).unwrap());
+    let (name, peer) = parse_answer::<SocketAddrV4>(&tcp_from(client, web1).unwrap());
     assert_eq!(name, "web-1");
     assert_eq!(*peer.ip(), cluster.client_ip());
 
@@ -167,13 +151,13 @@ fn external_client_reaches_nodes_but_not_pods() {
             .enter(move || http_get_from(extra, node0, TIMEOUT))
             .unwrap()
             .unwrap_or_else(|e| panic!("TCP from {extra}: {e:#}"));
-        assert_eq!(*parse_answer(&answer).1.ip(), extra);
+        assert_eq!(*parse_answer::<SocketAddrV4>(&answer).1.ip(), extra);
         let from = SocketAddrV4::new(extra, 0);
         let answer = client
             .enter(move || udp_request_from(from, node0, TIMEOUT))
             .unwrap()
             .unwrap_or_else(|e| panic!("UDP from {extra}: {e:#}"));
-        assert_eq!(*parse_answer(&answer).1.ip(), extra);
+        assert_eq!(*parse_answer::<SocketAddrV4>(&answer).1.ip(), extra);
     }
 }
 
@@ -202,7 +186,7 @@ fn frames_that_xdp_sends_into_veths_are_received() {
     if !lb_testbed::privileges::require() {
         return;
     }
-    let cluster = two_node_cluster();
+    let cluster = two_node_cluster(Wiring::NicLike);
     for i in 0..cluster.node_count() {
         let port = cluster.lan_port(i);
         assert!(
@@ -271,7 +255,7 @@ fn drop_removes_every_namespace_even_after_a_panic() {
     if !lb_testbed::privileges::require() {
         return;
     }
-    let cluster = two_node_cluster();
+    let cluster = two_node_cluster(Wiring::NicLike);
     let prefix = cluster.prefix().to_owned();
     // lan, client, 2 nodes, 3 pods.
     assert_eq!(namespaces_with_prefix(&prefix).len(), 7);
@@ -280,7 +264,7 @@ fn drop_removes_every_namespace_even_after_a_panic() {
 
     let (tx, rx) = std::sync::mpsc::channel();
     let outcome = std::panic::catch_unwind(move || {
-        let cluster = two_node_cluster();
+        let cluster = two_node_cluster(Wiring::NicLike);
         tx.send(cluster.prefix().to_owned()).unwrap();
         panic!("a test failing with its cluster up");
     });
@@ -295,7 +279,7 @@ fn agents_run_restart_and_clean_up_on_every_node() {
         return;
     }
     let bin = agents::agent_binary().unwrap_or_else(|e| panic!("{e:#}"));
-    let cluster = two_node_cluster();
+    let cluster = two_node_cluster(Wiring::NicLike);
     let source = SourceDir::new().unwrap();
     source
         .write("nodes.yaml", &cluster.node_manifests())
@@ -321,7 +305,8 @@ fn agents_run_restart_and_clean_up_on_every_node() {
     assert_eq!(status, 200);
     // Pods still reach each other through the attached datapath.
     let web1 = SocketAddrV4::new(cluster.pod("web-1").ip, PORT);
-    let (name, _) = parse_answer(&tcp_from(cluster.pod("client").ns, web1).unwrap());
+    let (name, _) =
+        parse_answer::<SocketAddrV4>(&tcp_from(cluster.pod("client").ns, web1).unwrap());
     assert_eq!(name, "web-1");
 
     let status = agents.stop_node(1).unwrap();

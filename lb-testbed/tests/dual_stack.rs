@@ -3,6 +3,9 @@
 //! wirings, the external client reaches the nodes but not the pods (unless given a route), the
 //! servers answer both families, and the Node objects can say so.
 
+mod common;
+
+use common::{PORT, parse_answer, two_node_cluster};
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     time::Duration,
@@ -14,30 +17,11 @@ use lb_testbed::{
     server::{http_get, http_get_from, http_get_peer, udp_request_from, udp_request_source},
 };
 
-const PORT: u16 = 8080;
 const NODE_PORT: u16 = 9000;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn v6(text: &str) -> Ipv6Addr {
     text.parse().unwrap()
-}
-
-/// Two nodes, a hostnames pod on each (`web-0`, `web-1`) and a client pod on node-0.
-fn two_node_cluster(wiring: Wiring) -> Cluster {
-    let mut cluster = Cluster::wired(2, wiring).expect("cluster");
-    cluster.add_hostnames_pod(0, "web-0", PORT).expect("web-0");
-    cluster.add_hostnames_pod(1, "web-1", PORT).expect("web-1");
-    cluster.add_pod(0, "client").expect("client pod");
-    cluster
-}
-
-/// Splits a hostnames answer into the server's name and the client address it saw.
-fn parse_answer(answer: &str) -> (String, SocketAddr) {
-    let (name, peer) = answer
-        .trim()
-        .split_once(' ')
-        .unwrap_or_else(|| panic!("not a hostnames answer: {answer:?}"));
-    (name.to_owned(), peer.parse().expect("peer address"))
 }
 
 /// One TCP request from `ns` to `to`: the answer, and the address the client's socket is
@@ -79,7 +63,7 @@ fn pods_reach_pods_on_every_node_over_ipv6_without_nat() {
             ] {
                 let (answer, from) =
                     answer.unwrap_or_else(|e| panic!("{wiring:?}: {proto} to {web}: {e:#}"));
-                let (name, peer) = parse_answer(&answer);
+                let (name, peer) = parse_answer::<SocketAddr>(&answer);
                 assert_eq!(name, web, "{wiring:?}: {proto} answered by the wrong pod");
                 assert_eq!(peer.ip(), IpAddr::V6(client.ip6), "{proto} to {web} NATed");
                 assert_eq!(from, to, "{wiring:?}: {proto} answered from elsewhere");
@@ -87,13 +71,16 @@ fn pods_reach_pods_on_every_node_over_ipv6_without_nat() {
             // The same server still answers IPv4 as IPv4 (no IPv4-mapped addresses).
             let to4 = SocketAddr::new(pod.ip.into(), PORT);
             let (answer, _) = tcp_from(client.ns, to4).unwrap();
-            assert_eq!(parse_answer(&answer).1.ip(), IpAddr::V4(client.ip));
+            assert_eq!(
+                parse_answer::<SocketAddr>(&answer).1.ip(),
+                IpAddr::V4(client.ip)
+            );
         }
         // And back: a pod on node-1 reaches a pod on node-0.
         let web1 = cluster.pod("web-1");
         let to = SocketAddr::new(cluster.pod("web-0").ip6.into(), PORT);
         let (answer, _) = tcp_from(web1.ns, to).unwrap();
-        let (name, peer) = parse_answer(&answer);
+        let (name, peer) = parse_answer::<SocketAddr>(&answer);
         assert_eq!(name, "web-0");
         assert_eq!(peer.ip(), IpAddr::V6(web1.ip6));
         // Each pod routes through the link-local gateway its node holds on every pod veth.
@@ -133,11 +120,11 @@ fn external_client_reaches_nodes_over_ipv6_but_not_pods() {
     for i in 0..cluster.node_count() {
         let to = SocketAddr::new(cluster.node_ip6(i).into(), NODE_PORT);
         let (answer, _) = tcp_from(client, to).unwrap();
-        let (name, peer) = parse_answer(&answer);
+        let (name, peer) = parse_answer::<SocketAddr>(&answer);
         assert_eq!(name, format!("node-{i}"));
         assert_eq!(peer.ip(), IpAddr::V6(cluster.client_ip6()));
         let (answer, _) = udp_from(client, to).unwrap();
-        assert_eq!(parse_answer(&answer).0, format!("node-{i}"));
+        assert_eq!(parse_answer::<SocketAddr>(&answer).0, format!("node-{i}"));
     }
 
     // Pods are inside the cluster: the client has no route to them.
@@ -151,7 +138,7 @@ fn external_client_reaches_nodes_over_ipv6_but_not_pods() {
         .client_route(&cluster.plan().pod_cidr6(1), 1)
         .unwrap();
     let (answer, _) = tcp_from(client, web1).unwrap();
-    let (name, peer) = parse_answer(&answer);
+    let (name, peer) = parse_answer::<SocketAddr>(&answer);
     assert_eq!(name, "web-1");
     assert_eq!(peer.ip(), IpAddr::V6(cluster.client_ip6()));
 
@@ -163,13 +150,19 @@ fn external_client_reaches_nodes_over_ipv6_but_not_pods() {
             .enter(move || http_get_from(extra, node0, TIMEOUT))
             .unwrap()
             .unwrap_or_else(|e| panic!("TCP from {extra}: {e:#}"));
-        assert_eq!(parse_answer(&answer).1.ip(), IpAddr::V6(extra));
+        assert_eq!(
+            parse_answer::<SocketAddr>(&answer).1.ip(),
+            IpAddr::V6(extra)
+        );
         let from = SocketAddr::new(extra.into(), 0);
         let answer = client
             .enter(move || udp_request_from(from, node0, TIMEOUT))
             .unwrap()
             .unwrap_or_else(|e| panic!("UDP from {extra}: {e:#}"));
-        assert_eq!(parse_answer(&answer).1.ip(), IpAddr::V6(extra));
+        assert_eq!(
+            parse_answer::<SocketAddr>(&answer).1.ip(),
+            IpAddr::V6(extra)
+        );
     }
 }
 
@@ -188,7 +181,7 @@ fn a_standalone_node_gives_its_pods_both_families() {
     assert_eq!(backend.ip6, v6("fd00:10:0:1::10"));
     let to = SocketAddr::new(backend.ip6.into(), PORT);
     let answer = client.ns.enter(move || http_get(to, TIMEOUT)).unwrap();
-    let (name, peer) = parse_answer(&answer.unwrap());
+    let (name, peer) = parse_answer::<SocketAddr>(&answer.unwrap());
     assert_eq!(name, "backend-0");
     assert_eq!(peer.ip(), IpAddr::V6(client.ip6));
 }
