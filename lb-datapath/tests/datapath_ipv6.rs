@@ -13,9 +13,8 @@ use std::net::{Ipv6Addr, SocketAddrV6};
 
 use common::{
     harness::{Harness, Hook, counts, harness, tc, xdp},
-    packet::assert_frame_eq,
+    packet::{assert_frame_eq, flags as tcp_flags, tcp6 as tcp, udp6 as udp},
 };
-use etherparse::PacketBuilder;
 use lb_common::{
     Be16, Be128,
     conntrack::{FORWARD, FlowKey6},
@@ -23,9 +22,6 @@ use lb_common::{
     net::proto,
 };
 use lb_datapath::maps::Maps;
-
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
-const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
 
 const VIP: SocketAddrV6 = v6([0xfd00, 0x96, 0, 0, 0, 0, 0, 0x41], 80);
 const CLIENT: SocketAddrV6 = v6([0xfd00, 0x10, 1, 0, 0, 0, 0, 2], 40_000);
@@ -43,42 +39,6 @@ const TABLE: [u32; 7] = [101, 102, 103, 101, 102, 103, 101];
 const fn v6(segments: [u16; 8], port: u16) -> SocketAddrV6 {
     let [a, b, c, d, e, f, g, h] = segments;
     SocketAddrV6::new(Ipv6Addr::new(a, b, c, d, e, f, g, h), port, 0, 0)
-}
-
-mod tcp_flags {
-    pub const SYN: u8 = 0x02;
-    pub const ACK: u8 = 0x10;
-    pub const PSH: u8 = 0x08;
-}
-
-/// A TCP segment over IPv6 in an Ethernet frame, its checksum computed from scratch.
-fn tcp(src: SocketAddrV6, dst: SocketAddrV6, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv6(src.ip().octets(), dst.ip().octets(), 64)
-        .tcp(src.port(), dst.port(), 1000, 64_000);
-    if flags & tcp_flags::SYN != 0 {
-        builder = builder.syn();
-    }
-    if flags & tcp_flags::ACK != 0 {
-        builder = builder.ack(2000);
-    }
-    if flags & tcp_flags::PSH != 0 {
-        builder = builder.psh();
-    }
-    let mut frame = Vec::new();
-    builder.write(&mut frame, payload).expect("frame");
-    frame
-}
-
-/// A UDP datagram over IPv6 in an Ethernet frame.
-fn udp(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv6(src.ip().octets(), dst.ip().octets(), 64)
-        .udp(src.port(), dst.port())
-        .write(&mut frame, payload)
-        .expect("frame");
-    frame
 }
 
 /// `frame` with extension headers `(next-header value, bytes)` inserted after the fixed IPv6

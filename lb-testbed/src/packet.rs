@@ -1,11 +1,11 @@
 //! Test packets, built with etherparse so that every checksum in an expected frame is computed
 //! from scratch: comparing whole frames then checks the datapath's incremental updates too.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4, SocketAddrV6};
 
 use etherparse::{
     EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpFragOffset, IpNumber, Ipv4Header,
-    Ipv4Options, TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
+    Ipv4Options, PacketBuilder, TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
 };
 
 pub const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -104,6 +104,36 @@ pub fn sctp_init_chunk(kind: u8, tag: u32) -> Vec<u8> {
     value.extend_from_slice(&10u16.to_be_bytes());
     value.extend_from_slice(&tag.to_be_bytes());
     sctp_chunk(kind, 0, &value)
+}
+
+/// A TCP segment over IPv6 from a pod (`src`) to `dst`, as [`Packet::tcp`] builds IPv4 ones
+/// (same MACs, sequence numbers and window), its checksum computed from scratch.
+pub fn tcp6(src: SocketAddrV6, dst: SocketAddrV6, tcp_flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut builder = PacketBuilder::ethernet2(POD_MAC, HOST_MAC)
+        .ipv6(src.ip().octets(), dst.ip().octets(), 64)
+        .tcp(src.port(), dst.port(), 1000, 64_240);
+    if tcp_flags & flags::SYN != 0 {
+        builder = builder.syn();
+    }
+    if tcp_flags & flags::PSH != 0 {
+        builder = builder.psh();
+    }
+    if tcp_flags & flags::ACK != 0 {
+        builder = builder.ack(5000);
+    }
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload).expect("frame");
+    frame
+}
+
+/// A UDP datagram over IPv6 from a pod (`src`) to `dst` (see [`tcp6`]).
+pub fn udp6(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(POD_MAC, HOST_MAC)
+        .ipv6(src.ip().octets(), dst.ip().octets(), 64)
+        .udp(src.port(), dst.port());
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload).expect("frame");
+    frame
 }
 
 /// An Ethernet + IPv4 packet under construction.

@@ -23,7 +23,6 @@ use aya::{
     maps::MapError,
     programs::{TestRun as _, TestRunOptions},
 };
-use etherparse::PacketBuilder;
 use lb_common::{
     Be16, Be128,
     conntrack::{FORWARD, FlowKey6},
@@ -38,7 +37,7 @@ use lb_datapath::{
     maglev::{self, MaglevBackend},
     maps::Maps,
 };
-use lb_testbed::packet::{HOST_MAC, POD_MAC, flags};
+use lb_testbed::packet::{flags, tcp6 as tcp};
 
 use super::{Case, Figure, TC_PASS, check_frame};
 use crate::stats::{self, Ratio};
@@ -74,26 +73,6 @@ const NEW_CLIENTS: u128 = 0xfd00_0002 << 96;
 
 fn nth(base: u128, n: u32) -> Ipv6Addr {
     Ipv6Addr::from(base + u128::from(n))
-}
-
-/// A TCP segment over IPv6 in an Ethernet frame, as `lb_testbed::packet::Packet::tcp` builds
-/// the IPv4 ones (addresses, sequence numbers, window), its checksum computed from scratch.
-fn tcp(src: SocketAddrV6, dst: SocketAddrV6, tcp_flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut builder = PacketBuilder::ethernet2(POD_MAC, HOST_MAC)
-        .ipv6(src.ip().octets(), dst.ip().octets(), 64)
-        .tcp(src.port(), dst.port(), 1000, 64_240);
-    if tcp_flags & flags::SYN != 0 {
-        builder = builder.syn();
-    }
-    if tcp_flags & flags::PSH != 0 {
-        builder = builder.psh();
-    }
-    if tcp_flags & flags::ACK != 0 {
-        builder = builder.ack(5000);
-    }
-    let mut frame = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut frame, payload).expect("frame");
-    frame
 }
 
 /// Distinct client for new-flow call `i` of `round` (as [`super::new_client`]).
