@@ -152,16 +152,25 @@ impl Loader {
     /// Parses the BPF object, creates (or opens the pinned) maps and runs every program through
     /// the verifier.
     pub fn load(self) -> Result<Datapath, DatapathError> {
+        let mut dp = self.load_unverified()?;
+        dp.sock_refused = verify(&mut dp.ebpf)?;
+        fill_tail_calls(&mut dp.ebpf)?;
+        // And what parsing the object and verifying its programs took, on threads of their own.
+        crate::sys::release_freed_memory();
+        Ok(dp)
+    }
+
+    /// Parses the BPF object and creates (or opens the pinned) maps, but leaves the programs
+    /// unverified: [`Datapath::verify_program`] loads each one when it is first needed (test
+    /// harnesses, which run one or two programs of the dozen and would otherwise verify all of
+    /// them per test: minutes under the VM test's emulation).
+    pub(crate) fn load_unverified(self) -> Result<Datapath, DatapathError> {
         let Self {
             mut loader,
             pinning,
             backends_created,
         } = self;
         let mut ebpf = loader.load(LB_EBPF).map_err(DatapathError::Load)?;
-        let sock_refused = verify(&mut ebpf)?;
-        fill_tail_calls(&mut ebpf)?;
-        // And what parsing the object and verifying its programs took, on threads of their own.
-        crate::sys::release_freed_memory();
         if matches!(pinning, Pinning::None) {
             // Only these programs and this process ever write these maps: the filters are
             // complete from the start (`filters`).
@@ -174,9 +183,30 @@ impl Loader {
         }
         Ok(Datapath {
             ebpf,
-            sock_refused,
+            sock_refused: None,
             backends_created,
         })
+    }
+}
+
+impl Datapath {
+    /// Loads program `name` (a packet program, or an IPv6 twin, which then takes its slot in the
+    /// program array its entry program tail-calls through) unless it is loaded already: the
+    /// on-demand half of [`Loader::load_unverified`].
+    #[cfg(feature = "test-helpers")]
+    pub(crate) fn verify_program(&mut self, name: &'static str) -> Result<(), DatapathError> {
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?;
+        if prog.fd().is_ok() {
+            return Ok(());
+        }
+        load_program(name, prog)?;
+        if let Some(&(index, _, array)) = maps::TAIL_PROGRAMS.iter().find(|(_, n, _)| *n == name) {
+            fill_tail_call(&mut self.ebpf, index, name, array)?;
+        }
+        Ok(())
     }
 }
 
@@ -434,26 +464,37 @@ fn verify(ebpf: &mut Ebpf) -> Result<Option<(&'static str, String)>, DatapathErr
 /// until this version's replace them, over the same pinned maps.
 fn fill_tail_calls(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     for (index, name, array) in maps::TAIL_PROGRAMS {
-        let fd = ebpf
-            .program(name)
-            .ok_or(DatapathError::MissingProgram { name })?
-            .fd()
-            .map_err(|source| DatapathError::Program { name, source })?
-            .try_clone()
-            .map_err(|e| DatapathError::Program {
-                name,
-                source: ProgramError::IOError(e),
-            })?;
-        let map = ebpf
-            .map_mut(array)
-            .ok_or(MapsError::Missing { name: array })?;
-        let failed = |source| MapsError::Map {
-            name: array,
-            source,
-        };
-        let mut slots = aya::maps::ProgramArray::try_from(map).map_err(failed)?;
-        slots.set(index, &fd, 0).map_err(failed)?;
+        fill_tail_call(ebpf, index, name, array)?;
     }
+    Ok(())
+}
+
+/// Puts the loaded program `name` at `index` of the program array `array`.
+fn fill_tail_call(
+    ebpf: &mut Ebpf,
+    index: u32,
+    name: &'static str,
+    array: &'static str,
+) -> Result<(), DatapathError> {
+    let fd = ebpf
+        .program(name)
+        .ok_or(DatapathError::MissingProgram { name })?
+        .fd()
+        .map_err(|source| DatapathError::Program { name, source })?
+        .try_clone()
+        .map_err(|e| DatapathError::Program {
+            name,
+            source: ProgramError::IOError(e),
+        })?;
+    let map = ebpf
+        .map_mut(array)
+        .ok_or(MapsError::Missing { name: array })?;
+    let failed = |source| MapsError::Map {
+        name: array,
+        source,
+    };
+    let mut slots = aya::maps::ProgramArray::try_from(map).map_err(failed)?;
+    slots.set(index, &fd, 0).map_err(failed)?;
     Ok(())
 }
 

@@ -51,6 +51,35 @@ pub enum Hook {
     ExtOut,
 }
 
+/// The datapath with only its socket-level programs verified, for the tests of those: the
+/// packet programs stay unloaded (see [`Harness::load`]).
+pub fn load_socket_programs(pinning: &Pinning, capacities: Capacities) -> Datapath {
+    let mut dp = Datapath::loader(pinning, capacities)
+        .load_unverified()
+        .unwrap_or_else(|e| panic!("loading the datapath: {e:?}"));
+    for name in lb_common::programs::SOCK {
+        dp.verify_program(name)
+            .unwrap_or_else(|e| panic!("verifying {name}: {e:?}"));
+    }
+    dp
+}
+
+impl Hook {
+    /// The hook's program and the IPv6 twin it hands IPv6 frames to.
+    fn programs(self) -> [&'static str; 2] {
+        use lb_common::programs::{
+            EXT_IN, EXT_IN6, EXT_OUT, FROM_POD, FROM_POD6, TO_CLIENT6, TO_POD, XDP, XDP6,
+        };
+        match self {
+            Self::FromPod => [FROM_POD, FROM_POD6],
+            Self::ToPod => [TO_POD, TO_CLIENT6],
+            Self::Xdp => [XDP, XDP6],
+            Self::ExtIn => [EXT_IN, EXT_IN6],
+            Self::ExtOut => [EXT_OUT, TO_CLIENT6],
+        }
+    }
+}
+
 /// What a program did with one frame.
 #[derive(Debug)]
 pub struct Run {
@@ -70,7 +99,10 @@ impl Harness {
     /// Loads the datapath with its maps private or pinned, for `capacities`, with Maglev tables
     /// of at most `table_size` slots (the agent's `--maglev-table-size`).
     pub fn load(pinning: &Pinning, capacities: Capacities, table_size: u32) -> Self {
-        let mut dp = Datapath::load(pinning, capacities)
+        // Each program is verified when a frame first goes through it (`try_run`): a test runs
+        // one or two of them, and verifying all of them per test would cost the VM test minutes.
+        let mut dp = Datapath::loader(pinning, capacities)
+            .load_unverified()
             .unwrap_or_else(|e| panic!("loading the datapath: {e:?}"));
         let maps = dp.take_maps().expect("maps");
         Self {
@@ -90,6 +122,11 @@ impl Harness {
     /// IPv4 or IPv6 frame shorter than its fixed header gets no skb), for tests that feed
     /// arbitrary frames and report a refusal with the frame.
     pub fn try_run(&mut self, hook: Hook, input: &[u8]) -> Result<Run, ProgramError> {
+        for name in hook.programs() {
+            self.dp
+                .verify_program(name)
+                .unwrap_or_else(|e| panic!("verifying {name}: {e:?}"));
+        }
         let mut out = vec![0u8; 4096];
         let opts = TestRunOptions {
             data_in: Some(input),

@@ -390,8 +390,13 @@ pub fn cluster_ip(name: &str, vip: Ipv4Addr, port: u16, backends: &[u16]) -> Ser
     )
 }
 
+/// The datapath on `bpffs`'s pins, its socket programs verified (the packet programs, which
+/// these tests never run, are left unloaded).
 pub fn load(bpffs: &TempBpffs) -> Datapath {
-    Datapath::load(&Pinning::Dir(bpffs.dir.clone()), Capacities::default()).expect("load")
+    lb_datapath::testing::load_socket_programs(
+        &Pinning::Dir(bpffs.dir.clone()),
+        Capacities::default(),
+    )
 }
 
 pub struct SockBed {
