@@ -25,8 +25,8 @@ const DATA_DIRECT: u16 = 12866;
 /// offset, since the client's destination differs) and their SYNs would be answered as old
 /// duplicates, stalling TCP_CRR on SYN retransmissions.
 const DATA_LB: u16 = 12867;
-const SECONDS: &str = "2";
-const ROUNDS: usize = 3;
+const SECONDS: &str = "1";
+const ROUNDS: usize = 2;
 
 /// The ClusterIP with netperf's two ports, both to the netserver pod.
 fn manifests(backend: Ipv4Addr) -> String {

@@ -2,26 +2,9 @@
 //! behind; and its command line must refuse what it does not know.
 
 use std::{
-    path::PathBuf,
+    path::Path,
     process::{Command, Output},
 };
-
-/// The release build of lb-demo, next to the release lb-agent and lbctl it runs (`cargo xtask
-/// test` builds them before the tests; the debug lb-demo would look for debug agents).
-fn release_demo() -> PathBuf {
-    let debug = PathBuf::from(env!("CARGO_BIN_EXE_lb-demo"));
-    let target = debug
-        .parent()
-        .and_then(|profile| profile.parent())
-        .expect("lb-demo lives in <target>/<profile>/");
-    let release = target.join("release").join("lb-demo");
-    assert!(
-        release.is_file(),
-        "{} is missing: run `cargo build --release --bins` first (`cargo xtask test` does)",
-        release.display()
-    );
-    release
-}
 
 fn text(out: &Output) -> (String, String) {
     (
@@ -32,7 +15,19 @@ fn text(out: &Output) -> (String, String) {
 
 #[test]
 fn the_demo_shows_every_policy_and_cleans_up() {
-    let out = Command::new(release_demo())
+    // The build of this test's profile, which runs the lb-agent and lbctl built next to it:
+    // cargo builds those for their own packages' tests, so with `--workspace` only.
+    let demo = Path::new(env!("CARGO_BIN_EXE_lb-demo"));
+    for name in ["lb-agent", "lbctl"] {
+        let bin = demo.with_file_name(name);
+        assert!(
+            bin.is_file(),
+            "{} is missing: `cargo test -p lb-demo` alone does not build it; run `cargo xtask \
+             test` or build the binaries first (`cargo build --bins`)",
+            bin.display()
+        );
+    }
+    let out = Command::new(demo)
         .output()
         .expect("running lb-demo");
     let (stdout, stderr) = text(&out);

@@ -67,7 +67,7 @@ pub fn agent_binary() -> Result<PathBuf> {
         .with_context(|| {
             format!(
                 "lb-agent is not built (looked for {} and {}): run `cargo build --bins` first \
-                 (`cargo xtask test` builds the release binaries), or set {AGENT_BIN_VAR}",
+                 (`cargo test --workspace` builds the debug ones), or set {AGENT_BIN_VAR}",
                 candidates[0].display(),
                 candidates[1].display()
             )

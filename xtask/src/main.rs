@@ -86,10 +86,10 @@ fn main() -> Result<()> {
 }
 
 /// Every test of the workspace. Test binaries that need root run under `sudo -E` when the caller
-/// is not root (CI runs as root).
+/// is not root (CI runs as root). The end-to-end tests start the binaries cargo builds beside
+/// the test binaries (`CARGO_BIN_EXE_*`, the same profile): no release build is needed before
+/// them (the VM test builds its own).
 fn test(extra: &[String]) -> Result<()> {
-    // Release binaries are what the end-to-end tests start.
-    util::cargo(&["build", "--release", "--bins"])?;
     let root = util::workspace_root()?;
     let previous_agent = previous::agent(&root, &util::target_dir(&root))?;
     let mut args = vec!["test", "--workspace", "--exclude", "lb-ebpf"];

@@ -18,14 +18,15 @@
 //!
 //! The plan: the datapath tests (`datapath`, `datapath_flows`, `datapath_reject`,
 //! `datapath_packets`, `datapath_external`, `datapath_client_addresses`, `datapath_external_nat`,
-//! `datapath_events`, `datapath_direct`, `datapath_carry`: every
-//! program through the 6.1 verifier, fed crafted packets; rare events read from aya-log's ring
-//! buffer; `datapath_fuzz` with a tenth of its frames), lbctl's predictions against the programs
-//! (`trace`, `snat`, `hairpin`), the classic-tc test (the agent attaches clsact filters, replaces
-//! them on restart, removes them on cleanup), ClusterIP and NodePort end to end with the real
-//! agent on a two-node cluster in namespaces, socket-level balancing end to end (`e2e_socket_lb`,
-//! clients in the nodes' and pods' cgroups), and netperf TCP_RR / TCP_CRR through a ClusterIP
-//! versus straight to the backend.
+//! `datapath_events`, `datapath_direct`, `datapath_carry`: the programs each test runs, through
+//! the 6.1 verifier and fed crafted packets; rare events read from aya-log's ring buffer;
+//! `datapath_fuzz` with a twenty-fifth of its frames), lbctl's predictions against the
+//! programs (`trace`, `snat`, `hairpin`), the classic-tc test (the agent attaches clsact
+//! filters, replaces them on restart, removes them on cleanup), ClusterIP and NodePort end to end
+//! with the real agent on a two-node cluster in namespaces (every program of the datapath through
+//! the verifier, as the agent loads them all), socket-level balancing end to end
+//! (`e2e_socket_lb`, clients in the nodes' and pods' cgroups), and netperf TCP_RR / TCP_CRR
+//! through a ClusterIP versus straight to the backend.
 
 mod binaries;
 mod image;

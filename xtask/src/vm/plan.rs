@@ -59,12 +59,12 @@ pub(super) const PLAN: [Step; 28] = [
         args: &[],
         env: &[],
     },
-    // A tenth of the host's frames: emulated, the full run would take minutes.
+    // A twenty-fifth of the host's frames: emulated, the full run would take minutes.
     Step {
-        name: "datapath_fuzz (50000 frames per test)",
+        name: "datapath_fuzz (20000 frames per test)",
         target: "datapath_fuzz",
         args: &[],
-        env: &["LB_FUZZ_FRAMES=50000"],
+        env: &["LB_FUZZ_FRAMES=20000"],
     },
     Step {
         name: "datapath_external_nat",
@@ -313,7 +313,7 @@ mod tests {
         let fuzz = PLAN.iter().find(|s| s.target == "datapath_fuzz").unwrap();
         assert_eq!(
             step_line(fuzz, Path::new("/t/datapath_fuzz-1")),
-            "step 'datapath_fuzz (50000 frames per test)' env 'LB_FUZZ_FRAMES=50000' \
+            "step 'datapath_fuzz (20000 frames per test)' env 'LB_FUZZ_FRAMES=20000' \
              /t/datapath_fuzz-1"
         );
         let tc = PLAN.iter().find(|s| s.target == "classic_tc").unwrap();
