@@ -27,9 +27,7 @@ fn the_demo_shows_every_policy_and_cleans_up() {
             bin.display()
         );
     }
-    let out = Command::new(demo)
-        .output()
-        .expect("running lb-demo");
+    let out = Command::new(demo).output().expect("running lb-demo");
     let (stdout, stderr) = text(&out);
     assert!(
         out.status.success(),
