@@ -190,9 +190,9 @@ impl Loader {
 }
 
 impl Datapath {
-    /// Loads program `name` (a packet program, or an IPv6 twin, which then takes its slot in the
-    /// program array its entry program tail-calls through) unless it is loaded already: the
-    /// on-demand half of [`Loader::load_unverified`].
+    /// Loads program `name`, of any of the datapath's kinds, unless it is loaded already: the
+    /// on-demand half of [`Loader::load_unverified`]. An IPv6 twin then also takes its slot in
+    /// the program array its entry program tail-calls through.
     #[cfg(feature = "test-helpers")]
     pub(crate) fn verify_program(&mut self, name: &'static str) -> Result<(), DatapathError> {
         let prog = self
